@@ -1,0 +1,56 @@
+// swift-tools-version:6.0
+// pesto: a Linux service that keeps a live port-forwarding table and changes it
+// without disturbing peers. See ../shared/design/ARCHITECTURE.md for the layout.
+import PackageDescription
+
+let package = Package(
+    name: "pesto",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "pestod", targets: ["pestod"]),
+        .executable(name: "pestoctl", targets: ["pestoctl"]),
+        .library(name: "PestoEngine", targets: ["PestoEngine"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // libdbus-1 as a system library; only PestoService imports it.
+        .systemLibrary(name: "CDBus", pkgConfig: "dbus-1", providers: [.apt(["libdbus-1-dev"])]),
+        // GNU-only syscalls that Swift's Glibc module does not import (built with _GNU_SOURCE in its .c file).
+        .target(name: "CPestoSys"),
+        // The forwarding engine: rules, tables, sockets. Never imports D-Bus.
+        .target(
+            name: "PestoEngine",
+            dependencies: ["CPestoSys", .product(name: "Logging", package: "swift-log")]
+        ),
+        // The D-Bus face of the engine.
+        .target(
+            name: "PestoService",
+            dependencies: ["PestoEngine", "CDBus", .product(name: "Logging", package: "swift-log")]
+        ),
+        .executableTarget(
+            name: "pestod",
+            dependencies: [
+                "PestoEngine", "PestoService",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "pestoctl",
+            dependencies: [
+                "PestoEngine",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(
+            name: "pesto-activation-bench",
+            dependencies: ["PestoEngine", "CPestoSys"],
+            path: "Benchmarks/ActivationBenchmark"
+        ),
+        .testTarget(name: "PestoEngineTests", dependencies: ["PestoEngine", "CPestoSys"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

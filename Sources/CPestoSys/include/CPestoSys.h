@@ -1,0 +1,43 @@
+/* CPestoSys: the few Linux/GNU system calls that Swift's Glibc module does not import.
+ *
+ * Swift's Glibc module is built without _GNU_SOURCE and has no <sys/epoll.h>, so setns(),
+ * splice(), pipe2() and accept4() are invisible to Swift. Defining _GNU_SOURCE in an imported
+ * header breaks the module build ("'fds_bits' ... not present in definition of 'fd_set'"), so
+ * this header declares plain wrappers and shim.c, which defines _GNU_SOURCE, implements them.
+ * Every wrapper returns what the syscall returns and leaves errno set, as the syscall does. */
+#ifndef CPESTOSYS_H
+#define CPESTOSYS_H
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+
+/* Values of GNU-only macros, checked against the real ones with _Static_assert in shim.c. */
+enum {
+    PESTO_CLONE_NEWNET = 0x40000000,
+    PESTO_SPLICE_F_MOVE = 1,
+    PESTO_SPLICE_F_NONBLOCK = 2,
+    PESTO_O_CLOEXEC = 02000000,
+    PESTO_O_NONBLOCK = 04000,
+};
+
+/* setns(2): move the calling thread into the namespace behind fd. */
+int pesto_setns(int fd, int nstype);
+
+/* splice(2) between two fds without offsets (sockets and pipes). */
+ssize_t pesto_splice(int fd_in, int fd_out, size_t len, unsigned int flags);
+
+/* pipe2(2). */
+int pesto_pipe2(int fds[_Nonnull 2], int flags);
+
+/* accept4(2). */
+int pesto_accept4(int fd, struct sockaddr *_Nullable addr, socklen_t *_Nullable len, int flags);
+
+/* The symbolic name of an errno value ("EADDRINUSE"), or NULL when the C library knows none. */
+const char *_Nullable pesto_errno_name(int err);
+
+/* The current thread's errno (Swift's `errno` works too; this one is for C-side tests). */
+int pesto_errno(void);
+
+#endif

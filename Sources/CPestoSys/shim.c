@@ -1,0 +1,32 @@
+/* CPestoSys shim: GNU-only calls behind plain wrappers. See include/CPestoSys.h for why. */
+#define _GNU_SOURCE 1
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <string.h>
+#include <unistd.h>
+#include "CPestoSys.h"
+
+_Static_assert(PESTO_CLONE_NEWNET == CLONE_NEWNET, "CLONE_NEWNET");
+_Static_assert(PESTO_SPLICE_F_MOVE == SPLICE_F_MOVE, "SPLICE_F_MOVE");
+_Static_assert(PESTO_SPLICE_F_NONBLOCK == SPLICE_F_NONBLOCK, "SPLICE_F_NONBLOCK");
+_Static_assert(PESTO_O_CLOEXEC == O_CLOEXEC, "O_CLOEXEC");
+_Static_assert(PESTO_O_NONBLOCK == O_NONBLOCK, "O_NONBLOCK");
+
+int pesto_setns(int fd, int nstype) { return setns(fd, nstype); }
+
+ssize_t pesto_splice(int fd_in, int fd_out, size_t len, unsigned int flags)
+{
+    return splice(fd_in, NULL, fd_out, NULL, len, flags);
+}
+
+int pesto_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
+int pesto_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    return accept4(fd, addr, len, flags);
+}
+
+const char *pesto_errno_name(int err) { return strerrorname_np(err); }
+
+int pesto_errno(void) { return errno; }

@@ -1,0 +1,360 @@
+// ForwardingTable: the rules of one table (HOST or SPLICE) and their listening sockets.
+//
+// Theory of operation
+// -------------------
+// The table is the seed's "persistent rule IDs" design: rules are kept packed in an array
+// sorted by their client-chosen u32 ID, found by binary search; table order is ID order.
+// Each rule is inserted inactive and must be deactivated before it is deleted.
+//
+//   Insert      checks (RuleExists, InvalidRule, NoSpace) and stores the rule inactive.
+//               Inserting moves later entries in the array but touches no socket.
+//   Activate    checks the rule against every *active* rule (Conflict), then opens one
+//               listening socket per port. Binds that fail are counted, not fatal: the call
+//               completes and returns (bound, failed). Once descriptors run out (EMFILE,
+//               ENFILE) the remaining ports fail at once instead of each calling socket().
+//   Deactivate  closes exactly the rule's sockets.
+//   Delete      removes an inactive rule.
+//   retryFailedBinds()  tries the failed ports of every active rule again; the event loop
+//               calls it every second. A pass stops at the first EMFILE/ENFILE.
+//
+// Invariants, true between any two calls:
+//   - entries are strictly ascending by ID;
+//   - an entry has `sockets` exactly when it is active;
+//   - no operation on one rule opens, closes or moves a socket of another rule;
+//   - an operation that throws has changed nothing;
+//   - `reservedSockets` is the sum of the port counts of all rules, `openSockets` the number
+//     of descriptors held, `activeCount` the number of active entries.
+//
+// Every state change of a rule (activation, deactivation, a retry that changes its counts)
+// is reported once to `onStateChange`, which the service turns into D-Bus signals.
+//
+// The table is not thread-safe: it belongs to the event loop thread.
+
+/// Which of the two tables of pasta's model a table is.
+public enum TableKind: String, Hashable, Sendable, CaseIterable {
+    /// Inbound: listen on the host, forward to the target (pasta's HOST pif, `-t/-u`).
+    case host
+    /// Outbound: listen inside the target namespace, forward to the host (SPLICE pif, `-T/-U`).
+    case splice
+
+    /// The contract's `Name` property (`HOST`, `SPLICE`).
+    public var name: String { rawValue.uppercased() }
+}
+
+/// A table's configurable limits.
+public struct TableLimits: Hashable, Sendable {
+    /// Most rules the table holds (upstream stops at 255).
+    public var maxRules: Int
+    /// Most listening sockets the rules of the table may need together.
+    public var maxSockets: Int
+
+    /// The defaults: 65,535 rules and 5 × 65,536 sockets.
+    public static let `default` = TableLimits(maxRules: 65_535, maxSockets: 5 * 65_536)
+
+    /// Makes limits.
+    public init(maxRules: Int, maxSockets: Int) {
+        self.maxRules = maxRules
+        self.maxSockets = maxSockets
+    }
+}
+
+/// A rule's state as the contract's `Status` reports it.
+public struct RuleStatus: Hashable, Sendable {
+    /// Whether the rule is active.
+    public var active: Bool
+    /// Sockets currently bound (and listening, for TCP).
+    public var bound: UInt32
+    /// Sockets whose bind or listen failed and are waiting for a retry.
+    public var failed: UInt32
+    /// The errno of the latest failure, while any failure remains.
+    public var lastError: Errno?
+
+    /// The contract's `last_error`: the errno name, or "" without failures.
+    public var lastErrorName: String { lastError?.name ?? "" }
+
+    /// The state of an inactive rule.
+    public static let inactive = RuleStatus(active: false, bound: 0, failed: 0, lastError: nil)
+}
+
+/// What happened to a rule, as reported to `ForwardingTable.onStateChange`.
+public struct RuleStateChange: Hashable, Sendable {
+    /// Why the state changed.
+    public enum Cause: Hashable, Sendable {
+        case activated
+        case deactivated
+        /// A retry (or, for scan rules, a scan) changed the bound or failed counts.
+        case retried
+    }
+
+    /// The rule's ID.
+    public var id: UInt32
+    /// The state after the change.
+    public var status: RuleStatus
+    /// Why.
+    public var cause: Cause
+    /// True when `status.failed` differs from before the change.
+    public var failuresChanged: Bool
+}
+
+/// One table of forwarding rules with the listening sockets of its active rules.
+public final class ForwardingTable {
+    /// The result of a successful activation.
+    public struct BindCounts: Hashable, Sendable {
+        public var bound: UInt32
+        public var failed: UInt32
+    }
+
+    /// Which table this is.
+    public let kind: TableKind
+    /// What the table supports; rules needing more are rejected at Insert.
+    public let capabilities: Capabilities
+    /// The limits checked at Insert.
+    public let limits: TableLimits
+    /// Called after every state change of a rule.
+    public var onStateChange: ((RuleStateChange) -> Void)?
+
+    private let factory: any ListenerFactory
+    private var entries: [Entry] = []
+    private(set) public var reservedSockets = 0
+    private(set) public var openSockets = 0
+    private(set) public var activeCount = 0
+
+    /// Slot value of a port whose bind failed and is to be retried.
+    static let failedSlot: Int32 = -1
+    /// Slot value of a port a scan rule does not currently want.
+    static let unwantedSlot: Int32 = -2
+
+    /// One rule and, while active, its sockets.
+    struct Entry {
+        let id: UInt32
+        let rule: Rule
+        var sockets: RuleSockets?
+    }
+
+    /// The sockets of an active rule: one slot per port of its range.
+    struct RuleSockets {
+        /// Slot `k` is the descriptor for port `firstPort + k`, or `failedSlot`/`unwantedSlot`.
+        var slots: [Int32]
+        var bound: UInt32 = 0
+        var failed: UInt32 = 0
+        var lastError: Errno?
+
+        var status: RuleStatus { RuleStatus(active: true, bound: bound, failed: failed, lastError: lastError) }
+    }
+
+    /// Makes an empty table.
+    public init(kind: TableKind, capabilities: Capabilities, limits: TableLimits = .default, factory: any ListenerFactory) {
+        self.kind = kind
+        self.capabilities = capabilities
+        self.limits = limits
+        self.factory = factory
+    }
+
+    deinit {
+        for entry in entries {
+            for fd in entry.sockets?.slots ?? [] where fd >= 0 { factory.closeListener(fd) }
+        }
+    }
+
+    // MARK: Reading
+
+    /// Number of rules.
+    public var ruleCount: Int { entries.count }
+
+    /// The IDs of all rules in table order.
+    public var ids: [UInt32] { entries.map(\.id) }
+
+    /// Position of `id` in the table, or where it would be inserted.
+    private func search(_ id: UInt32) -> (index: Int, found: Bool) {
+        var low = 0
+        var high = entries.count
+        while low < high {
+            let mid = (low + high) / 2
+            if entries[mid].id < id { low = mid + 1 } else { high = mid }
+        }
+        return (low, low < entries.count && entries[low].id == id)
+    }
+
+    private func index(of id: UInt32) throws(PestoError) -> Int {
+        let (i, found) = search(id)
+        guard found else { throw PestoError(.noSuchRule, "The \(kind.name) table has no rule \(id).") }
+        return i
+    }
+
+    /// Whether a rule with this ID exists.
+    public func contains(_ id: UInt32) -> Bool { search(id).found }
+
+    /// The rule stored under `id`.
+    public func read(_ id: UInt32) throws(PestoError) -> Rule { entries[try index(of: id)].rule }
+
+    /// The rule at `position` in ID order; `NoSuchRule` past the end.
+    public func read(atIndex position: Int) throws(PestoError) -> (id: UInt32, rule: Rule) {
+        guard position >= 0 && position < entries.count else {
+            throw PestoError(.noSuchRule, "The \(kind.name) table has \(entries.count) rules; there is none at index \(position).")
+        }
+        return (entries[position].id, entries[position].rule)
+    }
+
+    /// The state of rule `id`.
+    public func status(_ id: UInt32) throws(PestoError) -> RuleStatus {
+        entries[try index(of: id)].sockets?.status ?? .inactive
+    }
+
+    /// Every rule with its state, in ID order.
+    public func list() -> [(id: UInt32, rule: Rule, status: RuleStatus)] {
+        entries.map { ($0.id, $0.rule, $0.sockets?.status ?? .inactive) }
+    }
+
+    /// The listening descriptors of rule `id` with their ports (empty when inactive).
+    public func listeners(of id: UInt32) throws(PestoError) -> [(port: UInt16, fd: Int32)] {
+        let entry = entries[try index(of: id)]
+        guard let sockets = entry.sockets else { return [] }
+        return sockets.slots.enumerated().compactMap { k, fd in
+            fd >= 0 ? (entry.rule.firstPort + UInt16(k), fd) : nil
+        }
+    }
+
+    // MARK: Changing
+
+    /// Adds `rule` under `id`, inactive. Does not check conflicts.
+    ///
+    /// - Throws: `RuleExists`, `InvalidRule`, `NoSpace`; nothing changes on error.
+    public func insert(id: UInt32, rule: Rule) throws(PestoError) {
+        let (i, found) = search(id)
+        if found { throw PestoError(.ruleExists, "The \(kind.name) table already has a rule \(id); delete it first or pick another ID.") }
+        try rule.validate(capabilities: capabilities)
+        if entries.count >= limits.maxRules {
+            throw PestoError(.noSpace, "The \(kind.name) table is full: it holds at most \(limits.maxRules) rules.")
+        }
+        if reservedSockets + rule.portCount > limits.maxSockets {
+            throw PestoError(
+                .noSpace,
+                "The \(kind.name) table's rules may use at most \(limits.maxSockets) sockets; "
+                    + "\(reservedSockets) are taken and this rule needs \(rule.portCount).")
+        }
+        entries.insert(Entry(id: id, rule: rule, sockets: nil), at: i)
+        reservedSockets += rule.portCount
+    }
+
+    /// Removes the inactive rule `id`.
+    ///
+    /// - Throws: `NoSuchRule`, `RuleActive`; nothing changes on error.
+    public func delete(id: UInt32) throws(PestoError) {
+        let i = try index(of: id)
+        if entries[i].sockets != nil {
+            throw PestoError(.ruleActive, "Rule \(id) of the \(kind.name) table is active; deactivate it before deleting it.")
+        }
+        reservedSockets -= entries[i].rule.portCount
+        entries.remove(at: i)
+    }
+
+    /// The first active rule that `rule` conflicts with, other than `id` itself.
+    public func conflictingRule(for rule: Rule, excluding id: UInt32) -> UInt32? {
+        entries.first { $0.sockets != nil && $0.id != id && $0.rule.conflicts(with: rule) }?.id
+    }
+
+    /// Activates rule `id`: opens a listening socket for each of its ports.
+    ///
+    /// Completes even when some or all binds fail; the failures are counted and retried by
+    /// `retryFailedBinds()`.
+    /// - Returns: how many sockets were bound and how many failed.
+    /// - Throws: `NoSuchRule`, `RuleActive`, `Conflict`; nothing changes on error.
+    @discardableResult
+    public func activate(id: UInt32) throws(PestoError) -> BindCounts {
+        let i = try index(of: id)
+        if entries[i].sockets != nil {
+            throw PestoError(.ruleActive, "Rule \(id) of the \(kind.name) table is already active.")
+        }
+        let rule = entries[i].rule
+        if let other = conflictingRule(for: rule, excluding: id) {
+            throw PestoError(
+                .conflict,
+                "Rule \(id) overlaps active rule \(other) of the \(kind.name) table "
+                    + "(same protocol, overlapping ports and addresses); deactivate rule \(other) first.")
+        }
+
+        var sockets = RuleSockets(slots: [Int32](repeating: Self.failedSlot, count: rule.portCount))
+        if rule.scan {
+            // A scan rule wants nothing until the scanner finds ports bound on the target side.
+            for k in sockets.slots.indices { sockets.slots[k] = Self.unwantedSlot }
+        } else {
+            var exhausted: Errno? = nil
+            for k in sockets.slots.indices {
+                if let exhausted {
+                    sockets.failed += 1
+                    sockets.lastError = exhausted
+                    continue
+                }
+                switch factory.openListener(for: rule, port: rule.firstPort + UInt16(k)) {
+                case .success(let fd):
+                    sockets.slots[k] = fd
+                    sockets.bound += 1
+                case .failure(let e):
+                    sockets.failed += 1
+                    sockets.lastError = e
+                    if e.isDescriptorExhaustion { exhausted = e }
+                }
+            }
+        }
+        entries[i].sockets = sockets
+        openSockets += Int(sockets.bound)
+        activeCount += 1
+        onStateChange?(RuleStateChange(id: id, status: sockets.status, cause: .activated, failuresChanged: sockets.failed != 0))
+        return BindCounts(bound: sockets.bound, failed: sockets.failed)
+    }
+
+    /// Deactivates rule `id`: closes its listening sockets and nothing else.
+    ///
+    /// - Throws: `NoSuchRule`, `RuleInactive`; nothing changes on error.
+    public func deactivate(id: UInt32) throws(PestoError) {
+        let i = try index(of: id)
+        guard let sockets = entries[i].sockets else {
+            throw PestoError(.ruleInactive, "Rule \(id) of the \(kind.name) table is not active.")
+        }
+        for fd in sockets.slots where fd >= 0 { factory.closeListener(fd) }
+        entries[i].sockets = nil
+        openSockets -= Int(sockets.bound)
+        activeCount -= 1
+        onStateChange?(RuleStateChange(id: id, status: .inactive, cause: .deactivated, failuresChanged: sockets.failed != 0))
+    }
+
+    /// Tries again to bind every failed socket of every active rule.
+    ///
+    /// Reports each rule whose counts changed to `onStateChange`. Stops at the first
+    /// descriptor exhaustion: the remaining failures would fail the same way this pass.
+    /// - Returns: the IDs of the rules whose counts changed.
+    @discardableResult
+    public func retryFailedBinds() -> [UInt32] {
+        var changed: [UInt32] = []
+        pass: for i in entries.indices {
+            guard let before = entries[i].sockets, before.failed > 0 else { continue }
+            let rule = entries[i].rule
+            var sockets = before
+            var stop = false
+            for k in sockets.slots.indices where sockets.slots[k] == Self.failedSlot {
+                switch factory.openListener(for: rule, port: rule.firstPort + UInt16(k)) {
+                case .success(let fd):
+                    sockets.slots[k] = fd
+                    sockets.bound += 1
+                    sockets.failed -= 1
+                case .failure(let e):
+                    sockets.lastError = e
+                    if e.isDescriptorExhaustion { stop = true }
+                }
+                if stop { break }
+            }
+            if sockets.failed == 0 { sockets.lastError = nil }
+            entries[i].sockets = sockets
+            openSockets += Int(sockets.bound) - Int(before.bound)
+            if sockets.bound != before.bound || sockets.failed != before.failed || sockets.lastError != before.lastError {
+                changed.append(entries[i].id)
+                onStateChange?(
+                    RuleStateChange(
+                        id: entries[i].id, status: sockets.status, cause: .retried,
+                        failuresChanged: sockets.failed != before.failed))
+            }
+            if stop { break pass }
+        }
+        return changed
+    }
+}
