@@ -1,0 +1,245 @@
+// EventLoop: the one epoll thread that runs pestod.
+//
+// Theory of operation
+// -------------------
+// Everything pestod does happens on one thread, inside `run()`: D-Bus traffic (libdbus
+// watches and timeouts are registered here by the service), listener and relay events, and
+// the periodic work (retrying failed binds, scanning). Nothing is locked because nothing is
+// shared: other threads may only call `EventLoopStopper.stop()` (an eventfd write).
+//
+// Readiness sources are typed the way passt types them: the 64-bit epoll data packs
+//     bits 56-63  kind   — which `EventHandler` gets the event (an index into `handlers`)
+//     bits 32-55  index  — the handler's own slot number (a connection, a watch, ...)
+//     bits  0-31  fd     — the descriptor
+// so dispatch is one array lookup and a protocol call: no dictionary and no allocation per
+// event. Kind 0 is reserved for the loop's own eventfd.
+//
+// Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
+// scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
+
+import CPestoSys
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Receives the readiness events of the sources registered with its kind.
+public protocol EventHandler: AnyObject {
+    /// Called on the loop thread with the epoll event mask and the source's index and fd.
+    func handleEvent(_ events: UInt32, index: UInt32, fd: Int32)
+}
+
+/// A monotonic timestamp in nanoseconds.
+public struct MonotonicInstant: Comparable, Hashable, Sendable {
+    public var nanoseconds: UInt64
+
+    /// Now, from CLOCK_MONOTONIC.
+    public static var now: MonotonicInstant {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return MonotonicInstant(nanoseconds: UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec))
+    }
+
+    /// This instant plus `milliseconds`.
+    public func adding(milliseconds: Int) -> MonotonicInstant {
+        MonotonicInstant(nanoseconds: nanoseconds &+ UInt64(max(0, milliseconds)) * 1_000_000)
+    }
+
+    public static func < (a: Self, b: Self) -> Bool { a.nanoseconds < b.nanoseconds }
+}
+
+/// Stops an event loop from any thread or from a signal handler (it only writes an eventfd).
+public final class EventLoopStopper: Sendable {
+    let fd: Int32
+
+    init(fd: Int32) { self.fd = fd }
+
+    /// Asks the loop to return from `run()`. Async-signal-safe.
+    public func stop() {
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+}
+
+/// An epoll event loop with typed sources and millisecond timers.
+public final class EventLoop {
+    /// A handler kind: the top byte of a source's epoll data.
+    public struct Kind: Hashable, Sendable {
+        public let rawValue: UInt8
+        public init(_ rawValue: UInt8) {
+            precondition(rawValue != 0, "kind 0 is the loop's own")
+            self.rawValue = rawValue
+        }
+    }
+
+    /// A timer's identity, for `cancelTimer`.
+    public struct TimerID: Hashable, Sendable {
+        let value: UInt64
+    }
+
+    private struct Timer {
+        let id: TimerID
+        var deadline: MonotonicInstant
+        /// Re-armed this many milliseconds after firing; nil for one-shot timers.
+        let period: Int?
+        let action: () -> Void
+    }
+
+    private let epfd: Int32
+    private let wakeFD: Int32
+    /// The stopper for this loop; `Sendable`, hand it to signal handlers and other threads.
+    public let stopper: EventLoopStopper
+    private var handlers = [(any EventHandler)?](repeating: nil, count: 256)
+    private var timers: [Timer] = []
+    private var nextTimerID: UInt64 = 1
+    private var events = [epoll_event](repeating: epoll_event(), count: 256)
+    private var stopping = false
+    /// Work to run before each sleep (libdbus dispatch, for example).
+    public var beforeSleep: (() -> Void)?
+
+    /// Creates the epoll instance and its wake-up eventfd.
+    public init() throws(PestoError) {
+        epfd = epoll_create1(Int32(EPOLL_CLOEXEC))
+        guard epfd >= 0 else { throw PestoError(.system, "Cannot create the epoll instance.", underlyingError: .current) }
+        wakeFD = eventfd(0, Int32(EFD_CLOEXEC) | Int32(EFD_NONBLOCK))
+        guard wakeFD >= 0 else {
+            let e = Errno.current
+            close(epfd)
+            throw PestoError(.system, "Cannot create the loop's eventfd.", underlyingError: e)
+        }
+        stopper = EventLoopStopper(fd: wakeFD)
+        var ev = epoll_event()
+        ev.events = EPOLLIN.rawValue
+        ev.data.u64 = Self.pack(kind: 0, index: 0, fd: wakeFD)
+        epoll_ctl(epfd, EPOLL_CTL_ADD, wakeFD, &ev)
+    }
+
+    deinit {
+        close(wakeFD)
+        close(epfd)
+    }
+
+    static func pack(kind: UInt8, index: UInt32, fd: Int32) -> UInt64 {
+        precondition(index < 1 << 24, "index \(index) does not fit in 24 bits")
+        return UInt64(kind) << 56 | UInt64(index) << 32 | UInt64(UInt32(bitPattern: fd))
+    }
+
+    // MARK: Sources
+
+    /// Makes `handler` receive the events of every source registered with `kind`.
+    public func setHandler(_ handler: any EventHandler, for kind: Kind) {
+        handlers[Int(kind.rawValue)] = handler
+    }
+
+    /// Starts watching `fd` for `events` (EPOLLIN, EPOLLOUT, ...).
+    public func add(fd: Int32, events: UInt32, kind: Kind, index: UInt32 = 0) throws(PestoError) {
+        try control(EPOLL_CTL_ADD, fd: fd, events: events, kind: kind, index: index)
+    }
+
+    /// Changes the events watched on `fd`.
+    public func modify(fd: Int32, events: UInt32, kind: Kind, index: UInt32 = 0) throws(PestoError) {
+        try control(EPOLL_CTL_MOD, fd: fd, events: events, kind: kind, index: index)
+    }
+
+    /// Stops watching `fd` (closing the fd does this too).
+    public func remove(fd: Int32) {
+        var ev = epoll_event()
+        _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
+    }
+
+    private func control(_ op: Int32, fd: Int32, events: UInt32, kind: Kind, index: UInt32) throws(PestoError) {
+        var ev = epoll_event()
+        ev.events = events
+        ev.data.u64 = Self.pack(kind: kind.rawValue, index: index, fd: fd)
+        if epoll_ctl(epfd, op, fd, &ev) != 0 {
+            let e = Errno.current
+            precondition(e != .badFileDescriptor, "programmer error: epoll_ctl on a closed fd \(fd)")
+            throw PestoError(.system, "Cannot watch descriptor \(fd).", underlyingError: e)
+        }
+    }
+
+    // MARK: Timers
+
+    /// Runs `action` every `milliseconds`, first after one period.
+    @discardableResult
+    public func every(milliseconds: Int, _ action: @escaping () -> Void) -> TimerID {
+        schedule(after: milliseconds, period: milliseconds, action)
+    }
+
+    /// Runs `action` once after `milliseconds`.
+    @discardableResult
+    public func after(milliseconds: Int, _ action: @escaping () -> Void) -> TimerID {
+        schedule(after: milliseconds, period: nil, action)
+    }
+
+    private func schedule(after ms: Int, period: Int?, _ action: @escaping () -> Void) -> TimerID {
+        let id = TimerID(value: nextTimerID)
+        nextTimerID += 1
+        timers.append(Timer(id: id, deadline: MonotonicInstant.now.adding(milliseconds: ms), period: period, action: action))
+        return id
+    }
+
+    /// Cancels a timer; cancelling one that already fired (or was cancelled) does nothing.
+    public func cancelTimer(_ id: TimerID) {
+        timers.removeAll { $0.id == id }
+    }
+
+    /// Runs the timers that are due; returns the milliseconds until the next one (-1: none).
+    private func runTimers() -> Int32 {
+        var now = MonotonicInstant.now
+        var i = 0
+        while i < timers.count {
+            if timers[i].deadline <= now {
+                let timer = timers[i]
+                if let period = timer.period {
+                    timers[i].deadline = now.adding(milliseconds: period)
+                    i += 1
+                } else {
+                    timers.remove(at: i)
+                }
+                timer.action()  // may add or cancel timers
+                now = MonotonicInstant.now
+            } else {
+                i += 1
+            }
+        }
+        guard let next = timers.min(by: { $0.deadline < $1.deadline })?.deadline else { return -1 }
+        if next <= now { return 0 }
+        return Int32(min(Int64(Int32.max), Int64((next.nanoseconds - now.nanoseconds + 999_999) / 1_000_000)))
+    }
+
+    // MARK: Running
+
+    /// Runs until `stopper.stop()` (or `stop()` from the loop thread) is called.
+    public func run() {
+        stopping = false
+        while !stopping {
+            beforeSleep?()
+            let timeout = runTimers()
+            if stopping { break }
+            let n = events.withUnsafeMutableBufferPointer { buf in
+                epoll_wait(epfd, buf.baseAddress, Int32(buf.count), timeout)
+            }
+            if n < 0 {
+                let e = Errno.current
+                precondition(e == .interrupted, "epoll_wait failed: \(e)")
+                continue
+            }
+            for k in 0..<Int(n) {
+                let data = events[k].data.u64
+                let kind = Int(data >> 56)
+                let fd = Int32(bitPattern: UInt32(truncatingIfNeeded: data))
+                if kind == 0 {
+                    var value: UInt64 = 0
+                    _ = read(wakeFD, &value, 8)
+                    stopping = true
+                    continue
+                }
+                handlers[kind]?.handleEvent(events[k].events, index: UInt32((data >> 32) & 0xFF_FFFF), fd: fd)
+            }
+        }
+    }
+
+    /// Makes `run()` return after the current iteration (loop thread only).
+    public func stop() { stopping = true }
+}
