@@ -1,1 +1,204 @@
-print("bench")
+// pesto-activation-bench: how fast rules are activated and deactivated, against the kernel's floor.
+//
+// Measures, in one run and side by side:
+//   1. Activate/Deactivate of the `all` rules (1-65535 minus the ephemeral range) on one
+//      address: wall time, sockets bound per second, failures by errno (the open-file limit
+//      makes EMFILE failures expected here; activation must still complete quickly).
+//   2. The same number of listeners as fits under the descriptor limit, through the engine
+//      and through a bare socket/setsockopt/bind/listen loop (the baseline: what the kernel
+//      costs with no engine at all). The ratio engine/baseline is the engine's overhead.
+//   3. One rule change (insert, activate, deactivate, delete of a single-port rule) while
+//      those listeners stay active: the update cost that must not grow with table size.
+//   4. Peak RSS of the process (getrusage).
+// Each figure is the median of --runs runs. Run as root to bind ports below 1024.
+
+import CPestoSys
+import PestoEngine
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Command-line settings.
+struct Settings {
+    var runs = 5
+    var address = IPAddress.loopbackIPv4
+    var listeners = 0  // 0: as many as fit under RLIMIT_NOFILE, less a reserve
+
+    static func parse(_ args: [String]) -> Settings {
+        var s = Settings()
+        var it = args.dropFirst().makeIterator()
+        while let arg = it.next() {
+            switch arg {
+            case "--runs": s.runs = Int(it.next() ?? "") ?? s.runs
+            case "--address": s.address = IPAddress(it.next() ?? "") ?? s.address
+            case "--listeners": s.listeners = Int(it.next() ?? "") ?? s.listeners
+            case "-h", "--help":
+                print("usage: pesto-activation-bench [--runs N] [--address IP] [--listeners N]")
+                exit(0)
+            default:
+                print("unknown argument \(arg)")
+                exit(2)
+            }
+        }
+        return s
+    }
+}
+
+/// Seconds since an arbitrary start, monotonic.
+func seconds() -> Double { Double(MonotonicInstant.now.nanoseconds) / 1e9 }
+
+/// `x` with `decimals` digits after the point, right-aligned in `width` columns.
+func fmt(_ x: Double, _ decimals: Int = 1, width: Int = 0) -> String {
+    var scale = 1.0
+    for _ in 0..<decimals { scale *= 10 }
+    let r = (x * scale).rounded() / scale
+    var text = decimals == 0 ? String(Int(r)) : String(r)
+    if decimals > 0 {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        let frac = parts.count > 1 ? String(parts[1]) : ""
+        text = String(parts[0]) + "." + String((frac + String(repeating: "0", count: decimals)).prefix(decimals))
+    }
+    return String(repeating: " ", count: max(0, width - text.count)) + text
+}
+
+func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
+
+/// Runs `body` `runs` times and returns the median of the seconds it returns.
+func measure(_ runs: Int, _ body: () -> Double) -> Double { median((0..<runs).map { _ in body() }) }
+
+func descriptorLimit() -> Int {
+    var rl = rlimit()
+    getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
+    return Int(rl.rlim_cur)
+}
+
+func peakRSSMiB() -> Double {
+    var ru = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &ru)
+    return Double(ru.ru_maxrss) / 1024
+}
+
+/// The baseline: a bare loop of the syscalls one TCP listener needs, no engine.
+func bareListeners(address: IPAddress, ports: ClosedRange<UInt16>) -> (fds: [Int32], failed: Int) {
+    var fds: [Int32] = []
+    fds.reserveCapacity(ports.count)
+    var failed = 0
+    var sa = sockaddr_in()
+    sa.sin_family = sa_family_t(AF_INET)
+    sa.sin_addr = address.in4!
+    for port in ports {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { failed += 1; continue }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
+        sa.sin_port = port.bigEndian
+        let ok = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0 && listen(fd, SOMAXCONN) == 0
+        if ok { fds.append(fd) } else { close(fd); failed += 1 }
+    }
+    return (fds, failed)
+}
+
+let settings = Settings.parse(CommandLine.arguments)
+let ephemeral = EphemeralPortRange.current()
+let limit = descriptorLimit()
+let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
+print("pesto activation benchmark: \(settings.runs) runs, address \(settings.address), RLIMIT_NOFILE \(limit), ephemeral \(ephemeral)")
+
+// 1. The `all` rules.
+let allSpec = try PortSpec.parse("\(settings.address)/all", proto: .tcp, ephemeralPorts: ephemeral)
+let allPorts = allSpec.rules.reduce(0) { $0 + $1.portCount }
+var allBound: UInt32 = 0
+var allFailed: UInt32 = 0
+var failureNames = Set<String>()
+var activateAll: [Double] = []
+var deactivateAll: [Double] = []
+for _ in 0..<settings.runs {
+    let table = ForwardingTable(kind: .host, capabilities: caps, factory: KernelListenerFactory(families: caps))
+    for (i, rule) in allSpec.rules.enumerated() { try table.insert(id: UInt32(i + 1), rule: rule) }
+    let t0 = seconds()
+    (allBound, allFailed) = (0, 0)
+    for id in table.ids {
+        let counts = try table.activate(id: id)
+        allBound += counts.bound
+        allFailed += counts.failed
+        if let name = try table.status(id).lastError?.name { failureNames.insert(name) }
+    }
+    let t1 = seconds()
+    for id in table.ids { try table.deactivate(id: id) }
+    let t2 = seconds()
+    activateAll.append(t1 - t0)
+    deactivateAll.append(t2 - t1)
+}
+let actAll = median(activateAll)
+let deactAll = median(deactivateAll)
+print("")
+print("1. `all` = \(allSpec.rules.count) rules, \(allPorts) ports on \(settings.address)")
+print("   activate   \(fmt(actAll * 1000, width: 8)) ms   bound \(allBound), failed \(allFailed) (\(failureNames.sorted().joined(separator: ", ")))")
+print("   deactivate \(fmt(deactAll * 1000, width: 8)) ms")
+print("   sockets bound per second: \(fmt(Double(allBound) / actAll, 0))")
+
+// 2. Engine against the bare syscall loop, for as many listeners as fit.
+let n = settings.listeners > 0 ? settings.listeners : min(19_000, limit - 500)
+let first: UInt16 = 1024
+let range = first...(first + UInt16(n) - 1)
+let rule = Rule(proto: .tcp, address: settings.address, firstPort: range.lowerBound, lastPort: range.upperBound)
+var engineTimes: [Double] = []
+var bareTimes: [Double] = []
+var engineBound: UInt32 = 0
+var bareBound = 0
+for _ in 0..<settings.runs {
+    let t0 = seconds()
+    let (fds, _) = bareListeners(address: settings.address, ports: range)
+    let t1 = seconds()
+    bareBound = fds.count
+    for fd in fds { close(fd) }
+    bareTimes.append(t1 - t0)
+
+    let table = ForwardingTable(kind: .host, capabilities: caps, factory: KernelListenerFactory(families: caps))
+    try table.insert(id: 1, rule: rule)
+    let t2 = seconds()
+    engineBound = try table.activate(id: 1).bound
+    let t3 = seconds()
+    engineTimes.append(t3 - t2)
+    try table.deactivate(id: 1)
+}
+let engineMedian = median(engineTimes)
+let bareMedian = median(bareTimes)
+print("")
+print("2. \(n) listeners, ports \(range)          engine      bare loop   ratio")
+print("   activation (ms)                     \(fmt(engineMedian * 1000, width: 8))    \(fmt(bareMedian * 1000, width: 8))    \(fmt(engineMedian / bareMedian, 2))")
+print("   per listener (µs)                   \(fmt(engineMedian * 1e6 / Double(max(engineBound, 1)), 2, width: 8))    \(fmt(bareMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))")
+print("   bound                               \(engineBound)       \(bareBound)")
+
+// 3. One rule change with those listeners present.
+let table = ForwardingTable(kind: .host, capabilities: caps, factory: KernelListenerFactory(families: caps))
+try table.insert(id: 1000, rule: rule)
+try table.activate(id: 1000)
+let otherPort = UInt16(range.upperBound) + 1
+let one = Rule(proto: .tcp, address: settings.address, firstPort: otherPort)
+let change = measure(max(settings.runs, 5) * 20) {
+    let t0 = seconds()
+    try! table.insert(id: 500, rule: one)
+    try! table.activate(id: 500)
+    try! table.deactivate(id: 500)
+    try! table.delete(id: 500)
+    return seconds() - t0
+}
+let emptyTable = ForwardingTable(kind: .host, capabilities: caps, factory: KernelListenerFactory(families: caps))
+let changeEmpty = measure(max(settings.runs, 5) * 20) {
+    let t0 = seconds()
+    try! emptyTable.insert(id: 500, rule: one)
+    try! emptyTable.activate(id: 500)
+    try! emptyTable.deactivate(id: 500)
+    try! emptyTable.delete(id: 500)
+    return seconds() - t0
+}
+try table.deactivate(id: 1000)
+print("")
+print("3. one rule insert+activate+deactivate+delete")
+print("   with \(n) listeners active: \(fmt(change * 1e6)) µs; with none: \(fmt(changeEmpty * 1e6)) µs; ratio \(fmt(change / changeEmpty, 2))")
+print("")
+print("4. peak RSS: \(fmt(peakRSSMiB())) MiB")
