@@ -3,8 +3,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#include <pthread.h>
 #include "CPestoSys.h"
 
 _Static_assert(PESTO_CLONE_NEWNET == CLONE_NEWNET, "CLONE_NEWNET");
@@ -30,3 +33,38 @@ int pesto_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 const char *pesto_errno_name(int err) { return strerrorname_np(err); }
 
 int pesto_errno(void) { return errno; }
+
+static int stop_fd = -1;
+
+static void stop_handler(int sig)
+{
+    uint64_t one = 1;
+    int saved = errno;
+    (void)sig;
+    if (stop_fd >= 0 && write(stop_fd, &one, sizeof(one)) < 0) {
+        /* Nothing to do: the eventfd is already signalled or gone. */
+    }
+    errno = saved;
+}
+
+int pesto_stop_on_signals(int fd)
+{
+    static const int sigs[] = { SIGTERM, SIGINT, SIGHUP };
+    struct sigaction sa = { 0 };
+    sigset_t set;
+    unsigned i;
+
+    stop_fd = fd;
+    sa.sa_handler = stop_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&set);
+    for (i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
+        if (sigaction(sigs[i], &sa, NULL))
+            return -1;
+        sigaddset(&set, sigs[i]);
+    }
+    if (signal(SIGPIPE, SIG_IGN) == SIG_ERR)
+        return -1;
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL) ? -1 : 0;
+}

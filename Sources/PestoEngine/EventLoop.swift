@@ -72,6 +72,14 @@ public final class EventLoop {
         }
     }
 
+    /// epoll event bits, for code that does not import epoll itself.
+    public enum Events {
+        public static let readable = EPOLLIN.rawValue
+        public static let writable = EPOLLOUT.rawValue
+        public static let hangup = EPOLLHUP.rawValue
+        public static let error = EPOLLERR.rawValue
+    }
+
     /// A timer's identity, for `cancelTimer`.
     public struct TimerID: Hashable, Sendable {
         let value: UInt64
@@ -237,6 +245,13 @@ public final class EventLoop {
                 }
                 handlers[kind]?.handleEvent(events[k].events, index: UInt32((data >> 32) & 0xFF_FFFF), fd: fd)
             }
+        }
+    }
+
+    /// Makes SIGTERM, SIGINT and SIGHUP stop the loop (and ignores SIGPIPE). Call once, from main.
+    public func stopOnSignals() throws(PestoError) {
+        if pesto_stop_on_signals(wakeFD) != 0 {
+            throw PestoError(.system, "Cannot install the signal handlers.", underlyingError: .current)
         }
     }
 

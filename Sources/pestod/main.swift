@@ -1,1 +1,102 @@
-print("pestod: not yet")
+// pestod: the pesto forwarding service. Publishes the forwarding tables on D-Bus
+// (DBUS-API.md) and runs the forwarding engine on one event loop thread.
+
+import ArgumentParser
+import Logging
+import PestoEngine
+import PestoService
+
+/// The command line of pestod.
+struct Pestod: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pestod",
+        abstract: "Keep a live port-forwarding table and change it without disturbing peers.",
+        discussion: """
+            pestod owns the bus name top.passt.Pesto1 and publishes its forwarding tables at
+            /top/passt/Pesto1 (see the D-Bus API reference). Rules are inserted inactive,
+            activated (bind + listen) and deactivated (close) one at a time, so changing one
+            rule never touches the sockets of another. Failed binds are retried every second.
+            It stops cleanly on SIGTERM, SIGINT or SIGHUP, closing every listening socket.
+            Readiness is reported with sd_notify READY=1 when $NOTIFY_SOCKET is set.
+            """,
+        version: PestoBusNames.version)
+
+    @Flag(name: .long, help: "Connect to the system bus (the default).")
+    var system = false
+
+    @Flag(name: .long, help: "Connect to the session bus of the calling user.")
+    var session = false
+
+    @Option(name: .long, help: ArgumentHelp("Connect to the bus at this D-Bus address (e.g. unix:path=/run/pesto/bus).", valueName: "address"))
+    var address: String?
+
+    @Option(name: .long, help: ArgumentHelp("Retry failed binds every this many milliseconds.", valueName: "ms"))
+    var retryInterval = 1000
+
+    @Option(name: .long, help: "Most rules per table.")
+    var maxRules = TableLimits.default.maxRules
+
+    @Option(name: .long, help: "Most listening sockets the rules of one table may need together.")
+    var maxSockets = TableLimits.default.maxSockets
+
+    @Option(name: .long, help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
+    var logLevel = "info"
+
+    @Flag(name: .long, help: "Print the D-Bus interface XML of the contract (dbus/top.passt.Pesto1.xml) and exit.")
+    var printIntrospection = false
+
+    func validate() throws {
+        if [system, session, address != nil].filter({ $0 }).count > 1 {
+            throw ValidationError("Give at most one of --system, --session and --address.")
+        }
+        if retryInterval < 10 || retryInterval > 3_600_000 {
+            throw ValidationError("--retry-interval must be between 10 and 3600000 milliseconds.")
+        }
+        if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
+        if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
+        if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
+    }
+
+    func run() throws {
+        if printIntrospection {
+            print(PestoInterfaces.contractXML, terminator: "")
+            return
+        }
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "pestod")
+        let bus: BusAddress = address.map { .address($0) } ?? (session ? .session : .system)
+
+        do {
+            let loop = try EventLoop()
+            try loop.stopOnSignals()
+            var config = EngineConfiguration()
+            config.retryIntervalMilliseconds = retryInterval
+            config.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
+            let engine = ForwardingEngine(loop: loop, configuration: config)
+            logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
+            let connection = try DBusConnection(bus)
+            let server = PestoServer(engine: engine, connection: connection, logger: logger)
+            try server.start()
+            engine.start()
+            SystemdNotify.send("READY=1")
+            loop.run()
+            SystemdNotify.send("STOPPING=1")
+            engine.stop()
+            logger.info("stopping: closing \(engine.tables.reduce(0) { $0 + $1.openSockets }) listening sockets")
+            if server.disconnected { throw ExitCode(1) }
+        } catch let e as DBusErrorReply {
+            logger.critical("\(e.message)")
+            throw ExitCode(1)
+        } catch let e as PestoError {
+            logger.critical("\(e.message)\(e.underlyingError.map { ": \($0)" } ?? "")")
+            throw ExitCode(1)
+        }
+    }
+}
+
+Pestod.main()

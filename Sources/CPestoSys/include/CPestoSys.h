@@ -34,6 +34,11 @@ int pesto_pipe2(int fds[_Nonnull 2], int flags);
 /* accept4(2). */
 int pesto_accept4(int fd, struct sockaddr *_Nullable addr, socklen_t *_Nullable len, int flags);
 
+/* Makes SIGTERM, SIGINT and SIGHUP write 8 bytes to `fd` (an eventfd) and unblocks them
+ * (a parent may have started us with them blocked); ignores SIGPIPE, so a peer closing a
+ * socket is an EPIPE error and never kills the process. Returns 0, or -1 with errno. */
+int pesto_stop_on_signals(int fd);
+
 /* The symbolic name of an errno value ("EADDRINUSE"), or NULL when the C library knows none. */
 const char *_Nullable pesto_errno_name(int err);
 

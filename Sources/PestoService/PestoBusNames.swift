@@ -1,8 +1,8 @@
-// PestoService: the D-Bus face of the engine (see DBUS-API.md). Built out in the D-Bus issue.
+// PestoBusNames: the names and paths of the D-Bus contract, spelled once.
 
 import PestoEngine
 
-/// The bus name, interface prefix and object paths of the D-Bus contract (DBUS-API.md).
+/// The bus name, object paths and error names of the contract (DBUS-API.md).
 public enum PestoBusNames {
     /// The well-known bus name.
     public static let busName = "top.passt.Pesto1"
@@ -10,10 +10,19 @@ public enum PestoBusNames {
     public static let managerPath = "/top/passt/Pesto1"
     /// The prefix of every error name.
     public static let errorPrefix = "top.passt.Pesto1.Error."
+    /// The contract's version, the Manager's `Version`.
+    public static let version = "1.0"
 
     /// The D-Bus error name for an engine error code.
     public static func errorName(_ code: PestoError.Code) -> String { errorPrefix + code.name }
 
     /// The object path of a table.
     public static func tablePath(_ kind: TableKind) -> String { "\(managerPath)/tables/\(kind.rawValue)" }
+
+    /// The object path of a rule.
+    public static func rulePath(_ kind: TableKind, _ id: UInt32) -> String { "\(tablePath(kind))/rules/\(id)" }
+
+    /// The service's own error codes, beyond the engine's.
+    public static let locked = PestoError.Code("Locked")
+    public static let notLocked = PestoError.Code("NotLocked")
 }

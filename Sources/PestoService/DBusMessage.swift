@@ -1,0 +1,110 @@
+// DBusMessage: an owned reference to a libdbus message, with typed constructors and accessors.
+
+import CDBus
+
+/// An error a D-Bus peer sent back, or one this process will send: a name and a sentence.
+public struct DBusErrorReply: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The D-Bus error name, e.g. `top.passt.Pesto1.Error.NoSuchRule`.
+    public let name: String
+    /// The human-readable message.
+    public let message: String
+
+    public init(_ name: String, _ message: String) {
+        self.name = name
+        self.message = message
+    }
+
+    public var description: String { "\(name): \(message)" }
+
+    // Standard error names used by the service.
+    public static let invalidArgs = "org.freedesktop.DBus.Error.InvalidArgs"
+    public static let unknownMethod = "org.freedesktop.DBus.Error.UnknownMethod"
+    public static let unknownObject = "org.freedesktop.DBus.Error.UnknownObject"
+    public static let unknownInterface = "org.freedesktop.DBus.Error.UnknownInterface"
+    public static let unknownProperty = "org.freedesktop.DBus.Error.UnknownProperty"
+    public static let propertyReadOnly = "org.freedesktop.DBus.Error.PropertyReadOnly"
+    public static let accessDenied = "org.freedesktop.DBus.Error.AccessDenied"
+    public static let failed = "org.freedesktop.DBus.Error.Failed"
+    public static let noMemory = "org.freedesktop.DBus.Error.NoMemory"
+}
+
+/// A libdbus message; the wrapper holds one reference and drops it in `deinit`.
+public final class DBusMessage {
+    /// The libdbus message.
+    let raw: OpaquePointer
+
+    /// Wraps a message whose reference the caller hands over.
+    init(owning raw: OpaquePointer) { self.raw = raw }
+
+    /// Wraps a message the caller does not own (takes a reference of its own).
+    init(retaining raw: OpaquePointer) {
+        self.raw = raw
+        dbus_message_ref(raw)
+    }
+
+    deinit { dbus_message_unref(raw) }
+
+    /// libdbus fails allocations only when out of memory; that is fatal for a daemon.
+    private static func allocated(_ p: OpaquePointer?) -> OpaquePointer {
+        guard let p else { fatalError("libdbus: out of memory") }
+        return p
+    }
+
+    /// A method call.
+    public static func methodCall(
+        destination: String?, path: String, interface: String?, member: String, arguments: [DBusValue] = []
+    ) -> DBusMessage {
+        let m = DBusMessage(owning: allocated(dbus_message_new_method_call(destination, path, interface, member)))
+        DBusValue.appendAll(arguments, to: m.raw)
+        return m
+    }
+
+    /// A signal.
+    public static func signal(path: String, interface: String, member: String, arguments: [DBusValue] = []) -> DBusMessage {
+        let m = DBusMessage(owning: allocated(dbus_message_new_signal(path, interface, member)))
+        DBusValue.appendAll(arguments, to: m.raw)
+        return m
+    }
+
+    /// The reply to this method call.
+    public func reply(_ arguments: [DBusValue] = []) -> DBusMessage {
+        let m = DBusMessage(owning: Self.allocated(dbus_message_new_method_return(raw)))
+        DBusValue.appendAll(arguments, to: m.raw)
+        return m
+    }
+
+    /// An error reply to this method call.
+    public func errorReply(_ error: DBusErrorReply) -> DBusMessage {
+        DBusMessage(owning: Self.allocated(dbus_message_new_error(raw, error.name, error.message)))
+    }
+
+    private static func string(_ p: UnsafePointer<CChar>?) -> String? { p.map { String(cString: $0) } }
+
+    /// DBUS_MESSAGE_TYPE_* value.
+    public var type: Int32 { dbus_message_get_type(raw) }
+    public var isMethodCall: Bool { type == DBUS_MESSAGE_TYPE_METHOD_CALL }
+    public var isSignal: Bool { type == DBUS_MESSAGE_TYPE_SIGNAL }
+    public var isError: Bool { type == DBUS_MESSAGE_TYPE_ERROR }
+    public var path: String? { Self.string(dbus_message_get_path(raw)) }
+    public var interface: String? { Self.string(dbus_message_get_interface(raw)) }
+    public var member: String? { Self.string(dbus_message_get_member(raw)) }
+    public var sender: String? { Self.string(dbus_message_get_sender(raw)) }
+    public var destination: String? { Self.string(dbus_message_get_destination(raw)) }
+    public var errorName: String? { Self.string(dbus_message_get_error_name(raw)) }
+    public var signature: String { Self.string(dbus_message_get_signature(raw)) ?? "" }
+    public var serial: UInt32 { dbus_message_get_serial(raw) }
+    public var replySerial: UInt32 { dbus_message_get_reply_serial(raw) }
+    /// True when the caller asked for no reply.
+    public var noReply: Bool { dbus_message_get_no_reply(raw) != 0 }
+    /// True when the caller allows interactive authorisation (polkit).
+    public var allowsInteractiveAuthorization: Bool { dbus_message_get_allow_interactive_authorization(raw) != 0 }
+
+    /// Every argument; nil for types this layer does not read (unix fds).
+    public var arguments: [DBusValue]? { DBusValue.readAll(raw) }
+
+    /// For an error message: the name and the first string argument.
+    public var asError: DBusErrorReply? {
+        guard isError, let name = errorName else { return nil }
+        return DBusErrorReply(name, arguments?.first?.stringValue ?? "")
+    }
+}

@@ -1,0 +1,248 @@
+// Interfaces: the D-Bus contract (DBUS-API.md) as data, and the introspection XML made from it.
+//
+// The service dispatches, validates signatures and answers Introspect from these
+// definitions, and `dbus/top.passt.Pesto1.xml` is generated from them too
+// (`pestod --print-introspection`), so the code, the live introspection and the shipped file
+// cannot drift apart: a test compares the file with `contractXML`.
+
+/// One named argument of a method or signal.
+public struct DBusArgumentSpec: Sendable {
+    public let name: String
+    public let signature: String
+}
+
+/// A method: its name, input and output arguments, and what it does.
+public struct DBusMethodSpec: Sendable {
+    public let name: String
+    public let inputs: [DBusArgumentSpec]
+    public let outputs: [DBusArgumentSpec]
+    public let doc: String
+
+    /// The signature the call's arguments must have.
+    public var inputSignature: String { inputs.map(\.signature).joined() }
+}
+
+/// A signal.
+public struct DBusSignalSpec: Sendable {
+    public let name: String
+    public let arguments: [DBusArgumentSpec]
+    public let doc: String
+}
+
+/// A read-only property.
+public struct DBusPropertySpec: Sendable {
+    /// Whether changes are announced with PropertiesChanged.
+    public enum Emits: String, Sendable {
+        case changes = "true"
+        case never = "const"
+    }
+
+    public let name: String
+    public let signature: String
+    public let emits: Emits
+    public let doc: String
+}
+
+/// An interface: methods, signals, properties.
+public struct DBusInterfaceSpec: Sendable {
+    public let name: String
+    public let doc: String
+    public let methods: [DBusMethodSpec]
+    public let signals: [DBusSignalSpec]
+    public let properties: [DBusPropertySpec]
+
+    /// The method called `name`, if any.
+    public func method(_ name: String) -> DBusMethodSpec? { methods.first { $0.name == name } }
+    /// The property called `name`, if any.
+    public func property(_ name: String) -> DBusPropertySpec? { properties.first { $0.name == name } }
+}
+
+private func arg(_ name: String, _ sig: String) -> DBusArgumentSpec { DBusArgumentSpec(name: name, signature: sig) }
+private func method(_ name: String, _ inputs: [DBusArgumentSpec] = [], _ outputs: [DBusArgumentSpec] = [], _ doc: String) -> DBusMethodSpec {
+    DBusMethodSpec(name: name, inputs: inputs, outputs: outputs, doc: doc)
+}
+private func prop(_ name: String, _ sig: String, _ emits: DBusPropertySpec.Emits, _ doc: String) -> DBusPropertySpec {
+    DBusPropertySpec(name: name, signature: sig, emits: emits, doc: doc)
+}
+
+/// The interfaces of the contract and the standard ones pestod implements.
+public enum PestoInterfaces {
+    /// `top.passt.Pesto1.Manager`.
+    public static let manager = DBusInterfaceSpec(
+        name: "top.passt.Pesto1.Manager",
+        doc: "The service: the name-owner lock that makes a series of changes one transaction.",
+        methods: [
+            method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves."),
+            method("Unlock", [], [], "Release the lock; uncommitted changes are rolled back."),
+            method("Commit", [], [], "Make the changes made under the lock permanent."),
+            method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),
+        ],
+        signals: [],
+        properties: [
+            prop("Version", "s", .never, "The service's version."),
+            prop("LockOwner", "s", .changes, "The unique bus name holding the lock, or an empty string."),
+            prop("Tables", "ao", .never, "The tables' object paths."),
+        ])
+
+    /// `top.passt.Pesto1.Table`.
+    public static let table = DBusInterfaceSpec(
+        name: "top.passt.Pesto1.Table",
+        doc: "One forwarding table (HOST: inbound, SPLICE: outbound). Rules are kept in ID order; every mutating call is atomic.",
+        methods: [
+            method("Insert", [arg("id", "u"), arg("rule", "a{sv}")], [], "Add a rule, inactive. Conflicts are not checked here."),
+            method("Delete", [arg("id", "u")], [], "Remove an inactive rule."),
+            method("Activate", [arg("id", "u")], [arg("bound", "u"), arg("failed", "u")], "Bind and listen on every socket of the rule; completes even if binds fail."),
+            method("Deactivate", [arg("id", "u")], [], "Close the rule's listening sockets; relayed connections are not cut."),
+            method("Status", [arg("id", "u")], [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s")], "The rule's state; last_error is the errno name of the latest bind failure or empty."),
+            method("Read", [arg("id", "u")], [arg("rule", "a{sv}")], "The rule as stored, defaults filled in."),
+            method("ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")], "The rule at a position in ID order; NoSuchRule past the end."),
+            method("List", [], [arg("rules", "a(ua{sv}(buus))")], "Every rule with its status, in ID order."),
+            method("Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
+                   "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b)."),
+        ],
+        signals: [
+            DBusSignalSpec(name: "RuleStateChanged", arguments: [arg("id", "u"), arg("active", "b"), arg("bound", "u"), arg("failed", "u")],
+                           doc: "A rule was activated or deactivated, or a retry or scan changed its socket counts."),
+            DBusSignalSpec(name: "BindFailuresChanged", arguments: [arg("id", "u"), arg("failed", "u"), arg("last_error", "s")],
+                           doc: "A rule's bind failure count changed."),
+        ],
+        properties: [
+            prop("Name", "s", .never, "HOST or SPLICE."),
+            prop("Capabilities", "as", .never, "What the table supports: ipv4 ipv6 tcp udp scan ifname."),
+            prop("RuleCount", "u", .changes, "Number of rules."),
+            prop("ActiveCount", "u", .changes, "Number of active rules."),
+            prop("MaxRules", "u", .never, "Most rules the table holds."),
+            prop("SocketCount", "u", .changes, "Listening sockets currently open."),
+            prop("MaxSockets", "u", .never, "Most sockets the table's rules may need together."),
+        ])
+
+    /// `top.passt.Pesto1.Rule`.
+    public static let rule = DBusInterfaceSpec(
+        name: "top.passt.Pesto1.Rule",
+        doc: "One rule of a table, at /top/passt/Pesto1/tables/TABLE/rules/ID.",
+        methods: [],
+        signals: [],
+        properties: [
+            prop("Id", "u", .never, "The rule's ID."),
+            prop("Table", "o", .never, "The table holding the rule."),
+            prop("Protocol", "s", .never, "tcp or udp."),
+            prop("Address", "s", .never, "Listening address; empty for any address (dual stack)."),
+            prop("Interface", "s", .never, "Interface bound to, or empty."),
+            prop("FirstPort", "q", .never, "First listening port."),
+            prop("LastPort", "q", .never, "Last listening port."),
+            prop("TargetAddress", "s", .never, "Destination address; empty for the table's default."),
+            prop("TargetPort", "q", .never, "Destination port of FirstPort."),
+            prop("Scan", "b", .never, "Listens only on ports bound on the target side."),
+            prop("Owner", "s", .never, "Tag of the client that made the rule."),
+            prop("Active", "b", .changes, "Whether the rule is active."),
+            prop("BoundSockets", "u", .changes, "Sockets bound."),
+            prop("BindFailures", "u", .changes, "Sockets whose bind failed."),
+            prop("LastError", "s", .changes, "Errno name of the latest bind failure, or empty."),
+        ])
+
+    /// The contract's own interfaces, in the order of the shipped XML.
+    public static let contract = [manager, table, rule]
+
+    /// `org.freedesktop.DBus.Properties`.
+    public static let properties = DBusInterfaceSpec(
+        name: "org.freedesktop.DBus.Properties", doc: "",
+        methods: [
+            method("Get", [arg("interface_name", "s"), arg("property_name", "s")], [arg("value", "v")], ""),
+            method("GetAll", [arg("interface_name", "s")], [arg("properties", "a{sv}")], ""),
+            method("Set", [arg("interface_name", "s"), arg("property_name", "s"), arg("value", "v")], [], ""),
+        ],
+        signals: [
+            DBusSignalSpec(name: "PropertiesChanged", arguments: [arg("interface_name", "s"), arg("changed_properties", "a{sv}"), arg("invalidated_properties", "as")], doc: "")
+        ],
+        properties: [])
+
+    /// `org.freedesktop.DBus.Introspectable`.
+    public static let introspectable = DBusInterfaceSpec(
+        name: "org.freedesktop.DBus.Introspectable", doc: "",
+        methods: [method("Introspect", [], [arg("xml_data", "s")], "")], signals: [], properties: [])
+
+    /// `org.freedesktop.DBus.Peer` (answered by libdbus itself).
+    public static let peer = DBusInterfaceSpec(
+        name: "org.freedesktop.DBus.Peer", doc: "",
+        methods: [method("Ping", [], [], ""), method("GetMachineId", [], [arg("machine_uuid", "s")], "")], signals: [], properties: [])
+
+    /// `org.freedesktop.DBus.ObjectManager`.
+    public static let objectManager = DBusInterfaceSpec(
+        name: "org.freedesktop.DBus.ObjectManager", doc: "",
+        methods: [method("GetManagedObjects", [], [arg("objects", "a{oa{sa{sv}}}")], "")],
+        signals: [
+            DBusSignalSpec(name: "InterfacesAdded", arguments: [arg("object_path", "o"), arg("interfaces_and_properties", "a{sa{sv}}")], doc: ""),
+            DBusSignalSpec(name: "InterfacesRemoved", arguments: [arg("object_path", "o"), arg("interfaces", "as")], doc: ""),
+        ],
+        properties: [])
+
+    /// The standard interfaces every pestod object has.
+    public static let standard = [properties, introspectable, peer]
+}
+
+// MARK: - XML
+
+extension DBusInterfaceSpec {
+    /// The interface's introspection XML, indented by `indent` spaces; with doc comments if asked.
+    public func xml(indent: Int = 2, docs: Bool = false) -> String {
+        let pad = String(repeating: " ", count: indent)
+        var out = ""
+        func comment(_ text: String, _ p: String) {
+            if docs && !text.isEmpty { out += "\(p)<!-- \(escapeComment(text)) -->\n" }
+        }
+        comment(doc, pad)
+        out += "\(pad)<interface name=\"\(name)\">\n"
+        for m in methods {
+            comment(m.doc, pad + "  ")
+            if m.inputs.isEmpty && m.outputs.isEmpty {
+                out += "\(pad)  <method name=\"\(m.name)\"/>\n"
+                continue
+            }
+            out += "\(pad)  <method name=\"\(m.name)\">\n"
+            for a in m.inputs { out += "\(pad)    <arg name=\"\(a.name)\" type=\"\(a.signature)\" direction=\"in\"/>\n" }
+            for a in m.outputs { out += "\(pad)    <arg name=\"\(a.name)\" type=\"\(a.signature)\" direction=\"out\"/>\n" }
+            out += "\(pad)  </method>\n"
+        }
+        for s in signals {
+            comment(s.doc, pad + "  ")
+            out += "\(pad)  <signal name=\"\(s.name)\">\n"
+            for a in s.arguments { out += "\(pad)    <arg name=\"\(a.name)\" type=\"\(a.signature)\"/>\n" }
+            out += "\(pad)  </signal>\n"
+        }
+        for p in properties {
+            comment(p.doc, pad + "  ")
+            out += "\(pad)  <property name=\"\(p.name)\" type=\"\(p.signature)\" access=\"read\">\n"
+            out += "\(pad)    <annotation name=\"org.freedesktop.DBus.Property.EmitsChangedSignal\" value=\"\(p.emits.rawValue)\"/>\n"
+            out += "\(pad)  </property>\n"
+        }
+        out += "\(pad)</interface>\n"
+        return out
+    }
+
+    private func escapeComment(_ s: String) -> String { s.replacing("--", with: "- -") }
+}
+
+/// The introspection document of one object.
+public func introspectionXML(interfaces: [DBusInterfaceSpec], children: [String], docs: Bool = false) -> String {
+    var out = """
+        <!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"
+         "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">
+        <node>
+
+        """
+    for i in interfaces { out += i.xml(docs: docs) }
+    for c in children { out += "  <node name=\"\(c)\"/>\n" }
+    out += "</node>\n"
+    return out
+}
+
+extension PestoInterfaces {
+    /// The content of `dbus/top.passt.Pesto1.xml`: the contract's interfaces, documented.
+    public static var contractXML: String {
+        var xml = introspectionXML(interfaces: contract, children: [], docs: true)
+        xml = xml.replacing(
+            "<node>\n",
+            with: "<!-- pestod D-Bus contract, version 1 (bus name top.passt.Pesto1). Generated by `pestod --print-introspection`; see doc/ for semantics. -->\n<node>\n")
+        return xml
+    }
+}

@@ -1,0 +1,162 @@
+// ObjectTree: which objects exist at which paths, their interfaces and their properties.
+//
+// Objects are not registered one by one; they are derived from the engine on demand, so a
+// rule object exists exactly while its rule does. Paths:
+//   /, /top, /top/passt                          introspection nodes leading to the manager
+//   /top/passt/Pesto1                            Manager, ObjectManager
+//   /top/passt/Pesto1/tables                     introspection node
+//   /top/passt/Pesto1/tables/<host|splice>       Table
+//   /top/passt/Pesto1/tables/<t>/rules           introspection node
+//   /top/passt/Pesto1/tables/<t>/rules/<id>      Rule
+// Every object also has Properties, Introspectable and Peer (Peer is answered by libdbus).
+
+import PestoEngine
+
+enum ObjectTree {
+    /// An object of the tree.
+    enum Object: Equatable {
+        /// A path on the way to a real object, with its child node names.
+        case node([String])
+        case manager
+        case table(TableKind)
+        case rule(TableKind, UInt32)
+
+        /// The interfaces the object implements.
+        var interfaces: [DBusInterfaceSpec] {
+            switch self {
+            case .node: return [PestoInterfaces.introspectable, PestoInterfaces.peer]
+            case .manager: return [PestoInterfaces.manager, PestoInterfaces.objectManager] + PestoInterfaces.standard
+            case .table: return [PestoInterfaces.table] + PestoInterfaces.standard
+            case .rule: return [PestoInterfaces.rule] + PestoInterfaces.standard
+            }
+        }
+
+        /// The names of the child nodes, for introspection.
+        func children(engine: ForwardingEngine) -> [String] {
+            switch self {
+            case .node(let names): return names
+            case .manager: return ["tables"]
+            case .table: return ["rules"]
+            case .rule: return []
+            }
+        }
+    }
+
+    /// The object at `path`, or nil.
+    static func resolve(_ path: String, engine: ForwardingEngine) -> Object? {
+        switch path {
+        case "/": return .node(["top"])
+        case "/top": return .node(["passt"])
+        case "/top/passt": return .node(["Pesto1"])
+        case PestoBusNames.managerPath: return .manager
+        case PestoBusNames.managerPath + "/tables": return .node(engine.tables.map(\.kind.rawValue))
+        default: break
+        }
+        let prefix = PestoBusNames.managerPath + "/tables/"
+        guard path.hasPrefix(prefix) else { return nil }
+        let parts = path.dropFirst(prefix.count).split(separator: "/", omittingEmptySubsequences: false)
+        guard let kind = TableKind(rawValue: String(parts[0])), let table = engine.table(kind) else { return nil }
+        switch parts.count {
+        case 1: return .table(kind)
+        case 2 where parts[1] == "rules": return .node(table.ids.map { String($0) })
+        case 3 where parts[1] == "rules":
+            // Canonical decimal only: "007" is not rule 7's path.
+            guard let id = UInt32(parts[2]), String(id) == parts[2], table.contains(id) else { return nil }
+            return .rule(kind, id)
+        default: return nil
+        }
+    }
+
+    /// The properties of `object` for `interface`, in contract order; nil if it lacks the interface.
+    static func properties(_ object: Object, _ interface: String, engine: ForwardingEngine) -> [(String, DBusValue)]? {
+        guard object.interfaces.contains(where: { $0.name == interface }) else { return nil }
+        switch (object, interface) {
+        case (.manager, PestoInterfaces.manager.name):
+            return [
+                ("Version", .string(PestoBusNames.version)),
+                ("LockOwner", .string("")),  // filled in by the server, which knows the lock
+                ("Tables", .objectPaths(engine.tables.map { PestoBusNames.tablePath($0.kind) })),
+            ]
+        case (.table(let kind), PestoInterfaces.table.name):
+            guard let t = engine.table(kind) else { return nil }
+            return [
+                ("Name", .string(kind.name)),
+                ("Capabilities", .strings(t.capabilities.names)),
+                ("RuleCount", .uint32(UInt32(t.ruleCount))),
+                ("ActiveCount", .uint32(UInt32(t.activeCount))),
+                ("MaxRules", .uint32(UInt32(clamping: t.limits.maxRules))),
+                ("SocketCount", .uint32(UInt32(clamping: t.openSockets))),
+                ("MaxSockets", .uint32(UInt32(clamping: t.limits.maxSockets))),
+            ]
+        case (.rule(let kind, let id), PestoInterfaces.rule.name):
+            guard let t = engine.table(kind), let rule = try? t.read(id), let s = try? t.status(id) else { return nil }
+            return [
+                ("Id", .uint32(id)),
+                ("Table", .objectPath(PestoBusNames.tablePath(kind))),
+                ("Protocol", .string(rule.proto.rawValue)),
+                ("Address", .string(rule.address?.description ?? "")),
+                ("Interface", .string(rule.interface)),
+                ("FirstPort", .uint16(rule.firstPort)),
+                ("LastPort", .uint16(rule.lastPort)),
+                ("TargetAddress", .string(rule.targetAddress?.description ?? "")),
+                ("TargetPort", .uint16(rule.targetPort)),
+                ("Scan", .bool(rule.scan)),
+                ("Owner", .string(rule.owner)),
+                ("Active", .bool(s.active)),
+                ("BoundSockets", .uint32(s.bound)),
+                ("BindFailures", .uint32(s.failed)),
+                ("LastError", .string(s.lastErrorName)),
+            ]
+        default:
+            return []  // standard interfaces have no properties
+        }
+    }
+
+    /// `a{sa{sv}}`: every interface of `object` with its properties (InterfacesAdded, GetManagedObjects).
+    static func interfacesAndProperties(_ object: Object, engine: ForwardingEngine, lockOwner: String? = nil) -> DBusValue {
+        .dictionary(key: "s", value: "a{sv}", object.interfaces.map { i in
+            var props = properties(object, i.name, engine: engine) ?? []
+            if let k = props.firstIndex(where: { $0.0 == "LockOwner" }) { props[k].1 = .string(lockOwner ?? "") }
+            return DBusValue.DictEntry(.string(i.name), .vardict(props))
+        })
+    }
+}
+
+extension PestoServer {
+    /// `org.freedesktop.DBus.Properties` on any object.
+    func propertiesCall(_ object: ObjectTree.Object, member: String, args: [DBusValue]) throws(DBusErrorReply) -> [DBusValue] {
+        let interface = args[0].stringValue ?? ""
+        guard var props = ObjectTree.properties(object, interface, engine: engine) else {
+            throw DBusErrorReply(DBusErrorReply.unknownInterface, "The object has no interface \"\(interface)\".")
+        }
+        if let k = props.firstIndex(where: { $0.0 == "LockOwner" }) { props[k].1 = .string(lockOwner ?? "") }
+        switch member {
+        case "Get":
+            let name = args[1].stringValue ?? ""
+            guard let value = props.first(where: { $0.0 == name })?.1 else {
+                throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \"\(name)\".")
+            }
+            return [.variant(value)]
+        case "GetAll":
+            return [.vardict(props)]
+        default:  // Set
+            let name = args[1].stringValue ?? ""
+            guard props.contains(where: { $0.0 == name }) else {
+                throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \"\(name)\".")
+            }
+            throw DBusErrorReply(DBusErrorReply.propertyReadOnly, "Property \(name) is read-only; use the \(interface) methods to change state.")
+        }
+    }
+
+    /// `GetManagedObjects`: every table and rule object under the manager.
+    func managedObjects() -> DBusValue {
+        var entries: [DBusValue.DictEntry] = []
+        for t in engine.tables {
+            entries.append(.init(.objectPath(PestoBusNames.tablePath(t.kind)), ObjectTree.interfacesAndProperties(.table(t.kind), engine: engine)))
+            for id in t.ids {
+                entries.append(.init(.objectPath(PestoBusNames.rulePath(t.kind, id)), ObjectTree.interfacesAndProperties(.rule(t.kind, id), engine: engine)))
+            }
+        }
+        return .dictionary(key: "o", value: "a{sa{sv}}", entries)
+    }
+}

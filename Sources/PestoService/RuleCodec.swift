@@ -1,0 +1,89 @@
+// RuleCodec: the contract's rule description `a{sv}` to and from the engine's `Rule`.
+//
+// Two kinds of failure, as DBUS-API.md separates them: an unknown key or a value of the
+// wrong D-Bus type is `org.freedesktop.DBus.Error.InvalidArgs` (the caller built the message
+// wrong); a well-typed value that makes no sense (an unparsable address, a missing required
+// field, and everything `Rule.validate` rejects) is `top.passt.Pesto1.Error.InvalidRule`.
+
+import PestoEngine
+
+/// A failure decoding a D-Bus request: the error to send back.
+typealias RequestError = DBusErrorReply
+
+extension DBusErrorReply {
+    /// The D-Bus form of an engine error.
+    init(_ error: PestoError) {
+        self.init(PestoBusNames.errorName(error.code), error.message)
+    }
+
+    static func invalidArgs(_ message: String) -> DBusErrorReply { DBusErrorReply(invalidArgs, message) }
+    static func invalidRule(_ message: String) -> DBusErrorReply { DBusErrorReply(PestoBusNames.errorName(.invalidRule), message) }
+}
+
+/// Converts rule descriptions.
+enum RuleCodec {
+    /// The keys of a rule description and their D-Bus types.
+    static let keys: [(String, String)] = [
+        ("protocol", "s"), ("address", "s"), ("interface", "s"), ("first-port", "q"), ("last-port", "q"),
+        ("target-address", "s"), ("target-port", "q"), ("scan", "b"), ("owner", "s"),
+    ]
+
+    /// Decodes an `a{sv}` rule description (the caller has checked it is `a{sv}`).
+    static func decode(_ value: DBusValue) throws(DBusErrorReply) -> Rule {
+        guard let entries = value.vardictValue else { throw .invalidArgs("The rule must be a{sv}.") }
+        var fields: [String: DBusValue] = [:]
+        for (key, v) in entries {
+            guard let expected = keys.first(where: { $0.0 == key })?.1 else {
+                throw .invalidArgs("Unknown rule key \"\(key)\"; known keys: \(keys.map(\.0).joined(separator: ", ")).")
+            }
+            guard v.signature == expected else {
+                throw .invalidArgs("Rule key \"\(key)\" must have type \(expected), not \(v.signature).")
+            }
+            if fields[key] != nil { throw .invalidArgs("Rule key \"\(key)\" is given twice.") }
+            fields[key] = v
+        }
+        guard let protoText = fields["protocol"]?.stringValue else { throw .invalidRule("protocol is required (\"tcp\" or \"udp\").") }
+        let proto: TransportProtocol
+        do { proto = try TransportProtocol(parsing: protoText) } catch { throw DBusErrorReply(error) }
+        guard let first = fields["first-port"]?.uint16Value else { throw .invalidRule("first-port is required.") }
+
+        func address(_ key: String) throws(DBusErrorReply) -> IPAddress? {
+            guard let text = fields[key]?.stringValue, !text.isEmpty else { return nil }
+            guard let a = IPAddress(text) else {
+                throw .invalidRule("\(key) \"\(text)\" is not an IPv4 or IPv6 address.")
+            }
+            return a
+        }
+        return Rule(
+            proto: proto,
+            address: try address("address"),
+            interface: fields["interface"]?.stringValue ?? "",
+            firstPort: first,
+            lastPort: fields["last-port"]?.uint16Value,
+            targetAddress: try address("target-address"),
+            targetPort: fields["target-port"]?.uint16Value,
+            scan: fields["scan"]?.boolValue ?? false,
+            owner: fields["owner"]?.stringValue ?? "")
+    }
+
+    /// The stored rule as `a{sv}`, every key present (defaults filled in; "" for any address
+    /// and for the table's default target).
+    static func encode(_ rule: Rule) -> DBusValue {
+        .vardict([
+            ("protocol", .string(rule.proto.rawValue)),
+            ("address", .string(rule.address?.description ?? "")),
+            ("interface", .string(rule.interface)),
+            ("first-port", .uint16(rule.firstPort)),
+            ("last-port", .uint16(rule.lastPort)),
+            ("target-address", .string(rule.targetAddress?.description ?? "")),
+            ("target-port", .uint16(rule.targetPort)),
+            ("scan", .bool(rule.scan)),
+            ("owner", .string(rule.owner)),
+        ])
+    }
+
+    /// A status as the `(buus)` struct of `List`.
+    static func encode(_ status: RuleStatus) -> DBusValue {
+        .structure([.bool(status.active), .uint32(status.bound), .uint32(status.failed), .string(status.lastErrorName)])
+    }
+}

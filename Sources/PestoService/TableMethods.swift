@@ -1,0 +1,139 @@
+// TableMethods: the methods of top.passt.Pesto1.Table, including Apply.
+
+import PestoEngine
+
+extension PestoServer {
+    /// Runs a Table method; the arguments' signature has been checked already.
+    func tableCall(_ kind: TableKind, member: String, args: [DBusValue], sender: String) throws(DBusErrorReply) -> [DBusValue] {
+        let t: ForwardingTable
+        do { t = try table(kind) } catch { throw DBusErrorReply(error) }
+        let id = args.first?.uint32Value ?? 0
+        do {
+            switch member {
+            case "Status":
+                let s = try t.status(id)
+                return [.bool(s.active), .uint32(s.bound), .uint32(s.failed), .string(s.lastErrorName)]
+            case "Read":
+                return [RuleCodec.encode(try t.read(id))]
+            case "ReadIndex":
+                let (ruleID, rule) = try t.read(atIndex: Int(id))
+                return [.uint32(ruleID), RuleCodec.encode(rule)]
+            case "List":
+                return [.array(element: "(ua{sv}(buus))", t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })]
+            case "Apply":
+                return [try apply(kind, args: args, sender: sender)]
+            default:
+                break
+            }
+        } catch let e as DBusErrorReply {
+            throw e
+        } catch let e as PestoError {
+            throw DBusErrorReply(e)
+        } catch {
+            throw DBusErrorReply(DBusErrorReply.failed, "\(error)")
+        }
+
+        // Single mutating operations: decode, check the lock, perform, record.
+        let op: TableOperation
+        switch member {
+        case "Insert": op = .insert(kind, id, try RuleCodec.decode(args[1]))
+        case "Delete": op = .delete(kind, id, (try? t.read(id)) ?? Rule(proto: .tcp, firstPort: 1))
+        case "Activate": op = .activate(kind, id)
+        case "Deactivate": op = .deactivate(kind, id)
+        default: throw DBusErrorReply(DBusErrorReply.unknownMethod, "No method \(member).")
+        }
+        try checkMayModify(sender)
+        let counts: ForwardingTable.BindCounts?
+        do { counts = try perform(op) } catch {
+            logger.info("\(member) \(kind.rawValue)/\(id) by \(sender) refused: \(error.message)")
+            throw DBusErrorReply(error)
+        }
+        var performed = Journal()
+        performed.record(op)
+        finish(performed, sender: sender)
+        logger.info("\(member) \(kind.rawValue)/\(id) by \(sender)\(counts.map { ": \($0.bound) bound, \($0.failed) failed" } ?? "")")
+        if let counts { return [.uint32(counts.bound), .uint32(counts.failed)] }
+        return []
+    }
+
+    /// Apply's options.
+    struct ApplyOptions {
+        var maxFailures: UInt32 = 0
+        var bestEffort = false
+
+        init(_ value: DBusValue) throws(DBusErrorReply) {
+            for (key, v) in value.vardictValue ?? [] {
+                switch (key, v) {
+                case ("max-failures", .uint32(let n)): maxFailures = n
+                case ("best-effort", .bool(let b)): bestEffort = b
+                case ("max-failures", _), ("best-effort", _):
+                    throw .invalidArgs("Apply option \"\(key)\" must have type \(key == "best-effort" ? "b" : "u"), not \(v.signature).")
+                default:
+                    throw .invalidArgs("Unknown Apply option \"\(key)\"; known options: max-failures, best-effort.")
+                }
+            }
+        }
+    }
+
+    /// `Apply`: the seed's whole client workflow, atomically.
+    ///
+    /// 1. insert every new rule; 2. deactivate the removed rules; 3. activate the new rules;
+    /// 4. check bind failures against the options; 5. delete the removed rules. Any error
+    /// undoes every step already taken, newest first, and is returned as the call's error.
+    private func apply(_ kind: TableKind, args: [DBusValue], sender: String) throws(DBusErrorReply) -> DBusValue {
+        // Decode everything before touching anything.
+        var inserts: [(UInt32, Rule)] = []
+        for item in args[0].arrayValue ?? [] {
+            guard let fields = item.structValue, fields.count == 2, let id = fields[0].uint32Value else {
+                throw .invalidArgs("Each inserted rule must be (ua{sv}).")
+            }
+            if inserts.contains(where: { $0.0 == id }) {
+                throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
+            }
+            inserts.append((id, try RuleCodec.decode(fields[1])))
+        }
+        var removes: [UInt32] = []
+        for item in args[1].arrayValue ?? [] {
+            guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
+            if !removes.contains(id) { removes.append(id) }
+        }
+        let options = try ApplyOptions(args[2])
+        try checkMayModify(sender)
+
+        let t: ForwardingTable
+        do { t = try table(kind) } catch { throw DBusErrorReply(error) }
+        var performed = Journal()
+        var results: [DBusValue] = []
+        do throws(PestoError) {
+            func run(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
+                let r = try perform(op)
+                performed.record(op)
+                return r
+            }
+            for (id, rule) in inserts { _ = try run(.insert(kind, id, rule)) }
+            for id in removes {
+                if try t.status(id).active { _ = try run(.deactivate(kind, id)) }
+            }
+            for (id, _) in inserts {
+                let c = try run(.activate(kind, id))!
+                let tolerated = c.failed <= options.maxFailures || (options.bestEffort && c.bound >= 1)
+                if !tolerated {
+                    let last = (try? t.status(id).lastErrorName) ?? ""
+                    throw PestoError(
+                        .bindFailed,
+                        "Rule \(id) bound \(c.bound) of \(c.bound + c.failed) sockets (last error \(last)); "
+                            + "more than the \(options.maxFailures) failures allowed, so nothing was changed.")
+                }
+                results.append(.structure([.uint32(id), .uint32(c.bound), .uint32(c.failed)]))
+            }
+            for id in removes { _ = try run(.delete(kind, id, try t.read(id))) }
+        } catch {
+            logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
+            performed.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }
+            throw DBusErrorReply(error)
+        }
+        finish(performed, sender: sender)
+        logger.info("Apply on \(kind.rawValue) by \(sender): \(inserts.count) inserted and activated, \(removes.count) removed")
+        return .array(element: "(uuu)", results)
+    }
+}
