@@ -5,7 +5,6 @@ import PackageDescription
 
 let package = Package(
     name: "pesto",
-    platforms: [.macOS(.v14)],
     products: [
         .executable(name: "pestod", targets: ["pestod"]),
         .executable(name: "pestoctl", targets: ["pestoctl"]),
@@ -50,7 +49,24 @@ let package = Package(
             dependencies: ["PestoEngine", "CPestoSys"],
             path: "Benchmarks/ActivationBenchmark"
         ),
-        .testTarget(name: "PestoEngineTests", dependencies: ["PestoEngine", "CPestoSys"]),
+        .executableTarget(
+            name: "pesto-dbus-bench",
+            dependencies: ["PestoEngine", "PestoService"],
+            path: "Benchmarks/DBusBenchmark"
+        ),
+        // Socket helpers shared by the test targets.
+        .target(name: "PestoTestSupport", dependencies: ["PestoEngine", "CPestoSys"], path: "Tests/PestoTestSupport"),
+        .testTarget(name: "PestoEngineTests", dependencies: ["PestoEngine", "CPestoSys", "PestoTestSupport"]),
+        // A scriptable D-Bus client the service tests run as a separate process (to SIGKILL it).
+        .executableTarget(
+            name: "pesto-test-peer",
+            dependencies: ["PestoService"],
+            path: "Tests/PestoTestPeer"
+        ),
+        .testTarget(
+            name: "PestoServiceTests",
+            dependencies: ["PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport", "pestod", "pesto-test-peer"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

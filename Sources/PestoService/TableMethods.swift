@@ -77,9 +77,15 @@ extension PestoServer {
 
     /// `Apply`: the seed's whole client workflow, atomically.
     ///
-    /// 1. insert every new rule; 2. deactivate the removed rules; 3. activate the new rules;
-    /// 4. check bind failures against the options; 5. delete the removed rules. Any error
-    /// undoes every step already taken, newest first, and is returned as the call's error.
+    /// 1. insert every new rule; 2. deactivate the removed rules that overlap a new rule (so
+    /// they cannot cause spurious conflicts); 3. activate the new rules; 4. check bind
+    /// failures against the options; 5. deactivate the other removed rules and delete all
+    /// removed rules. Any error undoes every step already taken, newest first, and is
+    /// returned as the call's error.
+    ///
+    /// Step 2 is narrower than the seed's "deactivate all removed rules" on purpose: a removed
+    /// rule that does not overlap a new one keeps its sockets until the update is known to
+    /// succeed, so a rolled-back Apply never closes and reopens it (peers see nothing).
     private func apply(_ kind: TableKind, args: [DBusValue], sender: String) throws(DBusErrorReply) -> DBusValue {
         // Decode everything before touching anything.
         var inserts: [(UInt32, Rule)] = []
@@ -112,7 +118,10 @@ extension PestoServer {
             }
             for (id, rule) in inserts { _ = try run(.insert(kind, id, rule)) }
             for id in removes {
-                if try t.status(id).active { _ = try run(.deactivate(kind, id)) }
+                let removed = try t.read(id)
+                if try t.status(id).active, inserts.contains(where: { $0.1.conflicts(with: removed) }) {
+                    _ = try run(.deactivate(kind, id))
+                }
             }
             for (id, _) in inserts {
                 let c = try run(.activate(kind, id))!
@@ -126,7 +135,10 @@ extension PestoServer {
                 }
                 results.append(.structure([.uint32(id), .uint32(c.bound), .uint32(c.failed)]))
             }
-            for id in removes { _ = try run(.delete(kind, id, try t.read(id))) }
+            for id in removes {
+                if try t.status(id).active { _ = try run(.deactivate(kind, id)) }
+                _ = try run(.delete(kind, id, try t.read(id)))
+            }
         } catch {
             logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
             performed.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }

@@ -4,6 +4,7 @@ import CPestoSys
 import Testing
 
 @testable import PestoEngine
+import PestoTestSupport
 
 #if canImport(Glibc)
 import Glibc

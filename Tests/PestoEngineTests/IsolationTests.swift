@@ -3,6 +3,7 @@
 import Testing
 
 @testable import PestoEngine
+import PestoTestSupport
 
 #if canImport(Glibc)
 import Glibc

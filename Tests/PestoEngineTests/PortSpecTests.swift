@@ -8,6 +8,7 @@ import Glibc
 import Testing
 
 @testable import PestoEngine
+import PestoTestSupport
 
 /// One expected rule, without the protocol (each example runs for TCP and UDP).
 struct ExpectedRule: Sendable {

@@ -3,6 +3,7 @@
 import Testing
 
 @testable import PestoEngine
+import PestoTestSupport
 
 @Suite("Rule validation")
 struct RuleValidationTests {

@@ -1,18 +1,18 @@
 // Test helpers: real sockets on loopback, free-port discovery, descriptor identity.
 
 import CPestoSys
+import PestoEngine
+import Synchronization
 import Testing
-
-@testable import PestoEngine
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// Small socket utilities for tests. All of them use real kernel sockets on loopback.
-enum TestSockets {
+public enum TestSockets {
     /// Binds a socket of `type` to `address:port`; returns the fd or nil (and closes) on failure.
-    static func bound(_ type: Int32 = Int32(SOCK_STREAM.rawValue), address: IPAddress = .loopbackIPv4, port: UInt16, listen: Bool = true) -> Int32? {
+    public static func bound(_ type: Int32 = Int32(SOCK_STREAM.rawValue), address: IPAddress = .loopbackIPv4, port: UInt16, listen: Bool = true) -> Int32? {
         let domain = address.family.socketDomain
         let fd = socket(domain, type | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
@@ -20,7 +20,7 @@ enum TestSockets {
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
         }
-        if case .failure = Sys.bind(fd, domain: domain, address: address, port: port) {
+        if !withSocketAddress(address, port, { Glibc.bind(fd, $0, $1) == 0 }) {
             close(fd)
             return nil
         }
@@ -31,11 +31,19 @@ enum TestSockets {
         return fd
     }
 
-    /// A run of `count` consecutive ports that are free for TCP and UDP on loopback right now.
-    static func freePorts(_ count: Int = 1) -> ClosedRange<UInt16> {
-        var generator = SystemRandomNumberGenerator()
+    /// The next port to hand out: every test in the process gets ports of its own, so tests
+    /// running in parallel never race for the same port.
+    private static let nextPort = Mutex<UInt16>(UInt16.random(in: 20_000...24_000))
+
+    /// A run of `count` consecutive ports that are free for TCP and UDP on loopback right now,
+    /// and that no other test of this process has been given.
+    public static func freePorts(_ count: Int = 1) -> ClosedRange<UInt16> {
         for _ in 0..<500 {
-            let base = UInt16.random(in: 20_000...(32_000 - UInt16(count)), using: &generator)
+            let base = nextPort.withLock { next -> UInt16 in
+                if Int(next) + count > 32_000 { next = 20_000 }
+                defer { next += UInt16(count) }
+                return next
+            }
             let range = base...(base + UInt16(count) - 1)
             if range.allSatisfy(isFree) { return range }
         }
@@ -44,7 +52,7 @@ enum TestSockets {
     }
 
     /// True when nothing holds `port` for TCP or UDP on any address.
-    static func isFree(_ port: UInt16) -> Bool {
+    public static func isFree(_ port: UInt16) -> Bool {
         for type in [Int32(SOCK_STREAM.rawValue), Int32(SOCK_DGRAM.rawValue)] {
             guard let fd = bound(type, address: .anyIPv6, port: port, listen: false) else { return false }
             close(fd)
@@ -55,25 +63,11 @@ enum TestSockets {
     }
 
     /// Connects a TCP socket to `address:port` (blocking); returns the fd, or the errno.
-    static func connect(_ address: IPAddress = .loopbackIPv4, port: UInt16) -> Result<Int32, Errno> {
+    public static func connect(_ address: IPAddress = .loopbackIPv4, port: UInt16) -> Result<Int32, Errno> {
         let domain = address.family.socketDomain
         let fd = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return .failure(.current) }
-        let r: Int32
-        if let a4 = address.in4 {
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = port.bigEndian
-            sa.sin_addr = a4
-            r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        } else {
-            var sa = sockaddr_in6()
-            sa.sin6_family = sa_family_t(AF_INET6)
-            sa.sin6_port = port.bigEndian
-            sa.sin6_addr = address.in6
-            r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
-        }
-        if r != 0 {
+        if !withSocketAddress(address, port, { Glibc.connect(fd, $0, $1) == 0 }) {
             let e = Errno.current
             close(fd)
             return .failure(e)
@@ -81,9 +75,25 @@ enum TestSockets {
         return .success(fd)
     }
 
+    /// Calls `body` with a sockaddr for `address:port` (IPv4 or IPv6) and its length.
+    public static func withSocketAddress(_ address: IPAddress, _ port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Bool) -> Bool {
+        if let a4 = address.in4 {
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = port.bigEndian
+            sa.sin_addr = a4
+            return withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        }
+        var sa = sockaddr_in6()
+        sa.sin6_family = sa_family_t(AF_INET6)
+        sa.sin6_port = port.bigEndian
+        sa.sin6_addr = address.in6
+        return withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
+    }
+
     /// Connects to `port`, accepts the connection on `listener` (a non-blocking listening fd)
     /// and closes both ends. True when the whole exchange worked.
-    static func connectAndAccept(listener: Int32, address: IPAddress = .loopbackIPv4, port: UInt16) -> Bool {
+    public static func connectAndAccept(listener: Int32, address: IPAddress = .loopbackIPv4, port: UInt16) -> Bool {
         guard case .success(let client) = connect(address, port: port) else { return false }
         defer { close(client) }
         var pfd = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
@@ -95,14 +105,14 @@ enum TestSockets {
     }
 
     /// The inode number of the object behind `fd` (the socket's identity).
-    static func inode(_ fd: Int32) -> UInt64? {
+    public static func inode(_ fd: Int32) -> UInt64? {
         var st = stat()
         guard fstat(fd, &st) == 0 else { return nil }
         return UInt64(st.st_ino)
     }
 
     /// An `Int32` socket option of `fd`.
-    static func option(_ fd: Int32, level: Int32, name: Int32) -> Int32? {
+    public static func option(_ fd: Int32, level: Int32, name: Int32) -> Int32? {
         var value: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)
         guard getsockopt(fd, level, name, &value, &len) == 0 else { return nil }
@@ -110,25 +120,27 @@ enum TestSockets {
     }
 
     /// The socket's domain (`AF_INET`/`AF_INET6`).
-    static func domain(_ fd: Int32) -> Int32? { option(fd, level: SOL_SOCKET, name: SO_DOMAIN) }
+    public static func domain(_ fd: Int32) -> Int32? { option(fd, level: SOL_SOCKET, name: SO_DOMAIN) }
 
 }
 
 /// A factory that records calls and can be told to fail, for paths the kernel rarely takes.
-final class ScriptedListenerFactory: ListenerFactory {
+public final class ScriptedListenerFactory: ListenerFactory {
+    public init() {}
+
     /// The real factory behind it.
     let real = KernelListenerFactory(families: [.ipv4, .ipv6])
     /// Calls to `openListener` so far.
-    var opens = 0
+    public var opens = 0
     /// Fail with this errno once `opens` exceeds `succeedFirst`.
-    var failure: Errno?
-    var succeedFirst = Int.max
+    public var failure: Errno?
+    public var succeedFirst = Int.max
     /// Descriptors closed through the factory.
-    var closed: [Int32] = []
+    public var closed: [Int32] = []
     /// Descriptors opened through the factory.
-    var opened: [Int32] = []
+    public var opened: [Int32] = []
 
-    func openListener(for rule: Rule, port: UInt16) -> Result<Int32, Errno> {
+    public func openListener(for rule: Rule, port: UInt16) -> Result<Int32, Errno> {
         opens += 1
         if let failure, opens > succeedFirst { return .failure(failure) }
         let result = real.openListener(for: rule, port: port)
@@ -136,7 +148,7 @@ final class ScriptedListenerFactory: ListenerFactory {
         return result
     }
 
-    func closeListener(_ fd: Int32) {
+    public func closeListener(_ fd: Int32) {
         closed.append(fd)
         real.closeListener(fd)
     }

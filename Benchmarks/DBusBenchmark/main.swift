@@ -1,0 +1,364 @@
+// pesto-dbus-bench: D-Bus round trips per second against a real pestod, with baselines.
+//
+// Theory of operation
+// -------------------
+// A D-Bus method call from a client to pestod is two hops through the bus daemon: client →
+// dbus-daemon → pestod, and the reply back the same way. So a round trip costs four socket
+// writes/reads and two dbus-daemon routing decisions, whatever pestod does. To tell pestod's
+// own cost from the bus's, one run measures side by side, on a private bus nobody else uses:
+//
+//   * bus daemon GetId   — org.freedesktop.DBus.GetId answered by dbus-daemon itself: one hop
+//                          each way, no pestod. The floor of any call through this bus
+//                          (the "÷ GetId" column divides by it).
+//   * pestod Peer.Ping   — the full two-hop path with the least possible work in pestod.
+//   * pestod Status      — Table.Status(u id) on an active rule: the cheapest real call.
+//   * rule cycles        — Insert + Activate + Deactivate + Delete of a one-port TCP rule on a
+//                          free loopback port: four mutating round trips (each one logged,
+//                          emitting signals, binding and closing a socket), as cycles/s and
+//                          as round trips/s.
+//   * busctl / gdbus     — the same Status call by the command-line tools, one process per
+//                          call (connect, authenticate, Hello, call; gdbus also introspects
+//                          first): what a shell script pays (the "÷ busctl" column divides by it).
+//   * spawn /bin/true    — the process-creation floor under the two tools' figures.
+//
+// The in-process figures use PestoService's blocking libdbus client (one private connection,
+// send_with_reply_and_block), time-boxed by --seconds; the tool figures spawn --iterations
+// processes. Every figure is the median of --runs runs, and the runs are interleaved (run 1
+// of every metric, then run 2, ...) so slow drift of the machine hits all metrics alike.
+//
+// Set-up without sleeping: dbus-daemon (--nofork, a temp-dir config with a unix:path socket
+// and a permissive policy) prints its address on a pipe we read; pestod (the release build next
+// to this binary) gets NOTIFY_SOCKET, a datagram socket we bind in the temp dir, and sends
+// READY=1 there once it owns top.passt.Pesto1. Every wait is a poll with a deadline. Children
+// are started with posix_spawn with an empty signal mask, and always stopped with SIGKILL
+// (their SIGTERM may be blocked); the temp dir is removed on every exit path, including
+// SIGINT/SIGTERM/SIGHUP, which a dedicated thread catches with sigwait. pestod's peak RSS
+// (VmHWM) is read from /proc before it is killed.
+
+import PestoEngine
+import PestoService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Command-line settings.
+struct Settings {
+    var runs = 5
+    var seconds = 1.0
+    var iterations = 200
+    var pestodLogLevel: String?
+
+    static let usage = """
+        usage: pesto-dbus-bench [--runs N] [--seconds S] [--iterations N] [--pestod-log-level LEVEL]
+          --runs N          runs per metric; each figure is their median (default 5)
+          --seconds S       length of one run of an in-process metric (default 1)
+          --iterations N    processes per run of the busctl, gdbus and /bin/true metrics (default 200)
+          --pestod-log-level LEVEL
+                            pestod's --log-level (default: pestod's own, info, which logs every
+                            mutating call; its log goes to a file in the temp dir)
+        """
+
+    /// Parses the arguments; prints usage and exits on -h or a bad argument.
+    static func parse(_ args: [String]) -> Settings {
+        var s = Settings()
+        var it = args.dropFirst().makeIterator()
+        func value(_ name: String) -> String {
+            guard let v = it.next() else { bad("\(name) needs a value") }
+            return v
+        }
+        func bad(_ why: String) -> Never {
+            printError("pesto-dbus-bench: \(why)\n\(usage)")
+            exit(2)
+        }
+        while let arg = it.next() {
+            switch arg {
+            case "--runs":
+                guard let n = Int(value(arg)), (1...1000).contains(n) else { bad("--runs wants 1...1000") }
+                s.runs = n
+            case "--seconds":
+                guard let x = Double(value(arg)), x > 0, x <= 3600 else { bad("--seconds wants a number in (0, 3600]") }
+                s.seconds = x
+            case "--iterations":
+                guard let n = Int(value(arg)), (1...1_000_000).contains(n) else { bad("--iterations wants 1...1000000") }
+                s.iterations = n
+            case "--pestod-log-level":
+                s.pestodLogLevel = value(arg)
+            case "-h", "--help":
+                print(usage)
+                exit(0)
+            default:
+                bad("unknown argument \(arg)")
+            }
+        }
+        return s
+    }
+}
+
+// MARK: - Measuring
+
+/// Seconds since an arbitrary start, monotonic.
+func seconds() -> Double { Double(MonotonicInstant.now.nanoseconds) / 1e9 }
+
+/// The median (upper median for an even count) of a non-empty array.
+func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
+
+/// Calls `body` back to back for `duration` seconds (checking the clock after every call)
+/// and returns calls per second.
+func callsPerSecond(for duration: Double, _ body: () throws -> Void) rethrows -> Double {
+    let start = seconds()
+    let end = start + duration
+    var calls = 0
+    var now = start
+    repeat {
+        try body()
+        calls += 1
+        now = seconds()
+    } while now < end
+    return Double(calls) / (now - start)
+}
+
+/// Spawns `program arguments` `count` times, one after the other, each waited for, and returns
+/// processes per second. Output goes to /dev/null; a non-zero exit is an error (the tools bound
+/// their own waits with --timeout, so this cannot hang on a stuck call).
+func spawnsPerSecond(_ count: Int, _ program: String, _ arguments: [String]) throws -> Double {
+    let start = seconds()
+    for _ in 0..<count {
+        let pid = try spawn(program, arguments, stdout: .devNull, stderr: .devNull)
+        cleanup.add(child: pid)
+        let code = waitExit(pid)
+        cleanup.remove(child: pid)
+        guard code == 0 else { throw BenchError("\(program) exited with status \(code)") }
+    }
+    return Double(count) / (seconds() - start)
+}
+
+/// Runs `program arguments` once and returns its stdout (what a human would see), to check
+/// that the call works before timing it; a non-zero exit is an error showing its stderr.
+func runOnce(_ program: String, _ arguments: [String]) throws -> String {
+    let out = try makePipe()
+    let err = try makePipe()
+    let pid: pid_t
+    do {
+        pid = try spawn(program, arguments, stdout: .descriptor(out.write), stderr: .descriptor(err.write))
+    } catch {
+        for fd in [out.read, out.write, err.read, err.write] { close(fd) }
+        throw error
+    }
+    cleanup.add(child: pid)
+    close(out.write)
+    close(err.write)
+    let deadline = MonotonicInstant.now.adding(milliseconds: 15_000)
+    let text = readAll(from: out.read, until: deadline)
+    let errors = readAll(from: err.read, until: deadline)
+    close(out.read)
+    close(err.read)
+    // Reaped here if it has ended; SIGKILLed only if it outlived the deadline.
+    let code: Int32
+    if let done = exitedYet(pid) {
+        code = done
+    } else {
+        kill(pid, SIGKILL)
+        code = waitExit(pid)
+    }
+    cleanup.remove(child: pid)
+    guard code == 0 else { throw BenchError("\(program) \(arguments.joined(separator: " ")) failed (\(code)): \(errors.trimmingSpaces)") }
+    return text.trimmingSpaces
+}
+
+/// One line of the result table: a name, what one operation is, and a run function that
+/// returns operations per second.
+struct Metric {
+    let name: String
+    /// Round trips per operation (1, or 4 for a rule cycle), for the derived round-trip row.
+    let roundTrips: Int
+    let run: () throws -> Double
+    var samples: [Double] = []
+
+    init(_ name: String, roundTrips: Int = 1, run: @escaping () throws -> Double) {
+        self.name = name
+        self.roundTrips = roundTrips
+        self.run = run
+    }
+
+    var value: Double { median(samples) }
+    /// (max − min) / median over the runs, in percent.
+    var spreadPercent: Double { samples.isEmpty ? 0 : (samples.max()! - samples.min()!) / value * 100 }
+}
+
+// MARK: - Formatting
+
+/// `x` with `decimals` digits after the point, right-aligned in `width` columns.
+func fmt(_ x: Double, _ decimals: Int = 1, width: Int = 0) -> String {
+    var text: String
+    if !x.isFinite {
+        text = "-"
+    } else {
+        var scale = 1.0
+        for _ in 0..<decimals { scale *= 10 }
+        let r = (x * scale).rounded() / scale
+        text = decimals == 0 ? String(Int(r)) : String(r)
+        if decimals > 0 {
+            let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+            let frac = parts.count > 1 ? String(parts[1]) : ""
+            text = String(parts[0]) + "." + String((frac + String(repeating: "0", count: decimals)).prefix(decimals))
+        }
+    }
+    return String(repeating: " ", count: max(0, width - text.count)) + text
+}
+
+/// `text` padded with spaces to `width` columns.
+func pad(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
+
+/// A ratio with two decimals, or three significant-ish digits when small.
+func ratio(_ x: Double) -> String { x < 0.1 ? fmt(x, 4, width: 9) : fmt(x, 2, width: 9) }
+
+/// The 1, 5 and 15 minute load averages from /proc/loadavg.
+func loadAverage() -> String { readFile("/proc/loadavg").split(separator: " ").prefix(3).joined(separator: " ") }
+
+/// A reply's arguments in the style of busctl: `true 1 0 ""`.
+func show(_ values: [DBusValue]) -> String {
+    values.map { v -> String in
+        switch v {
+        case .bool(let b): return String(b)
+        case .uint32(let u): return String(u)
+        case .string(let s): return "\"\(s)\""
+        default: return "\(v)"
+        }
+    }.joined(separator: " ")
+}
+
+// MARK: - The benchmark
+
+let busName = "top.passt.Pesto1"
+let tablePath = "/top/passt/Pesto1/tables/host"
+let tableInterface = "top.passt.Pesto1.Table"
+
+/// A one-port TCP rule on 127.0.0.1 as the `a{sv}` the contract's Insert takes.
+func tcpRule(port: UInt16) -> DBusValue {
+    .vardict([("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(port))])
+}
+
+/// Sets up the bus and pestod, measures every metric, and prints the table.
+func runBenchmark(_ settings: Settings) throws {
+    let pestod = try executableDirectory() + "/pestod"
+    guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
+    let fixture = try Fixture.start(pestod: pestod, pestodArguments: settings.pestodLogLevel.map { ["--log-level", $0] } ?? [])
+    defer { fixture.stop() }
+    let address = fixture.address
+    print("pesto D-Bus benchmark: \(settings.runs) runs, \(fmt(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run")
+    print("bus \(address)   pestod pid \(fixture.pestodPID)   \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) CPUs")
+    print("load average at start: \(loadAverage())")
+
+    let client = try DBusConnection(.address(address))
+    // The rule Status reads: active, on a free loopback port.
+    let statusID: UInt32 = 1
+    let statusPort = try freeLoopbackPort()
+    _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: statusPort)])
+    let activated = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(statusID)])
+    let status = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(statusID)])
+    guard status.count == 4, status[0].boolValue == true else { throw BenchError("unexpected Status reply \(status)") }
+    print("status rule \(statusID): tcp 127.0.0.1:\(statusPort), Activate → \(show(activated)), Status → \(show(status))")
+
+    // The rule the cycles insert and delete: another free port, so Activate never conflicts.
+    let cycleID: UInt32 = 2
+    let cyclePort = try freeLoopbackPort()
+    let cycleRule = tcpRule(port: cyclePort)
+    var cycleBindFailures = 0
+    var cycles = 0
+
+    let busctlArgs = [
+        "--address=\(address)", "--timeout=5", "call", busName, tablePath, tableInterface, "Status", "u", String(statusID),
+    ]
+    let gdbusArgs = [
+        "call", "--address", address, "--timeout", "5", "--dest", busName, "--object-path", tablePath,
+        "--method", "\(tableInterface).Status", String(statusID),
+    ]
+    print("busctl says: \(try runOnce("busctl", busctlArgs))")
+    print("gdbus says:  \(try runOnce("gdbus", gdbusArgs))")
+
+    var metrics: [Metric] = [
+        Metric("bus daemon GetId (in-process)") {
+            try callsPerSecond(for: settings.seconds) {
+                _ = try client.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId")
+            }
+        },
+        Metric("pestod Peer.Ping (in-process)") {
+            try callsPerSecond(for: settings.seconds) {
+                _ = try client.call(busName, "/top/passt/Pesto1", "org.freedesktop.DBus.Peer", "Ping")
+            }
+        },
+        Metric("pestod Status (in-process)") {
+            try callsPerSecond(for: settings.seconds) {
+                _ = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(statusID)])
+            }
+        },
+        Metric("pestod Ins+Act+Deact+Del cycles", roundTrips: 4) {
+            try callsPerSecond(for: settings.seconds) {
+                _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(cycleID), cycleRule])
+                let counts = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(cycleID)])
+                if counts != [.uint32(1), .uint32(0)] { cycleBindFailures += 1 }
+                _ = try client.call(busName, tablePath, tableInterface, "Deactivate", [.uint32(cycleID)])
+                _ = try client.call(busName, tablePath, tableInterface, "Delete", [.uint32(cycleID)])
+                cycles += 1
+            }
+        },
+        Metric("busctl Status (1 process/call)") { try spawnsPerSecond(settings.iterations, "busctl", busctlArgs) },
+        Metric("gdbus Status (1 process/call)") { try spawnsPerSecond(settings.iterations, "gdbus", gdbusArgs) },
+        Metric("spawn /bin/true (process floor)") { try spawnsPerSecond(settings.iterations, "/bin/true", []) },
+    ]
+
+    // Warm-up (not measured): page in code, let the bus and pestod grow their buffers.
+    for _ in 0..<200 {
+        _ = try client.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId")
+        _ = try client.call(busName, "/top/passt/Pesto1", "org.freedesktop.DBus.Peer", "Ping")
+        _ = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(statusID)])
+    }
+    for _ in 0..<50 {
+        _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(cycleID), cycleRule])
+        _ = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(cycleID)])
+        _ = try client.call(busName, tablePath, tableInterface, "Deactivate", [.uint32(cycleID)])
+        _ = try client.call(busName, tablePath, tableInterface, "Delete", [.uint32(cycleID)])
+    }
+
+    for run in 0..<settings.runs {
+        for i in metrics.indices { metrics[i].samples.append(try metrics[i].run()) }
+        printError("run \(run + 1)/\(settings.runs) done")
+    }
+    print("load average at end:   \(loadAverage())  (other work on the machine skews every figure; see spread)")
+    let memory = fixture.memory()
+    let logLines = fixture.logLineCount()
+    fixture.stop()
+
+    // The table.
+    let getID = metrics[0].value
+    let busctl = metrics[4].value
+    var rows: [(String, Double, Double)] = []  // name, ops/s, spread %
+    for m in metrics {
+        rows.append((m.name, m.value, m.spreadPercent))
+        if m.roundTrips > 1 {
+            rows.append(("  = round trips (×\(m.roundTrips))", m.value * Double(m.roundTrips), m.spreadPercent))
+        }
+    }
+    print("")
+    print("\(pad("metric", 34))      ops/s     µs/op   ÷ GetId  ÷ busctl  spread")
+    for (name, ops, spread) in rows {
+        print("\(pad(name, 34)) \(fmt(ops, 0, width: 10)) \(fmt(1e6 / ops, 1, width: 9)) \(ratio(ops / getID)) \(ratio(ops / busctl)) \(fmt(spread, 0, width: 6))%")
+    }
+    print("")
+    print("ops/s: median of \(settings.runs) runs; ÷ GetId: ops/s over the bus daemon's own GetId; ÷ busctl: over busctl Status; spread: (max−min)/median")
+    print("rule cycles: \(cycles) in all, \(cycleBindFailures) with Activate ≠ (1 bound, 0 failed); pestod logged \(logLines) lines")
+    let kib = { (k: Int?) in k.map { "\(fmt(Double($0) / 1024, 1)) MiB" } ?? "?" }
+    print("pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))")
+}
+
+installSignalCleanup()
+let settings = Settings.parse(CommandLine.arguments)
+do {
+    try runBenchmark(settings)
+} catch {
+    cleanup.run()
+    printError("pesto-dbus-bench: \(error)")
+    exit(1)
+}
+cleanup.run()

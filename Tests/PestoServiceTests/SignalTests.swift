@@ -1,0 +1,76 @@
+// A match-rule subscriber receives every signal of the contract.
+
+import Foundation
+import PestoEngine
+import PestoTestSupport
+import Testing
+
+@testable import PestoService
+
+@Suite("pestod signals", .serialized)
+struct SignalTests {
+    @Test("InterfacesAdded/Removed, RuleStateChanged, BindFailuresChanged (with a retry), PropertiesChanged")
+    func signals() throws {
+        let f = try PestodFixture(pestodArguments: ["--retry-interval", "50"])
+        let signals = try SignalCollector(address: f.address)
+        let ports = TestSockets.freePorts(2)
+        let p = ports.lowerBound
+        let rulePath = PestoBusNames.rulePath(.host, 7)
+        let host = PestodFixture.hostPath
+
+        try f.table("Insert", [.uint32(7), PestodFixture.rule(p, [("last-port", .uint16(p + 1))])])
+        signals.wait(for: "InterfacesAdded", SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
+        signals.wait(for: "RuleCount 1") { m in
+            m.member == "PropertiesChanged" && m.path == host
+                && m.arguments?[1].vardictValue?.contains { $0.0 == "RuleCount" && $0.1 == .uint32(1) } == true
+        }
+
+        // Hold one port: activation binds 1 of 2, then the retry binds the other once freed.
+        let holder = try #require(TestSockets.bound(port: p + 1))
+        #expect(try f.table("Activate", [.uint32(7)]) == [.uint32(1), .uint32(1)])
+        signals.wait(for: "RuleStateChanged active", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(1), .uint32(1)]))
+        signals.wait(for: "BindFailuresChanged 1", SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(1), .string("EADDRINUSE")]))
+        signals.wait(for: "rule PropertiesChanged") { m in
+            m.member == "PropertiesChanged" && m.path == rulePath
+                && m.arguments?[1].vardictValue?.contains { $0.0 == "BindFailures" && $0.1 == .uint32(1) } == true
+        }
+        close(holder)
+        signals.wait(for: "BindFailuresChanged 0 after retry", SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(0), .string("")]))
+        signals.wait(for: "RuleStateChanged after retry", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(2), .uint32(0)]))
+        #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string("")])
+
+        try f.table("Deactivate", [.uint32(7)])
+        signals.wait(for: "RuleStateChanged inactive", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(false), .uint32(0), .uint32(0)]))
+        try f.table("Delete", [.uint32(7)])
+        signals.wait(for: "InterfacesRemoved", SignalCollector.signal("InterfacesRemoved", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
+
+        // The lock owner is announced too.
+        try f.manager("Lock")
+        signals.wait(for: "LockOwner") { m in
+            m.member == "PropertiesChanged" && m.path == PestodFixture.managerPath
+                && m.arguments?[1].vardictValue?.first?.1 == .string(f.client.uniqueName)
+        }
+        try f.manager("Unlock")
+    }
+
+    @Test("gdbus monitor sees the signals too")
+    func gdbusMonitor() throws {
+        let f = try PestodFixture()
+        let monitor = try Child("/usr/bin/gdbus", ["monitor", "--address", f.address, "--dest", PestoBusNames.busName])
+        // gdbus adds its match rule, then asks who owns the name and prints the answer; the bus
+        // handles one connection's messages in order, so that second line means it is subscribed.
+        #expect(monitor.readLine()?.hasPrefix("Monitoring signals") == true)
+        #expect(monitor.readLine()?.hasPrefix("The name top.passt.Pesto1 is owned by") == true)
+        let port = TestSockets.freePorts(1).lowerBound
+        try f.table("Insert", [.uint32(3), PestodFixture.rule(port)])
+        try f.table("Activate", [.uint32(3)])
+        var lines: [String] = []
+        while let line = monitor.readLine() {
+            lines.append(line)
+            if line.contains("RuleStateChanged") { break }
+        }
+        #expect(lines.contains { $0.contains("InterfacesAdded") })
+        #expect(lines.last?.contains("top.passt.Pesto1.Table.RuleStateChanged (uint32 3, true, uint32 1, uint32 0)") == true)
+        monitor.kill()
+    }
+}
