@@ -201,7 +201,7 @@ EOF
     echo "bus at $printed_addr, pid $bus_pid"
 
     header "Start pestod on it (log: $DEMO_DIR/pestod.log)"
-    echo "$PESTOD --address $ADDR"
+    echo "$PESTOD --address $ADDR --authorize root"
     setsid "$PESTOD" --address "$ADDR" </dev/null >"$DEMO_DIR/pestod.log" 2>&1 &
     PESTOD_PID=$!
     echo "$PESTOD_PID" >"$DEMO_DIR/pestod.pid"

@@ -109,6 +109,39 @@ public final class DBusConnection {
         if dbus_connection_send(raw, message.raw, nil) == 0 { fatalError("libdbus: out of memory") }
     }
 
+    /// Sends a method call and calls `replyHandler` on the loop thread with its reply (an
+    /// error message on failure, including libdbus's own NoReply after `timeoutMilliseconds`).
+    public func send(_ message: DBusMessage, timeoutMilliseconds: Int32 = 25_000, replyHandler: @escaping (DBusMessage) -> Void) {
+        var pending: OpaquePointer?
+        guard dbus_connection_send_with_reply(raw, message.raw, &pending, timeoutMilliseconds) != 0 else {
+            fatalError("libdbus: out of memory")
+        }
+        guard let pending else {
+            // Disconnected: libdbus gives no pending call. Answer as the bus would.
+            let m = DBusMessage(owning: dbus_message_new_error(message.raw, DBusErrorReply.failed, "not connected")!)
+            replyHandler(m)
+            return
+        }
+        let box = Unmanaged.passRetained(ReplyBox(replyHandler)).toOpaque()
+        let set = dbus_pending_call_set_notify(
+            pending,
+            { call, data in
+                guard let call, let data else { return }
+                let box = Unmanaged<ReplyBox>.fromOpaque(data).takeUnretainedValue()
+                if let reply = dbus_pending_call_steal_reply(call) { box.handler(DBusMessage(owning: reply)) }
+                dbus_pending_call_unref(call)
+            },
+            box,
+            { data in if let data { Unmanaged<ReplyBox>.fromOpaque(data).release() } })
+        if set == 0 { fatalError("libdbus: out of memory") }
+    }
+
+    /// Holds a reply handler for libdbus's C callback.
+    private final class ReplyBox {
+        let handler: (DBusMessage) -> Void
+        init(_ handler: @escaping (DBusMessage) -> Void) { self.handler = handler }
+    }
+
     /// Writes everything queued (blocking).
     public func flush() { dbus_connection_flush(raw) }
 
@@ -120,7 +153,13 @@ public final class DBusConnection {
         dbus_error_init(&error)
         defer { dbus_error_free(&error) }
         guard let reply = dbus_connection_send_with_reply_and_block(raw, message.raw, timeoutMilliseconds, &error) else {
-            throw Self.take(&error, "no reply")
+            // An error reply (or libdbus's own NoReply/Disconnected): name and message as sent.
+            if dbus_error_is_set(&error) != 0 {
+                throw DBusErrorReply(
+                    error.name.map { String(cString: $0) } ?? DBusErrorReply.failed,
+                    error.message.map { String(cString: $0) } ?? "")
+            }
+            throw DBusErrorReply(DBusErrorReply.failed, "no reply")
         }
         return DBusMessage(owning: reply)
     }

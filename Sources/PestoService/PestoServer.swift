@@ -39,6 +39,8 @@ public final class PestoServer {
     var journal = Journal()
     /// Called after every commit (explicit, or the implicit one of a call made without the lock).
     public var onCommit: (() -> Void)?
+    /// Checks callers of mutating methods; nil lets everyone change the tables.
+    public var authorizer: (any Authorizer)?
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
@@ -81,6 +83,23 @@ public final class PestoServer {
 
     // MARK: Incoming messages
 
+    /// What a method call leads to.
+    enum CallOutcome {
+        /// Answer right away.
+        case reply([DBusValue])
+        /// A change: authorise the caller, then run it (it checks the lock itself) and answer.
+        case change(() throws(DBusErrorReply) -> [DBusValue])
+    }
+
+    /// A change waiting for its authorisation.
+    private struct PendingChange {
+        let message: DBusMessage
+        let run: () throws(DBusErrorReply) -> [DBusValue]
+    }
+
+    /// Changes waiting for authorisation, oldest first; only the first is being checked.
+    private var pendingChanges: [PendingChange] = []
+
     /// Handles one incoming message; false lets libdbus answer (unknown method).
     func handle(_ message: DBusMessage) -> Bool {
         if message.isSignal {
@@ -88,15 +107,47 @@ public final class PestoServer {
             return false
         }
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
-        let result: [DBusValue]
         do {
-            result = try dispatch(message, path: path, member: member)
+            switch try dispatch(message, path: path, member: member) {
+            case .reply(let values):
+                answer(message, values)
+            case .change(let run):
+                guard authorizer != nil else {
+                    answer(message, try run())
+                    return true
+                }
+                pendingChanges.append(PendingChange(message: message, run: run))
+                if pendingChanges.count == 1 { authorizeNextChange() }
+            }
         } catch {
             if !message.noReply { connection.send(message.errorReply(error)) }
-            return true
         }
-        if !message.noReply { connection.send(message.reply(result)) }
         return true
+    }
+
+    /// Sends a method reply unless the caller asked for none.
+    private func answer(_ message: DBusMessage, _ values: [DBusValue]) {
+        if !message.noReply { connection.send(message.reply(values)) }
+    }
+
+    /// Asks the authorizer about the oldest pending change; runs or refuses it, then the next.
+    private func authorizeNextChange() {
+        guard let first = pendingChanges.first, let authorizer else { return }
+        let m = first.message
+        authorizer.authorize(
+            sender: m.sender ?? "", action: PestoActions.modify, interactive: m.allowsInteractiveAuthorization
+        ) { [unowned self] refusal in
+            let change = self.pendingChanges.removeFirst()
+            if let refusal {
+                self.logger.notice("\(m.member ?? "?") by \(m.sender ?? "?") refused: \(refusal.message)")
+                if !m.noReply { self.connection.send(m.errorReply(refusal)) }
+            } else {
+                do { self.answer(m, try change.run()) } catch {
+                    if !m.noReply { self.connection.send(m.errorReply(error)) }
+                }
+            }
+            self.authorizeNextChange()
+        }
     }
 
     private func handleSignal(_ message: DBusMessage) {
@@ -118,8 +169,9 @@ public final class PestoServer {
         }
     }
 
-    /// Resolves the object and interface of a call and runs it.
-    private func dispatch(_ message: DBusMessage, path: String, member: String) throws(DBusErrorReply) -> [DBusValue] {
+    /// Resolves the object and interface of a call, checks its arguments, and runs it (reads)
+    /// or returns the change to run once the caller is authorised.
+    private func dispatch(_ message: DBusMessage, path: String, member: String) throws(DBusErrorReply) -> CallOutcome {
         guard let object = ObjectTree.resolve(path, engine: engine) else {
             throw DBusErrorReply(DBusErrorReply.unknownObject, "No object at \(path).")
         }
@@ -148,14 +200,19 @@ public final class PestoServer {
 
         switch (spec.name, object) {
         case (PestoInterfaces.introspectable.name, _):
-            return [.string(introspectionXML(interfaces: interfaces, children: object.children(engine: engine)))]
+            return .reply([.string(introspectionXML(interfaces: interfaces, children: object.children(engine: engine)))])
         case (PestoInterfaces.properties.name, _):
-            return try propertiesCall(object, member: member, args: args)
+            return .reply(try propertiesCall(object, member: member, args: args))
         case (PestoInterfaces.objectManager.name, _):
-            return [managedObjects()]
+            return .reply([managedObjects()])
+        case (PestoInterfaces.manager.name, _) where member == "Lock":
+            return .change { () throws(DBusErrorReply) in
+                try self.managerCall(member, sender: sender)
+                return []
+            }
         case (PestoInterfaces.manager.name, _):
             try managerCall(member, sender: sender)
-            return []
+            return .reply([])
         case (PestoInterfaces.table.name, .table(let kind)):
             return try tableCall(kind, member: member, args: args, sender: sender)
         default:

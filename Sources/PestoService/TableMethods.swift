@@ -3,8 +3,9 @@
 import PestoEngine
 
 extension PestoServer {
-    /// Runs a Table method; the arguments' signature has been checked already.
-    func tableCall(_ kind: TableKind, member: String, args: [DBusValue], sender: String) throws(DBusErrorReply) -> [DBusValue] {
+    /// Runs a Table read, or decodes a Table change and returns it to run once authorised;
+    /// the arguments' signature has been checked already.
+    func tableCall(_ kind: TableKind, member: String, args: [DBusValue], sender: String) throws(DBusErrorReply) -> CallOutcome {
         let t: ForwardingTable
         do { t = try table(kind) } catch { throw DBusErrorReply(error) }
         let id = args.first?.uint32Value ?? 0
@@ -12,16 +13,17 @@ extension PestoServer {
             switch member {
             case "Status":
                 let s = try t.status(id)
-                return [.bool(s.active), .uint32(s.bound), .uint32(s.failed), .string(s.lastErrorName)]
+                return .reply([.bool(s.active), .uint32(s.bound), .uint32(s.failed), .string(s.lastErrorName)])
             case "Read":
-                return [RuleCodec.encode(try t.read(id))]
+                return .reply([RuleCodec.encode(try t.read(id))])
             case "ReadIndex":
                 let (ruleID, rule) = try t.read(atIndex: Int(id))
-                return [.uint32(ruleID), RuleCodec.encode(rule)]
+                return .reply([.uint32(ruleID), RuleCodec.encode(rule)])
             case "List":
-                return [.array(element: "(ua{sv}(buus))", t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })]
+                return .reply([.array(element: "(ua{sv}(buus))", t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })])
             case "Apply":
-                return [try apply(kind, args: args, sender: sender)]
+                let request = try ApplyRequest(args)
+                return .change { () throws(DBusErrorReply) in [try self.apply(kind, request, sender: sender)] }
             default:
                 break
             }
@@ -33,27 +35,61 @@ extension PestoServer {
             throw DBusErrorReply(DBusErrorReply.failed, "\(error)")
         }
 
-        // Single mutating operations: decode, check the lock, perform, record.
+        // Single changes: decode now; check the lock, perform and record once authorised.
         let op: TableOperation
         switch member {
         case "Insert": op = .insert(kind, id, try RuleCodec.decode(args[1]))
-        case "Delete": op = .delete(kind, id, (try? t.read(id)) ?? Rule(proto: .tcp, firstPort: 1))
+        case "Delete": op = .delete(kind, id, Rule(proto: .tcp, firstPort: 1))  // the stored rule is read when it runs
         case "Activate": op = .activate(kind, id)
         case "Deactivate": op = .deactivate(kind, id)
         default: throw DBusErrorReply(DBusErrorReply.unknownMethod, "No method \(member).")
         }
+        return .change { () throws(DBusErrorReply) in try self.change(op, member: member, sender: sender) }
+    }
+
+    /// Performs one single-rule change for `sender`, journaled under the lock.
+    private func change(_ requested: TableOperation, member: String, sender: String) throws(DBusErrorReply) -> [DBusValue] {
         try checkMayModify(sender)
+        var op = requested
+        if case .delete(let kind, let id, _) = op, let rule = try? table(kind).read(id) {
+            op = .delete(kind, id, rule)  // the journal needs the rule to undo the delete
+        }
         let counts: ForwardingTable.BindCounts?
         do { counts = try perform(op) } catch {
-            logger.info("\(member) \(kind.rawValue)/\(id) by \(sender) refused: \(error.message)")
+            logger.info("\(member) \(op) by \(sender) refused: \(error.message)")
             throw DBusErrorReply(error)
         }
         var performed = Journal()
         performed.record(op)
         finish(performed, sender: sender)
-        logger.info("\(member) \(kind.rawValue)/\(id) by \(sender)\(counts.map { ": \($0.bound) bound, \($0.failed) failed" } ?? "")")
+        logger.info("\(member) by \(sender)\(counts.map { ": \($0.bound) bound, \($0.failed) failed" } ?? ""): \(op)")
         if let counts { return [.uint32(counts.bound), .uint32(counts.failed)] }
         return []
+    }
+
+    /// A decoded Apply call.
+    struct ApplyRequest {
+        var inserts: [(UInt32, Rule)] = []
+        var removes: [UInt32] = []
+        var options: ApplyOptions
+
+        /// Decodes Apply's arguments (signature `a(ua{sv})aua{sv}`, already checked).
+        init(_ args: [DBusValue]) throws(DBusErrorReply) {
+            for item in args[0].arrayValue ?? [] {
+                guard let fields = item.structValue, fields.count == 2, let id = fields[0].uint32Value else {
+                    throw .invalidArgs("Each inserted rule must be (ua{sv}).")
+                }
+                if inserts.contains(where: { $0.0 == id }) {
+                    throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
+                }
+                inserts.append((id, try RuleCodec.decode(fields[1])))
+            }
+            for item in args[1].arrayValue ?? [] {
+                guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
+                if !removes.contains(id) { removes.append(id) }
+            }
+            options = try ApplyOptions(args[2])
+        }
     }
 
     /// Apply's options.
@@ -86,24 +122,8 @@ extension PestoServer {
     /// Step 2 is narrower than the seed's "deactivate all removed rules" on purpose: a removed
     /// rule that does not overlap a new one keeps its sockets until the update is known to
     /// succeed, so a rolled-back Apply never closes and reopens it (peers see nothing).
-    private func apply(_ kind: TableKind, args: [DBusValue], sender: String) throws(DBusErrorReply) -> DBusValue {
-        // Decode everything before touching anything.
-        var inserts: [(UInt32, Rule)] = []
-        for item in args[0].arrayValue ?? [] {
-            guard let fields = item.structValue, fields.count == 2, let id = fields[0].uint32Value else {
-                throw .invalidArgs("Each inserted rule must be (ua{sv}).")
-            }
-            if inserts.contains(where: { $0.0 == id }) {
-                throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
-            }
-            inserts.append((id, try RuleCodec.decode(fields[1])))
-        }
-        var removes: [UInt32] = []
-        for item in args[1].arrayValue ?? [] {
-            guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
-            if !removes.contains(id) { removes.append(id) }
-        }
-        let options = try ApplyOptions(args[2])
+    private func apply(_ kind: TableKind, _ request: ApplyRequest, sender: String) throws(DBusErrorReply) -> DBusValue {
+        let (inserts, removes, options) = (request.inserts, request.removes, request.options)
         try checkMayModify(sender)
 
         let t: ForwardingTable

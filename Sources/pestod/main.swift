@@ -12,12 +12,13 @@ struct Pestod: ParsableCommand {
         commandName: "pestod",
         abstract: "Keep a live port-forwarding table and change it without disturbing peers.",
         discussion: """
-            pestod owns the bus name top.passt.Pesto1 and publishes its forwarding tables at
-            /top/passt/Pesto1 (see the D-Bus API reference). Rules are inserted inactive,
-            activated (bind + listen) and deactivated (close) one at a time, so changing one
-            rule never touches the sockets of another. Failed binds are retried every second.
-            It stops cleanly on SIGTERM, SIGINT or SIGHUP, closing every listening socket.
-            Readiness is reported with sd_notify READY=1 when $NOTIFY_SOCKET is set.
+            pestod owns the bus name top.passt.Pesto1 and publishes its forwarding tables at /top/passt/Pesto1 \
+            (see doc/dbus-api.md). Rules are inserted inactive, activated (bind + listen) and deactivated \
+            (close) one at a time, so changing one rule never touches the sockets of another. Failed binds \
+            are retried every second.
+
+            pestod stops cleanly on SIGTERM, SIGINT or SIGHUP, closing every listening socket. It reports \
+            readiness with sd_notify READY=1 when $NOTIFY_SOCKET is set, and logs to stderr.
             """,
         version: PestoBusNames.version)
 
@@ -42,6 +43,11 @@ struct Pestod: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     var logLevel = "info"
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Who may change the tables: root (only uid 0; the default on the system bus) or none (everyone who can reach the bus; the default elsewhere).",
+        valueName: "mode"))
+    var authorize: String?
+
     @Flag(name: .long, help: "Print the D-Bus interface XML of the contract (dbus/top.passt.Pesto1.xml) and exit.")
     var printIntrospection = false
 
@@ -55,6 +61,9 @@ struct Pestod: ParsableCommand {
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
+        if let authorize, AuthorizationMode(rawValue: authorize) == nil {
+            throw ValidationError("--authorize must be one of: \(AuthorizationMode.allCases.map(\.rawValue).joined(separator: ", ")).")
+        }
     }
 
     func run() throws {
@@ -81,6 +90,9 @@ struct Pestod: ParsableCommand {
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
             let connection = try DBusConnection(bus)
             let server = PestoServer(engine: engine, connection: connection, logger: logger)
+            let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (address == nil && !session ? .root : .none)
+            if mode == .root { server.authorizer = RootOnlyAuthorizer(connection: connection) }
+            logger.info("authorisation of changes: \(mode.rawValue)")
             try server.start()
             engine.start()
             SystemdNotify.send("READY=1")

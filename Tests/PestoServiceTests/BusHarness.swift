@@ -32,7 +32,8 @@ final class TemporaryDirectory {
     let url: URL
     init() throws {
         url = FileManager.default.temporaryDirectory.appendingPathComponent("pesto-test-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        // Readable by all: tests run clients as an unprivileged user against a bus socket here.
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
     }
     deinit { try? FileManager.default.removeItem(at: url) }
 }
