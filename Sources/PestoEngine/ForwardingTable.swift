@@ -82,8 +82,10 @@ public struct RuleStateChange: Hashable, Sendable {
     public enum Cause: Hashable, Sendable {
         case activated
         case deactivated
-        /// A retry (or, for scan rules, a scan) changed the bound or failed counts.
+        /// A retry changed the bound or failed counts.
         case retried
+        /// A scan of the target side changed which ports a scan rule listens on.
+        case scanned
     }
 
     /// The rule's ID.
@@ -112,6 +114,8 @@ public final class ForwardingTable {
     public let limits: TableLimits
     /// Called after every state change of a rule.
     public var onStateChange: ((RuleStateChange) -> Void)?
+    /// Told about every listening socket opened and closed (the engine polls them).
+    public weak var listenerObserver: (any ListenerObserver)?
 
     private let factory: any ListenerFactory
     private var entries: [Entry] = []
@@ -152,8 +156,23 @@ public final class ForwardingTable {
 
     deinit {
         for entry in entries {
-            for fd in entry.sockets?.slots ?? [] where fd >= 0 { factory.closeListener(fd) }
+            for fd in entry.sockets?.slots ?? [] where fd >= 0 { closeListener(fd) }
         }
+    }
+
+    /// Opens one listener through the factory and tells the observer.
+    private func openListener(_ id: UInt32, _ rule: Rule, _ port: UInt16) -> Result<Int32, Errno> {
+        let result = factory.openListener(for: rule, port: port)
+        if case .success(let fd) = result {
+            listenerObserver?.listenerOpened(fd: fd, table: kind, ruleID: id, rule: rule, port: port)
+        }
+        return result
+    }
+
+    /// Tells the observer, then closes one listener.
+    private func closeListener(_ fd: Int32) {
+        listenerObserver?.listenerClosed(fd: fd)
+        factory.closeListener(fd)
     }
 
     // MARK: Reading
@@ -285,7 +304,7 @@ public final class ForwardingTable {
                     sockets.lastError = exhausted
                     continue
                 }
-                switch factory.openListener(for: rule, port: rule.firstPort + UInt16(k)) {
+                switch openListener(id, rule, rule.firstPort + UInt16(k)) {
                 case .success(let fd):
                     sockets.slots[k] = fd
                     sockets.bound += 1
@@ -311,7 +330,7 @@ public final class ForwardingTable {
         guard let sockets = entries[i].sockets else {
             throw PestoError(.ruleInactive, "Rule \(id) of the \(kind.name) table is not active.")
         }
-        for fd in sockets.slots where fd >= 0 { factory.closeListener(fd) }
+        for fd in sockets.slots where fd >= 0 { closeListener(fd) }
         entries[i].sockets = nil
         openSockets -= Int(sockets.bound)
         activeCount -= 1
@@ -332,7 +351,7 @@ public final class ForwardingTable {
             var sockets = before
             var stop = false
             for k in sockets.slots.indices where sockets.slots[k] == Self.failedSlot {
-                switch factory.openListener(for: rule, port: rule.firstPort + UInt16(k)) {
+                switch openListener(entries[i].id, rule, rule.firstPort + UInt16(k)) {
                 case .success(let fd):
                     sockets.slots[k] = fd
                     sockets.bound += 1
@@ -357,4 +376,62 @@ public final class ForwardingTable {
         }
         return changed
     }
+
+    /// The IDs of the active scan rules with their ranges, for the scanner.
+    public var activeScanRules: [(id: UInt32, rule: Rule)] {
+        entries.filter { $0.rule.scan && $0.sockets != nil }.map { ($0.id, $0.rule) }
+    }
+
+    /// Makes scan rule `id` listen on exactly the ports of its range for which `wanted` is
+    /// true: opens the newly wanted ones (failures are counted and retried like any other)
+    /// and closes the ones no longer wanted. Reports a change to `onStateChange`.
+    /// - Returns: true when the rule's sockets changed.
+    @discardableResult
+    public func updateScan(id: UInt32, wanted: (UInt16) -> Bool) -> Bool {
+        let (i, found) = search(id)
+        guard found, entries[i].rule.scan, let before = entries[i].sockets else { return false }
+        let rule = entries[i].rule
+        var sockets = before
+        var changed = false
+        for k in sockets.slots.indices {
+            let port = rule.firstPort + UInt16(k)
+            let slot = sockets.slots[k]
+            if wanted(port) {
+                guard slot == Self.unwantedSlot else { continue }
+                changed = true
+                switch openListener(id, rule, port) {
+                case .success(let fd):
+                    sockets.slots[k] = fd
+                    sockets.bound += 1
+                case .failure(let e):
+                    sockets.slots[k] = Self.failedSlot
+                    sockets.failed += 1
+                    sockets.lastError = e
+                }
+            } else if slot != Self.unwantedSlot {
+                changed = true
+                if slot >= 0 {
+                    closeListener(slot)
+                    sockets.bound -= 1
+                } else {
+                    sockets.failed -= 1
+                }
+                sockets.slots[k] = Self.unwantedSlot
+            }
+        }
+        guard changed else { return false }
+        if sockets.failed == 0 { sockets.lastError = nil }
+        entries[i].sockets = sockets
+        openSockets += Int(sockets.bound) - Int(before.bound)
+        onStateChange?(RuleStateChange(id: id, status: sockets.status, cause: .scanned, failuresChanged: sockets.failed != before.failed))
+        return true
+    }
+}
+
+/// Learns about every listening socket a table opens or closes.
+public protocol ListenerObserver: AnyObject {
+    /// `fd` now listens on `port` for rule `ruleID` of table `table`.
+    func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16)
+    /// `fd` is about to be closed.
+    func listenerClosed(fd: Int32)
 }

@@ -1,0 +1,65 @@
+// ForwardTarget: where the traffic arriving on one listening socket goes, and the side of
+// the namespace boundary where outgoing sockets are made.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The event kinds of the engine's epoll sources (see EventLoop's theory of operation).
+public enum EngineEventKind {
+    /// libdbus watches (the service's bus connection).
+    public static let dbus = EventLoop.Kind(1)
+    /// A TCP listening socket of an active rule.
+    public static let tcpListener = EventLoop.Kind(2)
+    /// One end of a relayed TCP connection; the index is the connection's slot.
+    public static let tcpConnection = EventLoop.Kind(3)
+    /// A UDP socket of an active rule.
+    public static let udpListener = EventLoop.Kind(4)
+    /// The connected socket of a UDP flow towards the target; the index is the flow's slot.
+    public static let udpFlow = EventLoop.Kind(5)
+}
+
+/// Where traffic that arrives on one listening port goes.
+///
+/// Copied into each connection or flow when it starts, so a relay keeps working after its
+/// rule is deactivated or deleted.
+public struct ForwardTarget: Hashable, Sendable {
+    /// The table and rule the listener belongs to (for logs and counters).
+    public var table: TableKind
+    public var ruleID: UInt32
+    /// TCP or UDP.
+    public var proto: TransportProtocol
+    /// The destination address; nil means the loopback address of the peer's family on the
+    /// target side.
+    public var address: IPAddress?
+    /// The destination port.
+    public var port: UInt16
+
+    public init(table: TableKind, ruleID: UInt32, proto: TransportProtocol, address: IPAddress?, port: UInt16) {
+        self.table = table
+        self.ruleID = ruleID
+        self.proto = proto
+        self.address = address
+        self.port = port
+    }
+
+    /// The destination for a peer of `peerFamily` (the default is that family's loopback).
+    public func destination(peerFamily: AddressFamily) -> SocketAddress {
+        let ip = address ?? (peerFamily == .ipv4 ? .loopbackIPv4 : .loopbackIPv6)
+        return SocketAddress(ip, port: port)
+    }
+}
+
+/// The side where outgoing sockets are made: the host, or a target network namespace.
+public final class TargetSide {
+    /// The namespace, or nil for pestod's own.
+    public let namespace: NetworkNamespace?
+
+    public init(namespace: NetworkNamespace?) { self.namespace = namespace }
+
+    /// A non-blocking, close-on-exec socket on this side.
+    public func socket(domain: Int32, type: Int32) -> Result<Int32, Errno> {
+        if let namespace { return namespace.perform { Sys.socket(domain: domain, type: type) } }
+        return Sys.socket(domain: domain, type: type)
+    }
+}

@@ -1,0 +1,84 @@
+// NetworkNamespace: making sockets inside another network namespace from the loop thread.
+//
+// A socket keeps the network namespace it was created in, whatever thread uses it later.
+// So the loop thread creates a socket for a namespace by entering it with setns(2),
+// calling socket() (and, for listeners, bind/listen), and returning to its own namespace
+// at once. Only CLONE_NEWNET is entered, which is allowed in a multi-threaded process;
+// the loop thread is a dedicated thread (never a pooled one), as setns requires.
+
+import CPestoSys
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A network namespace the engine can create sockets in (and the one it came from).
+public final class NetworkNamespace {
+    /// The path it was opened from (`/run/netns/NAME`, `/proc/PID/ns/net`).
+    public let path: String
+    private let targetFD: Int32
+    private let homeFD: Int32
+
+    /// Opens the namespace at `path` and remembers the calling thread's own.
+    public init(path: String) throws(PestoError) {
+        self.path = path
+        let target = open(path, O_RDONLY | O_CLOEXEC)
+        guard target >= 0 else {
+            throw PestoError(.system, "Cannot open the network namespace \(path).", underlyingError: .current)
+        }
+        let home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
+        guard home >= 0 else {
+            let e = Errno.current
+            close(target)
+            throw PestoError(.system, "Cannot open this thread's network namespace.", underlyingError: e)
+        }
+        targetFD = target
+        homeFD = home
+        // Prove now, not on the first connection, that we may enter it.
+        if pesto_setns(targetFD, Int32(PESTO_CLONE_NEWNET)) != 0 {
+            let e = Errno.current
+            close(target)
+            close(home)
+            throw PestoError(.system, "Cannot enter the network namespace \(path) (is it one, and are we allowed?).", underlyingError: e)
+        }
+        enterHome()
+    }
+
+    deinit {
+        close(targetFD)
+        close(homeFD)
+    }
+
+    private func enterHome() {
+        // Returning to the namespace we came from cannot fail unless the process is broken.
+        precondition(pesto_setns(homeFD, Int32(PESTO_CLONE_NEWNET)) == 0, "cannot return to the home network namespace: \(Errno.current)")
+    }
+
+    /// Runs `body` inside the namespace, on this thread, and comes back.
+    public func perform<T>(_ body: () -> T) -> T {
+        guard pesto_setns(targetFD, Int32(PESTO_CLONE_NEWNET)) == 0 else {
+            // The namespace fd is held open, so the namespace cannot vanish; EPERM after a
+            // successful first entry would mean our capabilities were taken away.
+            preconditionFailure("cannot enter the network namespace \(path): \(Errno.current)")
+        }
+        defer { enterHome() }
+        return body()
+    }
+}
+
+/// A listener factory that opens its sockets inside a network namespace.
+public struct NamespacedListenerFactory: ListenerFactory {
+    let namespace: NetworkNamespace
+    let inner: KernelListenerFactory
+
+    public init(namespace: NetworkNamespace, families: Capabilities) {
+        self.namespace = namespace
+        inner = KernelListenerFactory(families: families)
+    }
+
+    public func openListener(for rule: Rule, port: UInt16) -> Result<Int32, Errno> {
+        namespace.perform { inner.openListener(for: rule, port: port) }
+    }
+
+    public func closeListener(_ fd: Int32) { inner.closeListener(fd) }
+}
