@@ -60,14 +60,17 @@ final class Child {
 
     var pid: Int32 { process.processIdentifier }
 
-    /// Reads stdout up to the next newline (blocking; the children always answer).
-    func readLine() -> String? {
+    /// Reads stdout up to the next newline; nil at end of file or after `timeoutMilliseconds`
+    /// (default: wait as long as it takes; the children always answer).
+    func readLine(timeoutMilliseconds: Int32 = -1) -> String? {
         while true {
             if let nl = buffered.firstIndex(of: 0x0A) {
                 let line = String(decoding: buffered[buffered.startIndex..<nl], as: UTF8.self)
                 buffered.removeSubrange(buffered.startIndex...nl)
                 return line
             }
+            var pfd = pollfd(fd: stdout.fileHandleForReading.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            if poll(&pfd, 1, timeoutMilliseconds) != 1 { return nil }
             let chunk = stdout.fileHandleForReading.availableData
             if chunk.isEmpty { return nil }
             buffered.append(chunk)

@@ -57,10 +57,22 @@ struct SignalTests {
     func gdbusMonitor() throws {
         let f = try PestodFixture()
         let monitor = try Child("/usr/bin/gdbus", ["monitor", "--address", f.address, "--dest", PestoBusNames.busName])
-        // gdbus adds its match rule, then asks who owns the name and prints the answer; the bus
-        // handles one connection's messages in order, so that second line means it is subscribed.
         #expect(monitor.readLine()?.hasPrefix("Monitoring signals") == true)
         #expect(monitor.readLine()?.hasPrefix("The name top.passt.Pesto1 is owned by") == true)
+        // gdbus filters signals by the owner's unique name, which it learns asynchronously, so
+        // its first signals can be lost. Readiness handshake: insert and delete probe rules
+        // until gdbus prints one of them.
+        var probe: UInt32 = 1000
+        var subscribed = false
+        while !subscribed && probe < 1020 {
+            try f.table("Insert", [.uint32(probe), PestodFixture.rule(1)])
+            try f.table("Delete", [.uint32(probe)])
+            while let line = monitor.readLine(timeoutMilliseconds: 500) {
+                if line.contains("rules/\(probe)") { subscribed = true }
+            }
+            probe += 1
+        }
+        #expect(subscribed, "gdbus monitor never showed a probe signal")
         let port = TestSockets.freePorts(1).lowerBound
         try f.table("Insert", [.uint32(3), PestodFixture.rule(port)])
         try f.table("Activate", [.uint32(3)])
