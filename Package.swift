@@ -54,6 +54,11 @@ let package = Package(
             dependencies: ["PestoEngine", "PestoService"],
             path: "Benchmarks/DBusBenchmark"
         ),
+        .executableTarget(
+            name: "pesto-loadgen",
+            dependencies: ["PestoEngine", "CPestoSys"],
+            path: "Benchmarks/LoadGenerator"
+        ),
         // Socket helpers shared by the test targets.
         .target(name: "PestoTestSupport", dependencies: ["PestoEngine", "CPestoSys"], path: "Tests/PestoTestSupport"),
         .testTarget(name: "PestoEngineTests", dependencies: ["PestoEngine", "CPestoSys", "PestoTestSupport"]),

@@ -308,3 +308,39 @@ func freeLoopbackPort() throws -> UInt16 {
     guard ok else { throw BenchError("cannot find a free loopback port: errno \(errno)") }
     return UInt16(bigEndian: sa.sin_port)
 }
+
+// MARK: - CPU affinity
+
+/// `sched_getaffinity`/`sched_setaffinity` have the signature below; Swift's Glibc module is
+/// built without _GNU_SOURCE and does not declare them (PLATFORM-NOTES §4), and this target
+/// has no C shim of its own, so they are looked up in the already-loaded C library with dlsym.
+private typealias AffinityCall = @convention(c) (pid_t, Int, UnsafeMutableRawPointer?) -> Int32
+
+/// The C library's `name` (one of the two affinity calls), or nil if it cannot be found.
+private func affinityCall(_ name: String) -> AffinityCall? {
+    guard let symbol = dlsym(nil, name) else { return nil }  // nil handle = RTLD_DEFAULT
+    return unsafeBitCast(symbol, to: AffinityCall.self)
+}
+
+/// The CPUs this process may run on, lowest first (empty when unknown).
+func allowedCPUs() -> [Int] {
+    guard let get = affinityCall("sched_getaffinity") else { return [] }
+    var set = cpu_set_t()
+    let size = MemoryLayout<cpu_set_t>.size
+    guard withUnsafeMutableBytes(of: &set, { get(0, size, $0.baseAddress) }) == 0 else { return [] }
+    return withUnsafeBytes(of: &set) { raw in
+        (0..<(size * 8)).filter { raw[$0 / 8] & (1 << UInt8($0 % 8)) != 0 }
+    }
+}
+
+/// Pins this process (and so every child it spawns later, which inherits the mask) to `cpu`.
+func pin(toCPU cpu: Int) throws {
+    guard let set = affinityCall("sched_setaffinity") else { throw BenchError("sched_setaffinity not found in the C library") }
+    var mask = cpu_set_t()
+    let size = MemoryLayout<cpu_set_t>.size
+    guard cpu >= 0, cpu < size * 8 else { throw BenchError("no CPU \(cpu)") }
+    withUnsafeMutableBytes(of: &mask) { $0[cpu / 8] = 1 << UInt8(cpu % 8) }
+    guard withUnsafeMutableBytes(of: &mask, { set(0, size, $0.baseAddress) }) == 0 else {
+        throw BenchError("cannot pin to CPU \(cpu): errno \(errno)")
+    }
+}

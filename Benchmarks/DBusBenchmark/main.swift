@@ -26,6 +26,13 @@
 // processes. Every figure is the median of --runs runs, and the runs are interleaved (run 1
 // of every metric, then run 2, ...) so slow drift of the machine hits all metrics alike.
 //
+// CPU pinning: a synchronous round trip is a chain of wake-ups (client → daemon → pestod →
+// daemon → client). On a VM, a wake-up that crosses vCPUs costs tens of µs more than one on
+// the same CPU, and where the scheduler puts the three processes changes from run to run, so
+// unpinned figures jump between two levels (seen here: GetId 13k or 31k/s). By default the
+// benchmark therefore pins itself to one CPU before spawning anything (children inherit the
+// mask): the figures then measure CPU cost, stably. `--cpu none` measures the unpinned case.
+//
 // Set-up without sleeping: dbus-daemon (--nofork, a temp-dir config with a unix:path socket
 // and a permissive policy) prints its address on a pipe we read; pestod (the release build next
 // to this binary) gets NOTIFY_SOCKET, a datagram socket we bind in the temp dir, and sends
@@ -48,15 +55,23 @@ struct Settings {
     var seconds = 1.0
     var iterations = 200
     var pestodLogLevel: String?
+    var verbose = false
+    /// The CPU every process is pinned to; nil: not pinned. Default: the first allowed CPU.
+    var cpu: Int? = allowedCPUs().first
 
     static let usage = """
-        usage: pesto-dbus-bench [--runs N] [--seconds S] [--iterations N] [--pestod-log-level LEVEL]
+        usage: pesto-dbus-bench [--runs N] [--seconds S] [--iterations N] [--pestod-log-level LEVEL] [--cpu N|none] [--verbose]
           --runs N          runs per metric; each figure is their median (default 5)
           --seconds S       length of one run of an in-process metric (default 1)
           --iterations N    processes per run of the busctl, gdbus and /bin/true metrics (default 200)
           --pestod-log-level LEVEL
                             pestod's --log-level (default: pestod's own, info, which logs every
                             mutating call; its log goes to a file in the temp dir)
+          --cpu N|none      pin the benchmark, dbus-daemon, pestod and the tools to CPU N
+                            (default: the first CPU allowed), or do not pin them; unpinned,
+                            round trips that cross CPUs are much slower on some VMs and the
+                            figures jump between two levels from run to run
+          --verbose         also print every run's figure
         """
 
     /// Parses the arguments; prints usage and exits on -h or a bad argument.
@@ -84,6 +99,16 @@ struct Settings {
                 s.iterations = n
             case "--pestod-log-level":
                 s.pestodLogLevel = value(arg)
+            case "--cpu":
+                let v = value(arg)
+                if v == "none" {
+                    s.cpu = nil
+                } else {
+                    guard let n = Int(v), n >= 0 else { bad("--cpu wants a CPU number or none") }
+                    s.cpu = n
+                }
+            case "-v", "--verbose":
+                s.verbose = true
             case "-h", "--help":
                 print(usage)
                 exit(0)
@@ -243,12 +268,13 @@ func tcpRule(port: UInt16) -> DBusValue {
 func runBenchmark(_ settings: Settings) throws {
     let pestod = try executableDirectory() + "/pestod"
     guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
+    if let cpu = settings.cpu { try pin(toCPU: cpu) }  // before any child is spawned: they inherit it
     let fixture = try Fixture.start(pestod: pestod, pestodArguments: settings.pestodLogLevel.map { ["--log-level", $0] } ?? [])
     defer { fixture.stop() }
     let address = fixture.address
     print("pesto D-Bus benchmark: \(settings.runs) runs, \(fmt(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run")
     print("bus \(address)   pestod pid \(fixture.pestodPID)   \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) CPUs")
-    print("load average at start: \(loadAverage())")
+    print("load average at start: \(loadAverage())   \(settings.cpu.map { "all processes pinned to CPU \($0)" } ?? "not pinned to a CPU")")
 
     let client = try DBusConnection(.address(address))
     // The rule Status reads: active, on a free loopback port.
@@ -345,7 +371,15 @@ func runBenchmark(_ settings: Settings) throws {
     for (name, ops, spread) in rows {
         print("\(pad(name, 34)) \(fmt(ops, 0, width: 10)) \(fmt(1e6 / ops, 1, width: 9)) \(ratio(ops / getID)) \(ratio(ops / busctl)) \(fmt(spread, 0, width: 6))%")
     }
+    if settings.verbose {
+        print("")
+        print("every run, ops/s, in order:")
+        for m in metrics { print("  \(pad(m.name, 34)) " + m.samples.map { fmt($0, 0) }.joined(separator: " ")) }
+    }
     print("")
+    if let worst = metrics.max(by: { $0.spreadPercent < $1.spreadPercent }), worst.spreadPercent > 25 {
+        print("note: \(worst.name) varied by \(fmt(worst.spreadPercent, 0))% between runs; the machine is busy\(settings.cpu == nil ? " or the processes moved between CPUs (try --cpu 0)" : ""); rerun with --verbose")
+    }
     print("ops/s: median of \(settings.runs) runs; ÷ GetId: ops/s over the bus daemon's own GetId; ÷ busctl: over busctl Status; spread: (max−min)/median")
     print("rule cycles: \(cycles) in all, \(cycleBindFailures) with Activate ≠ (1 bound, 0 failed); pestod logged \(logLines) lines")
     let kib = { (k: Int?) in k.map { "\(fmt(Double($0) / 1024, 1)) MiB" } ?? "?" }

@@ -15,6 +15,7 @@ _Static_assert(PESTO_SPLICE_F_MOVE == SPLICE_F_MOVE, "SPLICE_F_MOVE");
 _Static_assert(PESTO_SPLICE_F_NONBLOCK == SPLICE_F_NONBLOCK, "SPLICE_F_NONBLOCK");
 _Static_assert(PESTO_O_CLOEXEC == O_CLOEXEC, "O_CLOEXEC");
 _Static_assert(PESTO_O_NONBLOCK == O_NONBLOCK, "O_NONBLOCK");
+_Static_assert(PESTO_F_SETPIPE_SZ == F_SETPIPE_SZ, "F_SETPIPE_SZ");
 
 int pesto_setns(int fd, int nstype) { return setns(fd, nstype); }
 

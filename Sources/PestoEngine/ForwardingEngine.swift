@@ -12,36 +12,99 @@ public struct EngineConfiguration: Sendable {
     public var retryIntervalMilliseconds: Int = 1000
     /// The capabilities of the HOST table; nil detects them from the kernel.
     public var capabilities: Capabilities? = nil
+    /// The target network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`), or nil.
+    public var namespacePath: String? = nil
+    /// Limits of the TCP relay.
+    public var tcp = TCPRelayLimits()
+    /// How long listeners stay paused after running out of descriptors, in milliseconds.
+    public var pauseMilliseconds = 100
 
     /// The defaults.
     public init() {}
 }
 
-/// The forwarding engine: its tables, on one event loop.
+/// The forwarding engine: its tables, their listeners, and the relays, on one event loop.
 ///
-/// Owns the HOST table (and, once a target namespace is configured, the SPLICE table) and
-/// arms the timer that retries failed binds every second. Belongs to the loop's thread.
-public final class ForwardingEngine {
+/// Theory of operation: the engine observes every listening socket its tables open
+/// (`ListenerObserver`) and keeps, indexed by descriptor, where that listener's traffic
+/// goes (`ForwardTarget`). It registers each listener with the loop (kinds `tcpListener`,
+/// `udpListener`) and hands readiness to the TCP or UDP relay. Without a namespace there is
+/// one table, HOST, whose targets are in pestod's own namespace. With `namespacePath`, HOST
+/// connects inside that namespace and a SPLICE table listens inside it and connects out in
+/// pestod's namespace — pasta's -t/-T model.
+///
+/// A destination that is one of pestod's own listeners on the same side would make a
+/// connection loop forever through pestod; such connections are refused (`wouldLoop`).
+/// Listeners pause when descriptors or relay slots run out and resume after
+/// `pauseMilliseconds` or when a connection closes, whichever comes first.
+public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// The loop everything runs on.
     public let loop: EventLoop
     /// The inbound table (pasta's HOST).
     public let host: ForwardingTable
+    /// The outbound table (pasta's SPLICE), present with a target namespace.
+    public let splice: ForwardingTable?
+    /// The target namespace, if configured.
+    public let namespace: NetworkNamespace?
+    /// The TCP relay.
+    public private(set) var tcp: TCPRelay!
     private var retryTimer: EventLoop.TimerID?
-
-    /// Makes an engine with empty tables; call `start()` to arm its timers.
-    public init(loop: EventLoop, configuration: EngineConfiguration = EngineConfiguration()) {
-        self.loop = loop
-        let caps = configuration.capabilities ?? HostCapabilities.detect()
-        host = ForwardingTable(
-            kind: .host, capabilities: caps, limits: configuration.limits,
-            factory: KernelListenerFactory(families: caps))
-        self.configuration = configuration
-    }
-
     private let configuration: EngineConfiguration
 
+    /// What a listening descriptor is for.
+    struct ListenerEntry {
+        var target: ForwardTarget
+        /// Where the listener lives: true inside the target namespace (SPLICE listeners).
+        var inNamespace: Bool
+        var address: IPAddress?
+        var listenPort: UInt16
+        var paused = false
+    }
+
+    /// Indexed by descriptor.
+    private var listeners: [ListenerEntry?] = []
+    /// pestod's own listening ports by protocol, side and port, with their addresses, for
+    /// the loop check (one lookup per new connection or flow).
+    private struct OwnPort: Hashable {
+        var proto: TransportProtocol
+        var inNamespace: Bool
+        var port: UInt16
+    }
+    private var ownPorts: [OwnPort: [IPAddress?]] = [:]
+    private var pausedListeners: [Int32] = []
+    private var resumeTimer: EventLoop.TimerID?
+
+    /// Makes an engine with empty tables; call `start()` to arm its timers.
+    public init(loop: EventLoop, configuration: EngineConfiguration = EngineConfiguration()) throws(PestoError) {
+        self.loop = loop
+        self.configuration = configuration
+        let caps = configuration.capabilities ?? HostCapabilities.detect()
+        if let path = configuration.namespacePath {
+            let ns = try NetworkNamespace(path: path)
+            namespace = ns
+            host = ForwardingTable(kind: .host, capabilities: caps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
+            let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }
+            splice = ForwardingTable(
+                kind: .splice, capabilities: inside, limits: configuration.limits,
+                factory: NamespacedListenerFactory(namespace: ns, families: inside))
+        } else {
+            namespace = nil
+            host = ForwardingTable(kind: .host, capabilities: caps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
+            splice = nil
+        }
+        let hostSide = TargetSide(namespace: namespace)
+        let spliceSide = TargetSide(namespace: nil)
+        tcp = TCPRelay(
+            loop: loop, targetSide: { $0 == .host ? hostSide : spliceSide }, limits: configuration.tcp,
+            wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
+        tcp.onCapacityAvailable = { [unowned self] in self.resumeListeners() }
+        for table in tables { table.listenerObserver = self }
+        loop.setHandler(self, for: EngineEventKind.tcpListener)
+        loop.setHandler(self, for: EngineEventKind.udpListener)
+    }
+
     /// Every table, in the contract's order.
-    public var tables: [ForwardingTable] { [host] }
+    public var tables: [ForwardingTable] { [host] + (splice.map { [$0] } ?? []) }
 
     /// The table of `kind`, if this engine has one.
     public func table(_ kind: TableKind) -> ForwardingTable? { tables.first { $0.kind == kind } }
@@ -58,6 +121,86 @@ public final class ForwardingEngine {
     public func stop() {
         if let retryTimer { loop.cancelTimer(retryTimer) }
         retryTimer = nil
+    }
+
+    // MARK: Listeners
+
+    public func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16) {
+        let target = ForwardTarget(
+            table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port))
+        if Int(fd) >= listeners.count { listeners.append(contentsOf: repeatElement(nil, count: Int(fd) + 1 - listeners.count)) }
+        listeners[Int(fd)] = ListenerEntry(target: target, inNamespace: table == .splice, address: rule.address, listenPort: port)
+        ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: []].append(rule.address)
+        let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
+        do {
+            try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
+        } catch {
+            preconditionFailure("cannot watch listener \(fd): \(error)")
+        }
+    }
+
+    public func listenerClosed(fd: Int32) {
+        guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return }
+        if !entry.paused { loop.remove(fd: fd) }
+        pausedListeners.removeAll { $0 == fd }
+        listeners[Int(fd)] = nil
+        let key = OwnPort(proto: entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
+        if var addresses = ownPorts[key], let k = addresses.firstIndex(of: entry.address) {
+            addresses.remove(at: k)
+            ownPorts[key] = addresses.isEmpty ? nil : addresses
+        }
+    }
+
+    /// A listener is readable: accept (TCP) or relay datagrams (UDP).
+    public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
+        guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return }
+        switch entry.target.proto {
+        case .tcp:
+            if tcp.listenerReadable(fd: fd, target: entry.target) == .exhausted { pause(fd) }
+        case .udp:
+            break  // the UDP relay arrives separately
+        }
+    }
+
+    /// Stops watching a listener until capacity returns.
+    private func pause(_ fd: Int32) {
+        guard var entry = listeners[Int(fd)], !entry.paused else { return }
+        entry.paused = true
+        listeners[Int(fd)] = entry
+        loop.remove(fd: fd)
+        pausedListeners.append(fd)
+        if resumeTimer == nil {
+            resumeTimer = loop.after(milliseconds: configuration.pauseMilliseconds) { [unowned self] in
+                self.resumeTimer = nil
+                self.resumeListeners()
+            }
+        }
+    }
+
+    /// Watches the paused listeners again.
+    private func resumeListeners() {
+        guard !pausedListeners.isEmpty else { return }
+        let fds = pausedListeners
+        pausedListeners.removeAll()
+        for fd in fds {
+            guard var entry = listeners[Int(fd)], entry.paused else { continue }
+            entry.paused = false
+            listeners[Int(fd)] = entry
+            let kind = entry.target.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
+            try? loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
+        }
+    }
+
+    /// True when `destination` is one of pestod's own listeners on the target's side, so
+    /// forwarding there would loop through pestod forever.
+    func wouldLoop(_ target: ForwardTarget, _ destination: SocketAddress) -> Bool {
+        guard let (address, port) = destination.endpoint else { return false }
+        let targetInNamespace = target.table == .host && namespace != nil
+        guard let addresses = ownPorts[OwnPort(proto: target.proto, inNamespace: targetInNamespace, port: port)] else { return false }
+        return addresses.contains { listenAddress in
+            guard let listenAddress else { return true }
+            return listenAddress == address || (listenAddress.isUnspecified && listenAddress.family == address.family)
+        }
     }
 }
 

@@ -34,6 +34,14 @@ struct Pestod: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Retry failed binds every this many milliseconds.", valueName: "ms"))
     var retryInterval = 1000
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Target network namespace (/run/netns/NAME or /proc/PID/ns/net): the HOST table connects inside it, and a SPLICE table listens inside it and connects out here.",
+        valueName: "path"))
+    var netns: String?
+
+    @Option(name: .long, help: "Most TCP connections relayed at once.")
+    var maxConnections = TCPRelayLimits().maxConnections
+
     @Option(name: .long, help: "Most rules per table.")
     var maxRules = TableLimits.default.maxRules
 
@@ -58,6 +66,7 @@ struct Pestod: ParsableCommand {
         if retryInterval < 10 || retryInterval > 3_600_000 {
             throw ValidationError("--retry-interval must be between 10 and 3600000 milliseconds.")
         }
+        if maxConnections < 1 || maxConnections > 1 << 24 { throw ValidationError("--max-connections must be between 1 and \(1 << 24).") }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
@@ -86,7 +95,9 @@ struct Pestod: ParsableCommand {
             var config = EngineConfiguration()
             config.retryIntervalMilliseconds = retryInterval
             config.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
-            let engine = ForwardingEngine(loop: loop, configuration: config)
+            config.namespacePath = netns
+            config.tcp.maxConnections = maxConnections
+            let engine = try ForwardingEngine(loop: loop, configuration: config)
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
             let connection = try DBusConnection(bus)
             let server = PestoServer(engine: engine, connection: connection, logger: logger)

@@ -75,7 +75,7 @@ struct EventLoopTests {
         let loop = try EventLoop()
         var config = EngineConfiguration()
         config.retryIntervalMilliseconds = 20
-        let engine = ForwardingEngine(loop: loop, configuration: config)
+        let engine = try ForwardingEngine(loop: loop, configuration: config)
         let port = TestSockets.freePorts(1).lowerBound
         let holder = try #require(TestSockets.bound(port: port))
         try engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: port))

@@ -20,6 +20,7 @@ enum {
     PESTO_SPLICE_F_NONBLOCK = 2,
     PESTO_O_CLOEXEC = 02000000,
     PESTO_O_NONBLOCK = 04000,
+    PESTO_F_SETPIPE_SZ = 1031,
 };
 
 /* setns(2): move the calling thread into the namespace behind fd. */

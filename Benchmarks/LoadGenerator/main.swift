@@ -1,0 +1,1 @@
+print("pesto-loadgen: being written")
