@@ -12,11 +12,21 @@ import Logging
 import PestoEngine
 
 /// A change to one rule of one table: what the service performs and the journal records.
-enum TableOperation: Equatable {
+enum TableOperation: Equatable, CustomStringConvertible {
     case insert(TableKind, UInt32, Rule)
     case delete(TableKind, UInt32, Rule)
     case activate(TableKind, UInt32)
     case deactivate(TableKind, UInt32)
+
+    /// For logs: `insert host/5`, `activate splice/7`.
+    var description: String {
+        switch self {
+        case .insert(let kind, let id, _): return "insert \(kind.rawValue)/\(id)"
+        case .delete(let kind, let id, _): return "delete \(kind.rawValue)/\(id)"
+        case .activate(let kind, let id): return "activate \(kind.rawValue)/\(id)"
+        case .deactivate(let kind, let id): return "deactivate \(kind.rawValue)/\(id)"
+        }
+    }
 
     /// The operation that undoes this one, valid right after it.
     var inverse: TableOperation {

@@ -56,13 +56,13 @@ extension PestoServer {
         }
         let counts: ForwardingTable.BindCounts?
         do { counts = try perform(op) } catch {
-            logger.info("\(member) \(op) by \(sender) refused: \(error.message)")
+            logger.info("\(op) by \(sender) refused: \(error.message)")
             throw DBusErrorReply(error)
         }
         var performed = Journal()
         performed.record(op)
         finish(performed, sender: sender)
-        logger.info("\(member) by \(sender)\(counts.map { ": \($0.bound) bound, \($0.failed) failed" } ?? ""): \(op)")
+        logger.info("\(op) by \(sender)\(counts.map { ": \($0.bound) bound, \($0.failed) failed" } ?? "")")
         if let counts { return [.uint32(counts.bound), .uint32(counts.failed)] }
         return []
     }

@@ -46,14 +46,21 @@ final class Child {
     let stdin = Pipe()
     private var buffered = Data()
 
-    init(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws {
+    /// Starts `executable`; its stderr goes to `stderrFile` when given (a file never fills up
+    /// and blocks the child the way an unread pipe does), else to a pipe.
+    init(_ executable: String, _ arguments: [String], environment: [String: String] = [:], stderrFile: URL? = nil) throws {
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         process.environment = env
         process.standardOutput = stdout
-        process.standardError = stderr
+        if let stderrFile {
+            _ = FileManager.default.createFile(atPath: stderrFile.path, contents: nil)
+            process.standardError = try FileHandle(forWritingTo: stderrFile)
+        } else {
+            process.standardError = stderr
+        }
         process.standardInput = stdin
         try process.run()
     }
@@ -119,6 +126,10 @@ final class PestodFixture {
     private(set) var pestod: Child!
     /// An in-process client connection.
     let client: DBusConnection
+    /// pestod's log file.
+    var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
+    /// What pestod has logged so far.
+    var log: String { (try? String(contentsOf: logFile, encoding: .utf8)) ?? "" }
 
     static let dest = PestoBusNames.busName
     static let hostPath = PestoBusNames.tablePath(.host)
@@ -156,9 +167,8 @@ final class PestodFixture {
         let notify = try NotifySocket(path: notifyPath)
         pestod = try Child(
             Products.path("pestod"), ["--address", address, "--log-level", "debug"] + arguments,
-            environment: ["NOTIFY_SOCKET": notifyPath])
+            environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
         guard notify.waitForReady(timeoutMilliseconds: 20_000) else {
-            let log = String(decoding: pestod.stderr.fileHandleForReading.availableData, as: UTF8.self)
             throw FixtureError("pestod did not become ready: \(log)")
         }
     }

@@ -1,0 +1,199 @@
+// The data path end to end: real traffic through pestod to address targets and across a
+// network namespace created by the test.
+
+import Foundation
+import PestoEngine
+import PestoTestSupport
+import Synchronization
+import Testing
+
+@testable import PestoService
+
+/// A network namespace made with `ip netns add`, deleted when the value goes away.
+final class TestNamespace {
+    let name: String
+    let path: String
+    let namespace: NetworkNamespace
+
+    init() throws {
+        name = "pesto-test-\(UInt32.random(in: 0...UInt32.max))"
+        path = "/run/netns/\(name)"
+        let add = try run("/usr/sbin/ip", ["netns", "add", name])
+        guard add.status == 0 else { throw FixtureError("ip netns add failed: \(add.err)") }
+        _ = try run("/usr/sbin/ip", ["-n", name, "link", "set", "lo", "up"])
+        namespace = try NetworkNamespace(path: path)
+    }
+
+    deinit { _ = try? run("/usr/sbin/ip", ["netns", "del", name]) }
+
+    /// An echo server listening on 127.0.0.1:port inside the namespace.
+    func echoServer(port: UInt16) -> EchoServer? {
+        let fd = namespace.perform { TestSockets.bound(address: .loopbackIPv4, port: port) }
+        return fd.flatMap { EchoServer(port: port, listeningFD: $0) }
+    }
+
+    /// A TCP connection made from inside the namespace.
+    func connect(port: UInt16) -> Result<Int32, Errno> {
+        namespace.perform { TestSockets.connect(.loopbackIPv4, port: port) }
+    }
+}
+
+@Suite("pestod data path", .serialized)
+struct RelayTests {
+    static let isRoot = getuid() == 0
+
+    func rule(_ port: UInt16, to target: UInt16, proto: String = "tcp", address: String = "127.0.0.1") -> DBusValue {
+        .vardict([("protocol", .string(proto)), ("address", .string(address)), ("first-port", .uint16(port)), ("target-port", .uint16(target))])
+    }
+
+    @Test("TCP to an address target: 64 MiB byte-identical both ways, with half-close")
+    func bulkEcho() throws {
+        let f = try PestodFixture()
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(EchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
+        ])])
+        try f.table("Activate", [.uint32(1)])
+        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
+            Issue.record("connect failed")
+            return
+        }
+        defer { close(fd) }
+        // The client half-closes after 64 MiB; the echo must still arrive whole, then EOF.
+        #expect(TestTraffic.echoRoundTrip(fd: fd, count: 64 << 20, timeoutMilliseconds: 60_000) == nil)
+        #expect(server.accepted == 1)
+    }
+
+    @Test("connect refused at the target closes the client cleanly; pestod keeps serving")
+    func connectRefused() throws {
+        let f = try PestodFixture()
+        let ports = TestSockets.freePorts(3)
+        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.lowerBound + 1)])  // nothing listens there
+        try f.table("Activate", [.uint32(1)])
+        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
+            Issue.record("connect to pestod's listener failed")
+            return
+        }
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&pfd, 1, 5000) == 1)
+        var byte: UInt8 = 0
+        #expect(read(fd, &byte, 1) == 0, "a clean close (EOF), not a reset: \(Errno.current)")
+        close(fd)
+        let server = try #require(EchoServer(port: ports.lowerBound + 2))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(2), rule(ports.lowerBound + 1, to: ports.lowerBound + 2)])
+        try f.table("Activate", [.uint32(2)])
+        #expect(TestTraffic.ping(port: ports.lowerBound + 1) == nil)
+    }
+
+    @Test("a relayed connection survives its rule's deactivation and deletion")
+    func survivesDeactivation() throws {
+        let f = try PestodFixture()
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(EchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.upperBound)])
+        try f.table("Activate", [.uint32(1)])
+        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
+            Issue.record("connect failed")
+            return
+        }
+        defer { close(fd) }
+        var byte: UInt8 = 42
+        #expect(write(fd, &byte, 1) == 1)
+        #expect(read(fd, &byte, 1) == 1 && byte == 42)
+        try f.table("Deactivate", [.uint32(1)])
+        try f.table("Delete", [.uint32(1)])
+        if case .success(let other) = TestSockets.connect(port: ports.lowerBound) {
+            close(other)
+            Issue.record("the deleted rule's port still accepts")
+        }
+        // The established connection still relays, in both directions, up to a clean end.
+        #expect(TestTraffic.echoRoundTrip(fd: fd, count: 1 << 20) == nil)
+    }
+
+    @Test("rule A keeps accepting with zero failures while rule B changes 100 times")
+    func isolationUnderChurn() throws {
+        let f = try PestodFixture()
+        let ports = TestSockets.freePorts(12)
+        let server = try #require(EchoServer(port: ports.lowerBound + 1))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(10), rule(ports.lowerBound, to: ports.lowerBound + 1)])
+        try f.table("Activate", [.uint32(10)])
+        let before = try f.snapshot().sockets(onPort: ports.lowerBound)
+
+        let done = Atomic<Bool>(false)
+        let attempts = Atomic<Int>(0)
+        let failures = Atomic<Int>(0)
+        let finished = Atomic<Bool>(false)
+        let portA = ports.lowerBound
+        detachThread {
+            while !done.load(ordering: .relaxed) {
+                attempts.add(1, ordering: .relaxed)
+                if TestTraffic.ping(port: portA) != nil { failures.add(1, ordering: .relaxed) }
+            }
+            finished.store(true, ordering: .relaxed)
+        }
+        let bFirst = ports.lowerBound + 2
+        for round in 0..<100 {
+            let id: UInt32 = round % 2 == 0 ? 5 : 15  // before and after A in ID order
+            try f.table("Insert", [.uint32(id), .vardict([
+                ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(bFirst)),
+                ("last-port", .uint16(bFirst + 9)), ("target-port", .uint16(ports.lowerBound + 1)),
+            ])])
+            try f.table("Activate", [.uint32(id)])
+            try f.table("Deactivate", [.uint32(id)])
+            try f.table("Delete", [.uint32(id)])
+        }
+        done.store(true, ordering: .relaxed)
+        while !finished.load(ordering: .relaxed) { sched_yield() }
+        #expect(attempts.load(ordering: .relaxed) > 0)
+        #expect(failures.load(ordering: .relaxed) == 0, "\(failures.load(ordering: .relaxed)) of \(attempts.load(ordering: .relaxed)) connections to A failed")
+        #expect(try f.snapshot().sockets(onPort: ports.lowerBound) == before, "A's listener is the same socket")
+    }
+
+    @Test("into a network namespace (HOST) and out of it (SPLICE)", .enabled(if: isRoot, "needs root for ip netns"))
+    func namespaces() throws {
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let ports = TestSockets.freePorts(4)
+        // Inbound: a server only inside the namespace, reached from the host.
+        let inside = try #require(ns.echoServer(port: ports.lowerBound + 1))
+        defer { inside.stop() }
+        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.lowerBound + 1)])
+        try f.table("Activate", [.uint32(1)])
+        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
+            Issue.record("connect failed")
+            return
+        }
+        #expect(TestTraffic.echoRoundTrip(fd: fd, count: 64 << 20, timeoutMilliseconds: 60_000) == nil)
+        close(fd)
+        #expect(inside.accepted == 1)
+
+        // Outbound: the SPLICE table listens inside and connects to a host server.
+        let tables = try f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
+                                       [.string(PestoInterfaces.manager.name), .string("Tables")])
+        #expect(tables.first?.variantValue == .objectPaths([PestodFixture.hostPath, PestoBusNames.tablePath(.splice)]))
+        let hostServer = try #require(EchoServer(port: ports.lowerBound + 3))
+        defer { hostServer.stop() }
+        _ = try f.client.call(PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Insert",
+                              [.uint32(1), rule(ports.lowerBound + 2, to: ports.lowerBound + 3)])
+        let counts = try f.client.call(PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Activate", [.uint32(1)])
+        #expect(counts == [.uint32(1), .uint32(0)])
+        guard case .success(let out) = ns.connect(port: ports.lowerBound + 2) else {
+            Issue.record("connect inside the namespace failed")
+            return
+        }
+        #expect(TestTraffic.echoRoundTrip(fd: out, count: 8 << 20) == nil)
+        close(out)
+        #expect(hostServer.accepted == 1)
+        // Nothing listens on the host at the SPLICE port: it is inside the namespace.
+        if case .success(let stray) = TestSockets.connect(port: ports.lowerBound + 2) {
+            close(stray)
+            Issue.record("the SPLICE listener leaked into the host namespace")
+        }
+    }
+}
