@@ -33,7 +33,7 @@ DEMO_BUS=${DEMO_BUS:-auto}
 # Build (libdbus-1-dev pkg-config), run and show (dbus: dbus-daemon; dbus-bin: dbus-send;
 # iproute2: ss; libglib2.0-bin: gdbus; systemd: busctl, which works without systemd running),
 # and what `swift test` uses besides (libxml2-utils: xmllint). .ci/run installs these too.
-PACKAGES=(libdbus-1-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils)
+PACKAGES=(libdbus-1-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils socat)
 
 header() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
@@ -101,6 +101,7 @@ BIN_DIR=$(swift build -c release --show-bin-path)
 header "Stop the previous demo, if any"
 stop_pidfile "$DEMO_DIR/pestod.pid" pestod
 stop_pidfile "$DEMO_DIR/bus.pid" dbus-daemon
+stop_pidfile "$DEMO_DIR/target.pid" socat
 mkdir -p "$DEMO_DIR"
 
 header "Install"
@@ -127,6 +128,12 @@ else
         PORT=$((PORT + 1))
     done
 fi
+# The demo's target: a small server behind pestod, on the next free port.
+TARGET_PORT=$((PORT + 1))
+until port_free "$TARGET_PORT"; do
+    ((TARGET_PORT < PORT + 100)) || die "no free TCP port for the demo's target server."
+    TARGET_PORT=$((TARGET_PORT + 1))
+done
 
 # ---------------------------------------------------------------------------------------
 MODE=private
@@ -249,8 +256,13 @@ fi
 header "The host table's interface"
 show busctl --no-pager "--address=$ADDR" introspect "$BUS_NAME" "$HOST_TABLE"
 
-header "Insert rule $RULE_ID (inactive): TCP 127.0.0.1:$PORT"
-show "${CALL[@]}" Insert 'ua{sv}' "$RULE_ID" 3 protocol s tcp address s 127.0.0.1 first-port q "$PORT"
+header "A target server on 127.0.0.1:$TARGET_PORT (socat, answers one line per connection)"
+setsid socat "TCP-LISTEN:$TARGET_PORT,bind=127.0.0.1,fork,reuseaddr" \
+    SYSTEM:'echo hello from the target server behind pestod' </dev/null >/dev/null 2>&1 &
+echo "$!" >"$DEMO_DIR/target.pid"
+
+header "Insert rule $RULE_ID (inactive): TCP 127.0.0.1:$PORT -> 127.0.0.1:$TARGET_PORT"
+show "${CALL[@]}" Insert 'ua{sv}' "$RULE_ID" 4 protocol s tcp address s 127.0.0.1 first-port q "$PORT" target-port q "$TARGET_PORT"
 
 header "Activate it: returns (bound, failed)"
 show "${CALL[@]}" Activate u "$RULE_ID"
@@ -259,16 +271,14 @@ show "${CALL[@]}" Status u "$RULE_ID"
 [[ $bound == 1 && $failed == 0 ]] || die "rule $RULE_ID did not bind its socket (bound=$bound failed=$failed)."
 show "${CALL[@]}" List
 
-header "A real TCP connection to 127.0.0.1:$PORT"
-printf '\n$ ( exec 3<>/dev/tcp/127.0.0.1/%s )\n' "$PORT"
-if (exec 3<>"/dev/tcp/127.0.0.1/$PORT"); then
-    echo "connected to 127.0.0.1:$PORT through pestod's listener"
-else
-    die "could not connect to 127.0.0.1:$PORT"
-fi
-echo "(relaying the connection to a target is not implemented yet: this shows pestod's listening socket accepting it)"
+header "A real TCP connection to 127.0.0.1:$PORT, relayed by pestod to the target"
 show ss -ltnp "sport = :$PORT"
 grep -q '"pestod"' <<<"$OUT" || die "ss does not show pestod listening on port $PORT."
+printf '\n$ exec 3<>/dev/tcp/127.0.0.1/%s; read -r line <&3\n' "$PORT"
+line=$(timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && read -r line <&3 && printf "%s" "$line"' _ "$PORT") ||
+    die "no answer through 127.0.0.1:$PORT"
+echo "$line"
+[[ $line == "hello from the target server behind pestod" ]] || die "unexpected answer through pestod: $line"
 
 # ---------------------------------------------------------------------------------------
 header "Done: pestod is running with rule $RULE_ID active on 127.0.0.1:$PORT"
@@ -293,9 +303,10 @@ It runs on a private bus (no system bus is running here). Talk to it:
   busctl --system introspect $BUS_NAME /top/passt/Pesto1
   busctl --system tree $BUS_NAME
 Logs: $DEMO_DIR/pestod.log
-Stop it, then the bus:
+Stop it, the bus and the demo's target server:
   kill \$(cat $DEMO_DIR/pestod.pid)
   kill \$(cat $DEMO_DIR/bus.pid)
+  kill \$(cat $DEMO_DIR/target.pid)
 EOF
 fi
 echo "Running ./scripts/demo.sh again stops the demo's pestod and bus first."
