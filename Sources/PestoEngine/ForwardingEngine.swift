@@ -18,6 +18,8 @@ public struct EngineConfiguration: Sendable {
     public var tcp = TCPRelayLimits()
     /// How long listeners stay paused after running out of descriptors, in milliseconds.
     public var pauseMilliseconds = 100
+    /// How often scan rules look at the target side, in milliseconds.
+    public var scanIntervalMilliseconds = 1000
 
     /// The defaults.
     public init() {}
@@ -49,7 +51,13 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// The TCP relay.
     public private(set) var tcp: TCPRelay!
     private var retryTimer: EventLoop.TimerID?
+    private var scanTimer: EventLoop.TimerID?
     private let configuration: EngineConfiguration
+    private let scanner = PortScanner()
+    /// Reused by every scan, so scanning allocates nothing.
+    private var scannedPorts = PortSet()
+    /// Inodes of pestod's own listening sockets: a scan must not count them.
+    private var ownInodes = Set<UInt64>()
 
     /// What a listening descriptor is for.
     struct ListenerEntry {
@@ -58,6 +66,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         var inNamespace: Bool
         var address: IPAddress?
         var listenPort: UInt16
+        var inode: UInt64
         var paused = false
     }
 
@@ -82,8 +91,10 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         if let path = configuration.namespacePath {
             let ns = try NetworkNamespace(path: path)
             namespace = ns
-            host = ForwardingTable(kind: .host, capabilities: caps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
-            let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }
+            // Scan rules need another side to look at: they exist only with a namespace.
+            let hostCaps = configuration.capabilities ?? caps.union(.scan)
+            host = ForwardingTable(kind: .host, capabilities: hostCaps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
+            let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }.union(.scan)
             splice = ForwardingTable(
                 kind: .splice, capabilities: inside, limits: configuration.limits,
                 factory: NamespacedListenerFactory(namespace: ns, families: inside))
@@ -109,18 +120,46 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// The table of `kind`, if this engine has one.
     public func table(_ kind: TableKind) -> ForwardingTable? { tables.first { $0.kind == kind } }
 
-    /// Arms the retry timer.
+    /// Arms the retry and scan timers.
     public func start() {
         guard retryTimer == nil else { return }
         retryTimer = loop.every(milliseconds: configuration.retryIntervalMilliseconds) { [unowned self] in
             for table in self.tables { table.retryFailedBinds() }
         }
+        if namespace != nil {
+            scanTimer = loop.every(milliseconds: configuration.scanIntervalMilliseconds) { [unowned self] in self.scan() }
+        }
     }
 
     /// Disarms the timers (the tables keep their sockets until they are released).
     public func stop() {
-        if let retryTimer { loop.cancelTimer(retryTimer) }
+        for timer in [retryTimer, scanTimer].compactMap({ $0 }) { loop.cancelTimer(timer) }
         retryTimer = nil
+        scanTimer = nil
+    }
+
+    /// One scan pass: makes every active scan rule listen on exactly the ports whose target
+    /// port is bound on its table's target side (the namespace for HOST, here for SPLICE).
+    /// pestod's own listeners are not counted, so the two tables never forward to each other.
+    /// A failed read of /proc leaves the rules as they are.
+    public func scan() {
+        for table in tables {
+            let rules = table.activeScanRules
+            guard !rules.isEmpty else { continue }
+            let side = table.kind == .host ? namespace : nil
+            for proto in TransportProtocol.allCases where rules.contains(where: { $0.rule.proto == proto }) {
+                let read: Result<Void, Errno>
+                if let side {
+                    read = side.perform { scanner.boundPorts(proto, excludingInodes: ownInodes, into: &scannedPorts) }
+                } else {
+                    read = scanner.boundPorts(proto, excludingInodes: ownInodes, into: &scannedPorts)
+                }
+                guard case .success = read else { continue }
+                for (id, rule) in rules where rule.proto == proto {
+                    table.updateScan(id: id) { port in scannedPorts.contains(rule.targetPort(for: port)) }
+                }
+            }
+        }
     }
 
     // MARK: Listeners
@@ -129,7 +168,11 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         let target = ForwardTarget(
             table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port))
         if Int(fd) >= listeners.count { listeners.append(contentsOf: repeatElement(nil, count: Int(fd) + 1 - listeners.count)) }
-        listeners[Int(fd)] = ListenerEntry(target: target, inNamespace: table == .splice, address: rule.address, listenPort: port)
+        var st = stat()
+        let inode = fstat(fd, &st) == 0 ? UInt64(st.st_ino) : 0
+        ownInodes.insert(inode)
+        listeners[Int(fd)] = ListenerEntry(
+            target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
         ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: []].append(rule.address)
         let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
         do {
@@ -144,6 +187,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         if !entry.paused { loop.remove(fd: fd) }
         pausedListeners.removeAll { $0 == fd }
         listeners[Int(fd)] = nil
+        ownInodes.remove(entry.inode)
         let key = OwnPort(proto: entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
         if var addresses = ownPorts[key], let k = addresses.firstIndex(of: entry.address) {
             addresses.remove(at: k)

@@ -346,6 +346,10 @@ final class SignalCollector {
         return nil
     }
 
+    /// Forgets the signals seen so far: later waits only match signals that arrive after now
+    /// (or that are queued but not yet read, which all came after those seen).
+    func forget() { seen.removeAll() }
+
     /// A predicate for `member` on `path` with these leading arguments.
     static func signal(_ member: String, path: String? = nil, _ args: [DBusValue]) -> (DBusMessage) -> Bool {
         { m in

@@ -196,4 +196,30 @@ struct RelayTests {
             Issue.record("the SPLICE listener leaked into the host namespace")
         }
     }
+
+    @Test("a scan rule follows a server that starts and stops inside the namespace", .enabled(if: isRoot, "needs root for ip netns"))
+    func scanFollowsServer() throws {
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let signals = try SignalCollector(address: f.address)
+        let ports = TestSockets.freePorts(10)
+        let p = ports.lowerBound
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
+            ("last-port", .uint16(p + 9)), ("scan", .bool(true)),
+        ])])
+        #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(0), .uint32(0)], "nothing is bound in the namespace yet")
+        let started = MonotonicInstant.now
+        let server = try #require(ns.echoServer(port: p + 3))
+        signals.wait(for: "scan opened the port", SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(1), .uint32(0)]))
+        let opened = MonotonicInstant.now
+        #expect(opened.nanoseconds - started.nanoseconds < 2_000_000_000, "within two scan periods")
+        #expect(TestTraffic.ping(port: p + 3) == nil)
+        #expect(f.listeningSockets().count == 1)
+        signals.forget()  // the activation already announced (true, 0, 0)
+        server.stop()
+        signals.wait(for: "scan closed the port", SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(0), .uint32(0)]))
+        #expect(MonotonicInstant.now.nanoseconds - opened.nanoseconds < 2_500_000_000)
+        #expect(f.listeningSockets().isEmpty)
+    }
 }
