@@ -68,8 +68,8 @@ final class Child {
     var pid: Int32 { process.processIdentifier }
 
     /// Reads stdout up to the next newline; nil at end of file or after `timeoutMilliseconds`
-    /// (default: wait as long as it takes; the children always answer).
-    func readLine(timeoutMilliseconds: Int32 = -1) -> String? {
+    /// (30 s by default: a test never hangs on a child that stopped answering).
+    func readLine(timeoutMilliseconds: Int32 = 30_000) -> String? {
         while true {
             if let nl = buffered.firstIndex(of: 0x0A) {
                 let line = String(decoding: buffered[buffered.startIndex..<nl], as: UTF8.self)
