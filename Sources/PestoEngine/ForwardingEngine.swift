@@ -16,6 +16,8 @@ public struct EngineConfiguration: Sendable {
     public var namespacePath: String? = nil
     /// Limits of the TCP relay.
     public var tcp = TCPRelayLimits()
+    /// Limits of the UDP relay.
+    public var udp = UDPRelayLimits()
     /// How long listeners stay paused after running out of descriptors, in milliseconds.
     public var pauseMilliseconds = 100
     /// How often scan rules look at the target side, in milliseconds.
@@ -25,7 +27,7 @@ public struct EngineConfiguration: Sendable {
     public init() {}
 }
 
-/// The forwarding engine: its tables, their listeners, and the relays, on one event loop.
+/// The forwarding engine: its tables, their listeners, and the TCP and UDP relays, on one event loop.
 ///
 /// Theory of operation: the engine observes every listening socket its tables open
 /// (`ListenerObserver`) and keeps, indexed by descriptor, where that listener's traffic
@@ -50,6 +52,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     public let namespace: NetworkNamespace?
     /// The TCP relay.
     public private(set) var tcp: TCPRelay!
+    /// The UDP relay.
+    public private(set) var udp: UDPRelay!
     private var retryTimer: EventLoop.TimerID?
     private var scanTimer: EventLoop.TimerID?
     private let configuration: EngineConfiguration
@@ -109,6 +113,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             loop: loop, targetSide: { $0 == .host ? hostSide : spliceSide }, limits: configuration.tcp,
             wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
         tcp.onCapacityAvailable = { [unowned self] in self.resumeListeners() }
+        udp = UDPRelay(
+            loop: loop, targetSide: { $0 == .host ? hostSide : spliceSide }, limits: configuration.udp,
+            wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
         loop.setHandler(self, for: EngineEventKind.udpListener)
@@ -184,6 +191,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
 
     public func listenerClosed(fd: Int32) {
         guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return }
+        if entry.target.proto == .udp { udp.listenerClosing(fd: fd) }
         if !entry.paused { loop.remove(fd: fd) }
         pausedListeners.removeAll { $0 == fd }
         listeners[Int(fd)] = nil
@@ -202,7 +210,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         case .tcp:
             if tcp.listenerReadable(fd: fd, target: entry.target) == .exhausted { pause(fd) }
         case .udp:
-            break  // the UDP relay arrives separately
+            udp.listenerReadable(fd: fd, target: entry.target)
         }
     }
 

@@ -42,6 +42,12 @@ struct Pestod: ParsableCommand {
     @Option(name: .long, help: "Most TCP connections relayed at once.")
     var maxConnections = TCPRelayLimits().maxConnections
 
+    @Option(name: .long, help: "Most UDP flows (client address and port pairs) relayed at once.")
+    var maxUdpFlows = UDPRelayLimits().maxFlows
+
+    @Option(name: .long, help: ArgumentHelp("Close a UDP flow after this many seconds without a datagram.", valueName: "seconds"))
+    var udpIdleTimeout = UDPRelayLimits().idleTimeoutMilliseconds / 1000
+
     @Option(name: .long, help: "Most rules per table.")
     var maxRules = TableLimits.default.maxRules
 
@@ -67,6 +73,8 @@ struct Pestod: ParsableCommand {
             throw ValidationError("--retry-interval must be between 10 and 3600000 milliseconds.")
         }
         if maxConnections < 1 || maxConnections > 1 << 24 { throw ValidationError("--max-connections must be between 1 and \(1 << 24).") }
+        if maxUdpFlows < 1 || maxUdpFlows > 1 << 24 { throw ValidationError("--max-udp-flows must be between 1 and \(1 << 24).") }
+        if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 { throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.") }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
@@ -97,6 +105,8 @@ struct Pestod: ParsableCommand {
             config.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
             config.namespacePath = netns
             config.tcp.maxConnections = maxConnections
+            config.udp.maxFlows = maxUdpFlows
+            config.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
             let engine = try ForwardingEngine(loop: loop, configuration: config)
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
             let connection = try DBusConnection(bus)

@@ -223,3 +223,78 @@ struct RelayTests {
         #expect(f.listeningSockets().isEmpty)
     }
 }
+
+@Suite("pestod UDP data path", .serialized)
+struct UDPRelayTests {
+    /// Connected UDP sockets of `pid` (the flows; the rule's own sockets are unconnected).
+    func flowSockets(_ pid: Int32) -> Int {
+        let fdDir = "/proc/\(pid)/fd"
+        var inodes = Set<String>()
+        for fd in (try? FileManager.default.contentsOfDirectory(atPath: fdDir)) ?? [] {
+            if let t = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fdDir)/\(fd)"), t.hasPrefix("socket:[") {
+                inodes.insert(String(t.dropFirst(8).dropLast()))
+            }
+        }
+        var n = 0
+        for file in ["udp", "udp6"] {
+            let text = (try? String(contentsOfFile: "/proc/\(pid)/net/\(file)", encoding: .utf8)) ?? ""
+            for line in text.split(separator: "\n").dropFirst() {
+                let f = line.split(separator: " ")
+                if f.count > 9 && f[3] == "01" && inodes.contains(String(f[9])) { n += 1 }
+            }
+        }
+        return n
+    }
+
+    @Test("request/response per client flow, replies from the listening port, idle flows expire")
+    func flows() throws {
+        let f = try PestodFixture(pestodArguments: ["--udp-idle-timeout", "1"])
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(UDPEchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+            ("target-port", .uint16(ports.upperBound)),
+        ])])
+        #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
+        let a = try #require(TestTraffic.udpClient())
+        let b = try #require(TestTraffic.udpClient())
+        defer { close(a); close(b) }
+        let big = (0..<60_000).map { UInt8(truncatingIfNeeded: $0 % 251) }
+        let r1 = TestTraffic.udpExchange(fd: a, port: ports.lowerBound, payload: Array("hello".utf8))
+        #expect(r1?.reply == Array("hello".utf8))
+        #expect(r1?.from == ports.lowerBound, "the reply comes from the port the client sent to")
+        #expect(TestTraffic.udpExchange(fd: b, port: ports.lowerBound, payload: big)?.reply == big)
+        #expect(TestTraffic.udpExchange(fd: a, port: ports.lowerBound, payload: [1, 2, 3])?.reply == [1, 2, 3])
+        #expect(server.sourcePorts.count == 2, "one flow per client")
+        #expect(flowSockets(f.pestod.pid) == 2)
+
+        // Idle for longer than the timeout: both flows close; the next datagram opens a new one.
+        let deadline = MonotonicInstant.now.adding(milliseconds: 5000)
+        while flowSockets(f.pestod.pid) > 0 && MonotonicInstant.now < deadline { usleep(50_000) }
+        #expect(flowSockets(f.pestod.pid) == 0, "flows expired")
+        #expect(TestTraffic.udpExchange(fd: a, port: ports.lowerBound, payload: [9])?.reply == [9])
+        #expect(server.sourcePorts.count == 3, "a new flow after expiry")
+
+        // Deactivating the rule closes its listener and with it the flows.
+        try f.table("Deactivate", [.uint32(1)])
+        #expect(flowSockets(f.pestod.pid) == 0)
+    }
+
+    @Test("UDP into a network namespace", .enabled(if: RelayTests.isRoot, "needs root for ip netns"))
+    func namespace() throws {
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let ports = TestSockets.freePorts(2)
+        let fd = ns.namespace.perform { TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: .loopbackIPv4, port: ports.upperBound, listen: false) }
+        let server = try #require(UDPEchoServer(port: ports.upperBound, boundFD: fd))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("udp")), ("first-port", .uint16(ports.lowerBound)), ("target-port", .uint16(ports.upperBound)),
+        ])])
+        try f.table("Activate", [.uint32(1)])
+        let client = try #require(TestTraffic.udpClient())
+        defer { close(client) }
+        #expect(TestTraffic.udpExchange(fd: client, port: ports.lowerBound, payload: Array("into the namespace".utf8))?.reply == Array("into the namespace".utf8))
+    }
+}

@@ -136,3 +136,60 @@ public enum TestTraffic {
         return echoRoundTrip(fd: fd, count: 4, timeoutMilliseconds: 5000)
     }
 }
+
+/// A UDP echo server on its own thread; remembers the source ports it saw.
+public final class UDPEchoServer: Sendable {
+    public let fd: Int32
+    public let port: UInt16
+    private let sources = Mutex<[UInt16]>([])
+    private let stopped = Atomic<Bool>(false)
+
+    /// The distinct source ports seen so far, in order of first appearance.
+    public var sourcePorts: [UInt16] { sources.withLock { $0 } }
+
+    /// Binds `address:port` (or serves `boundFD`, a socket made elsewhere, e.g. in a namespace).
+    public init?(address: IPAddress = .loopbackIPv4, port: UInt16, boundFD: Int32? = nil) {
+        guard let fd = boundFD ?? TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: address, port: port, listen: false) else { return nil }
+        self.fd = fd
+        self.port = port
+        var tv = timeval(tv_sec: 0, tv_usec: 200_000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        detachThread { [self] in self.serve() }
+    }
+
+    private func serve() {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while !stopped.load(ordering: .relaxed) {
+            var peer = SocketAddress()
+            let n = peer.withMutableSockaddr { sa, len in recvfrom(fd, &buffer, buffer.count, 0, sa, len) }
+            if n < 0 { continue }  // timeout: check `stopped`
+            if let p = peer.endpoint?.port { sources.withLock { if !$0.contains(p) { $0.append(p) } } }
+            _ = peer.withSockaddr { sa, len in sendto(fd, buffer, n, 0, sa, len) }
+        }
+        close(fd)
+    }
+
+    /// Stops serving (the socket is closed by the server thread).
+    public func stop() { stopped.store(true, ordering: .relaxed) }
+}
+
+extension TestTraffic {
+    /// Sends `payload` from `fd` (a UDP socket) to `port` and waits up to 5 s for the answer;
+    /// returns the answer and the port it came from.
+    public static func udpExchange(fd: Int32, address: IPAddress = .loopbackIPv4, port: UInt16, payload: [UInt8]) -> (reply: [UInt8], from: UInt16)? {
+        let to = SocketAddress(address, port: port)
+        guard to.withSockaddr({ sa, len in sendto(fd, payload, payload.count, 0, sa, len) }) == payload.count else { return nil }
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 5000) == 1 else { return nil }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var from = SocketAddress()
+        let n = from.withMutableSockaddr { sa, len in recvfrom(fd, &buffer, buffer.count, 0, sa, len) }
+        guard n >= 0, let port = from.endpoint?.port else { return nil }
+        return (Array(buffer[..<n]), port)
+    }
+
+    /// A UDP socket bound to an ephemeral port on `address`.
+    public static func udpClient(_ address: IPAddress = .loopbackIPv4) -> Int32? {
+        TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: address, port: 0, listen: false)
+    }
+}
