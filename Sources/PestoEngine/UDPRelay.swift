@@ -1,0 +1,373 @@
+// UDPRelay: datagrams relayed per client flow, with idle expiry and a flow limit.
+//
+// Theory of operation
+// -------------------
+// UDP has no connections, so the relay makes them. A flow is one (listening socket, client
+// address) pair. The first datagram from a client creates the flow's own socket on the
+// target side, connect()ed to the destination, so the kernel filters what comes back and
+// only the target's replies reach that socket:
+//
+//   client ──datagram──▶ listener ──(find or create flow)──▶ flow socket ──send()──▶ target
+//   client ◀──sendto()── listener ◀────────── recv() ──────── flow socket ◀──reply── target
+//
+// Replies leave through the listening socket, so the client sees them come from the address
+// and port it sent to. (A listener bound to a wildcard address replies from the address the
+// kernel's route lookup picks for the client, which on a multi-homed host may not be the one
+// the client used; pasta solves that with IP_PKTINFO, which the listener would have to set.)
+//
+// Events:
+//   listener readable   up to `batch` datagrams are taken with recvfrom(MSG_DONTWAIT) into
+//                       one 64 KiB buffer allocated in init. Each is matched to its flow by a
+//                       dictionary lookup keyed by (listener fd, client address), which
+//                       allocates nothing; a miss creates the flow unless the table is full
+//                       (`maxFlows`: dropped, counted) or the destination is one of pestod's
+//                       own listeners (`wouldLoop`: dropped, counted — it would loop forever).
+//                       The datagram is then send() on the flow socket.
+//   flow readable       up to `batch` replies are recv()ed and sendto() the client from the
+//                       listener. The flow socket is registered under kind `udpFlow` with its
+//                       slot as the epoll index, so this path does no lookup at all.
+//   expiry timer        every `expiryCheckMilliseconds`, flows idle (no datagram either way)
+//                       for `idleTimeoutMilliseconds` are closed. The timer is armed only while
+//                       there are flows, so an idle relay never wakes the loop.
+//   listener closing    the engine calls `listenerClosing` before it closes a UDP listener:
+//                       its flows are closed, since their replies could no longer be sent (and
+//                       the fd number may soon name another listener).
+//
+// Flows live in an array of slots reused through a free list; a slot is free exactly when its
+// `socket` is -1, and `flowsByKey` maps the key of every used slot to it and holds nothing
+// else. The clock is read once per batch, not per datagram.
+//
+// Errors of the environment drop one datagram and are counted in `droppedErrors`; they never
+// end a flow or the service. A connected UDP socket reports an ICMP "port unreachable" from
+// the target as ECONNREFUSED on its next call: on recv() it is counted, on send() it is
+// counted and the send retried once (the failed send did not transmit, and the error is
+// cleared by being reported), so a target that starts listening late gets the datagram.
+//
+// The relay belongs to the loop thread.
+
+import CPestoSys
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Limits and timing of the UDP relay.
+public struct UDPRelayLimits: Sendable {
+    /// Most flows at once; datagrams from new clients beyond it are dropped. At most 2^24
+    /// (a flow's slot is its epoll index).
+    public var maxFlows = 4096
+    /// A flow with no datagram in either direction for this long is closed.
+    public var idleTimeoutMilliseconds = 180_000
+    /// How often idle flows are looked for; a flow lives at most this much past its timeout.
+    public var expiryCheckMilliseconds = 1000
+
+    /// The defaults.
+    public init() {}
+}
+
+/// Relays UDP datagrams per client flow; belongs to the loop thread.
+///
+/// See the theory of operation at the top of UDPRelay.swift.
+public final class UDPRelay: EventHandler {
+    /// What the relay has done, for logs, benchmarks and tests.
+    public struct Counters: Sendable, Equatable {
+        /// Datagrams received from clients on listeners.
+        public var datagramsIn: UInt64 = 0
+        /// Datagrams sent to targets on flow sockets.
+        public var datagramsOut: UInt64 = 0
+        /// Replies received from targets on flow sockets.
+        public var repliesIn: UInt64 = 0
+        /// Replies sent to clients from listeners.
+        public var repliesOut: UInt64 = 0
+        /// Datagrams from new clients dropped because `maxFlows` flows were open.
+        public var droppedFlowLimit: UInt64 = 0
+        /// Datagrams dropped because their destination is one of pestod's own listeners.
+        public var droppedLoop: UInt64 = 0
+        /// Datagrams lost to errors of the environment (no descriptors, unreachable target,
+        /// ECONNREFUSED reported by the target, full socket buffers, ...).
+        public var droppedErrors: UInt64 = 0
+        /// Flows opened.
+        public var flowsCreated: UInt64 = 0
+        /// Flows closed for being idle.
+        public var flowsExpired: UInt64 = 0
+
+        /// All zero.
+        public init() {}
+    }
+
+    /// Datagrams handled per readiness event of one socket, so one busy client cannot starve
+    /// the loop (the loop is level-triggered: what is left is handled on the next turn).
+    static let batch = 64
+    /// The datagram buffer's size: more than any UDP payload (65,507 bytes over IPv4,
+    /// 65,527 over IPv6 without jumbograms), so nothing is ever truncated.
+    static let bufferSize = 65_536
+    /// ECONNREFUSED: on a connected UDP socket, the target answered an earlier datagram with
+    /// ICMP "port unreachable".
+    private static let connectionRefused = Errno(rawValue: ECONNREFUSED)
+
+    /// A flow's identity: the listener the client wrote to and the client's address.
+    struct FlowKey: Hashable {
+        var listener: Int32
+        var client: SocketAddress
+    }
+
+    /// One slot of the flow table.
+    struct Flow {
+        /// The connected socket towards the target; -1 when the slot is free.
+        var socket: Int32 = -1
+        /// The listener the client wrote to; replies leave from it.
+        var listener: Int32 = -1
+        /// The client's address exactly as recvfrom() gave it (IPv4-mapped on a dual-stack
+        /// listener), so sendto() on the listener reaches it.
+        var client = SocketAddress()
+        /// The last datagram in either direction.
+        var lastActive = MonotonicInstant(nanoseconds: 0)
+
+        /// False for a free slot.
+        var inUse: Bool { socket >= 0 }
+    }
+
+    private let loop: EventLoop
+    private let targetSide: (TableKind) -> TargetSide
+    private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
+    /// The limits this relay was made with.
+    public let limits: UDPRelayLimits
+    private var flows: [Flow] = []
+    private var freeSlots: [UInt32] = []
+    private var flowsByKey: [FlowKey: UInt32] = [:]
+    /// Every datagram passes through here; allocated once, freed in deinit.
+    private let buffer: UnsafeMutableRawBufferPointer
+    /// The expiry timer, armed while there are flows.
+    private var expiryTimer: EventLoop.TimerID?
+
+    /// Flows open now.
+    public private(set) var flowCount = 0
+    /// What the relay has done so far.
+    public private(set) var counters = Counters()
+
+    /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `targetSide`
+    /// gives the side where a table's targets are reached; `wouldLoop` says whether a
+    /// destination is one of pestod's own listeners there.
+    public init(
+        loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: UDPRelayLimits = UDPRelayLimits(),
+        wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
+    ) {
+        precondition(limits.maxFlows >= 0 && limits.maxFlows <= 1 << 24, "maxFlows \(limits.maxFlows) is not in 0...2^24")
+        precondition(limits.idleTimeoutMilliseconds > 0, "idleTimeoutMilliseconds must be positive")
+        precondition(limits.expiryCheckMilliseconds > 0, "expiryCheckMilliseconds must be positive")
+        self.loop = loop
+        self.targetSide = targetSide
+        self.limits = limits
+        self.wouldLoop = wouldLoop
+        buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.bufferSize, alignment: 16)
+        flows.reserveCapacity(min(limits.maxFlows, 1024))
+        freeSlots.reserveCapacity(min(limits.maxFlows, 1024))
+        flowsByKey.reserveCapacity(min(limits.maxFlows, 1024))
+        loop.setHandler(self, for: EngineEventKind.udpFlow)
+    }
+
+    deinit {
+        closeAll()
+        buffer.deallocate()
+    }
+
+    /// Closes every flow (engine shutdown) and disarms the expiry timer.
+    public func closeAll() {
+        guard flowCount > 0 else { return }
+        for slot in flows.indices where flows[slot].inUse { closeFlow(slot: slot) }
+    }
+
+    // MARK: Client → target
+
+    /// Relays the datagrams waiting on `listener` to `target`, one flow per client address.
+    ///
+    /// Takes at most `batch` datagrams, then returns so other sources get their turn.
+    public func listenerReadable(fd listener: Int32, target: ForwardTarget) {
+        let now = MonotonicInstant.now
+        for _ in 0..<Self.batch {
+            var client = SocketAddress()
+            let received = client.withMutableSockaddr { sa, len in
+                Sys.call { recvfrom(listener, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT), sa, len) }
+            }
+            let count: Int
+            switch received {
+            case .success(let n): count = n
+            case .failure(let e) where e == .wouldBlock: return
+            case .failure:
+                // An unconnected socket has few errors to report (ENOMEM, a queued ICMP error
+                // with IP_RECVERR); each is one lost datagram.
+                counters.droppedErrors += 1
+                continue
+            }
+            counters.datagramsIn += 1
+            guard let slot = flowSlot(listener: listener, client: client, target: target, now: now) else { continue }
+            flows[slot].lastActive = now
+            send(count, on: flows[slot].socket)
+        }
+    }
+
+    /// The slot of the flow of `client` on `listener`, opened if needed; nil when the
+    /// datagram is to be dropped (counted here).
+    private func flowSlot(listener: Int32, client: SocketAddress, target: ForwardTarget, now: MonotonicInstant) -> Int? {
+        let key = FlowKey(listener: listener, client: client)
+        if let slot = flowsByKey[key] { return Int(slot) }
+        guard flowCount < limits.maxFlows else {
+            counters.droppedFlowLimit += 1
+            return nil
+        }
+        // `endpoint` turns an IPv4-mapped client of a dual-stack listener into IPv4.
+        let destination = target.destination(peerFamily: client.endpoint?.address.family ?? .ipv4)
+        if wouldLoop(target, destination) {
+            counters.droppedLoop += 1
+            return nil
+        }
+        guard let socket = openFlowSocket(to: destination, side: targetSide(target.table)) else {
+            counters.droppedErrors += 1
+            return nil
+        }
+        let slot: UInt32
+        if let free = freeSlots.popLast() {
+            slot = free
+        } else {
+            slot = UInt32(flows.count)
+            flows.append(Flow())
+        }
+        do {
+            try loop.add(fd: socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
+        } catch {
+            preconditionFailure("cannot watch UDP flow socket \(socket): \(error)")
+        }
+        flows[Int(slot)] = Flow(socket: socket, listener: listener, client: client, lastActive: now)
+        flowsByKey[key] = slot
+        flowCount += 1
+        counters.flowsCreated += 1
+        if expiryTimer == nil {
+            expiryTimer = loop.every(milliseconds: limits.expiryCheckMilliseconds) { [unowned self] in
+                self.expireIdleFlows(now: .now)
+            }
+        }
+        return Int(slot)
+    }
+
+    /// A non-blocking UDP socket on `side`, connected to `destination`; nil when the
+    /// environment refuses (no descriptors, no route, no such family, no ephemeral port).
+    private func openFlowSocket(to destination: SocketAddress, side: TargetSide) -> Int32? {
+        let opened = side.socket(domain: destination.family, type: Int32(SOCK_DGRAM.rawValue))
+        guard case .success(let fd) = opened else { return nil }
+        let connected = destination.withSockaddr { sa, len in Sys.call { connect(fd, sa, len) } }
+        guard case .success = connected else {
+            Sys.close(fd)
+            return nil
+        }
+        return fd
+    }
+
+    /// Sends the first `count` bytes of the buffer on a flow socket.
+    private func send(_ count: Int, on socket: Int32) {
+        for attempt in 0..<2 {
+            switch Sys.call({ Glibc.send(socket, buffer.baseAddress, count, Int32(MSG_DONTWAIT)) }) {
+            case .success:
+                counters.datagramsOut += 1
+                return
+            case .failure(let e) where e == Self.connectionRefused && attempt == 0:
+                // An ICMP error about an earlier datagram: that one is the loss. Reporting the
+                // error cleared it and nothing was sent, so this datagram gets another try.
+                counters.droppedErrors += 1
+            case .failure:
+                counters.droppedErrors += 1
+                return
+            }
+        }
+    }
+
+    // MARK: Target → client
+
+    /// A flow socket is readable: its replies go back to the client from the listener.
+    ///
+    /// Takes at most `batch` replies, then returns so other sources get their turn.
+    public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
+        let slot = Int(index)
+        // The flow may have been closed earlier in this epoll batch.
+        guard slot < flows.count, flows[slot].socket == fd else { return }
+        let listener = flows[slot].listener
+        let client = flows[slot].client
+        var replied = false
+        batch: for _ in 0..<Self.batch {
+            switch Sys.call({ recv(fd, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT)) }) {
+            case .success(let count):
+                counters.repliesIn += 1
+                replied = true
+                let sent = client.withSockaddr { sa, len in
+                    Sys.call { sendto(listener, buffer.baseAddress, count, Int32(MSG_DONTWAIT), sa, len) }
+                }
+                if case .success = sent {
+                    counters.repliesOut += 1
+                } else {
+                    counters.droppedErrors += 1  // the listener's send buffer is full, no route, ...
+                }
+            case .failure(let e) where e == .wouldBlock:
+                break batch
+            case .failure:
+                // ECONNREFUSED and friends: the target rejected an earlier datagram. Reporting
+                // clears the error; the flow stays, the target may come back.
+                counters.droppedErrors += 1
+            }
+        }
+        if replied { flows[slot].lastActive = .now }
+    }
+
+    // MARK: Ending flows
+
+    /// Closes the flows of `listener`, which the engine is about to close: replies could no
+    /// longer be sent from it, and its descriptor number may soon be another listener's.
+    public func listenerClosing(fd listener: Int32) {
+        guard flowCount > 0 else { return }
+        for slot in flows.indices where flows[slot].inUse && flows[slot].listener == listener {
+            closeFlow(slot: slot)
+        }
+    }
+
+    /// Closes the flows whose last datagram is `idleTimeoutMilliseconds` or more before `now`.
+    func expireIdleFlows(now: MonotonicInstant) {
+        for slot in flows.indices where flows[slot].inUse {
+            if flows[slot].lastActive.adding(milliseconds: limits.idleTimeoutMilliseconds) <= now {
+                closeFlow(slot: slot)
+                counters.flowsExpired += 1
+            }
+        }
+    }
+
+    /// Stops watching and closes a flow's socket, frees its slot, and disarms the expiry
+    /// timer with the last flow.
+    private func closeFlow(slot: Int) {
+        let flow = flows[slot]
+        precondition(flow.inUse, "closing free UDP flow slot \(slot)")
+        flowsByKey[FlowKey(listener: flow.listener, client: flow.client)] = nil
+        // close() alone leaves epoll only once no other reference to the socket exists (a
+        // fork between our socket() and its exec, say); removing first is certain.
+        loop.remove(fd: flow.socket)
+        Sys.close(flow.socket)
+        flows[slot] = Flow()
+        freeSlots.append(UInt32(slot))
+        flowCount -= 1
+        if flowCount == 0, let timer = expiryTimer {
+            loop.cancelTimer(timer)
+            expiryTimer = nil
+        }
+    }
+
+    // MARK: Inspection (tests)
+
+    /// The socket of the flow of `client` on `listener`, or nil.
+    func flowSocket(listener: Int32, client: SocketAddress) -> Int32? {
+        flowsByKey[FlowKey(listener: listener, client: client)].map { flows[Int($0)].socket }
+    }
+
+    /// The slot of every open flow with its socket.
+    var openFlows: [(slot: Int, socket: Int32)] {
+        flows.indices.filter { flows[$0].inUse }.map { ($0, flows[$0].socket) }
+    }
+
+    /// True when the expiry timer is armed.
+    var expiryArmed: Bool { expiryTimer != nil }
+}
