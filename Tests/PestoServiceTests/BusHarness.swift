@@ -126,6 +126,8 @@ final class PestodFixture {
     private(set) var pestod: Child!
     /// An in-process client connection.
     let client: DBusConnection
+    /// RLIMIT_NOFILE for pestod, if limited.
+    let openFileLimit: Int?
     /// pestod's log file.
     var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
     /// What pestod has logged so far.
@@ -138,7 +140,9 @@ final class PestodFixture {
     static let managerInterface = PestoInterfaces.manager.name
 
     /// Starts dbus-daemon and pestod (extra flags go to pestod).
-    init(pestodArguments: [String] = []) throws {
+    /// `openFileLimit` runs pestod under `prlimit --nofile` (descriptor exhaustion tests).
+    init(pestodArguments: [String] = [], openFileLimit: Int? = nil) throws {
+        self.openFileLimit = openFileLimit
         directory = try TemporaryDirectory()
         let socket = directory.url.appendingPathComponent("bus.sock").path
         let config = directory.url.appendingPathComponent("bus.conf")
@@ -165,9 +169,10 @@ final class PestodFixture {
     func startPestod(_ arguments: [String] = []) throws {
         let notifyPath = directory.url.appendingPathComponent("notify-\(UUID().uuidString.prefix(6))").path
         let notify = try NotifySocket(path: notifyPath)
-        pestod = try Child(
-            Products.path("pestod"), ["--address", address, "--log-level", "debug"] + arguments,
-            environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
+        let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"] + arguments
+        let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
+        let argv = limit + command
+        pestod = try Child(argv[0], Array(argv.dropFirst()), environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
         guard notify.waitForReady(timeoutMilliseconds: 20_000) else {
             throw FixtureError("pestod did not become ready: \(log)")
         }
