@@ -76,14 +76,14 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
 
     /// Indexed by descriptor.
     private var listeners: [ListenerEntry?] = []
-    /// pestod's own listening ports by protocol, side and port, with their addresses, for
-    /// the loop check (one lookup per new connection or flow).
+    /// How many of pestod's own listeners use each protocol, side and port, for the loop
+    /// check: one lookup per new connection or flow, and a look at the addresses only on a hit.
     private struct OwnPort: Hashable {
         var proto: TransportProtocol
         var inNamespace: Bool
         var port: UInt16
     }
-    private var ownPorts: [OwnPort: [IPAddress?]] = [:]
+    private var ownPorts: [OwnPort: Int] = [:]
     private var pausedListeners: [Int32] = []
     private var resumeTimer: EventLoop.TimerID?
 
@@ -175,12 +175,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         let target = ForwardTarget(
             table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port))
         if Int(fd) >= listeners.count { listeners.append(contentsOf: repeatElement(nil, count: Int(fd) + 1 - listeners.count)) }
-        var st = stat()
-        let inode = fstat(fd, &st) == 0 ? UInt64(st.st_ino) : 0
-        ownInodes.insert(inode)
+        // Inodes only matter to scans, and scans exist only with a namespace.
+        var inode: UInt64 = 0
+        if namespace != nil {
+            var st = stat()
+            if fstat(fd, &st) == 0 { inode = UInt64(st.st_ino) }
+            ownInodes.insert(inode)
+        }
         listeners[Int(fd)] = ListenerEntry(
             target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
-        ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: []].append(rule.address)
+        ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: 0] += 1
         let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
         do {
             try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
@@ -195,12 +199,10 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         if !entry.paused { loop.remove(fd: fd) }
         pausedListeners.removeAll { $0 == fd }
         listeners[Int(fd)] = nil
-        ownInodes.remove(entry.inode)
+        if namespace != nil { ownInodes.remove(entry.inode) }
         let key = OwnPort(proto: entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
-        if var addresses = ownPorts[key], let k = addresses.firstIndex(of: entry.address) {
-            addresses.remove(at: k)
-            ownPorts[key] = addresses.isEmpty ? nil : addresses
-        }
+        let remaining = (ownPorts[key] ?? 1) - 1
+        ownPorts[key] = remaining > 0 ? remaining : nil
     }
 
     /// A listener is readable: accept (TCP) or relay datagrams (UDP).
@@ -248,9 +250,13 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     func wouldLoop(_ target: ForwardTarget, _ destination: SocketAddress) -> Bool {
         guard let (address, port) = destination.endpoint else { return false }
         let targetInNamespace = target.table == .host && namespace != nil
-        guard let addresses = ownPorts[OwnPort(proto: target.proto, inNamespace: targetInNamespace, port: port)] else { return false }
-        return addresses.contains { listenAddress in
-            guard let listenAddress else { return true }
+        guard ownPorts[OwnPort(proto: target.proto, inNamespace: targetInNamespace, port: port)] != nil else { return false }
+        // A listener of ours uses that port on that side: does its address cover the destination?
+        return listeners.contains { entry in
+            guard let entry, entry.target.proto == target.proto, entry.inNamespace == targetInNamespace,
+                entry.listenPort == port
+            else { return false }
+            guard let listenAddress = entry.address else { return true }
             return listenAddress == address || (listenAddress.isUnspecified && listenAddress.family == address.family)
         }
     }
