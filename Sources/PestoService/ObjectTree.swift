@@ -90,23 +90,14 @@ enum ObjectTree {
             ]
         case (.rule(let kind, let id), PestoInterfaces.rule.name):
             guard let t = engine.table(kind), let rule = try? t.read(id), let s = try? t.status(id) else { return nil }
-            return [
-                ("Id", .uint32(id)),
-                ("Table", .objectPath(PestoBusNames.tablePath(kind))),
-                ("Protocol", .string(rule.proto.rawValue)),
-                ("Address", .string(rule.address?.description ?? "")),
-                ("Interface", .string(rule.interface)),
-                ("FirstPort", .uint16(rule.firstPort)),
-                ("LastPort", .uint16(rule.lastPort)),
-                ("TargetAddress", .string(rule.targetAddress?.description ?? "")),
-                ("TargetPort", .uint16(rule.targetPort)),
-                ("Scan", .bool(rule.scan)),
-                ("Owner", .string(rule.owner)),
-                ("Active", .bool(s.active)),
-                ("BoundSockets", .uint32(s.bound)),
-                ("BindFailures", .uint32(s.failed)),
-                ("LastError", .string(s.lastErrorName)),
-            ]
+            return [("Id", .uint32(id)), ("Table", .objectPath(PestoBusNames.tablePath(kind)))]
+                + RuleCodec.fields(rule).map { ($0.property, $0.value) }
+                + [
+                    ("Active", .bool(s.active)),
+                    ("BoundSockets", .uint32(s.bound)),
+                    ("BindFailures", .uint32(s.failed)),
+                    ("LastError", .string(s.lastErrorName)),
+                ]
         default:
             return []  // standard interfaces have no properties
         }

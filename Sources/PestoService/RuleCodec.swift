@@ -66,20 +66,26 @@ enum RuleCodec {
             owner: fields["owner"]?.stringValue ?? "")
     }
 
-    /// The stored rule as `a{sv}`, every key present (defaults filled in; "" for any address
-    /// and for the table's default target).
+    /// Every field of a rule: its key in the rule description, its Rule object property name,
+    /// and its value with defaults filled in ("" for any address and for the table's default
+    /// target). The one place that turns a stored rule into D-Bus values.
+    static func fields(_ rule: Rule) -> [(key: String, property: String, value: DBusValue)] {
+        [
+            ("protocol", "Protocol", .string(rule.proto.rawValue)),
+            ("address", "Address", .string(rule.address?.description ?? "")),
+            ("interface", "Interface", .string(rule.interface)),
+            ("first-port", "FirstPort", .uint16(rule.firstPort)),
+            ("last-port", "LastPort", .uint16(rule.lastPort)),
+            ("target-address", "TargetAddress", .string(rule.targetAddress?.description ?? "")),
+            ("target-port", "TargetPort", .uint16(rule.targetPort)),
+            ("scan", "Scan", .bool(rule.scan)),
+            ("owner", "Owner", .string(rule.owner)),
+        ]
+    }
+
+    /// The stored rule as `a{sv}`, every key present.
     static func encode(_ rule: Rule) -> DBusValue {
-        .vardict([
-            ("protocol", .string(rule.proto.rawValue)),
-            ("address", .string(rule.address?.description ?? "")),
-            ("interface", .string(rule.interface)),
-            ("first-port", .uint16(rule.firstPort)),
-            ("last-port", .uint16(rule.lastPort)),
-            ("target-address", .string(rule.targetAddress?.description ?? "")),
-            ("target-port", .uint16(rule.targetPort)),
-            ("scan", .bool(rule.scan)),
-            ("owner", .string(rule.owner)),
-        ])
+        .vardict(fields(rule).map { ($0.key, $0.value) })
     }
 
     /// A status as the `(buus)` struct of `List`.
