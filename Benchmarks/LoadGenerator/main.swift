@@ -1,1 +1,446 @@
-print("pesto-loadgen: being written")
+// pesto-loadgen: the load side of the data-path benchmark (Benchmarks/run-datapath.sh).
+//
+//   pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS]
+//       TCP echo server and UDP echo server on 127.0.0.1, one non-blocking epoll thread; holds
+//       thousands of idle connections. Prints "ready" once bound; exits after --lifetime
+//       seconds (default 3600) so that it can never outlive a benchmark for long.
+//   pesto-loadgen connrate --port P --seconds S --clients C [--spread]
+//       C threads, each looping for S seconds: connect, send 1 byte, read its echo, close.
+//       Prints "connrate <connections/s> failures <n> [first <errno name>]". With --spread,
+//       client k binds to source address 127.0.0.(10+k) (IP_BIND_ADDRESS_NO_PORT), giving
+//       each client its own ephemeral-port space against TIME_WAIT exhaustion.
+//   pesto-loadgen udprr --port P --seconds S
+//       UDP ping-pong with 64-byte datagrams (sequence-numbered; a reply missing after 200 ms
+//       is counted lost). Prints "udprr <round trips/s> lost <n>".
+//   pesto-loadgen idle --port P --count N [--hold SECONDS]
+//       Opens N TCP connections and checks each with a 1-byte echo, prints "ready N", then
+//       holds them until stdin closes (or --hold seconds, default 600). On a failure prints
+//       "failed <k> of <N>: <errno>" and exits 1. Needs N + a few descriptors.
+//
+// Every loop is bounded by its duration or count, every blocking call has a timeout, and every
+// address is 127.0.0.0/8.
+
+import CPestoSys
+import PestoEngine
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Small helpers
+
+/// Writes a line to stdout, unbuffered (the script reads it through a pipe).
+func say(_ text: String) {
+    let bytes = Array((text + "\n").utf8)
+    bytes.withUnsafeBytes { _ = write(1, $0.baseAddress, $0.count) }
+}
+
+/// Writes a line to stderr and exits with status 1.
+func fail(_ text: String) -> Never {
+    let bytes = Array(("pesto-loadgen: \(text)\n").utf8)
+    bytes.withUnsafeBytes { _ = write(2, $0.baseAddress, $0.count) }
+    exit(1)
+}
+
+/// Seconds on the monotonic clock.
+func now() -> Double { Double(MonotonicInstant.now.nanoseconds) / 1e9 }
+
+/// Sets the receive and send timeouts of a socket (SO_SNDTIMEO also bounds connect()).
+func setTimeouts(_ fd: Int32, seconds: Double) {
+    let whole = Int(seconds)
+    var tv = timeval(tv_sec: whole, tv_usec: Int((seconds - Double(whole)) * 1e6))
+    let size = socklen_t(MemoryLayout<timeval>.size)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, size)
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, size)
+}
+
+func setIntOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32) {
+    var v = value
+    setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size))
+}
+
+/// Linux's IP_BIND_ADDRESS_NO_PORT (not imported by Glibc): bind() picks no port; connect() does.
+let ipBindAddressNoPort: Int32 = 24
+
+/// 127.0.0.x.
+func loopback(_ x: UInt32) -> IPAddress { .v4(0x7F00_0000 | (x & 0xFF)) }
+
+/// A blocking TCP connection to 127.0.0.1:port with 2 s timeouts, optionally from `source`.
+func connectTCP(port: UInt16, source: IPAddress? = nil, timeout: Double = 2) -> Result<Int32, Errno> {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return .failure(.current) }
+    setTimeouts(fd, seconds: timeout)
+    setIntOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
+    if let source {
+        setIntOption(fd, Int32(IPPROTO_IP), ipBindAddressNoPort, 1)
+        if SocketAddress(source, port: 0).withSockaddr({ bind(fd, $0, $1) }) != 0 {
+            let e = Errno.current
+            close(fd)
+            return .failure(e)
+        }
+    }
+    if SocketAddress(.loopbackIPv4, port: port).withSockaddr({ connect(fd, $0, $1) }) != 0 {
+        let e = Errno.current
+        close(fd)
+        return .failure(e)
+    }
+    return .success(fd)
+}
+
+/// One byte there and back on a connected socket; nil on success, else why not
+/// (EAGAIN: timed out; ECONNRESET: the peer closed without answering).
+func echoOne(_ fd: Int32) -> Errno? {
+    var b: UInt8 = 0x2A
+    let w = write(fd, &b, 1)
+    if w != 1 { return w < 0 ? .current : Errno(rawValue: EIO) }
+    let r = read(fd, &b, 1)
+    if r == 1 { return nil }
+    return r < 0 ? .current : Errno(rawValue: ECONNRESET)
+}
+
+/// Runs `body` on a new detached pthread.
+final class ThreadBody: Sendable {
+    let run: @Sendable () -> Void
+    init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+}
+
+func spawn(_ body: @escaping @Sendable () -> Void) {
+    let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var tid = pthread_t()
+    let rc = pthread_create(&tid, nil, { p in
+        Unmanaged<ThreadBody>.fromOpaque(p!).takeRetainedValue().run()
+        return nil
+    }, context)
+    if rc != 0 { fail("pthread_create: \(Errno(rawValue: rc))") }
+    pthread_detach(tid)
+}
+
+// MARK: - Options
+
+/// `--name value` and `--flag` arguments after the subcommand.
+struct Options {
+    var values: [String: String] = [:]
+    var flags: Set<String> = []
+
+    init(_ arguments: ArraySlice<String>, flags known: Set<String>) {
+        var i = arguments.startIndex
+        while i < arguments.endIndex {
+            let a = arguments[i]
+            guard a.hasPrefix("--") else { fail("unexpected argument \(a)") }
+            let name = String(a.dropFirst(2))
+            if known.contains(name) {
+                flags.insert(name)
+                i += 1
+            } else {
+                guard i + 1 < arguments.endIndex else { fail("\(a) needs a value") }
+                values[name] = arguments[i + 1]
+                i += 2
+            }
+        }
+    }
+
+    func port(_ name: String) -> UInt16? {
+        guard let text = values[name] else { return nil }
+        guard let p = UInt16(text), p > 0 else { fail("--\(name): bad port \(text)") }
+        return p
+    }
+
+    func requiredPort(_ name: String) -> UInt16 {
+        guard let p = port(name) else { fail("--\(name) PORT is required") }
+        return p
+    }
+
+    func number(_ name: String, default value: Double? = nil, range: ClosedRange<Double>) -> Double {
+        guard let text = values[name] else {
+            guard let value else { fail("--\(name) is required") }
+            return value
+        }
+        guard let v = Double(text), range.contains(v) else { fail("--\(name) must be a number in \(range)") }
+        return v
+    }
+}
+
+// MARK: - serve-echo
+
+/// TCP and UDP echo on 127.0.0.1, one epoll thread, non-blocking sockets, bounded lifetime.
+func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
+    let end = now() + lifetime
+    let ep = epoll_create1(Int32(EPOLL_CLOEXEC))
+    guard ep >= 0 else { fail("epoll_create1: \(Errno.current)") }
+    let nonblocking = Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+
+    func watch(_ fd: Int32, _ events: UInt32, op: Int32 = EPOLL_CTL_ADD) {
+        var ev = epoll_event()
+        ev.events = events
+        ev.data.u64 = UInt64(UInt32(bitPattern: fd))
+        epoll_ctl(ep, op, fd, &ev)
+    }
+
+    var tcp: Int32 = -1
+    if let tcpPort {
+        tcp = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | nonblocking, 0)
+        setIntOption(tcp, SOL_SOCKET, SO_REUSEADDR, 1)
+        guard SocketAddress(.loopbackIPv4, port: tcpPort).withSockaddr({ bind(tcp, $0, $1) }) == 0,
+              listen(tcp, 4096) == 0
+        else { fail("cannot listen on TCP 127.0.0.1:\(tcpPort): \(Errno.current)") }
+        watch(tcp, EPOLLIN.rawValue)
+    }
+    var udp: Int32 = -1
+    if let udpPort {
+        udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | nonblocking, 0)
+        guard SocketAddress(.loopbackIPv4, port: udpPort).withSockaddr({ bind(udp, $0, $1) }) == 0
+        else { fail("cannot bind UDP 127.0.0.1:\(udpPort): \(Errno.current)") }
+        watch(udp, EPOLLIN.rawValue)
+    }
+    say("ready")
+
+    // Bytes a connection's peer has not taken yet; while any are pending we stop reading it.
+    var pending: [Int32: [UInt8]] = [:]
+    var listenerPausedUntil: Double? = nil
+    var events = [epoll_event](repeating: epoll_event(), count: 512)
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+
+    func drop(_ fd: Int32) {
+        pending[fd] = nil
+        close(fd)  // also removes it from the epoll set
+    }
+
+    /// Writes `bytes` to `fd`; keeps what does not fit and waits for EPOLLOUT. False: closed.
+    func send(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        var offset = 0
+        while offset < bytes.count {
+            let w = write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+            if w > 0 { offset += w; continue }
+            if w < 0 && errno == EINTR { continue }
+            if w < 0 && errno == EAGAIN {
+                pending[fd] = Array(bytes[offset...])
+                watch(fd, EPOLLOUT.rawValue, op: EPOLL_CTL_MOD)
+                return true
+            }
+            drop(fd)
+            return false
+        }
+        if pending[fd] != nil {
+            pending[fd] = nil
+            watch(fd, EPOLLIN.rawValue, op: EPOLL_CTL_MOD)
+        }
+        return true
+    }
+
+    while now() < end {
+        var timeout: Int32 = 1000
+        if let until = listenerPausedUntil {
+            if now() >= until {
+                watch(tcp, EPOLLIN.rawValue)
+                listenerPausedUntil = nil
+            } else {
+                timeout = 50
+            }
+        }
+        let n = epoll_wait(ep, &events, Int32(events.count), timeout)
+        if n < 0 && errno != EINTR { fail("epoll_wait: \(Errno.current)") }
+        for k in 0..<Int(max(n, 0)) {
+            let fd = Int32(truncatingIfNeeded: events[k].data.u64)
+            if fd == tcp {
+                for _ in 0..<256 {
+                    let c = pesto_accept4(tcp, nil, nil, nonblocking)
+                    if c < 0 {
+                        if errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM {
+                            // Out of descriptors: leave the rest in the backlog for a moment.
+                            epoll_ctl(ep, EPOLL_CTL_DEL, tcp, nil)
+                            listenerPausedUntil = now() + 0.1
+                        }
+                        break
+                    }
+                    setIntOption(c, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
+                    watch(c, EPOLLIN.rawValue)
+                }
+            } else if fd == udp {
+                for _ in 0..<256 {
+                    var peer = SocketAddress()
+                    let r = peer.withMutableSockaddr { recvfrom(udp, &buffer, buffer.count, 0, $0, $1) }
+                    if r < 0 { break }
+                    _ = peer.withSockaddr { sendto(udp, buffer, r, 0, $0, $1) }
+                }
+            } else if let rest = pending[fd] {
+                // Writable again (or an error, which write() reports).
+                _ = rest.withUnsafeBytes { send(fd, $0) }
+            } else {
+                let r = read(fd, &buffer, buffer.count)
+                if r > 0 {
+                    _ = buffer.withUnsafeBytes { send(fd, UnsafeRawBufferPointer(rebasing: $0[0..<r])) }
+                } else if r == 0 || (errno != EAGAIN && errno != EINTR) {
+                    drop(fd)
+                }
+            }
+        }
+    }
+    exit(0)
+}
+
+// MARK: - connrate
+
+final class ConnectionCounters: Sendable {
+    let done = Atomic<Int>(0)
+    let failures = Atomic<Int>(0)
+    let finished = Atomic<Int>(0)
+    let firstError = Atomic<Int32>(0)
+
+    func failed(_ e: Errno) {
+        failures.add(1, ordering: .relaxed)
+        _ = firstError.compareExchange(expected: 0, desired: e.rawValue, ordering: .relaxed)
+    }
+}
+
+/// `clients` threads of connect, 1-byte echo, close, for `duration` seconds.
+func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool) -> Never {
+    let counters = ConnectionCounters()
+    let start = now()
+    let end = start + duration
+    for k in 0..<clients {
+        let source: IPAddress? = spread ? loopback(UInt32(10 + k)) : nil
+        spawn {
+            while now() < end {
+                switch connectTCP(port: port, source: source) {
+                case .failure(let e):
+                    counters.failed(e)
+                    usleep(1000)  // e.g. refused: do not spin
+                case .success(let fd):
+                    if let e = echoOne(fd) {
+                        counters.failed(e)
+                    } else if now() <= end {
+                        counters.done.add(1, ordering: .relaxed)
+                    }
+                    close(fd)
+                }
+            }
+            counters.finished.add(1, ordering: .relaxed)
+        }
+    }
+    // Each operation times out after 2 s, so every thread ends by end + 4 s.
+    while counters.finished.load(ordering: .relaxed) < clients && now() < end + 10 { usleep(10_000) }
+    let rate = Int((Double(counters.done.load(ordering: .relaxed)) / duration).rounded())
+    var line = "connrate \(rate) failures \(counters.failures.load(ordering: .relaxed))"
+    let first = counters.firstError.load(ordering: .relaxed)
+    if first != 0 { line += " first \(Errno(rawValue: first).name)" }
+    say(line)
+    exit(0)
+}
+
+// MARK: - udprr
+
+/// UDP ping-pong, 64-byte datagrams, sequence-numbered, for `duration` seconds.
+func udpRoundTrips(port: UInt16, duration: Double) -> Never {
+    let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    setTimeouts(fd, seconds: 0.2)
+    guard SocketAddress(.loopbackIPv4, port: port).withSockaddr({ connect(fd, $0, $1) }) == 0
+    else { fail("connect UDP 127.0.0.1:\(port): \(Errno.current)") }
+    var request = [UInt8](repeating: 0x5A, count: 64)
+    var reply = [UInt8](repeating: 0, count: 2048)
+    var count = 0
+    var lost = 0
+    var sequence: UInt64 = 0
+    let start = now()
+    let end = start + duration
+    while now() < end {
+        sequence += 1
+        withUnsafeBytes(of: sequence) { request.replaceSubrange(0..<8, with: $0) }
+        guard send(fd, request, 64, 0) == 64 else {
+            lost += 1
+            usleep(1000)  // ECONNREFUSED from an earlier ICMP error, and the like
+            continue
+        }
+        while true {
+            let r = recv(fd, &reply, reply.count, 0)
+            if r < 0 {
+                if errno == EINTR { continue }
+                lost += 1  // timed out (EAGAIN) or refused
+                if errno != EAGAIN { usleep(1000) }
+                break
+            }
+            if r == 64 && reply[0..<8].elementsEqual(request[0..<8]) {
+                count += 1
+                break
+            }
+            // A late reply to an earlier request: keep waiting for this one.
+        }
+    }
+    say("udprr \(Int((Double(count) / duration).rounded())) lost \(lost)")
+    exit(0)
+}
+
+// MARK: - idle
+
+/// Opens `count` connections, checks each with an echo, holds them until stdin closes.
+func idleConnections(port: UInt16, count: Int, hold: Double) -> Never {
+    var limit = rlimit()
+    getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+    if UInt64(count) + 16 > UInt64(limit.rlim_cur) {
+        fail("--count \(count) needs more descriptors than RLIMIT_NOFILE \(limit.rlim_cur) allows")
+    }
+    var fds: [Int32] = []
+    fds.reserveCapacity(count)
+    for i in 0..<count {
+        let fd: Int32
+        switch connectTCP(port: port, timeout: 5) {
+        case .failure(let e):
+            say("failed \(i + 1) of \(count): connect: \(e.name)")
+            exit(1)
+        case .success(let s): fd = s
+        }
+        if let e = echoOne(fd) {
+            say("failed \(i + 1) of \(count): echo: \(e.name)")
+            exit(1)
+        }
+        fds.append(fd)
+    }
+    say("ready \(fds.count)")
+    let end = now() + hold
+    var b: UInt8 = 0
+    while now() < end {
+        var p = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
+        let n = poll(&p, 1, Int32(min(1000, max(1, (end - now()) * 1000))))
+        if n < 0 && errno != EINTR { break }
+        if n > 0 && read(0, &b, 1) <= 0 { break }  // EOF (or error): done
+    }
+    for fd in fds { close(fd) }
+    exit(0)
+}
+
+// MARK: - main
+
+let usage = """
+    usage: pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS]
+           pesto-loadgen connrate --port PORT --seconds S --clients C [--spread]
+           pesto-loadgen udprr --port PORT --seconds S
+           pesto-loadgen idle --port PORT --count N [--hold SECONDS]
+    """
+
+signal(SIGPIPE, SIG_IGN)
+let arguments = CommandLine.arguments
+let command = arguments.count > 1 ? arguments[1] : ""
+let options = Options(arguments.dropFirst(2), flags: ["spread"])
+switch command {
+case "serve-echo":
+    let tcp = options.port("tcp")
+    let udp = options.port("udp")
+    if tcp == nil && udp == nil { fail("serve-echo needs --tcp PORT and/or --udp PORT") }
+    serveEcho(tcpPort: tcp, udpPort: udp, lifetime: options.number("lifetime", default: 3600, range: 1...86_400))
+case "connrate":
+    connectionRate(
+        port: options.requiredPort("port"),
+        duration: options.number("seconds", range: 0.01...3600),
+        clients: Int(options.number("clients", default: 1, range: 1...200)),
+        spread: options.flags.contains("spread"))
+case "udprr":
+    udpRoundTrips(port: options.requiredPort("port"), duration: options.number("seconds", range: 0.01...3600))
+case "idle":
+    idleConnections(
+        port: options.requiredPort("port"),
+        count: Int(options.number("count", range: 1...1_000_000)),
+        hold: options.number("hold", default: 600, range: 1...86_400))
+default:
+    say(usage)
+    exit(2)
+}

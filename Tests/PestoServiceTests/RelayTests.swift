@@ -254,7 +254,7 @@ struct UDPRelayTests {
         defer { server.stop() }
         try f.table("Insert", [.uint32(1), .vardict([
             ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-port", .uint16(ports.upperBound)),
+            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
         ])])
         #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
         let a = try #require(TestTraffic.udpClient())
