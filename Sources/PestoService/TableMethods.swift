@@ -123,49 +123,19 @@ extension PestoServer {
     /// rule that does not overlap a new one keeps its sockets until the update is known to
     /// succeed, so a rolled-back Apply never closes and reopens it (peers see nothing).
     private func apply(_ kind: TableKind, _ request: ApplyRequest, sender: String) throws(DBusErrorReply) -> DBusValue {
-        let (inserts, removes, options) = (request.inserts, request.removes, request.options)
         try checkMayModify(sender)
-
-        let t: ForwardingTable
-        do { t = try table(kind) } catch { throw DBusErrorReply(error) }
-        var performed = Journal()
-        var results: [DBusValue] = []
-        do throws(PestoError) {
-            func run(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
-                let r = try perform(op)
-                performed.record(op)
-                return r
-            }
-            for (id, rule) in inserts { _ = try run(.insert(kind, id, rule)) }
-            for id in removes {
-                let removed = try t.read(id)
-                if try t.status(id).active, inserts.contains(where: { $0.1.conflicts(with: removed) }) {
-                    _ = try run(.deactivate(kind, id))
-                }
-            }
-            for (id, _) in inserts {
-                let c = try run(.activate(kind, id))!
-                let tolerated = c.failed <= options.maxFailures || (options.bestEffort && c.bound >= 1)
-                if !tolerated {
-                    let last = (try? t.status(id).lastErrorName) ?? ""
-                    throw PestoError(
-                        .bindFailed,
-                        "Rule \(id) bound \(c.bound) of \(c.bound + c.failed) sockets (last error \(last)); "
-                            + "more than the \(options.maxFailures) failures allowed, so nothing was changed.")
-                }
-                results.append(.structure([.uint32(id), .uint32(c.bound), .uint32(c.failed)]))
-            }
-            for id in removes {
-                if try t.status(id).active { _ = try run(.deactivate(kind, id)) }
-                _ = try run(.delete(kind, id, try t.read(id)))
-            }
+        let tolerance = BindTolerance(maxFailures: request.options.maxFailures, bestEffort: request.options.bestEffort)
+        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, tolerance) }, removes: request.removes)
+        let results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
+        let performed: Journal
+        do {
+            (results, performed) = try applyUpdate([update])
         } catch {
             logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
-            performed.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }
             throw DBusErrorReply(error)
         }
         finish(performed, sender: sender)
-        logger.info("Apply on \(kind.rawValue) by \(sender): \(inserts.count) inserted and activated, \(removes.count) removed")
-        return .array(element: "(uuu)", results)
+        logger.info("Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed")
+        return .array(element: "(uuu)", results.map { .structure([.uint32($0.id), .uint32($0.counts.bound), .uint32($0.counts.failed)]) })
     }
 }
