@@ -27,7 +27,7 @@ let package = Package(
         // The D-Bus face of the engine.
         .target(
             name: "PestoService",
-            dependencies: ["PestoEngine", "CDBus", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["PestoEngine", "CDBus", "CPestoSys", .product(name: "Logging", package: "swift-log")]
         ),
         .executableTarget(
             name: "pestod",

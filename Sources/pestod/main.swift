@@ -39,6 +39,14 @@ struct Pestod: ParsableCommand {
         valueName: "path"))
     var netns: String?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Also serve upstream's pesto clients (podman, rootlesskit) on this UNIX socket, speaking pesto protocol version 2 (like pasta -c PATH); uploads are applied as a difference.",
+        valueName: "path"))
+    var control: String?
+
+    @Option(name: .long, help: ArgumentHelp("Give a control socket client this long to finish its upload.", valueName: "ms"))
+    var controlTimeout = 5000
+
     @Option(name: .long, help: "Most TCP connections relayed at once.")
     var maxConnections = TCPRelayLimits().maxConnections
 
@@ -75,6 +83,7 @@ struct Pestod: ParsableCommand {
         if maxConnections < 1 || maxConnections > 1 << 24 { throw ValidationError("--max-connections must be between 1 and \(1 << 24).") }
         if maxUdpFlows < 1 || maxUdpFlows > 1 << 24 { throw ValidationError("--max-udp-flows must be between 1 and \(1 << 24).") }
         if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 { throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.") }
+        if controlTimeout < 10 || controlTimeout > 600_000 { throw ValidationError("--control-timeout must be between 10 and 600000 milliseconds.") }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
@@ -115,11 +124,15 @@ struct Pestod: ParsableCommand {
             if mode == .root { server.authorizer = RootOnlyAuthorizer(connection: connection) }
             logger.info("authorisation of changes: \(mode.rawValue)")
             try server.start()
+            let controlSocket = try control.map {
+                try ControlSocket(path: $0, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
+            }
             engine.start()
             SystemdNotify.send("READY=1")
             loop.run()
             SystemdNotify.send("STOPPING=1")
             engine.stop()
+            _ = controlSocket  // kept open until here; its deinit removes the socket file
             logger.info("stopping: closing \(engine.tables.reduce(0) { $0 + $1.openSockets }) listening sockets")
             if server.disconnected { throw ExitCode(1) }
         } catch let e as DBusErrorReply {

@@ -128,6 +128,8 @@ final class PestodFixture {
     let client: DBusConnection
     /// RLIMIT_NOFILE for pestod, if limited.
     let openFileLimit: Int?
+    /// Where pestod's upstream control socket is, when started with `--control CONTROL`.
+    var controlPath: String { directory.url.appendingPathComponent("control.sock").path }
     /// pestod's log file.
     var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
     /// What pestod has logged so far.
@@ -169,7 +171,9 @@ final class PestodFixture {
     func startPestod(_ arguments: [String] = []) throws {
         let notifyPath = directory.url.appendingPathComponent("notify-\(UUID().uuidString.prefix(6))").path
         let notify = try NotifySocket(path: notifyPath)
-        let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"] + arguments
+        // "CONTROL" stands for this fixture's control socket path.
+        let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
+            + arguments.map { $0 == "CONTROL" ? controlPath : $0 }
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
         let argv = limit + command
         pestod = try Child(argv[0], Array(argv.dropFirst()), environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)

@@ -1,0 +1,169 @@
+// ControlSocket: upstream's pesto control protocol v2 on a UNIX socket (`pasta -c PATH`),
+// so podman's and rootlesskit's `pesto` client can drive pestod unchanged.
+//
+// Theory of operation
+// -------------------
+// One client at a time, as upstream: while a client is served the listening socket is out
+// of epoll, and the next client waits in the backlog. A session:
+//   1. accept; queue the hello and the dump of every table's active rules (PestoV2Wire);
+//      write it as the socket takes it (EPOLLOUT), so a large dump never blocks the loop;
+//   2. read the upload into the incremental parser as it arrives;
+//   3. on the terminator, apply the upload as a difference (UpstreamUpdate.swift) and close.
+// A malformed upload (bad pif, short read, too many rules, unterminated ifname, ...), a
+// rejected update (invalid rule, conflict, bind failure, the D-Bus lock held), and a client
+// that has not finished within `timeoutMilliseconds` (upstream's open FIXME: a stalled
+// client must not block everyone) each end the session with one log line and no change.
+// Upstream's protocol has no reply, so the log and the D-Bus signals are where errors show.
+
+import CPestoSys
+import Logging
+import PestoEngine
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// pestod's upstream-compatible control socket.
+public final class ControlSocket: EventHandler {
+    static let listenerKind = EventLoop.Kind(6)
+    static let clientKind = EventLoop.Kind(7)
+
+    private let path: String
+    private let listenFD: Int32
+    private unowned let server: PestoServer
+    private unowned let loop: EventLoop
+    private let logger: Logger
+    private let timeoutMilliseconds: Int
+    private var client: Int32 = -1
+    private var output: [UInt8] = []
+    private var written = 0
+    private var parser = PestoV2Wire.UploadParser()
+    private var deadline: EventLoop.TimerID?
+    private var readBuffer = [UInt8](repeating: 0, count: 65_536)
+
+    /// Listens on `path` (a stale socket file there is replaced; the socket is mode 0600).
+    public init(path: String, server: PestoServer, loop: EventLoop, logger: Logger, timeoutMilliseconds: Int = 5_000) throws(PestoError) {
+        self.path = path
+        self.server = server
+        self.loop = loop
+        self.logger = logger
+        self.timeoutMilliseconds = timeoutMilliseconds
+        guard path.utf8.count < 108 else { throw PestoError(.system, "The control socket path \(path) is too long (at most 107 bytes).") }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        guard fd >= 0 else { throw PestoError(.system, "Cannot create the control socket.", underlyingError: .current) }
+        var st = stat()
+        if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in path.utf8.enumerated() { raw[i] = b }
+        }
+        let old = umask(0o077)
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        umask(old)
+        guard bound == 0, listen(fd, 16) == 0 else {
+            let e = Errno.current
+            close(fd)
+            throw PestoError(.system, "Cannot listen on the control socket \(path).", underlyingError: e)
+        }
+        listenFD = fd
+        loop.setHandler(self, for: Self.listenerKind)
+        loop.setHandler(self, for: Self.clientKind)
+        try loop.add(fd: fd, events: EventLoop.Events.readable, kind: Self.listenerKind)
+        logger.info("control socket (pesto protocol v\(PestoV2Wire.version)) at \(path)")
+    }
+
+    deinit {
+        if client >= 0 { close(client) }
+        close(listenFD)
+        unlink(path)
+    }
+
+    public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
+        if fd == listenFD {
+            accept()
+        } else if fd == client {
+            serve(events)
+        }
+    }
+
+    /// Takes the next client and queues the hello and the dump.
+    private func accept() {
+        guard client < 0 else { return }
+        let c = pesto_accept4(listenFD, nil, nil, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
+        guard c >= 0 else { return }
+        client = c
+        loop.remove(fd: listenFD)  // one client at a time; the others wait in the backlog
+        let dump = server.upstreamDump().map { t in
+            (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0, bestEffort: false) })
+        }
+        output = PestoV2Wire.hello() + PestoV2Wire.tableDump(dump)
+        written = 0
+        parser = PestoV2Wire.UploadParser()
+        deadline = loop.after(milliseconds: timeoutMilliseconds) { [unowned self] in
+            self.deadline = nil
+            self.end("client did not finish within \(self.timeoutMilliseconds) ms; nothing changed")
+        }
+        do {
+            try loop.add(fd: c, events: EventLoop.Events.readable | EventLoop.Events.writable, kind: Self.clientKind)
+        } catch {
+            end("cannot watch the client: \(error)")
+        }
+    }
+
+    /// Writes what is queued, reads what arrived.
+    private func serve(_ events: UInt32) {
+        if written < output.count {
+            let n = output.withUnsafeBytes { send(client, $0.baseAddress! + written, output.count - written, Int32(MSG_NOSIGNAL)) }
+            if n > 0 { written += n } else if n < 0 && errno != EAGAIN && errno != EINTR {
+                return end("write failed: \(Errno.current)")
+            }
+            if written == output.count {
+                output = []
+                written = 0
+                try? loop.modify(fd: client, events: EventLoop.Events.readable, kind: Self.clientKind)
+            }
+        }
+        guard events & (EventLoop.Events.readable | EventLoop.Events.hangup | EventLoop.Events.error) != 0 else { return }
+        let n = readBuffer.withUnsafeMutableBytes { recv(client, $0.baseAddress!, $0.count, 0) }
+        if n < 0 {
+            if errno == EAGAIN || errno == EINTR { return }
+            return end("read failed: \(Errno.current); nothing changed")
+        }
+        if n == 0 { return end("client closed the connection before the end of its upload (short read); nothing changed") }
+        do {
+            let upload = try readBuffer.withUnsafeBytes { try parser.feed(UnsafeRawBufferPointer(rebasing: $0[..<n])) }
+            guard let upload else { return }
+            apply(upload)
+        } catch let e as PestoV2Wire.WireError {
+            end("malformed upload: \(e.message); nothing changed")
+        } catch {
+            end("malformed upload: \(error); nothing changed")
+        }
+    }
+
+    private func apply(_ upload: [(TableKind, [PestoV2Wire.WireRule])]) {
+        do {
+            let summary = try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) })
+            logger.notice("control socket: update applied (\(summary))")
+            end(nil)
+        } catch {
+            end("update refused: \(error.message); nothing changed")
+        }
+    }
+
+    /// Ends the session (logging `problem` if any) and takes the next client.
+    private func end(_ problem: String?) {
+        if let problem { logger.warning("control socket: \(problem)") }
+        if let deadline { loop.cancelTimer(deadline) }
+        deadline = nil
+        if client >= 0 {
+            close(client)  // leaves epoll too
+            client = -1
+        }
+        output = []
+        try? loop.add(fd: listenFD, events: EventLoop.Events.readable, kind: Self.listenerKind)
+    }
+}
