@@ -134,4 +134,19 @@ struct ControlSocketTests {
         defer { close(next.fd) }
         #expect(next.readHelloAndDump()?.tables[1]?.rules.count == 1)
     }
+
+    @Test("a stalled client is cut off after the read timeout and the next one is served")
+    func stalledClient() throws {
+        let f = try PestodFixture(pestodArguments: ["--control", "CONTROL", "--control-timeout", "300"])
+        let stalled = try #require(WireClient(path: f.controlPath))
+        defer { close(stalled.fd) }
+        #expect(stalled.readHelloAndDump() != nil)
+        // Send nothing: pestod ends the session by itself (recv waits at most 5 s).
+        var byte: UInt8 = 0
+        #expect(recv(stalled.fd, &byte, 1, 0) == 0)
+        #expect(f.log.contains("did not finish within 300 ms"))
+        let next = try #require(WireClient(path: f.controlPath))
+        defer { close(next.fd) }
+        #expect(next.readHelloAndDump()?.version == 2)
+    }
 }

@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# The data-path benchmark: the same loads, side by side in one run, straight to the server
+# ("direct"), through pestod, through socat and, when Debian's passt package can be installed,
+# through upstream pasta (host port -> a namespace pasta creates):
+#   (a) TCP bulk throughput, one stream (iperf3)      (b) short TCP connections/s, 1 and 4 clients
+#   (c) UDP request/response rate, 64 bytes           (d) pestod's RSS with 1,000 and 9,000 idle
+#                                                          relayed connections
+# Prints absolute figures, ratios to direct and to socat, and the targets of TARGETS.md.
+#
+# Usage: Benchmarks/run-datapath.sh [SECONDS per measurement, default 5]
+# Environment: REPEAT=N       rounds, medians reported (default 1; paths interleaved per round)
+#              SCRATCH=DIR    swift build --scratch-path (default .build)
+#              NO_BUILD=1     use the binaries already in $SCRATCH/release
+#              NO_PASTA=1     skip pasta (and do not try to install it)
+#              KEEP=1         keep the temp dir (logs of pestod, pasta, the servers)
+# Connection-rate clients each connect from their own 127.0.0.x (pesto-loadgen connrate --spread):
+# from one address, 4 clients reach only ~14k/s direct here, as port allocation against tens of
+# thousands of TIME_WAIT sockets becomes the bottleneck. The relays' own outgoing leg is theirs.
+# Loopback only (127.0.0.0/8, and pasta's own namespace). Every child is killed on exit
+# (SIGTERM, then SIGKILL), every wait is bounded, the temp dir is removed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/opt/swift/usr/bin"
+DUR=${1:-5}
+REPEAT=${REPEAT:-1}
+SCRATCH=${SCRATCH:-.build}
+[[ $DUR =~ ^[0-9]+$ && $DUR -ge 1 && $DUR -le 120 ]] || { echo "SECONDS must be 1..120" >&2; exit 2; }
+[[ $REPEAT =~ ^[0-9]+$ && $REPEAT -ge 1 && $REPEAT -le 9 ]] || { echo "REPEAT must be 1..9" >&2; exit 2; }
+for tool in iperf3 socat dbus-daemon busctl gdbus python3 ss timeout; do
+    command -v "$tool" >/dev/null || { echo "run-datapath: needs $tool" >&2; exit 1; }
+done
+
+say() { echo "$@" >&2; }
+work=$(mktemp -d /tmp/pesto-datapath.XXXXXX)
+pids=()
+# Every background child is started by bg(): its own process group (setsid), so that the group
+# kill also reaches what it started even if it died first (pasta's namespace processes).
+bg() { setsid "$@" & pids+=($!); }
+descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do descendants "$c"; echo "$c"; done; }
+cleanup() {
+    set +e
+    local all=() groups=() p
+    for p in "${pids[@]}"; do  # collect the whole tree before killing anything
+        mapfile -t -O "${#all[@]}" all < <(descendants "$p")
+        all+=("$p"); groups+=("-$p")
+    done
+    if ((${#all[@]})); then
+        kill -TERM -- "${groups[@]}" "${all[@]}" 2>/dev/null
+        sleep 0.5
+        kill -KILL -- "${groups[@]}" "${all[@]}" 2>/dev/null
+    fi
+    [[ -n ${KEEP:-} ]] && say "kept $work" || rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+# The servers' own time bound: the whole run takes about 16 x (DUR + a few s) per round.
+LIFE=$((REPEAT * 16 * (DUR + 10) + 900))
+
+# ---- build -----------------------------------------------------------------------------------
+BIN=$SCRATCH/release
+if [[ -z ${NO_BUILD:-} ]]; then
+    say "building pestod and pesto-loadgen (release, scratch $SCRATCH)..."
+    for product in pestod pesto-loadgen; do
+        timeout 1800 swift build -c release --scratch-path "$SCRATCH" --product "$product" >"$work/build.log" 2>&1 ||
+            { tail -30 "$work/build.log" >&2; say "build of $product failed"; exit 1; }
+    done
+fi
+LOADGEN=$PWD/$BIN/pesto-loadgen
+PESTOD=$PWD/$BIN/pestod
+[[ -x $LOADGEN && -x $PESTOD ]] || { say "missing $LOADGEN or $PESTOD"; exit 1; }
+
+# Other work on this 2-CPU machine skews every figure: note how busy it is before we start.
+cpu_busy() { # percent of all CPUs' time spent not idle over one second
+    local a b c d e f g h t1 i1
+    read -r _ a b c d e f g h _ </proc/stat; t1=$((a + b + c + d + e + f + g + h)); i1=$((d + e))
+    sleep 1
+    read -r _ a b c d e f g h _ </proc/stat
+    echo $((100 * ((a + b + c + d + e + f + g + h - t1) - (d + e - i1)) / (a + b + c + d + e + f + g + h - t1 + 1)))
+}
+BUSY=$(cpu_busy)
+((BUSY < 10)) || say "warning: the machine is ${BUSY}% busy before the run; figures will be skewed"
+
+# ---- ports -----------------------------------------------------------------------------------
+# Base B: echo servers (TCP and UDP on one number) at B+0 direct, B+10 pestod's target, B+20
+# socat's; iperf3 servers at +1. The forwarders listen at +100 (pasta's namespace uses +130/131
+# inside too).
+offsets=(0 1 10 11 20 21 110 111 120 121 130 131)
+port_busy() { ss -Htuan "( sport = :$1 )" | grep -q .; }
+B=
+for base in 23000 24000 25000 26000 27000 28000 29000 30000; do
+    busy=0
+    for o in "${offsets[@]}"; do port_busy $((base + o)) && { busy=1; break; }; done
+    ((busy)) || { B=$base; break; }
+done
+[[ -n $B ]] || { say "no free port range below the ephemeral range"; exit 1; }
+declare -A ECHO=([direct]=$B [pestod]=$((B + 110)) [socat]=$((B + 120)) [pasta]=$((B + 130)))
+declare -A IPERF=([direct]=$((B + 1)) [pestod]=$((B + 111)) [socat]=$((B + 121)) [pasta]=$((B + 131)))
+
+wait_for() { # FILE TEXT SECONDS: until FILE contains TEXT
+    local i
+    for ((i = 0; i < $3 * 20; i++)); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+    return 1
+}
+wait_listen() { # PORT
+    local i
+    for ((i = 0; i < 200; i++)); do ss -Hltn "( sport = :$1 )" | grep -q . && return 0; sleep 0.05; done
+    say "nothing listens on $1"; exit 1
+}
+start_echo() { # PORT
+    bg "$LOADGEN" serve-echo --tcp "$1" --udp "$1" --lifetime $LIFE >"$work/echo.$1" 2>&1
+    wait_for "$work/echo.$1" ready 10 || { say "echo server on $1 did not start: $(cat "$work/echo.$1")"; exit 1; }
+}
+start_iperf() { # PORT
+    bg timeout $LIFE iperf3 -s -B 127.0.0.1 -p "$1" >/dev/null 2>&1
+    wait_listen "$1"
+}
+for o in 0 10 20; do start_echo $((B + o)); start_iperf $((B + o + 1)); done
+
+# ---- pestod ----------------------------------------------------------------------------------
+cat >"$work/bus.conf" <<CONF
+<busconfig><type>session</type><listen>unix:path=$work/bus.sock</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/></policy></busconfig>
+CONF
+timeout 20 dbus-daemon --config-file="$work/bus.conf" --fork --print-address=1 --print-pid=1 >"$work/bus.out"
+pids+=("$(sed -n 2p "$work/bus.out")")
+ADDR=$(sed -n 1p "$work/bus.out")
+# 9,000 idle connections need 9,000 relay slots (the default is 8,192) and 18,000 descriptors.
+extra=()
+help=$("$PESTOD" --help 2>&1 || true)
+[[ $help == *--max-connections* ]] && extra+=(--max-connections 10000)
+bg "$PESTOD" --address "$ADDR" --log-level warning "${extra[@]}" 2>"$work/pestod.log"
+PESTOD_PID=$!
+timeout 25 gdbus wait --address "$ADDR" --timeout 20 top.passt.Pesto1 || { say "pestod did not come up: $(tail -5 "$work/pestod.log")"; exit 1; }
+call() { timeout 10 busctl --address="$ADDR" call top.passt.Pesto1 /top/passt/Pesto1/tables/host top.passt.Pesto1.Table "$@"; }
+rule=1
+for spec in "tcp $((B + 110)) $((B + 10))" "udp $((B + 110)) $((B + 10))" "tcp $((B + 111)) $((B + 11))"; do
+    read -r proto port target <<<"$spec"
+    call Insert 'ua{sv}' $rule 4 protocol s "$proto" address s 127.0.0.1 first-port q "$port" target-port q "$target" >/dev/null
+    reply=$(call Activate u $rule)
+    [[ $reply == "uu 1 0" ]] || say "pestod: rule $rule ($proto $port -> $target) Activate answered: $reply"
+    rule=$((rule + 1))
+done
+
+# ---- socat -----------------------------------------------------------------------------------
+start_socat() { # PROTO PORT TARGET
+    bg timeout $LIFE socat "$1-LISTEN:$2,bind=127.0.0.1,fork,reuseaddr" "$1:127.0.0.1:$3" 2>/dev/null
+}
+start_socat TCP $((B + 120)) $((B + 20))
+start_socat UDP $((B + 120)) $((B + 20))
+start_socat TCP $((B + 121)) $((B + 21))
+wait_listen $((B + 120)); wait_listen $((B + 121))
+
+# ---- pasta -----------------------------------------------------------------------------------
+# Upstream pasta forwards host ports 127.0.0.1:B+130/131 into a namespace of its own where an
+# echo server and iperf3 listen on the same port numbers (on loopback there: pasta splices
+# loopback to loopback). Same numbers because Debian 12's pasta (2023-03-09) echoes nothing
+# back for a UDP forward with a different target port (-u P:Q). As root it needs --runas 0.
+PASTA_NOTE=
+paths=(direct pestod socat)
+if [[ -n ${NO_PASTA:-} ]]; then
+    PASTA_NOTE="skipped (NO_PASTA set)"
+else
+    if ! command -v pasta >/dev/null; then
+        say "pasta missing: installing Debian's passt package..."
+        timeout 300 apt-get install -y -qq passt >"$work/apt.log" 2>&1 ||
+            { timeout 300 apt-get update -qq >/dev/null 2>&1 && timeout 300 apt-get install -y -qq passt >"$work/apt.log" 2>&1; } || true
+    fi
+    if ! command -v pasta >/dev/null; then
+        PASTA_NOTE="n/a: passt package not installable ($(tail -1 "$work/apt.log" 2>/dev/null))"
+    else
+        E=$((B + 130)) I=$((B + 131))
+        inner="$LOADGEN serve-echo --tcp $E --udp $E --lifetime $LIFE & timeout $LIFE iperf3 -s -B 127.0.0.1 -p $I & wait"
+        bg pasta --runas 0 --config-net -T none -U none -t 127.0.0.1/$E -t 127.0.0.1/$I -u 127.0.0.1/$E \
+            -- sh -c "$inner" >"$work/pasta.log" 2>&1
+        # pasta binds the host ports at once; the servers inside start a moment later.
+        for _ in $(seq 1 100); do
+            if timeout 5 "$LOADGEN" connrate --port $((B + 130)) --seconds 0.1 --clients 1 2>/dev/null | grep -q "failures 0$"; then
+                paths+=(pasta); break
+            fi
+            sleep 0.1
+        done
+        [[ " ${paths[*]} " == *" pasta "* ]] || PASTA_NOTE="n/a: pasta did not relay ($(tr '\n' ' ' <"$work/pasta.log" | cut -c1-200))"
+    fi
+fi
+
+# ---- measurements ----------------------------------------------------------------------------
+results=$work/results   # lines: PATH METRIC VALUE [failures]
+: >"$results"
+bulk() { # PORT -> Gbit/s
+    timeout $((DUR + 20)) iperf3 -c 127.0.0.1 -p "$1" -t "$DUR" -J 2>/dev/null |
+        python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))' 2>/dev/null || echo n/a
+}
+connrate() { # PORT CLIENTS -> "rate failures"
+    timeout $((DUR + 30)) "$LOADGEN" connrate --port "$1" --seconds "$DUR" --clients "$2" --spread 2>/dev/null |
+        awk '/^connrate/ {print $2, $4; ok=1} END {if (!ok) print "n/a 0"}'
+}
+udprr() { # PORT -> "rate lost"
+    timeout $((DUR + 30)) "$LOADGEN" udprr --port "$1" --seconds "$DUR" 2>/dev/null |
+        awk '/^udprr/ {print $2, $4; ok=1} END {if (!ok) print "n/a 0"}'
+}
+# A path that does not relay at all (e.g. pestod before its data path) is shown as n/a.
+declare -A WORKS
+for p in "${paths[@]}"; do
+    WORKS[$p,tcp]=no; WORKS[$p,udp]=no
+    timeout 10 "$LOADGEN" connrate --port "${ECHO[$p]}" --seconds 0.2 --clients 1 2>/dev/null | grep -q "failures 0$" && WORKS[$p,tcp]=yes
+    timeout 10 "$LOADGEN" udprr --port "${ECHO[$p]}" --seconds 0.2 2>/dev/null | grep -q "lost 0$" && WORKS[$p,udp]=yes
+    [[ ${WORKS[$p,tcp]} == yes ]] || say "$p: a TCP connection through it was not echoed; its TCP figures are n/a"
+    [[ ${WORKS[$p,udp]} == yes ]] || say "$p: a UDP datagram through it was not echoed; its UDP figure is n/a"
+done
+
+for ((round = 1; round <= REPEAT; round++)); do
+    for metric in bulk conn1 conn4 udp; do
+        for p in "${paths[@]}"; do
+            say "round $round/$REPEAT: $metric via $p..."
+            case $metric in
+                bulk) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(bulk "${IPERF[$p]}") || v=n/a ;;
+                conn1) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(connrate "${ECHO[$p]}" 1) || v=n/a ;;
+                conn4) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(connrate "${ECHO[$p]}" 4) || v=n/a ;;
+                udp) [[ ${WORKS[$p,udp]} == yes ]] && v=$(udprr "${ECHO[$p]}") || v=n/a ;;
+            esac
+            echo "$p $metric $v" >>"$results"
+        done
+    done
+done
+
+# ---- pestod memory with idle relayed connections ---------------------------------------------
+status() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$PESTOD_PID/status"; }  # kB
+MEM="base=$(status VmRSS)"
+if [[ ${WORKS[pestod,tcp]} == yes ]]; then
+    for n in 1000 9000; do
+        say "pestod RSS with $n idle relayed connections..."
+        coproc HOLD { timeout 600 "$LOADGEN" idle --port "${ECHO[pestod]}" --count "$n" --hold 300 2>&1; }
+        hold_pid=$HOLD_PID
+        pids+=("$hold_pid")
+        line=
+        read -r -t 120 line <&"${HOLD[0]}" || true
+        if [[ $line == "ready $n" ]]; then
+            sleep 0.5
+            MEM+=" n$n=$(status VmRSS)"
+        else
+            say "idle $n: ${line:-no answer in 120 s}"
+            MEM+=" n$n=n/a"
+        fi
+        eval "exec ${HOLD[1]}>&-"       # stdin closes: the holder closes its connections
+        for _ in $(seq 1 100); do kill -0 "$hold_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$hold_pid" 2>/dev/null || true
+        wait "$hold_pid" 2>/dev/null || true
+        sleep 1
+        MEM+=" after$n=$(status VmRSS)"
+    done
+fi
+MEM+=" hwm=$(status VmHWM)"
+kill -0 "$PESTOD_PID" 2>/dev/null || say "pestod died during the benchmark: $(tail -5 "$work/pestod.log")"
+
+# ---- report ----------------------------------------------------------------------------------
+python3 - "$results" "$DUR" "$REPEAT" "$MEM" "${paths[*]}" "$(ulimit -n)" "$PASTA_NOTE" "$BUSY" <<'PY'
+import os, statistics, sys, time
+results, dur, repeat, mem, paths, nofile, pasta_note, busy = sys.argv[1:9]
+paths = paths.split()
+columns = ["direct", "pestod", "socat", "pasta"]
+values, failures = {}, {}
+for line in open(results):
+    f = line.split()
+    p, m, v = f[0], f[1], f[2]
+    if v != "n/a":
+        values.setdefault((p, m), []).append(float(v))
+    if len(f) > 3 and f[3] not in ("0", "n/a"):
+        failures[(p, m)] = failures.get((p, m), 0) + int(f[3])
+
+def med(p, m):
+    v = values.get((p, m))
+    return statistics.median(v) if v else None
+
+def fmt(x, m):
+    if x is None: return "n/a"
+    return f"{x:.2f}" if m == "bulk" else f"{x:,.0f}"
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+metrics = [("bulk", "TCP bulk, 1 stream (Gbit/s)"), ("conn1", "short TCP conn/s, 1 client"),
+           ("conn4", "short TCP conn/s, 4 clients"), ("udp", "UDP 64 B round trips/s")]
+u = os.uname()
+print()
+print(f"pesto data path: {dur} s per measurement, {'median of ' + repeat + ' rounds' if repeat != '1' else '1 round'}; "
+      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; kernel {u.release}; {os.cpu_count()} CPUs, {busy}% busy before the run")
+print()
+print(f"{'':30}" + "".join(f"{c:>12}" for c in columns))
+for m, label in metrics:
+    row = ""
+    for c in columns:
+        cell = fmt(med(c, m), m) if c in paths else "n/a"
+        if failures.get((c, m)): cell += f" ({failures[(c, m)]} failed)" if m != "udp" else f" ({failures[(c, m)]} lost)"
+        row += f"{cell:>12}"
+    print(f"{label:30}{row}")
+if repeat != "1":
+    print(f"{'  range over the rounds':30}")
+    for m, label in metrics:
+        row = ""
+        for c in columns:
+            v = values.get((c, m))
+            cell = "n/a" if not v else (f"{min(v):.1f}-{max(v):.1f}" if m == "bulk" else f"{min(v)/1000:.1f}k-{max(v)/1000:.1f}k")
+            row += f"{cell:>12}"
+        print(f"{'  ' + label:30}{row}")
+print()
+pairs = [("pestod", "direct"), ("pestod", "socat"), ("pestod", "pasta"), ("socat", "direct"), ("pasta", "direct")]
+print(f"{'ratios':30}" + "".join(f"{a + '/' + b:>14}" for a, b in pairs))
+for m, label in metrics:
+    row = ""
+    for a, b in pairs:
+        r = ratio(med(a, m), med(b, m))
+        row += f"{'n/a' if r is None else f'{r:.2f}':>14}"
+    print(f"{label:30}{row}")
+print()
+print("targets (TARGETS.md; issue targets vs socat)")
+targets = [("bulk", "direct", 0.60), ("conn1", "direct", 0.50), ("conn4", "direct", 0.45),
+           ("bulk", "socat", 1.5), ("conn1", "socat", 0.9), ("conn4", "socat", 0.9)]
+for m, base, goal in targets:
+    r = ratio(med("pestod", m), med(base, m))
+    verdict = "n/a" if r is None else ("met" if r >= goal else "NOT met")
+    rs = "n/a" if r is None else f"{r:.2f}"
+    print(f"  pestod {m:5} >= {goal:.2f} x {base:6}  {rs:>6}  {verdict}")
+print()
+kv = dict(x.split("=") for x in mem.split())
+def mib(k):
+    v = kv.get(k)
+    return None if v in (None, "", "n/a") else int(v) / 1024
+base = mib("base")
+line = "pestod RSS: " + (f"{base:.1f} MiB before the idle test" if base is not None else "n/a")
+for n in ("1000", "9000"):
+    v = mib("n" + n)
+    if v is not None and base is not None:
+        line += f"; {v:.1f} MiB with {int(n):,} idle relayed connections ({(v - base) * 1024 / int(n):.2f} KiB each)"
+    elif "n" + n in kv:
+        line += f"; n/a with {int(n):,}"
+a = mib("after9000")
+if a is not None: line += f"; {a:.1f} MiB after they closed"
+h = mib("hwm")
+if h is not None: line += f"; peak {h:.1f} MiB"
+print(line)
+print(f"  (9,000 and not 10,000: RLIMIT_NOFILE is {nofile} and cannot be raised; pestod holds 2 descriptors per relayed"
+      f" connection plus its listeners, pipe pool and bus, so 10,000 would need > 20,000)")
+if pasta_note:
+    print(f"pasta: {pasta_note}")
+PY
+if [[ -s $work/pestod.log ]]; then
+    echo "pestod logged $(wc -l <"$work/pestod.log") line(s) at warning or above; the first: $(head -c 300 "$work/pestod.log" | head -1)"
+fi
