@@ -1,5 +1,7 @@
 // SystemdNotify: sd_notify(3)'s READY=1, without libsystemd.
 
+import CPestoSys
+
 #if canImport(Glibc)
 import Glibc
 #endif
