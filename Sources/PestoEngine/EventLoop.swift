@@ -139,6 +139,14 @@ public final class EventLoop {
         handlers[Int(kind.rawValue)] = handler
     }
 
+    /// Forgets every handler and timer. The loop holds its handlers strongly and they hold the
+    /// loop, so the owner calls this once `run()` has returned, to let everything go.
+    public func removeAllHandlers() {
+        for i in handlers.indices { handlers[i] = nil }
+        timers.removeAll()
+        beforeSleep = nil
+    }
+
     /// Starts watching `fd` for `events` (EPOLLIN, EPOLLOUT, ...).
     public func add(fd: Int32, events: UInt32, kind: Kind, index: UInt32 = 0) throws(PestoError) {
         try control(EPOLL_CTL_ADD, fd: fd, events: events, kind: kind, index: index)

@@ -133,6 +133,7 @@ struct Pestod: ParsableCommand {
             SystemdNotify.send("STOPPING=1")
             engine.stop()
             _ = controlSocket  // kept open until here; its deinit removes the socket file
+            loop.removeAllHandlers()  // break the loop ↔ handler cycles so everything is released
             logger.info("stopping: closing \(engine.tables.reduce(0) { $0 + $1.openSockets }) listening sockets")
             if server.disconnected { throw ExitCode(1) }
         } catch let e as DBusErrorReply {
