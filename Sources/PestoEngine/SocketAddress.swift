@@ -36,6 +36,25 @@ public struct SocketAddress {
         }
     }
 
+    /// The address of a UNIX socket at `path`; a leading "@" names the abstract namespace
+    /// (as $NOTIFY_SOCKET does). Nil when the path is empty or too long (107 bytes at most).
+    public init?(unixPath path: String) {
+        var bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: sockaddr_un().sun_path)
+        guard !bytes.isEmpty, bytes.count < capacity else { return nil }
+        let abstract = bytes[0] == UInt8(ascii: "@")
+        if abstract { bytes[0] = 0 }
+        withUnsafeMutableBytes(of: &storage) { raw in
+            let sa = raw.baseAddress!.assumingMemoryBound(to: sockaddr_un.self)
+            sa.pointee.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &sa.pointee.sun_path) { path in
+                for (i, b) in bytes.enumerated() { path[i] = b }
+            }
+        }
+        // Abstract names are exactly as long as given; a path is NUL-terminated.
+        length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + (abstract ? 0 : 1))
+    }
+
     /// AF_INET or AF_INET6 (or 0 when empty).
     public var family: Int32 { Int32(storage.ss_family) }
 

@@ -48,20 +48,15 @@ public final class ControlSocket: EventHandler {
         self.loop = loop
         self.logger = logger
         self.timeoutMilliseconds = timeoutMilliseconds
-        guard path.utf8.count < 108 else { throw PestoError(.system, "The control socket path \(path) is too long (at most 107 bytes).") }
+        guard let address = SocketAddress(unixPath: path), !path.hasPrefix("@") else {
+            throw PestoError(.system, "The control socket path \(path) is not a usable path (at most 107 bytes).")
+        }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard fd >= 0 else { throw PestoError(.system, "Cannot create the control socket.", underlyingError: .current) }
         var st = stat()
         if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in path.utf8.enumerated() { raw[i] = b }
-        }
         let old = umask(0o077)
-        let bound = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let bound = address.withSockaddr { bind(fd, $0, $1) }
         umask(old)
         guard bound == 0, listen(fd, 16) == 0 else {
             let e = Errno.current
