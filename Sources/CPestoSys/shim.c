@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <netinet/in.h>
 #include "CPestoSys.h"
 
 _Static_assert(PESTO_CLONE_NEWNET == CLONE_NEWNET, "CLONE_NEWNET");
@@ -16,6 +17,7 @@ _Static_assert(PESTO_SPLICE_F_NONBLOCK == SPLICE_F_NONBLOCK, "SPLICE_F_NONBLOCK"
 _Static_assert(PESTO_O_CLOEXEC == O_CLOEXEC, "O_CLOEXEC");
 _Static_assert(PESTO_O_NONBLOCK == O_NONBLOCK, "O_NONBLOCK");
 _Static_assert(PESTO_F_SETPIPE_SZ == F_SETPIPE_SZ, "F_SETPIPE_SZ");
+_Static_assert(PESTO_IP_BIND_ADDRESS_NO_PORT == IP_BIND_ADDRESS_NO_PORT, "IP_BIND_ADDRESS_NO_PORT");
 
 int pesto_setns(int fd, int nstype) { return setns(fd, nstype); }
 

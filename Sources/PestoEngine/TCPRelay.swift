@@ -50,6 +50,11 @@ public struct TCPRelayLimits: Sendable {
     public var pipePoolSize = 64
     /// Accepts per listener wake-up, for fairness between listeners.
     public var acceptBatch = 64
+    /// Connect to an IPv4 loopback target from a rotating source address in 127.0.0.2–254
+    /// instead of always 127.0.0.1, so that the ephemeral ports of one source address do not
+    /// fill up with TIME_WAIT sockets under connection churn (the collapse TARGETS.md
+    /// describes for upstream). The target still sees a loopback peer.
+    public var spreadLoopbackSources = true
 
     public init() {}
 }
@@ -107,6 +112,8 @@ public final class TCPRelay: EventHandler {
     private var slots: [Connection] = []
     private var freeSlots: [UInt32] = []
     private var pipePool: [(Int32, Int32)] = []
+    /// The next loopback source address's last byte (see `spreadLoopbackSources`).
+    private var nextLoopbackSource: UInt32 = 2
     public private(set) var activeConnections = 0
     public private(set) var counters = Counters()
     /// Called when a connection closes, so paused listeners can resume.
@@ -181,6 +188,9 @@ public final class TCPRelay: EventHandler {
         }
         setNoDelay(client)
         setNoDelay(out)
+        if limits.spreadLoopbackSources, case .v4(let a)? = destination.endpoint?.address, a >> 24 == 127 {
+            bindLoopbackSource(out)
+        }
         let r = destination.withSockaddr { sa, len in Glibc.connect(out, sa, len) }
         let connecting: Bool
         if r == 0 {
@@ -203,6 +213,16 @@ public final class TCPRelay: EventHandler {
             relay(index)
         }
         return true
+    }
+
+    /// Binds `fd` to the next source address of 127.0.0.2–254, leaving the port to connect()
+    /// (IP_BIND_ADDRESS_NO_PORT), so the kernel picks it for the whole 4-tuple. A failure only
+    /// means the connection comes from 127.0.0.1 as usual.
+    private func bindLoopbackSource(_ fd: Int32) {
+        let source = IPAddress.v4(0x7F00_0000 | nextLoopbackSource)
+        nextLoopbackSource = nextLoopbackSource >= 254 ? 2 : nextLoopbackSource + 1
+        _ = Sys.setOption(fd, level: Int32(IPPROTO_IP), name: Int32(PESTO_IP_BIND_ADDRESS_NO_PORT), value: 1)
+        _ = SocketAddress(source, port: 0).withSockaddr { Glibc.bind(fd, $0, $1) }
     }
 
     private func setNoDelay(_ fd: Int32) {

@@ -87,6 +87,11 @@ struct RelayTests {
         try f.table("Insert", [.uint32(2), rule(ports.lowerBound + 1, to: ports.lowerBound + 2)])
         try f.table("Activate", [.uint32(2)])
         #expect(TestTraffic.ping(port: ports.lowerBound + 1) == nil)
+        #expect(TestTraffic.ping(port: ports.lowerBound + 1) == nil)
+        // Connections to a loopback target come from rotating 127.0.0.x sources (TIME_WAIT spread).
+        let sources = server.peers
+        #expect(sources.count == 2 && sources[0] != sources[1], "\(sources)")
+        #expect(sources.allSatisfy { if case .v4(let a) = $0 { return a >> 24 == 127 && a != 0x7F00_0001 } else { return false } })
     }
 
     @Test("a relayed connection survives its rule's deactivation and deletion")

@@ -32,6 +32,9 @@ public final class EchoServer: Sendable {
     /// Connections accepted so far.
     public var accepted: Int { acceptedCount.load(ordering: .relaxed) }
     private let acceptedCount = Atomic<Int>(0)
+    /// The peer addresses of the connections accepted so far.
+    public var peers: [IPAddress] { peerList.withLock { $0 } }
+    private let peerList = Mutex<[IPAddress]>([])
     private let stopped = Atomic<Bool>(false)
 
     /// Listens on `address:port` (the listening socket can come from another namespace via `fd`).
@@ -46,11 +49,13 @@ public final class EchoServer: Sendable {
 
     private func acceptLoop() {
         while !stopped.load(ordering: .relaxed) {
-            let c = pesto_accept4(fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
+            var peer = SocketAddress()
+            let c = peer.withMutableSockaddr { pesto_accept4(fd, $0, $1, Int32(SOCK_CLOEXEC.rawValue)) }
             if c < 0 {
                 if errno == EINTR { continue }
                 return
             }
+            if let address = peer.endpoint?.address { peerList.withLock { $0.append(address) } }
             acceptedCount.add(1, ordering: .relaxed)
             detachThread { EchoServer.echo(c) }
         }

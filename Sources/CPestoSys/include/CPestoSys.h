@@ -21,6 +21,7 @@ enum {
     PESTO_O_CLOEXEC = 02000000,
     PESTO_O_NONBLOCK = 04000,
     PESTO_F_SETPIPE_SZ = 1031,
+    PESTO_IP_BIND_ADDRESS_NO_PORT = 24,
 };
 
 /* setns(2): move the calling thread into the namespace behind fd. */
