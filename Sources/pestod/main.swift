@@ -47,6 +47,11 @@ struct Pestod: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Give a control socket client this long to finish its upload.", valueName: "ms"))
     var controlTimeout = 5000
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Keep the committed tables in this file: saved atomically after every commit, restored at start (a file that cannot be used is moved aside and pestod starts empty).",
+        valueName: "file"))
+    var state: String?
+
     @Option(name: .long, help: "Most TCP connections relayed at once.")
     var maxConnections = TCPRelayLimits().maxConnections
 
@@ -118,8 +123,31 @@ struct Pestod: ParsableCommand {
             config.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
             let engine = try ForwardingEngine(loop: loop, configuration: config)
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
+            if let state {
+                let file = StateFile(path: state)
+                switch file.load() {
+                case .missing:
+                    logger.info("no state file at \(state) yet: starting with empty tables")
+                case .loaded(let entries):
+                    let problems = StateFile.restore(entries, into: engine)
+                    for p in problems { logger.error("state file \(state): \(p)") }
+                    logger.info("restored \(entries.count - problems.count) of \(entries.count) rules from \(state)")
+                case .invalid(let reason, let movedTo):
+                    logger.critical(
+                        "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place")")
+                }
+            }
             let connection = try DBusConnection(bus)
             let server = PestoServer(engine: engine, connection: connection, logger: logger)
+            if let state {
+                let file = StateFile(path: state)
+                server.onCommit = { [unowned engine] in
+                    do throws(PestoError) { try file.save(StateFile.entries(of: engine)) } catch {
+                        logger.error("cannot save the state to \(state): \(error.message)\(error.underlyingError.map { " (\($0))" } ?? "")")
+                    }
+                }
+                server.onCommit?()  // the restored state, as it now is, is the committed state
+            }
             let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (address == nil && !session ? .root : .none)
             if mode == .root { server.authorizer = RootOnlyAuthorizer(connection: connection) }
             logger.info("authorisation of changes: \(mode.rawValue)")

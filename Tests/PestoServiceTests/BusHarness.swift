@@ -128,6 +128,8 @@ final class PestodFixture {
     let client: DBusConnection
     /// RLIMIT_NOFILE for pestod, if limited.
     let openFileLimit: Int?
+    /// Where pestod keeps its state, when started with `--state STATE`.
+    var statePath: String { directory.url.appendingPathComponent("state").path }
     /// Where pestod's upstream control socket is, when started with `--control CONTROL`.
     var controlPath: String { directory.url.appendingPathComponent("control.sock").path }
     /// pestod's log file.
@@ -171,9 +173,9 @@ final class PestodFixture {
     func startPestod(_ arguments: [String] = []) throws {
         let notifyPath = directory.url.appendingPathComponent("notify-\(UUID().uuidString.prefix(6))").path
         let notify = try NotifySocket(path: notifyPath)
-        // "CONTROL" stands for this fixture's control socket path.
+        // "CONTROL" and "STATE" stand for this fixture's control socket and state file paths.
         let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
-            + arguments.map { $0 == "CONTROL" ? controlPath : $0 }
+            + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 }
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
         let argv = limit + command
         pestod = try Child(argv[0], Array(argv.dropFirst()), environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
