@@ -108,6 +108,7 @@ header "Install"
 install -v -D -m 0755 "$BIN_DIR/pestod" "$PESTOD"
 install -v -D -m 0644 dbus/top.passt.Pesto1.conf /usr/share/dbus-1/system.d/top.passt.Pesto1.conf
 install -v -D -m 0644 dbus/top.passt.Pesto1.service /usr/share/dbus-1/system-services/top.passt.Pesto1.service
+install -v -D -m 0644 polkit/top.passt.Pesto1.policy /usr/share/polkit-1/actions/top.passt.Pesto1.policy
 SYSTEMD=no
 if [[ -d /run/systemd/system ]]; then
     SYSTEMD=yes

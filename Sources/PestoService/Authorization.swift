@@ -29,6 +29,8 @@ public enum AuthorizationMode: String, CaseIterable, Sendable {
     case none
     /// Only uid 0 may change the tables (the contract's rule when polkit is missing).
     case root
+    /// polkit decides (action top.passt.Pesto1.modify); without polkit, only uid 0.
+    case polkit
 }
 
 /// Allows a caller whose connection belongs to uid 0, asking the bus daemon

@@ -71,7 +71,7 @@ struct Pestod: ParsableCommand {
     var logLevel = "info"
 
     @Option(name: .long, help: ArgumentHelp(
-        "Who may change the tables: root (only uid 0; the default on the system bus) or none (everyone who can reach the bus; the default elsewhere).",
+        "Who may change the tables: polkit (action top.passt.Pesto1.modify, only uid 0 when polkit is missing; the default on the system bus), root (only uid 0), or none (everyone who can reach the bus; the default elsewhere).",
         valueName: "mode"))
     var authorize: String?
 
@@ -148,8 +148,12 @@ struct Pestod: ParsableCommand {
                 }
                 server.onCommit?()  // the restored state, as it now is, is the committed state
             }
-            let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (address == nil && !session ? .root : .none)
-            if mode == .root { server.authorizer = RootOnlyAuthorizer(connection: connection) }
+            let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (address == nil && !session ? .polkit : .none)
+            switch mode {
+            case .none: break
+            case .root: server.authorizer = RootOnlyAuthorizer(connection: connection)
+            case .polkit: server.authorizer = PolkitAuthorizer(connection: connection)
+            }
             logger.info("authorisation of changes: \(mode.rawValue)")
             try server.start()
             let controlSocket = try control.map {
