@@ -40,7 +40,7 @@ let package = Package(
         .executableTarget(
             name: "pestoctl",
             dependencies: [
-                "PestoEngine",
+                "PestoEngine", "PestoService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -70,7 +70,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PestoServiceTests",
-            dependencies: ["PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport", "pestod", "pesto-test-peer"]
+            dependencies: ["PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport", "pestod", "pesto-test-peer", "pestoctl"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,1 +1,106 @@
-print("pestoctl: not yet")
+// pestoctl: pesto's command-line client. See Options.swift for the command line and
+// Client.swift for the update workflow; doc/pestoctl.1 (to come) for the manual.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import PestoEngine
+import PestoService
+
+/// Prints to stderr.
+func printError(_ text: String) {
+    writeError("pestoctl: \(text)\n")
+}
+
+/// Writes to fd 2 (stdio's `stderr` is a global var Swift 6 will not touch).
+func writeError(_ text: String) {
+    fflush(nil)
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let n = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return }
+        bytes = bytes.dropFirst(n)
+    }
+}
+
+/// Runs pestoctl; returns the exit status.
+func runPestoctl(_ arguments: [String]) -> Int32 {
+    let options: Options
+    do {
+        options = try Options.parse(arguments)
+    } catch {
+        printError(error.message)
+        writeError("Try \"pestoctl --help\".\n")
+        return ExitCode.usage
+    }
+    do throws(Failure) {
+        switch options.command {
+        case .help:
+            print(Options.usage)
+        case .watch:
+            let client = try PestoClient(options.bus)
+            try client.watch()
+        case .show:
+            let client = try PestoClient(options.bus)
+            show(try client.list(), json: options.json)
+        case .status(let id, let kind):
+            let client = try PestoClient(options.bus)
+            let reply = try client.table(kind, "Status", [.uint32(id)])
+            guard reply.count == 4, let active = reply[0].boolValue, let bound = reply[1].uint32Value,
+                let failed = reply[2].uint32Value, let lastError = reply[3].stringValue
+            else { throw Failure(ExitCode.rejected, "pestod's Status reply is malformed.") }
+            if options.json {
+                print("{\"id\": \(id), \"table\": \(RuleText.json(kind.name)), \"active\": \(active), \"bound\": \(bound), "
+                    + "\"failed\": \(failed), \"last-error\": \(RuleText.json(lastError))}")
+            } else {
+                print("\(kind.name) rule \(id): \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
+                    + (lastError.isEmpty ? "" : ", last error \(lastError)"))
+            }
+        case .update(let operations):
+            // Bad specs are usage errors whether or not the service is reachable.
+            for case .spec(let kind, let proto, let text, _) in operations {
+                do {
+                    _ = try PortSpec.parse(text, proto: proto)
+                } catch {
+                    printError("\(RuleText.option(Rule(proto: proto, firstPort: 1), kind)): \(error.description)")
+                    return ExitCode.usage
+                }
+            }
+            let client = try PestoClient(options.bus)
+            let (plan, summary) = try client.update(operations, firstID: options.firstID)
+            if !options.silent {
+                for w in plan.warnings { printError("warning: \(w)") }
+                print(summary ?? "Nothing to change.")
+            }
+        }
+    } catch {
+        printError(error.message)
+        return error.status
+    }
+    return ExitCode.success
+}
+
+/// The tables, like upstream pesto shows them: a header per table, a line per rule.
+func show(_ tables: [(TableKind, [ListedRule])], json: Bool) {
+    if json {
+        let parts = tables.map { kind, rules in
+            "{\"name\": \(RuleText.json(kind.name)), \"rules\": [" + rules.map { RuleText.json($0, kind) }.joined(separator: ", ") + "]}"
+        }
+        print("{\"tables\": [" + parts.joined(separator: ", ") + "]}")
+        return
+    }
+    for (n, (kind, rules)) in tables.enumerated() {
+        if n > 0 { print("") }
+        let direction = kind == .host ? "inbound: listen on the host" : "outbound: listen in the target namespace"
+        print("\(kind.name) (\(direction)), \(rules.count) rule\(rules.count == 1 ? "" : "s")")
+        if rules.isEmpty {
+            print("    (no rules)")
+        } else {
+            print("    ID  RULE".rightPadded(40) + " STATE")
+            for r in rules { print(RuleText.line(r, kind)) }
+        }
+    }
+}
+
+exit(runPestoctl(Array(CommandLine.arguments.dropFirst())))

@@ -1,0 +1,115 @@
+// Plan: the operations of the command line applied to the current tables, giving the rules
+// to insert and the rules to remove (step 1 of the seed's client workflow: parse all rule
+// modifications before touching anything).
+
+import PestoEngine
+
+/// A rule the update adds, with what the bind check needs.
+struct NewRule {
+    var table: TableKind
+    var rule: Rule
+    /// Which spec (command-line position) it came from: best-effort specs are judged as a whole.
+    var specIndex: Int
+    /// The spec was `all`, `auto` alone or exclusions only: one bound socket is enough.
+    var bestEffort: Bool
+    /// The spec's text, for messages.
+    var specText: String
+    /// Set when inserted.
+    var id: UInt32 = 0
+}
+
+/// What an update changes.
+struct Plan {
+    var inserts: [NewRule] = []
+    /// Existing rules to deactivate (when active) and delete.
+    var removes: [(table: TableKind, rule: ListedRule)] = []
+    /// Notes for the user (-D that matched nothing, ...).
+    var warnings: [String] = []
+
+    var isEmpty: Bool { inserts.isEmpty && removes.isEmpty }
+
+    /// Applies `operations` to `tables` (the rules each table holds now).
+    static func make(
+        _ operations: [Operation], tables: [TableKind: [ListedRule]],
+        ephemeral: ClosedRange<UInt16> = EphemeralPortRange.current()
+    ) throws(UsageError) -> Plan {
+        /// An entry of a table as the update goes: a rule that exists, or one to insert.
+        enum Entry {
+            case existing(ListedRule)
+            case new(NewRule)
+            var rule: Rule {
+                switch self {
+                case .existing(let r): return r.rule
+                case .new(let n): return n.rule
+                }
+            }
+        }
+        var state: [TableKind: [Entry]] = [:]
+        for (kind, rules) in tables { state[kind] = rules.map { .existing($0) } }
+        var replaced: Set<String> = []
+        var warnings: [String] = []
+
+        func requireTable(_ kind: TableKind, _ what: String) throws(UsageError) {
+            if state[kind] == nil {
+                throw UsageError("\(what): the service has no \(kind.name) table (pestod runs without a target namespace).")
+            }
+        }
+
+        for (index, operation) in operations.enumerated() {
+            switch operation {
+            case .clear(let kind):
+                try requireTable(kind, "-C \(kind.name)")
+                state[kind] = []
+            case .spec(let kind, let proto, let text, let mode):
+                let option = RuleText.option(Rule(proto: proto, firstPort: 1), kind)
+                try requireTable(kind, "\(option) \(text)")
+                let spec: PortSpec
+                do {
+                    spec = try PortSpec.parse(text, proto: proto, ephemeralPorts: ephemeral)
+                } catch {
+                    throw UsageError("\(option): \(error.description)")
+                }
+                switch mode {
+                case .replace, .add:
+                    if mode == .replace && !replaced.contains(option) {
+                        replaced.insert(option)
+                        state[kind]!.removeAll { $0.rule.proto == proto }
+                    }
+                    for rule in spec.rules {
+                        state[kind]!.append(.new(NewRule(table: kind, rule: rule, specIndex: index,
+                                                         bestEffort: spec.bestEffort, specText: "\(option) \(text)")))
+                    }
+                case .delete:
+                    for rule in spec.rules {
+                        let before = state[kind]!.count
+                        state[kind]!.removeAll { RuleText.sameForwarding($0.rule, rule) }
+                        if state[kind]!.count == before {
+                            warnings.append("-D \(option) \(text): no \(kind.name) rule \(option) \(RuleText.spec(rule)) to delete.")
+                        }
+                    }
+                }
+            }
+        }
+
+        var plan = Plan(warnings: warnings)
+        for kind in TableKind.allCases {
+            guard let old = tables[kind], let entries = state[kind] else { continue }
+            var kept = Set<UInt32>()
+            for entry in entries { if case .existing(let r) = entry { kept.insert(r.id) } }
+            // Existing active rules the update would remove and re-insert unchanged are kept
+            // instead: their sockets and relayed connections are not disturbed.
+            var candidates = old.filter { !kept.contains($0.id) && $0.active }
+            for entry in entries {
+                guard case .new(let n) = entry else { continue }
+                if let match = candidates.firstIndex(where: { RuleText.sameForwarding($0.rule, n.rule) }) {
+                    kept.insert(candidates[match].id)
+                    candidates.remove(at: match)
+                } else {
+                    plan.inserts.append(n)
+                }
+            }
+            plan.removes += old.filter { !kept.contains($0.id) }.map { (kind, $0) }
+        }
+        return plan
+    }
+}
