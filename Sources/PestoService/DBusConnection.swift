@@ -164,12 +164,14 @@ public final class DBusConnection {
         return DBusMessage(owning: reply)
     }
 
-    /// Calls a method and returns the reply's arguments.
+    /// Calls a method and returns the reply's arguments; `interactive` lets the service's
+    /// polkit ask the user to authenticate (through an agent) instead of refusing.
     public func call(
         _ destination: String, _ path: String, _ interface: String, _ member: String, _ arguments: [DBusValue] = [],
-        timeoutMilliseconds: Int32 = 25_000
+        timeoutMilliseconds: Int32 = 25_000, interactive: Bool = false
     ) throws(DBusErrorReply) -> [DBusValue] {
         let m = DBusMessage.methodCall(destination: destination, path: path, interface: interface, member: member, arguments: arguments)
+        m.allowsInteractiveAuthorization = interactive
         return try call(m, timeoutMilliseconds: timeoutMilliseconds).arguments ?? []
     }
 

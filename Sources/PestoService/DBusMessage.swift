@@ -96,8 +96,11 @@ public final class DBusMessage {
     public var replySerial: UInt32 { dbus_message_get_reply_serial(raw) }
     /// True when the caller asked for no reply.
     public var noReply: Bool { dbus_message_get_no_reply(raw) != 0 }
-    /// True when the caller allows interactive authorisation (polkit).
-    public var allowsInteractiveAuthorization: Bool { dbus_message_get_allow_interactive_authorization(raw) != 0 }
+    /// True when the caller allows interactive authorisation (polkit may ask for a password).
+    public var allowsInteractiveAuthorization: Bool {
+        get { dbus_message_get_allow_interactive_authorization(raw) != 0 }
+        set { dbus_message_set_allow_interactive_authorization(raw, newValue ? 1 : 0) }
+    }
 
     /// Every argument; nil for types this layer does not read (unix fds).
     public var arguments: [DBusValue]? { DBusValue.readAll(raw) }

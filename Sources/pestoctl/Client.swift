@@ -62,7 +62,8 @@ final class PestoClient {
     /// Calls a method; errors become `Failure` (unreachable: 3, anything else: 1).
     func call(_ path: String, _ interface: String, _ member: String, _ args: [DBusValue] = []) throws(Failure) -> [DBusValue] {
         do {
-            return try connection.call(PestoBusNames.busName, path, interface, member, args)
+            // Interactive: on the system bus polkit may ask for the administrator password.
+            return try connection.call(PestoBusNames.busName, path, interface, member, args, timeoutMilliseconds: 120_000, interactive: true)
         } catch {
             if unreachableErrors.contains(error.name) {
                 throw Failure(ExitCode.unreachable, "cannot reach pestod (\(PestoBusNames.busName)) on the \(bus): \(error.message)")
