@@ -94,8 +94,9 @@ else
     echo "all installed"
 fi
 
-header "Build: swift build -c release --product pestod"
+header "Build: swift build -c release --product pestod --product pestoctl"
 swift build -c release --product pestod
+swift build -c release --product pestoctl
 BIN_DIR=$(swift build -c release --show-bin-path)
 
 header "Stop the previous demo, if any"
@@ -109,6 +110,11 @@ install -v -D -m 0755 "$BIN_DIR/pestod" "$PESTOD"
 install -v -D -m 0644 dbus/top.passt.Pesto1.conf /usr/share/dbus-1/system.d/top.passt.Pesto1.conf
 install -v -D -m 0644 dbus/top.passt.Pesto1.service /usr/share/dbus-1/system-services/top.passt.Pesto1.service
 install -v -D -m 0644 polkit/top.passt.Pesto1.policy /usr/share/polkit-1/actions/top.passt.Pesto1.policy
+install -v -D -m 0755 "$BIN_DIR/pestoctl" /usr/local/bin/pestoctl
+install -v -D -m 0644 dbus/top.passt.Pesto1.xml /usr/share/dbus-1/interfaces/top.passt.Pesto1.xml
+install -v -D -m 0644 doc/pestod.8 /usr/local/share/man/man8/pestod.8
+install -v -D -m 0644 doc/pestoctl.1 /usr/local/share/man/man1/pestoctl.1
+install -v -D -m 0644 doc/dbus-api.md /usr/share/doc/pesto/dbus-api.md
 SYSTEMD=no
 if [[ -d /run/systemd/system ]]; then
     SYSTEMD=yes
@@ -280,6 +286,9 @@ line=$(timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && read -r line <&3 &&
     die "no answer through 127.0.0.1:$PORT"
 echo "$line"
 [[ $line == "hello from the target server behind pestod" ]] || die "unexpected answer through pestod: $line"
+
+header "The same table through pestoctl"
+show pestoctl "--address=$ADDR"
 
 # ---------------------------------------------------------------------------------------
 header "Done: pestod is running with rule $RULE_ID active on 127.0.0.1:$PORT"
