@@ -86,6 +86,9 @@ extension PestoServer {
             }
             for item in args[1].arrayValue ?? [] {
                 guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
+                if inserts.contains(where: { $0.0 == id }) {
+                    throw .invalidArgs("Apply both inserts and removes rule \(id); give the new rule another ID.")
+                }
                 if !removes.contains(id) { removes.append(id) }
             }
             options = try ApplyOptions(args[2])

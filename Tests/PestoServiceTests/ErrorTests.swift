@@ -121,5 +121,9 @@ struct ErrorTests {
         try expectError(f, ErrorTests.name("RuleExists")) { () throws(DBusErrorReply) in
             _ = try apply([(14, PestodFixture.rule(p + 4)), (14, PestodFixture.rule(p + 5))], remove: [])
         }
+        // An ID both inserted and removed is refused before anything happens.
+        try expectError(f, DBusErrorReply.invalidArgs) { () throws(DBusErrorReply) in
+            _ = try apply([(14, PestodFixture.rule(p + 4))], remove: [14])
+        }
     }
 }
