@@ -175,37 +175,8 @@ else
     header "Start a private system-like bus ($ADDR)"
     # The system bus's default-deny policy, plus the policy files of the system's services,
     # so pestod may own top.passt.Pesto1 only because our policy file lets root do it.
-    cat >"$DEMO_DIR/bus.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<!-- Written by pesto's scripts/demo.sh: a private bus with the system bus's policy. -->
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$PRIVATE_SOCKET</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
-  </policy>
-  <policy user="root">
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
-  </policy>
-  <includedir>/usr/share/dbus-1/system.d</includedir>
-  <includedir>/etc/dbus-1/system.d</includedir>
-</busconfig>
-EOF
+    sed -e "s|@SOCKET@|$PRIVATE_SOCKET|" -e "s|@INCLUDEDIR@|/etc/dbus-1/system.d|" \
+        dbus/private-system-bus.conf.in >"$DEMO_DIR/bus.conf"
     rm -f "$PRIVATE_SOCKET"
     echo "dbus-daemon --config-file=$DEMO_DIR/bus.conf --fork --print-address=1 --print-pid=1"
     { read -r printed_addr && read -r bus_pid; } < <(

@@ -3,6 +3,7 @@
 import Testing
 
 @testable import PestoEngine
+import PestoTestSupport
 
 @Suite("Pesto v2 wire codec")
 struct PestoV2WireTests {
@@ -382,21 +383,9 @@ struct PestoV2WireTests {
 
     // MARK: - Fuzz
 
-    /// A tiny seeded xorshift64* generator, so fuzz failures reproduce.
-    struct XorShift: RandomNumberGenerator {
-        var state: UInt64
-        init(seed: UInt64) { state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed }
-        mutating func next() -> UInt64 {
-            state ^= state >> 12
-            state ^= state << 25
-            state ^= state >> 27
-            return state &* 0x2545_F491_4F6C_DD1D
-        }
-    }
-
     @Test("20,000 random byte strings never trap the parser")
     func fuzz() {
-        var rng = XorShift(seed: 0x5EED_BA51_1CAF_E000)
+        var rng = SeededRandom(seed: 0x5EED_BA51_1CAF_E000)
         var completed = 0, rejected = 0
         for round in 0..<20_000 {
             var bytes: [UInt8]

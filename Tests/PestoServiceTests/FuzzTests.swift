@@ -12,25 +12,8 @@ import Testing
 
 @testable import PestoService
 
-/// xorshift64*: tiny, seedable, good enough for choosing test inputs.
-struct FuzzRandom {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed }
-
-    mutating func next() -> UInt64 {
-        state ^= state >> 12
-        state ^= state << 25
-        state ^= state >> 27
-        return state &* 2_685_821_657_736_338_717
-    }
-
-    /// 0..<n.
-    mutating func below(_ n: Int) -> Int { Int((next() >> 11) % UInt64(max(n, 1))) }
-    /// True one time in `n`.
-    mutating func oneIn(_ n: Int) -> Bool { below(n) == 0 }
-    mutating func pick<T>(_ xs: [T]) -> T { xs[below(xs.count)] }
-}
+/// The fuzz run's generator (shared with the other fuzz tests).
+typealias FuzzRandom = SeededRandom
 
 @Suite("pestod fuzz", .serialized)
 struct FuzzTests {

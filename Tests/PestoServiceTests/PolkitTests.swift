@@ -213,35 +213,11 @@ final class PolkitBusFixture {
             to: policies.appendingPathComponent("top.passt.Pesto1.conf"))
         let socket = directory.url.appendingPathComponent("system_bus_socket").path
         let config = directory.url.appendingPathComponent("system.conf")
-        // Debian's /usr/share/dbus-1/system.conf without <user>, <fork>, <pidfile>, <syslog>,
-        // the service helper and activation.
-        try """
-            <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
-             "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-            <busconfig>
-              <type>system</type>
-              <listen>unix:path=\(socket)</listen>
-              <auth>EXTERNAL</auth>
-              <policy context="default">
-                <allow user="*"/>
-                <deny own="*"/>
-                <deny send_type="method_call"/>
-                <allow send_type="signal"/>
-                <allow send_requested_reply="true" send_type="method_return"/>
-                <allow send_requested_reply="true" send_type="error"/>
-                <allow receive_type="method_call"/>
-                <allow receive_type="method_return"/>
-                <allow receive_type="error"/>
-                <allow receive_type="signal"/>
-                <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-                <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-                <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-                <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
-              </policy>
-              <includedir>/usr/share/dbus-1/system.d</includedir>
-              <includedir>\(policies.path)</includedir>
-            </busconfig>
-            """.write(to: config, atomically: true, encoding: .utf8)
+        // The system bus's policy (the same file the demo uses), with our policy directory.
+        let template = try String(
+            contentsOf: Products.repository.appendingPathComponent("dbus/private-system-bus.conf.in"), encoding: .utf8)
+        try template.replacing("@SOCKET@", with: socket).replacing("@INCLUDEDIR@", with: policies.path)
+            .write(to: config, atomically: true, encoding: .utf8)
         bus = try Child("/usr/bin/dbus-daemon", ["--config-file=\(config.path)", "--nofork", "--print-address=1"])
         guard let line = bus.readLine(), line.hasPrefix("unix:") else { throw FixtureError("dbus-daemon did not start") }
         address = line
