@@ -37,13 +37,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .executableTarget(
-            name: "pestoctl",
-            dependencies: [
-                "PestoEngine", "PestoService",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ]
-        ),
+        // pestoctl reads its command line itself: pasta's options apply in the order given
+        // (-A/-D/-C change the meaning of the specs after them), which ArgumentParser loses.
+        .executableTarget(name: "pestoctl", dependencies: ["PestoEngine", "PestoService"]),
         .executableTarget(
             name: "pesto-activation-bench",
             dependencies: ["PestoEngine", "CPestoSys"],

@@ -1,5 +1,5 @@
 // pestoctl: pesto's command-line client. See Options.swift for the command line and
-// Client.swift for the update workflow; doc/pestoctl.1 (to come) for the manual.
+// Client.swift for the update workflow; doc/pestoctl.1 for the manual.
 
 #if canImport(Glibc)
 import Glibc
