@@ -47,26 +47,9 @@ enum Sys {
 
     /// `bind(2)` to an address and port; IPv4 addresses on an IPv6 socket are given IPv4-mapped.
     static func bind(_ fd: Int32, domain: Int32, address: IPAddress, port: UInt16) -> Result<Void, Errno> {
-        if domain == AF_INET, let a4 = address.in4 {
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = port.bigEndian
-            sa.sin_addr = a4
-            return withUnsafePointer(to: &sa) { p in
-                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
-                    call { Glibc.bind(fd, sp, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-                }
-            }.map { _ in () }
-        }
-        var sa = sockaddr_in6()
-        sa.sin6_family = sa_family_t(AF_INET6)
-        sa.sin6_port = port.bigEndian
-        sa.sin6_addr = address.in6
-        return withUnsafePointer(to: &sa) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
-                call { Glibc.bind(fd, sp, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
-            }
-        }.map { _ in () }
+        SocketAddress(address, port: port, mappedIPv6: domain == AF_INET6)
+            .withSockaddr { sa, len in call { Glibc.bind(fd, sa, len) } }
+            .map { _ in () }
     }
 
     /// `listen(2)`.

@@ -77,18 +77,7 @@ public enum TestSockets {
 
     /// Calls `body` with a sockaddr for `address:port` (IPv4 or IPv6) and its length.
     public static func withSocketAddress(_ address: IPAddress, _ port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Bool) -> Bool {
-        if let a4 = address.in4 {
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = port.bigEndian
-            sa.sin_addr = a4
-            return withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        }
-        var sa = sockaddr_in6()
-        sa.sin6_family = sa_family_t(AF_INET6)
-        sa.sin6_port = port.bigEndian
-        sa.sin6_addr = address.in6
-        return withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
+        SocketAddress(address, port: port).withSockaddr(body)
     }
 
     /// Connects to `port`, accepts the connection on `listener` (a non-blocking listening fd)
