@@ -107,14 +107,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             host = ForwardingTable(kind: .host, capabilities: caps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
             splice = nil
         }
+        // HOST targets are on the namespace's side (if any), SPLICE targets on ours.
         let hostSide = TargetSide(namespace: namespace)
         let spliceSide = TargetSide(namespace: nil)
+        let targetSide = { (kind: TableKind) in kind == .host ? hostSide : spliceSide }
         tcp = TCPRelay(
-            loop: loop, targetSide: { $0 == .host ? hostSide : spliceSide }, limits: configuration.tcp,
+            loop: loop, targetSide: targetSide, limits: configuration.tcp,
             wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
         tcp.onCapacityAvailable = { [unowned self] in self.resumeListeners() }
         udp = UDPRelay(
-            loop: loop, targetSide: { $0 == .host ? hostSide : spliceSide }, limits: configuration.udp,
+            loop: loop, targetSide: targetSide, limits: configuration.udp,
             wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
@@ -282,23 +284,6 @@ public enum HostCapabilities {
     }
 
     private static func sysctlIsOne(_ path: String) -> Bool {
-        guard let text = readSmallFile(path) else { return false }
-        return text.hasPrefix("1")
+        readFile(path, limit: 4096)?.first == UInt8(ascii: "1")
     }
-}
-
-/// Reads a small text file such as a /proc or /sys entry; nil when it cannot be read.
-public func readSmallFile(_ path: String, limit: Int = 4096) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var buffer = [UInt8](repeating: 0, count: limit)
-    var total = 0
-    while total < limit {
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + total, limit - total) }
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        total += n
-    }
-    return String(decoding: buffer[..<total], as: UTF8.self)
 }

@@ -98,7 +98,7 @@ public enum EphemeralPortRange {
     /// Reads /proc/sys/net/ipv4/ip_local_port_range ("32768\t60999"); falls back to
     /// `fallback` when the file is unreadable or garbled.
     public static func current(path: String = "/proc/sys/net/ipv4/ip_local_port_range") -> ClosedRange<UInt16> {
-        guard let bytes = readSmallFile(path), let range = parse(bytes) else { return fallback }
+        guard let bytes = readFile(path, limit: 128), let range = parse(bytes) else { return fallback }
         return range
     }
 
@@ -119,28 +119,6 @@ public enum EphemeralPortRange {
         }
         guard values[0] <= values[1] else { return nil }
         return values[0]...values[1]
-    }
-
-    /// The first 128 bytes of a file, or nil when it cannot be opened or read or is longer.
-    private static func readSmallFile(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 129)
-        var used = 0
-        while used < buffer.count {
-            let n = buffer.withUnsafeMutableBytes { raw in
-                read(fd, raw.baseAddress! + used, raw.count - used)
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                return nil
-            }
-            if n == 0 { break }
-            used += n
-        }
-        guard used < buffer.count else { return nil }
-        return Array(buffer[..<used])
     }
 }
 

@@ -376,13 +376,16 @@ public final class TCPRelay: EventHandler {
     private func close(slot index: UInt32, reset: Bool) {
         let i = Int(index)
         var c = slots[i]
-        for fd in [c.client, c.target] where fd >= 0 {
+        func closeSide(_ fd: Int32) {
+            guard fd >= 0 else { return }
             if reset {
                 var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
                 setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
             }
             Sys.close(fd)  // also removes it from epoll
         }
+        closeSide(c.client)  // no array: nothing is allocated per connection here
+        closeSide(c.target)
         releasePipe(&c.up)  // a pipe with data left in it is closed, never pooled
         releasePipe(&c.down)
         slots[i] = Connection()

@@ -174,7 +174,10 @@ public struct StateFile {
     /// Reads the file; an invalid one is moved aside.
     public func load() -> LoadResult {
         guard access(path, F_OK) == 0 else { return .missing }
-        guard let text = readWholeFile() else { return moveAside("cannot be read: \(Errno.current)") }
+        guard let bytes = readFile(path, limit: Self.maxSize) else {
+            return moveAside("cannot be read, or is larger than \(Self.maxSize >> 20) MiB: \(Errno.current)")
+        }
+        let text = String(decoding: bytes, as: UTF8.self)
         do {
             return .loaded(try Self.parse(text))
         } catch {
@@ -182,23 +185,8 @@ public struct StateFile {
         }
     }
 
-    /// The whole file as text (its size taken from fstat), or nil.
-    private func readWholeFile() -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { return nil }
-        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
-        var got = 0
-        while got < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, $0.count - got) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return nil }
-            got += n
-        }
-        return String(decoding: bytes, as: UTF8.self)
-    }
+    /// The largest state file pestod reads: far above two full tables (2 × 65,535 rules).
+    static let maxSize = 256 << 20
 
     private func moveAside(_ reason: String) -> LoadResult {
         let aside = "\(path).bad-\(time(nil))"

@@ -71,7 +71,8 @@ extension PestoServer {
     struct ApplyRequest {
         var inserts: [(UInt32, Rule)] = []
         var removes: [UInt32] = []
-        var options: ApplyOptions
+        /// The options `max-failures` and `best-effort`, as the tolerance of every new rule.
+        var tolerance: BindTolerance
 
         /// Decodes Apply's arguments (signature `a(ua{sv})aua{sv}`, already checked).
         init(_ args: [DBusValue]) throws(DBusErrorReply) {
@@ -91,44 +92,14 @@ extension PestoServer {
                 }
                 if !removes.contains(id) { removes.append(id) }
             }
-            options = try ApplyOptions(args[2])
+            tolerance = try BindTolerance(applyOptions: args[2])
         }
     }
 
-    /// Apply's options.
-    struct ApplyOptions {
-        var maxFailures: UInt32 = 0
-        var bestEffort = false
-
-        init(_ value: DBusValue) throws(DBusErrorReply) {
-            for (key, v) in value.vardictValue ?? [] {
-                switch (key, v) {
-                case ("max-failures", .uint32(let n)): maxFailures = n
-                case ("best-effort", .bool(let b)): bestEffort = b
-                case ("max-failures", _), ("best-effort", _):
-                    throw .invalidArgs("Apply option \"\(key)\" must have type \(key == "best-effort" ? "b" : "u"), not \(v.signature).")
-                default:
-                    throw .invalidArgs("Unknown Apply option \"\(key)\"; known options: max-failures, best-effort.")
-                }
-            }
-        }
-    }
-
-    /// `Apply`: the seed's whole client workflow, atomically.
-    ///
-    /// 1. insert every new rule; 2. deactivate the removed rules that overlap a new rule (so
-    /// they cannot cause spurious conflicts); 3. activate the new rules; 4. check bind
-    /// failures against the options; 5. deactivate the other removed rules and delete all
-    /// removed rules. Any error undoes every step already taken, newest first, and is
-    /// returned as the call's error.
-    ///
-    /// Step 2 is narrower than the seed's "deactivate all removed rules" on purpose: a removed
-    /// rule that does not overlap a new one keeps its sockets until the update is known to
-    /// succeed, so a rolled-back Apply never closes and reopens it (peers see nothing).
+    /// `Apply`: the seed's whole client workflow, atomically (see Update.swift).
     private func apply(_ kind: TableKind, _ request: ApplyRequest, sender: String) throws(DBusErrorReply) -> DBusValue {
         try checkMayModify(sender)
-        let tolerance = BindTolerance(maxFailures: request.options.maxFailures, bestEffort: request.options.bestEffort)
-        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, tolerance) }, removes: request.removes)
+        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
         let results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
         let performed: Journal
         do {

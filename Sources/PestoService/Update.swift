@@ -25,6 +25,26 @@ struct BindTolerance {
     /// Every socket must bind.
     static let none = BindTolerance(maxFailures: 0, bestEffort: false)
 
+    /// Apply's options (`max-failures` u, default 0; `best-effort` b, default false).
+    init(applyOptions value: DBusValue) throws(DBusErrorReply) {
+        self = .none
+        for (key, v) in value.vardictValue ?? [] {
+            switch (key, v) {
+            case ("max-failures", .uint32(let n)): maxFailures = n
+            case ("best-effort", .bool(let b)): bestEffort = b
+            case ("max-failures", _), ("best-effort", _):
+                throw .invalidArgs("Apply option \"\(key)\" must have type \(key == "best-effort" ? "b" : "u"), not \(v.signature).")
+            default:
+                throw .invalidArgs("Unknown Apply option \"\(key)\"; known options: max-failures, best-effort.")
+            }
+        }
+    }
+
+    init(maxFailures: UInt32, bestEffort: Bool) {
+        self.maxFailures = maxFailures
+        self.bestEffort = bestEffort
+    }
+
     func accepts(_ c: ForwardingTable.BindCounts) -> Bool {
         c.failed <= maxFailures || (bestEffort && c.bound >= 1)
     }
