@@ -67,14 +67,15 @@ enum ObjectTree {
         }
     }
 
-    /// The properties of `object` for `interface`, in contract order; nil if it lacks the interface.
-    static func properties(_ object: Object, _ interface: String, engine: ForwardingEngine) -> [(String, DBusValue)]? {
+    /// The properties of `object` for `interface`, in contract order; nil if it lacks the
+    /// interface. `lockOwner` is the Manager's `LockOwner` (the lock is the server's state).
+    static func properties(_ object: Object, _ interface: String, engine: ForwardingEngine, lockOwner: String? = nil) -> [(String, DBusValue)]? {
         guard object.interfaces.contains(where: { $0.name == interface }) else { return nil }
         switch (object, interface) {
         case (.manager, PestoInterfaces.manager.name):
             return [
                 ("Version", .string(PestoBusNames.version)),
-                ("LockOwner", .string("")),  // filled in by the server, which knows the lock
+                ("LockOwner", .string(lockOwner ?? "")),
                 ("Tables", .objectPaths(engine.tables.map { PestoBusNames.tablePath($0.kind) })),
             ]
         case (.table(let kind), PestoInterfaces.table.name):
@@ -106,9 +107,7 @@ enum ObjectTree {
     /// `a{sa{sv}}`: every interface of `object` with its properties (InterfacesAdded, GetManagedObjects).
     static func interfacesAndProperties(_ object: Object, engine: ForwardingEngine, lockOwner: String? = nil) -> DBusValue {
         .dictionary(key: "s", value: "a{sv}", object.interfaces.map { i in
-            var props = properties(object, i.name, engine: engine) ?? []
-            if let k = props.firstIndex(where: { $0.0 == "LockOwner" }) { props[k].1 = .string(lockOwner ?? "") }
-            return DBusValue.DictEntry(.string(i.name), .vardict(props))
+            DBusValue.DictEntry(.string(i.name), .vardict(properties(object, i.name, engine: engine, lockOwner: lockOwner) ?? []))
         })
     }
 }
@@ -117,10 +116,9 @@ extension PestoServer {
     /// `org.freedesktop.DBus.Properties` on any object.
     func propertiesCall(_ object: ObjectTree.Object, member: String, args: [DBusValue]) throws(DBusErrorReply) -> [DBusValue] {
         let interface = args[0].stringValue ?? ""
-        guard var props = ObjectTree.properties(object, interface, engine: engine) else {
+        guard let props = ObjectTree.properties(object, interface, engine: engine, lockOwner: lockOwner) else {
             throw DBusErrorReply(DBusErrorReply.unknownInterface, "The object has no interface \"\(interface)\".")
         }
-        if let k = props.firstIndex(where: { $0.0 == "LockOwner" }) { props[k].1 = .string(lockOwner ?? "") }
         switch member {
         case "Get":
             let name = args[1].stringValue ?? ""
