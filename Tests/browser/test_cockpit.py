@@ -1,0 +1,440 @@
+#!/usr/bin/python3
+"""The Cockpit page (cockpit/) against a real pestod, in a real browser.
+
+Run by Tests/PestoServiceTests/CockpitBrowserTests.swift, which starts a private bus and
+pestod on it (`--authorize none`) and passes:
+
+    test_cockpit.py --bus ADDRESS --pestod PATH --screenshot PNG --web-port P --ports A,B,C
+
+This script then starts, as its own children:
+
+  * cockpit-ws without TLS or login (`--local-session=cockpit-bridge`), handed a listening
+    socket on 127.0.0.1:P by socket activation (LISTEN_FDS), so it needs no readiness wait;
+    the bridge finds the page through XDG_DATA_DIRS and the bus through
+    DBUS_SYSTEM_BUS_ADDRESS;
+  * headless Chromium through chromedriver (selenium), which opens
+    /cockpit/@localhost/pesto/index.html.
+
+It checks, each step waiting on the page's DOM or on pestod (never a fixed sleep): a rule
+inserted with busctl appears; a bind failure (port held here) is shown and clears once the
+port is freed; the page's transaction (Lock) is shown and its Cancel rolls back a rule added
+under it; adding (spec and fields), deactivating, activating and deleting from the page
+change pestod (checked with busctl); a refused activation shows its D-Bus error next to the
+rule; pestod killed and started again is followed. It saves a screenshot with an active rule,
+a failing rule and the lock state, and fails on any error in the page's console.
+
+Exit status: 0 passed, 1 failed, 77 a tool is missing. Every process it starts is killed
+(SIGKILL) and reaped: the script is a child subreaper, so the bridge and Chromium's helpers
+are reaped here too, not left to a PID 1 that may not reap.
+"""
+
+import argparse
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
+COCKPIT_BRIDGE = "/usr/bin/cockpit-bridge"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+BUSCTL = "/usr/bin/busctl"
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "cockpit")
+
+BUS_NAME = "top.passt.Pesto1"
+HOST = "/top/passt/Pesto1/tables/host"
+TABLE = "top.passt.Pesto1.Table"
+MANAGER_PATH = "/top/passt/Pesto1"
+MANAGER = "top.passt.Pesto1.Manager"
+WAIT_SECONDS = 20
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as error:
+    print(f"SKIP: python3-selenium is missing ({error})")
+    sys.exit(77)
+
+
+def log(message):
+    print(f"[{time.monotonic() - START:6.2f}s] {message}", flush=True)
+
+
+START = time.monotonic()
+
+
+class Failure(Exception):
+    """A check of the test failed."""
+
+
+class Test:
+    """One run: the processes it started, the browser, and the checks."""
+
+    def __init__(self, args):
+        self.args = args
+        self.bus = args.bus
+        self.ports = [int(p) for p in args.ports.split(",")]
+        self.tmp = tempfile.TemporaryDirectory(prefix="pesto-cockpit-")
+        self.children = []  # Popen objects, killed at the end
+        self.driver = None
+        self.pestod = None  # a pestod this script started (after killing the fixture's)
+
+    # ---------------------------------------------------------------- processes
+
+    def start_cockpit(self):
+        """cockpit-ws on 127.0.0.1:web-port by socket activation, with the page installed."""
+        share = os.path.join(self.tmp.name, "share")
+        os.makedirs(os.path.join(share, "cockpit"))
+        os.symlink(os.path.abspath(PAGE_DIR), os.path.join(share, "cockpit", "pesto"))
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.args.web_port))
+        listener.listen(64)
+        env = dict(os.environ)
+        env.update({
+            "DBUS_SYSTEM_BUS_ADDRESS": self.bus,   # cockpit.dbus(..., {bus: "system"})
+            "DBUS_SESSION_BUS_ADDRESS": self.bus,  # never autolaunch a session bus
+            "XDG_DATA_DIRS": share + ":/usr/share",
+            "XDG_DATA_HOME": os.path.join(self.tmp.name, "data-home"),
+            "XDG_CACHE_HOME": os.path.join(self.tmp.name, "cache"),
+            "XDG_RUNTIME_DIR": self.tmp.name,
+        })
+        fd = listener.fileno()
+        # bash moves the socket to descriptor 3 (dash takes one-digit descriptors only) and
+        # sets LISTEN_PID to its own PID, which
+        # cockpit-ws keeps through exec.
+        move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+        script = move + 'export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@"'
+        ws = subprocess.Popen(["/bin/bash", "-c", script, "bash", COCKPIT_WS, "--no-tls", f"--local-session={COCKPIT_BRIDGE}"],
+                              env=env, pass_fds=(fd,), stdout=self.logfile("cockpit-ws"), stderr=subprocess.STDOUT)
+        listener.close()
+        self.children.append(ws)
+        log(f"cockpit-ws pid {ws.pid} on 127.0.0.1:{self.args.web_port}")
+
+    def logfile(self, name):
+        return open(os.path.join(self.tmp.name, name + ".log"), "w")
+
+    def start_browser(self):
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = "disabled:"  # Chromium must not autolaunch one
+        os.environ["HOME"] = self.tmp.name
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1400,860", "--hide-scrollbars", "--no-first-run",
+                     f"--user-data-dir={os.path.join(self.tmp.name, 'chromium')}"):
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        service = Service(CHROMEDRIVER, log_path=os.path.join(self.tmp.name, "chromedriver.log"))
+        self.driver = webdriver.Chrome(service=service, options=options)
+        self.driver.set_page_load_timeout(WAIT_SECONDS)
+
+    def start_pestod(self):
+        pestod = subprocess.Popen([self.args.pestod, "--address", self.bus, "--authorize", "none"],
+                                  stdout=subprocess.DEVNULL, stderr=self.logfile("pestod-restarted"))
+        self.children.append(pestod)
+        return pestod
+
+    def cleanup(self):
+        if self.driver is not None:
+            try:
+                self.driver.quit()
+            except Exception as error:  # the browser may already be gone
+                log(f"driver.quit: {error}")
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        # Whatever else became our child (the bridge, Chromium helpers): kill and reap.
+        for pid in own_children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.tmp.cleanup()
+
+    # ---------------------------------------------------------------- pestod, through busctl
+
+    def busctl(self, *args, check=True):
+        result = subprocess.run([BUSCTL, f"--address={self.bus}", *args], capture_output=True, text=True, timeout=30)
+        if check and result.returncode != 0:
+            raise Failure(f"busctl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def table_call(self, method, signature, *args, check=True):
+        return self.busctl("call", BUS_NAME, HOST, TABLE, method, signature, *map(str, args), check=check)
+
+    def insert(self, rule_id, port, owner):
+        self.table_call("Insert", "ua{sv}", rule_id, 4, "protocol", "s", "tcp", "address", "s", "127.0.0.1",
+                        "first-port", "q", port, "owner", "s", owner)
+
+    def status(self, rule_id):
+        """Status of a rule as busctl prints it ('buus true 1 0 ""'), or the error text."""
+        result = self.table_call("Status", "u", rule_id, check=False)
+        return result.stdout.strip() if result.returncode == 0 else "error: " + result.stderr.strip()
+
+    def expect_status(self, rule_id, pattern):
+        text = self.status(rule_id)
+        if not re.search(pattern, text):
+            raise Failure(f"pestod: Status {rule_id} is {text!r}, expected /{pattern}/")
+        log(f"busctl Status {rule_id}: {text}")
+
+    def pestod_pid(self):
+        out = self.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                          "GetConnectionUnixProcessID", "s", BUS_NAME).stdout.split()
+        return int(out[1])
+
+    # ---------------------------------------------------------------- the page
+
+    def wait(self, description, condition):
+        """Waits until condition() is truthy (re-evaluated on every poll of the DOM)."""
+        def probe(_driver):
+            try:
+                return condition()
+            except StaleElementReferenceException:
+                return False
+        try:
+            result = WebDriverWait(self.driver, WAIT_SECONDS, poll_frequency=0.05).until(probe)
+        except TimeoutException:
+            raise Failure(f"the page never showed: {description}\n--- page text:\n{self.page_text()}") from None
+        log(f"page shows: {description}")
+        return result
+
+    def page_text(self):
+        try:
+            return self.driver.find_element(By.TAG_NAME, "body").text
+        except Exception as error:
+            return f"<no page text: {error}>"
+
+    def css(self, selector):
+        return self.driver.find_elements(By.CSS_SELECTOR, selector)
+
+    def row(self, rule_id):
+        rows = self.css(f'[data-table="HOST"] tr.rule[data-rule-id="{rule_id}"]')
+        return rows[0] if rows else None
+
+    def row_state(self, rule_id):
+        row = self.row(rule_id)
+        if row is None:
+            return None
+        return next((c[len("state-"):] for c in row.get_attribute("class").split() if c.startswith("state-")), None)
+
+    def wait_row(self, rule_id, state, text=None):
+        def check():
+            row = self.row(rule_id)
+            return row is not None and self.row_state(rule_id) == state and (text is None or text in row.text)
+        self.wait(f"rule {rule_id} {state}" + (f" with {text!r}" if text else ""), check)
+
+    def wait_row_gone(self, rule_id):
+        self.wait(f"rule {rule_id} gone", lambda: self.row(rule_id) is None)
+
+    def click_row_button(self, rule_id, action):
+        button = self.wait(f"rule {rule_id}'s {action} button",
+                           lambda: next((b for b in (self.row(rule_id).find_elements(By.CSS_SELECTOR, f'button[data-action="{action}"]')
+                                                     if self.row(rule_id) else [])
+                                         if b.is_displayed() and b.is_enabled()), None))
+        button.click()
+
+    def click(self, element_id):
+        button = self.wait(f"button #{element_id}", lambda: next(
+            (b for b in self.css("#" + element_id) if b.is_displayed() and b.is_enabled()), None))
+        button.click()
+
+    def lock_text(self):
+        elements = self.css("#lock-state")
+        return elements[0].text if elements else ""
+
+    def add_rule(self, rule_id, spec=None, fields=None, activate=True):
+        """Adds a rule with the page's form, from a spec or from fields."""
+        self.click("add-open")
+        self.wait("the add form", lambda: self.css("#add-card")[0].is_displayed())
+        id_input = self.css("#f-id")[0]
+        id_input.clear()
+        id_input.send_keys(str(rule_id))
+        if spec is not None:
+            spec_input = self.css("#f-spec")[0]
+            spec_input.clear()
+            spec_input.send_keys(spec)
+            self.wait(f"spec {spec!r} parsed", lambda: "Parsed" in self.css("#f-spec-help")[0].text)
+        for name, value in (fields or {}).items():
+            element = self.css("#f-" + name)[0]
+            element.clear()
+            element.send_keys(value)
+        checkbox = self.css("#f-activate")[0]
+        if checkbox.is_selected() != activate:
+            checkbox.click()
+        self.css("#add-submit")[0].click()
+
+    def check_console(self):
+        problems = [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
+        for entry in problems:
+            log(f"console: {entry['message']}")
+        if problems:
+            raise Failure(f"{len(problems)} error(s) in the page's console (CSP or script errors)")
+
+    # ---------------------------------------------------------------- the scenario
+
+    def run(self):
+        port_active, port_busy, port_added = self.ports[:3]
+        self.start_cockpit()
+        self.start_browser()
+        self.driver.get(f"http://127.0.0.1:{self.args.web_port}/cockpit/@localhost/pesto/index.html")
+        self.wait("the HOST table, unlocked", lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked")
+
+        # A rule inserted and activated with busctl appears, live.
+        self.insert(1, port_active, "busctl")
+        self.wait_row(1, "inactive")
+        self.table_call("Activate", "u", 1)
+        self.wait_row(1, "active", "1 bound")
+        notation = self.row(1).find_element(By.CSS_SELECTOR, "td.col-notation").text
+        if notation != f"-t 127.0.0.1/{port_active}":
+            raise Failure(f"rule 1 is written {notation!r}, not in pasta's notation")
+
+        # A bind failure: the port is held here, so pestod's bind fails and is shown.
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        holder.bind(("127.0.0.1", port_busy))
+        holder.listen(1)
+        self.insert(2, port_busy, "podman")
+        self.table_call("Activate", "u", 2)
+        self.wait_row(2, "failing", "1 failed (EADDRINUSE)")
+
+        # The page's transaction: Lock, shown as the lock state.
+        self.click("transaction-start")
+        self.wait("the lock held by this page", lambda: self.lock_text().startswith("Locked by this page"))
+        refused = self.table_call("Insert", "ua{sv}", 9, 2, "protocol", "s", "tcp", "first-port", "q", port_added, check=False)
+        if refused.returncode == 0 or "locked by" not in refused.stderr:
+            raise Failure(f"busctl's Insert under the page's lock was not refused as Locked: {refused.stderr!r}")
+        self.driver.save_screenshot(self.args.screenshot)
+        log(f"screenshot: {self.args.screenshot}")
+
+        # Under the lock, a rule added from a spec is in pestod; Cancel rolls it back.
+        self.add_rule(3, spec=f"-t 127.0.0.1/{port_added}")
+        self.wait_row(3, "active", "1 bound")
+        self.expect_status(3, r"^buus true 1 0")
+        self.click("transaction-cancel")
+        self.wait_row_gone(3)
+        self.wait("the lock released", lambda: self.lock_text() == "Unlocked")
+        self.expect_status(3, r"has no rule 3")
+
+        # The held port is freed: pestod's retry binds it and the failure clears.
+        holder.close()
+        self.wait_row(2, "active", "1 bound")
+        if "failed" in self.row(2).text:
+            raise Failure("rule 2 still shows a failure after binding")
+
+        # Add from the form's fields, then deactivate and activate from the page.
+        self.add_rule(4, fields={"address": "127.0.0.1", "first": str(port_added), "owner": "admin"})
+        self.wait_row(4, "active", "admin")
+        self.expect_status(4, r"^buus true 1 0")
+        self.click_row_button(4, "deactivate")
+        self.wait_row(4, "inactive")
+        self.expect_status(4, r"^buus false 0 0")
+        self.click_row_button(4, "activate")
+        self.wait_row(4, "active", "1 bound")
+        self.expect_status(4, r"^buus true 1 0")
+
+        # A refused change: rule 5 overlaps active rule 1; activating it is a Conflict,
+        # shown by name next to the rule, and pestod keeps it inactive.
+        self.add_rule(5, spec=f"-t 127.0.0.1/{port_active}", activate=False)
+        self.wait_row(5, "inactive")
+        self.click_row_button(5, "activate")
+        self.wait("the Conflict error next to rule 5", lambda: any(
+            "top.passt.Pesto1.Error.Conflict" in r.text for r in self.css('tr.rule-error[data-rule-id="5"]') if r.is_displayed()))
+        self.expect_status(5, r"^buus false 0 0")
+
+        # Delete from the page: an inactive rule (Delete) and an active one (Apply).
+        self.click_row_button(5, "delete")
+        self.wait_row_gone(5)
+        self.expect_status(5, r"has no rule 5")
+        self.click_row_button(4, "delete")
+        self.wait_row_gone(4)
+        self.expect_status(4, r"has no rule 4")
+
+        # pestod stops: the page says so; it starts again: the page follows the new one.
+        pid = self.pestod_pid()
+        os.kill(pid, signal.SIGKILL)
+        log(f"killed pestod (pid {pid})")
+        self.wait("pestod not running", lambda: any(e.is_displayed() for e in self.css("#not-running")))
+        self.start_pestod()
+        self.wait("the restarted pestod's empty HOST table",
+                  lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked" and self.row(1) is None)
+        self.insert(6, port_added, "after-restart")
+        self.wait_row(6, "inactive", "after-restart")
+
+        self.check_console()
+
+
+def own_children():
+    """PIDs whose parent is this process."""
+    me = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[1] == me:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bus", required=True)
+    parser.add_argument("--pestod", required=True)
+    parser.add_argument("--screenshot", required=True)
+    parser.add_argument("--web-port", type=int, required=True)
+    parser.add_argument("--ports", required=True, help="three free TCP ports, comma-separated")
+    args = parser.parse_args()
+
+    missing = [p for p in (COCKPIT_WS, COCKPIT_BRIDGE, CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        print(f"SKIP: missing {', '.join(missing)}")
+        return 77
+
+    # Swift Testing's children inherit a blocked SIGTERM; and orphans of our children
+    # (the bridge, Chromium's helpers) become ours to reap.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    def timeout(_signum, _frame):
+        raise Failure("the whole run took more than 150 s")
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(150)  # a last resort: the test never hangs
+
+    test = Test(args)
+    passed = False
+    try:
+        test.run()
+        passed = True
+        log("PASS")
+        return 0
+    except Failure as failure:
+        log(f"FAIL: {failure}")
+        return 1
+    except Exception:
+        traceback.print_exc()
+        log("FAIL: unexpected exception")
+        return 1
+    finally:
+        for name in () if passed else ("cockpit-ws", "pestod-restarted"):
+            path = os.path.join(test.tmp.name, name + ".log")
+            if os.path.exists(path) and os.path.getsize(path) > 0:
+                with open(path) as f:
+                    tail = f.read()[-3000:]
+                print(f"--- {name}.log (end)\n{tail}", flush=True)
+        test.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,721 @@
+/* pesto.js: the Cockpit page for pestod's forwarding tables.
+ *
+ * Theory of operation
+ * -------------------
+ * One D-Bus client, `cockpit.dbus("top.passt.Pesto1", {bus: "system", superuser: "try"})`,
+ * carries everything: reads, changes and the lock. It must be one connection, because
+ * pestod's lock belongs to the caller's unique bus name: the calls of a transaction have to
+ * come from the connection that took the lock. With `superuser: "try"` the calls go through
+ * Cockpit's privileged bridge when the user has turned on administrative access, so pestod's
+ * polkit check sees an administrator; otherwise they go through the user's own bridge, reads
+ * work and changes are refused, and the page shows the tables read-only.
+ *
+ * The page never polls. It keeps a model of pestod's objects (the Manager, each Table, each
+ * Rule with its properties) and follows it from signals alone:
+ *
+ *  1. subscribe to every signal under /top/passt/Pesto1 (sent by the name's owner);
+ *  2. on each "owner" event (pestod took its name: at start, after a restart or a D-Bus
+ *     activation), call Properties.GetAll on the Manager and ObjectManager.GetManagedObjects
+ *     once each and rebuild the model. Signals that arrive before a reply are already
+ *     reflected in it (the bus keeps one order per connection) and are dropped;
+ *  3. then apply InterfacesAdded/InterfacesRemoved (rules appear and go), PropertiesChanged
+ *     (rule state, table counters, LockOwner), and the Table signals RuleStateChanged and
+ *     BindFailuresChanged (the same rule state, keyed by ID);
+ *  4. an "owner" event with no owner means pestod left the bus: the model is emptied and
+ *     the page says so until the next owner event.
+ *
+ * Rendering is keyed: each table and each rule keeps its DOM elements, updated in place, so
+ * a signal never replaces a button under the user's pointer.
+ */
+"use strict";
+
+(() => {
+    const BUS_NAME = "top.passt.Pesto1";
+    const ROOT = "/top/passt/Pesto1";
+    const MANAGER = "top.passt.Pesto1.Manager";
+    const TABLE = "top.passt.Pesto1.Table";
+    const RULE = "top.passt.Pesto1.Rule";
+    const OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager";
+    const PROPERTIES = "org.freedesktop.DBus.Properties";
+    const DENIED = ["org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"];
+
+    /** What the page knows about pestod, built from GetManagedObjects and signals. */
+    const model = {
+        /** pestod's unique name; null when it is not on the bus; undefined before we know. */
+        owner: undefined,
+        /** GetManagedObjects is on its way: table and rule signals until its reply are dropped. */
+        loading: false,
+        /** GetAll for the Manager is on its way: its signals until the reply are dropped. */
+        loadingManager: false,
+        /** The Manager's properties (Version, LockOwner, Tables), or null. */
+        manager: null,
+        /** Table object path → its properties. */
+        tables: new Map(),
+        /** Rule object path → its properties. */
+        rules: new Map(),
+    };
+
+    /** The page's own state. */
+    const ui = {
+        /** Our unique name while this page holds pestod's lock, else "". */
+        lockName: "",
+        /** Rule path → the D-Bus error of the latest action on it. */
+        errors: new Map(),
+        /** Rule paths with a call in flight. */
+        busy: new Set(),
+        /** A change was refused for lack of authorisation. */
+        denied: false,
+        /** A page-level message: { kind, title, text }. */
+        notice: null,
+        /** The rule path the add form replaces, or null when it adds. */
+        replacing: null,
+    };
+
+    let client = null;
+    let loadGeneration = 0;
+    const permission = cockpit.permission({ admin: true });
+
+    // ------------------------------------------------------------------ D-Bus model
+
+    /** The plain value of a D-Bus variant as Cockpit encodes it ({t, v}). */
+    const unwrap = (variant) => (variant && typeof variant === "object" && "v" in variant ? variant.v : variant);
+
+    /** Merges a{sv} properties into an object. */
+    function merge(target, properties) {
+        for (const name in properties) target[name] = unwrap(properties[name]);
+        return target;
+    }
+
+    /** Adds or updates the interfaces of one object (GetManagedObjects, InterfacesAdded). */
+    function addInterfaces(path, interfaces) {
+        for (const name in interfaces) {
+            if (name === MANAGER) model.manager = merge(model.manager || {}, interfaces[name]);
+            else if (name === TABLE) model.tables.set(path, merge(model.tables.get(path) || { path }, interfaces[name]));
+            else if (name === RULE) model.rules.set(path, merge(model.rules.get(path) || { path }, interfaces[name]));
+        }
+    }
+
+    /** Drops the interfaces of one object (InterfacesRemoved). */
+    function removeInterfaces(path, names) {
+        if (names.includes(RULE)) {
+            model.rules.delete(path);
+            ui.errors.delete(path);
+        }
+        if (names.includes(TABLE)) model.tables.delete(path);
+        if (names.includes(MANAGER)) model.manager = null;
+    }
+
+    /** The object holding an interface's properties, or null. */
+    function objectFor(path, iface) {
+        if (iface === MANAGER) return path === ROOT ? model.manager : null;
+        if (iface === TABLE) return model.tables.get(path) || null;
+        if (iface === RULE) return model.rules.get(path) || null;
+        return null;
+    }
+
+    /** Applies one signal from pestod to the model. */
+    function onSignal(path, iface, member, args) {
+        if (!model.owner) return;
+        const aboutManager = path === ROOT && iface === PROPERTIES && args[0] === MANAGER;
+        if (aboutManager ? model.loadingManager : model.loading) return;
+        if (iface === OBJECT_MANAGER && member === "InterfacesAdded") {
+            addInterfaces(args[0], args[1]);
+        } else if (iface === OBJECT_MANAGER && member === "InterfacesRemoved") {
+            removeInterfaces(args[0], args[1]);
+        } else if (iface === PROPERTIES && member === "PropertiesChanged") {
+            const target = objectFor(path, args[0]);
+            if (target) merge(target, args[1]);
+            if (args[0] === MANAGER && ui.lockName && model.manager && model.manager.LockOwner !== ui.lockName) {
+                ui.lockName = "";
+                ui.notice = { kind: "warning", title: "The transaction ended", text: "pestod no longer holds the lock for this page; uncommitted changes were rolled back." };
+            }
+        } else if (iface === TABLE && (member === "RuleStateChanged" || member === "BindFailuresChanged")) {
+            const rule = model.rules.get(path + "/rules/" + args[0]);
+            if (rule && member === "RuleStateChanged") {
+                rule.Active = args[1];
+                rule.BoundSockets = args[2];
+                rule.BindFailures = args[3];
+            } else if (rule) {
+                rule.BindFailures = args[1];
+                rule.LastError = args[2];
+            }
+        } else {
+            return;
+        }
+        scheduleRender();
+    }
+
+    /**
+     * Rebuilds the model: the Manager's properties (Properties.GetAll; an ObjectManager does
+     * not list itself) and every table and rule (GetManagedObjects), asked for together.
+     * Each part drops the signals that arrive before its own reply.
+     */
+    function load() {
+        const generation = ++loadGeneration;
+        model.loadingManager = true;
+        model.loading = true;
+        const failed = (error) => {
+            if (generation !== loadGeneration) return;
+            model.loadingManager = false;
+            model.loading = false;
+            if (error.name !== "org.freedesktop.DBus.Error.ServiceUnknown" && error.name !== "org.freedesktop.DBus.Error.NameHasNoOwner")
+                ui.notice = { kind: "danger", title: "Cannot read pestod's tables", text: describe(error) };
+            render();
+        };
+        client.call(ROOT, PROPERTIES, "GetAll", [MANAGER])
+                .then(([properties]) => {
+                    if (generation !== loadGeneration) return;
+                    model.manager = merge({}, properties);
+                    model.loadingManager = false;
+                    if (ui.lockName && model.manager.LockOwner !== ui.lockName) ui.lockName = "";
+                    scheduleRender();
+                })
+                .catch(failed);
+        client.call(ROOT, OBJECT_MANAGER, "GetManagedObjects", [])
+                .then(([objects]) => {
+                    if (generation !== loadGeneration) return;
+                    model.tables.clear();
+                    model.rules.clear();
+                    for (const path in objects) addInterfaces(path, objects[path]);
+                    for (const path of ui.errors.keys()) if (!model.rules.has(path)) ui.errors.delete(path);
+                    model.loading = false;
+                    if (!model.owner) model.owner = "(activated)";
+                    render();
+                })
+                .catch(failed);
+    }
+
+    /** Opens the D-Bus client and follows pestod's name. */
+    function connect() {
+        client = cockpit.dbus(BUS_NAME, { bus: "system", superuser: "try" });
+        client.subscribe({ path_namespace: ROOT }, onSignal);
+        client.addEventListener("owner", (_event, owner) => {
+            model.owner = owner || null;
+            if (owner) {
+                load();
+            } else {
+                loadGeneration++;
+                model.loading = false;
+                model.loadingManager = false;
+                model.manager = null;
+                model.tables.clear();
+                model.rules.clear();
+                ui.errors.clear();
+                if (ui.lockName) {
+                    ui.lockName = "";
+                    ui.notice = { kind: "warning", title: "The transaction ended", text: "pestod left the bus; uncommitted changes were not kept." };
+                }
+                render();
+            }
+        });
+        client.addEventListener("close", (_event, options) => {
+            // Cockpit closes the channel when administrative access is turned on or off;
+            // open a new one, which routes calls the new way.
+            model.owner = undefined;
+            ui.notice = { kind: "danger", title: "Connection to the system bus closed", text: cockpit.message(options) };
+            render();
+            window.setTimeout(connect, 1000);
+        });
+    }
+
+    // ------------------------------------------------------------------ Calls
+
+    /** "Name: message" of a D-Bus error. */
+    function describe(error) {
+        const name = error.name || error.problem || "error";
+        return error.message && error.message !== name ? name + ": " + error.message : name;
+    }
+
+    /** Whether an error says the caller may not change the tables. */
+    function isDenied(error) { return DENIED.includes(error.name); }
+
+    /** A Table method call. */
+    function tableCall(tablePath, method, args, signature) {
+        return client.call(tablePath, TABLE, method, args, { type: signature });
+    }
+
+    /** A Manager method call. */
+    function managerCall(method) { return client.call(ROOT, MANAGER, method, []); }
+
+    /** Runs an action on a rule; its error is shown next to the rule. */
+    function ruleAction(path, action) {
+        ui.busy.add(path);
+        ui.errors.delete(path);
+        scheduleRender();
+        return action()
+                .catch((error) => {
+                    if (isDenied(error)) ui.denied = true;
+                    if (model.rules.has(path)) ui.errors.set(path, error);
+                    else ui.notice = { kind: "danger", title: "The change was refused", text: describe(error) };
+                })
+                .finally(() => {
+                    ui.busy.delete(path);
+                    scheduleRender();
+                });
+    }
+
+    /**
+     * Runs `steps` (a function returning a promise) as one transaction: inside this page's
+     * open transaction as they are, else between Lock and Commit, rolled back on any error.
+     */
+    async function transaction(steps) {
+        if (ui.lockName) return steps();
+        await managerCall("Lock");
+        try {
+            await steps();
+            await managerCall("Commit");
+        } catch (error) {
+            await managerCall("Rollback").catch(() => {});
+            throw error;
+        } finally {
+            await managerCall("Unlock").catch(() => {});
+        }
+    }
+
+    /** The rule description a{sv} for Insert: defaults left out. */
+    function encodeRule(rule) {
+        const dict = { protocol: cockpit.variant("s", rule.protocol), "first-port": cockpit.variant("q", rule.firstPort) };
+        if (rule.address) dict.address = cockpit.variant("s", rule.address);
+        if (rule.interface) dict.interface = cockpit.variant("s", rule.interface);
+        if (rule.lastPort) dict["last-port"] = cockpit.variant("q", rule.lastPort);
+        if (rule.targetAddress) dict["target-address"] = cockpit.variant("s", rule.targetAddress);
+        if (rule.targetPort) dict["target-port"] = cockpit.variant("q", rule.targetPort);
+        if (rule.scan) dict.scan = cockpit.variant("b", true);
+        if (rule.owner) dict.owner = cockpit.variant("s", rule.owner);
+        return dict;
+    }
+
+    /** A Rule object's properties as the notation helpers take them. */
+    function ruleFields(r) {
+        return {
+            protocol: r.Protocol, address: r.Address, interface: r.Interface, firstPort: r.FirstPort, lastPort: r.LastPort,
+            targetAddress: r.TargetAddress, targetPort: r.TargetPort, scan: r.Scan, owner: r.Owner
+        };
+    }
+
+    function activate(rule) { return ruleAction(rule.path, () => tableCall(rule.Table, "Activate", [rule.Id], "u")); }
+    function deactivate(rule) { return ruleAction(rule.path, () => tableCall(rule.Table, "Deactivate", [rule.Id], "u")); }
+
+    /** Deletes a rule; an active one is deactivated and deleted in one Apply. */
+    function remove(rule) {
+        return ruleAction(rule.path, () => rule.Active
+            ? tableCall(rule.Table, "Apply", [[], [rule.Id], {}], "a(ua{sv})aua{sv}")
+            : tableCall(rule.Table, "Delete", [rule.Id], "u"));
+    }
+
+    function startTransaction() {
+        managerCall("Lock")
+                .then(() => client.call(ROOT, PROPERTIES, "Get", [MANAGER, "LockOwner"]))
+                .then(([owner]) => {
+                    ui.lockName = unwrap(owner);
+                    ui.notice = null;
+                    render();
+                })
+                .catch((error) => {
+                    if (isDenied(error)) ui.denied = true;
+                    ui.notice = { kind: "danger", title: "Cannot start a transaction", text: describe(error) };
+                    render();
+                });
+    }
+
+    /** Ends this page's transaction: `Commit` keeps the changes, `Rollback` undoes them. */
+    function endTransaction(how) {
+        managerCall(how)
+                .then(() => managerCall("Unlock"))
+                .then(() => {
+                    ui.lockName = "";
+                    ui.notice = how === "Commit" ? null : { kind: "info", title: "Transaction cancelled", text: "Every change made since it started was rolled back." };
+                    render();
+                })
+                .catch((error) => {
+                    ui.notice = { kind: "danger", title: how + " failed", text: describe(error) };
+                    render();
+                });
+    }
+
+    // ------------------------------------------------------------------ Rendering
+
+    const $ = (id) => document.getElementById(id);
+
+    /** document.createElement with attributes and children (text is always text). */
+    function el(tag, attributes, ...children) {
+        const node = document.createElement(tag);
+        for (const [key, value] of Object.entries(attributes || {})) {
+            if (key === "class") node.className = value;
+            else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+            else node.setAttribute(key, value);
+        }
+        for (const child of children) if (child !== null && child !== undefined) node.append(child);
+        return node;
+    }
+
+    let renderPending = false;
+    function scheduleRender() {
+        if (renderPending) return;
+        renderPending = true;
+        window.requestAnimationFrame(() => {
+            renderPending = false;
+            render();
+        });
+    }
+
+    /** Whether the page may offer changes. */
+    function readOnly() { return permission.allowed === false || ui.denied; }
+
+    /** Tables in display order: HOST, then SPLICE. */
+    function sortedTables() {
+        return [...model.tables.values()].sort((a, b) => (a.Name === "HOST" ? 0 : 1) - (b.Name === "HOST" ? 0 : 1));
+    }
+
+    function render() {
+        renderHeader();
+        renderAlerts();
+        renderTables();
+        renderFormTables();
+    }
+
+    function renderHeader() {
+        const running = !!model.owner && !!model.manager;
+        const lockOwner = running ? model.manager.LockOwner : "";
+        const mine = lockOwner !== "" && lockOwner === ui.lockName;
+        const line = $("service-line");
+        line.replaceChildren();
+        if (model.owner === undefined) {
+            line.append("Connecting to pestod…");
+        } else if (!running) {
+            line.append("pestod is not running");
+        } else {
+            const names = sortedTables().map((t) => t.Name).join(" and ");
+            line.append(`pestod ${model.manager.Version} on the system bus · ${names} table${model.tables.size === 1 ? "" : "s"} · `);
+            const lock = el("span", { id: "lock-state", class: "lock " + (lockOwner === "" ? "lock-free" : mine ? "lock-mine" : "lock-other") });
+            if (lockOwner === "") lock.append("Unlocked");
+            else if (mine) lock.append(`Locked by this page (${lockOwner}): changes are one transaction until Commit or Cancel`);
+            else lock.append(`Locked by ${lockOwner}: changes from others are refused until it unlocks`);
+            line.append(lock);
+        }
+        const editable = running && !readOnly();
+        $("add-open").hidden = !editable;
+        $("transaction-start").hidden = !editable || mine;
+        $("transaction-start").disabled = lockOwner !== "";
+        $("transaction-commit").hidden = !editable || !mine;
+        $("transaction-cancel").hidden = !editable || !mine;
+        if (!editable) $("add-card").hidden = true;
+    }
+
+    function alert(kind, title, text, ...extra) {
+        return el("div", { class: "alert alert-" + kind, role: "alert" },
+                  el("p", { class: "alert-title" }, title), text ? el("p", { class: "alert-text" }, text) : null, ...extra);
+    }
+
+    function renderAlerts() {
+        const box = $("alerts");
+        box.replaceChildren();
+        if (model.owner === null) {
+            box.append(alert("warning", "pestod is not running",
+                             `Nothing owns ${BUS_NAME} on the system bus. This page shows the tables as soon as pestod starts ` +
+                             "(systemctl start pestod, or D-Bus activation: the button below makes a call that starts it where it is installed).",
+                             el("button", { type: "button", class: "btn btn-secondary", id: "start-service", onclick: () => load() }, "Start pestod")));
+            box.lastChild.id = "not-running";
+        }
+        if (ui.notice) {
+            const close = el("button", { type: "button", class: "btn btn-link alert-close", "aria-label": "Close", onclick: () => { ui.notice = null; render() } }, "×");
+            box.append(alert(ui.notice.kind, ui.notice.title, ui.notice.text, close));
+            box.lastChild.id = "notice";
+        }
+        if (model.manager && readOnly()) {
+            box.append(alert("info", "Read-only",
+                             "You are not allowed to change the forwarding tables. Turn on administrative access (top right in Cockpit) to edit them."));
+            box.lastChild.id = "read-only";
+        }
+    }
+
+    /** Table path → { section, tbody, summary, empty, rows: Map rule path → row record }. */
+    const tableViews = new Map();
+
+    function renderTables() {
+        const container = $("tables");
+        for (const [path, view] of tableViews) {
+            if (!model.tables.has(path)) {
+                view.section.remove();
+                tableViews.delete(path);
+            }
+        }
+        for (const table of sortedTables()) {
+            let view = tableViews.get(table.path);
+            if (!view) {
+                view = createTableView(table);
+                tableViews.set(table.path, view);
+            }
+            container.append(view.section);
+            updateTableView(view, table);
+        }
+    }
+
+    const COLUMNS = ["State", "ID", "Rule", "Protocol", "Address", "Interface", "Ports", "Target", "Owner", "Sockets", ""];
+
+    function createTableView(table) {
+        const tbody = el("tbody");
+        const summary = el("span", { class: "card-summary" });
+        const empty = el("p", { class: "empty" }, "No rules. Add one here, with pestoctl, or with busctl.");
+        const title = table.Name === "HOST" ? "HOST table · inbound" : table.Name === "SPLICE" ? "SPLICE table · outbound" : table.Name + " table";
+        const section = el("section", { class: "card table-card", "data-table": table.Name },
+                           el("header", { class: "card-header" }, el("h2", {}, title), summary),
+                           el("table", { class: "rules" },
+                              el("thead", {}, el("tr", {}, ...COLUMNS.map((c) => el("th", { scope: "col" }, c)))),
+                              tbody),
+                           empty);
+        return { section, tbody, summary, empty, rows: new Map() };
+    }
+
+    function updateTableView(view, table) {
+        view.summary.textContent = `${table.RuleCount} rule${table.RuleCount === 1 ? "" : "s"} · ${table.ActiveCount} active · ` +
+            `${table.SocketCount} socket${table.SocketCount === 1 ? "" : "s"} of ${table.MaxSockets}`;
+        const rules = [...model.rules.values()].filter((r) => r.Table === table.path).sort((a, b) => a.Id - b.Id);
+        const present = new Set(rules.map((r) => r.path));
+        for (const [path, row] of view.rows) {
+            if (!present.has(path)) {
+                row.tr.remove();
+                row.errorRow.remove();
+                view.rows.delete(path);
+            }
+        }
+        for (const rule of rules) {
+            let row = view.rows.get(rule.path);
+            if (!row) {
+                row = createRow(rule);
+                view.rows.set(rule.path, row);
+            }
+            view.tbody.append(row.tr, row.errorRow);
+            updateRow(row, rule, table);
+        }
+        view.empty.hidden = rules.length > 0;
+    }
+
+    function createRow(rule) {
+        const cells = {};
+        const tr = el("tr", { class: "rule", "data-rule-id": String(rule.Id) });
+        for (const name of ["state", "id", "notation", "protocol", "address", "interface", "ports", "target", "owner", "sockets", "actions"]) {
+            cells[name] = el("td", { class: "col-" + name, "data-label": name });
+            tr.append(cells[name]);
+        }
+        const buttons = {
+            activate: el("button", { type: "button", class: "btn btn-secondary btn-sm", "data-action": "activate" }, "Activate"),
+            deactivate: el("button", { type: "button", class: "btn btn-secondary btn-sm", "data-action": "deactivate" }, "Deactivate"),
+            edit: el("button", { type: "button", class: "btn btn-link btn-sm", "data-action": "edit" }, "Edit"),
+            delete: el("button", { type: "button", class: "btn btn-danger-link btn-sm", "data-action": "delete" }, "Delete"),
+        };
+        const path = rule.path;
+        const current = () => model.rules.get(path);
+        buttons.activate.addEventListener("click", () => current() && activate(current()));
+        buttons.deactivate.addEventListener("click", () => current() && deactivate(current()));
+        buttons.delete.addEventListener("click", () => current() && remove(current()));
+        buttons.edit.addEventListener("click", () => current() && openForm(current()));
+        cells.actions.append(buttons.activate, buttons.deactivate, buttons.edit, buttons.delete);
+        const errorText = el("span", { class: "rule-error-text" });
+        const dismiss = el("button", { type: "button", class: "btn btn-link btn-sm", "aria-label": "Dismiss" }, "Dismiss");
+        dismiss.addEventListener("click", () => { ui.errors.delete(path); render() });
+        const errorRow = el("tr", { class: "rule-error", "data-rule-id": String(rule.Id) },
+                            el("td", { colspan: String(COLUMNS.length) }, errorText, dismiss));
+        return { tr, cells, buttons, errorRow, errorText };
+    }
+
+    function updateRow(row, rule, table) {
+        const fields = ruleFields(rule);
+        const failing = rule.BindFailures > 0;
+        const state = !rule.Active ? "inactive" : failing ? "failing" : "active";
+        row.tr.className = "rule state-" + state + (ui.busy.has(rule.path) ? " busy" : "");
+        row.cells.state.replaceChildren(el("span", { class: "badge badge-" + state },
+                                          state === "active" ? "Active" : state === "failing" ? "Failing" : "Inactive"));
+        row.cells.id.textContent = String(rule.Id);
+        row.cells.notation.replaceChildren(el("code", {}, RuleText.notation(fields, table.Name)));
+        row.cells.protocol.textContent = rule.Protocol.toUpperCase();
+        row.cells.address.textContent = rule.Address || "any";
+        row.cells.interface.textContent = rule.Interface || "any";
+        row.cells.ports.textContent = RuleText.range(rule.FirstPort, rule.LastPort);
+        const targetLast = Math.min(65535, rule.TargetPort + rule.LastPort - rule.FirstPort);
+        row.cells.target.textContent = (rule.TargetAddress || "default") + " port " + RuleText.range(rule.TargetPort, targetLast) +
+            (rule.Scan ? " (scan)" : "");
+        row.cells.owner.textContent = rule.Owner || "—";
+        row.cells.sockets.replaceChildren();
+        if (rule.Active) row.cells.sockets.append(el("span", { class: "bound" }, `${rule.BoundSockets} bound`));
+        if (rule.BindFailures > 0) {
+            row.cells.sockets.append(el("span", { class: "failed" },
+                                        `${rule.BindFailures} failed` + (rule.LastError ? ` (${rule.LastError})` : "")));
+        } else if (rule.LastError) {
+            row.cells.sockets.append(el("span", { class: "last-error" }, `last error ${rule.LastError}`));
+        }
+        if (!rule.Active && rule.BindFailures === 0 && !rule.LastError) row.cells.sockets.append("—");
+
+        const editable = !readOnly();
+        const lockOwner = model.manager ? model.manager.LockOwner : "";
+        const lockedByOther = lockOwner !== "" && lockOwner !== ui.lockName;
+        row.cells.actions.hidden = !editable;
+        row.buttons.activate.hidden = rule.Active;
+        row.buttons.deactivate.hidden = !rule.Active;
+        for (const button of Object.values(row.buttons)) button.disabled = ui.busy.has(rule.path) || lockedByOther;
+
+        const error = ui.errors.get(rule.path);
+        row.errorRow.hidden = !error;
+        row.errorText.textContent = error ? describe(error) : "";
+    }
+
+    // ------------------------------------------------------------------ The add / edit form
+
+    const form = {
+        spec: () => $("f-spec"), table: () => $("f-table"), id: () => $("f-id"), protocol: () => $("f-protocol"),
+        address: () => $("f-address"), interface: () => $("f-interface"), first: () => $("f-first"), last: () => $("f-last"),
+        targetAddress: () => $("f-target-address"), targetPort: () => $("f-target-port"), owner: () => $("f-owner"),
+        scan: () => $("f-scan"), activate: () => $("f-activate"),
+    };
+
+    function renderFormTables() {
+        const select = form.table();
+        const wanted = sortedTables().map((t) => t.path);
+        const have = [...select.options].map((o) => o.value);
+        if (wanted.join() === have.join()) return;
+        const selected = select.value;
+        select.replaceChildren(...sortedTables().map((t) => el("option", { value: t.path }, t.Name)));
+        if (wanted.includes(selected)) select.value = selected;
+    }
+
+    /** The next unused ID in a table. */
+    function nextId(tablePath) {
+        let max = 0;
+        for (const r of model.rules.values()) if (r.Table === tablePath) max = Math.max(max, r.Id);
+        return max + 1;
+    }
+
+    /** Opens the form empty (add) or filled with `rule` (edit: replace it in one transaction). */
+    function openForm(rule) {
+        renderFormTables();
+        $("add-card").hidden = false;
+        $("add-error").hidden = true;
+        ui.replacing = rule ? rule.path : null;
+        $("add-card").querySelector("h2").textContent = rule ? `Edit rule ${rule.Id}` : "Add a rule";
+        $("add-submit").textContent = rule ? "Replace (one transaction)" : "Add";
+        form.table().disabled = !!rule;
+        if (rule) {
+            form.table().value = rule.Table;
+            fillFields(ruleFields(rule));
+            form.id().value = String(rule.Id);
+            form.activate().checked = rule.Active;
+            form.spec().value = RuleText.notation(ruleFields(rule), model.tables.get(rule.Table).Name);
+        } else {
+            form.spec().value = "";
+            fillFields({ protocol: "tcp", address: "", interface: "", firstPort: "", lastPort: "", targetAddress: "", targetPort: "", scan: false, owner: "cockpit" });
+            form.id().value = String(nextId(form.table().value));
+            form.activate().checked = true;
+        }
+        updatePreview();
+        form.spec().focus();
+    }
+
+    function fillFields(rule) {
+        form.protocol().value = rule.protocol || "tcp";
+        form.address().value = rule.address;
+        form.interface().value = rule.interface;
+        form.first().value = rule.firstPort ? String(rule.firstPort) : "";
+        form.last().value = rule.lastPort && rule.lastPort !== rule.firstPort ? String(rule.lastPort) : "";
+        form.targetAddress().value = rule.targetAddress;
+        form.targetPort().value = rule.targetPort && rule.targetPort !== rule.firstPort ? String(rule.targetPort) : "";
+        form.scan().checked = !!rule.scan;
+        if (rule.owner !== undefined && rule.owner !== "") form.owner().value = rule.owner;
+    }
+
+    /** The rule the form's fields describe (not validated: pestod does that). */
+    function formRule() {
+        const number = (input) => (input.value.trim() === "" ? 0 : Number(input.value));
+        const first = number(form.first());
+        return {
+            protocol: form.protocol().value, address: form.address().value.trim(), interface: form.interface().value.trim(),
+            firstPort: first, lastPort: number(form.last()) || first, targetAddress: form.targetAddress().value.trim(),
+            targetPort: number(form.targetPort()) || first, scan: form.scan().checked, owner: form.owner().value,
+        };
+    }
+
+    function updatePreview() {
+        const rule = formRule();
+        const table = model.tables.get(form.table().value);
+        $("f-preview").textContent = rule.firstPort && table ? RuleText.notation(rule, table.Name) : "";
+    }
+
+    /** The spec field changed: parse it into the fields. */
+    function onSpecInput() {
+        const help = $("f-spec-help");
+        const text = form.spec().value;
+        if (text.trim() === "") {
+            help.textContent = "Fills the fields below; or fill them in yourself.";
+            help.className = "helper";
+            return;
+        }
+        try {
+            const { table, rule } = RuleText.parse(text);
+            if (table) {
+                const path = sortedTables().find((t) => t.Name === table);
+                if (!path) throw new RuleText.SpecError(`pestod has no ${table} table (it has one only with a network namespace)`);
+                if (!form.table().disabled) form.table().value = path.path;
+            }
+            fillFields({ ...rule, protocol: rule.protocol || form.protocol().value });
+            help.textContent = "Parsed into the fields below.";
+            help.className = "helper";
+        } catch (error) {
+            help.textContent = error.message;
+            help.className = "helper helper-error";
+        }
+        updatePreview();
+    }
+
+    function submitForm(event) {
+        event.preventDefault();
+        const rule = formRule();
+        const tablePath = form.table().value;
+        const id = Number(form.id().value);
+        const activateIt = form.activate().checked;
+        const replacing = ui.replacing ? model.rules.get(ui.replacing) : null;
+        const insert = () => tableCall(tablePath, "Insert", [id, encodeRule(rule)], "ua{sv}");
+        const activateNew = () => (activateIt ? tableCall(tablePath, "Activate", [id], "u") : Promise.resolve());
+        let work;
+        if (replacing) {
+            work = transaction(async () => {
+                if (replacing.Active) await tableCall(replacing.Table, "Deactivate", [replacing.Id], "u");
+                await tableCall(replacing.Table, "Delete", [replacing.Id], "u");
+                await insert();
+                await activateNew();
+            });
+        } else {
+            work = insert().then(activateNew);
+        }
+        $("add-submit").disabled = true;
+        work.then(() => {
+            $("add-error").hidden = true;
+            if (replacing) {
+                $("add-card").hidden = true;
+            } else {
+                form.id().value = String(Math.max(id + 1, nextId(tablePath)));
+            }
+        }).catch((error) => {
+            if (isDenied(error)) ui.denied = true;
+            $("add-error").textContent = describe(error);
+            $("add-error").hidden = false;
+            render();
+        }).finally(() => { $("add-submit").disabled = false });
+    }
+
+    function setup() {
+        $("add-open").addEventListener("click", () => openForm(null));
+        $("add-close").addEventListener("click", () => { $("add-card").hidden = true });
+        $("add-form").addEventListener("submit", submitForm);
+        form.spec().addEventListener("input", onSpecInput);
+        for (const name of ["protocol", "address", "interface", "first", "last", "targetAddress", "targetPort", "scan", "table"])
+            form[name]().addEventListener("input", updatePreview);
+        form.table().addEventListener("change", () => { if (!ui.replacing) form.id().value = String(nextId(form.table().value)) });
+        $("transaction-start").addEventListener("click", startTransaction);
+        $("transaction-commit").addEventListener("click", () => endTransaction("Commit"));
+        $("transaction-cancel").addEventListener("click", () => endTransaction("Rollback"));
+        permission.addEventListener("changed", render);
+        connect();
+        render();
+    }
+
+    document.addEventListener("DOMContentLoaded", setup);
+})();
