@@ -33,7 +33,9 @@ DEMO_BUS=${DEMO_BUS:-auto}
 # Build (libdbus-1-dev pkg-config), run and show (dbus: dbus-daemon; dbus-bin: dbus-send;
 # iproute2: ss; libglib2.0-bin: gdbus; systemd: busctl, which works without systemd running),
 # and what `swift test` uses besides (libxml2-utils: xmllint). .ci/run installs these too.
-PACKAGES=(libdbus-1-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils socat)
+# The Cockpit page (cockpit/): cockpit-ws (the web server) and cockpit-bridge.
+PACKAGES=(libdbus-1-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils socat
+          cockpit-ws cockpit-bridge)
 
 header() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
@@ -115,6 +117,9 @@ install -v -D -m 0644 dbus/top.passt.Pesto1.xml /usr/share/dbus-1/interfaces/top
 install -v -D -m 0644 doc/pestod.8 /usr/local/share/man/man8/pestod.8
 install -v -D -m 0644 doc/pestoctl.1 /usr/local/share/man/man1/pestoctl.1
 install -v -D -m 0644 doc/dbus-api.md /usr/share/doc/pesto/dbus-api.md
+# The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
+install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
+    cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css
 SYSTEMD=no
 if [[ -d /run/systemd/system ]]; then
     SYSTEMD=yes
@@ -288,6 +293,24 @@ Stop it, the bus and the demo's target server:
   kill \$(cat $DEMO_DIR/pestod.pid)
   kill \$(cat $DEMO_DIR/bus.pid)
   kill \$(cat $DEMO_DIR/target.pid)
+EOF
+fi
+
+header "The Cockpit page: Port forwarding"
+if [[ $MODE == system ]]; then
+    cat <<EOF
+Installed in /usr/share/cockpit/pesto/. Open Cockpit (https://$(hostname):9090/ where
+cockpit.socket runs), log in, turn on administrative access to edit, and choose
+"Port forwarding" in the menu.
+EOF
+else
+    cat <<EOF
+Installed in /usr/share/cockpit/pesto/. pestod is on a private bus here, so start a Cockpit
+web server whose bridge talks to that bus (no TLS, no login, loopback only):
+  DBUS_SYSTEM_BUS_ADDRESS=$ADDR /usr/lib/cockpit/cockpit-ws --no-tls -a 127.0.0.1 -p 9091 \\
+      --local-session=cockpit-bridge
+and open http://127.0.0.1:9091/cockpit/@localhost/pesto/index.html
+(from another machine: ssh -L 9091:127.0.0.1:9091 to this one first).
 EOF
 fi
 echo "Running ./scripts/demo.sh again stops the demo's pestod and bus first."

@@ -307,13 +307,22 @@ class Test:
         self.table_call("Activate", "u", 2)
         self.wait_row(2, "failing", "1 failed (EADDRINUSE)")
 
+        # Two inactive rules for the picture (inactive rules bind nothing): a UDP range to
+        # another port, and one on an interface.
+        self.table_call("Insert", "ua{sv}", 10, 6, "protocol", "s", "udp", "address", "s", "127.0.0.1",
+                        "first-port", "q", 5353, "last-port", "q", 5360, "target-port", "q", 15353, "owner", "s", "pestoctl")
+        self.table_call("Insert", "ua{sv}", 11, 4, "protocol", "s", "tcp", "interface", "s", "lo",
+                        "first-port", "q", 8443, "target-port", "q", 443)
+        self.wait_row(10, "inactive", "-u 127.0.0.1/5353-5360:15353-15360")
+        self.wait_row(11, "inactive", "-t %lo/8443:443")
+
         # The page's transaction: Lock, shown as the lock state.
         self.click("transaction-start")
         self.wait("the lock held by this page", lambda: self.lock_text().startswith("Locked by this page"))
         refused = self.table_call("Insert", "ua{sv}", 9, 2, "protocol", "s", "tcp", "first-port", "q", port_added, check=False)
         if refused.returncode == 0 or "locked by" not in refused.stderr:
             raise Failure(f"busctl's Insert under the page's lock was not refused as Locked: {refused.stderr!r}")
-        self.driver.save_screenshot(self.args.screenshot)
+        self.css("#page")[0].screenshot(self.args.screenshot)
         log(f"screenshot: {self.args.screenshot}")
 
         # Under the lock, a rule added from a spec is in pestod; Cancel rolls it back.
