@@ -6,7 +6,7 @@
 
 Prints every rule once pestod is on the bus, then one line per change: rules added and
 removed, rule state (active, bound sockets, bind failures, last error), the lock. It never
-polls: one GetManagedObjects each time pestod takes its name, then InterfacesAdded,
+polls: GetManagedObjects (and GetAll for the Manager) each time pestod takes its name, then InterfacesAdded,
 InterfacesRemoved and PropertiesChanged (RuleStateChanged and BindFailuresChanged carry the
 same rule state, keyed by ID). doc/live-model.md explains the pattern. Needs python3-gi.
 """
@@ -19,8 +19,9 @@ BUS_NAME = "top.passt.Pesto1"
 ROOT = "/top/passt/Pesto1"
 MANAGER, TABLE, RULE = "top.passt.Pesto1.Manager", "top.passt.Pesto1.Table", "top.passt.Pesto1.Rule"
 
-objects = {}        # object path -> {interface: {property: value}}
-loading = [False]   # a GetManagedObjects reply is pending: signals before it are in it
+objects = {}  # object path -> {interface: {property: value}}
+# Replies on their way; the signals that arrive before a reply are already in it.
+loading = {"manager": False, "objects": False}
 
 
 def say(text):
@@ -41,9 +42,10 @@ def describe(path):
 
 
 def on_signal(_conn, _sender, path, iface, member, params, _data):
-    if loading[0] or not path.startswith(ROOT):
-        return
     args = params.unpack()
+    about_manager = path == ROOT and member == "PropertiesChanged" and args[0] == MANAGER
+    if loading["manager" if about_manager else "objects"] or not path.startswith(ROOT):
+        return
     if member == "InterfacesAdded":
         objects.setdefault(args[0], {}).update(args[1])
         if RULE in args[1]:
@@ -64,26 +66,36 @@ def on_signal(_conn, _sender, path, iface, member, params, _data):
 
 def on_appeared(conn, _name, owner):
     say(f"pestod appeared as {owner}")
-    loading[0] = True
+    loading.update(manager=True, objects=True)
 
-    def loaded(conn, result):
-        reply = conn.call_finish(result).unpack()[0]
-        objects.clear()
-        objects.update(reply)
-        loading[0] = False
-        lock = objects.get(ROOT, {}).get(MANAGER, {}).get("LockOwner", "")
+    def manager_loaded(conn, result):
+        # An ObjectManager does not list itself: the Manager's properties come from GetAll.
+        objects[ROOT] = {MANAGER: conn.call_finish(result).unpack()[0]}
+        loading["manager"] = False
+        lock = objects[ROOT][MANAGER]["LockOwner"]
         say(f"lock: held by {lock}" if lock else "lock: free")
-        for path in sorted(p for p in objects if RULE in objects[p]):
+
+    def objects_loaded(conn, result):
+        manager = objects.get(ROOT)
+        objects.clear()
+        objects.update(conn.call_finish(result).unpack()[0])
+        if manager:
+            objects[ROOT] = manager
+        loading["objects"] = False
+        for path in sorted((p for p in objects if RULE in objects[p]), key=lambda p: objects[p][RULE]["Id"]):
             say(describe(path))
         say("following")
 
+    # Asked together, answered in this order.
+    conn.call(BUS_NAME, ROOT, "org.freedesktop.DBus.Properties", "GetAll", GLib.Variant("(s)", (MANAGER,)),
+              GLib.VariantType("(a{sv})"), Gio.DBusCallFlags.NONE, -1, None, manager_loaded)
     conn.call(BUS_NAME, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", None,
-              GLib.VariantType("(a{oa{sa{sv}}})"), Gio.DBusCallFlags.NONE, -1, None, loaded)
+              GLib.VariantType("(a{oa{sa{sv}}})"), Gio.DBusCallFlags.NONE, -1, None, objects_loaded)
 
 
 def on_vanished(_conn, _name):
     objects.clear()
-    loading[0] = False
+    loading.update(manager=False, objects=False)
     say("pestod is not running")
 
 
