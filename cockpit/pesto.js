@@ -510,13 +510,14 @@
         buttons.deactivate.addEventListener("click", () => current() && deactivate(current()));
         buttons.delete.addEventListener("click", () => current() && remove(current()));
         buttons.edit.addEventListener("click", () => current() && openForm(current()));
-        cells.actions.append(buttons.activate, buttons.deactivate, buttons.edit, buttons.delete);
+        const actions = el("span", { class: "actions" }, buttons.activate, buttons.deactivate, buttons.edit, buttons.delete);
+        cells.actions.append(actions);
         const errorText = el("span", { class: "rule-error-text" });
         const dismiss = el("button", { type: "button", class: "btn btn-link btn-sm", "aria-label": "Dismiss" }, "Dismiss");
         dismiss.addEventListener("click", () => { ui.errors.delete(path); render() });
         const errorRow = el("tr", { class: "rule-error", "data-rule-id": String(rule.Id) },
                             el("td", { colspan: String(COLUMNS.length) }, errorText, dismiss));
-        return { tr, cells, buttons, errorRow, errorText };
+        return { tr, cells, actions, buttons, errorRow, errorText };
     }
 
     function updateRow(row, rule, table) {
@@ -549,7 +550,7 @@
         const editable = !readOnly();
         const lockOwner = model.manager ? model.manager.LockOwner : "";
         const lockedByOther = lockOwner !== "" && lockOwner !== ui.lockName;
-        row.cells.actions.hidden = !editable;
+        row.actions.hidden = !editable;
         row.buttons.activate.hidden = rule.Active;
         row.buttons.deactivate.hidden = !rule.Active;
         for (const button of Object.values(row.buttons)) button.disabled = ui.busy.has(rule.path) || lockedByOther;

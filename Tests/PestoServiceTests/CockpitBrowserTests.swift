@@ -3,8 +3,9 @@
 // The harness starts the private bus and pestod (`--authorize none`); the Python selenium
 // script Tests/browser/test_cockpit.py starts cockpit-ws (socket-activated on a loopback port,
 // with the bus as DBUS_SYSTEM_BUS_ADDRESS) and headless Chromium, drives the page and checks
-// pestod with busctl; it kills and restarts pestod itself. Its output is printed here and its
-// exit status asserted. Without Cockpit, Chromium, chromedriver or selenium the test is
+// pestod with busctl; it kills and restarts pestod itself, and opens the page once more through
+// a second cockpit-ws whose bridge runs as `nobody` (read-only). Its output is printed here and
+// its exit status asserted. Without Cockpit, Chromium, chromedriver or selenium the test is
 // skipped with a message naming what is missing.
 
 import Foundation
@@ -36,7 +37,7 @@ struct CockpitBrowserTests {
         .enabled(if: BrowserTools.missing.isEmpty, "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium: \(BrowserTools.missing)"))
     func pageAgainstPestod() throws {
         let fixture = try PestodFixture(pestodArguments: ["--authorize", "none"])
-        let ports = TestSockets.freePorts(4)
+        let ports = TestSockets.freePorts(5)
         let web = ports.lowerBound
         let rulePorts = ports.dropFirst().map(String.init).joined(separator: ",")
         try? FileManager.default.removeItem(at: BrowserTools.screenshot)

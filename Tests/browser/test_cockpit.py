@@ -4,7 +4,7 @@
 Run by Tests/PestoServiceTests/CockpitBrowserTests.swift, which starts a private bus and
 pestod on it (`--authorize none`) and passes:
 
-    test_cockpit.py --bus ADDRESS --pestod PATH --screenshot PNG --web-port P --ports A,B,C
+    test_cockpit.py --bus ADDRESS --pestod PATH --screenshot PNG --web-port P --ports A,B,C,Q
 
 This script then starts, as its own children:
 
@@ -17,11 +17,13 @@ This script then starts, as its own children:
 
 It checks, each step waiting on the page's DOM or on pestod (never a fixed sleep): a rule
 inserted with busctl appears; a bind failure (port held here) is shown and clears once the
-port is freed; the page's transaction (Lock) is shown and its Cancel rolls back a rule added
-under it; adding (spec and fields), deactivating, activating and deleting from the page
-change pestod (checked with busctl); a refused activation shows its D-Bus error next to the
-rule; pestod killed and started again is followed. It saves a screenshot with an active rule,
-a failing rule and the lock state, and fails on any error in the page's console.
+port is freed; the page's transaction (Lock) is shown, its Cancel rolls back a rule added
+under it and its Commit keeps one; adding (spec and fields), editing, deactivating,
+activating and deleting from the page change pestod (checked with busctl); a refused
+activation shows its D-Bus error next to the rule; pestod killed and started again is
+followed; a second cockpit-ws on port Q, whose bridge runs as `nobody`, shows the tables
+read-only. It saves a screenshot with an active rule, a failing rule and the lock state, and
+fails on any error in the page's console.
 
 Exit status: 0 passed, 1 failed, 77 a tool is missing. Every process it starts is killed
 (SIGKILL) and reaped: the script is a child subreaper, so the bridge and Chromium's helpers
@@ -90,14 +92,24 @@ class Test:
 
     # ---------------------------------------------------------------- processes
 
-    def start_cockpit(self):
-        """cockpit-ws on 127.0.0.1:web-port by socket activation, with the page installed."""
+    def start_cockpit(self, port, bridge_user=None):
+        """cockpit-ws on 127.0.0.1:port by socket activation, with the page installed; its
+        bridge runs as root, or as `bridge_user` (a user who may not change the tables)."""
         share = os.path.join(self.tmp.name, "share")
-        os.makedirs(os.path.join(share, "cockpit"))
-        os.symlink(os.path.abspath(PAGE_DIR), os.path.join(share, "cockpit", "pesto"))
+        if not os.path.exists(share):
+            os.chmod(self.tmp.name, 0o755)  # readable by the unprivileged bridge
+            os.makedirs(os.path.join(share, "cockpit"))
+            os.symlink(os.path.abspath(PAGE_DIR), os.path.join(share, "cockpit", "pesto"))
+        bridge = COCKPIT_BRIDGE
+        if bridge_user is not None:
+            bridge = os.path.join(self.tmp.name, "bridge-as-" + bridge_user)
+            with open(bridge, "w") as f:
+                f.write(f'#!/bin/sh\nexec /usr/bin/setpriv --reuid={bridge_user} --regid=$(id -g {bridge_user}) --clear-groups '
+                        f'env HOME=/nonexistent {COCKPIT_BRIDGE} "$@"\n')
+            os.chmod(bridge, 0o755)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.args.web_port))
+        listener.bind(("127.0.0.1", port))
         listener.listen(64)
         env = dict(os.environ)
         env.update({
@@ -114,11 +126,11 @@ class Test:
         # cockpit-ws keeps through exec.
         move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
         script = move + 'export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@"'
-        ws = subprocess.Popen(["/bin/bash", "-c", script, "bash", COCKPIT_WS, "--no-tls", f"--local-session={COCKPIT_BRIDGE}"],
-                              env=env, pass_fds=(fd,), stdout=self.logfile("cockpit-ws"), stderr=subprocess.STDOUT)
+        ws = subprocess.Popen(["/bin/bash", "-c", script, "bash", COCKPIT_WS, "--no-tls", f"--local-session={bridge}"],
+                              env=env, pass_fds=(fd,), stdout=self.logfile(f"cockpit-ws-{port}"), stderr=subprocess.STDOUT)
         listener.close()
         self.children.append(ws)
-        log(f"cockpit-ws pid {ws.pid} on 127.0.0.1:{self.args.web_port}")
+        log(f"cockpit-ws pid {ws.pid} on 127.0.0.1:{port}" + (f", bridge as {bridge_user}" if bridge_user else ""))
 
     def logfile(self, name):
         return open(os.path.join(self.tmp.name, name + ".log"), "w")
@@ -129,7 +141,7 @@ class Test:
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,860", "--hide-scrollbars", "--no-first-run",
+                     "--window-size=1400,1200", "--hide-scrollbars", "--no-first-run",
                      f"--user-data-dir={os.path.join(self.tmp.name, 'chromium')}"):
             options.add_argument(flag)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -265,6 +277,7 @@ class Test:
             spec_input.clear()
             spec_input.send_keys(spec)
             self.wait(f"spec {spec!r} parsed", lambda: "Parsed" in self.css("#f-spec-help")[0].text)
+            self.shot(f"add-{rule_id}")
         for name, value in (fields or {}).items():
             element = self.css("#f-" + name)[0]
             element.clear()
@@ -273,6 +286,11 @@ class Test:
         if checkbox.is_selected() != activate:
             checkbox.click()
         self.css("#add-submit")[0].click()
+
+    def shot(self, name, selector="#page"):
+        """With --shots DIR, a screenshot of the page (or one element of it) as it is now."""
+        if self.args.shots:
+            self.css(selector)[0].screenshot(os.path.join(self.args.shots, name + ".png"))
 
     def check_console(self):
         problems = [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
@@ -284,8 +302,8 @@ class Test:
     # ---------------------------------------------------------------- the scenario
 
     def run(self):
-        port_active, port_busy, port_added = self.ports[:3]
-        self.start_cockpit()
+        port_active, port_busy, port_added, web_unprivileged = self.ports[:4]
+        self.start_cockpit(self.args.web_port)
         self.start_browser()
         self.driver.get(f"http://127.0.0.1:{self.args.web_port}/cockpit/@localhost/pesto/index.html")
         self.wait("the HOST table, unlocked", lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked")
@@ -327,6 +345,7 @@ class Test:
 
         # Under the lock, a rule added from a spec is in pestod; Cancel rolls it back.
         self.add_rule(3, spec=f"-t 127.0.0.1/{port_added}")
+        self.shot("transaction")
         self.wait_row(3, "active", "1 bound")
         self.expect_status(3, r"^buus true 1 0")
         self.click("transaction-cancel")
@@ -340,10 +359,30 @@ class Test:
         if "failed" in self.row(2).text:
             raise Failure("rule 2 still shows a failure after binding")
 
-        # Add from the form's fields, then deactivate and activate from the page.
+        # A committed transaction: a rule added from the form's fields under the lock stays.
+        self.click("transaction-start")
+        self.wait("the lock held by this page", lambda: self.lock_text().startswith("Locked by this page"))
         self.add_rule(4, fields={"address": "127.0.0.1", "first": str(port_added), "owner": "admin"})
         self.wait_row(4, "active", "admin")
+        self.click("transaction-commit")
+        self.wait("the lock released", lambda: self.lock_text() == "Unlocked")
         self.expect_status(4, r"^buus true 1 0")
+
+        # Edit: rule 10 replaced by another range, in one transaction of the page's own.
+        self.click_row_button(10, "edit")
+        self.wait("the edit form for rule 10", lambda: "Edit rule 10" in self.css("#add-card")[0].text)
+        spec_input = self.css("#f-spec")[0]
+        spec_input.clear()
+        spec_input.send_keys("-u 127.0.0.1/5400-5407:15400-15407")
+        self.wait("the new spec parsed", lambda: "Parsed" in self.css("#f-spec-help")[0].text)
+        self.css("#add-submit")[0].click()
+        self.wait_row(10, "inactive", "-u 127.0.0.1/5400-5407:15400-15407")
+        read = self.table_call("Read", "u", 10).stdout
+        if '"first-port" q 5400' not in read or '"target-port" q 15400' not in read:
+            raise Failure(f"pestod's rule 10 after the edit: {read}")
+        log(f"busctl Read 10: {read.strip()}")
+
+        # Deactivate and activate from the page.
         self.click_row_button(4, "deactivate")
         self.wait_row(4, "inactive")
         self.expect_status(4, r"^buus false 0 0")
@@ -358,6 +397,7 @@ class Test:
         self.click_row_button(5, "activate")
         self.wait("the Conflict error next to rule 5", lambda: any(
             "top.passt.Pesto1.Error.Conflict" in r.text for r in self.css('tr.rule-error[data-rule-id="5"]') if r.is_displayed()))
+        self.shot("conflict", '[data-table="HOST"]')
         self.expect_status(5, r"^buus false 0 0")
 
         # Delete from the page: an inactive rule (Delete) and an active one (Apply).
@@ -373,12 +413,24 @@ class Test:
         os.kill(pid, signal.SIGKILL)
         log(f"killed pestod (pid {pid})")
         self.wait("pestod not running", lambda: any(e.is_displayed() for e in self.css("#not-running")))
+        self.shot("not-running")
         self.start_pestod()
         self.wait("the restarted pestod's empty HOST table",
                   lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked" and self.row(1) is None)
         self.insert(6, port_added, "after-restart")
         self.wait_row(6, "inactive", "after-restart")
+        self.check_console()
 
+        # A user who may not change the tables (a bridge running as nobody, no
+        # administrative access) sees them read-only: no add, no lock, no rule buttons.
+        self.start_cockpit(web_unprivileged, bridge_user="nobody")
+        self.driver.get(f"http://127.0.0.1:{web_unprivileged}/cockpit/@localhost/pesto/index.html")
+        self.wait("rule 6 and the read-only notice, to nobody",
+                  lambda: self.row(6) is not None and any(e.is_displayed() for e in self.css("#read-only")))
+        self.shot("read-only")
+        offered = [b.text for b in self.css("button") if b.is_displayed() and b.text not in ("Dismiss", "×")]
+        if offered:
+            raise Failure(f"the read-only page offers {offered}")
         self.check_console()
 
 
@@ -404,7 +456,9 @@ def main():
     parser.add_argument("--pestod", required=True)
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--web-port", type=int, required=True)
-    parser.add_argument("--ports", required=True, help="three free TCP ports, comma-separated")
+    parser.add_argument("--shots", help="a directory for screenshots of more steps (for a person to look at)")
+    parser.add_argument("--ports", required=True, help="four free TCP ports, comma-separated: three for rules, "
+                        "one for a second cockpit-ws whose bridge is unprivileged")
     args = parser.parse_args()
 
     missing = [p for p in (COCKPIT_WS, COCKPIT_BRIDGE, CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
@@ -436,7 +490,8 @@ def main():
         log("FAIL: unexpected exception")
         return 1
     finally:
-        for name in () if passed else ("cockpit-ws", "pestod-restarted"):
+        logs = sorted(n[:-4] for n in os.listdir(test.tmp.name) if n.endswith(".log") and n != "chromedriver.log")
+        for name in () if passed else logs:
             path = os.path.join(test.tmp.name, name + ".log")
             if os.path.exists(path) and os.path.getsize(path) > 0:
                 with open(path) as f:
