@@ -2,6 +2,7 @@
 """Follow pestod's forwarding tables from D-Bus signals alone (Python, Gio).
 
     ./examples/follow-tables.py                     # the system bus
+    ./examples/follow-tables.py --session           # a per-user pestod --session
     ./examples/follow-tables.py --address unix:path=/run/pesto-demo/bus.sock
 
 Prints every rule once pestod is on the bus, then one line per change: rules added and
@@ -101,9 +102,13 @@ def on_vanished(_conn, _name):
 
 def main():
     parser = argparse.ArgumentParser(description="Follow pestod's forwarding tables.")
-    parser.add_argument("--address", help="a bus address instead of the system bus")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--address", help="a bus address instead of the system bus")
+    where.add_argument("--session", action="store_true", help="the session bus instead of the system bus")
     args = parser.parse_args()
-    if args.address:
+    if args.session:
+        conn = Gio.bus_get_sync(Gio.BusType.SESSION, None)
+    elif args.address:
         flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
         conn = Gio.DBusConnection.new_for_address_sync(args.address, flags, None, None)
     else:
