@@ -3,7 +3,7 @@
 // The harness starts the private bus and pestod (`--authorize none`); the Python selenium
 // script Tests/browser/test_cockpit.py starts cockpit-ws (socket-activated on a loopback port,
 // with the bus as DBUS_SYSTEM_BUS_ADDRESS) and headless Chromium, drives the page and checks
-// pestod with busctl; it kills and restarts pestod itself, and opens the page once more through
+// pestod with busctl; it kills and restarts pestod itself (with a namespace: a SPLICE table appears), and opens the page once more through
 // a second cockpit-ws whose bridge runs as `nobody` (read-only). Its output is printed here and
 // its exit status asserted. Without Cockpit, Chromium, chromedriver or selenium the test is
 // skipped with a message naming what is missing.
@@ -15,6 +15,7 @@ import Testing
 /// What the browser test needs, and where the screenshot goes.
 enum BrowserTools {
     static let python = "/usr/bin/python3"
+    static let isRoot = getuid() == 0
     static let files = ["/usr/lib/cockpit/cockpit-ws", "/usr/bin/cockpit-bridge", "/usr/bin/chromium", "/usr/bin/chromedriver", python]
 
     /// The missing tools, empty when the test can run.
@@ -34,9 +35,12 @@ enum BrowserTools {
 struct CockpitBrowserTests {
     @Test(
         "Chromium on cockpit-ws follows pestod live, changes it, shows errors and failures, survives a restart",
-        .enabled(if: BrowserTools.missing.isEmpty, "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium: \(BrowserTools.missing)"))
+        .enabled(if: BrowserTools.missing.isEmpty, "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium: \(BrowserTools.missing)"),
+        .enabled(if: BrowserTools.isRoot, "needs root (a namespace for the SPLICE table, a bridge run as nobody)"))
     func pageAgainstPestod() throws {
         let fixture = try PestodFixture(pestodArguments: ["--authorize", "none"])
+        // The script restarts pestod with this namespace, so the page meets a SPLICE table.
+        let namespace = try TestNamespace()
         let ports = TestSockets.freePorts(5)
         let web = ports.lowerBound
         let rulePorts = ports.dropFirst().map(String.init).joined(separator: ",")
@@ -47,6 +51,7 @@ struct CockpitBrowserTests {
             [
                 script, "--bus", fixture.address, "--pestod", Products.path("pestod"),
                 "--screenshot", BrowserTools.screenshot.path, "--web-port", String(web), "--ports", rulePorts,
+                "--netns", namespace.path,
             ])
         print(result.out + result.err)
         #expect(result.status == 0, "test_cockpit.py failed:\n\(result.out)\(result.err)\npestod's log:\n\(fixture.log)")

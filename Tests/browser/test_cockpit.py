@@ -21,7 +21,7 @@ port is freed; the page's transaction (Lock) is shown, its Cancel rolls back a r
 under it and its Commit keeps one; adding (spec and fields), editing, deactivating,
 activating and deleting from the page change pestod (checked with busctl); a refused
 activation shows its D-Bus error next to the rule; pestod killed and started again is
-followed; a second cockpit-ws on port Q, whose bridge runs as `nobody`, shows the tables
+followed (with --netns, the new pestod has a SPLICE table, shown and added to); a second cockpit-ws on port Q, whose bridge runs as `nobody`, shows the tables
 read-only. It saves a screenshot with an active rule, a failing rule and the lock state, and
 fails on any error in the page's console.
 
@@ -150,7 +150,8 @@ class Test:
         self.driver.set_page_load_timeout(WAIT_SECONDS)
 
     def start_pestod(self):
-        pestod = subprocess.Popen([self.args.pestod, "--address", self.bus, "--authorize", "none"],
+        netns = ["--netns", self.args.netns] if self.args.netns else []
+        pestod = subprocess.Popen([self.args.pestod, "--address", self.bus, "--authorize", "none", *netns],
                                   stdout=subprocess.DEVNULL, stderr=self.logfile("pestod-restarted"))
         self.children.append(pestod)
         return pestod
@@ -182,20 +183,20 @@ class Test:
             raise Failure(f"busctl {' '.join(args)} failed: {result.stderr.strip()}")
         return result
 
-    def table_call(self, method, signature, *args, check=True):
-        return self.busctl("call", BUS_NAME, HOST, TABLE, method, signature, *map(str, args), check=check)
+    def table_call(self, method, signature, *args, check=True, table=HOST):
+        return self.busctl("call", BUS_NAME, table, TABLE, method, signature, *map(str, args), check=check)
 
     def insert(self, rule_id, port, owner):
         self.table_call("Insert", "ua{sv}", rule_id, 4, "protocol", "s", "tcp", "address", "s", "127.0.0.1",
                         "first-port", "q", port, "owner", "s", owner)
 
-    def status(self, rule_id):
+    def status(self, rule_id, table=HOST):
         """Status of a rule as busctl prints it ('buus true 1 0 ""'), or the error text."""
-        result = self.table_call("Status", "u", rule_id, check=False)
+        result = self.table_call("Status", "u", rule_id, check=False, table=table)
         return result.stdout.strip() if result.returncode == 0 else "error: " + result.stderr.strip()
 
-    def expect_status(self, rule_id, pattern):
-        text = self.status(rule_id)
+    def expect_status(self, rule_id, pattern, table=HOST):
+        text = self.status(rule_id, table)
         if not re.search(pattern, text):
             raise Failure(f"pestod: Status {rule_id} is {text!r}, expected /{pattern}/")
         log(f"busctl Status {rule_id}: {text}")
@@ -230,21 +231,21 @@ class Test:
     def css(self, selector):
         return self.driver.find_elements(By.CSS_SELECTOR, selector)
 
-    def row(self, rule_id):
-        rows = self.css(f'[data-table="HOST"] tr.rule[data-rule-id="{rule_id}"]')
+    def row(self, rule_id, table="HOST"):
+        rows = self.css(f'[data-table="{table}"] tr.rule[data-rule-id="{rule_id}"]')
         return rows[0] if rows else None
 
-    def row_state(self, rule_id):
-        row = self.row(rule_id)
+    def row_state(self, rule_id, table="HOST"):
+        row = self.row(rule_id, table)
         if row is None:
             return None
         return next((c[len("state-"):] for c in row.get_attribute("class").split() if c.startswith("state-")), None)
 
-    def wait_row(self, rule_id, state, text=None):
+    def wait_row(self, rule_id, state, text=None, table="HOST"):
         def check():
-            row = self.row(rule_id)
-            return row is not None and self.row_state(rule_id) == state and (text is None or text in row.text)
-        self.wait(f"rule {rule_id} {state}" + (f" with {text!r}" if text else ""), check)
+            row = self.row(rule_id, table)
+            return row is not None and self.row_state(rule_id, table) == state and (text is None or text in row.text)
+        self.wait(f"{table} rule {rule_id} {state}" + (f" with {text!r}" if text else ""), check)
 
     def wait_row_gone(self, rule_id):
         self.wait(f"rule {rule_id} gone", lambda: self.row(rule_id) is None)
@@ -419,6 +420,12 @@ class Test:
                   lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked" and self.row(1) is None)
         self.insert(6, port_added, "after-restart")
         self.wait_row(6, "inactive", "after-restart")
+        if self.args.netns:
+            # The new pestod has a namespace, so a SPLICE table too; a -T spec adds to it.
+            self.wait("the SPLICE table", lambda: self.css('[data-table="SPLICE"]'))
+            self.add_rule(7, spec=f"-T 127.0.0.1/{port_added}")
+            self.wait_row(7, "active", f"-T 127.0.0.1/{port_added}", table="SPLICE")
+            self.expect_status(7, r"^buus true 1 0", table="/top/passt/Pesto1/tables/splice")
         self.check_console()
 
         # A user who may not change the tables (a bridge running as nobody, no
@@ -456,6 +463,7 @@ def main():
     parser.add_argument("--pestod", required=True)
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--web-port", type=int, required=True)
+    parser.add_argument("--netns", help="a network namespace for the restarted pestod (then it has a SPLICE table)")
     parser.add_argument("--shots", help="a directory for screenshots of more steps (for a person to look at)")
     parser.add_argument("--ports", required=True, help="four free TCP ports, comma-separated: three for rules, "
                         "one for a second cockpit-ws whose bridge is unprivileged")
