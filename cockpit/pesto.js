@@ -382,8 +382,10 @@
         line.replaceChildren();
         if (model.owner === undefined) {
             line.append("Connecting to pestod…");
-        } else if (!running) {
+        } else if (model.owner === null) {
             line.append("pestod is not running");
+        } else if (!running) {
+            line.append("Reading pestod's tables…");
         } else {
             const names = sortedTables().map((t) => t.Name).join(" and ");
             line.append(`pestod ${model.manager.Version} on the system bus · ${names} table${model.tables.size === 1 ? "" : "s"} · `);

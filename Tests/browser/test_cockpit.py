@@ -32,6 +32,7 @@ are reaped here too, not left to a PID 1 that may not reap.
 
 import argparse
 import ctypes
+import json
 import os
 import re
 import signal
@@ -293,6 +294,25 @@ class Test:
         if self.args.shots:
             self.css(selector)[0].screenshot(os.path.join(self.args.shots, name + ".png"))
 
+    def check_notation(self):
+        """The page writes every rule as pestoctl does (rule-text.js is a port of pestoctl's
+        RuleText), and parsing what it writes gives the same text back."""
+        pestoctl = os.path.join(os.path.dirname(self.args.pestod), "pestoctl")
+        listed = json.loads(subprocess.run([pestoctl, "--address", self.bus, "--json"], capture_output=True,
+                                           text=True, check=True, timeout=30).stdout)
+        expected = {(t["name"], r["id"]): r["spec"] for t in listed["tables"] for r in t["rules"]}
+        if not expected:
+            raise Failure(f"pestoctl --json listed no rules: {listed}")
+        for (table, rule_id), spec in expected.items():
+            shown = self.row(rule_id, table).find_element(By.CSS_SELECTOR, "td.col-notation").text
+            if shown != spec:
+                raise Failure(f"{table} rule {rule_id}: the page writes {shown!r}, pestoctl {spec!r}")
+            again = self.driver.execute_script(
+                "const p = RuleText.parse(arguments[0]); return RuleText.option(p.rule, p.table) + ' ' + RuleText.spec(p.rule);", spec)
+            if again != spec:
+                raise Failure(f"rule-text.js parses {spec!r} and writes {again!r}")
+        log(f"notation as pestoctl's for {len(expected)} rules: {sorted(expected.values())}")
+
     def check_console(self):
         problems = [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
         for entry in problems:
@@ -359,6 +379,14 @@ class Test:
         self.wait_row(2, "active", "1 bound")
         if "failed" in self.row(2).text:
             raise Failure("rule 2 still shows a failure after binding")
+
+        # Rules in pasta's notation, as pestoctl writes them, with IPv6 and target addresses.
+        self.table_call("Insert", "ua{sv}", 12, 6, "protocol", "s", "tcp", "address", "s", "::1",
+                        "first-port", "q", 9000, "last-port", "q", 9003, "target-address", "s", "::1", "target-port", "q", 9100)
+        self.table_call("Insert", "ua{sv}", 13, 4, "protocol", "s", "udp", "address", "s", "0.0.0.0",
+                        "first-port", "q", 53, "target-address", "s", "127.0.0.53")
+        self.wait_row(13, "inactive")
+        self.check_notation()
 
         # A committed transaction: a rule added from the form's fields under the lock stays.
         self.click("transaction-start")
