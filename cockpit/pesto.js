@@ -397,6 +397,7 @@
         }
         const editable = running && !readOnly();
         $("add-open").hidden = !editable;
+        $("add-open").disabled = lockOwner !== "" && !mine;
         $("transaction-start").hidden = !editable || mine;
         $("transaction-start").disabled = lockOwner !== "";
         $("transaction-commit").hidden = !editable || !mine;

@@ -24,6 +24,9 @@ enum BrowserTools {
         if missing.isEmpty, (try? run(python, ["-c", "import selenium"]))?.status != 0 {
             missing.append("python3-selenium")
         }
+        if missing.isEmpty, (try? run(python, ["-c", "from gi.repository import Gio"]))?.status != 0 {
+            missing.append("python3-gi")
+        }
         return missing
     }()
 
@@ -35,7 +38,7 @@ enum BrowserTools {
 struct CockpitBrowserTests {
     @Test(
         "Chromium on cockpit-ws follows pestod live, changes it, shows errors and failures, survives a restart",
-        .enabled(if: BrowserTools.missing.isEmpty, "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium: \(BrowserTools.missing)"),
+        .enabled(if: BrowserTools.missing.isEmpty, "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium, python3-gi: \(BrowserTools.missing)"),
         .enabled(if: BrowserTools.isRoot, "needs root (a namespace for the SPLICE table, a bridge run as nobody)"))
     func pageAgainstPestod() throws {
         let fixture = try PestodFixture(pestodArguments: ["--authorize", "none"])

@@ -17,7 +17,8 @@ This script then starts, as its own children:
 
 It checks, each step waiting on the page's DOM or on pestod (never a fixed sleep): a rule
 inserted with busctl appears; a bind failure (port held here) is shown and clears once the
-port is freed; the page's transaction (Lock) is shown, its Cancel rolls back a rule added
+port is freed; another client's lock is shown with its name and
+rolled back when it leaves; the page's transaction (Lock) is shown, its Cancel rolls back a rule added
 under it and its Commit keeps one; adding (spec and fields), editing, deactivating,
 activating and deleting from the page change pestod (checked with busctl); a refused
 activation shows its D-Bus error next to the rule; pestod killed and started again is
@@ -410,6 +411,25 @@ class Test:
         if '"first-port" q 5400' not in read or '"target-port" q 15400' not in read:
             raise Failure(f"pestod's rule 10 after the edit: {read}")
         log(f"busctl Read 10: {read.strip()}")
+
+        # Another client's lock: the page names the holder and disables its buttons; the
+        # holder's uncommitted rule is shown (reads stay open) and goes when the holder leaves
+        # the bus (pestod rolls back).
+        from gi.repository import Gio, GLib
+        holder = Gio.DBusConnection.new_for_address_sync(
+            self.bus, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
+        holder.call_sync(BUS_NAME, MANAGER_PATH, MANAGER, "Lock", None, None, Gio.DBusCallFlags.NONE, -1, None)
+        rule = {"protocol": GLib.Variant("s", "tcp"), "first-port": GLib.Variant("q", 5999), "owner": GLib.Variant("s", "holder")}
+        holder.call_sync(BUS_NAME, HOST, TABLE, "Insert", GLib.Variant("(ua{sv})", (20, rule)), None, Gio.DBusCallFlags.NONE, -1, None)
+        name = holder.get_unique_name()
+        self.wait(f"the lock held by {name}", lambda: self.lock_text().startswith(f"Locked by {name}"))
+        self.wait_row(20, "inactive", "holder")
+        if self.css('[data-rule-id="1"] button[data-action="deactivate"]')[0].is_enabled():
+            raise Failure("rule 1's Deactivate is enabled while another client holds the lock")
+        self.shot("locked-by-other")
+        holder.close_sync(None)
+        self.wait_row_gone(20)
+        self.wait("the lock released", lambda: self.lock_text() == "Unlocked")
 
         # Deactivate and activate from the page.
         self.click_row_button(4, "deactivate")
