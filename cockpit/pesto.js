@@ -293,7 +293,9 @@
         };
     }
 
+    /** Activates a rule (its sockets bind; failures are shown from the signals). */
     function activate(rule) { return ruleAction(rule.path, () => tableCall(rule.Table, "Activate", [rule.Id], "u")); }
+    /** Deactivates a rule (its sockets close). */
     function deactivate(rule) { return ruleAction(rule.path, () => tableCall(rule.Table, "Deactivate", [rule.Id], "u")); }
 
     /** Deletes a rule; an active one is deactivated and deleted in one Apply. */
@@ -303,6 +305,7 @@
             : tableCall(rule.Table, "Delete", [rule.Id], "u"));
     }
 
+    /** Takes pestod's lock for the page and remembers our unique name as its holder. */
     function startTransaction() {
         managerCall("Lock")
                 .then(() => client.call(ROOT, PROPERTIES, "Get", [MANAGER, "LockOwner"]))
@@ -350,6 +353,7 @@
     }
 
     let renderPending = false;
+    /** Renders once at the next frame, however many signals arrive before it. */
     function scheduleRender() {
         if (renderPending) return;
         renderPending = true;
@@ -367,6 +371,7 @@
         return [...model.tables.values()].sort((a, b) => (a.Name === "HOST" ? 0 : 1) - (b.Name === "HOST" ? 0 : 1));
     }
 
+    /** Brings the whole page in line with the model. */
     function render() {
         renderHeader();
         renderAlerts();
@@ -374,6 +379,7 @@
         renderFormTables();
     }
 
+    /** The service line (version, tables, lock state) and which toolbar buttons show. */
     function renderHeader() {
         const running = !!model.owner && !!model.manager;
         const lockOwner = running ? model.manager.LockOwner : "";
@@ -405,11 +411,13 @@
         if (!editable) $("add-card").hidden = true;
     }
 
+    /** A PatternFly-like inline alert. */
     function alert(kind, title, text, ...extra) {
         return el("div", { class: "alert alert-" + kind, role: "alert" },
                   el("p", { class: "alert-title" }, title), text ? el("p", { class: "alert-text" }, text) : null, ...extra);
     }
 
+    /** Not running, the latest page-level notice, read-only. */
     function renderAlerts() {
         const box = $("alerts");
         box.replaceChildren();
@@ -435,6 +443,7 @@
     /** Table path → { section, tbody, summary, empty, rows: Map rule path → row record }. */
     const tableViews = new Map();
 
+    /** One card per table, HOST first; cards of tables that went away are removed. */
     function renderTables() {
         const container = $("tables");
         for (const [path, view] of tableViews) {
@@ -456,6 +465,7 @@
 
     const COLUMNS = ["State", "ID", "Rule", "Protocol", "Address", "Interface", "Ports", "Target", "Owner", "Sockets", ""];
 
+    /** A table's card: header with counters, the rules table, the empty note. */
     function createTableView(table) {
         const tbody = el("tbody");
         const summary = el("span", { class: "card-summary" });
@@ -470,6 +480,7 @@
         return { section, tbody, summary, empty, rows: new Map() };
     }
 
+    /** Updates a card in place: counters, and one row per rule in ID order (rows are reused). */
     function updateTableView(view, table) {
         view.summary.textContent = `${table.RuleCount} rule${table.RuleCount === 1 ? "" : "s"} · ${table.ActiveCount} active · ` +
             `${table.SocketCount} socket${table.SocketCount === 1 ? "" : "s"} of ${table.MaxSockets}`;
@@ -494,6 +505,7 @@
         view.empty.hidden = rules.length > 0;
     }
 
+    /** A rule's row, its buttons (bound to the rule's path, not to a snapshot) and its error row. */
     function createRow(rule) {
         const cells = {};
         const tr = el("tr", { class: "rule", "data-rule-id": String(rule.Id) });
@@ -523,6 +535,7 @@
         return { tr, cells, actions, buttons, errorRow, errorText };
     }
 
+    /** Updates a rule's row in place from the model. */
     function updateRow(row, rule, table) {
         const fields = ruleFields(rule);
         const failing = rule.BindFailures > 0;
@@ -572,6 +585,7 @@
         scan: () => $("f-scan"), activate: () => $("f-activate"),
     };
 
+    /** The form's table choices follow the tables pestod has. */
     function renderFormTables() {
         const select = form.table();
         const wanted = sortedTables().map((t) => t.path);
@@ -614,6 +628,7 @@
         form.spec().focus();
     }
 
+    /** Puts a rule into the form's fields; defaults stay empty. */
     function fillFields(rule) {
         form.protocol().value = rule.protocol || "tcp";
         form.address().value = rule.address;
@@ -637,6 +652,7 @@
         };
     }
 
+    /** The notation of what the form will send, next to its button. */
     function updatePreview() {
         const rule = formRule();
         const table = model.tables.get(form.table().value);
@@ -669,6 +685,7 @@
         updatePreview();
     }
 
+    /** Adds the rule (Insert, then Activate if ticked), or replaces the edited rule in one transaction. */
     function submitForm(event) {
         event.preventDefault();
         const rule = formRule();
@@ -705,6 +722,7 @@
         }).finally(() => { $("add-submit").disabled = false });
     }
 
+    /** Wires the static elements, opens the D-Bus client and renders. */
     function setup() {
         $("add-open").addEventListener("click", () => openForm(null));
         $("add-close").addEventListener("click", () => { $("add-card").hidden = true });

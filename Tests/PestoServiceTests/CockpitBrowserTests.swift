@@ -34,6 +34,7 @@ enum BrowserTools {
     static var screenshot: URL { Products.repository.appendingPathComponent(".build/cockpit-screenshot.png") }
 }
 
+/// The Cockpit page driven by headless Chromium against pestod (Tests/browser/test_cockpit.py).
 @Suite("Cockpit page in a browser")
 struct CockpitBrowserTests {
     @Test(

@@ -10,6 +10,7 @@ import Testing
 /// Whether /usr/bin/python3 has Gio (python3-gi).
 private let gioAvailable = (try? run("/usr/bin/python3", ["-c", "from gi.repository import Gio"]))?.status == 0
 
+/// examples/follow-tables.py, run against pestod on a private bus.
 @Suite("Gio live-model example")
 struct LiveModelExampleTests {
     /// Reads the example's lines until one contains `text`; returns that line, or nil at end or timeout.
