@@ -2,63 +2,26 @@
  *
  * Theory of operation
  * -------------------
- * One D-Bus client, `cockpit.dbus("top.passt.Pesto1", {bus: "system", superuser: "try"})`,
- * carries everything: reads, changes and the lock. It must be one connection, because
- * pestod's lock belongs to the caller's unique bus name: the calls of a transaction have to
- * come from the connection that took the lock. With `superuser: "try"` the calls go through
- * Cockpit's privileged bridge when the user has turned on administrative access, so pestod's
- * polkit check sees an administrator; otherwise they go through the user's own bridge, reads
- * work and changes are refused, and the page shows the tables read-only.
- *
- * The page never polls. It keeps a model of pestod's objects (the Manager, each Table, each
- * Rule with its properties) and follows it from signals alone:
- *
- *  1. subscribe to every signal under /top/passt/Pesto1 (sent by the name's owner);
- *  2. on each "owner" event (pestod took its name: at start, after a restart or a D-Bus
- *     activation), call Properties.GetAll on the Manager and ObjectManager.GetManagedObjects
- *     once each and rebuild the model. Signals that arrive before a reply are already
- *     reflected in it (the bus keeps one order per connection) and are dropped;
- *  3. then apply InterfacesAdded/InterfacesRemoved (rules appear and go), PropertiesChanged
- *     (rule state, table counters, LockOwner), and the Table signals RuleStateChanged and
- *     BindFailuresChanged (the same rule state, keyed by ID);
- *  4. an "owner" event with no owner means pestod left the bus: the model is emptied and
- *     the page says so until the next owner event.
+ * live-model.js keeps pestod's objects, followed from D-Bus signals, and the one D-Bus client
+ * every call goes through (so the calls of a transaction come from the connection holding
+ * the lock). This file renders that model and turns the user's actions into pestod's
+ * methods: Insert and Activate from the form, Activate, Deactivate, Delete (Apply for an
+ * active rule) and an edit as one transaction on each rule, Lock … Commit or Rollback for the
+ * page's own transaction. Errors are kept per rule and shown next to it. Users who may not
+ * change the tables (no administrative access, or a refusal from pestod) see them read-only.
  *
  * Rendering is keyed: each table and each rule keeps its DOM elements, updated in place, so
- * a signal never replaces a button under the user's pointer.
+ * a signal never replaces a button under the user's pointer, and renders are batched to one
+ * per frame however many signals arrive.
  */
 "use strict";
 
 (() => {
-    const BUS_NAME = "top.passt.Pesto1";
-    const ROOT = "/top/passt/Pesto1";
-    const MANAGER = "top.passt.Pesto1.Manager";
-    const TABLE = "top.passt.Pesto1.Table";
-    const RULE = "top.passt.Pesto1.Rule";
-    const OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager";
-    const PROPERTIES = "org.freedesktop.DBus.Properties";
+    const { BUS_NAME, ROOT, MANAGER, TABLE, PROPERTIES, describe, unwrap } = PestoLiveModel;
     const DENIED = ["org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"];
-
-    /** What the page knows about pestod, built from GetManagedObjects and signals. */
-    const model = {
-        /** pestod's unique name; null when it is not on the bus; undefined before we know. */
-        owner: undefined,
-        /** GetManagedObjects is on its way: table and rule signals until its reply are dropped. */
-        loading: false,
-        /** GetAll for the Manager is on its way: its signals until the reply are dropped. */
-        loadingManager: false,
-        /** The Manager's properties (Version, LockOwner, Tables), or null. */
-        manager: null,
-        /** Table object path → its properties. */
-        tables: new Map(),
-        /** Rule object path → its properties. */
-        rules: new Map(),
-    };
 
     /** The page's own state. */
     const ui = {
-        /** Our unique name while this page holds pestod's lock, else "". */
-        lockName: "",
         /** Rule path → the D-Bus error of the latest action on it. */
         errors: new Map(),
         /** Rule paths with a call in flight. */
@@ -71,171 +34,22 @@
         replacing: null,
     };
 
-    let client = null;
-    let loadGeneration = 0;
+    /** pestod's objects (live-model.js), made by setup(). */
+    let model = null;
     const permission = cockpit.permission({ admin: true });
 
-    // ------------------------------------------------------------------ D-Bus model
-
-    /** The plain value of a D-Bus variant as Cockpit encodes it ({t, v}). */
-    const unwrap = (variant) => (variant && typeof variant === "object" && "v" in variant ? variant.v : variant);
-
-    /** Merges a{sv} properties into an object. */
-    function merge(target, properties) {
-        for (const name in properties) target[name] = unwrap(properties[name]);
-        return target;
-    }
-
-    /** Adds or updates the interfaces of one object (GetManagedObjects, InterfacesAdded). */
-    function addInterfaces(path, interfaces) {
-        for (const name in interfaces) {
-            if (name === MANAGER) model.manager = merge(model.manager || {}, interfaces[name]);
-            else if (name === TABLE) model.tables.set(path, merge(model.tables.get(path) || { path }, interfaces[name]));
-            else if (name === RULE) model.rules.set(path, merge(model.rules.get(path) || { path }, interfaces[name]));
-        }
-    }
-
-    /** Drops the interfaces of one object (InterfacesRemoved). */
-    function removeInterfaces(path, names) {
-        if (names.includes(RULE)) {
-            model.rules.delete(path);
-            ui.errors.delete(path);
-        }
-        if (names.includes(TABLE)) model.tables.delete(path);
-        if (names.includes(MANAGER)) model.manager = null;
-    }
-
-    /** The object holding an interface's properties, or null. */
-    function objectFor(path, iface) {
-        if (iface === MANAGER) return path === ROOT ? model.manager : null;
-        if (iface === TABLE) return model.tables.get(path) || null;
-        if (iface === RULE) return model.rules.get(path) || null;
-        return null;
-    }
-
-    /** Applies one signal from pestod to the model. */
-    function onSignal(path, iface, member, args) {
-        if (!model.owner) return;
-        const aboutManager = path === ROOT && iface === PROPERTIES && args[0] === MANAGER;
-        if (aboutManager ? model.loadingManager : model.loading) return;
-        if (iface === OBJECT_MANAGER && member === "InterfacesAdded") {
-            addInterfaces(args[0], args[1]);
-        } else if (iface === OBJECT_MANAGER && member === "InterfacesRemoved") {
-            removeInterfaces(args[0], args[1]);
-        } else if (iface === PROPERTIES && member === "PropertiesChanged") {
-            const target = objectFor(path, args[0]);
-            if (target) merge(target, args[1]);
-            if (args[0] === MANAGER && ui.lockName && model.manager && model.manager.LockOwner !== ui.lockName) {
-                ui.lockName = "";
-                ui.notice = { kind: "warning", title: "The transaction ended", text: "pestod no longer holds the lock for this page; uncommitted changes were rolled back." };
-            }
-        } else if (iface === TABLE && (member === "RuleStateChanged" || member === "BindFailuresChanged")) {
-            const rule = model.rules.get(path + "/rules/" + args[0]);
-            if (rule && member === "RuleStateChanged") {
-                rule.Active = args[1];
-                rule.BoundSockets = args[2];
-                rule.BindFailures = args[3];
-            } else if (rule) {
-                rule.BindFailures = args[1];
-                rule.LastError = args[2];
-            }
-        } else {
-            return;
-        }
-        scheduleRender();
-    }
-
-    /**
-     * Rebuilds the model: the Manager's properties (Properties.GetAll; an ObjectManager does
-     * not list itself) and every table and rule (GetManagedObjects), asked for together.
-     * Each part drops the signals that arrive before its own reply.
-     */
-    function load() {
-        const generation = ++loadGeneration;
-        model.loadingManager = true;
-        model.loading = true;
-        const failed = (error) => {
-            if (generation !== loadGeneration) return;
-            model.loadingManager = false;
-            model.loading = false;
-            if (error.name !== "org.freedesktop.DBus.Error.ServiceUnknown" && error.name !== "org.freedesktop.DBus.Error.NameHasNoOwner")
-                ui.notice = { kind: "danger", title: "Cannot read pestod's tables", text: describe(error) };
-            render();
-        };
-        client.call(ROOT, PROPERTIES, "GetAll", [MANAGER])
-                .then(([properties]) => {
-                    if (generation !== loadGeneration) return;
-                    model.manager = merge({}, properties);
-                    model.loadingManager = false;
-                    if (ui.lockName && model.manager.LockOwner !== ui.lockName) ui.lockName = "";
-                    scheduleRender();
-                })
-                .catch(failed);
-        client.call(ROOT, OBJECT_MANAGER, "GetManagedObjects", [])
-                .then(([objects]) => {
-                    if (generation !== loadGeneration) return;
-                    model.tables.clear();
-                    model.rules.clear();
-                    for (const path in objects) addInterfaces(path, objects[path]);
-                    for (const path of ui.errors.keys()) if (!model.rules.has(path)) ui.errors.delete(path);
-                    model.loading = false;
-                    if (!model.owner) model.owner = "(activated)";
-                    render();
-                })
-                .catch(failed);
-    }
-
-    /** Opens the D-Bus client and follows pestod's name. */
-    function connect() {
-        client = cockpit.dbus(BUS_NAME, { bus: "system", superuser: "try" });
-        client.subscribe({ path_namespace: ROOT }, onSignal);
-        client.addEventListener("owner", (_event, owner) => {
-            model.owner = owner || null;
-            if (owner) {
-                load();
-            } else {
-                loadGeneration++;
-                model.loading = false;
-                model.loadingManager = false;
-                model.manager = null;
-                model.tables.clear();
-                model.rules.clear();
-                ui.errors.clear();
-                if (ui.lockName) {
-                    ui.lockName = "";
-                    ui.notice = { kind: "warning", title: "The transaction ended", text: "pestod left the bus; uncommitted changes were not kept." };
-                }
-                render();
-            }
-        });
-        client.addEventListener("close", (_event, options) => {
-            // Cockpit closes the channel when administrative access is turned on or off;
-            // open a new one, which routes calls the new way.
-            model.owner = undefined;
-            ui.notice = { kind: "danger", title: "Connection to the system bus closed", text: cockpit.message(options) };
-            render();
-            window.setTimeout(connect, 1000);
-        });
-    }
-
     // ------------------------------------------------------------------ Calls
-
-    /** "Name: message" of a D-Bus error. */
-    function describe(error) {
-        const name = error.name || error.problem || "error";
-        return error.message && error.message !== name ? name + ": " + error.message : name;
-    }
 
     /** Whether an error says the caller may not change the tables. */
     function isDenied(error) { return DENIED.includes(error.name); }
 
     /** A Table method call. */
     function tableCall(tablePath, method, args, signature) {
-        return client.call(tablePath, TABLE, method, args, { type: signature });
+        return model.client.call(tablePath, TABLE, method, args, { type: signature });
     }
 
     /** A Manager method call. */
-    function managerCall(method) { return client.call(ROOT, MANAGER, method, []); }
+    function managerCall(method) { return model.client.call(ROOT, MANAGER, method, []); }
 
     /** Runs an action on a rule; its error is shown next to the rule. */
     function ruleAction(path, action) {
@@ -259,7 +73,7 @@
      * open transaction as they are, else between Lock and Commit, rolled back on any error.
      */
     async function transaction(steps) {
-        if (ui.lockName) return steps();
+        if (model.lockName) return steps();
         await managerCall("Lock");
         try {
             await steps();
@@ -308,9 +122,9 @@
     /** Takes pestod's lock for the page and remembers our unique name as its holder. */
     function startTransaction() {
         managerCall("Lock")
-                .then(() => client.call(ROOT, PROPERTIES, "Get", [MANAGER, "LockOwner"]))
+                .then(() => model.client.call(ROOT, PROPERTIES, "Get", [MANAGER, "LockOwner"]))
                 .then(([owner]) => {
-                    ui.lockName = unwrap(owner);
+                    model.lockName = unwrap(owner);
                     ui.notice = null;
                     render();
                 })
@@ -326,7 +140,7 @@
         managerCall(how)
                 .then(() => managerCall("Unlock"))
                 .then(() => {
-                    ui.lockName = "";
+                    model.lockName = "";
                     ui.notice = how === "Commit" ? null : { kind: "info", title: "Transaction cancelled", text: "Every change made since it started was rolled back." };
                     render();
                 })
@@ -383,7 +197,7 @@
     function renderHeader() {
         const running = !!model.owner && !!model.manager;
         const lockOwner = running ? model.manager.LockOwner : "";
-        const mine = lockOwner !== "" && lockOwner === ui.lockName;
+        const mine = lockOwner !== "" && lockOwner === model.lockName;
         const line = $("service-line");
         line.replaceChildren();
         if (model.owner === undefined) {
@@ -425,7 +239,7 @@
             box.append(alert("warning", "pestod is not running",
                              `Nothing owns ${BUS_NAME} on the system bus. This page shows the tables as soon as pestod starts ` +
                              "(systemctl start pestod, or D-Bus activation: the button below makes a call that starts it where it is installed).",
-                             el("button", { type: "button", class: "btn btn-secondary", id: "start-service", onclick: () => load() }, "Start pestod")));
+                             el("button", { type: "button", class: "btn btn-secondary", id: "start-service", onclick: () => model.load() }, "Start pestod")));
             box.lastChild.id = "not-running";
         }
         if (ui.notice) {
@@ -565,7 +379,7 @@
 
         const editable = !readOnly();
         const lockOwner = model.manager ? model.manager.LockOwner : "";
-        const lockedByOther = lockOwner !== "" && lockOwner !== ui.lockName;
+        const lockedByOther = lockOwner !== "" && lockOwner !== model.lockName;
         row.actions.hidden = !editable;
         row.buttons.activate.hidden = rule.Active;
         row.buttons.deactivate.hidden = !rule.Active;
@@ -735,7 +549,12 @@
         $("transaction-commit").addEventListener("click", () => endTransaction("Commit"));
         $("transaction-cancel").addEventListener("click", () => endTransaction("Rollback"));
         permission.addEventListener("changed", render);
-        connect();
+        model = PestoLiveModel.create({
+            changed: scheduleRender,
+            ruleRemoved: (path) => ui.errors.delete(path),
+            lockLost: (text) => { ui.notice = { kind: "warning", title: "The transaction ended", text } },
+            problem: (title, text) => { ui.notice = { kind: "danger", title, text } },
+        });
         render();
     }
 

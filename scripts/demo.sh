@@ -119,7 +119,7 @@ install -v -D -m 0644 doc/pestoctl.1 /usr/local/share/man/man1/pestoctl.1
 install -v -D -m 0644 doc/dbus-api.md /usr/share/doc/pesto/dbus-api.md
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
-    cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css
+    cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css
 SYSTEMD=no
 if [[ -d /run/systemd/system ]]; then
     SYSTEMD=yes
