@@ -15,16 +15,24 @@ This script then starts, as its own children:
   * headless Chromium through chromedriver (selenium), which opens
     /cockpit/@localhost/pesto/index.html.
 
-It checks, each step waiting on the page's DOM or on pestod (never a fixed sleep): a rule
-inserted with busctl appears; a bind failure (port held here) is shown and clears once the
-port is freed; another client's lock is shown with its name and
-rolled back when it leaves; the page's transaction (Lock) is shown, its Cancel rolls back a rule added
-under it and its Commit keeps one; adding (spec and fields), editing, deactivating,
-activating and deleting from the page change pestod (checked with busctl); a refused
-activation shows its D-Bus error next to the rule; pestod killed and started again is
-followed (with --netns, the new pestod has a SPLICE table, shown and added to); a second cockpit-ws on port Q, whose bridge runs as `nobody`, shows the tables
-read-only. It saves a screenshot with an active rule, a failing rule and the lock state, and
-fails on any error in the page's console.
+It checks, each step waiting on the page's DOM or on pestod (never a fixed sleep):
+
+  * a rule inserted with busctl appears; every rule is written as `pestoctl --json` writes
+    it, and rule-text.js parses that back to the same text;
+  * a bind failure (port held here) is shown and clears once the port is freed;
+  * another client's lock is shown with its name, and its rule rolled back when it leaves;
+  * the page's transaction (Lock) is shown, its Cancel rolls back a rule added under it and
+    its Commit keeps one;
+  * adding (spec and fields), editing, deactivating, activating and deleting from the page
+    change pestod (checked with busctl); a refused activation shows its D-Bus error next to
+    the rule;
+  * pestod killed and started again is followed (with --netns, the new pestod has a SPLICE
+    table, shown and added to);
+  * a second cockpit-ws on port Q, whose bridge runs as `nobody`, shows the tables read-only;
+  * the page's console shows no error.
+
+It saves a screenshot with an active rule, a failing rule and the lock state (--shots DIR:
+more steps).
 
 Exit status: 0 passed, 1 failed, 77 a tool is missing. Every process it starts is killed
 (SIGKILL) and reaped: the script is a child subreaper, so the bridge and Chromium's helpers
