@@ -17,7 +17,8 @@ This script then starts, as its own children:
 
 It checks, each step waiting on the page's DOM or on pestod (never a fixed sleep):
 
-  * a rule inserted with busctl appears; every rule is written as `pestoctl --json` writes
+  * a rule inserted with busctl appears, one added and deleted with pestoctl appears and
+    goes; every rule is written as `pestoctl --json` writes
     it, and rule-text.js parses that back to the same text;
   * a bind failure (port held here) is shown and clears once the port is freed;
   * another client's lock is shown with its name, and its rule rolled back when it leaves;
@@ -388,6 +389,14 @@ class Test:
         self.wait_row(2, "active", "1 bound")
         if "failed" in self.row(2).text:
             raise Failure("rule 2 still shows a failure after binding")
+
+        # pestoctl's changes (made under its own lock, then committed) appear and go too.
+        pestoctl = os.path.join(os.path.dirname(self.args.pestod), "pestoctl")
+        subprocess.run([pestoctl, "--address", self.bus, "-s", "--id", "30", "-A", "-u", f"127.0.0.1/{port_added}"],
+                       check=True, timeout=30)
+        self.wait_row(30, "active", f"-u 127.0.0.1/{port_added}")
+        subprocess.run([pestoctl, "--address", self.bus, "-s", "-D", "-u", f"127.0.0.1/{port_added}"], check=True, timeout=30)
+        self.wait_row_gone(30)
 
         # Rules in pasta's notation, as pestoctl writes them, with IPv6 and target addresses.
         self.table_call("Insert", "ua{sv}", 12, 6, "protocol", "s", "tcp", "address", "s", "::1",
