@@ -322,6 +322,20 @@ class Test:
             if again != spec:
                 raise Failure(f"rule-text.js parses {spec!r} and writes {again!r}")
         log(f"notation as pestoctl's for {len(expected)} rules: {sorted(expected.values())}")
+        # More forms, parsed and written back; and specs the page refuses, each with a reason.
+        for spec in ("-T [::1]%lo/2000-2010:[::2]/3000-3010", "-U auto,1000-2000", "-t *%eth0/22", "-t 8080:80"):
+            again = self.driver.execute_script(
+                "const p = RuleText.parse(arguments[0]); return RuleText.option(p.rule, p.table) + ' ' + RuleText.spec(p.rule);", spec)
+            expected_text = spec.replace("*%", "%")
+            if again != expected_text:
+                raise Failure(f"rule-text.js parses {spec!r} and writes {again!r}")
+        for spec in ("-t 70000", "-t 10-5", "-t 22,80", "-t ~22", "-t all", "-t ::1/22", "-t 1-3:10-20",
+                     "-t 127.0.0.1/22:[::1]/22", "-t 22:0.0.0.0/22", "-t [::1/22", "-t %/22", "none"):
+            error = self.driver.execute_script(
+                "try { RuleText.parse(arguments[0]); return null } catch (e) { return e instanceof RuleText.SpecError ? e.message : 'other: ' + e }", spec)
+            if not error or error.startswith("other:"):
+                raise Failure(f"rule-text.js accepts {spec!r} (or fails oddly: {error!r})")
+        log("rule-text.js refuses bad specs with a reason")
 
     def check_console(self):
         problems = [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
