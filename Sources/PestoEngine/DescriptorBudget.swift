@@ -10,20 +10,24 @@
 //                                        its client, the state file and its directory while
 //                                        saving, namespace switches, scans of /proc, polkit
 //   engine limit      E = L − C          listeners + relay descriptors together
-//   listener headroom H = E / 8          relays never use it, so Activate, bind retries and
-//                                        scans find descriptors while relays hold all theirs
+//   listener headroom H = min(E / 8, 1024)
+//                                        new connections and flows never use it, so Activate,
+//                                        bind retries and scans find descriptors while relays
+//                                        hold all theirs
 //   relay limit       R = E − H          TCP connections and UDP flows (with the listeners
 //                                        already open, which take from it first)
 //
 // Every descriptor the engine holds is counted here (`held`): one per listener, one per UDP
-// flow, and six per TCP connection — its two sockets and the two pipes it may need at once, so
-// a connection admitted can always pump — plus two per pipe parked in the TCP relay's pool.
-// A listener is refused (a bind failure with EMFILE, counted and retried like any other) when
-// `held` would pass E; a new connection or flow is refused when `held` would pass R: the TCP
-// client is reset, the UDP datagram dropped, and the observer hears of it once per episode.
+// flow, two per TCP connection (its sockets) and two per pipe, in use or parked in the TCP
+// relay's pool. A listener is refused (a bind failure with EMFILE, counted and retried like
+// any other) when `held` would pass E; a new connection or flow is refused when `held` would
+// pass R: the TCP client is reset, the UDP datagram dropped, and the observer hears of it once
+// per episode. A pipe for a connection already relayed may pass R up to E — it is held only
+// while bytes are in flight, and refusing it would reset a connection that was admitted — and
+// is closed rather than parked while `held` is above R, so at rest the headroom is free.
 //
 // Default relay limits follow from R, half of it for each protocol:
-//   --max-connections = max(1, R / 12)   (R/2 descriptors at 6 per connection)
+//   --max-connections = max(1, R / 4)    (R/2 descriptors at 2 per connection)
 //   --max-udp-flows   = max(1, R / 2)    (R/2 descriptors at 1 per flow)
 //
 // All of it runs on the loop thread; nothing here allocates.
@@ -36,8 +40,12 @@ import Glibc
 public struct DescriptorPlan: Equatable, Sendable {
     /// Descriptors kept for pestod's own needs, never used by the engine.
     public static let coreReserve = 64
-    /// Descriptors charged to one TCP connection: two sockets and up to two pipes.
-    public static let perConnection = 6
+    /// Descriptors charged to one TCP connection: its two sockets (pipes are charged apart).
+    public static let perConnection = 2
+    /// Descriptors charged to one pipe: its two ends.
+    public static let perPipe = 2
+    /// The most descriptors kept for listeners.
+    public static let maxListenerHeadroom = 1024
     /// Descriptors charged to one UDP flow: its socket.
     public static let perFlow = 1
 
@@ -45,11 +53,11 @@ public struct DescriptorPlan: Equatable, Sendable {
     public var openFileLimit: Int
     /// Listeners and relays together (E = L − C, at least 0).
     public var engineLimit: Int { max(0, openFileLimit - Self.coreReserve) }
-    /// Kept for listeners: relays never use it (H = E / 8).
-    public var listenerHeadroom: Int { engineLimit / 8 }
+    /// Kept for listeners: new connections and flows never use it (H = min(E / 8, 1024)).
+    public var listenerHeadroom: Int { min(engineLimit / 8, Self.maxListenerHeadroom) }
     /// Listeners and relays, as far as relays may take (R = E − H).
     public var relayLimit: Int { engineLimit - listenerHeadroom }
-    /// The default `--max-connections`: half of R at six descriptors each.
+    /// The default `--max-connections`: half of R at two descriptors each.
     public var defaultMaxConnections: Int { min(1 << 24, max(1, relayLimit / (2 * Self.perConnection))) }
     /// The default `--max-udp-flows`: half of R at one descriptor each.
     public var defaultMaxFlows: Int { min(1 << 24, max(1, relayLimit / (2 * Self.perFlow))) }
@@ -141,13 +149,16 @@ public final class DescriptorBudget {
         return true
     }
 
-    /// Charges descriptors that do not need admission (a pipe parked in the pool); false when
-    /// that would pass the relay limit (the caller closes them instead).
-    func charge(_ count: Int) -> Bool {
-        guard held + count <= relayLimit else { return false }
-        held += count
+    /// Charges a pipe for a connection already admitted; false when that would pass the
+    /// engine limit (the connection then ends, as it would at EMFILE).
+    func takePipe() -> Bool {
+        guard held + DescriptorPlan.perPipe <= engineLimit else { return false }
+        held += DescriptorPlan.perPipe
         return true
     }
+
+    /// True while relays are within their limit: an idle pipe may then be kept for reuse.
+    var mayKeepIdlePipe: Bool { held <= relayLimit }
 
     /// Gives back `count` descriptors.
     func release(_ count: Int) {

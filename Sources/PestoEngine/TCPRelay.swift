@@ -31,11 +31,12 @@
 // reports it and the engine pauses its listeners for a moment (the kernel keeps the
 // connections in the backlog); nothing spins and nothing crashes.
 //
-// Descriptors: each connection is charged `DescriptorPlan.perConnection` (its two sockets and
-// the two pipes it may hold at once) to the engine's `DescriptorBudget` when accepted, and
-// each pipe parked in the pool two more. A connection the budget cannot take is accepted and
-// reset at once (counted in `refusedBudget`), so its client learns at once instead of hanging
-// in the backlog, and the descriptors pestod keeps for D-Bus and its state stay free. A socket
+// Descriptors: each connection is charged its two sockets to the engine's `DescriptorBudget`
+// when accepted, and each pipe two more while it exists (in use or pooled; see
+// DescriptorBudget.swift for why a pipe may use the listeners' headroom and a connection may
+// not). A connection the budget cannot take is accepted and reset at once (counted in
+// `refusedBudget`), so its client learns at once instead of hanging in the backlog, and the
+// descriptors pestod keeps for D-Bus, its state and new listeners stay free. A socket
 // epoll cannot watch (ENOSPC at `fs.epoll.max_user_watches`, ENOMEM) ends that connection
 // with a reset (counted in `watchFailures`); the relay carries on.
 //
@@ -137,7 +138,7 @@ public final class TCPRelay: EventHandler {
 
     /// Makes a relay. `targetSide` gives the side where a table's targets are reached;
     /// `wouldLoop` says whether a destination is one of pestod's own listeners there;
-    /// `budget` is charged for every connection and pooled pipe.
+    /// `budget` is charged for every connection and pipe.
     public init(
         loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: TCPRelayLimits = TCPRelayLimits(),
         budget: DescriptorBudget = DescriptorBudget(plan: .current),
@@ -160,7 +161,7 @@ public final class TCPRelay: EventHandler {
         for (r, w) in pipePool {
             Sys.close(r)
             Sys.close(w)
-            budget.release(2)
+            budget.release(DescriptorPlan.perPipe)
         }
         pipePool.removeAll()
     }
@@ -396,28 +397,33 @@ public final class TCPRelay: EventHandler {
 
     // MARK: Pipes
 
-    /// Gives a direction a pipe, from the pool or new; the connection's charge covers it.
+    /// Gives a direction a pipe, from the pool (already charged) or new (charged here).
     private func takePipe(_ h: inout HalfDuplex) -> Bool {
         if let (r, w) = pipePool.popLast() {
-            budget.release(2)  // no longer the pool's: the connection's charge covers it
             (h.pipeRead, h.pipeWrite) = (r, w)
             return true
         }
+        guard budget.takePipe() else { return false }
         var fds: [Int32] = [-1, -1]
-        guard pesto_pipe2(&fds, Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) == 0 else { return false }
+        guard pesto_pipe2(&fds, Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) == 0 else {
+            budget.release(DescriptorPlan.perPipe)
+            return false
+        }
         _ = fcntl(fds[1], Int32(PESTO_F_SETPIPE_SZ), limits.pipeSize)
         (h.pipeRead, h.pipeWrite) = (fds[0], fds[1])
         return true
     }
 
-    /// Parks a direction's pipe in the pool (charged to the budget) or closes it.
+    /// Parks a direction's pipe in the pool (while relays are within their descriptor limit)
+    /// or closes it.
     private func releasePipe(_ h: inout HalfDuplex) {
         guard h.pipeRead >= 0 else { return }
-        if h.pending == 0 && pipePool.count < limits.pipePoolSize && budget.charge(2) {
+        if h.pending == 0 && pipePool.count < limits.pipePoolSize && budget.mayKeepIdlePipe {
             pipePool.append((h.pipeRead, h.pipeWrite))
         } else {
             Sys.close(h.pipeRead)
             Sys.close(h.pipeWrite)
+            budget.release(DescriptorPlan.perPipe)
         }
         (h.pipeRead, h.pipeWrite, h.pending) = (-1, -1, 0)
     }

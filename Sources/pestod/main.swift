@@ -22,11 +22,11 @@ struct Pestod: ParsableCommand {
 
             Descriptors: at start pestod raises its soft RLIMIT_NOFILE to the hard limit (L). It keeps 64 \
             for itself (D-Bus, the control socket, the state file); listeners and relays share E = L - 64, \
-            and relays (TCP connections at 6 descriptors each, UDP flows at 1) stop at R = E - E/8, so \
-            rules can still be activated while relays hold all theirs. A connection beyond R is reset, a \
-            datagram from a new UDP client beyond R dropped (logged once), a listener beyond E a bind \
-            failure (EMFILE). The defaults give each protocol half of R: --max-connections R/12, \
-            --max-udp-flows R/2.
+            and new TCP connections (2 descriptors each, plus 2 per pipe) and UDP flows (1 each) stop at \
+            R = E - min(E/8, 1024), so rules can still be activated while relays hold all theirs. A \
+            connection beyond R is reset, a datagram from a new UDP client beyond R dropped (logged once), \
+            a listener beyond E a bind failure (EMFILE). The defaults give each protocol half of R: \
+            --max-connections R/4, --max-udp-flows R/2.
             """,
         version: PestoBusNames.version)
 
@@ -60,7 +60,7 @@ struct Pestod: ParsableCommand {
         valueName: "file"))
     var state: String?
 
-    @Option(name: .long, help: "Most TCP connections relayed at once (default: R/12, see above).")
+    @Option(name: .long, help: "Most TCP connections relayed at once (default: R/4, see above).")
     var maxConnections: Int?
 
     @Option(name: .long, help: "Most UDP flows (client address and port pairs) relayed at once (default: R/2, see above).")

@@ -73,14 +73,14 @@ private func peek(_ fd: Int32) -> String {
 struct DescriptorTests {
     static let enospc = Errno(rawValue: ENOSPC)
 
-    @Test("the plan: 64 kept for pestod, an eighth of the rest for listeners, relay defaults half of R each")
+    @Test("the plan: 64 kept for pestod, an eighth of the rest (at most 1024) for listeners, relay defaults half of R each")
     func plan() {
         let small = DescriptorPlan(openFileLimit: 256)
         #expect((small.engineLimit, small.listenerHeadroom, small.relayLimit) == (192, 24, 168))
-        #expect((small.defaultMaxConnections, small.defaultMaxFlows) == (14, 84))
+        #expect((small.defaultMaxConnections, small.defaultMaxFlows) == (42, 84))
         let big = DescriptorPlan(openFileLimit: 1_048_576)
-        #expect((big.engineLimit, big.relayLimit) == (1_048_512, 917_448))
-        #expect((big.defaultMaxConnections, big.defaultMaxFlows) == (76_454, 458_724))
+        #expect((big.engineLimit, big.listenerHeadroom, big.relayLimit) == (1_048_512, 1024, 1_047_488))
+        #expect((big.defaultMaxConnections, big.defaultMaxFlows) == (261_872, 523_744))
         let tiny = DescriptorPlan(openFileLimit: 10)
         #expect((tiny.engineLimit, tiny.relayLimit, tiny.defaultMaxConnections, tiny.defaultMaxFlows) == (0, 0, 1, 1))
     }
@@ -175,7 +175,8 @@ struct DescriptorTests {
 
     @Test("at the relay limit a new connection is reset and reported once; listeners still open up to the engine limit")
     func relayBudget() throws {
-        // L = 80: E = 16, H = 2, R = 14. One listener and two connections (6 each) make 13.
+        // L = 80: E = 16, H = 2, R = 14. One listener and six connections (2 each) make 13;
+        // no pipe is kept, so each exists only while a byte is relayed.
         let h = try EngineHarness(descriptors: DescriptorPlan(openFileLimit: 80), pipePoolSize: 0)
         defer { h.shutdown() }
         var reports: [TransportProtocol] = []
@@ -187,7 +188,7 @@ struct DescriptorTests {
         #expect(try h.engine.host.activate(id: 1).bound == 1)
         var clients: [Int32] = []
         defer { for fd in clients { close(fd) } }
-        for _ in 0..<2 {
+        for _ in 0..<6 {
             let fd = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
             clients.append(fd)
             var byte: UInt8 = 7
@@ -202,18 +203,17 @@ struct DescriptorTests {
             #expect(h.engine.tcp.counters.refusedBudget == UInt64(n))
         }
         #expect(reports == [.tcp], "reported once")
-        #expect(h.engine.tcp.activeConnections == 2 && h.engine.budget.held == 13)
+        #expect(h.engine.tcp.activeConnections == 6 && h.engine.budget.held == 13)
         // Listeners may use the headroom up to E = 16: three more ports bind, the rest fail with EMFILE.
         try h.engine.host.insert(id: 2, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound + 1, lastPort: ports.lowerBound + 5))
         #expect(try h.engine.host.activate(id: 2) == .init(bound: 3, failed: 2))
         #expect(try h.engine.host.status(2).lastError == .tooManyOpenFiles)
-        // Listeners take from the relays' share too: at 4 listeners and one connection (10), a
-        // new connection (16) would pass R. Deactivating rule 2 and closing a connection gives
-        // their descriptors back: the next one is relayed.
+        // Listeners take from the relays' share too (16 held now). Deactivating rule 2 and closing
+        // a connection gives their descriptors back (11): the next connection is relayed.
         try h.engine.host.deactivate(id: 2)
         #expect(h.engine.budget.held == 13)
         close(clients.removeFirst())
-        h.turn(until: { h.engine.tcp.activeConnections == 1 }, "the closed connection released")
+        h.turn(until: { h.engine.tcp.activeConnections == 5 }, "the closed connection released")
         let again = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
         clients.append(again)
         var byte: UInt8 = 9
