@@ -104,6 +104,10 @@ public final class EventLoop {
     private var stopping = false
     /// Work to run before each sleep (libdbus dispatch, for example).
     public var beforeSleep: (() -> Void)?
+    /// Test seam: when set, `add` and `modify` ask it first and fail with the errno it returns
+    /// (nil: go ahead), as epoll_ctl would fail with ENOSPC at `fs.epoll.max_user_watches` or
+    /// ENOMEM. Only tests set it (`@testable`); one nil check per call otherwise.
+    var injectedControlFailure: ((_ kind: Kind, _ fd: Int32) -> Errno?)?
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -163,7 +167,12 @@ public final class EventLoop {
         _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
     }
 
+    /// epoll_ctl ADD or MOD. Environmental failures (ENOSPC at `fs.epoll.max_user_watches`,
+    /// ENOMEM) are thrown for the caller to count against that one socket; EBADF is a bug.
     private func control(_ op: Int32, fd: Int32, events: UInt32, kind: Kind, index: UInt32) throws(PestoError) {
+        if let inject = injectedControlFailure, let e = inject(kind, fd) {
+            throw PestoError(.system, "Cannot watch descriptor \(fd).", underlyingError: e)
+        }
         var ev = epoll_event()
         ev.events = events
         ev.data.u64 = Self.pack(kind: kind.rawValue, index: index, fd: fd)

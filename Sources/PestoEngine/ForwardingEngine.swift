@@ -22,6 +22,9 @@ public struct EngineConfiguration: Sendable {
     public var pauseMilliseconds = 100
     /// How often scan rules look at the target side, in milliseconds.
     public var scanIntervalMilliseconds = 1000
+    /// The descriptor plan the engine's budget follows; nil reads this process's soft
+    /// RLIMIT_NOFILE when the engine is made (see DescriptorBudget.swift).
+    public var descriptors: DescriptorPlan? = nil
 
     /// The defaults.
     public init() {}
@@ -41,6 +44,12 @@ public struct EngineConfiguration: Sendable {
 /// connection loop forever through pestod; such connections are refused (`wouldLoop`).
 /// Listeners pause when descriptors or relay slots run out and resume after
 /// `pauseMilliseconds` or when a connection closes, whichever comes first.
+///
+/// Every descriptor the listeners and relays hold is counted in `budget` (see
+/// DescriptorBudget.swift): a listener beyond it is a bind failure (EMFILE), a connection or
+/// flow beyond it is refused, so pestod's own descriptors (D-Bus, control socket, state file)
+/// never run out because of traffic. A listener that epoll cannot watch (ENOSPC at
+/// `fs.epoll.max_user_watches`, ENOMEM) is that port's bind failure too, retried later.
 public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// The loop everything runs on.
     public let loop: EventLoop
@@ -54,6 +63,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     public private(set) var tcp: TCPRelay!
     /// The UDP relay.
     public private(set) var udp: UDPRelay!
+    /// The descriptors listeners and relays hold, against the limits of the plan.
+    public let budget: DescriptorBudget
     private var retryTimer: EventLoop.TimerID?
     private var scanTimer: EventLoop.TimerID?
     private let configuration: EngineConfiguration
@@ -91,6 +102,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     public init(loop: EventLoop, configuration: EngineConfiguration = EngineConfiguration()) throws(PestoError) {
         self.loop = loop
         self.configuration = configuration
+        budget = DescriptorBudget(plan: configuration.descriptors ?? .current)
         let caps = configuration.capabilities ?? HostCapabilities.detect()
         if let path = configuration.namespacePath {
             let ns = try NetworkNamespace(path: path)
@@ -112,11 +124,11 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         let spliceSide = TargetSide(namespace: nil)
         let targetSide = { (kind: TableKind) in kind == .host ? hostSide : spliceSide }
         tcp = TCPRelay(
-            loop: loop, targetSide: targetSide, limits: configuration.tcp,
+            loop: loop, targetSide: targetSide, limits: configuration.tcp, budget: budget,
             wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
         tcp.onCapacityAvailable = { [unowned self] in self.resumeListeners() }
         udp = UDPRelay(
-            loop: loop, targetSide: targetSide, limits: configuration.udp,
+            loop: loop, targetSide: targetSide, limits: configuration.udp, budget: budget,
             wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
@@ -173,7 +185,17 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
 
     // MARK: Listeners
 
-    public func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16) {
+    /// Charges the listener to the budget and watches it; a failure of either undoes both and
+    /// is the port's bind failure (EMFILE for the budget, epoll_ctl's errno for the watch).
+    public func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16) -> Result<Void, Errno> {
+        guard budget.takeListener() else { return .failure(.tooManyOpenFiles) }
+        let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
+        do {
+            try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
+        } catch {
+            budget.release(1)
+            return .failure(error.underlyingError ?? Errno(rawValue: ENOMEM))
+        }
         let target = ForwardTarget(
             table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port))
         if Int(fd) >= listeners.count { listeners.append(contentsOf: repeatElement(nil, count: Int(fd) + 1 - listeners.count)) }
@@ -187,19 +209,15 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         listeners[Int(fd)] = ListenerEntry(
             target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
         ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: 0] += 1
-        let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
-        do {
-            try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
-        } catch {
-            preconditionFailure("cannot watch listener \(fd): \(error)")
-        }
+        return .success(())
     }
 
     public func listenerClosed(fd: Int32) {
         guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return }
         if entry.target.proto == .udp { udp.listenerClosing(fd: fd) }
-        if !entry.paused { loop.remove(fd: fd) }
-        pausedListeners.removeAll { $0 == fd }
+        loop.remove(fd: fd)
+        if entry.paused { pausedListeners.removeAll { $0 == fd } }
+        budget.release(1)
         listeners[Int(fd)] = nil
         if namespace != nil { ownInodes.remove(entry.inode) }
         let key = OwnPort(proto: entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
@@ -209,7 +227,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
 
     /// A listener is readable: accept (TCP) or relay datagrams (UDP).
     public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
-        guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return }
+        guard Int(fd) < listeners.count, let entry = listeners[Int(fd)], !entry.paused else { return }
         switch entry.target.proto {
         case .tcp:
             if tcp.listenerReadable(fd: fd, target: entry.target) == .exhausted { pause(fd) }
@@ -218,32 +236,56 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         }
     }
 
-    /// Stops watching a listener until capacity returns.
+    /// Stops watching a listener until capacity returns. The listener stays in epoll with
+    /// no events (a listening TCP socket never reports HUP or ERR), so resuming needs no new
+    /// watch and cannot fail for want of one; if even that fails it leaves epoll.
     private func pause(_ fd: Int32) {
         guard var entry = listeners[Int(fd)], !entry.paused else { return }
         entry.paused = true
         listeners[Int(fd)] = entry
-        loop.remove(fd: fd)
+        do throws(PestoError) {
+            try loop.modify(fd: fd, events: 0, kind: EngineEventKind.tcpListener)
+        } catch {
+            loop.remove(fd: fd)
+        }
         pausedListeners.append(fd)
-        if resumeTimer == nil {
-            resumeTimer = loop.after(milliseconds: configuration.pauseMilliseconds) { [unowned self] in
-                self.resumeTimer = nil
-                self.resumeListeners()
-            }
+        armResumeTimer()
+    }
+
+    private func armResumeTimer() {
+        guard resumeTimer == nil else { return }
+        resumeTimer = loop.after(milliseconds: configuration.pauseMilliseconds) { [unowned self] in
+            self.resumeTimer = nil
+            self.resumeListeners()
         }
     }
 
-    /// Watches the paused listeners again.
+    /// Watches the paused listeners again; one that cannot be watched stays paused until the
+    /// next try, `pauseMilliseconds` later.
     private func resumeListeners() {
         guard !pausedListeners.isEmpty else { return }
-        let fds = pausedListeners
-        pausedListeners.removeAll()
-        for fd in fds {
-            guard var entry = listeners[Int(fd)], entry.paused else { continue }
+        var i = 0
+        while i < pausedListeners.count {
+            let fd = pausedListeners[i]
+            guard var entry = listeners[Int(fd)], entry.paused else {
+                pausedListeners.remove(at: i)
+                continue
+            }
+            let kind = entry.target.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
+            do throws(PestoError) {
+                do throws(PestoError) {
+                    try loop.modify(fd: fd, events: EventLoop.Events.readable, kind: kind)
+                } catch {
+                    try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
+                }
+            } catch {
+                i += 1
+                armResumeTimer()
+                continue
+            }
             entry.paused = false
             listeners[Int(fd)] = entry
-            let kind = entry.target.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
-            try? loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
+            pausedListeners.remove(at: i)
         }
     }
 

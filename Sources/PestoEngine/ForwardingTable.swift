@@ -160,11 +160,16 @@ public final class ForwardingTable {
         }
     }
 
-    /// Opens one listener through the factory and tells the observer.
+    /// Opens one listener through the factory and tells the observer. When the observer
+    /// cannot take it (no epoll watch, no descriptor budget) the socket is closed and its
+    /// errno is this port's bind failure, counted and retried like any other.
     private func openListener(_ id: UInt32, _ rule: Rule, _ port: UInt16) -> Result<Int32, Errno> {
         let result = factory.openListener(for: rule, port: port)
-        if case .success(let fd) = result {
-            listenerObserver?.listenerOpened(fd: fd, table: kind, ruleID: id, rule: rule, port: port)
+        if case .success(let fd) = result, let observer = listenerObserver,
+            case .failure(let e) = observer.listenerOpened(fd: fd, table: kind, ruleID: id, rule: rule, port: port)
+        {
+            factory.closeListener(fd)
+            return .failure(e)
         }
         return result
     }
@@ -431,7 +436,10 @@ public final class ForwardingTable {
 /// Learns about every listening socket a table opens or closes.
 public protocol ListenerObserver: AnyObject {
     /// `fd` now listens on `port` for rule `ruleID` of table `table`.
-    func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16)
+    /// - Returns: a failure when the observer cannot take the socket (it has undone whatever it
+    ///   did); the table then closes it, without `listenerClosed`, and counts the errno as
+    ///   that port's bind failure.
+    func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16) -> Result<Void, Errno>
     /// `fd` is about to be closed.
     func listenerClosed(fd: Int32)
 }

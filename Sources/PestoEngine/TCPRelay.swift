@@ -31,6 +31,15 @@
 // reports it and the engine pauses its listeners for a moment (the kernel keeps the
 // connections in the backlog); nothing spins and nothing crashes.
 //
+// Descriptors: each connection is charged its two sockets to the engine's `DescriptorBudget`
+// when accepted, and each pipe two more while it exists (in use or pooled; see
+// DescriptorBudget.swift for why a pipe may use the listeners' headroom and a connection may
+// not). A connection the budget cannot take is accepted and reset at once (counted in
+// `refusedBudget`), so its client learns at once instead of hanging in the backlog, and the
+// descriptors pestod keeps for D-Bus, its state and new listeners stay free. A socket
+// epoll cannot watch (ENOSPC at `fs.epoll.max_user_watches`, ENOMEM) ends that connection
+// with a reset (counted in `watchFailures`); the relay carries on.
+//
 // A connection only ever refers to its own descriptors and a copy of its target, so it
 // survives the deactivation or deletion of the rule whose listener accepted it.
 
@@ -77,6 +86,12 @@ public final class TCPRelay: EventHandler {
         public var resets: UInt64 = 0
         public var closed: UInt64 = 0
         public var bytes: UInt64 = 0
+        /// Connections given a slot (relayed, or at least connecting).
+        public var relayed: UInt64 = 0
+        /// Connections reset at once because the descriptor budget was spent.
+        public var refusedBudget: UInt64 = 0
+        /// Connections reset because epoll could not watch one of their sockets.
+        public var watchFailures: UInt64 = 0
     }
 
     /// One direction of a connection.
@@ -109,6 +124,8 @@ public final class TCPRelay: EventHandler {
     private let targetSide: (TableKind) -> TargetSide
     private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
     public let limits: TCPRelayLimits
+    /// The engine's descriptor budget, shared with the listeners and the UDP relay.
+    private let budget: DescriptorBudget
     private var slots: [Connection] = []
     private var freeSlots: [UInt32] = []
     private var pipePool: [(Int32, Int32)] = []
@@ -120,12 +137,15 @@ public final class TCPRelay: EventHandler {
     public var onCapacityAvailable: (() -> Void)?
 
     /// Makes a relay. `targetSide` gives the side where a table's targets are reached;
-    /// `wouldLoop` says whether a destination is one of pestod's own listeners there.
+    /// `wouldLoop` says whether a destination is one of pestod's own listeners there;
+    /// `budget` is charged for every connection and pipe.
     public init(
         loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: TCPRelayLimits = TCPRelayLimits(),
+        budget: DescriptorBudget = DescriptorBudget(plan: .current),
         wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
     ) {
         self.loop = loop
+        self.budget = budget
         self.targetSide = targetSide
         self.limits = limits
         self.wouldLoop = wouldLoop
@@ -141,6 +161,7 @@ public final class TCPRelay: EventHandler {
         for (r, w) in pipePool {
             Sys.close(r)
             Sys.close(w)
+            budget.release(DescriptorPlan.perPipe)
         }
         pipePool.removeAll()
     }
@@ -164,9 +185,26 @@ public final class TCPRelay: EventHandler {
                 continue
             }
             counters.accepted += 1
-            if !start(client: client, peer: peer, target: target) { return .exhausted }
+            guard budget.admit(DescriptorPlan.perConnection, for: .tcp) else {
+                counters.refusedBudget += 1
+                closeWithReset(client)
+                continue
+            }
+            // start() either gives the connection a slot, whose close gives the charge back,
+            // or closes the client: then the charge goes back here.
+            let relayedBefore = counters.relayed
+            let started = start(client: client, peer: peer, target: target)
+            if counters.relayed == relayedBefore { budget.release(DescriptorPlan.perConnection) }
+            if !started { return .exhausted }
         }
         return .accepted
+    }
+
+    /// Closes `fd` with a reset (SO_LINGER 0), so its peer learns at once that it was refused.
+    private func closeWithReset(_ fd: Int32) {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        Sys.close(fd)
     }
 
     /// Connects the target side for a new client; false when out of descriptors.
@@ -206,8 +244,13 @@ public final class TCPRelay: EventHandler {
         let index = allocateSlot()
         slots[Int(index)] = Connection(client: client, target: out, connecting: connecting, inUse: true)
         activeConnections += 1
+        counters.relayed += 1
         if connecting {
-            setInterest(out, from: 0, to: EventLoop.Events.writable, index: index)
+            guard setInterest(out, from: 0, to: EventLoop.Events.writable, index: index) else {
+                counters.watchFailures += 1
+                close(slot: index, reset: true)
+                return true
+            }
             slots[Int(index)].targetEvents = EventLoop.Events.writable
         } else {
             relay(index)
@@ -279,8 +322,13 @@ public final class TCPRelay: EventHandler {
         if up.dstBlocked { targetEvents |= EventLoop.Events.writable }
         if !down.eof && !down.dstBlocked { targetEvents |= EventLoop.Events.readable }
         if down.dstBlocked { clientEvents |= EventLoop.Events.writable }
-        setInterest(client, from: slots[i].clientEvents, to: clientEvents, index: index)
-        setInterest(target, from: slots[i].targetEvents, to: targetEvents, index: index)
+        guard setInterest(client, from: slots[i].clientEvents, to: clientEvents, index: index),
+            setInterest(target, from: slots[i].targetEvents, to: targetEvents, index: index)
+        else {
+            counters.watchFailures += 1
+            close(slot: index, reset: true)
+            return
+        }
         slots[i].clientEvents = clientEvents
         slots[i].targetEvents = targetEvents
     }
@@ -288,9 +336,10 @@ public final class TCPRelay: EventHandler {
     /// Changes the epoll interest of `fd` from `old` to `new`, where 0 means "not in epoll":
     /// a socket with nothing to wait for is removed, because epoll reports HUP and ERR even
     /// for an empty interest and that would spin the loop.
-    private func setInterest(_ fd: Int32, from old: UInt32, to new: UInt32, index: UInt32) {
-        guard old != new else { return }
-        do {
+    /// - Returns: false when epoll refused (ENOSPC, ENOMEM): the caller ends the connection.
+    private func setInterest(_ fd: Int32, from old: UInt32, to new: UInt32, index: UInt32) -> Bool {
+        guard old != new else { return true }
+        do throws(PestoError) {
             if new == 0 {
                 loop.remove(fd: fd)
             } else if old == 0 {
@@ -299,8 +348,9 @@ public final class TCPRelay: EventHandler {
                 try loop.modify(fd: fd, events: new, kind: EngineEventKind.tcpConnection, index: index)
             }
         } catch {
-            preconditionFailure("cannot watch relayed socket \(fd): \(error)")
+            return false
         }
+        return true
     }
 
     /// Moves what can be moved from `src` to `dst`; false on an error that ends the connection.
@@ -347,25 +397,33 @@ public final class TCPRelay: EventHandler {
 
     // MARK: Pipes
 
+    /// Gives a direction a pipe, from the pool (already charged) or new (charged here).
     private func takePipe(_ h: inout HalfDuplex) -> Bool {
         if let (r, w) = pipePool.popLast() {
             (h.pipeRead, h.pipeWrite) = (r, w)
             return true
         }
+        guard budget.takePipe() else { return false }
         var fds: [Int32] = [-1, -1]
-        guard pesto_pipe2(&fds, Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) == 0 else { return false }
+        guard pesto_pipe2(&fds, Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) == 0 else {
+            budget.release(DescriptorPlan.perPipe)
+            return false
+        }
         _ = fcntl(fds[1], Int32(PESTO_F_SETPIPE_SZ), limits.pipeSize)
         (h.pipeRead, h.pipeWrite) = (fds[0], fds[1])
         return true
     }
 
+    /// Parks a direction's pipe in the pool (while relays are within their descriptor limit)
+    /// or closes it.
     private func releasePipe(_ h: inout HalfDuplex) {
         guard h.pipeRead >= 0 else { return }
-        if h.pending == 0 && pipePool.count < limits.pipePoolSize {
+        if h.pending == 0 && pipePool.count < limits.pipePoolSize && budget.mayKeepIdlePipe {
             pipePool.append((h.pipeRead, h.pipeWrite))
         } else {
             Sys.close(h.pipeRead)
             Sys.close(h.pipeWrite)
+            budget.release(DescriptorPlan.perPipe)
         }
         (h.pipeRead, h.pipeWrite, h.pending) = (-1, -1, 0)
     }
@@ -391,6 +449,7 @@ public final class TCPRelay: EventHandler {
         slots[i] = Connection()
         freeSlots.append(index)
         activeConnections -= 1
+        budget.release(DescriptorPlan.perConnection)
         counters.closed += 1
         onCapacityAvailable?()
     }

@@ -37,6 +37,13 @@
 // `socket` is -1, and `flowsByKey` maps the key of every used slot to it and holds nothing
 // else. The clock is read once per batch, not per datagram.
 //
+// Each flow is charged one descriptor to the engine's `DescriptorBudget`; a new client the
+// budget cannot take has its datagram dropped (counted in `droppedDescriptorBudget`, reported
+// once per episode by the budget), so flows never eat the descriptors pestod keeps for D-Bus,
+// its state and new listeners. A flow socket epoll cannot watch (ENOSPC at
+// `fs.epoll.max_user_watches`, ENOMEM) is closed and its datagram dropped, like any other
+// error of the environment.
+//
 // Errors of the environment drop one datagram and are counted in `droppedErrors`; they never
 // end a flow or the service. A connected UDP socket reports an ICMP "port unreachable" from
 // the target as ECONNREFUSED on its next call: on recv() it is counted, on send() it is
@@ -83,6 +90,8 @@ public final class UDPRelay: EventHandler {
         public var droppedFlowLimit: UInt64 = 0
         /// Datagrams dropped because their destination is one of pestod's own listeners.
         public var droppedLoop: UInt64 = 0
+        /// Datagrams from new clients dropped because the descriptor budget was spent.
+        public var droppedDescriptorBudget: UInt64 = 0
         /// Datagrams lost to errors of the environment (no descriptors, unreachable target,
         /// ECONNREFUSED reported by the target, full socket buffers, ...).
         public var droppedErrors: UInt64 = 0
@@ -132,6 +141,8 @@ public final class UDPRelay: EventHandler {
     private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
     /// The limits this relay was made with.
     public let limits: UDPRelayLimits
+    /// The engine's descriptor budget: one descriptor per flow.
+    private let budget: DescriptorBudget
     private var flows: [Flow] = []
     private var freeSlots: [UInt32] = []
     private var flowsByKey: [FlowKey: UInt32] = [:]
@@ -147,9 +158,10 @@ public final class UDPRelay: EventHandler {
 
     /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `targetSide`
     /// gives the side where a table's targets are reached; `wouldLoop` says whether a
-    /// destination is one of pestod's own listeners there.
+    /// destination is one of pestod's own listeners there; `budget` is charged per flow.
     public init(
         loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: UDPRelayLimits = UDPRelayLimits(),
+        budget: DescriptorBudget = DescriptorBudget(plan: .current),
         wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
     ) {
         precondition(limits.maxFlows >= 0 && limits.maxFlows <= 1 << 24, "maxFlows \(limits.maxFlows) is not in 0...2^24")
@@ -158,6 +170,7 @@ public final class UDPRelay: EventHandler {
         self.loop = loop
         self.targetSide = targetSide
         self.limits = limits
+        self.budget = budget
         self.wouldLoop = wouldLoop
         buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.bufferSize, alignment: 16)
         flows.reserveCapacity(min(limits.maxFlows, 1024))
@@ -221,7 +234,12 @@ public final class UDPRelay: EventHandler {
             counters.droppedLoop += 1
             return nil
         }
+        guard budget.admit(DescriptorPlan.perFlow, for: .udp) else {
+            counters.droppedDescriptorBudget += 1
+            return nil
+        }
         guard let socket = openFlowSocket(to: destination, side: targetSide(target.table)) else {
+            budget.release(DescriptorPlan.perFlow)
             counters.droppedErrors += 1
             return nil
         }
@@ -232,10 +250,15 @@ public final class UDPRelay: EventHandler {
             slot = UInt32(flows.count)
             flows.append(Flow())
         }
-        do {
+        do throws(PestoError) {
             try loop.add(fd: socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
         } catch {
-            preconditionFailure("cannot watch UDP flow socket \(socket): \(error)")
+            // epoll cannot take one more watch: this datagram is lost, the relay carries on.
+            Sys.close(socket)
+            budget.release(DescriptorPlan.perFlow)
+            freeSlots.append(slot)
+            counters.droppedErrors += 1
+            return nil
         }
         flows[Int(slot)] = Flow(socket: socket, listener: listener, client: client, lastActive: now)
         flowsByKey[key] = slot
@@ -350,6 +373,7 @@ public final class UDPRelay: EventHandler {
         flows[slot] = Flow()
         freeSlots.append(UInt32(slot))
         flowCount -= 1
+        budget.release(DescriptorPlan.perFlow)
         if flowCount == 0, let timer = expiryTimer {
             loop.cancelTimer(timer)
             expiryTimer = nil

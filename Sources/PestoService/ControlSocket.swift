@@ -14,6 +14,11 @@
 // that has not finished within `timeoutMilliseconds` (upstream's open FIXME: a stalled
 // client must not block everyone) each end the session with one log line and no change.
 // Upstream's protocol has no reply, so the log and the D-Bus signals are where errors show.
+//
+// Out of descriptors (accept4 fails with EMFILE, ENFILE, ENOBUFS or ENOMEM) the listening
+// socket leaves epoll for `pauseMilliseconds` and is watched again after that, so a client
+// waiting in the backlog never makes the loop spin; the same retry applies when the listener
+// cannot be watched again at the end of a session (epoll_ctl failing with ENOSPC or ENOMEM).
 
 import CPestoSys
 import Logging
@@ -40,6 +45,14 @@ public final class ControlSocket: EventHandler {
     private var parser = PestoV2Wire.UploadParser()
     private var deadline: EventLoop.TimerID?
     private var readBuffer = [UInt8](repeating: 0, count: 65_536)
+    /// How long the listener stays out of epoll after running out of descriptors.
+    let pauseMilliseconds = 100
+    /// The timer that watches the listener again after a pause.
+    private var resumeTimer: EventLoop.TimerID?
+    /// The listener is in epoll (waiting for a client).
+    private var listening = false
+    /// A pause was logged since the last client was taken (one line per episode).
+    private var pauseLogged = false
 
     /// Listens on `path` (a stale socket file there is replaced; the socket is mode 0600).
     public init(path: String, server: PestoServer, loop: EventLoop, logger: Logger, timeoutMilliseconds: Int = 5_000) throws(PestoError) {
@@ -67,10 +80,12 @@ public final class ControlSocket: EventHandler {
         loop.setHandler(self, for: Self.listenerKind)
         loop.setHandler(self, for: Self.clientKind)
         try loop.add(fd: fd, events: EventLoop.Events.readable, kind: Self.listenerKind)
+        listening = true
         logger.info("control socket (pesto protocol v\(PestoV2Wire.version)) at \(path)")
     }
 
     deinit {
+        if let resumeTimer { loop.cancelTimer(resumeTimer) }
         if client >= 0 { close(client) }
         close(listenFD)
         unlink(path)
@@ -88,9 +103,18 @@ public final class ControlSocket: EventHandler {
     private func accept() {
         guard client < 0 else { return }
         let c = pesto_accept4(listenFD, nil, nil, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
-        guard c >= 0 else { return }
+        guard c >= 0 else {
+            let e = Errno.current
+            if e.isDescriptorExhaustion || e.rawValue == ENOBUFS || e.rawValue == ENOMEM {
+                // The client stays in the backlog; try again after a pause, never in a spin.
+                unwatchListener()
+                pauseThenWatchListener(because: e)
+            }
+            return  // EAGAIN, or ECONNABORTED: that client is gone
+        }
         client = c
-        loop.remove(fd: listenFD)  // one client at a time; the others wait in the backlog
+        pauseLogged = false
+        unwatchListener()  // one client at a time; the others wait in the backlog
         let dump = server.upstreamDump().map { t in
             (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0, bestEffort: false) })
         }
@@ -159,6 +183,36 @@ public final class ControlSocket: EventHandler {
             client = -1
         }
         output = []
-        try? loop.add(fd: listenFD, events: EventLoop.Events.readable, kind: Self.listenerKind)
+        watchListener()
+    }
+
+    /// Takes the listener out of epoll.
+    private func unwatchListener() {
+        if listening { loop.remove(fd: listenFD) }
+        listening = false
+    }
+
+    /// Watches the listener for the next client; when epoll refuses, tries again after a pause.
+    private func watchListener() {
+        guard !listening, client < 0, resumeTimer == nil else { return }
+        do throws(PestoError) {
+            try loop.add(fd: listenFD, events: EventLoop.Events.readable, kind: Self.listenerKind)
+            listening = true
+        } catch {
+            pauseThenWatchListener(because: error.underlyingError ?? Errno(rawValue: ENOMEM))
+        }
+    }
+
+    /// Watches the listener again `pauseMilliseconds` from now (logged once per episode).
+    private func pauseThenWatchListener(because e: Errno) {
+        guard resumeTimer == nil else { return }
+        if !pauseLogged {
+            pauseLogged = true
+            logger.warning("control socket: cannot take a client now (\(e)); pausing \(pauseMilliseconds) ms at a time until it can")
+        }
+        resumeTimer = loop.after(milliseconds: pauseMilliseconds) { [unowned self] in
+            self.resumeTimer = nil
+            self.watchListener()
+        }
     }
 }

@@ -231,6 +231,11 @@ final class DBusLoopBinding: EventHandler {
     private var watches: [Int32: [OpaquePointer]] = [:]
     private var registered: Set<Int32> = []
     private var timers: [OpaquePointer: EventLoop.TimerID] = [:]
+    /// Descriptors epoll refused to watch, tried again by `rewatchTimer`.
+    private var unwatched: Set<Int32> = []
+    private var rewatchTimer: EventLoop.TimerID?
+    /// How long to wait before trying again to watch a descriptor epoll refused.
+    static let rewatchMilliseconds = 100
 
     init(connection: OpaquePointer, loop: EventLoop, kind: EventLoop.Kind) {
         self.connection = connection
@@ -267,6 +272,9 @@ final class DBusLoopBinding: EventHandler {
         watches.removeAll()
         for (_, id) in timers { loop.cancelTimer(id) }
         timers.removeAll()
+        if let rewatchTimer { loop.cancelTimer(rewatchTimer) }
+        rewatchTimer = nil
+        unwatched.removeAll()
     }
 
     private func addWatch(_ w: OpaquePointer) {
@@ -299,8 +307,16 @@ final class DBusLoopBinding: EventHandler {
                 registered.insert(fd)
             }
         } catch {
-            // The bus socket itself cannot be watched: nothing can work any more.
-            fatalError("cannot watch the D-Bus connection: \(error)")
+            // epoll cannot take the bus socket now (ENOSPC at fs.epoll.max_user_watches,
+            // ENOMEM): the bus waits in the kernel's buffers and the watch is tried again soon.
+            unwatched.insert(fd)
+            guard rewatchTimer == nil else { return }
+            rewatchTimer = loop.after(milliseconds: Self.rewatchMilliseconds) { [unowned self] in
+                self.rewatchTimer = nil
+                let fds = self.unwatched
+                self.unwatched.removeAll()
+                for fd in fds { self.refresh(fd: fd) }
+            }
         }
     }
 

@@ -19,6 +19,14 @@ struct Pestod: ParsableCommand {
 
             pestod stops cleanly on SIGTERM, SIGINT or SIGHUP, closing every listening socket. It reports \
             readiness with sd_notify READY=1 when $NOTIFY_SOCKET is set, and logs to stderr.
+
+            Descriptors: at start pestod raises its soft RLIMIT_NOFILE to the hard limit (L). It keeps 64 \
+            for itself (D-Bus, the control socket, the state file); listeners and relays share E = L - 64, \
+            and new TCP connections (2 descriptors each, plus 2 per pipe) and UDP flows (1 each) stop at \
+            R = E - min(E/8, 1024), so rules can still be activated while relays hold all theirs. A \
+            connection beyond R is reset, a datagram from a new UDP client beyond R dropped (logged once), \
+            a listener beyond E a bind failure (EMFILE). The defaults give each protocol half of R: \
+            --max-connections R/4, --max-udp-flows R/2.
             """,
         version: PestoBusNames.version)
 
@@ -52,11 +60,11 @@ struct Pestod: ParsableCommand {
         valueName: "file"))
     var state: String?
 
-    @Option(name: .long, help: "Most TCP connections relayed at once.")
-    var maxConnections = TCPRelayLimits().maxConnections
+    @Option(name: .long, help: "Most TCP connections relayed at once (default: R/4, see above).")
+    var maxConnections: Int?
 
-    @Option(name: .long, help: "Most UDP flows (client address and port pairs) relayed at once.")
-    var maxUdpFlows = UDPRelayLimits().maxFlows
+    @Option(name: .long, help: "Most UDP flows (client address and port pairs) relayed at once (default: R/2, see above).")
+    var maxUdpFlows: Int?
 
     @Option(name: .long, help: ArgumentHelp("Close a UDP flow after this many seconds without a datagram.", valueName: "seconds"))
     var udpIdleTimeout = UDPRelayLimits().idleTimeoutMilliseconds / 1000
@@ -85,8 +93,12 @@ struct Pestod: ParsableCommand {
         if retryInterval < 10 || retryInterval > 3_600_000 {
             throw ValidationError("--retry-interval must be between 10 and 3600000 milliseconds.")
         }
-        if maxConnections < 1 || maxConnections > 1 << 24 { throw ValidationError("--max-connections must be between 1 and \(1 << 24).") }
-        if maxUdpFlows < 1 || maxUdpFlows > 1 << 24 { throw ValidationError("--max-udp-flows must be between 1 and \(1 << 24).") }
+        if let maxConnections, maxConnections < 1 || maxConnections > 1 << 24 {
+            throw ValidationError("--max-connections must be between 1 and \(1 << 24).")
+        }
+        if let maxUdpFlows, maxUdpFlows < 1 || maxUdpFlows > 1 << 24 {
+            throw ValidationError("--max-udp-flows must be between 1 and \(1 << 24).")
+        }
         if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 { throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.") }
         if controlTimeout < 10 || controlTimeout > 600_000 { throw ValidationError("--control-timeout must be between 10 and 600000 milliseconds.") }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
@@ -111,6 +123,19 @@ struct Pestod: ParsableCommand {
         let logger = Logger(label: "pestod")
         let bus: BusAddress = address.map { .address($0) } ?? (session ? .session : .system)
 
+        switch DescriptorPlan.raiseOpenFileLimit() {
+        case .success(let (before, after)) where before != after:
+            logger.info("raised the open-file limit (RLIMIT_NOFILE) from \(before) to the hard limit, \(after)")
+        case .success(let (_, after)):
+            logger.info("open-file limit (RLIMIT_NOFILE): \(after), already the hard limit")
+        case .failure(let e):
+            logger.warning("cannot raise the open-file limit (RLIMIT_NOFILE) to the hard limit: \(e)")
+        }
+        let plan = DescriptorPlan.current
+        logger.info(
+            "descriptors: \(plan.openFileLimit), \(DescriptorPlan.coreReserve) kept for pestod, \(plan.engineLimit) for listeners and relays, relays up to \(plan.relayLimit)"
+        )
+
         do {
             let loop = try EventLoop()
             try loop.stopOnSignals()
@@ -118,10 +143,20 @@ struct Pestod: ParsableCommand {
             config.retryIntervalMilliseconds = retryInterval
             config.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
             config.namespacePath = netns
-            config.tcp.maxConnections = maxConnections
-            config.udp.maxFlows = maxUdpFlows
+            config.descriptors = plan
+            config.tcp.maxConnections = maxConnections ?? plan.defaultMaxConnections
+            config.udp.maxFlows = maxUdpFlows ?? plan.defaultMaxFlows
             config.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
             let engine = try ForwardingEngine(loop: loop, configuration: config)
+            logger.info("relay limits: \(config.tcp.maxConnections) TCP connections, \(config.udp.maxFlows) UDP flows")
+            engine.budget.onExhausted = { proto in
+                switch proto {
+                case .tcp:
+                    logger.warning("descriptor budget spent (\(plan.relayLimit) for relays): new TCP connections are reset until descriptors are free")
+                case .udp:
+                    logger.warning("descriptor budget spent (\(plan.relayLimit) for relays): datagrams from new UDP clients are dropped until descriptors are free")
+                }
+            }
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
             if let state {
                 let file = StateFile(path: state)

@@ -315,9 +315,43 @@ struct ExhaustionTests {
         return (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0)  // utime, stime (fields 14 and 15)
     }
 
+    func rule(_ port: UInt16, to target: UInt16, proto: String = "tcp") -> DBusValue {
+        .vardict([("protocol", .string(proto)), ("address", .string("127.0.0.1")), ("first-port", .uint16(port)), ("target-port", .uint16(target))])
+    }
+
+    /// Descriptors open in `pid`.
+    func openDescriptors(_ pid: Int32) -> Int {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd"))?.count ?? -1
+    }
+
+    /// The lowest descriptor number free in `pid`: the next one it opens gets it, so a soft
+    /// limit of this makes its next open fail with EMFILE.
+    func lowestFreeDescriptor(_ pid: Int32) -> Int {
+        let used = Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int($0) })
+        return (0...).first { !used.contains($0) }!
+    }
+
+    /// Sets the soft RLIMIT_NOFILE of the running process `pid` (the hard limit stays). The
+    /// descriptor budget keeps pestod's relays from ever reaching EMFILE by themselves, so
+    /// the tests of what happens at EMFILE lower the limit under pestod's feet.
+    func setSoftOpenFileLimit(_ pid: Int32, _ soft: Int) throws {
+        let r = try run("/usr/bin/prlimit", ["--pid", "\(pid)", "--nofile=\(soft):"])
+        try #require(r.status == 0, "prlimit: \(r.err)")
+    }
+
+    /// Waits until pestod's log contains `text` (5 s at most); false if it never did.
+    func waitForLog(_ f: PestodFixture, _ text: String) -> Bool {
+        let deadline = MonotonicInstant.now.adding(milliseconds: 5000)
+        while MonotonicInstant.now < deadline {
+            if f.log.contains(text) { return true }
+            usleep(10_000)
+        }
+        return f.log.contains(text)
+    }
+
     @Test("at EMFILE the listener pauses: no crash, no busy loop, D-Bus answers, service resumes")
     func pausesAtExhaustion() throws {
-        let f = try PestodFixture(openFileLimit: 48)
+        let f = try PestodFixture()
         let ports = TestSockets.freePorts(2)
         let server = try #require(EchoServer(port: ports.upperBound))
         defer { server.stop() }
@@ -326,8 +360,9 @@ struct ExhaustionTests {
             ("target-port", .uint16(ports.upperBound)),
         ])])
         try f.table("Activate", [.uint32(1)])
-        // 40 connections want 80 descriptors in pestod; it has 48. The kernel completes the
-        // handshakes into the listener's backlog; pestod relays what it can and pauses.
+        // Eight descriptors left: 40 connections want 80. The kernel completes the handshakes
+        // into the listener's backlog; pestod relays what it can and pauses.
+        try setSoftOpenFileLimit(f.pestod.pid, openDescriptors(f.pestod.pid) + 8)
         var clients: [Int32] = []
         for _ in 0..<40 {
             if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) { clients.append(fd) }
@@ -347,5 +382,110 @@ struct ExhaustionTests {
         for _ in 0..<50 where !ok { ok = TestTraffic.ping(port: ports.lowerBound) == nil }
         #expect(ok, "pestod relays again once descriptors are free")
         #expect(f.log.contains("critical") == false)
+    }
+
+    @Test("at EMFILE the control socket pauses instead of spinning; D-Bus answers; the waiting client is served after")
+    func controlSocketAtExhaustion() throws {
+        let f = try PestodFixture(pestodArguments: ["--control", "CONTROL"])
+        let pid = f.pestod.pid
+        // A round trip: pestod is in its loop, done with the descriptors of its start (the
+        // sd_notify socket is closed only after READY=1 is sent).
+        _ = try f.table("List")
+        try setSoftOpenFileLimit(pid, lowestFreeDescriptor(pid))  // not one descriptor to spare
+        let client = try #require(WireClient(path: f.controlPath), "the connection completes in the backlog")
+        defer { close(client.fd) }
+        #expect(waitForLog(f, "control socket: cannot take a client now"), "accept4 failed with EMFILE: \(f.log)")
+        let before = cpuTicks(pid)
+        usleep(1_000_000)  // measuring CPU use over a second needs the second to pass
+        let spent = cpuTicks(pid) - before
+        #expect(spent >= 0 && spent < 20, "pestod used \(spent) ticks in a second: it is spinning")
+        #expect(try f.table("List").first?.arrayValue?.count == 0, "D-Bus answers")
+        try setSoftOpenFileLimit(pid, 4096)
+        #expect(client.readHelloAndDump() != nil, "the waiting client is served once a descriptor is free")
+        #expect(f.log.components(separatedBy: "control socket: cannot take a client now").count == 2, "logged once")
+    }
+
+    @Test("relays stop at the descriptor budget: connections beyond it are reset, new UDP clients dropped (logged once); D-Bus answers, a change is saved, a reserve remains")
+    func relayBudget() throws {
+        // L = 256: E = 192 for listeners and relays, relays up to R = 168 (DescriptorPlan).
+        let limit = 256
+        let plan = DescriptorPlan(openFileLimit: limit)
+        let f = try PestodFixture(
+            pestodArguments: ["--max-connections", "1000", "--max-udp-flows", "1000", "--state", "STATE"], openFileLimit: limit)
+        let ports = TestSockets.freePorts(5)
+        let server = try #require(EchoServer(port: ports.lowerBound + 1))
+        defer { server.stop() }
+        let udpServer = try #require(UDPEchoServer(port: ports.lowerBound + 3))
+        defer { udpServer.stop() }
+        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.lowerBound + 1)])
+        try f.table("Insert", [.uint32(2), rule(ports.lowerBound + 2, to: ports.lowerBound + 3, proto: "udp")])
+        #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
+        #expect(try f.table("Activate", [.uint32(2)]) == [.uint32(1), .uint32(0)])
+
+        // TCP: connections are relayed (2 descriptors each, and pipes while bytes pass) until one is reset.
+        var clients: [Int32] = []
+        defer { for fd in clients { close(fd) } }
+        var relayed = 0
+        var refused = false
+        for _ in 0..<(plan.relayLimit / 2 + 5) where !refused {
+            guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else { break }
+            clients.append(fd)
+            var byte: UInt8 = 5
+            _ = write(fd, &byte, 1)
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&pfd, 1, 5000) == 1 else {
+                Issue.record("connection \(clients.count) neither relayed nor refused: it hangs")
+                break
+            }
+            if read(fd, &byte, 1) == 1 { relayed += 1 } else { refused = true }
+        }
+        #expect(refused, "a connection beyond the budget is reset")
+        #expect(relayed > plan.relayLimit / 2 - 6 && relayed < plan.relayLimit / 2, "\(relayed) connections relayed")
+        #expect(waitForLog(f, "new TCP connections are reset"))
+
+        // UDP: what is left takes a few flows at most; then a new client's datagram is dropped.
+        var udpClients: [Int32] = []
+        defer { for fd in udpClients { close(fd) } }
+        var flows = 0
+        var dropped = false
+        for _ in 0..<10 where !dropped {
+            let fd = try #require(TestTraffic.udpClient())
+            udpClients.append(fd)
+            _ = SocketAddress(.loopbackIPv4, port: ports.lowerBound + 2).withSockaddr { sa, len in sendto(fd, "u", 1, 0, sa, len) }
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let deadline = MonotonicInstant.now.adding(milliseconds: 5000)
+            while MonotonicInstant.now < deadline {
+                if poll(&pfd, 1, 20) == 1 {
+                    flows += 1
+                    break
+                }
+                if f.log.contains("datagrams from new UDP clients are dropped") {
+                    dropped = true
+                    break
+                }
+            }
+        }
+        #expect(dropped && flows < 6, "\(flows) flows, then a drop")
+        // More refusals of both kinds are not logged again.
+        for _ in 0..<3 {
+            if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) { clients.append(fd) }
+            let fd = try #require(TestTraffic.udpClient())
+            udpClients.append(fd)
+            _ = SocketAddress(.loopbackIPv4, port: ports.lowerBound + 2).withSockaddr { sa, len in sendto(fd, "u", 1, 0, sa, len) }
+        }
+
+        // The relays hold all theirs; D-Bus answers, a rule is activated and the change saved.
+        #expect(try f.table("Status", [.uint32(1)]) == [.bool(true), .uint32(1), .uint32(0), .string("")])
+        try f.table("Insert", [.uint32(3), rule(ports.lowerBound + 4, to: ports.lowerBound + 1)])
+        #expect(try f.table("Activate", [.uint32(3)]) == [.uint32(1), .uint32(0)])
+        guard case .loaded(let entries) = StateFile(path: f.statePath).load() else {
+            Issue.record("the state file was not saved")
+            return
+        }
+        #expect(entries.count == 3)
+        #expect(openDescriptors(f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
+        #expect(f.log.components(separatedBy: "new TCP connections are reset").count == 2, "logged once")
+        #expect(f.log.components(separatedBy: "datagrams from new UDP clients are dropped").count == 2, "logged once")
+        #expect(f.pestod.process.isRunning)
     }
 }

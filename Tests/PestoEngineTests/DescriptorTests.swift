@@ -1,0 +1,223 @@
+// Descriptors and epoll watches running out, in process: the engine on its own loop, real
+// loopback sockets, and the event loop's injectable epoll_ctl failure standing in for
+// `fs.epoll.max_user_watches` (a global sysctl no test may lower).
+//
+// `turn(until:)` runs the loop until a condition holds, checked every 5 ms; its 5 s bound only
+// records a failure.
+
+import CPestoSys
+import Testing
+
+@testable import PestoEngine
+import PestoTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An engine on its own loop, with helpers to turn the loop and to talk to it over loopback.
+private final class EngineHarness {
+    let loop: EventLoop
+    let engine: ForwardingEngine
+
+    init(descriptors: DescriptorPlan? = nil, pipePoolSize: Int = 64) throws {
+        loop = try EventLoop()
+        var config = EngineConfiguration()
+        config.descriptors = descriptors
+        config.tcp.pipePoolSize = pipePoolSize
+        config.capabilities = [.tcp, .udp, .ipv4, .ipv6]
+        engine = try ForwardingEngine(loop: loop, configuration: config)
+    }
+
+    /// Runs the loop until `condition` holds (false if it did not within 5 s).
+    @discardableResult
+    func turn(until condition: @escaping () -> Bool, _ what: String) -> Bool {
+        if condition() { return true }
+        var met = false
+        let started = MonotonicInstant.now
+        let poller = loop.every(milliseconds: 5) { [loop] in
+            if condition() {
+                met = true
+                loop.stop()
+            } else if MonotonicInstant.now.nanoseconds - started.nanoseconds > 5_000_000_000 {
+                loop.stop()
+            }
+        }
+        loop.run()
+        loop.cancelTimer(poller)
+        if !met { Issue.record("never happened: \(what)") }
+        return met
+    }
+
+    /// Releases everything (the loop holds the engine's handlers).
+    func shutdown() {
+        for table in engine.tables {
+            for (id, _, status) in table.list() where status.active { try? table.deactivate(id: id) }
+        }
+        engine.tcp.closeAll()
+        engine.udp.closeAll()
+        loop.removeAllHandlers()
+    }
+}
+
+/// What a client socket sees next: data, end of file, a reset, or nothing yet.
+private func peek(_ fd: Int32) -> String {
+    var byte: UInt8 = 0
+    let n = recv(fd, &byte, 1, Int32(MSG_DONTWAIT) | Int32(MSG_PEEK))
+    if n == 1 { return "data" }
+    if n == 0 { return "eof" }
+    return errno == EAGAIN ? "nothing" : errno == ECONNRESET ? "reset" : "error \(errno)"
+}
+
+@Suite("Descriptors and epoll watches running out", .serialized)
+struct DescriptorTests {
+    static let enospc = Errno(rawValue: ENOSPC)
+
+    @Test("the plan: 64 kept for pestod, an eighth of the rest (at most 1024) for listeners, relay defaults half of R each")
+    func plan() {
+        let small = DescriptorPlan(openFileLimit: 256)
+        #expect((small.engineLimit, small.listenerHeadroom, small.relayLimit) == (192, 24, 168))
+        #expect((small.defaultMaxConnections, small.defaultMaxFlows) == (42, 84))
+        let big = DescriptorPlan(openFileLimit: 1_048_576)
+        #expect((big.engineLimit, big.listenerHeadroom, big.relayLimit) == (1_048_512, 1024, 1_047_488))
+        #expect((big.defaultMaxConnections, big.defaultMaxFlows) == (261_872, 523_744))
+        let tiny = DescriptorPlan(openFileLimit: 10)
+        #expect((tiny.engineLimit, tiny.relayLimit, tiny.defaultMaxConnections, tiny.defaultMaxFlows) == (0, 0, 1, 1))
+    }
+
+    @Test("an epoll_ctl failure (ENOSPC) at activation is each port's bind failure, retried later; nothing traps or leaks")
+    func activationWatchFailure() throws {
+        let h = try EngineHarness()
+        defer { h.shutdown() }
+        let ports = TestSockets.freePorts(4)
+        h.loop.injectedControlFailure = { kind, _ in
+            kind == EngineEventKind.tcpListener || kind == EngineEventKind.udpListener ? Self.enospc : nil
+        }
+        try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, lastPort: ports.lowerBound + 2))
+        try h.engine.host.insert(id: 2, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.upperBound))
+        #expect(try h.engine.host.activate(id: 1) == .init(bound: 0, failed: 3))
+        #expect(try h.engine.host.activate(id: 2) == .init(bound: 0, failed: 1))
+        #expect(try h.engine.host.status(1) == RuleStatus(active: true, bound: 0, failed: 3, lastError: Self.enospc))
+        #expect(try h.engine.host.status(2) == RuleStatus(active: true, bound: 0, failed: 1, lastError: Self.enospc))
+        #expect(h.engine.budget.held == 0, "the failed listeners are not charged")
+        #expect(h.engine.host.openSockets == 0)
+        // The sockets were closed: nothing listens on those ports.
+        if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) {
+            close(fd)
+            Issue.record("a listener epoll could not watch was left open")
+        }
+        // Once epoll takes watches again, the retry binds them like any failed bind.
+        h.loop.injectedControlFailure = nil
+        #expect(Set(h.engine.host.retryFailedBinds()) == [1, 2])
+        #expect(try h.engine.host.status(1) == RuleStatus(active: true, bound: 3, failed: 0, lastError: nil))
+        #expect(h.engine.budget.held == 4)
+    }
+
+    @Test("a TCP connection whose socket epoll cannot watch is reset alone; others keep relaying")
+    func connectionWatchFailure() throws {
+        let h = try EngineHarness()
+        defer { h.shutdown() }
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(EchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+        #expect(try h.engine.host.activate(id: 1).bound == 1)
+        let a = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+        defer { close(a) }
+        var byte: UInt8 = 1
+        #expect(write(a, &byte, 1) == 1)
+        h.turn(until: { peek(a) == "data" }, "A's byte echoed")
+        #expect(read(a, &byte, 1) == 1)
+
+        h.loop.injectedControlFailure = { kind, _ in kind == EngineEventKind.tcpConnection ? Self.enospc : nil }
+        let b = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+        defer { close(b) }
+        h.turn(until: { h.engine.tcp.counters.watchFailures == 1 }, "B dropped")
+        h.turn(until: { peek(b) == "reset" }, "B reset")
+        #expect(h.engine.tcp.activeConnections == 1, "only B was dropped")
+        h.loop.injectedControlFailure = nil
+
+        // A still relays, and so does a new connection.
+        #expect(write(a, &byte, 1) == 1)
+        h.turn(until: { peek(a) == "data" }, "A's second byte echoed")
+        let c = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+        defer { close(c) }
+        #expect(write(c, &byte, 1) == 1)
+        h.turn(until: { peek(c) == "data" }, "C's byte echoed")
+        #expect(h.engine.tcp.activeConnections == 2)
+    }
+
+    @Test("a UDP flow whose socket epoll cannot watch loses its datagram; the next one makes the flow")
+    func flowWatchFailure() throws {
+        let h = try EngineHarness()
+        defer { h.shutdown() }
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(UDPEchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try h.engine.host.insert(id: 1, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+        #expect(try h.engine.host.activate(id: 1).bound == 1)
+        let client = try #require(TestTraffic.udpClient())
+        defer { close(client) }
+        let to = SocketAddress(.loopbackIPv4, port: ports.lowerBound)
+        func send() { _ = to.withSockaddr { sa, len in sendto(client, "x", 1, 0, sa, len) } }
+
+        h.loop.injectedControlFailure = { kind, _ in kind == EngineEventKind.udpFlow ? Self.enospc : nil }
+        send()
+        h.turn(until: { h.engine.udp.counters.droppedErrors == 1 }, "the datagram dropped")
+        #expect(h.engine.udp.flowCount == 0)
+        #expect(h.engine.budget.held == 1, "only the listener is charged")
+        h.loop.injectedControlFailure = nil
+        send()
+        h.turn(until: { peek(client) == "data" }, "the reply")
+        #expect(h.engine.udp.flowCount == 1)
+        #expect(h.engine.budget.held == 2)
+    }
+
+    @Test("at the relay limit a new connection is reset and reported once; listeners still open up to the engine limit")
+    func relayBudget() throws {
+        // L = 80: E = 16, H = 2, R = 14. One listener and six connections (2 each) make 13;
+        // no pipe is kept, so each exists only while a byte is relayed.
+        let h = try EngineHarness(descriptors: DescriptorPlan(openFileLimit: 80), pipePoolSize: 0)
+        defer { h.shutdown() }
+        var reports: [TransportProtocol] = []
+        h.engine.budget.onExhausted = { reports.append($0) }
+        let ports = TestSockets.freePorts(8)
+        let server = try #require(EchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+        #expect(try h.engine.host.activate(id: 1).bound == 1)
+        var clients: [Int32] = []
+        defer { for fd in clients { close(fd) } }
+        for _ in 0..<6 {
+            let fd = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+            clients.append(fd)
+            var byte: UInt8 = 7
+            #expect(write(fd, &byte, 1) == 1)
+            h.turn(until: { peek(fd) == "data" }, "echo")
+        }
+        #expect(h.engine.budget.held == 13)
+        for n in 1...3 {
+            let fd = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+            clients.append(fd)
+            h.turn(until: { peek(fd) == "reset" }, "refused connection \(n) reset")
+            #expect(h.engine.tcp.counters.refusedBudget == UInt64(n))
+        }
+        #expect(reports == [.tcp], "reported once")
+        #expect(h.engine.tcp.activeConnections == 6 && h.engine.budget.held == 13)
+        // Listeners may use the headroom up to E = 16: three more ports bind, the rest fail with EMFILE.
+        try h.engine.host.insert(id: 2, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound + 1, lastPort: ports.lowerBound + 5))
+        #expect(try h.engine.host.activate(id: 2) == .init(bound: 3, failed: 2))
+        #expect(try h.engine.host.status(2).lastError == .tooManyOpenFiles)
+        // Listeners take from the relays' share too (16 held now). Deactivating rule 2 and closing
+        // a connection gives their descriptors back (11): the next connection is relayed.
+        try h.engine.host.deactivate(id: 2)
+        #expect(h.engine.budget.held == 13)
+        close(clients.removeFirst())
+        h.turn(until: { h.engine.tcp.activeConnections == 5 }, "the closed connection released")
+        let again = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+        clients.append(again)
+        var byte: UInt8 = 9
+        #expect(write(again, &byte, 1) == 1)
+        h.turn(until: { peek(again) == "data" }, "relayed again")
+    }
+}
