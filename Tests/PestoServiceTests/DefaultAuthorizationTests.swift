@@ -28,22 +28,19 @@ struct DefaultAuthorizationTests {
         try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
         let before = try f.snapshot()
 
-        let table = [PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface]
-        let calls: [[String]] = [
-            ["call"] + table + ["Insert", "ua{sv}", "2", "3", "protocol", "s", "tcp", "address", "s", "127.0.0.1", "first-port", "q", "\(p + 1)"],
-            ["call"] + table + ["Activate", "u", "1"],
-            ["call"] + table + ["Delete", "u", "1"],
-            ["call", PestodFixture.dest, PestodFixture.managerPath, PestodFixture.managerInterface, "Lock"],
-        ]
-        for call in calls {
-            let r = try busctlAsNobody(f, call)
-            #expect(r.status != 0, "\(call): \(r.out)")
+        // pesto-test-peer as nobody (uid 65534): it prints each reply's error name and message.
+        let peer = try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
+        let ready = peer.readLine() ?? ""
+        #expect(ready.hasPrefix("ready"), "\(ready)")
+        for line in ["Insert 2 \(p + 1)", "Activate 1", "Delete 1", "Lock"] {
+            let answer = peer.ask(line)
             // polkit is not on this private bus, so only uid 0 may change.
-            #expect(r.err.contains("Not authorized to top.passt.Pesto1.modify: uid 65534 is not root"), "\(call): \(r.err)")
+            #expect(answer.hasPrefix("error \(DBusErrorReply.accessDenied): Not authorized to top.passt.Pesto1.modify: uid 65534 is not root"),
+                    "\(line): \(answer)")
         }
         #expect(try f.snapshot() == before)
         // Reads stay open.
-        let status = try busctlAsNobody(f, ["call"] + table + ["Status", "u", "1"])
+        let status = try busctlAsNobody(f, ["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
         #expect(status.out == "buus false 0 0 \"\"\n", "\(status.err)")
         // Root passes the same check.
         #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
