@@ -291,7 +291,10 @@ func listeningSocketsOf(pid: Int32) -> [String] {
     }
     var result: [String] = []
     for proto in ["tcp", "tcp6", "udp", "udp6"] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/net/\(proto)", encoding: .utf8) else { continue }
+        // readFile reads to end of file: Foundation's String(contentsOfFile:) stops after the
+        // first 4 KiB of a /proc file (its stat size is 0), missing sockets on a busy host.
+        guard let bytes = readFile("/proc/\(pid)/net/\(proto)", limit: 1 << 28) else { continue }
+        let text = String(decoding: bytes, as: UTF8.self)
         for line in text.split(separator: "\n").dropFirst() {
             let f = line.split(separator: " ")
             guard f.count > 9 else { continue }
