@@ -129,7 +129,7 @@ ADDR=$(sed -n 1p "$work/bus.out")
 extra=()
 help=$("$PESTOD" --help 2>&1 || true)
 [[ $help == *--max-connections* ]] && extra+=(--max-connections 10000)
-bg "$PESTOD" --address "$ADDR" --log-level warning "${extra[@]}" 2>"$work/pestod.log"
+bg "$PESTOD" --address "$ADDR" --authorize none --log-level warning "${extra[@]}" 2>"$work/pestod.log"
 PESTOD_PID=$!
 timeout 25 gdbus wait --address "$ADDR" --timeout 20 top.passt.Pesto1 || { say "pestod did not come up: $(tail -5 "$work/pestod.log")"; exit 1; }
 call() { timeout 10 busctl --address="$ADDR" call top.passt.Pesto1 /top/passt/Pesto1/tables/host top.passt.Pesto1.Table "$@"; }

@@ -192,7 +192,7 @@ else
 
     header "Start pestod on it (log: $DEMO_DIR/pestod.log)"
     echo "$PESTOD --address $ADDR --authorize root"
-    setsid "$PESTOD" --address "$ADDR" </dev/null >"$DEMO_DIR/pestod.log" 2>&1 &
+    setsid "$PESTOD" --address "$ADDR" --authorize root </dev/null >"$DEMO_DIR/pestod.log" 2>&1 &
     PESTOD_PID=$!
     echo "$PESTOD_PID" >"$DEMO_DIR/pestod.pid"
 fi

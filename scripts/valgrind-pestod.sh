@@ -25,7 +25,7 @@ address=$(sed -n 1p "$work/bus.out")
 bus_pid=$(sed -n 2p "$work/bus.out")
 
 valgrind --leak-check=full --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite \
-    --log-file="$work/valgrind.log" "$work/pestod" --address "$address" --log-level warning &
+    --log-file="$work/valgrind.log" "$work/pestod" --address "$address" --authorize none --log-level warning &
 vg_pid=$!
 timeout 120 gdbus wait --address "$address" --timeout 120 top.passt.Pesto1
 

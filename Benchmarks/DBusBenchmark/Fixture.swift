@@ -72,7 +72,7 @@ struct Fixture {
 
         // 3. pestod.
         let pestodPID = try spawn(
-            pestod, ["--address", address] + pestodArguments,
+            pestod, ["--address", address, "--authorize", "none"] + pestodArguments,
             environment: ["NOTIFY_SOCKET=\(notifyPath)"],
             stdout: .file(dir + "/pestod.out"), stderr: .file(dir + "/pestod.log"))
         cleanup.add(child: pestodPID)

@@ -55,11 +55,28 @@ public final class TargetSide {
     /// The namespace, or nil for pestod's own.
     public let namespace: NetworkNamespace?
 
+    /// Where a deleted namespace is reported (once), if anywhere.
+    public var conditions: DataPathConditions?
+
     public init(namespace: NetworkNamespace?) { self.namespace = namespace }
 
-    /// A non-blocking, close-on-exec socket on this side.
+    /// A non-blocking, close-on-exec socket on this side. In a namespace whose path is gone
+    /// the socket is still made (the namespace lives on through pestod's descriptor), and
+    /// the condition is reported once.
     public func socket(domain: Int32, type: Int32) -> Result<Int32, Errno> {
-        if let namespace { return namespace.perform { Sys.socket(domain: domain, type: type) } }
+        if let namespace {
+            if let conditions {
+                if namespace.isStillAtPath() {
+                    conditions.clear(.namespaceDeleted)
+                } else {
+                    conditions.occurred(
+                        .namespaceDeleted,
+                        detail: "the target network namespace \(namespace.path) is gone (deleted, or its process exited); "
+                            + "connections and flows still go into it, kept alive only by pestod")
+                }
+            }
+            return namespace.perform { Sys.socket(domain: domain, type: type) }
+        }
         return Sys.socket(domain: domain, type: type)
     }
 }

@@ -65,6 +65,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     public private(set) var udp: UDPRelay!
     /// The descriptors listeners and relays hold, against the limits of the plan.
     public let budget: DescriptorBudget
+    /// Forwarding loops, a full UDP flow table and a deleted namespace, reported once each.
+    public let conditions = DataPathConditions()
     private var retryTimer: EventLoop.TimerID?
     private var scanTimer: EventLoop.TimerID?
     private let configuration: EngineConfiguration
@@ -122,14 +124,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         // HOST targets are on the namespace's side (if any), SPLICE targets on ours.
         let hostSide = TargetSide(namespace: namespace)
         let spliceSide = TargetSide(namespace: nil)
+        hostSide.conditions = conditions
         let targetSide = { (kind: TableKind) in kind == .host ? hostSide : spliceSide }
         tcp = TCPRelay(
             loop: loop, targetSide: targetSide, limits: configuration.tcp, budget: budget,
-            wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
+            wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
         tcp.onCapacityAvailable = { [unowned self] in self.resumeListeners() }
         udp = UDPRelay(
             loop: loop, targetSide: targetSide, limits: configuration.udp, budget: budget,
-            wouldLoop: { [unowned self] target, destination in self.wouldLoop(target, destination) })
+            wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
+        udp.conditions = conditions
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
         loop.setHandler(self, for: EngineEventKind.udpListener)
@@ -157,6 +161,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         for timer in [retryTimer, scanTimer].compactMap({ $0 }) { loop.cancelTimer(timer) }
         retryTimer = nil
         scanTimer = nil
+        conditions.clearAll()  // report what was suppressed
     }
 
     /// One scan pass: makes every active scan rule listen on exactly the ports whose target
@@ -209,6 +214,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         listeners[Int(fd)] = ListenerEntry(
             target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
         ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: 0] += 1
+        conditions.clear(.forwardingLoop)  // the listeners changed: a loop, if any, is reported anew
         return .success(())
     }
 
@@ -223,6 +229,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         let key = OwnPort(proto: entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
         let remaining = (ownPorts[key] ?? 1) - 1
         ownPorts[key] = remaining > 0 ? remaining : nil
+        conditions.clear(.forwardingLoop)
     }
 
     /// A listener is readable: accept (TCP) or relay datagrams (UDP).
@@ -287,6 +294,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             listeners[Int(fd)] = entry
             pausedListeners.remove(at: i)
         }
+    }
+
+    /// `wouldLoop`, reporting a loop (once until the listeners change).
+    private func refuseLoop(_ target: ForwardTarget, _ destination: SocketAddress) -> Bool {
+        guard wouldLoop(target, destination) else { return false }
+        conditions.occurred(
+            .forwardingLoop,
+            detail: "\(target.table.name) rule \(target.ruleID) forwards \(target.proto) to \(destination.endpoint.map { "\($0.address) port \($0.port)" } ?? "?"), one of pestod's own "
+                + "listeners: connections and datagrams to it are refused")
+        return true
     }
 
     /// True when `destination` is one of pestod's own listeners on the target's side, so

@@ -69,6 +69,9 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
     /// True for `0.0.0.0` and `::`.
     public var isUnspecified: Bool { self == .anyIPv4 || self == .anyIPv6 }
 
+    /// True for 255.255.255.255, the IPv4 limited broadcast address.
+    public var isLimitedBroadcast: Bool { self == .v4(0xFFFF_FFFF) }
+
     /// True for 224.0.0.0/4 and ff00::/8.
     public var isMulticast: Bool {
         switch self {

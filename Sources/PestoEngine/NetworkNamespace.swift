@@ -54,6 +54,15 @@ public final class NetworkNamespace {
         precondition(pesto_setns(homeFD, Int32(PESTO_CLONE_NEWNET)) == 0, "cannot return to the home network namespace: \(Errno.current)")
     }
 
+    /// Whether `path` still names the namespace pestod holds (false once `ip netns del`
+    /// removed it or the process of /proc/PID/ns/net exited). One stat(2); allocates nothing.
+    public func isStillAtPath() -> Bool {
+        var atPath = stat()
+        var held = stat()
+        guard stat(path, &atPath) == 0, fstat(targetFD, &held) == 0 else { return false }
+        return atPath.st_dev == held.st_dev && atPath.st_ino == held.st_ino
+    }
+
     /// Runs `body` inside the namespace, on this thread, and comes back.
     public func perform<T>(_ body: () -> T) -> T {
         guard pesto_setns(targetFD, Int32(PESTO_CLONE_NEWNET)) == 0 else {

@@ -8,7 +8,7 @@ public enum TransportProtocol: String, Hashable, Sendable, CaseIterable, CustomS
     /// Parses the contract's spelling (`tcp`, `udp`).
     public init(parsing text: String) throws(PestoError) {
         guard let value = TransportProtocol(rawValue: text) else {
-            throw PestoError(.invalidRule, "protocol must be \"tcp\" or \"udp\", not \"\(text)\".")
+            throw PestoError(.invalidRule, "protocol must be \"tcp\" or \"udp\", not \(ClientText.quote(text)).")
         }
         self = value
     }

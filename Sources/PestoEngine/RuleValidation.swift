@@ -1,7 +1,7 @@
 // RuleValidation: the one place that decides whether a rule is acceptable.
 //
 // Covers everything upstream's fwd_rule_add() and its server-side checks reject (port 0,
-// reversed range, target range past 65535, family mismatch, multicast target, dual-stack
+// reversed range, target range past 65535, family mismatch, multicast or broadcast target, dual-stack
 // with a target address, interface name rules, missing capabilities), plus the contract's
 // limit on `owner`. Each failure has its own message that names the field and the value.
 
@@ -47,6 +47,9 @@ extension Rule {
                         + "use the same family for both.")
             }
             if target.isMulticast { throw invalid("target-address \(target) is a multicast address.") }
+            if target.isLimitedBroadcast {
+                throw invalid("target-address \(target) is the broadcast address; a connection or flow needs one unicast target.")
+            }
             if target.isUnspecified {
                 throw invalid("target-address \(target) is a wildcard address; leave it out to use the table's default.")
             }
@@ -57,14 +60,14 @@ extension Rule {
             let bytes = interface.utf8
             if bytes.count > Self.maxInterfaceNameLength {
                 throw invalid(
-                    "interface \"\(interface)\" is \(bytes.count) bytes long; at most \(Self.maxInterfaceNameLength) are allowed.")
+                    "interface \(ClientText.quote(interface)) is \(bytes.count) bytes long; at most \(Self.maxInterfaceNameLength) are allowed.")
             }
             if interface == "." || interface == ".." {
-                throw invalid("interface \"\(interface)\" is not a valid interface name.")
+                throw invalid("interface \(ClientText.quote(interface)) is not a valid interface name.")
             }
             if let bad = bytes.first(where: { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7F }) {
                 throw invalid(
-                    "interface \"\(interface)\" contains \(Self.describeByte(bad)), which interface names cannot contain.")
+                    "interface \(ClientText.quote(interface)) contains \(Self.describeByte(bad)), which interface names cannot contain.")
             }
         }
         if owner.utf8.count > Self.maxOwnerLength {

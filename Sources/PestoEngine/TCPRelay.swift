@@ -213,14 +213,14 @@ public final class TCPRelay: EventHandler {
         let destination = target.destination(peerFamily: family)
         if wouldLoop(target, destination) {
             counters.refusedLoops += 1
-            Sys.close(client)
+            resetAndClose(client)
             return true
         }
         let out: Int32
         switch targetSide(target.table).socket(domain: destination.family, type: Int32(SOCK_STREAM.rawValue)) {
         case .success(let fd): out = fd
         case .failure(let e):
-            Sys.close(client)
+            resetAndClose(client)
             counters.connectFailures += 1
             return !e.isDescriptorExhaustion
         }
@@ -238,7 +238,7 @@ public final class TCPRelay: EventHandler {
         } else {
             counters.connectFailures += 1
             Sys.close(out)
-            Sys.close(client)
+            resetAndClose(client)
             return true
         }
         let index = allocateSlot()
@@ -290,7 +290,7 @@ public final class TCPRelay: EventHandler {
             getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
             if err != 0 {
                 counters.connectFailures += 1
-                close(slot: index, reset: false)  // the client sees a clean close
+                close(slot: index, reset: true)  // the client sees the refusal as a reset (ECONNRESET)
                 return
             }
             slots[i].connecting = false
@@ -430,6 +430,15 @@ public final class TCPRelay: EventHandler {
 
     // MARK: Closing
 
+    /// Closes `fd` so that its peer gets a RST instead of a FIN (SO_LINGER with timeout 0):
+    /// a client whose target refused, could not be reached or would loop reads ECONNRESET,
+    /// as the target's refusal would have told it, not an orderly end of file.
+    private func resetAndClose(_ fd: Int32) {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        Sys.close(fd)
+    }
+
     /// Closes a connection; with `reset`, both peers get a RST instead of a FIN.
     private func close(slot index: UInt32, reset: Bool) {
         let i = Int(index)
@@ -437,10 +446,10 @@ public final class TCPRelay: EventHandler {
         func closeSide(_ fd: Int32) {
             guard fd >= 0 else { return }
             if reset {
-                var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
-                setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+                resetAndClose(fd)  // also removes it from epoll
+            } else {
+                Sys.close(fd)  // also removes it from epoll
             }
-            Sys.close(fd)  // also removes it from epoll
         }
         closeSide(c.client)  // no array: nothing is allocated per connection here
         closeSide(c.target)

@@ -156,6 +156,9 @@ public final class UDPRelay: EventHandler {
     /// What the relay has done so far.
     public private(set) var counters = Counters()
 
+    /// Where a full flow table is reported (once while it stays full), if anywhere.
+    public var conditions: DataPathConditions?
+
     /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `targetSide`
     /// gives the side where a table's targets are reached; `wouldLoop` says whether a
     /// destination is one of pestod's own listeners there; `budget` is charged per flow.
@@ -226,6 +229,9 @@ public final class UDPRelay: EventHandler {
         if let slot = flowsByKey[key] { return Int(slot) }
         guard flowCount < limits.maxFlows else {
             counters.droppedFlowLimit += 1
+            conditions?.occurred(
+                .udpFlowTableFull,
+                detail: "the UDP flow table is full (\(limits.maxFlows) flows, --max-udp-flows): datagrams from new clients are dropped")
             return nil
         }
         // `endpoint` turns an IPv4-mapped client of a dual-stack listener into IPv4.
@@ -264,6 +270,7 @@ public final class UDPRelay: EventHandler {
         flowsByKey[key] = slot
         flowCount += 1
         counters.flowsCreated += 1
+        conditions?.clear(.udpFlowTableFull)
         if expiryTimer == nil {
             expiryTimer = loop.every(milliseconds: limits.expiryCheckMilliseconds) { [unowned self] in
                 self.expireIdleFlows(now: .now)

@@ -25,7 +25,8 @@ public protocol Authorizer: AnyObject {
 
 /// How pestod authorises mutating calls.
 public enum AuthorizationMode: String, CaseIterable, Sendable {
-    /// Nobody is checked (the session bus, or a private bus of the caller's own).
+    /// Nobody is checked: the default only on the session bus, which is the user's own;
+    /// chosen for any other bus (a private `--address` bus included), pestod logs a warning.
     case none
     /// Only uid 0 may change the tables (the contract's rule when polkit is missing).
     case root

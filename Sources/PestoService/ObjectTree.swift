@@ -117,13 +117,13 @@ extension PestoServer {
     func propertiesCall(_ object: ObjectTree.Object, member: String, args: [DBusValue]) throws(DBusErrorReply) -> [DBusValue] {
         let interface = args[0].stringValue ?? ""
         guard let props = ObjectTree.properties(object, interface, engine: engine, lockOwner: lockOwner) else {
-            throw DBusErrorReply(DBusErrorReply.unknownInterface, "The object has no interface \"\(interface)\".")
+            throw DBusErrorReply(DBusErrorReply.unknownInterface, "The object has no interface \(ClientText.quote(interface)).")
         }
         switch member {
         case "Get":
             let name = args[1].stringValue ?? ""
             guard let value = props.first(where: { $0.0 == name })?.1 else {
-                throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \"\(name)\".")
+                throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \(ClientText.quote(name)).")
             }
             return [.variant(value)]
         case "GetAll":
@@ -131,7 +131,7 @@ extension PestoServer {
         default:  // Set
             let name = args[1].stringValue ?? ""
             guard props.contains(where: { $0.0 == name }) else {
-                throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \"\(name)\".")
+                throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \(ClientText.quote(name)).")
             }
             throw DBusErrorReply(DBusErrorReply.propertyReadOnly, "Property \(name) is read-only; use the \(interface) methods to change state.")
         }

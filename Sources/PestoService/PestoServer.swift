@@ -69,6 +69,17 @@ public final class PestoServer {
             let kind = table.kind
             table.onStateChange = { [unowned self] change in self.stateChanged(kind, change) }
         }
+        engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
+    }
+
+    /// Logs a data path condition: one line when it starts, one when it clears.
+    static func log(_ notice: DataPathNotice, to logger: Logger) {
+        switch notice {
+        case .started(_, let detail):
+            logger.warning("\(detail) (logged once; further occurrences are counted until it clears)")
+        case .cleared(let condition, let suppressed):
+            logger.notice("\(condition) cleared; \(suppressed) further occurrences were not logged one by one")
+        }
     }
 
     /// Subscribes to NameOwnerChanged, attaches to the loop and takes the bus name.
@@ -173,27 +184,27 @@ public final class PestoServer {
     /// or returns the change to run once the caller is authorised.
     private func dispatch(_ message: DBusMessage, path: String, member: String) throws(DBusErrorReply) -> CallOutcome {
         guard let object = ObjectTree.resolve(path, engine: engine) else {
-            throw DBusErrorReply(DBusErrorReply.unknownObject, "No object at \(path).")
+            throw DBusErrorReply(DBusErrorReply.unknownObject, "No object at \(ClientText.quote(path)).")
         }
         let interfaces = object.interfaces
         let spec: DBusInterfaceSpec
         if let name = message.interface {
             guard let s = interfaces.first(where: { $0.name == name }) else {
-                throw DBusErrorReply(DBusErrorReply.unknownInterface, "Object \(path) has no interface \(name).")
+                throw DBusErrorReply(DBusErrorReply.unknownInterface, "Object \(ClientText.quote(path)) has no interface \(ClientText.quote(name)).")
             }
             spec = s
         } else {
             guard let s = interfaces.first(where: { $0.method(member) != nil }) else {
-                throw DBusErrorReply(DBusErrorReply.unknownMethod, "Object \(path) has no method \(member).")
+                throw DBusErrorReply(DBusErrorReply.unknownMethod, "Object \(ClientText.quote(path)) has no method \(ClientText.quote(member)).")
             }
             spec = s
         }
         guard let method = spec.method(member) else {
-            throw DBusErrorReply(DBusErrorReply.unknownMethod, "Interface \(spec.name) has no method \(member).")
+            throw DBusErrorReply(DBusErrorReply.unknownMethod, "Interface \(spec.name) has no method \(ClientText.quote(member)).")
         }
         guard message.signature == method.inputSignature else {
             throw .invalidArgs(
-                "\(spec.name).\(member) takes arguments of type \"\(method.inputSignature)\", not \"\(message.signature)\".")
+                "\(spec.name).\(member) takes arguments of type \"\(method.inputSignature)\", not \(ClientText.quote(message.signature)).")
         }
         guard let args = message.arguments else { throw .invalidArgs("Arguments of an unsupported type.") }
         let sender = message.sender ?? ""
@@ -216,7 +227,7 @@ public final class PestoServer {
         case (PestoInterfaces.table.name, .table(let kind)):
             return try tableCall(kind, member: member, args: args, sender: sender)
         default:
-            throw DBusErrorReply(DBusErrorReply.unknownMethod, "\(spec.name).\(member) is not implemented at \(path).")
+            throw DBusErrorReply(DBusErrorReply.unknownMethod, "\(spec.name).\(member) is not implemented at \(ClientText.quote(path)).")
         }
     }
 
@@ -256,9 +267,10 @@ public final class PestoServer {
             logger.info("lock taken by \(sender)")
         case "Unlock":
             try requireHolder()
+            let uncommitted = journal.operations.count
             rollback()
             setLockOwner(nil)
-            logger.info("lock released by \(sender)")
+            logger.info("lock released by \(sender)\(uncommitted > 0 ? "; rolled back its \(uncommitted) uncommitted changes" : "")")
         case "Commit":
             try requireHolder()
             let count = journal.operations.count

@@ -34,12 +34,12 @@ enum RuleCodec {
         var fields: [String: DBusValue] = [:]
         for (key, v) in entries {
             guard let expected = keys.first(where: { $0.0 == key })?.1 else {
-                throw .invalidArgs("Unknown rule key \"\(key)\"; known keys: \(keys.map(\.0).joined(separator: ", ")).")
+                throw .invalidArgs("Unknown rule key \(ClientText.quote(key)); known keys: \(keys.map(\.0).joined(separator: ", ")).")
             }
             guard v.signature == expected else {
-                throw .invalidArgs("Rule key \"\(key)\" must have type \(expected), not \(v.signature).")
+                throw .invalidArgs("Rule key \(ClientText.quote(key)) must have type \(expected), not \(ClientText.quote(v.signature)).")
             }
-            if fields[key] != nil { throw .invalidArgs("Rule key \"\(key)\" is given twice.") }
+            if fields[key] != nil { throw .invalidArgs("Rule key \(ClientText.quote(key)) is given twice.") }
             fields[key] = v
         }
         guard let protoText = fields["protocol"]?.stringValue else { throw .invalidRule("protocol is required (\"tcp\" or \"udp\").") }
@@ -50,7 +50,7 @@ enum RuleCodec {
         func address(_ key: String) throws(DBusErrorReply) -> IPAddress? {
             guard let text = fields[key]?.stringValue, !text.isEmpty else { return nil }
             guard let a = IPAddress(text) else {
-                throw .invalidRule("\(key) \"\(text)\" is not an IPv4 or IPv6 address.")
+                throw .invalidRule("\(key) \(ClientText.quote(text)) is not an IPv4 or IPv6 address.")
             }
             return a
         }

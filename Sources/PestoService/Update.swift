@@ -33,9 +33,9 @@ struct BindTolerance {
             case ("max-failures", .uint32(let n)): maxFailures = n
             case ("best-effort", .bool(let b)): bestEffort = b
             case ("max-failures", _), ("best-effort", _):
-                throw .invalidArgs("Apply option \"\(key)\" must have type \(key == "best-effort" ? "b" : "u"), not \(v.signature).")
+                throw .invalidArgs("Apply option \(ClientText.quote(key)) must have type \(key == "best-effort" ? "b" : "u"), not \(ClientText.quote(v.signature)).")
             default:
-                throw .invalidArgs("Unknown Apply option \"\(key)\"; known options: max-failures, best-effort.")
+                throw .invalidArgs("Unknown Apply option \(ClientText.quote(key)); known options: max-failures, best-effort.")
             }
         }
     }

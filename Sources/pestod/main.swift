@@ -79,7 +79,7 @@ struct Pestod: ParsableCommand {
     var logLevel = "info"
 
     @Option(name: .long, help: ArgumentHelp(
-        "Who may change the tables: polkit (action top.passt.Pesto1.modify, only uid 0 when polkit is missing; the default on the system bus), root (only uid 0), or none (everyone who can reach the bus; the default elsewhere).",
+        "Who may change the tables: polkit (action top.passt.Pesto1.modify, only uid 0 when polkit does not answer; the default on the system bus and with --address), root (only uid 0), or none (everyone who can reach the bus; the default only on the session bus, and a warning elsewhere).",
         valueName: "mode"))
     var authorize: String?
 
@@ -183,7 +183,13 @@ struct Pestod: ParsableCommand {
                 }
                 server.onCommit?()  // the restored state, as it now is, is the committed state
             }
-            let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (address == nil && !session ? .polkit : .none)
+            // `none` is the default only on the session bus, which is the user's own: any other
+            // bus, a private one given with --address included, may have other users on it.
+            let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (session ? .none : .polkit)
+            if mode == .none && !session {
+                logger.warning(
+                    "--authorize none: every client that can connect to \(address ?? "the system bus") may change the tables, take the lock and activate listeners")
+            }
             switch mode {
             case .none: break
             case .root: server.authorizer = RootOnlyAuthorizer(connection: connection)

@@ -26,6 +26,8 @@ struct RuleValidationTests {
          "target-address 239.1.1.1 is a multicast address"),
         (Rule(proto: .tcp, address: ip("::"), firstPort: 80, targetAddress: ip("ff02::1")), all,
          "target-address ff02::1 is a multicast address"),
+        (Rule(proto: .udp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("255.255.255.255")), all,
+         "target-address 255.255.255.255 is the broadcast address; a connection or flow needs one unicast target."),
         (Rule(proto: .tcp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("0.0.0.0")), all,
          "target-address 0.0.0.0 is a wildcard address"),
         (Rule(proto: .tcp, interface: "abcdefghijklmnop", firstPort: 80), all, "is 16 bytes long; at most 15"),
@@ -33,6 +35,9 @@ struct RuleValidationTests {
         (Rule(proto: .tcp, interface: "..", firstPort: 80), all, "interface \"..\" is not a valid interface name"),
         (Rule(proto: .tcp, interface: "eth/0", firstPort: 80), all, "contains \"/\""),
         (Rule(proto: .tcp, interface: "eth 0", firstPort: 80), all, "contains a space"),
+        (Rule(proto: .tcp, interface: String(repeating: "n", count: 1 << 20), firstPort: 80), all,
+         "interface \"\(String(repeating: "n", count: 64))\"…(1048576 bytes) is 1048576 bytes long; at most 15"),
+        (Rule(proto: .tcp, interface: "a\nb", firstPort: 80), all, "interface \"a\\nb\" contains the control character 0xa"),
         (Rule(proto: .tcp, firstPort: 80, owner: String(repeating: "x", count: 256)), all, "owner is 256 bytes long"),
         (Rule(proto: .tcp, firstPort: 80), [.udp, .ipv4], "lacks the tcp capability"),
         (Rule(proto: .udp, firstPort: 80), [.tcp, .ipv4], "lacks the udp capability"),
@@ -77,6 +82,16 @@ struct RuleValidationTests {
         for rule in ok { try rule.validate(capabilities: Self.all) }
         #expect(ok[2].targetPort(for: 80) == 8080)
         #expect(ok[3].targetPort(for: 90) == 65535)
+    }
+
+    @Test("client strings are quoted escaped and cut to 64 scalars with their full length")
+    func quoting() {
+        #expect(ClientText.quote("eth0") == "\"eth0\"")
+        #expect(ClientText.quote("a\"b\\c\nd\u{7}") == "\"a\\\"b\\\\c\\nd\\u{7}\"")
+        let sixtyFour = String(repeating: "é", count: 64)
+        #expect(ClientText.quote(sixtyFour) == "\"\(sixtyFour)\"")
+        #expect(ClientText.quote(sixtyFour + "x") == "\"\(sixtyFour)\"…(129 bytes)")
+        #expect(ClientText.quote(String(repeating: "x", count: 1 << 20)).utf8.count < 100)
     }
 
     @Test("protocol names")

@@ -128,6 +128,9 @@ final class PestodFixture {
     let client: DBusConnection
     /// RLIMIT_NOFILE for pestod, if limited.
     let openFileLimit: Int?
+    /// Whether pestod gets `--authorize none` when its arguments choose no mode (on
+    /// `--address` pestod's own default is polkit, which costs a bus round trip per change).
+    let authorizeNone: Bool
     /// Where pestod keeps its state, when started with `--state STATE`.
     var statePath: String { directory.url.appendingPathComponent("state").path }
     /// Where pestod's upstream control socket is, when started with `--control CONTROL`.
@@ -145,8 +148,11 @@ final class PestodFixture {
 
     /// Starts dbus-daemon and pestod (extra flags go to pestod).
     /// `openFileLimit` runs pestod under `prlimit --nofile` (descriptor exhaustion tests).
-    init(pestodArguments: [String] = [], openFileLimit: Int? = nil) throws {
+    /// pestod runs with `--authorize none` unless the arguments give `--authorize` or
+    /// `authorizeNone` is false (then it uses its default for `--address`).
+    init(pestodArguments: [String] = [], openFileLimit: Int? = nil, authorizeNone: Bool = true) throws {
         self.openFileLimit = openFileLimit
+        self.authorizeNone = authorizeNone
         directory = try TemporaryDirectory()
         let socket = directory.url.appendingPathComponent("bus.sock").path
         let config = directory.url.appendingPathComponent("bus.conf")
@@ -176,6 +182,7 @@ final class PestodFixture {
         // "CONTROL" and "STATE" stand for this fixture's control socket and state file paths.
         let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
             + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 }
+            + (authorizeNone && !arguments.contains("--authorize") ? ["--authorize", "none"] : [])
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
         let argv = limit + command
         pestod = try Child(argv[0], Array(argv.dropFirst()), environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
@@ -284,7 +291,10 @@ func listeningSocketsOf(pid: Int32) -> [String] {
     }
     var result: [String] = []
     for proto in ["tcp", "tcp6", "udp", "udp6"] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/net/\(proto)", encoding: .utf8) else { continue }
+        // readFile reads to end of file: Foundation's String(contentsOfFile:) stops after the
+        // first 4 KiB of a /proc file (its stat size is 0), missing sockets on a busy host.
+        guard let bytes = readFile("/proc/\(pid)/net/\(proto)", limit: 1 << 28) else { continue }
+        let text = String(decoding: bytes, as: UTF8.self)
         for line in text.split(separator: "\n").dropFirst() {
             let f = line.split(separator: " ")
             guard f.count > 9 else { continue }

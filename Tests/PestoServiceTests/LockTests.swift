@@ -79,6 +79,7 @@ struct LockTests {
         try mess()
         try f.manager("Unlock")
         #expect(try f.table("List") == before)
+        #expect(f.log.contains("lock released by \(f.client.uniqueName); rolled back its 6 uncommitted changes"), "\(f.log)")
 
         try f.manager("Lock")
         try mess()

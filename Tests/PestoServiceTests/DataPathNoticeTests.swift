@@ -1,0 +1,97 @@
+// Conditions that recur per connection or datagram are logged once, not once each: a
+// forwarding loop, a full UDP flow table, a deleted target namespace. A peer that can reach
+// a relayed port must not be able to flood pestod's log.
+
+import Foundation
+import PestoEngine
+import PestoTestSupport
+import Testing
+
+@testable import PestoService
+
+@Suite("pestod data path notices", .serialized)
+struct DataPathNoticeTests {
+    /// The lines of pestod's log that contain `fragment`.
+    func lines(_ f: PestodFixture, containing fragment: String) -> [Substring] {
+        f.log.split(separator: "\n").filter { $0.contains(fragment) }
+    }
+
+    @Test("a rule that forwards to its own listener: every connection is reset, one log line, one when the listener closes")
+    func loopLoggedOnce() throws {
+        let f = try PestodFixture()
+        let p = TestSockets.freePorts(1).lowerBound
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
+            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(p)),
+        ])])
+        try f.table("Activate", [.uint32(1)])
+        for _ in 0..<5 {
+            guard case .success(let fd) = TestSockets.connect(port: p) else {
+                Issue.record("connect to pestod's listener failed")
+                return
+            }
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            #expect(poll(&pfd, 1, 5000) == 1)
+            var byte: UInt8 = 0
+            let n = read(fd, &byte, 1)
+            let e = errno
+            #expect(n == -1 && e == ECONNRESET, "read gave \(n), \(Errno(rawValue: e))")
+            close(fd)
+        }
+        // Each reset was sent after the occurrence was recorded, so all five are counted.
+        #expect(lines(f, containing: "one of pestod's own listeners").count == 1, "\(f.log)")
+        try f.table("Deactivate", [.uint32(1)])
+        let cleared = lines(f, containing: "forwarding loop cleared")
+        #expect(cleared.count == 1 && cleared.first?.contains("; 4 further occurrences") == true, "\(f.log)")
+    }
+
+    @Test("datagrams from new clients while the UDP flow table is full: one log line")
+    func fullFlowTableLoggedOnce() throws {
+        let f = try PestodFixture(pestodArguments: ["--max-udp-flows", "1"])
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(UDPEchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+            ("target-port", .uint16(ports.upperBound)),
+        ])])
+        try f.table("Activate", [.uint32(1)])
+        let first = try #require(TestTraffic.udpClient())
+        defer { close(first) }
+        #expect(TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [1])?.reply == [1])
+        var others: [Int32] = []
+        defer { others.forEach { close($0) } }
+        for i in 0..<5 {
+            let fd = try #require(TestTraffic.udpClient())
+            others.append(fd)
+            let to = SocketAddress(.loopbackIPv4, port: ports.lowerBound)
+            #expect(to.withSockaddr { sendto(fd, [UInt8(i)], 1, 0, $0, $1) } == 1)
+        }
+        // The listener reads its queue in order: once the first client's next datagram is
+        // answered, the five before it have been handled (dropped).
+        #expect(TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [2])?.reply == [2])
+        #expect(lines(f, containing: "the UDP flow table is full (1 flows").count == 1, "\(f.log)")
+        #expect(server.sourcePorts.count == 1)
+    }
+
+    @Test("connections into a deleted target namespace: one log line", .enabled(if: getuid() == 0, "needs root for ip netns"))
+    func deletedNamespaceLoggedOnce() throws {
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let ports = TestSockets.freePorts(2)
+        let inside = try #require(ns.echoServer(port: ports.upperBound))
+        defer { inside.stop() }
+        try f.table("Insert", [.uint32(1), .vardict([
+            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+            ("target-port", .uint16(ports.upperBound)),
+        ])])
+        try f.table("Activate", [.uint32(1)])
+        #expect(TestTraffic.ping(port: ports.lowerBound) == nil)
+        #expect(lines(f, containing: "is gone").isEmpty)
+        let del = try run("/usr/sbin/ip", ["netns", "del", ns.name])
+        #expect(del.status == 0, "\(del.err)")
+        // pestod still holds the namespace, so connections keep working; each is noticed.
+        for _ in 0..<3 { #expect(TestTraffic.ping(port: ports.lowerBound) == nil) }
+        #expect(lines(f, containing: "the target network namespace \(ns.path) is gone").count == 1, "\(f.log)")
+    }
+}
