@@ -104,6 +104,10 @@ public final class EventLoop {
     private var stopping = false
     /// Work to run before each sleep (libdbus dispatch, for example).
     public var beforeSleep: (() -> Void)?
+    /// Work that collects what a whole turn produced (saving the changes committed during
+    /// it): runs after `beforeSleep` and the due timers, just before the loop sleeps, and
+    /// once more when `run()` returns.
+    public var endOfTurn: (() -> Void)?
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -145,6 +149,7 @@ public final class EventLoop {
         for i in handlers.indices { handlers[i] = nil }
         timers.removeAll()
         beforeSleep = nil
+        endOfTurn = nil
     }
 
     /// Starts watching `fd` for `events` (EPOLLIN, EPOLLOUT, ...).
@@ -232,6 +237,7 @@ public final class EventLoop {
         while !stopping {
             beforeSleep?()
             let timeout = runTimers()
+            endOfTurn?()
             if stopping { break }
             let n = events.withUnsafeMutableBufferPointer { buf in
                 epoll_wait(epfd, buf.baseAddress, Int32(buf.count), timeout)
@@ -254,6 +260,7 @@ public final class EventLoop {
                 handlers[kind]?.handleEvent(events[k].events, index: UInt32((data >> 32) & 0xFF_FFFF), fd: fd)
             }
         }
+        endOfTurn?()
     }
 
     /// Makes SIGTERM, SIGINT and SIGHUP stop the loop (and ignores SIGPIPE). Call once, from main.

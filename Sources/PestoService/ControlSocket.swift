@@ -139,13 +139,25 @@ public final class ControlSocket: EventHandler {
         }
     }
 
+    /// Applies a complete upload; the session ends once it is saved (or undone, unsaved).
     private func apply(_ upload: [(TableKind, [PestoV2Wire.WireRule])]) {
+        loop.remove(fd: client)  // the upload is complete: nothing more is read while it is saved
         do {
-            let summary = try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) })
-            logger.notice("control socket: update applied (\(summary))")
-            end(nil)
+            try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) }) { [weak self] summary, failure in
+                self?.applied(summary, failure)
+            }
         } catch {
             end("update refused: \(error.message); nothing changed")
+        }
+    }
+
+    /// Logs the end of an applied upload and ends the session.
+    private func applied(_ summary: PestoServer.UpstreamSummary, _ failure: PestoError?) {
+        if let failure {
+            end("update (\(summary)) undone: \(failure.message)")
+        } else {
+            logger.notice("control socket: update applied (\(summary))")
+            end(nil)
         }
     }
 
