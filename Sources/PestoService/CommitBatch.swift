@@ -38,7 +38,7 @@ final class CommitBatch {
     private(set) var saves = 0
 
     /// A batch that saves with `save` and undoes through `perform`.
-    init(logger: Logger, save: @escaping () throws(PestoError) -> Void, perform: @escaping (TableOperation) throws(PestoError) -> Void) {
+    init(logger: Logger = Logger(label: "pestod"), save: @escaping () throws(PestoError) -> Void, perform: @escaping (TableOperation) throws(PestoError) -> Void) {
         self.logger = logger
         self.save = save
         self.perform = perform
