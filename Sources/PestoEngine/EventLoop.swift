@@ -14,6 +14,10 @@
 // so dispatch is one array lookup and a protocol call: no dictionary and no allocation per
 // event. Kind 0 is reserved for the loop's own eventfd.
 //
+// Each turn: `beforeSleep` (libdbus dispatch), the due timers, `endOfTurn` (work that
+// collects what the turn produced: the service saves the changes committed during it, once),
+// then `epoll_wait` and the handlers of the ready sources.
+//
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
 

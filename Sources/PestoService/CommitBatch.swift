@@ -74,6 +74,7 @@ final class CommitBatch {
                 PestoBusNames.saveFailed, "The change could not be saved (\(reason)), so it was undone; nothing changed.",
                 underlyingError: error.underlyingError)
         }
+        if failure == nil { logger.debug("saved \(batch.count) committed changes in one write") }
         for item in batch { item.completion(failure) }
     }
 }

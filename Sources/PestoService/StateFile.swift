@@ -148,7 +148,8 @@ public struct StateFile {
         // A stale temp file from a crash, or anything planted there (a symlink to a file root
         // must not overwrite), is removed first; O_EXCL|O_NOFOLLOW then refuses anything that
         // appears in between instead of following it.
-        if unlink(temp) != 0 && errno != ENOENT {
+        var st = stat()
+        if lstat(temp, &st) == 0 && unlink(temp) != 0 && errno != ENOENT {
             throw PestoError(.system, "Cannot remove the stale \(temp).", underlyingError: .current)
         }
         let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
