@@ -154,7 +154,14 @@ public final class PestoServer {
     /// was committed); from now on a committed change is answered only once saved.
     public func persist(saving save: @escaping () throws(PestoError) -> Void) {
         commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.perform(op) }
-        engine.loop.endOfTurn = { [unowned self] in self.commits?.flush() }
+        engine.loop.endOfTurn = { [unowned self] in self.saveCommitted() }
+    }
+
+    /// Saves (or undoes) every change committed so far. A commit no answer took (its call
+    /// failed afterwards, which no call does) is still saved or undone, only unannounced.
+    private func saveCommitted() {
+        if let unanswered = callCommit.take() { commits?.add(unanswered) { _ in } }
+        commits?.flush()
     }
 
     /// Saves the changes committed so far in this turn now, before the lock holder's
@@ -162,7 +169,7 @@ public final class PestoServer {
     /// undoes the newest changes). Only a Lock, or the holder's first change after a Commit
     /// in the same turn, costs this extra save.
     func settleBeforeJournaling() {
-        commits?.flush()
+        saveCommitted()
     }
 
     /// Asks the authorizer about the oldest pending change; runs or refuses it, then the next.
@@ -284,10 +291,13 @@ public final class PestoServer {
         commits.add(operations, completion: completion)
     }
 
-    /// Hands a call's committed operations to `answer`.
+    /// Hands a call's committed operations to `answer` (appended, should a call ever commit
+    /// twice; `endOfTurn` saves any that no answer took).
     private func committed(_ operations: Journal) {
-        precondition(callCommit == nil, "a call committed twice, or a commit was left unanswered")
-        if commits != nil { callCommit = operations }
+        guard commits != nil else { return }
+        var all = callCommit ?? Journal()
+        all.append(contentsOf: operations)
+        callCommit = all
     }
 
     private func managerCall(_ member: String, sender: String) throws(DBusErrorReply) {
