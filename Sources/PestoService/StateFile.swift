@@ -217,7 +217,8 @@ public struct StateFile {
     static let maxSize = 256 << 20
 
     /// Moves the file to FILE.bad-<unix time>, or FILE.bad-<unix time>.<n> with the first
-    /// free n: link(2) refuses an existing name, so no earlier copy is ever replaced.
+    /// free n: link(2) refuses an existing name, so no earlier copy is ever replaced (where
+    /// the file system has no hard links, a rename to a name just checked to be free).
     private func moveAside(_ reason: String) -> LoadResult {
         let stamp = "\(path).bad-\(time(nil))"
         for n in 0..<1000 {
@@ -226,7 +227,10 @@ public struct StateFile {
                 unlink(path)
                 return .invalid(reason: reason, movedTo: aside)
             }
-            if errno != EEXIST { break }
+            if errno == EEXIST { continue }
+            // No hard links here (some file systems): rename, to a name checked to be free.
+            if access(aside, F_OK) != 0 && rename(path, aside) == 0 { return .invalid(reason: reason, movedTo: aside) }
+            break
         }
         return .invalid(reason: reason, movedTo: nil)
     }
