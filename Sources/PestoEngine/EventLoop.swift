@@ -14,6 +14,10 @@
 // so dispatch is one array lookup and a protocol call: no dictionary and no allocation per
 // event. Kind 0 is reserved for the loop's own eventfd.
 //
+// Each turn: `beforeSleep` (libdbus dispatch), the due timers, `endOfTurn` (work that
+// collects what the turn produced: the service saves the changes committed during it, once),
+// then `epoll_wait` and the handlers of the ready sources.
+//
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
 
@@ -108,6 +112,10 @@ public final class EventLoop {
     /// (nil: go ahead), as epoll_ctl would fail with ENOSPC at `fs.epoll.max_user_watches` or
     /// ENOMEM. Only tests set it (`@testable`); one nil check per call otherwise.
     var injectedControlFailure: ((_ kind: Kind, _ fd: Int32) -> Errno?)?
+    /// Work that collects what a whole turn produced (saving the changes committed during
+    /// it): runs after `beforeSleep` and the due timers, just before the loop sleeps, and
+    /// once more when `run()` returns.
+    public var endOfTurn: (() -> Void)?
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -149,6 +157,7 @@ public final class EventLoop {
         for i in handlers.indices { handlers[i] = nil }
         timers.removeAll()
         beforeSleep = nil
+        endOfTurn = nil
     }
 
     /// Starts watching `fd` for `events` (EPOLLIN, EPOLLOUT, ...).
@@ -241,6 +250,7 @@ public final class EventLoop {
         while !stopping {
             beforeSleep?()
             let timeout = runTimers()
+            endOfTurn?()
             if stopping { break }
             let n = events.withUnsafeMutableBufferPointer { buf in
                 epoll_wait(epfd, buf.baseAddress, Int32(buf.count), timeout)
@@ -263,6 +273,7 @@ public final class EventLoop {
                 handlers[kind]?.handleEvent(events[k].events, index: UInt32((data >> 32) & 0xFF_FFFF), fd: fd)
             }
         }
+        endOfTurn?()
     }
 
     /// Makes SIGTERM, SIGINT and SIGHUP stop the loop (and ignores SIGPIPE). Call once, from main.

@@ -8,7 +8,8 @@
 //   1. accept; queue the hello and the dump of every table's active rules (PestoV2Wire);
 //      write it as the socket takes it (EPOLLOUT), so a large dump never blocks the loop;
 //   2. read the upload into the incremental parser as it arrives;
-//   3. on the terminator, apply the upload as a difference (UpstreamUpdate.swift) and close.
+//   3. on the terminator, apply the upload as a difference (UpstreamUpdate.swift) and close
+//      once it is saved (with --state; an upload that cannot be saved is undone and logged).
 // A malformed upload (bad pif, short read, too many rules, unterminated ifname, ...), a
 // rejected update (invalid rule, conflict, bind failure, the D-Bus lock held), and a client
 // that has not finished within `timeoutMilliseconds` (upstream's open FIXME: a stalled
@@ -163,13 +164,27 @@ public final class ControlSocket: EventHandler {
         }
     }
 
+    /// Applies a complete upload; the session ends once it is saved (or undone, unsaved).
     private func apply(_ upload: [(TableKind, [PestoV2Wire.WireRule])]) {
+        loop.remove(fd: client)  // the upload is complete: nothing more is read while it is saved
+        if let deadline { loop.cancelTimer(deadline) }  // nor can it time out any more
+        deadline = nil
         do {
-            let summary = try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) })
-            logger.notice("control socket: update applied (\(summary))")
-            end(nil)
+            try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) }) { [weak self] summary, failure in
+                self?.applied(summary, failure)
+            }
         } catch {
             end("update refused: \(error.message); nothing changed")
+        }
+    }
+
+    /// Logs the end of an applied upload and ends the session.
+    private func applied(_ summary: PestoServer.UpstreamSummary, _ failure: PestoError?) {
+        if let failure {
+            end("update (\(summary)) undone: \(failure.message)")
+        } else {
+            logger.notice("control socket: update applied (\(summary))")
+            end(nil)
         }
     }
 

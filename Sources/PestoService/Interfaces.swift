@@ -74,7 +74,7 @@ public enum PestoInterfaces {
         methods: [
             method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves."),
             method("Unlock", [], [], "Release the lock; uncommitted changes are rolled back."),
-            method("Commit", [], [], "Make the changes made under the lock permanent."),
+            method("Commit", [], [], "Make the changes made under the lock permanent. With a state file the reply comes once they are saved; if they cannot be (SaveFailed), they are undone and the lock stays held."),
             method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),
         ],
         signals: [],

@@ -25,4 +25,6 @@ public enum PestoBusNames {
     /// The service's own error codes, beyond the engine's.
     public static let locked = PestoError.Code("Locked")
     public static let notLocked = PestoError.Code("NotLocked")
+    /// A committed change could not be written to the state file; it was undone.
+    public static let saveFailed = PestoError.Code("SaveFailed")
 }

@@ -23,6 +23,11 @@
 // The lock (Manager.Lock) makes the holder's calls one transaction: they are journaled, and
 // Unlock, Rollback, or the holder leaving the bus undo them newest first. Without a lock,
 // each call is its own committed transaction.
+//
+// With a state file (`persist(saving:)`), a committed change is answered only once it is
+// saved: `finish` (or Commit) hands the call's journal to `answer`, which parks the reply in
+// the turn's CommitBatch; the batch saves once before the loop sleeps, then sends every
+// reply, or undoes every change of the turn and answers each with SaveFailed.
 
 import Logging
 import PestoEngine
@@ -37,8 +42,10 @@ public final class PestoServer {
     private(set) var lockOwner: String?
     /// Operations made under the lock since Lock or the last Commit.
     var journal = Journal()
-    /// Called after every commit (explicit, or the implicit one of a call made without the lock).
-    public var onCommit: (() -> Void)?
+    /// The committed changes of this loop turn waiting for the save; nil without a state file.
+    private var commits: CommitBatch?
+    /// What the call being handled committed, for `answer` to hold its reply until saved.
+    private var callCommit: Journal?
     /// Checks callers of mutating methods; nil lets everyone change the tables.
     public var authorizer: (any Authorizer)?
     /// Set when the bus connection is lost.
@@ -136,9 +143,44 @@ public final class PestoServer {
         return true
     }
 
-    /// Sends a method reply unless the caller asked for none.
+    /// Sends a method reply unless the caller asked for none. If the call committed a change
+    /// and a state file is kept, the reply waits for the save at the end of the loop turn;
+    /// should the save fail, the change is undone and the caller gets SaveFailed instead.
     private func answer(_ message: DBusMessage, _ values: [DBusValue]) {
-        if !message.noReply { connection.send(message.reply(values)) }
+        guard let committed = callCommit.take(), let commits else {
+            if !message.noReply { connection.send(message.reply(values)) }
+            return
+        }
+        commits.add(committed) { [unowned self] failure in
+            if let failure {
+                self.logger.error("\(message.member ?? "?") by \(message.sender ?? "?") undone: it could not be saved")
+                if !message.noReply { self.connection.send(message.errorReply(DBusErrorReply(failure))) }
+            } else if !message.noReply {
+                self.connection.send(message.reply(values))
+            }
+        }
+    }
+
+    /// Keeps the committed tables with `save` (called once per loop turn in which something
+    /// was committed); from now on a committed change is answered only once saved.
+    public func persist(saving save: @escaping () throws(PestoError) -> Void) {
+        commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.perform(op) }
+        engine.loop.endOfTurn = { [unowned self] in self.saveCommitted() }
+    }
+
+    /// Saves (or undoes) every change committed so far. A commit no answer took (its call
+    /// failed afterwards, which no call does) is still saved or undone, only unannounced.
+    private func saveCommitted() {
+        if let unanswered = callCommit.take() { commits?.add(unanswered) { _ in } }
+        commits?.flush()
+    }
+
+    /// Saves the changes committed so far in this turn now, before the lock holder's
+    /// uncommitted changes go on top of them (so that undoing an unsaved batch only ever
+    /// undoes the newest changes). Only a Lock, or the holder's first change after a Commit
+    /// in the same turn, costs this extra save.
+    func settleBeforeJournaling() {
+        saveCommitted()
     }
 
     /// Asks the authorizer about the oldest pending change; runs or refuses it, then the next.
@@ -242,13 +284,31 @@ public final class PestoServer {
         }
     }
 
-    /// Ends a call's transaction: journaled under the lock, committed otherwise.
+    /// Ends a call's transaction: journaled under the lock, committed otherwise (then its
+    /// reply waits for the save, see `answer`). The last step of a change: nothing may throw
+    /// after it.
     func finish(_ performed: Journal, sender: String) {
         if lockOwner == sender {
             journal.append(contentsOf: performed)
         } else if !performed.isEmpty {
-            onCommit?()
+            committed(performed)
         }
+    }
+
+    /// Commits a change that is not a D-Bus call's (a control socket upload): `completion`
+    /// learns whether it was saved, at the end of the loop turn (at once without a state file).
+    func commitUnanswered(_ operations: Journal, completion: @escaping (PestoError?) -> Void) {
+        guard let commits, !operations.isEmpty else { return completion(nil) }
+        commits.add(operations, completion: completion)
+    }
+
+    /// Hands a call's committed operations to `answer` (appended, should a call ever commit
+    /// twice; `endOfTurn` saves any that no answer took).
+    private func committed(_ operations: Journal) {
+        guard commits != nil else { return }
+        var all = callCommit ?? Journal()
+        all.append(contentsOf: operations)
+        callCommit = all
     }
 
     private func managerCall(_ member: String, sender: String) throws(DBusErrorReply) {
@@ -262,6 +322,7 @@ public final class PestoServer {
         case "Lock":
             if lockOwner == sender { return }  // already held by the caller: nothing changes
             try checkMayModify(sender)
+            settleBeforeJournaling()
             journal = Journal()
             setLockOwner(sender)
             logger.info("lock taken by \(sender)")
@@ -274,8 +335,9 @@ public final class PestoServer {
         case "Commit":
             try requireHolder()
             let count = journal.operations.count
+            let operations = journal
             journal = Journal()
-            if count > 0 { onCommit?() }
+            if count > 0 { committed(operations) }
             logger.info("\(sender) committed \(count) changes")
         case "Rollback":
             try requireHolder()

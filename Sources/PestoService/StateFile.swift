@@ -3,11 +3,26 @@
 // Format (text, one rule per line, version first; values percent-encoded where needed):
 //     pestod-state 1
 //     rule host 5 active protocol=tcp address=127.0.0.1 interface= first-port=80 last-port=80 target-address= target-port=8080 scan=0 owner=ctr%201
-// Saving writes the whole file anew after every commit: to FILE.tmp, fsync, rename over
-// FILE, fsync the directory. A crash (kill -9, power loss) at any moment leaves either the
-// old or the new complete file, never a mix. Loading is strict: any line it does not
-// understand makes the whole file invalid; pestod then reports it, moves the file aside
-// (FILE.bad-<unix time>) and starts with empty tables rather than with a guess.
+//
+// Saving writes the whole file anew: the stale temporary file FILE.tmp (if any, even a
+// symlink) is unlinked, a new one is created with O_EXCL|O_NOFOLLOW (so a planted symlink
+// is never followed), written, fsynced, renamed over FILE, and the directory is fsynced.
+// A crash (kill -9, power loss) at any moment leaves either the old or the new complete
+// file, never a mix. The server saves once per loop turn for every change committed in
+// that turn (CommitBatch.swift) and acknowledges the changes only once the save succeeded.
+//
+// Loading is strict: any line it does not understand makes the whole file invalid; pestod
+// then reports it, moves the file aside under a name no other file has
+// (FILE.bad-<unix time>[.<n>], never replacing one) and starts with empty tables rather
+// than with a guess.
+//
+// Restoring never loses a rule: a saved rule that cannot be restored exactly as saved
+// (its table is missing because --netns was not given, the table is full, the rule is
+// invalid for this table, or its activation conflicts) is left out of the tables, logged
+// with the reason, and *carried*: written back unchanged after the live rules on every
+// save, and tried again at the next start. Where a carried rule and a live rule share a
+// table and an ID, the live one is written first and wins the next restore; the carried
+// one stays carried.
 
 import PestoEngine
 
@@ -125,19 +140,28 @@ public struct StateFile {
 
     // MARK: Disk
 
-    /// Writes `entries` atomically: temp file, fsync, rename, fsync of the directory.
+    /// Writes `entries` atomically: temp file (created anew, never followed), fsync, rename,
+    /// fsync of the directory.
     public func save(_ entries: [Entry]) throws(PestoError) {
         let bytes = Array(Self.render(entries).utf8)
         let temp = path + ".tmp"
-        let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw PestoError(.system, "Cannot write \(temp).", underlyingError: .current) }
+        // A stale temp file from a crash, or anything planted there (a symlink to a file root
+        // must not overwrite), is removed first; O_EXCL|O_NOFOLLOW then refuses anything that
+        // appears in between instead of following it.
+        var st = stat()
+        if lstat(temp, &st) == 0 && unlink(temp) != 0 && errno != ENOENT {
+            throw PestoError(.system, "Cannot remove the stale \(temp).", underlyingError: .current)
+        }
+        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw PestoError(.system, "Cannot create \(temp).", underlyingError: .current) }
         var written = 0
         while written < bytes.count {
             let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + written, bytes.count - written) }
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
-                let e = Errno.current
+                let e = n == 0 ? Errno(rawValue: ENOSPC) : Errno.current
                 close(fd)
+                unlink(temp)
                 throw PestoError(.system, "Cannot write \(temp).", underlyingError: e)
             }
             written += n
@@ -145,15 +169,19 @@ public struct StateFile {
         guard fsync(fd) == 0 else {
             let e = Errno.current
             close(fd)
+            unlink(temp)
             throw PestoError(.system, "Cannot sync \(temp).", underlyingError: e)
         }
         close(fd)
-        guard rename(temp, path) == 0 else { throw PestoError(.system, "Cannot replace \(path).", underlyingError: .current) }
-        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dir >= 0 {
-            _ = fsync(dir)
-            close(dir)
+        guard rename(temp, path) == 0 else {
+            let e = Errno.current
+            unlink(temp)
+            throw PestoError(.system, "Cannot replace \(path).", underlyingError: e)
         }
+        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else { throw PestoError(.system, "Cannot open the directory \(directory) to sync it.", underlyingError: .current) }
+        defer { close(dir) }
+        guard fsync(dir) == 0 else { throw PestoError(.system, "Cannot sync the directory \(directory).", underlyingError: .current) }
     }
 
     /// The directory holding the file.
@@ -188,9 +216,23 @@ public struct StateFile {
     /// The largest state file pestod reads: far above two full tables (2 × 65,535 rules).
     static let maxSize = 256 << 20
 
+    /// Moves the file to FILE.bad-<unix time>, or FILE.bad-<unix time>.<n> with the first
+    /// free n: link(2) refuses an existing name, so no earlier copy is ever replaced (where
+    /// the file system has no hard links, a rename to a name just checked to be free).
     private func moveAside(_ reason: String) -> LoadResult {
-        let aside = "\(path).bad-\(time(nil))"
-        return .invalid(reason: reason, movedTo: rename(path, aside) == 0 ? aside : nil)
+        let stamp = "\(path).bad-\(time(nil))"
+        for n in 0..<1000 {
+            let aside = n == 0 ? stamp : "\(stamp).\(n)"
+            if link(path, aside) == 0 {
+                unlink(path)
+                return .invalid(reason: reason, movedTo: aside)
+            }
+            if errno == EEXIST { continue }
+            // No hard links here (some file systems): rename, to a name checked to be free.
+            if access(aside, F_OK) != 0 && rename(path, aside) == 0 { return .invalid(reason: reason, movedTo: aside) }
+            break
+        }
+        return .invalid(reason: reason, movedTo: nil)
     }
 }
 
@@ -207,20 +249,41 @@ extension StateFile {
         }
     }
 
-    /// Puts saved rules back into `engine`'s tables (inserting all, then activating the active
-    /// ones). Returns a problem per rule that could not be restored; the others still are.
-    public static func restore(_ entries: [Entry], into engine: ForwardingEngine) -> [String] {
-        var problems: [String] = []
+    /// What `restore` did.
+    public struct Restored: Sendable {
+        /// How many rules are back in the tables exactly as saved.
+        public var restored = 0
+        /// The saved rules that are not, each with the reason; they are carried (kept in the file).
+        public var carried: [(entry: Entry, reason: String)] = []
+    }
+
+    /// Puts saved rules back into `engine`'s tables: inserts all, then activates the active
+    /// ones. A rule that cannot be inserted, or is saved active and cannot be activated, is
+    /// left out of the tables (deleted again if it was inserted) and returned as carried;
+    /// the others are restored regardless.
+    public static func restore(_ entries: [Entry], into engine: ForwardingEngine) -> Restored {
+        var result = Restored()
+        var inserted: [Entry] = []
         for e in entries {
             guard let t = engine.table(e.table) else {
-                problems.append("rule \(e.id): there is no \(e.table.name) table (is --netns missing?)")
+                result.carried.append((e, "there is no \(e.table.name) table (is --netns missing?)"))
                 continue
             }
-            do { try t.insert(id: e.id, rule: e.rule) } catch { problems.append("rule \(e.id): \(error.message)") }
+            do throws(PestoError) {
+                try t.insert(id: e.id, rule: e.rule)
+                inserted.append(e)
+            } catch {
+                result.carried.append((e, error.message))
+            }
         }
-        for e in entries where e.active {
-            do { try engine.table(e.table)?.activate(id: e.id) } catch { problems.append("rule \(e.id): \(error.message)") }
+        for e in inserted {
+            guard e.active, let t = engine.table(e.table) else { continue }
+            do throws(PestoError) { _ = try t.activate(id: e.id) } catch {
+                try? t.delete(id: e.id)  // inactive, just inserted: cannot fail
+                result.carried.append((e, error.message))
+            }
         }
-        return problems
+        result.restored = entries.count - result.carried.count
+        return result
     }
 }

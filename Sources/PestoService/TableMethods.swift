@@ -50,6 +50,7 @@ extension PestoServer {
     /// Performs one single-rule change for `sender`, journaled under the lock.
     private func change(_ requested: TableOperation, member: String, sender: String) throws(DBusErrorReply) -> [DBusValue] {
         try checkMayModify(sender)
+        if lockOwner == sender { settleBeforeJournaling() }
         var op = requested
         if case .delete(let kind, let id, _) = op, let rule = try? table(kind).read(id) {
             op = .delete(kind, id, rule)  // the journal needs the rule to undo the delete
@@ -99,6 +100,7 @@ extension PestoServer {
     /// `Apply`: the seed's whole client workflow, atomically (see Update.swift).
     private func apply(_ kind: TableKind, _ request: ApplyRequest, sender: String) throws(DBusErrorReply) -> DBusValue {
         try checkMayModify(sender)
+        if lockOwner == sender { settleBeforeJournaling() }
         let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
         let results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
         let performed: Journal

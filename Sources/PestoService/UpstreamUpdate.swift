@@ -10,7 +10,9 @@
 // Inactive rules are not part of upstream's model: they are neither dumped nor touched.
 // Tables absent from the upload are left alone. Everything happens in one `applyUpdate`
 // across the tables, so a conflict, an invalid rule or a bind failure changes nothing; the
-// update is refused while a D-Bus client holds the lock.
+// update is refused while a D-Bus client holds the lock. With a state file, the update is
+// saved with the other changes of the loop turn; if it cannot be, it is undone again and
+// `saved` says so.
 
 import PestoEngine
 
@@ -29,7 +31,13 @@ extension PestoServer {
     }
 
     /// Applies an upload of whole tables (rules with their weak flag) as a difference.
-    public func applyUpstream(_ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]) throws(PestoError) -> UpstreamSummary {
+    /// `saved` is called with what changed once the change is saved (nil; at once without a
+    /// state file or when nothing changed) or was undone because it could not be (the
+    /// SaveFailed error). A refused upload throws and changes nothing.
+    public func applyUpstream(
+        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
+        saved: @escaping (UpstreamSummary, PestoError?) -> Void
+    ) throws(PestoError) {
         if let owner = lockOwner {
             throw PestoError(PestoBusNames.locked, "The tables are locked by \(owner); the upload was refused.")
         }
@@ -57,8 +65,8 @@ extension PestoServer {
             updates.append(update)
         }
         let (_, journal) = try applyUpdate(updates)
-        finish(journal, sender: "")
-        return summary
+        let result = summary
+        commitUnanswered(journal) { failure in saved(result, failure) }
     }
 
     /// Equal in every field that forwarding depends on (the owner tag is only a label).

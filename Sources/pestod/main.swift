@@ -56,7 +56,7 @@ struct Pestod: ParsableCommand {
     var controlTimeout = 5000
 
     @Option(name: .long, help: ArgumentHelp(
-        "Keep the committed tables in this file: saved atomically after every commit, restored at start (a file that cannot be used is moved aside and pestod starts empty).",
+        "Keep the committed tables in this file: saved atomically before a commit is acknowledged (a commit that cannot be saved is undone and fails with SaveFailed), restored at start; saved rules that cannot be restored stay in the file, and a file that cannot be used is moved aside and pestod starts empty.",
         valueName: "file"))
     var state: String?
 
@@ -109,6 +109,32 @@ struct Pestod: ParsableCommand {
         }
     }
 
+    /// Restores the tables from `file`; returns the saved rules that could not be restored,
+    /// which every save writes back (so they are never lost, see StateFile.swift).
+    func restoreState(from file: StateFile, into engine: ForwardingEngine, logger: Logger) -> [StateFile.Entry] {
+        let state = file.path
+        switch file.load() {
+        case .missing:
+            logger.info("no state file at \(state) yet: starting with empty tables")
+            return []
+        case .loaded(let entries):
+            let result = StateFile.restore(entries, into: engine)
+            for (entry, reason) in result.carried {
+                logger.warning("state file \(state): \(entry.table.name) rule \(entry.id) not restored, kept in the file: \(reason)")
+            }
+            logger.info("restored \(result.restored) of \(entries.count) rules from \(state)")
+            if !result.carried.isEmpty {
+                logger.warning(
+                    "state file \(state): \(result.carried.count) rules could not be restored; they stay in the file and are tried again at the next start")
+            }
+            return result.carried.map(\.entry)
+        case .invalid(let reason, let movedTo):
+            logger.critical(
+                "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place (it could not be moved aside, and the first save replaces it)")")
+            return []
+        }
+    }
+
     func run() throws {
         if printIntrospection {
             print(PestoInterfaces.contractXML, terminator: "")
@@ -158,30 +184,18 @@ struct Pestod: ParsableCommand {
                 }
             }
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
-            if let state {
-                let file = StateFile(path: state)
-                switch file.load() {
-                case .missing:
-                    logger.info("no state file at \(state) yet: starting with empty tables")
-                case .loaded(let entries):
-                    let problems = StateFile.restore(entries, into: engine)
-                    for p in problems { logger.error("state file \(state): \(p)") }
-                    logger.info("restored \(entries.count - problems.count) of \(entries.count) rules from \(state)")
-                case .invalid(let reason, let movedTo):
-                    logger.critical(
-                        "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place")")
-                }
-            }
             let connection = try DBusConnection(bus)
+            // The bus name first: a second pestod that cannot own it must leave the state
+            // file alone (no restore, no move aside, no save). Calls queue in libdbus until
+            // the loop runs, so no client sees the tables before they are restored.
+            try connection.requestName(PestoBusNames.busName)
+            let carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
             let server = PestoServer(engine: engine, connection: connection, logger: logger)
             if let state {
                 let file = StateFile(path: state)
-                server.onCommit = { [unowned engine] in
-                    do throws(PestoError) { try file.save(StateFile.entries(of: engine)) } catch {
-                        logger.error("cannot save the state to \(state): \(error.message)\(error.underlyingError.map { " (\($0))" } ?? "")")
-                    }
+                server.persist { [unowned engine] () throws(PestoError) in
+                    try file.save(StateFile.entries(of: engine) + carried)
                 }
-                server.onCommit?()  // the restored state, as it now is, is the committed state
             }
             // `none` is the default only on the session bus, which is the user's own: any other
             // bus, a private one given with --address included, may have other users on it.

@@ -66,3 +66,259 @@ struct StateFileTests {
         #expect(try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)).map(\.id) == [7])
     }
 }
+
+/// The state directory made read-only with a read-only bind mount (root ignores permission
+/// bits, so chmod would not do); undone by `umount`.
+struct ReadOnlyMount {
+    let path: String
+
+    /// Whether this machine lets the tests bind-mount a directory read-only (root, mount namespace allows it).
+    static let available: Bool = {
+        guard getuid() == 0, let dir = try? TemporaryDirectory() else { return false }
+        let p = dir.url.path
+        guard (try? run("/usr/bin/mount", ["--bind", p, p]))?.status == 0 else { return false }
+        defer { _ = try? run("/usr/bin/umount", [p]); withExtendedLifetime(dir) {} }
+        return (try? run("/usr/bin/mount", ["-o", "remount,bind,ro", p]))?.status == 0
+    }()
+
+    /// Bind-mounts `path` onto itself (still writable).
+    init(_ path: String) throws {
+        self.path = path
+        guard try run("/usr/bin/mount", ["--bind", path, path]).status == 0 else { throw FixtureError("cannot bind-mount \(path)") }
+    }
+
+    /// Makes the directory read-only (`true`) or writable again.
+    func set(readOnly: Bool) throws {
+        let r = try run("/usr/bin/mount", ["-o", "remount,bind,\(readOnly ? "ro" : "rw")", path])
+        guard r.status == 0 else { throw FixtureError("cannot remount \(path): \(r.err)") }
+    }
+
+    func unmount() { _ = try? run("/usr/bin/umount", [path]) }
+}
+
+@Suite("pestod state file: saving before acknowledging, restoring without loss", .serialized)
+struct StateFileHardeningTests {
+    static let saveFailed = PestoBusNames.errorPrefix + "SaveFailed"
+
+    /// The LockOwner property.
+    static func lockOwner(_ f: PestodFixture) throws -> String? {
+        let v = try f.client.call(
+            PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
+            [.string(PestodFixture.managerInterface), .string("LockOwner")])
+        return v.first?.variantValue?.stringValue
+    }
+
+    /// The IDs of `table` in the state file at `path`.
+    static func savedIDs(_ path: String, _ table: TableKind = .host) throws -> [UInt32] {
+        try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)).filter { $0.table == table }.map(\.id)
+    }
+
+    @Test("a batch saves once and answers everyone; an unsaved batch is undone newest first and everyone gets SaveFailed")
+    func commitBatch() throws {
+        struct Refused: Error {}
+        var saveWorks = true
+        var saved = 0
+        var performed: [TableOperation] = []
+        let batch = CommitBatch(save: { () throws(PestoError) in
+            guard saveWorks else { throw PestoError(.system, "Cannot create state.tmp.", underlyingError: Errno(rawValue: EROFS)) }
+            saved += 1
+        }, perform: { op in performed.append(op) })
+        let rule = Rule(proto: .tcp, firstPort: 80)
+        var first = Journal()
+        first.record(.insert(.host, 1, rule))
+        first.record(.activate(.host, 1))
+        var second = Journal()
+        second.record(.delete(.host, 2, rule))
+        var outcomes: [String] = []
+        func note(_ who: String) -> (PestoError?) -> Void { { outcomes.append("\(who) \($0?.code.name ?? "saved")") } }
+
+        batch.flush()  // nothing waiting: no save
+        #expect(saved == 0 && batch.saves == 0)
+        batch.add(first, completion: note("a"))
+        batch.add(second, completion: note("b"))
+        #expect(outcomes.isEmpty, "nobody is answered before the save")
+        batch.flush()
+        #expect(saved == 1 && outcomes == ["a saved", "b saved"] && performed.isEmpty && batch.isEmpty)
+
+        saveWorks = false
+        outcomes = []
+        batch.add(first, completion: note("a"))
+        batch.add(second, completion: note("b"))
+        batch.flush()
+        #expect(outcomes == ["a SaveFailed", "b SaveFailed"])
+        #expect(performed == [.insert(.host, 2, rule), .deactivate(.host, 1), .delete(.host, 1, rule)], "newest first")
+        #expect(batch.isEmpty && batch.saves == 2)
+    }
+
+    @Test(
+        "a change that cannot be saved is undone and answered SaveFailed (D-Bus and control socket); once writable it is saved and survives kill -9",
+        .enabled(if: ReadOnlyMount.available, "needs root and a mount namespace that allows a read-only bind mount"))
+    func unwritableDirectory() throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.url.appendingPathComponent("state").path
+        let mount = try ReadOnlyMount(dir.url.path)
+        defer { mount.unmount(); withExtendedLifetime(dir) {} }
+        let f = try PestodFixture(pestodArguments: ["--state", path, "--control", "CONTROL"])
+        let ports = TestSockets.freePorts(3)
+        let p = ports.lowerBound
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
+        let before = try f.table("List")
+        let file = try String(contentsOfFile: path, encoding: .utf8)
+
+        try mount.set(readOnly: true)
+        #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)]) } == Self.saveFailed)
+        #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Activate", [.uint32(1)]) } == Self.saveFailed)
+        #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Delete", [.uint32(1)]) } == Self.saveFailed)
+        #expect(try f.table("List") == before, "every unsaved change was undone")
+        #expect(f.listeningSockets().isEmpty, "the unsaved activation closed its sockets again")
+
+        // An upload on the control socket: applied, not saved, undone, logged.
+        let client = try #require(WireClient(path: f.controlPath))
+        _ = try #require(client.readHelloAndDump())
+        client.send([1] + WireClient.be32(1) + WireClient.rule(first: p + 2) + [0])
+        shutdown(client.fd, Int32(SHUT_WR))
+        var byte: UInt8 = 0
+        #expect(recv(client.fd, &byte, 1, 0) == 0, "pestod ends the session once the save failed")
+        close(client.fd)
+        #expect(f.log.contains("control socket: update (0 kept, 1 added, 0 removed) undone"))
+        #expect(try f.table("List") == before)
+        #expect(try String(contentsOfFile: path, encoding: .utf8) == file)
+
+        try mount.set(readOnly: false)
+        try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)])
+        let committed = try f.table("List")
+        f.pestod.kill()
+        try f.startPestod(["--state", path])
+        #expect(try f.table("List") == committed)
+        #expect(f.log.contains("restored 2 of 2 rules"))
+    }
+
+    @Test(
+        "a Commit that cannot be saved answers SaveFailed, undoes the transaction and keeps the lock with an empty journal",
+        .enabled(if: ReadOnlyMount.available, "needs root and a mount namespace that allows a read-only bind mount"))
+    func unsavedCommit() throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.url.appendingPathComponent("state").path
+        let mount = try ReadOnlyMount(dir.url.path)
+        defer { mount.unmount(); withExtendedLifetime(dir) {} }
+        let f = try PestodFixture(pestodArguments: ["--state", path])
+        let p = TestSockets.freePorts(3).lowerBound
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
+        try f.table("Activate", [.uint32(1)])
+        let before = try f.table("List")
+
+        try f.manager("Lock")
+        try f.table("Deactivate", [.uint32(1)])
+        try f.table("Delete", [.uint32(1)])
+        try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)])
+        try f.table("Activate", [.uint32(2)])
+        try mount.set(readOnly: true)
+        #expect(f.errorName { () throws(DBusErrorReply) in try f.manager("Commit") } == Self.saveFailed)
+        #expect(try f.table("List") == before, "the whole transaction was undone")
+        #expect(try Self.lockOwner(f) == f.client.uniqueName, "the lock stays held")
+        try f.manager("Rollback")  // the journal is empty: nothing to undo
+        #expect(try f.table("List") == before)
+        #expect(try Self.savedIDs(path) == [1])
+
+        // The holder redoes its work and commits once the state can be written.
+        try mount.set(readOnly: false)
+        try f.table("Insert", [.uint32(3), PestodFixture.rule(p + 2)])
+        try f.manager("Commit")
+        try f.manager("Unlock")
+        #expect(try Self.savedIDs(path) == [1, 3])
+    }
+
+    @Test("a symlink planted at the temporary path is not followed")
+    func plantedSymlink() throws {
+        let f = try PestodFixture(pestodArguments: ["--state", "STATE"])
+        let target = f.directory.url.appendingPathComponent("precious").path
+        try "precious\n".write(toFile: target, atomically: false, encoding: .utf8)
+        #expect(symlink(target, f.statePath + ".tmp") == 0)
+        try f.table("Insert", [.uint32(4), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)])
+        #expect(try String(contentsOfFile: target, encoding: .utf8) == "precious\n", "the link's target is untouched")
+        var st = stat()
+        #expect(lstat(f.statePath, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG, "the state file is a file, not the link")
+        #expect(try Self.savedIDs(f.statePath) == [4])
+        #expect(access(f.statePath + ".tmp", F_OK) != 0, "nothing is left at the temporary path")
+    }
+
+    @Test("unusable state files moved aside never replace an earlier one")
+    func uniqueBadNames() throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.url.appendingPathComponent("state").path
+        // Earlier copies under every name a timestamp could give during this test.
+        let now = time(nil)
+        for t in (now - 1)...(now + 60) { try "earlier \(t)\n".write(toFile: "\(path).bad-\(t)", atomically: false, encoding: .utf8) }
+        try "first bad file\n".write(toFile: path, atomically: false, encoding: .utf8)
+        let f = try PestodFixture(pestodArguments: ["--state", path])
+        try "second bad file\n".write(toFile: path, atomically: false, encoding: .utf8)
+        f.pestod.kill()
+        try f.startPestod(["--state", path])
+
+        var contents: [String] = []
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir.url.path) where name.hasPrefix("state.bad-") {
+            contents.append(try String(contentsOfFile: dir.url.appendingPathComponent(name).path, encoding: .utf8))
+        }
+        #expect(contents.count == 62 + 2)
+        for t in (now - 1)...(now + 60) { #expect(contents.contains("earlier \(t)\n")) }
+        #expect(contents.contains("first bad file\n") && contents.contains("second bad file\n"))
+        #expect(access(path, F_OK) != 0)
+    }
+
+    @Test("rules that cannot be restored (no SPLICE table, too many, conflicting) stay in the file and come back later; counts are right")
+    func carriedRules() throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.url.appendingPathComponent("state").path
+        let p = TestSockets.freePorts(3).lowerBound
+        func rule(_ port: UInt16) -> Rule { Rule(proto: .tcp, address: IPAddress("127.0.0.1"), firstPort: port) }
+        let saved = [
+            StateFile.Entry(table: .host, id: 1, active: true, rule: rule(p)),
+            StateFile.Entry(table: .host, id: 2, active: true, rule: rule(p)),  // conflicts with 1
+            StateFile.Entry(table: .host, id: 3, active: true, rule: rule(p + 1)),  // over --max-rules 2
+            StateFile.Entry(table: .splice, id: 4, active: true, rule: rule(p + 2)),  // no SPLICE table without --netns
+        ]
+        try StateFile(path: path).save(saved)
+
+        let f = try PestodFixture(pestodArguments: ["--state", path, "--max-rules", "2"])
+        #expect(f.log.contains("restored 1 of 4 rules"), "\(f.log)")
+        #expect(f.log.contains("3 rules could not be restored"))
+        #expect(try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)) == saved, "starting changed nothing in the file")
+        let rows = try #require(try f.table("List").first?.arrayValue)
+        #expect(rows.count == 1, "only rule 1 is in the table")
+
+        try f.table("Insert", [.uint32(9), PestodFixture.rule(p + 1)])  // a save
+        let file = try StateFile.parse(String(contentsOfFile: path, encoding: .utf8))
+        #expect(file.filter { $0.table == .host }.map(\.id).sorted() == [1, 2, 3, 9])
+        #expect(file.contains(saved[1]) && file.contains(saved[2]) && file.contains(saved[3]), "carried unchanged")
+
+        // Without the limit, rule 3 is restored too; 2 (conflict) and 4 (no SPLICE table) are carried again.
+        try f.table("Delete", [.uint32(9)])
+        f.pestod.kill()
+        try f.startPestod(["--state", path])
+        #expect(f.log.contains("restored 2 of 4 rules"), "\(f.log)")
+        #expect(try f.table("List").first?.arrayValue?.count == 2)
+        #expect(try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)).count == 4)
+        withExtendedLifetime(dir) {}
+    }
+
+    @Test("a second pestod that cannot own the bus name leaves the state file untouched")
+    func secondInstance() throws {
+        let f = try PestodFixture(pestodArguments: ["--state", "STATE"])
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)])
+        // A SPLICE rule too: a pestod without --netns that rewrote the file would have dropped it.
+        var entries = try StateFile.parse(String(contentsOfFile: f.statePath, encoding: .utf8))
+        entries.append(StateFile.Entry(table: .splice, id: 8, active: false, rule: Rule(proto: .udp, firstPort: 53)))
+        try StateFile.render(entries).write(toFile: f.statePath, atomically: false, encoding: .utf8)
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: f.statePath))
+        var before = stat()
+        stat(f.statePath, &before)
+
+        let second = try run(Products.path("pestod"), ["--address", f.address, "--state", f.statePath])
+        #expect(second.status != 0)
+        #expect(second.err.contains("cannot own"), "\(second.err)")
+        var after = stat()
+        stat(f.statePath, &after)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: f.statePath)) == bytes)
+        #expect(after.st_ino == before.st_ino && after.st_mtim.tv_sec == before.st_mtim.tv_sec && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
+    }
+}
