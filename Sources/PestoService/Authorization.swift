@@ -4,7 +4,8 @@
 // polkit action `top.passt.Pesto1.modify` for the caller before anything changes; without
 // polkit only uid 0 is allowed; on the session bus nothing is checked (the bus is the
 // user's own). The check is asynchronous (a round trip to the bus daemon or to polkit), so
-// the server queues mutating calls and runs each one after its answer, in arrival order.
+// the server asks about each mutating call as it arrives and runs it after its answer, a
+// sender's calls in that sender's order (AuthorizationQueue.swift).
 //
 // This file has the policy modes and the uid-0 check; the polkit CheckAuthorization call
 // plugs in as another `Authorizer`.
