@@ -5,10 +5,15 @@
 // Every change a client sends is checked with the `Authorizer` before it runs, and the check
 // is asynchronous (polkit may wait up to 300 s for a person at a password prompt). One
 // queue for everybody would let one slow check hold up every other client, root included,
-// so, as systemd's bus-polkit does, every change gets its own query, started as soon as it
-// arrives, and runs as soon as its own answer is in. The only order kept is a sender's own:
-// its changes run in the order it sent them (a change whose answer came early waits for
-// the answers to that sender's earlier changes).
+// so each sender has its own queue: as in systemd's bus-polkit, every change gets its own
+// query, and only that sender's later changes wait for it. A sender's changes are asked
+// about one at a time and run in the order it sent them, so a client that pipelines a
+// transaction (Lock, changes) sees it applied in order, and an interactive check that
+// succeeds (polkit's auth_admin_keep) spares the prompts of the changes after it. It also
+// keeps pestod's calls to polkit in progress at one per sender, so one client cannot use up
+// the bus's limit on pestod's outstanding calls (max_replies_per_connection, 128 on the
+// system bus; beyond it the bus refuses the query, which counts as polkit not answering:
+// only uid 0 passes).
 //
 // Limits: a sender may have at most `maxPendingPerSender` changes waiting; one more is
 // refused at once (`submit` returns false, the server answers LimitsExceeded), nothing is
@@ -31,11 +36,10 @@ final class AuthorizationQueue {
     /// transaction, small enough that a flood costs little.
     static let defaultMaxPendingPerSender = 64
 
-    /// One change waiting for its answer (or for an earlier change of its sender).
+    /// One change waiting for its answer; only the first of a sender's queue is being asked about.
     private struct Entry {
         let token: UInt64
-        /// nil until the authorizer answers; then `.some(nil)` (allowed) or `.some(refusal)`.
-        var verdict: DBusErrorReply??
+        let interactive: Bool
         let decided: (DBusErrorReply?) -> Void
     }
 
@@ -46,8 +50,6 @@ final class AuthorizationQueue {
     /// Waiting changes per sender, oldest first; a sender with none has no entry.
     private var queues: [String: [Entry]] = [:]
     private var nextToken: UInt64 = 0
-    /// Senders whose queue is being run (an answer arriving meanwhile only records its verdict).
-    private var draining: Set<String> = []
 
     /// A queue asking `authorizer` about `action` for each change.
     init(authorizer: any Authorizer, action: String, maxPendingPerSender: Int = AuthorizationQueue.defaultMaxPendingPerSender) {
@@ -57,24 +59,22 @@ final class AuthorizationQueue {
         self.maxPendingPerSender = maxPendingPerSender
     }
 
-    /// Queues a change of `sender` and asks the authorizer about it. `decided` is called
-    /// once, after the decisions on every earlier change of `sender`, with nil (run it) or
-    /// the refusal to send — unless `sender` leaves the bus first, in which case it is never
-    /// called. Returns false, calling nothing and queuing nothing, when `sender` already has
-    /// `maxPendingPerSender` changes waiting.
+    /// Queues a change of `sender`; it is asked about once the earlier changes of `sender`
+    /// are decided. `decided` is called once, with nil (run it) or the refusal to send —
+    /// unless `sender` leaves the bus first, in which case it is never called. Returns false,
+    /// calling nothing and queuing nothing, when `sender` already has `maxPendingPerSender`
+    /// changes waiting.
     func submit(sender: String, interactive: Bool, _ decided: @escaping (DBusErrorReply?) -> Void) -> Bool {
         let waiting = queues[sender]?.count ?? 0
         guard waiting < maxPendingPerSender else { return false }
         nextToken += 1
-        let token = nextToken
-        queues[sender, default: []].append(Entry(token: token, verdict: nil, decided: decided))
-        authorizer.authorize(sender: sender, action: action, interactive: interactive) { [weak self] refusal in
-            self?.answered(sender: sender, token: token, refusal: refusal)
-        }
+        queues[sender, default: []].append(Entry(token: nextToken, interactive: interactive, decided: decided))
+        if waiting == 0 { askAboutFirst(of: sender) }
         return true
     }
 
-    /// Drops every waiting change of `sender`, which left the bus; returns how many.
+    /// Drops every waiting change of `sender`, which left the bus; returns how many. The
+    /// answer to the query in progress, when it comes, is ignored.
     @discardableResult
     func senderLeft(_ sender: String) -> Int {
         queues.removeValue(forKey: sender)?.count ?? 0
@@ -86,19 +86,23 @@ final class AuthorizationQueue {
     /// How many changes wait altogether.
     var totalPending: Int { queues.values.reduce(0) { $0 + $1.count } }
 
-    /// Records an answer and runs the sender's changes that are now first in line and decided.
-    private func answered(sender: String, token: UInt64, refusal: DBusErrorReply?) {
-        // A sender that left has no queue, or a new queue of a later connection of the same
-        // name (names are never reused by the bus, but nothing here relies on it).
-        guard let index = queues[sender]?.firstIndex(where: { $0.token == token }) else { return }
-        queues[sender]![index].verdict = .some(refusal)
-        guard !draining.contains(sender) else { return }  // the loop below will get to it
-        draining.insert(sender)
-        defer { draining.remove(sender) }
-        while let first = queues[sender]?.first, let verdict = first.verdict {
-            queues[sender]!.removeFirst()
-            if queues[sender]!.isEmpty { queues[sender] = nil }
-            first.decided(verdict)
+    /// Starts the query about the oldest waiting change of `sender`, if any.
+    private func askAboutFirst(of sender: String) {
+        guard let first = queues[sender]?.first else { return }
+        let token = first.token
+        authorizer.authorize(sender: sender, action: action, interactive: first.interactive) { [weak self] refusal in
+            self?.answered(sender: sender, token: token, refusal: refusal)
         }
+    }
+
+    /// Hands an answer to its change, then asks about the sender's next one.
+    private func answered(sender: String, token: UInt64, refusal: DBusErrorReply?) {
+        // The sender left (its queue is gone, or belongs to a later connection of the same
+        // name, which the bus never reuses, but nothing here relies on that).
+        guard queues[sender]?.first?.token == token else { return }
+        let entry = queues[sender]!.removeFirst()
+        if queues[sender]!.isEmpty { queues[sender] = nil }
+        entry.decided(refusal)
+        askAboutFirst(of: sender)
     }
 }

@@ -96,7 +96,10 @@ public final class DBusMessage {
     public var serial: UInt32 { dbus_message_get_serial(raw) }
     public var replySerial: UInt32 { dbus_message_get_reply_serial(raw) }
     /// True when the caller asked for no reply.
-    public var noReply: Bool { dbus_message_get_no_reply(raw) != 0 }
+    public var noReply: Bool {
+        get { dbus_message_get_no_reply(raw) != 0 }
+        set { dbus_message_set_no_reply(raw, newValue ? 1 : 0) }
+    }
     /// True when the caller allows interactive authorisation (polkit may ask for a password).
     public var allowsInteractiveAuthorization: Bool {
         get { dbus_message_get_allow_interactive_authorization(raw) != 0 }
