@@ -22,8 +22,9 @@
 //
 // Leaving the bus: the bus daemon delivers a client's messages before the NameOwnerChanged
 // that announces its departure, so every change of a departed client is in this queue (or
-// has run) when `senderLeft` is called. `senderLeft` drops them; their answers, whenever
-// they come, find nothing and are ignored. A change therefore runs only while its sender
+// has run) when `senderLeft` is called. `senderLeft` drops them and withdraws the check in
+// progress (polkit's CancelCheckAuthorization, which also closes an authentication dialog
+// nobody is waiting for); an answer that comes anyway finds nothing and is ignored. A change therefore runs only while its sender
 // is on the bus, and a Lock granted this way is always released by that sender's
 // NameOwnerChanged, which is still to come.
 //
@@ -49,6 +50,8 @@ final class AuthorizationQueue {
     let maxPendingPerSender: Int
     /// Waiting changes per sender, oldest first; a sender with none has no entry.
     private var queues: [String: [Entry]] = [:]
+    /// What withdraws the check in progress of each sender (when the authorizer gave one).
+    private var inProgress: [String: AuthorizationCancellation] = [:]
     private var nextToken: UInt64 = 0
 
     /// A queue asking `authorizer` about `action` for each change.
@@ -73,11 +76,12 @@ final class AuthorizationQueue {
         return true
     }
 
-    /// Drops every waiting change of `sender`, which left the bus; returns how many. The
-    /// answer to the query in progress, when it comes, is ignored.
+    /// Drops every waiting change of `sender`, which left the bus, and withdraws the check
+    /// in progress (an answer that comes anyway is ignored); returns how many were dropped.
     @discardableResult
     func senderLeft(_ sender: String) -> Int {
-        queues.removeValue(forKey: sender)?.count ?? 0
+        inProgress.removeValue(forKey: sender)?.cancel()
+        return queues.removeValue(forKey: sender)?.count ?? 0
     }
 
     /// How many changes `sender` has waiting.
@@ -90,9 +94,11 @@ final class AuthorizationQueue {
     private func askAboutFirst(of sender: String) {
         guard let first = queues[sender]?.first else { return }
         let token = first.token
-        authorizer.authorize(sender: sender, action: action, interactive: first.interactive) { [weak self] refusal in
+        let cancellation = authorizer.authorize(sender: sender, action: action, interactive: first.interactive) { [weak self] refusal in
             self?.answered(sender: sender, token: token, refusal: refusal)
         }
+        // Unless the authorizer answered at once (the sender's queue has moved on).
+        if queues[sender]?.first?.token == token { inProgress[sender] = cancellation }
     }
 
     /// Hands an answer to its change, then asks about the sender's next one.
@@ -100,6 +106,7 @@ final class AuthorizationQueue {
         // The sender left (its queue is gone, or belongs to a later connection of the same
         // name, which the bus never reuses, but nothing here relies on that).
         guard queues[sender]?.first?.token == token else { return }
+        inProgress[sender] = nil
         let entry = queues[sender]!.removeFirst()
         if queues[sender]!.isEmpty { queues[sender] = nil }
         entry.decided(refusal)

@@ -18,10 +18,18 @@ final class ScriptedAuthorizer: Authorizer {
     private(set) var queries: [Query] = []
     /// Senders answered at once (synchronously) with this verdict.
     var immediate: [String: DBusErrorReply?] = [:]
+    /// Senders whose check in progress was withdrawn, in order.
+    private(set) var withdrawn: [String] = []
 
-    func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void) {
-        if let verdict = immediate[sender] { return completion(verdict) }
+    func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
+        -> AuthorizationCancellation?
+    {
+        if let verdict = immediate[sender] {
+            completion(verdict)
+            return AuthorizationCancellation { Issue.record("a check answered at once was withdrawn") }
+        }
         queries.append(Query(sender: sender, interactive: interactive, completion: completion))
+        return AuthorizationCancellation { [unowned self] in self.withdrawn.append(sender) }
     }
 
     /// Queries in progress for `sender`.
@@ -82,7 +90,7 @@ struct AuthorizationQueueTests {
         #expect(AuthorizationQueue.defaultMaxPendingPerSender == 64)
     }
 
-    @Test("a sender that leaves loses its waiting changes: a late answer (even 'allowed') runs nothing")
+    @Test("a sender that leaves loses its waiting changes and its check is withdrawn: a late answer (even 'allowed') runs nothing")
     func senderLeaves() {
         let auth = ScriptedAuthorizer()
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify)
@@ -90,7 +98,9 @@ struct AuthorizationQueueTests {
         #expect(queue.submit(sender: ":1.7", interactive: false) { _ in ran.append("lock") })
         #expect(queue.submit(sender: ":1.7", interactive: false) { _ in ran.append("insert") })
         #expect(queue.senderLeft(":1.7") == 2)
+        #expect(auth.withdrawn == [":1.7"], "the check in progress is withdrawn")
         #expect(queue.senderLeft(":1.7") == 0)
+        #expect(auth.withdrawn == [":1.7"], "once")
         auth.answer(":1.7")  // polkit's answer comes after the departure
         #expect(ran.isEmpty)
         #expect(auth.queries.isEmpty, "nothing more is asked for a departed sender")
@@ -106,6 +116,7 @@ struct AuthorizationQueueTests {
         for i in 0..<5 { #expect(queue.submit(sender: ":1.3", interactive: false) { _ in ran.append(i) }) }
         #expect(ran == [0, 1, 2, 3, 4])
         #expect(queue.totalPending == 0)
+        #expect(queue.senderLeft(":1.3") == 0)  // nothing in progress to withdraw
     }
 
     @Test("refusal log: one line per sender per interval with the count of those not logged; the rest reported when it leaves; bounded state")

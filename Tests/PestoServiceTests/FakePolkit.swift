@@ -3,7 +3,8 @@
 // It owns org.freedesktop.PolicyKit1 and answers CheckAuthorization (subject
 // system-bus-name) as the test says, per subject: allow, deny, allow only once the subject
 // has left the bus (the order that used to leave a lock with a departed client), or hold the
-// answer until the test releases it (a slow or interactive check). It runs on a thread of
+// answer until the test releases it (a slow or interactive check); a check withdrawn with
+// CancelCheckAuthorization is answered with Cancelled and recorded. It runs on a thread of
 // its own with its own connection, so the test can block in calls to pestod meanwhile; the
 // test waits for what it has seen with `wait(_:until:)` (a condition, not a sleep).
 
@@ -30,6 +31,8 @@ final class FakePolkit: @unchecked Sendable {
         /// Subjects of every CheckAuthorization received, in order.
         var checks: [String] = []
         var answered = 0
+        /// Subjects whose checks pestod withdrew (CancelCheckAuthorization), in order.
+        var withdrawn: [String] = []
         /// Subjects whose held checks are to be answered (allow or deny).
         var released: [String: Bool] = [:]
         var ready = false
@@ -143,6 +146,20 @@ final class FakePolkit: @unchecked Sendable {
             {
                 departed.insert(name)
                 for w in waiting.removeValue(forKey: name) ?? [] { reply(w, true) }
+                continue
+            }
+            if m.isMethodCall, m.member == "CancelCheckAuthorization", let id = m.arguments?.first?.stringValue {
+                // As polkit does: the withdrawn check is answered with Cancelled.
+                for (subject, checks) in held.merging(waiting, uniquingKeysWith: +) {
+                    for c in checks where c.arguments?.last?.stringValue == id {
+                        held[subject]?.removeAll { $0 === c }
+                        waiting[subject]?.removeAll { $0 === c }
+                        connection.send(c.errorReply(DBusErrorReply("org.freedesktop.PolicyKit1.Error.Cancelled", "withdrawn")))
+                        update { $0.withdrawn.append(subject) }
+                    }
+                }
+                if !m.noReply { connection.send(m.reply()) }
+                connection.flush()
                 continue
             }
             guard m.isMethodCall, m.member == "CheckAuthorization",

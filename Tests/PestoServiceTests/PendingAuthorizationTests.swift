@@ -98,6 +98,27 @@ struct PendingAuthorizationTests {
         #expect(try f.table("List").first?.arrayValue?.count == 2)
     }
 
+    @Test("a check in progress whose caller leaves is withdrawn from polkit (CancelCheckAuthorization); the lock stays free")
+    func leaverWithdrawn() throws {
+        let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
+        let polkit = try FakePolkit(address: f.address)
+        var leaver: DBusConnection? = try DBusConnection(.address(f.address))
+        let name = leaver!.uniqueName
+        polkit.set(name, .hold)
+        for member in ["Lock", "Insert"] {
+            leaver!.send(Self.call(member, member == "Lock" ? [] : [.uint32(1), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)]))
+        }
+        leaver!.flush()
+        polkit.wait("the check of the Lock") { $0.checks(of: name) == 1 }
+        leaver = nil  // leaves the bus
+        polkit.wait("the check withdrawn") { $0.withdrawn == [name] }
+        #expect(polkit.snapshot.checks(of: name) == 1, "the Insert behind it was never asked about")
+        #expect(try Self.lockOwner(f) == "")
+        try f.manager("Lock")
+        try f.manager("Unlock")
+        #expect(f.log.contains("\(name) left the bus with 2 changes waiting for authorization"))
+    }
+
     @Test("a flood of NO_REPLY changes: 64 wait, the rest are refused with LimitsExceeded at once, the log stays short, and root's change goes through meanwhile")
     func floodCapped() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
