@@ -4,7 +4,8 @@
 // polkit action `top.passt.Pesto1.modify` for the caller before anything changes; without
 // polkit only uid 0 is allowed; on the session bus nothing is checked (the bus is the
 // user's own). The check is asynchronous (a round trip to the bus daemon or to polkit), so
-// the server queues mutating calls and runs each one after its answer, in arrival order.
+// the server asks about each mutating call as it arrives and runs it after its answer, a
+// sender's calls in that sender's order (AuthorizationQueue.swift).
 //
 // This file has the policy modes and the uid-0 check; the polkit CheckAuthorization call
 // plugs in as another `Authorizer`.
@@ -19,8 +20,20 @@ public enum PestoActions {
 
 /// Decides whether a caller may perform an action; answers asynchronously on the loop thread.
 public protocol Authorizer: AnyObject {
-    /// Calls `completion` with nil when `sender` may perform `action`, else with the error to send.
+    /// Calls `completion` with nil when `sender` may perform `action`, else with the error to
+    /// send. Returns what withdraws the check (after which `completion` is never called), or
+    /// nil when there is nothing worth withdrawing.
+    @discardableResult
     func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
+        -> AuthorizationCancellation?
+}
+
+/// Withdraws one check in progress (its caller left the bus).
+public struct AuthorizationCancellation {
+    /// Called at most once, on the loop thread.
+    public let cancel: () -> Void
+
+    public init(_ cancel: @escaping () -> Void) { self.cancel = cancel }
 }
 
 /// How pestod authorises mutating calls.
@@ -41,7 +54,11 @@ public final class RootOnlyAuthorizer: Authorizer {
 
     public init(connection: DBusConnection) { self.connection = connection }
 
-    public func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void) {
+    /// Asks the bus daemon, which answers at once: nothing to withdraw.
+    @discardableResult
+    public func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
+        -> AuthorizationCancellation?
+    {
         let query = DBusMessage.methodCall(
             destination: "org.freedesktop.DBus", path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus",
             member: "GetConnectionUnixUser", arguments: [.string(sender)])
@@ -52,6 +69,7 @@ public final class RootOnlyAuthorizer: Authorizer {
                 completion(Self.denied(action, "cannot find out who the caller is (\(reply.asError?.message ?? "no answer"))"))
             }
         }
+        return nil
     }
 
     static func denied(_ action: String, _ why: String) -> DBusErrorReply {

@@ -26,6 +26,7 @@ public struct DBusErrorReply: Error, Hashable, Sendable, CustomStringConvertible
     public static let accessDenied = "org.freedesktop.DBus.Error.AccessDenied"
     public static let failed = "org.freedesktop.DBus.Error.Failed"
     public static let noMemory = "org.freedesktop.DBus.Error.NoMemory"
+    public static let limitsExceeded = "org.freedesktop.DBus.Error.LimitsExceeded"
 }
 
 /// A libdbus message; the wrapper holds one reference and drops it in `deinit`.
@@ -95,7 +96,10 @@ public final class DBusMessage {
     public var serial: UInt32 { dbus_message_get_serial(raw) }
     public var replySerial: UInt32 { dbus_message_get_reply_serial(raw) }
     /// True when the caller asked for no reply.
-    public var noReply: Bool { dbus_message_get_no_reply(raw) != 0 }
+    public var noReply: Bool {
+        get { dbus_message_get_no_reply(raw) != 0 }
+        set { dbus_message_set_no_reply(raw, newValue ? 1 : 0) }
+    }
     /// True when the caller allows interactive authorisation (polkit may ask for a password).
     public var allowsInteractiveAuthorization: Bool {
         get { dbus_message_get_allow_interactive_authorization(raw) != 0 }

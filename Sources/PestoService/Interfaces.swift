@@ -70,9 +70,9 @@ public enum PestoInterfaces {
     /// `top.passt.Pesto1.Manager`.
     public static let manager = DBusInterfaceSpec(
         name: "top.passt.Pesto1.Manager",
-        doc: "The service: the name-owner lock that makes a series of changes one transaction.",
+        doc: "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
         methods: [
-            method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves."),
+            method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves; a Lock whose caller leaves before it is authorised is never granted."),
             method("Unlock", [], [], "Release the lock; uncommitted changes are rolled back."),
             method("Commit", [], [], "Make the changes made under the lock permanent. With a state file the reply comes once they are saved; if they cannot be (SaveFailed), they are undone and the lock stays held."),
             method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),

@@ -6,12 +6,17 @@
 // loop, so method calls, the bind-retry timer and (later) relay traffic are handled by the
 // same thread, one at a time, with no locks. Every incoming message goes to `handle(_:)`:
 //
-//   signals       NameOwnerChanged of the lock holder → roll back and release the lock;
-//                 Disconnected → the loop stops (systemd restarts pestod).
+//   signals       NameOwnerChanged of a name leaving the bus → its changes still waiting for
+//                 authorisation are dropped, and if it holds the lock, its transaction is
+//                 rolled back and the lock released; Disconnected → the loop stops (systemd
+//                 restarts pestod).
 //   method calls  resolved to an object (ObjectTree.swift), an interface and a member; the
 //                 argument signature is checked against the contract before anything else
-//                 (InvalidArgs), then, for mutating calls, the lock (Locked), then the change,
-//                 then signals, then the reply — the order systemd's hostnamed uses.
+//                 (InvalidArgs), then, for mutating calls, the caller's authorisation
+//                 (AuthorizationQueue.swift: one query per call, a sender's calls in its own
+//                 order, at most 64 waiting per sender, else LimitsExceeded), then the lock
+//                 (Locked), then the change, then signals, then the reply — the order
+//                 systemd's hostnamed uses.
 //
 // Every change to a rule goes through `perform(_:)`, which calls the engine, records the
 // operation in the journal of the transaction it belongs to, and emits the ObjectManager
@@ -22,7 +27,10 @@
 //
 // The lock (Manager.Lock) makes the holder's calls one transaction: they are journaled, and
 // Unlock, Rollback, or the holder leaving the bus undo them newest first. Without a lock,
-// each call is its own committed transaction.
+// each call is its own committed transaction. The lock is only ever held by a name on the
+// bus: a Lock runs either at once (no authorisation), before the caller's NameOwnerChanged
+// can arrive, or from the authorisation queue, which drops the Lock when its caller leaves
+// before the answer; either way the caller's departure is still to be seen, and releases it.
 //
 // With a state file (`persist(saving:)`), a committed change is answered only once it is
 // saved: `finish` (or Commit) hands the call's journal to `answer`, which parks the reply in
@@ -47,7 +55,13 @@ public final class PestoServer {
     /// What the call being handled committed, for `answer` to hold its reply until saved.
     private var callCommit: Journal?
     /// Checks callers of mutating methods; nil lets everyone change the tables.
-    public var authorizer: (any Authorizer)?
+    public var authorizer: (any Authorizer)? {
+        didSet { authorization = authorizer.map { AuthorizationQueue(authorizer: $0, action: PestoActions.modify) } }
+    }
+    /// The changes waiting for the authorizer's answers, per sender (nil without an authorizer).
+    private(set) var authorization: AuthorizationQueue?
+    /// Which refusals get a log line (one per sender every few seconds).
+    private var refusalLog = RefusalLogLimiter()
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
@@ -109,15 +123,6 @@ public final class PestoServer {
         case change(() throws(DBusErrorReply) -> [DBusValue])
     }
 
-    /// A change waiting for its authorisation.
-    private struct PendingChange {
-        let message: DBusMessage
-        let run: () throws(DBusErrorReply) -> [DBusValue]
-    }
-
-    /// Changes waiting for authorisation, oldest first; only the first is being checked.
-    private var pendingChanges: [PendingChange] = []
-
     /// Handles one incoming message; false lets libdbus answer (unknown method).
     func handle(_ message: DBusMessage) -> Bool {
         if message.isSignal {
@@ -130,12 +135,20 @@ public final class PestoServer {
             case .reply(let values):
                 answer(message, values)
             case .change(let run):
-                guard authorizer != nil else {
+                guard let authorization else {
                     answer(message, try run())
                     return true
                 }
-                pendingChanges.append(PendingChange(message: message, run: run))
-                if pendingChanges.count == 1 { authorizeNextChange() }
+                let queued = authorization.submit(sender: message.sender ?? "", interactive: message.allowsInteractiveAuthorization) {
+                    [unowned self] refusal in self.authorized(message, run, refusal: refusal)
+                }
+                if !queued {
+                    let limit = DBusErrorReply(
+                        DBusErrorReply.limitsExceeded,
+                        "You have \(authorization.maxPendingPerSender) changes waiting for authorization already; wait for their replies.")
+                    logRefusal(message, limit)
+                    throw limit
+                }
             }
         } catch {
             if !message.noReply { connection.send(message.errorReply(error)) }
@@ -183,24 +196,24 @@ public final class PestoServer {
         saveCommitted()
     }
 
-    /// Asks the authorizer about the oldest pending change; runs or refuses it, then the next.
-    private func authorizeNextChange() {
-        guard let first = pendingChanges.first, let authorizer else { return }
-        let m = first.message
-        authorizer.authorize(
-            sender: m.sender ?? "", action: PestoActions.modify, interactive: m.allowsInteractiveAuthorization
-        ) { [unowned self] refusal in
-            let change = self.pendingChanges.removeFirst()
-            if let refusal {
-                self.logger.notice("\(m.member ?? "?") by \(m.sender ?? "?") refused: \(refusal.message)")
-                if !m.noReply { self.connection.send(m.errorReply(refusal)) }
-            } else {
-                do { self.answer(m, try change.run()) } catch {
-                    if !m.noReply { self.connection.send(m.errorReply(error)) }
-                }
-            }
-            self.authorizeNextChange()
+    /// Runs an authorised change and answers it, or answers its refusal.
+    private func authorized(_ message: DBusMessage, _ run: () throws(DBusErrorReply) -> [DBusValue], refusal: DBusErrorReply?) {
+        if let refusal {
+            logRefusal(message, refusal)
+            if !message.noReply { connection.send(message.errorReply(refusal)) }
+            return
         }
+        do { answer(message, try run()) } catch {
+            if !message.noReply { connection.send(message.errorReply(error)) }
+        }
+    }
+
+    /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
+    private func logRefusal(_ message: DBusMessage, _ refusal: DBusErrorReply) {
+        let sender = message.sender ?? "?"
+        guard let unlogged = refusalLog.admit(sender, now: .now) else { return }
+        let more = unlogged > 0 ? " (\(unlogged) more refusals not logged since the last line)" : ""
+        logger.notice("\(message.member ?? "?") by \(sender) refused: \(refusal.message)\(more)")
     }
 
     private func handleSignal(_ message: DBusMessage) {
@@ -215,7 +228,13 @@ public final class PestoServer {
             let args = message.arguments, args.count == 3,
             let name = args[0].stringValue, let newOwner = args[2].stringValue
         else { return }
-        if let owner = lockOwner, name == owner, newOwner.isEmpty {
+        guard newOwner.isEmpty else { return }
+        if let dropped = authorization?.senderLeft(name), dropped > 0 {
+            logger.info("\(name) left the bus with \(dropped) changes waiting for authorization; they are dropped")
+        }
+        let unlogged = refusalLog.forget(name)
+        if unlogged > 0 { logger.notice("\(name) left the bus; \(unlogged) more of its refusals were not logged") }
+        if let owner = lockOwner, name == owner {
             logger.notice("lock holder \(owner) left the bus; rolling back its \(journal.operations.count) uncommitted changes")
             rollback()
             setLockOwner(nil)
@@ -320,6 +339,8 @@ public final class PestoServer {
         }
         switch member {
         case "Lock":
+            // `sender` is on the bus: this runs while its message is handled, or from the
+            // authorisation queue, which drops the changes of callers that left.
             if lockOwner == sender { return }  // already held by the caller: nothing changes
             try checkMayModify(sender)
             settleBeforeJournaling()

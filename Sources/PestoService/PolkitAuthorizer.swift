@@ -7,7 +7,10 @@
 // except for uid 0 (checked with the bus daemon, as `RootOnlyAuthorizer` does).
 //
 // The call is asynchronous: pestod's loop keeps serving reads and traffic while polkit
-// (and perhaps an authentication agent) answers.
+// (and perhaps an authentication agent) answers. Each call carries a cancellation id, so a
+// check whose caller left the bus is withdrawn with CancelCheckAuthorization: polkit drops
+// it (and any authentication dialog), and answers the call at once, which frees pestod's
+// slot among the calls the bus lets it have outstanding.
 
 import PestoEngine
 
@@ -35,15 +38,34 @@ public final class PolkitAuthorizer: Authorizer {
         fallback = RootOnlyAuthorizer(connection: connection)
     }
 
-    /// The `CheckAuthorization` call, signature `(sa{sv})sa{ss}us`.
-    static func checkAuthorization(sender: String, action: String, interactive: Bool) -> DBusMessage {
+    /// Numbers the cancellation ids of this authorizer's checks.
+    private var checks: UInt64 = 0
+
+    /// The `CheckAuthorization` call, signature `(sa{sv})sa{ss}us`; `cancellationID` names it
+    /// for `CancelCheckAuthorization` (empty: not cancellable).
+    static func checkAuthorization(sender: String, action: String, interactive: Bool, cancellationID: String = "") -> DBusMessage {
         let subject = DBusValue.structure([.string("system-bus-name"), .vardict([("name", .string(sender))])])
         return DBusMessage.methodCall(
             destination: busName, path: authorityPath, interface: authorityInterface, member: "CheckAuthorization",
             arguments: [
                 subject, .string(action), .dictionary(key: "s", value: "s", []),
-                .uint32(interactive ? allowUserInteraction : 0), .string(""),
+                .uint32(interactive ? allowUserInteraction : 0), .string(cancellationID),
             ])
+    }
+
+    /// The `CancelCheckAuthorization` call for the check named `cancellationID` (no reply wanted).
+    static func cancelCheckAuthorization(_ cancellationID: String) -> DBusMessage {
+        let m = DBusMessage.methodCall(
+            destination: busName, path: authorityPath, interface: authorityInterface, member: "CancelCheckAuthorization",
+            arguments: [.string(cancellationID)])
+        m.noReply = true
+        return m
+    }
+
+    /// Where one check is: answered by polkit, withdrawn (its answer is then ignored).
+    private final class CheckState {
+        var answered = false
+        var withdrawn = false
     }
 
     /// What a `CheckAuthorization` reply means.
@@ -80,10 +102,19 @@ public final class PolkitAuthorizer: Authorizer {
         return .denied(dismissed: dismissed)
     }
 
-    public func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void) {
-        let query = Self.checkAuthorization(sender: sender, action: action, interactive: interactive)
+    /// Asks polkit; the result withdraws the check (CancelCheckAuthorization).
+    @discardableResult
+    public func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
+        -> AuthorizationCancellation?
+    {
+        checks += 1
+        let cancellationID = "pestod-\(checks)"
+        let query = Self.checkAuthorization(sender: sender, action: action, interactive: interactive, cancellationID: cancellationID)
         let timeout = interactive ? Self.interactiveTimeoutMilliseconds : Self.timeoutMilliseconds
+        let state = CheckState()
         connection.send(query, timeoutMilliseconds: timeout) { [fallback] reply in
+            state.answered = true
+            if state.withdrawn { return }
             switch Self.verdict(of: reply) {
             case .authorized:
                 completion(nil)
@@ -97,12 +128,18 @@ public final class PolkitAuthorizer: Authorizer {
             case .unavailable(let why):
                 // A missing or failing polkit means denied, except for uid 0.
                 fallback.authorize(sender: sender, action: action, interactive: interactive) { refusal in
+                    if state.withdrawn { return }
                     completion(refusal.map { r in
                         let text = r.message.hasSuffix(".") ? String(r.message.dropLast()) : r.message
                         return DBusErrorReply(r.name, "\(text), and polkit did not answer (\(why)).")
                     })
                 }
             }
+        }
+        return AuthorizationCancellation { [connection] in
+            guard !state.withdrawn else { return }
+            state.withdrawn = true
+            if !state.answered { connection.send(Self.cancelCheckAuthorization(cancellationID)) }
         }
     }
 }

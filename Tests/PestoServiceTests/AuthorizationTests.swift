@@ -36,7 +36,7 @@ struct AuthorizationTests {
                                                    "call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
         #expect(status.out == "buus true 1 0 \"\"\n", "\(status.err)")
 
-        // Root's calls pass through the same queue, in order.
+        // Root's calls are authorised too, and run in the order sent.
         try f.table("Activate", [.uint32(2)])
         try f.table("Deactivate", [.uint32(2)])
         try f.table("Delete", [.uint32(2)])

@@ -21,7 +21,7 @@ struct PolkitTests {
 
     // MARK: The call and the reply, without a bus
 
-    @Test("CheckAuthorization is (sa{sv})sa{ss}us with subject system-bus-name and flags from interactive")
+    @Test("CheckAuthorization is (sa{sv})sa{ss}us with subject system-bus-name, flags from interactive and a cancellation id; CancelCheckAuthorization names it")
     func request() {
         let quiet = PolkitAuthorizer.checkAuthorization(sender: ":1.42", action: PestoActions.modify, interactive: false)
         #expect(quiet.destination == "org.freedesktop.PolicyKit1")
@@ -36,6 +36,12 @@ struct PolkitTests {
         #expect(args.last == .string(""))
         let loud = PolkitAuthorizer.checkAuthorization(sender: ":1.42", action: PestoActions.modify, interactive: true)
         #expect(loud.arguments?.dropFirst(3).first == .uint32(1))
+        // A cancellable check names itself; CancelCheckAuthorization withdraws it, wanting no reply.
+        let named = PolkitAuthorizer.checkAuthorization(sender: ":1.42", action: PestoActions.modify, interactive: true, cancellationID: "pestod-7")
+        #expect(named.arguments?.last == .string("pestod-7"))
+        let cancel = PolkitAuthorizer.cancelCheckAuthorization("pestod-7")
+        #expect(cancel.destination == "org.freedesktop.PolicyKit1" && cancel.member == "CancelCheckAuthorization")
+        #expect(cancel.signature == "s" && cancel.arguments == [.string("pestod-7")] && cancel.noReply)
     }
 
     @Test("a (bba{ss}) reply is read as authorized, challenge, denied or dismissed; an error means polkit is unavailable")

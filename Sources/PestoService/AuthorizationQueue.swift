@@ -1,0 +1,115 @@
+// AuthorizationQueue: the changes waiting for their authorisation, kept per sender.
+//
+// Theory of operation
+// -------------------
+// Every change a client sends is checked with the `Authorizer` before it runs, and the check
+// is asynchronous (polkit may wait up to 300 s for a person at a password prompt). One
+// queue for everybody would let one slow check hold up every other client, root included,
+// so each sender has its own queue: as in systemd's bus-polkit, every change gets its own
+// query, and only that sender's later changes wait for it. A sender's changes are asked
+// about one at a time and run in the order it sent them, so a client that pipelines a
+// transaction (Lock, changes) sees it applied in order, and an interactive check that
+// succeeds (polkit's auth_admin_keep) spares the prompts of the changes after it. It also
+// keeps pestod's calls to polkit in progress at one per sender, so one client cannot use up
+// the bus's limit on pestod's outstanding calls (max_replies_per_connection, 128 on the
+// system bus; beyond it the bus refuses the query, which counts as polkit not answering:
+// only uid 0 passes).
+//
+// Limits: a sender may have at most `maxPendingPerSender` changes waiting; one more is
+// refused at once (`submit` returns false, the server answers LimitsExceeded), nothing is
+// queued and nothing is asked. The bus daemon bounds the number of connections, so the
+// memory held here is bounded too.
+//
+// Leaving the bus: the bus daemon delivers a client's messages before the NameOwnerChanged
+// that announces its departure, so every change of a departed client is in this queue (or
+// has run) when `senderLeft` is called. `senderLeft` drops them and withdraws the check in
+// progress (polkit's CancelCheckAuthorization, which also closes an authentication dialog
+// nobody is waiting for); an answer that comes anyway finds nothing and is ignored. A change therefore runs only while its sender
+// is on the bus, and a Lock granted this way is always released by that sender's
+// NameOwnerChanged, which is still to come.
+//
+// This type knows nothing of D-Bus messages: the server hands it a closure per change and
+// is told, through that closure, whether the change may run.
+
+/// Changes waiting for their authorisation, one queue per sender, one query per change.
+final class AuthorizationQueue {
+    /// The default for `maxPendingPerSender`: plenty for a client that pipelines a
+    /// transaction, small enough that a flood costs little.
+    static let defaultMaxPendingPerSender = 64
+
+    /// One change waiting for its answer; only the first of a sender's queue is being asked about.
+    private struct Entry {
+        let token: UInt64
+        let interactive: Bool
+        let decided: (DBusErrorReply?) -> Void
+    }
+
+    private let authorizer: any Authorizer
+    private let action: String
+    /// Most changes one sender may have waiting.
+    let maxPendingPerSender: Int
+    /// Waiting changes per sender, oldest first; a sender with none has no entry.
+    private var queues: [String: [Entry]] = [:]
+    /// What withdraws the check in progress of each sender (when the authorizer gave one).
+    private var inProgress: [String: AuthorizationCancellation] = [:]
+    private var nextToken: UInt64 = 0
+
+    /// A queue asking `authorizer` about `action` for each change.
+    init(authorizer: any Authorizer, action: String, maxPendingPerSender: Int = AuthorizationQueue.defaultMaxPendingPerSender) {
+        precondition(maxPendingPerSender > 0)
+        self.authorizer = authorizer
+        self.action = action
+        self.maxPendingPerSender = maxPendingPerSender
+    }
+
+    /// Queues a change of `sender`; it is asked about once the earlier changes of `sender`
+    /// are decided. `decided` is called once, with nil (run it) or the refusal to send —
+    /// unless `sender` leaves the bus first, in which case it is never called. Returns false,
+    /// calling nothing and queuing nothing, when `sender` already has `maxPendingPerSender`
+    /// changes waiting.
+    func submit(sender: String, interactive: Bool, _ decided: @escaping (DBusErrorReply?) -> Void) -> Bool {
+        let waiting = queues[sender]?.count ?? 0
+        guard waiting < maxPendingPerSender else { return false }
+        nextToken += 1
+        queues[sender, default: []].append(Entry(token: nextToken, interactive: interactive, decided: decided))
+        if waiting == 0 { askAboutFirst(of: sender) }
+        return true
+    }
+
+    /// Drops every waiting change of `sender`, which left the bus, and withdraws the check
+    /// in progress (an answer that comes anyway is ignored); returns how many were dropped.
+    @discardableResult
+    func senderLeft(_ sender: String) -> Int {
+        inProgress.removeValue(forKey: sender)?.cancel()
+        return queues.removeValue(forKey: sender)?.count ?? 0
+    }
+
+    /// How many changes `sender` has waiting.
+    func pending(of sender: String) -> Int { queues[sender]?.count ?? 0 }
+
+    /// How many changes wait altogether.
+    var totalPending: Int { queues.values.reduce(0) { $0 + $1.count } }
+
+    /// Starts the query about the oldest waiting change of `sender`, if any.
+    private func askAboutFirst(of sender: String) {
+        guard let first = queues[sender]?.first else { return }
+        let token = first.token
+        let cancellation = authorizer.authorize(sender: sender, action: action, interactive: first.interactive) { [weak self] refusal in
+            self?.answered(sender: sender, token: token, refusal: refusal)
+        }
+        // Unless the authorizer answered at once (the sender's queue has moved on).
+        if queues[sender]?.first?.token == token { inProgress[sender] = cancellation }
+    }
+
+    /// Hands an answer to its change, then asks about the sender's next one.
+    private func answered(sender: String, token: UInt64, refusal: DBusErrorReply?) {
+        // The sender left (its queue is gone, or belongs to a later connection of the same
+        // name, which the bus never reuses, but nothing here relies on that).
+        guard queues[sender]?.first?.token == token else { return }
+        inProgress[sender] = nil
+        let entry = queues[sender]!.removeFirst()
+        if queues[sender]!.isEmpty { queues[sender] = nil }
+        entry.decided(refusal)
+        askAboutFirst(of: sender)
+    }
+}

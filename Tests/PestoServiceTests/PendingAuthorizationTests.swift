@@ -1,0 +1,159 @@
+// pestod --authorize polkit against a scripted polkit (FakePolkit) on the private bus:
+// a Lock whose caller leaves before polkit answers is never granted, one slow check does
+// not hold up other clients, and a flood of changes is capped per sender with bounded logs.
+
+import Foundation
+import PestoEngine
+import PestoTestSupport
+import Testing
+
+@testable import PestoService
+
+@Suite("pestod authorisation queue", .serialized)
+struct PendingAuthorizationTests {
+    static let limitsExceeded = "org.freedesktop.DBus.Error.LimitsExceeded"
+
+    /// A method call on pestod's HOST table or Manager.
+    static func call(_ member: String, _ args: [DBusValue] = [], noReply: Bool = false) -> DBusMessage {
+        let manager = ["Lock", "Unlock", "Commit", "Rollback"].contains(member)
+        let m = DBusMessage.methodCall(
+            destination: PestodFixture.dest, path: manager ? PestodFixture.managerPath : PestodFixture.hostPath,
+            interface: manager ? PestodFixture.managerInterface : PestodFixture.tableInterface, member: member, arguments: args)
+        m.noReply = noReply
+        return m
+    }
+
+    /// Waits for the reply to the call `serial` on `connection` (other messages are skipped).
+    static func reply(to serial: UInt32, on connection: DBusConnection) -> DBusMessage? {
+        let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
+        while MonotonicInstant.now < deadline {
+            if let m = connection.nextMessage(timeoutMilliseconds: 500), m.replySerial == serial { return m }
+        }
+        Issue.record("no reply to call \(serial)")
+        return nil
+    }
+
+    /// The lock holder as the Manager's LockOwner property says.
+    static func lockOwner(_ f: PestodFixture) throws -> String? {
+        try f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
+                          [.string(PestodFixture.managerInterface), .string("LockOwner")]).first?.variantValue?.stringValue
+    }
+
+    @Test("200 clients send Lock and leave at once, polkit answering before, racing with, or after the departure: the lock ends free and other clients can change the tables")
+    func lockRacingDisconnect() throws {
+        let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
+        let polkit = try FakePolkit(address: f.address)
+        let rounds = 200
+        for i in 0..<rounds {
+            let c = try DBusConnection(.address(f.address))
+            let name = c.uniqueName
+            switch i % 3 {
+            case 0: polkit.set(name, .allowAfterLeaving)  // the answer comes after pestod saw it leave
+            case 1: polkit.set(name, .allow)  // the answer races the departure
+            default: polkit.set(name, .allow)  // the answer comes before the departure
+            }
+            let lock = Self.call("Lock", noReply: i % 2 == 0)
+            c.send(lock)
+            c.flush()
+            if i % 3 == 2 { polkit.wait("the check of \(name)") { $0.checks(of: name) == 1 && $0.answered >= $0.checks.count } }
+            // `c` is closed here: the client leaves the bus.
+        }
+        polkit.wait("every check answered") { $0.checks.count == rounds && $0.answered == rounds }
+
+        // polkit answers in order, so once this change is authorised every earlier answer
+        // has been handled too.
+        let p = TestSockets.freePorts(2).lowerBound
+        let other = try DBusConnection(.address(f.address))
+        #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(1), PestodFixture.rule(p)], on: other) } == "success")
+        #expect(try Self.lockOwner(f) == "")
+        try f.manager("Lock")
+        #expect(try Self.lockOwner(f) == f.client.uniqueName)
+        try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)])
+        try f.manager("Commit")
+        try f.manager("Unlock")
+        #expect(try f.table("List").first?.arrayValue?.count == 2)
+    }
+
+    @Test("a check polkit holds for one client does not hold up another client's change; the held change runs once released")
+    func slowCheckIsolated() throws {
+        let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
+        let polkit = try FakePolkit(address: f.address)
+        let p = TestSockets.freePorts(2).lowerBound
+        let slow = try DBusConnection(.address(f.address))
+        polkit.set(slow.uniqueName, .hold)
+        let insert = Self.call("Insert", [.uint32(1), PestodFixture.rule(p)])
+        slow.send(insert)
+        slow.flush()
+        polkit.wait("the slow client's check") { $0.checks(of: slow.uniqueName) == 1 }
+
+        // Another client's change is authorised and done while the first check is pending.
+        let fast = try f.client.call(PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Insert",
+                                     [.uint32(2), PestodFixture.rule(p + 1)], timeoutMilliseconds: 10_000)
+        #expect(fast.isEmpty)
+        #expect(try f.table("List").first?.arrayValue?.count == 1)
+
+        polkit.release(slow.uniqueName, allow: true)
+        let answer = try #require(Self.reply(to: insert.serial, on: slow))
+        #expect(!answer.isError, "\(answer.asError?.description ?? "")")
+        #expect(try f.table("List").first?.arrayValue?.count == 2)
+    }
+
+    @Test("a check in progress whose caller leaves is withdrawn from polkit (CancelCheckAuthorization); the lock stays free")
+    func leaverWithdrawn() throws {
+        let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
+        let polkit = try FakePolkit(address: f.address)
+        var leaver: DBusConnection? = try DBusConnection(.address(f.address))
+        let name = leaver!.uniqueName
+        polkit.set(name, .hold)
+        for member in ["Lock", "Insert"] {
+            leaver!.send(Self.call(member, member == "Lock" ? [] : [.uint32(1), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)]))
+        }
+        leaver!.flush()
+        polkit.wait("the check of the Lock") { $0.checks(of: name) == 1 }
+        leaver = nil  // leaves the bus
+        polkit.wait("the check withdrawn") { $0.withdrawn == [name] }
+        #expect(polkit.snapshot.checks(of: name) == 1, "the Insert behind it was never asked about")
+        #expect(try Self.lockOwner(f) == "")
+        try f.manager("Lock")
+        try f.manager("Unlock")
+        #expect(f.log.contains("\(name) left the bus with 2 changes waiting for authorization"))
+    }
+
+    @Test("a flood of NO_REPLY changes: 64 wait, the rest are refused with LimitsExceeded at once, the log stays short, and root's change goes through meanwhile")
+    func floodCapped() throws {
+        let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
+        let polkit = try FakePolkit(address: f.address)
+        let p = TestSockets.freePorts(2).lowerBound
+        let flooder = try DBusConnection(.address(f.address))
+        let name = flooder.uniqueName
+        polkit.set(name, .hold)
+        let flood = 5_000
+        for i in 0..<flood {
+            flooder.send(Self.call("Insert", [.uint32(UInt32(1_000 + i)), PestodFixture.rule(p)], noReply: true))
+        }
+        let asking = Self.call("Activate", [.uint32(1_000)])
+        flooder.send(asking)
+        flooder.flush()
+        let refusal = try #require(Self.reply(to: asking.serial, on: flooder))
+        #expect(refusal.asError?.name == Self.limitsExceeded, "\(refusal.asError?.description ?? "not an error")")
+        #expect(refusal.asError?.message.contains("64 changes waiting") == true)
+
+        // Root (the test's own client) is answered while the flood waits.
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(p + 1)])
+        #expect(polkit.snapshot.checks(of: name) == 1, "the flooder's changes are asked about one at a time")
+        #expect(try f.table("List").first?.arrayValue?.count == 1, "nothing of the flood has run")
+
+        // polkit refuses the 64 that waited, one after the other; the rest never got that far.
+        polkit.release(name, allow: false)
+        polkit.wait("the 64 waiting changes refused") { $0.checks(of: name) == 64 && $0.answered == $0.checks.count }
+        try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)])  // a round trip through polkit after the flooder's last check
+        #expect(polkit.snapshot.checks(of: name) == 64)
+        #expect(try f.table("List").first?.arrayValue?.count == 2)
+
+        // The log: a handful of lines about the flooder, not one per refusal.
+        let floodLines = f.log.split(separator: "\n").filter { $0.contains(name) }
+        #expect(floodLines.count <= 3, "\(floodLines.count) lines:\n\(floodLines.prefix(10).joined(separator: "\n"))")
+        #expect(floodLines.first?.contains("refused") == true)
+        #expect(floodLines.contains { $0.contains("more refusals") } || floodLines.count == 1)
+    }
+}
