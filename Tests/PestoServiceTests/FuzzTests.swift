@@ -30,7 +30,7 @@ struct FuzzTests {
     func fuzz() throws {
         let env = ProcessInfo.processInfo.environment
         let seed = env["PESTO_FUZZ_SEED"].flatMap { UInt64($0) } ?? Self.defaultSeed
-        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 4_000
+        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 5_000
         print("FuzzTests: seed \(seed), \(steps) steps (PESTO_FUZZ_SEED=\(seed) PESTO_FUZZ_STEPS=\(steps) to reproduce)")
         let run = try FuzzRun(seed: seed)
         try run.run(steps: steps)
@@ -69,6 +69,8 @@ final class FuzzRun {
 
     var calls: [String: Int] = [:]
     var errors: [String: Int] = [:]
+    /// Conflicts the model predicted, by the kind of address match (see `ModelRule.conflictKind`).
+    var conflictKinds: [String: Int] = [:]
     /// Answers to cases the documents leave open, by case and answer.
     var openCases: [String: Int] = [:]
     var violations = 0
@@ -178,7 +180,8 @@ final class FuzzRun {
             fields.append(("interface", .string(rng.pick(["", "lo", "lo", "eth0", "nosuchif0", "0123456789abcdef", "012345678901234", ".", "..", "a/b", "a:b", "a b"]))))
         }
         let span = ports.upperBound - ports.lowerBound
-        var first = ports.lowerBound + UInt16(rng.below(Int(span) + 1))
+        // Half the rules start in the first eight ports, so that overlaps (conflicts) are common.
+        var first = ports.lowerBound + UInt16(rng.oneIn(2) ? rng.below(8) : rng.below(Int(span) + 1))
         var last: UInt16? = nil
         if !local && rng.oneIn(30) { first = rng.pick([0, 1, 65535, 65534]) }
         if rng.oneIn(2) {
@@ -265,8 +268,11 @@ final class FuzzRun {
         case "Deactivate": return e.active ? ContractError.success : ContractError.ruleInactive
         case "Activate":
             if e.active { return ContractError.ruleActive }
-            let clash = model.contains { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: e.rule) }
-            return clash ? ContractError.conflict : ContractError.success
+            guard let other = model.first(where: { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: e.rule) }) else {
+                return ContractError.success
+            }
+            conflictKinds[other.value.rule.conflictKind(with: e.rule), default: 0] += 1
+            return ContractError.conflict
         default: fatalError("not a change: \(member)")
         }
     }
@@ -447,7 +453,8 @@ final class FuzzRun {
         for (id, r) in rules { m[id] = ModelEntry(rule: r, active: false) }
         for id in removes where m[id]!.active && rules.contains(where: { $0.1.conflicts(with: m[id]!.rule) }) { m[id]!.active = false }
         for (id, r) in rules {
-            if m.contains(where: { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: r) }) {
+            if let other = m.first(where: { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: r) }) {
+                conflictKinds[other.value.rule.conflictKind(with: r), default: 0] += 1
                 return (Answers([ContractError.conflict]).union(openAnswers), true, nil, verdicts)
             }
             m[id]!.active = true
@@ -493,6 +500,47 @@ final class FuzzRun {
                 }
             }
         }
+    }
+
+    /// Inserts a rule next to an active one, varied in exactly the things the conflict rule
+    /// looks at (protocol, ports, address family and wildcards, dual stack, IPv4-mapped text,
+    /// interfaces), and activates it: random rules alone rarely meet these cases.
+    func stepConflictProbe() {
+        let actives = model.keys.sorted().filter { model[$0]!.active && activatable(model[$0]!.rule) }
+        guard !actives.isEmpty, let id = (UInt32(0)...20).first(where: { model[$0] == nil }) else { return }
+        let a = model[rng.pick(actives)]!.rule
+        let c: FuzzClient = lockOwner == .second ? .second : .main
+        var fields: [(String, DBusValue)] = [("protocol", .string(rng.oneIn(6) ? (a.proto == "tcp" ? "udp" : "tcp") : a.proto))]
+        let address = rng.pick(["", "0.0.0.0", "::", "127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1", "::ffff:127.0.0.2"])
+        if !address.isEmpty || rng.oneIn(2) { fields.append(("address", .string(address))) }
+        if rng.oneIn(3) { fields.append(("interface", .string(rng.pick(["lo", "nosuchif0"])))) }
+        var first = a.first + UInt16(rng.below(a.portCount))
+        if rng.oneIn(5) { first = a.last < ports.upperBound ? a.last + 1 : a.first - 1 }  // just past the range
+        if first < ports.lowerBound || first > ports.upperBound { return }
+        fields.append(("first-port", .uint16(first)))
+        let verdict = judgeRequest(fields, capabilities: capabilities)
+        let allowed = predictInsert(c, id, verdict)
+        let (got, _) = tableCall(c, "Insert", [.uint32(id), .vardict(fields)])
+        guard expect("\(c) probe Insert \(id) \(fields.map { "\($0.0)=\($0.1)" }.joined(separator: ",")) next to \(a)", got, allowed) else {
+            resync()
+            return
+        }
+        guard got == ContractError.success else { return }
+        applyChange("Insert", id, rule: verdict.rule)
+        stepSimpleCall(c, "Activate", id)
+        if rng.oneIn(2) {
+            stepSimpleCall(c, "Deactivate", id)
+            stepSimpleCall(c, "Delete", id)
+        }
+    }
+
+    /// One Delete, Activate or Deactivate of `id` by `c`, checked against the model.
+    func stepSimpleCall(_ c: FuzzClient, _ member: String, _ id: UInt32) {
+        let wanted = predictChange(c, member, id)
+        let (got, _) = tableCall(c, member, [.uint32(id)])
+        expect("\(c) \(member) \(id)", got, wanted)
+        if got == ContractError.success && wanted == ContractError.success { applyChange(member, id) }
+        if got != wanted { resync() }
     }
 
     /// Wrong signatures, unknown members, interfaces and objects, properties.
@@ -804,7 +852,8 @@ final class FuzzRun {
                 let (got, _) = tableCall(c, "List", [])
                 expect("List", got, ContractError.success)
             case ..<780: stepApply()
-            case ..<880: stepHostile()
+            case ..<830: stepHostile()
+            case ..<880: stepConflictProbe()
             default: stepManager()
             }
             if i % 25 == 0 { check() }
@@ -842,6 +891,7 @@ final class FuzzRun {
             fds beyond sockets max \(maxFDs) (baseline \(fdBaseline)), \(boundByActivate) sockets bound by Activate
               calls: \(callText)
               errors: \(errorText)
+              conflicts predicted: \(conflictKinds.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
               cases the documents leave open: \(openText.isEmpty ? "none met" : openText)
             """)
     }
@@ -933,6 +983,20 @@ struct ModelRule: Equatable, CustomStringConvertible {
         if !interface.isEmpty && !o.interface.isEmpty && interface != o.interface { return false }
         guard let a = address, let b = o.address else { return true }
         return a.v6 == b.v6 && (a.isWildcard || b.isWildcard || a == b)
+    }
+
+    /// How two conflicting rules' addresses match, for the summary: a dual-stack rule, a
+    /// wildcard of one family, or equal addresses; and whether an interface was named.
+    func conflictKind(with o: ModelRule) -> String {
+        let how: String
+        if address == nil || o.address == nil {
+            how = "dual-stack"
+        } else if address!.isWildcard || o.address!.isWildcard {
+            how = address == o.address ? "equal wildcards" : "wildcard vs specific"
+        } else {
+            how = "equal addresses"
+        }
+        return interface.isEmpty && o.interface.isEmpty ? how : how + " (interface)"
     }
 
     var description: String {
