@@ -30,7 +30,7 @@ struct FuzzTests {
     func fuzz() throws {
         let env = ProcessInfo.processInfo.environment
         let seed = env["PESTO_FUZZ_SEED"].flatMap { UInt64($0) } ?? Self.defaultSeed
-        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 5_000
+        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 6_000
         print("FuzzTests: seed \(seed), \(steps) steps (PESTO_FUZZ_SEED=\(seed) PESTO_FUZZ_STEPS=\(steps) to reproduce)")
         let run = try FuzzRun(seed: seed)
         try run.run(steps: steps)
