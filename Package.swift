@@ -55,6 +55,13 @@ let package = Package(
             dependencies: ["PestoEngine", "CPestoSys"],
             path: "Benchmarks/LoadGenerator"
         ),
+        // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
+        // killed clients and killed pestods, with a ledger of acknowledged changes.
+        .executableTarget(
+            name: "pesto-soak",
+            dependencies: ["PestoEngine", "PestoService", "PestoTestSupport"],
+            path: "Benchmarks/Soak"
+        ),
         // Socket helpers shared by the test targets.
         .target(name: "PestoTestSupport", dependencies: ["PestoEngine", "CPestoSys"], path: "Tests/PestoTestSupport"),
         .testTarget(name: "PestoEngineTests", dependencies: ["PestoEngine", "CPestoSys", "PestoTestSupport"]),

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds pestod, pesto-test-peer and the soak in release mode and runs the soak; extra arguments
+# are passed on (--seconds N, default 120; --kill-every S; --clients N; --lock-holders N;
+# --seed N; --keep; -h for help). It starts its own private dbus-daemon and a release pestod
+# with --state and --control in a temp dir, drives concurrent D-Bus changes, lock transactions,
+# control-socket uploads and TCP/UDP traffic, SIGKILLs clients and pestod, and checks after
+# every restart that no acknowledged change was lost. Loopback ports below 32768 only.
+# Needs dbus-daemon on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# One product per invocation: `swift build` takes a single --product.
+for product in pestod pesto-test-peer pesto-soak; do
+    swift build -c release --product "$product" >/dev/null
+done
+exec .build/release/pesto-soak "$@"
