@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/syscall.h>
 #include <pthread.h>
 #include <netinet/in.h>
 #include "CPestoSys.h"
@@ -31,6 +32,16 @@ int pesto_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 int pesto_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
     return accept4(fd, addr, len, flags);
+}
+
+int pesto_pidfd_open(pid_t pid)
+{
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int pesto_pidfd_getfd(int pidfd, int targetfd)
+{
+    return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
 }
 
 const char *pesto_errno_name(int err) { return strerrorname_np(err); }

@@ -8,6 +8,7 @@
 
 import Foundation
 import PestoEngine
+import PestoTestSupport
 import Testing
 
 @testable import PestoService
@@ -236,8 +237,7 @@ final class PestodFixture {
 
         /// The listening sockets on `port` (hex in /proc/net notation).
         func sockets(onPort port: UInt16) -> [String] {
-            let suffix = ":" + String(port, radix: 16, uppercase: true).leftPadded(to: 4)
-            return sockets.filter { $0.split(separator: " ")[1].hasSuffix(suffix) }
+            sockets.filter { $0.split(separator: " ")[1].hasSuffix(":\(port)") }
         }
     }
 
@@ -257,7 +257,7 @@ final class PestodFixture {
         }
     }
 
-    /// pestod's listening TCP sockets and bound UDP sockets: "proto local-address inode", sorted.
+    /// pestod's listening TCP sockets and bound UDP sockets: "proto address:port #inode", sorted.
     func listeningSockets() -> [String] {
         listeningSocketsOf(pid: pestod.pid)
     }
@@ -280,29 +280,10 @@ struct FixtureError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// The listening sockets of process `pid`, from /proc/PID/fd and /proc/PID/net/{tcp,tcp6,udp,udp6}.
+/// The listening sockets of process `pid` (`ProcessSockets`), one description each, sorted.
 func listeningSocketsOf(pid: Int32) -> [String] {
-    let fdDir = "/proc/\(pid)/fd"
-    var inodes = Set<String>()
-    for fd in (try? FileManager.default.contentsOfDirectory(atPath: fdDir)) ?? [] {
-        if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fdDir)/\(fd)"), target.hasPrefix("socket:[") {
-            inodes.insert(String(target.dropFirst(8).dropLast()))
-        }
-    }
-    var result: [String] = []
-    for proto in ["tcp", "tcp6", "udp", "udp6"] {
-        // readFile reads to end of file: Foundation's String(contentsOfFile:) stops after the
-        // first 4 KiB of a /proc file (its stat size is 0), missing sockets on a busy host.
-        guard let bytes = readFile("/proc/\(pid)/net/\(proto)", limit: 1 << 28) else { continue }
-        let text = String(decoding: bytes, as: UTF8.self)
-        for line in text.split(separator: "\n").dropFirst() {
-            let f = line.split(separator: " ")
-            guard f.count > 9 else { continue }
-            let listening = proto.hasPrefix("tcp") ? f[3] == "0A" : f[3] == "07"
-            if listening && inodes.contains(String(f[9])) { result.append("\(proto) \(f[1]) \(f[9])") }
-        }
-    }
-    return result.sorted()
+    // Asked of the sockets themselves: /proc/PID/net/* can skip entries on a busy host.
+    (ProcessSockets.listening(pid: pid) ?? []).map(\.description)
 }
 
 /// A datagram socket that receives sd_notify messages.
@@ -371,9 +352,4 @@ final class SignalCollector {
                 && Array((m.arguments ?? []).prefix(args.count)) == args
         }
     }
-}
-
-extension String {
-    /// The string with zeros in front up to `width` characters.
-    func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
 }

@@ -82,7 +82,6 @@ final class FuzzRun {
     /// A socket of the test's own on a private port, so that some binds fail and are retried.
     var holder: Int32?
     /// How `sockets()` found pestod's listeners (for the summary).
-    var socketSource = ""
     /// Sockets bound by successful Activate calls, in all.
     var boundByActivate = 0
 
@@ -719,58 +718,9 @@ final class FuzzRun {
     }
 
     /// The listening sockets' (proto, family is IPv6, port): pestod's TCP sockets in the listening
-    /// state and its unconnected UDP sockets.
-    ///
-    /// Each of pestod's descriptors is duplicated into this process (pidfd_getfd) and asked
-    /// directly, instead of reading /proc/PID/net/tcp: that file is produced in pieces, and
-    /// while the machine's socket tables churn (other tests, benchmarks with thousands of
-    /// listeners) a read can skip entries. Falls back to /proc where pidfd_getfd is missing.
+    /// state and its unconnected UDP sockets, asked of the sockets themselves (`ProcessSockets`).
     func sockets() -> [(proto: String, v6: Bool, port: UInt16)] {
-        typealias PidfdOpen = @convention(c) (pid_t, UInt32) -> Int32
-        typealias PidfdGetfd = @convention(c) (Int32, Int32, UInt32) -> Int32
-        guard let openSymbol = dlsym(nil, "pidfd_open"), let getfdSymbol = dlsym(nil, "pidfd_getfd") else { return socketsFromProc() }
-        let pidfd = unsafeBitCast(openSymbol, to: PidfdOpen.self)(pid, 0)
-        guard pidfd >= 0 else { return socketsFromProc() }
-        socketSource = "pidfd_getfd"
-        defer { close(pidfd) }
-        let getfd = unsafeBitCast(getfdSymbol, to: PidfdGetfd.self)
-        let dir = "/proc/\(pid)/fd"
-        var result: [(proto: String, v6: Bool, port: UInt16)] = []
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] {
-            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\(name)"), target.hasPrefix("socket:["),
-                  let number = Int32(name)
-            else { continue }
-            let fd = getfd(pidfd, number, 0)
-            guard fd >= 0 else { continue }  // closed meanwhile
-            defer { close(fd) }
-            guard let domain = TestSockets.option(fd, level: SOL_SOCKET, name: SO_DOMAIN), domain == AF_INET || domain == AF_INET6,
-                  let type = TestSockets.option(fd, level: SOL_SOCKET, name: SO_TYPE)
-            else { continue }
-            var address = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            if type == Int32(SOCK_STREAM.rawValue) {
-                guard TestSockets.option(fd, level: SOL_SOCKET, name: SO_ACCEPTCONN) == 1 else { continue }
-            } else {
-                // A connected UDP socket (a relayed flow's) is not a listener.
-                let connected = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) } } == 0
-                if connected { continue }
-                length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            }
-            guard withUnsafeMutablePointer(to: &address, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }) == 0 else { continue }
-            let port = withUnsafeBytes(of: &address) { UInt16($0[2]) << 8 | UInt16($0[3]) }  // sin_port / sin6_port, network order
-            result.append((type == Int32(SOCK_STREAM.rawValue) ? "tcp" : "udp", domain == AF_INET6, port))
-        }
-        return result
-    }
-
-    /// The listening sockets as /proc/PID/net lists them (see `sockets()`).
-    func socketsFromProc() -> [(proto: String, v6: Bool, port: UInt16)] {
-        socketSource = "/proc/PID/net"
-        return listeningSocketsOf(pid: pid).compactMap { line in
-            let f = line.split(separator: " ")
-            guard f.count == 3, let portHex = f[1].split(separator: ":").last, let port = UInt16(portHex, radix: 16) else { return nil }
-            return (f[0].hasPrefix("tcp") ? "tcp" : "udp", f[0].hasSuffix("6"), port)
-        }
+        (ProcessSockets.listening(pid: pid) ?? []).map { ($0.proto, $0.ipv6, $0.port) }
     }
 
     /// Every descriptor of pestod and what it is, for diagnostics.
@@ -937,7 +887,7 @@ final class FuzzRun {
         print("""
             FuzzTests summary: seed \(seed), \(step) steps, \(checks) invariant checks, \(violations) violations, \
             \(String(format: "%.1f", seconds)) s, \(model.count) rules (\(model.values.filter(\.active).count) active) at the end, \
-            fds beyond sockets max \(maxFDs) (baseline \(fdBaseline)), sockets read with \(socketSource), \(boundByActivate) sockets bound by Activate
+            fds beyond sockets max \(maxFDs) (baseline \(fdBaseline)), \(boundByActivate) sockets bound by Activate
               calls: \(callText)
               errors: \(errorText)
               conflicts predicted: \(conflictKinds.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))

@@ -36,6 +36,12 @@ int pesto_pipe2(int fds[_Nonnull 2], int flags);
 /* accept4(2). */
 int pesto_accept4(int fd, struct sockaddr *_Nullable addr, socklen_t *_Nullable len, int flags);
 
+/* pidfd_open(2) and pidfd_getfd(2), through syscall(2) (glibc 2.36 declares them only in
+ * <sys/pidfd.h>): a copy of another process's descriptor, for tests that look at pestod's
+ * sockets directly. */
+int pesto_pidfd_open(pid_t pid);
+int pesto_pidfd_getfd(int pidfd, int targetfd);
+
 /* Makes SIGTERM, SIGINT and SIGHUP write 8 bytes to `fd` (an eventfd) and unblocks them
  * (a parent may have started us with them blocked); ignores SIGPIPE, so a peer closing a
  * socket is an EPIPE error and never kills the process. Returns 0, or -1 with errno. */
