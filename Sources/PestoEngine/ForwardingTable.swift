@@ -438,7 +438,10 @@ public final class ForwardingTable {
 
     /// The IDs of the active scan rules with their ranges, for the scanner.
     public var activeScanRules: [(id: UInt32, rule: Rule)] {
-        idsInOrder().map { entries[slots[$0]!] }.filter { $0.rule.scan && $0.sockets != nil }.map { ($0.id, $0.rule) }
+        idsInOrder().compactMap { id in
+            let entry = entries[slots[id]!]
+            return entry.rule.scan && entry.sockets != nil ? (id, entry.rule) : nil
+        }
     }
 
     /// Makes scan rule `id` listen on exactly the ports of its range for which `wanted` is

@@ -10,7 +10,7 @@
 // narrower than the seed's "deactivate all removed rules" on purpose: a removed rule that
 // does not overlap a new one keeps its sockets until the update is known to succeed, so a
 // rolled-back update never closes and reopens it. Every step costs O(ports involved) (plus a
-// binary search per rule): step 2 asks an index of the new rules (ConflictIndex.swift) rather
+// hash lookup per rule): step 2 asks an index of the new rules (ConflictIndex.swift) rather
 // than comparing each removed rule with each new one.
 
 import PestoEngine
