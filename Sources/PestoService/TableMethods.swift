@@ -102,7 +102,7 @@ extension PestoServer {
                 if !insertedIDs.insert(id).inserted {
                     throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
                 }
-                inserts.append((id, try RuleCodec.decodeValid(fields[1], capabilities: capabilities)))
+                inserts.append((id, try RuleCodec.decode(fields[1])))
             }
             var removedIDs = Set<UInt32>(minimumCapacity: removeItems.count)
             for item in removeItems {
@@ -113,6 +113,11 @@ extension PestoServer {
                 if removedIDs.insert(id).inserted { removes.append(id) }
             }
             tolerance = try BindTolerance(applyOptions: args[2])
+            // Last, so every InvalidArgs of the message comes first, as it always did; the
+            // first invalid rule in array order is the one reported, as when inserting.
+            for (_, rule) in inserts {
+                do { try rule.validate(capabilities: capabilities) } catch { throw DBusErrorReply(error) }
+            }
         }
     }
 

@@ -213,6 +213,10 @@ final class FuzzRun {
     /// The answer the model expects to a single-rule change by `c`, applied to the model on success.
     /// `rule` is the decoded rule for Insert.
     func predictChange(_ c: FuzzClient, _ member: String, _ id: UInt32, rule: Rule? = nil) -> String {
+        // Rules are validated while decoding, before authorisation and the lock.
+        if member == "Insert" {
+            do { try rule!.validate(capabilities: capabilities) } catch { return Self.prefix + "InvalidRule" }
+        }
         if let owner = lockOwner, owner != c { return Self.prefix + "Locked" }
         switch member {
         case "Insert":
@@ -364,6 +368,10 @@ final class FuzzRun {
             case ("max-failures", .uint32), ("best-effort", .bool): break
             default: return (DBusErrorReply.invalidArgs, false)
             }
+        }
+        // Then every rule is validated, still before authorisation and the lock.
+        for (_, rule) in rules {
+            do { try rule.validate(capabilities: capabilities) } catch { return (Self.prefix + "InvalidRule", false) }
         }
         if let owner = lockOwner, owner != c { return (Self.prefix + "Locked", false) }
         var removes: [UInt32] = []
