@@ -3,7 +3,8 @@
 //
 // Phases, each timed from the request to its answer (D-Bus reply, or the control socket
 // being closed after the update was applied), on a fresh private bus and pestod started
-// with `--control` (MaxRules 65,535, the default):
+// with `--control` and `--max-rules 65536` (65,535 for the rules below, one for the rule
+// the prober reads):
 //   1. Apply inserting 65,535 single-port TCP rules, each on its own address of 127.0.0.0/8
 //      (127.3.x.y) and one port below the ephemeral range (--large-port, default 24001), so
 //      no two conflict but all share the port. Activation binds for real: under a ~20,000
@@ -11,11 +12,14 @@
 //      ports then fail without a syscall), so the option `max-failures` 1 lets every
 //      single-port rule through. The reply's bound/failed totals are printed.
 //   2. Apply removing the 65,535 rules.
-//   3. An upload of the same 65,535 rules, weak, on the control socket (upstream's wire
-//      protocol): inserted under fresh IDs and activated.
+//   3. An upload of 65,535 such rules, weak, on the control socket (upstream's wire
+//      protocol): inserted under fresh IDs and activated. These rules name an interface that
+//      does not exist (`pesto-bench0`), so each bind fails at once with ENODEV and keeps no
+//      descriptor: at the descriptor limit pestod could not accept the next control client.
 //   4. The same upload again: every rule matches an active one and is kept (the diff alone).
 // During each phase a prober — this binary run as `--status-prober ADDRESS ID`, a separate
-// process with its own bus connection — calls `Status` back to back and, once its stdin is
+// process with its own bus connection — calls `Status` back to back (each call given up to
+// --large-timeout seconds) and, once its stdin is
 // closed, prints the count, median and maximum round trip. A request that takes longer than
 // --large-timeout seconds (default 300) is reported as such (old pestods needed minutes).
 
@@ -28,7 +32,7 @@ import Glibc
 
 /// Runs as the prober: `Status(id)` back to back until stdin reports EOF, then one line
 /// `calls N median_ms X max_ms Y errors E` on stdout.
-func runStatusProber(address: String, id: UInt32) -> Never {
+func runStatusProber(address: String, id: UInt32, timeoutSeconds: Int) -> Never {
     guard let connection = try? DBusConnection(.address(address)) else {
         print("prober: cannot connect")
         exit(1)
@@ -40,7 +44,7 @@ func runStatusProber(address: String, id: UInt32) -> Never {
         if poll(&pfd, 1, 0) > 0 { break }  // EOF (or anything) on stdin: the phase is over
         let start = seconds()
         do {
-            _ = try connection.call(busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: 600_000)
+            _ = try connection.call(busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: Int32(timeoutSeconds * 1000))
         } catch {
             errors += 1
         }
@@ -59,11 +63,11 @@ struct StatusProber {
     let stdoutRead: Int32
 
     /// Starts this binary as a prober on `address` for rule `id`.
-    static func start(address: String, id: UInt32) throws -> StatusProber {
+    static func start(address: String, id: UInt32, timeoutSeconds: Int) throws -> StatusProber {
         let input = try makePipe()
         let output = try makePipe()
         let me = try executableDirectory() + "/pesto-dbus-bench"
-        let pid = try spawn(me, ["--status-prober", address, String(id)], stdin: input.read, stdout: .descriptor(output.write))
+        let pid = try spawn(me, ["--status-prober", address, String(id), String(timeoutSeconds)], stdin: input.read, stdout: .descriptor(output.write))
         cleanup.add(child: pid)
         close(input.read)
         close(output.write)
@@ -71,9 +75,9 @@ struct StatusProber {
     }
 
     /// Ends the probing and returns the prober's summary line.
-    func finish() -> String {
+    func finish(timeoutSeconds: Int) -> String {
         close(stdinWrite)
-        let line = readLine(from: stdoutRead, until: MonotonicInstant.now.adding(milliseconds: 700_000)) ?? "no answer"
+        let line = readLine(from: stdoutRead, until: MonotonicInstant.now.adding(milliseconds: (timeoutSeconds + 10) * 1000)) ?? "no answer"
         close(stdoutRead)
         _ = waitExit(pid)
         cleanup.remove(child: pid)
@@ -81,8 +85,9 @@ struct StatusProber {
     }
 }
 
-/// One 56-byte rule of upstream's wire format: TCP, IPv4 `address`, one port, weak.
-func wireRule(_ address: IPAddress, port: UInt16) -> [UInt8] {
+/// One 56-byte rule of upstream's wire format: TCP, IPv4 `address`, one port, weak, bound to
+/// the interface `ifname` (at most 15 bytes).
+func wireRule(_ address: IPAddress, port: UInt16, ifname: String) -> [UInt8] {
     var r = [UInt8](repeating: 0, count: 56)
     guard case .v4(let a) = address else { return r }
     r[10] = 0xFF
@@ -92,6 +97,7 @@ func wireRule(_ address: IPAddress, port: UInt16) -> [UInt8] {
         r[offset] = UInt8(value >> 8)
         r[offset + 1] = UInt8(value & 0xFF)
     }
+    for (i, byte) in ifname.utf8.prefix(15).enumerated() { r[32 + i] = byte }
     r[54] = 6  // TCP
     r[55] = 0x02  // weak
     return r
@@ -139,7 +145,7 @@ func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: In
 func runLargeRequestBenchmark(_ settings: Settings) throws {
     let pestod = try executableDirectory() + "/pestod"
     guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
-    let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
+    let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder, "--max-rules", "65536"] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
     defer { fixture.stop() }
     let address = fixture.address
     let n = 65_535
@@ -157,12 +163,12 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
 
     func phase(_ name: String, _ body: () throws -> String) {
         do {
-            let prober = try StatusProber.start(address: address, id: statusID)
+            let prober = try StatusProber.start(address: address, id: statusID, timeoutSeconds: timeout)
             let start = seconds()
             let outcome: String
             do { outcome = try body() } catch { outcome = "failed: \(error)" }
             let elapsed = seconds() - start
-            let probe = prober.finish()
+            let probe = prober.finish(timeoutSeconds: timeout)
             print("\(pad(name, 36)) \(fmt(elapsed, 2, width: 8)) s   \(outcome)")
             print("\(pad("", 36)) concurrent Status: \(probe)")
         } catch {
@@ -189,7 +195,7 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
     }
     var upload: [UInt8] = [1, UInt8(n >> 24 & 0xFF), UInt8(n >> 16 & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n & 0xFF)]
     upload.reserveCapacity(5 + 56 * n + 1)
-    for a in addresses { upload += wireRule(a, port: port) }
+    for a in addresses { upload += wireRule(a, port: port, ifname: "pesto-bench0") }
     upload.append(0)
     phase("control socket: upload \(n) (new)") {
         _ = try uploadOnControlSocket(fixture.controlPath, upload, timeoutSeconds: timeout)

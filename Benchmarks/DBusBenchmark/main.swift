@@ -408,8 +408,10 @@ func runBenchmark(_ settings: Settings) throws {
     print("pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))")
 }
 
-if CommandLine.arguments.count == 4, CommandLine.arguments[1] == "--status-prober", let id = UInt32(CommandLine.arguments[3]) {
-    runStatusProber(address: CommandLine.arguments[2], id: id)
+if CommandLine.arguments.count == 5, CommandLine.arguments[1] == "--status-prober",
+    let id = UInt32(CommandLine.arguments[3]), let timeout = Int(CommandLine.arguments[4])
+{
+    runStatusProber(address: CommandLine.arguments[2], id: id, timeoutSeconds: timeout)
 }
 installSignalCleanup()
 let settings = Settings.parse(CommandLine.arguments)
