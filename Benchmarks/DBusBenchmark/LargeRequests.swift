@@ -3,8 +3,8 @@
 //
 // Phases, each timed from the request to its answer (D-Bus reply, or the control socket
 // being closed after the update was applied), on a fresh private bus and pestod started
-// with `--control` and `--max-rules 65536` (65,535 for the rules below, one for the rule
-// the prober reads):
+// with `--control` (its session timeout raised to --large-timeout) and `--max-rules 65536`
+// (65,535 for the rules below, one for the rule the prober reads):
 //   1. Apply inserting 65,535 single-port TCP rules, each on its own address of 127.0.0.0/8
 //      (127.3.x.y) and one port below the ephemeral range (--large-port, default 24001), so
 //      no two conflict but all share the port. Activation binds for real: under a ~20,000
@@ -145,7 +145,7 @@ func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: In
 func runLargeRequestBenchmark(_ settings: Settings) throws {
     let pestod = try executableDirectory() + "/pestod"
     guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
-    let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder, "--max-rules", "65536"] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
+    let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder, "--control-timeout", String(min(settings.largeTimeoutSeconds * 1000, 600_000)), "--max-rules", "65536"] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
     defer { fixture.stop() }
     let address = fixture.address
     let n = 65_535
