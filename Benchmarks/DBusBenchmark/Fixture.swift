@@ -17,6 +17,10 @@ struct Fixture {
     let pestodPID: pid_t
     /// pestod's stderr (its log).
     var logPath: String { directory + "/pestod.log" }
+    /// Where pestod's control socket is when `controlPlaceholder` is among its arguments.
+    var controlPath: String { directory + "/control.sock" }
+    /// Stands for `controlPath` in `start`'s pestod arguments (the directory is made there).
+    static let controlPlaceholder = "@CONTROL"
 
     /// Longest wait for the bus address or for READY=1.
     static let startTimeoutMilliseconds = 10_000
@@ -72,7 +76,7 @@ struct Fixture {
 
         // 3. pestod.
         let pestodPID = try spawn(
-            pestod, ["--address", address, "--authorize", "none"] + pestodArguments,
+            pestod, ["--address", address, "--authorize", "none"] + pestodArguments.map { $0 == controlPlaceholder ? dir + "/control.sock" : $0 },
             environment: ["NOTIFY_SOCKET=\(notifyPath)"],
             stdout: .file(dir + "/pestod.out"), stderr: .file(dir + "/pestod.log"))
         cleanup.add(child: pestodPID)
@@ -120,6 +124,13 @@ struct Fixture {
             if n <= 0 { return lines }
             for b in buffer[0..<n] where b == UInt8(ascii: "\n") { lines += 1 }
         }
+    }
+
+    /// The last line of pestod's log containing `text`, without its timestamp prefix ("" if none).
+    func lastLogLine(containing text: String) -> String {
+        let line = readFile(logPath).split(separator: "\n").last { $0.contains(text) } ?? ""
+        guard let at = line.indices.first(where: { line[$0...].hasPrefix(text) }) else { return String(line) }
+        return String(line[at...])
     }
 
     /// SIGKILLs pestod and dbus-daemon and removes the temp dir.

@@ -150,10 +150,10 @@ func makePipe() throws -> (read: Int32, write: Int32) {
 /// Starts `program` with posix_spawn (posix_spawnp when `program` has no slash) and returns its
 /// PID. The child gets an empty signal mask and default dispositions for the signals we handle
 /// (a child must never inherit our blocked SIGTERM), our environment plus `environment`, and
-/// stdout/stderr as asked; stdin is /dev/null.
+/// stdout/stderr as asked; stdin is `stdin` (a descriptor of ours) or /dev/null.
 func spawn(
     _ program: String, _ arguments: [String], environment: [String] = [],
-    stdout: Redirect = .inherit, stderr: Redirect = .inherit
+    stdin: Int32? = nil, stdout: Redirect = .inherit, stderr: Redirect = .inherit
 ) throws -> pid_t {
     var argv: [UnsafeMutablePointer<CChar>?] = ([program] + arguments).map { strdup($0) } + [nil]
     defer { for p in argv { free(p) } }
@@ -172,7 +172,11 @@ func spawn(
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    if let stdin {
+        posix_spawn_file_actions_adddup2(&actions, stdin, 0)
+    } else {
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    }
     for (fd, redirect) in [(Int32(1), stdout), (Int32(2), stderr)] {
         switch redirect {
         case .inherit: break

@@ -41,6 +41,9 @@
 // (their SIGTERM may be blocked); the temp dir is removed on every exit path, including
 // SIGINT/SIGTERM/SIGHUP, which a dedicated thread catches with sigwait. pestod's peak RSS
 // (VmHWM) is read from /proc before it is killed.
+//
+// `--large` measures something else: the largest requests, and how long another client waits
+// meanwhile (LargeRequests.swift).
 
 import PestoEngine
 import PestoService
@@ -58,6 +61,12 @@ struct Settings {
     var verbose = false
     /// The CPU every process is pinned to; nil: not pinned. Default: the first allowed CPU.
     var cpu: Int? = allowedCPUs().first
+    /// Run the large-request benchmark (LargeRequests.swift) instead of the round trips.
+    var large = false
+    /// The port of the large benchmark's rules (below the ephemeral range).
+    var largePort: UInt16 = 24_001
+    /// Longest wait for one large request, in seconds.
+    var largeTimeoutSeconds = 300
 
     static let usage = """
         usage: pesto-dbus-bench [--runs N] [--seconds S] [--iterations N] [--pestod-log-level LEVEL] [--cpu N|none] [--verbose]
@@ -72,6 +81,11 @@ struct Settings {
                             round trips that cross CPUs are much slower on some VMs and the
                             figures jump between two levels from run to run
           --verbose         also print every run's figure
+          --large           instead: time an Apply of 65,535 rules, its removal, and two
+                            65,535-rule uploads on the control socket, each with the latency
+                            of a concurrent Status from a second client (not pinned)
+          --large-port P    the port of those rules (default 24001, below the ephemeral range)
+          --large-timeout S longest wait for one of those requests (default 300)
         """
 
     /// Parses the arguments; prints usage and exits on -h or a bad argument.
@@ -107,6 +121,14 @@ struct Settings {
                     guard let n = Int(v), n >= 0 else { bad("--cpu wants a CPU number or none") }
                     s.cpu = n
                 }
+            case "--large":
+                s.large = true
+            case "--large-port":
+                guard let p = UInt16(value(arg)), p > 0 else { bad("--large-port wants 1...65535") }
+                s.largePort = p
+            case "--large-timeout":
+                guard let t = Int(value(arg)), (1...3600).contains(t) else { bad("--large-timeout wants 1...3600") }
+                s.largeTimeoutSeconds = t
             case "-v", "--verbose":
                 s.verbose = true
             case "-h", "--help":
@@ -386,10 +408,15 @@ func runBenchmark(_ settings: Settings) throws {
     print("pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))")
 }
 
+if CommandLine.arguments.count == 5, CommandLine.arguments[1] == "--status-prober",
+    let id = UInt32(CommandLine.arguments[3]), let timeout = Int(CommandLine.arguments[4])
+{
+    runStatusProber(address: CommandLine.arguments[2], id: id, timeoutSeconds: timeout)
+}
 installSignalCleanup()
 let settings = Settings.parse(CommandLine.arguments)
 do {
-    try runBenchmark(settings)
+    if settings.large { try runLargeRequestBenchmark(settings) } else { try runBenchmark(settings) }
 } catch {
     cleanup.run()
     printError("pesto-dbus-bench: \(error)")

@@ -2,13 +2,17 @@
 //
 // Theory of operation
 // -------------------
-// The table is the seed's "persistent rule IDs" design: rules are kept packed in an array
-// sorted by their client-chosen u32 ID, found by binary search; table order is ID order.
-// Each rule is inserted inactive and must be deactivated before it is deleted.
+// The table is the seed's "persistent rule IDs" design: rules are found by their
+// client-chosen u32 ID, and table order is ID order. The entries are kept in an array in no
+// particular order, with a dictionary from ID to position: inserting appends, deleting moves
+// the last entry into the hole, so neither costs more than O(1) whatever the IDs. The IDs in
+// ascending order are kept alongside, extended in place while IDs arrive in ascending order
+// (the usual case) and otherwise re-sorted once, at the next read that needs the order
+// (`ids`, `list`, `read(atIndex:)`, the retry pass). Each rule is inserted inactive and must
+// be deactivated before it is deleted.
 //
 //   Insert      checks (RuleExists, InvalidRule, NoSpace) and stores the rule inactive.
-//               Inserting moves later entries in the array but touches no socket.
-//   Activate    checks the rule against every *active* rule (Conflict), then opens one
+//   Activate    checks the rule against the *active* rules (Conflict), then opens one
 //               listening socket per port. Binds that fail are counted, not fatal: the call
 //               completes and returns (bound, failed). Once descriptors run out (EMFILE,
 //               ENFILE) the remaining ports fail at once instead of each calling socket().
@@ -18,12 +22,16 @@
 //               calls it every second. A pass stops at the first EMFILE/ENFILE.
 //
 // Invariants, true between any two calls:
-//   - entries are strictly ascending by ID;
+//   - `slots[id]` is the position in `entries` of the entry with that ID, for every entry;
+//   - unless `sortedIDsStale`, `sortedIDs` is every ID in ascending order;
 //   - an entry has `sockets` exactly when it is active;
 //   - no operation on one rule opens, closes or moves a socket of another rule;
 //   - an operation that throws has changed nothing;
 //   - `reservedSockets` is the sum of the port counts of all rules, `openSockets` the number
-//     of descriptors held, `activeCount` the number of active entries.
+//     of descriptors held, `activeCount` the number of active entries;
+//   - `activeIndex` (ConflictIndex.swift) counts exactly the active rules, so the conflict
+//     check of an activation costs a few probes per port of the rule, not a comparison with
+//     every active rule; only a failing check scans, to name the lowest conflicting ID.
 //
 // Every state change of a rule (activation, deactivation, a retry that changes its counts)
 // is reported once to `onStateChange`, which the service turns into D-Bus signals.
@@ -118,10 +126,25 @@ public final class ForwardingTable {
     public weak var listenerObserver: (any ListenerObserver)?
 
     private let factory: any ListenerFactory
+    /// The rules, in no particular order (see the theory of operation).
     private var entries: [Entry] = []
+    /// The position in `entries` of each ID.
+    private var slots: [UInt32: Int] = [:]
+    /// Every ID in ascending order, unless `sortedIDsStale`.
+    private var sortedIDs: [UInt32] = []
+    /// True when `sortedIDs` must be rebuilt before it is used.
+    private var sortedIDsStale = false
     private(set) public var reservedSockets = 0
     private(set) public var openSockets = 0
     private(set) public var activeCount = 0
+    /// The active rules, indexed by protocol, port, interface and address.
+    private var activeIndex = ConflictIndex()
+    /// Rules compared one by one while naming a conflicting rule (for tests of the cost).
+    private var conflictScanComparisons = 0
+
+    /// Work done by conflict checks so far: index probes plus rule comparisons. Tests use it
+    /// to show that activating n rules costs O(n), not O(n²).
+    var conflictCheckCost: Int { activeIndex.probes + conflictScanComparisons }
 
     /// Slot value of a port whose bind failed and is to be retried.
     static let failedSlot: Int32 = -1
@@ -186,27 +209,25 @@ public final class ForwardingTable {
     public var ruleCount: Int { entries.count }
 
     /// The IDs of all rules in table order.
-    public var ids: [UInt32] { entries.map(\.id) }
+    public var ids: [UInt32] { idsInOrder() }
 
-    /// Position of `id` in the table, or where it would be inserted.
-    private func search(_ id: UInt32) -> (index: Int, found: Bool) {
-        var low = 0
-        var high = entries.count
-        while low < high {
-            let mid = (low + high) / 2
-            if entries[mid].id < id { low = mid + 1 } else { high = mid }
+    /// Every ID in ascending order; sorts once after out-of-order inserts or deletes.
+    private func idsInOrder() -> [UInt32] {
+        if sortedIDsStale {
+            sortedIDs = entries.map(\.id).sorted()
+            sortedIDsStale = false
         }
-        return (low, low < entries.count && entries[low].id == id)
+        return sortedIDs
     }
 
+    /// Position of `id` in `entries`.
     private func index(of id: UInt32) throws(PestoError) -> Int {
-        let (i, found) = search(id)
-        guard found else { throw PestoError(.noSuchRule, "The \(kind.name) table has no rule \(id).") }
+        guard let i = slots[id] else { throw PestoError(.noSuchRule, "The \(kind.name) table has no rule \(id).") }
         return i
     }
 
     /// Whether a rule with this ID exists.
-    public func contains(_ id: UInt32) -> Bool { search(id).found }
+    public func contains(_ id: UInt32) -> Bool { slots[id] != nil }
 
     /// The rule stored under `id`.
     public func read(_ id: UInt32) throws(PestoError) -> Rule { entries[try index(of: id)].rule }
@@ -216,7 +237,8 @@ public final class ForwardingTable {
         guard position >= 0 && position < entries.count else {
             throw PestoError(.noSuchRule, "The \(kind.name) table has \(entries.count) rules; there is none at index \(position).")
         }
-        return (entries[position].id, entries[position].rule)
+        let entry = entries[slots[idsInOrder()[position]]!]
+        return (entry.id, entry.rule)
     }
 
     /// The state of rule `id`.
@@ -226,7 +248,10 @@ public final class ForwardingTable {
 
     /// Every rule with its state, in ID order.
     public func list() -> [(id: UInt32, rule: Rule, status: RuleStatus)] {
-        entries.map { ($0.id, $0.rule, $0.sockets?.status ?? .inactive) }
+        idsInOrder().map { id in
+            let entry = entries[slots[id]!]
+            return (id, entry.rule, entry.sockets?.status ?? .inactive)
+        }
     }
 
     /// The listening descriptors of rule `id` with their ports (empty when inactive).
@@ -244,8 +269,7 @@ public final class ForwardingTable {
     ///
     /// - Throws: `RuleExists`, `InvalidRule`, `NoSpace`; nothing changes on error.
     public func insert(id: UInt32, rule: Rule) throws(PestoError) {
-        let (i, found) = search(id)
-        if found { throw PestoError(.ruleExists, "The \(kind.name) table already has a rule \(id); delete it first or pick another ID.") }
+        if slots[id] != nil { throw PestoError(.ruleExists, "The \(kind.name) table already has a rule \(id); delete it first or pick another ID.") }
         try rule.validate(capabilities: capabilities)
         if entries.count >= limits.maxRules {
             throw PestoError(.noSpace, "The \(kind.name) table is full: it holds at most \(limits.maxRules) rules.")
@@ -256,7 +280,13 @@ public final class ForwardingTable {
                 "The \(kind.name) table's rules may use at most \(limits.maxSockets) sockets; "
                     + "\(reservedSockets) are taken and this rule needs \(rule.portCount).")
         }
-        entries.insert(Entry(id: id, rule: rule, sockets: nil), at: i)
+        slots[id] = entries.count
+        entries.append(Entry(id: id, rule: rule, sockets: nil))
+        if !sortedIDsStale, sortedIDs.last.map({ $0 < id }) ?? true {
+            sortedIDs.append(id)
+        } else {
+            sortedIDsStale = true
+        }
         reservedSockets += rule.portCount
     }
 
@@ -269,12 +299,38 @@ public final class ForwardingTable {
             throw PestoError(.ruleActive, "Rule \(id) of the \(kind.name) table is active; deactivate it before deleting it.")
         }
         reservedSockets -= entries[i].rule.portCount
-        entries.remove(at: i)
+        // Move the last entry into the hole: O(1) wherever the rule was.
+        let last = entries.removeLast()
+        if i < entries.count {
+            entries[i] = last
+            slots[last.id] = i
+        }
+        slots[id] = nil
+        if entries.isEmpty {
+            sortedIDs = []
+            sortedIDsStale = false
+        } else if !sortedIDsStale && sortedIDs.last == id {
+            sortedIDs.removeLast()
+        } else {
+            sortedIDsStale = true
+        }
     }
 
     /// The first active rule that `rule` conflicts with, other than `id` itself.
+    ///
+    /// Asks the index first; only when it reports a conflict (or `id` itself is active and
+    /// so indexed) are the active rules scanned in ID order, to name the lowest one.
     public func conflictingRule(for rule: Rule, excluding id: UInt32) -> UInt32? {
-        entries.first { $0.sockets != nil && $0.id != id && $0.rule.conflicts(with: rule) }?.id
+        if slots[id].map({ entries[$0].sockets == nil }) ?? true {
+            guard activeIndex.conflicts(with: rule) else { return nil }
+        }
+        for other in idsInOrder() where other != id {
+            let entry = entries[slots[other]!]
+            guard entry.sockets != nil else { continue }
+            conflictScanComparisons += 1
+            if entry.rule.conflicts(with: rule) { return other }
+        }
+        return nil
     }
 
     /// Activates rule `id`: opens a listening socket for each of its ports.
@@ -321,6 +377,7 @@ public final class ForwardingTable {
             }
         }
         entries[i].sockets = sockets
+        activeIndex.add(rule)
         openSockets += Int(sockets.bound)
         activeCount += 1
         onStateChange?(RuleStateChange(id: id, status: sockets.status, cause: .activated, failuresChanged: sockets.failed != 0))
@@ -337,6 +394,7 @@ public final class ForwardingTable {
         }
         for fd in sockets.slots where fd >= 0 { closeListener(fd) }
         entries[i].sockets = nil
+        activeIndex.remove(entries[i].rule)
         openSockets -= Int(sockets.bound)
         activeCount -= 1
         onStateChange?(RuleStateChange(id: id, status: .inactive, cause: .deactivated, failuresChanged: sockets.failed != 0))
@@ -350,7 +408,8 @@ public final class ForwardingTable {
     @discardableResult
     public func retryFailedBinds() -> [UInt32] {
         var changed: [UInt32] = []
-        pass: for i in entries.indices {
+        pass: for id in idsInOrder() {
+            let i = slots[id]!
             guard let before = entries[i].sockets, before.failed > 0 else { continue }
             let rule = entries[i].rule
             var sockets = before
@@ -384,7 +443,10 @@ public final class ForwardingTable {
 
     /// The IDs of the active scan rules with their ranges, for the scanner.
     public var activeScanRules: [(id: UInt32, rule: Rule)] {
-        entries.filter { $0.rule.scan && $0.sockets != nil }.map { ($0.id, $0.rule) }
+        idsInOrder().compactMap { id in
+            let entry = entries[slots[id]!]
+            return entry.rule.scan && entry.sockets != nil ? (id, entry.rule) : nil
+        }
     }
 
     /// Makes scan rule `id` listen on exactly the ports of its range for which `wanted` is
@@ -393,8 +455,7 @@ public final class ForwardingTable {
     /// - Returns: true when the rule's sockets changed.
     @discardableResult
     public func updateScan(id: UInt32, wanted: (UInt16) -> Bool) -> Bool {
-        let (i, found) = search(id)
-        guard found, entries[i].rule.scan, let before = entries[i].sockets else { return false }
+        guard let i = slots[id], entries[i].rule.scan, let before = entries[i].sockets else { return false }
         let rule = entries[i].rule
         var sockets = before
         var changed = false

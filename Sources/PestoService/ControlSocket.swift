@@ -10,7 +10,8 @@
 //   2. read the upload into the incremental parser as it arrives;
 //   3. on the terminator, apply the upload as a difference (UpstreamUpdate.swift) and close
 //      once it is saved (with --state; an upload that cannot be saved is undone and logged).
-// A malformed upload (bad pif, short read, too many rules, unterminated ifname, ...), a
+// A malformed upload (bad pif, short read, more rules than the table's MaxRules (refused at
+// the count, before any rule is read), unterminated ifname, ...), a
 // rejected update (invalid rule, conflict, bind failure, the D-Bus lock held), and a client
 // that has not finished within `timeoutMilliseconds` (upstream's open FIXME: a stalled
 // client must not block everyone) each end the session with one log line and no change.
@@ -121,7 +122,7 @@ public final class ControlSocket: EventHandler {
         }
         output = PestoV2Wire.hello() + PestoV2Wire.tableDump(dump)
         written = 0
-        parser = PestoV2Wire.UploadParser()
+        parser = PestoV2Wire.UploadParser(maxRulesPerTable: server.upstreamRuleLimit)
         deadline = loop.after(milliseconds: timeoutMilliseconds) { [unowned self] in
             self.deadline = nil
             self.end("client did not finish within \(self.timeoutMilliseconds) ms; nothing changed")

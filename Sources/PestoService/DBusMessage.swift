@@ -109,6 +109,20 @@ public final class DBusMessage {
     /// Every argument; nil for types this layer does not read (unix fds).
     public var arguments: [DBusValue]? { DBusValue.readAll(raw) }
 
+    /// The number of elements of each top-level argument that is an array (nil for the
+    /// others), counted by libdbus without reading the elements, so a handler can refuse an
+    /// over-long array before `arguments` builds it.
+    public var argumentArrayCounts: [Int?] {
+        var iter = DBusMessageIter()
+        guard dbus_message_iter_init(raw, &iter) != 0 else { return [] }
+        var counts: [Int?] = []
+        repeat {
+            let isArray = dbus_message_iter_get_arg_type(&iter) == DBusTypeCode.array
+            counts.append(isArray ? Int(dbus_message_iter_get_element_count(&iter)) : nil)
+        } while dbus_message_iter_next(&iter) != 0
+        return counts
+    }
+
     /// For an error message: the name and the first string argument.
     public var asError: DBusErrorReply? {
         guard isError, let name = errorName else { return nil }

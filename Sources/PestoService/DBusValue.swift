@@ -222,7 +222,8 @@ extension DBusValue {
     private func appendString(_ iter: inout DBusMessageIter, _ code: Int32, _ s: String) -> Bool {
         // libdbus rejects invalid UTF-8 by aborting; Swift Strings are valid UTF-8, but embedded
         // NULs would truncate, so they are cut here deliberately.
-        let clean = s.contains("\0") ? String(s.prefix { $0 != "\0" }) : s
+        // (Searched as bytes: iterating Characters cost several percent of a large Apply.)
+        let clean = s.utf8.contains(0) ? String(decoding: s.utf8.prefix { $0 != 0 }, as: UTF8.self) : s
         return clean.withCString { cs in
             var p: UnsafePointer<CChar>? = cs
             return dbus_message_iter_append_basic(&iter, code, &p) != 0

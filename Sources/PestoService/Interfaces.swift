@@ -98,7 +98,7 @@ public enum PestoInterfaces {
             method("ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")], "The rule at a position in ID order; NoSuchRule past the end."),
             method("List", [], [arg("rules", "a(ua{sv}(buus))")], "Every rule with its status, in ID order."),
             method("Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
-                   "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b)."),
+                   "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b). Either array longer than MaxRules is InvalidArgs."),
         ],
         signals: [
             DBusSignalSpec(name: "RuleStateChanged", arguments: [arg("id", "u"), arg("active", "b"), arg("bound", "u"), arg("failed", "u")],

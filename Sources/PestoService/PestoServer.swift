@@ -12,11 +12,14 @@
 //                 restarts pestod).
 //   method calls  resolved to an object (ObjectTree.swift), an interface and a member; the
 //                 argument signature is checked against the contract before anything else
-//                 (InvalidArgs), then, for mutating calls, the caller's authorisation
+//                 (InvalidArgs), then Apply's array lengths (InvalidArgs, before any element
+//                 is read), then the arguments are decoded and rules validated (InvalidArgs,
+//                 InvalidRule); only then, for mutating calls, is the caller authorised
 //                 (AuthorizationQueue.swift: one query per call, a sender's calls in its own
 //                 order, at most 64 waiting per sender, else LimitsExceeded), then the lock
-//                 (Locked), then the change, then signals, then the reply — the order
-//                 systemd's hostnamed uses.
+//                 checked (Locked), then the change, then signals, then the reply — the order
+//                 systemd's hostnamed uses. Everything before authorisation is linear in the
+//                 size of the message.
 //
 // Every change to a rule goes through `perform(_:)`, which calls the engine, records the
 // operation in the journal of the transaction it belongs to, and emits the ObjectManager
@@ -266,6 +269,11 @@ public final class PestoServer {
         guard message.signature == method.inputSignature else {
             throw .invalidArgs(
                 "\(spec.name).\(member) takes arguments of type \"\(method.inputSignature)\", not \(ClientText.quote(message.signature)).")
+        }
+        if case .table(let kind) = object, spec.name == PestoInterfaces.table.name, member == "Apply", let t = engine.table(kind) {
+            // Refuse over-long arrays before reading a single element of them.
+            let counts = message.argumentArrayCounts.map { $0 ?? 0 } + [0, 0]
+            try ApplyRequest.checkLengths(inserts: counts[0], removes: counts[1], table: kind, limits: t.limits)
         }
         guard let args = message.arguments else { throw .invalidArgs("Arguments of an unsupported type.") }
         let sender = message.sender ?? ""

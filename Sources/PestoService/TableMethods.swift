@@ -22,7 +22,7 @@ extension PestoServer {
             case "List":
                 return .reply([.array(element: "(ua{sv}(buus))", t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })])
             case "Apply":
-                let request = try ApplyRequest(args)
+                let request = try ApplyRequest(args, table: kind, limits: t.limits, capabilities: t.capabilities)
                 return .change { () throws(DBusErrorReply) in [try self.apply(kind, request, sender: sender)] }
             default:
                 break
@@ -35,10 +35,10 @@ extension PestoServer {
             throw DBusErrorReply(DBusErrorReply.failed, "\(error)")
         }
 
-        // Single changes: decode now; check the lock, perform and record once authorised.
+        // Single changes: decode (and validate) now; check the lock, perform and record once authorised.
         let op: TableOperation
         switch member {
-        case "Insert": op = .insert(kind, id, try RuleCodec.decode(args[1]))
+        case "Insert": op = .insert(kind, id, try RuleCodec.decodeValid(args[1], capabilities: t.capabilities))
         case "Delete": op = .delete(kind, id, Rule(proto: .tcp, firstPort: 1))  // the stored rule is read when it runs
         case "Activate": op = .activate(kind, id)
         case "Deactivate": op = .deactivate(kind, id)
@@ -68,32 +68,57 @@ extension PestoServer {
         return []
     }
 
-    /// A decoded Apply call.
+    /// A decoded and validated Apply call.
+    ///
+    /// Everything here runs before the caller is authorised, so it is linear in the request:
+    /// array lengths are capped at the table's MaxRules before any element is read, duplicate
+    /// IDs are found with sets, and every rule is validated against the table's capabilities
+    /// (pure work), so an invalid rule is refused without asking anyone for a password.
     struct ApplyRequest {
         var inserts: [(UInt32, Rule)] = []
         var removes: [UInt32] = []
         /// The options `max-failures` and `best-effort`, as the tolerance of every new rule.
         var tolerance: BindTolerance
 
-        /// Decodes Apply's arguments (signature `a(ua{sv})aua{sv}`, already checked).
-        init(_ args: [DBusValue]) throws(DBusErrorReply) {
-            for item in args[0].arrayValue ?? [] {
+        /// Refuses (InvalidArgs) an insert or remove array longer than the table's MaxRules.
+        static func checkLengths(inserts: Int, removes: Int, table: TableKind, limits: TableLimits) throws(DBusErrorReply) {
+            for (what, count) in [("inserts", inserts), ("removes", removes)] where count > limits.maxRules {
+                throw .invalidArgs(
+                    "Apply \(what) \(count) rules; the \(table.name) table holds at most \(limits.maxRules) (MaxRules).")
+            }
+        }
+
+        /// Decodes Apply's arguments (signature `a(ua{sv})aua{sv}`, already checked) for a
+        /// table with these limits and capabilities.
+        init(_ args: [DBusValue], table: TableKind, limits: TableLimits, capabilities: Capabilities) throws(DBusErrorReply) {
+            let insertItems = args[0].arrayValue ?? []
+            let removeItems = args[1].arrayValue ?? []
+            try Self.checkLengths(inserts: insertItems.count, removes: removeItems.count, table: table, limits: limits)
+            var insertedIDs = Set<UInt32>(minimumCapacity: insertItems.count)
+            inserts.reserveCapacity(insertItems.count)
+            for item in insertItems {
                 guard let fields = item.structValue, fields.count == 2, let id = fields[0].uint32Value else {
                     throw .invalidArgs("Each inserted rule must be (ua{sv}).")
                 }
-                if inserts.contains(where: { $0.0 == id }) {
+                if !insertedIDs.insert(id).inserted {
                     throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
                 }
                 inserts.append((id, try RuleCodec.decode(fields[1])))
             }
-            for item in args[1].arrayValue ?? [] {
+            var removedIDs = Set<UInt32>(minimumCapacity: removeItems.count)
+            for item in removeItems {
                 guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
-                if inserts.contains(where: { $0.0 == id }) {
+                if insertedIDs.contains(id) {
                     throw .invalidArgs("Apply both inserts and removes rule \(id); give the new rule another ID.")
                 }
-                if !removes.contains(id) { removes.append(id) }
+                if removedIDs.insert(id).inserted { removes.append(id) }
             }
             tolerance = try BindTolerance(applyOptions: args[2])
+            // Last, so every InvalidArgs of the message comes first, as it always did; the
+            // first invalid rule in array order is the one reported, as when inserting.
+            for (_, rule) in inserts {
+                do { try rule.validate(capabilities: capabilities) } catch { throw DBusErrorReply(error) }
+            }
         }
     }
 

@@ -8,6 +8,8 @@
 //   - uploaded rules with no equal are inserted under fresh IDs and activated; a weak
 //     (best-effort) rule tolerates any bind failure, every other rule must bind completely.
 // Inactive rules are not part of upstream's model: they are neither dumped nor touched.
+// Matching is by hash of the rule without its owner tag, and fresh IDs are counted up from
+// the highest one in use, so an upload of n rules costs O(n log n), not O(n²).
 // Tables absent from the upload are left alone. Everything happens in one `applyUpdate`
 // across the tables, so a conflict, an invalid rule or a bind failure changes nothing; the
 // update is refused while a D-Bus client holds the lock. With a state file, the update is
@@ -30,6 +32,12 @@ extension PestoServer {
         engine.tables.map { t in (t.kind, t.capabilities, t.list().filter(\.status.active).map(\.rule)) }
     }
 
+    /// The most rules an upload may give one table: the tables' MaxRules, within the wire
+    /// protocol's own limit.
+    var upstreamRuleLimit: Int {
+        min(PestoV2Wire.maxRulesPerTable, engine.tables.map(\.limits.maxRules).min() ?? 0)
+    }
+
     /// Applies an upload of whole tables (rules with their weak flag) as a difference.
     /// `saved` is called with what changed once the change is saved (nil; at once without a
     /// state file or when nothing changed) or was undone because it could not be (the
@@ -46,20 +54,30 @@ extension PestoServer {
         for (kind, rules) in upload {
             let t = try table(kind)
             for (rule, _) in rules { try rule.validate(capabilities: t.capabilities) }
-            var unmatched = t.list().filter(\.status.active).map { (id: $0.id, rule: $0.rule) }
+            let active = t.list().filter(\.status.active)
+            // Active rules by their forwarding (owner tag cleared), each list in ID order, so
+            // matching an uploaded rule is one hash lookup instead of a scan of the table.
+            var byForwarding: [Rule: [UInt32]] = [:]
+            for entry in active { byForwarding[Self.forwardingKey(entry.rule), default: []].append(entry.id) }
+            var matchedCount: [Rule: Int] = [:]
+            var kept = Set<UInt32>()
             var update = TableUpdate(kind: kind, inserts: [], removes: [])
+            var allocated = Set<UInt32>()
             var nextID = (t.ids.last ?? 0) &+ 1
             for (rule, bestEffort) in rules {
-                if let k = unmatched.firstIndex(where: { Self.sameForwarding($0.rule, rule) }) {
-                    unmatched.remove(at: k)
+                let key = Self.forwardingKey(rule)
+                if let ids = byForwarding[key], matchedCount[key, default: 0] < ids.count {
+                    kept.insert(ids[matchedCount[key, default: 0]])
+                    matchedCount[key, default: 0] += 1
                     summary.kept += 1
                     continue
                 }
-                while t.contains(nextID) || update.inserts.contains(where: { $0.id == nextID }) { nextID &+= 1 }
+                while t.contains(nextID) || allocated.contains(nextID) { nextID &+= 1 }
                 update.inserts.append((nextID, rule, bestEffort ? .any : .none))
+                allocated.insert(nextID)
                 nextID &+= 1
             }
-            update.removes = unmatched.map(\.id)
+            update.removes = active.filter { !kept.contains($0.id) }.map(\.id)
             summary.added += update.inserts.count
             summary.removed += update.removes.count
             updates.append(update)
@@ -69,10 +87,11 @@ extension PestoServer {
         commitUnanswered(journal) { failure in saved(result, failure) }
     }
 
-    /// Equal in every field that forwarding depends on (the owner tag is only a label).
-    static func sameForwarding(_ a: Rule, _ b: Rule) -> Bool {
-        var x = a
-        x.owner = b.owner
-        return x == b
+    /// The rule with its owner tag cleared: two rules with the same key are equal in every
+    /// field that forwarding depends on (the owner tag is only a label).
+    static func forwardingKey(_ rule: Rule) -> Rule {
+        var key = rule
+        key.owner = ""
+        return key
     }
 }

@@ -280,4 +280,43 @@ struct ForwardingTableTests {
         #expect(factory.closed.count == factory.opened.count)
         #expect(factory.closed.sorted() == factory.opened.sorted())
     }
+
+    @Test("IDs in any order: table order stays ID order through inserts and deletes anywhere")
+    func orderUnderChurn() throws {
+        let t = makeTable(factory: RefusingListenerFactory())
+        var random = SeededRandom(seed: 7)
+        var model = Set<UInt32>()
+        for step in 0..<3000 {
+            let id = UInt32(random.below(500))
+            if model.contains(id) {
+                if random.oneIn(2) {
+                    try t.activate(id: id)
+                    try t.deactivate(id: id)
+                }
+                try t.delete(id: id)
+                model.remove(id)
+            } else {
+                try t.insert(id: id, rule: tcp(UInt16(1 + id)...UInt16(1 + id)))
+                model.insert(id)
+            }
+            if step % 97 == 0 || model.isEmpty {
+                let sorted = model.sorted()
+                #expect(t.ids == sorted && t.list().map(\.id) == sorted && t.ruleCount == sorted.count)
+                for (k, id) in sorted.enumerated() where k % 17 == 0 {
+                    #expect(try t.read(atIndex: k).id == id && t.read(id).firstPort == UInt16(1 + id))
+                }
+                #expect(t.reservedSockets == sorted.count)
+            }
+        }
+    }
+
+    @Test("65,535 rules inserted in descending ID order and deleted in ascending order (no shifting of the others)")
+    func descendingInsertAscendingDelete() throws {
+        let t = makeTable(factory: RefusingListenerFactory())
+        let n: UInt32 = 65_535
+        for id in stride(from: n, through: 1, by: -1) { try t.insert(id: id, rule: tcp(8080...8080)) }
+        #expect(try t.read(atIndex: 0).id == 1 && t.ids.count == Int(n) && t.ids.last == n)
+        for id in 1...n { try t.delete(id: id) }
+        #expect(t.ruleCount == 0 && t.ids.isEmpty && t.reservedSockets == 0)
+    }
 }

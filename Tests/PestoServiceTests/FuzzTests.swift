@@ -243,11 +243,13 @@ final class FuzzRun {
     /// True when another client than `c` holds the lock.
     func lockedAgainst(_ c: FuzzClient) -> Bool { lockOwner.map { $0 != c } ?? false }
 
-    /// The answers the doc allows to Insert by `c`: decoding errors first; then the lock; then
-    /// the change (RuleExists, NoSpace). The doc does not say whether the validator runs while
-    /// decoding or with the change, so its InvalidRule is allowed beside either.
+    /// The answers the doc allows to Insert by `c`, in its check order: decoding errors first,
+    /// then the rule's validity (InvalidRule, before authorisation and the lock), then the lock,
+    /// then the change (RuleExists, NoSpace). Where the model leaves a rule's validity open,
+    /// InvalidRule is allowed beside the later answers.
     func predictInsert(_ c: FuzzClient, _ id: UInt32, _ verdict: RequestVerdict) -> Answers {
         if !verdict.decodeErrors.isEmpty { return verdict.decodeErrors }
+        if verdict.validity == .invalid { return [ContractError.invalidRule] }
         let floating: Answers = verdict.validity == .valid ? [] : [ContractError.invalidRule]
         if lockedAgainst(c) { return floating.union([ContractError.locked]) }
         var change: Answers = []
@@ -404,12 +406,14 @@ final class FuzzRun {
     /// which the model cannot predict, may come instead); the table after a success.
     ///
     /// Phases, after doc/dbus-api.md: decoding (InvalidArgs/InvalidRule; an ID both inserted and
-    /// removed, an unknown or mistyped option are InvalidArgs), the lock, then the change: an
+    /// removed, an unknown or mistyped option are InvalidArgs), the rules' validity
+    /// (InvalidRule), the lock, then the change: an
     /// existing ID (RuleExists), a missing removed ID (NoSuchRule), the limits (NoSpace, counted
     /// before the removed rules go, as the contract inserts first); then removed rules that
     /// overlap a new one are deactivated and the new ones activated in order (Conflict with any
-    /// active rule, new ones included). Where the doc leaves the phase of an error open (the
-    /// validator's InvalidRule, an ID inserted twice), that error is allowed in every phase.
+    /// active rule, new ones included). Where the doc leaves the phase of an error open (an ID
+    /// inserted twice, a rule whose validity the model leaves open), that error is allowed in
+    /// every phase.
     func predictApply(_ c: FuzzClient, _ inserts: [(UInt32, [(String, DBusValue)])], _ removesIn: [UInt32], _ options: [(String, DBusValue)])
         -> (allowed: Answers, reachedActivation: Bool, after: [UInt32: ModelEntry]?, verdicts: [RequestVerdict]) {
         var decode: Answers = []
@@ -440,6 +444,8 @@ final class FuzzRun {
         }
         let openAnswers: Answers = open ? [ContractError.invalidRule] : []
         if !decode.isEmpty { return (decode.union(floating), false, nil, verdicts) }
+        // Rules are validated while decoding, before authorisation and the lock.
+        if floating.contains(ContractError.invalidRule) { return (floating.union(openAnswers), false, nil, verdicts) }
         if lockedAgainst(c) { return (floating.union([ContractError.locked]).union(openAnswers), false, nil, verdicts) }
         var removes: [UInt32] = []
         for id in removesIn where !removes.contains(id) { removes.append(id) }

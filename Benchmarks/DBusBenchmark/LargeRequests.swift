@@ -1,0 +1,213 @@
+// The `--large` mode: how long pestod takes for the largest requests the contract allows,
+// and how long another client's `Status` waits meanwhile.
+//
+// Phases, each timed from the request to its answer (D-Bus reply, or the control socket
+// being closed after the update was applied), on a fresh private bus and pestod started
+// with `--control` (its session timeout raised to --large-timeout) and `--max-rules 65536`
+// (65,535 for the rules below, one for the rule the prober reads):
+//   1. Apply inserting 65,535 single-port TCP rules, each on its own address of 127.0.0.0/8
+//      (127.3.x.y) and one port below the ephemeral range (--large-port, default 24001), so
+//      no two conflict but all share the port. Activation binds for real: under a ~20,000
+//      descriptor limit the binds past it fail with EMFILE (counted; the rest of a rule's
+//      ports then fail without a syscall), so the option `max-failures` 1 lets every
+//      single-port rule through. The reply's bound/failed totals are printed.
+//   2. Apply removing the 65,535 rules.
+//   3. An upload of 65,535 such rules, weak, on the control socket (upstream's wire
+//      protocol): inserted under fresh IDs and activated. These rules name an interface that
+//      does not exist (`pesto-bench0`), so each bind fails at once with ENODEV and keeps no
+//      descriptor: at the descriptor limit pestod could not accept the next control client.
+//   4. The same upload again: every rule matches an active one and is kept (the diff alone).
+// During each phase a prober — this binary run as `--status-prober ADDRESS ID`, a separate
+// process with its own bus connection — calls `Status` back to back (each call given up to
+// --large-timeout seconds) and, once its stdin is
+// closed, prints the count, median and maximum round trip. A request that takes longer than
+// --large-timeout seconds (default 300) is reported as such (old pestods needed minutes).
+
+import PestoEngine
+import PestoService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs as the prober: `Status(id)` back to back until stdin reports EOF, then one line
+/// `calls N median_ms X max_ms Y errors E` on stdout.
+func runStatusProber(address: String, id: UInt32, timeoutSeconds: Int) -> Never {
+    guard let connection = try? DBusConnection(.address(address)) else {
+        print("prober: cannot connect")
+        exit(1)
+    }
+    var latencies: [Double] = []
+    var errors = 0
+    while true {
+        var pfd = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
+        if poll(&pfd, 1, 0) > 0 { break }  // EOF (or anything) on stdin: the phase is over
+        let start = seconds()
+        do {
+            _ = try connection.call(busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: Int32(timeoutSeconds * 1000))
+        } catch {
+            errors += 1
+        }
+        latencies.append(seconds() - start)
+    }
+    let sorted = latencies.sorted()
+    let med = sorted.isEmpty ? 0 : sorted[sorted.count / 2]
+    print("calls \(latencies.count) median_ms \(fmt(med * 1000, 2)) max_ms \(fmt((sorted.last ?? 0) * 1000, 1)) errors \(errors)")
+    exit(0)
+}
+
+/// A running prober process: its pid and the pipe ends that stop it and read its verdict.
+struct StatusProber {
+    let pid: pid_t
+    let stdinWrite: Int32
+    let stdoutRead: Int32
+
+    /// Starts this binary as a prober on `address` for rule `id`.
+    static func start(address: String, id: UInt32, timeoutSeconds: Int) throws -> StatusProber {
+        let input = try makePipe()
+        let output = try makePipe()
+        let me = try executableDirectory() + "/pesto-dbus-bench"
+        let pid = try spawn(me, ["--status-prober", address, String(id), String(timeoutSeconds)], stdin: input.read, stdout: .descriptor(output.write))
+        cleanup.add(child: pid)
+        close(input.read)
+        close(output.write)
+        return StatusProber(pid: pid, stdinWrite: input.write, stdoutRead: output.read)
+    }
+
+    /// Ends the probing and returns the prober's summary line.
+    func finish(timeoutSeconds: Int) -> String {
+        close(stdinWrite)
+        let line = readLine(from: stdoutRead, until: MonotonicInstant.now.adding(milliseconds: (timeoutSeconds + 10) * 1000)) ?? "no answer"
+        close(stdoutRead)
+        _ = waitExit(pid)
+        cleanup.remove(child: pid)
+        return line
+    }
+}
+
+/// One 56-byte rule of upstream's wire format: TCP, IPv4 `address`, one port, weak, bound to
+/// the interface `ifname` (at most 15 bytes).
+func wireRule(_ address: IPAddress, port: UInt16, ifname: String) -> [UInt8] {
+    var r = [UInt8](repeating: 0, count: 56)
+    guard case .v4(let a) = address else { return r }
+    r[10] = 0xFF
+    r[11] = 0xFF
+    for i in 0..<4 { r[12 + i] = UInt8(truncatingIfNeeded: a >> (24 - 8 * UInt32(i))) }
+    for (offset, value) in [(48, port), (50, port), (52, port)] {
+        r[offset] = UInt8(value >> 8)
+        r[offset + 1] = UInt8(value & 0xFF)
+    }
+    for (i, byte) in ifname.utf8.prefix(15).enumerated() { r[32 + i] = byte }
+    r[54] = 6  // TCP
+    r[55] = 0x02  // weak
+    return r
+}
+
+/// Connects to the control socket, reads the hello and the dump (to EOF of the dump is not
+/// needed: the server writes while it reads), sends `upload`, and waits for pestod to close.
+func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: Int) throws -> Double {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw BenchError("socket failed: errno \(errno)") }
+    defer { close(fd) }
+    guard SocketAddress(unixPath: path)?.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
+        throw BenchError("cannot connect to the control socket \(path): errno \(errno)")
+    }
+    var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    let start = seconds()
+    var sent = 0
+    var buffer = [UInt8](repeating: 0, count: 65_536)
+    // Send everything, reading (and dropping) the hello and dump as they come, so neither
+    // side's buffer fills up.
+    while sent < upload.count {
+        var pfds = [pollfd(fd: fd, events: Int16(POLLIN | POLLOUT), revents: 0)]
+        guard poll(&pfds, 1, Int32(timeoutSeconds * 1000)) > 0 else { throw BenchError("control socket stalled") }
+        if pfds[0].revents & Int16(POLLIN) != 0 { _ = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT)) }
+        if pfds[0].revents & Int16(POLLOUT) != 0 {
+            let n = upload.withUnsafeBytes { send(fd, $0.baseAddress! + sent, upload.count - sent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+            if n > 0 { sent += n }
+        }
+    }
+    shutdown(fd, Int32(SHUT_WR))
+    while true {
+        let n = recv(fd, &buffer, buffer.count, 0)
+        if n == 0 { break }
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw BenchError("no end of session within \(timeoutSeconds) s (errno \(errno))")
+        }
+    }
+    return seconds() - start
+}
+
+/// The `--large` benchmark (see the top of the file).
+func runLargeRequestBenchmark(_ settings: Settings) throws {
+    let pestod = try executableDirectory() + "/pestod"
+    guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
+    let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder, "--control-timeout", String(min(settings.largeTimeoutSeconds * 1000, 600_000)), "--max-rules", "65536"] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
+    defer { fixture.stop() }
+    let address = fixture.address
+    let n = 65_535
+    let port = settings.largePort
+    let timeout = settings.largeTimeoutSeconds
+    print("pesto D-Bus benchmark, large requests: \(n) rules on 127.3.x.y:\(port), request timeout \(timeout) s")
+    print("bus \(address)   pestod pid \(fixture.pestodPID)   load average at start: \(loadAverage())")
+
+    let client = try DBusConnection(.address(address))
+    let statusID: UInt32 = 1
+    _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: try freeLoopbackPort())])
+    _ = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(statusID)])
+    let addresses = (0..<n).map { IPAddress.v4(0x7F03_0000 + UInt32($0)) }
+    let ids = (0..<n).map { UInt32(1000 + $0) }
+
+    func phase(_ name: String, _ body: () throws -> String) {
+        do {
+            let prober = try StatusProber.start(address: address, id: statusID, timeoutSeconds: timeout)
+            let start = seconds()
+            let outcome: String
+            do { outcome = try body() } catch { outcome = "failed: \(error)" }
+            let elapsed = seconds() - start
+            let probe = prober.finish(timeoutSeconds: timeout)
+            print("\(pad(name, 36)) \(fmt(elapsed, 2, width: 8)) s   \(outcome)")
+            print("\(pad("", 36)) concurrent Status: \(probe)")
+        } catch {
+            print("\(name): cannot start the prober: \(error)")
+        }
+    }
+
+    let call = { (member: String, args: [DBusValue]) throws -> [DBusValue] in
+        try client.call(busName, tablePath, tableInterface, member, args, timeoutMilliseconds: Int32(timeout * 1000))
+    }
+    phase("Apply: insert+activate \(n)") {
+        let rules = zip(ids, addresses).map { DBusValue.structure([.uint32($0), .vardict([
+            ("protocol", .string("tcp")), ("address", .string($1.description)), ("first-port", .uint16(port)),
+        ])]) }
+        let reply = try call("Apply", [.array(element: "(ua{sv})", rules), .array(element: "u", []), .vardict([("max-failures", .uint32(1))])])
+        let results = reply.first?.arrayValue ?? []
+        let bound = results.reduce(0) { $0 + Int($1.structValue?[1].uint32Value ?? 0) }
+        let failed = results.reduce(0) { $0 + Int($1.structValue?[2].uint32Value ?? 0) }
+        return "\(results.count) rules, \(bound) sockets bound, \(failed) failed (EMFILE past the descriptor limit)"
+    }
+    phase("Apply: remove \(n)") {
+        _ = try call("Apply", [.array(element: "(ua{sv})", []), .array(element: "u", ids.map { .uint32($0) }), .vardict([])])
+        return "done"
+    }
+    var upload: [UInt8] = [1, UInt8(n >> 24 & 0xFF), UInt8(n >> 16 & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n & 0xFF)]
+    upload.reserveCapacity(5 + 56 * n + 1)
+    for a in addresses { upload += wireRule(a, port: port, ifname: "pesto-bench0") }
+    upload.append(0)
+    phase("control socket: upload \(n) (new)") {
+        _ = try uploadOnControlSocket(fixture.controlPath, upload, timeoutSeconds: timeout)
+        return fixture.lastLogLine(containing: "control socket:")
+    }
+    // The Status rule is not in the upload, so the first upload removes it: from then on the
+    // prober's calls are answered NoSuchRule (counted as errors), still a full round trip.
+    phase("control socket: upload \(n) (same)") {
+        _ = try uploadOnControlSocket(fixture.controlPath, upload, timeoutSeconds: timeout)
+        return fixture.lastLogLine(containing: "control socket:")
+    }
+    let memory = fixture.memory()
+    let kib = { (k: Int?) in k.map { "\(fmt(Double($0) / 1024, 1)) MiB" } ?? "?" }
+    print("load average at end: \(loadAverage())   pestod peak RSS \(kib(memory.pestodPeak)); dbus-daemon peak RSS \(kib(memory.busPeak))")
+}
