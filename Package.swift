@@ -1,6 +1,7 @@
 // swift-tools-version:6.0
+// SPDX-License-Identifier: GPL-2.0-or-later
 // pesto: a Linux service that keeps a live port-forwarding table and changes it
-// without disturbing peers. See ../shared/design/ARCHITECTURE.md for the layout.
+// without disturbing peers. See doc/architecture.md for the layout.
 import PackageDescription
 
 let package = Package(

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # The data-path benchmark: the same loads, side by side in one run, straight to the server
 # ("direct"), through pestod, through socat and, when Debian's passt package can be installed,
 # through upstream pasta (host port -> a namespace pasta creates):
 #   (a) TCP bulk throughput, one stream (iperf3)      (b) short TCP connections/s, 1 and 4 clients
 #   (c) UDP request/response rate, 64 bytes           (d) pestod's RSS with 1,000 and 9,000 idle
 #                                                          relayed connections
-# Prints absolute figures, ratios to direct and to socat, and the targets of TARGETS.md.
+# Prints absolute figures, ratios to direct and to socat, and the project's targets (below).
 #
 # Usage: Benchmarks/run-datapath.sh [SECONDS per measurement, default 5]
 # Environment: REPEAT=N       rounds, medians reported (default 1; paths interleaved per round)
@@ -313,7 +314,7 @@ for m, label in metrics:
         row += f"{'n/a' if r is None else f'{r:.2f}':>14}"
     print(f"{label:30}{row}")
 print()
-print("targets (TARGETS.md; issue targets vs socat)")
+print("targets (the project's: vs direct and vs socat)")
 targets = [("bulk", "direct", 0.60), ("conn1", "direct", 0.50), ("conn4", "direct", 0.45),
            ("bulk", "socat", 1.5), ("conn1", "socat", 0.9), ("conn4", "socat", 0.9)]
 for m, base, goal in targets:

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Builds pestod and the D-Bus benchmark in release mode and runs the benchmark; extra arguments
 # are passed on (--runs N, --seconds S, --iterations N, --pestod-log-level LEVEL; -h for help).
 # The benchmark starts its own private dbus-daemon and the release pestod next to it (nothing

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Builds pestod, pesto-test-peer and the soak in release mode and runs the soak; extra arguments
 # are passed on (--seconds N, default 120; --kill-every S; --clients N; --lock-holders N;
 # --seed N; --keep; -h for help). It starts its own private dbus-daemon and a release pestod

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 /* live-model.js: pestod's objects, followed live from D-Bus signals, for Cockpit pages.
  *
  * Theory of operation

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 /* pesto.js: the Cockpit page for pestod's forwarding tables.
  *
  * Theory of operation

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 /* rule-text.js: pestod's rules in pasta's notation, for the Cockpit page.
  *
  * A port of Sources/pestoctl/RuleText.swift (option, spec) and of the one-rule subset of

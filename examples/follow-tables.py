@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Follow pestod's forwarding tables from D-Bus signals alone (Python, Gio).
 
     ./examples/follow-tables.py                     # the system bus

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # pesto demo: the first command of the README. Run as root from a clone, on Debian 12.
 #
 #  1. installs the build, demo and test dependencies (apt-get; skipped when all are present),

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Runs a stripped release pestod under valgrind on a private bus, drives N D-Bus calls
 # through it (Insert/Activate/Status-free cycles from pesto-test-peer: Insert, Activate,
 # Deactivate, Delete), stops it with SIGTERM and prints valgrind's leak summary.

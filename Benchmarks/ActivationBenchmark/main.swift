@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pesto-activation-bench: how fast rules are activated and deactivated, against the kernel's floor.
 //
 // Measures, in one run and side by side:

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The benchmark's world: a private dbus-daemon listening on a unix path socket in a temp dir,
 // and a release pestod on it, ready once it has sent READY=1 to a NOTIFY_SOCKET we bind.
 
@@ -31,7 +33,7 @@ struct Fixture {
         let dir = try makeTempDirectory()
         cleanup.set(directory: dir)
 
-        // 1. The bus: permissive session-type policy (PLATFORM-NOTES §2), path socket only.
+        // 1. The bus: permissive session-type policy (doc/platform-notes.md), path socket only.
         let config = """
             <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
              "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The `--large` mode: how long pestod takes for the largest requests the contract allows,
 // and how long another client's `Status` waits meanwhile.
 //

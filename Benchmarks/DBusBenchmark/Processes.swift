@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Child processes and clean-up for pesto-dbus-bench: posix_spawn with a clean signal state,
 // bounded waits on pipes and sockets (poll with a deadline, never sleep), exit statuses,
 // /proc figures, and one clean-up list that both the normal exit path and a signal-watching
@@ -316,7 +318,7 @@ func freeLoopbackPort() throws -> UInt16 {
 // MARK: - CPU affinity
 
 /// `sched_getaffinity`/`sched_setaffinity` have the signature below; Swift's Glibc module is
-/// built without _GNU_SOURCE and does not declare them (PLATFORM-NOTES §4), and this target
+/// built without _GNU_SOURCE and does not declare them (doc/platform-notes.md), and this target
 /// has no C shim of its own, so they are looked up in the already-loaded C library with dlsym.
 private typealias AffinityCall = @convention(c) (pid_t, Int, UnsafeMutableRawPointer?) -> Int32
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pesto-dbus-bench: D-Bus round trips per second against a real pestod, with baselines.
 //
 // Theory of operation

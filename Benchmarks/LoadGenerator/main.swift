@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pesto-loadgen: the load side of the data-path benchmark (Benchmarks/run-datapath.sh).
 //
 //   pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS]

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The ledger of acknowledged changes, and what the threads share to coordinate.
 //
 // Every client (thread) owns a range of rule IDs and of ports, so no two clients' changes

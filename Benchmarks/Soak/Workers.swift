@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The soak's clients, one thread each, every loop bounded by the stop flag:
 //   - D-Bus clients (in process): Insert/Activate/Deactivate/Delete and Apply without the lock;
 //   - lock holders: a pesto-test-peer process each, driven line by line, running Lock … Commit

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The soak's world: a private dbus-daemon (session configuration, a unix path socket in a temp
 // dir) and a release pestod on it with `--state` and `--control` in the same dir, which the
 // chaos loop SIGKILLs and starts again with the same state file. pestod reports READY=1 to a

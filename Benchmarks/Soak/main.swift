@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pesto-soak: a long-running soak of a release pestod, checking that no acknowledged change is
 // ever lost. Not a test and not a speed benchmark: it runs for a set time and reports counts.
 //

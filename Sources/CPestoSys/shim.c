@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 /* CPestoSys shim: GNU-only calls behind plain wrappers. See include/CPestoSys.h for why. */
 #define _GNU_SOURCE 1
 #include <errno.h>

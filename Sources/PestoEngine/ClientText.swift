@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ClientText: quoting a string a client sent in an error reply or a log line.
 //
 // A client decides how long its strings are (an interface name, a rule key, a D-Bus member

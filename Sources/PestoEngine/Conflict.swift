@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Conflict: when two rules may not be active at the same time.
 //
 // Two rules conflict when they could claim the same packet: same protocol, overlapping

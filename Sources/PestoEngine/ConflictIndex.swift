@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ConflictIndex: answers "does any of these rules conflict with this one?" without comparing
 // the rule with every other.
 //

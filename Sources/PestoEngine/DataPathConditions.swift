@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // DataPathConditions: conditions of the data path that recur once per connection or
 // datagram, reported once.
 //

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // DescriptorBudget: how many descriptors the engine's listeners and relays may hold, so that
 // running out of them never takes D-Bus, the control socket or state saving down with it.
 //

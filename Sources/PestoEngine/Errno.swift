@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Errno: a C errno value as a Swift type, with its symbolic name.
 
 import CPestoSys

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // EventLoop: the one epoll thread that runs pestod.
 //
 // Theory of operation

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // FileReading: the one way the engine and the service read a whole file.
 
 #if canImport(Glibc)

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ForwardTarget: where the traffic arriving on one listening socket goes, and the side of
 // the namespace boundary where outgoing sockets are made.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ForwardingEngine: the tables of one pestod and the periodic work that keeps them healthy.
 
 #if canImport(Glibc)

@@ -1,8 +1,10 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ForwardingTable: the rules of one table (HOST or SPLICE) and their listening sockets.
 //
 // Theory of operation
 // -------------------
-// The table is the seed's "persistent rule IDs" design: rules are found by their
+// The table is the proposals' "persistent rule IDs" design: rules are found by their
 // client-chosen u32 ID, and table order is ID order. The entries are kept in an array in no
 // particular order, with a dictionary from ID to position: inserting appends, deleting moves
 // the last entry into the hole, so neither costs more than O(1) whatever the IDs. The IDs in

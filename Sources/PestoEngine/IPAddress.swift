@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // IPAddress: an IPv4 or IPv6 address as a value, parsed and printed by the C library.
 
 #if canImport(Glibc)

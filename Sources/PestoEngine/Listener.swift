@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Listener: opening and closing one listening socket for one port of a rule.
 //
 // Theory of operation: a rule covering ports F...L owns one socket per port, opened by a

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // NetworkNamespace: making sockets inside another network namespace from the loop thread.
 //
 // A socket keeps the network namespace it was created in, whatever thread uses it later.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PestoError: every failure the engine reports to its callers.
 
 /// A failure of a forwarding-table operation.

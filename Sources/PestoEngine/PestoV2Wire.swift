@@ -1,9 +1,11 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PestoV2Wire: the byte layout of upstream pesto's control protocol, version 2, as a pure codec.
 //
 // Theory of operation
 // -------------------
 // passt/pasta's `-c PATH` socket speaks one transaction per AF_UNIX stream connection
-// (../shared/design/PESTO-V2-WIRE.md): the server sends a 20-byte hello and a dump of its
+// (doc/pesto-v2-wire.md): the server sends a 20-byte hello and a dump of its
 // tables; the client answers with an upload that replaces whole tables. This file turns
 // those bytes into values and back; it opens no sockets and keeps no tables.
 //

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PortScanner: which ports are bound in a network namespace, read from /proc/net/{tcp,udp}[6].
 //
 // Theory of operation

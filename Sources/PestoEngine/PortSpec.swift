@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PortSpec: pasta's -t/-u/-T/-U port forwarding specification syntax, parsed into rules.
 //
 // Theory of operation

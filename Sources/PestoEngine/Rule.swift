@@ -1,4 +1,6 @@
-// Rule: one forwarding rule as the contract describes it (DBUS-API.md, "Rule description").
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Rule: one forwarding rule as the contract describes it (doc/dbus-api.md, "Rule description").
 
 /// The transport protocol a rule forwards.
 public enum TransportProtocol: String, Hashable, Sendable, CaseIterable, CustomStringConvertible {

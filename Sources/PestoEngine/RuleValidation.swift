@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // RuleValidation: the one place that decides whether a rule is acceptable.
 //
 // Covers everything upstream's fwd_rule_add() and its server-side checks reject (port 0,

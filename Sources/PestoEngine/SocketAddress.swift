@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // SocketAddress: a kernel socket address (IPv4 or IPv6) as a value, without allocation.
 
 #if canImport(Glibc)

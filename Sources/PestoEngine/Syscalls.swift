@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Syscalls: the one funnel through which the engine calls the kernel.
 //
 // Each wrapper returns `Result<T, Errno>`, retries EINTR where the call is restartable, and

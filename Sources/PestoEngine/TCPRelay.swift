@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // TCPRelay: accepted TCP connections relayed to their target with splice(2).
 //
 // Theory of operation
@@ -61,8 +63,8 @@ public struct TCPRelayLimits: Sendable {
     public var acceptBatch = 64
     /// Connect to an IPv4 loopback target from a rotating source address in 127.0.0.2–254
     /// instead of always 127.0.0.1, so that the ephemeral ports of one source address do not
-    /// fill up with TIME_WAIT sockets under connection churn (the collapse TARGETS.md
-    /// describes for upstream). The target still sees a loopback peer.
+    /// fill up with TIME_WAIT sockets under connection churn (upstream pasta's
+    /// connection rate collapses to zero that way after a minute of churn). The target still sees a loopback peer.
     public var spreadLoopbackSources = true
 
     public init() {}

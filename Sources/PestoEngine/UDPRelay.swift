@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // UDPRelay: datagrams relayed per client flow, with idle expiry and a flow limit.
 //
 // Theory of operation

@@ -1,6 +1,8 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Authorization: who may change the tables.
 //
-// DBUS-API.md: on the system bus every mutating method and Lock is checked against the
+// doc/dbus-api.md, "Authorisation": on the system bus every mutating method and Lock is checked against the
 // polkit action `top.passt.Pesto1.modify` for the caller before anything changes; without
 // polkit only uid 0 is allowed; on the session bus nothing is checked (the bus is the
 // user's own). The check is asynchronous (a round trip to the bus daemon or to polkit), so

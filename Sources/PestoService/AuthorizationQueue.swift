@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // AuthorizationQueue: the changes waiting for their authorisation, kept per sender.
 //
 // Theory of operation

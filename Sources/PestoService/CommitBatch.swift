@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // CommitBatch: the changes committed during one loop turn, saved together before the loop
 // sleeps and acknowledged only once saved.
 //

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ControlSocket: upstream's pesto control protocol v2 on a UNIX socket (`pasta -c PATH`),
 // so podman's and rootlesskit's `pesto` client can drive pestod unchanged.
 //

@@ -1,10 +1,12 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // DBusConnection: a private libdbus bus connection, usable two ways:
 //   - attached to an EventLoop (the service): libdbus watches become epoll sources of the
 //     loop, libdbus timeouts become loop timers, and queued messages are dispatched before
 //     the loop sleeps; incoming messages go to one handler;
 //   - blocking (clients and tests): `call` waits for the reply, `nextMessage` for signals.
 //
-// Watch bookkeeping (see PLATFORM-NOTES.md): libdbus may put separate read and write
+// Watch bookkeeping (see doc/platform-notes.md): libdbus may put separate read and write
 // watches on one fd, so watches are grouped per fd and their enabled flags merged into one
 // epoll interest; an fd with no enabled watch is removed from epoll (events 0 would still
 // report HUP and spin); dbus_watch_handle() can remove watches, so each one is looked up

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // DBusMessage: an owned reference to a libdbus message, with typed constructors and accessors.
 
 import CDBus

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // DBusValue: any D-Bus value as a Swift tree, with its signature, read from and written to
 // libdbus messages through DBusMessageIter (libdbus's variadic helpers are not callable from Swift).
 

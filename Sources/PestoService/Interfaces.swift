@@ -1,4 +1,6 @@
-// Interfaces: the D-Bus contract (DBUS-API.md) as data, and the introspection XML made from it.
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Interfaces: the D-Bus contract (doc/dbus-api.md) as data, and the introspection XML made from it.
 //
 // The service dispatches, validates signatures and answers Introspect from these
 // definitions, and `dbus/top.passt.Pesto1.xml` is generated from them too

@@ -1,4 +1,6 @@
-// Journal: the seed's inverse operations, recorded so that a series of changes can be undone.
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Journal: the proposals' inverse operations, recorded so that a series of changes can be undone.
 //
 // Every successful mutating call made under the lock (and every step of Apply) appends one
 // entry; undoing walks the entries newest first and applies each inverse:

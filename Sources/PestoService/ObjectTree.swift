@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ObjectTree: which objects exist at which paths, their interfaces and their properties.
 //
 // Objects are not registered one by one; they are derived from the engine on demand, so a

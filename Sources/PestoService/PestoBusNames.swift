@@ -1,8 +1,10 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PestoBusNames: the names and paths of the D-Bus contract, spelled once.
 
 import PestoEngine
 
-/// The bus name, object paths and error names of the contract (DBUS-API.md).
+/// The bus name, object paths and error names of the contract (doc/dbus-api.md).
 public enum PestoBusNames {
     /// The well-known bus name.
     public static let busName = "top.passt.Pesto1"

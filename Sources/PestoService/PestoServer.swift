@@ -1,4 +1,6 @@
-// PestoServer: the engine published on D-Bus as DBUS-API.md specifies.
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// PestoServer: the engine published on D-Bus as doc/dbus-api.md specifies.
 //
 // Theory of operation
 // -------------------
@@ -154,6 +156,9 @@ public final class PestoServer {
                 }
             }
         } catch {
+            // A change refused for an invalid rule, before authorisation, is logged as any
+            // refused change is (rate-limited per sender, client strings quoted short).
+            if let e = error as? DBusErrorReply, e.name == PestoBusNames.errorName(.invalidRule) { logRefusal(message, e) }
             if !message.noReply { connection.send(message.errorReply(error)) }
         }
         return true

@@ -1,6 +1,8 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PolkitAuthorizer: asks polkit whether a caller may perform an action.
 //
-// DBUS-API.md "Authorisation" and systemd's src/shared/bus-polkit.c: the subject is the
+// doc/dbus-api.md "Authorisation" and systemd's src/shared/bus-polkit.c: the subject is the
 // caller's bus name (`system-bus-name`), user interaction is allowed only when the method
 // call carries the allow-interactive-authorization flag, a challenge becomes
 // `InteractiveAuthorizationRequired`, and a polkit that is missing or fails means denied,

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // RefusalLogLimiter: decides which refusals are worth a log line.
 //
 // A client may send changes it is not allowed to make as fast as the bus carries them;

@@ -1,6 +1,8 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // RuleCodec: the contract's rule description `a{sv}` to and from the engine's `Rule`.
 //
-// Two kinds of failure, as DBUS-API.md separates them: an unknown key or a value of the
+// Two kinds of failure, as doc/dbus-api.md separates them: an unknown key or a value of the
 // wrong D-Bus type is `org.freedesktop.DBus.Error.InvalidArgs` (the caller built the message
 // wrong); a well-typed value that makes no sense (an unparsable address, a missing required
 // field, and everything `Rule.validate` rejects) is `top.passt.Pesto1.Error.InvalidRule`.

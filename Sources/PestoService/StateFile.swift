@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // StateFile: the committed tables on disk, so a restarted pestod comes back as it was.
 //
 // Format (text, one rule per line, version first; values percent-encoded where needed):

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // SystemdNotify: sd_notify(3)'s READY=1, without libsystemd.
 
 import CPestoSys

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // TableMethods: the methods of top.passt.Pesto1.Table, including Apply.
 
 import PestoEngine
@@ -122,7 +124,7 @@ extension PestoServer {
         }
     }
 
-    /// `Apply`: the seed's whole client workflow, atomically (see Update.swift).
+    /// `Apply`: the proposals' whole client workflow, atomically (see Update.swift).
     private func apply(_ kind: TableKind, _ request: ApplyRequest, sender: String) throws(DBusErrorReply) -> DBusValue {
         try checkMayModify(sender)
         if lockOwner == sender { settleBeforeJournaling() }

@@ -1,4 +1,6 @@
-// Update: the seed's whole client workflow as one atomic step over one or more tables.
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Update: the proposals' whole client workflow as one atomic step over one or more tables.
 //
 // Used by the D-Bus `Apply` method (one table) and by the upstream control socket (both
 // tables at once). The steps, with one journal across every table:
@@ -7,7 +9,7 @@
 //   3. activate every new rule and check its bind failures against its tolerance;
 //   4. deactivate the other removed rules and delete all removed rules.
 // Any error undoes every step already taken, newest first, and is thrown. Step 2 is
-// narrower than the seed's "deactivate all removed rules" on purpose: a removed rule that
+// narrower than the proposals' "deactivate all removed rules" on purpose: a removed rule that
 // does not overlap a new one keeps its sockets until the update is known to succeed, so a
 // rolled-back update never closes and reopens it. Every step costs O(ports involved) (plus a
 // hash lookup per rule): step 2 asks an index of the new rules (ConflictIndex.swift) rather

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // UpstreamUpdate: an upload from upstream's `pesto` client applied as a difference.
 //
 // Upstream replaces whole tables and rebinds every socket. pestod compares instead:

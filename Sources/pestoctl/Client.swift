@@ -1,4 +1,6 @@
-// Client: pestoctl's D-Bus side: listing the tables and the seed's client workflow.
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Client: pestoctl's D-Bus side: listing the tables and the proposals' client workflow.
 //
 // The update runs under the Manager lock, so no other client interleaves and a pestoctl
 // that dies half-way (its bus name disappears) has its changes rolled back by pestod:

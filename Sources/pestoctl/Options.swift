@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Options: pestoctl's command line, parsed by hand in argv order.
 //
 // pasta's -t/-u/-T/-U options are order-sensitive once -A (add), -D (delete) and -C TABLE

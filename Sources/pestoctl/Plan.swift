@@ -1,5 +1,7 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Plan: the operations of the command line applied to the current tables, giving the rules
-// to insert and the rules to remove (step 1 of the seed's client workflow: parse all rule
+// to insert and the rules to remove (step 1 of the proposals' client workflow: parse all rule
 // modifications before touching anything).
 
 import PestoEngine

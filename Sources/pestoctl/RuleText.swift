@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // RuleText: rules to and from the contract's `a{sv}`, and as pasta-style spec text and JSON.
 
 import PestoEngine

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pestoctl: pesto's command-line client. See Options.swift for the command line and
 // Client.swift for the update workflow; doc/pestoctl.1 for the manual.
 

@@ -1,5 +1,7 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pestod: the pesto forwarding service. Publishes the forwarding tables on D-Bus
-// (DBUS-API.md) and runs the forwarding engine on one event loop thread.
+// (doc/dbus-api.md) and runs the forwarding engine on one event loop thread.
 
 import ArgumentParser
 import Logging

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ConflictIndex agrees with Rule.conflicts(with:), and activation's conflict check costs a
 // bounded amount of work per rule however many rules are active.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Descriptors and epoll watches running out, in process: the engine on its own loop, real
 // loopback sockets, and the event loop's injectable epoll_ctl failure standing in for
 // `fs.epoll.max_user_watches` (a global sysctl no test may lower).

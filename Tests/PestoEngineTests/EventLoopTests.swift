@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The event loop: typed dispatch, timers, stopping; and the engine's retry timer on it.
 
 import CPestoSys

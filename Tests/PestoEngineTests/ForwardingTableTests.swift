@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ForwardingTable operations with real sockets on loopback: each success and every error path.
 
 import CPestoSys
@@ -41,7 +43,7 @@ func expectRejected(
         Issue.record("expected \(code), got success", sourceLocation: sourceLocation)
     } catch {
         #expect(error.code == code, sourceLocation: sourceLocation)
-        #expect(error.message.contains(fragment), "\(error.message)", sourceLocation: sourceLocation)
+        #expect(fragment.isEmpty || error.message.contains(fragment), "\(error.message)", sourceLocation: sourceLocation)
     }
     #expect(TableSnapshot(table) == before, "a failing call changed the table", sourceLocation: sourceLocation)
 }

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The property pesto exists for: changing one rule never touches another rule's sockets.
 
 import Testing

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The pesto v2 codec: byte-exact output, lossless round trips, precise rejections, no traps.
 
 import Testing
@@ -12,7 +14,7 @@ struct PestoV2WireTests {
 
     static func ip(_ s: String) -> IPAddress { IPAddress(s)! }
 
-    /// Builds a 56-byte rule from its fields, following the layout table of PESTO-V2-WIRE.md.
+    /// Builds a 56-byte rule from its fields, following the layout table of doc/pesto-v2-wire.md.
     static func rawRule(
         address: [UInt8] = [UInt8](repeating: 0, count: 16),
         target: [UInt8] = [UInt8](repeating: 0, count: 16),

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PortScanner: parsing /proc/net/{tcp,udp}[6] texts (whole and in chunks), real sockets on
 // loopback, a network namespace, and (on request) the time a scan takes with many sockets.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // PortSpec: every example of pasta's man page (passt.1, "-t, --tcp-ports spec", which -u, -T
 // and -U refer to) parses to the exact rules; every error names its bad piece; the ephemeral
 // port range is read from the sysctl file or falls back.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Every validation failure has its own message; every accepted shape is accepted.
 
 import Testing

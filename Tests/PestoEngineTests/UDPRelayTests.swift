@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The UDP relay on real loopback sockets: flows, replies, expiry, limits, loops, IPv6, cleanup.
 //
 // Every test builds a `UDPHarness`: its own event loop, a relay, UDP "listeners" that the

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // AuthorizationQueue and RefusalLogLimiter in process, with a scripted authorizer and a
 // hand-driven clock: per-sender order, independence of senders, the per-sender cap, what a
 // departed sender leaves behind, and the bounded, rate-limited refusal log.

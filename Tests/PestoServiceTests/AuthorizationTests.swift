@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Authorisation of changes: with --authorize root, only uid 0 may change the tables.
 
 import Foundation

@@ -1,10 +1,12 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Test harness: a private dbus-daemon, a real pestod on it, command-line D-Bus tools, and
 // an in-process client, all started by the test and killed (SIGKILL) when it ends.
 //
 // Readiness is never guessed with sleeps: dbus-daemon prints its address when it listens,
 // pestod sends READY=1 to a NOTIFY_SOCKET datagram socket the harness binds, and the peer
 // process prints "ready". Children of a Swift Testing process inherit a blocked SIGTERM,
-// so they are always stopped with SIGKILL (PLATFORM-NOTES.md).
+// so they are always stopped with SIGKILL (doc/platform-notes.md).
 
 import Foundation
 import PestoEngine

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // A client's strings are quoted short in error replies and in pestod's log: a megabyte
 // interface name, rule key, address or object path comes back as 64 characters and its
 // length, never whole.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The Cockpit page (cockpit/) in a real browser against a real pestod.
 //
 // The harness starts the private bus and pestod (`--authorize none`); the Python selenium

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pestod on a private bus: the contract's methods with busctl, gdbus and a libdbus client.
 
 import Foundation

@@ -1,4 +1,6 @@
-// The upstream control socket, driven by a client written from PESTO-V2-WIRE.md alone
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// The upstream control socket, driven by a client written from doc/pesto-v2-wire.md alone
 // (it does not use pestod's codec), against a real pestod.
 
 import Foundation

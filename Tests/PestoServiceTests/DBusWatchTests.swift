@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The D-Bus connection on the event loop when epoll refuses to watch the bus socket (ENOSPC
 // at `fs.epoll.max_user_watches`, injected: the sysctl is global and no test may lower it).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Conditions that recur per connection or datagram are logged once, not once each: a
 // forwarding loop, a full UDP flow table, a deleted target namespace. A peer that can reach
 // a relayed port must not be able to flood pestod's log.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The authorisation pestod chooses when --authorize is not given: on a bus given with
 // --address (which other local users may reach) it is polkit, falling back to uid 0 when
 // polkit does not answer, never "none"; choosing none there is logged as a warning.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Every error name of the contract, provoked and checked by name; nothing changes on any error.
 
 import Foundation

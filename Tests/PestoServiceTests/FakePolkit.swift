@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // FakePolkit: a scripted polkit authority on a test's private bus.
 //
 // It owns org.freedesktop.PolicyKit1 and answers CheckAuthorization (subject

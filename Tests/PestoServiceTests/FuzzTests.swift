@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // A property test with a fixed, replayable random sequence: random, malformed and hostile calls
 // against a running pestod, with a model of the HOST table that predicts every answer, and
 // invariants checked as it goes: pestod alive, `List` equals the model, listening sockets match
@@ -904,9 +906,9 @@ final class FuzzRun {
 
 // MARK: - The contract model (independent of pestod's code)
 //
-// Everything below is written from doc/dbus-api.md and the contract it refines (the rule
-// description of DBUS-API.md: first ≤ last; target-address of the listening address's family,
-// not multicast, not with a dual-stack rule; target ports not past 65535). Addresses are read
+// Everything below is written from doc/dbus-api.md (the rule description: first ≤ last;
+// target-address of the listening address's family, not multicast, not with a dual-stack
+// rule; target ports not past 65535). Addresses are read
 // with the C library's inet_pton, never with pestod's parser. Where the documents leave an
 // answer open (the order of two checks, a case they do not mention), the model accepts every
 // answer the documents allow and follows the one pestod gives; such cases are counted and

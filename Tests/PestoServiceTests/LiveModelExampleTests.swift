@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // examples/follow-tables.py (doc/live-model.md) against a real pestod: the Gio subscriber
 // prints the table once pestod is on the bus and then follows every change from signals,
 // including pestod leaving the bus and coming back. Skipped without python3-gi.

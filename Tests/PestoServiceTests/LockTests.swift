@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The name-owner lock: exclusivity, explicit rollback, and rollback when the holder dies.
 
 import Foundation

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pestod --authorize polkit against a scripted polkit (FakePolkit) on the private bus:
 // a Lock whose caller leaves before polkit answers is never granted, one slow check does
 // not hold up other clients, and a flood of changes is capped per sender with bounded logs.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pestoctl against a real pestod on a private bus: upstream pesto's man page examples,
 // rejected updates leaving the table byte-for-byte unchanged, exit statuses, and a client
 // killed in the middle of an update.
@@ -154,7 +156,7 @@ struct PestoctlTests {
         let after = try f.snapshot()
         #expect(after.rules == before.rules)
         // The same addresses listen again; the removed rule was deactivated and re-activated
-        // by the rollback (the seed's order: deactivate before activate), so inodes are new.
+        // by the rollback (the proposals' order: deactivate before activate), so inodes are new.
         func addresses(_ s: PestodFixture.Snapshot) -> [String] { s.sockets.map { String($0.split(separator: " ").prefix(2).joined(separator: " ")) } }
         #expect(addresses(after) == addresses(before))
     }

@@ -1,6 +1,8 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // polkit authorisation: the CheckAuthorization call PolkitAuthorizer makes, and pestod
 // (--authorize polkit) against a real polkitd on a private system-type bus
-// (PLATFORM-NOTES.md §3).
+// (doc/platform-notes.md, "polkit").
 //
 // The end-to-end test needs root (it starts polkitd, which must start as root and drops to
 // user polkitd; it writes /usr/share/polkit-1/actions and /etc/polkit-1/rules.d, which

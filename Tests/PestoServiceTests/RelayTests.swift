@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The data path end to end: real traffic through pestod to address targets and across a
 // network namespace created by the test.
 

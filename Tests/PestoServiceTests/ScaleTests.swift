@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Large requests: what runs before authorisation is linear and refuses what cannot succeed
 // (over-long arrays, invalid rules) without asking anyone; big Applies and uploads work.
 
@@ -139,12 +141,12 @@ struct ScaleTests {
         #expect(try f.table("List").first?.arrayValue?.count == 0)
     }
 
-    @Test("an upload of 20,000 rules on the control socket is applied, and uploading it again keeps every rule")
+    @Test("an upload of 5,000 rules on the control socket is applied, and uploading it again keeps every rule")
     func largeUpload() throws {
         // Generous timeouts: a debug build takes seconds for this; nothing here is timed.
         let f = try PestodFixture(pestodArguments: ["--control", "CONTROL", "--control-timeout", "600000"])
         let p = TestSockets.freePorts(1).lowerBound
-        let n = 20_000
+        let n = 5_000
         // Weak rules bound to a missing interface: each bind fails at once with ENODEV (no
         // descriptor kept), which a weak rule tolerates; distinct addresses keep them apart.
         let ifname = Array("pesto-none0".utf8) + [UInt8](repeating: 0, count: 5)

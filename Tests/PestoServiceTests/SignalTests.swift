@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // A match-rule subscriber receives every signal of the contract.
 
 import Foundation

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Persistent state: committed tables survive kill -9; uncommitted ones do not; a bad file
 // is reported and moved aside.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The shipped systemd unit stays sandboxed: `systemd-analyze security --offline=yes` must rate
 // systemd/pestod.service's exposure below 3.0 ("OK"). Offline analysis reads only the unit
 // file; the ExecStart binary need not be installed.

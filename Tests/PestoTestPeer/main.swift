@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // pesto-test-peer: a D-Bus client driven line by line on stdin, for tests that must kill a
 // client process (SIGKILL) in the middle of a transaction.
 //

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ProcessSockets: the listening sockets another process holds, asked of the sockets themselves.
 //
 // Each of the process's descriptors is copied into this process with pidfd_getfd(2) and asked
@@ -7,7 +9,6 @@
 // skip entries, so a listener that exists goes missing from a snapshot.
 
 import CPestoSys
-import Foundation
 import PestoEngine
 
 #if canImport(Glibc)
@@ -41,20 +42,32 @@ public enum ProcessSockets {
         let pidfd = pesto_pidfd_open(pid)
         guard pidfd >= 0 else { return nil }
         defer { close(pidfd) }
-        let dir = "/proc/\(pid)/fd"
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return nil }
         var result: [ListeningSocket] = []
-        for name in names {
-            guard let number = Int32(name),
-                let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\(name)"),
-                target.hasPrefix("socket:[")
-            else { continue }
+        for number in socketDescriptors(pid: pid) {
             let fd = pesto_pidfd_getfd(pidfd, number)
             guard fd >= 0 else { continue }  // closed meanwhile
             defer { close(fd) }
             if let socket = describe(fd) { result.append(socket) }
         }
         return result.sorted { $0.description < $1.description }
+    }
+
+    /// The descriptors of `pid` that are sockets (their /proc/PID/fd links read `socket:[…]`).
+    static func socketDescriptors(pid: Int32) -> [Int32] {
+        let dir = "/proc/\(pid)/fd"
+        guard let stream = opendir(dir) else { return [] }
+        defer { closedir(stream) }
+        var result: [Int32] = []
+        var link = [CChar](repeating: 0, count: 64)
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let number = Int32(name) else { continue }
+            let n = readlink("\(dir)/\(name)", &link, link.count - 1)
+            guard n > 0 else { continue }
+            let target = String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if target.hasPrefix("socket:[") { result.append(number) }
+        }
+        return result
     }
 
     /// What `fd` is, when it is a listening TCP socket or an unconnected UDP socket.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // SeededRandom: reproducible randomness for fuzz tests.
 
 /// xorshift64*: tiny, seedable, good enough for choosing test inputs, so a failing fuzz

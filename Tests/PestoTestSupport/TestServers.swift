@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Test servers and traffic: real sockets, plain threads, bounded in time.
 
 import CPestoSys

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Test helpers: real sockets on loopback, free-port discovery, descriptor identity.
 
 import CPestoSys

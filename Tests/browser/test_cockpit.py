@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The Cockpit page (cockpit/) against a real pestod, in a real browser.
 
 Run by Tests/PestoServiceTests/CockpitBrowserTests.swift, which starts a private bus and

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 /* CPestoSys: the few Linux/GNU system calls that Swift's Glibc module does not import.
  *
  * Swift's Glibc module is built without _GNU_SOURCE and has no <sys/epoll.h>, so setns(),
