@@ -263,43 +263,20 @@ func uploader(_ s: Shared, ports: ClosedRange<UInt16>, seed: UInt64) {
 
 /// One control-socket session; true when pestod took the whole upload and closed the session.
 func uploadSession(_ path: String, keepingAllBut ports: ClosedRange<UInt16>, adding mine: [PestoV2Wire.WireRule]) -> Bool {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { return false }
-    defer { close(fd) }
-    var tv = timeval(tv_sec: 5, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    guard SocketAddress(unixPath: path)?.withSockaddr({ connect(fd, $0, $1) }) == 0 else { return false }
-    func read(_ n: Int) -> [UInt8]? {
-        var out = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
-            let r = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, n - got, 0) }
-            if r <= 0 { return nil }
-            got += r
-        }
-        return out
-    }
-    func u32(_ b: ArraySlice<UInt8>) -> UInt32 { b.reduce(0) { $0 << 8 | UInt32($1) } }
-    guard let hello = read(PestoV2Wire.helloSize), Array(hello[0..<8]) == PestoV2Wire.magic else { return false }
+    guard let client = WireClient(path: path) else { return false }
+    defer { close(client.fd) }
+    guard let dump = client.readHelloAndDump() else { return false }
     var upload: [UInt8] = []
-    while let pif = read(1)?.first, pif != 0 {
-        guard let info = read(PestoV2Wire.tableInfoSize) else { return false }
-        let count = Int(u32(info[132..<136]))
-        var rules: [[UInt8]] = []
-        for _ in 0..<count {
-            guard let raw = read(PestoV2Wire.ruleSize) else { return false }
-            let first = UInt16(raw[48]) << 8 | UInt16(raw[49])
-            if !ports.contains(first) { rules.append(raw) }
-        }
+    for (pif, table) in dump.tables.sorted(by: { $0.key < $1.key }) {
+        var rules = table.rules.filter { raw in !ports.contains(UInt16(raw[48]) << 8 | UInt16(raw[49])) }
         if pif == PestoV2Wire.Pif.host.rawValue { rules += mine.map(PestoV2Wire.encode) }
-        upload += [pif] + withUnsafeBytes(of: UInt32(rules.count).bigEndian, Array.init) + rules.joined()
+        upload += [pif] + WireClient.be32(UInt32(rules.count)) + rules.joined()
     }
     upload.append(0)
-    let sent = upload.withUnsafeBytes { send(fd, $0.baseAddress!, upload.count, Int32(MSG_NOSIGNAL)) }
-    guard sent == upload.count else { return false }
-    shutdown(fd, Int32(SHUT_WR))
+    client.send(upload)
+    shutdown(client.fd, Int32(SHUT_WR))
     var byte: UInt8 = 0
-    return recv(fd, &byte, 1, 0) == 0
+    return recv(client.fd, &byte, 1, 0) == 0
 }
 
 /// Relays TCP connections and UDP datagrams through the stable rules' ports to the echo servers.
