@@ -28,17 +28,8 @@ struct DataPathNoticeTests {
         ])])
         try f.table("Activate", [.uint32(1)])
         for _ in 0..<5 {
-            guard case .success(let fd) = TestSockets.connect(port: p) else {
-                Issue.record("connect to pestod's listener failed")
-                return
-            }
-            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            #expect(poll(&pfd, 1, 5000) == 1)
-            var byte: UInt8 = 0
-            let n = read(fd, &byte, 1)
-            let e = errno
-            #expect(n == -1 && e == ECONNRESET, "read gave \(n), \(Errno(rawValue: e))")
-            close(fd)
+            let end = TestSockets.firstRead(port: p)
+            #expect(end == .failure(Errno(rawValue: ECONNRESET)), "\(String(describing: end))")
         }
         // Each reset was sent after the occurrence was recorded, so all five are counted.
         #expect(lines(f, containing: "one of pestod's own listeners").count == 1, "\(f.log)")

@@ -75,17 +75,8 @@ struct RelayTests {
         let ports = TestSockets.freePorts(3)
         try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.lowerBound + 1)])  // nothing listens there
         try f.table("Activate", [.uint32(1)])
-        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
-            Issue.record("connect to pestod's listener failed")
-            return
-        }
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        #expect(poll(&pfd, 1, 5000) == 1)
-        var byte: UInt8 = 0
-        let n = read(fd, &byte, 1)
-        let e = errno
-        #expect(n == -1 && e == ECONNRESET, "the refusal arrives as a reset, not an orderly end of file: read gave \(n), \(Errno(rawValue: e))")
-        close(fd)
+        let end = TestSockets.firstRead(port: ports.lowerBound)
+        #expect(end == .failure(Errno(rawValue: ECONNRESET)), "the refusal arrives as a reset, not an orderly end of file: \(String(describing: end))")
         let server = try #require(EchoServer(port: ports.lowerBound + 2))
         defer { server.stop() }
         try f.table("Insert", [.uint32(2), rule(ports.lowerBound + 1, to: ports.lowerBound + 2)])

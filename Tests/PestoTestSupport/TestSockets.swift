@@ -77,6 +77,19 @@ public enum TestSockets {
         return .success(fd)
     }
 
+    /// How a connection to `port` ends when the peer sends nothing: connects, waits up to 5 s
+    /// for the socket to become readable, and reads one byte. `.success(0)` is an orderly end
+    /// of file, `.failure(ECONNRESET)` a reset; nil when the connect itself failed.
+    public static func firstRead(port: UInt16) -> Result<Int, Errno>? {
+        guard case .success(let fd) = connect(port: port) else { return nil }
+        defer { close(fd) }
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 5_000) == 1 else { return .failure(Errno(rawValue: ETIMEDOUT)) }
+        var byte: UInt8 = 0
+        let n = read(fd, &byte, 1)
+        return n >= 0 ? .success(n) : .failure(.current)
+    }
+
     /// Calls `body` with a sockaddr for `address:port` (IPv4 or IPv6) and its length.
     public static func withSocketAddress(_ address: IPAddress, _ port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Bool) -> Bool {
         SocketAddress(address, port: port).withSockaddr(body)
