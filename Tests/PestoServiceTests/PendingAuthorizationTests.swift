@@ -168,7 +168,7 @@ struct PendingAuthorizationTests {
     /// Waits until `got` holds the replies to every call in `serials` on `connection`,
     /// keeping every other reply that comes meanwhile in `got` too (by reply serial).
     static func collectReplies(to serials: [UInt32], on connection: DBusConnection, into got: inout [UInt32: DBusMessage]) {
-        let deadline = MonotonicInstant.now.adding(milliseconds: 30_000)
+        let deadline = MonotonicInstant.now.adding(milliseconds: 120_000)
         while serials.contains(where: { got[$0] == nil }), MonotonicInstant.now < deadline {
             guard let m = connection.nextMessage(timeoutMilliseconds: 500), m.replySerial != 0 else { continue }
             got[m.replySerial] = m
@@ -198,12 +198,17 @@ struct PendingAuthorizationTests {
         let baseline = try Self.residentBytes(of: f.pestod.pid)
 
         let otherInsert = Self.call("Insert", [.uint32(1), PestodFixture.rule(p)])
+        otherInsert.allowsInteractiveAuthorization = true
         other.send(otherInsert)
         other.flush()
         var serials: [UInt32] = []
         var bytes = 0
         for _ in 0..<64 {
             let apply = Self.call("Apply", applyArgs)
+            // Interactive, like a caller at a password prompt: pestod waits for polkit's
+            // answer up to 300 s, not 25 s, so a slow (debug, loaded) pestod decoding the
+            // flood does not fall back to the uid-0 rule before the test releases it.
+            apply.allowsInteractiveAuthorization = true
             bytes = apply.argumentBytes
             flooder.send(apply)
             serials.append(apply.serial)
