@@ -148,7 +148,10 @@ public final class PestoServer {
                     return true
                 }
                 let sender = message.sender ?? "", bytes = message.argumentBytes
-                let limit = authorization.submit(sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) { [unowned self] refusal in self.authorized(address, run, refusal: refusal) }
+                // The closure keeps `address` and `run` (the decoded arguments), not `message`.
+                let limit = authorization.submit(sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) {
+                    [unowned self] refusal in self.authorized(address, run, refusal: refusal)
+                }
                 if let limit {
                     let refusal: DBusErrorReply
                     switch limit {
