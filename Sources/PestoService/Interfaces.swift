@@ -72,7 +72,7 @@ public enum PestoInterfaces {
     /// `top.passt.Pesto1.Manager`.
     public static let manager = DBusInterfaceSpec(
         name: "top.passt.Pesto1.Manager",
-        doc: "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
+        doc: "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes, or 16 MiB of arguments, already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
         methods: [
             method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves; a Lock whose caller leaves before it is authorised is never granted."),
             method("Unlock", [], [], "Release the lock; uncommitted changes are rolled back."),

@@ -18,7 +18,9 @@
 //                 is read), then the arguments are decoded and rules validated (InvalidArgs,
 //                 InvalidRule); only then, for mutating calls, is the caller authorised
 //                 (AuthorizationQueue.swift: one query per call, a sender's calls in its own
-//                 order, at most 64 waiting per sender, else LimitsExceeded), then the lock
+//                 order, at most 64 or 16 MiB waiting per sender, else LimitsExceeded;
+//                 a waiting call keeps its ReplyAddress and decoded arguments, not the
+//                 message, see ReplyAddress.swift), then the lock
 //                 checked (Locked), then the change, then signals, then the reply — the order
 //                 systemd's hostnamed uses. Everything before authorisation is linear in the
 //                 size of the message.
@@ -129,37 +131,51 @@ public final class PestoServer {
     }
 
     /// Handles one incoming message; false lets libdbus answer (unknown method).
+    /// A change waiting for authorisation or for the save keeps the call's `ReplyAddress`
+    /// and decoded arguments, never the message itself.
     func handle(_ message: DBusMessage) -> Bool {
         if message.isSignal {
             handleSignal(message)
             return false
         }
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
+        let address = ReplyAddress(message)
         do {
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
-                answer(message, values)
+                answer(address, values)
             case .change(let run):
                 guard let authorization else {
-                    answer(message, try run())
+                    answer(address, try run())
                     return true
                 }
-                let queued = authorization.submit(sender: message.sender ?? "", interactive: message.allowsInteractiveAuthorization) {
-                    [unowned self] refusal in self.authorized(message, run, refusal: refusal)
+                let sender = message.sender ?? "", bytes = message.argumentBytes
+                // The closure keeps `address` and `run` (the decoded arguments), not `message`.
+                let limit = authorization.submit(sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) {
+                    [unowned self] refusal in self.authorized(address, run, refusal: refusal)
                 }
-                if !queued {
-                    let limit = DBusErrorReply(
-                        DBusErrorReply.limitsExceeded,
-                        "You have \(authorization.maxPendingPerSender) changes waiting for authorization already; wait for their replies.")
-                    logRefusal(message, limit)
-                    throw limit
+                if let limit {
+                    let refusal: DBusErrorReply
+                    switch limit {
+                    case .changes:
+                        refusal = DBusErrorReply(
+                            DBusErrorReply.limitsExceeded,
+                            "You have \(authorization.maxPendingPerSender) changes waiting for authorization already; wait for their replies.")
+                    case .bytes:
+                        refusal = DBusErrorReply(
+                            DBusErrorReply.limitsExceeded,
+                            "Your changes waiting for authorization hold \(authorization.pendingBytes(of: sender)) bytes of arguments; "
+                                + "this one (\(bytes) bytes) would exceed the \(authorization.maxPendingBytesPerSender) allowed; wait for their replies.")
+                    }
+                    logRefusal(address, refusal)
+                    throw refusal
                 }
             }
         } catch {
             // A change refused for an invalid rule, before authorisation, is logged as any
             // refused change is (rate-limited per sender, client strings quoted short).
-            if let e = error as? DBusErrorReply, e.name == PestoBusNames.errorName(.invalidRule) { logRefusal(message, e) }
-            if !message.noReply { connection.send(message.errorReply(error)) }
+            if let e = error as? DBusErrorReply, e.name == PestoBusNames.errorName(.invalidRule) { logRefusal(address, e) }
+            if address.wantsReply { connection.send(.errorReply(to: address, error)) }
         }
         return true
     }
@@ -167,17 +183,17 @@ public final class PestoServer {
     /// Sends a method reply unless the caller asked for none. If the call committed a change
     /// and a state file is kept, the reply waits for the save at the end of the loop turn;
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
-    private func answer(_ message: DBusMessage, _ values: [DBusValue]) {
+    private func answer(_ address: ReplyAddress, _ values: [DBusValue]) {
         guard let committed = callCommit.take(), let commits else {
-            if !message.noReply { connection.send(message.reply(values)) }
+            if address.wantsReply { connection.send(.methodReturn(to: address, values)) }
             return
         }
         commits.add(committed) { [unowned self] failure in
             if let failure {
-                self.logger.error("\(message.member ?? "?") by \(message.sender ?? "?") undone: it could not be saved")
-                if !message.noReply { self.connection.send(message.errorReply(DBusErrorReply(failure))) }
-            } else if !message.noReply {
-                self.connection.send(message.reply(values))
+                self.logger.error("\(address.member) by \(address.who) undone: it could not be saved")
+                if address.wantsReply { self.connection.send(.errorReply(to: address, DBusErrorReply(failure))) }
+            } else if address.wantsReply {
+                self.connection.send(.methodReturn(to: address, values))
             }
         }
     }
@@ -205,23 +221,23 @@ public final class PestoServer {
     }
 
     /// Runs an authorised change and answers it, or answers its refusal.
-    private func authorized(_ message: DBusMessage, _ run: () throws(DBusErrorReply) -> [DBusValue], refusal: DBusErrorReply?) {
+    private func authorized(_ address: ReplyAddress, _ run: () throws(DBusErrorReply) -> [DBusValue], refusal: DBusErrorReply?) {
         if let refusal {
-            logRefusal(message, refusal)
-            if !message.noReply { connection.send(message.errorReply(refusal)) }
+            logRefusal(address, refusal)
+            if address.wantsReply { connection.send(.errorReply(to: address, refusal)) }
             return
         }
-        do { answer(message, try run()) } catch {
-            if !message.noReply { connection.send(message.errorReply(error)) }
+        do { answer(address, try run()) } catch {
+            if address.wantsReply { connection.send(.errorReply(to: address, error)) }
         }
     }
 
     /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
-    private func logRefusal(_ message: DBusMessage, _ refusal: DBusErrorReply) {
-        let sender = message.sender ?? "?"
+    private func logRefusal(_ address: ReplyAddress, _ refusal: DBusErrorReply) {
+        let sender = address.who
         guard let unlogged = refusalLog.admit(sender, now: .now) else { return }
         let more = unlogged > 0 ? " (\(unlogged) more refusals not logged since the last line)" : ""
-        logger.notice("\(message.member ?? "?") by \(sender) refused: \(refusal.message)\(more)")
+        logger.notice("\(address.member) by \(sender) refused: \(refusal.message)\(more)")
     }
 
     private func handleSignal(_ message: DBusMessage) {
@@ -471,14 +487,5 @@ public final class PestoServer {
         if change.cause == .retried {
             logger.info("\(kind.name) rule \(change.id): retry now \(s.bound) bound, \(s.failed) failed")
         }
-    }
-}
-
-extension DBusMessage {
-    /// An error reply from a thrown error.
-    func errorReply(_ error: any Error) -> DBusMessage {
-        if let e = error as? DBusErrorReply { return errorReply(e) }
-        if let e = error as? PestoError { return errorReply(DBusErrorReply(e)) }
-        return errorReply(DBusErrorReply(DBusErrorReply.failed, "\(error)"))
     }
 }

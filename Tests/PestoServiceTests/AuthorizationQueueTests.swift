@@ -57,7 +57,7 @@ struct AuthorizationQueueTests {
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify)
         var ran: [String] = []
         func submit(_ sender: String, _ label: String, interactive: Bool = false) {
-            #expect(queue.submit(sender: sender, interactive: interactive) { refusal in ran.append(label + (refusal == nil ? "" : " refused")) })
+            #expect(queue.submit(sender: sender, interactive: interactive) { refusal in ran.append(label + (refusal == nil ? "" : " refused")) } == nil)
         }
         submit(":1.1", "a1", interactive: true)
         submit(":1.1", "a2")
@@ -81,15 +81,40 @@ struct AuthorizationQueueTests {
         let auth = ScriptedAuthorizer()
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 3)
         var ran = 0
-        for _ in 0..<3 { #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 }) }
-        for _ in 0..<100 { #expect(!queue.submit(sender: ":1.1", interactive: false) { _ in Issue.record("a refused change ran") }) }
+        for _ in 0..<3 { #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 } == nil) }
+        for _ in 0..<100 { #expect(queue.submit(sender: ":1.1", interactive: false) { _ in Issue.record("a refused change ran") } == .changes) }
         #expect(queue.pending(of: ":1.1") == 3)
         #expect(auth.queries.count == 1)
-        #expect(queue.submit(sender: ":1.2", interactive: false) { _ in ran += 1 })
+        #expect(queue.submit(sender: ":1.2", interactive: false) { _ in ran += 1 } == nil)
         auth.answer(":1.1")
-        #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 }, "room again once one is decided")
+        #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 } == nil, "room again once one is decided")
         #expect(queue.pending(of: ":1.1") == 3)
         #expect(AuthorizationQueue.defaultMaxPendingPerSender == 64)
+    }
+
+    @Test("at most maxPendingBytesPerSender bytes of changes wait per sender, whichever limit comes first; a larger change alone still waits; bytes return as changes are decided or the sender leaves")
+    func byteCap() {
+        let auth = ScriptedAuthorizer()
+        let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 10, maxPendingBytesPerSender: 1_000)
+        var ran = 0
+        for _ in 0..<4 { #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 250) { _ in ran += 1 } == nil) }
+        #expect(queue.pendingBytes(of: ":1.1") == 1_000)
+        #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 1) { _ in Issue.record("a refused change ran") } == .bytes)
+        #expect(queue.pending(of: ":1.1") == 4 && queue.pendingBytes(of: ":1.1") == 1_000, "nothing queued")
+        #expect(queue.submit(sender: ":1.2", interactive: false, bytes: 1_000) { _ in ran += 1 } == nil, "another sender has its own budget")
+        auth.answer(":1.1")
+        #expect(ran == 1 && queue.pendingBytes(of: ":1.1") == 750)
+        #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 250) { _ in ran += 1 } == nil, "room again once one is decided")
+        #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 251) { _ in ran += 1 } != nil)
+        #expect(queue.senderLeft(":1.1") == 4)
+        #expect(queue.pendingBytes(of: ":1.1") == 0)
+
+        // A change larger than the limit waits when it is the sender's only one.
+        #expect(queue.submit(sender: ":1.3", interactive: false, bytes: 5_000) { _ in ran += 1 } == nil)
+        #expect(queue.submit(sender: ":1.3", interactive: false, bytes: 0) { _ in ran += 1 } == .bytes)
+        auth.answer(":1.3")
+        #expect(queue.pendingBytes(of: ":1.3") == 0)
+        #expect(AuthorizationQueue.defaultMaxPendingBytesPerSender == 16 << 20)
     }
 
     @Test("a sender that leaves loses its waiting changes and its check is withdrawn: a late answer (even 'allowed') runs nothing")
@@ -97,8 +122,8 @@ struct AuthorizationQueueTests {
         let auth = ScriptedAuthorizer()
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify)
         var ran: [String] = []
-        #expect(queue.submit(sender: ":1.7", interactive: false) { _ in ran.append("lock") })
-        #expect(queue.submit(sender: ":1.7", interactive: false) { _ in ran.append("insert") })
+        #expect(queue.submit(sender: ":1.7", interactive: false) { _ in ran.append("lock") } == nil)
+        #expect(queue.submit(sender: ":1.7", interactive: false) { _ in ran.append("insert") } == nil)
         #expect(queue.senderLeft(":1.7") == 2)
         #expect(auth.withdrawn == [":1.7"], "the check in progress is withdrawn")
         #expect(queue.senderLeft(":1.7") == 0)
@@ -115,7 +140,7 @@ struct AuthorizationQueueTests {
         auth.immediate[":1.3"] = .some(nil)
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify)
         var ran: [Int] = []
-        for i in 0..<5 { #expect(queue.submit(sender: ":1.3", interactive: false) { _ in ran.append(i) }) }
+        for i in 0..<5 { #expect(queue.submit(sender: ":1.3", interactive: false) { _ in ran.append(i) } == nil) }
         #expect(ran == [0, 1, 2, 3, 4])
         #expect(queue.totalPending == 0)
         #expect(queue.senderLeft(":1.3") == 0)  // nothing in progress to withdraw

@@ -158,4 +158,91 @@ struct PendingAuthorizationTests {
         #expect(floodLines.first?.contains("refused") == true)
         #expect(floodLines.contains { $0.contains("more refusals") } || floodLines.count == 1)
     }
+
+    /// pestod's resident memory in bytes (VmRSS of /proc/PID/status).
+    static func residentBytes(of pid: Int32) throws -> Int {
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") })
+        let kib = try #require(Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]))
+        return kib * 1024
+    }
+
+    /// Waits until `got` holds the replies to every call in `serials` on `connection`,
+    /// keeping every other reply that comes meanwhile in `got` too (by reply serial).
+    static func collectReplies(to serials: [UInt32], on connection: DBusConnection, into got: inout [UInt32: DBusMessage]) {
+        let deadline = MonotonicInstant.now.adding(milliseconds: 120_000)
+        while serials.contains(where: { got[$0] == nil }), MonotonicInstant.now < deadline {
+            guard let m = connection.nextMessage(timeoutMilliseconds: 500), m.replySerial != 0 else { continue }
+            got[m.replySerial] = m
+        }
+        let missing = serials.filter { got[$0] == nil }.count
+        if missing > 0 { Issue.record("no reply to \(missing) calls") }
+    }
+
+    @Test("64 large Applies held by polkit: pestod keeps their decoded rules and reply addresses, not their messages, and at most 16 MiB of them (LimitsExceeded beyond); its memory stays bounded and every reply reaches its caller")
+    func largeChangesBounded() throws {
+        let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
+        let polkit = try FakePolkit(address: f.address)
+        let p = TestSockets.freePorts(2).lowerBound
+        let flooder = try DBusConnection(.address(f.address))
+        let other = try DBusConnection(.address(f.address))
+        polkit.set(flooder.uniqueName, .hold)
+        polkit.set(other.uniqueName, .hold)
+        // A legal Apply of about 0.85 MiB: 2,500 valid rules, each with a 255-byte owner tag
+        // (the longest allowed). 64 of them are about 55 MiB of messages, under libdbus's
+        // 63 MiB limit on a connection's live incoming messages, so a pestod that held them
+        // would still read on (and hold them all).
+        let owner = String(repeating: "o", count: Rule.maxOwnerLength)
+        let rules = (0..<2_500).map { i in
+            DBusValue.structure([.uint32(UInt32(10_000 + i)), PestodFixture.rule(p, [("owner", .string(owner))])])
+        }
+        let applyArgs: [DBusValue] = [.array(element: "(ua{sv})", rules), .array(element: "u", []), .vardict([])]
+        let baseline = try Self.residentBytes(of: f.pestod.pid)
+
+        let otherInsert = Self.call("Insert", [.uint32(1), PestodFixture.rule(p)])
+        otherInsert.allowsInteractiveAuthorization = true
+        other.send(otherInsert)
+        other.flush()
+        var serials: [UInt32] = []
+        var bytes = 0
+        for _ in 0..<64 {
+            let apply = Self.call("Apply", applyArgs)
+            // Interactive, like a caller at a password prompt: pestod waits for polkit's
+            // answer up to 300 s, not 25 s, so a slow (debug, loaded) pestod decoding the
+            // flood does not fall back to the uid-0 rule before the test releases it.
+            apply.allowsInteractiveAuthorization = true
+            bytes = apply.argumentBytes
+            flooder.send(apply)
+            serials.append(apply.serial)
+        }
+        // pestod handles a connection's calls in order: once this read is answered, every
+        // Apply before it has been queued or refused.
+        let read = Self.call("Status", [.uint32(1)])
+        flooder.send(read)
+        flooder.flush()
+        var answers: [UInt32: DBusMessage] = [:]
+        Self.collectReplies(to: [read.serial], on: flooder, into: &answers)
+        polkit.wait("the other client's check") { $0.checks(of: other.uniqueName) == 1 }
+
+        let held = try Self.residentBytes(of: f.pestod.pid)
+        let grown = held - baseline
+        // Holding the 64 messages alone would be over 50 MiB, their decoded rules as much
+        // again; 16 MiB of waiting arguments, decoded, are well under 48 MiB.
+        #expect(grown < 48 << 20, "pestod grew by \(grown >> 20) MiB holding the flood (baseline \(baseline >> 20) MiB, each Apply \(bytes) bytes)")
+
+        // Deny the flood, allow the other client: each gets its own replies.
+        polkit.release(flooder.uniqueName, allow: false)
+        polkit.release(other.uniqueName, allow: true)
+        Self.collectReplies(to: serials, on: flooder, into: &answers)
+        let names = serials.map { answers[$0]?.asError?.name ?? "none" }
+        let queued = names.prefix { $0 == DBusErrorReply.accessDenied }.count
+        let expectedQueued = 1 + ((16 << 20) - bytes) / bytes
+        #expect(queued == expectedQueued, "the first \(expectedQueued) Applies (16 MiB) waited for polkit: \(names)")
+        #expect(names.dropFirst(queued).allSatisfy { $0 == Self.limitsExceeded }, "the rest were refused at once: \(names)")
+        let refusal = answers[serials.last!]?.asError?.message ?? ""
+        #expect(refusal.contains("bytes of arguments"), "\(refusal)")
+        let otherReply = try #require(Self.reply(to: otherInsert.serial, on: other))
+        #expect(!otherReply.isError, "\(otherReply.asError?.description ?? "")")
+        #expect(try f.table("List").first?.arrayValue?.count == 1)
+    }
 }
