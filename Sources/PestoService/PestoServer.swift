@@ -25,8 +25,11 @@
 // operation in the journal of the transaction it belongs to, and emits the ObjectManager
 // signals. State changes reported by the engine (activation, deactivation, retries) arrive
 // through the tables' `onStateChange` and become RuleStateChanged, BindFailuresChanged and
-// PropertiesChanged; table counters are compared with what was last announced and only
-// real changes are emitted.
+// PropertiesChanged. Table counters (RuleCount, ActiveCount, SocketCount) are not announced
+// per change: a change marks its table's counters stale, and they are compared with what was
+// last announced and only real changes emitted, once, before the next reply goes out (so a
+// caller sees them before its reply) or at the end of the loop turn (`endOfTurn`), whichever
+// comes first. A 65,535-rule Apply thus emits one counters' PropertiesChanged, not 131,070.
 //
 // The lock (Manager.Lock) makes the holder's calls one transaction: they are journaled, and
 // Unlock, Rollback, or the holder leaving the bus undo them newest first. Without a lock,
@@ -69,6 +72,8 @@ public final class PestoServer {
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
     private var announcedCounters: [TableKind: TableCounters] = [:]
+    /// Tables whose counters may have changed since last announced (`announceStaleCounters`).
+    private var staleCounters: [TableKind] = []
 
     /// The counters of a table that emit PropertiesChanged.
     struct TableCounters: Equatable {
@@ -94,6 +99,15 @@ public final class PestoServer {
             table.onStateChange = { [unowned self] change in self.stateChanged(kind, change) }
         }
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
+        engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
+    }
+
+    /// What the server does once per loop turn, before the loop sleeps: saves the changes
+    /// committed during the turn (with a state file), which sends their replies, then
+    /// announces the table counters changed by whatever sent no reply (timers, uploads).
+    private func endOfTurn() {
+        saveCommitted()
+        announceStaleCounters()
     }
 
     /// Logs a data path condition: one line when it starts, one when it clears.
@@ -154,7 +168,7 @@ public final class PestoServer {
                 }
             }
         } catch {
-            if !message.noReply { connection.send(message.errorReply(error)) }
+            if !message.noReply { sendReply(message.errorReply(error)) }
         }
         return true
     }
@@ -164,15 +178,15 @@ public final class PestoServer {
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
     private func answer(_ message: DBusMessage, _ values: [DBusValue]) {
         guard let committed = callCommit.take(), let commits else {
-            if !message.noReply { connection.send(message.reply(values)) }
+            if !message.noReply { sendReply(message.reply(values)) }
             return
         }
         commits.add(committed) { [unowned self] failure in
             if let failure {
                 self.logger.error("\(message.member ?? "?") by \(message.sender ?? "?") undone: it could not be saved")
-                if !message.noReply { self.connection.send(message.errorReply(DBusErrorReply(failure))) }
+                if !message.noReply { self.sendReply(message.errorReply(DBusErrorReply(failure))) }
             } else if !message.noReply {
-                self.connection.send(message.reply(values))
+                self.sendReply(message.reply(values))
             }
         }
     }
@@ -181,7 +195,6 @@ public final class PestoServer {
     /// was committed); from now on a committed change is answered only once saved.
     public func persist(saving save: @escaping () throws(PestoError) -> Void) {
         commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.perform(op) }
-        engine.loop.endOfTurn = { [unowned self] in self.saveCommitted() }
     }
 
     /// Saves (or undoes) every change committed so far. A commit no answer took (its call
@@ -203,12 +216,19 @@ public final class PestoServer {
     private func authorized(_ message: DBusMessage, _ run: () throws(DBusErrorReply) -> [DBusValue], refusal: DBusErrorReply?) {
         if let refusal {
             logRefusal(message, refusal)
-            if !message.noReply { connection.send(message.errorReply(refusal)) }
+            if !message.noReply { sendReply(message.errorReply(refusal)) }
             return
         }
         do { answer(message, try run()) } catch {
-            if !message.noReply { connection.send(message.errorReply(error)) }
+            if !message.noReply { sendReply(message.errorReply(error)) }
         }
+    }
+
+    /// Sends a method reply (or error), after the table counters its call changed: a caller
+    /// sees every signal of its change before the reply, as when they were sent one by one.
+    private func sendReply(_ reply: DBusMessage) {
+        announceStaleCounters()
+        connection.send(reply)
     }
 
     /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
@@ -433,8 +453,23 @@ public final class PestoServer {
             arguments: [.string(interface.name), .vardict(ordered), .strings([])]))
     }
 
-    /// Announces the table counters that changed since last time.
+    /// Marks the counters of a table as possibly changed; `announceStaleCounters` announces
+    /// them before the next reply or at the end of the loop turn. Called on every change.
     func announceCounters(_ kind: TableKind) {
+        if !staleCounters.contains(kind) { staleCounters.append(kind) }
+    }
+
+    /// Announces the counters of every table marked stale that changed since last announced:
+    /// one PropertiesChanged per table with only the counters that differ, carrying their
+    /// latest values.
+    func announceStaleCounters() {
+        guard !staleCounters.isEmpty else { return }
+        for kind in staleCounters { announceChangedCounters(kind) }
+        staleCounters.removeAll(keepingCapacity: true)
+    }
+
+    /// Announces the counters of one table that changed since last time.
+    private func announceChangedCounters(_ kind: TableKind) {
         guard let t = engine.table(kind) else { return }
         let now = TableCounters(t)
         let before = announcedCounters[kind]
