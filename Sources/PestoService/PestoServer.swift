@@ -74,6 +74,8 @@ public final class PestoServer {
     private var announcedCounters: [TableKind: TableCounters] = [:]
     /// Tables whose counters may have changed since last announced (`announceStaleCounters`).
     private var staleCounters: [TableKind] = []
+    /// The retries of this loop turn that changed a rule's counts, logged at its end.
+    private var retriesToLog = RetryLogSummary()
 
     /// The counters of a table that emit PropertiesChanged.
     struct TableCounters: Equatable {
@@ -108,6 +110,7 @@ public final class PestoServer {
     private func endOfTurn() {
         saveCommitted()
         announceStaleCounters()
+        logRetries()
     }
 
     /// Logs a data path condition: one line when it starts, one when it clears.
@@ -405,7 +408,7 @@ public final class PestoServer {
 
     private func setLockOwner(_ owner: String?) {
         lockOwner = owner
-        emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, ["LockOwner": .string(owner ?? "")])
+        emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, [("LockOwner", .string(owner ?? ""))])
     }
 
     // MARK: Performing changes
@@ -425,7 +428,7 @@ public final class PestoServer {
             try table(kind).delete(id: id)
             emit(.signal(
                 path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
-                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.Object.rule(kind, id).interfaces.map(\.name))]))
+                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
             announceCounters(kind)
             return nil
         case .activate(let kind, let id):
@@ -445,12 +448,11 @@ public final class PestoServer {
 
     func emit(_ message: DBusMessage) { connection.send(message) }
 
-    /// Emits PropertiesChanged for `changed` on the object at `path`.
-    func emitPropertiesChanged(_ path: String, _ interface: DBusInterfaceSpec, _ changed: [String: DBusValue]) {
-        let ordered = interface.properties.compactMap { p in changed[p.name].map { (p.name, $0) } }
+    /// Emits PropertiesChanged for `changed` (in the contract's order) on the object at `path`.
+    func emitPropertiesChanged(_ path: String, _ interface: DBusInterfaceSpec, _ changed: [(String, DBusValue)]) {
         emit(.signal(
             path: path, interface: PestoInterfaces.properties.name, member: "PropertiesChanged",
-            arguments: [.string(interface.name), .vardict(ordered), .strings([])]))
+            arguments: [.string(interface.name), .vardict(changed), .strings([])]))
     }
 
     /// Marks the counters of a table as possibly changed; `announceStaleCounters` announces
@@ -475,10 +477,10 @@ public final class PestoServer {
         let before = announcedCounters[kind]
         guard now != before else { return }
         announcedCounters[kind] = now
-        var changed: [String: DBusValue] = [:]
-        if now.ruleCount != before?.ruleCount { changed["RuleCount"] = .uint32(now.ruleCount) }
-        if now.activeCount != before?.activeCount { changed["ActiveCount"] = .uint32(now.activeCount) }
-        if now.socketCount != before?.socketCount { changed["SocketCount"] = .uint32(now.socketCount) }
+        var changed: [(String, DBusValue)] = []
+        if now.ruleCount != before?.ruleCount { changed.append(("RuleCount", .uint32(now.ruleCount))) }
+        if now.activeCount != before?.activeCount { changed.append(("ActiveCount", .uint32(now.activeCount))) }
+        if now.socketCount != before?.socketCount { changed.append(("SocketCount", .uint32(now.socketCount))) }
         emitPropertiesChanged(PestoBusNames.tablePath(kind), PestoInterfaces.table, changed)
     }
 
@@ -496,11 +498,20 @@ public final class PestoServer {
         }
         emitPropertiesChanged(
             PestoBusNames.rulePath(kind, change.id), PestoInterfaces.rule,
-            ["Active": .bool(s.active), "BoundSockets": .uint32(s.bound), "BindFailures": .uint32(s.failed), "LastError": .string(s.lastErrorName)])
+            [("Active", .bool(s.active)), ("BoundSockets", .uint32(s.bound)), ("BindFailures", .uint32(s.failed)), ("LastError", .string(s.lastErrorName))])
         announceCounters(kind)
         if change.cause == .retried {
-            logger.info("\(kind.name) rule \(change.id): retry now \(s.bound) bound, \(s.failed) failed")
+            // One info line per loop turn (`logRetries`), not one per rule of a large retry pass.
+            logger.debug("\(kind.name) rule \(change.id): retry now \(s.bound) bound, \(s.failed) failed")
+            retriesToLog.add(kind, change.id, s)
         }
+    }
+
+    /// Logs the rules whose counts a retry changed during this loop turn: the rule itself if
+    /// there was one, else one summary line.
+    private func logRetries() {
+        guard let line = retriesToLog.take() else { return }
+        logger.info("\(line)")
     }
 }
 
