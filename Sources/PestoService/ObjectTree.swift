@@ -73,6 +73,17 @@ enum ObjectTree {
     /// interface. `lockOwner` is the Manager's `LockOwner` (the lock is the server's state).
     static func properties(_ object: Object, _ interface: String, engine: ForwardingEngine, lockOwner: String? = nil) -> [(String, DBusValue)]? {
         guard object.interfaces.contains(where: { $0.name == interface }) else { return nil }
+        return implementedProperties(object, interface, engine: engine, lockOwner: lockOwner)
+    }
+
+    /// The names of a rule object's interfaces (InterfacesRemoved), built once.
+    static let ruleInterfaceNames = Object.rule(.host, 0).interfaces.map(\.name)
+
+    /// `properties` of an interface `object` is known to implement (no check: this runs
+    /// for every rule of a large Apply, through InterfacesAdded).
+    private static func implementedProperties(
+        _ object: Object, _ interface: String, engine: ForwardingEngine, lockOwner: String?
+    ) -> [(String, DBusValue)]? {
         switch (object, interface) {
         case (.manager, PestoInterfaces.manager.name):
             return [
@@ -93,14 +104,17 @@ enum ObjectTree {
             ]
         case (.rule(let kind, let id), PestoInterfaces.rule.name):
             guard let t = engine.table(kind), let rule = try? t.read(id), let s = try? t.status(id) else { return nil }
-            return [("Id", .uint32(id)), ("Table", .objectPath(PestoBusNames.tablePath(kind)))]
-                + RuleCodec.fields(rule).map { ($0.property, $0.value) }
-                + [
-                    ("Active", .bool(s.active)),
-                    ("BoundSockets", .uint32(s.bound)),
-                    ("BindFailures", .uint32(s.failed)),
-                    ("LastError", .string(s.lastErrorName)),
-                ]
+            let fields = RuleCodec.fields(rule)
+            var props: [(String, DBusValue)] = []
+            props.reserveCapacity(fields.count + 6)
+            props.append(("Id", .uint32(id)))
+            props.append(("Table", .objectPath(PestoBusNames.tablePath(kind))))
+            for f in fields { props.append((f.property, f.value)) }
+            props.append(("Active", .bool(s.active)))
+            props.append(("BoundSockets", .uint32(s.bound)))
+            props.append(("BindFailures", .uint32(s.failed)))
+            props.append(("LastError", .string(s.lastErrorName)))
+            return props
         default:
             return []  // standard interfaces have no properties
         }
@@ -109,7 +123,7 @@ enum ObjectTree {
     /// `a{sa{sv}}`: every interface of `object` with its properties (InterfacesAdded, GetManagedObjects).
     static func interfacesAndProperties(_ object: Object, engine: ForwardingEngine, lockOwner: String? = nil) -> DBusValue {
         .dictionary(key: "s", value: "a{sv}", object.interfaces.map { i in
-            DBusValue.DictEntry(.string(i.name), .vardict(properties(object, i.name, engine: engine, lockOwner: lockOwner) ?? []))
+            DBusValue.DictEntry(.string(i.name), .vardict(implementedProperties(object, i.name, engine: engine, lockOwner: lockOwner) ?? []))
         })
     }
 }

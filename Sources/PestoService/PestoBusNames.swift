@@ -19,10 +19,17 @@ public enum PestoBusNames {
     public static func errorName(_ code: PestoError.Code) -> String { errorPrefix + code.name }
 
     /// The object path of a table.
-    public static func tablePath(_ kind: TableKind) -> String { "\(managerPath)/tables/\(kind.rawValue)" }
+    public static func tablePath(_ kind: TableKind) -> String {
+        switch kind {  // built once: every per-rule signal names its table's path
+        case .host: return hostTablePath
+        case .splice: return spliceTablePath
+        }
+    }
+    private static let hostTablePath = managerPath + "/tables/" + TableKind.host.rawValue
+    private static let spliceTablePath = managerPath + "/tables/" + TableKind.splice.rawValue
 
     /// The object path of a rule.
-    public static func rulePath(_ kind: TableKind, _ id: UInt32) -> String { "\(tablePath(kind))/rules/\(id)" }
+    public static func rulePath(_ kind: TableKind, _ id: UInt32) -> String { tablePath(kind) + "/rules/" + String(id) }
 
     /// The service's own error codes, beyond the engine's.
     public static let locked = PestoError.Code("Locked")

@@ -29,8 +29,11 @@
 // operation in the journal of the transaction it belongs to, and emits the ObjectManager
 // signals. State changes reported by the engine (activation, deactivation, retries) arrive
 // through the tables' `onStateChange` and become RuleStateChanged, BindFailuresChanged and
-// PropertiesChanged; table counters are compared with what was last announced and only
-// real changes are emitted.
+// PropertiesChanged. Table counters (RuleCount, ActiveCount, SocketCount) are not announced
+// per change: a change marks its table's counters stale, and they are compared with what was
+// last announced and only real changes emitted, once, before the next reply goes out (so a
+// caller sees them before its reply) or at the end of the loop turn (`endOfTurn`), whichever
+// comes first. A 65,535-rule Apply thus emits one counters' PropertiesChanged, not 131,070.
 //
 // The lock (Manager.Lock) makes the holder's calls one transaction: they are journaled, and
 // Unlock, Rollback, or the holder leaving the bus undo them newest first. Without a lock,
@@ -73,6 +76,10 @@ public final class PestoServer {
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
     private var announcedCounters: [TableKind: TableCounters] = [:]
+    /// Tables whose counters may have changed since last announced (`announceStaleCounters`).
+    private var staleCounters: [TableKind] = []
+    /// The retries of this loop turn that changed a rule's counts, logged at its end.
+    private var retriesToLog = RetryLogSummary()
 
     /// The counters of a table that emit PropertiesChanged.
     struct TableCounters: Equatable {
@@ -98,6 +105,16 @@ public final class PestoServer {
             table.onStateChange = { [unowned self] change in self.stateChanged(kind, change) }
         }
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
+        engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
+    }
+
+    /// What the server does once per loop turn, before the loop sleeps: saves the changes
+    /// committed during the turn (with a state file), which sends their replies, then
+    /// announces the table counters changed by whatever sent no reply (timers, uploads).
+    private func endOfTurn() {
+        saveCommitted()
+        announceStaleCounters()
+        logRetries()
     }
 
     /// Logs a data path condition: one line when it starts, one when it clears.
@@ -175,7 +192,7 @@ public final class PestoServer {
             // A change refused for an invalid rule, before authorisation, is logged as any
             // refused change is (rate-limited per sender, client strings quoted short).
             if let e = error as? DBusErrorReply, e.name == PestoBusNames.errorName(.invalidRule) { logRefusal(address, e) }
-            if address.wantsReply { connection.send(.errorReply(to: address, error)) }
+            if address.wantsReply { sendReply(.errorReply(to: address, error)) }
         }
         return true
     }
@@ -185,15 +202,15 @@ public final class PestoServer {
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
     private func answer(_ address: ReplyAddress, _ values: [DBusValue]) {
         guard let committed = callCommit.take(), let commits else {
-            if address.wantsReply { connection.send(.methodReturn(to: address, values)) }
+            if address.wantsReply { sendReply(.methodReturn(to: address, values)) }
             return
         }
         commits.add(committed) { [unowned self] failure in
             if let failure {
                 self.logger.error("\(address.member) by \(address.who) undone: it could not be saved")
-                if address.wantsReply { self.connection.send(.errorReply(to: address, DBusErrorReply(failure))) }
+                if address.wantsReply { self.sendReply(.errorReply(to: address, DBusErrorReply(failure))) }
             } else if address.wantsReply {
-                self.connection.send(.methodReturn(to: address, values))
+                self.sendReply(.methodReturn(to: address, values))
             }
         }
     }
@@ -202,7 +219,6 @@ public final class PestoServer {
     /// was committed); from now on a committed change is answered only once saved.
     public func persist(saving save: @escaping () throws(PestoError) -> Void) {
         commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.perform(op) }
-        engine.loop.endOfTurn = { [unowned self] in self.saveCommitted() }
     }
 
     /// Saves (or undoes) every change committed so far. A commit no answer took (its call
@@ -224,12 +240,19 @@ public final class PestoServer {
     private func authorized(_ address: ReplyAddress, _ run: () throws(DBusErrorReply) -> [DBusValue], refusal: DBusErrorReply?) {
         if let refusal {
             logRefusal(address, refusal)
-            if address.wantsReply { connection.send(.errorReply(to: address, refusal)) }
+            if address.wantsReply { sendReply(.errorReply(to: address, refusal)) }
             return
         }
         do { answer(address, try run()) } catch {
-            if address.wantsReply { connection.send(.errorReply(to: address, error)) }
+            if address.wantsReply { sendReply(.errorReply(to: address, error)) }
         }
+    }
+
+    /// Sends a method reply (or error), after the table counters its call changed: a caller
+    /// sees every signal of its change before the reply, as when they were sent one by one.
+    private func sendReply(_ reply: DBusMessage) {
+        announceStaleCounters()
+        connection.send(reply)
     }
 
     /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
@@ -406,7 +429,7 @@ public final class PestoServer {
 
     private func setLockOwner(_ owner: String?) {
         lockOwner = owner
-        emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, ["LockOwner": .string(owner ?? "")])
+        emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, [("LockOwner", .string(owner ?? ""))])
     }
 
     // MARK: Performing changes
@@ -426,7 +449,7 @@ public final class PestoServer {
             try table(kind).delete(id: id)
             emit(.signal(
                 path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
-                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.Object.rule(kind, id).interfaces.map(\.name))]))
+                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
             announceCounters(kind)
             return nil
         case .activate(let kind, let id):
@@ -446,25 +469,39 @@ public final class PestoServer {
 
     func emit(_ message: DBusMessage) { connection.send(message) }
 
-    /// Emits PropertiesChanged for `changed` on the object at `path`.
-    func emitPropertiesChanged(_ path: String, _ interface: DBusInterfaceSpec, _ changed: [String: DBusValue]) {
-        let ordered = interface.properties.compactMap { p in changed[p.name].map { (p.name, $0) } }
+    /// Emits PropertiesChanged for `changed` (in the contract's order) on the object at `path`.
+    func emitPropertiesChanged(_ path: String, _ interface: DBusInterfaceSpec, _ changed: [(String, DBusValue)]) {
         emit(.signal(
             path: path, interface: PestoInterfaces.properties.name, member: "PropertiesChanged",
-            arguments: [.string(interface.name), .vardict(ordered), .strings([])]))
+            arguments: [.string(interface.name), .vardict(changed), .strings([])]))
     }
 
-    /// Announces the table counters that changed since last time.
+    /// Marks the counters of a table as possibly changed; `announceStaleCounters` announces
+    /// them before the next reply or at the end of the loop turn. Called on every change.
     func announceCounters(_ kind: TableKind) {
+        if !staleCounters.contains(kind) { staleCounters.append(kind) }
+    }
+
+    /// Announces the counters of every table marked stale that changed since last announced:
+    /// one PropertiesChanged per table with only the counters that differ, carrying their
+    /// latest values.
+    func announceStaleCounters() {
+        guard !staleCounters.isEmpty else { return }
+        for kind in staleCounters { announceChangedCounters(kind) }
+        staleCounters.removeAll(keepingCapacity: true)
+    }
+
+    /// Announces the counters of one table that changed since last time.
+    private func announceChangedCounters(_ kind: TableKind) {
         guard let t = engine.table(kind) else { return }
         let now = TableCounters(t)
         let before = announcedCounters[kind]
         guard now != before else { return }
         announcedCounters[kind] = now
-        var changed: [String: DBusValue] = [:]
-        if now.ruleCount != before?.ruleCount { changed["RuleCount"] = .uint32(now.ruleCount) }
-        if now.activeCount != before?.activeCount { changed["ActiveCount"] = .uint32(now.activeCount) }
-        if now.socketCount != before?.socketCount { changed["SocketCount"] = .uint32(now.socketCount) }
+        var changed: [(String, DBusValue)] = []
+        if now.ruleCount != before?.ruleCount { changed.append(("RuleCount", .uint32(now.ruleCount))) }
+        if now.activeCount != before?.activeCount { changed.append(("ActiveCount", .uint32(now.activeCount))) }
+        if now.socketCount != before?.socketCount { changed.append(("SocketCount", .uint32(now.socketCount))) }
         emitPropertiesChanged(PestoBusNames.tablePath(kind), PestoInterfaces.table, changed)
     }
 
@@ -482,10 +519,19 @@ public final class PestoServer {
         }
         emitPropertiesChanged(
             PestoBusNames.rulePath(kind, change.id), PestoInterfaces.rule,
-            ["Active": .bool(s.active), "BoundSockets": .uint32(s.bound), "BindFailures": .uint32(s.failed), "LastError": .string(s.lastErrorName)])
+            [("Active", .bool(s.active)), ("BoundSockets", .uint32(s.bound)), ("BindFailures", .uint32(s.failed)), ("LastError", .string(s.lastErrorName))])
         announceCounters(kind)
         if change.cause == .retried {
-            logger.info("\(kind.name) rule \(change.id): retry now \(s.bound) bound, \(s.failed) failed")
+            // One info line per loop turn (`logRetries`), not one per rule of a large retry pass.
+            logger.debug("\(kind.name) rule \(change.id): retry now \(s.bound) bound, \(s.failed) failed")
+            retriesToLog.add(kind, change.id, s)
         }
+    }
+
+    /// Logs the rules whose counts a retry changed during this loop turn: the rule itself if
+    /// there was one, else one summary line.
+    private func logRetries() {
+        guard let line = retriesToLog.take() else { return }
+        logger.info("\(line)")
     }
 }

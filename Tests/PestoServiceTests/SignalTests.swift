@@ -87,4 +87,33 @@ struct SignalTests {
         #expect(lines.last?.contains("top.passt.Pesto1.Table.RuleStateChanged (uint32 3, true, uint32 1, uint32 0)") == true)
         monitor.kill()
     }
+
+    @Test("An Apply announces the table counters once, with their final values, before its reply; every per-rule signal stays")
+    func countersCoalescedBeforeReply() throws {
+        let f = try PestodFixture()
+        // Subscribe on the caller's own connection: the bus keeps pestod's order towards it,
+        // so every signal sent before the reply is queued when the blocking call returns.
+        let signals = try SignalCollector(address: f.address)
+        let ports = TestSockets.freePorts(3)
+        let ids: [UInt32] = [21, 22, 23]
+        let inserts = zip(ids, ports).map { DBusValue.structure([.uint32($0), PestodFixture.rule($1)]) }
+        let reply = try signals.connection.call(
+            PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Apply",
+            [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
+        #expect(reply.first?.arrayValue?.count == 3)
+        var before: [DBusMessage] = []
+        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) { if m.isSignal { before.append(m) } }
+
+        let counters = before.filter { $0.member == "PropertiesChanged" && $0.path == PestodFixture.hostPath }
+        #expect(counters.count == 1, "one counters' PropertiesChanged for the whole Apply, not one per insert and activation")
+        let announced = Dictionary(counters.first?.arguments?[1].vardictValue ?? [], uniquingKeysWith: { a, _ in a })
+        #expect(announced == ["RuleCount": .uint32(3), "ActiveCount": .uint32(3), "SocketCount": .uint32(3)])
+        // The per-rule signals are all still there, one of each per rule.
+        for id in ids {
+            let path = PestoBusNames.rulePath(.host, id)
+            #expect(before.filter(SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(path)])).count == 1)
+            #expect(before.filter(SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(id), .bool(true), .uint32(1), .uint32(0)])).count == 1)
+            #expect(before.filter { $0.member == "PropertiesChanged" && $0.path == path }.count == 1)
+        }
+    }
 }
