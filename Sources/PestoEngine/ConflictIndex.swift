@@ -103,21 +103,20 @@ public struct ConflictIndex {
 
     /// Counts `rule` on every port of its range.
     public mutating func add(_ rule: Rule) {
-        guard rule.lastPort >= rule.firstPort else { return }
-        let (interfaces, addresses) = Self.selectors(of: rule)
-        for port in rule.firstPort...rule.lastPort {
-            let pp = Self.protoPort(rule.proto, port)
-            for i in interfaces {
-                for a in addresses {
-                    probes += 1
-                    counts[Key(protoPort: pp, interface: i, address: a), default: 0] += 1
-                }
-            }
-        }
+        forEachKey(of: rule) { counts, key in counts[key, default: 0] += 1 }
     }
 
     /// Stops counting `rule`, which must have been added.
     public mutating func remove(_ rule: Rule) {
+        forEachKey(of: rule) { counts, key in
+            guard let n = counts[key] else { preconditionFailure("ConflictIndex.remove of a rule not added") }
+            counts[key] = n > 1 ? n - 1 : nil
+        }
+    }
+
+    /// Calls `body` with the counts and each key `rule` is counted under: every port of its
+    /// range, with each of its interface and address selectors.
+    private mutating func forEachKey(of rule: Rule, _ body: (inout [Key: Int], Key) -> Void) {
         guard rule.lastPort >= rule.firstPort else { return }
         let (interfaces, addresses) = Self.selectors(of: rule)
         for port in rule.firstPort...rule.lastPort {
@@ -125,9 +124,7 @@ public struct ConflictIndex {
             for i in interfaces {
                 for a in addresses {
                     probes += 1
-                    let key = Key(protoPort: pp, interface: i, address: a)
-                    guard let n = counts[key] else { preconditionFailure("ConflictIndex.remove of a rule not added") }
-                    counts[key] = n > 1 ? n - 1 : nil
+                    body(&counts, Key(protoPort: pp, interface: i, address: a))
                 }
             }
         }
