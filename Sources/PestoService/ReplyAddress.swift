@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // ReplyAddress: what answering a method call needs, without the call itself.
 //
 // A change waiting for polkit (AuthorizationQueue) or for the state to be saved

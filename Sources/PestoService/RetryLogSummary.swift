@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // RetryLogSummary: the log line for the bind retries of one loop turn.
 //
 // A retry pass may change the counts of thousands of rules at once (after an interface

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // The retry pass's budget: one pass makes at most `retryBudget` socket attempts and the next
 // continues where it stopped, round robin over the failed ports of all active rules.
 // In process, with a factory that opens no sockets, so that tens of thousands of failing

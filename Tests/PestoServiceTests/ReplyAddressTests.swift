@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Replies built from a ReplyAddress (what a change waiting for polkit or for the save keeps
 // instead of its message) are the replies libdbus builds from the call itself.
 

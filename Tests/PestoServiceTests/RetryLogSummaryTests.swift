@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // RetryLogSummary: a turn's retried rules make one log line, not one per rule.
 
 import PestoEngine
