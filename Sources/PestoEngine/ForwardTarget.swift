@@ -7,20 +7,6 @@
 import Glibc
 #endif
 
-/// The event kinds of the engine's epoll sources (see EventLoop's theory of operation).
-public enum EngineEventKind {
-    /// libdbus watches (the service's bus connection).
-    public static let dbus = EventLoop.Kind(1)
-    /// A TCP listening socket of an active rule.
-    public static let tcpListener = EventLoop.Kind(2)
-    /// One end of a relayed TCP connection; the index is the connection's slot.
-    public static let tcpConnection = EventLoop.Kind(3)
-    /// A UDP socket of an active rule.
-    public static let udpListener = EventLoop.Kind(4)
-    /// The connected socket of a UDP flow towards the target; the index is the flow's slot.
-    public static let udpFlow = EventLoop.Kind(5)
-}
-
 /// Where traffic that arrives on one listening port goes.
 ///
 /// Copied into each connection or flow when it starts, so a relay keeps working after its

@@ -34,8 +34,8 @@ import Glibc
 
 /// pestod's upstream-compatible control socket.
 public final class ControlSocket: EventHandler {
-    static let listenerKind = EventLoop.Kind(6)
-    static let clientKind = EventLoop.Kind(7)
+    static let listenerKind = EngineEventKind.controlListener
+    static let clientKind = EngineEventKind.controlClient
 
     private let path: String
     private let listenFD: Int32

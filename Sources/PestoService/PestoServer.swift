@@ -132,7 +132,7 @@ public final class PestoServer {
         try connection.addMatch(
             "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'")
         connection.messageHandler = { [unowned self] message in self.handle(message) }
-        connection.attach(to: engine.loop, kind: EventLoop.Kind(1))
+        connection.attach(to: engine.loop, kind: EngineEventKind.dbus)
         try connection.requestName(PestoBusNames.busName)
         logger.info("on the bus as \(PestoBusNames.busName) (\(connection.uniqueName))")
     }

@@ -27,15 +27,22 @@ final class RecordingHandler: EventHandler {
 
 @Suite("Event loop")
 struct EventLoopTests {
+    @Test("every event kind of pestod is distinct, non-zero and below the tests' own")
+    func kindsDistinct() {
+        let raw = EngineEventKind.all.map(\.rawValue)
+        #expect(Set(raw).count == raw.count)
+        #expect(raw.allSatisfy { $0 != 0 && $0 < EngineEventKind.firstForTests })
+    }
+
     @Test("a readable source reaches its kind's handler with its index and fd")
     func typedDispatch() throws {
         let loop = try EventLoop()
         let handler = RecordingHandler()
-        loop.setHandler(handler, for: EventLoop.Kind(7))
+        loop.setHandler(handler, for: EventLoop.Kind(EngineEventKind.firstForTests))
         var fds: [Int32] = [0, 0]
         #expect(pesto_pipe2(&fds, Int32(PESTO_O_CLOEXEC) | Int32(PESTO_O_NONBLOCK)) == 0)
         defer { close(fds[0]); close(fds[1]) }
-        try loop.add(fd: fds[0], events: EPOLLIN.rawValue, kind: EventLoop.Kind(7), index: 0xABCDE)
+        try loop.add(fd: fds[0], events: EPOLLIN.rawValue, kind: EventLoop.Kind(EngineEventKind.firstForTests), index: 0xABCDE)
         handler.onEvent = { loop.stop() }
         _ = write(fds[1], "x", 1)
         loop.run()

@@ -34,8 +34,8 @@ private final class NullHandler: EventHandler {
 
 /// One event loop with a UDP relay, listeners, an echo target and clients, all on loopback.
 private final class UDPHarness {
-    static let echoKind = EventLoop.Kind(20)
-    static let clientKind = EventLoop.Kind(21)
+    static let echoKind = EventLoop.Kind(EngineEventKind.firstForTests + 4)
+    static let clientKind = EventLoop.Kind(EngineEventKind.firstForTests + 5)
 
     let loop: EventLoop
     private(set) var relay: UDPRelay!
