@@ -16,7 +16,6 @@ import PestoEngine
 
 /// The polkit actions of `polkit/top.passt.Pesto1.policy`.
 public enum PestoActions {
-    public static let read = "top.passt.Pesto1.read"
     public static let modify = "top.passt.Pesto1.modify"
 }
 

@@ -19,6 +19,9 @@ public struct DBusMethodSpec: Sendable {
     public let inputs: [DBusArgumentSpec]
     public let outputs: [DBusArgumentSpec]
     public let doc: String
+    /// Whether the caller must be authorised (polkit action `top.passt.Pesto1.modify`):
+    /// announced with systemd's `org.freedesktop.systemd1.Privileged` annotation.
+    public var privileged = false
 
     /// The signature the call's arguments must have.
     public var inputSignature: String { inputs.map(\.signature).joined() }
@@ -63,6 +66,12 @@ private func arg(_ name: String, _ sig: String) -> DBusArgumentSpec { DBusArgume
 private func method(_ name: String, _ inputs: [DBusArgumentSpec] = [], _ outputs: [DBusArgumentSpec] = [], _ doc: String) -> DBusMethodSpec {
     DBusMethodSpec(name: name, inputs: inputs, outputs: outputs, doc: doc)
 }
+/// A method that changes the tables (or takes the lock), so its caller is authorised first.
+private func privileged(_ method: DBusMethodSpec) -> DBusMethodSpec {
+    var m = method
+    m.privileged = true
+    return m
+}
 private func prop(_ name: String, _ sig: String, _ emits: DBusPropertySpec.Emits, _ doc: String) -> DBusPropertySpec {
     DBusPropertySpec(name: name, signature: sig, emits: emits, doc: doc)
 }
@@ -74,7 +83,7 @@ public enum PestoInterfaces {
         name: "top.passt.Pesto1.Manager",
         doc: "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes, or 16 MiB of arguments, already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
         methods: [
-            method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves; a Lock whose caller leaves before it is authorised is never granted."),
+            privileged(method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves; a Lock whose caller leaves before it is authorised is never granted.")),
             method("Unlock", [], [], "Release the lock; uncommitted changes are rolled back."),
             method("Commit", [], [], "Make the changes made under the lock permanent. With a state file the reply comes once they are saved; if they cannot be (SaveFailed), they are undone and the lock stays held."),
             method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),
@@ -91,16 +100,16 @@ public enum PestoInterfaces {
         name: "top.passt.Pesto1.Table",
         doc: "One forwarding table (HOST: inbound, SPLICE: outbound). Rules are kept in ID order; every mutating call is atomic.",
         methods: [
-            method("Insert", [arg("id", "u"), arg("rule", "a{sv}")], [], "Add a rule, inactive. Conflicts are not checked here."),
-            method("Delete", [arg("id", "u")], [], "Remove an inactive rule."),
-            method("Activate", [arg("id", "u")], [arg("bound", "u"), arg("failed", "u")], "Bind and listen on every socket of the rule; completes even if binds fail."),
-            method("Deactivate", [arg("id", "u")], [], "Close the rule's listening sockets; relayed connections are not cut."),
+            privileged(method("Insert", [arg("id", "u"), arg("rule", "a{sv}")], [], "Add a rule, inactive. Conflicts are not checked here.")),
+            privileged(method("Delete", [arg("id", "u")], [], "Remove an inactive rule.")),
+            privileged(method("Activate", [arg("id", "u")], [arg("bound", "u"), arg("failed", "u")], "Bind and listen on every socket of the rule; completes even if binds fail.")),
+            privileged(method("Deactivate", [arg("id", "u")], [], "Close the rule's listening sockets; relayed connections are not cut.")),
             method("Status", [arg("id", "u")], [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s")], "The rule's state; last_error is the errno name of the latest bind failure or empty."),
             method("Read", [arg("id", "u")], [arg("rule", "a{sv}")], "The rule as stored, defaults filled in."),
             method("ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")], "The rule at a position in ID order; NoSuchRule past the end."),
             method("List", [], [arg("rules", "a(ua{sv}(buus))")], "Every rule with its status, in ID order."),
-            method("Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
-                   "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b). Either array longer than MaxRules is InvalidArgs."),
+            privileged(method("Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
+                   "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b). Either array longer than MaxRules is InvalidArgs.")),
         ],
         signals: [
             DBusSignalSpec(name: "RuleStateChanged", arguments: [arg("id", "u"), arg("active", "b"), arg("bound", "u"), arg("failed", "u")],
@@ -196,13 +205,14 @@ extension DBusInterfaceSpec {
         out += "\(pad)<interface name=\"\(name)\">\n"
         for m in methods {
             comment(m.doc, pad + "  ")
-            if m.inputs.isEmpty && m.outputs.isEmpty {
+            if m.inputs.isEmpty && m.outputs.isEmpty && !m.privileged {
                 out += "\(pad)  <method name=\"\(m.name)\"/>\n"
                 continue
             }
             out += "\(pad)  <method name=\"\(m.name)\">\n"
             for a in m.inputs { out += "\(pad)    <arg name=\"\(a.name)\" type=\"\(a.signature)\" direction=\"in\"/>\n" }
             for a in m.outputs { out += "\(pad)    <arg name=\"\(a.name)\" type=\"\(a.signature)\" direction=\"out\"/>\n" }
+            if m.privileged { out += "\(pad)    <annotation name=\"org.freedesktop.systemd1.Privileged\" value=\"true\"/>\n" }
             out += "\(pad)  </method>\n"
         }
         for s in signals {

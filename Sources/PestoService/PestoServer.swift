@@ -329,7 +329,7 @@ public final class PestoServer {
             return .reply(try propertiesCall(object, member: member, args: args))
         case (PestoInterfaces.objectManager.name, _):
             return .reply([managedObjects()])
-        case (PestoInterfaces.manager.name, _) where member == "Lock":
+        case (PestoInterfaces.manager.name, _) where method.privileged:  // Lock
             return .change { () throws(DBusErrorReply) in
                 try self.managerCall(member, sender: sender)
                 return []
@@ -338,7 +338,13 @@ public final class PestoServer {
             try managerCall(member, sender: sender)
             return .reply([])
         case (PestoInterfaces.table.name, .table(let kind)):
-            return try tableCall(kind, member: member, args: args, sender: sender)
+            let outcome = try tableCall(kind, member: member, args: args, sender: sender)
+            if case .change = outcome {
+                precondition(method.privileged, "\(member) changes the tables but the contract does not mark it privileged")
+            } else {
+                precondition(!method.privileged, "\(member) is marked privileged but changes nothing")
+            }
+            return outcome
         default:
             throw DBusErrorReply(DBusErrorReply.unknownMethod, "\(spec.name).\(member) is not implemented at \(ClientText.quote(path)).")
         }

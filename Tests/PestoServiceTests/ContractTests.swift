@@ -85,6 +85,19 @@ struct ContractTests {
         if let lint { #expect(lint.status == 0, "\(lint.err)") }
     }
 
+    @Test("exactly the methods that change the tables, and Lock, are privileged, and the XML says so")
+    func privilegedMethods() {
+        let privileged = [PestoInterfaces.manager, PestoInterfaces.table].flatMap { i in
+            i.methods.filter(\.privileged).map { "\(i.name).\($0.name)" }
+        }
+        #expect(Set(privileged) == [
+            "top.passt.Pesto1.Manager.Lock", "top.passt.Pesto1.Table.Insert", "top.passt.Pesto1.Table.Delete",
+            "top.passt.Pesto1.Table.Activate", "top.passt.Pesto1.Table.Deactivate", "top.passt.Pesto1.Table.Apply",
+        ])
+        let annotations = PestoInterfaces.contractXML.components(separatedBy: "org.freedesktop.systemd1.Privileged").count - 1
+        #expect(annotations == privileged.count)
+    }
+
     @Test("Properties: Get, GetAll, Set refused; ObjectManager lists tables and rules")
     func properties() throws {
         let f = try PestodFixture(pestodArguments: ["--max-rules", "7"])
