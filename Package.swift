@@ -1,7 +1,16 @@
 // swift-tools-version:6.0
 // SPDX-License-Identifier: GPL-2.0-or-later
-// pesto: a Linux service that keeps a live port-forwarding table and changes it
-// without disturbing peers. See doc/architecture.md for the layout.
+// pesto: a Linux service that keeps a live port-forwarding table and changes it without
+// disturbing peers. The targets are layered (doc/architecture.md draws them):
+//
+//   PestoModel    rules, addresses, validation, conflicts, pasta's port specs, the pesto v2
+//                 wire codec, the one list of a rule's fields; no syscalls
+//   PestoEngine   the event loop, tables with their sockets, relays, scanner   (on PestoModel)
+//   PestoDBus     the libdbus wrapper, bus names, the contract as data, the rule <-> a{sv}
+//                 codec: what pestod, pestoctl and the tests share             (on PestoModel)
+//   PestoService  the D-Bus server, transactions, lock, polkit, control socket, state file
+//                 (on PestoEngine and PestoDBus)
+//   pestod        the service's executable; pestoctl the client (PestoModel + PestoDBus only)
 import PackageDescription
 
 let package = Package(
@@ -16,65 +25,84 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
-        // libdbus-1 as a system library; only PestoService imports it.
+        // libdbus-1 as a system library; only PestoDBus and PestoService import it.
         .systemLibrary(name: "CDBus", pkgConfig: "dbus-1", providers: [.apt(["libdbus-1-dev"])]),
-        // GNU-only syscalls that Swift's Glibc module does not import (built with _GNU_SOURCE in its .c file).
+        // GNU-only calls that Swift's Glibc module does not import (built with _GNU_SOURCE in its .c file).
         .target(name: "CPestoSys"),
-        // The forwarding engine: rules, tables, sockets. Never imports D-Bus.
+        // The model: pure values and codecs. CPestoSys only for errno names.
+        .target(name: "PestoModel", dependencies: ["CPestoSys"]),
+        // The forwarding engine: tables, sockets, relays. Never imports D-Bus.
         .target(
             name: "PestoEngine",
-            dependencies: ["CPestoSys", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["PestoModel", "CPestoSys", .product(name: "Logging", package: "swift-log")]
         ),
+        // The D-Bus layer shared by the service, the client and the tests. Never imports the engine.
+        .target(name: "PestoDBus", dependencies: ["PestoModel", "CDBus"]),
         // The D-Bus face of the engine.
         .target(
             name: "PestoService",
-            dependencies: ["PestoEngine", "CDBus", "CPestoSys", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "PestoModel", "PestoEngine", "PestoDBus", "CDBus", "CPestoSys",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .executableTarget(
             name: "pestod",
             dependencies: [
-                "PestoEngine", "PestoService",
+                "PestoModel", "PestoEngine", "PestoDBus", "PestoService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // pestoctl reads its command line itself: pasta's options apply in the order given
         // (-A/-D/-C change the meaning of the specs after them), which ArgumentParser loses.
-        .executableTarget(name: "pestoctl", dependencies: ["PestoEngine", "PestoService"]),
+        // It links the model and the D-Bus layer, never the engine or the server.
+        .executableTarget(name: "pestoctl", dependencies: ["PestoModel", "PestoDBus"]),
         .executableTarget(
             name: "pesto-activation-bench",
-            dependencies: ["PestoEngine", "CPestoSys"],
+            dependencies: ["PestoModel", "PestoEngine", "CPestoSys", "PestoTestSupport"],
             path: "Benchmarks/ActivationBenchmark"
         ),
         .executableTarget(
             name: "pesto-dbus-bench",
-            dependencies: ["PestoEngine", "PestoService"],
+            dependencies: ["PestoModel", "PestoEngine", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/DBusBenchmark"
         ),
         .executableTarget(
             name: "pesto-loadgen",
-            dependencies: ["PestoEngine", "CPestoSys"],
+            dependencies: ["PestoModel", "PestoEngine", "CPestoSys", "PestoTestSupport"],
             path: "Benchmarks/LoadGenerator"
         ),
         // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
         // killed clients and killed pestods, with a ledger of acknowledged changes.
         .executableTarget(
             name: "pesto-soak",
-            dependencies: ["PestoEngine", "PestoService", "PestoTestSupport"],
+            dependencies: ["PestoModel", "PestoEngine", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/Soak"
         ),
-        // Socket helpers shared by the test targets.
-        .target(name: "PestoTestSupport", dependencies: ["PestoEngine", "CPestoSys"], path: "Tests/PestoTestSupport"),
-        .testTarget(name: "PestoEngineTests", dependencies: ["PestoEngine", "CPestoSys", "PestoTestSupport"]),
+        // Socket and process helpers shared by the tests and the benchmarks.
+        .target(
+            name: "PestoTestSupport",
+            dependencies: ["PestoModel", "PestoEngine", "CPestoSys"],
+            path: "Tests/PestoTestSupport"
+        ),
+        .testTarget(name: "PestoModelTests", dependencies: ["PestoModel", "PestoTestSupport"]),
+        .testTarget(
+            name: "PestoEngineTests",
+            dependencies: ["PestoModel", "PestoEngine", "CPestoSys", "PestoTestSupport"]
+        ),
         // A scriptable D-Bus client the service tests run as a separate process (to SIGKILL it).
         .executableTarget(
             name: "pesto-test-peer",
-            dependencies: ["PestoService"],
+            dependencies: ["PestoModel", "PestoDBus"],
             path: "Tests/PestoTestPeer"
         ),
         .testTarget(
             name: "PestoServiceTests",
-            dependencies: ["PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport", "pestod", "pesto-test-peer", "pestoctl"]
+            dependencies: [
+                "PestoModel", "PestoDBus", "PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport",
+                "pestod", "pesto-test-peer", "pestoctl",
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -17,6 +17,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoModel
 
 #if canImport(Glibc)
 import Glibc

@@ -26,7 +26,8 @@
 // --large-timeout seconds (default 300) is reported as such (old pestods needed minutes).
 
 import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 
 #if canImport(Glibc)
 import Glibc

@@ -48,7 +48,8 @@
 // meanwhile (LargeRequests.swift).
 
 import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 
 #if canImport(Glibc)
 import Glibc

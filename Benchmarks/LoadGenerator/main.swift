@@ -24,6 +24,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoModel
 import Synchronization
 
 #if canImport(Glibc)

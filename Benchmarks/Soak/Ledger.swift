@@ -11,7 +11,7 @@
 // restart, the rules pestod restored for a client's IDs must equal its committed state or the
 // alternative; every ID that matches neither is a lost acknowledged change.
 
-import PestoService
+import PestoDBus
 import Synchronization
 
 #if canImport(Glibc)

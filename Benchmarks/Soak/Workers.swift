@@ -8,8 +8,8 @@
 //   - traffic: TCP connections and UDP datagrams through the stable rules to echo servers.
 
 import Foundation
-import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 import PestoTestSupport
 
 /// Where every client talks to, and what they share.

@@ -30,8 +30,8 @@
 // flag; every wait is bounded. Children are SIGKILLed at the end.
 
 import Foundation
-import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 import PestoTestSupport
 import Synchronization
 

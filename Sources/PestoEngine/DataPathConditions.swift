@@ -12,6 +12,8 @@
 // nothing is allocated on the data path.
 
 /// A recurring condition of the data path.
+import PestoModel
+
 public enum DataPathCondition: Int, Sendable, CaseIterable, CustomStringConvertible {
     /// A connection or flow would go to one of pestod's own listeners; it is refused.
     case forwardingLoop

@@ -34,6 +34,7 @@
 //
 // All of it runs on the loop thread; nothing here allocates.
 
+import PestoModel
 #if canImport(Glibc)
 import Glibc
 #endif

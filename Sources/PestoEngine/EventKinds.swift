@@ -10,6 +10,8 @@
 // registers.
 
 /// The event kinds of pestod's epoll sources (see EventLoop's theory of operation).
+import PestoModel
+
 public enum EngineEventKind {
     /// libdbus watches (the service's bus connection); index unused.
     public static let dbus = EventLoop.Kind(1)

@@ -23,6 +23,7 @@
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
 
+import PestoModel
 import CPestoSys
 
 #if canImport(Glibc)

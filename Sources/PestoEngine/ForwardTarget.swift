@@ -3,6 +3,7 @@
 // ForwardTarget: where the traffic arriving on one listening socket goes, and the side of
 // the namespace boundary where outgoing sockets are made.
 
+import PestoModel
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -2,6 +2,7 @@
 
 // ForwardingEngine: the tables of one pestod and the periodic work that keeps them healthy.
 
+import PestoModel
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -14,6 +14,7 @@
 // Every socket is non-blocking and close-on-exec. A failure at any step closes what was
 // opened and reports the errno: the caller counts it as a bind failure.
 
+import PestoModel
 #if canImport(Glibc)
 import Glibc
 #endif

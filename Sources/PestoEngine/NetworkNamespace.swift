@@ -8,6 +8,7 @@
 // at once. Only CLONE_NEWNET is entered, which is allowed in a multi-threaded process;
 // the loop thread is a dedicated thread (never a pooled one), as setns requires.
 
+import PestoModel
 import CPestoSys
 
 #if canImport(Glibc)

@@ -39,6 +39,7 @@
 //
 // Not thread-safe: a scanner belongs to one thread (the event loop's).
 
+import PestoModel
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -2,6 +2,7 @@
 
 // SocketAddress: a kernel socket address (IPv4 or IPv6) as a value, without allocation.
 
+import PestoModel
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -6,6 +6,7 @@
 // traps on errnos that can only mean a bug in this program (EBADF, EFAULT): those are
 // programmer errors, not conditions of the environment.
 
+import PestoModel
 import CPestoSys
 
 #if canImport(Glibc)

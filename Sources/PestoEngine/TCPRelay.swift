@@ -45,6 +45,7 @@
 // A connection only ever refers to its own descriptors and a copy of its target, so it
 // survives the deactivation or deletion of the rule whose listener accepted it.
 
+import PestoModel
 import CPestoSys
 
 #if canImport(Glibc)

@@ -54,6 +54,7 @@
 //
 // The relay belongs to the loop thread.
 
+import PestoModel
 import CPestoSys
 
 #if canImport(Glibc)

@@ -12,7 +12,9 @@
 // This file has the policy modes and the uid-0 check; the polkit CheckAuthorization call
 // plugs in as another `Authorizer`.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// The polkit actions of `polkit/top.passt.Pesto1.policy`.
 public enum PestoActions {

@@ -39,6 +39,9 @@
 // is told, through that closure, whether the change may run.
 
 /// Changes waiting for their authorisation, one queue per sender, one query per change.
+import PestoDBus
+import PestoModel
+
 final class AuthorizationQueue {
     /// The default for `maxPendingPerSender`: plenty for a client that pipelines a
     /// transaction, small enough that a flood costs little.

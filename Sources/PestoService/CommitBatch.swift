@@ -20,7 +20,9 @@
 // This type knows nothing of D-Bus; it is tested in process.
 
 import Logging
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// Committed, not yet saved changes and whom to tell once they are (or are not) saved.
 final class CommitBatch {

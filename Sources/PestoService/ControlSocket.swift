@@ -26,7 +26,9 @@
 
 import CPestoSys
 import Logging
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 #if canImport(Glibc)
 import Glibc

@@ -11,7 +11,9 @@
 // (a port taken meanwhile); that is counted as a bind failure like any other and retried.
 
 import Logging
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// A change to one rule of one table: what the service performs and the journal records.
 enum TableOperation: Equatable, CustomStringConvertible {

@@ -12,7 +12,9 @@
 //   /top/passt/Pesto1/tables/<t>/rules/<id>      Rule
 // Every object also has Properties, Introspectable and Peer (Peer is answered by libdbus).
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 enum ObjectTree {
     /// An object of the tree.

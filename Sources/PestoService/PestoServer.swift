@@ -48,7 +48,9 @@
 // reply, or undoes every change of the turn and answers each with SaveFailed.
 
 import Logging
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// pestod's D-Bus service.
 public final class PestoServer {

@@ -14,7 +14,9 @@
 // it (and any authentication dialog), and answers the call at once, which frees pestod's
 // slot among the calls the bus lets it have outstanding.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// Authorises callers with polkit's `CheckAuthorization`; without polkit, only uid 0.
 public final class PolkitAuthorizer: Authorizer {

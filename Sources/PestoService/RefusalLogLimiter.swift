@@ -10,7 +10,9 @@
 // (after dropping senders whose interval is over and who have nothing left to report) the
 // rest share one entry, so a crowd of clients gets one line per interval between them.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// Rate limit for refusal log lines, per sender, with bounded state.
 struct RefusalLogLimiter {

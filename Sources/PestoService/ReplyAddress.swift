@@ -12,7 +12,9 @@
 // the destination is the caller, and the reply itself asks for no reply.
 
 import CDBus
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// Whom to answer and which call the answer is for; small, and no reference to the message.
 struct ReplyAddress: Hashable, Sendable {

@@ -7,7 +7,9 @@
 // the retries. The server collects the changed rules of a turn here and logs, at its end,
 // the rule itself when there was one, else one summary line per turn.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// The rules whose counts a bind retry changed since the last `take()`.
 struct RetryLogSummary {

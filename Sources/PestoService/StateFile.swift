@@ -26,7 +26,9 @@
 // table and an ID, the live one is written first and wins the next restore; the carried
 // one stays carried.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 #if canImport(Glibc)
 import Glibc

@@ -3,7 +3,9 @@
 // SystemdNotify: sd_notify(3)'s READY=1, without libsystemd.
 
 import CPestoSys
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 #if canImport(Glibc)
 import Glibc

@@ -2,7 +2,9 @@
 
 // TableMethods: the methods of top.passt.Pesto1.Table, including Apply.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 extension PestoServer {
     /// Runs a Table read, or decodes a Table change and returns it to run once authorised;

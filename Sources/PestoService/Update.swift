@@ -15,7 +15,9 @@
 // hash lookup per rule): step 2 asks an index of the new rules (ConflictIndex.swift) rather
 // than comparing each removed rule with each new one.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 /// How many bind failures a newly activated rule may have.
 struct BindTolerance {

@@ -18,7 +18,9 @@
 // saved with the other changes of the loop turn; if it cannot be, it is undone again and
 // `saved` says so.
 
+import PestoDBus
 import PestoEngine
+import PestoModel
 
 extension PestoServer {
     /// What an upload changed.

@@ -16,8 +16,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 
 /// Exit statuses.
 enum ExitCode {

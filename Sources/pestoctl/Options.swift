@@ -17,8 +17,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 
 /// A bad command line; exit status 2.
 struct UsageError: Error {

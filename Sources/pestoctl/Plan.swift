@@ -4,7 +4,7 @@
 // to insert and the rules to remove (step 1 of the proposals' client workflow: parse all rule
 // modifications before touching anything).
 
-import PestoEngine
+import PestoModel
 
 /// A rule the update adds, with what the bind check needs.
 struct NewRule {

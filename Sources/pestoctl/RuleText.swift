@@ -2,8 +2,8 @@
 
 // RuleText: rules to and from the contract's `a{sv}`, and as pasta-style spec text and JSON.
 
-import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 
 /// One rule of a table as `List` returns it.
 struct ListedRule {

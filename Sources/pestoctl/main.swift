@@ -6,8 +6,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import PestoEngine
-import PestoService
+import PestoModel
+import PestoDBus
 
 /// Prints to stderr.
 func printError(_ text: String) {

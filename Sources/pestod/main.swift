@@ -6,6 +6,8 @@
 import ArgumentParser
 import Logging
 import PestoEngine
+import PestoModel
+import PestoDBus
 import PestoService
 
 /// The command line of pestod.

@@ -5,6 +5,7 @@
 
 import Testing
 
+import PestoModel
 @testable import PestoEngine
 import PestoTestSupport
 

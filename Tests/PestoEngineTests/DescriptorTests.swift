@@ -11,6 +11,7 @@ import CPestoSys
 import Testing
 
 @testable import PestoEngine
+@testable import PestoModel
 import PestoTestSupport
 
 #if canImport(Glibc)

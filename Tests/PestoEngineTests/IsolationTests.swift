@@ -5,6 +5,7 @@
 import Testing
 
 @testable import PestoEngine
+@testable import PestoModel
 import PestoTestSupport
 
 #if canImport(Glibc)

@@ -8,6 +8,7 @@
 import Testing
 
 @testable import PestoEngine
+@testable import PestoModel
 
 /// A factory without sockets: each attempt is recorded and fails with the errno `failure`
 /// gives for its port, or succeeds with a made-up descriptor (never a real one).

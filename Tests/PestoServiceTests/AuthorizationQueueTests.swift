@@ -5,8 +5,10 @@
 // departed sender leaves behind, and the bounded, rate-limited refusal log.
 
 import PestoEngine
+import PestoModel
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 /// An authorizer whose answers the test gives, one query at a time.

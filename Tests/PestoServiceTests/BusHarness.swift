@@ -10,9 +10,11 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 /// Where the built products are: next to the test bundle.

@@ -5,9 +5,11 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 @Suite("pestod upstream control socket", .serialized)

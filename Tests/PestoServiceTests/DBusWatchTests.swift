@@ -7,6 +7,8 @@ import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
+@testable import PestoModel
+@testable import PestoDBus
 @testable import PestoService
 
 #if canImport(Glibc)

@@ -12,8 +12,10 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 final class FakePolkit: @unchecked Sendable {

@@ -15,9 +15,11 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 /// The fuzz run's generator (shared with the other fuzz tests).

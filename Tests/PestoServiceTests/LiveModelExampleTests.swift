@@ -5,6 +5,7 @@
 // including pestod leaving the bus and coming back. Skipped without python3-gi.
 
 import Foundation
+import PestoDBus
 import PestoService
 import PestoTestSupport
 import Testing

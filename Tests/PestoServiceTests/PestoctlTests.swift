@@ -6,9 +6,11 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 @Suite("pestoctl", .serialized)

@@ -11,9 +11,11 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 @Suite("polkit authorisation", .serialized)

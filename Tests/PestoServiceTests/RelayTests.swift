@@ -5,10 +5,12 @@
 
 import Foundation
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Synchronization
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 /// A network namespace made with `ip netns add`, deleted when the value goes away.

@@ -5,8 +5,10 @@
 
 import CDBus
 import PestoEngine
+import PestoModel
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 @Suite("reply address")

@@ -3,8 +3,10 @@
 // RetryLogSummary: a turn's retried rules make one log line, not one per rule.
 
 import PestoEngine
+import PestoModel
 import Testing
 
+@testable import PestoDBus
 @testable import PestoService
 
 @Suite("retry log summary")

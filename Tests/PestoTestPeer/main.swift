@@ -9,7 +9,7 @@
 // and gets one output line: "ok" (with the reply's values) or "error NAME: MESSAGE".
 // It prints "ready NAME" (its unique bus name) once connected.
 
-import PestoService
+import PestoDBus
 
 #if canImport(Glibc)
 import Glibc

@@ -10,6 +10,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoModel
 
 #if canImport(Glibc)
 import Glibc

@@ -4,6 +4,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoModel
 import Synchronization
 
 #if canImport(Glibc)

@@ -6,6 +6,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoModel
 
 #if canImport(Glibc)
 import Glibc

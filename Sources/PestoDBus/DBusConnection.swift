@@ -1,19 +1,17 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 // DBusConnection: a private libdbus bus connection, usable two ways:
-//   - attached to an EventLoop (the service): libdbus watches become epoll sources of the
-//     loop, libdbus timeouts become loop timers, and queued messages are dispatched before
-//     the loop sleeps; incoming messages go to one handler;
+//   - attached to the service's event loop (PestoService's DBusLoopBinding.swift): libdbus
+//     watches become epoll sources of the loop, libdbus timeouts become loop timers, and
+//     queued messages are dispatched before the loop sleeps; incoming messages go to one
+//     handler;
 //   - blocking (clients and tests): `call` waits for the reply, `nextMessage` for signals.
-//
-// Watch bookkeeping (see doc/platform-notes.md): libdbus may put separate read and write
-// watches on one fd, so watches are grouped per fd and their enabled flags merged into one
-// epoll interest; an fd with no enabled watch is removed from epoll (events 0 would still
-// report HUP and spin); dbus_watch_handle() can remove watches, so each one is looked up
-// again before it is handled.
 
 import CDBus
-import PestoEngine
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Which bus to connect to.
 public enum BusAddress: Hashable, Sendable, CustomStringConvertible {
@@ -31,12 +29,18 @@ public enum BusAddress: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+/// Something that drives a connection's I/O (the service's event-loop binding); the
+/// connection uninstalls it before it closes.
+package protocol DBusConnectionBinding: AnyObject {
+    /// Removes the binding's watches, timeouts and loop registrations.
+    func uninstall()
+}
+
 /// A private connection to a message bus.
 public final class DBusConnection {
-    let raw: OpaquePointer
+    package let raw: OpaquePointer
     /// Called for every incoming message when attached to a loop; returns true when handled.
     public var messageHandler: ((DBusMessage) -> Bool)?
-    private var binding: DBusLoopBinding?
     private var filterInstalled = false
 
     /// Connects and registers with the bus.
@@ -64,7 +68,7 @@ public final class DBusConnection {
     }
 
     deinit {
-        detach()
+        loopBinding?.uninstall()
         if filterInstalled {
             dbus_connection_remove_filter(raw, DBusConnection.filterFunction, Unmanaged.passUnretained(self).toOpaque())
         }
@@ -179,39 +183,38 @@ public final class DBusConnection {
 
     /// The next incoming message, waiting at most `timeoutMilliseconds`; nil on timeout or disconnect.
     public func nextMessage(timeoutMilliseconds: Int32) -> DBusMessage? {
-        let deadline = MonotonicInstant.now.adding(milliseconds: Int(timeoutMilliseconds))
+        let deadline = Self.monotonicNanoseconds() &+ UInt64(max(0, timeoutMilliseconds)) * 1_000_000
         while true {
             if let m = dbus_connection_pop_message(raw) { return DBusMessage(owning: m) }
-            let now = MonotonicInstant.now
+            let now = Self.monotonicNanoseconds()
             if now >= deadline { return nil }
-            let left = Int32((deadline.nanoseconds - now.nanoseconds) / 1_000_000) + 1
+            let left = Int32((deadline - now) / 1_000_000) + 1
             if dbus_connection_read_write(raw, left) == 0 { return nil }
         }
     }
 
-    // MARK: Event-loop use (the service)
-
-    /// Runs this connection's I/O and dispatch on `loop`, delivering messages to `messageHandler`.
-    public func attach(to loop: EventLoop, kind: EventLoop.Kind) {
-        precondition(binding == nil, "already attached")
-        if !filterInstalled {
-            dbus_connection_add_filter(raw, DBusConnection.filterFunction, Unmanaged.passUnretained(self).toOpaque(), nil)
-            filterInstalled = true
-        }
-        let b = DBusLoopBinding(connection: raw, loop: loop, kind: kind)
-        binding = b
-        b.install()
-        loop.beforeSleep = { [unowned self] in self.dispatchAll() }
+    /// CLOCK_MONOTONIC in nanoseconds (the D-Bus layer does not depend on the engine's clock).
+    private static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
-    /// Undoes `attach`.
-    public func detach() {
-        binding?.uninstall()
-        binding = nil
+    // MARK: Event-loop use (the service)
+
+    /// The service's binding of this connection to its event loop (PestoService's
+    /// `DBusLoopBinding`), kept alive as long as the connection; nil when not attached.
+    package var loopBinding: (any DBusConnectionBinding)?
+
+    /// Routes every incoming message to `messageHandler` from now on (installed once).
+    package func installMessageFilter() {
+        guard !filterInstalled else { return }
+        dbus_connection_add_filter(raw, DBusConnection.filterFunction, Unmanaged.passUnretained(self).toOpaque(), nil)
+        filterInstalled = true
     }
 
     /// Dispatches every message libdbus has queued.
-    func dispatchAll() {
+    package func dispatchAll() {
         while dbus_connection_get_dispatch_status(raw) == DBUS_DISPATCH_DATA_REMAINS {
             dbus_connection_dispatch(raw)
         }
@@ -221,136 +224,5 @@ public final class DBusConnection {
         let me = Unmanaged<DBusConnection>.fromOpaque(data!).takeUnretainedValue()
         guard let message, let handler = me.messageHandler else { return DBUS_HANDLER_RESULT_NOT_YET_HANDLED }
         return handler(DBusMessage(retaining: message)) ? DBUS_HANDLER_RESULT_HANDLED : DBUS_HANDLER_RESULT_NOT_YET_HANDLED
-    }
-}
-
-/// Connects libdbus's watch and timeout callbacks to an `EventLoop`.
-final class DBusLoopBinding: EventHandler {
-    private let connection: OpaquePointer
-    private unowned let loop: EventLoop
-    private let kind: EventLoop.Kind
-    /// Watches per fd, and whether the fd is currently in epoll.
-    private var watches: [Int32: [OpaquePointer]] = [:]
-    private var registered: Set<Int32> = []
-    private var timers: [OpaquePointer: EventLoop.TimerID] = [:]
-    /// Descriptors epoll refused to watch, tried again by `rewatchTimer`.
-    private var unwatched: Set<Int32> = []
-    private var rewatchTimer: EventLoop.TimerID?
-    /// How long to wait before trying again to watch a descriptor epoll refused.
-    static let rewatchMilliseconds = 100
-
-    init(connection: OpaquePointer, loop: EventLoop, kind: EventLoop.Kind) {
-        self.connection = connection
-        self.loop = loop
-        self.kind = kind
-    }
-
-    static func me(_ data: UnsafeMutableRawPointer?) -> DBusLoopBinding {
-        Unmanaged<DBusLoopBinding>.fromOpaque(data!).takeUnretainedValue()
-    }
-
-    func install() {
-        loop.setHandler(self, for: kind)
-        let ctx = Unmanaged.passUnretained(self).toOpaque()
-        dbus_connection_set_watch_functions(
-            connection,
-            { w, d in DBusLoopBinding.me(d).addWatch(w!); return 1 },
-            { w, d in DBusLoopBinding.me(d).removeWatch(w!) },
-            { w, d in DBusLoopBinding.me(d).refresh(fd: dbus_watch_get_unix_fd(w!)) },
-            ctx, nil)
-        dbus_connection_set_timeout_functions(
-            connection,
-            { t, d in DBusLoopBinding.me(d).addTimeout(t!); return 1 },
-            { t, d in DBusLoopBinding.me(d).removeTimeout(t!) },
-            { t, d in DBusLoopBinding.me(d).toggleTimeout(t!) },
-            ctx, nil)
-    }
-
-    func uninstall() {
-        dbus_connection_set_watch_functions(connection, nil, nil, nil, nil, nil)
-        dbus_connection_set_timeout_functions(connection, nil, nil, nil, nil, nil)
-        for fd in registered { loop.remove(fd: fd) }
-        registered.removeAll()
-        watches.removeAll()
-        for (_, id) in timers { loop.cancelTimer(id) }
-        timers.removeAll()
-        if let rewatchTimer { loop.cancelTimer(rewatchTimer) }
-        rewatchTimer = nil
-        unwatched.removeAll()
-    }
-
-    private func addWatch(_ w: OpaquePointer) {
-        watches[dbus_watch_get_unix_fd(w), default: []].append(w)
-        refresh(fd: dbus_watch_get_unix_fd(w))
-    }
-
-    private func removeWatch(_ w: OpaquePointer) {
-        let fd = dbus_watch_get_unix_fd(w)
-        watches[fd]?.removeAll { $0 == w }
-        if watches[fd]?.isEmpty == true { watches[fd] = nil }
-        refresh(fd: fd)
-    }
-
-    /// Recomputes the epoll interest of `fd` from its enabled watches.
-    private func refresh(fd: Int32) {
-        var events: UInt32 = 0
-        for w in watches[fd] ?? [] where dbus_watch_get_enabled(w) != 0 {
-            let flags = dbus_watch_get_flags(w)
-            if flags & DBUS_WATCH_READABLE.rawValue != 0 { events |= EventLoop.Events.readable }
-            if flags & DBUS_WATCH_WRITABLE.rawValue != 0 { events |= EventLoop.Events.writable }
-        }
-        do {
-            if events == 0 {
-                if registered.remove(fd) != nil { loop.remove(fd: fd) }
-            } else if registered.contains(fd) {
-                try loop.modify(fd: fd, events: events, kind: kind, index: 0)
-            } else {
-                try loop.add(fd: fd, events: events, kind: kind, index: 0)
-                registered.insert(fd)
-            }
-        } catch {
-            // epoll cannot take the bus socket now (ENOSPC at fs.epoll.max_user_watches,
-            // ENOMEM): the bus waits in the kernel's buffers and the watch is tried again soon.
-            unwatched.insert(fd)
-            guard rewatchTimer == nil else { return }
-            rewatchTimer = loop.after(milliseconds: Self.rewatchMilliseconds) { [unowned self] in
-                self.rewatchTimer = nil
-                let fds = self.unwatched
-                self.unwatched.removeAll()
-                for fd in fds { self.refresh(fd: fd) }
-            }
-        }
-    }
-
-    func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
-        var flags: UInt32 = 0
-        if events & EventLoop.Events.readable != 0 { flags |= DBUS_WATCH_READABLE.rawValue }
-        if events & EventLoop.Events.writable != 0 { flags |= DBUS_WATCH_WRITABLE.rawValue }
-        if events & EventLoop.Events.hangup != 0 { flags |= DBUS_WATCH_HANGUP.rawValue }
-        if events & EventLoop.Events.error != 0 { flags |= DBUS_WATCH_ERROR.rawValue }
-        for w in watches[fd] ?? [] {
-            // A previous dbus_watch_handle may have removed this watch.
-            guard watches[fd]?.contains(w) == true, dbus_watch_get_enabled(w) != 0 else { continue }
-            let wanted = dbus_watch_get_flags(w) | DBUS_WATCH_HANGUP.rawValue | DBUS_WATCH_ERROR.rawValue
-            if flags & wanted != 0 { dbus_watch_handle(w, flags & wanted) }
-        }
-    }
-
-    private func addTimeout(_ t: OpaquePointer) {
-        guard dbus_timeout_get_enabled(t) != 0 else { return }
-        let interval = Int(dbus_timeout_get_interval(t))
-        timers[t] = loop.every(milliseconds: interval) { [unowned self] in
-            // Timeouts repeat until libdbus removes or disables them.
-            if self.timers[t] != nil { dbus_timeout_handle(t) }
-        }
-    }
-
-    private func removeTimeout(_ t: OpaquePointer) {
-        if let id = timers.removeValue(forKey: t) { loop.cancelTimer(id) }
-    }
-
-    private func toggleTimeout(_ t: OpaquePointer) {
-        removeTimeout(t)
-        addTimeout(t)
     }
 }

@@ -34,13 +34,13 @@ public struct DBusErrorReply: Error, Hashable, Sendable, CustomStringConvertible
 /// A libdbus message; the wrapper holds one reference and drops it in `deinit`.
 public final class DBusMessage {
     /// The libdbus message.
-    let raw: OpaquePointer
+    package let raw: OpaquePointer
 
     /// Wraps a message whose reference the caller hands over.
-    init(owning raw: OpaquePointer) { self.raw = raw }
+    package init(owning raw: OpaquePointer) { self.raw = raw }
 
     /// Wraps a message the caller does not own (takes a reference of its own).
-    init(retaining raw: OpaquePointer) {
+    package init(retaining raw: OpaquePointer) {
         self.raw = raw
         dbus_message_ref(raw)
     }

@@ -7,31 +7,31 @@
 // wrong); a well-typed value that makes no sense (an unparsable address, a missing required
 // field, and everything `Rule.validate` rejects) is `top.passt.Pesto1.Error.InvalidRule`.
 
-import PestoEngine
+import PestoModel
 
 /// A failure decoding a D-Bus request: the error to send back.
-typealias RequestError = DBusErrorReply
+public typealias RequestError = DBusErrorReply
 
 extension DBusErrorReply {
     /// The D-Bus form of an engine error.
-    init(_ error: PestoError) {
+    public init(_ error: PestoError) {
         self.init(PestoBusNames.errorName(error.code), error.message)
     }
 
-    static func invalidArgs(_ message: String) -> DBusErrorReply { DBusErrorReply(invalidArgs, message) }
-    static func invalidRule(_ message: String) -> DBusErrorReply { DBusErrorReply(PestoBusNames.errorName(.invalidRule), message) }
+    public static func invalidArgs(_ message: String) -> DBusErrorReply { DBusErrorReply(invalidArgs, message) }
+    public static func invalidRule(_ message: String) -> DBusErrorReply { DBusErrorReply(PestoBusNames.errorName(.invalidRule), message) }
 }
 
 /// Converts rule descriptions.
-enum RuleCodec {
+public enum RuleCodec {
     /// The keys of a rule description and their D-Bus types.
-    static let keys: [(String, String)] = [
+    public static let keys: [(String, String)] = [
         ("protocol", "s"), ("address", "s"), ("interface", "s"), ("first-port", "q"), ("last-port", "q"),
         ("target-address", "s"), ("target-port", "q"), ("scan", "b"), ("owner", "s"),
     ]
 
     /// Decodes an `a{sv}` rule description (the caller has checked it is `a{sv}`).
-    static func decode(_ value: DBusValue) throws(DBusErrorReply) -> Rule {
+    public static func decode(_ value: DBusValue) throws(DBusErrorReply) -> Rule {
         guard let entries = value.vardictValue else { throw .invalidArgs("The rule must be a{sv}.") }
         var fields: [String: DBusValue] = [:]
         for (key, v) in entries {
@@ -70,7 +70,7 @@ enum RuleCodec {
 
     /// Decodes a rule description and validates the rule for a table with `capabilities`:
     /// what Insert and Apply do before the caller is authorised.
-    static func decodeValid(_ value: DBusValue, capabilities: Capabilities) throws(DBusErrorReply) -> Rule {
+    public static func decodeValid(_ value: DBusValue, capabilities: Capabilities) throws(DBusErrorReply) -> Rule {
         let rule = try decode(value)
         do { try rule.validate(capabilities: capabilities) } catch { throw DBusErrorReply(error) }
         return rule
@@ -79,7 +79,7 @@ enum RuleCodec {
     /// Every field of a rule: its key in the rule description, its Rule object property name,
     /// and its value with defaults filled in ("" for any address and for the table's default
     /// target). The one place that turns a stored rule into D-Bus values.
-    static func fields(_ rule: Rule) -> [(key: String, property: String, value: DBusValue)] {
+    public static func fields(_ rule: Rule) -> [(key: String, property: String, value: DBusValue)] {
         [
             ("protocol", "Protocol", .string(rule.proto.rawValue)),
             ("address", "Address", .string(rule.address?.description ?? "")),
@@ -94,12 +94,12 @@ enum RuleCodec {
     }
 
     /// The stored rule as `a{sv}`, every key present.
-    static func encode(_ rule: Rule) -> DBusValue {
+    public static func encode(_ rule: Rule) -> DBusValue {
         .vardict(fields(rule).map { ($0.key, $0.value) })
     }
 
     /// A status as the `(buus)` struct of `List`.
-    static func encode(_ status: RuleStatus) -> DBusValue {
+    public static func encode(_ status: RuleStatus) -> DBusValue {
         .structure([.bool(status.active), .uint32(status.bound), .uint32(status.failed), .string(status.lastErrorName)])
     }
 }

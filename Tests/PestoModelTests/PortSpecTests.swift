@@ -9,7 +9,7 @@ import Glibc
 #endif
 import Testing
 
-@testable import PestoEngine
+@testable import PestoModel
 import PestoTestSupport
 
 /// One expected rule, without the protocol (each example runs for TCP and UDP).

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-// FileReading: the one way the engine and the service read a whole file.
+// FileReading: the one way the model, the engine and the service read a whole file.
+//
+// The model's only contact with the host: pasta's port-spec grammar leaves out the kernel's
+// ephemeral port range (/proc/sys/net/ipv4/ip_local_port_range), which pestoctl and pestod
+// both read through `EphemeralPortRange.current()`. Everything else here is pure.
 
 #if canImport(Glibc)
 import Glibc

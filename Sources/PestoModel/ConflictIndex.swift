@@ -64,7 +64,7 @@ public struct ConflictIndex {
     private var counts: [Key: Int] = [:]
     /// Dictionary probes made so far, for tests that check the cost does not grow with the
     /// number of indexed rules.
-    private(set) var probes = 0
+    package private(set) var probes = 0
 
     /// Makes an empty index.
     public init() {}

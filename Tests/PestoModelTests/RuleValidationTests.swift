@@ -4,7 +4,7 @@
 
 import Testing
 
-@testable import PestoEngine
+@testable import PestoModel
 import PestoTestSupport
 
 @Suite("Rule validation")

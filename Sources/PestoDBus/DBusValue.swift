@@ -209,7 +209,7 @@ extension DBusValue {
 extension DBusValue {
     /// Appends `values` to `message`; false when libdbus runs out of memory.
     @discardableResult
-    static func appendAll(_ values: [DBusValue], to message: OpaquePointer) -> Bool {
+    package static func appendAll(_ values: [DBusValue], to message: OpaquePointer) -> Bool {
         var iter = DBusMessageIter()
         dbus_message_iter_init_append(message, &iter)
         for v in values where !v.append(to: &iter) { return false }

@@ -2,7 +2,7 @@
 
 // PestoBusNames: the names and paths of the D-Bus contract, spelled once.
 
-import PestoEngine
+import PestoModel
 
 /// The bus name, object paths and error names of the contract (doc/dbus-api.md).
 public enum PestoBusNames {
