@@ -22,50 +22,68 @@ extension DBusErrorReply {
     public static func invalidRule(_ message: String) -> DBusErrorReply { DBusErrorReply(PestoBusNames.errorName(.invalidRule), message) }
 }
 
-/// Converts rule descriptions.
+/// Converts rule descriptions (every key of `RuleField`, in its order).
 public enum RuleCodec {
-    /// The keys of a rule description and their D-Bus types.
-    public static let keys: [(String, String)] = [
-        ("protocol", "s"), ("address", "s"), ("interface", "s"), ("first-port", "q"), ("last-port", "q"),
-        ("target-address", "s"), ("target-port", "q"), ("scan", "b"), ("owner", "s"),
-    ]
+    /// The D-Bus signature of a field's values.
+    public static func signature(_ field: RuleField) -> String {
+        switch field.kind {
+        case .text: return "s"
+        case .port: return "q"
+        case .flag: return "b"
+        }
+    }
 
-    /// Decodes an `a{sv}` rule description (the caller has checked it is `a{sv}`).
-    public static func decode(_ value: DBusValue) throws(DBusErrorReply) -> Rule {
+    /// The keys of a rule description and their D-Bus types.
+    public static let keys: [(String, String)] = RuleField.allCases.map { ($0.key, signature($0)) }
+
+    /// What `decode` does with a key it does not know.
+    public enum UnknownKeys: Sendable {
+        /// Refuse the description (`InvalidArgs`): what the server does with requests.
+        case refuse
+        /// Skip the key: what a client does with replies, so a newer server's extra keys
+        /// do not break it.
+        case ignore
+    }
+
+    /// The D-Bus form of a field value.
+    public static func encode(_ value: RuleFieldValue) -> DBusValue {
+        switch value {
+        case .text(let v): return .string(v)
+        case .port(let v): return .uint16(v)
+        case .flag(let v): return .bool(v)
+        }
+    }
+
+    /// A D-Bus value as a field value of `field`'s kind; nil when the type does not fit.
+    static func fieldValue(_ value: DBusValue, for field: RuleField) -> RuleFieldValue? {
+        switch field.kind {
+        case .text: return value.stringValue.map(RuleFieldValue.text)
+        case .port: return value.uint16Value.map(RuleFieldValue.port)
+        case .flag: return value.boolValue.map(RuleFieldValue.flag)
+        }
+    }
+
+    /// Decodes an `a{sv}` rule description.
+    ///
+    /// An unknown key (unless `unknownKeys` is `.ignore`), a value of the wrong type or a key
+    /// given twice is `InvalidArgs`; a missing required field, an unknown protocol or an
+    /// address that does not parse is `InvalidRule` (`Rule(fields:)`).
+    public static func decode(_ value: DBusValue, unknownKeys: UnknownKeys = .refuse) throws(DBusErrorReply) -> Rule {
         guard let entries = value.vardictValue else { throw .invalidArgs("The rule must be a{sv}.") }
-        var fields: [String: DBusValue] = [:]
+        var fields: [RuleField: RuleFieldValue] = [:]
         for (key, v) in entries {
-            guard let expected = keys.first(where: { $0.0 == key })?.1 else {
+            guard let field = RuleField(key: key) else {
+                if unknownKeys == .ignore { continue }
                 throw .invalidArgs("Unknown rule key \(ClientText.quote(key)); known keys: \(keys.map(\.0).joined(separator: ", ")).")
             }
-            guard v.signature == expected else {
-                throw .invalidArgs("Rule key \(ClientText.quote(key)) must have type \(expected), not \(ClientText.quote(v.signature)).")
+            guard let fieldValue = fieldValue(v, for: field) else {
+                throw .invalidArgs(
+                    "Rule key \(ClientText.quote(key)) must have type \(signature(field)), not \(ClientText.quote(v.signature)).")
             }
-            if fields[key] != nil { throw .invalidArgs("Rule key \(ClientText.quote(key)) is given twice.") }
-            fields[key] = v
+            if fields[field] != nil { throw .invalidArgs("Rule key \(ClientText.quote(key)) is given twice.") }
+            fields[field] = fieldValue
         }
-        guard let protoText = fields["protocol"]?.stringValue else { throw .invalidRule("protocol is required (\"tcp\" or \"udp\").") }
-        let proto: TransportProtocol
-        do { proto = try TransportProtocol(parsing: protoText) } catch { throw DBusErrorReply(error) }
-        guard let first = fields["first-port"]?.uint16Value else { throw .invalidRule("first-port is required.") }
-
-        func address(_ key: String) throws(DBusErrorReply) -> IPAddress? {
-            guard let text = fields[key]?.stringValue, !text.isEmpty else { return nil }
-            guard let a = IPAddress(text) else {
-                throw .invalidRule("\(key) \(ClientText.quote(text)) is not an IPv4 or IPv6 address.")
-            }
-            return a
-        }
-        return Rule(
-            proto: proto,
-            address: try address("address"),
-            interface: fields["interface"]?.stringValue ?? "",
-            firstPort: first,
-            lastPort: fields["last-port"]?.uint16Value,
-            targetAddress: try address("target-address"),
-            targetPort: fields["target-port"]?.uint16Value,
-            scan: fields["scan"]?.boolValue ?? false,
-            owner: fields["owner"]?.stringValue ?? "")
+        do { return try Rule(fields: fields) } catch { throw DBusErrorReply(error) }
     }
 
     /// Decodes a rule description and validates the rule for a table with `capabilities`:
@@ -80,22 +98,12 @@ public enum RuleCodec {
     /// and its value with defaults filled in ("" for any address and for the table's default
     /// target). The one place that turns a stored rule into D-Bus values.
     public static func fields(_ rule: Rule) -> [(key: String, property: String, value: DBusValue)] {
-        [
-            ("protocol", "Protocol", .string(rule.proto.rawValue)),
-            ("address", "Address", .string(rule.address?.description ?? "")),
-            ("interface", "Interface", .string(rule.interface)),
-            ("first-port", "FirstPort", .uint16(rule.firstPort)),
-            ("last-port", "LastPort", .uint16(rule.lastPort)),
-            ("target-address", "TargetAddress", .string(rule.targetAddress?.description ?? "")),
-            ("target-port", "TargetPort", .uint16(rule.targetPort)),
-            ("scan", "Scan", .bool(rule.scan)),
-            ("owner", "Owner", .string(rule.owner)),
-        ]
+        rule.fieldValues.map { ($0.field.key, $0.field.property, encode($0.value)) }
     }
 
     /// The stored rule as `a{sv}`, every key present.
     public static func encode(_ rule: Rule) -> DBusValue {
-        .vardict(fields(rule).map { ($0.key, $0.value) })
+        .vardict(rule.fieldValues.map { ($0.field.key, encode($0.value)) })
     }
 
     /// A status as the `(buus)` struct of `List`.

@@ -344,21 +344,12 @@ private struct PortSpecParser {
         return ListenPrefix(address: address, interface: interface)
     }
 
-    /// Applies the kernel's interface name rules (dev_valid_name) with spec-level messages.
+    /// Applies the kernel's interface name rules (dev_valid_name, `Rule.interfaceNameProblem`).
     func checkInterface(_ name: String, in prefix: Substring) throws(PortSpecError) {
         if name.isEmpty {
             throw fail(prefix, "\"\(prefix)\" has no interface name after \"%\".")
         }
-        let length = name.utf8.count
-        if length > Rule.maxInterfaceNameLength {
-            throw fail(name, "interface name \"\(name)\" is \(length) bytes long; at most \(Rule.maxInterfaceNameLength) are allowed.")
-        }
-        if name == "." || name == ".." {
-            throw fail(name, "\"\(name)\" is not a valid interface name.")
-        }
-        if name.utf8.contains(where: { $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7F }) {
-            throw fail(name, "interface name \"\(name)\" contains \":\", a space or a control character.")
-        }
+        if let problem = Rule.interfaceNameProblem(name) { throw fail(name, problem) }
     }
 
     // MARK: Step 2

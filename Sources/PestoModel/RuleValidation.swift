@@ -58,20 +58,7 @@ extension Rule {
         }
 
         // Interface name: the kernel's dev_valid_name() rules.
-        if !interface.isEmpty {
-            let bytes = interface.utf8
-            if bytes.count > Self.maxInterfaceNameLength {
-                throw invalid(
-                    "interface \(ClientText.quote(interface)) is \(bytes.count) bytes long; at most \(Self.maxInterfaceNameLength) are allowed.")
-            }
-            if interface == "." || interface == ".." {
-                throw invalid("interface \(ClientText.quote(interface)) is not a valid interface name.")
-            }
-            if let bad = bytes.first(where: { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7F }) {
-                throw invalid(
-                    "interface \(ClientText.quote(interface)) contains \(Self.describeByte(bad)), which interface names cannot contain.")
-            }
-        }
+        if let problem = Self.interfaceNameProblem(interface) { throw invalid(problem) }
         if owner.utf8.count > Self.maxOwnerLength {
             throw invalid("owner is \(owner.utf8.count) bytes long; at most \(Self.maxOwnerLength) are allowed.")
         }
@@ -90,6 +77,25 @@ extension Rule {
         }
         if !interface.isEmpty { try need(.ifname, "bind to an interface") }
         if scan { try need(.scan, "scan the target side for bound ports") }
+    }
+
+    /// Checks an interface name against the kernel's dev_valid_name() rules, the one check
+    /// that both rule validation and pasta's `%INTERFACE` spec syntax use.
+    /// - Returns: nil for "" (no interface) and valid names, else a sentence saying what is
+    ///   wrong with the name.
+    public static func interfaceNameProblem(_ interface: String) -> String? {
+        if interface.isEmpty { return nil }
+        let bytes = interface.utf8
+        if bytes.count > maxInterfaceNameLength {
+            return "interface \(ClientText.quote(interface)) is \(bytes.count) bytes long; at most \(maxInterfaceNameLength) are allowed."
+        }
+        if interface == "." || interface == ".." {
+            return "interface \(ClientText.quote(interface)) is not a valid interface name."
+        }
+        if let bad = bytes.first(where: { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7F }) {
+            return "interface \(ClientText.quote(interface)) contains \(describeByte(bad)), which interface names cannot contain."
+        }
+        return nil
     }
 
     private static func describeByte(_ byte: UInt8) -> String {

@@ -53,15 +53,20 @@ public struct StateFile {
 
     static let header = "pestod-state 1"
 
-    /// The file's content for `entries`.
+    /// The file's content for `entries`: each rule's fields in `RuleField`'s order, text
+    /// percent-encoded, ports in decimal, flags as 0 or 1.
     static func render(_ entries: [Entry]) -> String {
         var out = header + "\n"
         for e in entries {
-            let r = e.rule
             out += "rule \(e.table.rawValue) \(e.id) \(e.active ? "active" : "inactive")"
-            out += " protocol=\(r.proto.rawValue) address=\(r.address?.description ?? "") interface=\(escape(r.interface))"
-            out += " first-port=\(r.firstPort) last-port=\(r.lastPort) target-address=\(r.targetAddress?.description ?? "")"
-            out += " target-port=\(r.targetPort) scan=\(r.scan ? 1 : 0) owner=\(escape(r.owner))\n"
+            for (field, value) in e.rule.fieldValues {
+                switch value {
+                case .text(let v): out += " \(field.key)=\(escape(v))"
+                case .port(let v): out += " \(field.key)=\(v)"
+                case .flag(let v): out += " \(field.key)=\(v ? 1 : 0)"
+                }
+            }
+            out += "\n"
         }
         return out
     }
@@ -74,35 +79,29 @@ public struct StateFile {
         var entries: [Entry] = []
         for (n, line) in lines.enumerated().dropFirst() {
             let words = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
-            guard words.count == 13, words[0] == "rule" else { throw bad(n + 1, "expected a rule with 9 fields") }
+            guard words.count == 4 + RuleField.allCases.count, words[0] == "rule" else {
+                throw bad(n + 1, "expected a rule with \(RuleField.allCases.count) fields")
+            }
             guard let table = TableKind(rawValue: words[1]) else { throw bad(n + 1, "unknown table \(words[1])") }
             guard let id = UInt32(words[2]) else { throw bad(n + 1, "bad rule ID \(words[2])") }
             guard words[3] == "active" || words[3] == "inactive" else { throw bad(n + 1, "bad state \(words[3])") }
-            var fields: [String: String] = [:]
+            var fields: [RuleField: RuleFieldValue] = [:]
             for word in words[4...] {
-                guard let eq = word.firstIndex(of: "=") else { throw bad(n + 1, "bad field \(word)") }
-                fields[String(word[..<eq])] = String(word[word.index(after: eq)...])
+                guard let eq = word.firstIndex(of: "="), let field = RuleField(key: String(word[..<eq])),
+                    fields[field] == nil
+                else { throw bad(n + 1, "bad field \(word)") }
+                let text = String(word[word.index(after: eq)...])
+                let value: RuleFieldValue?
+                switch field.kind {
+                case .text: value = unescape(text).map(RuleFieldValue.text)
+                case .port: value = UInt16(text).map(RuleFieldValue.port)
+                case .flag: value = text == "1" ? .flag(true) : text == "0" ? .flag(false) : nil
+                }
+                guard let value else { throw bad(n + 1, "bad \(field.key)") }
+                fields[field] = value
             }
-            func port(_ key: String) throws(PestoError) -> UInt16 {
-                guard let v = fields[key].flatMap({ UInt16($0) }) else { throw bad(n + 1, "bad \(key)") }
-                return v
-            }
-            func address(_ key: String) throws(PestoError) -> IPAddress? {
-                guard let text = fields[key] else { throw bad(n + 1, "missing \(key)") }
-                if text.isEmpty { return nil }
-                guard let a = IPAddress(text) else { throw bad(n + 1, "bad \(key) \(text)") }
-                return a
-            }
-            guard let protoText = fields["protocol"], let proto = TransportProtocol(rawValue: protoText) else {
-                throw bad(n + 1, "bad protocol")
-            }
-            guard let interface = fields["interface"].flatMap(unescape), let owner = fields["owner"].flatMap(unescape),
-                let scan = fields["scan"], scan == "0" || scan == "1"
-            else { throw bad(n + 1, "bad interface, owner or scan") }
-            let rule = Rule(
-                proto: proto, address: try address("address"), interface: interface, firstPort: try port("first-port"),
-                lastPort: try port("last-port"), targetAddress: try address("target-address"), targetPort: try port("target-port"),
-                scan: scan == "1", owner: owner)
+            let rule: Rule
+            do { rule = try Rule(fields: fields) } catch { throw bad(n + 1, error.message) }
             entries.append(Entry(table: table, id: id, active: words[3] == "active", rule: rule))
         }
         return entries

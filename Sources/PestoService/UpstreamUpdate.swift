@@ -62,14 +62,14 @@ extension PestoServer {
             // Active rules by their forwarding (owner tag cleared), each list in ID order, so
             // matching an uploaded rule is one hash lookup instead of a scan of the table.
             var byForwarding: [Rule: [UInt32]] = [:]
-            for entry in active { byForwarding[Self.forwardingKey(entry.rule), default: []].append(entry.id) }
+            for entry in active { byForwarding[entry.rule.forwardingKey, default: []].append(entry.id) }
             var matchedCount: [Rule: Int] = [:]
             var kept = Set<UInt32>()
             var update = TableUpdate(kind: kind, inserts: [], removes: [])
             var allocated = Set<UInt32>()
             var nextID = (t.ids.last ?? 0) &+ 1
             for (rule, bestEffort) in rules {
-                let key = Self.forwardingKey(rule)
+                let key = rule.forwardingKey
                 if let ids = byForwarding[key], matchedCount[key, default: 0] < ids.count {
                     kept.insert(ids[matchedCount[key, default: 0]])
                     matchedCount[key, default: 0] += 1
@@ -89,13 +89,5 @@ extension PestoServer {
         let (_, journal) = try applyUpdate(updates)
         let result = summary
         commitUnanswered(journal) { failure in saved(result, failure) }
-    }
-
-    /// The rule with its owner tag cleared: two rules with the same key are equal in every
-    /// field that forwarding depends on (the owner tag is only a label).
-    static func forwardingKey(_ rule: Rule) -> Rule {
-        var key = rule
-        key.owner = ""
-        return key
     }
 }

@@ -84,7 +84,7 @@ struct Plan {
                 case .delete:
                     for rule in spec.rules {
                         let before = state[kind]!.count
-                        state[kind]!.removeAll { RuleText.sameForwarding($0.rule, rule) }
+                        state[kind]!.removeAll { $0.rule.forwardsSame(as: rule) }
                         if state[kind]!.count == before {
                             warnings.append("-D \(option) \(text): no \(kind.name) rule \(option) \(RuleText.spec(rule)) to delete.")
                         }
@@ -103,7 +103,7 @@ struct Plan {
             var candidates = old.filter { !kept.contains($0.id) && $0.active }
             for entry in entries {
                 guard case .new(let n) = entry else { continue }
-                if let match = candidates.firstIndex(where: { RuleText.sameForwarding($0.rule, n.rule) }) {
+                if let match = candidates.firstIndex(where: { $0.rule.forwardsSame(as: n.rule) }) {
                     kept.insert(candidates[match].id)
                     candidates.remove(at: match)
                 } else {

@@ -22,38 +22,14 @@ struct ProtocolError: Error {
 }
 
 enum RuleText {
-    /// The rule description `a{sv}` for Insert; defaults are left out.
-    static func encode(_ rule: Rule) -> DBusValue {
-        var entries: [(String, DBusValue)] = [("protocol", .string(rule.proto.rawValue))]
-        if let address = rule.address { entries.append(("address", .string(address.description))) }
-        if !rule.interface.isEmpty { entries.append(("interface", .string(rule.interface))) }
-        entries.append(("first-port", .uint16(rule.firstPort)))
-        entries.append(("last-port", .uint16(rule.lastPort)))
-        if let target = rule.targetAddress { entries.append(("target-address", .string(target.description))) }
-        entries.append(("target-port", .uint16(rule.targetPort)))
-        if rule.scan { entries.append(("scan", .bool(true))) }
-        if !rule.owner.isEmpty { entries.append(("owner", .string(rule.owner))) }
-        return .vardict(entries)
-    }
+    /// The rule description `a{sv}` for Insert (every field, as the server's codec writes it).
+    static func encode(_ rule: Rule) -> DBusValue { RuleCodec.encode(rule) }
 
-    /// A rule description as Read/List return it.
+    /// A rule description as Read/List return it; keys this pestoctl does not know are skipped.
     static func decode(_ value: DBusValue) throws(ProtocolError) -> Rule {
-        guard let entries = value.vardictValue else { throw ProtocolError("a rule is not a{sv}") }
-        var fields: [String: DBusValue] = [:]
-        for (k, v) in entries { fields[k] = v }
-        func address(_ key: String) throws(ProtocolError) -> IPAddress? {
-            guard let text = fields[key]?.stringValue, !text.isEmpty else { return nil }
-            guard let a = IPAddress(text) else { throw ProtocolError("\(key) \"\(text)\" is not an address") }
-            return a
+        do { return try RuleCodec.decode(value, unknownKeys: .ignore) } catch {
+            throw ProtocolError("a rule description is malformed: \(error.message)")
         }
-        guard let protoText = fields["protocol"]?.stringValue, let proto = TransportProtocol(rawValue: protoText),
-            let first = fields["first-port"]?.uint16Value
-        else { throw ProtocolError("a rule lacks protocol or first-port") }
-        return Rule(
-            proto: proto, address: try address("address"), interface: fields["interface"]?.stringValue ?? "",
-            firstPort: first, lastPort: fields["last-port"]?.uint16Value,
-            targetAddress: try address("target-address"), targetPort: fields["target-port"]?.uint16Value,
-            scan: fields["scan"]?.boolValue ?? false, owner: fields["owner"]?.stringValue ?? "")
     }
 
     /// `List`'s `a(ua{sv}(buus))`.
@@ -68,13 +44,6 @@ enum RuleText {
             result.append(ListedRule(id: id, rule: try decode(f[1]), active: active, bound: bound, failed: failed, lastError: lastError))
         }
         return result
-    }
-
-    /// What makes two rules the same for -D: every field but the owner tag.
-    static func sameForwarding(_ a: Rule, _ b: Rule) -> Bool {
-        var a = a
-        a.owner = b.owner
-        return a == b
     }
 
     /// The pasta option for a rule of `table` (`-t`, `-u`, `-T`, `-U`).
@@ -137,19 +106,16 @@ enum RuleText {
 
     /// One listed rule as a JSON object.
     static func json(_ r: ListedRule, _ table: TableKind) -> String {
-        let rule = r.rule
-        let fields: [(String, String)] = [
-            ("id", "\(r.id)"),
-            ("protocol", json(rule.proto.rawValue)),
-            ("address", json(rule.address?.description ?? "")),
-            ("interface", json(rule.interface)),
-            ("first-port", "\(rule.firstPort)"),
-            ("last-port", "\(rule.lastPort)"),
-            ("target-address", json(rule.targetAddress?.description ?? "")),
-            ("target-port", "\(rule.targetPort)"),
-            ("scan", rule.scan ? "true" : "false"),
-            ("owner", json(rule.owner)),
-            ("spec", json(option(rule, table) + " " + spec(rule))),
+        var fields: [(String, String)] = [("id", "\(r.id)")]
+        for (field, value) in r.rule.fieldValues {
+            switch value {
+            case .text(let v): fields.append((field.key, json(v)))
+            case .port(let v): fields.append((field.key, "\(v)"))
+            case .flag(let v): fields.append((field.key, v ? "true" : "false"))
+            }
+        }
+        fields += [
+            ("spec", json(option(r.rule, table) + " " + spec(r.rule))),
             ("active", r.active ? "true" : "false"),
             ("bound", "\(r.bound)"),
             ("failed", "\(r.failed)"),
