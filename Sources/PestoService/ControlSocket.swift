@@ -182,7 +182,7 @@ public final class ControlSocket: EventHandler {
     }
 
     /// Logs the end of an applied upload and ends the session.
-    private func applied(_ summary: PestoServer.UpstreamSummary, _ failure: PestoError?) {
+    private func applied(_ summary: TablesEditor.UpstreamSummary, _ failure: PestoError?) {
         if let failure {
             end("update (\(summary)) undone: \(failure.message)")
         } else {

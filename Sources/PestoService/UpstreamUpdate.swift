@@ -13,41 +13,39 @@
 // Matching is by hash of the rule without its owner tag, and fresh IDs are counted up from
 // the highest one in use, so an upload of n rules costs O(n log n), not O(n²).
 // Tables absent from the upload are left alone. Everything happens in one `applyUpdate`
-// across the tables, so a conflict, an invalid rule or a bind failure changes nothing; the
-// update is refused while a D-Bus client holds the lock. With a state file, the update is
-// saved with the other changes of the loop turn; if it cannot be, it is undone again and
-// `saved` says so.
+// across the tables, so a conflict, an invalid rule or a bind failure changes nothing (and
+// is reported to nobody); the update is refused while a D-Bus client holds the lock. The
+// caller (the server) saves what the update committed with the other changes of the loop
+// turn; if it cannot be saved, it is undone again.
 
 import PestoEngine
 
-extension PestoServer {
+extension TablesEditor {
     /// What an upload changed.
-    public struct UpstreamSummary: Sendable, CustomStringConvertible {
-        public var kept = 0
-        public var added = 0
-        public var removed = 0
-        public var description: String { "\(kept) kept, \(added) added, \(removed) removed" }
+    struct UpstreamSummary: Sendable, CustomStringConvertible {
+        var kept = 0
+        var added = 0
+        var removed = 0
+        var description: String { "\(kept) kept, \(added) added, \(removed) removed" }
     }
 
     /// The active rules of every table, as upstream's dump lists them.
-    public func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [Rule])] {
-        engine.tables.map { t in (t.kind, t.capabilities, t.list().filter(\.status.active).map(\.rule)) }
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [Rule])] {
+        tables.map { t in (t.kind, t.capabilities, t.list().filter(\.status.active).map(\.rule)) }
     }
 
     /// The most rules an upload may give one table: the tables' MaxRules, within the wire
     /// protocol's own limit.
     var upstreamRuleLimit: Int {
-        min(PestoV2Wire.maxRulesPerTable, engine.tables.map(\.limits.maxRules).min() ?? 0)
+        min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
     }
 
     /// Applies an upload of whole tables (rules with their weak flag) as a difference.
-    /// `saved` is called with what changed once the change is saved (nil; at once without a
-    /// state file or when nothing changed) or was undone because it could not be (the
-    /// SaveFailed error). A refused upload throws and changes nothing.
-    public func applyUpstream(
-        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
-        saved: @escaping (UpstreamSummary, PestoError?) -> Void
-    ) throws(PestoError) {
+    /// Returns what changed and the committed journal (to be saved); a refused upload
+    /// throws and changes nothing.
+    func applyUpstream(
+        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
+    ) throws(PestoError) -> (summary: UpstreamSummary, committed: Journal) {
         if let owner = lockOwner {
             throw PestoError(PestoBusNames.locked, "The tables are locked by \(owner); the upload was refused.")
         }
@@ -85,8 +83,7 @@ extension PestoServer {
             updates.append(update)
         }
         let (_, journal) = try applyUpdate(updates)
-        let result = summary
-        commitUnanswered(journal) { failure in saved(result, failure) }
+        return (summary, journal)
     }
 
     /// The rule with its owner tag cleared: two rules with the same key are equal in every

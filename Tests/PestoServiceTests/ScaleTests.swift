@@ -39,7 +39,7 @@ struct ScaleTests {
         var inserts = (0..<n - 1).map { (UInt32($0 + 1), rule) }
         inserts.append((UInt32(n / 2), rule))
         do {
-            _ = try PestoServer.ApplyRequest(Self.applyArgs(inserts), table: .host, limits: .default, capabilities: Self.caps)
+            _ = try ApplyRequest(Self.applyArgs(inserts), table: .host, limits: .default)
             Issue.record("expected RuleExists")
         } catch {
             #expect(error.name == Self.name("RuleExists") && error.message == "Apply inserts rule \(n / 2) twice.", "\(error)")
@@ -48,19 +48,21 @@ struct ScaleTests {
         // kept once each, in order, and one inserted ID among them is InvalidArgs.
         inserts[n - 1].0 = UInt32(n)
         let removes = (0..<n).map { UInt32(100_000 + $0 % 1000) }
-        let request = try PestoServer.ApplyRequest(Self.applyArgs(inserts, removes), table: .host, limits: .default, capabilities: Self.caps)
+        let request = try ApplyRequest(Self.applyArgs(inserts, removes), table: .host, limits: .default)
         #expect(request.inserts.count == n && request.removes == (0..<1000).map { UInt32(100_000 + $0) })
         do {
-            _ = try PestoServer.ApplyRequest(Self.applyArgs(inserts, Array(removes.prefix(10)) + [UInt32(n)]), table: .host, limits: .default, capabilities: Self.caps)
+            _ = try ApplyRequest(Self.applyArgs(inserts, Array(removes.prefix(10)) + [UInt32(n)]), table: .host, limits: .default)
             Issue.record("expected InvalidArgs")
         } catch {
             #expect(error.name == DBusErrorReply.invalidArgs && error.message.contains("both inserts and removes rule \(n)"), "\(error)")
         }
     }
 
-    @Test("decoding validates every rule of Apply against the table's capabilities")
-    func decodingValidates() {
+    @Test("every rule of a decoded Apply is validated against the table's capabilities (step 4), after decoding")
+    func decodingValidates() throws {
         let limits = TableLimits(maxRules: 10, maxSockets: 100)
+        let editor = TablesEditor(
+            tables: [ForwardingTable(kind: .host, capabilities: [.ipv4, .tcp, .udp], limits: limits, factory: ScriptedListenerFactory())])
         let good = Self.rule(1)
         let cases: [(DBusValue, String)] = [
             (.vardict([("protocol", .string("tcp")), ("first-port", .uint16(0))]), "first-port"),
@@ -68,11 +70,12 @@ struct ScaleTests {
             (.vardict([("protocol", .string("udp")), ("first-port", .uint16(80)), ("address", .string("224.0.0.1"))]), "multicast"),
         ]
         for (bad, fragment) in cases {
+            let request = try ApplyRequest(Self.applyArgs([(1, good), (2, bad)]), table: .host, limits: limits)
             do {
-                _ = try PestoServer.ApplyRequest(Self.applyArgs([(1, good), (2, bad)]), table: .host, limits: limits, capabilities: [.ipv4, .tcp, .udp])
+                try editor.validate(TableChange.apply(.host, request))
                 Issue.record("expected InvalidRule for \(fragment)")
             } catch {
-                #expect(error.name == Self.name("InvalidRule") && error.message.contains(fragment), "\(error)")
+                #expect(error.code == .invalidRule && error.message.contains(fragment), "\(error)")
             }
         }
         // Arrays longer than MaxRules are refused before any element is looked at: these
@@ -83,7 +86,7 @@ struct ScaleTests {
             [.array(element: "(ua{sv})", []), .array(element: "u", [DBusValue](repeating: .string("x"), count: 11)), .vardict([])],
         ] as [[DBusValue]] {
             do {
-                _ = try PestoServer.ApplyRequest(args, table: .host, limits: limits, capabilities: Self.caps)
+                _ = try ApplyRequest(args, table: .host, limits: limits)
                 Issue.record("expected InvalidArgs")
             } catch {
                 #expect(error.name == DBusErrorReply.invalidArgs && error.message.contains("at most 10 (MaxRules)"), "\(error)")
