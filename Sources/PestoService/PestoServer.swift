@@ -393,7 +393,7 @@ public final class PestoServer: TablesObserver {
     // MARK: The control socket (UpstreamUpdate.swift)
 
     /// The active rules of every table, as upstream's dump lists them.
-    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [Rule])] { editor.upstreamDump() }
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] { editor.upstreamDump() }
 
     /// The most rules an upload may give one table.
     var upstreamRuleLimit: Int { editor.upstreamRuleLimit }

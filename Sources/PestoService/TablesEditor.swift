@@ -155,8 +155,12 @@ final class TablesEditor {
     private var held: [Report]?
     /// The state, before the update in progress touched them, of the rules it deactivated.
     private var statusBefore: [RuleRef: RuleStatus] = [:]
-    /// The control socket's rules uploaded with upstream's weak flag (dumped with it).
-    private(set) var weakRules = Set<RuleRef>()
+    /// The control socket's rules uploaded with upstream's weak flag (dumped with it). Kept
+    /// in memory only: a rule restored from the state file, or put back by a rollback, is
+    /// dumped without it.
+    var weakRules = Set<RuleRef>()
+    /// Called once the lock is released next (ControlSocket: an upload waiting for it).
+    private var unlockWaiters: [() -> Void] = []
 
     /// An editor for `tables`; it takes their `onStateChange`.
     init(tables: [ForwardingTable], logger: Logger = Logger(label: "pestod")) {
@@ -371,6 +375,17 @@ final class TablesEditor {
     private func setLockOwner(_ owner: String?) {
         lockOwner = owner
         observer?.lockOwnerChanged(owner)
+        if owner == nil && !unlockWaiters.isEmpty {
+            let waiters = unlockWaiters
+            unlockWaiters = []
+            for w in waiters { w() }
+        }
+    }
+
+    /// Calls `body` once, when the lock is released next (at once if it is free).
+    func whenUnlocked(_ body: @escaping () -> Void) {
+        if lockOwner == nil { return body() }
+        unlockWaiters.append(body)
     }
 
     // MARK: Atomic updates

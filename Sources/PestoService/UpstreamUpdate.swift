@@ -7,16 +7,23 @@
 //     aside, which upstream does not carry) keeps that rule: its ID, its active state, its
 //     very sockets;
 //   - active rules with no equal in the upload are deactivated and deleted;
-//   - uploaded rules with no equal are inserted under fresh IDs and activated; a weak
-//     (best-effort) rule tolerates any bind failure, every other rule must bind completely.
+//   - uploaded rules with no equal are inserted under fresh IDs, tagged with the owner
+//     `pesto-control` (so D-Bus clients and pestoctl can tell them apart), and activated
+//     with the proposals' ACTIVATE semantics: the activation completes whatever binds, the
+//     failed ports are counted and retried every period like any other rule's (visible
+//     in Status and signalled with BindFailuresChanged), so a port freed later starts
+//     forwarding with no further call. Upstream's weak flag no longer decides whether an
+//     upload succeeds; it is kept per rule (`weakRules`) and dumped again, so that
+//     `pesto` shows "(best effort)" exactly where pasta would.
 // Inactive rules are not part of upstream's model: they are neither dumped nor touched.
 // Matching is by hash of the rule without its owner tag, and fresh IDs are counted up from
 // the highest one in use, so an upload of n rules costs O(n log n), not O(n²).
 // Tables absent from the upload are left alone. Everything happens in one `applyUpdate`
-// across the tables, so a conflict, an invalid rule or a bind failure changes nothing (and
-// is reported to nobody); the update is refused while a D-Bus client holds the lock. The
-// caller (the server) saves what the update committed with the other changes of the loop
-// turn; if it cannot be saved, it is undone again.
+// across the tables, so what upstream itself would refuse — an invalid rule, a conflict —
+// changes nothing (and is reported to nobody). The editor refuses an upload while a D-Bus
+// client holds the lock; the control socket waits for the lock instead of calling it
+// (ControlSocket.swift). The caller (the server) saves what the update committed with the
+// other changes of the loop turn; if it cannot be saved, it is undone again.
 
 import PestoEngine
 
@@ -26,12 +33,21 @@ extension TablesEditor {
         var kept = 0
         var added = 0
         var removed = 0
-        var description: String { "\(kept) kept, \(added) added, \(removed) removed" }
+        /// Sockets of the added rules that did not bind (counted and retried).
+        var unbound = 0
+        var description: String {
+            "\(kept) kept, \(added) added, \(removed) removed"
+                + (unbound > 0 ? "; \(unbound) sockets did not bind yet and are retried every period (see BindFailures)" : "")
+        }
     }
 
-    /// The active rules of every table, as upstream's dump lists them.
-    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [Rule])] {
-        tables.map { t in (t.kind, t.capabilities, t.list().filter(\.status.active).map(\.rule)) }
+    /// The active rules of every table, as upstream's dump lists them, with upstream's weak
+    /// flag where the rule was uploaded with it.
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
+        tables.map { t in
+            let kind = t.kind
+            return (kind, t.capabilities, t.list().filter(\.status.active).map { ($0.rule, weakRules.contains(RuleRef(kind: kind, id: $0.id))) })
+        }
     }
 
     /// The most rules an upload may give one table: the tables' MaxRules, within the wire
@@ -51,6 +67,8 @@ extension TablesEditor {
         }
         var summary = UpstreamSummary()
         var updates: [TableUpdate] = []
+        // The weak flag of every rule the upload keeps or inserts, set once it succeeded.
+        var weak: [(RuleRef, Bool)] = []
         for (kind, rules) in upload {
             let t = try table(kind)
             for (rule, _) in rules { try rule.validate(capabilities: t.capabilities) }
@@ -67,13 +85,19 @@ extension TablesEditor {
             for (rule, bestEffort) in rules {
                 let key = Self.forwardingKey(rule)
                 if let ids = byForwarding[key], matchedCount[key, default: 0] < ids.count {
-                    kept.insert(ids[matchedCount[key, default: 0]])
+                    let id = ids[matchedCount[key, default: 0]]
+                    kept.insert(id)
+                    weak.append((RuleRef(kind: kind, id: id), bestEffort))
                     matchedCount[key, default: 0] += 1
                     summary.kept += 1
                     continue
                 }
                 while t.contains(nextID) || allocated.contains(nextID) { nextID &+= 1 }
-                update.inserts.append((nextID, rule, bestEffort ? .any : .none))
+                var tagged = rule
+                tagged.owner = controlOwnerTag
+                // The proposals' ACTIVATE: complete whatever binds; failures are retried.
+                update.inserts.append((nextID, tagged, .any))
+                weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
                 allocated.insert(nextID)
                 nextID &+= 1
             }
@@ -82,7 +106,11 @@ extension TablesEditor {
             summary.removed += update.removes.count
             updates.append(update)
         }
-        let (_, journal) = try applyUpdate(updates)
+        let (results, journal) = try applyUpdate(updates)
+        summary.unbound = results.reduce(0) { $0 + Int($1.counts.failed) }
+        for (ref, isWeak) in weak {
+            if isWeak { weakRules.insert(ref) } else { weakRules.remove(ref) }
+        }
         return (summary, journal)
     }
 

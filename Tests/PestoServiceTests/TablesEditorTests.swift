@@ -41,8 +41,8 @@ struct EditorRig {
     let editor: TablesEditor
     let observer = RecordingObserver()
 
-    init(limits: TableLimits = .default) {
-        table = ForwardingTable(kind: .host, capabilities: [.ipv4, .ipv6, .tcp, .udp], limits: limits, factory: factory)
+    init(limits: TableLimits = .default, capabilities: Capabilities = [.ipv4, .ipv6, .tcp, .udp]) {
+        table = ForwardingTable(kind: .host, capabilities: capabilities, limits: limits, factory: factory)
         editor = TablesEditor(tables: [table])
         editor.observer = observer
     }
@@ -263,5 +263,66 @@ struct TablesEditorTests {
         #expect(rig.editor.journal.operations.count == 1)
         // Then the change's own checks (RuleExists) come after authorisation.
         #expect(Self.code(Self.submit(gate, .insert(.host, 1, EditorRig.tcp(p)), "a")) == "RuleExists")
+    }
+
+    // MARK: Uploads (the control socket)
+
+    @Test("an upload completes despite bind failures: its rules are active, failures counted, tagged pesto-control; only a conflict refuses it")
+    func uploadToleratesBindFailures() throws {
+        let rig = EditorRig()
+        let p = TestSockets.freePorts(2).lowerBound
+        let holder = try #require(TestSockets.bound(port: p))
+        defer { close(holder) }
+        let (summary, _) = try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false)])])
+        #expect(summary.unbound == 1 && summary.description.contains("1 sockets did not bind yet"))
+        let rows = rig.table.list()
+        #expect(rows.map(\.status.failed) == [1, 0] && rows.allSatisfy(\.status.active))
+        #expect(rows.allSatisfy { $0.rule.owner == controlOwnerTag })
+        _ = rig.observer.take()
+
+        // A rule conflicting with one of the upload's own: refused, nothing changes or is reported.
+        let before = rig.snapshot()
+        #expect(throws: PestoError.self) {
+            try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false), (EditorRig.tcp(p + 1), false)])])
+        }
+        #expect(rig.snapshot() == before && rig.observer.take().isEmpty)
+    }
+
+    @Test("the dump gives back upstream's flags as uploaded: weak, scan, dual stack, byte for byte")
+    func dumpFlagsRoundTrip() throws {
+        let rig = EditorRig(capabilities: [.ipv4, .ipv6, .tcp, .udp, .scan])
+        let p = TestSockets.freePorts(3).lowerBound
+        let upload: [PestoV2Wire.WireRule] = [
+            .init(rule: EditorRig.tcp(p), bestEffort: true),
+            .init(rule: Rule(proto: .tcp, firstPort: p + 1, scan: true), bestEffort: false),
+            .init(rule: Rule(proto: .udp, firstPort: p + 2), bestEffort: true),
+        ]
+        _ = try rig.editor.applyUpstream([(.host, upload.map { ($0.rule, $0.bestEffort) })])
+        let dump = rig.editor.upstreamDump().map { t in (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0.rule, bestEffort: $0.bestEffort) }) }
+        let rules = upload.map { PestoV2Wire.encode($0) }
+        #expect(Array(PestoV2Wire.tableDump(dump).dropFirst(1 + PestoV2Wire.tableInfoSize).dropLast()) == Array(rules.joined()))
+
+        // Uploaded again without the weak flag, the rule is kept (same sockets) and dumped without it.
+        let ids = rig.table.ids
+        _ = try rig.editor.applyUpstream([(.host, upload.map { ($0.rule, false) })])
+        #expect(rig.table.ids == ids)
+        #expect(rig.editor.upstreamDump().first?.rules.map(\.bestEffort) == [false, false, false])
+    }
+
+    @Test("whenUnlocked runs once the lock is released, at once when it is free")
+    func whenUnlocked() throws {
+        let rig = EditorRig()
+        var ran = 0
+        rig.editor.whenUnlocked { ran += 1 }
+        #expect(ran == 1)
+        try rig.editor.lock("a")
+        rig.editor.whenUnlocked { ran += 1 }
+        #expect(ran == 1)
+        try rig.editor.unlock("a")
+        #expect(ran == 2)
+        try rig.editor.lock("a")
+        rig.editor.whenUnlocked { ran += 1 }
+        rig.editor.holderLeft("a")
+        #expect(ran == 3)
     }
 }
