@@ -36,6 +36,7 @@ final class ChangeGate {
     /// The changes waiting for authorisation; nil lets everyone change the tables.
     var authorization: AuthorizationQueue?
 
+    /// A gate in front of `editor`, asking `authorization` (nobody when nil).
     init(editor: TablesEditor, authorization: AuthorizationQueue? = nil) {
         self.editor = editor
         self.authorization = authorization

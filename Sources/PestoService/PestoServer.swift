@@ -388,6 +388,7 @@ public final class PestoServer: TablesObserver {
         commits.add(operations, completion: completion)
     }
 
+    /// The table of `kind` (NoSuchRule when pestod has none).
     func table(_ kind: TableKind) throws(PestoError) -> ForwardingTable { try editor.table(kind) }
 
     // MARK: The control socket (UpstreamUpdate.swift)
@@ -411,6 +412,7 @@ public final class PestoServer: TablesObserver {
 
     // MARK: The editor's reports (TablesObserver): the signals of final changes
 
+    /// InterfacesAdded for a new rule, as it was inserted (inactive).
     func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule) {
         emit(.signal(
             path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
@@ -418,6 +420,7 @@ public final class PestoServer: TablesObserver {
         announceCounters(kind)
     }
 
+    /// InterfacesRemoved for a deleted rule.
     func ruleRemoved(_ kind: TableKind, _ id: UInt32) {
         emit(.signal(
             path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
@@ -425,11 +428,14 @@ public final class PestoServer: TablesObserver {
         announceCounters(kind)
     }
 
+    /// PropertiesChanged of the Manager's LockOwner.
     func lockOwnerChanged(_ owner: String?) {
         emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, [("LockOwner", .string(owner ?? ""))])
     }
 
-    /// A rule's state changed (activate, deactivate, retry, scan, a rollback's net effect).
+    /// A rule's state changed (activate, deactivate, retry, scan, a rollback's net effect):
+    /// RuleStateChanged, BindFailuresChanged when the failures changed, the rule's
+    /// PropertiesChanged; the table's counters are marked stale.
     func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ s: RuleStatus, failuresChanged: Bool, retried: Bool) {
         let tablePath = PestoBusNames.tablePath(kind)
         emit(.signal(
