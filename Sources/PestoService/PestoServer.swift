@@ -323,15 +323,17 @@ public final class PestoServer: TablesObserver {
         guard let method = spec.method(member) else {
             throw DBusErrorReply(DBusErrorReply.unknownMethod, "Interface \(spec.name) has no method \(ClientText.quote(member)).")
         }
+        // 1. the signature
         guard message.signature == method.inputSignature else {
             throw .invalidArgs(
                 "\(spec.name).\(member) takes arguments of type \"\(method.inputSignature)\", not \(ClientText.quote(message.signature)).")
         }
         if case .table(let kind) = object, spec.name == PestoInterfaces.table.name, member == "Apply", let t = engine.table(kind) {
-            // Refuse over-long arrays before reading a single element of them.
+            // 2. Apply's array lengths: over-long arrays are refused before a single element is read.
             let counts = message.argumentArrayCounts.map { $0 ?? 0 } + [0, 0]
             try ApplyRequest.checkLengths(inserts: counts[0], removes: counts[1], table: kind, limits: t.limits)
         }
+        // 3. decoding: reads are answered from here; changes are decoded for the gate (4–7).
         guard let args = message.arguments else { throw .invalidArgs("Arguments of an unsupported type.") }
         let sender = message.sender ?? ""
 
