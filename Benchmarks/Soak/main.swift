@@ -233,8 +233,8 @@ func main() throws {
     while control.finished.load(ordering: .acquiring) < threads && Date() < deadline { usleep(10_000) }
     try restartAndCheck(clientsRunning: false)
     let seconds = Date().timeIntervalSince(start)
-    // The protocol has no reply: pestod's log says which uploads it refused.
-    let uploadsRefused = ((try? String(contentsOfFile: world.logPath, encoding: .utf8)) ?? "").components(separatedBy: "control socket: update refused").count - 1
+    // The protocol has no reply: pestod's log says which uploads it refused (a conflict, or the lock held past --control-timeout).
+    let uploadsRefused = ((try? String(contentsOfFile: world.logPath, encoding: .utf8)) ?? "").components(separatedBy: "update refused").count - 1
 
     let refusals = stats.refusals.withLock { $0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     func n(_ a: borrowing Atomic<Int>) -> Int { a.load(ordering: .relaxed) }
@@ -244,7 +244,7 @@ func main() throws {
           changes acknowledged: \(n(stats.acknowledged)) (transactions committed \(n(stats.transactionsCommitted)), rolled back \(n(stats.transactionsRolledBack)))
           changes refused: \(n(stats.refused)) (\(refusals.isEmpty ? "none" : refusals))
           calls without a reply (pestod killed): \(n(stats.unanswered))
-          uploads on the control socket: \(n(stats.uploads)) sessions completed (\(uploadsRefused) refused by pestod while a client held the lock), \(n(stats.uploadsFailed)) failed
+          uploads on the control socket: \(n(stats.uploads)) sessions completed (\(uploadsRefused) refused by pestod), \(n(stats.uploadsFailed)) failed
           TCP connections relayed: \(n(stats.connections)), failed: \(n(stats.connectionsFailed)) (+ \(n(stats.connectionsFailedInRestart)) across a pestod restart)
           UDP datagrams relayed: \(n(stats.datagrams)), failed: \(n(stats.datagramsFailed)) (+ \(n(stats.datagramsFailedInRestart)) across a pestod restart)
           pestod restarts: \(n(control.restarts)) (SIGKILL, same --state), exits by itself: \(crashes)

@@ -30,10 +30,4 @@ public enum PestoBusNames {
 
     /// The object path of a rule.
     public static func rulePath(_ kind: TableKind, _ id: UInt32) -> String { tablePath(kind) + "/rules/" + String(id) }
-
-    /// The service's own error codes, beyond the engine's.
-    public static let locked = PestoError.Code("Locked")
-    public static let notLocked = PestoError.Code("NotLocked")
-    /// A committed change could not be written to the state file; it was undone.
-    public static let saveFailed = PestoError.Code("SaveFailed")
 }

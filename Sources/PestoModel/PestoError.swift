@@ -40,6 +40,12 @@ public struct PestoError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let bindFailed = Code("BindFailed")
         /// The environment refused something (see `underlyingError`).
         public static let system = Code("Failed")
+        /// Another client holds the tables' lock (the service's single-client exclusivity).
+        public static let locked = Code("Locked")
+        /// Unlock or Commit by a client that does not hold the lock.
+        public static let notLocked = Code("NotLocked")
+        /// A committed change could not be written to the state file; it was undone.
+        public static let saveFailed = Code("SaveFailed")
     }
 
     /// What kind of failure this is.

@@ -16,7 +16,7 @@
 //     `SaveFailed` error.
 // Undoing is valid because the batch's changes are always the newest ones on the tables:
 // the server flushes before the lock holder journals anything on top of a non-empty batch
-// (see `PestoServer.settleBeforeJournaling`), and nothing else changes rules.
+// (see `TablesEditor.beforeJournaling`), and nothing else changes rules.
 // This type knows nothing of D-Bus; it is tested in process.
 
 import Logging
@@ -75,7 +75,7 @@ final class CommitBatch {
                 journal.undo(logger: logger, perform: perform)
             }
             failure = PestoError(
-                PestoBusNames.saveFailed, "The change could not be saved (\(reason)), so it was undone; nothing changed.",
+                PestoError.Code.saveFailed, "The change could not be saved (\(reason)), so it was undone; nothing changed.",
                 underlyingError: error.underlyingError)
         }
         if failure == nil { logger.debug("saved \(batch.count) committed changes in one write") }

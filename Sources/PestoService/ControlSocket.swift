@@ -6,18 +6,30 @@
 // Theory of operation
 // -------------------
 // One client at a time, as upstream: while a client is served the listening socket is out
-// of epoll, and the next client waits in the backlog. A session:
-//   1. accept; queue the hello and the dump of every table's active rules (PestoV2Wire);
-//      write it as the socket takes it (EPOLLOUT), so a large dump never blocks the loop;
+// of epoll, and the next clients wait in the backlog, to be served in the order they
+// connected. A session:
+//   1. accept; queue the hello and the dump of every table's active rules (PestoV2Wire),
+//      with upstream's flags (weak, scan) as pasta would send them; write it as the socket
+//      takes it (EPOLLOUT), so a large dump never blocks the loop;
 //   2. read the upload into the incremental parser as it arrives;
-//   3. on the terminator, apply the upload as a difference (UpstreamUpdate.swift) and close
-//      once it is saved (with --state; an upload that cannot be saved is undone and logged).
+//   3. on the terminator, stop reading the client and apply the upload as a difference
+//      (UpstreamUpdate.swift); close once it is saved (with --state; an upload that cannot
+//      be saved is undone and logged).
+// While a D-Bus client holds the lock, a complete upload waits, parked: the client stays
+// connected and unread, the loop goes on, and the clients behind it stay in the backlog.
+// The editor calls back when the lock is released, and the upload is applied on the next
+// loop turn (parked again should the lock have been taken meanwhile). Only when the lock is
+// still held `timeoutMilliseconds` after the upload was complete is it refused, with a
+// warning. A read-only session (hello, dump, the client closes without sending anything:
+// `pesto` showing the tables) is normal and logged at debug level only.
 // A malformed upload (bad pif, short read, more rules than the table's MaxRules (refused at
-// the count, before any rule is read), unterminated ifname, ...), a
-// rejected update (invalid rule, conflict, bind failure, the D-Bus lock held), and a client
-// that has not finished within `timeoutMilliseconds` (upstream's open FIXME: a stalled
-// client must not block everyone) each end the session with one log line and no change.
-// Upstream's protocol has no reply, so the log and the D-Bus signals are where errors show.
+// the count, before any rule is read), unterminated ifname, ...), a rejected update (what
+// upstream refuses too: an invalid rule, a conflict), and a client that has not finished
+// within `timeoutMilliseconds` (upstream's open FIXME: a stalled client must not block
+// everyone) each end the session with one warning and no change. Bind failures do not
+// refuse an upload: its rules are active with their failures counted and retried (the
+// summary line says how many sockets are still to bind). Upstream's protocol has no
+// reply, so the log and the D-Bus signals are where outcomes show.
 //
 // Out of descriptors (accept4 fails with EMFILE, ENFILE, ENOBUFS or ENOMEM) the listening
 // socket leaves epoll for `pauseMilliseconds` and is watched again after that, so a client
@@ -59,6 +71,14 @@ public final class ControlSocket: EventHandler {
     private var listening = false
     /// A pause was logged since the last client was taken (one line per episode).
     private var pauseLogged = false
+    /// Bytes of upload read from the current client (none: a read-only session).
+    private var received = 0
+    /// The client is in epoll (its upload is still being read or the dump written).
+    private var clientWatched = false
+    /// The current client's complete upload, waiting for the D-Bus lock to be released.
+    private var parked: [(TableKind, [PestoV2Wire.WireRule])]?
+    /// Counts sessions, so that a callback for an ended session finds nothing to do.
+    private var session: UInt64 = 0
 
     /// Listens on `path` (a stale socket file there is replaced; the socket is mode 0600).
     public init(path: String, server: PestoServer, loop: EventLoop, logger: Logger, timeoutMilliseconds: Int = 5_000) throws(PestoError) {
@@ -119,10 +139,13 @@ public final class ControlSocket: EventHandler {
             return  // EAGAIN, or ECONNABORTED: that client is gone
         }
         client = c
+        session &+= 1
+        received = 0
+        parked = nil
         pauseLogged = false
         unwatchListener()  // one client at a time; the others wait in the backlog
         let dump = server.upstreamDump().map { t in
-            (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0, bestEffort: false) })
+            (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0.rule, bestEffort: $0.bestEffort) })
         }
         output = PestoV2Wire.hello() + PestoV2Wire.tableDump(dump)
         written = 0
@@ -133,6 +156,7 @@ public final class ControlSocket: EventHandler {
         }
         do {
             try loop.add(fd: c, events: EventLoop.Events.readable | EventLoop.Events.writable, kind: Self.clientKind)
+            clientWatched = true
         } catch {
             end("cannot watch the client: \(error)")
         }
@@ -157,7 +181,14 @@ public final class ControlSocket: EventHandler {
             if errno == EAGAIN || errno == EINTR { return }
             return end("read failed: \(Errno.current); nothing changed")
         }
-        if n == 0 { return end("client closed the connection before the end of its upload (short read); nothing changed") }
+        if n == 0 {
+            guard received > 0 else {
+                logger.debug("control socket: read-only session (the client read the tables and closed)")
+                return end(nil)
+            }
+            return end("client closed the connection before the end of its upload (short read); nothing changed")
+        }
+        received += n
         do {
             let upload = try readBuffer.withUnsafeBytes { try parser.feed(UnsafeRawBufferPointer(rebasing: $0[..<n])) }
             guard let upload else { return }
@@ -170,9 +201,36 @@ public final class ControlSocket: EventHandler {
     }
 
     /// Applies a complete upload; the session ends once it is saved (or undone, unsaved).
+    /// While the D-Bus lock is held, the upload is parked until it is released (or the
+    /// session times out).
     private func apply(_ upload: [(TableKind, [PestoV2Wire.WireRule])]) {
-        loop.remove(fd: client)  // the upload is complete: nothing more is read while it is saved
-        if let deadline { loop.cancelTimer(deadline) }  // nor can it time out any more
+        if clientWatched {
+            loop.remove(fd: client)  // the upload is complete: nothing more is read
+            clientWatched = false
+        }
+        if let owner = server.lockOwner {
+            if parked == nil {
+                parked = upload
+                if let deadline { loop.cancelTimer(deadline) }
+                deadline = loop.after(milliseconds: timeoutMilliseconds) { [unowned self] in
+                    self.deadline = nil
+                    self.end("the tables stayed locked by \(self.server.lockOwner ?? owner) for \(self.timeoutMilliseconds) ms; update refused, nothing changed")
+                }
+                logger.info("control socket: upload waits for the lock held by \(owner) (at most \(timeoutMilliseconds) ms)")
+            }
+            let waiting = session
+            server.editor.whenUnlocked { [weak self] in
+                // On the next loop turn, so the Unlock (or departure) completes first.
+                guard let self else { return }
+                self.loop.after(milliseconds: 0) { [weak self] in
+                    guard let self, self.session == waiting, let upload = self.parked else { return }
+                    self.apply(upload)
+                }
+            }
+            return
+        }
+        parked = nil
+        if let deadline { loop.cancelTimer(deadline) }  // it cannot time out any more
         deadline = nil
         do {
             try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) }) { [weak self] summary, failure in
@@ -184,7 +242,7 @@ public final class ControlSocket: EventHandler {
     }
 
     /// Logs the end of an applied upload and ends the session.
-    private func applied(_ summary: PestoServer.UpstreamSummary, _ failure: PestoError?) {
+    private func applied(_ summary: TablesEditor.UpstreamSummary, _ failure: PestoError?) {
         if let failure {
             end("update (\(summary)) undone: \(failure.message)")
         } else {
@@ -202,6 +260,9 @@ public final class ControlSocket: EventHandler {
             close(client)  // leaves epoll too
             client = -1
         }
+        clientWatched = false
+        parked = nil
+        session &+= 1
         output = []
         watchListener()
     }

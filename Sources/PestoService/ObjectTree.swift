@@ -106,20 +106,33 @@ enum ObjectTree {
             ]
         case (.rule(let kind, let id), PestoInterfaces.rule.name):
             guard let t = engine.table(kind), let rule = try? t.read(id), let s = try? t.status(id) else { return nil }
-            let fields = RuleCodec.fields(rule)
-            var props: [(String, DBusValue)] = []
-            props.reserveCapacity(fields.count + 6)
-            props.append(("Id", .uint32(id)))
-            props.append(("Table", .objectPath(PestoBusNames.tablePath(kind))))
-            for f in fields { props.append((f.property, f.value)) }
-            props.append(("Active", .bool(s.active)))
-            props.append(("BoundSockets", .uint32(s.bound)))
-            props.append(("BindFailures", .uint32(s.failed)))
-            props.append(("LastError", .string(s.lastErrorName)))
-            return props
+            return ruleProperties(kind, id, rule, s)
         default:
             return []  // standard interfaces have no properties
         }
+    }
+
+    /// The Rule interface's properties of rule `id` of table `kind`, given its rule and state.
+    private static func ruleProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ s: RuleStatus) -> [(String, DBusValue)] {
+        let fields = RuleCodec.fields(rule)
+        var props: [(String, DBusValue)] = []
+        props.reserveCapacity(fields.count + 6)
+        props.append(("Id", .uint32(id)))
+        props.append(("Table", .objectPath(PestoBusNames.tablePath(kind))))
+        for f in fields { props.append((f.property, f.value)) }
+        props.append(("Active", .bool(s.active)))
+        props.append(("BoundSockets", .uint32(s.bound)))
+        props.append(("BindFailures", .uint32(s.failed)))
+        props.append(("LastError", .string(s.lastErrorName)))
+        return props
+    }
+
+    /// `a{sa{sv}}` of a rule object as it was when reported (InterfacesAdded of a rule whose
+    /// report was held back until its update was final shows it as inserted: inactive).
+    static func ruleInterfacesAndProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ status: RuleStatus) -> DBusValue {
+        .dictionary(key: "s", value: "a{sv}", Object.rule(kind, id).interfaces.map { i in
+            DBusValue.DictEntry(.string(i.name), .vardict(i.name == PestoInterfaces.rule.name ? ruleProperties(kind, id, rule, status) : []))
+        })
     }
 
     /// `a{sa{sv}}`: every interface of `object` with its properties (InterfacesAdded, GetManagedObjects).

@@ -12,38 +12,41 @@
 //                 authorisation are dropped, and if it holds the lock, its transaction is
 //                 rolled back and the lock released; Disconnected → the loop stops (systemd
 //                 restarts pestod).
-//   method calls  resolved to an object (ObjectTree.swift), an interface and a member; the
-//                 argument signature is checked against the contract before anything else
-//                 (InvalidArgs), then Apply's array lengths (InvalidArgs, before any element
-//                 is read), then the arguments are decoded and rules validated (InvalidArgs,
-//                 InvalidRule); only then, for mutating calls, is the caller authorised
-//                 (AuthorizationQueue.swift: one query per call, a sender's calls in its own
-//                 order, at most 64 or 16 MiB waiting per sender, else LimitsExceeded;
-//                 a waiting call keeps its ReplyAddress and decoded arguments, not the
-//                 message, see ReplyAddress.swift), then the lock
-//                 checked (Locked), then the change, then signals, then the reply — the order
-//                 systemd's hostnamed uses. Everything before authorisation is linear in the
-//                 size of the message.
+//   method calls  resolved to an object (ObjectTree.swift), an interface and a member, then
+//                 checked in the order of doc/dbus-api.md ("Check order"), the order
+//                 systemd's hostnamed uses:
+//                   1. the argument signature against the contract (InvalidArgs);
+//                   2. Apply's array lengths (InvalidArgs, before any element is read);
+//                   3. decoding (InvalidArgs, InvalidRule): reads are answered here; a
+//                      change becomes a `TableChange` and goes to the ChangeGate for
+//                   4. validation, 5. the lock, 6. authorisation (AuthorizationQueue.swift:
+//                      one query per call, a sender's calls in its own order, at most 64 or
+//                      16 MiB waiting per sender, else LimitsExceeded; a waiting call keeps
+//                      its ReplyAddress and decoded change, not the message), 7. the change
+//                      (TablesEditor.swift), 8. the signals (the editor's reports, below);
+//                   9. with a state file, the save at the end of the loop turn, 10. the reply.
+//                 Everything before authorisation is linear in the size of the message.
 //
-// Every change to a rule goes through `perform(_:)`, which calls the engine, records the
-// operation in the journal of the transaction it belongs to, and emits the ObjectManager
-// signals. State changes reported by the engine (activation, deactivation, retries) arrive
-// through the tables' `onStateChange` and become RuleStateChanged, BindFailuresChanged and
-// PropertiesChanged. Table counters (RuleCount, ActiveCount, SocketCount) are not announced
+// Every change to a rule is made by the TablesEditor, which keeps the lock and its journal
+// and reports each change to this server (its `TablesObserver`) once it is final: a rule
+// added or removed becomes InterfacesAdded/InterfacesRemoved, a rule's state change (an
+// activation, deactivation, retry, scan) RuleStateChanged, BindFailuresChanged and
+// PropertiesChanged. A rolled-back Apply or upload reports nothing, so no signal shows a
+// rule that never existed. Table counters (RuleCount, ActiveCount, SocketCount) are not announced
 // per change: a change marks its table's counters stale, and they are compared with what was
 // last announced and only real changes emitted, once, before the next reply goes out (so a
 // caller sees them before its reply) or at the end of the loop turn (`endOfTurn`), whichever
 // comes first. A 65,535-rule Apply thus emits one counters' PropertiesChanged, not 131,070.
 //
-// The lock (Manager.Lock) makes the holder's calls one transaction: they are journaled, and
-// Unlock, Rollback, or the holder leaving the bus undo them newest first. Without a lock,
-// each call is its own committed transaction. The lock is only ever held by a name on the
+// The lock (Manager.Lock, kept by the editor) makes the holder's calls one transaction: they
+// are journaled, and Unlock, Rollback, or the holder leaving the bus undo them newest first.
+// Without a lock, each call is its own committed transaction. The lock is only ever held by a name on the
 // bus: a Lock runs either at once (no authorisation), before the caller's NameOwnerChanged
 // can arrive, or from the authorisation queue, which drops the Lock when its caller leaves
 // before the answer; either way the caller's departure is still to be seen, and releases it.
 //
 // With a state file (`persist(saving:)`), a committed change is answered only once it is
-// saved: `finish` (or Commit) hands the call's journal to `answer`, which parks the reply in
+// saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the reply in
 // the turn's CommitBatch; the batch saves once before the loop sleeps, then sends every
 // reply, or undoes every change of the turn and answers each with SaveFailed.
 
@@ -53,25 +56,25 @@ import PestoEngine
 import PestoModel
 
 /// pestod's D-Bus service.
-public final class PestoServer {
+public final class PestoServer: TablesObserver {
     let engine: ForwardingEngine
     let connection: DBusConnection
     let logger: Logger
+    /// Makes every change to the tables and keeps the lock; reports to this server.
+    let editor: TablesEditor
+    /// Steps 4–7 of the check order for every change.
+    let gate: ChangeGate
 
     /// The unique name holding the lock, if any.
-    private(set) var lockOwner: String?
-    /// Operations made under the lock since Lock or the last Commit.
-    var journal = Journal()
+    var lockOwner: String? { editor.lockOwner }
     /// The committed changes of this loop turn waiting for the save; nil without a state file.
     private var commits: CommitBatch?
-    /// What the call being handled committed, for `answer` to hold its reply until saved.
-    private var callCommit: Journal?
     /// Checks callers of mutating methods; nil lets everyone change the tables.
     public var authorizer: (any Authorizer)? {
-        didSet { authorization = authorizer.map { AuthorizationQueue(authorizer: $0, action: PestoActions.modify) } }
+        didSet { gate.authorization = authorizer.map { AuthorizationQueue(authorizer: $0, action: PestoActions.modify) } }
     }
     /// The changes waiting for the authorizer's answers, per sender (nil without an authorizer).
-    private(set) var authorization: AuthorizationQueue?
+    var authorization: AuthorizationQueue? { gate.authorization }
     /// Which refusals get a log line (one per sender every few seconds).
     private var refusalLog = RefusalLogLimiter()
     /// Set when the bus connection is lost.
@@ -101,11 +104,11 @@ public final class PestoServer {
         self.engine = engine
         self.connection = connection
         self.logger = logger
-        for table in engine.tables {
-            announcedCounters[table.kind] = TableCounters(table)
-            let kind = table.kind
-            table.onStateChange = { [unowned self] change in self.stateChanged(kind, change) }
-        }
+        editor = TablesEditor(tables: engine.tables, logger: logger)
+        gate = ChangeGate(editor: editor)
+        for table in engine.tables { announcedCounters[table.kind] = TableCounters(table) }
+        editor.observer = self
+        editor.beforeJournaling = { [unowned self] in self.saveCommitted() }
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
         engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
     }
@@ -145,13 +148,15 @@ public final class PestoServer {
     enum CallOutcome {
         /// Answer right away.
         case reply([DBusValue])
-        /// A change: authorise the caller, then run it (it checks the lock itself) and answer.
-        case change(() throws(DBusErrorReply) -> [DBusValue])
+        /// A decoded change, for the ChangeGate (steps 4–7).
+        case change(TableChange)
+        /// Manager.Commit: answer once what it committed is saved.
+        case committed(Journal)
     }
 
     /// Handles one incoming message; false lets libdbus answer (unknown method).
     /// A change waiting for authorisation or for the save keeps the call's `ReplyAddress`
-    /// and decoded arguments, never the message itself.
+    /// and decoded change, never the message itself.
     func handle(_ message: DBusMessage) -> Bool {
         if message.isSignal {
             handleSignal(message)
@@ -160,50 +165,81 @@ public final class PestoServer {
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
         let address = ReplyAddress(message)
         do {
+            // Steps 1–3.
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
                 answer(address, values)
-            case .change(let run):
-                guard let authorization else {
-                    answer(address, try run())
-                    return true
-                }
+            case .change(let change):
+                // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
                 let sender = message.sender ?? "", bytes = message.argumentBytes
-                // The closure keeps `address` and `run` (the decoded arguments), not `message`.
-                let limit = authorization.submit(sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) {
-                    [unowned self] refusal in self.authorized(address, run, refusal: refusal)
+                gate.submit(change, sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) {
+                    [unowned self] outcome in self.changed(address, sender: sender, bytes: bytes, outcome)
                 }
-                if let limit {
-                    let refusal: DBusErrorReply
-                    switch limit {
-                    case .changes:
-                        refusal = DBusErrorReply(
-                            DBusErrorReply.limitsExceeded,
-                            "You have \(authorization.maxPendingPerSender) changes waiting for authorization already; wait for their replies.")
-                    case .bytes:
-                        refusal = DBusErrorReply(
-                            DBusErrorReply.limitsExceeded,
-                            "Your changes waiting for authorization hold \(authorization.pendingBytes(of: sender)) bytes of arguments; "
-                                + "this one (\(bytes) bytes) would exceed the \(authorization.maxPendingBytesPerSender) allowed; wait for their replies.")
-                    }
-                    logRefusal(address, refusal)
-                    throw refusal
-                }
+            case .committed(let journal):
+                answer(address, [], committed: journal)
             }
         } catch {
             // A change refused for an invalid rule, before authorisation, is logged as any
             // refused change is (rate-limited per sender, client strings quoted short).
-            if let e = error as? DBusErrorReply, e.name == PestoBusNames.errorName(.invalidRule) { logRefusal(address, e) }
+            if error.name == PestoBusNames.errorName(.invalidRule) { logRefusal(address, error) }
             if address.wantsReply { sendReply(.errorReply(to: address, error)) }
         }
         return true
     }
 
+    /// Answers a change the gate made or refused (steps 9 and 10).
+    private func changed(_ address: ReplyAddress, sender: String, bytes: Int, _ outcome: Result<(result: ChangeResult, committed: Journal), ChangeRefusal>) {
+        switch outcome {
+        case .success(let done):
+            answer(address, Self.replyValues(done.result), committed: done.committed)
+        case .failure(let refusal):
+            let reply: DBusErrorReply
+            switch refusal {
+            case .refused(let e):
+                reply = DBusErrorReply(e)
+                if e.code == .invalidRule { logRefusal(address, reply) }
+            case .unauthorized(let r):
+                reply = r
+                logRefusal(address, reply)
+            case .tooManyWaiting(let limit):
+                reply = limitRefusal(limit, sender: sender, bytes: bytes)
+                logRefusal(address, reply)
+            }
+            if address.wantsReply { sendReply(.errorReply(to: address, reply)) }
+        }
+    }
+
+    /// A change's reply arguments: nothing; an activation's (bound, failed); Apply's a(uuu).
+    static func replyValues(_ result: ChangeResult) -> [DBusValue] {
+        switch result {
+        case .done: return []
+        case .counts(let c): return [.uint32(c.bound), .uint32(c.failed)]
+        case .applied(let rules):
+            return [.array(element: "(uuu)", rules.map { .structure([.uint32($0.id), .uint32($0.counts.bound), .uint32($0.counts.failed)]) })]
+        }
+    }
+
+    /// LimitsExceeded for a change refused by the per-sender limit of waiting changes.
+    private func limitRefusal(_ limit: AuthorizationQueue.Limit, sender: String, bytes: Int) -> DBusErrorReply {
+        let waiting = authorization
+        switch limit {
+        case .changes:
+            return DBusErrorReply(
+                DBusErrorReply.limitsExceeded,
+                "You have \(waiting?.maxPendingPerSender ?? 0) changes waiting for authorization already; wait for their replies.")
+        case .bytes:
+            return DBusErrorReply(
+                DBusErrorReply.limitsExceeded,
+                "Your changes waiting for authorization hold \(waiting?.pendingBytes(of: sender) ?? 0) bytes of arguments; "
+                    + "this one (\(bytes) bytes) would exceed the \(waiting?.maxPendingBytesPerSender ?? 0) allowed; wait for their replies.")
+        }
+    }
+
     /// Sends a method reply unless the caller asked for none. If the call committed a change
     /// and a state file is kept, the reply waits for the save at the end of the loop turn;
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
-    private func answer(_ address: ReplyAddress, _ values: [DBusValue]) {
-        guard let committed = callCommit.take(), let commits else {
+    private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal()) {
+        guard !committed.isEmpty, let commits else {
             if address.wantsReply { sendReply(.methodReturn(to: address, values)) }
             return
         }
@@ -220,34 +256,15 @@ public final class PestoServer {
     /// Keeps the committed tables with `save` (called once per loop turn in which something
     /// was committed); from now on a committed change is answered only once saved.
     public func persist(saving save: @escaping () throws(PestoError) -> Void) {
-        commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.perform(op) }
+        commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.editor.perform(op) }
     }
 
-    /// Saves (or undoes) every change committed so far. A commit no answer took (its call
-    /// failed afterwards, which no call does) is still saved or undone, only unannounced.
+    /// Saves (or undoes) every change committed so far. The editor also calls this before
+    /// the lock holder's uncommitted changes go on top of committed ones (so that undoing an
+    /// unsaved batch only ever undoes the newest changes): only a Lock, or the holder's first
+    /// change after a Commit in the same turn, costs this extra save.
     private func saveCommitted() {
-        if let unanswered = callCommit.take() { commits?.add(unanswered) { _ in } }
         commits?.flush()
-    }
-
-    /// Saves the changes committed so far in this turn now, before the lock holder's
-    /// uncommitted changes go on top of them (so that undoing an unsaved batch only ever
-    /// undoes the newest changes). Only a Lock, or the holder's first change after a Commit
-    /// in the same turn, costs this extra save.
-    func settleBeforeJournaling() {
-        saveCommitted()
-    }
-
-    /// Runs an authorised change and answers it, or answers its refusal.
-    private func authorized(_ address: ReplyAddress, _ run: () throws(DBusErrorReply) -> [DBusValue], refusal: DBusErrorReply?) {
-        if let refusal {
-            logRefusal(address, refusal)
-            if address.wantsReply { sendReply(.errorReply(to: address, refusal)) }
-            return
-        }
-        do { answer(address, try run()) } catch {
-            if address.wantsReply { sendReply(.errorReply(to: address, error)) }
-        }
     }
 
     /// Sends a method reply (or error), after the table counters its call changed: a caller
@@ -283,11 +300,7 @@ public final class PestoServer {
         }
         let unlogged = refusalLog.forget(name)
         if unlogged > 0 { logger.notice("\(name) left the bus; \(unlogged) more of its refusals were not logged") }
-        if let owner = lockOwner, name == owner {
-            logger.notice("lock holder \(owner) left the bus; rolling back its \(journal.operations.count) uncommitted changes")
-            rollback()
-            setLockOwner(nil)
-        }
+        editor.holderLeft(name)
     }
 
     /// Resolves the object and interface of a call, checks its arguments, and runs it (reads)
@@ -312,15 +325,17 @@ public final class PestoServer {
         guard let method = spec.method(member) else {
             throw DBusErrorReply(DBusErrorReply.unknownMethod, "Interface \(spec.name) has no method \(ClientText.quote(member)).")
         }
+        // 1. the signature
         guard message.signature == method.inputSignature else {
             throw .invalidArgs(
                 "\(spec.name).\(member) takes arguments of type \"\(method.inputSignature)\", not \(ClientText.quote(message.signature)).")
         }
         if case .table(let kind) = object, spec.name == PestoInterfaces.table.name, member == "Apply", let t = engine.table(kind) {
-            // Refuse over-long arrays before reading a single element of them.
+            // 2. Apply's array lengths: over-long arrays are refused before a single element is read.
             let counts = message.argumentArrayCounts.map { $0 ?? 0 } + [0, 0]
             try ApplyRequest.checkLengths(inserts: counts[0], removes: counts[1], table: kind, limits: t.limits)
         }
+        // 3. decoding: reads are answered from here; changes are decoded for the gate (4–7).
         guard let args = message.arguments else { throw .invalidArgs("Arguments of an unsupported type.") }
         let sender = message.sender ?? ""
 
@@ -331,14 +346,11 @@ public final class PestoServer {
             return .reply(try propertiesCall(object, member: member, args: args))
         case (PestoInterfaces.objectManager.name, _):
             return .reply([managedObjects()])
-        case (PestoInterfaces.manager.name, _) where method.privileged:  // Lock
-            return .change { () throws(DBusErrorReply) in
-                try self.managerCall(member, sender: sender)
-                return []
-            }
+        case (PestoInterfaces.manager.name, _) where method.privileged:
+            precondition(member == "Lock", "\(member) is marked privileged but is not Lock")
+            return .change(.lock)
         case (PestoInterfaces.manager.name, _):
-            try managerCall(member, sender: sender)
-            return .reply([])
+            return try managerCall(member, sender: sender)
         case (PestoInterfaces.table.name, .table(let kind)):
             let outcome = try tableCall(kind, member: member, args: args, sender: sender)
             if case .change = outcome {
@@ -354,24 +366,23 @@ public final class PestoServer {
 
     // MARK: Lock and transactions
 
-    /// Throws `Locked` unless `sender` may change the tables now.
-    func checkMayModify(_ sender: String) throws(DBusErrorReply) {
-        if let owner = lockOwner, owner != sender {
-            throw DBusErrorReply(
-                PestoBusNames.errorName(PestoBusNames.locked),
-                "The tables are locked by \(owner); wait until it unlocks or leaves the bus.")
+    /// Unlock, Commit and Rollback (not authorised: only the holder may call them).
+    private func managerCall(_ member: String, sender: String) throws(DBusErrorReply) -> CallOutcome {
+        do {
+            switch member {
+            case "Unlock": try editor.unlock(sender)
+            case "Commit": return .committed(try editor.commit(sender))
+            case "Rollback": try editor.rollback(sender)
+            default: throw DBusErrorReply(DBusErrorReply.unknownMethod, "No method \(member).")
+            }
+        } catch let e as DBusErrorReply {
+            throw e
+        } catch let e as PestoError {
+            throw DBusErrorReply(e)
+        } catch {
+            throw DBusErrorReply(DBusErrorReply.failed, "\(error)")
         }
-    }
-
-    /// Ends a call's transaction: journaled under the lock, committed otherwise (then its
-    /// reply waits for the save, see `answer`). The last step of a change: nothing may throw
-    /// after it.
-    func finish(_ performed: Journal, sender: String) {
-        if lockOwner == sender {
-            journal.append(contentsOf: performed)
-        } else if !performed.isEmpty {
-            committed(performed)
-        }
+        return .reply([])
     }
 
     /// Commits a change that is not a D-Bus call's (a control socket upload): `completion`
@@ -381,96 +392,73 @@ public final class PestoServer {
         commits.add(operations, completion: completion)
     }
 
-    /// Hands a call's committed operations to `answer` (appended, should a call ever commit
-    /// twice; `endOfTurn` saves any that no answer took).
-    private func committed(_ operations: Journal) {
-        guard commits != nil else { return }
-        var all = callCommit ?? Journal()
-        all.append(contentsOf: operations)
-        callCommit = all
+    /// The table of `kind` (NoSuchRule when pestod has none).
+    func table(_ kind: TableKind) throws(PestoError) -> ForwardingTable { try editor.table(kind) }
+
+    // MARK: The control socket (UpstreamUpdate.swift)
+
+    /// The active rules of every table, as upstream's dump lists them.
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] { editor.upstreamDump() }
+
+    /// The most rules an upload may give one table.
+    var upstreamRuleLimit: Int { editor.upstreamRuleLimit }
+
+    /// Applies an upload as a difference; `saved` is called with what changed once it is
+    /// saved (nil; at once without a state file or when nothing changed) or was undone
+    /// because it could not be (the SaveFailed error). A refused upload throws and changes nothing.
+    func applyUpstream(
+        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
+        saved: @escaping (TablesEditor.UpstreamSummary, PestoError?) -> Void
+    ) throws(PestoError) {
+        let (summary, committed) = try editor.applyUpstream(upload)
+        commitUnanswered(committed) { failure in saved(summary, failure) }
     }
 
-    private func managerCall(_ member: String, sender: String) throws(DBusErrorReply) {
-        func requireHolder() throws(DBusErrorReply) {
-            guard lockOwner == sender else {
-                let who = lockOwner.map { " (\($0) holds it)" } ?? ""
-                throw DBusErrorReply(PestoBusNames.errorName(PestoBusNames.notLocked), "You do not hold the lock\(who).")
-            }
-        }
-        switch member {
-        case "Lock":
-            // `sender` is on the bus: this runs while its message is handled, or from the
-            // authorisation queue, which drops the changes of callers that left.
-            if lockOwner == sender { return }  // already held by the caller: nothing changes
-            try checkMayModify(sender)
-            settleBeforeJournaling()
-            journal = Journal()
-            setLockOwner(sender)
-            logger.info("lock taken by \(sender)")
-        case "Unlock":
-            try requireHolder()
-            let uncommitted = journal.operations.count
-            rollback()
-            setLockOwner(nil)
-            logger.info("lock released by \(sender)\(uncommitted > 0 ? "; rolled back its \(uncommitted) uncommitted changes" : "")")
-        case "Commit":
-            try requireHolder()
-            let count = journal.operations.count
-            let operations = journal
-            journal = Journal()
-            if count > 0 { committed(operations) }
-            logger.info("\(sender) committed \(count) changes")
-        case "Rollback":
-            try requireHolder()
-            rollback()
-        default:
-            throw DBusErrorReply(DBusErrorReply.unknownMethod, "No method \(member).")
-        }
+    // MARK: The editor's reports (TablesObserver): the signals of final changes
+
+    /// InterfacesAdded for a new rule, as it was inserted (inactive).
+    func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule) {
+        emit(.signal(
+            path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
+            arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.ruleInterfacesAndProperties(kind, id, rule, .inactive)]))
+        announceCounters(kind)
     }
 
-    /// Undoes the lock holder's uncommitted changes.
-    private func rollback() {
-        var j = journal
-        journal = Journal()
-        j.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }
+    /// InterfacesRemoved for a deleted rule.
+    func ruleRemoved(_ kind: TableKind, _ id: UInt32) {
+        emit(.signal(
+            path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
+            arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
+        announceCounters(kind)
     }
 
-    private func setLockOwner(_ owner: String?) {
-        lockOwner = owner
+    /// PropertiesChanged of the Manager's LockOwner.
+    func lockOwnerChanged(_ owner: String?) {
         emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, [("LockOwner", .string(owner ?? ""))])
     }
 
-    // MARK: Performing changes
-
-    /// Carries out one operation on the engine and announces the objects it adds or removes.
-    @discardableResult
-    func perform(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
-        switch op {
-        case .insert(let kind, let id, let rule):
-            try table(kind).insert(id: id, rule: rule)
+    /// A rule's state changed (activate, deactivate, retry, scan, a rollback's net effect):
+    /// RuleStateChanged, BindFailuresChanged when the failures changed, the rule's
+    /// PropertiesChanged; the table's counters are marked stale.
+    func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ s: RuleStatus, failuresChanged: Bool, retried: Bool) {
+        let tablePath = PestoBusNames.tablePath(kind)
+        emit(.signal(
+            path: tablePath, interface: PestoInterfaces.table.name, member: "RuleStateChanged",
+            arguments: [.uint32(id), .bool(s.active), .uint32(s.bound), .uint32(s.failed)]))
+        if failuresChanged {
             emit(.signal(
-                path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
-                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.interfacesAndProperties(.rule(kind, id), engine: engine)]))
-            announceCounters(kind)
-            return nil
-        case .delete(let kind, let id, _):
-            try table(kind).delete(id: id)
-            emit(.signal(
-                path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
-                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
-            announceCounters(kind)
-            return nil
-        case .activate(let kind, let id):
-            return try table(kind).activate(id: id)
-        case .deactivate(let kind, let id):
-            try table(kind).deactivate(id: id)
-            return nil
+                path: tablePath, interface: PestoInterfaces.table.name, member: "BindFailuresChanged",
+                arguments: [.uint32(id), .uint32(s.failed), .string(s.lastErrorName)]))
         }
-    }
-
-    func table(_ kind: TableKind) throws(PestoError) -> ForwardingTable {
-        guard let t = engine.table(kind) else { throw PestoError(.noSuchRule, "There is no \(kind.name) table.") }
-        return t
+        emitPropertiesChanged(
+            PestoBusNames.rulePath(kind, id), PestoInterfaces.rule,
+            [("Active", .bool(s.active)), ("BoundSockets", .uint32(s.bound)), ("BindFailures", .uint32(s.failed)), ("LastError", .string(s.lastErrorName))])
+        announceCounters(kind)
+        if retried {
+            // One info line per loop turn (`logRetries`), not one per rule of a large retry pass.
+            logger.debug("\(kind.name) rule \(id): retry now \(s.bound) bound, \(s.failed) failed")
+            retriesToLog.add(kind, id, s)
+        }
     }
 
     // MARK: Signals
@@ -511,29 +499,6 @@ public final class PestoServer {
         if now.activeCount != before?.activeCount { changed.append(("ActiveCount", .uint32(now.activeCount))) }
         if now.socketCount != before?.socketCount { changed.append(("SocketCount", .uint32(now.socketCount))) }
         emitPropertiesChanged(PestoBusNames.tablePath(kind), PestoInterfaces.table, changed)
-    }
-
-    /// A rule's state changed in the engine (activate, deactivate, retry).
-    private func stateChanged(_ kind: TableKind, _ change: RuleStateChange) {
-        let s = change.status
-        let tablePath = PestoBusNames.tablePath(kind)
-        emit(.signal(
-            path: tablePath, interface: PestoInterfaces.table.name, member: "RuleStateChanged",
-            arguments: [.uint32(change.id), .bool(s.active), .uint32(s.bound), .uint32(s.failed)]))
-        if change.failuresChanged {
-            emit(.signal(
-                path: tablePath, interface: PestoInterfaces.table.name, member: "BindFailuresChanged",
-                arguments: [.uint32(change.id), .uint32(s.failed), .string(s.lastErrorName)]))
-        }
-        emitPropertiesChanged(
-            PestoBusNames.rulePath(kind, change.id), PestoInterfaces.rule,
-            [("Active", .bool(s.active)), ("BoundSockets", .uint32(s.bound)), ("BindFailures", .uint32(s.failed)), ("LastError", .string(s.lastErrorName))])
-        announceCounters(kind)
-        if change.cause == .retried {
-            // One info line per loop turn (`logRetries`), not one per rule of a large retry pass.
-            logger.debug("\(kind.name) rule \(change.id): retry now \(s.bound) bound, \(s.failed) failed")
-            retriesToLog.add(kind, change.id, s)
-        }
     }
 
     /// Logs the rules whose counts a retry changed during this loop turn: the rule itself if

@@ -7,54 +7,70 @@
 //     aside, which upstream does not carry) keeps that rule: its ID, its active state, its
 //     very sockets;
 //   - active rules with no equal in the upload are deactivated and deleted;
-//   - uploaded rules with no equal are inserted under fresh IDs and activated; a weak
-//     (best-effort) rule tolerates any bind failure, every other rule must bind completely.
+//   - uploaded rules with no equal are inserted under fresh IDs, tagged with the owner
+//     `pesto-control` (so D-Bus clients and pestoctl can tell them apart), and activated
+//     with the proposals' ACTIVATE semantics: the activation completes whatever binds, the
+//     failed ports are counted and retried every period like any other rule's (visible
+//     in Status and signalled with BindFailuresChanged), so a port freed later starts
+//     forwarding with no further call. Upstream's weak flag no longer decides whether an
+//     upload succeeds; it is kept per rule (`weakRules`) and dumped again, so that
+//     `pesto` shows "(best effort)" exactly where pasta would.
 // Inactive rules are not part of upstream's model: they are neither dumped nor touched.
 // Matching is by hash of the rule without its owner tag, and fresh IDs are counted up from
 // the highest one in use, so an upload of n rules costs O(n log n), not O(n²).
 // Tables absent from the upload are left alone. Everything happens in one `applyUpdate`
-// across the tables, so a conflict, an invalid rule or a bind failure changes nothing; the
-// update is refused while a D-Bus client holds the lock. With a state file, the update is
-// saved with the other changes of the loop turn; if it cannot be, it is undone again and
-// `saved` says so.
+// across the tables, so what upstream itself would refuse — an invalid rule, a conflict —
+// changes nothing (and is reported to nobody). The editor refuses an upload while a D-Bus
+// client holds the lock; the control socket waits for the lock instead of calling it
+// (ControlSocket.swift). The caller (the server) saves what the update committed with the
+// other changes of the loop turn; if it cannot be saved, it is undone again.
 
 import PestoDBus
 import PestoEngine
 import PestoModel
 
-extension PestoServer {
+extension TablesEditor {
     /// What an upload changed.
-    public struct UpstreamSummary: Sendable, CustomStringConvertible {
-        public var kept = 0
-        public var added = 0
-        public var removed = 0
-        public var description: String { "\(kept) kept, \(added) added, \(removed) removed" }
+    struct UpstreamSummary: Sendable, CustomStringConvertible {
+        var kept = 0
+        var added = 0
+        var removed = 0
+        /// Sockets of the added rules that did not bind (counted and retried).
+        var unbound = 0
+        var description: String {
+            "\(kept) kept, \(added) added, \(removed) removed"
+                + (unbound > 0 ? "; \(unbound) sockets did not bind yet and are retried every period (see BindFailures)" : "")
+        }
     }
 
-    /// The active rules of every table, as upstream's dump lists them.
-    public func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [Rule])] {
-        engine.tables.map { t in (t.kind, t.capabilities, t.list().filter(\.status.active).map(\.rule)) }
+    /// The active rules of every table, as upstream's dump lists them, with upstream's weak
+    /// flag where the rule was uploaded with it.
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
+        tables.map { t in
+            let kind = t.kind
+            return (kind, t.capabilities, t.list().filter(\.status.active).map { ($0.rule, weakRules.contains(RuleRef(kind: kind, id: $0.id))) })
+        }
     }
 
     /// The most rules an upload may give one table: the tables' MaxRules, within the wire
     /// protocol's own limit.
     var upstreamRuleLimit: Int {
-        min(PestoV2Wire.maxRulesPerTable, engine.tables.map(\.limits.maxRules).min() ?? 0)
+        min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
     }
 
     /// Applies an upload of whole tables (rules with their weak flag) as a difference.
-    /// `saved` is called with what changed once the change is saved (nil; at once without a
-    /// state file or when nothing changed) or was undone because it could not be (the
-    /// SaveFailed error). A refused upload throws and changes nothing.
-    public func applyUpstream(
-        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
-        saved: @escaping (UpstreamSummary, PestoError?) -> Void
-    ) throws(PestoError) {
+    /// Returns what changed and the committed journal (to be saved); a refused upload
+    /// throws and changes nothing.
+    func applyUpstream(
+        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
+    ) throws(PestoError) -> (summary: UpstreamSummary, committed: Journal) {
         if let owner = lockOwner {
-            throw PestoError(PestoBusNames.locked, "The tables are locked by \(owner); the upload was refused.")
+            throw PestoError(PestoError.Code.locked, "The tables are locked by \(owner); the upload was refused.")
         }
         var summary = UpstreamSummary()
         var updates: [TableUpdate] = []
+        // The weak flag of every rule the upload keeps or inserts, set once it succeeded.
+        var weak: [(RuleRef, Bool)] = []
         for (kind, rules) in upload {
             let t = try table(kind)
             for (rule, _) in rules { try rule.validate(capabilities: t.capabilities) }
@@ -71,13 +87,19 @@ extension PestoServer {
             for (rule, bestEffort) in rules {
                 let key = rule.forwardingKey
                 if let ids = byForwarding[key], matchedCount[key, default: 0] < ids.count {
-                    kept.insert(ids[matchedCount[key, default: 0]])
+                    let id = ids[matchedCount[key, default: 0]]
+                    kept.insert(id)
+                    weak.append((RuleRef(kind: kind, id: id), bestEffort))
                     matchedCount[key, default: 0] += 1
                     summary.kept += 1
                     continue
                 }
                 while t.contains(nextID) || allocated.contains(nextID) { nextID &+= 1 }
-                update.inserts.append((nextID, rule, bestEffort ? .any : .none))
+                var tagged = rule
+                tagged.owner = controlOwnerTag
+                // The proposals' ACTIVATE: complete whatever binds; failures are retried.
+                update.inserts.append((nextID, tagged, .any))
+                weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
                 allocated.insert(nextID)
                 nextID &+= 1
             }
@@ -86,8 +108,11 @@ extension PestoServer {
             summary.removed += update.removes.count
             updates.append(update)
         }
-        let (_, journal) = try applyUpdate(updates)
-        let result = summary
-        commitUnanswered(journal) { failure in saved(result, failure) }
+        let (results, journal) = try applyUpdate(updates)
+        summary.unbound = results.reduce(0) { $0 + Int($1.counts.failed) }
+        for (ref, isWeak) in weak {
+            if isWeak { weakRules.insert(ref) } else { weakRules.remove(ref) }
+        }
+        return (summary, journal)
     }
 }

@@ -56,7 +56,9 @@ struct Pestod: ParsableCommand {
         valueName: "path"))
     var control: String?
 
-    @Option(name: .long, help: ArgumentHelp("Give a control socket client this long to finish its upload.", valueName: "ms"))
+    @Option(name: .long, help: ArgumentHelp(
+        "Give a control socket client this long to finish its upload, and a complete upload this long to wait while a D-Bus client holds the lock; then it is refused with a warning.",
+        valueName: "ms"))
     var controlTimeout = 5000
 
     @Option(name: .long, help: ArgumentHelp(

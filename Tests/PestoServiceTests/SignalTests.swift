@@ -104,7 +104,7 @@ struct SignalTests {
             [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
         #expect(reply.first?.arrayValue?.count == 3)
         var before: [DBusMessage] = []
-        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) { if m.isSignal { before.append(m) } }
+        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) { if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append(m) } }
 
         let counters = before.filter { $0.member == "PropertiesChanged" && $0.path == PestodFixture.hostPath }
         #expect(counters.count == 1, "one counters' PropertiesChanged for the whole Apply, not one per insert and activation")
@@ -117,5 +117,29 @@ struct SignalTests {
             #expect(before.filter(SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(id), .bool(true), .uint32(1), .uint32(0)])).count == 1)
             #expect(before.filter { $0.member == "PropertiesChanged" && $0.path == path }.count == 1)
         }
+    }
+
+    @Test("a rolled-back Apply emits no signal: watchers never see the rules it inserted and activated on the way")
+    func rolledBackApplyIsSilent() throws {
+        let f = try PestodFixture()
+        // The caller's own connection: every signal pestod sent before the reply is queued
+        // when the blocking call returns.
+        let signals = try SignalCollector(address: f.address)
+        let ports = TestSockets.freePorts(2)
+        let holder = try #require(TestSockets.bound(port: ports.upperBound))
+        defer { close(holder) }
+        let inserts = [DBusValue.structure([.uint32(31), PestodFixture.rule(ports.lowerBound)]), .structure([.uint32(32), PestodFixture.rule(ports.upperBound)])]
+        do {
+            _ = try signals.connection.call(
+                PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Apply",
+                [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
+            Issue.record("expected BindFailed")
+        } catch {
+            #expect(error.name == PestoBusNames.errorName(.bindFailed), "\(error)")
+        }
+        var before: [String] = []
+        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) { if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append("\(m.member ?? "") \(m.path ?? "")") } }
+        #expect(before.isEmpty, "no InterfacesAdded, RuleStateChanged or counters for a change that never happened: \(before)")
+        #expect(try f.table("List").first?.arrayValue?.isEmpty == true)
     }
 }

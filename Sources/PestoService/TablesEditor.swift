@@ -1,0 +1,474 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// TablesEditor: every change to the forwarding tables, with the lock, the journal and the
+// atomic updates (Apply, control socket uploads), reported to an observer once final.
+//
+// Theory of operation
+// -------------------
+// The editor owns the engine's tables as far as changes go; it knows nothing of D-Bus (no
+// messages, no error names beyond `PestoError` codes) and is tested in process against a
+// scripted listener factory (Tests/PestoServiceTests/TablesEditorTests.swift).
+//
+//   Lock         one name may hold it; its changes are journaled (Journal.swift) and undone,
+//                newest first, by Unlock, Rollback or the holder leaving (`holderLeft`).
+//                Without the lock, every change is committed at once and handed back to the
+//                caller (the server saves it before answering, CommitBatch.swift).
+//   Single ops   insert, delete, activate, deactivate: one engine call each, journaled.
+//   Updates      `applyUpdate` (the proposals' whole client workflow, atomically, over one
+//                or more tables: Apply and uploads) and `applyUpstream` (an upload of whole
+//                tables as a difference against the active rules).
+//
+// Reporting. Every change is reported to `observer` (rule added, rule removed, rule state
+// changed, lock owner changed) — the server turns the reports into InterfacesAdded,
+// InterfacesRemoved, RuleStateChanged, BindFailuresChanged and PropertiesChanged. An update
+// is reported only once it is final: while it runs, the reports (and the engine's state
+// changes, which arrive through the tables' `onStateChange`) are held back; when it succeeds
+// they are delivered in the order they happened, and when it is rolled back they are
+// dropped, so watchers never see rules that never existed. A rolled-back update can still
+// change a rule that existed before: a removed rule it deactivated is activated again with
+// new sockets, and a port taken meanwhile is a bind failure. For those rules alone, the
+// state after the rollback is compared with the state before, and a difference is reported.
+//
+// The check order of a change (doc/dbus-api.md, "Check order"): the editor does step 4
+// (`validate`), step 5 (`checkLock`, before anyone is asked to authorise) and step 7
+// (`run`: the lock again, since it may have been taken while authorisation was pending,
+// then the change). ChangeGate.swift strings them together with step 6, authorisation.
+
+import Logging
+import PestoEngine
+import PestoModel
+
+/// What the editor reports, once final. Called on the loop thread.
+protocol TablesObserver: AnyObject {
+    /// A rule was inserted (inactive); `rule` is what was stored.
+    func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule)
+    /// A rule was deleted.
+    func ruleRemoved(_ kind: TableKind, _ id: UInt32)
+    /// A rule's activity or socket counts changed: activation, deactivation, a retry, a scan,
+    /// or the net effect of a rolled-back update on a rule that existed before it.
+    func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ status: RuleStatus, failuresChanged: Bool, retried: Bool)
+    /// The lock was taken or released.
+    func lockOwnerChanged(_ owner: String?)
+}
+
+/// How many bind failures a newly activated rule may have.
+struct BindTolerance: Equatable {
+    /// Failures allowed outright.
+    var maxFailures: UInt32
+    /// Any number of failures, as long as one socket bound.
+    var bestEffort: Bool
+
+    /// Every failure is fine: the activation completes whatever binds (the proposals'
+    /// ACTIVATE; upstream's uploads).
+    static let any = BindTolerance(maxFailures: .max, bestEffort: true)
+    /// Every socket must bind.
+    static let none = BindTolerance(maxFailures: 0, bestEffort: false)
+
+    init(maxFailures: UInt32, bestEffort: Bool) {
+        self.maxFailures = maxFailures
+        self.bestEffort = bestEffort
+    }
+
+    func accepts(_ c: ForwardingTable.BindCounts) -> Bool {
+        c.failed <= maxFailures || (bestEffort && c.bound >= 1)
+    }
+}
+
+/// One table's part of an update.
+struct TableUpdate {
+    var kind: TableKind
+    var inserts: [(id: UInt32, rule: Rule, tolerance: BindTolerance)]
+    var removes: [UInt32]
+}
+
+/// A decoded Apply: the rules to insert and activate, the IDs to remove, the tolerance of
+/// every new rule. Decoding guarantees distinct inserted IDs, distinct removed IDs, and no
+/// ID in both lists.
+struct ApplyRequest {
+    var inserts: [(UInt32, Rule)] = []
+    var removes: [UInt32] = []
+    /// The options `max-failures` and `best-effort`, as the tolerance of every new rule.
+    var tolerance = BindTolerance.none
+}
+
+/// A change to the tables as a client asks for it, decoded but not yet checked.
+enum TableChange {
+    case insert(TableKind, UInt32, Rule)
+    case delete(TableKind, UInt32)
+    case activate(TableKind, UInt32)
+    case deactivate(TableKind, UInt32)
+    case apply(TableKind, ApplyRequest)
+    /// Manager.Lock: the only Manager method that is authorised.
+    case lock
+}
+
+/// What a change did, for its reply.
+enum ChangeResult: Equatable {
+    /// Nothing to report (insert, delete, deactivate, lock).
+    case done
+    /// An activation's counts.
+    case counts(ForwardingTable.BindCounts)
+    /// An Apply's counts per inserted rule, in request order.
+    case applied([(id: UInt32, counts: ForwardingTable.BindCounts)])
+
+    static func == (a: ChangeResult, b: ChangeResult) -> Bool {
+        switch (a, b) {
+        case (.done, .done): return true
+        case (.counts(let x), .counts(let y)): return x == y
+        case (.applied(let x), .applied(let y)): return x.map(\.id) == y.map(\.id) && x.map(\.counts) == y.map(\.counts)
+        default: return false
+        }
+    }
+}
+
+/// A rule of a table, as a key.
+struct RuleRef: Hashable {
+    var kind: TableKind
+    var id: UInt32
+}
+
+/// The owner tag of the rules made through the control socket (upstream pesto).
+let controlOwnerTag = "pesto-control"
+
+/// Changes the tables, keeps the lock and its journal, reports final outcomes.
+final class TablesEditor {
+    /// The tables, HOST first.
+    let tables: [ForwardingTable]
+    /// Told about every final change.
+    weak var observer: (any TablesObserver)?
+    private let logger: Logger
+
+    /// The name holding the lock, if any.
+    private(set) var lockOwner: String?
+    /// Operations made under the lock since Lock or the last Commit.
+    private(set) var journal = Journal()
+    /// Called before the lock holder's changes are journaled on top of committed ones, so
+    /// that those can be saved first (the server flushes its CommitBatch).
+    var beforeJournaling: () -> Void = {}
+
+    /// One report, held back while an update runs.
+    private enum Report {
+        case added(TableKind, UInt32, Rule)
+        case removed(TableKind, UInt32)
+        case state(TableKind, UInt32, RuleStatus, failuresChanged: Bool, retried: Bool)
+    }
+    /// The reports of the update in progress; nil when none runs.
+    private var held: [Report]?
+    /// The state, before the update in progress touched them, of the rules it deactivated.
+    private var statusBefore: [RuleRef: RuleStatus] = [:]
+    /// The control socket's rules uploaded with upstream's weak flag (dumped with it). Kept
+    /// in memory only: a rule restored from the state file, or put back by a rollback, is
+    /// dumped without it.
+    var weakRules = Set<RuleRef>()
+    /// Called once the lock is released next (ControlSocket: an upload waiting for it).
+    private var unlockWaiters: [() -> Void] = []
+
+    /// An editor for `tables`; it takes their `onStateChange`.
+    init(tables: [ForwardingTable], logger: Logger = Logger(label: "pestod")) {
+        self.tables = tables
+        self.logger = logger
+        for t in tables {
+            let kind = t.kind
+            t.onStateChange = { [unowned self] change in
+                self.report(.state(kind, change.id, change.status, failuresChanged: change.failuresChanged, retried: change.cause == .retried))
+            }
+        }
+    }
+
+    /// The table of `kind`.
+    func table(_ kind: TableKind) throws(PestoError) -> ForwardingTable {
+        guard let t = tables.first(where: { $0.kind == kind }) else { throw PestoError(.noSuchRule, "There is no \(kind.name) table.") }
+        return t
+    }
+
+    // MARK: Reports
+
+    private func report(_ r: Report) {
+        if held != nil { held!.append(r) } else { deliver(r) }
+    }
+
+    private func deliver(_ r: Report) {
+        guard let observer else { return }
+        switch r {
+        case .added(let kind, let id, let rule): observer.ruleAdded(kind, id, rule)
+        case .removed(let kind, let id): observer.ruleRemoved(kind, id)
+        case .state(let kind, let id, let s, let failuresChanged, let retried):
+            observer.ruleStateChanged(kind, id, s, failuresChanged: failuresChanged, retried: retried)
+        }
+    }
+
+    // MARK: Performing
+
+    /// Carries out one operation on the engine and reports it.
+    @discardableResult
+    func perform(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
+        switch op {
+        case .insert(let kind, let id, let rule):
+            try table(kind).insert(id: id, rule: rule)
+            report(.added(kind, id, rule))
+            return nil
+        case .delete(let kind, let id, _):
+            try table(kind).delete(id: id)
+            weakRules.remove(RuleRef(kind: kind, id: id))
+            report(.removed(kind, id))
+            return nil
+        case .activate(let kind, let id):
+            return try table(kind).activate(id: id)
+        case .deactivate(let kind, let id):
+            let t = try table(kind)
+            if held != nil, statusBefore[RuleRef(kind: kind, id: id)] == nil, let s = try? t.status(id) {
+                statusBefore[RuleRef(kind: kind, id: id)] = s
+            }
+            try t.deactivate(id: id)
+            return nil
+        }
+    }
+
+    // MARK: The check order (steps 4, 5 and 7 of doc/dbus-api.md)
+
+    /// Step 4: the rules of `change` against their table's capabilities (InvalidRule), the
+    /// first invalid rule in array order being the one reported. Pure.
+    func validate(_ change: TableChange) throws(PestoError) {
+        switch change {
+        case .insert(let kind, _, let rule):
+            try rule.validate(capabilities: try table(kind).capabilities)
+        case .apply(let kind, let request):
+            let caps = try table(kind).capabilities
+            for (_, rule) in request.inserts { try rule.validate(capabilities: caps) }
+        case .delete, .activate, .deactivate, .lock:
+            break
+        }
+    }
+
+    /// Step 5 (and again in step 7): throws `Locked` when another name than `sender` holds
+    /// the lock. Checked before authorisation so nobody is asked for a password for a change
+    /// the lock refuses.
+    func checkLock(_ sender: String) throws(PestoError) {
+        if let owner = lockOwner, owner != sender {
+            throw PestoError(
+                PestoError.Code.locked, "The tables are locked by \(owner); wait until it unlocks or leaves the bus.")
+        }
+    }
+
+    /// Step 7: runs an authorised change for `sender` (the lock is checked again: it may have
+    /// been taken while authorisation was pending). Returns what the change did and what it
+    /// committed (empty under the lock, where it is journaled instead).
+    func run(_ change: TableChange, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+        if case .lock = change {
+            try lock(sender)
+            return (.done, Journal())
+        }
+        try checkLock(sender)
+        if lockOwner == sender { beforeJournaling() }
+        switch change {
+        case .apply(let kind, let request):
+            let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
+            let results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
+            let performed: Journal
+            do {
+                (results, performed) = try applyUpdate([update])
+            } catch {
+                logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
+                throw error
+            }
+            logger.info("Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed")
+            return (.applied(results.map { ($0.id, $0.counts) }), finish(performed, sender: sender))
+        case .insert(let kind, let id, let rule):
+            return try single(.insert(kind, id, rule), sender: sender)
+        case .delete(let kind, let id):
+            // The journal needs the stored rule to undo the delete.
+            let stored = (try? table(kind).read(id)) ?? Rule(proto: .tcp, firstPort: 1)
+            return try single(.delete(kind, id, stored), sender: sender)
+        case .activate(let kind, let id):
+            return try single(.activate(kind, id), sender: sender)
+        case .deactivate(let kind, let id):
+            return try single(.deactivate(kind, id), sender: sender)
+        case .lock:
+            preconditionFailure("handled above")
+        }
+    }
+
+    /// One single-rule operation for `sender`.
+    private func single(_ op: TableOperation, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+        let counts: ForwardingTable.BindCounts?
+        do { counts = try perform(op) } catch {
+            logger.info("\(op) by \(sender) refused: \(error.message)")
+            throw error
+        }
+        var performed = Journal()
+        performed.record(op)
+        logger.info("\(op) by \(sender)\(counts.map { ": \($0.bound) bound, \($0.failed) failed" } ?? "")")
+        return (counts.map { .counts($0) } ?? .done, finish(performed, sender: sender))
+    }
+
+    /// Ends a change's transaction: journaled under the lock (nothing committed), committed
+    /// otherwise.
+    private func finish(_ performed: Journal, sender: String) -> Journal {
+        if lockOwner == sender {
+            journal.append(contentsOf: performed)
+            return Journal()
+        }
+        return performed
+    }
+
+    // MARK: The lock
+
+    /// Takes the lock for `sender` (a no-op when it holds it already).
+    func lock(_ sender: String) throws(PestoError) {
+        if lockOwner == sender { return }
+        try checkLock(sender)
+        beforeJournaling()
+        journal = Journal()
+        setLockOwner(sender)
+        logger.info("lock taken by \(sender)")
+    }
+
+    /// Throws `NotLocked` unless `sender` holds the lock.
+    private func requireHolder(_ sender: String) throws(PestoError) {
+        guard lockOwner == sender else {
+            let who = lockOwner.map { " (\($0) holds it)" } ?? ""
+            throw PestoError(PestoError.Code.notLocked, "You do not hold the lock\(who).")
+        }
+    }
+
+    /// Releases the lock of `sender`, rolling back its uncommitted changes.
+    func unlock(_ sender: String) throws(PestoError) {
+        try requireHolder(sender)
+        let uncommitted = journal.operations.count
+        undoJournal()
+        setLockOwner(nil)
+        logger.info("lock released by \(sender)\(uncommitted > 0 ? "; rolled back its \(uncommitted) uncommitted changes" : "")")
+    }
+
+    /// Commits the holder's changes; returns them (to be saved).
+    func commit(_ sender: String) throws(PestoError) -> Journal {
+        try requireHolder(sender)
+        let operations = journal
+        journal = Journal()
+        logger.info("\(sender) committed \(operations.operations.count) changes")
+        return operations
+    }
+
+    /// Undoes the holder's uncommitted changes; the lock stays held.
+    func rollback(_ sender: String) throws(PestoError) {
+        try requireHolder(sender)
+        undoJournal()
+    }
+
+    /// `name` left: if it held the lock, its uncommitted changes are rolled back and the
+    /// lock released. Returns how many changes were undone, or nil if it held no lock.
+    @discardableResult
+    func holderLeft(_ name: String) -> Int? {
+        guard let owner = lockOwner, owner == name else { return nil }
+        let count = journal.operations.count
+        logger.notice("lock holder \(owner) left the bus; rolling back its \(count) uncommitted changes")
+        undoJournal()
+        setLockOwner(nil)
+        return count
+    }
+
+    private func undoJournal() {
+        var j = journal
+        journal = Journal()
+        j.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }
+    }
+
+    private func setLockOwner(_ owner: String?) {
+        lockOwner = owner
+        observer?.lockOwnerChanged(owner)
+        if owner == nil && !unlockWaiters.isEmpty {
+            let waiters = unlockWaiters
+            unlockWaiters = []
+            for w in waiters { w() }
+        }
+    }
+
+    /// Calls `body` once, when the lock is released next (at once if it is free).
+    func whenUnlocked(_ body: @escaping () -> Void) {
+        if lockOwner == nil { return body() }
+        unlockWaiters.append(body)
+    }
+
+    // MARK: Atomic updates
+
+    /// Applies `updates` atomically, over one or more tables, with one journal:
+    ///   1. insert every new rule (inactive);
+    ///   2. deactivate the removed rules that overlap a new rule, so they cannot conflict;
+    ///   3. activate every new rule and check its bind failures against its tolerance;
+    ///   4. deactivate the other removed rules and delete all removed rules.
+    /// Any error undoes every step already taken, newest first, and is thrown; nothing of
+    /// it is reported (see the theory of operation). Step 2 is narrower than the proposals'
+    /// "deactivate all removed rules" on purpose: a removed rule that does not overlap a new
+    /// one keeps its sockets until the update is known to succeed, so a rolled-back update
+    /// never closes and reopens it. Every step costs O(ports involved) (plus a hash lookup
+    /// per rule): step 2 asks an index of the new rules (ConflictIndex.swift).
+    /// - Returns: the bind counts of every inserted rule, and the journal of what was done.
+    func applyUpdate(_ updates: [TableUpdate]) throws(PestoError) -> (results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], journal: Journal) {
+        precondition(held == nil, "updates do not nest")
+        held = []
+        statusBefore = [:]
+        defer {
+            held = nil
+            statusBefore = [:]
+        }
+        var performed = Journal()
+        var results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)] = []
+        do throws(PestoError) {
+            func run(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
+                let r = try perform(op)
+                performed.record(op)
+                return r
+            }
+            for u in updates {
+                for insert in u.inserts { _ = try run(.insert(u.kind, insert.id, insert.rule)) }
+            }
+            for u in updates where !u.removes.isEmpty {
+                let t = try table(u.kind)
+                var inserted = ConflictIndex()  // probes per port instead of comparing every pair
+                for insert in u.inserts { inserted.add(insert.rule) }
+                for id in u.removes {
+                    let removed = try t.read(id)
+                    if try t.status(id).active, inserted.conflicts(with: removed) {
+                        _ = try run(.deactivate(u.kind, id))
+                    }
+                }
+            }
+            for u in updates {
+                let t = try table(u.kind)
+                for insert in u.inserts {
+                    let c = try run(.activate(u.kind, insert.id))!
+                    if !insert.tolerance.accepts(c) {
+                        let last = (try? t.status(insert.id).lastErrorName) ?? ""
+                        throw PestoError(
+                            .bindFailed,
+                            "Rule \(insert.id) of the \(u.kind.name) table bound \(c.bound) of \(c.bound + c.failed) sockets "
+                                + "(last error \(last)); more failures than allowed, so nothing was changed.")
+                    }
+                    results.append((u.kind, insert.id, c))
+                }
+            }
+            for u in updates {
+                let t = try table(u.kind)
+                for id in u.removes {
+                    if try t.status(id).active { _ = try run(.deactivate(u.kind, id)) }
+                    _ = try run(.delete(u.kind, id, try t.read(id)))
+                }
+            }
+        } catch {
+            performed.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }
+            let before = statusBefore
+            held = nil
+            // Rules that existed before and were deactivated are active again, on new sockets:
+            // report those whose counts differ from before the update.
+            for (ref, old) in before.sorted(by: { ($0.key.kind.rawValue, $0.key.id) < ($1.key.kind.rawValue, $1.key.id) }) {
+                guard let now = try? table(ref.kind).status(ref.id), now != old else { continue }
+                deliver(.state(ref.kind, ref.id, now, failuresChanged: now.failed != old.failed, retried: false))
+            }
+            throw error
+        }
+        let reports = held ?? []
+        held = nil
+        for r in reports { deliver(r) }
+        return (results, performed)
+    }
+}
