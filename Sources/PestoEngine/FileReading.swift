@@ -11,24 +11,34 @@ import Glibc
 /// - Returns: the bytes, or nil when the file cannot be opened or read, or is longer than
 ///   `limit` bytes (never a silently truncated prefix).
 public func readFile(_ path: String, limit: Int) -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
+    try? readWholeFile(path, limit: limit).get()
+}
+
+/// `readFile`, with the reason of a failure: the errno of open(2) or read(2), or EFBIG when
+/// the file is longer than `limit` bytes.
+public func readWholeFile(_ path: String, limit: Int) -> Result<[UInt8], Errno> {
+    let fd: Int32
+    switch Sys.open(path, O_RDONLY) {
+    case .success(let opened): fd = opened
+    case .failure(let e): return .failure(e)
+    }
+    defer { Sys.close(fd) }
+    let tooLong = Errno(rawValue: EFBIG)
     var buffer = [UInt8](repeating: 0, count: min(limit + 1, 4096))
     var used = 0
     while true {
         if used == buffer.count {
-            guard buffer.count <= limit else { return nil }  // limit + 1 bytes read: too long
+            guard buffer.count <= limit else { return .failure(tooLong) }  // limit + 1 bytes read
             buffer.append(contentsOf: repeatElement(0, count: min(buffer.count, limit + 1 - buffer.count)))
         }
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            return nil
+        let n: Int
+        switch buffer.withUnsafeMutableBytes({ Sys.read(fd, $0.baseAddress! + used, $0.count - used) }) {
+        case .success(let count): n = count
+        case .failure(let e): return .failure(e)
         }
         if n == 0 { break }
         used += n
     }
-    guard used <= limit else { return nil }
-    return Array(buffer[..<used])
+    guard used <= limit else { return .failure(tooLong) }
+    return .success(Array(buffer[..<used]))
 }

@@ -209,8 +209,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         // Inodes only matter to scans, and scans exist only with a namespace.
         var inode: UInt64 = 0
         if namespace != nil {
-            var st = stat()
-            if fstat(fd, &st) == 0 { inode = UInt64(st.st_ino) }
+            // fstat of a descriptor we hold cannot fail but for a bug (EBADF traps in the funnel).
+            if case .success(let st) = Sys.fstat(fd) { inode = UInt64(st.st_ino) }
             ownInodes.insert(inode)
         }
         listeners[Int(fd)] = ListenerEntry(
@@ -338,9 +338,8 @@ public enum HostCapabilities {
     }
 
     private static func canMakeSocket(_ domain: Int32) -> Bool {
-        let fd = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { return false }
-        close(fd)
+        guard case .success(let fd) = Sys.socket(domain: domain, type: Int32(SOCK_STREAM.rawValue)) else { return false }
+        Sys.close(fd)
         return true
     }
 
