@@ -100,6 +100,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     }
     private var ownPorts: [OwnPort: Int] = [:]
     private var pausedListeners: [Int32] = []
+    /// The listeners paused now (tests).
+    var pausedListenerDescriptors: [Int32] { pausedListeners }
     private var resumeTimer: EventLoop.TimerID?
 
     /// Makes an engine with empty tables; call `start()` to arm its timers.

@@ -344,17 +344,14 @@ package enum Sys {
     }
 
     /// `epoll_ctl(2)` ADD or MOD with `events` and the 64-bit `data`. ENOSPC (at
-    /// `fs.epoll.max_user_watches`) and ENOMEM are the environment's; EBADF, EEXIST on ADD and
-    /// ENOENT on MOD are the caller's bookkeeping gone wrong and trap.
+    /// `fs.epoll.max_user_watches`) and ENOMEM are the environment's; ENOENT on MOD tells a
+    /// caller that keeps no record of it that the descriptor is not watched (the engine's
+    /// resume of a paused listener); EBADF traps.
     package static func epollWatch(_ epfd: Int32, _ op: Int32, fd: Int32, events: UInt32, data: UInt64) -> Result<Void, Errno> {
         var ev = epoll_event()
         ev.events = events
         ev.data.u64 = data
-        let r = call(.epollCtl, fd: fd, detail: data) { epoll_ctl(epfd, op, fd, &ev) }
-        if case .failure(let e) = r {
-            precondition(e.rawValue != EEXIST && e.rawValue != ENOENT, "programmer error: epoll_ctl(\(op)) on descriptor \(fd) gave \(e)")
-        }
-        return r.map { _ in () }
+        return call(.epollCtl, fd: fd, detail: data) { epoll_ctl(epfd, op, fd, &ev) }.map { _ in () }
     }
 
     /// `epoll_ctl(EPOLL_CTL_DEL)`. EBADF and ENOENT are not bugs here: the descriptor may
