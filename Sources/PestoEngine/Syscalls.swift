@@ -258,9 +258,10 @@ package enum Sys {
         call(.read, fd: fd) { Glibc.read(fd, bytes, count) }
     }
 
-    /// `write(2)`.
-    package static func write(_ fd: Int32, _ bytes: UnsafeRawPointer?, _ count: Int) -> Result<Int, Errno> {
-        call(.write, fd: fd) { Glibc.write(fd, bytes, count) }
+    /// `write(2)`. With `mayBeClosed` (stderr, which the caller's parent may have closed),
+    /// EBADF is returned instead of trapping.
+    package static func write(_ fd: Int32, _ bytes: UnsafeRawPointer?, _ count: Int, mayBeClosed: Bool = false) -> Result<Int, Errno> {
+        call(.write, fd: fd, badDescriptorIsBug: !mayBeClosed) { Glibc.write(fd, bytes, count) }
     }
 
     /// `fsync(2)`.

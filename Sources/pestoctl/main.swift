@@ -19,9 +19,8 @@ func writeError(_ text: String) {
     fflush(nil)
     var bytes = Array(text.utf8)[...]
     while !bytes.isEmpty {
-        let n = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { return }
+        // A stderr that cannot be written to (closed, full disk) leaves nothing to report to.
+        guard case .success(let n) = bytes.withUnsafeBytes({ Sys.write(2, $0.baseAddress, $0.count, mayBeClosed: true) }), n > 0 else { return }
         bytes = bytes.dropFirst(n)
     }
 }
