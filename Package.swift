@@ -5,12 +5,15 @@
 //
 //   PestoModel    rules, addresses, validation, conflicts, pasta's port specs, the pesto v2
 //                 wire codec, the one list of a rule's fields; no syscalls
-//   PestoEngine   the event loop, tables with their sockets, relays, scanner   (on PestoModel)
+//   PestoSystem   the one funnel for system calls (Sys, its DEBUG-only test script), socket
+//                 addresses, file reading                                      (on PestoModel)
+//   PestoEngine   the event loop, tables with their sockets, relays, scanner   (on PestoSystem)
 //   PestoDBus     the libdbus wrapper, bus names, the contract as data, the rule <-> a{sv}
 //                 codec: what pestod, pestoctl and the tests share             (on PestoModel)
 //   PestoService  the D-Bus server, transactions, lock, polkit, control socket, state file
 //                 (on PestoEngine and PestoDBus)
-//   pestod        the service's executable; pestoctl the client (PestoModel + PestoDBus only)
+//   pestod        the service's executable; pestoctl the client (PestoModel, PestoSystem and
+//                 PestoDBus only)
 import PackageDescription
 
 let package = Package(
@@ -31,10 +34,12 @@ let package = Package(
         .target(name: "CPestoSys"),
         // The model: pure values and codecs. CPestoSys only for errno names.
         .target(name: "PestoModel", dependencies: ["CPestoSys"]),
+        // Every system call, through one funnel with a DEBUG-only mocking hook.
+        .target(name: "PestoSystem", dependencies: ["PestoModel", "CPestoSys"]),
         // The forwarding engine: tables, sockets, relays. Never imports D-Bus.
         .target(
             name: "PestoEngine",
-            dependencies: ["PestoModel", "CPestoSys", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["PestoModel", "PestoSystem", "CPestoSys", .product(name: "Logging", package: "swift-log")]
         ),
         // The D-Bus layer shared by the service, the client and the tests. Never imports the engine.
         .target(name: "PestoDBus", dependencies: ["PestoModel", "CDBus"]),
@@ -42,54 +47,54 @@ let package = Package(
         .target(
             name: "PestoService",
             dependencies: [
-                "PestoModel", "PestoEngine", "PestoDBus", "CDBus", "CPestoSys",
+                "PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "CDBus", "CPestoSys",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .executableTarget(
             name: "pestod",
             dependencies: [
-                "PestoModel", "PestoEngine", "PestoDBus", "PestoService",
+                "PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "PestoService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // pestoctl reads its command line itself: pasta's options apply in the order given
         // (-A/-D/-C change the meaning of the specs after them), which ArgumentParser loses.
-        // It links the model and the D-Bus layer, never the engine or the server.
-        .executableTarget(name: "pestoctl", dependencies: ["PestoModel", "PestoDBus"]),
+        // It links the model, the system funnel and the D-Bus layer, never the engine or the server.
+        .executableTarget(name: "pestoctl", dependencies: ["PestoModel", "PestoSystem", "PestoDBus"]),
         .executableTarget(
             name: "pesto-activation-bench",
-            dependencies: ["PestoModel", "PestoEngine", "CPestoSys", "PestoTestSupport"],
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "CPestoSys", "PestoTestSupport"],
             path: "Benchmarks/ActivationBenchmark"
         ),
         .executableTarget(
             name: "pesto-dbus-bench",
-            dependencies: ["PestoModel", "PestoEngine", "PestoDBus", "PestoTestSupport"],
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/DBusBenchmark"
         ),
         .executableTarget(
             name: "pesto-loadgen",
-            dependencies: ["PestoModel", "PestoEngine", "CPestoSys", "PestoTestSupport"],
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "CPestoSys", "PestoTestSupport"],
             path: "Benchmarks/LoadGenerator"
         ),
         // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
         // killed clients and killed pestods, with a ledger of acknowledged changes.
         .executableTarget(
             name: "pesto-soak",
-            dependencies: ["PestoModel", "PestoEngine", "PestoDBus", "PestoTestSupport"],
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/Soak"
         ),
         // Socket and process helpers shared by the tests and the benchmarks.
         .target(
             name: "PestoTestSupport",
-            dependencies: ["PestoModel", "PestoEngine", "CPestoSys"],
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "CPestoSys"],
             path: "Tests/PestoTestSupport"
         ),
-        .testTarget(name: "PestoModelTests", dependencies: ["PestoModel", "PestoTestSupport"]),
+        .testTarget(name: "PestoModelTests", dependencies: ["PestoModel", "PestoSystem", "PestoTestSupport"]),
         .testTarget(
             name: "PestoEngineTests",
-            dependencies: ["PestoModel", "PestoEngine", "CPestoSys", "PestoTestSupport"]
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "CPestoSys", "PestoTestSupport"]
         ),
         // A scriptable D-Bus client the service tests run as a separate process (to SIGKILL it).
         .executableTarget(
@@ -100,7 +105,7 @@ let package = Package(
         .testTarget(
             name: "PestoServiceTests",
             dependencies: [
-                "PestoModel", "PestoDBus", "PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport",
+                "PestoModel", "PestoSystem", "PestoDBus", "PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport",
                 "pestod", "pesto-test-peer", "pestoctl",
             ]
         ),

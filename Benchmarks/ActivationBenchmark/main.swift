@@ -17,6 +17,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)

@@ -4,6 +4,7 @@
 // and a release pestod on it, ready once it has sent READY=1 to a NOTIFY_SOCKET we bind.
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)

@@ -26,6 +26,7 @@
 // --large-timeout seconds (default 300) is reported as such (old pestods needed minutes).
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 import PestoDBus
 

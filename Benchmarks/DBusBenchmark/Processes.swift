@@ -6,6 +6,7 @@
 // thread drain, so children are SIGKILLed and the temp dir removed whichever way we leave.
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Synchronization
 

@@ -48,6 +48,7 @@
 // meanwhile (LargeRequests.swift).
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 import PestoDBus
 

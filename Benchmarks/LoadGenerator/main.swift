@@ -24,6 +24,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Synchronization
 

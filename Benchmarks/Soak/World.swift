@@ -7,6 +7,7 @@
 
 import Foundation
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// A soak failure with one sentence for the user.

@@ -13,6 +13,7 @@
 
 /// A recurring condition of the data path.
 import PestoModel
+import PestoSystem
 
 public enum DataPathCondition: Int, Sendable, CaseIterable, CustomStringConvertible {
     /// A connection or flow would go to one of pestod's own listeners; it is refused.

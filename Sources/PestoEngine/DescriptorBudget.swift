@@ -35,6 +35,7 @@
 // All of it runs on the loop thread; nothing here allocates.
 
 import PestoModel
+import PestoSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -72,21 +73,20 @@ public struct DescriptorPlan: Equatable, Sendable {
 
     /// The plan for this process's soft RLIMIT_NOFILE.
     public static var current: DescriptorPlan {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return DescriptorPlan(openFileLimit: 1024) }
+        guard case .success(let limit) = Sys.openFileLimit() else { return DescriptorPlan(openFileLimit: 1024) }
         return DescriptorPlan(openFileLimit: Int(min(UInt64(limit.rlim_cur), UInt64(Int32.max))))
     }
 
     /// Raises this process's soft RLIMIT_NOFILE to its hard limit.
     /// - Returns: the soft limit before and after (equal when it was already at the hard limit).
     public static func raiseOpenFileLimit() -> Result<(before: UInt64, after: UInt64), Errno> {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return .failure(.current) }
-        let before = limit.rlim_cur
-        guard limit.rlim_cur < limit.rlim_max else { return .success((UInt64(before), UInt64(before))) }
-        limit.rlim_cur = limit.rlim_max
-        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return .failure(.current) }
-        return .success((UInt64(before), UInt64(limit.rlim_cur)))
+        Sys.openFileLimit().flatMap { limit in
+            let before = UInt64(limit.rlim_cur)
+            guard limit.rlim_cur < limit.rlim_max else { return .success((before, before)) }
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            return Sys.setOpenFileLimit(raised).map { (before, UInt64(raised.rlim_cur)) }
+        }
     }
 }
 

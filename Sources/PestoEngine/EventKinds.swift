@@ -11,6 +11,7 @@
 
 /// The event kinds of pestod's epoll sources (see EventLoop's theory of operation).
 import PestoModel
+import PestoSystem
 
 public enum EngineEventKind {
     /// libdbus watches (the service's bus connection); index unused.

@@ -24,6 +24,7 @@
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
 
 import PestoModel
+import PestoSystem
 import CPestoSys
 
 #if canImport(Glibc)
@@ -61,10 +62,14 @@ public final class EventLoopStopper: Sendable {
 
     init(fd: Int32) { self.fd = fd }
 
-    /// Asks the loop to return from `run()`. Async-signal-safe.
+    /// Asks the loop to return from `run()`.
     public func stop() {
         var one: UInt64 = 1
-        _ = write(fd, &one, 8)
+        // EAGAIN: the counter is at its maximum, so the loop is already being stopped.
+        switch Sys.write(fd, &one, 8) {
+        case .success, .failure(.wouldBlock): break
+        case .failure(let e): preconditionFailure("cannot write the loop's eventfd: \(e)")
+        }
     }
 }
 
@@ -111,10 +116,6 @@ public final class EventLoop {
     private var stopping = false
     /// Work to run before each sleep (libdbus dispatch, for example).
     public var beforeSleep: (() -> Void)?
-    /// Test seam: when set, `add` and `modify` ask it first and fail with the errno it returns
-    /// (nil: go ahead), as epoll_ctl would fail with ENOSPC at `fs.epoll.max_user_watches` or
-    /// ENOMEM. Only tests set it (`@testable`); one nil check per call otherwise.
-    var injectedControlFailure: ((_ kind: Kind, _ fd: Int32) -> Errno?)?
     /// Work that collects what a whole turn produced (saving the changes committed during
     /// it): runs after `beforeSleep` and the due timers, just before the loop sleeps, and
     /// once more when `run()` returns.
@@ -122,24 +123,33 @@ public final class EventLoop {
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
-        epfd = epoll_create1(Int32(EPOLL_CLOEXEC))
-        guard epfd >= 0 else { throw PestoError(.system, "Cannot create the epoll instance.", underlyingError: .current) }
-        wakeFD = eventfd(0, Int32(EFD_CLOEXEC) | Int32(EFD_NONBLOCK))
-        guard wakeFD >= 0 else {
-            let e = Errno.current
-            close(epfd)
+        let epfd: Int32
+        switch Sys.epollCreate() {
+        case .success(let fd): epfd = fd
+        case .failure(let e): throw PestoError(.system, "Cannot create the epoll instance.", underlyingError: e)
+        }
+        let wakeFD: Int32
+        switch Sys.eventFD() {
+        case .success(let fd): wakeFD = fd
+        case .failure(let e):
+            Sys.close(epfd)
             throw PestoError(.system, "Cannot create the loop's eventfd.", underlyingError: e)
         }
+        if case .failure(let e) = Sys.epollWatch(
+            epfd, EPOLL_CTL_ADD, fd: wakeFD, events: EPOLLIN.rawValue, data: Self.pack(kind: 0, index: 0, fd: wakeFD))
+        {
+            Sys.close(wakeFD)
+            Sys.close(epfd)
+            throw PestoError(.system, "Cannot watch the loop's eventfd.", underlyingError: e)
+        }
+        self.epfd = epfd
+        self.wakeFD = wakeFD
         stopper = EventLoopStopper(fd: wakeFD)
-        var ev = epoll_event()
-        ev.events = EPOLLIN.rawValue
-        ev.data.u64 = Self.pack(kind: 0, index: 0, fd: wakeFD)
-        epoll_ctl(epfd, EPOLL_CTL_ADD, wakeFD, &ev)
     }
 
     deinit {
-        close(wakeFD)
-        close(epfd)
+        Sys.close(wakeFD)
+        Sys.close(epfd)
     }
 
     static func pack(kind: UInt8, index: UInt32, fd: Int32) -> UInt64 {
@@ -174,23 +184,23 @@ public final class EventLoop {
     }
 
     /// Stops watching `fd` (closing the fd does this too).
+    ///
+    /// A descriptor that is not watched (ENOENT) or already closed (EBADF: libdbus may close a
+    /// socket before it removes its watch) is left as it is, which is what the caller wants;
+    /// EPOLL_CTL_DEL has no other failure.
     public func remove(fd: Int32) {
-        var ev = epoll_event()
-        _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
+        switch Sys.epollUnwatch(epfd, fd: fd) {
+        case .success, .failure(.noSuchFile), .failure(.badFileDescriptor): break
+        case .failure(let e): preconditionFailure("epoll_ctl(DEL) of descriptor \(fd) gave \(e)")
+        }
     }
 
     /// epoll_ctl ADD or MOD. Environmental failures (ENOSPC at `fs.epoll.max_user_watches`,
     /// ENOMEM) are thrown for the caller to count against that one socket; EBADF is a bug.
+    /// Tests inject them with a `SyscallScript` (debug builds).
     private func control(_ op: Int32, fd: Int32, events: UInt32, kind: Kind, index: UInt32) throws(PestoError) {
-        if let inject = injectedControlFailure, let e = inject(kind, fd) {
-            throw PestoError(.system, "Cannot watch descriptor \(fd).", underlyingError: e)
-        }
-        var ev = epoll_event()
-        ev.events = events
-        ev.data.u64 = Self.pack(kind: kind.rawValue, index: index, fd: fd)
-        if epoll_ctl(epfd, op, fd, &ev) != 0 {
-            let e = Errno.current
-            precondition(e != .badFileDescriptor, "programmer error: epoll_ctl on a closed fd \(fd)")
+        let data = Self.pack(kind: kind.rawValue, index: index, fd: fd)
+        if case .failure(let e) = Sys.epollWatch(epfd, op, fd: fd, events: events, data: data) {
             throw PestoError(.system, "Cannot watch descriptor \(fd).", underlyingError: e)
         }
     }
@@ -255,21 +265,20 @@ public final class EventLoop {
             let timeout = runTimers()
             endOfTurn?()
             if stopping { break }
-            let n = events.withUnsafeMutableBufferPointer { buf in
-                epoll_wait(epfd, buf.baseAddress, Int32(buf.count), timeout)
+            let n: Int
+            switch events.withUnsafeMutableBufferPointer({ Sys.epollWait(epfd, $0, timeout: timeout) }) {
+            case .success(let count): n = count
+            case .failure(.interrupted): continue  // a signal: timers and the stop flag first
+            case .failure(let e): preconditionFailure("epoll_wait failed: \(e)")  // EINVAL: a bug
             }
-            if n < 0 {
-                let e = Errno.current
-                precondition(e == .interrupted, "epoll_wait failed: \(e)")
-                continue
-            }
-            for k in 0..<Int(n) {
+            for k in 0..<n {
                 let data = events[k].data.u64
                 let kind = Int(data >> 56)
                 let fd = Int32(bitPattern: UInt32(truncatingIfNeeded: data))
                 if kind == 0 {
                     var value: UInt64 = 0
-                    _ = read(wakeFD, &value, 8)
+                    // EAGAIN: another turn's event already drained it; either way the loop stops.
+                    _ = Sys.read(wakeFD, &value, 8)
                     stopping = true
                     continue
                 }
@@ -281,8 +290,8 @@ public final class EventLoop {
 
     /// Makes SIGTERM, SIGINT and SIGHUP stop the loop (and ignores SIGPIPE). Call once, from main.
     public func stopOnSignals() throws(PestoError) {
-        if pesto_stop_on_signals(wakeFD) != 0 {
-            throw PestoError(.system, "Cannot install the signal handlers.", underlyingError: .current)
+        if case .failure(let e) = Sys.stopOnSignals(writingTo: wakeFD) {
+            throw PestoError(.system, "Cannot install the signal handlers.", underlyingError: e)
         }
     }
 

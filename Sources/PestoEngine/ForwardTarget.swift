@@ -4,6 +4,7 @@
 // the namespace boundary where outgoing sockets are made.
 
 import PestoModel
+import PestoSystem
 #if canImport(Glibc)
 import Glibc
 #endif

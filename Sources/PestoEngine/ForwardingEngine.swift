@@ -3,6 +3,7 @@
 // ForwardingEngine: the tables of one pestod and the periodic work that keeps them healthy.
 
 import PestoModel
+import PestoSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -101,6 +102,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     }
     private var ownPorts: [OwnPort: Int] = [:]
     private var pausedListeners: [Int32] = []
+    /// The listeners paused now (tests).
+    var pausedListenerDescriptors: [Int32] { pausedListeners }
     private var resumeTimer: EventLoop.TimerID?
 
     /// Makes an engine with empty tables; call `start()` to arm its timers.
@@ -210,8 +213,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         // Inodes only matter to scans, and scans exist only with a namespace.
         var inode: UInt64 = 0
         if namespace != nil {
-            var st = stat()
-            if fstat(fd, &st) == 0 { inode = UInt64(st.st_ino) }
+            // fstat of a descriptor we hold cannot fail but for a bug (EBADF traps in the funnel).
+            if case .success(let st) = Sys.fstat(fd) { inode = UInt64(st.st_ino) }
             ownInodes.insert(inode)
         }
         listeners[Int(fd)] = ListenerEntry(
@@ -339,9 +342,8 @@ public enum HostCapabilities {
     }
 
     private static func canMakeSocket(_ domain: Int32) -> Bool {
-        let fd = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { return false }
-        close(fd)
+        guard case .success(let fd) = Sys.socket(domain: domain, type: Int32(SOCK_STREAM.rawValue)) else { return false }
+        Sys.close(fd)
         return true
     }
 

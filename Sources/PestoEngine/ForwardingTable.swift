@@ -50,6 +50,7 @@
 
 /// What happened to a rule, as reported to `ForwardingTable.onStateChange`.
 import PestoModel
+import PestoSystem
 
 public struct RuleStateChange: Hashable, Sendable {
     /// Why the state changed.

@@ -15,6 +15,7 @@
 // opened and reports the errno: the caller counts it as a bind failure.
 
 import PestoModel
+import PestoSystem
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -9,6 +9,7 @@
 // the loop thread is a dedicated thread (never a pooled one), as setns requires.
 
 import PestoModel
+import PestoSystem
 import CPestoSys
 
 #if canImport(Glibc)
@@ -25,53 +26,54 @@ public final class NetworkNamespace {
     /// Opens the namespace at `path` and remembers the calling thread's own.
     public init(path: String) throws(PestoError) {
         self.path = path
-        let target = open(path, O_RDONLY | O_CLOEXEC)
-        guard target >= 0 else {
-            throw PestoError(.system, "Cannot open the network namespace \(path).", underlyingError: .current)
+        let target: Int32
+        switch Sys.open(path, O_RDONLY) {
+        case .success(let fd): target = fd
+        case .failure(let e): throw PestoError(.system, "Cannot open the network namespace \(path).", underlyingError: e)
         }
-        let home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
-        guard home >= 0 else {
-            let e = Errno.current
-            close(target)
+        let home: Int32
+        switch Sys.open("/proc/thread-self/ns/net", O_RDONLY) {
+        case .success(let fd): home = fd
+        case .failure(let e):
+            Sys.close(target)
             throw PestoError(.system, "Cannot open this thread's network namespace.", underlyingError: e)
         }
         targetFD = target
         homeFD = home
         // Prove now, not on the first connection, that we may enter it.
-        if pesto_setns(targetFD, Int32(PESTO_CLONE_NEWNET)) != 0 {
-            let e = Errno.current
-            close(target)
-            close(home)
+        if case .failure(let e) = Sys.enterNetworkNamespace(targetFD) {
+            Sys.close(target)
+            Sys.close(home)
             throw PestoError(.system, "Cannot enter the network namespace \(path) (is it one, and are we allowed?).", underlyingError: e)
         }
         enterHome()
     }
 
     deinit {
-        close(targetFD)
-        close(homeFD)
+        Sys.close(targetFD)
+        Sys.close(homeFD)
     }
 
     private func enterHome() {
         // Returning to the namespace we came from cannot fail unless the process is broken.
-        precondition(pesto_setns(homeFD, Int32(PESTO_CLONE_NEWNET)) == 0, "cannot return to the home network namespace: \(Errno.current)")
+        if case .failure(let e) = Sys.enterNetworkNamespace(homeFD) {
+            preconditionFailure("cannot return to the home network namespace: \(e)")
+        }
     }
 
     /// Whether `path` still names the namespace pestod holds (false once `ip netns del`
     /// removed it or the process of /proc/PID/ns/net exited). One stat(2); allocates nothing.
     public func isStillAtPath() -> Bool {
-        var atPath = stat()
-        var held = stat()
-        guard stat(path, &atPath) == 0, fstat(targetFD, &held) == 0 else { return false }
+        guard case .success(let atPath) = Sys.stat(path), case .success(let held) = Sys.fstat(targetFD) else { return false }
         return atPath.st_dev == held.st_dev && atPath.st_ino == held.st_ino
     }
 
     /// Runs `body` inside the namespace, on this thread, and comes back.
     public func perform<T>(_ body: () -> T) -> T {
-        guard pesto_setns(targetFD, Int32(PESTO_CLONE_NEWNET)) == 0 else {
+        if case .failure(let e) = Sys.enterNetworkNamespace(targetFD) {
             // The namespace fd is held open, so the namespace cannot vanish; EPERM after a
             // successful first entry would mean our capabilities were taken away.
-            preconditionFailure("cannot enter the network namespace \(path): \(Errno.current)")
+            preconditionFailure("cannot enter the network namespace \(path): \(e)")
         }
         defer { enterHome() }
         return body()

@@ -40,6 +40,7 @@
 // Not thread-safe: a scanner belongs to one thread (the event loop's).
 
 import PestoModel
+import PestoSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -205,18 +206,18 @@ public final class PortScanner {
         _ excludingInodes: Set<UInt64>,
         _ result: inout PortSet
     ) -> Result<Void, Errno> {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let e = Errno.current
-            return missingIsEmpty && e.rawValue == ENOENT ? .success(()) : .failure(e)
+        let fd: Int32
+        switch Sys.open(path, O_RDONLY) {
+        case .success(let opened): fd = opened
+        case .failure(let e): return missingIsEmpty && e == .noSuchFile ? .success(()) : .failure(e)
         }
-        defer { close(fd) }
+        defer { Sys.close(fd) }
         var parser = ProcNetParser(proto: proto)
         while true {
-            let n = Glibc.read(fd, buffer.baseAddress, buffer.count)
-            if n < 0 {
-                if errno == EINTR { continue }
-                return .failure(.current)
+            let n: Int
+            switch Sys.read(fd, buffer.baseAddress, buffer.count) {
+            case .success(let count): n = count
+            case .failure(let e): return .failure(e)
             }
             if n == 0 { break }
             parser.feed(UnsafeRawBufferPointer(rebasing: buffer[..<n]), excludingInodes: excludingInodes, into: &result)

@@ -5,28 +5,33 @@
 // Theory of operation
 // -------------------
 // Each relayed connection is a slot holding two sockets — the accepted `client` and the
-// `target` we connected to — and two half-duplex pumps, client→target and target→client.
-// Both sockets are registered with the loop under kind `tcpConnection` and the slot's index,
-// level-triggered, so the event says which slot and the fd says which side.
+// `target` we connected to — two pipes (one per direction, while it has bytes to move) and a
+// `TCPConnectionState`, the value that decides what happens next (TCPConnectionState.swift
+// describes the phases, the pumps, half-closes and errors). Both sockets are registered with
+// the loop under kind `tcpConnection` and the slot's index, level-triggered, so the event says
+// which slot and the fd says which side.
 //
-// States of a slot:
-//   CONNECTING   the non-blocking connect() to the target is in progress; only the target
-//                is watched, for EPOLLOUT. SO_ERROR then decides: success → RELAYING;
-//                failure → the client is closed with a plain close() (FIN), nothing relayed.
-//   RELAYING     both pumps run; a pump moves bytes src → pipe → dst with splice(2)
-//                (SPLICE_F_MOVE | SPLICE_F_NONBLOCK), never copying through user space.
-//   (closed)     both pumps have delivered their source's EOF as shutdown(SHUT_WR) on the
-//                other side, or an error happened: both sockets are closed, the slot freed.
+// The relay only executes: it feeds the state a readiness event or the outcome of the last
+// action (`drive`), performs the action it gets back through the `Sys` funnel — connect,
+// SO_ERROR, splice (SPLICE_F_MOVE | SPLICE_F_NONBLOCK, never copying through user space),
+// shutdown(SHUT_WR), taking and returning pipes, epoll interest — and stops at `.wait` or
+// `.close`. A connection that ends in error is closed with SO_LINGER {1, 0} on both sockets,
+// so both peers see a reset; one whose two directions were half-closed in turn, with a FIN.
+// Pipes are taken from a small pool when a direction has something to move and returned
+// when it is drained, so an idle connection holds two descriptors, not six.
 //
-// A pump (HalfDuplex):
-//   - while its pipe holds bytes, it splices them to dst; EAGAIN means dst's buffer is full:
-//     the pump stops reading src and waits for EPOLLOUT on dst (back-pressure);
-//   - with the pipe empty, it splices from src into the pipe; 0 means EOF: it sends
-//     shutdown(dst, SHUT_WR) once (half-close propagates) and is done;
-//   - any other error (ECONNRESET, EPIPE, ...) aborts the connection: the *other* socket
-//     gets SO_LINGER {1, 0} before close, so its peer sees a reset as well.
-// Pipes are taken from a small pool when a pump has something to move and returned when it
-// is drained, so an idle connection holds two descriptors, not six.
+// Errors of the environment and what they do:
+//   accept4 EINTR            retried (by the funnel);
+//   accept4 EAGAIN           the backlog is empty: done;
+//   accept4 EMFILE, ENFILE,  the listener is paused (`.exhausted`), the client stays in the
+//     ENOBUFS, ENOMEM        backlog; other errors (ECONNABORTED) lose that one connection;
+//   socket() for the target  the client is reset; out of descriptors also pauses the listener;
+//   connect() refused        the client is reset (it reads ECONNRESET, as from the target);
+//   splice EAGAIN            wait for readiness (back-pressure);
+//   splice/shutdown errors   (ECONNRESET, EPIPE, ENOBUFS, ENOMEM, ...) reset both sockets;
+//   pipe2 failure            (EMFILE, ENFILE) reset both sockets: the bytes cannot be moved;
+//   epoll_ctl ENOSPC/ENOMEM  reset both sockets (counted in `watchFailures`).
+// No error leaves a descriptor behind: every ending goes through `close(slot:)`.
 //
 // Capacity: `maxConnections` slots. When they are all in use, or accept4() fails with
 // EMFILE/ENFILE, or the target socket cannot be made for lack of descriptors, the relay
@@ -46,6 +51,7 @@
 // survives the deactivation or deletion of the rule whose listener accepted it.
 
 import PestoModel
+import PestoSystem
 import CPestoSys
 
 #if canImport(Glibc)
@@ -97,30 +103,23 @@ public final class TCPRelay: EventHandler {
         public var watchFailures: UInt64 = 0
     }
 
-    /// One direction of a connection.
-    struct HalfDuplex {
-        var pipeRead: Int32 = -1
-        var pipeWrite: Int32 = -1
-        /// Bytes in the pipe, not yet written to dst.
-        var pending = 0
-        /// dst refused more (EAGAIN): wait for EPOLLOUT on it.
-        var dstBlocked = false
-        /// src reached end of file.
-        var eof = false
-        /// shutdown(dst, SHUT_WR) was sent: this direction is finished.
-        var done = false
+    /// A pipe's two ends; -1 when the direction holds none.
+    struct Pipe {
+        var read: Int32 = -1
+        var write: Int32 = -1
     }
 
     /// One relayed connection.
     struct Connection {
         var client: Int32 = -1
         var target: Int32 = -1
-        var connecting = false
-        var up = HalfDuplex()  // client → target
-        var down = HalfDuplex()  // target → client
-        var clientEvents: UInt32 = 0
-        var targetEvents: UInt32 = 0
+        var state = TCPConnectionState()
+        var upPipe = Pipe()  // client → target
+        var downPipe = Pipe()  // target → client
         var inUse = false
+
+        /// The socket on `side`.
+        func socket(_ side: TCPSide) -> Int32 { side == .client ? client : target }
     }
 
     private let loop: EventLoop
@@ -131,7 +130,7 @@ public final class TCPRelay: EventHandler {
     private let budget: DescriptorBudget
     private var slots: [Connection] = []
     private var freeSlots: [UInt32] = []
-    private var pipePool: [(Int32, Int32)] = []
+    private var pipePool: [Pipe] = []
     /// The next loopback source address's last byte (see `spreadLoopbackSources`).
     private var nextLoopbackSource: UInt32 = 2
     public private(set) var activeConnections = 0
@@ -161,9 +160,9 @@ public final class TCPRelay: EventHandler {
     /// Closes every connection and pooled pipe.
     public func closeAll() {
         for i in slots.indices where slots[i].inUse { close(slot: UInt32(i), reset: false) }
-        for (r, w) in pipePool {
-            Sys.close(r)
-            Sys.close(w)
+        for pipe in pipePool {
+            Sys.close(pipe.read)
+            Sys.close(pipe.write)
             budget.release(DescriptorPlan.perPipe)
         }
         pipePool.removeAll()
@@ -176,21 +175,19 @@ public final class TCPRelay: EventHandler {
         for _ in 0..<limits.acceptBatch {
             if activeConnections >= limits.maxConnections { return .exhausted }
             var peer = SocketAddress()
-            let client = peer.withMutableSockaddr { sa, len in
-                pesto_accept4(listener, sa, len, Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue))
-            }
-            if client < 0 {
-                let e = Errno.current
-                if e == .wouldBlock || e == .interrupted { return .accepted }
-                if e.isDescriptorExhaustion || e.rawValue == ENOBUFS || e.rawValue == ENOMEM { return .exhausted }
-                // ECONNABORTED and the like: that one connection is gone; keep accepting.
-                precondition(e != .badFileDescriptor, "accept4 on a closed listener \(listener)")
-                continue
+            let client: Int32
+            switch Sys.accept(listener, peer: &peer) {
+            case .success(let fd): client = fd
+            case .failure(.wouldBlock): return .accepted
+            case .failure(let e) where e.isDescriptorExhaustion || e == .noBufferSpace || e == .noMemory:
+                return .exhausted
+            case .failure:
+                continue  // ECONNABORTED and the like: that one connection is gone; keep accepting
             }
             counters.accepted += 1
             guard budget.admit(DescriptorPlan.perConnection, for: .tcp) else {
                 counters.refusedBudget += 1
-                closeWithReset(client)
+                resetAndClose(client)
                 continue
             }
             // start() either gives the connection a slot, whose close gives the charge back,
@@ -201,13 +198,6 @@ public final class TCPRelay: EventHandler {
             if !started { return .exhausted }
         }
         return .accepted
-    }
-
-    /// Closes `fd` with a reset (SO_LINGER 0), so its peer learns at once that it was refused.
-    private func closeWithReset(_ fd: Int32) {
-        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
-        Sys.close(fd)
     }
 
     /// Connects the target side for a new client; false when out of descriptors.
@@ -232,45 +222,33 @@ public final class TCPRelay: EventHandler {
         if limits.spreadLoopbackSources, case .v4(let a)? = destination.endpoint?.address, a >> 24 == 127 {
             bindLoopbackSource(out)
         }
-        let r = destination.withSockaddr { sa, len in Glibc.connect(out, sa, len) }
-        let connecting: Bool
-        if r == 0 {
-            connecting = false
-        } else if errno == EINPROGRESS || errno == EINTR {
-            connecting = true
-        } else {
+        let connected = Sys.connect(out, to: destination)
+        if case .failed = connected {
             counters.connectFailures += 1
             Sys.close(out)
             resetAndClose(client)
             return true
         }
         let index = allocateSlot()
-        slots[Int(index)] = Connection(client: client, target: out, connecting: connecting, inUse: true)
+        slots[Int(index)] = Connection(client: client, target: out, inUse: true)
         activeConnections += 1
         counters.relayed += 1
-        if connecting {
-            guard setInterest(out, from: 0, to: EventLoop.Events.writable, index: index) else {
-                counters.watchFailures += 1
-                close(slot: index, reset: true)
-                return true
-            }
-            slots[Int(index)].targetEvents = EventLoop.Events.writable
-        } else {
-            relay(index)
-        }
+        drive(index, .connect(connected), destination: destination)
         return true
     }
 
     /// Binds `fd` to the next source address of 127.0.0.2–254, leaving the port to connect()
     /// (IP_BIND_ADDRESS_NO_PORT), so the kernel picks it for the whole 4-tuple. A failure only
-    /// means the connection comes from 127.0.0.1 as usual.
+    /// means the connection comes from 127.0.0.1 as usual, so it is not checked.
     private func bindLoopbackSource(_ fd: Int32) {
         let source = IPAddress.v4(0x7F00_0000 | nextLoopbackSource)
         nextLoopbackSource = nextLoopbackSource >= 254 ? 2 : nextLoopbackSource + 1
         _ = Sys.setOption(fd, level: Int32(IPPROTO_IP), name: Int32(PESTO_IP_BIND_ADDRESS_NO_PORT), value: 1)
-        _ = SocketAddress(source, port: 0).withSockaddr { Glibc.bind(fd, $0, $1) }
+        _ = Sys.bind(fd, to: SocketAddress(source, port: 0))
     }
 
+    /// Sets TCP_NODELAY: the relay forwards segments as they come. A failure (there is none
+    /// for a TCP socket but ENOMEM) only costs latency, so it is not checked.
     private func setNoDelay(_ fd: Int32) {
         _ = Sys.setOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
     }
@@ -285,61 +263,70 @@ public final class TCPRelay: EventHandler {
 
     public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
         let i = Int(index)
+        // The connection may have been closed earlier in this epoll batch.
         guard i < slots.count, slots[i].inUse, fd == slots[i].client || fd == slots[i].target else { return }
-        if slots[i].connecting {
-            guard fd == slots[i].target else { return }
-            var err: Int32 = 0
-            var len = socklen_t(4)
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
-            if err != 0 {
-                counters.connectFailures += 1
-                close(slot: index, reset: true)  // the client sees the refusal as a reset (ECONNRESET)
-                return
-            }
-            slots[i].connecting = false
-        }
-        relay(index)
+        drive(index, .ready(fd == slots[i].client ? .client : .target))
     }
 
-    /// Runs both pumps of a connection and updates what the loop watches; closes it when done.
-    private func relay(_ index: UInt32) {
+    /// Feeds `event` to the connection's state and executes the actions it returns, feeding
+    /// back each one's outcome, until it says to wait or to close. `destination` is the
+    /// target's address, for connect() asked again (only just after the first connect()).
+    private func drive(_ index: UInt32, _ event: TCPConnectionState.Event, destination: SocketAddress? = nil) {
         let i = Int(index)
-        let client = slots[i].client
-        let target = slots[i].target
-        let upOK = pump(&slots[i].up, from: client, to: target)
-        let downOK = upOK && pump(&slots[i].down, from: target, to: client)
-        if !upOK || !downOK {
-            counters.resets += 1
-            close(slot: index, reset: true)
-            return
+        var action = slots[i].state.handle(event)
+        while true {
+            let outcome: TCPConnectionState.Event
+            switch action {
+            case .wait:
+                return
+            case .close(let ending):
+                end(slot: index, ending)
+                return
+            case .askConnectAgain:
+                guard let destination else { preconditionFailure("connect asked again outside start()") }
+                outcome = .connect(Sys.connect(slots[i].target, to: destination))
+            case .readPendingError:
+                switch Sys.pendingError(slots[i].target) {
+                case .success(let error): outcome = .pendingError(error)
+                case .failure(let e): outcome = .pendingError(e)  // getsockopt failed: the connect did too
+                }
+            case .takePipe(let d):
+                outcome = .pipe(d, taken: takePipe(&slots[i], d))
+            case .spliceIn(let d):
+                let pipe = d == .up ? slots[i].upPipe : slots[i].downPipe
+                outcome = .spliced(d, Sys.splice(from: slots[i].socket(d.source), to: pipe.write, count: Int(limits.pipeSize)))
+            case .spliceOut(let d, let count):
+                let pipe = d == .up ? slots[i].upPipe : slots[i].downPipe
+                let result = Sys.splice(from: pipe.read, to: slots[i].socket(d.destination), count: count)
+                if case .moved(let n) = result { counters.bytes &+= UInt64(n) }
+                outcome = .spliced(d, result)
+            case .shutdownWrite(let d):
+                switch Sys.shutdown(slots[i].socket(d.destination), Int32(SHUT_WR)) {
+                case .success: outcome = .shutDown(d, failure: nil)
+                case .failure(let e): outcome = .shutDown(d, failure: e)
+                }
+            case .releasePipe(let d):
+                if d == .up {
+                    releasePipe(&slots[i].upPipe, pending: 0)
+                } else {
+                    releasePipe(&slots[i].downPipe, pending: 0)
+                }
+                outcome = .pipeReleased(d)
+            case .watch(let client, let target):
+                let state = slots[i].state
+                let ok =
+                    setInterest(slots[i].client, from: state.clientInterest, to: client, index: index)
+                    && setInterest(slots[i].target, from: state.targetInterest, to: target, index: index)
+                outcome = .watched(ok)
+            }
+            action = slots[i].state.handle(outcome)
         }
-        if slots[i].up.done && slots[i].down.done {
-            close(slot: index, reset: false)
-            return
-        }
-        let up = slots[i].up
-        let down = slots[i].down
-        var clientEvents: UInt32 = 0
-        var targetEvents: UInt32 = 0
-        if !up.eof && !up.dstBlocked { clientEvents |= EventLoop.Events.readable }
-        if up.dstBlocked { targetEvents |= EventLoop.Events.writable }
-        if !down.eof && !down.dstBlocked { targetEvents |= EventLoop.Events.readable }
-        if down.dstBlocked { clientEvents |= EventLoop.Events.writable }
-        guard setInterest(client, from: slots[i].clientEvents, to: clientEvents, index: index),
-            setInterest(target, from: slots[i].targetEvents, to: targetEvents, index: index)
-        else {
-            counters.watchFailures += 1
-            close(slot: index, reset: true)
-            return
-        }
-        slots[i].clientEvents = clientEvents
-        slots[i].targetEvents = targetEvents
     }
 
     /// Changes the epoll interest of `fd` from `old` to `new`, where 0 means "not in epoll":
     /// a socket with nothing to wait for is removed, because epoll reports HUP and ERR even
     /// for an empty interest and that would spin the loop.
-    /// - Returns: false when epoll refused (ENOSPC, ENOMEM): the caller ends the connection.
+    /// - Returns: false when epoll refused (ENOSPC, ENOMEM): the state then ends the connection.
     private func setInterest(_ fd: Int32, from old: UInt32, to new: UInt32, index: UInt32) -> Bool {
         guard old != new else { return true }
         do throws(PestoError) {
@@ -356,90 +343,64 @@ public final class TCPRelay: EventHandler {
         return true
     }
 
-    /// Moves what can be moved from `src` to `dst`; false on an error that ends the connection.
-    private func pump(_ h: inout HalfDuplex, from src: Int32, to dst: Int32) -> Bool {
-        if h.done { return true }
-        let flags = UInt32(PESTO_SPLICE_F_MOVE | PESTO_SPLICE_F_NONBLOCK)
-        for _ in 0..<16 {
-            if h.pending > 0 {
-                let n = pesto_splice(h.pipeRead, dst, h.pending, flags)
-                if n > 0 {
-                    h.pending -= n
-                    counters.bytes &+= UInt64(n)
-                    continue
-                }
-                if n < 0 && (errno == EAGAIN || errno == EINTR) {
-                    h.dstBlocked = true
-                    return true
-                }
-                return false
-            }
-            h.dstBlocked = false
-            if h.eof {
-                shutdown(dst, Int32(SHUT_WR))
-                h.done = true
-                releasePipe(&h)
-                return true
-            }
-            if h.pipeRead < 0 && !takePipe(&h) { return false }
-            let n = pesto_splice(src, h.pipeWrite, Int(limits.pipeSize), flags)
-            if n > 0 {
-                h.pending = n
-                continue
-            }
-            if n == 0 {
-                h.eof = true
-                continue
-            }
-            if errno == EAGAIN || errno == EINTR { break }
-            return false
-        }
-        if h.pending == 0 { releasePipe(&h) }
-        return true
-    }
-
     // MARK: Pipes
 
-    /// Gives a direction a pipe, from the pool (already charged) or new (charged here).
-    private func takePipe(_ h: inout HalfDuplex) -> Bool {
-        if let (r, w) = pipePool.popLast() {
-            (h.pipeRead, h.pipeWrite) = (r, w)
-            return true
+    /// Gives direction `d` of a connection a pipe, from the pool (already charged) or new
+    /// (charged here); false when none can be had.
+    private func takePipe(_ c: inout Connection, _ d: TCPDirection) -> Bool {
+        let pipe: Pipe
+        if let pooled = pipePool.popLast() {
+            pipe = pooled
+        } else {
+            guard budget.takePipe() else { return false }
+            switch Sys.pipe() {
+            case .success(let fds): pipe = Pipe(read: fds.read, write: fds.write)
+            case .failure:
+                budget.release(DescriptorPlan.perPipe)
+                return false
+            }
+            // The kernel may grant less than asked (or refuse, above /proc/sys/fs/pipe-max-size
+            // without CAP_SYS_RESOURCE): the pipe then moves smaller chunks, which is all.
+            _ = Sys.setPipeSize(pipe.write, limits.pipeSize)
         }
-        guard budget.takePipe() else { return false }
-        var fds: [Int32] = [-1, -1]
-        guard pesto_pipe2(&fds, Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) == 0 else {
-            budget.release(DescriptorPlan.perPipe)
-            return false
-        }
-        _ = fcntl(fds[1], Int32(PESTO_F_SETPIPE_SZ), limits.pipeSize)
-        (h.pipeRead, h.pipeWrite) = (fds[0], fds[1])
+        if d == .up { c.upPipe = pipe } else { c.downPipe = pipe }
         return true
     }
 
-    /// Parks a direction's pipe in the pool (while relays are within their descriptor limit)
-    /// or closes it.
-    private func releasePipe(_ h: inout HalfDuplex) {
-        guard h.pipeRead >= 0 else { return }
-        if h.pending == 0 && pipePool.count < limits.pipePoolSize && budget.mayKeepIdlePipe {
-            pipePool.append((h.pipeRead, h.pipeWrite))
+    /// Parks a pipe in the pool (when it is empty and relays are within their descriptor
+    /// limit) or closes it.
+    private func releasePipe(_ pipe: inout Pipe, pending: Int) {
+        guard pipe.read >= 0 else { return }
+        if pending == 0 && pipePool.count < limits.pipePoolSize && budget.mayKeepIdlePipe {
+            pipePool.append(pipe)
         } else {
-            Sys.close(h.pipeRead)
-            Sys.close(h.pipeWrite)
+            Sys.close(pipe.read)
+            Sys.close(pipe.write)
             budget.release(DescriptorPlan.perPipe)
         }
-        (h.pipeRead, h.pipeWrite, h.pending) = (-1, -1, 0)
+        pipe = Pipe()
     }
 
     // MARK: Closing
 
     /// Closes `fd` so that its peer gets a RST instead of a FIN (SO_LINGER with timeout 0):
     /// a client whose target refused, could not be reached or would loop reads ECONNRESET,
-    /// as the target's refusal would have told it, not an orderly end of file.
+    /// as the target's refusal would have told it, not an orderly end of file. Should the
+    /// option fail (ENOMEM), the peer gets a FIN instead: the socket is closed either way.
     private func resetAndClose(_ fd: Int32) {
-        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        _ = Sys.setResetOnClose(fd)
         Sys.close(fd)
+    }
+
+    /// Ends a connection as its state decided, counting why.
+    private func end(slot index: UInt32, _ ending: TCPConnectionState.Ending) {
+        switch ending {
+        case .finished: break
+        case .connectFailed: counters.connectFailures += 1
+        case .broken, .outOfPipes: counters.resets += 1
+        case .unwatchable: counters.watchFailures += 1
+        }
+        close(slot: index, reset: ending.resets)
     }
 
     /// Closes a connection; with `reset`, both peers get a RST instead of a FIN.
@@ -456,13 +417,21 @@ public final class TCPRelay: EventHandler {
         }
         closeSide(c.client)  // no array: nothing is allocated per connection here
         closeSide(c.target)
-        releasePipe(&c.up)  // a pipe with data left in it is closed, never pooled
-        releasePipe(&c.down)
+        // A pipe with data left in it is closed, never pooled.
+        releasePipe(&c.upPipe, pending: c.state.up.pending)
+        releasePipe(&c.downPipe, pending: c.state.down.pending)
         slots[i] = Connection()
         freeSlots.append(index)
         activeConnections -= 1
         budget.release(DescriptorPlan.perConnection)
         counters.closed += 1
         onCapacityAvailable?()
+    }
+
+    // MARK: Inspection (tests)
+
+    /// The state of the connection in slot `index`, if it is in use.
+    func connectionState(_ index: Int) -> TCPConnectionState? {
+        index < slots.count && slots[index].inUse ? slots[index].state : nil
     }
 }

@@ -55,6 +55,7 @@
 // The relay belongs to the loop thread.
 
 import PestoModel
+import PestoSystem
 import CPestoSys
 
 #if canImport(Glibc)
@@ -205,9 +206,7 @@ public final class UDPRelay: EventHandler {
         let now = MonotonicInstant.now
         for _ in 0..<Self.batch {
             var client = SocketAddress()
-            let received = client.withMutableSockaddr { sa, len in
-                Sys.call { recvfrom(listener, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT), sa, len) }
-            }
+            let received = Sys.receiveFrom(listener, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT), from: &client)
             let count: Int
             switch received {
             case .success(let n): count = n
@@ -287,8 +286,8 @@ public final class UDPRelay: EventHandler {
     private func openFlowSocket(to destination: SocketAddress, side: TargetSide) -> Int32? {
         let opened = side.socket(domain: destination.family, type: Int32(SOCK_DGRAM.rawValue))
         guard case .success(let fd) = opened else { return nil }
-        let connected = destination.withSockaddr { sa, len in Sys.call { connect(fd, sa, len) } }
-        guard case .success = connected else {
+        // A UDP connect() only sets the default destination: it completes at once or fails.
+        guard case .connected = Sys.connect(fd, to: destination) else {
             Sys.close(fd)
             return nil
         }
@@ -298,7 +297,7 @@ public final class UDPRelay: EventHandler {
     /// Sends the first `count` bytes of the buffer on a flow socket.
     private func send(_ count: Int, on socket: Int32) {
         for attempt in 0..<2 {
-            switch Sys.call({ Glibc.send(socket, buffer.baseAddress, count, Int32(MSG_DONTWAIT)) }) {
+            switch Sys.send(socket, buffer.baseAddress, count, flags: Int32(MSG_DONTWAIT)) {
             case .success:
                 counters.datagramsOut += 1
                 return
@@ -326,13 +325,11 @@ public final class UDPRelay: EventHandler {
         let client = flows[slot].client
         var replied = false
         batch: for _ in 0..<Self.batch {
-            switch Sys.call({ recv(fd, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT)) }) {
+            switch Sys.recv(fd, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT)) {
             case .success(let count):
                 counters.repliesIn += 1
                 replied = true
-                let sent = client.withSockaddr { sa, len in
-                    Sys.call { sendto(listener, buffer.baseAddress, count, Int32(MSG_DONTWAIT), sa, len) }
-                }
+                let sent = Sys.sendTo(listener, buffer.baseAddress, count, flags: Int32(MSG_DONTWAIT), to: client)
                 if case .success = sent {
                     counters.repliesOut += 1
                 } else {

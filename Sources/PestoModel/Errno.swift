@@ -20,7 +20,8 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
     /// Wraps a raw C errno value.
     public init(rawValue: Int32) { self.rawValue = rawValue }
 
-    /// The calling thread's current `errno`.
+    /// The calling thread's current `errno`. Only `Sys.call` reads it in pesto's sources:
+    /// every system call goes through that funnel (Syscalls.swift).
     public static var current: Errno { Errno(rawValue: errno) }
 
     /// The symbolic name, such as `EADDRINUSE`; `E<number>` for values the C library does not name.
@@ -44,6 +45,15 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
     public static let badAddress = Errno(rawValue: EFAULT)
     public static let noSuchDevice = Errno(rawValue: ENODEV)
     public static let addressFamilyNotSupported = Errno(rawValue: EAFNOSUPPORT)
+    public static let inProgress = Errno(rawValue: EINPROGRESS)
+    public static let alreadyInProgress = Errno(rawValue: EALREADY)
+    public static let alreadyConnected = Errno(rawValue: EISCONN)
+    public static let noBufferSpace = Errno(rawValue: ENOBUFS)
+    public static let noMemory = Errno(rawValue: ENOMEM)
+    public static let noSpace = Errno(rawValue: ENOSPC)
+    public static let noSuchFile = Errno(rawValue: ENOENT)
+    public static let fileExists = Errno(rawValue: EEXIST)
+    public static let inputOutput = Errno(rawValue: EIO)
 
     /// True for the errnos that mean "out of file descriptors": retrying more sockets in the
     /// same pass is pointless until some are closed.

@@ -66,7 +66,7 @@ public struct PortSpec: Hashable, Sendable {
     public static func parse(
         _ text: String,
         proto: TransportProtocol,
-        ephemeralPorts: ClosedRange<UInt16> = EphemeralPortRange.current()
+        ephemeralPorts: ClosedRange<UInt16>
     ) throws(PortSpecError) -> PortSpec {
         var parser = PortSpecParser(spec: text, proto: proto, ephemeral: ephemeralPorts)
         return try parser.parse()
@@ -92,21 +92,15 @@ public struct PortSpecError: Error, Hashable, Sendable, CustomStringConvertible 
     public var description: String { "invalid port spec \"\(spec)\": \(message)" }
 }
 
-/// The host's ephemeral (local, automatically assigned) port range.
+/// The host's ephemeral (local, automatically assigned) port range. Reading it from the
+/// kernel is PestoSystem's `EphemeralPortRange.current()`.
 public enum EphemeralPortRange {
     /// RFC 6335's dynamic port range, used when the kernel's range cannot be read.
     public static let fallback: ClosedRange<UInt16> = 49152...65535
 
-    /// Reads /proc/sys/net/ipv4/ip_local_port_range ("32768\t60999"); falls back to
-    /// `fallback` when the file is unreadable or garbled.
-    public static func current(path: String = "/proc/sys/net/ipv4/ip_local_port_range") -> ClosedRange<UInt16> {
-        guard let bytes = readFile(path, limit: 128), let range = parse(bytes) else { return fallback }
-        return range
-    }
-
     /// Parses the sysctl's text: two decimal ports separated by tabs or spaces, low first, with
     /// an optional trailing newline. Nil for anything else (including 0 or a reversed range).
-    static func parse(_ bytes: [UInt8]) -> ClosedRange<UInt16>? {
+    public static func parse(_ bytes: [UInt8]) -> ClosedRange<UInt16>? {
         var text = bytes[...]
         if text.last == UInt8(ascii: "\n") { text = text.dropLast() }
         let fields = text.split(whereSeparator: { $0 == UInt8(ascii: "\t") || $0 == UInt8(ascii: " ") })

@@ -14,6 +14,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// The polkit actions of `polkit/top.passt.Pesto1.policy`.

@@ -20,6 +20,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// Why a change was not made.

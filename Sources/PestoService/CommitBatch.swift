@@ -22,6 +22,7 @@
 import Logging
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// Committed, not yet saved changes and whom to tell once they are (or are not) saved.

@@ -40,6 +40,7 @@ import CPestoSys
 import Logging
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)
@@ -90,16 +91,18 @@ public final class ControlSocket: EventHandler {
         guard let address = SocketAddress(unixPath: path), !path.hasPrefix("@") else {
             throw PestoError(.system, "The control socket path \(path) is not a usable path (at most 107 bytes).")
         }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        guard fd >= 0 else { throw PestoError(.system, "Cannot create the control socket.", underlyingError: .current) }
-        var st = stat()
-        if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+        let fd: Int32
+        switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_STREAM.rawValue)) {
+        case .success(let s): fd = s
+        case .failure(let e): throw PestoError(.system, "Cannot create the control socket.", underlyingError: e)
+        }
+        // A stale socket is replaced; should the unlink fail, bind() says so.
+        if case .success(let st) = Sys.lstat(path), (st.st_mode & S_IFMT) == S_IFSOCK { _ = Sys.unlink(path) }
         let old = umask(0o077)
-        let bound = address.withSockaddr { bind(fd, $0, $1) }
+        let bound = Sys.bind(fd, to: address)
         umask(old)
-        guard bound == 0, listen(fd, 16) == 0 else {
-            let e = Errno.current
-            close(fd)
+        if case .failure(let e) = bound.flatMap({ Sys.listen(fd, backlog: 16) }) {
+            Sys.close(fd)
             throw PestoError(.system, "Cannot listen on the control socket \(path).", underlyingError: e)
         }
         listenFD = fd
@@ -112,9 +115,9 @@ public final class ControlSocket: EventHandler {
 
     deinit {
         if let resumeTimer { loop.cancelTimer(resumeTimer) }
-        if client >= 0 { close(client) }
-        close(listenFD)
-        unlink(path)
+        if client >= 0 { Sys.close(client) }
+        Sys.close(listenFD)
+        _ = Sys.unlink(path)  // gone already (removed by hand): nothing to do
     }
 
     public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
@@ -128,10 +131,11 @@ public final class ControlSocket: EventHandler {
     /// Takes the next client and queues the hello and the dump.
     private func accept() {
         guard client < 0 else { return }
-        let c = pesto_accept4(listenFD, nil, nil, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
-        guard c >= 0 else {
-            let e = Errno.current
-            if e.isDescriptorExhaustion || e.rawValue == ENOBUFS || e.rawValue == ENOMEM {
+        let c: Int32
+        switch Sys.accept(listenFD) {
+        case .success(let fd): c = fd
+        case .failure(let e):
+            if e.isDescriptorExhaustion || e == .noBufferSpace || e == .noMemory {
                 // The client stays in the backlog; try again after a pause, never in a spin.
                 unwatchListener()
                 pauseThenWatchListener(because: e)
@@ -165,21 +169,27 @@ public final class ControlSocket: EventHandler {
     /// Writes what is queued, reads what arrived.
     private func serve(_ events: UInt32) {
         if written < output.count {
-            let n = output.withUnsafeBytes { send(client, $0.baseAddress! + written, output.count - written, Int32(MSG_NOSIGNAL)) }
-            if n > 0 { written += n } else if n < 0 && errno != EAGAIN && errno != EINTR {
-                return end("write failed: \(Errno.current)")
+            switch output.withUnsafeBytes({ Sys.send(client, $0.baseAddress! + written, output.count - written, flags: Int32(MSG_NOSIGNAL)) }) {
+            case .success(let n): written += n
+            case .failure(.wouldBlock): break
+            case .failure(let e): return end("write failed: \(e)")
             }
             if written == output.count {
                 output = []
                 written = 0
-                try? loop.modify(fd: client, events: EventLoop.Events.readable, kind: Self.clientKind)
+                do {
+                    try loop.modify(fd: client, events: EventLoop.Events.readable, kind: Self.clientKind)
+                } catch {
+                    return end("cannot watch the client: \(error)")  // else EPOLLOUT would spin the loop
+                }
             }
         }
         guard events & (EventLoop.Events.readable | EventLoop.Events.hangup | EventLoop.Events.error) != 0 else { return }
-        let n = readBuffer.withUnsafeMutableBytes { recv(client, $0.baseAddress!, $0.count, 0) }
-        if n < 0 {
-            if errno == EAGAIN || errno == EINTR { return }
-            return end("read failed: \(Errno.current); nothing changed")
+        let n: Int
+        switch readBuffer.withUnsafeMutableBytes({ Sys.recv(client, $0.baseAddress!, $0.count, flags: 0) }) {
+        case .success(let count): n = count
+        case .failure(.wouldBlock): return
+        case .failure(let e): return end("read failed: \(e); nothing changed")
         }
         if n == 0 {
             guard received > 0 else {
@@ -257,7 +267,7 @@ public final class ControlSocket: EventHandler {
         if let deadline { loop.cancelTimer(deadline) }
         deadline = nil
         if client >= 0 {
-            close(client)  // leaves epoll too
+            Sys.close(client)  // leaves epoll too
             client = -1
         }
         clientWatched = false

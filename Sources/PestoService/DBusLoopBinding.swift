@@ -11,6 +11,7 @@
 import CDBus
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 extension DBusConnection {

@@ -13,6 +13,7 @@
 import Logging
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// A change to one rule of one table: what the service performs and the journal records.

@@ -14,6 +14,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 enum ObjectTree {

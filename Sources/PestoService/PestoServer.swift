@@ -53,6 +53,7 @@
 import Logging
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// pestod's D-Bus service.

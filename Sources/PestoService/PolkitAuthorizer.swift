@@ -16,6 +16,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// Authorises callers with polkit's `CheckAuthorization`; without polkit, only uid 0.

@@ -12,6 +12,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// Rate limit for refusal log lines, per sender, with bounded state.

@@ -14,6 +14,7 @@
 import CDBus
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// Whom to answer and which call the answer is for; small, and no reference to the message.

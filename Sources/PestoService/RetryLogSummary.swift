@@ -9,6 +9,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// The rules whose counts a bind retry changed since the last `take()`.

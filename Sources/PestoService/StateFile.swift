@@ -28,6 +28,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)
@@ -151,40 +152,50 @@ public struct StateFile {
         // A stale temp file from a crash, or anything planted there (a symlink to a file root
         // must not overwrite), is removed first; O_EXCL|O_NOFOLLOW then refuses anything that
         // appears in between instead of following it.
-        var st = stat()
-        if lstat(temp, &st) == 0 && unlink(temp) != 0 && errno != ENOENT {
-            throw PestoError(.system, "Cannot remove the stale \(temp).", underlyingError: .current)
+        if case .success = Sys.lstat(temp), case .failure(let e) = Sys.unlink(temp), e != .noSuchFile {
+            throw PestoError(.system, "Cannot remove the stale \(temp).", underlyingError: e)
         }
-        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw PestoError(.system, "Cannot create \(temp).", underlyingError: .current) }
+        let fd: Int32
+        switch Sys.open(temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600) {
+        case .success(let opened): fd = opened
+        case .failure(let e): throw PestoError(.system, "Cannot create \(temp).", underlyingError: e)
+        }
+        /// Closes and removes the temp file after a failure (its own errors change nothing:
+        /// the save has failed either way, and a leftover temp file is removed by the next).
+        func abandon() {
+            Sys.close(fd)
+            _ = Sys.unlink(temp)
+        }
         var written = 0
         while written < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + written, bytes.count - written) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                let e = n == 0 ? Errno(rawValue: ENOSPC) : Errno.current
-                close(fd)
-                unlink(temp)
+            switch bytes.withUnsafeBytes({ Sys.write(fd, $0.baseAddress! + written, bytes.count - written) }) {
+            case .success(let n) where n > 0: written += n
+            case .success:  // 0 bytes for a non-empty write: a full file system
+                abandon()
+                throw PestoError(.system, "Cannot write \(temp).", underlyingError: .noSpace)
+            case .failure(let e):
+                abandon()
                 throw PestoError(.system, "Cannot write \(temp).", underlyingError: e)
             }
-            written += n
         }
-        guard fsync(fd) == 0 else {
-            let e = Errno.current
-            close(fd)
-            unlink(temp)
+        if case .failure(let e) = Sys.fsync(fd) {
+            abandon()
             throw PestoError(.system, "Cannot sync \(temp).", underlyingError: e)
         }
-        close(fd)
-        guard rename(temp, path) == 0 else {
-            let e = Errno.current
-            unlink(temp)
+        Sys.close(fd)
+        if case .failure(let e) = Sys.rename(temp, to: path) {
+            _ = Sys.unlink(temp)
             throw PestoError(.system, "Cannot replace \(path).", underlyingError: e)
         }
-        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard dir >= 0 else { throw PestoError(.system, "Cannot open the directory \(directory) to sync it.", underlyingError: .current) }
-        defer { close(dir) }
-        guard fsync(dir) == 0 else { throw PestoError(.system, "Cannot sync the directory \(directory).", underlyingError: .current) }
+        let dir: Int32
+        switch Sys.open(directory, O_RDONLY | O_DIRECTORY) {
+        case .success(let opened): dir = opened
+        case .failure(let e): throw PestoError(.system, "Cannot open the directory \(directory) to sync it.", underlyingError: e)
+        }
+        defer { Sys.close(dir) }
+        if case .failure(let e) = Sys.fsync(dir) {
+            throw PestoError(.system, "Cannot sync the directory \(directory).", underlyingError: e)
+        }
     }
 
     /// The directory holding the file.
@@ -204,9 +215,11 @@ public struct StateFile {
 
     /// Reads the file; an invalid one is moved aside.
     public func load() -> LoadResult {
-        guard access(path, F_OK) == 0 else { return .missing }
-        guard let bytes = readFile(path, limit: Self.maxSize) else {
-            return moveAside("cannot be read, or is larger than \(Self.maxSize >> 20) MiB: \(Errno.current)")
+        guard case .success = Sys.exists(path) else { return .missing }
+        let bytes: [UInt8]
+        switch readWholeFile(path, limit: Self.maxSize) {
+        case .success(let read): bytes = read
+        case .failure(let e): return moveAside("cannot be read, or is larger than \(Self.maxSize >> 20) MiB: \(e)")
         }
         let text = String(decoding: bytes, as: UTF8.self)
         do {
@@ -226,13 +239,20 @@ public struct StateFile {
         let stamp = "\(path).bad-\(time(nil))"
         for n in 0..<1000 {
             let aside = n == 0 ? stamp : "\(stamp).\(n)"
-            if link(path, aside) == 0 {
-                unlink(path)
+            switch Sys.link(path, to: aside) {
+            case .success:
+                // The bad file is kept at `aside`; should the unlink fail, the next start finds
+                // it again and moves it aside again, which loses nothing.
+                _ = Sys.unlink(path)
                 return .invalid(reason: reason, movedTo: aside)
+            case .failure(.fileExists):
+                continue
+            case .failure:
+                // No hard links here (some file systems): rename, to a name checked to be free.
+                if case .failure = Sys.exists(aside), case .success = Sys.rename(path, to: aside) {
+                    return .invalid(reason: reason, movedTo: aside)
+                }
             }
-            if errno == EEXIST { continue }
-            // No hard links here (some file systems): rename, to a name checked to be free.
-            if access(aside, F_OK) != 0 && rename(path, aside) == 0 { return .invalid(reason: reason, movedTo: aside) }
             break
         }
         return .invalid(reason: reason, movedTo: nil)

@@ -5,6 +5,7 @@
 import CPestoSys
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)
@@ -19,11 +20,10 @@ public enum SystemdNotify {
         guard let pathC = getenv("NOTIFY_SOCKET"), let address = SocketAddress(unixPath: String(cString: pathC)) else {
             return false
         }
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
+        guard case .success(let fd) = Sys.socket(domain: AF_UNIX, type: Int32(SOCK_DGRAM.rawValue), blocking: true) else { return false }
+        defer { Sys.close(fd) }
         let bytes = Array(state.utf8)
-        let sent = address.withSockaddr { sendto(fd, bytes, bytes.count, Int32(MSG_NOSIGNAL), $0, $1) }
-        return sent == bytes.count
+        let sent = bytes.withUnsafeBytes { Sys.sendTo(fd, $0.baseAddress, bytes.count, flags: Int32(MSG_NOSIGNAL), to: address) }
+        return (try? sent.get()) == bytes.count
     }
 }

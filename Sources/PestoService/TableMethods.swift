@@ -6,6 +6,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 extension PestoServer {

@@ -36,6 +36,7 @@
 
 import Logging
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 /// What the editor reports, once final. Called on the loop thread.

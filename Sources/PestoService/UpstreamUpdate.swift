@@ -27,6 +27,7 @@
 
 import PestoDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 extension TablesEditor {

@@ -17,6 +17,7 @@
 import Glibc
 #endif
 import PestoModel
+import PestoSystem
 import PestoDBus
 
 /// Exit statuses.

@@ -18,6 +18,7 @@
 import Glibc
 #endif
 import PestoModel
+import PestoSystem
 import PestoDBus
 
 /// A bad command line; exit status 2.

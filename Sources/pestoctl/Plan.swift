@@ -5,6 +5,7 @@
 // modifications before touching anything).
 
 import PestoModel
+import PestoSystem
 
 /// A rule the update adds, with what the bind check needs.
 struct NewRule {

@@ -3,6 +3,7 @@
 // RuleText: rules to and from the contract's `a{sv}`, and as pasta-style spec text and JSON.
 
 import PestoModel
+import PestoSystem
 import PestoDBus
 
 /// One rule of a table as `List` returns it.

@@ -7,6 +7,7 @@
 import Glibc
 #endif
 import PestoModel
+import PestoSystem
 import PestoDBus
 
 /// Prints to stderr.
@@ -19,9 +20,8 @@ func writeError(_ text: String) {
     fflush(nil)
     var bytes = Array(text.utf8)[...]
     while !bytes.isEmpty {
-        let n = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { return }
+        // A stderr that cannot be written to (closed, full disk) leaves nothing to report to.
+        guard case .success(let n) = bytes.withUnsafeBytes({ Sys.write(2, $0.baseAddress, $0.count, mayBeClosed: true) }), n > 0 else { return }
         bytes = bytes.dropFirst(n)
     }
 }
@@ -63,7 +63,7 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
             // Bad specs are usage errors whether or not the service is reachable.
             for case .spec(let kind, let proto, let text, _) in operations {
                 do {
-                    _ = try PortSpec.parse(text, proto: proto)
+                    _ = try PortSpec.parse(text, proto: proto, ephemeralPorts: EphemeralPortRange.current())
                 } catch {
                     printError("\(RuleText.option(Rule(proto: proto, firstPort: 1), kind)): \(error.description)")
                     return ExitCode.usage

@@ -6,6 +6,7 @@
 import ArgumentParser
 import Logging
 import PestoEngine
+import PestoSystem
 import PestoModel
 import PestoDBus
 import PestoService

@@ -7,6 +7,7 @@ import Testing
 
 import PestoModel
 @testable import PestoEngine
+import PestoSystem
 import PestoTestSupport
 
 #if canImport(Glibc)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 // Descriptors and epoll watches running out, in process: the engine on its own loop, real
-// loopback sockets, and the event loop's injectable epoll_ctl failure standing in for
+// loopback sockets, and epoll_ctl failures injected by a `SyscallScript` standing in for
 // `fs.epoll.max_user_watches` (a global sysctl no test may lower).
 //
 // `turn(until:)` runs the loop until a condition holds, checked every 5 ms; its 5 s bound only
@@ -11,6 +11,7 @@ import CPestoSys
 import Testing
 
 @testable import PestoEngine
+import PestoSystem
 @testable import PestoModel
 import PestoTestSupport
 
@@ -90,90 +91,99 @@ struct DescriptorTests {
 
     @Test("an epoll_ctl failure (ENOSPC) at activation is each port's bind failure, retried later; nothing traps or leaks")
     func activationWatchFailure() throws {
-        let h = try EngineHarness()
-        defer { h.shutdown() }
-        let ports = TestSockets.freePorts(4)
-        h.loop.injectedControlFailure = { kind, _ in
-            kind == EngineEventKind.tcpListener || kind == EngineEventKind.udpListener ? Self.enospc : nil
+        let script = SyscallScript()
+        try script.run {
+            let h = try EngineHarness()
+            defer { h.shutdown() }
+            let ports = TestSockets.freePorts(4)
+            script.fail(.epollCtl, with: Self.enospc, times: nil) {
+                $0.epollKind == EngineEventKind.tcpListener.rawValue || $0.epollKind == EngineEventKind.udpListener.rawValue
+            }
+            try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, lastPort: ports.lowerBound + 2))
+            try h.engine.host.insert(id: 2, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.upperBound))
+            #expect(try h.engine.host.activate(id: 1) == .init(bound: 0, failed: 3))
+            #expect(try h.engine.host.activate(id: 2) == .init(bound: 0, failed: 1))
+            #expect(try h.engine.host.status(1) == RuleStatus(active: true, bound: 0, failed: 3, lastError: Self.enospc))
+            #expect(try h.engine.host.status(2) == RuleStatus(active: true, bound: 0, failed: 1, lastError: Self.enospc))
+            #expect(h.engine.budget.held == 0, "the failed listeners are not charged")
+            #expect(h.engine.host.openSockets == 0)
+            // The sockets were closed: nothing listens on those ports.
+            if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) {
+                close(fd)
+                Issue.record("a listener epoll could not watch was left open")
+            }
+            // Once epoll takes watches again, the retry binds them like any failed bind.
+            script.stopFailing()
+            #expect(Set(h.engine.host.retryFailedBinds()) == [1, 2])
+            #expect(try h.engine.host.status(1) == RuleStatus(active: true, bound: 3, failed: 0, lastError: nil))
+            #expect(h.engine.budget.held == 4)
         }
-        try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, lastPort: ports.lowerBound + 2))
-        try h.engine.host.insert(id: 2, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.upperBound))
-        #expect(try h.engine.host.activate(id: 1) == .init(bound: 0, failed: 3))
-        #expect(try h.engine.host.activate(id: 2) == .init(bound: 0, failed: 1))
-        #expect(try h.engine.host.status(1) == RuleStatus(active: true, bound: 0, failed: 3, lastError: Self.enospc))
-        #expect(try h.engine.host.status(2) == RuleStatus(active: true, bound: 0, failed: 1, lastError: Self.enospc))
-        #expect(h.engine.budget.held == 0, "the failed listeners are not charged")
-        #expect(h.engine.host.openSockets == 0)
-        // The sockets were closed: nothing listens on those ports.
-        if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) {
-            close(fd)
-            Issue.record("a listener epoll could not watch was left open")
-        }
-        // Once epoll takes watches again, the retry binds them like any failed bind.
-        h.loop.injectedControlFailure = nil
-        #expect(Set(h.engine.host.retryFailedBinds()) == [1, 2])
-        #expect(try h.engine.host.status(1) == RuleStatus(active: true, bound: 3, failed: 0, lastError: nil))
-        #expect(h.engine.budget.held == 4)
     }
 
     @Test("a TCP connection whose socket epoll cannot watch is reset alone; others keep relaying")
     func connectionWatchFailure() throws {
-        let h = try EngineHarness()
-        defer { h.shutdown() }
-        let ports = TestSockets.freePorts(2)
-        let server = try #require(EchoServer(port: ports.upperBound))
-        defer { server.stop() }
-        try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
-        #expect(try h.engine.host.activate(id: 1).bound == 1)
-        let a = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
-        defer { close(a) }
-        var byte: UInt8 = 1
-        #expect(write(a, &byte, 1) == 1)
-        h.turn(until: { peek(a) == "data" }, "A's byte echoed")
-        #expect(read(a, &byte, 1) == 1)
+        let script = SyscallScript()
+        try script.run {
+            let h = try EngineHarness()
+            defer { h.shutdown() }
+            let ports = TestSockets.freePorts(2)
+            let server = try #require(EchoServer(port: ports.upperBound))
+            defer { server.stop() }
+            try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+            #expect(try h.engine.host.activate(id: 1).bound == 1)
+            let a = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+            defer { close(a) }
+            var byte: UInt8 = 1
+            #expect(write(a, &byte, 1) == 1)
+            h.turn(until: { peek(a) == "data" }, "A's byte echoed")
+            #expect(read(a, &byte, 1) == 1)
 
-        h.loop.injectedControlFailure = { kind, _ in kind == EngineEventKind.tcpConnection ? Self.enospc : nil }
-        let b = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
-        defer { close(b) }
-        h.turn(until: { h.engine.tcp.counters.watchFailures == 1 }, "B dropped")
-        h.turn(until: { peek(b) == "reset" }, "B reset")
-        #expect(h.engine.tcp.activeConnections == 1, "only B was dropped")
-        h.loop.injectedControlFailure = nil
+            script.fail(.epollCtl, with: Self.enospc, times: nil) { $0.epollKind == EngineEventKind.tcpConnection.rawValue }
+            let b = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+            defer { close(b) }
+            h.turn(until: { h.engine.tcp.counters.watchFailures == 1 }, "B dropped")
+            h.turn(until: { peek(b) == "reset" }, "B reset")
+            #expect(h.engine.tcp.activeConnections == 1, "only B was dropped")
+            script.stopFailing()
 
-        // A still relays, and so does a new connection.
-        #expect(write(a, &byte, 1) == 1)
-        h.turn(until: { peek(a) == "data" }, "A's second byte echoed")
-        let c = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
-        defer { close(c) }
-        #expect(write(c, &byte, 1) == 1)
-        h.turn(until: { peek(c) == "data" }, "C's byte echoed")
-        #expect(h.engine.tcp.activeConnections == 2)
+            // A still relays, and so does a new connection.
+            #expect(write(a, &byte, 1) == 1)
+            h.turn(until: { peek(a) == "data" }, "A's second byte echoed")
+            let c = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+            defer { close(c) }
+            #expect(write(c, &byte, 1) == 1)
+            h.turn(until: { peek(c) == "data" }, "C's byte echoed")
+            #expect(h.engine.tcp.activeConnections == 2)
+        }
     }
 
     @Test("a UDP flow whose socket epoll cannot watch loses its datagram; the next one makes the flow")
     func flowWatchFailure() throws {
-        let h = try EngineHarness()
-        defer { h.shutdown() }
-        let ports = TestSockets.freePorts(2)
-        let server = try #require(UDPEchoServer(port: ports.upperBound))
-        defer { server.stop() }
-        try h.engine.host.insert(id: 1, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
-        #expect(try h.engine.host.activate(id: 1).bound == 1)
-        let client = try #require(TestTraffic.udpClient())
-        defer { close(client) }
-        let to = SocketAddress(.loopbackIPv4, port: ports.lowerBound)
-        func send() { _ = to.withSockaddr { sa, len in sendto(client, "x", 1, 0, sa, len) } }
+        let script = SyscallScript()
+        try script.run {
+            let h = try EngineHarness()
+            defer { h.shutdown() }
+            let ports = TestSockets.freePorts(2)
+            let server = try #require(UDPEchoServer(port: ports.upperBound))
+            defer { server.stop() }
+            try h.engine.host.insert(id: 1, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+            #expect(try h.engine.host.activate(id: 1).bound == 1)
+            let client = try #require(TestTraffic.udpClient())
+            defer { close(client) }
+            let to = SocketAddress(.loopbackIPv4, port: ports.lowerBound)
+            func send() { _ = to.withSockaddr { sa, len in sendto(client, "x", 1, 0, sa, len) } }
 
-        h.loop.injectedControlFailure = { kind, _ in kind == EngineEventKind.udpFlow ? Self.enospc : nil }
-        send()
-        h.turn(until: { h.engine.udp.counters.droppedErrors == 1 }, "the datagram dropped")
-        #expect(h.engine.udp.flowCount == 0)
-        #expect(h.engine.budget.held == 1, "only the listener is charged")
-        h.loop.injectedControlFailure = nil
-        send()
-        h.turn(until: { peek(client) == "data" }, "the reply")
-        #expect(h.engine.udp.flowCount == 1)
-        #expect(h.engine.budget.held == 2)
+            script.fail(.epollCtl, with: Self.enospc, times: nil) { $0.epollKind == EngineEventKind.udpFlow.rawValue }
+            send()
+            h.turn(until: { h.engine.udp.counters.droppedErrors == 1 }, "the datagram dropped")
+            #expect(h.engine.udp.flowCount == 0)
+            #expect(h.engine.budget.held == 1, "only the listener is charged")
+            script.stopFailing()
+            send()
+            h.turn(until: { peek(client) == "data" }, "the reply")
+            #expect(h.engine.udp.flowCount == 1)
+            #expect(h.engine.budget.held == 2)
+        }
     }
 
     @Test("at the relay limit a new connection is reset and reported once; listeners still open up to the engine limit")

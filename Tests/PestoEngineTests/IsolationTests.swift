@@ -5,6 +5,7 @@
 import Testing
 
 @testable import PestoEngine
+import PestoSystem
 @testable import PestoModel
 import PestoTestSupport
 

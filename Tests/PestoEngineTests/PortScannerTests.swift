@@ -7,6 +7,7 @@ import CPestoSys
 import Testing
 
 @testable import PestoEngine
+import PestoSystem
 @testable import PestoModel
 import PestoTestSupport
 

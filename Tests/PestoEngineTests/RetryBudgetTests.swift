@@ -8,6 +8,7 @@
 import Testing
 
 @testable import PestoEngine
+import PestoSystem
 @testable import PestoModel
 
 /// A factory without sockets: each attempt is recorded and fails with the errno `failure`

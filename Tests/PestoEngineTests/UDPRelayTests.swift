@@ -14,6 +14,7 @@ import CPestoSys
 import Testing
 
 @testable import PestoEngine
+import PestoSystem
 @testable import PestoModel
 import PestoTestSupport
 

@@ -10,6 +10,7 @@ import Glibc
 import Testing
 
 @testable import PestoModel
+import PestoSystem
 import PestoTestSupport
 
 /// One expected rule, without the protocol (each example runs for TCP and UDP).
@@ -194,9 +195,9 @@ struct PortSpecTests {
         #expect(low.rules == [Rule(proto: .udp, firstPort: 1001, lastPort: 65535)])
     }
 
-    @Test("the default ephemeral range is the host's")
-    func defaultEphemeralRange() throws {
-        let spec = try PortSpec.parse("22", proto: .tcp)
+    @Test("the host's ephemeral range, as read from the kernel, parses a plain port")
+    func hostEphemeralRange() throws {
+        let spec = try PortSpec.parse("22", proto: .tcp, ephemeralPorts: EphemeralPortRange.current())
         #expect(spec.rules == [Rule(proto: .tcp, firstPort: 22)])
     }
 

@@ -5,6 +5,7 @@
 // departed sender leaves behind, and the bounded, rate-limited refusal log.
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Testing
 

@@ -7,6 +7,7 @@ import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
+import PestoSystem
 @testable import PestoModel
 @testable import PestoDBus
 @testable import PestoService
@@ -22,30 +23,28 @@ struct DBusWatchTests {
         let f = try PestodFixture()  // for its bus
         let loop = try EventLoop()
         let connection = try DBusConnection(.address(f.address))
-        var refused = 0
-        loop.injectedControlFailure = { kind, _ in
-            guard kind == EngineEventKind.dbus else { return nil }
-            refused += 1
-            return Errno(rawValue: ENOSPC)
-        }
-        connection.attach(to: loop, kind: EngineEventKind.dbus)
-        defer {
-            connection.detach()
-            loop.removeAllHandlers()
-        }
-        #expect(refused > 0, "the bus socket's watch was refused")
-        // epoll takes watches again a little later; the pending reply must then arrive.
-        loop.after(milliseconds: 30) { loop.injectedControlFailure = nil }
+        let script = SyscallScript()
+        script.fail(.epollCtl, with: Errno(rawValue: ENOSPC), times: nil) { $0.epollKind == EngineEventKind.dbus.rawValue }
         var reply: DBusMessage?
-        connection.send(
-            .methodCall(destination: "org.freedesktop.DBus", path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus", member: "GetId")
-        ) { m in
-            reply = m
-            loop.stop()
+        script.run {
+            connection.attach(to: loop, kind: EngineEventKind.dbus)
+            defer {
+                connection.detach()
+                loop.removeAllHandlers()
+            }
+            #expect(script.injectedCount(.epollCtl) > 0, "the bus socket's watch was refused")
+            // epoll takes watches again a little later; the pending reply must then arrive.
+            loop.after(milliseconds: 30) { script.stopFailing() }
+            connection.send(
+                .methodCall(destination: "org.freedesktop.DBus", path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus", member: "GetId")
+            ) { m in
+                reply = m
+                loop.stop()
+            }
+            let bound = loop.after(milliseconds: 5000) { loop.stop() }  // only a failure takes this long
+            loop.run()
+            loop.cancelTimer(bound)
         }
-        let bound = loop.after(milliseconds: 5000) { loop.stop() }  // only a failure takes this long
-        loop.run()
-        loop.cancelTimer(bound)
         #expect(reply != nil && reply?.isError == false, "the reply arrived once the socket was watched")
     }
 }

@@ -12,6 +12,7 @@
 
 import Foundation
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Testing
 

@@ -11,6 +11,7 @@
 
 import Foundation
 import PestoEngine
+import PestoSystem
 import PestoModel
 import PestoTestSupport
 import Testing

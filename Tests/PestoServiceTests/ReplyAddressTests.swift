@@ -5,6 +5,7 @@
 
 import CDBus
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Testing
 

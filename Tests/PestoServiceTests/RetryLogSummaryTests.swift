@@ -3,6 +3,7 @@
 // RetryLogSummary: a turn's retried rules make one log line, not one per rule.
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Testing
 

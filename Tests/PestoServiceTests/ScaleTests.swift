@@ -5,6 +5,7 @@
 
 import Foundation
 import PestoEngine
+import PestoSystem
 import PestoModel
 import PestoTestSupport
 import Testing

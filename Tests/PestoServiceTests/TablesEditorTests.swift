@@ -7,6 +7,7 @@
 // holder leaves, and the check order (doc/dbus-api.md, "Check order").
 
 import PestoEngine
+import PestoSystem
 import PestoModel
 import PestoTestSupport
 import Testing

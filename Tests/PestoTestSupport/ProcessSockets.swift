@@ -10,6 +10,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)

@@ -4,6 +4,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoSystem
 import PestoModel
 import Synchronization
 

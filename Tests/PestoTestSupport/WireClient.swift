@@ -6,6 +6,7 @@
 
 import CPestoSys
 import PestoEngine
+import PestoSystem
 import PestoModel
 
 #if canImport(Glibc)

@@ -1,0 +1,375 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Syscalls: the one funnel through which pesto calls the kernel.
+//
+// Theory of operation
+// -------------------
+// Every system call of the engine, the service and the command-line tool goes through a
+// wrapper here, and every wrapper goes through `Sys.call`, the only place that reads `errno`.
+// A wrapper returns `Result<T, Errno>` (or, on the relays' hot paths, an enum of the outcomes
+// the caller decides on, such as `SpliceResult`); neither allocates nor throws an existential.
+// `Sys.call`:
+//   - retries EINTR where the call is restartable (everything but close(2));
+//   - traps on errnos that can only mean a bug in this program (EBADF, EFAULT): those are
+//     programmer errors, not conditions of the environment. A wrapper whose EBADF is a
+//     condition of the environment (EPOLL_CTL_DEL of a descriptor libdbus already closed)
+//     says so with `badDescriptorIsBug: false`;
+//   - in DEBUG builds only, first asks the calling thread's `SyscallScript` (SyscallScript.swift)
+//     whether the call is to fail, and with which errno: the test seam. In release builds the
+//     check is compiled out, so the funnel costs nothing.
+// Results that a caller may ignore without consequence (TCP_NODELAY, the pipe size) are
+// ignored explicitly, with the reason, at the call site.
+
+import PestoModel
+import CPestoSys
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Raw system calls, each returning the kernel's errno as a value.
+package enum Sys {
+    /// Which call a wrapper makes, for the debug-only `SyscallScript`.
+    package enum Name: String, Sendable, Hashable, CaseIterable {
+        case socket, setsockopt, getsockopt, bind, listen, accept, connect, shutdown
+        case send, recv, sendto, recvfrom
+        case splice, pipe, fcntl, close
+        case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
+        case setns, getrlimit, setrlimit, signals
+        case epollCreate, epollCtl, epollWait, eventfd
+    }
+
+    /// Runs `body` until it returns something other than -1/EINTR; -1 becomes `.failure(errno)`.
+    ///
+    /// `fd` and `detail` describe the call to a `SyscallScript` (debug builds); `detail` is the
+    /// epoll data for epoll_ctl, so a script can pick a kind of source.
+    @inline(__always)
+    package static func call<T: FixedWidthInteger>(
+        _ name: Name, fd: Int32 = -1, detail: UInt64 = 0, retryOnInterrupt: Bool = true, badDescriptorIsBug: Bool = true,
+        mockable: Bool = true, _ body: () -> T
+    ) -> Result<T, Errno> {
+        while true {
+            let e: Errno
+            #if DEBUG
+            if mockable, let injected = SyscallScript.failure(name, fd: fd, detail: detail) {
+                e = injected
+            } else {
+                let r = body()
+                if r != -1 { return .success(r) }
+                e = Errno.current
+            }
+            #else
+            let r = body()
+            if r != -1 { return .success(r) }
+            e = Errno.current
+            #endif
+            if e == .interrupted && retryOnInterrupt { continue }
+            precondition(!badDescriptorIsBug || e != .badFileDescriptor, "programmer error: \(name) on descriptor \(fd) gave EBADF")
+            precondition(e != .badAddress, "programmer error: \(name) gave EFAULT")
+            return .failure(e)
+        }
+    }
+
+    /// Records a new descriptor with the thread's script (debug builds), for leak checks.
+    @inline(__always)
+    static func opened(_ fd: Int32) -> Int32 {
+        #if DEBUG
+        SyscallScript.opened(fd)
+        #endif
+        return fd
+    }
+
+    // MARK: Sockets
+
+    /// `socket(2)` with close-on-exec (and, unless `blocking`, non-blocking) set atomically.
+    package static func socket(domain: Int32, type: Int32, blocking: Bool = false) -> Result<Int32, Errno> {
+        let flags = Int32(SOCK_CLOEXEC.rawValue) | (blocking ? 0 : Int32(SOCK_NONBLOCK.rawValue))
+        return call(.socket) { Glibc.socket(domain, type | flags, 0) }.map(opened)
+    }
+
+    /// `setsockopt(2)` for an `Int32` option value.
+    package static func setOption(_ fd: Int32, level: Int32, name: Int32, value: Int32) -> Result<Void, Errno> {
+        var v = value
+        return call(.setsockopt, fd: fd) { Glibc.setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)) }
+            .map { _ in () }
+    }
+
+    /// `setsockopt(SO_BINDTODEVICE)`.
+    package static func bindToDevice(_ fd: Int32, interface: String) -> Result<Void, Errno> {
+        var bytes = Array(interface.utf8)
+        bytes.append(0)
+        return call(.setsockopt, fd: fd) { Glibc.setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, &bytes, socklen_t(bytes.count)) }
+            .map { _ in () }
+    }
+
+    /// `setsockopt(SO_LINGER)` with a zero timeout: close(2) then sends a RST, not a FIN.
+    package static func setResetOnClose(_ fd: Int32) -> Result<Void, Errno> {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        return call(.setsockopt, fd: fd) {
+            Glibc.setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        }.map { _ in () }
+    }
+
+    /// `getsockopt(SO_ERROR)`: the socket's pending error (which reading clears); nil for none.
+    /// A failure of getsockopt itself is returned as `.failure`.
+    package static func pendingError(_ fd: Int32) -> Result<Errno?, Errno> {
+        var err: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        return call(.getsockopt, fd: fd) { Glibc.getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
+            .map { _ in err == 0 ? nil : Errno(rawValue: err) }
+    }
+
+    /// `bind(2)` to an address and port; IPv4 addresses on an IPv6 socket are given IPv4-mapped.
+    package static func bind(_ fd: Int32, domain: Int32, address: IPAddress, port: UInt16) -> Result<Void, Errno> {
+        bind(fd, to: SocketAddress(address, port: port, mappedIPv6: domain == AF_INET6))
+    }
+
+    /// `bind(2)` to a socket address.
+    package static func bind(_ fd: Int32, to address: SocketAddress) -> Result<Void, Errno> {
+        address.withSockaddr { sa, len in call(.bind, fd: fd) { Glibc.bind(fd, sa, len) } }.map { _ in () }
+    }
+
+    /// `listen(2)`.
+    package static func listen(_ fd: Int32, backlog: Int32) -> Result<Void, Errno> {
+        call(.listen, fd: fd) { Glibc.listen(fd, backlog) }.map { _ in () }
+    }
+
+    /// `accept4(2)`, non-blocking and close-on-exec; the peer's address goes to `peer` if given.
+    package static func accept(_ fd: Int32, peer: UnsafeMutablePointer<SocketAddress>? = nil) -> Result<Int32, Errno> {
+        let flags = Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+        if let peer {
+            return peer.pointee.withMutableSockaddr { sa, len in call(.accept, fd: fd) { pesto_accept4(fd, sa, len, flags) } }
+                .map(opened)
+        }
+        return call(.accept, fd: fd) { pesto_accept4(fd, nil, nil, flags) }.map(opened)
+    }
+
+    /// What a non-blocking `connect(2)` did.
+    package enum ConnectResult: Equatable, Sendable {
+        /// The connection is established.
+        case connected
+        /// The handshake goes on (EINPROGRESS, or EALREADY when asked again): wait for EPOLLOUT.
+        case inProgress
+        /// The connection failed.
+        case failed(Errno)
+    }
+
+    /// `connect(2)` on a non-blocking socket. Asking again while the first attempt is in
+    /// progress says whether it has completed meanwhile (0, or the failure) or not (EALREADY).
+    package static func connect(_ fd: Int32, to address: SocketAddress) -> ConnectResult {
+        // EINTR is not retried: the connection goes on in the background, as after EINPROGRESS.
+        let r = address.withSockaddr { sa, len in call(.connect, fd: fd, retryOnInterrupt: false) { Glibc.connect(fd, sa, len) } }
+        switch r {
+        case .success: return .connected
+        case .failure(let e) where e == .inProgress || e == .alreadyInProgress || e == .interrupted: return .inProgress
+        case .failure(let e) where e == .alreadyConnected: return .connected
+        case .failure(let e): return .failed(e)
+        }
+    }
+
+    /// `shutdown(2)`.
+    package static func shutdown(_ fd: Int32, _ how: Int32) -> Result<Void, Errno> {
+        call(.shutdown, fd: fd) { Glibc.shutdown(fd, how) }.map { _ in () }
+    }
+
+    /// `send(2)`.
+    package static func send(_ fd: Int32, _ bytes: UnsafeRawPointer?, _ count: Int, flags: Int32) -> Result<Int, Errno> {
+        call(.send, fd: fd) { Glibc.send(fd, bytes, count, flags) }
+    }
+
+    /// `recv(2)`.
+    package static func recv(_ fd: Int32, _ bytes: UnsafeMutableRawPointer?, _ count: Int, flags: Int32) -> Result<Int, Errno> {
+        call(.recv, fd: fd) { Glibc.recv(fd, bytes, count, flags) }
+    }
+
+    /// `sendto(2)`.
+    package static func sendTo(
+        _ fd: Int32, _ bytes: UnsafeRawPointer?, _ count: Int, flags: Int32, to address: SocketAddress
+    ) -> Result<Int, Errno> {
+        address.withSockaddr { sa, len in call(.sendto, fd: fd) { Glibc.sendto(fd, bytes, count, flags, sa, len) } }
+    }
+
+    /// `recvfrom(2)`; the sender's address goes to `from`.
+    package static func receiveFrom(
+        _ fd: Int32, _ bytes: UnsafeMutableRawPointer?, _ count: Int, flags: Int32, from: inout SocketAddress
+    ) -> Result<Int, Errno> {
+        from.withMutableSockaddr { sa, len in call(.recvfrom, fd: fd) { Glibc.recvfrom(fd, bytes, count, flags, sa, len) } }
+    }
+
+    // MARK: Pipes and splice
+
+    /// What one `splice(2)` did, for the relay's state machine.
+    package enum SpliceResult: Equatable, Sendable {
+        /// This many bytes moved (more than 0).
+        case moved(Int)
+        /// The source is at end of file (splice returned 0).
+        case endOfFile
+        /// Nothing can move now (EAGAIN): wait for readiness.
+        case wouldBlock
+        /// Any other error: the connection cannot go on.
+        case failed(Errno)
+    }
+
+    /// `splice(2)` of at most `count` bytes from `source` to `destination`, moving pages and
+    /// never blocking.
+    @inline(__always)
+    package static func splice(from source: Int32, to destination: Int32, count: Int) -> SpliceResult {
+        let flags = UInt32(PESTO_SPLICE_F_MOVE | PESTO_SPLICE_F_NONBLOCK)
+        switch call(.splice, fd: source, detail: UInt64(UInt32(bitPattern: destination)), { pesto_splice(source, destination, count, flags) }) {
+        case .success(0): return .endOfFile
+        case .success(let n): return .moved(n)
+        case .failure(let e) where e == .wouldBlock: return .wouldBlock
+        case .failure(let e): return .failed(e)
+        }
+    }
+
+    /// `pipe2(2)`, non-blocking and close-on-exec: (read end, write end).
+    package static func pipe() -> Result<(read: Int32, write: Int32), Errno> {
+        var fds: (Int32, Int32) = (-1, -1)
+        let r = withUnsafeMutableBytes(of: &fds) { raw in
+            call(.pipe) { pesto_pipe2(raw.baseAddress!.assumingMemoryBound(to: Int32.self), Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) }
+        }
+        return r.map { _ in (opened(fds.0), opened(fds.1)) }
+    }
+
+    /// `fcntl(F_SETPIPE_SZ)`: asks for a pipe capacity; returns the capacity granted.
+    package static func setPipeSize(_ fd: Int32, _ size: Int32) -> Result<Int32, Errno> {
+        call(.fcntl, fd: fd) { fcntl(fd, Int32(PESTO_F_SETPIPE_SZ), size) }
+    }
+
+    // MARK: Descriptors and files
+
+    /// `close(2)`. EINTR is not retried: on Linux the descriptor is gone either way; any other
+    /// error (EIO on a file) has no one to be reported to, as the descriptor is gone too. A
+    /// script cannot make it fail (the descriptor would stay open behind the test's back).
+    package static func close(_ fd: Int32) {
+        #if DEBUG
+        SyscallScript.closed(fd)
+        #endif
+        _ = call(.close, fd: fd, retryOnInterrupt: false, mockable: false) { Glibc.close(fd) }
+    }
+
+    /// `open(2)` with close-on-exec; `mode` for files it creates.
+    package static func open(_ path: String, _ flags: Int32, mode: mode_t = 0) -> Result<Int32, Errno> {
+        call(.open) { Glibc.open(path, flags | O_CLOEXEC, mode) }.map(opened)
+    }
+
+    /// `read(2)`.
+    package static func read(_ fd: Int32, _ bytes: UnsafeMutableRawPointer?, _ count: Int) -> Result<Int, Errno> {
+        call(.read, fd: fd) { Glibc.read(fd, bytes, count) }
+    }
+
+    /// `write(2)`. With `mayBeClosed` (stderr, which the caller's parent may have closed),
+    /// EBADF is returned instead of trapping.
+    package static func write(_ fd: Int32, _ bytes: UnsafeRawPointer?, _ count: Int, mayBeClosed: Bool = false) -> Result<Int, Errno> {
+        call(.write, fd: fd, badDescriptorIsBug: !mayBeClosed) { Glibc.write(fd, bytes, count) }
+    }
+
+    /// `fsync(2)`.
+    package static func fsync(_ fd: Int32) -> Result<Void, Errno> {
+        call(.fsync, fd: fd) { Glibc.fsync(fd) }.map { _ in () }
+    }
+
+    /// `fstat(2)`.
+    package static func fstat(_ fd: Int32) -> Result<stat, Errno> {
+        var st = Glibc.stat()
+        return call(.fstat, fd: fd) { Glibc.fstat(fd, &st) }.map { _ in st }
+    }
+
+    /// `stat(2)` (follows symbolic links).
+    package static func stat(_ path: String) -> Result<stat, Errno> {
+        var st = Glibc.stat()
+        return call(.stat) { statPath(path, &st) }.map { _ in st }
+    }
+
+    /// `lstat(2)` (does not follow symbolic links).
+    package static func lstat(_ path: String) -> Result<stat, Errno> {
+        var st = Glibc.stat()
+        return call(.lstat) { Glibc.lstat(path, &st) }.map { _ in st }
+    }
+
+    /// `unlink(2)`.
+    package static func unlink(_ path: String) -> Result<Void, Errno> {
+        call(.unlink) { Glibc.unlink(path) }.map { _ in () }
+    }
+
+    /// `rename(2)`.
+    package static func rename(_ from: String, to: String) -> Result<Void, Errno> {
+        call(.rename) { Glibc.rename(from, to) }.map { _ in () }
+    }
+
+    /// `link(2)`.
+    package static func link(_ from: String, to: String) -> Result<Void, Errno> {
+        call(.link) { Glibc.link(from, to) }.map { _ in () }
+    }
+
+    /// `access(2)` with F_OK: whether something exists at `path` (nil error: it does).
+    package static func exists(_ path: String) -> Result<Void, Errno> {
+        call(.access) { Glibc.access(path, F_OK) }.map { _ in () }
+    }
+
+    // MARK: Process
+
+    /// `setns(2)` into the network namespace behind `fd`.
+    package static func enterNetworkNamespace(_ fd: Int32) -> Result<Void, Errno> {
+        call(.setns, fd: fd) { pesto_setns(fd, Int32(PESTO_CLONE_NEWNET)) }.map { _ in () }
+    }
+
+    /// `getrlimit(RLIMIT_NOFILE)`.
+    package static func openFileLimit() -> Result<rlimit, Errno> {
+        var limit = rlimit()
+        return call(.getrlimit) { getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) }.map { _ in limit }
+    }
+
+    /// `setrlimit(RLIMIT_NOFILE)`.
+    package static func setOpenFileLimit(_ limit: rlimit) -> Result<Void, Errno> {
+        var limit = limit
+        return call(.setrlimit) { setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) }.map { _ in () }
+    }
+
+    /// Makes SIGTERM, SIGINT and SIGHUP write to the eventfd `fd` and ignores SIGPIPE
+    /// (`pesto_stop_on_signals`: sigaction and pthread_sigmask).
+    package static func stopOnSignals(writingTo fd: Int32) -> Result<Void, Errno> {
+        call(.signals, fd: fd) { pesto_stop_on_signals(fd) }.map { _ in () }
+    }
+
+    // MARK: epoll
+
+    /// `epoll_create1(EPOLL_CLOEXEC)`.
+    package static func epollCreate() -> Result<Int32, Errno> {
+        call(.epollCreate) { epoll_create1(Int32(EPOLL_CLOEXEC)) }.map(opened)
+    }
+
+    /// `eventfd(2)`, non-blocking and close-on-exec.
+    package static func eventFD() -> Result<Int32, Errno> {
+        call(.eventfd) { eventfd(0, Int32(EFD_CLOEXEC) | Int32(EFD_NONBLOCK)) }.map(opened)
+    }
+
+    /// `epoll_ctl(2)` ADD or MOD with `events` and the 64-bit `data`. ENOSPC (at
+    /// `fs.epoll.max_user_watches`) and ENOMEM are the environment's; ENOENT on MOD tells a
+    /// caller that keeps no record of it that the descriptor is not watched (the engine's
+    /// resume of a paused listener); EBADF traps.
+    package static func epollWatch(_ epfd: Int32, _ op: Int32, fd: Int32, events: UInt32, data: UInt64) -> Result<Void, Errno> {
+        var ev = epoll_event()
+        ev.events = events
+        ev.data.u64 = data
+        return call(.epollCtl, fd: fd, detail: data) { epoll_ctl(epfd, op, fd, &ev) }.map { _ in () }
+    }
+
+    /// `epoll_ctl(EPOLL_CTL_DEL)`. EBADF and ENOENT are not bugs here: the descriptor may
+    /// already be closed (libdbus closes before it removes its watch), which removed it.
+    package static func epollUnwatch(_ epfd: Int32, fd: Int32) -> Result<Void, Errno> {
+        var ev = epoll_event()
+        return call(.epollCtl, fd: fd, badDescriptorIsBug: false) { epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev) }.map { _ in () }
+    }
+
+    /// `epoll_wait(2)` into `events`; EINTR is returned (as `.failure`), not retried, so the
+    /// loop recomputes its timeout.
+    package static func epollWait(_ epfd: Int32, _ events: UnsafeMutableBufferPointer<epoll_event>, timeout: Int32) -> Result<Int, Errno> {
+        call(.epollWait, fd: epfd, retryOnInterrupt: false) { epoll_wait(epfd, events.baseAddress, Int32(events.count), timeout) }
+            .map { Int($0) }
+    }
+}
+
+/// stat(2) by path; outside `Sys`, where `stat` names the wrapper, not the C function.
+private func statPath(_ path: String, _ st: inout stat) -> Int32 { stat(path, &st) }

@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// The TCP relay's per-connection state machine, without a socket: events in, actions out
+// (TCPConnectionState.swift). Every transition, both orders of half-close, every error path.
+
+import Testing
+
+@testable import PestoEngine
+import PestoModel
+import PestoSystem
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+private typealias State = TCPConnectionState
+private typealias Event = TCPConnectionState.Event
+private typealias Action = TCPConnectionState.Action
+
+private let readable = EventLoop.Events.readable
+private let writable = EventLoop.Events.writable
+
+/// Feeds `events` in order; returns the action each one gave.
+private func feed(_ state: inout State, _ events: [Event]) -> [Action] {
+    events.map { state.handle($0) }
+}
+
+/// A connection that connected at once and went through its first (empty) turn: both
+/// directions found nothing to read and both sockets are watched for EPOLLIN.
+private func idleConnection() -> State {
+    var s = State()
+    let actions = feed(
+        &s,
+        [
+            .connect(.connected), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up),
+            .pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true),
+        ])
+    #expect(
+        actions == [
+            .takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down),
+            .watch(client: readable, target: readable), .wait,
+        ])
+    #expect(s.phase == .relaying && s.clientInterest == readable && s.targetInterest == readable)
+    return s
+}
+
+@Suite("TCP connection state machine")
+struct TCPConnectionStateTests {
+    static let refused = Errno(rawValue: ECONNREFUSED)
+    static let reset = Errno(rawValue: ECONNRESET)
+
+    // MARK: Connecting
+
+    @Test("connect() that succeeds at once starts relaying without an epoll round")
+    func connectedAtOnce() {
+        _ = idleConnection()
+    }
+
+    @Test("connect() in progress is asked once more; completed by then, it relays at once")
+    func connectAskedAgain() {
+        var s = State()
+        #expect(s.handle(.connect(.inProgress)) == .askConnectAgain)
+        #expect(s.phase == .connecting)
+        #expect(s.handle(.connect(.connected)) == .takePipe(.up))
+        #expect(s.phase == .relaying)
+    }
+
+    @Test("still in progress: the target alone is watched for EPOLLOUT, then SO_ERROR decides")
+    func connectWaits() {
+        var s = State()
+        #expect(
+            feed(&s, [.connect(.inProgress), .connect(.inProgress), .watched(true)])
+                == [.askConnectAgain, .watch(client: 0, target: writable), .wait])
+        #expect(s.targetInterest == writable && s.clientInterest == 0)
+        #expect(s.handle(.ready(.client)) == .wait, "a stale client event changes nothing")
+        #expect(s.handle(.ready(.target)) == .readPendingError)
+        #expect(s.handle(.pendingError(nil)) == .takePipe(.up))
+        #expect(
+            feed(&s, [.pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up)])
+                == [.spliceIn(.up), .releasePipe(.up), .takePipe(.down)])
+        #expect(
+            feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true)])
+                == [.spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable), .wait])
+    }
+
+    @Test("connect failures end the connection with a reset: at once, when asked again, or by SO_ERROR")
+    func connectFailures() {
+        var first = State()
+        #expect(first.handle(.connect(.failed(Self.refused))) == .close(.connectFailed(Self.refused)))
+        #expect(first.phase == .closed)
+
+        var again = State()
+        #expect(feed(&again, [.connect(.inProgress), .connect(.failed(Self.refused))]) == [.askConnectAgain, .close(.connectFailed(Self.refused))])
+
+        var later = State()
+        _ = feed(&later, [.connect(.inProgress), .connect(.inProgress), .watched(true), .ready(.target)])
+        #expect(later.handle(.pendingError(Self.refused)) == .close(.connectFailed(Self.refused)))
+        #expect(State.Ending.connectFailed(Self.refused).resets)
+    }
+
+    @Test("a target socket epoll cannot watch while connecting ends the connection")
+    func connectUnwatchable() {
+        var s = State()
+        #expect(feed(&s, [.connect(.inProgress), .connect(.inProgress), .watched(false)]) == [.askConnectAgain, .watch(client: 0, target: writable), .close(.unwatchable)])
+    }
+
+    // MARK: Relaying
+
+    @Test("bytes go source → pipe → destination; a full destination blocks the direction and is watched for EPOLLOUT")
+    func backPressure() {
+        var s = idleConnection()
+        #expect(
+            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(100)), .spliced(.up, .moved(60))])
+                == [.takePipe(.up), .spliceIn(.up), .spliceOut(.up, count: 100), .spliceOut(.up, count: 40)])
+        // The target's buffer is full: the up direction stops, keeps its pipe, the down one runs.
+        #expect(s.handle(.spliced(.up, .wouldBlock)) == .takePipe(.down))
+        #expect(s.up.destinationBlocked && s.up.pending == 40 && s.up.hasPipe)
+        #expect(
+            feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
+                == [.spliceIn(.down), .releasePipe(.down), .watch(client: 0, target: readable | writable)])
+        #expect(s.handle(.watched(true)) == .wait)
+        // The target drains: the rest goes out, then the client is read again.
+        #expect(feed(&s, [.ready(.target), .spliced(.up, .moved(40))]) == [.spliceOut(.up, count: 40), .spliceIn(.up)])
+        #expect(!s.up.destinationBlocked && s.up.pending == 0)
+        #expect(
+            feed(&s, [.spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
+                == [.releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable)])
+    }
+
+    @Test("a turn ends after stepsPerTurn splices; bytes left in the pipe get EPOLLOUT on the destination, so they are not stranded")
+    func turnBudget() {
+        var s = idleConnection()
+        _ = feed(&s, [.ready(.client), .pipe(.up, taken: true)])
+        // In 10, out 5, out 5, in 10, ...: the 16th splice is an in, leaving 10 bytes in the pipe.
+        var last = Action.wait
+        for k in 0..<State.stepsPerTurn {
+            last = s.handle(.spliced(.up, .moved(k % 3 == 0 ? 10 : 5)))
+        }
+        #expect(last == .takePipe(.down), "the up direction yields after \(State.stepsPerTurn) splices")
+        #expect(s.up.pending == 10 && !s.up.destinationBlocked && s.up.hasPipe)
+        #expect(
+            feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
+                == [.spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable | writable)])
+        // EPOLLOUT on the target comes at once: the pending bytes go out first.
+        #expect(feed(&s, [.watched(true), .ready(.target)]) == [.wait, .spliceOut(.up, count: 10)])
+    }
+
+    @Test("half-close, client first: the client's EOF becomes shutdown(target, SHUT_WR); the target's EOF later ends it with FIN")
+    func halfCloseClientFirst() {
+        var s = idleConnection()
+        #expect(
+            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .endOfFile), .shutDown(.up, failure: nil), .pipeReleased(.up)])
+                == [.takePipe(.up), .spliceIn(.up), .shutdownWrite(.up), .releasePipe(.up), .takePipe(.down)])
+        #expect(s.up.finished && s.up.sourceEnded)
+        #expect(
+            feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
+                == [.spliceIn(.down), .releasePipe(.down), .watch(client: 0, target: readable)])
+        #expect(s.handle(.watched(true)) == .wait)
+        // The target answers, then ends too.
+        #expect(
+            feed(&s, [.ready(.target), .pipe(.down, taken: true), .spliced(.down, .moved(5)), .spliced(.down, .moved(5)), .spliced(.down, .endOfFile)])
+                == [.takePipe(.down), .spliceIn(.down), .spliceOut(.down, count: 5), .spliceIn(.down), .shutdownWrite(.down)])
+        #expect(s.handle(.shutDown(.down, failure: nil)) == .close(.finished))
+        #expect(s.phase == .closed && !State.Ending.finished.resets)
+    }
+
+    @Test("half-close, target first: the target's EOF becomes shutdown(client, SHUT_WR); the client keeps sending, then ends")
+    func halfCloseTargetFirst() {
+        var s = idleConnection()
+        #expect(
+            feed(&s, [.ready(.target), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up)])
+                == [.takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down)])
+        #expect(
+            feed(&s, [.pipe(.down, taken: true), .spliced(.down, .endOfFile), .shutDown(.down, failure: nil), .pipeReleased(.down)])
+                == [.spliceIn(.down), .shutdownWrite(.down), .releasePipe(.down), .watch(client: readable, target: 0)])
+        #expect(s.handle(.watched(true)) == .wait)
+        #expect(s.clientInterest == readable && s.targetInterest == 0, "the target has nothing to say any more: out of epoll")
+        #expect(
+            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(3)), .spliced(.up, .moved(3)), .spliced(.up, .endOfFile)])
+                == [.takePipe(.up), .spliceIn(.up), .spliceOut(.up, count: 3), .spliceIn(.up), .shutdownWrite(.up)])
+        #expect(s.handle(.shutDown(.up, failure: nil)) == .close(.finished))
+    }
+
+    @Test("EOF with bytes still in the pipe: they are delivered first, then the half-close")
+    func endOfFileAfterData() {
+        var s = idleConnection()
+        _ = feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(8))])
+        #expect(s.handle(.spliced(.up, .wouldBlock)) == .takePipe(.down), "destination full")
+        _ = feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true)])
+        #expect(feed(&s, [.ready(.target), .spliced(.up, .moved(8))]) == [.spliceOut(.up, count: 8), .spliceIn(.up)])
+        #expect(feed(&s, [.spliced(.up, .endOfFile)]) == [.shutdownWrite(.up)])
+    }
+
+    // MARK: Errors
+
+    @Test("a failed splice (either way) or a failed shutdown ends the connection with a reset", arguments: [ENOBUFS, ENOSPC, ENOMEM, ECONNRESET, EPIPE])
+    func errorsReset(_ code: Int32) {
+        let e = Errno(rawValue: code)
+        var spliceIn = idleConnection()
+        #expect(feed(&spliceIn, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .failed(e))]).last == .close(.broken(e)))
+        #expect(spliceIn.phase == .closed)
+
+        var spliceOut = idleConnection()
+        _ = feed(&spliceOut, [.ready(.target), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true)])
+        #expect(feed(&spliceOut, [.spliced(.down, .moved(4)), .spliced(.down, .failed(e))]) == [.spliceOut(.down, count: 4), .close(.broken(e))])
+
+        var shutdown = idleConnection()
+        _ = feed(&shutdown, [.ready(.client), .pipe(.up, taken: true)])
+        #expect(feed(&shutdown, [.spliced(.up, .endOfFile), .shutDown(.up, failure: e)]) == [.shutdownWrite(.up), .close(.broken(e))])
+        #expect(State.Ending.broken(e).resets)
+    }
+
+    @Test("no pipe to be had, or a socket epoll cannot watch, resets the connection")
+    func resourcesRefused() {
+        var noPipe = idleConnection()
+        #expect(feed(&noPipe, [.ready(.client), .pipe(.up, taken: false)]) == [.takePipe(.up), .close(.outOfPipes)])
+        var unwatchable = idleConnection()
+        _ = feed(&unwatchable, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .endOfFile), .shutDown(.up, failure: nil), .pipeReleased(.up)])
+        _ = feed(&unwatchable, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
+        #expect(unwatchable.handle(.watched(false)) == .close(.unwatchable))
+        #expect(State.Ending.outOfPipes.resets && State.Ending.unwatchable.resets)
+    }
+
+    @Test("the kernel claiming end of file on a pipe that holds bytes is an error, not a crash")
+    func pipeEndOfFile() {
+        var s = idleConnection()
+        _ = feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(5))])
+        #expect(s.handle(.spliced(.up, .endOfFile)) == .close(.broken(.inputOutput)))
+    }
+
+    @Test("an unchanged interest asks epoll for nothing")
+    func interestUnchanged() {
+        var s = idleConnection()
+        #expect(
+            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock)])
+                == [.takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down)])
+        #expect(s.handle(.pipeReleased(.down)) == .wait)
+    }
+}
