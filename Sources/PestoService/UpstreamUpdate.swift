@@ -75,23 +75,16 @@ extension TablesEditor {
         for (kind, rules) in upload {
             let t = try table(kind)
             for (rule, _) in rules { try rule.validate(capabilities: t.capabilities) }
-            let active = t.list().filter(\.status.active)
-            // Active rules by their forwarding (owner tag cleared), each list in ID order, so
-            // matching an uploaded rule is one hash lookup instead of a scan of the table.
-            var byForwarding: [Rule: [UInt32]] = [:]
-            for entry in active { byForwarding[entry.rule.forwardingKey, default: []].append(entry.id) }
-            var matchedCount: [Rule: Int] = [:]
-            var kept = Set<UInt32>()
-            var update = TableUpdate(kind: kind, inserts: [], removes: [])
+            // Identical active rules are kept with their sockets (KeptRules, one hash lookup
+            // per rule); the rest are inserted, and unmatched active rules removed.
+            let active = t.list().filter(\.status.active).map { (id: $0.id, rule: $0.rule) }
+            let matching = KeptRules(existing: active, newRules: rules.map(\.rule))
+            var update = TableUpdate(kind: kind, inserts: [], removes: matching.unmatched)
             var allocated = Set<UInt32>()
             var nextID = (t.ids.last ?? 0) &+ 1
-            for (rule, bestEffort) in rules {
-                let key = rule.forwardingKey
-                if let ids = byForwarding[key], matchedCount[key, default: 0] < ids.count {
-                    let id = ids[matchedCount[key, default: 0]]
-                    kept.insert(id)
-                    weak.append((RuleRef(kind: kind, id: id), bestEffort))
-                    matchedCount[key, default: 0] += 1
+            for ((rule, bestEffort), keptID) in zip(rules, matching.keptIDs) {
+                if let keptID {
+                    weak.append((RuleRef(kind: kind, id: keptID), bestEffort))
                     summary.kept += 1
                     continue
                 }
@@ -104,7 +97,6 @@ extension TablesEditor {
                 allocated.insert(nextID)
                 nextID &+= 1
             }
-            update.removes = active.filter { !kept.contains($0.id) }.map(\.id)
             summary.added += update.inserts.count
             summary.removed += update.removes.count
             updates.append(update)
