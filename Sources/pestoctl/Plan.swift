@@ -48,12 +48,14 @@ struct Plan {
         }
         var state: [TableKind: [Entry]] = [:]
         for (kind, rules) in tables { state[kind] = rules.map { .existing($0) } }
-        var replaced: Set<String> = []
-        var warnings: [String] = []
+        // Tables already replaced (or cleared) by this command line: later specs add.
+        var replaced: Set<TableKind> = []
+        let warnings: [String] = []
 
         func requireTable(_ kind: TableKind, _ what: String) throws(UsageError) {
             if state[kind] == nil {
-                throw UsageError("\(what): the service has no \(kind.name) table (pestod runs without a target namespace).")
+                throw UsageError("\(what): the service has no \(kind.name) table (pestod runs without a target namespace).",
+                                 status: 1)
             }
         }
 
@@ -62,32 +64,45 @@ struct Plan {
             case .clear(let kind):
                 try requireTable(kind, "-C \(kind.name)")
                 state[kind] = []
+                replaced.insert(kind)
             case .spec(let kind, let proto, let text, let mode):
                 let option = RuleText.option(Rule(proto: proto, firstPort: 1), kind)
                 try requireTable(kind, "\(option) \(text)")
                 let spec: PortSpec
                 do {
-                    spec = try PortSpec.parse(text, proto: proto, ephemeralPorts: ephemeral)
+                    spec = try PortSpec.parse(text, proto: proto, table: kind, ephemeralPorts: ephemeral)
                 } catch {
-                    throw UsageError("\(option): \(error.description)")
+                    throw UsageError("\(option): \(error.description)", status: 1)
+                }
+                if mode == .replace && !replaced.contains(kind) {
+                    replaced.insert(kind)
+                    state[kind] = []
+                }
+                if spec.isNone {
+                    // As pesto: "none" only says there is no rule of this protocol so far.
+                    if state[kind]!.contains(where: { $0.rule.proto == proto }) {
+                        throw UsageError("\(option) none conflicts with the \(proto) rules of the \(kind.name) table "
+                            + "(\(mode == .replace ? "given earlier on this command line" : "clear them first, or leave out -A/-D")).",
+                            status: 1)
+                    }
+                    continue
                 }
                 switch mode {
                 case .replace, .add:
-                    if mode == .replace && !replaced.contains(option) {
-                        replaced.insert(option)
-                        state[kind]!.removeAll { $0.rule.proto == proto }
-                    }
                     for rule in spec.rules {
                         state[kind]!.append(.new(NewRule(table: kind, rule: rule, specIndex: index,
                                                          bestEffort: spec.bestEffort, specText: "\(option) \(text)")))
                     }
                 case .delete:
                     for rule in spec.rules {
-                        let before = state[kind]!.count
-                        state[kind]!.removeAll { RuleText.sameForwarding($0.rule, rule) }
-                        if state[kind]!.count == before {
-                            warnings.append("-D \(option) \(text): no \(kind.name) rule \(option) \(RuleText.spec(rule)) to delete.")
+                        guard let match = state[kind]!.firstIndex(where: { RuleText.sameForwarding($0.rule, rule) }) else {
+                            let near = state[kind]!.first { $0.rule.proto == rule.proto && $0.rule.firstPort <= rule.lastPort
+                                && rule.firstPort <= $0.rule.lastPort }
+                            throw UsageError("-D \(option) \(text): the \(kind.name) table has no rule \(option) \(RuleText.spec(rule))"
+                                + (near.map { "; \(option) \(RuleText.spec($0.rule)) overlaps it but is not the same rule" } ?? "")
+                                + ". Nothing was changed.", status: 1)
                         }
+                        state[kind]!.remove(at: match)
                     }
                 }
             }
