@@ -130,7 +130,7 @@ final class PestoClient {
                 try? manager("Unlock")
                 throw Failure(error.status, error.message, planned: true)
             }
-            for (kind, r) in plan.removes { debug("remove \(kind.name) rule \(r.id): \(RuleText.option(r.rule, kind)) \(RuleText.spec(r.rule))") }
+            for (kind, r) in plan.removes { debug("remove \(kind.name) rule \(r.id): \(RuleText.option(r.rule, kind)) \(RuleText.spec(r.rule, kind))") }
             for n in plan.inserts { debug("add \(n.table.name) rule: \(RuleText.option(n.rule, n.table)) \(RuleText.spec(n.rule)) (from \(n.specText))") }
             if !plan.isEmpty {
                 try runLocked(&plan, tables: tables, firstID: firstID, bestEffort: bestEffort)
@@ -176,7 +176,7 @@ final class PestoClient {
             do {
                 _ = try table(kind, "Insert", [.uint32(id), RuleText.encode(new.rule)])
             } catch {
-                throw Failure(error.status, "cannot add \(new.specText) (\(RuleText.option(new.rule, kind)) \(RuleText.spec(new.rule))): \(error.message)")
+                throw Failure(error.status, "cannot add \(new.specText) (\(RuleText.option(new.rule, kind)) \(RuleText.spec(new.rule, kind))): \(error.message)")
             }
         }
         pauseIfAsked(after: "insert")
@@ -194,7 +194,7 @@ final class PestoClient {
             do {
                 reply = try table(new.table, "Activate", [.uint32(new.id)])
             } catch {
-                throw Failure(error.status, "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule))): \(error.message)")
+                throw Failure(error.status, "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule, new.table))): \(error.message)")
             }
             guard reply.count == 2, let bound = reply[0].uint32Value, let failed = reply[1].uint32Value else {
                 throw Failure(ExitCode.rejected, "pestod's Activate reply is malformed.")
@@ -222,7 +222,7 @@ final class PestoClient {
                     let new = plan.inserts[m]
                     let status = try? table(new.table, "Status", [.uint32(new.id)])
                     let error = status?.count == 4 ? status?[3].stringValue ?? "" : ""
-                    reasons.append("\(RuleText.spec(new.rule)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
+                    reasons.append("\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
                         + (error.isEmpty ? "" : " (\(error))"))
                 }
                 throw Failure(ExitCode.rejected, "\(first.specText): "

@@ -98,8 +98,8 @@ struct Plan {
                         guard let match = state[kind]!.firstIndex(where: { RuleText.sameForwarding($0.rule, rule) }) else {
                             let near = state[kind]!.first { $0.rule.proto == rule.proto && $0.rule.firstPort <= rule.lastPort
                                 && rule.firstPort <= $0.rule.lastPort }
-                            throw UsageError("-D \(option) \(text): the \(kind.name) table has no rule \(option) \(RuleText.spec(rule))"
-                                + (near.map { "; \(option) \(RuleText.spec($0.rule)) overlaps it but is not the same rule" } ?? "")
+                            throw UsageError("-D \(option) \(text): the \(kind.name) table has no rule \(option) \(RuleText.spec(rule, kind))"
+                                + (near.map { "; \(option) \(RuleText.spec($0.rule, kind)) overlaps it but is not the same rule" } ?? "")
                                 + ". Nothing was changed.", status: 1)
                         }
                         state[kind]!.remove(at: match)
