@@ -13,8 +13,8 @@
 
 set -euo pipefail
 [[ $# -eq 2 ]] || { echo "usage: $0 PESTO PASTA" >&2; exit 2; }
-PESTO=$(realpath "$1")
-PASTA=$(realpath "$2")
+PESTO=$(realpath -s "$1")
+PASTA=$(realpath -s "$2")  # -s: pasta is a link to passt, and its name selects the mode
 cd "$(dirname "$0")/.."
 DIR=$(mktemp -d)
 trap 'rm -rf "$DIR"' EXIT

@@ -88,7 +88,7 @@ enum RuleText {
     }
 
     /// The rule as a pasta port spec that parses back to it (`127.0.0.1/8080:80`,
-    /// `%eth0/22`, `[::1]/5000-5010`, `10-20:192.0.2.1/30-40`, `auto,1000-2000`).
+    /// `%eth0/22`, `[::1]/5000-5010`, `0.0.0.0/10-20:192.0.2.1/30-40`, `auto,1000-2000`).
     static func spec(_ rule: Rule) -> String { spec(rule, .host) }
 
     /// The rule as the port spec of its table's option: a SPLICE rule listening dual stack on
@@ -98,10 +98,9 @@ enum RuleText {
         if table == .splice && rule.address == nil && rule.interface == "lo" { rule.interface = "" }
         var text = ""
         var listen = ""
-        // A target address pins the family: PortSpec then listens on that family's wildcard,
-        // which it writes itself, so the wildcard is not repeated as a prefix.
-        let impliedWildcard = rule.targetAddress != nil && rule.address?.isUnspecified == true
-        if let address = rule.address, !impliedWildcard {
+        // The address is always written: pesto's grammar refuses a target address on a
+        // dual-stack rule, so `0.0.0.0/8080:10.88.0.2/80` needs its wildcard.
+        if let address = rule.address {
             listen = address.family == .ipv6 ? "[\(address)]" : address.description
         }
         if !rule.interface.isEmpty { listen += "%" + rule.interface }

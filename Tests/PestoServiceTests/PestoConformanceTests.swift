@@ -276,6 +276,25 @@ struct PestoConformanceTests {
         #expect(r.status == 1)
     }
 
+    @Test("the specs pestoctl lists parse back to the same rules: -D with them empties the table")
+    func listedSpecsRoundTrip() throws {
+        let f = try PestodFixture()
+        let p = TestSockets.freePorts(3)
+        var r = try pestoctl(f, ["-A", "-t", "0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t", "[::]/\(p.lowerBound):fd00::2/80",
+                                 "-u", "127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54"])
+        #expect(r.status == 0, "\(r.err)")
+        r = try pestoctl(f, ["--json"])
+        let listed = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any]
+        let host = (listed?["tables"] as? [[String: Any]])?.first { $0["name"] as? String == "HOST" }
+        let specs = ((host?["rules"] as? [[String: Any]]) ?? []).compactMap { $0["spec"] as? String }
+        // Before the fix the wildcard was left out ("-t 8080:10.88.0.2/80"), which pesto refuses.
+        #expect(specs == ["-t 0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t [::]/\(p.lowerBound):[fd00::2]/80",
+                          "-u 127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54"])
+        r = try pestoctl(f, ["-D"] + specs.flatMap { $0.split(separator: " ", maxSplits: 1).map(String.init) })
+        #expect(r.status == 0, "\(r.err)")
+        #expect(try rules(f).isEmpty)
+    }
+
     @Test("rootlesskit: --version; -A --tcp-ports=IP/PORT:CHILDPORT PATH; -D the same; --udp-ports=")
     func rootlesskitSequence() throws {
         let f = try PestodFixture()
