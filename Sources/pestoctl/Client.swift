@@ -8,7 +8,10 @@
 //   → Delete removed → Commit → Unlock.
 // A Conflict, an intolerable bind failure or any other error does Rollback + Unlock and
 // exits 1. Bind failures are judged per spec: an explicit port spec must bind every socket;
-// a best-effort spec (`all`, `auto` alone, exclusions only) needs one bound socket.
+// a best-effort spec (`all`, `auto` alone, exclusions only) needs one bound socket. This is
+// stricter than upstream pesto, which never learns about bind failures; --best-effort gives
+// pesto's behaviour (failures become warnings, pestod keeps retrying). A plan refused before
+// any change (bad spec, -D of a missing rule) only releases the lock.
 //
 // Test hook: PESTOCTL_TEST_PAUSE_AFTER=STEP (insert, deactivate, activate, delete) prints
 // "paused" after that step and waits for a line (or end of file) on stdin.

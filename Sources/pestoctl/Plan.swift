@@ -25,12 +25,15 @@ struct Plan {
     var inserts: [NewRule] = []
     /// Existing rules to deactivate (when active) and delete.
     var removes: [(table: TableKind, rule: ListedRule)] = []
-    /// Notes for the user (-D that matched nothing, ...).
+    /// Notes for the user (bind failures kept with --best-effort).
     var warnings: [String] = []
 
     var isEmpty: Bool { inserts.isEmpty && removes.isEmpty }
 
-    /// Applies `operations` to `tables` (the rules each table holds now).
+    /// Applies `operations` to `tables` (the rules each table holds now), as upstream pesto
+    /// applies its options to the tables it read: in order; without -A/-D the first spec for a
+    /// table empties it first; -D needs an exactly matching rule; `none` needs no rule of its
+    /// protocol. Throws (exit status 1) before anything is changed.
     static func make(
         _ operations: [Operation], tables: [TableKind: [ListedRule]],
         ephemeral: ClosedRange<UInt16> = EphemeralPortRange.current()
@@ -50,7 +53,6 @@ struct Plan {
         for (kind, rules) in tables { state[kind] = rules.map { .existing($0) } }
         // Tables already replaced (or cleared) by this command line: later specs add.
         var replaced: Set<TableKind> = []
-        let warnings: [String] = []
 
         func requireTable(_ kind: TableKind, _ what: String) throws(UsageError) {
             if state[kind] == nil {
@@ -108,7 +110,7 @@ struct Plan {
             }
         }
 
-        var plan = Plan(warnings: warnings)
+        var plan = Plan()
         for kind in TableKind.allCases {
             guard let old = tables[kind], let entries = state[kind] else { continue }
             var kept = Set<UInt32>()
