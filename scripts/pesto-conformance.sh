@@ -48,8 +48,10 @@ while IFS= read -r line; do
             sed 's/^ *//; s/  */ /g; s/ *$//' | sed 's/.*/`&`/' | paste -sd';' | sed 's/;/; /g')
         [[ -n $rules ]] || rules="(none)"
     fi
+    # The command pasta runs is PID 1 of a new PID namespace: only SIGKILL ends it from here.
+    kids=$(pgrep -P "$pasta_pid" || true)
+    [[ -z $kids ]] || kill -9 $kids 2>/dev/null || true
     kill "$pasta_pid" 2>/dev/null || true
-    pkill -P "$pasta_pid" 2>/dev/null || true
     wait "$pasta_pid" 2>/dev/null || true
 
     if [[ $status != "$want_status" ]]; then
