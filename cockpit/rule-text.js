@@ -44,8 +44,9 @@ const RuleText = (() => {
     function spec(rule) {
         let text = "";
         let listen = "";
-        const impliedWildcard = rule.targetAddress !== "" && isUnspecified(rule.address);
-        if (rule.address !== "" && !impliedWildcard)
+        // The address is always written, as pestoctl writes it: pesto's grammar refuses a
+        // target address on a dual-stack rule (0.0.0.0/53:127.0.0.53/53, not 53:127.0.0.53/53).
+        if (rule.address !== "")
             listen = isIPv6(rule.address) ? "[" + rule.address + "]" : rule.address;
         if (rule.interface !== "") listen += "%" + rule.interface;
         if (listen !== "") text = listen + "/";

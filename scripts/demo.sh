@@ -118,6 +118,21 @@ install -v -D -m 0644 dbus/top.passt.Pesto1.xml /usr/share/dbus-1/interfaces/top
 install -v -D -m 0644 doc/pestod.8 /usr/local/share/man/man8/pestod.8
 install -v -D -m 0644 doc/pestoctl.1 /usr/local/share/man/man1/pestoctl.1
 install -v -D -m 0644 doc/dbus-api.md /usr/share/doc/pesto/dbus-api.md
+install -v -D -m 0644 doc/pesto-conformance.md /usr/share/doc/pesto/pesto-conformance.md
+# Shell completions: pestoctl's from completions/, pestod's generated from its command line.
+install -v -D -m 0644 completions/pestoctl.bash /usr/share/bash-completion/completions/pestoctl
+install -v -D -m 0644 completions/_pestoctl /usr/share/zsh/vendor-completions/_pestoctl
+install -v -D -m 0644 completions/pestoctl.fish /usr/share/fish/vendor_completions.d/pestoctl.fish
+for shell in bash zsh fish; do
+    case $shell in
+    bash) dest=/usr/share/bash-completion/completions/pestod ;;
+    zsh) dest=/usr/share/zsh/vendor-completions/_pestod ;;
+    fish) dest=/usr/share/fish/vendor_completions.d/pestod.fish ;;
+    esac
+    mkdir -p "$(dirname "$dest")"
+    "$BIN_DIR/pestod" --generate-completion-script "$shell" >"$dest"
+    echo "$dest (generated)"
+done
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
     cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css

@@ -1,37 +1,46 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-// PortSpec: pasta's -t/-u/-T/-U port forwarding specification syntax, parsed into rules.
+// PortSpec: pasta's and pesto's -t/-u/-T/-U port forwarding specification syntax, parsed into
+// rules with exactly upstream pesto's accept/refuse decisions.
 //
 // Theory of operation
 // -------------------
-// The syntax is the one passt(1) documents under "-t, --tcp-ports spec" (and, by reference,
-// -u, -T and -U):
+// The syntax is the one passt(1) and pesto(1) document under "-t, --tcp-ports spec" (and, by
+// reference, -u, -T and -U):
 //
-//     spec     := "none" | [listen "/"] items
-//     listen   := "*" ["%" IFNAME] | "%" IFNAME | ADDR ["%" IFNAME] | "[" IPV6 "]" ["%" IFNAME]
-//     items    := item ("," item)*
-//     item     := "all" | "auto" | "~" range | range [":" target]
-//     range    := PORT ["-" PORT]
-//     target   := range | TADDR ["/" range]            (TADDR: IPv4, or IPv6 in brackets)
+//     spec     := "none" | [listen "/"] chunk ("," chunk)*
+//     listen   := ADDR ["%" IFNAME] | ["*"] ["%" IFNAME]
+//     chunk    := "all" [":" ADDR] | "auto" | "~" range | range [":" target]
+//     range    := NUMBER ["-" NUMBER]
+//     target   := ADDR "/" range | ADDR | range
+//     ADDR     := IPv6 (brackets optional) | IPv4 (brackets optional)
 //
-// The `target` address forms are a pesto extension: pasta itself only maps ports. IPv6 target
-// addresses must be bracketed (`22:[::1]/22`) so they never read as a port or a listening address.
+// The reading follows upstream's parser (passt's parse.c and fwd_rule.c) decision for decision,
+// because pestoctl is a drop-in for `pesto` and the same argument must be accepted or refused
+// the same way; doc/pesto-conformance.md lists the forms and a test checks every row. In short:
 //
-// Parsing happens in four steps, each of which may throw a `PortSpecError` naming the bad piece:
+// * The parse is greedy and never backtracks across the listening prefix: an address is read
+//   first (IPv6 as the longest run of hex digits, ":" and "."; IPv4 as digits and dots), then an
+//   optional "%IFNAME" (anything but "/" and white space, 1-15 bytes), then "/". Only when that
+//   fails is the whole argument read as the port list. So `8080:fd00::2/80` is the listening
+//   address 8080:fd00::2 with port 80, as upstream reads it; give `[::]/8080:fd00::2/80`.
+// * Numbers are read as strtoul(3) reads them: leading white space, a sign, decimal digits.
+// * Exclusions (`~F[-L]`) and `auto` are collected first, over the whole list; then every include
+//   range becomes rules, one per run of ports that the exclusions leave, in the order given.
+//   Includes are never merged: `22,23` is two rules, as upstream makes it, so `-D -t 22` finds
+//   the rule `-t 22,23` made.
+// * A target port range must be exactly as long as the listening range (`22-24:32` is refused).
+// * With no include range (`all`, `auto` alone, exclusions only), the rules cover 1-65535 minus
+//   the exclusions and the host's ephemeral range, and are best effort (upstream's weak rules).
+// * Each rule is then checked as upstream's fwd_rule_add checks it: no port 0, a dual-stack rule
+//   (no listening address) cannot name a target address, a target address must be unicast and of
+//   the listening address's family, and no two rules of one spec may share a listening port.
+// * -T/-U (the SPLICE table) take no listening address; their rules listen on the namespace's
+//   loopback interface only (`%lo`), dual stack, as pasta and pesto make them.
 //
-// 1. Split off the listening prefix (address, interface, or `*`) at the first `/`, unless that
-//    `/` belongs to a target address in the first item (`22:10.0.0.1/22`).
-// 2. Classify every comma-separated item: keywords (`all`, `auto`), exclusions (`~F-L`) and
-//    include ranges (`F-L[:target]`), each turned into a *segment*: a run of listening ports
-//    mapped to consecutive target ports on one (listening address, target address) pair.
-// 3. Reject overlapping include segments (each port is forwarded at most once), then cut every
-//    exclusion out of them. Exclusions win over includes whatever their order. When there is no
-//    include range at all (`all`, `auto` alone, or only exclusions), the single include is
-//    1-65535 with the host's ephemeral range excluded as well, and the result is best effort.
-// 4. Merge: sort by listening port and join neighbours whose listening ports and target ports
-//    both continue, with equal addresses, so `all` becomes two rules on a 32768-60999 host.
-//
-// Every resulting rule is checked once more with `Rule.validate` as a sanity net.
+// What upstream accepts and pestod cannot honour (a multicast listening address, an interface
+// name the kernel never allows) is accepted here too and refused by pestod's rule validation,
+// so pestoctl exits 1; the conformance table marks those rows.
 
 #if canImport(Glibc)
 import Glibc
@@ -39,17 +48,17 @@ import Glibc
 
 /// The result of parsing one -t/-u/-T/-U argument.
 ///
-/// `rules` are in ascending listening-port order and as few as possible: a maximal run of
-/// consecutive listening ports whose targets are also consecutive is one rule.
+/// `rules` are in the order upstream pesto makes them: include ranges in the order given, each
+/// split where exclusions cut it.
 public struct PortSpec: Hashable, Sendable {
-    /// The rules to insert; consecutive ports with contiguous targets are merged into one rule.
+    /// The rules to insert.
     public var rules: [Rule]
     /// `all`, `auto` alone or exclusions only: tolerate bind failures if at least one socket binds.
     public var bestEffort: Bool
     /// The spec was `none`: forward nothing.
     public var isNone: Bool
 
-    /// Makes a spec result directly (parsing is `parse(_:proto:ephemeralPorts:)`).
+    /// Makes a spec result directly (parsing is `parse(_:proto:table:ephemeralPorts:)`).
     public init(rules: [Rule] = [], bestEffort: Bool = false, isNone: Bool = false) {
         self.rules = rules
         self.bestEffort = bestEffort
@@ -61,14 +70,16 @@ public struct PortSpec: Hashable, Sendable {
     /// - Parameters:
     ///   - text: the whole argument, e.g. `192.0.2.1/20-30,~25`.
     ///   - proto: the protocol every rule gets (-t/-T: TCP, -u/-U: UDP).
+    ///   - table: `.host` for -t/-u, `.splice` for -T/-U (no listening address; `%lo`).
     ///   - ephemeralPorts: the range `all`, `auto` alone and exclusion-only specs leave out.
     /// - Throws: `PortSpecError` naming the first bad piece of `text`.
     public static func parse(
         _ text: String,
         proto: TransportProtocol,
+        table: TableKind = .host,
         ephemeralPorts: ClosedRange<UInt16>
     ) throws(PortSpecError) -> PortSpec {
-        var parser = PortSpecParser(spec: text, proto: proto, ephemeral: ephemeralPorts)
+        var parser = PortSpecParser(spec: text, proto: proto, table: table, ephemeral: ephemeralPorts)
         return try parser.parse()
     }
 }
@@ -77,7 +88,7 @@ public struct PortSpec: Hashable, Sendable {
 public struct PortSpecError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The whole argument.
     public let spec: String
-    /// The bad piece, e.g. `70000`, `1-0` or `[::1`; empty only for an empty spec or item.
+    /// The bad piece, e.g. `70000`, `22-24:32` or `[::1`; empty for an empty spec.
     public let piece: String
     /// One sentence naming the bad piece and what is wrong with it.
     public let message: String
@@ -118,42 +129,206 @@ public enum EphemeralPortRange {
     }
 }
 
+// MARK: - Reading primitives
+
+/// A position in the argument's bytes; every reader returns nil (and leaves the cursor alone)
+/// when the input there is not what it reads.
+private struct Cursor {
+    let bytes: [UInt8]
+    var at: Int
+
+    var rest: ArraySlice<UInt8> { bytes[at...] }
+    var atEnd: Bool { at == bytes.count }
+
+    /// Reads `text` literally.
+    mutating func literal(_ text: String) -> Bool {
+        let want = Array(text.utf8)
+        guard bytes.count - at >= want.count, Array(bytes[at..<at + want.count]) == want else { return false }
+        at += want.count
+        return true
+    }
+
+    /// Reads an unsigned number as strtoul(3) with base 10 does: white space, an optional sign,
+    /// at least one digit; a value past UInt64 fails (ERANGE); "-N" wraps around as in C.
+    mutating func unsigned() -> UInt64? {
+        var p = at
+        while p < bytes.count, [0x20, 0x09, 0x0A, 0x0B, 0x0C, 0x0D].contains(bytes[p]) { p += 1 }
+        var negative = false
+        if p < bytes.count, bytes[p] == UInt8(ascii: "+") || bytes[p] == UInt8(ascii: "-") {
+            negative = bytes[p] == UInt8(ascii: "-")
+            p += 1
+        }
+        let digitsStart = p
+        var value: UInt64 = 0
+        var overflow = false
+        while p < bytes.count, bytes[p] >= UInt8(ascii: "0"), bytes[p] <= UInt8(ascii: "9") {
+            let (times, o1) = value.multipliedReportingOverflow(by: 10)
+            let (sum, o2) = times.addingReportingOverflow(UInt64(bytes[p] - UInt8(ascii: "0")))
+            overflow = overflow || o1 || o2
+            value = sum
+            p += 1
+        }
+        guard p > digitsStart, !overflow else { return nil }
+        at = p
+        return negative ? 0 &- value : value
+    }
+
+    /// Reads `FIRST[-LAST]` with FIRST <= LAST < 65536 (0 is read; rules refuse it later).
+    mutating func portRange() -> (first: Int, last: Int)? {
+        var p = self
+        guard let first = p.unsigned() else { return nil }
+        var last = first
+        if p.literal("-") {
+            guard let l = p.unsigned() else { return nil }
+            last = l
+        }
+        guard last >= first, last < 65536 else { return nil }
+        self = p
+        return (Int(first), Int(last))
+    }
+
+    /// Reads an address of `family`: optionally in brackets; without them, the longest run of
+    /// the family's characters (IPv6: hex digits, ":" and "."; IPv4: digits and "."), which
+    /// inet_pton(3) must accept whole.
+    mutating func address(_ family: AddressFamily) -> IPAddress? {
+        var p = self
+        let bracket = p.literal("[")
+        var end = p.at
+        if bracket {
+            while end < bytes.count, bytes[end] != UInt8(ascii: "]") { end += 1 }
+        } else {
+            let allowed = family == .ipv6 ? Self.ipv6Characters : Self.ipv4Characters
+            while end < bytes.count, allowed.contains(bytes[end]) { end += 1 }
+        }
+        let limit = family == .ipv6 ? 46 : 16  // INET6_ADDRSTRLEN, INET_ADDRSTRLEN
+        guard end - p.at < limit else { return nil }
+        let text = String(decoding: bytes[p.at..<end], as: UTF8.self)
+        let parsed: IPAddress?
+        if family == .ipv6 {
+            var a6 = in6_addr()
+            parsed = inet_pton(AF_INET6, text, &a6) == 1 ? IPAddress(in6: a6) : nil
+        } else {
+            var a4 = in_addr()
+            parsed = inet_pton(AF_INET, text, &a4) == 1 ? .v4(UInt32(bigEndian: a4.s_addr)) : nil
+        }
+        guard let parsed else { return nil }
+        p.at = end
+        if bracket && !p.literal("]") { return nil }
+        self = p
+        return parsed
+    }
+
+    /// The bytes an unbracketed IPv6 address is read from: hex digits, ":" and ".".
+    static let ipv6Characters: Set<UInt8> = Set("0123456789aAbBcCdDeEfF:.".utf8)
+    /// The bytes an unbracketed IPv4 address is read from.
+    static let ipv4Characters: Set<UInt8> = Set("0123456789.".utf8)
+
+    /// Reads an IPv6 address, else an IPv4 address.
+    mutating func anyAddress() -> IPAddress? {
+        address(.ipv6) ?? address(.ipv4)
+    }
+
+    /// Reads an optional `%IFNAME` (1-15 bytes, no "/" or white space); "" when absent.
+    mutating func interfaceSpec() -> String? {
+        var p = self
+        guard p.literal("%") else { return "" }
+        var end = p.at
+        while end < bytes.count, ![0x2F, 0x20, 0x0C, 0x0A, 0x0D, 0x09, 0x0B].contains(bytes[end]) { end += 1 }
+        guard end > p.at, end - p.at < 16 else { return nil }
+        let name = String(decoding: bytes[p.at..<end], as: UTF8.self)
+        p.at = end
+        self = p
+        return name
+    }
+}
+
+/// One piece of the comma-separated port list.
+private enum Chunk {
+    /// `all`, with the target address of `all:ADDR` (nil: none).
+    case all(IPAddress?)
+    /// `auto`.
+    case auto
+    /// `~FIRST[-LAST]`.
+    case exclude(first: Int, last: Int)
+    /// `FIRST[-LAST][:TARGET]`.
+    case include(first: Int, last: Int, target: IPAddress?, targetFirst: Int, targetLast: Int)
+}
+
+extension Cursor {
+    /// Reads one chunk; the target forms are tried longest first, each from the ":" again.
+    mutating func chunk() -> Chunk? {
+        var p = self
+        if p.literal("all") {
+            var t = p
+            if t.literal(":"), let address = t.anyAddress() {
+                self = t
+                return .all(address)
+            }
+            self = p
+            return .all(nil)
+        }
+        if p.literal("auto") {
+            self = p
+            return .auto
+        }
+        if p.literal("~") {
+            guard let range = p.portRange() else { return nil }
+            self = p
+            return .exclude(first: range.first, last: range.last)
+        }
+        guard let range = p.portRange() else { return nil }
+        var t = p
+        if t.literal(":"), let address = t.anyAddress(), t.literal("/"), let targets = t.portRange() {
+            self = t
+            return .include(first: range.first, last: range.last, target: address,
+                            targetFirst: targets.first, targetLast: targets.last)
+        }
+        t = p
+        if t.literal(":"), let address = t.anyAddress() {
+            self = t
+            return .include(first: range.first, last: range.last, target: address,
+                            targetFirst: range.first, targetLast: range.last)
+        }
+        t = p
+        if t.literal(":"), let targets = t.portRange() {
+            self = t
+            return .include(first: range.first, last: range.last, target: nil,
+                            targetFirst: targets.first, targetLast: targets.last)
+        }
+        self = p
+        return .include(first: range.first, last: range.last, target: nil, targetFirst: range.first, targetLast: range.last)
+    }
+
+    /// Reads the listening prefix `ADDR[%IF]/` or `[*][%IF]/`; nil address means dual stack.
+    mutating func listenPrefix() -> (address: IPAddress?, interface: String)? {
+        var p = self
+        if let address = p.anyAddress(), let interface = p.interfaceSpec(), p.literal("/") {
+            self = p
+            return (address, interface)
+        }
+        p = self
+        _ = p.literal("*")
+        if let interface = p.interfaceSpec(), p.literal("/") {
+            self = p
+            return (nil, interface)
+        }
+        return nil
+    }
+}
+
 // MARK: - Parser
-
-/// One run of listening ports mapped to consecutive target ports, before merging.
-private struct Segment {
-    /// First and last listening port (inclusive), as Int to keep arithmetic overflow-free.
-    var first: Int
-    var last: Int
-    /// Target port of `first`.
-    var to: Int
-    /// Listening address; nil for dual stack.
-    var address: IPAddress?
-    /// Target address; nil for the table's default.
-    var targetAddress: IPAddress?
-    /// The item the segment came from, for error messages.
-    var item: Substring
-    /// The item's position in the spec, to report the later of two overlapping items.
-    var index: Int
-}
-
-/// The listening side given before the first `/`.
-private struct ListenPrefix {
-    /// Nil for `*`, an interface alone, or no prefix: dual stack.
-    var address: IPAddress?
-    /// "" for none.
-    var interface: String
-}
 
 /// Parses one spec; holds the inputs so every helper can build a `PortSpecError`.
 private struct PortSpecParser {
     let spec: String
     let proto: TransportProtocol
+    let table: TableKind
     let ephemeral: ClosedRange<UInt16>
 
-    init(spec: String, proto: TransportProtocol, ephemeral: ClosedRange<UInt16>) {
+    init(spec: String, proto: TransportProtocol, table: TableKind, ephemeral: ClosedRange<UInt16>) {
         self.spec = spec
         self.proto = proto
+        self.table = table
         self.ephemeral = ephemeral
     }
 
@@ -162,381 +337,142 @@ private struct PortSpecParser {
         PortSpecError(spec: spec, piece: String(piece), message: message)
     }
 
-    /// Runs the four steps described at the top of the file.
+    /// The option letter, for messages.
+    var option: String {
+        switch (table, proto) {
+        case (.host, .tcp): return "-t"
+        case (.host, .udp): return "-u"
+        case (.splice, .tcp): return "-T"
+        case (.splice, .udp): return "-U"
+        }
+    }
+
+    /// Reads the whole argument as described at the top of the file.
     mutating func parse() throws(PortSpecError) -> PortSpec {
-        if spec.isEmpty {
-            throw fail("", "the port spec is empty; give \"none\", \"all\", \"auto\" or a list of ports.")
-        }
-        if spec == "none" { return PortSpec(isNone: true) }
+        // A C string ends at the first NUL; argv cannot hold one, tests might.
+        let bytes = Array(spec.utf8.prefix { $0 != 0 })
+        if bytes == Array("none".utf8) { return PortSpec(isNone: true) }
 
-        // Step 1: the listening prefix.
-        let (prefix, body) = try splitPrefix(spec[...])
-        if body.isEmpty {
-            throw fail(spec, "no ports follow the listening address in \"\(spec)\".")
-        }
-
-        // Step 2: classify the items.
-        var includes: [Segment] = []
-        var exclusions: [(first: Int, last: Int)] = []
-        var sawAll: Substring?
-        var sawAuto: Substring?
-        for (index, item) in body.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
-            switch item {
-            case "":
-                throw fail("", "\"\(body)\" has an empty item; separate ports with single commas.")
-            case "none":
-                throw fail(item, "\"none\" must be the whole spec; it cannot be combined with other items.")
-            case "all", "auto":
-                if sawAll == item || sawAuto == item {
-                    throw fail(item, "\"\(item)\" is given twice.")
-                }
-                if item == "all" { sawAll = item } else { sawAuto = item }
-            default:
-                if item.hasPrefix("all:") || item.hasPrefix("auto:") {
-                    throw fail(item, "\"\(item)\": the keywords \"all\" and \"auto\" take no target.")
-                }
-                if item.first == "~" {
-                    let range = item.dropFirst()
-                    if range.isEmpty {
-                        throw fail(item, "exclusion \"~\" has no ports; give \"~FIRST[-LAST]\".")
-                    }
-                    if range.contains(":") {
-                        throw fail(item, "exclusion \"\(item)\" cannot have a target; give \"~FIRST[-LAST]\".")
-                    }
-                    exclusions.append(try parseRange(range))
-                } else {
-                    includes.append(try parseInclude(item, index: index, prefix: prefix))
-                }
-            }
-        }
-        if let sawAll, !includes.isEmpty {
-            throw fail(
-                sawAll,
-                "\"all\" already forwards every non-ephemeral port and cannot be combined with port ranges; "
-                    + "leave ports out with \"~PORT\" instead.")
-        }
-
-        // Step 3: overlaps, then exclusions.
-        try checkOverlaps(includes)
-        let bestEffort = includes.isEmpty
-        if bestEffort {
-            includes = [Segment(first: 1, last: 65535, to: 1, address: prefix.address, targetAddress: nil,
-                                item: body, index: 0)]
-            exclusions.append((Int(ephemeral.lowerBound), Int(ephemeral.upperBound)))
-        }
-        let remaining = subtract(mergeRanges(exclusions), from: includes)
-        if remaining.isEmpty {
-            throw fail(body, "\"\(body)\" leaves no port to forward once exclusions"
-                + (bestEffort ? " and the ephemeral ports \(ephemeral.lowerBound)-\(ephemeral.upperBound)" : "")
-                + " are taken out.")
-        }
-
-        // Step 4: merge and build the rules.
-        let scan = sawAuto != nil
-        var rules: [Rule] = []
-        for segment in merge(remaining) {
-            let rule = Rule(
-                proto: proto, address: segment.address, interface: prefix.interface,
-                firstPort: UInt16(segment.first), lastPort: UInt16(segment.last),
-                targetAddress: segment.targetAddress, targetPort: UInt16(segment.to), scan: scan)
-            do {
-                try rule.validate(capabilities: [.ipv4, .ipv6, .tcp, .udp, .scan, .ifname])
-            } catch {
-                throw fail(segment.item, "\"\(segment.item)\" gives an invalid rule: \(error.message)")
-            }
-            rules.append(rule)
-        }
-        return PortSpec(rules: rules, bestEffort: bestEffort)
-    }
-
-    // MARK: Step 1
-
-    /// Splits `text` into the listening prefix and the item list.
-    ///
-    /// The prefix ends at the first `/` of the first item, unless that item is a port with a
-    /// target address (`22:10.0.0.1/22`, `22:[::1]/22`): no valid IPv6 listening address starts
-    /// with `PORT:` followed by `[` or an IPv4 address, so the two never collide.
-    func splitPrefix(_ text: Substring) throws(PortSpecError) -> (ListenPrefix, Substring) {
-        let firstItem = text.prefix { $0 != "," }
-        guard let slash = firstItem.firstIndex(of: "/"), !Self.isPortWithTargetAddress(firstItem) else {
-            if let first = firstItem.first, first == "[" || first == "*" || first == "%" {
-                throw fail(firstItem, "listening address \"\(firstItem)\" must be followed by \"/\" and the ports.")
-            }
-            return (ListenPrefix(address: nil, interface: ""), text)
-        }
-        let prefix = try parsePrefix(text[..<slash])
-        return (prefix, text[text.index(after: slash)...])
-    }
-
-    /// True for `PORT[-PORT]:[...` and `PORT[-PORT]:DIGITS.`, the start of a target address.
-    static func isPortWithTargetAddress(_ item: Substring) -> Bool {
-        var rest = item.drop { $0.isASCII && $0.isNumber }
-        guard rest.startIndex != item.startIndex else { return false }
-        if rest.first == "-" {
-            let afterDash = rest.dropFirst()
-            rest = afterDash.drop { $0.isASCII && $0.isNumber }
-            guard rest.startIndex != afterDash.startIndex else { return false }
-        }
-        guard rest.first == ":" else { return false }
-        let target = rest.dropFirst()
-        if target.first == "[" { return true }
-        let afterDigits = target.drop { $0.isASCII && $0.isNumber }
-        return afterDigits.startIndex != target.startIndex && afterDigits.first == "."
-    }
-
-    /// Parses `*`, `%IF`, `*%IF`, `ADDR`, `ADDR%IF`, `[IPV6]` or `[IPV6]%IF`.
-    func parsePrefix(_ text: Substring) throws(PortSpecError) -> ListenPrefix {
-        if text.isEmpty {
-            throw fail("/", "nothing comes before \"/\"; give a listening address, \"*\" or \"%INTERFACE\".")
-        }
-        let addressText: Substring
-        let interfaceText: Substring?
-        var bracketed = false
-        if text.first == "[" {
-            guard let close = text.firstIndex(of: "]") else {
-                throw fail(text, "\"\(text)\" has no closing \"]\".")
-            }
-            addressText = text[text.index(after: text.startIndex)..<close]
-            bracketed = true
-            let after = text[text.index(after: close)...]
-            if after.isEmpty {
-                interfaceText = nil
-            } else if after.first == "%" {
-                interfaceText = after.dropFirst()
-            } else {
-                throw fail(text, "\"\(text)\" has \"\(after)\" after \"]\"; only \"%INTERFACE\" may follow.")
-            }
-        } else if let percent = text.firstIndex(of: "%") {
-            addressText = text[..<percent]
-            interfaceText = text[text.index(after: percent)...]
-        } else {
-            addressText = text
-            interfaceText = nil
-        }
-
+        var cursor = Cursor(bytes: bytes, at: 0)
         var address: IPAddress?
-        if addressText == "*" && !bracketed {
-            address = nil
-        } else if addressText.isEmpty && interfaceText != nil && !bracketed {
-            address = nil
-        } else {
-            guard let parsed = IPAddress(String(addressText)), !bracketed || addressText.contains(":") else {
-                throw fail(addressText, "\"\(addressText)\" is not an IPv4 or IPv6 address"
-                    + (bracketed ? " (brackets hold IPv6 addresses only)." : "."))
-            }
-            if parsed.isMulticast {
-                throw fail(addressText, "\"\(addressText)\" is a multicast address; give a unicast or wildcard address to listen on.")
-            }
-            address = parsed
-        }
-
         var interface = ""
-        if let interfaceText {
-            interface = String(interfaceText)
-            try checkInterface(interface, in: text)
+        if let prefix = cursor.listenPrefix() {
+            if table == .splice {
+                throw fail(spec, "\(option) takes no listening address: its rules listen on the namespace's loopback.")
+            }
+            if prefix.interface == "." || prefix.interface == ".." {
+                throw fail(prefix.interface, "\"\(prefix.interface)\" is not a valid interface name.")
+            }
+            address = prefix.address
+            interface = prefix.interface
         }
-        return ListenPrefix(address: address, interface: interface)
+        if table == .splice { interface = "lo" }
+        return try ports(cursor, address: address, interface: interface)
     }
 
-    /// Applies the kernel's interface name rules (dev_valid_name, `Rule.interfaceNameProblem`).
-    func checkInterface(_ name: String, in prefix: Substring) throws(PortSpecError) {
-        if name.isEmpty {
-            throw fail(prefix, "\"\(prefix)\" has no interface name after \"%\".")
+    /// A "not a port specifier" error pointing at what follows `cursor`.
+    func bad(_ cursor: Cursor, _ what: String = "") -> PortSpecError {
+        let rest = String(decoding: cursor.rest, as: UTF8.self)
+        if cursor.bytes.isEmpty {
+            return fail("", "the port spec is empty; give \"none\", \"all\", \"auto\" or a list of ports.")
         }
-        if let problem = Rule.interfaceNameProblem(name) { throw fail(name, problem) }
+        return fail(rest, what.isEmpty
+            ? (rest.isEmpty ? "the spec ends where a port was expected." : "cannot read \"\(rest)\" as ports.")
+            : what)
     }
 
-    // MARK: Step 2
-
-    /// Parses `PORT[-PORT]` into a valid, non-reversed range of ports 1-65535.
-    func parseRange(_ text: Substring) throws(PortSpecError) -> (first: Int, last: Int) {
-        let dash = text.firstIndex(of: "-")
-        let firstText = dash.map { text[..<$0] } ?? text
-        let lastText = dash.map { text[text.index(after: $0)...] }
-        let first = try parsePortNumber(firstText, in: text)
-        var last = first
-        if let lastText { last = try parsePortNumber(lastText, in: text) }
-        if last < first {
-            throw fail(text, "range \"\(text)\" is reversed; give the lower port first.")
-        }
-        if first == 0 { throw fail(firstText, "port \"0\" is out of range; ports are 1-65535.") }
-        if last == 0 { throw fail(lastText ?? text, "port \"0\" is out of range; ports are 1-65535.") }
-        return (first, last)
-    }
-
-    /// Parses one decimal port number 0-65535 (0 is rejected by the caller, after the reversed
-    /// range check, so `1-0` is reported as reversed).
-    func parsePortNumber(_ text: Substring, in range: Substring) throws(PortSpecError) -> Int {
-        if text.isEmpty {
-            throw fail(range, "\"\(range)\" is missing a port number.")
-        }
-        guard text.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else {
-            throw fail(text, "\"\(text)\" is not a port number; ports are 1-65535.")
-        }
-        let digits = text.drop { $0 == "0" }
-        guard digits.count <= 5, let value = Int(digits.isEmpty ? "0" : digits), value <= 65535 else {
-            throw fail(text, "port \"\(text)\" is out of range; ports are 1-65535.")
-        }
-        return value
-    }
-
-    /// Parses an include item `F[-L][:TARGET]` into a segment on the listening side `prefix`.
-    func parseInclude(_ item: Substring, index: Int, prefix: ListenPrefix) throws(PortSpecError) -> Segment {
-        if item.contains("/") && !Self.isPortWithTargetAddress(item) {
-            throw fail(item, "\"\(item)\" is neither a port range nor a port with a target address; "
-                + "a listening address can only be given once, before the first port.")
-        }
-        let colon = item.firstIndex(of: ":")
-        let portText = colon.map { item[..<$0] } ?? item
-        let (first, last) = try parseRange(portText)
-        var segment = Segment(first: first, last: last, to: first, address: prefix.address,
-                              targetAddress: nil, item: item, index: index)
-        guard let colon else { return segment }
-
-        let target = item[item.index(after: colon)...]
-        if target.isEmpty {
-            throw fail(item, "\"\(item)\" has nothing after \":\"; give a target port or address.")
-        }
-        var targetPorts: Substring?
-        if target.first == "[" {
-            guard let close = target.firstIndex(of: "]") else {
-                throw fail(target, "\"\(target)\" has no closing \"]\".")
+    /// Reads the chunk list after the listening prefix and makes the rules.
+    func ports(_ start: Cursor, address: IPAddress?, interface: String) throws(PortSpecError) -> PortSpec {
+        // First pass: exclusions and "auto".
+        var excluded = [Bool](repeating: false, count: 65536)
+        var scan = false
+        var p = start
+        repeat {
+            guard let chunk = p.chunk() else { throw bad(p) }
+            switch chunk {
+            case .auto: scan = true
+            case .exclude(let first, let last): for port in first...last { excluded[port] = true }
+            default: break
             }
-            let addressText = target[target.index(after: target.startIndex)..<close]
-            segment.targetAddress = try parseTargetAddress(addressText, bracketed: true)
-            let after = target[target.index(after: close)...]
-            if after.first == "/" {
-                targetPorts = after.dropFirst()
-            } else if !after.isEmpty {
-                throw fail(target, "\"\(target)\" has \"\(after)\" after \"]\"; only \"/PORTS\" may follow.")
-            }
-        } else if let slash = target.firstIndex(of: "/") {
-            segment.targetAddress = try parseTargetAddress(target[..<slash], bracketed: false)
-            targetPorts = target[target.index(after: slash)...]
-        } else if target.first?.isNumber == true && !target.contains(".") {
-            targetPorts = target
-        } else {
-            segment.targetAddress = try parseTargetAddress(target, bracketed: false)
-        }
+        } while p.literal(",")
 
-        if let targetPorts {
-            if targetPorts.isEmpty {
-                throw fail(item, "\"\(item)\" has nothing after the target address's \"/\"; give a target port.")
-            }
-            let hasLast = targetPorts.contains("-")
-            let (to, toLast) = try parseRange(targetPorts)
-            if hasLast && toLast - to != last - first {
-                throw fail(item, "\"\(item)\" maps \(last - first + 1) ports to \(toLast - to + 1); "
-                    + "the target range must be as long as the listening range.")
-            }
-            if to + (last - first) > 65535 {
-                throw fail(item, "\"\(item)\" maps ports \(first)-\(last) to \(to)-\(to + last - first), past 65535.")
-            }
-            segment.to = to
-        }
-
-        if let targetAddress = segment.targetAddress {
-            if let address = prefix.address {
-                if address.family != targetAddress.family {
-                    throw fail(item, "\"\(item)\" forwards to \(targetAddress.family) address \(targetAddress) "
-                        + "but listens on \(address.family) address \(address); use one family for both.")
+        // Second pass: include ranges, then the end of the input.
+        var rules: [Rule] = []
+        var includesSeen = false
+        var allTarget: IPAddress?
+        p = start
+        repeat {
+            let before = p
+            guard let chunk = p.chunk() else { throw bad(p) }
+            switch chunk {
+            case .auto, .exclude: continue
+            case .all(let target): allTarget = target
+            case .include(let first, let last, let target, let targetFirst, let targetLast):
+                includesSeen = true
+                let piece = String(decoding: before.bytes[before.at..<p.at], as: UTF8.self)
+                if targetLast - targetFirst != last - first {
+                    throw fail(piece, "\"\(piece)\" maps \(last - first + 1) port\(last == first ? "" : "s") to "
+                        + "\(targetLast - targetFirst + 1); the target range must be as long as the listening range.")
                 }
-            } else {
-                // A target address pins the family: listen on that family's wildcard address.
-                segment.address = targetAddress.family == .ipv4 ? .anyIPv4 : .anyIPv6
+                try addRuns(&rules, first: first, last: last, excluded: excluded, address: address, interface: interface,
+                            target: target, delta: targetFirst - first, scan: scan, piece: piece)
+            }
+        } while p.literal(",")
+        if !p.atEnd { throw bad(p, "\"\(String(decoding: p.rest, as: UTF8.self))\" follows the ports; separate ports with commas.") }
+
+        if includesSeen { return PortSpec(rules: rules) }
+        // "all", "auto" alone or exclusions only: everything else but the ephemeral range.
+        for port in Int(ephemeral.lowerBound)...Int(ephemeral.upperBound) { excluded[port] = true }
+        try addRuns(&rules, first: 1, last: 65535, excluded: excluded, address: address, interface: interface,
+                    target: allTarget, delta: 0, scan: scan, piece: spec)
+        return PortSpec(rules: rules, bestEffort: true)
+    }
+
+    /// Adds a rule for every run of `first...last` not excluded, checking each as upstream's
+    /// fwd_rule_add does.
+    func addRuns(
+        _ rules: inout [Rule], first: Int, last: Int, excluded: [Bool], address: IPAddress?, interface: String,
+        target: IPAddress?, delta: Int, scan: Bool, piece: String
+    ) throws(PortSpecError) {
+        var base = first
+        while base <= last {
+            if excluded[base] {
+                base += 1
+                continue
+            }
+            var end = base
+            while end < last && !excluded[end + 1] { end += 1 }
+            let rule = Rule(
+                proto: proto, address: address, interface: interface, firstPort: UInt16(base), lastPort: UInt16(end),
+                targetAddress: target?.isUnspecified == true ? nil : target,
+                targetPort: UInt16(truncatingIfNeeded: base + delta), scan: scan)
+            try check(rule, against: rules, piece: piece)
+            rules.append(rule)
+            base = end + 1
+        }
+    }
+
+    /// Upstream's checks of one new rule: ports, target address, overlap with the spec's others.
+    func check(_ rule: Rule, against earlier: [Rule], piece: String) throws(PortSpecError) {
+        if rule.firstPort == 0 { throw fail(piece, "\"\(piece)\" forwards from port 0; ports are 1-65535.") }
+        if rule.targetPort == 0 { throw fail(piece, "\"\(piece)\" forwards to port 0; ports are 1-65535.") }
+        if let target = rule.targetAddress {
+            if target.isMulticast || target.isLimitedBroadcast {
+                throw fail(piece, "\"\(piece)\": target address \(target) is a multicast or broadcast address.")
+            }
+            guard let address = rule.address else {
+                let wildcard = target.family == .ipv4 ? "0.0.0.0" : "[::]"
+                throw fail(piece, "\"\(piece)\" listens dual stack (no listening address) but forwards to \(target.family) "
+                    + "address \(target); give \(wildcard)/... to listen on \(target.family) only.")
+            }
+            if address.family != target.family {
+                throw fail(piece, "\"\(piece)\" forwards from \(address.family) address \(address) to \(target.family) "
+                    + "address \(target); use one family for both.")
             }
         }
-        return segment
-    }
-
-    /// Parses a target address: IPv4, or IPv6 inside brackets; not a wildcard or multicast.
-    func parseTargetAddress(_ text: Substring, bracketed: Bool) throws(PortSpecError) -> IPAddress {
-        guard let address = IPAddress(String(text)) else {
-            throw fail(text, "\"\(text)\" is not an IPv4 or IPv6 address.")
+        for other in earlier where other.firstPort <= rule.lastPort && rule.firstPort <= other.lastPort {
+            throw fail(piece, "\"\(piece)\" forwards port\(rule.portCount == 1 ? "" : "s") "
+                + "\(rule.firstPort)\(rule.portCount == 1 ? "" : "-\(rule.lastPort)") again; each port can be forwarded only once.")
         }
-        if bracketed != text.contains(":") {
-            throw fail(text, bracketed
-                ? "\"\(text)\" is in brackets, which are for IPv6 addresses only."
-                : "IPv6 target address \"\(text)\" must be in brackets, as in \"22:[\(text)]/22\".")
-        }
-        if address.isUnspecified {
-            throw fail(text, "target address \"\(text)\" is a wildcard; leave it out to use the default target.")
-        }
-        if address.isMulticast {
-            throw fail(text, "target address \"\(text)\" is a multicast address.")
-        }
-        return address
-    }
-
-    // MARK: Step 3
-
-    /// Rejects includes that share a listening port, naming the later of the two items.
-    func checkOverlaps(_ includes: [Segment]) throws(PortSpecError) {
-        let sorted = includes.sorted { ($0.first, $0.index) < ($1.first, $1.index) }
-        guard var widest = sorted.first else { return }
-        for segment in sorted.dropFirst() {
-            if segment.first <= widest.last {
-                let (earlier, later) = widest.index < segment.index ? (widest, segment) : (segment, widest)
-                throw fail(later.item, "\"\(later.item)\" overlaps \"\(earlier.item)\"; each port can be forwarded only once.")
-            }
-            if segment.last > widest.last { widest = segment }
-        }
-    }
-
-    /// Sorts ranges and joins those that overlap or touch.
-    func mergeRanges(_ ranges: [(first: Int, last: Int)]) -> [(first: Int, last: Int)] {
-        var merged: [(first: Int, last: Int)] = []
-        for range in ranges.sorted(by: { $0.first < $1.first }) {
-            if let top = merged.last, range.first <= top.last + 1 {
-                merged[merged.count - 1].last = max(top.last, range.last)
-            } else {
-                merged.append(range)
-            }
-        }
-        return merged
-    }
-
-    /// Cuts the sorted, disjoint `exclusions` out of every segment, keeping target offsets.
-    func subtract(_ exclusions: [(first: Int, last: Int)], from segments: [Segment]) -> [Segment] {
-        var result: [Segment] = []
-        for segment in segments {
-            var start = segment.first
-            for exclusion in exclusions where exclusion.last >= start && exclusion.first <= segment.last {
-                if exclusion.first > start {
-                    result.append(segment.slice(start, exclusion.first - 1))
-                }
-                start = exclusion.last + 1
-            }
-            if start <= segment.last { result.append(segment.slice(start, segment.last)) }
-        }
-        return result
-    }
-
-    // MARK: Step 4
-
-    /// Joins neighbouring segments whose listening and target ports both continue.
-    func merge(_ segments: [Segment]) -> [Segment] {
-        var merged: [Segment] = []
-        for segment in segments.sorted(by: { $0.first < $1.first }) {
-            if let top = merged.last, top.last + 1 == segment.first, top.to + (top.last - top.first) + 1 == segment.to,
-                top.address == segment.address, top.targetAddress == segment.targetAddress
-            {
-                merged[merged.count - 1].last = segment.last
-            } else {
-                merged.append(segment)
-            }
-        }
-        return merged
-    }
-}
-
-extension Segment {
-    /// The part of the segment listening on `first...last`, with its target shifted to match.
-    fileprivate func slice(_ first: Int, _ last: Int) -> Segment {
-        var copy = self
-        copy.to = to + (first - self.first)
-        copy.first = first
-        copy.last = last
-        return copy
     }
 }

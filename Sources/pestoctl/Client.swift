@@ -8,7 +8,10 @@
 //   → Delete removed → Commit → Unlock.
 // A Conflict, an intolerable bind failure or any other error does Rollback + Unlock and
 // exits 1. Bind failures are judged per spec: an explicit port spec must bind every socket;
-// a best-effort spec (`all`, `auto` alone, exclusions only) needs one bound socket.
+// a best-effort spec (`all`, `auto` alone, exclusions only) needs one bound socket. This is
+// stricter than upstream pesto, which never learns about bind failures; --best-effort gives
+// pesto's behaviour (failures become warnings, pestod keeps retrying). A plan refused before
+// any change (bad spec, -D of a missing rule) only releases the lock.
 //
 // Test hook: PESTOCTL_TEST_PAUSE_AFTER=STEP (insert, deactivate, activate, delete) prints
 // "paused" after that step and waits for a line (or end of file) on stdin.
@@ -32,9 +35,12 @@ enum ExitCode {
 struct Failure: Error {
     let status: Int32
     let message: String
-    init(_ status: Int32, _ message: String) {
+    /// Refused while planning, before any change: nothing to roll back.
+    let planned: Bool
+    init(_ status: Int32, _ message: String, planned: Bool = false) {
         self.status = status
         self.message = message
+        self.planned = planned
     }
 }
 
@@ -50,6 +56,8 @@ private let unreachableErrors: Set<String> = [
 final class PestoClient {
     let connection: DBusConnection
     let bus: BusAddress
+    /// -d: where the update's steps are reported (nil: not at all).
+    var debugSink: ((String) -> Void)?
     static let tableInterface = "top.passt.Pesto1.Table"
     static let managerInterface = "top.passt.Pesto1.Manager"
 
@@ -114,7 +122,7 @@ final class PestoClient {
 
     /// Takes the lock, reads the tables, plans `operations` against them and runs the
     /// workflow. Returns the plan (for its warnings) and a summary, nil when nothing changed.
-    func update(_ operations: [Operation], firstID: UInt32?) throws(Failure) -> (plan: Plan, summary: String?) {
+    func update(_ operations: [Operation], firstID: UInt32?, bestEffort: Bool = false) throws(Failure) -> (plan: Plan, summary: String?) {
         try manager("Lock")
         var plan = Plan()
         do throws(Failure) {
@@ -122,17 +130,21 @@ final class PestoClient {
             do {
                 plan = try Plan.make(operations, tables: Dictionary(uniqueKeysWithValues: tables.map { ($0.0, $0.1) }))
             } catch {
-                throw Failure(ExitCode.usage, error.message)
+                // Refused before anything was touched: nothing to roll back.
+                try? manager("Unlock")
+                throw Failure(error.status, error.message, planned: true)
             }
+            for (kind, r) in plan.removes { debug("remove \(kind.name) rule \(r.id): \(RuleText.option(r.rule, kind)) \(RuleText.spec(r.rule, kind))") }
+            for n in plan.inserts { debug("add \(n.table.name) rule: \(RuleText.option(n.rule, n.table)) \(RuleText.spec(n.rule)) (from \(n.specText))") }
             if !plan.isEmpty {
-                try runLocked(&plan, tables: tables, firstID: firstID)
+                try runLocked(&plan, tables: tables, firstID: firstID, bestEffort: bestEffort)
                 try manager("Commit")
             }
         } catch {
+            if error.planned { throw error }
             // Undo everything done under the lock (releasing the lock would too).
             try? manager("Rollback")
             try? manager("Unlock")
-            if error.status == ExitCode.usage { throw error }
             throw Failure(error.status, error.message + " The update was rolled back; nothing changed.")
         }
         try? manager("Unlock")
@@ -141,6 +153,9 @@ final class PestoClient {
             + "\(plan.removes.count) removed.")
     }
 
+    /// Reports a step when -d was given.
+    func debug(_ text: String) { debugSink?(text) }
+
     private func pauseIfAsked(after step: String) {
         guard let wanted = getenv("PESTOCTL_TEST_PAUSE_AFTER").map({ String(cString: $0) }), wanted == step else { return }
         print("paused")
@@ -148,7 +163,9 @@ final class PestoClient {
         _ = readLine()
     }
 
-    private func runLocked(_ plan: inout Plan, tables current: [(TableKind, [ListedRule])], firstID: UInt32?) throws(Failure) {
+    private func runLocked(
+        _ plan: inout Plan, tables current: [(TableKind, [ListedRule])], firstID: UInt32?, bestEffort: Bool
+    ) throws(Failure) {
         // Insert, inactive.
         var used: [TableKind: Set<UInt32>] = [:]
         for (kind, rules) in current { used[kind] = Set(rules.map(\.id)) }
@@ -159,10 +176,11 @@ final class PestoClient {
             used[kind, default: []].insert(id)
             plan.inserts[index].id = id
             let new = plan.inserts[index]
+            debug("Insert \(kind.name) \(id)")
             do {
                 _ = try table(kind, "Insert", [.uint32(id), RuleText.encode(new.rule)])
             } catch {
-                throw Failure(error.status, "cannot add \(new.specText) (\(RuleText.option(new.rule, kind)) \(RuleText.spec(new.rule))): \(error.message)")
+                throw Failure(error.status, "cannot add \(new.specText) (\(RuleText.option(new.rule, kind)) \(RuleText.spec(new.rule, kind))): \(error.message)")
             }
         }
         pauseIfAsked(after: "insert")
@@ -180,7 +198,7 @@ final class PestoClient {
             do {
                 reply = try table(new.table, "Activate", [.uint32(new.id)])
             } catch {
-                throw Failure(error.status, "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule))): \(error.message)")
+                throw Failure(error.status, "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule, new.table))): \(error.message)")
             }
             guard reply.count == 2, let bound = reply[0].uint32Value, let failed = reply[1].uint32Value else {
                 throw Failure(ExitCode.rejected, "pestod's Activate reply is malformed.")
@@ -198,13 +216,17 @@ final class PestoClient {
             let bound = members.reduce(UInt32(0)) { $0 + results[$1]!.bound }
             let failed = members.reduce(UInt32(0)) { $0 + results[$1]!.failed }
             let tolerable = first.bestEffort ? bound > 0 || failed == 0 : failed == 0
-            if !tolerable {
+            if !tolerable && bestEffort {
+                // --best-effort: pesto's behaviour (pasta does not report bind failures), but say so.
+                plan.warnings.append("\(first.specText): \(failed) socket\(failed == 1 ? "" : "s") could not be bound "
+                    + "(kept with --best-effort; pestod retries them).")
+            } else if !tolerable {
                 var reasons: [String] = []
                 for m in members where results[m]!.failed > 0 {
                     let new = plan.inserts[m]
                     let status = try? table(new.table, "Status", [.uint32(new.id)])
                     let error = status?.count == 4 ? status?[3].stringValue ?? "" : ""
-                    reasons.append("\(RuleText.spec(new.rule)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
+                    reasons.append("\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
                         + (error.isEmpty ? "" : " (\(error))"))
                 }
                 throw Failure(ExitCode.rejected, "\(first.specText): "

@@ -7,10 +7,16 @@
 // before the second. ArgumentParser collects options into properties and loses that order,
 // so the whole command line is read here, left to right, into a list of `Operation`s.
 //
+// The command line is upstream pesto's (pesto(1): -A -D -C -t -u -T -U, their long forms with
+// a separate or "=" value, -s/--show, -d/--debug, -h/--help, --version, short flags bundled as
+// getopt(3) allows, and the control socket PATH operand, accepted and ignored: the tables are
+// reached over D-Bus), plus pestoctl's own options and the commands "status" and "watch".
+// doc/pesto-conformance.md lists every option with pestoctl's behaviour.
+//
 // Usage:
-//   pestoctl [BUS] [-s] [--json]                       show the tables
-//   pestoctl [BUS] [-s] [--id N] [-A|-D|-C TABLE] [-t|-u|-T|-U SPEC]...   update
-//   pestoctl [BUS] [-s] [--json] status ID [--table HOST|SPLICE]
+//   pestoctl [BUS] [--json] [PATH]                     show the tables
+//   pestoctl [BUS] [OPTIONS] [-A|-D|-C TABLE] [-t|-u|-T|-U SPEC]... [PATH]   update
+//   pestoctl [BUS] [--json] status [ID [--table HOST|SPLICE]]
 //   pestoctl [BUS] watch                               print changes as they happen
 // BUS is --system (default when root), --session (default otherwise) or --address ADDRESS.
 
@@ -21,19 +27,25 @@ import PestoModel
 import PestoSystem
 import PestoDBus
 
-/// A bad command line; exit status 2.
+/// A bad command line: exit status 2 for pestoctl's own syntax, 1 for what upstream pesto
+/// refuses with 1 too (a bad port spec, an unknown table).
 struct UsageError: Error {
     let message: String
-    init(_ message: String) { self.message = message }
+    let status: Int32
+    init(_ message: String, status: Int32 = 2) {
+        self.message = message
+        self.status = status
+    }
 }
 
 /// How the following -t/-u/-T/-U specs are applied.
 enum SpecMode: Equatable {
-    /// The first spec of each kind replaces that table's rules of that protocol; later ones add.
+    /// No -A or -D yet: the first spec for a table replaces that whole table (every protocol),
+    /// as upstream pesto does; later ones add.
     case replace
     /// -A: add.
     case add
-    /// -D: delete exactly matching rules.
+    /// -D: delete exactly matching rules; a rule that does not exist fails the update.
     case delete
 }
 
@@ -53,58 +65,105 @@ enum Command: Equatable {
     case update([Operation])
     /// Show one rule's status.
     case status(id: UInt32, table: TableKind)
+    /// Show who holds the lock.
+    case lockStatus
     /// Print table changes as they happen, until killed.
     case watch
     /// Print the usage text.
     case help
+    /// Print the version.
+    case version
 }
 
 /// The parsed command line.
 struct Options {
     var bus: BusAddress = getuid() == 0 ? .system : .session
-    /// -s: script mode. Success prints nothing; warnings are not printed; errors still go to
+    /// -q: script mode. Success prints nothing; warnings are not printed; errors still go to
     /// stderr, and the exit status tells the outcome.
-    var silent = false
+    var quiet = false
+    /// -s: show the tables before and after the update (upstream pesto's --show).
+    var showTables = false
+    /// -d: print what the update does, step by step, on stderr.
+    var debug = false
+    /// --best-effort: bind failures do not fail the update (upstream pesto's behaviour).
+    var bestEffort = false
     /// --json: the table listing (and `status`) as JSON.
     var json = false
     /// --id N: the first ID for new rules.
     var firstID: UInt32?
+    /// The PATH operand (upstream pesto's control socket), accepted and not used.
+    var socketPath: String?
     var command: Command = .show
 
     static let usage = """
-        Usage: pestoctl [--system|--session|--address ADDRESS] [-s] [--json]
-               pestoctl [BUS] [-s] [--id N] [-A|-D|-C TABLE] [-t|-u|-T|-U SPEC]...
-               pestoctl [BUS] [-s] [--json] status ID [--table HOST|SPLICE]
+        Usage: pestoctl [OPTION]... [PATH]
+               pestoctl [BUS] [--json] status [ID [--table HOST|SPLICE]]
                pestoctl [BUS] watch
 
-        Without update options, shows the HOST and SPLICE forwarding tables.
-          -t, --tcp-ports SPEC   HOST table, TCP (pasta's -t syntax)
-          -u, --udp-ports SPEC   HOST table, UDP
-          -T, --tcp-ns SPEC      SPLICE table, TCP
-          -U, --udp-ns SPEC      SPLICE table, UDP
+        Without update options, shows the HOST and SPLICE forwarding tables. The options are
+        upstream pesto's; PATH (pesto's control socket) is accepted and not used: pestoctl
+        reaches pestod over D-Bus.
+          -t, --tcp-ports SPEC   HOST table (inbound), TCP
+          -u, --udp-ports SPEC   HOST table (inbound), UDP
+          -T, --tcp-ns SPEC      SPLICE table (outbound, listening on the namespace's lo), TCP
+          -U, --udp-ns SPEC      SPLICE table (outbound), UDP
+            SPEC: none | [ADDR[%IFACE]/]PORTS, PORTS a comma-separated list of
+            FIRST[-LAST][:[TADDR/]TOFIRST[-TOLAST]], ~FIRST[-LAST] (exclude), all, auto
           -A, --add              following specs add rules
-          -D, --delete           following specs delete exactly matching rules
+          -D, --delete           following specs delete exactly matching rules; a rule that
+                                 does not exist fails the update (exit 1, nothing changes)
           -C, --clear TABLE      remove every rule of TABLE (HOST or SPLICE)
-        Without -A/-D, the first spec of each kind replaces that table's rules of that
-        protocol and later ones add. Options apply in order.
-          --id N                 first ID for new rules (default: highest ID + 10)
-          -s, --silent           script mode: print nothing on success, no warnings
-          --json                 show the tables (or status) as JSON
-          --system, --session, --address ADDRESS   the bus (default: system as root, else session)
-        Exit status: 0 success, 1 update rejected (rolled back) or refused, 2 usage error,
-        3 cannot reach the service.
+        Without -A/-D, the first spec for a table replaces that whole table (TCP and UDP)
+        and later ones add, as with pesto. Options apply in order, as one transaction.
+          -s, --show             show the tables before and after the update
+          -d, --debug            print the update's steps on stderr
+          -h, --help             display this help and exit
+              --version          show the version and exit
+        pestoctl's own options:
+              --best-effort      bind failures do not fail the update (pesto's behaviour);
+                                 by default every socket of an explicit port must bind, else
+                                 the update is rolled back and pestoctl exits 1
+              --id N             first ID for new rules (default: the table's highest ID
+                                 rounded down to a multiple of 10, plus 10; then steps of 10)
+          -q, --quiet            print nothing on success and no warnings (also --silent)
+              --json             show the tables (or status) as JSON
+              --system, --session, --address ADDRESS
+                                 the bus (default: system as root, else session)
+        Commands:
+          status ID [--table T]  one rule's state;  status: who holds the lock
+          watch                  print table and lock changes as they happen
+        Examples:
+          pestoctl                                   show the tables
+          pestoctl -t 8080 -u 53                     HOST table: TCP 8080 and UDP 53, nothing else
+          pestoctl -A -t 127.0.0.1/8080:80           add: host 127.0.0.1:8080 to target port 80
+          pestoctl -A -t 0.0.0.0/8080:10.88.0.2/80   add: to a container's address
+          pestoctl -D -t 127.0.0.1/8080:80           delete that rule
+          pestoctl -A -T 5432                        namespace's lo:5432 to the host's 5432
+          pestoctl -t 1000-2000,~1500 -C SPLICE      ports 1000-1499 and 1501-2000; empty SPLICE
+          pestoctl -t auto                           follow the ports bound in the namespace
+        Exit status: 0 success; 1 update refused or rolled back (bad spec, missing rule,
+        conflict, bind failure, lock held); 2 usage error; 3 cannot reach the service.
         """
+
+    /// Options that take no value, by short letter; they may be bundled (`-As`).
+    private static let flags: Set<Character> = ["A", "D", "s", "d", "h", "q"]
+    /// Options that take a value, by short letter (`-tSPEC` or `-t SPEC`).
+    private static let valued: Set<Character> = ["C", "t", "u", "T", "U"]
+    /// Long options and their short letter (nil: long only).
+    private static let longNames: [String: Character] = [
+        "--add": "A", "--delete": "D", "--show": "s", "--debug": "d", "--help": "h", "--quiet": "q", "--silent": "q",
+        "--clear": "C", "--tcp-ports": "t", "--udp-ports": "u", "--tcp-ns": "T", "--udp-ns": "U",
+    ]
 
     /// Parses `arguments` (without the program name).
     static func parse(_ arguments: [String]) throws(UsageError) -> Options {
         var options = Options()
         var operations: [Operation] = []
         var mode = SpecMode.replace
-        var statusWords: [String] = []
+        var words: [String] = []
         var statusTable: TableKind?
-        var sawStatus = false
-        var sawWatch = false
         var index = 0
+        var optionsEnded = false
 
         func value(for option: String, attached: String?) throws(UsageError) -> String {
             if let attached { return attached }
@@ -113,90 +172,124 @@ struct Options {
             return arguments[index]
         }
 
+        /// Applies one option given by its short letter.
+        func apply(_ letter: Character, _ option: String, attached: String?) throws(UsageError) {
+            switch letter {
+            case "h": options.command = .help
+            case "A": mode = .add
+            case "D": mode = .delete
+            case "s": options.showTables = true
+            case "d": options.debug = true
+            case "q": options.quiet = true
+            case "C":
+                operations.append(.clear(try parseTable(try value(for: option, attached: attached))))
+            default:
+                let table: TableKind = letter == "t" || letter == "u" ? .host : .splice
+                let proto: TransportProtocol = letter == "t" || letter == "T" ? .tcp : .udp
+                operations.append(.spec(table: table, proto: proto, text: try value(for: option, attached: attached), mode: mode))
+            }
+        }
+
         while index < arguments.count {
             let argument = arguments[index]
-            // Split "--long=value" and "-tSPEC".
-            var name = argument
-            var attached: String?
-            if argument.hasPrefix("--"), let eq = argument.firstIndex(of: "=") {
-                name = String(argument[..<eq])
-                attached = String(argument[argument.index(after: eq)...])
-            } else if argument.hasPrefix("-"), !argument.hasPrefix("--"), argument.count > 2 {
-                name = String(argument.prefix(2))
-                attached = String(argument.dropFirst(2))
-            }
-            switch name {
-            case "-h", "--help":
-                options.command = .help
-                return options
-            case "--system": options.bus = .system
-            case "--session": options.bus = .session
-            case "--address": options.bus = .address(try value(for: name, attached: attached))
-            case "-s", "--silent": options.silent = true
-            case "--json": options.json = true
-            case "--id":
-                let text = try value(for: name, attached: attached)
-                guard let id = UInt32(text), id > 0 else { throw UsageError("--id needs a rule ID 1-4294967295, not \"\(text)\".") }
-                options.firstID = id
-            case "-A", "--add":
-                if attached != nil { throw UsageError("-A takes no value.") }
-                mode = .add
-            case "-D", "--delete":
-                if attached != nil { throw UsageError("-D takes no value.") }
-                mode = .delete
-            case "-C", "--clear":
-                operations.append(.clear(try parseTable(try value(for: name, attached: attached))))
-            case "-t", "--tcp-ports", "-u", "--udp-ports", "-T", "--tcp-ns", "-U", "--udp-ns":
-                let table: TableKind = ["-t", "--tcp-ports", "-u", "--udp-ports"].contains(name) ? .host : .splice
-                let proto: TransportProtocol = ["-t", "--tcp-ports", "-T", "--tcp-ns"].contains(name) ? .tcp : .udp
-                operations.append(.spec(table: table, proto: proto, text: try value(for: name, attached: attached), mode: mode))
-            case "--table":
-                guard sawStatus else { throw UsageError("--table is only for \"status\".") }
-                statusTable = try parseTable(try value(for: name, attached: attached))
-            default:
-                if argument.hasPrefix("-") && argument != "-" {
-                    throw UsageError("unknown option \"\(argument)\".")
+            if optionsEnded || argument == "-" || !argument.hasPrefix("-") {
+                words.append(argument)
+            } else if argument == "--" {
+                optionsEnded = true
+            } else if argument.hasPrefix("--") {
+                // "--long" or "--long=value".
+                var name = argument
+                var attached: String?
+                if let eq = argument.firstIndex(of: "=") {
+                    name = String(argument[..<eq])
+                    attached = String(argument[argument.index(after: eq)...])
                 }
-                if !sawStatus && !sawWatch && argument == "status" {
-                    sawStatus = true
-                } else if !sawStatus && !sawWatch && argument == "watch" {
-                    sawWatch = true
-                } else if sawStatus {
-                    statusWords.append(argument)
+                if let letter = longNames[name] {
+                    if flags.contains(letter), attached != nil { throw UsageError("option \(name) takes no value.") }
+                    try apply(letter, name, attached: attached)
                 } else {
-                    throw UsageError("unexpected argument \"\(argument)\"; the commands are \"status ID\" and \"watch\".")
+                    switch name {
+                    case "--version": options.command = .version
+                    case "--best-effort": options.bestEffort = true
+                    case "--system": options.bus = .system
+                    case "--session": options.bus = .session
+                    case "--address": options.bus = .address(try value(for: name, attached: attached))
+                    case "--json": options.json = true
+                    case "--id":
+                        let text = try value(for: name, attached: attached)
+                        guard let id = UInt32(text), id > 0 else { throw UsageError("--id needs a rule ID 1-4294967295, not \"\(text)\".") }
+                        options.firstID = id
+                    case "--table":
+                        statusTable = try parseTable(try value(for: name, attached: attached))
+                    default:
+                        throw UsageError("unknown option \"\(argument)\".")
+                    }
+                    if ["--version", "--best-effort", "--system", "--session", "--json"].contains(name), attached != nil {
+                        throw UsageError("option \(name) takes no value.")
+                    }
+                }
+            } else {
+                // A bundle of short options: flags, then at most one valued option taking the rest.
+                var rest = Substring(argument.dropFirst())
+                while let letter = rest.first {
+                    rest = rest.dropFirst()
+                    if flags.contains(letter) {
+                        try apply(letter, "-\(letter)", attached: nil)
+                    } else if valued.contains(letter) {
+                        try apply(letter, "-\(letter)", attached: rest.isEmpty ? nil : String(rest))
+                        break
+                    } else {
+                        throw UsageError("unknown option \"-\(letter)\".")
+                    }
                 }
             }
             index += 1
         }
+        if options.command == .help || options.command == .version { return options }
 
-        if sawStatus {
+        // The words: a command ("status [ID]", "watch"), else pesto's PATH operand.
+        if words.first == "status" {
             guard operations.isEmpty else { throw UsageError("\"status\" cannot be combined with update options.") }
-            guard statusWords.count == 1 else { throw UsageError("\"status\" needs exactly one rule ID.") }
-            guard let id = UInt32(statusWords[0]) else {
-                throw UsageError("\"\(statusWords[0])\" is not a rule ID (0-4294967295).")
+            switch words.count {
+            case 1:
+                if statusTable != nil { throw UsageError("--table needs a rule ID: \"status ID --table TABLE\".") }
+                options.command = .lockStatus
+            case 2:
+                guard let id = UInt32(words[1]) else { throw UsageError("\"\(words[1])\" is not a rule ID (0-4294967295).") }
+                options.command = .status(id: id, table: statusTable ?? .host)
+            default:
+                throw UsageError("\"status\" takes at most one rule ID.")
             }
-            options.command = .status(id: id, table: statusTable ?? .host)
-        } else if sawWatch {
-            guard operations.isEmpty, statusWords.isEmpty else { throw UsageError("\"watch\" takes no update options or arguments.") }
+        } else if words.first == "watch" {
+            guard operations.isEmpty, words.count == 1 else { throw UsageError("\"watch\" takes no update options or arguments.") }
             options.command = .watch
-        } else if !operations.isEmpty {
-            options.command = .update(operations)
-        } else if mode != .replace {
-            throw UsageError("-A and -D need at least one -t, -u, -T or -U spec after them.")
+        } else {
+            if statusTable != nil { throw UsageError("--table is only for \"status\".") }
+            guard words.count <= 1 else {
+                throw UsageError("unexpected argument \"\(words[1])\"; give at most one PATH (upstream pesto's control socket, not used).")
+            }
+            options.socketPath = words.first
+            if !operations.isEmpty {
+                options.command = .update(operations)
+            } else if mode != .replace {
+                throw UsageError("-A and -D need at least one -t, -u, -T or -U spec after them.")
+            }
         }
         if options.firstID != nil, case .update = options.command {} else if options.firstID != nil {
             throw UsageError("--id is only for updates.")
         }
+        if options.bestEffort, case .update = options.command {} else if options.bestEffort {
+            throw UsageError("--best-effort is only for updates.")
+        }
         return options
     }
 
-    /// HOST or SPLICE, any case.
+    /// HOST or SPLICE, any case; anything else fails with 1, as pesto's "Unsupported pif name".
     static func parseTable(_ text: String) throws(UsageError) -> TableKind {
         switch text.lowercased() {
         case "host": return .host
         case "splice": return .splice
-        default: throw UsageError("unknown table \"\(text)\"; tables are HOST and SPLICE.")
+        default: throw UsageError("unknown table \"\(text)\"; tables are HOST and SPLICE.", status: 1)
         }
     }
 }

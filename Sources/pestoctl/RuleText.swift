@@ -58,14 +58,19 @@ enum RuleText {
     }
 
     /// The rule as a pasta port spec that parses back to it (`127.0.0.1/8080:80`,
-    /// `%eth0/22`, `[::1]/5000-5010`, `10-20:192.0.2.1/30-40`, `auto,1000-2000`).
-    static func spec(_ rule: Rule) -> String {
+    /// `%eth0/22`, `[::1]/5000-5010`, `0.0.0.0/10-20:192.0.2.1/30-40`, `auto,1000-2000`).
+    static func spec(_ rule: Rule) -> String { spec(rule, .host) }
+
+    /// The rule as the port spec of its table's option: a SPLICE rule listening dual stack on
+    /// `lo` is what -T/-U make, so its `%lo/` prefix is left out (-T/-U refuse a prefix).
+    static func spec(_ rule: Rule, _ table: TableKind) -> String {
+        var rule = rule
+        if table == .splice && rule.address == nil && rule.interface == "lo" { rule.interface = "" }
         var text = ""
         var listen = ""
-        // A target address pins the family: PortSpec then listens on that family's wildcard,
-        // which it writes itself, so the wildcard is not repeated as a prefix.
-        let impliedWildcard = rule.targetAddress != nil && rule.address?.isUnspecified == true
-        if let address = rule.address, !impliedWildcard {
+        // The address is always written: pesto's grammar refuses a target address on a
+        // dual-stack rule, so `0.0.0.0/8080:10.88.0.2/80` needs its wildcard.
+        if let address = rule.address {
             listen = address.family == .ipv6 ? "[\(address)]" : address.description
         }
         if !rule.interface.isEmpty { listen += "%" + rule.interface }
@@ -116,7 +121,7 @@ enum RuleText {
             }
         }
         fields += [
-            ("spec", json(option(r.rule, table) + " " + spec(r.rule))),
+            ("spec", json(option(r.rule, table) + " " + spec(r.rule, table))),
             ("active", r.active ? "true" : "false"),
             ("bound", "\(r.bound)"),
             ("failed", "\(r.failed)"),
@@ -131,7 +136,7 @@ enum RuleText {
         if r.failed > 0 || !r.lastError.isEmpty {
             state += ", \(r.failed) failed" + (r.lastError.isEmpty ? "" : " (\(r.lastError))")
         }
-        var text = "\(r.id)".leftPadded(6) + "  " + (option(r.rule, table) + " " + spec(r.rule)).rightPadded(32) + " " + state
+        var text = "\(r.id)".leftPadded(6) + "  " + (option(r.rule, table) + " " + spec(r.rule, table)).rightPadded(32) + " " + state
         if !r.rule.owner.isEmpty { text += "  owner \(r.rule.owner)" }
         return text
     }

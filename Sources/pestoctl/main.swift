@@ -10,6 +10,9 @@ import PestoModel
 import PestoSystem
 import PestoDBus
 
+/// pestoctl's own version (the D-Bus contract's is `PestoBusNames.version`).
+let pestoctlVersion = "1.1"
+
 /// Prints to stderr.
 func printError(_ text: String) {
     writeError("pestoctl: \(text)\n")
@@ -33,13 +36,28 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
         options = try Options.parse(arguments)
     } catch {
         printError(error.message)
-        writeError("Try \"pestoctl --help\".\n")
-        return ExitCode.usage
+        if error.status == ExitCode.usage { writeError("Try \"pestoctl --help\".\n") }
+        return error.status
     }
     do throws(Failure) {
         switch options.command {
         case .help:
             print(Options.usage)
+        case .version:
+            print("pestoctl \(pestoctlVersion) (D-Bus interface top.passt.Pesto1, version \(PestoBusNames.version); "
+                + "command line of upstream pesto)")
+        case .lockStatus:
+            let client = try PestoClient(options.bus)
+            let reply = try client.call(PestoBusNames.managerPath, "org.freedesktop.DBus.Properties", "Get",
+                                        [.string(PestoClient.managerInterface), .string("LockOwner")])
+            guard let owner = reply.first?.variantValue?.stringValue else {
+                throw Failure(ExitCode.rejected, "pestod's LockOwner property is malformed.")
+            }
+            if options.json {
+                print("{\"locked\": \(!owner.isEmpty), \"lock-owner\": \(RuleText.json(owner))}")
+            } else {
+                print(owner.isEmpty ? "unlocked" : "locked by \(owner)")
+            }
         case .watch:
             let client = try PestoClient(options.bus)
             try client.watch()
@@ -60,20 +78,29 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
                     + (lastError.isEmpty ? "" : ", last error \(lastError)"))
             }
         case .update(let operations):
-            // Bad specs are usage errors whether or not the service is reachable.
+            // Bad specs are refused (exit 1, as pesto) whether or not the service is reachable.
             for case .spec(let kind, let proto, let text, _) in operations {
                 do {
-                    _ = try PortSpec.parse(text, proto: proto, ephemeralPorts: EphemeralPortRange.current())
+                    _ = try PortSpec.parse(text, proto: proto, table: kind, ephemeralPorts: EphemeralPortRange.current())
                 } catch {
                     printError("\(RuleText.option(Rule(proto: proto, firstPort: 1), kind)): \(error.description)")
-                    return ExitCode.usage
+                    return ExitCode.rejected
                 }
             }
             let client = try PestoClient(options.bus)
-            let (plan, summary) = try client.update(operations, firstID: options.firstID)
-            if !options.silent {
+            if options.debug { client.debugSink = { printError("debug: \($0)") } }
+            if options.showTables {
+                print("Previous configuration")
+                show(try client.list(), json: false)
+            }
+            let (plan, summary) = try client.update(operations, firstID: options.firstID, bestEffort: options.bestEffort)
+            if !options.quiet {
                 for w in plan.warnings { printError("warning: \(w)") }
                 print(summary ?? "Nothing to change.")
+            }
+            if options.showTables {
+                print("Updated configuration")
+                show(try client.list(), json: false)
             }
         }
     } catch {

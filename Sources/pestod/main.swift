@@ -3,6 +3,9 @@
 // pestod: the pesto forwarding service. Publishes the forwarding tables on D-Bus
 // (doc/dbus-api.md) and runs the forwarding engine on one event loop thread.
 
+#if canImport(Glibc)
+import Glibc
+#endif
 import ArgumentParser
 import Logging
 import PestoEngine
@@ -63,9 +66,42 @@ struct Pestod: ParsableCommand {
     var controlTimeout = 5000
 
     @Option(name: .long, help: ArgumentHelp(
-        "Keep the committed tables in this file: saved atomically before a commit is acknowledged (a commit that cannot be saved is undone and fails with SaveFailed), restored at start; saved rules that cannot be restored stay in the file, and a file that cannot be used is moved aside and pestod starts empty.",
+        "Keep the committed tables in this file: saved atomically before a commit is acknowledged (a commit that cannot be saved is undone and fails with SaveFailed), restored at start; saved rules that cannot be restored stay in the file, and a file that cannot be used is moved aside and pestod starts empty. Default with --session: $XDG_STATE_HOME/pesto/state (~/.local/state/pesto/state), so a bus-activated pestod keeps its rules; otherwise none (the system unit gives /var/lib/pesto/state).",
         valueName: "file"))
     var state: String?
+
+    @Flag(name: .long, help: "Keep no state file, not even the --session default.")
+    var noState = false
+
+    /// The state file: --state, else with --session $XDG_STATE_HOME/pesto/state, else none.
+    /// A missing directory of an absolute path is made (mode 0700), so an activated pestod
+    /// (dbus/session/, dbus/top.passt.Pesto1.service) can save on a fresh system. Relative
+    /// XDG_STATE_HOME values are ignored, as the XDG base directory specification says.
+    func stateFile() -> String? {
+        if noState { return nil }
+        var file: String
+        if let state {
+            file = state
+        } else if session {
+            if let xdg = getenv("XDG_STATE_HOME").map({ String(cString: $0) }), xdg.hasPrefix("/") {
+                file = xdg + "/pesto/state"
+            } else if let home = getenv("HOME").map({ String(cString: $0) }), home.hasPrefix("/") {
+                file = home + "/.local/state/pesto/state"
+            } else {
+                return nil
+            }
+        } else {
+            return nil
+        }
+        if file.hasPrefix("/") {
+            var path = ""
+            for part in file.split(separator: "/").dropLast() {
+                path += "/" + part
+                _ = mkdir(path, 0o700)  // EEXIST is fine; a real failure shows when the state is saved
+            }
+        }
+        return file
+    }
 
     @Option(name: .long, help: "Most TCP connections relayed at once (default: R/4, see above).")
     var maxConnections: Int?
@@ -111,6 +147,7 @@ struct Pestod: ParsableCommand {
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
+        if noState && state != nil { throw ValidationError("Give --state or --no-state, not both.") }
         if let authorize, AuthorizationMode(rawValue: authorize) == nil {
             throw ValidationError("--authorize must be one of: \(AuthorizationMode.allCases.map(\.rawValue).joined(separator: ", ")).")
         }
@@ -129,10 +166,10 @@ struct Pestod: ParsableCommand {
             for (entry, reason) in result.carried {
                 logger.warning("state file \(state): \(entry.table.name) rule \(entry.id) not restored, kept in the file: \(reason)")
             }
-            logger.info("restored \(result.restored) of \(entries.count) rules from \(state)")
+            logger.info("restored \(result.restored) of \(entries.count) rule\(entries.count == 1 ? "" : "s") from \(state)")
             if !result.carried.isEmpty {
                 logger.warning(
-                    "state file \(state): \(result.carried.count) rules could not be restored; they stay in the file and are tried again at the next start")
+                    "state file \(state): \(result.carried.count) rule\(result.carried.count == 1 ? "" : "s") could not be restored; they stay in the file and are tried again at the next start")
             }
             return result.carried.map(\.entry)
         case .invalid(let reason, let movedTo):
@@ -155,6 +192,7 @@ struct Pestod: ParsableCommand {
         }
         let logger = Logger(label: "pestod")
         let bus: BusAddress = address.map { .address($0) } ?? (session ? .session : .system)
+        let state = stateFile()
 
         switch DescriptorPlan.raiseOpenFileLimit() {
         case .success(let (before, after)) where before != after:

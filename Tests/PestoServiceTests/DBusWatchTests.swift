@@ -11,6 +11,8 @@ import PestoSystem
 @testable import PestoModel
 @testable import PestoDBus
 @testable import PestoService
+import PestoModel
+import PestoDBus
 
 #if canImport(Glibc)
 import Glibc

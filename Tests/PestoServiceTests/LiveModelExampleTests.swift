@@ -7,6 +7,8 @@
 import Foundation
 import PestoDBus
 import PestoService
+import PestoModel
+import PestoDBus
 import PestoTestSupport
 import Testing
 
