@@ -82,14 +82,9 @@ struct Settings {
     }
 }
 
-/// The directory of this executable, where the release pestod and pesto-test-peer are.
-func productDirectory() -> String {
-    URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "").deletingLastPathComponent().path
-}
-
 /// Reads pestod's whole table.
 func listRules(_ bus: DBusConnection) -> [(UInt32, RuleState)]? {
-    guard let list = try? bus.call("top.passt.Pesto1", hostPath, tableInterface, "List").first?.arrayValue else { return nil }
+    guard let list = try? bus.call(PestoBusNames.busName, hostPath, tableInterface, "List").first?.arrayValue else { return nil }
     return list.compactMap(RuleState.fromList)
 }
 
@@ -100,8 +95,8 @@ func setUp(_ bus: DBusConnection, setup: Ledger, sentinel: Ledger, tcpPorts: [UI
         let id = setup.ids.lowerBound + UInt32(k)
         let rule = RuleState(proto: proto, address: "127.0.0.1", first: port, last: port, targetPort: echoPort, active: true)
         do {
-            _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, "Insert", [.uint32(id), rule.dbusRule])
-            _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, "Activate", [.uint32(id)])
+            _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, "Insert", [.uint32(id), rule.dbusRule])
+            _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, "Activate", [.uint32(id)])
         } catch {
             throw SoakError("setting up rule \(id): \(error)")
         }
@@ -110,7 +105,7 @@ func setUp(_ bus: DBusConnection, setup: Ledger, sentinel: Ledger, tcpPorts: [UI
     setup.acknowledge(state)
     let s = RuleState(proto: "tcp", address: "127.0.0.1", first: sentinelPort, last: sentinelPort, targetPort: echoPort, active: false)
     do {
-        _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, "Insert", [.uint32(sentinel.ids.lowerBound), s.dbusRule])
+        _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, "Insert", [.uint32(sentinel.ids.lowerBound), s.dbusRule])
     } catch {
         throw SoakError("setting up the sentinel: \(error)")
     }
@@ -137,7 +132,7 @@ func main() throws {
         udpEcho.stop()
     }
 
-    let world = try World(productDirectory: productDirectory(), pestodArguments: ["--max-rules", "1024", "--log-level", "warning"])
+    let world = try World(productDirectory: executableDirectory(), pestodArguments: ["--max-rules", "1024", "--log-level", "warning"])
     defer { world.stop(keep: settings.keep) }
     try world.startPestod()
     let checker = try DBusConnection(.address(world.busAddress))
@@ -234,7 +229,7 @@ func main() throws {
     try restartAndCheck(clientsRunning: false)
     let seconds = Date().timeIntervalSince(start)
     // The protocol has no reply: pestod's log says which uploads it refused.
-    let uploadsRefused = ((try? String(contentsOfFile: world.logPath, encoding: .utf8)) ?? "").components(separatedBy: "control socket: update refused").count - 1
+    let uploadsRefused = (readFile(world.logPath) ?? "").components(separatedBy: "control socket: update refused").count - 1
 
     let refusals = stats.refusals.withLock { $0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     func n(_ a: borrowing Atomic<Int>) -> Int { a.load(ordering: .relaxed) }

@@ -13,6 +13,7 @@
 import Foundation
 import PestoEngine
 import PestoModel
+import PestoTestSupport
 import Testing
 
 @testable import PestoDBus
@@ -56,7 +57,7 @@ final class FakePolkit: @unchecked Sendable {
         let thread = Thread { [self] in self.serve(address) }
         thread.start()
         guard wait("the fake polkit owns its name", until: { $0.ready || $0.failure != nil }), state.failure == nil else {
-            throw FixtureError("fake polkit: \(state.failure ?? "did not start")")
+            throw HarnessError("fake polkit: \(state.failure ?? "did not start")")
         }
     }
 

@@ -23,7 +23,7 @@ final class TestNamespace {
         name = "pesto-test-\(UInt32.random(in: 0...UInt32.max))"
         path = "/run/netns/\(name)"
         let add = try run("/usr/sbin/ip", ["netns", "add", name])
-        guard add.status == 0 else { throw FixtureError("ip netns add failed: \(add.err)") }
+        guard add.status == 0 else { throw HarnessError("ip netns add failed: \(add.err)") }
         _ = try run("/usr/sbin/ip", ["-n", name, "link", "set", "lo", "up"])
         namespace = try NetworkNamespace(path: path)
     }
@@ -366,7 +366,7 @@ struct ExhaustionTests {
         usleep(1_000_000)  // measuring CPU use over a second needs the second to pass
         let spent = cpuTicks(f.pestod.pid) - before
         #expect(spent >= 0 && spent < 20, "pestod used \(spent) ticks in a second: it is spinning")
-        #expect(f.pestod.process.isRunning)
+        #expect(f.pestod.isRunning)
         #expect(try f.table("Status", [.uint32(1)]) == [.bool(true), .uint32(1), .uint32(0), .string("")])
         let served = server.accepted
         #expect(served > 0 && served < 40, "some connections relayed, the rest waiting: \(served)")
@@ -480,6 +480,6 @@ struct ExhaustionTests {
         #expect(openDescriptors(f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
         #expect(f.log.components(separatedBy: "new TCP connections are reset").count == 2, "logged once")
         #expect(f.log.components(separatedBy: "datagrams from new UDP clients are dropped").count == 2, "logged once")
-        #expect(f.pestod.process.isRunning)
+        #expect(f.pestod.isRunning)
     }
 }
