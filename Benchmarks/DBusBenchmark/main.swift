@@ -23,7 +23,7 @@
 //                          first): what a shell script pays (the "÷ busctl" column divides by it).
 //   * spawn /bin/true    — the process-creation floor under the two tools' figures.
 //
-// The in-process figures use PestoService's blocking libdbus client (one private connection,
+// The in-process figures use PestoDBus's blocking libdbus client (one private connection,
 // send_with_reply_and_block), time-boxed by --seconds; the tool figures spawn --iterations
 // processes. Every figure is the median of --runs runs, and the runs are interleaved (run 1
 // of every metric, then run 2, ...) so slow drift of the machine hits all metrics alike.

@@ -43,7 +43,6 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
     public static let badFileDescriptor = Errno(rawValue: EBADF)
     public static let badAddress = Errno(rawValue: EFAULT)
     public static let noSuchDevice = Errno(rawValue: ENODEV)
-    public static let addressFamilyNotSupported = Errno(rawValue: EAFNOSUPPORT)
 
     /// True for the errnos that mean "out of file descriptors": retrying more sockets in the
     /// same pass is pointless until some are closed.

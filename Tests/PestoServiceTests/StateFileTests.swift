@@ -119,7 +119,6 @@ struct StateFileHardeningTests {
 
     @Test("a batch saves once and answers everyone; an unsaved batch is undone newest first and everyone gets SaveFailed")
     func commitBatch() throws {
-        struct Refused: Error {}
         var saveWorks = true
         var saved = 0
         var performed: [TableOperation] = []
