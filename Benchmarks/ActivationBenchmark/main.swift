@@ -64,12 +64,7 @@ var engines: [ForwardingEngine] = []
 /// Runs `body` `runs` times and returns the median of the seconds it returns.
 func measure(_ runs: Int, _ body: () -> Double) -> Double { median((0..<runs).map { _ in body() }) }
 
-func descriptorLimit() -> Int {
-    var rl = rlimit()
-    getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
-    return Int(rl.rlim_cur)
-}
-
+/// This process's peak RSS (getrusage's ru_maxrss), in MiB.
 func peakRSSMiB() -> Double {
     var ru = rusage()
     getrusage(RUSAGE_SELF.rawValue, &ru)
@@ -108,7 +103,7 @@ func bareListeners(address: IPAddress, ports: ClosedRange<UInt16>, epoll: Int32?
 
 let settings = Settings.parse(CommandLine.arguments)
 let ephemeral = EphemeralPortRange.current()
-let limit = descriptorLimit()
+let limit = DescriptorPlan.current.openFileLimit
 let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
 print("pesto activation benchmark: \(settings.runs) runs, address \(settings.address), RLIMIT_NOFILE \(limit), ephemeral \(ephemeral)")
 

@@ -85,15 +85,12 @@ struct StatusProber {
 /// Connects to the control socket, reads the hello and the dump (to EOF of the dump is not
 /// needed: the server writes while it reads), sends `upload`, and waits for pestod to close.
 func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: Int) throws -> Double {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw HarnessError("socket failed: errno \(errno)") }
-    defer { close(fd) }
-    guard SocketAddress(unixPath: path)?.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
-        throw HarnessError("cannot connect to the control socket \(path): errno \(errno)")
+    guard let client = WireClient(path: path) else {
+        throw HarnessError("cannot connect to the control socket \(path): \(Errno.current)")
     }
-    var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    let fd = client.fd
+    defer { close(fd) }
+    TestSockets.setTimeouts(fd, milliseconds: timeoutSeconds * 1000)
     let start = monotonicSeconds()
     var sent = 0
     var buffer = [UInt8](repeating: 0, count: 65_536)

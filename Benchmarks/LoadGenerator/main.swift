@@ -315,10 +315,9 @@ func udpRoundTrips(port: UInt16, duration: Double) -> Never {
 
 /// Opens `count` connections, checks each with an echo, holds them until stdin closes.
 func idleConnections(port: UInt16, count: Int, hold: Double) -> Never {
-    var limit = rlimit()
-    getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
-    if UInt64(count) + 16 > UInt64(limit.rlim_cur) {
-        fail("--count \(count) needs more descriptors than RLIMIT_NOFILE \(limit.rlim_cur) allows")
+    let limit = DescriptorPlan.current.openFileLimit
+    if count + 16 > limit {
+        fail("--count \(count) needs more descriptors than RLIMIT_NOFILE \(limit) allows")
     }
     var fds: [Int32] = []
     fds.reserveCapacity(count)

@@ -29,11 +29,14 @@
 // Ports: only below 32768 (TestSockets.freePorts), loopback only. Every loop ends with the stop
 // flag; every wait is bounded. Children are SIGKILLed at the end.
 
-import Foundation
-import PestoModel
 import PestoDBus
+import PestoModel
 import PestoTestSupport
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Command-line settings.
 struct Settings {
@@ -188,8 +191,8 @@ func main() throws {
         control.restarting.store(true, ordering: .releasing)
         world.killPestod()
         if clientsRunning {
-            let deadline = Date().addingTimeInterval(60)
-            while control.parked.load(ordering: .acquiring) < mutators && Date() < deadline { usleep(2000) }
+            let deadline = monotonicSeconds() + 60
+            while control.parked.load(ordering: .acquiring) < mutators && monotonicSeconds() < deadline { usleep(2000) }
             if control.parked.load(ordering: .acquiring) < mutators { throw SoakError("clients did not stop within 60 s") }
         }
         try world.startPestod()
@@ -204,37 +207,37 @@ func main() throws {
         control.restarting.store(false, ordering: .releasing)
     }
 
-    let start = Date()
-    let end = start.addingTimeInterval(settings.seconds)
+    let start = monotonicSeconds()
+    let end = start + settings.seconds
     print("pesto-soak: \(Int(settings.seconds)) s, seed \(settings.seed), \(settings.clients) D-Bus clients, \(settings.lockHolders) lock holders, "
           + "1 uploader, 2 traffic threads, pestod killed about every \(Int(settings.killEvery)) s; ports \(ports)")
-    func nextKill() -> Date { Date().addingTimeInterval(settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) }
+    func nextKill() -> Double { monotonicSeconds() + (settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) }
     var killAt = nextKill()
-    while Date() < end {
+    while monotonicSeconds() < end {
         usleep(100_000)
         if !world.pestodRunning {
             crashes += 1
             print("pesto-soak: pestod exited by itself; see \(world.logPath)")
             try restartAndCheck(clientsRunning: true)
         }
-        if Date() >= killAt && Date().addingTimeInterval(1) < end {
+        if monotonicSeconds() >= killAt && monotonicSeconds() + 1 < end {
             try restartAndCheck(clientsRunning: true)
             killAt = nextKill()
         }
     }
     // Stop the clients, then one last kill and check: everything acknowledged must be there.
     control.stop.store(true, ordering: .releasing)
-    let deadline = Date().addingTimeInterval(60)
-    while control.finished.load(ordering: .acquiring) < threads && Date() < deadline { usleep(10_000) }
+    let deadline = monotonicSeconds() + 60
+    while control.finished.load(ordering: .acquiring) < threads && monotonicSeconds() < deadline { usleep(10_000) }
     try restartAndCheck(clientsRunning: false)
-    let seconds = Date().timeIntervalSince(start)
+    let seconds = monotonicSeconds() - start
     // The protocol has no reply: pestod's log says which uploads it refused.
-    let uploadsRefused = (readFile(world.logPath) ?? "").components(separatedBy: "control socket: update refused").count - 1
+    let uploadsRefused = (readFile(world.logPath) ?? "").split(separator: "\n").filter { $0.contains("control socket: update refused") }.count
 
     let refusals = stats.refusals.withLock { $0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     func n(_ a: borrowing Atomic<Int>) -> Int { a.load(ordering: .relaxed) }
     print("""
-        pesto-soak: ran \(String(format: "%.0f", seconds)) s
+        pesto-soak: ran \(fixed(seconds, 0)) s
           calls made (D-Bus, in process and by peer processes): \(n(stats.calls))
           changes acknowledged: \(n(stats.acknowledged)) (transactions committed \(n(stats.transactionsCommitted)), rolled back \(n(stats.transactionsRolledBack)))
           changes refused: \(n(stats.refused)) (\(refusals.isEmpty ? "none" : refusals))
