@@ -13,35 +13,6 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-/// A network namespace made with `ip netns add`, deleted when the value goes away.
-final class TestNamespace {
-    let name: String
-    let path: String
-    let namespace: NetworkNamespace
-
-    init() throws {
-        name = "pesto-test-\(UInt32.random(in: 0...UInt32.max))"
-        path = "/run/netns/\(name)"
-        let add = try run("/usr/sbin/ip", ["netns", "add", name])
-        guard add.status == 0 else { throw HarnessError("ip netns add failed: \(add.err)") }
-        _ = try run("/usr/sbin/ip", ["-n", name, "link", "set", "lo", "up"])
-        namespace = try NetworkNamespace(path: path)
-    }
-
-    deinit { _ = try? run("/usr/sbin/ip", ["netns", "del", name]) }
-
-    /// An echo server listening on 127.0.0.1:port inside the namespace.
-    func echoServer(port: UInt16) -> EchoServer? {
-        let fd = namespace.perform { TestSockets.bound(address: .loopbackIPv4, port: port) }
-        return fd.flatMap { EchoServer(port: port, listeningFD: $0) }
-    }
-
-    /// A TCP connection made from inside the namespace.
-    func connect(port: UInt16) -> Result<Int32, Errno> {
-        namespace.perform { TestSockets.connect(.loopbackIPv4, port: port) }
-    }
-}
-
 @Suite("pestod data path", .serialized)
 struct RelayTests {
     static let isRoot = getuid() == 0
