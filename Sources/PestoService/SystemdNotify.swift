@@ -2,7 +2,6 @@
 
 // SystemdNotify: sd_notify(3)'s READY=1, without libsystemd.
 
-import CPestoSys
 import PestoDBus
 import PestoEngine
 import PestoModel

@@ -48,11 +48,11 @@ extension PestoServer {
         case "Deactivate": op = .deactivate(kind, id)
         default: throw DBusErrorReply(DBusErrorReply.unknownMethod, "No method \(member).")
         }
-        return .change { () throws(DBusErrorReply) in try self.change(op, member: member, sender: sender) }
+        return .change { () throws(DBusErrorReply) in try self.change(op, sender: sender) }
     }
 
     /// Performs one single-rule change for `sender`, journaled under the lock.
-    private func change(_ requested: TableOperation, member: String, sender: String) throws(DBusErrorReply) -> [DBusValue] {
+    private func change(_ requested: TableOperation, sender: String) throws(DBusErrorReply) -> [DBusValue] {
         try checkMayModify(sender)
         if lockOwner == sender { settleBeforeJournaling() }
         var op = requested
