@@ -53,12 +53,12 @@ struct Fixture {
 
     /// Lines pestod has logged so far.
     func logLineCount() -> Int {
-        (readFile(logPath) ?? "").utf8.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
+        (readTextFile(logPath) ?? "").utf8.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
     }
 
     /// The last line of pestod's log containing `text`, without its timestamp prefix ("" if none).
     func lastLogLine(containing text: String) -> String {
-        let line = (readFile(logPath) ?? "").split(separator: "\n").last { $0.contains(text) } ?? ""
+        let line = (readTextFile(logPath) ?? "").split(separator: "\n").last { $0.contains(text) } ?? ""
         guard let at = line.indices.first(where: { line[$0...].hasPrefix(text) }) else { return String(line) }
         return String(line[at...])
     }

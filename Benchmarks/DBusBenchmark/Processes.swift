@@ -91,7 +91,7 @@ func installSignalCleanup() {
 
 /// A `kB` field of /proc/PID/status (e.g. "VmHWM", the peak RSS) in KiB; nil when absent.
 func procStatusKiB(_ pid: pid_t, _ field: String) -> Int? {
-    for line in (readFile("/proc/\(pid)/status") ?? "").split(separator: "\n") where line.hasPrefix(field + ":") {
+    for line in (readTextFile("/proc/\(pid)/status") ?? "").split(separator: "\n") where line.hasPrefix(field + ":") {
         return line.dropFirst(field.count + 1).split(whereSeparator: { $0 == " " || $0 == "\t" }).first.flatMap { Int($0) }
     }
     return nil

@@ -215,7 +215,7 @@ func pad(_ text: String, _ width: Int) -> String { text + String(repeating: " ",
 func ratio(_ x: Double) -> String { x < 0.1 ? fixed(x, 4, width: 9) : fixed(x, 2, width: 9) }
 
 /// The 1, 5 and 15 minute load averages from /proc/loadavg.
-func loadAverage() -> String { (readFile("/proc/loadavg") ?? "").split(separator: " ").prefix(3).joined(separator: " ") }
+func loadAverage() -> String { (readTextFile("/proc/loadavg") ?? "").split(separator: " ").prefix(3).joined(separator: " ") }
 
 /// A reply's arguments in the style of busctl: `true 1 0 ""`.
 func show(_ values: [DBusValue]) -> String {

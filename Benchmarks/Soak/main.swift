@@ -232,7 +232,7 @@ func main() throws {
     try restartAndCheck(clientsRunning: false)
     let seconds = monotonicSeconds() - start
     // The protocol has no reply: pestod's log says which uploads it refused.
-    let uploadsRefused = (readFile(world.logPath) ?? "").split(separator: "\n").filter { $0.contains("control socket: update refused") }.count
+    let uploadsRefused = (readTextFile(world.logPath) ?? "").split(separator: "\n").filter { $0.contains("control socket: update refused") }.count
 
     let refusals = stats.refusals.withLock { $0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     func n(_ a: borrowing Atomic<Int>) -> Int { a.load(ordering: .relaxed) }

@@ -54,7 +54,7 @@ final class PestodFixture {
     /// pestod's log file.
     var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
     /// What pestod has logged so far.
-    var log: String { readFile(logFile.path) ?? "" }
+    var log: String { readTextFile(logFile.path) ?? "" }
 
     static let dest = PestoBusNames.busName
     static let hostPath = PestoBusNames.tablePath(.host)
@@ -128,10 +128,10 @@ final class PestodFixture {
         var rules: [DBusValue]
         /// `GetManagedObjects`: every object with every property.
         var objects: [DBusValue]
-        /// "proto address inode" of each listening socket.
+        /// pestod's listening sockets, as `ListeningSocket` describes them ("tcp6 [::]:20000 #12345").
         var sockets: [String]
 
-        /// The listening sockets on `port` (hex in /proc/net notation).
+        /// The listening sockets on `port`.
         func sockets(onPort port: UInt16) -> [String] {
             sockets.filter { $0.split(separator: " ")[1].hasSuffix(":\(port)") }
         }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 // Files for tests and benchmarks without Foundation: a temporary directory removed with
-// everything in it, whole small files read and written, where the running executable is.
+// everything in it, whole files read as text and written, where the running executable is.
 
 import PestoEngine
 import PestoModel
@@ -53,20 +53,10 @@ public final class TemporaryDirectory {
     }
 }
 
-/// The whole text of a small file (a /proc file or a log), or nil when it cannot be read.
-public func readFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65_536)
-    while bytes.count < 64 << 20 {
-        let n = read(fd, &buffer, buffer.count)
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        bytes += buffer[0..<n]
-    }
-    return String(decoding: bytes, as: UTF8.self)
+/// The whole text of a file of at most 64 MiB (a /proc file or a log; PestoModel's
+/// `readFile`), or nil when it cannot be read.
+public func readTextFile(_ path: String) -> String? {
+    readFile(path, limit: 64 << 20).map { String(decoding: $0, as: UTF8.self) }
 }
 
 /// Creates (or truncates) `path` with `text`.

@@ -117,7 +117,7 @@ extension ChildProcess {
         let child = try ChildProcess(program, arguments, environment: env, stdin: .devNull, stdout: stdout, stderr: stderr)
         started(child.pid)
         guard notify.waitForReady(timeoutMilliseconds: timeoutMilliseconds, process: child) else {
-            let log = logPath.flatMap(readFile).map { ":\n" + String($0.suffix(4000)) } ?? ""
+            let log = logPath.flatMap(readTextFile).map { ":\n" + String($0.suffix(4000)) } ?? ""
             let name = program.split(separator: "/").last.map(String.init) ?? program
             if let code = child.terminationStatus { throw HarnessError("\(name) exited with status \(code) before READY=1\(log)") }
             throw HarnessError("\(name) sent no READY=1 within \(timeoutMilliseconds) ms\(log)")
