@@ -735,13 +735,11 @@ final class FuzzRun {
 
     /// Every descriptor of pestod and what it is, for diagnostics.
     func fdTargets() -> String {
-        let dir = "/proc/\(pid)/fd"
-        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { fd in
-            "\(fd)=\((try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\(fd)")) ?? "?")"
-        }.joined(separator: " ")
+        ProcessDescriptors.list(pid: pid).map { "\($0.number)=\($0.target)" }.joined(separator: " ")
     }
 
-    func fdCount() -> Int { ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count }
+    /// How many descriptors pestod has open.
+    func fdCount() -> Int { ProcessDescriptors.count(pid: pid) }
 
     /// Checks every invariant; a socket mismatch is re-read a few times (bind retries run every second).
     func check() {

@@ -198,13 +198,7 @@ struct RelayTests {
 struct UDPRelayTests {
     /// Connected UDP sockets of `pid` (the flows; the rule's own sockets are unconnected).
     func flowSockets(_ pid: Int32) -> Int {
-        let fdDir = "/proc/\(pid)/fd"
-        var inodes = Set<String>()
-        for fd in (try? FileManager.default.contentsOfDirectory(atPath: fdDir)) ?? [] {
-            if let t = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fdDir)/\(fd)"), t.hasPrefix("socket:[") {
-                inodes.insert(String(t.dropFirst(8).dropLast()))
-            }
-        }
+        let inodes = Set(ProcessDescriptors.list(pid: pid).map(\.target).filter { $0.hasPrefix("socket:[") }.map { String($0.dropFirst(8).dropLast()) })
         var n = 0
         for file in ["udp", "udp6"] {
             let text = String(decoding: readFile("/proc/\(pid)/net/\(file)", limit: 1 << 28) ?? [], as: UTF8.self)  // to end of file
@@ -284,15 +278,10 @@ struct ExhaustionTests {
         .vardict([("protocol", .string(proto)), ("address", .string("127.0.0.1")), ("first-port", .uint16(port)), ("target-port", .uint16(target))])
     }
 
-    /// Descriptors open in `pid`.
-    func openDescriptors(_ pid: Int32) -> Int {
-        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd"))?.count ?? -1
-    }
-
     /// The lowest descriptor number free in `pid`: the next one it opens gets it, so a soft
     /// limit of this makes its next open fail with EMFILE.
     func lowestFreeDescriptor(_ pid: Int32) -> Int {
-        let used = Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int($0) })
+        let used = Set(ProcessDescriptors.list(pid: pid).map { Int($0.number) })
         return (0...).first { !used.contains($0) }!
     }
 
@@ -327,7 +316,7 @@ struct ExhaustionTests {
         try f.table("Activate", [.uint32(1)])
         // Eight descriptors left: 40 connections want 80. The kernel completes the handshakes
         // into the listener's backlog; pestod relays what it can and pauses.
-        try setSoftOpenFileLimit(f.pestod.pid, openDescriptors(f.pestod.pid) + 8)
+        try setSoftOpenFileLimit(f.pestod.pid, ProcessDescriptors.count(pid: f.pestod.pid) + 8)
         var clients: [Int32] = []
         for _ in 0..<40 {
             if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) { clients.append(fd) }
@@ -448,7 +437,7 @@ struct ExhaustionTests {
             return
         }
         #expect(entries.count == 3)
-        #expect(openDescriptors(f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
+        #expect(ProcessDescriptors.count(pid: f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
         #expect(f.log.components(separatedBy: "new TCP connections are reset").count == 2, "logged once")
         #expect(f.log.components(separatedBy: "datagrams from new UDP clients are dropped").count == 2, "logged once")
         #expect(f.pestod.isRunning)
