@@ -229,7 +229,7 @@ struct PestoctlTests {
         let before = try f.snapshot()
         signals.forget()
         let child = try ChildProcess(Products.path("pestoctl"), ["--address", f.address, "-t", "127.0.0.1/\(p.upperBound)"],
-                              environment: ["PESTOCTL_TEST_PAUSE_AFTER": "insert"])
+                                     environment: ["PESTOCTL_TEST_PAUSE_AFTER": "insert"])
         #expect(child.readLine() == "paused")
         // The insert is there, uncommitted, under pestoctl's lock.
         #expect(try f.table("List").first?.arrayValue?.count == 2)

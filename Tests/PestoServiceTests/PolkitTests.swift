@@ -234,7 +234,7 @@ final class PolkitBusFixture {
 
         // polkitd starts as root and drops to user polkitd itself.
         polkit = try ChildProcess(PolkitTests.polkitd, [], environment: ["DBUS_SYSTEM_BUS_ADDRESS": address],
-                           stderr: .file(directory.file("polkitd.log")))
+                                  stderr: .file(directory.file("polkitd.log")))
         let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
         while !(try client.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner",
                                 [.string("org.freedesktop.PolicyKit1")]).first?.boolValue ?? false) {
