@@ -2,6 +2,7 @@
 
 // SystemdNotify: sd_notify(3)'s READY=1, without libsystemd.
 
+import CPestoSys
 import PestoDBus
 import PestoEngine
 import PestoModel

@@ -7,6 +7,7 @@
 // `turn(until:)` runs the loop until a condition holds, checked every 5 ms; its 5 s bound only
 // records a failure.
 
+import CPestoSys
 import Testing
 
 @testable import PestoEngine

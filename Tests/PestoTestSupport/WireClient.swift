@@ -4,6 +4,7 @@
 // doc/pesto-v2-wire.md alone, raw bytes and all: it does not use pestod's codec, so the tests
 // and benchmarks that drive pestod's control socket with it check the codec too.
 
+import CPestoSys
 import PestoEngine
 import PestoModel
 
