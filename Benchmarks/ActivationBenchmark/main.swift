@@ -19,6 +19,7 @@ import CPestoSys
 import PestoEngine
 import PestoSystem
 import PestoModel
+import PestoTestSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -61,34 +62,10 @@ var engines: [ForwardingEngine] = []
     return engine.host
 }
 
-/// Seconds since an arbitrary start, monotonic.
-func seconds() -> Double { Double(MonotonicInstant.now.nanoseconds) / 1e9 }
-
-/// `x` with `decimals` digits after the point, right-aligned in `width` columns.
-func fmt(_ x: Double, _ decimals: Int = 1, width: Int = 0) -> String {
-    var scale = 1.0
-    for _ in 0..<decimals { scale *= 10 }
-    let r = (x * scale).rounded() / scale
-    var text = decimals == 0 ? String(Int(r)) : String(r)
-    if decimals > 0 {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        let frac = parts.count > 1 ? String(parts[1]) : ""
-        text = String(parts[0]) + "." + String((frac + String(repeating: "0", count: decimals)).prefix(decimals))
-    }
-    return String(repeating: " ", count: max(0, width - text.count)) + text
-}
-
-func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
-
 /// Runs `body` `runs` times and returns the median of the seconds it returns.
 func measure(_ runs: Int, _ body: () -> Double) -> Double { median((0..<runs).map { _ in body() }) }
 
-func descriptorLimit() -> Int {
-    var rl = rlimit()
-    getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
-    return Int(rl.rlim_cur)
-}
-
+/// This process's peak RSS (getrusage's ru_maxrss), in MiB.
 func peakRSSMiB() -> Double {
     var ru = rusage()
     getrusage(RUSAGE_SELF.rawValue, &ru)
@@ -127,7 +104,7 @@ func bareListeners(address: IPAddress, ports: ClosedRange<UInt16>, epoll: Int32?
 
 let settings = Settings.parse(CommandLine.arguments)
 let ephemeral = EphemeralPortRange.current()
-let limit = descriptorLimit()
+let limit = DescriptorPlan.current.openFileLimit
 let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
 print("pesto activation benchmark: \(settings.runs) runs, address \(settings.address), RLIMIT_NOFILE \(limit), ephemeral \(ephemeral)")
 
@@ -142,7 +119,7 @@ var deactivateAll: [Double] = []
 for _ in 0..<settings.runs {
     let table = engineTable(caps)
     for (i, rule) in allSpec.rules.enumerated() { try table.insert(id: UInt32(i + 1), rule: rule) }
-    let t0 = seconds()
+    let t0 = monotonicSeconds()
     (allBound, allFailed) = (0, 0)
     for id in table.ids {
         let counts = try table.activate(id: id)
@@ -150,9 +127,9 @@ for _ in 0..<settings.runs {
         allFailed += counts.failed
         if let name = try table.status(id).lastError?.name { failureNames.insert(name) }
     }
-    let t1 = seconds()
+    let t1 = monotonicSeconds()
     for id in table.ids { try table.deactivate(id: id) }
-    let t2 = seconds()
+    let t2 = monotonicSeconds()
     activateAll.append(t1 - t0)
     deactivateAll.append(t2 - t1)
 }
@@ -160,9 +137,9 @@ let actAll = median(activateAll)
 let deactAll = median(deactivateAll)
 print("")
 print("1. `all` = \(allSpec.rules.count) rules, \(allPorts) ports on \(settings.address)")
-print("   activate   \(fmt(actAll * 1000, width: 8)) ms   bound \(allBound), failed \(allFailed) (\(failureNames.sorted().joined(separator: ", ")))")
-print("   deactivate \(fmt(deactAll * 1000, width: 8)) ms")
-print("   sockets bound per second: \(fmt(Double(allBound) / actAll, 0))")
+print("   activate   \(fixed(actAll * 1000, width: 8)) ms   bound \(allBound), failed \(allFailed) (\(failureNames.sorted().joined(separator: ", ")))")
+print("   deactivate \(fixed(deactAll * 1000, width: 8)) ms")
+print("   sockets bound per second: \(fixed(Double(allBound) / actAll, 0))")
 
 // 2. Engine against the bare syscall loop, for as many listeners as fit.
 let n = settings.listeners > 0 ? settings.listeners : min(19_000, limit - 500)
@@ -175,25 +152,25 @@ var epollTimes: [Double] = []
 var engineBound: UInt32 = 0
 var bareBound = 0
 for _ in 0..<settings.runs {
-    let t0 = seconds()
+    let t0 = monotonicSeconds()
     let (fds, _) = bareListeners(address: settings.address, ports: range)
-    let t1 = seconds()
+    let t1 = monotonicSeconds()
     bareBound = fds.count
     for fd in fds { close(fd) }
     bareTimes.append(t1 - t0)
 
     let ep = epoll_create1(0)
-    let t4 = seconds()
+    let t4 = monotonicSeconds()
     let (efds, _) = bareListeners(address: settings.address, ports: range, epoll: ep)
-    epollTimes.append(seconds() - t4)
+    epollTimes.append(monotonicSeconds() - t4)
     for fd in efds { close(fd) }
     close(ep)
 
     let table = engineTable(caps)
     try table.insert(id: 1, rule: rule)
-    let t2 = seconds()
+    let t2 = monotonicSeconds()
     engineBound = try table.activate(id: 1).bound
-    let t3 = seconds()
+    let t3 = monotonicSeconds()
     engineTimes.append(t3 - t2)
     try table.deactivate(id: 1)
 }
@@ -203,8 +180,8 @@ let epollMedian = median(epollTimes)
 print("")
 print("2. \(n) listeners, ports \(range)")
 print("                            engine   bare loop   bare+epoll   engine/bare   engine/(bare+epoll)")
-print("   activation (ms)       \(fmt(engineMedian * 1000, width: 8))    \(fmt(bareMedian * 1000, width: 8))     \(fmt(epollMedian * 1000, width: 8))      \(fmt(engineMedian / bareMedian, 2, width: 8))              \(fmt(engineMedian / epollMedian, 2))")
-print("   per listener (µs)     \(fmt(engineMedian * 1e6 / Double(max(engineBound, 1)), 2, width: 8))    \(fmt(bareMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))     \(fmt(epollMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))")
+print("   activation (ms)       \(fixed(engineMedian * 1000, width: 8))    \(fixed(bareMedian * 1000, width: 8))     \(fixed(epollMedian * 1000, width: 8))      \(fixed(engineMedian / bareMedian, 2, width: 8))              \(fixed(engineMedian / epollMedian, 2))")
+print("   per listener (µs)     \(fixed(engineMedian * 1e6 / Double(max(engineBound, 1)), 2, width: 8))    \(fixed(bareMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))     \(fixed(epollMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))")
 print("   bound                 \(engineBound)       \(bareBound)")
 
 // 3. One rule change with those listeners present.
@@ -216,12 +193,12 @@ let one = Rule(proto: .tcp, address: settings.address, firstPort: otherPort)
 /// Median time of inserting, activating, deactivating and deleting `one` in `table`.
 @MainActor func ruleChangeCost(_ table: ForwardingTable) -> Double {
     measure(max(settings.runs, 5) * 20) {
-        let t0 = seconds()
+        let t0 = monotonicSeconds()
         try! table.insert(id: 500, rule: one)
         try! table.activate(id: 500)
         try! table.deactivate(id: 500)
         try! table.delete(id: 500)
-        return seconds() - t0
+        return monotonicSeconds() - t0
     }
 }
 let change = ruleChangeCost(table)
@@ -229,6 +206,6 @@ let changeEmpty = ruleChangeCost(engineTable(caps))
 try table.deactivate(id: 1000)
 print("")
 print("3. one rule insert+activate+deactivate+delete")
-print("   with \(n) listeners active: \(fmt(change * 1e6)) µs; with none: \(fmt(changeEmpty * 1e6)) µs; ratio \(fmt(change / changeEmpty, 2))")
+print("   with \(n) listeners active: \(fixed(change * 1e6)) µs; with none: \(fixed(changeEmpty * 1e6)) µs; ratio \(fixed(change / changeEmpty, 2))")
 print("")
-print("4. peak RSS: \(fmt(peakRSSMiB())) MiB")
+print("4. peak RSS: \(fixed(peakRSSMiB())) MiB")

@@ -25,10 +25,11 @@
 // closed, prints the count, median and maximum round trip. A request that takes longer than
 // --large-timeout seconds (default 300) is reported as such (old pestods needed minutes).
 
+import PestoDBus
 import PestoEngine
 import PestoSystem
 import PestoModel
-import PestoDBus
+import PestoTestSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -46,87 +47,59 @@ func runStatusProber(address: String, id: UInt32, timeoutSeconds: Int) -> Never 
     while true {
         var pfd = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
         if poll(&pfd, 1, 0) > 0 { break }  // EOF (or anything) on stdin: the phase is over
-        let start = seconds()
+        let start = monotonicSeconds()
         do {
             _ = try connection.call(busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: Int32(timeoutSeconds * 1000))
         } catch {
             errors += 1
         }
-        latencies.append(seconds() - start)
+        latencies.append(monotonicSeconds() - start)
     }
     let sorted = latencies.sorted()
     let med = sorted.isEmpty ? 0 : sorted[sorted.count / 2]
-    print("calls \(latencies.count) median_ms \(fmt(med * 1000, 2)) max_ms \(fmt((sorted.last ?? 0) * 1000, 1)) errors \(errors)")
+    print("calls \(latencies.count) median_ms \(fixed(med * 1000, 2)) max_ms \(fixed((sorted.last ?? 0) * 1000, 1)) errors \(errors)")
     exit(0)
 }
 
-/// A running prober process: its pid and the pipe ends that stop it and read its verdict.
+/// A running prober process: closing its stdin stops it, its stdout gives its verdict.
 struct StatusProber {
-    let pid: pid_t
-    let stdinWrite: Int32
-    let stdoutRead: Int32
+    let child: ChildProcess
 
     /// Starts this binary as a prober on `address` for rule `id`.
     static func start(address: String, id: UInt32, timeoutSeconds: Int) throws -> StatusProber {
-        let input = try makePipe()
-        let output = try makePipe()
-        let me = try executableDirectory() + "/pesto-dbus-bench"
-        let pid = try spawn(me, ["--status-prober", address, String(id), String(timeoutSeconds)], stdin: input.read, stdout: .descriptor(output.write))
-        cleanup.add(child: pid)
-        close(input.read)
-        close(output.write)
-        return StatusProber(pid: pid, stdinWrite: input.write, stdoutRead: output.read)
+        let me = executableDirectory() + "/pesto-dbus-bench"
+        let child = try ChildProcess(me, ["--status-prober", address, String(id), String(timeoutSeconds)], stderr: .inherit)
+        cleanup.add(child: child.pid)
+        return StatusProber(child: child)
     }
 
     /// Ends the probing and returns the prober's summary line.
     func finish(timeoutSeconds: Int) -> String {
-        close(stdinWrite)
-        let line = readLine(from: stdoutRead, until: MonotonicInstant.now.adding(milliseconds: (timeoutSeconds + 10) * 1000)) ?? "no answer"
-        close(stdoutRead)
-        _ = waitExit(pid)
-        cleanup.remove(child: pid)
+        child.closeStdin()
+        let line = child.readLine(timeoutMilliseconds: Int32((timeoutSeconds + 10) * 1000)) ?? "no answer"
+        child.waitUntilExit()
+        cleanup.remove(child: child.pid)
         return line
     }
-}
-
-/// One 56-byte rule of upstream's wire format: TCP, IPv4 `address`, one port, weak, bound to
-/// the interface `ifname` (at most 15 bytes).
-func wireRule(_ address: IPAddress, port: UInt16, ifname: String) -> [UInt8] {
-    var r = [UInt8](repeating: 0, count: 56)
-    guard case .v4(let a) = address else { return r }
-    r[10] = 0xFF
-    r[11] = 0xFF
-    for i in 0..<4 { r[12 + i] = UInt8(truncatingIfNeeded: a >> (24 - 8 * UInt32(i))) }
-    for (offset, value) in [(48, port), (50, port), (52, port)] {
-        r[offset] = UInt8(value >> 8)
-        r[offset + 1] = UInt8(value & 0xFF)
-    }
-    for (i, byte) in ifname.utf8.prefix(15).enumerated() { r[32 + i] = byte }
-    r[54] = 6  // TCP
-    r[55] = 0x02  // weak
-    return r
 }
 
 /// Connects to the control socket, reads the hello and the dump (to EOF of the dump is not
 /// needed: the server writes while it reads), sends `upload`, and waits for pestod to close.
 func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: Int) throws -> Double {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw BenchError("socket failed: errno \(errno)") }
-    defer { close(fd) }
-    guard SocketAddress(unixPath: path)?.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
-        throw BenchError("cannot connect to the control socket \(path): errno \(errno)")
+    guard let client = WireClient(path: path) else {
+        throw HarnessError("cannot connect to the control socket \(path): \(Errno.current)")
     }
-    var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    let start = seconds()
+    let fd = client.fd
+    defer { close(fd) }
+    TestSockets.setTimeouts(fd, milliseconds: timeoutSeconds * 1000)
+    let start = monotonicSeconds()
     var sent = 0
     var buffer = [UInt8](repeating: 0, count: 65_536)
     // Send everything, reading (and dropping) the hello and dump as they come, so neither
     // side's buffer fills up.
     while sent < upload.count {
         var pfds = [pollfd(fd: fd, events: Int16(POLLIN | POLLOUT), revents: 0)]
-        guard poll(&pfds, 1, Int32(timeoutSeconds * 1000)) > 0 else { throw BenchError("control socket stalled") }
+        guard poll(&pfds, 1, Int32(timeoutSeconds * 1000)) > 0 else { throw HarnessError("control socket stalled") }
         if pfds[0].revents & Int16(POLLIN) != 0 { _ = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT)) }
         if pfds[0].revents & Int16(POLLOUT) != 0 {
             let n = upload.withUnsafeBytes { send(fd, $0.baseAddress! + sent, upload.count - sent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
@@ -139,16 +112,16 @@ func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: In
         if n == 0 { break }
         if n < 0 {
             if errno == EINTR { continue }
-            throw BenchError("no end of session within \(timeoutSeconds) s (errno \(errno))")
+            throw HarnessError("no end of session within \(timeoutSeconds) s (errno \(errno))")
         }
     }
-    return seconds() - start
+    return monotonicSeconds() - start
 }
 
 /// The `--large` benchmark (see the top of the file).
 func runLargeRequestBenchmark(_ settings: Settings) throws {
-    let pestod = try executableDirectory() + "/pestod"
-    guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
+    let pestod = executableDirectory() + "/pestod"
+    guard access(pestod, X_OK) == 0 else { throw HarnessError("no pestod next to this binary (\(pestod)); build it in release mode") }
     let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder, "--control-timeout", String(min(settings.largeTimeoutSeconds * 1000, 600_000)), "--max-rules", "65536"] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
     defer { fixture.stop() }
     let address = fixture.address
@@ -160,7 +133,7 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
 
     let client = try DBusConnection(.address(address))
     let statusID: UInt32 = 1
-    _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: try freeLoopbackPort())])
+    _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: TestSockets.freePorts(1).lowerBound)])
     _ = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(statusID)])
     let addresses = (0..<n).map { IPAddress.v4(0x7F03_0000 + UInt32($0)) }
     let ids = (0..<n).map { UInt32(1000 + $0) }
@@ -168,12 +141,12 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
     func phase(_ name: String, _ body: () throws -> String) {
         do {
             let prober = try StatusProber.start(address: address, id: statusID, timeoutSeconds: timeout)
-            let start = seconds()
+            let start = monotonicSeconds()
             let outcome: String
             do { outcome = try body() } catch { outcome = "failed: \(error)" }
-            let elapsed = seconds() - start
+            let elapsed = monotonicSeconds() - start
             let probe = prober.finish(timeoutSeconds: timeout)
-            print("\(pad(name, 36)) \(fmt(elapsed, 2, width: 8)) s   \(outcome)")
+            print("\(pad(name, 36)) \(fixed(elapsed, 2, width: 8)) s   \(outcome)")
             print("\(pad("", 36)) concurrent Status: \(probe)")
         } catch {
             print("\(name): cannot start the prober: \(error)")
@@ -199,7 +172,12 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
     }
     var upload: [UInt8] = [1, UInt8(n >> 24 & 0xFF), UInt8(n >> 16 & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n & 0xFF)]
     upload.reserveCapacity(5 + 56 * n + 1)
-    for a in addresses { upload += wireRule(a, port: port, ifname: "pesto-bench0") }
+    // Weak (flag 0x02), on an interface that does not exist.
+    let ifname = Array("pesto-bench0".utf8) + [UInt8](repeating: 0, count: 4)
+    for case .v4(let a) in addresses {
+        let bytes = [UInt8(a >> 24), UInt8(a >> 16 & 0xFF), UInt8(a >> 8 & 0xFF), UInt8(a & 0xFF)]
+        upload += WireClient.rule(address: bytes, first: port, flags: 0x02, ifname: ifname)
+    }
     upload.append(0)
     phase("control socket: upload \(n) (new)") {
         _ = try uploadOnControlSocket(fixture.controlPath, upload, timeoutSeconds: timeout)
@@ -212,6 +190,6 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
         return fixture.lastLogLine(containing: "control socket:")
     }
     let memory = fixture.memory()
-    let kib = { (k: Int?) in k.map { "\(fmt(Double($0) / 1024, 1)) MiB" } ?? "?" }
+    let kib = { (k: Int?) in k.map { "\(fixed(Double($0) / 1024, 1)) MiB" } ?? "?" }
     print("load average at end: \(loadAverage())   pestod peak RSS \(kib(memory.pestodPeak)); dbus-daemon peak RSS \(kib(memory.busPeak))")
 }

@@ -23,7 +23,7 @@
 //                          first): what a shell script pays (the "÷ busctl" column divides by it).
 //   * spawn /bin/true    — the process-creation floor under the two tools' figures.
 //
-// The in-process figures use PestoService's blocking libdbus client (one private connection,
+// The in-process figures use PestoDBus's blocking libdbus client (one private connection,
 // send_with_reply_and_block), time-boxed by --seconds; the tool figures spawn --iterations
 // processes. Every figure is the median of --runs runs, and the runs are interleaved (run 1
 // of every metric, then run 2, ...) so slow drift of the machine hits all metrics alike.
@@ -47,10 +47,11 @@
 // `--large` measures something else: the largest requests, and how long another client waits
 // meanwhile (LargeRequests.swift).
 
+import PestoDBus
 import PestoEngine
 import PestoSystem
 import PestoModel
-import PestoDBus
+import PestoTestSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -64,7 +65,7 @@ struct Settings {
     var pestodLogLevel: String?
     var verbose = false
     /// The CPU every process is pinned to; nil: not pinned. Default: the first allowed CPU.
-    var cpu: Int? = allowedCPUs().first
+    var cpu: Int? = firstAllowedCPU()
     /// Run the large-request benchmark (LargeRequests.swift) instead of the round trips.
     var large = false
     /// The port of the large benchmark's rules (below the ephemeral range).
@@ -148,23 +149,17 @@ struct Settings {
 
 // MARK: - Measuring
 
-/// Seconds since an arbitrary start, monotonic.
-func seconds() -> Double { Double(MonotonicInstant.now.nanoseconds) / 1e9 }
-
-/// The median (upper median for an even count) of a non-empty array.
-func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
-
 /// Calls `body` back to back for `duration` seconds (checking the clock after every call)
 /// and returns calls per second.
 func callsPerSecond(for duration: Double, _ body: () throws -> Void) rethrows -> Double {
-    let start = seconds()
+    let start = monotonicSeconds()
     let end = start + duration
     var calls = 0
     var now = start
     repeat {
         try body()
         calls += 1
-        now = seconds()
+        now = monotonicSeconds()
     } while now < end
     return Double(calls) / (now - start)
 }
@@ -173,47 +168,22 @@ func callsPerSecond(for duration: Double, _ body: () throws -> Void) rethrows ->
 /// processes per second. Output goes to /dev/null; a non-zero exit is an error (the tools bound
 /// their own waits with --timeout, so this cannot hang on a stuck call).
 func spawnsPerSecond(_ count: Int, _ program: String, _ arguments: [String]) throws -> Double {
-    let start = seconds()
+    let start = monotonicSeconds()
     for _ in 0..<count {
-        let pid = try spawn(program, arguments, stdout: .devNull, stderr: .devNull)
+        let pid = try ChildProcess.spawn(program, arguments, stdout: .devNull, stderr: .devNull)
         cleanup.add(child: pid)
-        let code = waitExit(pid)
+        let code = ChildProcess.waitExit(pid)
         cleanup.remove(child: pid)
-        guard code == 0 else { throw BenchError("\(program) exited with status \(code)") }
+        guard code == 0 else { throw HarnessError("\(program) exited with status \(code)") }
     }
-    return Double(count) / (seconds() - start)
+    return Double(count) / (monotonicSeconds() - start)
 }
 
 /// Runs `program arguments` once and returns its stdout (what a human would see), to check
 /// that the call works before timing it; a non-zero exit is an error showing its stderr.
 func runOnce(_ program: String, _ arguments: [String]) throws -> String {
-    let out = try makePipe()
-    let err = try makePipe()
-    let pid: pid_t
-    do {
-        pid = try spawn(program, arguments, stdout: .descriptor(out.write), stderr: .descriptor(err.write))
-    } catch {
-        for fd in [out.read, out.write, err.read, err.write] { close(fd) }
-        throw error
-    }
-    cleanup.add(child: pid)
-    close(out.write)
-    close(err.write)
-    let deadline = MonotonicInstant.now.adding(milliseconds: 15_000)
-    let text = readAll(from: out.read, until: deadline)
-    let errors = readAll(from: err.read, until: deadline)
-    close(out.read)
-    close(err.read)
-    // Reaped here if it has ended; SIGKILLed only if it outlived the deadline.
-    let code: Int32
-    if let done = exitedYet(pid) {
-        code = done
-    } else {
-        kill(pid, SIGKILL)
-        code = waitExit(pid)
-    }
-    cleanup.remove(child: pid)
-    guard code == 0 else { throw BenchError("\(program) \(arguments.joined(separator: " ")) failed (\(code)): \(errors.trimmingSpaces)") }
+    let (code, text, errors) = try run(program, arguments, timeoutMilliseconds: 15_000)
+    guard code == 0 else { throw HarnessError("\(program) \(arguments.joined(separator: " ")) failed (\(code)): \(errors.trimmingSpaces)") }
     return text.trimmingSpaces
 }
 
@@ -239,33 +209,14 @@ struct Metric {
 
 // MARK: - Formatting
 
-/// `x` with `decimals` digits after the point, right-aligned in `width` columns.
-func fmt(_ x: Double, _ decimals: Int = 1, width: Int = 0) -> String {
-    var text: String
-    if !x.isFinite {
-        text = "-"
-    } else {
-        var scale = 1.0
-        for _ in 0..<decimals { scale *= 10 }
-        let r = (x * scale).rounded() / scale
-        text = decimals == 0 ? String(Int(r)) : String(r)
-        if decimals > 0 {
-            let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-            let frac = parts.count > 1 ? String(parts[1]) : ""
-            text = String(parts[0]) + "." + String((frac + String(repeating: "0", count: decimals)).prefix(decimals))
-        }
-    }
-    return String(repeating: " ", count: max(0, width - text.count)) + text
-}
-
 /// `text` padded with spaces to `width` columns.
 func pad(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
 
 /// A ratio with two decimals, or three significant-ish digits when small.
-func ratio(_ x: Double) -> String { x < 0.1 ? fmt(x, 4, width: 9) : fmt(x, 2, width: 9) }
+func ratio(_ x: Double) -> String { x < 0.1 ? fixed(x, 4, width: 9) : fixed(x, 2, width: 9) }
 
 /// The 1, 5 and 15 minute load averages from /proc/loadavg.
-func loadAverage() -> String { readFile("/proc/loadavg").split(separator: " ").prefix(3).joined(separator: " ") }
+func loadAverage() -> String { (readTextFile("/proc/loadavg") ?? "").split(separator: " ").prefix(3).joined(separator: " ") }
 
 /// A reply's arguments in the style of busctl: `true 1 0 ""`.
 func show(_ values: [DBusValue]) -> String {
@@ -281,9 +232,9 @@ func show(_ values: [DBusValue]) -> String {
 
 // MARK: - The benchmark
 
-let busName = "top.passt.Pesto1"
-let tablePath = "/top/passt/Pesto1/tables/host"
-let tableInterface = "top.passt.Pesto1.Table"
+let busName = PestoBusNames.busName
+let tablePath = PestoBusNames.tablePath(.host)
+let tableInterface = PestoInterfaces.table.name
 
 /// A one-port TCP rule on 127.0.0.1 as the `a{sv}` the contract's Insert takes.
 func tcpRule(port: UInt16) -> DBusValue {
@@ -292,29 +243,29 @@ func tcpRule(port: UInt16) -> DBusValue {
 
 /// Sets up the bus and pestod, measures every metric, and prints the table.
 func runBenchmark(_ settings: Settings) throws {
-    let pestod = try executableDirectory() + "/pestod"
-    guard access(pestod, X_OK) == 0 else { throw BenchError("no pestod next to this binary (\(pestod)); build it in release mode") }
+    let pestod = executableDirectory() + "/pestod"
+    guard access(pestod, X_OK) == 0 else { throw HarnessError("no pestod next to this binary (\(pestod)); build it in release mode") }
     if let cpu = settings.cpu { try pin(toCPU: cpu) }  // before any child is spawned: they inherit it
     let fixture = try Fixture.start(pestod: pestod, pestodArguments: settings.pestodLogLevel.map { ["--log-level", $0] } ?? [])
     defer { fixture.stop() }
     let address = fixture.address
-    print("pesto D-Bus benchmark: \(settings.runs) runs, \(fmt(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run")
+    print("pesto D-Bus benchmark: \(settings.runs) runs, \(fixed(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run")
     print("bus \(address)   pestod pid \(fixture.pestodPID)   \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) CPUs")
     print("load average at start: \(loadAverage())   \(settings.cpu.map { "all processes pinned to CPU \($0)" } ?? "not pinned to a CPU")")
 
     let client = try DBusConnection(.address(address))
     // The rule Status reads: active, on a free loopback port.
     let statusID: UInt32 = 1
-    let statusPort = try freeLoopbackPort()
+    let statusPort = TestSockets.freePorts(1).lowerBound
     _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: statusPort)])
     let activated = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(statusID)])
     let status = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(statusID)])
-    guard status.count == 4, status[0].boolValue == true else { throw BenchError("unexpected Status reply \(status)") }
+    guard status.count == 4, status[0].boolValue == true else { throw HarnessError("unexpected Status reply \(status)") }
     print("status rule \(statusID): tcp 127.0.0.1:\(statusPort), Activate → \(show(activated)), Status → \(show(status))")
 
     // The rule the cycles insert and delete: another free port, so Activate never conflicts.
     let cycleID: UInt32 = 2
-    let cyclePort = try freeLoopbackPort()
+    let cyclePort = TestSockets.freePorts(1).lowerBound
     let cycleRule = tcpRule(port: cyclePort)
     var cycleBindFailures = 0
     var cycles = 0
@@ -337,7 +288,7 @@ func runBenchmark(_ settings: Settings) throws {
         },
         Metric("pestod Peer.Ping (in-process)") {
             try callsPerSecond(for: settings.seconds) {
-                _ = try client.call(busName, "/top/passt/Pesto1", "org.freedesktop.DBus.Peer", "Ping")
+                _ = try client.call(busName, PestoBusNames.managerPath, "org.freedesktop.DBus.Peer", "Ping")
             }
         },
         Metric("pestod Status (in-process)") {
@@ -363,7 +314,7 @@ func runBenchmark(_ settings: Settings) throws {
     // Warm-up (not measured): page in code, let the bus and pestod grow their buffers.
     for _ in 0..<200 {
         _ = try client.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId")
-        _ = try client.call(busName, "/top/passt/Pesto1", "org.freedesktop.DBus.Peer", "Ping")
+        _ = try client.call(busName, PestoBusNames.managerPath, "org.freedesktop.DBus.Peer", "Ping")
         _ = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(statusID)])
     }
     for _ in 0..<50 {
@@ -395,20 +346,20 @@ func runBenchmark(_ settings: Settings) throws {
     print("")
     print("\(pad("metric", 34))      ops/s     µs/op   ÷ GetId  ÷ busctl  spread")
     for (name, ops, spread) in rows {
-        print("\(pad(name, 34)) \(fmt(ops, 0, width: 10)) \(fmt(1e6 / ops, 1, width: 9)) \(ratio(ops / getID)) \(ratio(ops / busctl)) \(fmt(spread, 0, width: 6))%")
+        print("\(pad(name, 34)) \(fixed(ops, 0, width: 10)) \(fixed(1e6 / ops, 1, width: 9)) \(ratio(ops / getID)) \(ratio(ops / busctl)) \(fixed(spread, 0, width: 6))%")
     }
     if settings.verbose {
         print("")
         print("every run, ops/s, in order:")
-        for m in metrics { print("  \(pad(m.name, 34)) " + m.samples.map { fmt($0, 0) }.joined(separator: " ")) }
+        for m in metrics { print("  \(pad(m.name, 34)) " + m.samples.map { fixed($0, 0) }.joined(separator: " ")) }
     }
     print("")
     if let worst = metrics.max(by: { $0.spreadPercent < $1.spreadPercent }), worst.spreadPercent > 25 {
-        print("note: \(worst.name) varied by \(fmt(worst.spreadPercent, 0))% between runs; the machine is busy\(settings.cpu == nil ? " or the processes moved between CPUs (try --cpu 0)" : ""); rerun with --verbose")
+        print("note: \(worst.name) varied by \(fixed(worst.spreadPercent, 0))% between runs; the machine is busy\(settings.cpu == nil ? " or the processes moved between CPUs (try --cpu 0)" : ""); rerun with --verbose")
     }
     print("ops/s: median of \(settings.runs) runs; ÷ GetId: ops/s over the bus daemon's own GetId; ÷ busctl: over busctl Status; spread: (max−min)/median")
     print("rule cycles: \(cycles) in all, \(cycleBindFailures) with Activate ≠ (1 bound, 0 failed); pestod logged \(logLines) lines")
-    let kib = { (k: Int?) in k.map { "\(fmt(Double($0) / 1024, 1)) MiB" } ?? "?" }
+    let kib = { (k: Int?) in k.map { "\(fixed(Double($0) / 1024, 1)) MiB" } ?? "?" }
     print("pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))")
 }
 

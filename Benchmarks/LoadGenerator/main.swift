@@ -26,6 +26,7 @@ import CPestoSys
 import PestoEngine
 import PestoSystem
 import PestoModel
+import PestoTestSupport
 import Synchronization
 
 #if canImport(Glibc)
@@ -35,62 +36,16 @@ import Glibc
 // MARK: - Small helpers
 
 /// Writes a line to stdout, unbuffered (the script reads it through a pipe).
-func say(_ text: String) {
-    let bytes = Array((text + "\n").utf8)
-    bytes.withUnsafeBytes { _ = write(1, $0.baseAddress, $0.count) }
-}
+func say(_ text: String) { writeAll(1, Array((text + "\n").utf8)) }
 
 /// Writes a line to stderr and exits with status 1.
 func fail(_ text: String) -> Never {
-    let bytes = Array(("pesto-loadgen: \(text)\n").utf8)
-    bytes.withUnsafeBytes { _ = write(2, $0.baseAddress, $0.count) }
+    writeAll(2, Array(("pesto-loadgen: \(text)\n").utf8))
     exit(1)
 }
 
-/// Seconds on the monotonic clock.
-func now() -> Double { Double(MonotonicInstant.now.nanoseconds) / 1e9 }
-
-/// Sets the receive and send timeouts of a socket (SO_SNDTIMEO also bounds connect()).
-func setTimeouts(_ fd: Int32, seconds: Double) {
-    let whole = Int(seconds)
-    var tv = timeval(tv_sec: whole, tv_usec: Int((seconds - Double(whole)) * 1e6))
-    let size = socklen_t(MemoryLayout<timeval>.size)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, size)
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, size)
-}
-
-func setIntOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32) {
-    var v = value
-    setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size))
-}
-
-/// Linux's IP_BIND_ADDRESS_NO_PORT (not imported by Glibc): bind() picks no port; connect() does.
-let ipBindAddressNoPort: Int32 = 24
-
 /// 127.0.0.x.
 func loopback(_ x: UInt32) -> IPAddress { .v4(0x7F00_0000 | (x & 0xFF)) }
-
-/// A blocking TCP connection to 127.0.0.1:port with 2 s timeouts, optionally from `source`.
-func connectTCP(port: UInt16, source: IPAddress? = nil, timeout: Double = 2) -> Result<Int32, Errno> {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { return .failure(.current) }
-    setTimeouts(fd, seconds: timeout)
-    setIntOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
-    if let source {
-        setIntOption(fd, Int32(IPPROTO_IP), ipBindAddressNoPort, 1)
-        if SocketAddress(source, port: 0).withSockaddr({ bind(fd, $0, $1) }) != 0 {
-            let e = Errno.current
-            close(fd)
-            return .failure(e)
-        }
-    }
-    if SocketAddress(.loopbackIPv4, port: port).withSockaddr({ connect(fd, $0, $1) }) != 0 {
-        let e = Errno.current
-        close(fd)
-        return .failure(e)
-    }
-    return .success(fd)
-}
 
 /// One byte there and back on a connected socket; nil on success, else why not
 /// (EAGAIN: timed out; ECONNRESET: the peer closed without answering).
@@ -101,23 +56,6 @@ func echoOne(_ fd: Int32) -> Errno? {
     let r = read(fd, &b, 1)
     if r == 1 { return nil }
     return r < 0 ? .current : Errno(rawValue: ECONNRESET)
-}
-
-/// Runs `body` on a new detached pthread.
-final class ThreadBody: Sendable {
-    let run: @Sendable () -> Void
-    init(_ run: @escaping @Sendable () -> Void) { self.run = run }
-}
-
-func spawn(_ body: @escaping @Sendable () -> Void) {
-    let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
-    var tid = pthread_t()
-    let rc = pthread_create(&tid, nil, { p in
-        Unmanaged<ThreadBody>.fromOpaque(p!).takeRetainedValue().run()
-        return nil
-    }, context)
-    if rc != 0 { fail("pthread_create: \(Errno(rawValue: rc))") }
-    pthread_detach(tid)
 }
 
 // MARK: - Options
@@ -169,7 +107,7 @@ struct Options {
 
 /// TCP and UDP echo on 127.0.0.1, one epoll thread, non-blocking sockets, bounded lifetime.
 func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
-    let end = now() + lifetime
+    let end = monotonicSeconds() + lifetime
     let ep = epoll_create1(Int32(EPOLL_CLOEXEC))
     guard ep >= 0 else { fail("epoll_create1: \(Errno.current)") }
     let nonblocking = Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
@@ -184,7 +122,7 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
     var tcp: Int32 = -1
     if let tcpPort {
         tcp = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | nonblocking, 0)
-        setIntOption(tcp, SOL_SOCKET, SO_REUSEADDR, 1)
+        TestSockets.setOption(tcp, level: SOL_SOCKET, name: SO_REUSEADDR, 1)
         guard SocketAddress(.loopbackIPv4, port: tcpPort).withSockaddr({ bind(tcp, $0, $1) }) == 0,
               listen(tcp, 4096) == 0
         else { fail("cannot listen on TCP 127.0.0.1:\(tcpPort): \(Errno.current)") }
@@ -232,10 +170,10 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
         return true
     }
 
-    while now() < end {
+    while monotonicSeconds() < end {
         var timeout: Int32 = 1000
         if let until = listenerPausedUntil {
-            if now() >= until {
+            if monotonicSeconds() >= until {
                 watch(tcp, EPOLLIN.rawValue)
                 listenerPausedUntil = nil
             } else {
@@ -253,11 +191,11 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
                         if errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM {
                             // Out of descriptors: leave the rest in the backlog for a moment.
                             epoll_ctl(ep, EPOLL_CTL_DEL, tcp, nil)
-                            listenerPausedUntil = now() + 0.1
+                            listenerPausedUntil = monotonicSeconds() + 0.1
                         }
                         break
                     }
-                    setIntOption(c, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
+                    TestSockets.setOption(c, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, 1)
                     watch(c, EPOLLIN.rawValue)
                 }
             } else if fd == udp {
@@ -300,20 +238,20 @@ final class ConnectionCounters: Sendable {
 /// `clients` threads of connect, 1-byte echo, close, for `duration` seconds.
 func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool) -> Never {
     let counters = ConnectionCounters()
-    let start = now()
+    let start = monotonicSeconds()
     let end = start + duration
     for k in 0..<clients {
         let source: IPAddress? = spread ? loopback(UInt32(10 + k)) : nil
-        spawn {
-            while now() < end {
-                switch connectTCP(port: port, source: source) {
+        detachThread {
+            while monotonicSeconds() < end {
+                switch TestSockets.connect(port: port, from: source, timeoutMilliseconds: 2000, noDelay: true) {
                 case .failure(let e):
                     counters.failed(e)
                     usleep(1000)  // e.g. refused: do not spin
                 case .success(let fd):
                     if let e = echoOne(fd) {
                         counters.failed(e)
-                    } else if now() <= end {
+                    } else if monotonicSeconds() <= end {
                         counters.done.add(1, ordering: .relaxed)
                     }
                     close(fd)
@@ -323,7 +261,7 @@ func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool) 
         }
     }
     // Each operation times out after 2 s, so every thread ends by end + 4 s.
-    while counters.finished.load(ordering: .relaxed) < clients && now() < end + 10 { usleep(10_000) }
+    while counters.finished.load(ordering: .relaxed) < clients && monotonicSeconds() < end + 10 { usleep(10_000) }
     let rate = Int((Double(counters.done.load(ordering: .relaxed)) / duration).rounded())
     var line = "connrate \(rate) failures \(counters.failures.load(ordering: .relaxed))"
     let first = counters.firstError.load(ordering: .relaxed)
@@ -337,7 +275,7 @@ func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool) 
 /// UDP ping-pong, 64-byte datagrams, sequence-numbered, for `duration` seconds.
 func udpRoundTrips(port: UInt16, duration: Double) -> Never {
     let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    setTimeouts(fd, seconds: 0.2)
+    TestSockets.setTimeouts(fd, milliseconds: 200)
     guard SocketAddress(.loopbackIPv4, port: port).withSockaddr({ connect(fd, $0, $1) }) == 0
     else { fail("connect UDP 127.0.0.1:\(port): \(Errno.current)") }
     var request = [UInt8](repeating: 0x5A, count: 64)
@@ -345,9 +283,9 @@ func udpRoundTrips(port: UInt16, duration: Double) -> Never {
     var count = 0
     var lost = 0
     var sequence: UInt64 = 0
-    let start = now()
+    let start = monotonicSeconds()
     let end = start + duration
-    while now() < end {
+    while monotonicSeconds() < end {
         sequence += 1
         withUnsafeBytes(of: sequence) { request.replaceSubrange(0..<8, with: $0) }
         guard send(fd, request, 64, 0) == 64 else {
@@ -378,16 +316,15 @@ func udpRoundTrips(port: UInt16, duration: Double) -> Never {
 
 /// Opens `count` connections, checks each with an echo, holds them until stdin closes.
 func idleConnections(port: UInt16, count: Int, hold: Double) -> Never {
-    var limit = rlimit()
-    getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
-    if UInt64(count) + 16 > UInt64(limit.rlim_cur) {
-        fail("--count \(count) needs more descriptors than RLIMIT_NOFILE \(limit.rlim_cur) allows")
+    let limit = DescriptorPlan.current.openFileLimit
+    if count + 16 > limit {
+        fail("--count \(count) needs more descriptors than RLIMIT_NOFILE \(limit) allows")
     }
     var fds: [Int32] = []
     fds.reserveCapacity(count)
     for i in 0..<count {
         let fd: Int32
-        switch connectTCP(port: port, timeout: 5) {
+        switch TestSockets.connect(port: port, timeoutMilliseconds: 5000, noDelay: true) {
         case .failure(let e):
             say("failed \(i + 1) of \(count): connect: \(e.name)")
             exit(1)
@@ -400,11 +337,11 @@ func idleConnections(port: UInt16, count: Int, hold: Double) -> Never {
         fds.append(fd)
     }
     say("ready \(fds.count)")
-    let end = now() + hold
+    let end = monotonicSeconds() + hold
     var b: UInt8 = 0
-    while now() < end {
+    while monotonicSeconds() < end {
         var p = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
-        let n = poll(&p, 1, Int32(min(1000, max(1, (end - now()) * 1000))))
+        let n = poll(&p, 1, Int32(min(1000, max(1, (end - monotonicSeconds()) * 1000))))
         if n < 0 && errno != EINTR { break }
         if n > 0 && read(0, &b, 1) <= 0 { break }  // EOF (or error): done
     }

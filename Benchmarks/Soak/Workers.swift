@@ -7,10 +7,13 @@
 //   - an uploader on the control socket (pesto protocol v2): dump, edit its own rules, upload;
 //   - traffic: TCP connections and UDP datagrams through the stable rules to echo servers.
 
-import Foundation
-import PestoModel
 import PestoDBus
+import PestoModel
 import PestoTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where every client talks to, and what they share.
 struct Shared: Sendable {
@@ -24,8 +27,8 @@ struct Shared: Sendable {
     let echoPort: UInt16
 }
 
-let hostPath = "/top/passt/Pesto1/tables/host"
-let tableInterface = "top.passt.Pesto1.Table"
+let hostPath = PestoBusNames.tablePath(.host)
+let tableInterface = PestoInterfaces.table.name
 
 /// One D-Bus client making changes without the lock on its own IDs and ports.
 func dbusClient(_ s: Shared, ledger: Ledger, ports: ClosedRange<UInt16>, seed: UInt64) {
@@ -84,7 +87,7 @@ func dbusClient(_ s: Shared, ledger: Ledger, ports: ClosedRange<UInt16>, seed: U
         s.stats.calls.add(1, ordering: .relaxed)
         let outcome: Outcome = s.gate.shared {
             do {
-                _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, member, args)
+                _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, member, args)
                 return .acknowledged
             } catch let error as DBusErrorReply {
                 return Outcome.of(errorName: error.name)
@@ -108,38 +111,25 @@ func dbusClient(_ s: Shared, ledger: Ledger, ports: ClosedRange<UInt16>, seed: U
 
 /// A pesto-test-peer child: one D-Bus client process, driven line by line.
 final class Peer {
-    let process = Process()
-    private let input = Pipe()
-    private let output = Pipe()
-    private let reader: LineReader
+    private let child: ChildProcess
 
     init?(_ s: Shared) {
-        process.executableURL = URL(fileURLWithPath: s.peerPath)
-        process.arguments = [s.busAddress]
-        process.standardInput = input
-        process.standardOutput = output
-        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        reader = LineReader(fd: output.fileHandleForReading.fileDescriptor)
-        guard (try? process.run()) != nil, reader.line(timeoutMilliseconds: 10_000)?.hasPrefix("ready ") == true else {
-            kill()
-            return nil
-        }
+        guard let child = try? ChildProcess(s.peerPath, [s.busAddress]),
+              child.readLine(timeoutMilliseconds: 10_000)?.hasPrefix("ready ") == true
+        else { return nil }  // a child that started is SIGKILLed as it goes away
+        self.child = child
     }
 
     /// Sends one line; the outcome of the call it makes.
     func ask(_ line: String) -> Outcome {
-        input.fileHandleForWriting.write(Data((line + "\n").utf8))
-        guard let answer = reader.line(timeoutMilliseconds: 30_000) else { return .unknown("no answer from the peer") }
+        child.send(line)
+        guard let answer = child.readLine(timeoutMilliseconds: 30_000) else { return .unknown("no answer from the peer") }
         if answer.hasPrefix("ok") { return .acknowledged }
         return Outcome.of(errorName: String(answer.dropFirst("error ".count).prefix { $0 != ":" }))
     }
 
-    /// SIGKILL and reap (a process that never started is left alone).
-    func kill() {
-        guard process.processIdentifier != 0 else { return }
-        if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
+    /// SIGKILL and reap.
+    func kill() { child.kill() }
 }
 
 /// A client process that takes the lock and runs short transactions on its own IDs and ports,

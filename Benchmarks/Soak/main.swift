@@ -29,11 +29,14 @@
 // Ports: only below 32768 (TestSockets.freePorts), loopback only. Every loop ends with the stop
 // flag; every wait is bounded. Children are SIGKILLed at the end.
 
-import Foundation
-import PestoModel
 import PestoDBus
+import PestoModel
 import PestoTestSupport
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Command-line settings.
 struct Settings {
@@ -82,14 +85,9 @@ struct Settings {
     }
 }
 
-/// The directory of this executable, where the release pestod and pesto-test-peer are.
-func productDirectory() -> String {
-    URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "").deletingLastPathComponent().path
-}
-
 /// Reads pestod's whole table.
 func listRules(_ bus: DBusConnection) -> [(UInt32, RuleState)]? {
-    guard let list = try? bus.call("top.passt.Pesto1", hostPath, tableInterface, "List").first?.arrayValue else { return nil }
+    guard let list = try? bus.call(PestoBusNames.busName, hostPath, tableInterface, "List").first?.arrayValue else { return nil }
     return list.compactMap(RuleState.fromList)
 }
 
@@ -100,8 +98,8 @@ func setUp(_ bus: DBusConnection, setup: Ledger, sentinel: Ledger, tcpPorts: [UI
         let id = setup.ids.lowerBound + UInt32(k)
         let rule = RuleState(proto: proto, address: "127.0.0.1", first: port, last: port, targetPort: echoPort, active: true)
         do {
-            _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, "Insert", [.uint32(id), rule.dbusRule])
-            _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, "Activate", [.uint32(id)])
+            _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, "Insert", [.uint32(id), rule.dbusRule])
+            _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, "Activate", [.uint32(id)])
         } catch {
             throw SoakError("setting up rule \(id): \(error)")
         }
@@ -110,7 +108,7 @@ func setUp(_ bus: DBusConnection, setup: Ledger, sentinel: Ledger, tcpPorts: [UI
     setup.acknowledge(state)
     let s = RuleState(proto: "tcp", address: "127.0.0.1", first: sentinelPort, last: sentinelPort, targetPort: echoPort, active: false)
     do {
-        _ = try bus.call("top.passt.Pesto1", hostPath, tableInterface, "Insert", [.uint32(sentinel.ids.lowerBound), s.dbusRule])
+        _ = try bus.call(PestoBusNames.busName, hostPath, tableInterface, "Insert", [.uint32(sentinel.ids.lowerBound), s.dbusRule])
     } catch {
         throw SoakError("setting up the sentinel: \(error)")
     }
@@ -137,7 +135,7 @@ func main() throws {
         udpEcho.stop()
     }
 
-    let world = try World(productDirectory: productDirectory(), pestodArguments: ["--max-rules", "1024", "--log-level", "warning"])
+    let world = try World(productDirectory: executableDirectory(), pestodArguments: ["--max-rules", "1024", "--log-level", "warning"])
     defer { world.stop(keep: settings.keep) }
     try world.startPestod()
     let checker = try DBusConnection(.address(world.busAddress))
@@ -193,8 +191,8 @@ func main() throws {
         control.restarting.store(true, ordering: .releasing)
         world.killPestod()
         if clientsRunning {
-            let deadline = Date().addingTimeInterval(60)
-            while control.parked.load(ordering: .acquiring) < mutators && Date() < deadline { usleep(2000) }
+            let deadline = monotonicSeconds() + 60
+            while control.parked.load(ordering: .acquiring) < mutators && monotonicSeconds() < deadline { usleep(2000) }
             if control.parked.load(ordering: .acquiring) < mutators { throw SoakError("clients did not stop within 60 s") }
         }
         try world.startPestod()
@@ -209,37 +207,37 @@ func main() throws {
         control.restarting.store(false, ordering: .releasing)
     }
 
-    let start = Date()
-    let end = start.addingTimeInterval(settings.seconds)
+    let start = monotonicSeconds()
+    let end = start + settings.seconds
     print("pesto-soak: \(Int(settings.seconds)) s, seed \(settings.seed), \(settings.clients) D-Bus clients, \(settings.lockHolders) lock holders, "
           + "1 uploader, 2 traffic threads, pestod killed about every \(Int(settings.killEvery)) s; ports \(ports)")
-    func nextKill() -> Date { Date().addingTimeInterval(settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) }
+    func nextKill() -> Double { monotonicSeconds() + (settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) }
     var killAt = nextKill()
-    while Date() < end {
+    while monotonicSeconds() < end {
         usleep(100_000)
         if !world.pestodRunning {
             crashes += 1
             print("pesto-soak: pestod exited by itself; see \(world.logPath)")
             try restartAndCheck(clientsRunning: true)
         }
-        if Date() >= killAt && Date().addingTimeInterval(1) < end {
+        if monotonicSeconds() >= killAt && monotonicSeconds() + 1 < end {
             try restartAndCheck(clientsRunning: true)
             killAt = nextKill()
         }
     }
     // Stop the clients, then one last kill and check: everything acknowledged must be there.
     control.stop.store(true, ordering: .releasing)
-    let deadline = Date().addingTimeInterval(60)
-    while control.finished.load(ordering: .acquiring) < threads && Date() < deadline { usleep(10_000) }
+    let deadline = monotonicSeconds() + 60
+    while control.finished.load(ordering: .acquiring) < threads && monotonicSeconds() < deadline { usleep(10_000) }
     try restartAndCheck(clientsRunning: false)
-    let seconds = Date().timeIntervalSince(start)
+    let seconds = monotonicSeconds() - start
     // The protocol has no reply: pestod's log says which uploads it refused (a conflict, or the lock held past --control-timeout).
-    let uploadsRefused = ((try? String(contentsOfFile: world.logPath, encoding: .utf8)) ?? "").components(separatedBy: "update refused").count - 1
+    let uploadsRefused = (readTextFile(world.logPath) ?? "").split(separator: "\n").filter { $0.contains("update refused") }.count
 
     let refusals = stats.refusals.withLock { $0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     func n(_ a: borrowing Atomic<Int>) -> Int { a.load(ordering: .relaxed) }
     print("""
-        pesto-soak: ran \(String(format: "%.0f", seconds)) s
+        pesto-soak: ran \(fixed(seconds, 0)) s
           calls made (D-Bus, in process and by peer processes): \(n(stats.calls))
           changes acknowledged: \(n(stats.acknowledged)) (transactions committed \(n(stats.transactionsCommitted)), rolled back \(n(stats.transactionsRolledBack)))
           changes refused: \(n(stats.refused)) (\(refusals.isEmpty ? "none" : refusals))

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -44,6 +45,38 @@ int pesto_pidfd_open(pid_t pid)
 int pesto_pidfd_getfd(int pidfd, int targetfd)
 {
     return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
+}
+
+int pesto_spawn_closefrom(posix_spawn_file_actions_t *actions, int from)
+{
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+
+int pesto_first_allowed_cpu(void)
+{
+    cpu_set_t set;
+    int cpu;
+
+    if (sched_getaffinity(0, sizeof(set), &set))
+        return -1;
+    for (cpu = 0; cpu < CPU_SETSIZE; cpu++)
+        if (CPU_ISSET(cpu, &set))
+            return cpu;
+    errno = ESRCH;
+    return -1;
+}
+
+int pesto_pin_to_cpu(int cpu)
+{
+    cpu_set_t set;
+
+    if (cpu < 0 || cpu >= CPU_SETSIZE) {
+        errno = EINVAL;
+        return -1;
+    }
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof(set), &set);
 }
 
 const char *pesto_errno_name(int err) { return strerrorname_np(err); }

@@ -27,7 +27,6 @@ public struct DBusErrorReply: Error, Hashable, Sendable, CustomStringConvertible
     public static let propertyReadOnly = "org.freedesktop.DBus.Error.PropertyReadOnly"
     public static let accessDenied = "org.freedesktop.DBus.Error.AccessDenied"
     public static let failed = "org.freedesktop.DBus.Error.Failed"
-    public static let noMemory = "org.freedesktop.DBus.Error.NoMemory"
     public static let limitsExceeded = "org.freedesktop.DBus.Error.LimitsExceeded"
 }
 

@@ -106,7 +106,6 @@ enum DBusTypeCode {
     static let int32 = code("i"), uint32 = code("u"), int64 = code("x"), uint64 = code("t")
     static let double = code("d"), string = code("s"), objectPath = code("o"), signature = code("g")
     static let array = code("a"), variant = code("v"), structure = code("r"), dictEntry = code("e")
-    static let unixFD = code("h")
 }
 
 // MARK: - Reading

@@ -254,7 +254,7 @@ extension PestoInterfaces {
         var xml = introspectionXML(interfaces: contract, children: [], docs: true)
         xml = xml.replacing(
             "<node>\n",
-            with: "<!-- pestod D-Bus contract, version 1 (bus name top.passt.Pesto1). Generated from Sources/PestoService/Interfaces.swift by the pestod option print-introspection; semantics in doc/. -->\n<node>\n")
+            with: "<!-- pestod D-Bus contract, version 1 (bus name top.passt.Pesto1). Generated from Sources/PestoDBus/Interfaces.swift by the pestod option print-introspection; semantics in doc/. -->\n<node>\n")
         return xml
     }
 }

@@ -9,9 +9,6 @@
 
 import PestoModel
 
-/// A failure decoding a D-Bus request: the error to send back.
-public typealias RequestError = DBusErrorReply
-
 extension DBusErrorReply {
     /// The D-Bus form of an engine error.
     public init(_ error: PestoError) {

@@ -52,9 +52,6 @@ public final class DataPathConditions {
 
     public init() {}
 
-    /// Whether `condition` is going on.
-    public func isActive(_ condition: DataPathCondition) -> Bool { active[condition.rawValue] }
-
     /// Records one occurrence: reports the condition if it starts now, else counts it.
     public func occurred(_ condition: DataPathCondition, detail: @autoclosure () -> String) {
         let i = condition.rawValue

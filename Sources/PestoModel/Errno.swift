@@ -44,7 +44,6 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
     public static let badFileDescriptor = Errno(rawValue: EBADF)
     public static let badAddress = Errno(rawValue: EFAULT)
     public static let noSuchDevice = Errno(rawValue: ENODEV)
-    public static let addressFamilyNotSupported = Errno(rawValue: EAFNOSUPPORT)
     public static let inProgress = Errno(rawValue: EINPROGRESS)
     public static let alreadyInProgress = Errno(rawValue: EALREADY)
     public static let alreadyConnected = Errno(rawValue: EISCONN)

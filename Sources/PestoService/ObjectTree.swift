@@ -37,7 +37,7 @@ enum ObjectTree {
         }
 
         /// The names of the child nodes, for introspection.
-        func children(engine: ForwardingEngine) -> [String] {
+        var children: [String] {
             switch self {
             case .node(let names): return names
             case .manager: return ["tables"]

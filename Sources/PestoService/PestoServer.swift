@@ -342,7 +342,7 @@ public final class PestoServer: TablesObserver {
 
         switch (spec.name, object) {
         case (PestoInterfaces.introspectable.name, _):
-            return .reply([.string(introspectionXML(interfaces: interfaces, children: object.children(engine: engine)))])
+            return .reply([.string(introspectionXML(interfaces: interfaces, children: object.children))])
         case (PestoInterfaces.properties.name, _):
             return .reply(try propertiesCall(object, member: member, args: args))
         case (PestoInterfaces.objectManager.name, _):

@@ -247,26 +247,13 @@ extension String {
 
 /// A temporary directory holding fixture files named like those of /proc/net; removed at the end.
 func withFixtureDirectory(_ files: [String: String], _ body: (String) -> Void) {
-    var template = Array("/tmp/pesto-scan-XXXXXX".utf8CString)
-    let made = template.withUnsafeMutableBufferPointer { buffer -> String? in
-        mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
+    do {
+        let dir = try TemporaryDirectory(prefix: "pesto-scan-")
+        for (name, text) in files { try writeFile(dir.file(name), text) }
+        body(dir.path)
+    } catch {
+        Issue.record("\(error)")
     }
-    guard let dir = made else {
-        Issue.record("mkdtemp failed: \(Errno.current)")
-        return
-    }
-    for (name, text) in files {
-        let fd = open(dir + "/" + name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        #expect(fd >= 0)
-        let bytes = Array(text.utf8)
-        #expect(write(fd, bytes, bytes.count) == bytes.count)
-        close(fd)
-    }
-    defer {
-        for name in files.keys { unlink(dir + "/" + name) }
-        rmdir(dir)
-    }
-    body(dir)
 }
 
 @Suite("PortScanner files")
@@ -365,22 +352,6 @@ struct PortScannerSocketTests {
     }
 }
 
-// MARK: - A network namespace
-
-/// Runs `/usr/sbin/ip` with `arguments`; returns its exit status (-1 when it cannot run).
-func runIP(_ arguments: [String]) -> Int32 {
-    let argv: [UnsafeMutablePointer<CChar>?] = (["ip"] + arguments).map { strdup($0) } + [nil]
-    defer { for a in argv { free(a) } }
-    var pid: pid_t = 0
-    guard posix_spawn(&pid, "/usr/sbin/ip", nil, nil, argv, environ) == 0 else { return -1 }
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 {
-        guard errno == EINTR else { return -1 }
-    }
-    // WIFEXITED / WEXITSTATUS, which Swift does not import.
-    return status & 0x7F == 0 ? (status >> 8) & 0xFF : -1
-}
-
 @Suite("PortScanner namespace")
 struct PortScannerNamespaceTests {
     @Test(
@@ -388,11 +359,9 @@ struct PortScannerNamespaceTests {
         .enabled(if: getuid() == 0, "needs root to create a network namespace (ip netns add)")
     )
     func namespace() throws {
-        let name = "pesto-scan-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try #require(runIP(["netns", "add", name]) == 0, "ip netns add \(name)")
-        defer { #expect(runIP(["netns", "del", name]) == 0, "ip netns del \(name)") }
-        try #require(runIP(["-n", name, "link", "set", "lo", "up"]) == 0)
-        let ns = try NetworkNamespace(path: "/run/netns/\(name)")
+        let testNamespace = try TestNamespace()
+        let ns = testNamespace.namespace
+        defer { withExtendedLifetime(testNamespace) {} }
 
         // Free on the host, so the host scan must not report them.
         let ports = TestSockets.freePorts(2)
@@ -462,11 +431,9 @@ struct PortScannerTimingTests {
         // 20,000, or fewer when the descriptor limit cannot be raised that far.
         let limit = Int(raiseDescriptorLimit(to: 21_000))
         let count = min(20_000, (limit - 500) / 2 * 2)
-        let name = "pesto-scan-bench-\(getpid())"
-        try #require(runIP(["netns", "add", name]) == 0)
-        defer { #expect(runIP(["netns", "del", name]) == 0) }
-        try #require(runIP(["-n", name, "link", "set", "lo", "up"]) == 0)
-        let ns = try NetworkNamespace(path: "/run/netns/\(name)")
+        let testNamespace = try TestNamespace()
+        let ns = testNamespace.namespace
+        defer { withExtendedLifetime(testNamespace) {} }
         // Half IPv4, half IPv6, on ports 10000... of loopback.
         var fds: [Int32] = []
         defer { for fd in fds { close(fd) } }

@@ -27,7 +27,7 @@ struct AuthorizationTests {
         let before = try f.snapshot()
 
         // pesto-test-peer as nobody (uid 65534), through setpriv.
-        let peer = try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
+        let peer = try ChildProcess("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
         let ready = peer.readLine() ?? ""
         #expect(ready.hasPrefix("ready"), "\(ready)")
         for line in ["Insert 3 \(p + 1)", "Activate 2", "Deactivate 1", "Delete 2", "Lock"] {

@@ -5,8 +5,8 @@
 //
 // Readiness is never guessed with sleeps: dbus-daemon prints its address when it listens,
 // pestod sends READY=1 to a NOTIFY_SOCKET datagram socket the harness binds, and the peer
-// process prints "ready". Children of a Swift Testing process inherit a blocked SIGTERM,
-// so they are always stopped with SIGKILL (doc/platform-notes.md).
+// process prints "ready". The processes, the bus and the readiness waits are PestoTestSupport's
+// (ChildProcess, PrivateBus), shared with the benchmarks; children are stopped with SIGKILL.
 
 import Foundation
 import PestoEngine
@@ -20,10 +20,7 @@ import Testing
 
 /// Where the built products are: next to the test bundle.
 enum Products {
-    static var directory: URL {
-        URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "")
-            .deletingLastPathComponent()
-    }
+    static var directory: URL { URL(fileURLWithPath: executableDirectory()) }
     static func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
     /// The repository root (for the shipped files under dbus/).
     static var repository: URL {
@@ -33,103 +30,17 @@ enum Products {
     }
 }
 
-/// A temporary directory removed when the value goes away.
-final class TemporaryDirectory {
-    let url: URL
-    init() throws {
-        url = FileManager.default.temporaryDirectory.appendingPathComponent("pesto-test-\(UUID().uuidString.prefix(8))")
-        // Readable by all: tests run clients as an unprivileged user against a bus socket here.
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-    }
-    deinit { try? FileManager.default.removeItem(at: url) }
-}
-
-/// A child process, killed with SIGKILL when the value goes away.
-final class Child {
-    let process = Process()
-    let stdout = Pipe()
-    let stderr = Pipe()
-    let stdin = Pipe()
-    private var buffered = Data()
-
-    /// Starts `executable`; its stderr goes to `stderrFile` when given (a file never fills up
-    /// and blocks the child the way an unread pipe does), else to a pipe.
-    init(_ executable: String, _ arguments: [String], environment: [String: String] = [:], stderrFile: URL? = nil) throws {
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in environment { env[k] = v }
-        process.environment = env
-        process.standardOutput = stdout
-        if let stderrFile {
-            _ = FileManager.default.createFile(atPath: stderrFile.path, contents: nil)
-            process.standardError = try FileHandle(forWritingTo: stderrFile)
-        } else {
-            process.standardError = stderr
-        }
-        process.standardInput = stdin
-        try process.run()
-    }
-
-    var pid: Int32 { process.processIdentifier }
-
-    /// Reads stdout up to the next newline; nil at end of file or after `timeoutMilliseconds`
-    /// (30 s by default: a test never hangs on a child that stopped answering).
-    func readLine(timeoutMilliseconds: Int32 = 30_000) -> String? {
-        while true {
-            if let nl = buffered.firstIndex(of: 0x0A) {
-                let line = String(decoding: buffered[buffered.startIndex..<nl], as: UTF8.self)
-                buffered.removeSubrange(buffered.startIndex...nl)
-                return line
-            }
-            var pfd = pollfd(fd: stdout.fileHandleForReading.fileDescriptor, events: Int16(POLLIN), revents: 0)
-            if poll(&pfd, 1, timeoutMilliseconds) != 1 { return nil }
-            let chunk = stdout.fileHandleForReading.availableData
-            if chunk.isEmpty { return nil }
-            buffered.append(chunk)
-        }
-    }
-
-    /// Sends one line on stdin and returns the answer line.
-    func ask(_ line: String) -> String {
-        stdin.fileHandleForWriting.write(Data((line + "\n").utf8))
-        return readLine() ?? "<eof>"
-    }
-
-    /// SIGKILL and reap.
-    func kill() {
-        if process.isRunning {
-            Foundation.kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
-    }
-
-    deinit { kill() }
-}
-
-/// Runs a command to completion; returns (exit status, stdout, stderr).
-@discardableResult
-func run(_ executable: String, _ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = arguments
-    let out = Pipe()
-    let err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+extension TemporaryDirectory {
+    /// The directory as a URL, for Foundation's file APIs.
+    var url: URL { URL(fileURLWithPath: path) }
 }
 
 /// A private bus with pestod on it.
 final class PestodFixture {
     let directory: TemporaryDirectory
-    let bus: Child
+    let bus: PrivateBus
     let address: String
-    private(set) var pestod: Child!
+    private(set) var pestod: ChildProcess!
     /// An in-process client connection.
     let client: DBusConnection
     /// RLIMIT_NOFILE for pestod, if limited.
@@ -144,7 +55,7 @@ final class PestodFixture {
     /// pestod's log file.
     var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
     /// What pestod has logged so far.
-    var log: String { (try? String(contentsOf: logFile, encoding: .utf8)) ?? "" }
+    var log: String { readTextFile(logFile.path) ?? "" }
 
     static let dest = PestoBusNames.busName
     static let hostPath = PestoBusNames.tablePath(.host)
@@ -160,46 +71,27 @@ final class PestodFixture {
         self.openFileLimit = openFileLimit
         self.authorizeNone = authorizeNone
         directory = try TemporaryDirectory()
-        let socket = directory.url.appendingPathComponent("bus.sock").path
-        let config = directory.url.appendingPathComponent("bus.conf")
-        try """
-            <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
-             "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-            <busconfig>
-              <type>session</type>
-              <listen>unix:path=\(socket)</listen>
-              <auth>EXTERNAL</auth>
-              <policy context="default">
-                <allow user="*"/><allow own="*"/><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>
-              </policy>
-            </busconfig>
-            """.write(to: config, atomically: true, encoding: .utf8)
-        bus = try Child("/usr/bin/dbus-daemon", ["--config-file=\(config.path)", "--nofork", "--print-address=1"])
-        guard let line = bus.readLine(), line.hasPrefix("unix:") else { throw FixtureError("dbus-daemon did not start") }
-        address = line
+        bus = try PrivateBus(directory: directory.path)
+        address = bus.address
         client = try DBusConnection(.address(address))
         try startPestod(pestodArguments)
     }
 
     /// (Re)starts pestod and waits for its READY=1.
     func startPestod(_ arguments: [String] = []) throws {
-        let notifyPath = directory.url.appendingPathComponent("notify-\(UUID().uuidString.prefix(6))").path
-        let notify = try NotifySocket(path: notifyPath)
         // "CONTROL" and "STATE" stand for this fixture's control socket and state file paths.
         let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
             + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 }
             + (authorizeNone && !arguments.contains("--authorize") ? ["--authorize", "none"] : [])
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
         let argv = limit + command
-        pestod = try Child(argv[0], Array(argv.dropFirst()), environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
-        guard notify.waitForReady(timeoutMilliseconds: 20_000) else {
-            throw FixtureError("pestod did not become ready: \(log)")
-        }
+        pestod = try ChildProcess.startReady(
+            argv[0], Array(argv.dropFirst()), notifyPath: directory.file("notify"), stderr: .file(logFile.path), logPath: logFile.path)
     }
 
     deinit {
         pestod?.kill()
-        bus.kill()
+        bus.stop()
     }
 
     // MARK: Calls
@@ -237,10 +129,10 @@ final class PestodFixture {
         var rules: [DBusValue]
         /// `GetManagedObjects`: every object with every property.
         var objects: [DBusValue]
-        /// "proto address inode" of each listening socket.
+        /// pestod's listening sockets, as `ListeningSocket` describes them ("tcp6 [::]:20000 #12345").
         var sockets: [String]
 
-        /// The listening sockets on `port` (hex in /proc/net notation).
+        /// The listening sockets on `port`.
         func sockets(onPort port: UInt16) -> [String] {
             sockets.filter { $0.split(separator: " ")[1].hasSuffix(":\(port)") }
         }
@@ -279,45 +171,10 @@ final class PestodFixture {
     }
 }
 
-/// A failure of the harness itself.
-struct FixtureError: Error, CustomStringConvertible {
-    let description: String
-    init(_ d: String) { description = d }
-}
-
 /// The listening sockets of process `pid` (`ProcessSockets`), one description each, sorted.
 func listeningSocketsOf(pid: Int32) -> [String] {
     // Asked of the sockets themselves: /proc/PID/net/* can skip entries on a busy host.
     (ProcessSockets.listening(pid: pid) ?? []).map(\.description)
-}
-
-/// A datagram socket that receives sd_notify messages.
-final class NotifySocket {
-    let fd: Int32
-    let path: String
-
-    init(path: String) throws {
-        self.path = path
-        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        let r = SocketAddress(unixPath: path)?.withSockaddr { bind(fd, $0, $1) } ?? -1
-        if r != 0 { throw FixtureError("cannot bind \(path)") }
-    }
-
-    deinit {
-        close(fd)
-        unlink(path)
-    }
-
-    /// Waits for a datagram containing READY=1.
-    func waitForReady(timeoutMilliseconds: Int32) -> Bool {
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        while poll(&pfd, 1, timeoutMilliseconds) == 1 {
-            var buffer = [UInt8](repeating: 0, count: 512)
-            let n = recv(fd, &buffer, buffer.count, 0)
-            if n > 0, String(decoding: buffer[..<n], as: UTF8.self).contains("READY=1") { return true }
-        }
-        return false
-    }
 }
 
 /// Signals collected by a match-rule subscriber.

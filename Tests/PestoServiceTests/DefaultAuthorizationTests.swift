@@ -34,7 +34,7 @@ struct DefaultAuthorizationTests {
         let before = try f.snapshot()
 
         // pesto-test-peer as nobody (uid 65534): it prints each reply's error name and message.
-        let peer = try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
+        let peer = try ChildProcess("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
         let ready = peer.readLine() ?? ""
         #expect(ready.hasPrefix("ready"), "\(ready)")
         for line in ["Insert 2 \(p + 1)", "Activate 1", "Delete 1", "Lock"] {

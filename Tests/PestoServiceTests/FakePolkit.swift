@@ -14,6 +14,7 @@ import Foundation
 import PestoEngine
 import PestoSystem
 import PestoModel
+import PestoTestSupport
 import Testing
 
 @testable import PestoDBus
@@ -57,7 +58,7 @@ final class FakePolkit: @unchecked Sendable {
         let thread = Thread { [self] in self.serve(address) }
         thread.start()
         guard wait("the fake polkit owns its name", until: { $0.ready || $0.failure != nil }), state.failure == nil else {
-            throw FixtureError("fake polkit: \(state.failure ?? "did not start")")
+            throw HarnessError("fake polkit: \(state.failure ?? "did not start")")
         }
     }
 

@@ -631,7 +631,7 @@ final class FuzzRun {
     /// A pesto-test-peer that takes the lock, changes things and is killed with SIGKILL.
     func stepPeer() throws {
         guard lockOwner == nil else { return }
-        let peer = try Child(Products.path("pesto-test-peer"), [f.address])
+        let peer = try ChildProcess(Products.path("pesto-test-peer"), [f.address])
         guard let ready = peer.readLine(), ready.hasPrefix("ready ") else {
             violation("peer did not start")
             return
@@ -736,18 +736,16 @@ final class FuzzRun {
 
     /// Every descriptor of pestod and what it is, for diagnostics.
     func fdTargets() -> String {
-        let dir = "/proc/\(pid)/fd"
-        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { fd in
-            "\(fd)=\((try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\(fd)")) ?? "?")"
-        }.joined(separator: " ")
+        ProcessDescriptors.list(pid: pid).map { "\($0.number)=\($0.target)" }.joined(separator: " ")
     }
 
-    func fdCount() -> Int { ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count }
+    /// How many descriptors pestod has open.
+    func fdCount() -> Int { ProcessDescriptors.count(pid: pid) }
 
     /// Checks every invariant; a socket mismatch is re-read a few times (bind retries run every second).
     func check() {
         checks += 1
-        guard f.pestod.process.isRunning else {
+        guard f.pestod.isRunning else {
             violation("pestod is not running; log tail:\n\(f.log.suffix(3000))")
             return
         }
@@ -780,7 +778,7 @@ final class FuzzRun {
                     if Int(bound) + Int(failed) != rule.portCount { problems.append("rule \(id): bound \(bound) + failed \(failed) != \(rule.portCount) ports") }
                     if failed == 0 {
                         for port in rule.first...rule.last where !socks.contains(where: { Self.matches(rule, $0) && $0.port == port }) {
-                            let owners = (try? PestoServiceTests.run("/usr/bin/ss", ["-H", "-tuanp", "sport = :\(port)"]).out) ?? "?"
+                            let owners = (try? PestoTestSupport.run("/usr/bin/ss", ["-H", "-tuanp", "sport = :\(port)"]).out) ?? "?"
                             problems.append("active rule \(id) (\(rule)) has no failures but no socket on port \(port); ss: \(owners)")
                         }
                     }
@@ -815,7 +813,7 @@ final class FuzzRun {
                 problems.append("GetManagedObjects failed: \(String(describing: objects))")
             }
             // ss agrees with /proc about how many sockets pestod listens on (every 40th check).
-            if checks % 40 == 0, let ss = try? PestoServiceTests.run("/usr/bin/ss", ["-H", "-tulnp"]) {
+            if checks % 40 == 0, let ss = try? PestoTestSupport.run("/usr/bin/ss", ["-H", "-tulnp"]) {
                 let mine = ss.out.split(separator: "\n").filter { $0.contains("pid=\(pid),") }.count
                 if mine != socks.count { problems.append("ss shows \(mine) listening sockets of pestod, /proc \(socks.count)") }
             }

@@ -19,7 +19,7 @@ private let gioAvailable = (try? run("/usr/bin/python3", ["-c", "from gi.reposit
 @Suite("Gio live-model example")
 struct LiveModelExampleTests {
     /// Reads the example's lines until one contains `text`; returns that line, or nil at end or timeout.
-    private func line(_ child: Child, containing text: String) -> String? {
+    private func line(_ child: ChildProcess, containing text: String) -> String? {
         while let line = child.readLine() {
             if line.contains(text) { return line }
         }
@@ -35,7 +35,7 @@ struct LiveModelExampleTests {
         let port = TestSockets.freePorts(1).lowerBound
         try fixture.table("Insert", [.uint32(1), PestodFixture.rule(port, [("owner", .string("before"))])])
         let example = Products.repository.appendingPathComponent("examples/follow-tables.py").path
-        let child = try Child("/usr/bin/python3", [example, "--address", fixture.address])
+        let child = try ChildProcess("/usr/bin/python3", [example, "--address", fixture.address])
 
         // The initial dump, from GetManagedObjects.
         let first = line(child, containing: "HOST rule 1:")

@@ -104,7 +104,7 @@ struct LockTests {
         let signals = try SignalCollector(address: f.address)
         let before = try f.snapshot()
 
-        let peer = try Child(Products.path("pesto-test-peer"), [f.address])
+        let peer = try ChildProcess(Products.path("pesto-test-peer"), [f.address])
         let ready = try #require(peer.readLine())
         #expect(ready.hasPrefix("ready :"))
         let peerName = String(ready.dropFirst("ready ".count))
@@ -137,7 +137,7 @@ struct LockTests {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(2).lowerBound
         let signals = try SignalCollector(address: f.address)
-        let peer = try Child(Products.path("pesto-test-peer"), [f.address])
+        let peer = try ChildProcess(Products.path("pesto-test-peer"), [f.address])
         #expect(peer.readLine()?.hasPrefix("ready") == true)
         for line in ["Lock", "Insert 1 \(p)", "Activate 1", "Commit", "Insert 2 \(p + 1)"] {
             #expect(peer.ask(line).hasPrefix("ok"), "\(line)")

@@ -241,8 +241,8 @@ struct PestoctlTests {
         #expect(r.status == 0, "\(r.err)")
         let before = try f.snapshot()
         signals.forget()
-        let child = try Child(Products.path("pestoctl"), ["--address", f.address, "-t", "127.0.0.1/\(p.upperBound)"],
-                              environment: ["PESTOCTL_TEST_PAUSE_AFTER": "insert"])
+        let child = try ChildProcess(Products.path("pestoctl"), ["--address", f.address, "-t", "127.0.0.1/\(p.upperBound)"],
+                                     environment: ["PESTOCTL_TEST_PAUSE_AFTER": "insert"])
         #expect(child.readLine() == "paused")
         // The insert is there, uncommitted, under pestoctl's lock.
         #expect(try f.table("List").first?.arrayValue?.count == 2)
@@ -300,7 +300,7 @@ struct PestoctlTests {
     func watch() throws {
         let f = try PestodFixture()
         let port = TestSockets.freePorts(1).lowerBound
-        let watcher = try Child(Products.path("pestoctl"), ["--address", f.address, "watch"])
+        let watcher = try ChildProcess(Products.path("pestoctl"), ["--address", f.address, "watch"])
         #expect(watcher.readLine() == "watching")
         #expect(try pestoctl(f, ["-t", "127.0.0.1/\(port)"]).status == 0)
         var lines: [String] = []
@@ -315,7 +315,6 @@ struct PestoctlTests {
         // The service leaving ends the watch.
         f.pestod.kill()
         #expect(watcher.readLine(timeoutMilliseconds: 5000) == nil)
-        watcher.process.waitUntilExit()
-        #expect(watcher.process.terminationStatus == 0)
+        #expect(watcher.waitUntilExit() == 0)
     }
 }

@@ -157,7 +157,7 @@ final class PolkitInstallation {
         previousAction = FileManager.default.contents(atPath: Self.actionPath)
         let policy = try Data(contentsOf: Products.repository.appendingPathComponent("polkit/top.passt.Pesto1.policy"))
         guard FileManager.default.createFile(atPath: Self.actionPath, contents: policy, attributes: [.posixPermissions: 0o644]) else {
-            throw FixtureError("cannot write \(Self.actionPath)")
+            throw HarnessError("cannot write \(Self.actionPath)")
         }
         let rule = """
             polkit.addRule(function(action, subject) {
@@ -166,7 +166,7 @@ final class PolkitInstallation {
 
             """
         guard FileManager.default.createFile(atPath: rulesPath, contents: Data(rule.utf8), attributes: [.posixPermissions: 0o644]) else {
-            throw FixtureError("cannot write \(rulesPath)")
+            throw HarnessError("cannot write \(rulesPath)")
         }
         try Self.must("/usr/sbin/groupadd", [group])
         groupAdded = true
@@ -189,13 +189,13 @@ final class PolkitInstallation {
 
     /// The uid of `user`.
     func uid(_ user: String) throws -> UInt32 {
-        guard let pw = getpwnam(user) else { throw FixtureError("no user \(user)") }
+        guard let pw = getpwnam(user) else { throw HarnessError("no user \(user)") }
         return pw.pointee.pw_uid
     }
 
     private static func must(_ tool: String, _ args: [String]) throws {
         let r = try run(tool, args)
-        if r.status != 0 { throw FixtureError("\(tool) \(args.joined(separator: " ")): \(r.err)") }
+        if r.status != 0 { throw HarnessError("\(tool) \(args.joined(separator: " ")): \(r.err)") }
     }
 }
 
@@ -204,11 +204,11 @@ final class PolkitInstallation {
 /// --authorize polkit. Killed (SIGKILL) when the value goes away.
 final class PolkitBusFixture {
     let directory: TemporaryDirectory
-    let bus: Child
-    let polkit: Child
+    let bus: PrivateBus
+    let polkit: ChildProcess
     let address: String
     let client: DBusConnection
-    private(set) var pestod: Child!
+    private(set) var pestod: ChildProcess!
 
     var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
     var polkitLogFile: URL { directory.url.appendingPathComponent("polkitd.log") }
@@ -229,19 +229,18 @@ final class PolkitBusFixture {
             contentsOf: Products.repository.appendingPathComponent("dbus/private-system-bus.conf.in"), encoding: .utf8)
         try template.replacing("@SOCKET@", with: socket).replacing("@INCLUDEDIR@", with: policies.path)
             .write(to: config, atomically: true, encoding: .utf8)
-        bus = try Child("/usr/bin/dbus-daemon", ["--config-file=\(config.path)", "--nofork", "--print-address=1"])
-        guard let line = bus.readLine(), line.hasPrefix("unix:") else { throw FixtureError("dbus-daemon did not start") }
-        address = line
+        bus = try PrivateBus(configFile: config.path)
+        address = bus.address
         client = try DBusConnection(.address(address))
 
         // polkitd starts as root and drops to user polkitd itself.
-        polkit = try Child(PolkitTests.polkitd, [], environment: ["DBUS_SYSTEM_BUS_ADDRESS": address],
-                           stderrFile: directory.url.appendingPathComponent("polkitd.log"))
+        polkit = try ChildProcess(PolkitTests.polkitd, [], environment: ["DBUS_SYSTEM_BUS_ADDRESS": address],
+                                  stderr: .file(directory.file("polkitd.log")))
         let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
         while !(try client.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner",
                                 [.string("org.freedesktop.PolicyKit1")]).first?.boolValue ?? false) {
-            guard MonotonicInstant.now < deadline, polkit.process.isRunning else {
-                throw FixtureError("polkitd did not take its name: \(polkitLog)")
+            guard MonotonicInstant.now < deadline, polkit.isRunning else {
+                throw HarnessError("polkitd did not take its name: \(polkitLog)")
             }
             usleep(50_000)
         }
@@ -249,30 +248,28 @@ final class PolkitBusFixture {
 
     /// Starts pestod --authorize polkit and waits for its READY=1.
     func startPestod() throws {
-        let notifyPath = directory.url.appendingPathComponent("notify").path
-        let notify = try NotifySocket(path: notifyPath)
-        pestod = try Child(Products.path("pestod"), ["--address", address, "--log-level", "debug", "--authorize", "polkit"],
-                           environment: ["NOTIFY_SOCKET": notifyPath], stderrFile: logFile)
-        guard notify.waitForReady(timeoutMilliseconds: 20_000) else { throw FixtureError("pestod did not become ready: \(log)") }
+        pestod = try ChildProcess.startReady(
+            Products.path("pestod"), ["--address", address, "--log-level", "debug", "--authorize", "polkit"],
+            notifyPath: directory.file("notify"), stderr: .file(logFile.path), logPath: logFile.path)
     }
 
     deinit {
         pestod?.kill()
         polkit.kill()
-        bus.kill()
+        bus.stop()
     }
 
     /// The setpriv prefix that runs a command as `user` (uid, gid and groups from the user database).
     static func setpriv(_ user: String) throws -> [String] {
-        guard let pw = getpwnam(user) else { throw FixtureError("no user \(user)") }
+        guard let pw = getpwnam(user) else { throw HarnessError("no user \(user)") }
         return ["--reuid=\(pw.pointee.pw_uid)", "--regid=\(pw.pointee.pw_gid)", "--init-groups"]
     }
 
     /// pesto-test-peer running as `user`, connected.
-    func peer(as user: String) throws -> Child {
-        let peer = try Child("/usr/bin/setpriv", try Self.setpriv(user) + [Products.path("pesto-test-peer"), address])
+    func peer(as user: String) throws -> ChildProcess {
+        let peer = try ChildProcess("/usr/bin/setpriv", try Self.setpriv(user) + [Products.path("pesto-test-peer"), address])
         let ready = peer.readLine() ?? ""
-        guard ready.hasPrefix("ready") else { throw FixtureError("pesto-test-peer as \(user): \(ready)") }
+        guard ready.hasPrefix("ready") else { throw HarnessError("pesto-test-peer as \(user): \(ready)") }
         return peer
     }
 

@@ -14,35 +14,6 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-/// A network namespace made with `ip netns add`, deleted when the value goes away.
-final class TestNamespace {
-    let name: String
-    let path: String
-    let namespace: NetworkNamespace
-
-    init() throws {
-        name = "pesto-test-\(UInt32.random(in: 0...UInt32.max))"
-        path = "/run/netns/\(name)"
-        let add = try run("/usr/sbin/ip", ["netns", "add", name])
-        guard add.status == 0 else { throw FixtureError("ip netns add failed: \(add.err)") }
-        _ = try run("/usr/sbin/ip", ["-n", name, "link", "set", "lo", "up"])
-        namespace = try NetworkNamespace(path: path)
-    }
-
-    deinit { _ = try? run("/usr/sbin/ip", ["netns", "del", name]) }
-
-    /// An echo server listening on 127.0.0.1:port inside the namespace.
-    func echoServer(port: UInt16) -> EchoServer? {
-        let fd = namespace.perform { TestSockets.bound(address: .loopbackIPv4, port: port) }
-        return fd.flatMap { EchoServer(port: port, listeningFD: $0) }
-    }
-
-    /// A TCP connection made from inside the namespace.
-    func connect(port: UInt16) -> Result<Int32, Errno> {
-        namespace.perform { TestSockets.connect(.loopbackIPv4, port: port) }
-    }
-}
-
 @Suite("pestod data path", .serialized)
 struct RelayTests {
     static let isRoot = getuid() == 0
@@ -228,13 +199,7 @@ struct RelayTests {
 struct UDPRelayTests {
     /// Connected UDP sockets of `pid` (the flows; the rule's own sockets are unconnected).
     func flowSockets(_ pid: Int32) -> Int {
-        let fdDir = "/proc/\(pid)/fd"
-        var inodes = Set<String>()
-        for fd in (try? FileManager.default.contentsOfDirectory(atPath: fdDir)) ?? [] {
-            if let t = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fdDir)/\(fd)"), t.hasPrefix("socket:[") {
-                inodes.insert(String(t.dropFirst(8).dropLast()))
-            }
-        }
+        let inodes = Set(ProcessDescriptors.list(pid: pid).map(\.target).filter { $0.hasPrefix("socket:[") }.map { String($0.dropFirst(8).dropLast()) })
         var n = 0
         for file in ["udp", "udp6"] {
             let text = String(decoding: readFile("/proc/\(pid)/net/\(file)", limit: 1 << 28) ?? [], as: UTF8.self)  // to end of file
@@ -314,15 +279,10 @@ struct ExhaustionTests {
         .vardict([("protocol", .string(proto)), ("address", .string("127.0.0.1")), ("first-port", .uint16(port)), ("target-port", .uint16(target))])
     }
 
-    /// Descriptors open in `pid`.
-    func openDescriptors(_ pid: Int32) -> Int {
-        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd"))?.count ?? -1
-    }
-
     /// The lowest descriptor number free in `pid`: the next one it opens gets it, so a soft
     /// limit of this makes its next open fail with EMFILE.
     func lowestFreeDescriptor(_ pid: Int32) -> Int {
-        let used = Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int($0) })
+        let used = Set(ProcessDescriptors.list(pid: pid).map { Int($0.number) })
         return (0...).first { !used.contains($0) }!
     }
 
@@ -357,7 +317,7 @@ struct ExhaustionTests {
         try f.table("Activate", [.uint32(1)])
         // Eight descriptors left: 40 connections want 80. The kernel completes the handshakes
         // into the listener's backlog; pestod relays what it can and pauses.
-        try setSoftOpenFileLimit(f.pestod.pid, openDescriptors(f.pestod.pid) + 8)
+        try setSoftOpenFileLimit(f.pestod.pid, ProcessDescriptors.count(pid: f.pestod.pid) + 8)
         var clients: [Int32] = []
         for _ in 0..<40 {
             if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) { clients.append(fd) }
@@ -367,7 +327,7 @@ struct ExhaustionTests {
         usleep(1_000_000)  // measuring CPU use over a second needs the second to pass
         let spent = cpuTicks(f.pestod.pid) - before
         #expect(spent >= 0 && spent < 20, "pestod used \(spent) ticks in a second: it is spinning")
-        #expect(f.pestod.process.isRunning)
+        #expect(f.pestod.isRunning)
         #expect(try f.table("Status", [.uint32(1)]) == [.bool(true), .uint32(1), .uint32(0), .string("")])
         let served = server.accepted
         #expect(served > 0 && served < 40, "some connections relayed, the rest waiting: \(served)")
@@ -478,9 +438,9 @@ struct ExhaustionTests {
             return
         }
         #expect(entries.count == 3)
-        #expect(openDescriptors(f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
+        #expect(ProcessDescriptors.count(pid: f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
         #expect(f.log.components(separatedBy: "new TCP connections are reset").count == 2, "logged once")
         #expect(f.log.components(separatedBy: "datagrams from new UDP clients are dropped").count == 2, "logged once")
-        #expect(f.pestod.process.isRunning)
+        #expect(f.pestod.isRunning)
     }
 }

@@ -17,18 +17,13 @@ import PestoDBus
 @Suite("pestod --session: default state file", .serialized)
 struct SessionStateTests {
     /// Starts `pestod --session [extra]` on the fixture's bus with XDG_STATE_HOME=`stateHome`.
-    func startSessionPestod(_ f: PestodFixture, stateHome: String, _ extra: [String] = []) throws -> Child {
+    func startSessionPestod(_ f: PestodFixture, stateHome: String, _ extra: [String] = []) throws -> ChildProcess {
         let notifyPath = f.directory.url.appendingPathComponent("notify-session-\(UUID().uuidString.prefix(6))").path
-        let notify = try NotifySocket(path: notifyPath)
-        let child = try Child(
+        let logPath = f.directory.url.appendingPathComponent("session-pestod.log").path
+        return try ChildProcess.startReady(
             Products.path("pestod"), ["--session", "--log-level", "debug"] + extra,
-            environment: ["NOTIFY_SOCKET": notifyPath, "DBUS_SESSION_BUS_ADDRESS": f.address, "XDG_STATE_HOME": stateHome],
-            stderrFile: f.directory.url.appendingPathComponent("session-pestod.log"))
-        guard notify.waitForReady(timeoutMilliseconds: 20_000) else {
-            child.kill()
-            throw FixtureError("pestod --session did not become ready")
-        }
-        return child
+            environment: ["DBUS_SESSION_BUS_ADDRESS": f.address, "XDG_STATE_HOME": stateHome],
+            notifyPath: notifyPath, stderr: .file(logPath), logPath: logPath)
     }
 
     @Test("pestod --session without --state saves to $XDG_STATE_HOME/pesto/state and restores after a kill")

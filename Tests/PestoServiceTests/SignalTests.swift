@@ -61,7 +61,7 @@ struct SignalTests {
     @Test("gdbus monitor sees the signals too")
     func gdbusMonitor() throws {
         let f = try PestodFixture()
-        let monitor = try Child("/usr/bin/gdbus", ["monitor", "--address", f.address, "--dest", PestoBusNames.busName])
+        let monitor = try ChildProcess("/usr/bin/gdbus", ["monitor", "--address", f.address, "--dest", PestoBusNames.busName])
         #expect(monitor.readLine()?.hasPrefix("Monitoring signals") == true)
         #expect(monitor.readLine()?.hasPrefix("The name top.passt.Pesto1 is owned by") == true)
         // gdbus filters signals by the owner's unique name, which it learns asynchronously, so

@@ -89,13 +89,13 @@ struct ReadOnlyMount {
     /// Bind-mounts `path` onto itself (still writable).
     init(_ path: String) throws {
         self.path = path
-        guard try run("/usr/bin/mount", ["--bind", path, path]).status == 0 else { throw FixtureError("cannot bind-mount \(path)") }
+        guard try run("/usr/bin/mount", ["--bind", path, path]).status == 0 else { throw HarnessError("cannot bind-mount \(path)") }
     }
 
     /// Makes the directory read-only (`true`) or writable again.
     func set(readOnly: Bool) throws {
         let r = try run("/usr/bin/mount", ["-o", "remount,bind,\(readOnly ? "ro" : "rw")", path])
-        guard r.status == 0 else { throw FixtureError("cannot remount \(path): \(r.err)") }
+        guard r.status == 0 else { throw HarnessError("cannot remount \(path): \(r.err)") }
     }
 
     func unmount() { _ = try? run("/usr/bin/umount", [path]) }
@@ -120,7 +120,6 @@ struct StateFileHardeningTests {
 
     @Test("a batch saves once and answers everyone; an unsaved batch is undone newest first and everyone gets SaveFailed")
     func commitBatch() throws {
-        struct Refused: Error {}
         var saveWorks = true
         var saved = 0
         var performed: [TableOperation] = []

@@ -5,6 +5,7 @@
 // file; the ExecStart binary need not be installed.
 
 import Foundation
+import PestoTestSupport
 import Testing
 
 @Suite("systemd unit")

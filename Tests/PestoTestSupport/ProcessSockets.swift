@@ -56,20 +56,7 @@ public enum ProcessSockets {
 
     /// The descriptors of `pid` that are sockets (their /proc/PID/fd links read `socket:[…]`).
     static func socketDescriptors(pid: Int32) -> [Int32] {
-        let dir = "/proc/\(pid)/fd"
-        guard let stream = opendir(dir) else { return [] }
-        defer { closedir(stream) }
-        var result: [Int32] = []
-        var link = [CChar](repeating: 0, count: 64)
-        while let entry = readdir(stream) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard let number = Int32(name) else { continue }
-            let n = readlink("\(dir)/\(name)", &link, link.count - 1)
-            guard n > 0 else { continue }
-            let target = String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            if target.hasPrefix("socket:[") { result.append(number) }
-        }
-        return result
+        ProcessDescriptors.list(pid: pid).filter { $0.target.hasPrefix("socket:[") }.map(\.number)
     }
 
     /// What `fd` is, when it is a listening TCP socket or an unconnected UDP socket.
@@ -106,4 +93,28 @@ public enum ProcessSockets {
         let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         return ListeningSocket(proto: tcp ? "tcp" : "udp", ipv6: domain == AF_INET6, address: address, port: port, inode: UInt64(st.st_ino))
     }
+}
+
+/// Another process's open descriptors, from /proc/PID/fd.
+public enum ProcessDescriptors {
+    /// Every descriptor of `pid` with what its /proc/PID/fd link reads (`socket:[123]`, a
+    /// path, `pipe:[456]`…), by number; empty when the process cannot be inspected.
+    public static func list(pid: Int32) -> [(number: Int32, target: String)] {
+        let dir = "/proc/\(pid)/fd"
+        guard let stream = opendir(dir) else { return [] }
+        defer { closedir(stream) }
+        var result: [(number: Int32, target: String)] = []
+        var link = [CChar](repeating: 0, count: 4096)
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let number = Int32(name) else { continue }
+            let n = readlink("\(dir)/\(name)", &link, link.count - 1)
+            guard n > 0 else { continue }  // closed meanwhile
+            result.append((number, String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)))
+        }
+        return result.sorted { $0.number < $1.number }
+    }
+
+    /// How many descriptors `pid` has open.
+    public static func count(pid: Int32) -> Int { list(pid: pid).count }
 }

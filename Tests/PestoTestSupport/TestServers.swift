@@ -12,7 +12,7 @@ import Synchronization
 import Glibc
 #endif
 
-/// Runs `body` on a new detached thread.
+/// Runs `body` on a new detached thread (traps when no thread can be made).
 public func detachThread(_ body: @escaping @Sendable () -> Void) {
     final class Box: @unchecked Sendable {
         let body: @Sendable () -> Void
@@ -20,10 +20,11 @@ public func detachThread(_ body: @escaping @Sendable () -> Void) {
     }
     var tid = pthread_t()
     let box = Unmanaged.passRetained(Box(body)).toOpaque()
-    pthread_create(&tid, nil, { arg in
+    let rc = pthread_create(&tid, nil, { arg in
         Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
         return nil
     }, box)
+    precondition(rc == 0, "pthread_create: \(Errno(rawValue: rc))")
     pthread_detach(tid)
 }
 

@@ -67,16 +67,46 @@ public enum TestSockets {
     }
 
     /// Connects a TCP socket to `address:port` (blocking); returns the fd, or the errno.
-    public static func connect(_ address: IPAddress = .loopbackIPv4, port: UInt16) -> Result<Int32, Errno> {
+    /// With `source`, the socket is bound to that address first (IP_BIND_ADDRESS_NO_PORT: the
+    /// connect picks the port, so each source address has its own ephemeral ports); with
+    /// `timeoutMilliseconds`, the connect, sends and receives give up after it (EAGAIN).
+    public static func connect(
+        _ address: IPAddress = .loopbackIPv4, port: UInt16, from source: IPAddress? = nil,
+        timeoutMilliseconds: Int? = nil, noDelay: Bool = false
+    ) -> Result<Int32, Errno> {
         let domain = address.family.socketDomain
         let fd = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return .failure(.current) }
+        if let timeoutMilliseconds { setTimeouts(fd, milliseconds: timeoutMilliseconds) }
+        if noDelay { setOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, 1) }
+        if let source {
+            setOption(fd, level: Int32(IPPROTO_IP), name: Int32(PESTO_IP_BIND_ADDRESS_NO_PORT), 1)
+            if !withSocketAddress(source, 0, { Glibc.bind(fd, $0, $1) == 0 }) {
+                let e = Errno.current
+                close(fd)
+                return .failure(e)
+            }
+        }
         if !withSocketAddress(address, port, { Glibc.connect(fd, $0, $1) == 0 }) {
             let e = Errno.current
             close(fd)
             return .failure(e)
         }
         return .success(fd)
+    }
+
+    /// Sets the receive and send timeouts of `fd` (SO_SNDTIMEO also bounds connect()).
+    public static func setTimeouts(_ fd: Int32, milliseconds: Int) {
+        var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+        let size = socklen_t(MemoryLayout<timeval>.size)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, size)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, size)
+    }
+
+    /// Sets an `Int32` socket option of `fd`.
+    public static func setOption(_ fd: Int32, level: Int32, name: Int32, _ value: Int32) {
+        var v = value
+        setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size))
     }
 
     /// How a connection to `port` ends when the peer sends nothing: connects, waits up to 5 s

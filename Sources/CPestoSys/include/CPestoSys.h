@@ -3,7 +3,8 @@
 /* CPestoSys: the few Linux/GNU system calls that Swift's Glibc module does not import.
  *
  * Swift's Glibc module is built without _GNU_SOURCE and has no <sys/epoll.h>, so setns(),
- * splice(), pipe2() and accept4() are invisible to Swift. Defining _GNU_SOURCE in an imported
+ * splice(), pipe2(), accept4(), sched_setaffinity() and posix_spawn's closefrom are invisible
+ * to Swift. Defining _GNU_SOURCE in an imported
  * header breaks the module build ("'fds_bits' ... not present in definition of 'fd_set'"), so
  * this header declares plain wrappers and shim.c, which defines _GNU_SOURCE, implements them.
  * Every wrapper returns what the syscall returns and leaves errno set, as the syscall does. */
@@ -14,6 +15,7 @@
 #include <sys/eventfd.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+#include <spawn.h>
 
 /* Values of GNU-only macros, checked against the real ones with _Static_assert in shim.c. */
 enum {
@@ -48,6 +50,17 @@ int pesto_pidfd_getfd(int pidfd, int targetfd);
  * (a parent may have started us with them blocked); ignores SIGPIPE, so a peer closing a
  * socket is an EPIPE error and never kills the process. Returns 0, or -1 with errno. */
 int pesto_stop_on_signals(int fd);
+
+/* posix_spawn_file_actions_addclosefrom_np(3): the spawned child closes every descriptor from
+ * `from` up, so it inherits only what the file actions dup2 into place. */
+int pesto_spawn_closefrom(posix_spawn_file_actions_t *_Nonnull actions, int from);
+
+/* The lowest CPU this process may run on (sched_getaffinity(2)), or -1 with errno. */
+int pesto_first_allowed_cpu(void);
+
+/* Pins the calling process (and the children it spawns later) to `cpu` (sched_setaffinity(2));
+ * 0, or -1 with errno. */
+int pesto_pin_to_cpu(int cpu);
 
 /* The symbolic name of an errno value ("EADDRINUSE"), or NULL when the C library knows none. */
 const char *_Nullable pesto_errno_name(int err);
