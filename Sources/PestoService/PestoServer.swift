@@ -82,6 +82,10 @@ public final class PestoServer: TablesObserver {
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
     private var announcedCounters: [TableKind: TableCounters] = [:]
+    /// Each rule's state as last announced (InterfacesAdded or PropertiesChanged), so that a
+    /// rule's PropertiesChanged carries only the properties that changed. A rule missing here
+    /// (restored at start, before any watcher) gets all four.
+    private var announcedRuleStatus: [RuleRef: RuleStatus] = [:]
     /// Tables whose counters may have changed since last announced (`announceStaleCounters`).
     private var staleCounters: [TableKind] = []
     /// The retries of this loop turn that changed a rule's counts, logged at its end.
@@ -422,6 +426,7 @@ public final class PestoServer: TablesObserver {
         emit(.signal(
             path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
             arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.ruleInterfacesAndProperties(kind, id, rule, .inactive)]))
+        announcedRuleStatus[RuleRef(kind: kind, id: id)] = .inactive
         announceCounters(kind)
     }
 
@@ -430,6 +435,7 @@ public final class PestoServer: TablesObserver {
         emit(.signal(
             path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
             arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
+        announcedRuleStatus[RuleRef(kind: kind, id: id)] = nil
         announceCounters(kind)
     }
 
@@ -451,9 +457,14 @@ public final class PestoServer: TablesObserver {
                 path: tablePath, interface: PestoInterfaces.table.name, member: "BindFailuresChanged",
                 arguments: [.uint32(id), .uint32(s.failed), .string(s.lastErrorName)]))
         }
-        emitPropertiesChanged(
-            PestoBusNames.rulePath(kind, id), PestoInterfaces.rule,
-            [("Active", .bool(s.active)), ("BoundSockets", .uint32(s.bound)), ("BindFailures", .uint32(s.failed)), ("LastError", .string(s.lastErrorName))])
+        let ref = RuleRef(kind: kind, id: id)
+        let before = announcedRuleStatus.updateValue(s, forKey: ref)
+        var changed: [(String, DBusValue)] = []
+        if before?.active != s.active { changed.append(("Active", .bool(s.active))) }
+        if before?.bound != s.bound { changed.append(("BoundSockets", .uint32(s.bound))) }
+        if before?.failed != s.failed { changed.append(("BindFailures", .uint32(s.failed))) }
+        if before?.lastErrorName != s.lastErrorName { changed.append(("LastError", .string(s.lastErrorName))) }
+        if !changed.isEmpty { emitPropertiesChanged(PestoBusNames.rulePath(kind, id), PestoInterfaces.rule, changed) }
         announceCounters(kind)
         if retried {
             // One info line per loop turn (`logRetries`), not one per rule of a large retry pass.

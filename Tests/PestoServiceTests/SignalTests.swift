@@ -42,10 +42,19 @@ struct SignalTests {
         close(holder)
         signals.wait(for: "BindFailuresChanged 0 after retry", SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(0), .string("")]))
         signals.wait(for: "RuleStateChanged after retry", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(2), .uint32(0)]))
+        // A rule's PropertiesChanged carries only what changed: the retry leaves Active alone.
+        signals.wait(for: "rule PropertiesChanged after retry, without Active") { m in
+            m.member == "PropertiesChanged" && m.path == rulePath
+                && m.arguments?[1].vardictValue?.map(\.0) == ["BoundSockets", "BindFailures", "LastError"]
+        }
         #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string("")])
 
         try f.table("Deactivate", [.uint32(7)])
         signals.wait(for: "RuleStateChanged inactive", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(false), .uint32(0), .uint32(0)]))
+        signals.wait(for: "rule PropertiesChanged on deactivation: Active and BoundSockets only") { m in
+            m.member == "PropertiesChanged" && m.path == rulePath
+                && m.arguments?[1].vardictValue?.map(\.0) == ["Active", "BoundSockets"]
+        }
         try f.table("Delete", [.uint32(7)])
         signals.wait(for: "InterfacesRemoved", SignalCollector.signal("InterfacesRemoved", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
 
