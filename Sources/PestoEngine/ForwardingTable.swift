@@ -202,7 +202,7 @@ public final class ForwardingTable {
     /// The rule at `position` in ID order; `NoSuchRule` past the end.
     public func read(atIndex position: Int) throws(PestoError) -> (id: UInt32, rule: Rule) {
         guard position >= 0 && position < entries.count else {
-            throw PestoError(.noSuchRule, "The \(kind.name) table has \(entries.count) rules; there is none at index \(position).")
+            throw PestoError(.noSuchRule, "The \(kind.name) table has \(ClientText.counted(entries.count, "rule")); there is none at index \(position).")
         }
         let entry = entries[slots[idsInOrder()[position]]!]
         return (entry.id, entry.rule)

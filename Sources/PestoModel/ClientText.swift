@@ -5,10 +5,16 @@
 // A client decides how long its strings are (an interface name, a rule key, a D-Bus member
 // or path can be megabytes) and what they contain (newlines would forge log lines). Every
 // message that repeats a client's string goes through `ClientText.quote`, which keeps it
-// short and printable.
+// short and printable. `counted` writes counts in messages ("1 rule", "2 rules").
 
-/// Shortens and escapes client strings for quoting.
+/// Shortens and escapes client strings for quoting, and writes counts of things.
 public enum ClientText {
+    /// `count` followed by `noun`, plural unless the count is 1: "1 rule", "0 rules".
+    /// `plural` defaults to `noun` + "s".
+    public static func counted(_ count: some BinaryInteger, _ noun: String, plural: String? = nil) -> String {
+        "\(count) \(count == 1 ? noun : plural ?? noun + "s")"
+    }
+
     /// The most Unicode scalars of a client string a message repeats.
     public static let maxQuotedScalars = 64
 

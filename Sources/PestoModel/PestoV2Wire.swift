@@ -357,7 +357,7 @@ public enum PestoV2Wire {
                         pending.removeAll(keepingCapacity: true)
                         if UInt64(count) > UInt64(clamping: max(maxRulesPerTable, 0)) {
                             throw fail(
-                                "the \(Pif(kind)) table has \(count) rules; at most \(maxRulesPerTable) are allowed.")
+                                "the \(Pif(kind)) table has \(ClientText.counted(count, "rule")); at most \(maxRulesPerTable) are allowed.")
                         }
                         tables[tables.count - 1].1.reserveCapacity(Int(min(count, 1024)))
                         state = count == 0 ? .pif : .rules(kind, remaining: count)

@@ -34,6 +34,6 @@ struct RetryLogSummary {
         if count == 1 {
             return "\(first.kind.name) rule \(first.id): retry now \(first.status.bound) bound, \(first.status.failed) failed"
         }
-        return "bind retries changed \(count) rules: now \(bound) sockets bound, \(failed) failed in them"
+        return "bind retries changed \(ClientText.counted(count, "rule")): now \(ClientText.counted(bound, "socket")) bound, \(failed) failed in them"
     }
 }

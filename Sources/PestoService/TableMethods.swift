@@ -57,7 +57,7 @@ extension ApplyRequest {
     static func checkLengths(inserts: Int, removes: Int, table: TableKind, limits: TableLimits) throws(DBusErrorReply) {
         for (what, count) in [("inserts", inserts), ("removes", removes)] where count > limits.maxRules {
             throw .invalidArgs(
-                "Apply \(what) \(count) rules; the \(table.name) table holds at most \(limits.maxRules) (MaxRules).")
+                "Apply \(what) \(ClientText.counted(count, "rule")); the \(table.name) table holds at most \(limits.maxRules) (MaxRules).")
         }
     }
 

@@ -149,7 +149,7 @@ final class PestoClient {
         }
         try? manager("Unlock")
         if plan.isEmpty { return (plan, nil) }
-        return (plan, "\(plan.inserts.count) rule\(plan.inserts.count == 1 ? "" : "s") added, "
+        return (plan, "\(ClientText.counted(plan.inserts.count, "rule")) added, "
             + "\(plan.removes.count) removed.")
     }
 

@@ -122,7 +122,7 @@ func show(_ tables: [(TableKind, [ListedRule])], json: Bool) {
     for (n, (kind, rules)) in tables.enumerated() {
         if n > 0 { print("") }
         let direction = kind == .host ? "inbound: listen on the host" : "outbound: listen in the target namespace"
-        print("\(kind.name) (\(direction)), \(rules.count) rule\(rules.count == 1 ? "" : "s")")
+        print("\(kind.name) (\(direction)), \(ClientText.counted(rules.count, "rule"))")
         if rules.isEmpty {
             print("    (no rules)")
         } else {

@@ -166,10 +166,10 @@ struct Pestod: ParsableCommand {
             for (entry, reason) in result.carried {
                 logger.warning("state file \(state): \(entry.table.name) rule \(entry.id) not restored, kept in the file: \(reason)")
             }
-            logger.info("restored \(result.restored) of \(entries.count) rule\(entries.count == 1 ? "" : "s") from \(state)")
+            logger.info("restored \(result.restored) of \(ClientText.counted(entries.count, "rule")) from \(state)")
             if !result.carried.isEmpty {
                 logger.warning(
-                    "state file \(state): \(result.carried.count) rule\(result.carried.count == 1 ? "" : "s") could not be restored; they stay in the file and are tried again at the next start")
+                    "state file \(state): \(ClientText.counted(result.carried.count, "rule")) could not be restored; they stay in the file and are tried again at the next start")
             }
             return result.carried.map(\.entry)
         case .invalid(let reason, let movedTo):

@@ -64,3 +64,15 @@ struct RuleFieldTests {
         #expect(!other.forwardsSame(as: Self.rule))
     }
 }
+
+@Suite("counts in messages")
+struct CountedTests {
+    @Test("one thing is singular, any other count plural")
+    func counted() {
+        #expect(ClientText.counted(1, "rule") == "1 rule")
+        #expect(ClientText.counted(0, "rule") == "0 rules")
+        #expect(ClientText.counted(UInt32(2), "rule") == "2 rules")
+        #expect(ClientText.counted(1, "entry", plural: "entries") == "1 entry")
+        #expect(ClientText.counted(3, "entry", plural: "entries") == "3 entries")
+    }
+}
