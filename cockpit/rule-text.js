@@ -3,13 +3,16 @@
 /* rule-text.js: pestod's rules in pasta's notation, for the Cockpit page.
  *
  * A port of Sources/pestoctl/RuleText.swift (option, spec) and of the one-rule subset of
- * Sources/PestoEngine/PortSpec.swift (parse), so the page shows and accepts the same text
- * as pestoctl:
+ * Sources/PestoModel/PortSpec.swift (parse), so the page shows and accepts the same text
+ * as pestoctl, with upstream pesto's decisions (doc/pesto-conformance.md):
  *
  *     [-t|-u|-T|-U] [listen "/"] ["auto,"] FIRST[-LAST] [":" target]
- *     listen := "*" ["%" IF] | "%" IF | ADDR ["%" IF] | "[" IPV6 "]" ["%" IF]
+ *     listen := "*" ["%" IF] | "%" IF | ADDR ["%" IF] | "[" IPV6 "]" ["%" IF]   (-t/-u only)
  *     target := FIRST[-LAST] | TADDR ["/" FIRST[-LAST]]      (TADDR: IPv4, or IPv6 in brackets)
  *
+ * As pesto: a target range has as many ports as the listening range; a target address needs
+ * a listening address (0.0.0.0/8080:10.88.0.2/80, not 8080:10.88.0.2/80); -T/-U take no
+ * listening address, their rules listen on the namespace's loopback (`lo`).
  * Lists, exclusions (`~`) and `all` expand to several rules; the page adds one rule at a time,
  * so it refuses them and points to pestoctl. pestod validates every rule again.
  *
@@ -40,10 +43,14 @@ const RuleText = (() => {
     /** FIRST or FIRST-LAST. */
     function range(first, last) { return first === last ? String(first) : first + "-" + last; }
 
-    /** The rule as a pasta port spec that parses back to it (as RuleText.spec in pestoctl). */
-    function spec(rule) {
+    /**
+     * The rule as a pasta port spec that parses back to it (as RuleText.spec in pestoctl): a
+     * SPLICE rule listening dual stack on `lo` is what -T/-U make, so its `%lo/` is left out.
+     */
+    function spec(rule, table) {
         let text = "";
         let listen = "";
+        if (table === "SPLICE" && rule.address === "" && rule.interface === "lo") rule = { ...rule, interface: "" };
         // The address is always written, as pestoctl writes it: pesto's grammar refuses a
         // target address on a dual-stack rule (0.0.0.0/53:127.0.0.53/53, not 53:127.0.0.53/53).
         if (rule.address !== "")
@@ -63,7 +70,7 @@ const RuleText = (() => {
     }
 
     /** Option and spec together, as pestoctl prints them: "-t 127.0.0.1/8080:80". */
-    function notation(rule, table) { return option(rule, table) + " " + spec(rule); }
+    function notation(rule, table) { return option(rule, table) + " " + spec(rule, table); }
 
     /** A spec the page cannot take; `message` names the bad piece. */
     class SpecError extends Error {}
@@ -132,6 +139,8 @@ const RuleText = (() => {
         const slash = text.indexOf("/");
         let items = text;
         if (slash >= 0 && indexOutsideBrackets(text.slice(0, slash), ":") < 0) {
+            if (table === "SPLICE")
+                throw new SpecError(`${opt[1]} takes no listening address: its rules listen on the namespace's loopback`);
             let listen = text.slice(0, slash);
             items = text.slice(slash + 1);
             const percent = indexOutsideBrackets(listen, "%");
@@ -142,6 +151,7 @@ const RuleText = (() => {
             }
             if (listen !== "" && listen !== "*") rule.address = parseAddress(listen, "listening address");
         }
+        if (table === "SPLICE") rule.interface = "lo";
         if (items.startsWith("auto,")) {
             rule.scan = true;
             items = items.slice(5);
@@ -169,14 +179,14 @@ const RuleText = (() => {
             }
             if (targetRange !== null) {
                 const [first, last] = parseRange(targetRange, "target ports");
-                if (last - first !== rule.lastPort - rule.firstPort && last !== first)
+                if (last - first !== rule.lastPort - rule.firstPort)
                     throw new SpecError(`target ports "${targetRange}" are not as many as listening ports "${listenRange}"`);
                 rule.targetPort = first;
             }
             if (rule.targetAddress !== "") {
                 if (rule.address === "") {
-                    // A target address pins the family: listen on that family's wildcard.
-                    rule.address = isIPv6(rule.targetAddress) ? "::" : "0.0.0.0";
+                    const wildcard = isIPv6(rule.targetAddress) ? "[::]" : "0.0.0.0";
+                    throw new SpecError(`a target address needs a listening address, as in pesto: write ${wildcard}/${items}`);
                 } else if (isIPv6(rule.address) !== isIPv6(rule.targetAddress)) {
                     throw new SpecError("listening and target addresses are of different families");
                 }

@@ -319,19 +319,23 @@ class Test:
             if shown != spec:
                 raise Failure(f"{table} rule {rule_id}: the page writes {shown!r}, pestoctl {spec!r}")
             again = self.driver.execute_script(
-                "const p = RuleText.parse(arguments[0]); return RuleText.option(p.rule, p.table) + ' ' + RuleText.spec(p.rule);", spec)
+                "const p = RuleText.parse(arguments[0]); return RuleText.notation(p.rule, p.table);", spec)
             if again != spec:
                 raise Failure(f"rule-text.js parses {spec!r} and writes {again!r}")
         log(f"notation as pestoctl's for {len(expected)} rules: {sorted(expected.values())}")
         # More forms, parsed and written back; and specs the page refuses, each with a reason.
-        for spec in ("-T [::1]%lo/2000-2010:[::2]/3000-3010", "-U auto,1000-2000", "-t *%eth0/22", "-t 8080:80"):
+        # (pesto's grammar: -T/-U take no listening address and listen on lo; a target address
+        # needs a listening address; a target range is as long as the listening range.)
+        for spec in ("-T 2000-2010:3000-3010", "-t [::1]%lo/2000-2010:[::2]/3000-3010", "-U auto,1000-2000",
+                     "-t *%eth0/22", "-t 8080:80", "-t 0.0.0.0/8080:10.88.0.2/80"):
             again = self.driver.execute_script(
-                "const p = RuleText.parse(arguments[0]); return RuleText.option(p.rule, p.table) + ' ' + RuleText.spec(p.rule);", spec)
+                "const p = RuleText.parse(arguments[0]); return RuleText.notation(p.rule, p.table);", spec)
             expected_text = spec.replace("*%", "%")
             if again != expected_text:
                 raise Failure(f"rule-text.js parses {spec!r} and writes {again!r}")
         for spec in ("-t 70000", "-t 10-5", "-t 22,80", "-t ~22", "-t all", "-t ::1/22", "-t 1-3:10-20",
-                     "-t 127.0.0.1/22:[::1]/22", "-t 22:0.0.0.0/22", "-t [::1/22", "-t %/22", "none"):
+                     "-t 127.0.0.1/22:[::1]/22", "-t 22:0.0.0.0/22", "-t [::1/22", "-t %/22", "none",
+                     "-t 35022-35024:35032", "-t 22:10.0.0.1/22", "-T 127.0.0.1/22"):
             error = self.driver.execute_script(
                 "try { RuleText.parse(arguments[0]); return null } catch (e) { return e instanceof RuleText.SpecError ? e.message : 'other: ' + e }", spec)
             if not error or error.startswith("other:"):
@@ -503,8 +507,8 @@ class Test:
         if self.args.netns:
             # The new pestod has a namespace, so a SPLICE table too; a -T spec adds to it.
             self.wait("the SPLICE table", lambda: self.css('[data-table="SPLICE"]'))
-            self.add_rule(7, spec=f"-T 127.0.0.1/{port_added}")
-            self.wait_row(7, "active", f"-T 127.0.0.1/{port_added}", table="SPLICE")
+            self.add_rule(7, spec=f"-T {port_added}")
+            self.wait_row(7, "active", f"-T {port_added}", table="SPLICE")
             self.expect_status(7, r"^buus true 1 0", table="/top/passt/Pesto1/tables/splice")
         self.check_console()
 
