@@ -32,7 +32,7 @@ package enum Sys {
     /// Which call a wrapper makes, for the debug-only `SyscallScript`.
     package enum Name: String, Sendable, Hashable, CaseIterable {
         case socket, setsockopt, getsockopt, bind, listen, accept, connect, shutdown
-        case send, recv, sendto, recvfrom
+        case send, recv, sendto, recvfrom, sendmsg, recvmsg
         case splice, pipe, fcntl, close
         case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
         case setns, getrlimit, setrlimit, signals
