@@ -78,15 +78,11 @@ public enum ProxyProtocolHeader {
             buffer.append(contentsOf: v2Signature)
             buffer.append(0x21)  // version 2, PROXY
             buffer.append(ipv6 ? 0x21 : 0x11)  // AF_INET6 or AF_INET, STREAM
-            let length: UInt16 = ipv6 ? 36 : 12
-            buffer.append(UInt8(length >> 8))
-            buffer.append(UInt8(length & 0xFF))
+            appendBigEndian(ipv6 ? 36 : 12, bytes: 2, to: &buffer)
             appendBinary(source.address, ipv6: ipv6, to: &buffer)
             appendBinary(destination.address, ipv6: ipv6, to: &buffer)
-            for port in [source.port, destination.port] {
-                buffer.append(UInt8(port >> 8))
-                buffer.append(UInt8(port & 0xFF))
-            }
+            appendBigEndian(UInt64(source.port), bytes: 2, to: &buffer)
+            appendBigEndian(UInt64(destination.port), bytes: 2, to: &buffer)
         }
     }
 
@@ -129,16 +125,18 @@ public enum ProxyProtocolHeader {
     private static func appendBinary(_ address: IPAddress, ipv6: Bool, to buffer: inout [UInt8]) {
         switch (address, ipv6) {
         case (.v4(let a), false):
-            for shift in stride(from: 24, through: 0, by: -8) { buffer.append(UInt8(truncatingIfNeeded: a >> UInt32(shift))) }
-        default:
-            let (hi, lo): (UInt64, UInt64)
-            switch address {
-            case .v4(let a): (hi, lo) = (0, 0xFFFF_0000_0000 | UInt64(a))
-            case .v6(let h, let l): (hi, lo) = (h, l)
-            }
-            for word in [hi, lo] {
-                for shift in stride(from: 56, through: 0, by: -8) { buffer.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
-            }
+            appendBigEndian(UInt64(a), bytes: 4, to: &buffer)
+        case (.v4(let a), true):
+            appendBigEndian(0, bytes: 8, to: &buffer)
+            appendBigEndian(0xFFFF_0000_0000 | UInt64(a), bytes: 8, to: &buffer)
+        case (.v6(let hi, let lo), _):
+            appendBigEndian(hi, bytes: 8, to: &buffer)
+            appendBigEndian(lo, bytes: 8, to: &buffer)
         }
+    }
+
+    /// The low `bytes` bytes of `value`, most significant first.
+    private static func appendBigEndian(_ value: UInt64, bytes: Int, to buffer: inout [UInt8]) {
+        for i in (0..<bytes).reversed() { buffer.append(UInt8(truncatingIfNeeded: value >> UInt64(8 * i))) }
     }
 }
