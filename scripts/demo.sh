@@ -118,6 +118,7 @@ install -v -D -m 0644 dbus/top.passt.Pesto1.xml /usr/share/dbus-1/interfaces/top
 install -v -D -m 0644 doc/pestod.8 /usr/local/share/man/man8/pestod.8
 install -v -D -m 0644 doc/pestoctl.1 /usr/local/share/man/man1/pestoctl.1
 install -v -D -m 0644 doc/dbus-api.md /usr/share/doc/pesto/dbus-api.md
+install -v -D -m 0644 doc/data-path.md /usr/share/doc/pesto/data-path.md
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
     cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css
