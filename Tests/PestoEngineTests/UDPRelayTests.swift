@@ -711,6 +711,7 @@ struct UDPPacketInfoTests {
             // addresses on it as on a multi-homed host's LAN side.
             ["link", "add", "pesto0", "type", "veth", "peer", "name", "pesto1"],
             ["link", "set", "pesto0", "up"],
+            ["link", "set", "pesto1", "up"],  // carrier on pesto0, so its IPv6 address is usable at once
             ["addr", "add", "10.77.0.5/24", "dev", "pesto0"],
             ["addr", "add", "fd00:77::5/64", "dev", "pesto0", "nodad"],
         ] {
