@@ -24,6 +24,9 @@
 
     /** The page's own state. */
     const ui = {
+        /** The proxy-protocol of the rule being edited ("" for a new one): the page shows the
+         *  key read-only and carries it over into the replacement, so an edit never drops it. */
+        keptProxyProtocol: "",
         /** Rule path → the D-Bus error of the latest action on it. */
         errors: new Map(),
         /** Rule paths with a call in flight. */
@@ -98,6 +101,7 @@
         if (rule.targetPort) dict["target-port"] = cockpit.variant("q", rule.targetPort);
         if (rule.scan) dict.scan = cockpit.variant("b", true);
         if (rule.owner) dict.owner = cockpit.variant("s", rule.owner);
+        if (rule.proxyProtocol) dict["proxy-protocol"] = cockpit.variant("s", rule.proxyProtocol);
         return dict;
     }
 
@@ -105,7 +109,8 @@
     function ruleFields(r) {
         return {
             protocol: r.Protocol, address: r.Address, interface: r.Interface, firstPort: r.FirstPort, lastPort: r.LastPort,
-            targetAddress: r.TargetAddress, targetPort: r.TargetPort, scan: r.Scan, owner: r.Owner
+            targetAddress: r.TargetAddress, targetPort: r.TargetPort, scan: r.Scan, owner: r.Owner,
+            proxyProtocol: r.ProxyProtocol || ""
         };
     }
 
@@ -367,7 +372,7 @@
         row.cells.ports.textContent = RuleText.range(rule.FirstPort, rule.LastPort);
         const targetLast = Math.min(65535, rule.TargetPort + rule.LastPort - rule.FirstPort);
         row.cells.target.textContent = (rule.TargetAddress || "default") + " port " + RuleText.range(rule.TargetPort, targetLast) +
-            (rule.Scan ? " (scan)" : "");
+            (rule.Scan ? " (scan)" : "") + (rule.ProxyProtocol ? ` (PROXY ${rule.ProxyProtocol})` : "");
         row.cells.owner.textContent = rule.Owner || "—";
         row.cells.sockets.replaceChildren();
         if (rule.Active) row.cells.sockets.append(el("span", { class: "bound" }, `${rule.BoundSockets} bound`));
@@ -425,6 +430,7 @@
         $("add-card").hidden = false;
         $("add-error").hidden = true;
         ui.replacing = rule ? rule.path : null;
+        ui.keptProxyProtocol = rule ? (rule.ProxyProtocol || "") : "";
         $("add-card").querySelector("h2").textContent = rule ? `Edit rule ${rule.Id}` : "Add a rule";
         $("add-submit").textContent = rule ? "Replace (one transaction)" : "Add";
         form.table().disabled = !!rule;
@@ -465,6 +471,7 @@
             protocol: form.protocol().value, address: form.address().value.trim(), interface: form.interface().value.trim(),
             firstPort: first, lastPort: number(form.last()) || first, targetAddress: form.targetAddress().value.trim(),
             targetPort: number(form.targetPort()) || first, scan: form.scan().checked, owner: form.owner().value,
+            proxyProtocol: ui.keptProxyProtocol,
         };
     }
 

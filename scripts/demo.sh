@@ -133,6 +133,7 @@ for shell in bash zsh fish; do
     "$BIN_DIR/pestod" --generate-completion-script "$shell" >"$dest"
     echo "$dest (generated)"
 done
+install -v -D -m 0644 doc/data-path.md /usr/share/doc/pesto/data-path.md
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
     cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css

@@ -79,6 +79,99 @@ int pesto_pin_to_cpu(int cpu)
     return sched_setaffinity(0, sizeof(set), &set);
 }
 
+ssize_t pesto_recv_pktinfo(int fd, void *buf, size_t len, int flags, struct sockaddr *from, socklen_t *fromlen,
+                           struct pesto_pktinfo *local)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct msghdr msg = {
+        .msg_name = from, .msg_namelen = *fromlen, .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = control.buf, .msg_controllen = sizeof(control.buf),
+    };
+    struct cmsghdr *c;
+    ssize_t n;
+
+    memset(local, 0, sizeof(*local));
+    n = recvmsg(fd, &msg, flags);
+    if (n < 0)
+        return n;
+    *fromlen = msg.msg_namelen;
+    for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO &&
+            c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+            struct in_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof(info));
+            local->family = AF_INET;
+            local->ifindex = info.ipi_ifindex;
+            /* ipi_spec_dst: the local address the datagram was for (ipi_addr is the header's
+             * destination, which for broadcast is not an address of ours). */
+            memcpy(local->addr, &info.ipi_spec_dst, 4);
+        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO &&
+                   c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+            struct in6_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof(info));
+            local->family = AF_INET6;
+            local->ifindex = (int)info.ipi6_ifindex;
+            memcpy(local->addr, &info.ipi6_addr, 16);
+        }
+    }
+    return n;
+}
+
+ssize_t pesto_send_pktinfo(int fd, const void *buf, size_t len, int flags, const struct sockaddr *to, socklen_t tolen,
+                           int socket_family, const struct pesto_pktinfo *local)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr msg = {
+        .msg_name = (void *)to, .msg_namelen = tolen, .msg_iov = &iov, .msg_iovlen = 1,
+    };
+    struct cmsghdr *c;
+
+    memset(&control, 0, sizeof(control));
+    if (local && local->family == AF_INET && socket_family == AF_INET) {
+        /* The source address only: forcing the arrival interface would send a reply to a
+         * local client (its datagram to an address of eth0 "arrived on" eth0) out of eth0.
+         * A rule bound to an interface has SO_BINDTODEVICE, which keeps replies on it. */
+        struct in_pktinfo info = { .ipi_ifindex = 0 };
+        memcpy(&info.ipi_spec_dst, local->addr, 4);
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(info));
+        c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(info));
+        memcpy(CMSG_DATA(c), &info, sizeof(info));
+    } else if (local && local->family != 0 && socket_family == AF_INET6) {
+        struct in6_pktinfo info = { .ipi6_ifindex = 0 };
+        if (local->family == AF_INET6) {
+            memcpy(&info.ipi6_addr, local->addr, 16);
+            /* A link-local address means something only with its interface. */
+            if (IN6_IS_ADDR_LINKLOCAL(&info.ipi6_addr))
+                info.ipi6_ifindex = (unsigned)local->ifindex;
+        } else {
+            /* An IPv4 client of a dual-stack socket: the source, IPv4-mapped. */
+            info.ipi6_addr.s6_addr[10] = 0xff;
+            info.ipi6_addr.s6_addr[11] = 0xff;
+            memcpy(&info.ipi6_addr.s6_addr[12], local->addr, 4);
+        }
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(info));
+        c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = IPPROTO_IPV6;
+        c->cmsg_type = IPV6_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(info));
+        memcpy(CMSG_DATA(c), &info, sizeof(info));
+    }
+    return sendmsg(fd, &msg, flags);
+}
+
 const char *pesto_errno_name(int err) { return strerrorname_np(err); }
 
 int pesto_errno(void) { return errno; }

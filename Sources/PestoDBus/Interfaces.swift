@@ -145,6 +145,7 @@ public enum PestoInterfaces {
             prop("TargetPort", "q", .never, "Destination port of FirstPort."),
             prop("Scan", "b", .never, "Listens only on ports bound on the target side."),
             prop("Owner", "s", .never, "Tag of the client that made the rule."),
+            prop("ProxyProtocol", "s", .never, "PROXY protocol header sent to the target before a TCP connection's data: empty (none), v1 or v2."),
             prop("Active", "b", .changes, "Whether the rule is active."),
             prop("BoundSockets", "u", .changes, "Sockets bound."),
             prop("BindFailures", "u", .changes, "Sockets whose bind failed."),

@@ -24,13 +24,19 @@ public struct ForwardTarget: Hashable, Sendable {
     public var address: IPAddress?
     /// The destination port.
     public var port: UInt16
+    /// The PROXY protocol header a TCP connection starts with at the target.
+    public var proxyProtocol: ProxyProtocolVersion
 
-    public init(table: TableKind, ruleID: UInt32, proto: TransportProtocol, address: IPAddress?, port: UInt16) {
+    public init(
+        table: TableKind, ruleID: UInt32, proto: TransportProtocol, address: IPAddress?, port: UInt16,
+        proxyProtocol: ProxyProtocolVersion = .none
+    ) {
         self.table = table
         self.ruleID = ruleID
         self.proto = proto
         self.address = address
         self.port = port
+        self.proxyProtocol = proxyProtocol
     }
 
     /// The destination for a peer of `peerFamily` (the default is that family's loopback).

@@ -208,7 +208,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             return .failure(error.underlyingError ?? Errno(rawValue: ENOMEM))
         }
         let target = ForwardTarget(
-            table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port))
+            table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port),
+            proxyProtocol: rule.proxyProtocol)
         if Int(fd) >= listeners.count { listeners.append(contentsOf: repeatElement(nil, count: Int(fd) + 1 - listeners.count)) }
         // Inodes only matter to scans, and scans exist only with a namespace.
         var inode: UInt64 = 0

@@ -75,6 +75,10 @@ public struct KernelListenerFactory: ListenerFactory {
         if rule.proto == .tcp, case .failure(let e) = Sys.setOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1) {
             return fail(e)
         }
+        // UDP replies must leave from the address each client wrote to (UDPRelay.swift).
+        if rule.proto == .udp, case .failure(let e) = Sys.receivePacketInfo(fd, domain: domain) {
+            return fail(e)
+        }
         if !rule.interface.isEmpty, case .failure(let e) = Sys.bindToDevice(fd, interface: rule.interface) {
             return fail(e)
         }

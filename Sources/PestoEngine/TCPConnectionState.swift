@@ -34,6 +34,13 @@
 //   - pipe empty: `.takePipe` if it has none, then `.spliceIn` from the source; 0 bytes is the
 //     source's end of file, EAGAIN ends the direction's turn (and its pipe goes back to the
 //     pool, being empty).
+// A preamble (a PROXY protocol header, ProxyProtocolHeader.swift) is written to the target
+// before anything else goes up: while bytes of it are left, the up direction's only step is
+// `.writePreamble` of what is left (a send(2) from the relay's per-slot buffer, so a partial
+// write simply leaves the rest for the next step); EAGAIN blocks the direction as a full
+// destination does, so the client is not read and the target is watched for EPOLLOUT. It goes
+// out at the first turn of relaying, whether or not the client has sent anything.
+//
 // Any other error (a failed splice or shutdown, no pipe to be had) ends the connection with a
 // reset of both sockets; both directions finished end it with a plain close (FIN).
 //
@@ -133,6 +140,8 @@ package struct TCPConnectionState: Sendable, Equatable {
         case pipeReleased(TCPDirection)
         /// The epoll interest asked for was set (false: epoll refused).
         case watched(Bool)
+        /// The preamble's send(2) gave this (`.moved(n)`: n bytes went out).
+        case preambleSent(Sys.SpliceResult)
     }
 
     /// What the relay is to do next; the output of `handle`.
@@ -151,6 +160,8 @@ package struct TCPConnectionState: Sendable, Equatable {
         case shutdownWrite(TCPDirection)
         /// Put the direction's (empty) pipe back.
         case releasePipe(TCPDirection)
+        /// send(2) the last `count` bytes of the preamble to the target.
+        case writePreamble(count: Int)
         /// Make epoll watch the client and the target for these events (0: not at all).
         case watch(client: UInt32, target: UInt32)
         /// Nothing more until the next readiness event.
@@ -173,13 +184,20 @@ package struct TCPConnectionState: Sendable, Equatable {
     private var requested: (client: UInt32, target: UInt32) = (0, 0)
     /// connect() was asked again already.
     private var askedAgain = false
+    /// Bytes of the preamble not yet written to the target.
+    package private(set) var preambleLeft = 0
 
-    /// A connection whose connect() is about to be called.
-    package init() {}
+    /// A connection whose connect() is about to be called; `preamble` bytes (a PROXY
+    /// protocol header, 0 for none) go to the target before anything the client sends.
+    package init(preamble: Int = 0) {
+        precondition(preamble >= 0, "negative preamble")
+        preambleLeft = preamble
+    }
 
     package static func == (a: Self, b: Self) -> Bool {
         a.phase == b.phase && a.up == b.up && a.down == b.down && a.clientInterest == b.clientInterest
             && a.targetInterest == b.targetInterest && a.requested == b.requested && a.askedAgain == b.askedAgain
+            && a.preambleLeft == b.preambleLeft
     }
 
     /// The flow of direction `d`.
@@ -270,6 +288,29 @@ package struct TCPConnectionState: Sendable, Equatable {
             guard ok else { return close(.unwatchable) }
             (clientInterest, targetInterest) = requested
             return .wait
+        case .preambleSent(let result):
+            precondition(phase == .relaying && preambleLeft > 0, "preamble result while \(phase), \(preambleLeft) left")
+            switch result {
+            case .moved(let n):
+                precondition(n <= preambleLeft, "sent more than the preamble")
+                preambleLeft -= n
+                update(.up) {
+                    $0.steps -= 1
+                    $0.destinationBlocked = false
+                }
+            case .wouldBlock:
+                update(.up) {
+                    $0.destinationBlocked = true
+                    $0.idle = true
+                }
+            case .endOfFile:
+                // send(2) never reports an end of file; a 0-byte send of a non-empty preamble
+                // would loop forever.
+                return close(.broken(.inputOutput))
+            case .failed(let e):
+                return close(.broken(e))
+            }
+            return next()
         }
     }
 
@@ -319,6 +360,7 @@ package struct TCPConnectionState: Sendable, Equatable {
             update(d) { $0.idle = true }
             return step(d)
         }
+        if d == .up && preambleLeft > 0 { return .writePreamble(count: preambleLeft) }
         if f.pending > 0 { return .spliceOut(d, count: f.pending) }
         if f.sourceEnded { return .shutdownWrite(d) }
         if !f.hasPipe { return .takePipe(d) }
@@ -331,7 +373,7 @@ package struct TCPConnectionState: Sendable, Equatable {
         let writing = side == .client ? down : up  // the direction `side` is the destination of
         var events: UInt32 = 0
         if !reading.sourceEnded && !reading.destinationBlocked { events |= EventLoop.Events.readable }
-        if writing.pending > 0 { events |= EventLoop.Events.writable }
+        if writing.pending > 0 || (side == .target && preambleLeft > 0) { events |= EventLoop.Events.writable }
         return events
     }
 }

@@ -129,6 +129,10 @@ public final class TCPRelay: EventHandler {
     /// The engine's descriptor budget, shared with the listeners and the UDP relay.
     private let budget: DescriptorBudget
     private var slots: [Connection] = []
+    /// Each slot's PROXY protocol header, parallel to `slots`: reserved at
+    /// `ProxyProtocolHeader.maxLength` when the slot is made and reused by every connection
+    /// of the slot, so a header costs no allocation per connection or event (v2).
+    private var headers: [[UInt8]] = []
     private var freeSlots: [UInt32] = []
     private var pipePool: [Pipe] = []
     /// The next loopback source address's last byte (see `spreadLoopbackSources`).
@@ -230,7 +234,8 @@ public final class TCPRelay: EventHandler {
             return true
         }
         let index = allocateSlot()
-        slots[Int(index)] = Connection(client: client, target: out, inUse: true)
+        let preamble = writeHeader(target.proxyProtocol, client: client, peer: peer, slot: Int(index))
+        slots[Int(index)] = Connection(client: client, target: out, state: TCPConnectionState(preamble: preamble), inUse: true)
         activeConnections += 1
         counters.relayed += 1
         drive(index, .connect(connected), destination: destination)
@@ -256,7 +261,29 @@ public final class TCPRelay: EventHandler {
     private func allocateSlot() -> UInt32 {
         if let i = freeSlots.popLast() { return i }
         slots.append(Connection())
+        var header: [UInt8] = []
+        header.reserveCapacity(ProxyProtocolHeader.maxLength)
+        headers.append(header)
         return UInt32(slots.count - 1)
+    }
+
+    /// Puts the PROXY protocol header of `version` for the connection of `client` (whose
+    /// address is `peer`; the destination is where it connected to, from getsockname) in
+    /// the slot's header buffer, and returns its length (0 for none).
+    ///
+    /// Should getsockname fail (ENOBUFS; nothing else for a connected socket), the header
+    /// is version 1's "PROXY UNKNOWN\r\n" or version 2's LOCAL command, which the
+    /// specification provides for a sender that does not know the addresses: the target
+    /// then uses the connection's own, never a wrong one.
+    private func writeHeader(_ version: ProxyProtocolVersion, client: Int32, peer: SocketAddress, slot: Int) -> Int {
+        headers[slot].removeAll(keepingCapacity: true)
+        guard version != .none else { return 0 }
+        if let source = peer.endpoint, case .success(let local) = Sys.localAddress(client), let destination = local.endpoint {
+            ProxyProtocolHeader.append(version, source: source, destination: destination, to: &headers[slot])
+        } else {
+            ProxyProtocolHeader.appendUnknown(version, to: &headers[slot])
+        }
+        return headers[slot].count
     }
 
     // MARK: Events
@@ -312,6 +339,16 @@ public final class TCPRelay: EventHandler {
                     releasePipe(&slots[i].downPipe, pending: 0)
                 }
                 outcome = .pipeReleased(d)
+            case .writePreamble(let count):
+                let header = headers[i]
+                let result = header.withUnsafeBytes { raw in
+                    Sys.send(slots[i].target, raw.baseAddress! + (raw.count - count), count, flags: Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+                }
+                switch result {
+                case .success(let n): outcome = .preambleSent(n == 0 ? .endOfFile : .moved(n))
+                case .failure(let e) where e == .wouldBlock: outcome = .preambleSent(.wouldBlock)
+                case .failure(let e): outcome = .preambleSent(.failed(e))
+                }
             case .watch(let client, let target):
                 let state = slots[i].state
                 let ok =

@@ -13,20 +13,31 @@
 //   client ◀──sendto()── listener ◀────────── recv() ──────── flow socket ◀──reply── target
 //
 // Replies leave through the listening socket, so the client sees them come from the address
-// and port it sent to. (A listener bound to a wildcard address replies from the address the
-// kernel's route lookup picks for the client, which on a multi-homed host may not be the one
-// the client used; pasta solves that with IP_PKTINFO, which the listener would have to set.)
+// and port it sent to. A listener bound to a wildcard address (or to an interface) would
+// otherwise reply from the address the kernel's route lookup picks for the client, which on
+// a multi-homed host, or for a client of 127.0.0.5, is not the one the client used, and a
+// connected client socket drops such a reply. So listeners ask for IP_PKTINFO /
+// IPV6_RECVPKTINFO (`Sys.receivePacketInfo`, set by the listener factory): every datagram is
+// taken with recvmsg() along with the local address and interface it arrived on, the flow
+// remembers them (they are part of its key: a client writing to two addresses of a wildcard
+// listener has two flows), and every reply is sent with sendmsg() and that same IP_PKTINFO /
+// IPV6_PKTINFO, so it leaves from exactly the address the client wrote to (the interface is
+// left to the route, except for IPv6 link-local addresses; a rule bound to an interface keeps
+// its replies on it through SO_BINDTODEVICE). The control
+// buffers live on the C shim's stack: nothing is allocated per datagram. A listener without
+// the option (tests that make their own) gives no local address, and replies are plain sends.
 //
 // Events:
-//   listener readable   up to `batch` datagrams are taken with recvfrom(MSG_DONTWAIT) into
+//   listener readable   up to `batch` datagrams are taken with recvmsg(MSG_DONTWAIT) into
 //                       one 64 KiB buffer allocated in init. Each is matched to its flow by a
-//                       dictionary lookup keyed by (listener fd, client address), which
+//                       dictionary lookup keyed by (listener fd, client address, local
+//                       address), which
 //                       allocates nothing; a miss creates the flow unless the table is full
 //                       (`maxFlows`: dropped, counted) or the destination is one of pestod's
 //                       own listeners (`wouldLoop`: dropped, counted — it would loop forever).
 //                       The datagram is then send() on the flow socket.
-//   flow readable       up to `batch` replies are recv()ed and sendto() the client from the
-//                       listener. The flow socket is registered under kind `udpFlow` with its
+//   flow readable       up to `batch` replies are recv()ed and sendmsg()ed to the client from
+//                       the listener, from the flow's local address. The flow socket is registered under kind `udpFlow` with its
 //                       slot as the epoll index, so this path does no lookup at all.
 //   expiry timer        every `expiryCheckMilliseconds`, flows idle (no datagram either way)
 //                       for `idleTimeoutMilliseconds` are closed. The timer is armed only while
@@ -118,10 +129,12 @@ public final class UDPRelay: EventHandler {
     /// ICMP "port unreachable".
     private static let connectionRefused = Errno(rawValue: ECONNREFUSED)
 
-    /// A flow's identity: the listener the client wrote to and the client's address.
+    /// A flow's identity: the listener the client wrote to, the client's address and the
+    /// local address it wrote to (nil when the listener does not report it).
     struct FlowKey: Hashable {
         var listener: Int32
         var client: SocketAddress
+        var local: IPAddress?
     }
 
     /// One slot of the flow table.
@@ -133,6 +146,9 @@ public final class UDPRelay: EventHandler {
         /// The client's address exactly as recvfrom() gave it (IPv4-mapped on a dual-stack
         /// listener), so sendto() on the listener reaches it.
         var client = SocketAddress()
+        /// Where the client's first datagram arrived (address and interface); replies leave
+        /// from there.
+        var local = PacketInfo()
         /// The last datagram in either direction.
         var lastActive = MonotonicInstant(nanoseconds: 0)
 
@@ -206,7 +222,9 @@ public final class UDPRelay: EventHandler {
         let now = MonotonicInstant.now
         for _ in 0..<Self.batch {
             var client = SocketAddress()
-            let received = Sys.receiveFrom(listener, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT), from: &client)
+            var local = PacketInfo()
+            let received = Sys.receiveMessage(
+                listener, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT), from: &client, local: &local)
             let count: Int
             switch received {
             case .success(let n): count = n
@@ -218,7 +236,7 @@ public final class UDPRelay: EventHandler {
                 continue
             }
             counters.datagramsIn += 1
-            guard let slot = flowSlot(listener: listener, client: client, target: target, now: now) else { continue }
+            guard let slot = flowSlot(listener: listener, client: client, local: local, target: target, now: now) else { continue }
             flows[slot].lastActive = now
             send(count, on: flows[slot].socket)
         }
@@ -226,8 +244,10 @@ public final class UDPRelay: EventHandler {
 
     /// The slot of the flow of `client` on `listener`, opened if needed; nil when the
     /// datagram is to be dropped (counted here).
-    private func flowSlot(listener: Int32, client: SocketAddress, target: ForwardTarget, now: MonotonicInstant) -> Int? {
-        let key = FlowKey(listener: listener, client: client)
+    private func flowSlot(
+        listener: Int32, client: SocketAddress, local: PacketInfo, target: ForwardTarget, now: MonotonicInstant
+    ) -> Int? {
+        let key = FlowKey(listener: listener, client: client, local: local.address)
         if let slot = flowsByKey[key] { return Int(slot) }
         guard flowCount < limits.maxFlows else {
             counters.droppedFlowLimit += 1
@@ -268,7 +288,7 @@ public final class UDPRelay: EventHandler {
             counters.droppedErrors += 1
             return nil
         }
-        flows[Int(slot)] = Flow(socket: socket, listener: listener, client: client, lastActive: now)
+        flows[Int(slot)] = Flow(socket: socket, listener: listener, client: client, local: local, lastActive: now)
         flowsByKey[key] = slot
         flowCount += 1
         counters.flowsCreated += 1
@@ -323,13 +343,14 @@ public final class UDPRelay: EventHandler {
         guard slot < flows.count, flows[slot].socket == fd else { return }
         let listener = flows[slot].listener
         let client = flows[slot].client
+        let local = flows[slot].local
         var replied = false
         batch: for _ in 0..<Self.batch {
             switch Sys.recv(fd, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT)) {
             case .success(let count):
                 counters.repliesIn += 1
                 replied = true
-                let sent = Sys.sendTo(listener, buffer.baseAddress, count, flags: Int32(MSG_DONTWAIT), to: client)
+                let sent = Sys.sendMessage(listener, buffer.baseAddress, count, flags: Int32(MSG_DONTWAIT), to: client, from: local)
                 if case .success = sent {
                     counters.repliesOut += 1
                 } else {
@@ -372,7 +393,7 @@ public final class UDPRelay: EventHandler {
     private func closeFlow(slot: Int) {
         let flow = flows[slot]
         precondition(flow.inUse, "closing free UDP flow slot \(slot)")
-        flowsByKey[FlowKey(listener: flow.listener, client: flow.client)] = nil
+        flowsByKey[FlowKey(listener: flow.listener, client: flow.client, local: flow.local.address)] = nil
         // close() alone leaves epoll only once no other reference to the socket exists (a
         // fork between our socket() and its exec, say); removing first is certain.
         loop.remove(fd: flow.socket)
@@ -389,10 +410,13 @@ public final class UDPRelay: EventHandler {
 
     // MARK: Inspection (tests)
 
-    /// The socket of the flow of `client` on `listener`, or nil.
+    /// The socket of the (first) flow of `client` on `listener`, or nil.
     func flowSocket(listener: Int32, client: SocketAddress) -> Int32? {
-        flowsByKey[FlowKey(listener: listener, client: client)].map { flows[Int($0)].socket }
+        flows.first { $0.inUse && $0.listener == listener && $0.client == client }?.socket
     }
+
+    /// The local end every open flow's replies leave from.
+    var flowLocals: [PacketInfo] { flows.filter(\.inUse).map(\.local) }
 
     /// The slot of every open flow with its socket.
     var openFlows: [(slot: Int, socket: Int32)] {

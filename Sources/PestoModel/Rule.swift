@@ -44,6 +44,9 @@ public struct Rule: Hashable, Sendable {
     public var scan: Bool
     /// A free-form tag of the client that made the rule; kept, never interpreted.
     public var owner: String
+    /// The PROXY protocol header its TCP connections start with at the target (none by
+    /// default; ProxyProtocol.swift).
+    public var proxyProtocol: ProxyProtocolVersion
 
     /// Makes a rule; `lastPort` and `targetPort` default to `firstPort`.
     public init(
@@ -55,7 +58,8 @@ public struct Rule: Hashable, Sendable {
         targetAddress: IPAddress? = nil,
         targetPort: UInt16? = nil,
         scan: Bool = false,
-        owner: String = ""
+        owner: String = "",
+        proxyProtocol: ProxyProtocolVersion = .none
     ) {
         self.proto = proto
         self.address = address
@@ -66,6 +70,7 @@ public struct Rule: Hashable, Sendable {
         self.targetPort = targetPort ?? firstPort
         self.scan = scan
         self.owner = owner
+        self.proxyProtocol = proxyProtocol
     }
 
     /// True when the rule listens on any address of both families (no `address`).

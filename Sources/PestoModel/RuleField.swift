@@ -23,6 +23,7 @@ public enum RuleField: String, CaseIterable, Hashable, Sendable {
     case targetPort = "target-port"
     case scan
     case owner
+    case proxyProtocol = "proxy-protocol"
 
     /// What kind of value a field holds; each encoding has one representation per kind.
     public enum Kind: Hashable, Sendable {
@@ -49,13 +50,14 @@ public enum RuleField: String, CaseIterable, Hashable, Sendable {
         case .targetPort: return "TargetPort"
         case .scan: return "Scan"
         case .owner: return "Owner"
+        case .proxyProtocol: return "ProxyProtocol"
         }
     }
 
     /// The kind of the field's value.
     public var kind: Kind {
         switch self {
-        case .proto, .address, .interface, .targetAddress, .owner: return .text
+        case .proto, .address, .interface, .targetAddress, .owner, .proxyProtocol: return .text
         case .firstPort, .lastPort, .targetPort: return .port
         case .scan: return .flag
         }
@@ -95,6 +97,7 @@ extension Rule {
         case .targetPort: return .port(targetPort)
         case .scan: return .flag(scan)
         case .owner: return .text(owner)
+        case .proxyProtocol: return .text(proxyProtocol.rawValue)
         }
     }
 
@@ -106,11 +109,12 @@ extension Rule {
     /// Builds a rule from field values as a rule description gives them.
     ///
     /// `protocol` and `first-port` are required; `last-port` and `target-port` default to
-    /// `first-port`, addresses to none, `interface` and `owner` to "", `scan` to false.
+    /// `first-port`, addresses to none, `interface`, `owner` and `proxy-protocol` to "",
+    /// `scan` to false.
     /// The caller has checked each value's kind against its field (a mismatched kind is
     /// treated as absent). The rule is not validated (`validate(capabilities:)` does that).
     /// - Throws: `PestoError` `.invalidRule` for a missing required field, an unknown
-    ///   protocol or an address that does not parse.
+    ///   protocol, an address that does not parse or an unknown `proxy-protocol`.
     public init(fields: [RuleField: RuleFieldValue]) throws(PestoError) {
         func text(_ f: RuleField) -> String? {
             if case .text(let v)? = fields[f] { return v }
@@ -143,7 +147,8 @@ extension Rule {
             targetAddress: try address(.targetAddress),
             targetPort: port(.targetPort),
             scan: scan,
-            owner: text(.owner) ?? "")
+            owner: text(.owner) ?? "",
+            proxyProtocol: try ProxyProtocolVersion(parsing: text(.proxyProtocol) ?? ""))
     }
 
     /// The rule without its owner tag: what it forwards. Two rules with the same key listen

@@ -33,6 +33,13 @@ extension Rule {
                     + "cannot map to target-port \(targetPort).")
         }
 
+        // The PROXY protocol header is TCP's: UDP has no stream to put it in front of.
+        if proto == .udp && proxyProtocol != .none {
+            throw invalid(
+                "proxy-protocol \"\(proxyProtocol.rawValue)\" is for TCP rules only; pestod sends no PROXY protocol "
+                    + "header over UDP: leave proxy-protocol empty for a udp rule.")
+        }
+
         // Addresses.
         if let address, address.isMulticast {
             throw invalid("address \(address) is a multicast address; give a unicast or wildcard address to listen on.")

@@ -80,7 +80,12 @@ public struct StateFile {
         var entries: [Entry] = []
         for (n, line) in lines.enumerated().dropFirst() {
             let words = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
-            guard words.count == 4 + RuleField.allCases.count, words[0] == "rule" else {
+            // Files written before a field was added lack it (`proxy-protocol`): it takes its
+            // default. Every field the first version wrote is still required.
+            let fieldCount = words.count - 4
+            guard fieldCount >= RuleField.allCases.count - Self.fieldsAddedLater.count, fieldCount <= RuleField.allCases.count,
+                words[0] == "rule"
+            else {
                 throw bad(n + 1, "expected a rule with \(RuleField.allCases.count) fields")
             }
             guard let table = TableKind(rawValue: words[1]) else { throw bad(n + 1, "unknown table \(words[1])") }
@@ -101,12 +106,18 @@ public struct StateFile {
                 guard let value else { throw bad(n + 1, "bad \(field.key)") }
                 fields[field] = value
             }
+            for field in RuleField.allCases where fields[field] == nil && !Self.fieldsAddedLater.contains(field) {
+                throw bad(n + 1, "missing field \(field.key)")
+            }
             let rule: Rule
             do { rule = try Rule(fields: fields) } catch { throw bad(n + 1, error.message) }
             entries.append(Entry(table: table, id: id, active: words[3] == "active", rule: rule))
         }
         return entries
     }
+
+    /// Fields added after the file's first version, which an older file's lines lack.
+    static let fieldsAddedLater: Set<RuleField> = [.proxyProtocol]
 
     static func bad(_ line: Int, _ what: String) -> PestoError {
         PestoError(.system, "line \(line): \(what)")

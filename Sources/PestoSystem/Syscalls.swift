@@ -31,8 +31,8 @@ import Glibc
 package enum Sys {
     /// Which call a wrapper makes, for the debug-only `SyscallScript`.
     package enum Name: String, Sendable, Hashable, CaseIterable {
-        case socket, setsockopt, getsockopt, bind, listen, accept, connect, shutdown
-        case send, recv, sendto, recvfrom
+        case socket, setsockopt, getsockopt, getsockname, bind, listen, accept, connect, shutdown
+        case send, recv, sendto, recvfrom, sendmsg, recvmsg
         case splice, pipe, fcntl, close
         case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
         case setns, getrlimit, setrlimit, signals
@@ -127,6 +127,14 @@ package enum Sys {
     /// `bind(2)` to a socket address.
     package static func bind(_ fd: Int32, to address: SocketAddress) -> Result<Void, Errno> {
         address.withSockaddr { sa, len in call(.bind, fd: fd) { Glibc.bind(fd, sa, len) } }.map { _ in () }
+    }
+
+    /// `getsockname(2)`: the address a socket is bound to (for an accepted connection, the
+    /// address and port the client connected to).
+    package static func localAddress(_ fd: Int32) -> Result<SocketAddress, Errno> {
+        var address = SocketAddress()
+        return address.withMutableSockaddr { sa, len in call(.getsockname, fd: fd) { Glibc.getsockname(fd, sa, len) } }
+            .map { _ in address }
     }
 
     /// `listen(2)`.

@@ -236,4 +236,58 @@ struct TCPConnectionStateTests {
                 == [.takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down)])
         #expect(s.handle(.pipeReleased(.down)) == .wait)
     }
+
+    // MARK: Preamble (PROXY protocol header)
+
+    @Test("a preamble goes to the target first, at once, before the client is even read; partial sends continue")
+    func preambleFirst() {
+        var s = State(preamble: 40)
+        let actions = feed(
+            &s,
+            [
+                .connect(.connected), .preambleSent(.moved(15)), .preambleSent(.moved(25)), .pipe(.up, taken: true),
+                .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock),
+                .pipeReleased(.down), .watched(true),
+            ])
+        #expect(
+            actions == [
+                .writePreamble(count: 40), .writePreamble(count: 25), .takePipe(.up), .spliceIn(.up), .releasePipe(.up),
+                .takePipe(.down), .spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable), .wait,
+            ])
+        #expect(s.preambleLeft == 0)
+    }
+
+    @Test("a target that takes no more of the preamble blocks the up direction: client not read, target watched for EPOLLOUT")
+    func preambleBlocked() {
+        var s = State(preamble: 12)
+        var actions = feed(
+            &s,
+            [
+                .connect(.connected), .preambleSent(.moved(5)), .preambleSent(.wouldBlock), .pipe(.down, taken: true),
+                .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true),
+            ])
+        #expect(
+            actions == [
+                .writePreamble(count: 12), .writePreamble(count: 7), .takePipe(.down), .spliceIn(.down), .releasePipe(.down),
+                .watch(client: 0, target: readable | writable), .wait,
+            ])
+        // The target drains: the rest of the preamble goes, then the client is read again.
+        actions = feed(&s, [.ready(.target), .preambleSent(.moved(7)), .pipe(.up, taken: true), .spliced(.up, .wouldBlock)])
+        #expect(actions == [.writePreamble(count: 7), .takePipe(.up), .spliceIn(.up), .releasePipe(.up)])
+        #expect(s.preambleLeft == 0)
+    }
+
+    @Test("a failed preamble send ends the connection with a reset")
+    func preambleFailed() {
+        var s = State(preamble: 12)
+        let actions = feed(&s, [.connect(.connected), .preambleSent(.failed(Self.reset))])
+        #expect(actions == [.writePreamble(count: 12), .close(.broken(Self.reset))])
+    }
+
+    @Test("a client that ends at once still has the preamble sent before the half-close")
+    func preambleBeforeHalfClose() {
+        var s = State(preamble: 3)
+        let actions = feed(&s, [.connect(.connected), .preambleSent(.moved(3)), .pipe(.up, taken: true), .spliced(.up, .endOfFile)])
+        #expect(actions == [.writePreamble(count: 3), .takePipe(.up), .spliceIn(.up), .shutdownWrite(.up)])
+    }
 }

@@ -61,15 +61,22 @@ private final class UDPHarness {
     private(set) var loopChecks: [(target: ForwardTarget, destination: SocketAddress)] = []
     private var buffer = [UInt8](repeating: 0, count: 65_536)
     private var stopCondition: (() -> Bool)?
+    /// Where every socket of the test is made (nil: this thread's namespace).
+    let namespace: NetworkNamespace?
 
-    /// Makes the loop and the relay; ports are fresh for this test.
-    init(limits: UDPRelayLimits = UDPRelayLimits(), targetAddress: IPAddress? = nil, refuseAsLoop: Bool = false) throws {
+    /// Makes the loop and the relay; ports are fresh for this test. With `namespace`, every
+    /// socket (listeners, target, clients, the relay's flows) is made inside it.
+    init(
+        limits: UDPRelayLimits = UDPRelayLimits(), targetAddress: IPAddress? = nil, refuseAsLoop: Bool = false,
+        namespace: NetworkNamespace? = nil
+    ) throws {
         loop = try EventLoop()
         let ports = TestSockets.freePorts(2)
         listenPort = ports.lowerBound
         targetPort = ports.upperBound
         self.targetAddress = targetAddress
-        let side = TargetSide(namespace: nil)
+        self.namespace = namespace
+        let side = TargetSide(namespace: namespace)
         relay = UDPRelay(
             loop: loop, targetSide: { _ in side }, limits: limits,
             wouldLoop: { [unowned self] target, destination in
@@ -99,12 +106,19 @@ private final class UDPHarness {
     // MARK: Sockets
 
     /// A UDP socket bound to `address:port` (IPv6 sockets are IPv6-only unless `dualStack`).
-    func udpSocket(_ address: IPAddress, port: UInt16, dualStack: Bool = false) throws -> Int32 {
-        let fd = socket(address.family.socketDomain, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    func udpSocket(_ address: IPAddress, port: UInt16, dualStack: Bool = false, device: String? = nil) throws -> Int32 {
+        let make = { socket(address.family.socketDomain, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let fd = namespace.map { $0.perform(make) } ?? make()
         try #require(fd >= 0, "socket: \(Errno.current)")
         if address.family == .ipv6 {
             var v6only: Int32 = dualStack ? 0 : 1
             setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &v6only, socklen_t(MemoryLayout<Int32>.size))
+        }
+        if let device {
+            if case .failure(let e) = Sys.bindToDevice(fd, interface: device) {
+                close(fd)
+                try #require(Bool(false), "SO_BINDTODEVICE \(device): \(e)")
+            }
         }
         let bound = SocketAddress(address, port: port).withSockaddr { sa, len in bind(fd, sa, len) }
         if bound != 0 {
@@ -115,11 +129,22 @@ private final class UDPHarness {
         return fd
     }
 
-    /// A listener on `address:port` (default: the harness's listen port) forwarding to the target.
+    /// A listener on `address:port` (default: the harness's listen port) forwarding to the
+    /// target; with `packetInfo` (as the engine's listener factory makes them) it reports each
+    /// datagram's local address; with `device`, it is bound to that interface.
     @discardableResult
-    func addListener(_ address: IPAddress = .loopbackIPv4, port: UInt16? = nil, dualStack: Bool = false) throws -> Int32 {
+    func addListener(
+        _ address: IPAddress = .loopbackIPv4, port: UInt16? = nil, dualStack: Bool = false, packetInfo: Bool = true,
+        device: String? = nil
+    ) throws -> Int32 {
         let port = port ?? listenPort
-        let fd = try udpSocket(address, port: port, dualStack: dualStack)
+        let fd = try udpSocket(address, port: port, dualStack: dualStack, device: device)
+        if packetInfo {
+            if case .failure(let e) = Sys.receivePacketInfo(fd, domain: address.family.socketDomain) {
+                closeListener(fd)
+                try #require(Bool(false), "IP_PKTINFO: \(e)")
+            }
+        }
         listeners[fd] = ForwardTarget(table: .host, ruleID: UInt32(port), proto: .udp, address: targetAddress, port: targetPort)
         try loop.add(fd: fd, events: EventLoop.Events.readable, kind: EngineEventKind.udpListener)
         return fd
@@ -158,6 +183,22 @@ private final class UDPHarness {
             destination.withSockaddr { sa, len in sendto(client, raw.baseAddress, raw.count, 0, sa, len) }
         }
         #expect(sent == payload.count, "sendto: \(Errno.current)", sourceLocation: sourceLocation)
+    }
+
+    /// A client on an ephemeral port of `address`, connect()ed to `destination` at the listen
+    /// port, as DNS resolvers, QUIC and WireGuard make theirs: the kernel drops every reply
+    /// that does not come from exactly that address and port.
+    func connectedClient(_ address: IPAddress, to destination: IPAddress) throws -> Int32 {
+        let fd = try client(address)
+        let r = SocketAddress(destination, port: listenPort).withSockaddr { sa, len in connect(fd, sa, len) }
+        try #require(r == 0, "connect to \(destination): \(Errno.current)")
+        return fd
+    }
+
+    /// Sends `payload` with send(2) on a connected client.
+    func sendConnected(_ payload: [UInt8], from client: Int32, sourceLocation: SourceLocation = #_sourceLocation) {
+        let sent = payload.withUnsafeBytes { raw in Glibc.send(client, raw.baseAddress, raw.count, 0) }
+        #expect(sent == payload.count, "send: \(Errno.current)", sourceLocation: sourceLocation)
     }
 
     // MARK: Running
@@ -557,4 +598,145 @@ private func localAddress(_ fd: Int32) -> SocketAddress {
     var address = SocketAddress()
     _ = address.withMutableSockaddr { sa, len in getsockname(fd, sa, len) }
     return address
+}
+
+/// The loopback interface's index (1 in every namespace).
+private let loopbackIndex = Int32(if_nametoindex("lo"))
+
+/// Replies leave from the exact address (and interface) the client's datagram arrived on.
+@Suite("UDP relay: replies from the address asked")
+struct UDPPacketInfoTests {
+    @Test("the engine's listener factory asks every UDP listener for packet info, IPv4, IPv6 and dual stack")
+    func factorySetsPacketInfo() throws {
+        let factory = KernelListenerFactory(families: [.ipv4, .ipv6])
+        let port = TestSockets.freePorts(1).lowerBound
+        for (address, level, name) in [
+            (IPAddress?.some(.loopbackIPv4), Int32(IPPROTO_IP), IP_PKTINFO),
+            (.some(.loopbackIPv6), Int32(IPPROTO_IPV6), IPV6_RECVPKTINFO),
+            (nil, Int32(IPPROTO_IPV6), IPV6_RECVPKTINFO),
+        ] {
+            let fd = try factory.openListener(for: Rule(proto: .udp, address: address, firstPort: port), port: port).get()
+            defer { factory.closeListener(fd) }
+            var value: Int32 = 0
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            #expect(getsockopt(fd, level, name, &value, &length) == 0)
+            #expect(value == 1, "packet info on the listener of \(address.map(String.init(describing:)) ?? "*")")
+        }
+    }
+
+    @Test("a connected client of 127.0.0.5 through a 0.0.0.0 listener gets its reply, from 127.0.0.5")
+    func wildcardIPv4() throws {
+        let h = try UDPHarness()
+        defer { h.shutdown() }
+        try h.addListener(.anyIPv4)
+        try h.startEcho(.loopbackIPv4)
+        let five = IPAddress.v4(0x7F00_0005)
+        let six = IPAddress.v4(0x7F00_0006)
+        let a = try h.connectedClient(.loopbackIPv4, to: five)
+        let b = try h.connectedClient(.loopbackIPv4, to: six)
+        h.sendConnected(Array("five".utf8), from: a)
+        h.sendConnected(Array("six".utf8), from: b)
+        h.run("both replies") { h.payloads(a).count == 1 && h.payloads(b).count == 1 }
+
+        #expect(h.payloads(a) == [Array("five".utf8)])
+        #expect(h.payloads(b) == [Array("six".utf8)])
+        #expect(h.replies[a]?.first?.from == SocketAddress(five, port: h.listenPort))
+        #expect(h.replies[b]?.first?.from == SocketAddress(six, port: h.listenPort))
+        #expect(Set(h.relay.flowLocals) == [
+            PacketInfo(address: five, interface: loopbackIndex), PacketInfo(address: six, interface: loopbackIndex),
+        ])
+    }
+
+    @Test("one unconnected client writing to two addresses of a wildcard listener has two flows, each answered from its address")
+    func oneClientTwoAddresses() throws {
+        let h = try UDPHarness()
+        defer { h.shutdown() }
+        try h.addListener(.anyIPv4)
+        try h.startEcho(.loopbackIPv4)
+        let client = try h.client(.loopbackIPv4)
+        h.send(Array("a".utf8), from: client, to: .v4(0x7F00_0007))
+        h.run("the first reply") { h.payloads(client).count == 1 }
+        h.send(Array("b".utf8), from: client, to: .v4(0x7F00_0008))
+        h.run("the second reply") { h.payloads(client).count == 2 }
+
+        #expect(h.replies[client]?.map(\.from) == [
+            SocketAddress(.v4(0x7F00_0007), port: h.listenPort), SocketAddress(.v4(0x7F00_0008), port: h.listenPort),
+        ])
+        #expect(h.relay.flowCount == 2)
+    }
+
+    @Test("dual stack: an IPv4 client of 127.0.0.5 through a :: listener gets its reply from 127.0.0.5")
+    func dualStackMapped() throws {
+        let h = try UDPHarness()
+        defer { h.shutdown() }
+        try h.addListener(.anyIPv6, dualStack: true)
+        try h.startEcho(.loopbackIPv4)
+        let five = IPAddress.v4(0x7F00_0005)
+        let client = try h.connectedClient(.loopbackIPv4, to: five)
+        h.sendConnected(Array("mapped".utf8), from: client)
+        h.run("the reply") { h.payloads(client).count == 1 }
+
+        #expect(h.payloads(client) == [Array("mapped".utf8)])
+        #expect(h.replies[client]?.first?.from == SocketAddress(five, port: h.listenPort))
+        #expect(h.relay.flowLocals == [PacketInfo(address: five, interface: loopbackIndex)])
+    }
+
+    @Test("a listener bound to an interface (lo) answers a client of 127.0.0.9 from 127.0.0.9")
+    func boundToInterface() throws {
+        let h = try UDPHarness()
+        defer { h.shutdown() }
+        try h.addListener(.anyIPv4, device: "lo")
+        try h.startEcho(.loopbackIPv4)
+        let nine = IPAddress.v4(0x7F00_0009)
+        let client = try h.connectedClient(.loopbackIPv4, to: nine)
+        h.sendConnected(Array("lo".utf8), from: client)
+        h.run("the reply") { h.payloads(client).count == 1 }
+
+        #expect(h.replies[client]?.first?.from == SocketAddress(nine, port: h.listenPort))
+        #expect(h.relay.flowLocals == [PacketInfo(address: nine, interface: loopbackIndex)])
+    }
+
+    @Test(
+        "in a namespace: IPv4 and IPv6 addresses on lo and on a second interface are answered from themselves",
+        .enabled(if: getuid() == 0, "needs root to create a network namespace (ip netns add)")
+    )
+    func namespaceAddresses() throws {
+        let testNamespace = try TestNamespace()  // its lo is up; removed when released
+        for command in [
+            ["addr", "add", "fd00:5::5/128", "dev", "lo"],
+            // A second interface (veth: this kernel may lack the dummy module), down-to-earth
+            // addresses on it as on a multi-homed host's LAN side.
+            ["link", "add", "pesto0", "type", "veth", "peer", "name", "pesto1"],
+            ["link", "set", "pesto0", "up"],
+            ["link", "set", "pesto1", "up"],  // carrier on pesto0, so its IPv6 address is usable at once
+            ["addr", "add", "10.77.0.5/24", "dev", "pesto0"],
+            ["addr", "add", "fd00:77::5/64", "dev", "pesto0", "nodad"],
+        ] {
+            let result = try run("/usr/sbin/ip", ["-n", testNamespace.name] + command)
+            try #require(result.status == 0, "ip \(command): \(result.err)")
+        }
+        let ns = testNamespace.namespace
+        let h = try UDPHarness(namespace: ns)
+        defer { h.shutdown() }
+        try h.addListener(.anyIPv4)
+        try h.addListener(.anyIPv6)
+        try h.startEcho(.loopbackIPv4)
+        try h.startEcho(.loopbackIPv6)
+
+        let onLo6 = try #require(IPAddress("fd00:5::5"))
+        let onDummy4 = IPAddress.v4(0x0A4D_0005)
+        let onDummy6 = try #require(IPAddress("fd00:77::5"))
+        let cases: [(client: Int32, local: IPAddress)] = [
+            (try h.connectedClient(.loopbackIPv6, to: onLo6), onLo6),
+            (try h.connectedClient(.loopbackIPv4, to: onDummy4), onDummy4),
+            (try h.connectedClient(.loopbackIPv6, to: onDummy6), onDummy6),
+        ]
+        for (client, _) in cases { h.sendConnected(Array("ns".utf8), from: client) }
+        h.run("every reply") { cases.allSatisfy { h.payloads($0.client).count == 1 } }
+
+        for (client, local) in cases {
+            #expect(h.replies[client]?.first?.from == SocketAddress(local, port: h.listenPort), "reply to a client of \(local)")
+        }
+        #expect(Set(h.relay.flowLocals.compactMap(\.address)) == [onLo6, onDummy4, onDummy6])
+    }
 }

@@ -16,6 +16,8 @@ struct RuleValidationTests {
     /// (rule, capabilities, a fragment the message must contain).
     static let rejected: [(Rule, Capabilities, String)] = [
         (Rule(proto: .tcp, firstPort: 0), all, "first-port must be between 1 and 65535, not 0"),
+        (Rule(proto: .udp, firstPort: 53, proxyProtocol: .v2), all, "proxy-protocol \"v2\" is for TCP rules only"),
+        (Rule(proto: .udp, firstPort: 53, proxyProtocol: .v1), all, "proxy-protocol \"v1\" is for TCP rules only"),
         (Rule(proto: .tcp, firstPort: 80, lastPort: 0), all, "last-port must be between 1 and 65535, not 0"),
         (Rule(proto: .tcp, firstPort: 90, lastPort: 80), all, "last-port 80 is below first-port 90"),
         (Rule(proto: .tcp, firstPort: 80, targetPort: 0), all, "target-port must be between 1 and 65535, not 0"),

@@ -35,7 +35,7 @@ struct ContractTests {
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "Read", "u", "100"])
         #expect(r.out.contains("\"first-port\" q \(port)") && r.out.contains("\"address\" s \"127.0.0.1\"") && r.out.contains("\"target-port\" q \(port)"))
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "List"])
-        #expect(r.out.hasPrefix("a(ua{sv}(buus)) 1 100 9 "), "\(r.out)")
+        #expect(r.out.hasPrefix("a(ua{sv}(buus)) 1 100 10 "), "\(r.out)")
         #expect(r.out.hasSuffix("true 1 0 \"\"\n"))
         #expect(f.listeningSockets().count == 1)
 

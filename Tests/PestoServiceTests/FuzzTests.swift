@@ -182,6 +182,9 @@ final class FuzzRun {
                 "garbage", "1.2.3", "224.0.0.1", "ff02::1", "1.2.3.4", "300.1.1.1", "::1::", "fe80::1",
             ]))))
         }
+        if rng.oneIn(8) {
+            fields.append(("proxy-protocol", .string(rng.pick(["", "v1", "v2", "v2", "v3", "V1"]))))
+        }
         if rng.oneIn(5) {
             fields.append(("interface", .string(rng.pick(["", "lo", "lo", "eth0", "nosuchif0", "0123456789abcdef", "012345678901234", ".", "..", "a/b", "a:b", "a b"]))))
         }
@@ -980,6 +983,8 @@ struct ModelRule: Equatable, CustomStringConvertible {
     var targetPort: UInt16
     var scan: Bool
     var owner: String
+    /// "", "v1" or "v2".
+    var proxyProtocol = ""
 
     var portCount: Int { max(0, Int(last) - Int(first) + 1) }
 
@@ -1008,7 +1013,7 @@ struct ModelRule: Equatable, CustomStringConvertible {
     }
 
     var description: String {
-        "\(proto) \(address?.description ?? "any")%\(interface) \(first)-\(last) -> \(target?.description ?? "default"):\(targetPort)\(scan ? " scan" : "") owner \(owner.count)"
+        "\(proto) \(address?.description ?? "any")%\(interface) \(first)-\(last) -> \(target?.description ?? "default"):\(targetPort)\(scan ? " scan" : "")\(proxyProtocol.isEmpty ? "" : " proxy " + proxyProtocol) owner \(owner.count)"
     }
 }
 
@@ -1026,7 +1031,7 @@ struct RequestVerdict {
 /// The rule description's keys and their D-Bus types (doc/dbus-api.md, "Rule description").
 let contractRuleKeys: [String: String] = [
     "protocol": "s", "address": "s", "interface": "s", "first-port": "q", "last-port": "q",
-    "target-address": "s", "target-port": "q", "scan": "b", "owner": "s",
+    "target-address": "s", "target-port": "q", "scan": "b", "owner": "s", "proxy-protocol": "s",
 ]
 
 /// Decodes and judges a rule description the way the contract says pestod must.
@@ -1048,6 +1053,7 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
     let proto = string("protocol")
     if !present.contains("protocol") || !present.contains("first-port") { v.decodeErrors.insert(ContractError.invalidRule) }
     if let proto, proto != "tcp" && proto != "udp" { v.decodeErrors.insert(ContractError.invalidRule) }
+    if let pp = string("proxy-protocol"), !["", "v1", "v2"].contains(pp) { v.decodeErrors.insert(ContractError.invalidRule) }
     var address: ModelAddress? = nil
     if let text = string("address"), !text.isEmpty {
         address = ModelAddress.parse(text)
@@ -1062,7 +1068,8 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
     let last = port("last-port") ?? first
     let rule = ModelRule(
         proto: proto, address: address, interface: string("interface") ?? "", first: first, last: last, target: target,
-        targetPort: port("target-port") ?? first, scan: values["scan"]?.boolValue ?? false, owner: string("owner") ?? "")
+        targetPort: port("target-port") ?? first, scan: values["scan"]?.boolValue ?? false, owner: string("owner") ?? "",
+        proxyProtocol: string("proxy-protocol") ?? "")
     v.rule = rule
     func invalid(_ why: String) { v.validity = .invalid; v.reasons.append(why) }
     func open(_ why: String) { if v.validity == .valid { v.validity = .open }; v.reasons.append("open: " + why) }
@@ -1084,6 +1091,7 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
         invalid("interface with / : or whitespace")
     }
     if rule.owner.utf8.count > 255 { invalid("owner longer than 255 bytes") }
+    if proto == "udp" && !rule.proxyProtocol.isEmpty { invalid("proxy-protocol on a udp rule") }
     if !capabilities.contains(proto) { invalid("no \(proto) capability") }
     if let address, !capabilities.contains(address.v6 ? "ipv6" : "ipv4") { invalid("no capability for the address family") }
     if !rule.interface.isEmpty && !capabilities.contains("ifname") { invalid("no ifname capability") }
@@ -1108,7 +1116,7 @@ func readReturnedRule(_ value: DBusValue) -> ModelRule? {
     return ModelRule(
         proto: d["protocol"]?.stringValue ?? "", address: a, interface: d["interface"]?.stringValue ?? "", first: port("first-port"),
         last: port("last-port"), target: t, targetPort: port("target-port"), scan: d["scan"]?.boolValue ?? false,
-        owner: d["owner"]?.stringValue ?? "")
+        owner: d["owner"]?.stringValue ?? "", proxyProtocol: d["proxy-protocol"]?.stringValue ?? "")
 }
 
 /// Reads a rule object's properties (top.passt.Pesto1.Rule) into a rule.
@@ -1121,7 +1129,9 @@ func ruleFromProperties(_ p: [String: DBusValue]) -> ModelRule? {
     }
     guard let proto = p["Protocol"]?.stringValue, let a = address("Address"), let interface = p["Interface"]?.stringValue,
           let first = port("FirstPort"), let last = port("LastPort"), let t = address("TargetAddress"), let tp = port("TargetPort"),
-          let scan = p["Scan"]?.boolValue, let owner = p["Owner"]?.stringValue
+          let scan = p["Scan"]?.boolValue, let owner = p["Owner"]?.stringValue, let proxyProtocol = p["ProxyProtocol"]?.stringValue
     else { return nil }
-    return ModelRule(proto: proto, address: a, interface: interface, first: first, last: last, target: t, targetPort: tp, scan: scan, owner: owner)
+    return ModelRule(
+        proto: proto, address: a, interface: interface, first: first, last: last, target: t, targetPort: tp, scan: scan, owner: owner,
+        proxyProtocol: proxyProtocol)
 }

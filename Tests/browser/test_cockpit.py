@@ -379,10 +379,12 @@ class Test:
         # another port, and one on an interface.
         self.table_call("Insert", "ua{sv}", 10, 6, "protocol", "s", "udp", "address", "s", "127.0.0.1",
                         "first-port", "q", 5353, "last-port", "q", 5360, "target-port", "q", 15353, "owner", "s", "pestoctl")
-        self.table_call("Insert", "ua{sv}", 11, 4, "protocol", "s", "tcp", "interface", "s", "lo",
-                        "first-port", "q", 8443, "target-port", "q", 443)
+        self.table_call("Insert", "ua{sv}", 11, 5, "protocol", "s", "tcp", "interface", "s", "lo",
+                        "first-port", "q", 8443, "target-port", "q", 443, "proxy-protocol", "s", "v2")
         self.wait_row(10, "inactive", "-u 127.0.0.1/5353-5360:15353-15360")
         self.wait_row(11, "inactive", "-t %lo/8443:443")
+        # The PROXY protocol key is shown (read-only) with the target.
+        self.wait_row(11, "inactive", "(PROXY v2)")
 
         # The page's transaction: Lock, shown as the lock state.
         self.click("transaction-start")

@@ -62,6 +62,31 @@ int pesto_first_allowed_cpu(void);
  * 0, or -1 with errno. */
 int pesto_pin_to_cpu(int cpu);
 
+/* The local end of a UDP datagram: the address it was sent to and the interface it came in
+ * on (IP_PKTINFO / IPV6_PKTINFO), or where a reply is to leave from. `family` is AF_INET
+ * (`addr` holds 4 bytes, network order), AF_INET6 (16 bytes; an IPv4 datagram on a
+ * dual-stack socket comes IPv4-mapped), or 0 when the kernel gave none. */
+struct pesto_pktinfo {
+    int family;
+    int ifindex;
+    unsigned char addr[16];
+};
+
+/* recvmsg(2) of one datagram into `buf`, its sender into `from`/`fromlen`, and its local end
+ * into `local` (family 0 when the socket has no IP_PKTINFO/IPV6_RECVPKTINFO set). The control
+ * buffer is on the stack: nothing is allocated. Returns what recvmsg returns. */
+ssize_t pesto_recv_pktinfo(int fd, void *_Nullable buf, size_t len, int flags, struct sockaddr *_Nonnull from,
+                           socklen_t *_Nonnull fromlen, struct pesto_pktinfo *_Nonnull local);
+
+/* sendmsg(2) of one datagram to `to`, leaving from `local`'s address (and, for an IPv6
+ * link-local address, its interface; otherwise the route's: a local client's datagram to an
+ * address of eth0 "arrives on" eth0, yet its reply must go through lo)
+ * (IP_PKTINFO on an AF_INET socket, IPV6_PKTINFO on an AF_INET6 one; `local` IPv4 is given
+ * IPv4-mapped to an AF_INET6 socket). With `local` NULL or of family 0, a plain sendto.
+ * Returns what sendmsg returns. */
+ssize_t pesto_send_pktinfo(int fd, const void *_Nullable buf, size_t len, int flags, const struct sockaddr *_Nonnull to,
+                           socklen_t tolen, int socket_family, const struct pesto_pktinfo *_Nullable local);
+
 /* The symbolic name of an errno value ("EADDRINUSE"), or NULL when the C library knows none. */
 const char *_Nullable pesto_errno_name(int err);
 
