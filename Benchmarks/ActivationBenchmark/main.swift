@@ -97,6 +97,15 @@ func descriptorLimit() -> Int {
     return Int(rl.rlim_cur)
 }
 
+/// The process's resident set now (VmRSS), in KiB; 0 if /proc cannot be read.
+func currentRSSKiB() -> Int {
+    guard let text = readFile("/proc/self/status", limit: 1 << 16).map({ String(decoding: $0, as: UTF8.self) }) else { return 0 }
+    for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+    return 0
+}
+
 func peakRSSMiB() -> Double {
     var ru = rusage()
     getrusage(RUSAGE_SELF.rawValue, &ru)
@@ -186,6 +195,9 @@ var engineBound: UInt32 = 0
 var engineFailure: String? = nil
 var bareBound = 0
 var epollBound = 0
+/// Growth of the process's RSS while the engine's listeners are open, per listener, in bytes
+/// (user space only: the kernel's socket memory is not in RSS).
+var rssPerListener = 0.0
 if settings.parts.contains(2) {
 for _ in 0..<settings.runs {
     let t0 = seconds()
@@ -205,10 +217,12 @@ for _ in 0..<settings.runs {
 
     let table = engineTable(caps)
     try table.insert(id: 1, rule: rule)
+    let rssBefore = currentRSSKiB()
     let t2 = seconds()
     engineBound = try table.activate(id: 1).bound
     let t3 = seconds()
     engineTimes.append(t3 - t2)
+    rssPerListener = Double(currentRSSKiB() - rssBefore) * 1024 / Double(max(engineBound, 1))
     engineFailure = try table.status(1).lastError?.name
     try table.deactivate(id: 1)
 }
@@ -224,6 +238,7 @@ print("   activation (ms)       \(fmt(engineMedian * 1000, width: 8))    \(fmt(b
 print("   per port (µs)         \(perPort(engineMedian))    \(perPort(bareMedian))     \(perPort(epollMedian))")
 print("   bound (of \(n))      \(String(engineBound).padding(8))    \(String(bareBound).padding(8))     \(String(epollBound).padding(8))")
 print("   RATIO engine ÷ bare+epoll (socket, setsockopt, bind, listen, epoll_ctl): \(fmt(engineMedian / epollMedian, 2))   (engine ÷ bare: \(fmt(engineMedian / bareMedian, 2)))")
+print("   RSS per listener (pestod's own memory, not the kernel's): \(fmt(rssPerListener, 0)) bytes (last run)")
 if Int(engineBound) != n || bareBound != n || epollBound != n {
     print("   note: not every port was bound (engine's last error: \(engineFailure ?? "none")); ports of this range are")
     print("   taken by other processes, or RLIMIT_NOFILE is too low: use --address, --listeners, or a network namespace")
