@@ -30,6 +30,8 @@ struct Settings {
     var runs = 5
     var address = IPAddress.loopbackIPv4
     var listeners = 0  // 0: as many as fit under RLIMIT_NOFILE, less a reserve
+    /// Which parts to run (1-4 of the header); callgrind runs want part 2 alone.
+    var parts: Set<Int> = [1, 2, 3]
 
     static func parse(_ args: [String]) -> Settings {
         var s = Settings()
@@ -39,8 +41,9 @@ struct Settings {
             case "--runs": s.runs = Int(it.next() ?? "") ?? s.runs
             case "--address": s.address = IPAddress(it.next() ?? "") ?? s.address
             case "--listeners": s.listeners = Int(it.next() ?? "") ?? s.listeners
+            case "--parts": s.parts = Set((it.next() ?? "").split(separator: ",").compactMap { Int($0) })
             case "-h", "--help":
-                print("usage: pesto-activation-bench [--runs N] [--address IP] [--listeners N]")
+                print("usage: pesto-activation-bench [--runs N] [--address IP] [--listeners N] [--parts 1,2,3]")
                 exit(0)
             default:
                 print("unknown argument \(arg)")
@@ -66,6 +69,21 @@ var engines: [ForwardingEngine] = []
 func measure(_ runs: Int, _ body: () -> Double) -> Double { median((0..<runs).map { _ in body() }) }
 
 /// This process's peak RSS (getrusage's ru_maxrss), in MiB.
+
+extension String {
+    /// The string padded with spaces on the right to `width` columns.
+    func padding(_ width: Int) -> String { self + String(repeating: " ", count: max(0, width - count)) }
+}
+
+/// The process's resident set now (VmRSS), in KiB; 0 if /proc cannot be read.
+func currentRSSKiB() -> Int {
+    guard let text = readFile("/proc/self/status", limit: 1 << 16).map({ String(decoding: $0, as: UTF8.self) }) else { return 0 }
+    for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+    return 0
+}
+
 func peakRSSMiB() -> Double {
     var ru = rusage()
     getrusage(RUSAGE_SELF.rawValue, &ru)
@@ -109,6 +127,7 @@ let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
 print("pesto activation benchmark: \(settings.runs) runs, address \(settings.address), RLIMIT_NOFILE \(limit), ephemeral \(ephemeral)")
 
 // 1. The `all` rules.
+if settings.parts.contains(1) {
 let allSpec = try PortSpec.parse("\(settings.address)/all", proto: .tcp, ephemeralPorts: ephemeral)
 let allPorts = allSpec.rules.reduce(0) { $0 + $1.portCount }
 var allBound: UInt32 = 0
@@ -140,6 +159,7 @@ print("1. `all` = \(allSpec.rules.count) rules, \(allPorts) ports on \(settings.
 print("   activate   \(fixed(actAll * 1000, width: 8)) ms   bound \(allBound), failed \(allFailed) (\(failureNames.sorted().joined(separator: ", ")))")
 print("   deactivate \(fixed(deactAll * 1000, width: 8)) ms")
 print("   sockets bound per second: \(fixed(Double(allBound) / actAll, 0))")
+}
 
 // 2. Engine against the bare syscall loop, for as many listeners as fit.
 let n = settings.listeners > 0 ? settings.listeners : min(19_000, limit - 500)
@@ -150,7 +170,13 @@ var engineTimes: [Double] = []
 var bareTimes: [Double] = []
 var epollTimes: [Double] = []
 var engineBound: UInt32 = 0
+var engineFailure: String? = nil
 var bareBound = 0
+var epollBound = 0
+/// Growth of the process's RSS while the engine's listeners are open, per listener, in bytes
+/// (user space only: the kernel's socket memory is not in RSS).
+var rssPerListener = 0.0
+if settings.parts.contains(2) {
 for _ in 0..<settings.runs {
     let t0 = monotonicSeconds()
     let (fds, _) = bareListeners(address: settings.address, ports: range)
@@ -163,28 +189,42 @@ for _ in 0..<settings.runs {
     let t4 = monotonicSeconds()
     let (efds, _) = bareListeners(address: settings.address, ports: range, epoll: ep)
     epollTimes.append(monotonicSeconds() - t4)
+    epollBound = efds.count
     for fd in efds { close(fd) }
     close(ep)
 
     let table = engineTable(caps)
     try table.insert(id: 1, rule: rule)
+    let rssBefore = currentRSSKiB()
     let t2 = monotonicSeconds()
     engineBound = try table.activate(id: 1).bound
     let t3 = monotonicSeconds()
     engineTimes.append(t3 - t2)
+    rssPerListener = Double(currentRSSKiB() - rssBefore) * 1024 / Double(max(engineBound, 1))
+    engineFailure = try table.status(1).lastError?.name
     try table.deactivate(id: 1)
 }
 let engineMedian = median(engineTimes)
 let bareMedian = median(bareTimes)
 let epollMedian = median(epollTimes)
+/// Microseconds per port attempted: every port costs its system calls, bound or not.
+func perPort(_ t: Double) -> String { fixed(t * 1e6 / Double(n), 2, width: 8) }
 print("")
-print("2. \(n) listeners, ports \(range)")
-print("                            engine   bare loop   bare+epoll   engine/bare   engine/(bare+epoll)")
-print("   activation (ms)       \(fixed(engineMedian * 1000, width: 8))    \(fixed(bareMedian * 1000, width: 8))     \(fixed(epollMedian * 1000, width: 8))      \(fixed(engineMedian / bareMedian, 2, width: 8))              \(fixed(engineMedian / epollMedian, 2))")
-print("   per listener (µs)     \(fixed(engineMedian * 1e6 / Double(max(engineBound, 1)), 2, width: 8))    \(fixed(bareMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))     \(fixed(epollMedian * 1e6 / Double(max(bareBound, 1)), 2, width: 8))")
-print("   bound                 \(engineBound)       \(bareBound)")
+print("2. \(n) listeners, ports \(range), one rule: the engine against bare loops run side by side")
+print("                            engine   bare loop   bare+epoll")
+print("   activation (ms)       \(fixed(engineMedian * 1000, width: 8))    \(fixed(bareMedian * 1000, width: 8))     \(fixed(epollMedian * 1000, width: 8))")
+print("   per port (µs)         \(perPort(engineMedian))    \(perPort(bareMedian))     \(perPort(epollMedian))")
+print("   bound (of \(n))      \(String(engineBound).padding(8))    \(String(bareBound).padding(8))     \(String(epollBound).padding(8))")
+print("   RATIO engine ÷ bare+epoll (socket, setsockopt, bind, listen, epoll_ctl): \(fixed(engineMedian / epollMedian, 2))   (engine ÷ bare: \(fixed(engineMedian / bareMedian, 2)))")
+print("   RSS per listener (pestod's own memory, not the kernel's): \(fixed(rssPerListener, 0)) bytes (last run)")
+if Int(engineBound) != n || bareBound != n || epollBound != n {
+    print("   note: not every port was bound (engine's last error: \(engineFailure ?? "none")); ports of this range are")
+    print("   taken by other processes, or RLIMIT_NOFILE is too low: use --address, --listeners, or a network namespace")
+}
+}
 
 // 3. One rule change with those listeners present.
+if settings.parts.contains(3) {
 let table = engineTable(caps)
 try table.insert(id: 1000, rule: rule)
 try table.activate(id: 1000)
@@ -207,5 +247,6 @@ try table.deactivate(id: 1000)
 print("")
 print("3. one rule insert+activate+deactivate+delete")
 print("   with \(n) listeners active: \(fixed(change * 1e6)) µs; with none: \(fixed(changeEmpty * 1e6)) µs; ratio \(fixed(change / changeEmpty, 2))")
+}
 print("")
 print("4. peak RSS: \(fixed(peakRSSMiB())) MiB")

@@ -63,6 +63,13 @@ struct Settings {
     var seconds = 1.0
     var iterations = 200
     var pestodLogLevel: String?
+    /// pestod's --authorize (nil: pestod's default, polkit on a private bus, which without a
+    /// polkitd falls back to uid 0 after asking the bus daemon).
+    var authorize: String?
+    /// Ports of the rule whose Activate over D-Bus is timed against a bare loop (0: skip).
+    var activationPorts = 19_000
+    /// Its first port (127.0.0.1); run in a network namespace of its own to avoid other users' ports.
+    var activationFirstPort: UInt16 = 1024
     var verbose = false
     /// The CPU every process is pinned to; nil: not pinned. Default: the first allowed CPU.
     var cpu: Int? = firstAllowedCPU()
@@ -85,6 +92,14 @@ struct Settings {
                             (default: the first CPU allowed), or do not pin them; unpinned,
                             round trips that cross CPUs are much slower on some VMs and the
                             figures jump between two levels from run to run
+          --authorize MODE  pestod's --authorize (none, root, polkit; default: pestod's own)
+          --activation-ports N
+                            ports of the rule whose Activate over D-Bus is timed against a bare
+                            socket/setsockopt/bind/listen/epoll_ctl loop on the same ports, run
+                            side by side (default 19000; 0 skips it); needs that many descriptors
+          --activation-first-port P
+                            its first port on 127.0.0.1 (default 1024); other processes' ports in
+                            that range spoil the figure: run in a network namespace of your own
           --verbose         also print every run's figure
           --large           instead: time an Apply of 65,535 rules, its removal, and two
                             65,535-rule uploads on the control socket, each with the latency
@@ -118,6 +133,14 @@ struct Settings {
                 s.iterations = n
             case "--pestod-log-level":
                 s.pestodLogLevel = value(arg)
+            case "--authorize":
+                s.authorize = value(arg)
+            case "--activation-ports":
+                guard let n = Int(value(arg)), (0...65_535).contains(n) else { bad("--activation-ports wants 0...65535") }
+                s.activationPorts = n
+            case "--activation-first-port":
+                guard let p = UInt16(value(arg)), p > 0 else { bad("--activation-first-port wants 1...65535") }
+                s.activationFirstPort = p
             case "--cpu":
                 let v = value(arg)
                 if v == "none" {
@@ -246,7 +269,9 @@ func runBenchmark(_ settings: Settings) throws {
     let pestod = executableDirectory() + "/pestod"
     guard access(pestod, X_OK) == 0 else { throw HarnessError("no pestod next to this binary (\(pestod)); build it in release mode") }
     if let cpu = settings.cpu { try pin(toCPU: cpu) }  // before any child is spawned: they inherit it
-    let fixture = try Fixture.start(pestod: pestod, pestodArguments: settings.pestodLogLevel.map { ["--log-level", $0] } ?? [])
+    let fixture = try Fixture.start(
+        pestod: pestod,
+        pestodArguments: (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []) + (settings.authorize.map { ["--authorize", $0] } ?? []))
     defer { fixture.stop() }
     let address = fixture.address
     print("pesto D-Bus benchmark: \(settings.runs) runs, \(fixed(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run")
@@ -328,6 +353,7 @@ func runBenchmark(_ settings: Settings) throws {
         for i in metrics.indices { metrics[i].samples.append(try metrics[i].run()) }
         printError("run \(run + 1)/\(settings.runs) done")
     }
+    let activation = settings.activationPorts > 0 ? try activationThroughDBus(client, settings) : nil
     print("load average at end:   \(loadAverage())  (other work on the machine skews every figure; see spread)")
     let memory = fixture.memory()
     let logLines = fixture.logLineCount()
@@ -359,8 +385,87 @@ func runBenchmark(_ settings: Settings) throws {
     }
     print("ops/s: median of \(settings.runs) runs; ÷ GetId: ops/s over the bus daemon's own GetId; ÷ busctl: over busctl Status; spread: (max−min)/median")
     print("rule cycles: \(cycles) in all, \(cycleBindFailures) with Activate ≠ (1 bound, 0 failed); pestod logged \(logLines) lines")
+    print("")
+    print("RATIOS against the baselines run side by side:")
+    print("  Status ÷ bus daemon GetId:           \(fixed(metrics[2].value / getID, 3))   (issue 13 asks ≥ 0.47; a call to pestod crosses the bus twice, GetId once: 0.5 is the limit)")
+    print("  Ins+Act+Deact+Del cycles per second:  \(fixed(metrics[3].value, 0))   (issue 13 asks ≥ 2,500; authorisation: \(settings.authorize ?? "pestod's default"))")
+    if let a = activation {
+        print("  Activate of \(a.ports) ports over D-Bus ÷ bare loop with epoll: \(fixed(a.dbus / a.bare, 2))   (\(fixed(a.dbus * 1e6 / Double(a.ports), 2)) against \(fixed(a.bare * 1e6 / Double(a.ports), 2)) µs per port; bound \(a.bound) and \(a.bareBound); issue 13 asks ≤ 1.15)")
+    }
     let kib = { (k: Int?) in k.map { "\(fixed(Double($0) / 1024, 1)) MiB" } ?? "?" }
     print("pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))")
+}
+
+/// The bare loop: socket, SO_REUSEADDR, bind, listen and epoll_ctl for each port, then closes
+/// them; returns the seconds the opening took and how many were bound.
+func bareListenerLoop(first: UInt16, count: Int) -> (seconds: Double, bound: Int) {
+    // epoll through the funnel: Glibc's module has no <sys/epoll.h> (a few instructions per
+    // call on top of the system call; the engine's own funnel costs the same).
+    guard case .success(let ep) = Sys.epollCreate() else { return (0, 0) }
+    var fds: [Int32] = []
+    fds.reserveCapacity(count)
+    var sa = sockaddr_in()
+    sa.sin_family = sa_family_t(AF_INET)
+    sa.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+    let t0 = monotonicSeconds()
+    for k in 0..<count {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { continue }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
+        sa.sin_port = (first &+ UInt16(k)).bigEndian
+        let ok = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0 && listen(fd, SOMAXCONN) == 0
+        if ok {
+            let epollCtlAdd: Int32 = 1  // EPOLL_CTL_ADD
+            _ = Sys.epollWatch(ep, epollCtlAdd, fd: fd, events: EventLoop.Events.readable, data: UInt64(fd))
+            fds.append(fd)
+        } else {
+            close(fd)
+        }
+    }
+    let elapsed = monotonicSeconds() - t0
+    for fd in fds { close(fd) }
+    close(ep)
+    return (elapsed, fds.count)
+}
+
+/// Activate of one `activationPorts`-port rule over D-Bus (the round trip, as a client sees
+/// it) against the bare loop on the same ports in this process, alternately, median of
+/// --runs each. The rule is inserted once and deactivated after each run.
+func activationThroughDBus(_ client: DBusConnection, _ settings: Settings) throws -> (ports: Int, dbus: Double, bare: Double, bound: UInt32, bareBound: Int) {
+    let n = settings.activationPorts
+    let first = settings.activationFirstPort
+    guard Int(first) + n - 1 <= 65_535 else { throw HarnessError("--activation-first-port + --activation-ports passes 65535") }
+    var limit = rlimit()
+    getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max
+        setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    }
+    let id: UInt32 = 3
+    let rule = DBusValue.vardict([
+        ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(first)),
+        ("last-port", .uint16(first + UInt16(n - 1))),
+    ])
+    _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(id), rule])
+    var dbusTimes: [Double] = []
+    var bareTimes: [Double] = []
+    var bound: UInt32 = 0
+    var bareBound = 0
+    for _ in 0..<settings.runs {
+        let bare = bareListenerLoop(first: first, count: n)
+        bareTimes.append(bare.seconds)
+        bareBound = bare.bound
+        let t0 = monotonicSeconds()
+        let counts = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(id)], timeoutMilliseconds: 120_000)
+        dbusTimes.append(monotonicSeconds() - t0)
+        bound = counts.first?.uint32Value ?? 0
+        _ = try client.call(busName, tablePath, tableInterface, "Deactivate", [.uint32(id)], timeoutMilliseconds: 120_000)
+    }
+    _ = try client.call(busName, tablePath, tableInterface, "Delete", [.uint32(id)])
+    return (n, median(dbusTimes), median(bareTimes), bound, bareBound)
 }
 
 if CommandLine.arguments.count == 5, CommandLine.arguments[1] == "--status-prober",

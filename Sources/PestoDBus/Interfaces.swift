@@ -22,9 +22,17 @@ public struct DBusMethodSpec: Sendable {
     /// Whether the caller must be authorised (polkit action `top.passt.Pesto1.modify`):
     /// announced with systemd's `org.freedesktop.systemd1.Privileged` annotation.
     public var privileged = false
+    /// The signature the call's arguments must have (kept: every call is checked against it).
+    public let inputSignature: String
 
-    /// The signature the call's arguments must have.
-    public var inputSignature: String { inputs.map(\.signature).joined() }
+    /// A method with these arguments; not privileged.
+    public init(name: String, inputs: [DBusArgumentSpec], outputs: [DBusArgumentSpec], doc: String) {
+        self.name = name
+        self.inputs = inputs
+        self.outputs = outputs
+        self.doc = doc
+        inputSignature = inputs.map(\.signature).joined()
+    }
 }
 
 /// A signal.

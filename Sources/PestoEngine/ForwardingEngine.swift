@@ -93,14 +93,11 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
 
     /// Indexed by descriptor.
     private var listeners: [ListenerEntry?] = []
-    /// How many of pestod's own listeners use each protocol, side and port, for the loop
-    /// check: one lookup per new connection or flow, and a look at the addresses only on a hit.
-    private struct OwnPort: Hashable {
-        var proto: TransportProtocol
-        var inNamespace: Bool
-        var port: UInt16
-    }
-    private var ownPorts: [OwnPort: Int] = [:]
+    /// How many of pestod's own listeners use each protocol, side and port (`ownPortKey`), for
+    /// the loop check: one lookup per new connection or flow, and a look at the addresses only
+    /// on a hit. Paged counters, not a dictionary of keys: opening or closing a listener costs
+    /// an array increment and a page probe shared by 32 ports.
+    private var ownPorts = PortCounts()
     private var pausedListeners: [Int32] = []
     /// The listeners paused now (tests).
     var pausedListenerDescriptors: [Int32] { pausedListeners }
@@ -210,7 +207,10 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         let target = ForwardTarget(
             table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port),
             proxyProtocol: rule.proxyProtocol)
-        if Int(fd) >= listeners.count { listeners.append(contentsOf: repeatElement(nil, count: Int(fd) + 1 - listeners.count)) }
+        if Int(fd) >= listeners.count {
+            // Grown geometrically: descriptors usually arrive in ascending order, one at a time.
+            listeners.append(contentsOf: repeatElement(nil, count: max(Int(fd) + 1, 2 * listeners.count, 64) - listeners.count))
+        }
         // Inodes only matter to scans, and scans exist only with a namespace.
         var inode: UInt64 = 0
         if namespace != nil {
@@ -220,7 +220,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         }
         listeners[Int(fd)] = ListenerEntry(
             target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
-        ownPorts[OwnPort(proto: rule.proto, inNamespace: table == .splice, port: port), default: 0] += 1
+        let key = Self.ownPortKey(rule.proto, inNamespace: table == .splice, port: port)
+        ownPorts.increment(key...key)
         conditions.clear(.forwardingLoop)  // the listeners changed: a loop, if any, is reported anew
         return .success(())
     }
@@ -233,10 +234,14 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         budget.release(1)
         listeners[Int(fd)] = nil
         if namespace != nil { ownInodes.remove(entry.inode) }
-        let key = OwnPort(proto: entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
-        let remaining = (ownPorts[key] ?? 1) - 1
-        ownPorts[key] = remaining > 0 ? remaining : nil
+        let key = Self.ownPortKey(entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
+        ownPorts.decrement(key...key)
         conditions.clear(.forwardingLoop)
+    }
+
+    /// The `ownPorts` key of a protocol, side and port.
+    private static func ownPortKey(_ proto: TransportProtocol, inNamespace: Bool, port: UInt16) -> UInt32 {
+        (inNamespace ? 0x2_0000 : 0) | (proto == .tcp ? 0 : 0x1_0000) | UInt32(port)
     }
 
     /// A listener is readable: accept (TCP) or relay datagrams (UDP).
@@ -318,7 +323,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     func wouldLoop(_ target: ForwardTarget, _ destination: SocketAddress) -> Bool {
         guard let (address, port) = destination.endpoint else { return false }
         let targetInNamespace = target.table == .host && namespace != nil
-        guard ownPorts[OwnPort(proto: target.proto, inNamespace: targetInNamespace, port: port)] != nil else { return false }
+        guard ownPorts.count(Self.ownPortKey(target.proto, inNamespace: targetInNamespace, port: port)) != 0 else { return false }
         // A listener of ours uses that port on that side: does its address cover the destination?
         return listeners.contains { entry in
             guard let entry, entry.target.proto == target.proto, entry.inNamespace == targetInNamespace,

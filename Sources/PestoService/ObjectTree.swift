@@ -29,12 +29,18 @@ enum ObjectTree {
         /// The interfaces the object implements.
         var interfaces: [DBusInterfaceSpec] {
             switch self {
-            case .node: return [PestoInterfaces.introspectable, PestoInterfaces.peer]
-            case .manager: return [PestoInterfaces.manager, PestoInterfaces.objectManager] + PestoInterfaces.standard
-            case .table: return [PestoInterfaces.table] + PestoInterfaces.standard
-            case .rule: return [PestoInterfaces.rule] + PestoInterfaces.standard
+            case .node: return Self.nodeInterfaces
+            case .manager: return Self.managerInterfaces
+            case .table: return Self.tableInterfaces
+            case .rule: return Self.ruleInterfaces
             }
         }
+
+        // Built once: every method call asks for its object's interfaces.
+        private static let nodeInterfaces = [PestoInterfaces.introspectable, PestoInterfaces.peer]
+        private static let managerInterfaces = [PestoInterfaces.manager, PestoInterfaces.objectManager] + PestoInterfaces.standard
+        private static let tableInterfaces = [PestoInterfaces.table] + PestoInterfaces.standard
+        private static let ruleInterfaces = [PestoInterfaces.rule] + PestoInterfaces.standard
 
         /// The names of the child nodes, for introspection.
         var children: [String] {
@@ -47,17 +53,25 @@ enum ObjectTree {
         }
     }
 
+    /// The path of the node holding the tables, and the prefix of the paths below it.
+    private static let tablesPath = PestoBusNames.managerPath + "/tables"
+    private static let tablesPrefix = tablesPath + "/"
+
     /// The object at `path`, or nil.
     static func resolve(_ path: String, engine: ForwardingEngine) -> Object? {
+        // The common case first, without building or splitting a string: a table's own path
+        // (Status, Insert, Activate, ... all go there).
+        if path == PestoBusNames.tablePath(.host) { return .table(.host) }
+        if path == PestoBusNames.tablePath(.splice) { return engine.splice == nil ? nil : .table(.splice) }
         switch path {
         case "/": return .node(["top"])
         case "/top": return .node(["passt"])
         case "/top/passt": return .node(["Pesto1"])
         case PestoBusNames.managerPath: return .manager
-        case PestoBusNames.managerPath + "/tables": return .node(engine.tables.map(\.kind.rawValue))
+        case tablesPath: return .node(engine.tables.map(\.kind.rawValue))
         default: break
         }
-        let prefix = PestoBusNames.managerPath + "/tables/"
+        let prefix = tablesPrefix
         guard path.hasPrefix(prefix) else { return nil }
         let parts = path.dropFirst(prefix.count).split(separator: "/", omittingEmptySubsequences: false)
         guard let kind = TableKind(rawValue: String(parts[0])), let table = engine.table(kind) else { return nil }
