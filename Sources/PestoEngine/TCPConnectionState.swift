@@ -86,10 +86,16 @@ package struct TCPConnectionState: Sendable, Equatable {
         case closed
     }
 
-    /// One direction's progress.
+    /// One direction's progress. Kept small (12 bytes): one lives in every relayed
+    /// connection's slot, idle or not.
     package struct Flow: Sendable, Equatable {
-        /// Bytes in the pipe, not yet written to the destination.
-        package var pending = 0
+        /// Bytes in the pipe, not yet written to the destination (a pipe holds far less
+        /// than 2 GiB, so 32 bits are stored).
+        package var pending: Int {
+            get { Int(pendingBytes) }
+            set { pendingBytes = Int32(newValue) }
+        }
+        private var pendingBytes: Int32 = 0
         /// The direction holds a pipe.
         package var hasPipe = false
         /// The destination refused more (EAGAIN): wait for EPOLLOUT on it.
@@ -100,8 +106,12 @@ package struct TCPConnectionState: Sendable, Equatable {
         package var finished = false
         /// Nothing more to do in this turn.
         var idle = false
-        /// Splices left in this turn.
-        var steps = 0
+        /// Splices left in this turn (at most `stepsPerTurn`).
+        var steps: Int {
+            get { Int(stepsLeft) }
+            set { stepsLeft = Int8(newValue) }
+        }
+        private var stepsLeft: Int8 = 0
     }
 
     /// Why a connection ends.
@@ -185,7 +195,12 @@ package struct TCPConnectionState: Sendable, Equatable {
     /// connect() was asked again already.
     private var askedAgain = false
     /// Bytes of the preamble not yet written to the target.
-    package private(set) var preambleLeft = 0
+    package private(set) var preambleLeft: Int {
+        get { Int(preambleBytes) }
+        set { preambleBytes = UInt16(newValue) }
+    }
+    /// `preambleLeft` as stored (a PROXY header is at most a few hundred bytes).
+    private var preambleBytes: UInt16 = 0
 
     /// A connection whose connect() is about to be called; `preamble` bytes (a PROXY
     /// protocol header, 0 for none) go to the target before anything the client sends.

@@ -129,9 +129,11 @@ public final class TCPRelay: EventHandler {
     /// The engine's descriptor budget, shared with the listeners and the UDP relay.
     private let budget: DescriptorBudget
     private var slots: [Connection] = []
-    /// Each slot's PROXY protocol header, parallel to `slots`: reserved at
-    /// `ProxyProtocolHeader.maxLength` when the slot is made and reused by every connection
-    /// of the slot, so a header costs no allocation per connection or event (v2).
+    /// Each slot's PROXY protocol header, parallel to `slots`: empty (no storage) until the
+    /// slot first serves a rule with `proxy-protocol`, then reserved once at
+    /// `ProxyProtocolHeader.maxLength` and reused by every later connection of the slot, so
+    /// a header costs no allocation per connection or event (v2), and slots of rules
+    /// without it cost no memory for it (idle relayed connections stay small).
     private var headers: [[UInt8]] = []
     private var freeSlots: [UInt32] = []
     private var pipePool: [Pipe] = []
@@ -261,9 +263,7 @@ public final class TCPRelay: EventHandler {
     private func allocateSlot() -> UInt32 {
         if let i = freeSlots.popLast() { return i }
         slots.append(Connection())
-        var header: [UInt8] = []
-        header.reserveCapacity(ProxyProtocolHeader.maxLength)
-        headers.append(header)
+        headers.append([])
         return UInt32(slots.count - 1)
     }
 
@@ -276,8 +276,9 @@ public final class TCPRelay: EventHandler {
     /// specification provides for a sender that does not know the addresses: the target
     /// then uses the connection's own, never a wrong one.
     private func writeHeader(_ version: ProxyProtocolVersion, client: Int32, peer: SocketAddress, slot: Int) -> Int {
-        headers[slot].removeAll(keepingCapacity: true)
         guard version != .none else { return 0 }
+        headers[slot].removeAll(keepingCapacity: true)
+        if headers[slot].capacity < ProxyProtocolHeader.maxLength { headers[slot].reserveCapacity(ProxyProtocolHeader.maxLength) }
         if let source = peer.endpoint, case .success(let local) = Sys.localAddress(client), let destination = local.endpoint {
             ProxyProtocolHeader.append(version, source: source, destination: destination, to: &headers[slot])
         } else {
