@@ -15,6 +15,16 @@ extension DBusErrorReply {
         self.init(PestoBusNames.errorName(error.code), error.message)
     }
 
+    /// The D-Bus form of any error a method body throws: a `DBusErrorReply` as it is, a
+    /// `PestoError` by its code, anything else as `org.freedesktop.DBus.Error.Failed`.
+    public init(replyingTo error: any Error) {
+        switch error {
+        case let e as DBusErrorReply: self = e
+        case let e as PestoError: self.init(e)
+        default: self.init(DBusErrorReply.failed, "\(error)")
+        }
+    }
+
     public static func invalidArgs(_ message: String) -> DBusErrorReply { DBusErrorReply(invalidArgs, message) }
     public static func invalidRule(_ message: String) -> DBusErrorReply { DBusErrorReply(PestoBusNames.errorName(.invalidRule), message) }
 }

@@ -380,12 +380,8 @@ public final class PestoServer: TablesObserver {
             case "Rollback": try editor.rollback(sender)
             default: throw DBusErrorReply(DBusErrorReply.unknownMethod, "No method \(member).")
             }
-        } catch let e as DBusErrorReply {
-            throw e
-        } catch let e as PestoError {
-            throw DBusErrorReply(e)
         } catch {
-            throw DBusErrorReply(DBusErrorReply.failed, "\(error)")
+            throw DBusErrorReply(replyingTo: error)
         }
         return .reply([])
     }

@@ -33,12 +33,8 @@ extension PestoServer {
             default:
                 break
             }
-        } catch let e as DBusErrorReply {
-            throw e
-        } catch let e as PestoError {
-            throw DBusErrorReply(e)
         } catch {
-            throw DBusErrorReply(DBusErrorReply.failed, "\(error)")
+            throw DBusErrorReply(replyingTo: error)
         }
 
         // Single changes: decode now; validated, lock-checked, authorised and run by the gate.

@@ -37,6 +37,12 @@ extension TemporaryDirectory {
 
 /// A private bus with pestod on it.
 final class PestodFixture {
+    /// Runs pestoctl against this fixture's bus.
+    @discardableResult
+    func pestoctl(_ args: [String]) throws -> (status: Int32, out: String, err: String) {
+        try run(Products.path("pestoctl"), ["--address", address] + args)
+    }
+
     let directory: TemporaryDirectory
     let bus: PrivateBus
     let address: String

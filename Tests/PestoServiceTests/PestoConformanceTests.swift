@@ -28,11 +28,6 @@ struct PestoConformanceTests {
     /// A control socket path as podman and rootlesskit pass it; pestoctl does not use it.
     static let socketPath = "/run/user/1000/containers/networks/rootless-netns/rootless-netns-pesto.sock"
 
-    @discardableResult
-    func pestoctl(_ f: PestodFixture, _ args: [String]) throws -> (status: Int32, out: String, err: String) {
-        try run(Products.path("pestoctl"), ["--address", f.address] + args)
-    }
-
     /// A table's rules as "proto [address]%interface:ports => target:port", in ID order.
     func rules(_ f: PestodFixture, _ kind: TableKind = .host) throws -> [String] {
         let reply = try f.client.call(PestodFixture.dest, PestoBusNames.tablePath(kind), PestodFixture.tableInterface, "List")
@@ -52,14 +47,14 @@ struct PestoConformanceTests {
     @Test("show, path, help, version: no update shows the tables; PATH is accepted; -h and --version exit 0")
     func showPathHelpVersion() throws {
         let f = try PestodFixture()
-        var r = try pestoctl(f, [])
+        var r = try f.pestoctl([])
         #expect(r.status == 0, "\(r.err)")
         #expect(r.out.contains("HOST"))
-        r = try pestoctl(f, [Self.socketPath])
+        r = try f.pestoctl([Self.socketPath])
         #expect(r.status == 0, "\(r.err)")
         #expect(r.out.contains("HOST"))
         for help in ["-h", "--help"] {
-            r = try pestoctl(f, [help])
+            r = try f.pestoctl([help])
             #expect(r.status == 0)
             #expect(r.out.contains("--tcp-ports") && r.out.contains("Examples:"))
         }
@@ -72,9 +67,9 @@ struct PestoConformanceTests {
     func replaceWholeTable() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(3)
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.lowerBound + 1)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.lowerBound + 1)"])
         #expect(r.status == 0, "\(r.err)")
-        r = try pestoctl(f, ["-t", "127.0.0.1/\(p.upperBound)"])
+        r = try f.pestoctl(["-t", "127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0, "\(r.err)")
         // Before the fix the UDP rule survived: only TCP rules were replaced.
         #expect(try rules(f) == ["tcp [127.0.0.1]:\(p.upperBound) => \(p.upperBound)"])
@@ -87,18 +82,18 @@ struct PestoConformanceTests {
         let ns = try TestNamespace()
         let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
         let p = TestSockets.freePorts(2)
-        var r = try pestoctl(f, ["-T", "\(p.lowerBound)", "-A", "-U", "\(p.lowerBound)"])
+        var r = try f.pestoctl(["-T", "\(p.lowerBound)", "-A", "-U", "\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f, .splice) == ["tcp [*]%lo:\(p.lowerBound) => \(p.lowerBound)", "udp [*]%lo:\(p.lowerBound) => \(p.lowerBound)"])
         // -D -T finds the %lo rule, as it finds one made by pesto.
-        r = try pestoctl(f, ["-D", "-T", "\(p.lowerBound)"])
+        r = try f.pestoctl(["-D", "-T", "\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         // A new -U without -A/-D replaces the whole SPLICE table.
-        r = try pestoctl(f, ["-U", "\(p.upperBound):\(p.lowerBound)"])
+        r = try f.pestoctl(["-U", "\(p.upperBound):\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f, .splice) == ["udp [*]%lo:\(p.upperBound) => \(p.lowerBound)"])
         // A listening address is refused for -T, as pesto refuses it.
-        r = try pestoctl(f, ["-A", "-T", "127.0.0.1/\(p.lowerBound)"])
+        r = try f.pestoctl(["-A", "-T", "127.0.0.1/\(p.lowerBound)"])
         #expect(r.status == 1)
     }
 
@@ -107,7 +102,7 @@ struct PestoConformanceTests {
         let f = try PestodFixture()
         let before = try f.table("List")
         for args in [["-T", "8080"], ["-A", "-U", "53"], ["-C", "SPLICE"]] {
-            let r = try pestoctl(f, args)
+            let r = try f.pestoctl(args)
             #expect(r.status == 1, "\(args): \(r.err)")
             #expect(r.err.contains("SPLICE"))
         }
@@ -119,21 +114,21 @@ struct PestoConformanceTests {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(3)
         let (a, b, c) = (p.lowerBound, p.lowerBound + 1, p.upperBound)
-        var r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "--add", "-t", "127.0.0.1/\(b)"])
+        var r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "--add", "-t", "127.0.0.1/\(b)"])
         #expect(r.status == 0, "\(r.err)")
-        r = try pestoctl(f, ["-D", "-t", "127.0.0.1/\(a)"])
+        r = try f.pestoctl(["-D", "-t", "127.0.0.1/\(a)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp [127.0.0.1]:\(b) => \(b)"])
         let before = try f.snapshot()
         // Before the fix: a warning, exit 0, and the add was applied.
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(c)", "--delete", "-t", "127.0.0.1/\(a)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(c)", "--delete", "-t", "127.0.0.1/\(a)"])
         #expect(r.status == 1)
         #expect(r.err.contains("no rule -t 127.0.0.1/\(a)"), "\(r.err)")
         let after = try f.snapshot()
         #expect(after.rules == before.rules)
         #expect(after.sockets == before.sockets)
         // A range is not a rule inside it: -D -t b-c does not delete the rule for b.
-        r = try pestoctl(f, ["-D", "-t", "127.0.0.1/\(b)-\(c)"])
+        r = try f.pestoctl(["-D", "-t", "127.0.0.1/\(b)-\(c)"])
         #expect(r.status == 1)
         #expect(r.err.contains("overlaps it"), "\(r.err)")
     }
@@ -143,12 +138,12 @@ struct PestoConformanceTests {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(1)
         for clear in [["-C", "HOST"], ["--clear=HOST"], ["--clear", "host"]] {
-            #expect(try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)"]).status == 0)
-            let r = try pestoctl(f, clear)
+            #expect(try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)"]).status == 0)
+            let r = try f.pestoctl(clear)
             #expect(r.status == 0, "\(clear): \(r.err)")
             #expect(try rules(f).isEmpty)
         }
-        let r = try pestoctl(f, ["-C", "NOWHERE"])
+        let r = try f.pestoctl(["-C", "NOWHERE"])
         #expect(r.status == 1)
     }
 
@@ -156,15 +151,15 @@ struct PestoConformanceTests {
     func longFormsAndBundles() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(4)
-        var r = try pestoctl(f, ["--tcp-ports=127.0.0.1/\(p.lowerBound)", "--udp-ports", "127.0.0.1/\(p.lowerBound + 1)"])
+        var r = try f.pestoctl(["--tcp-ports=127.0.0.1/\(p.lowerBound)", "--udp-ports", "127.0.0.1/\(p.lowerBound + 1)"])
         #expect(r.status == 0, "\(r.err)")
-        r = try pestoctl(f, ["-At", "127.0.0.1/\(p.lowerBound + 2)", "-u127.0.0.1/\(p.upperBound)"])
+        r = try f.pestoctl(["-At", "127.0.0.1/\(p.lowerBound + 2)", "-u127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).sorted() == [
             "tcp [127.0.0.1]:\(p.lowerBound) => \(p.lowerBound)", "tcp [127.0.0.1]:\(p.lowerBound + 2) => \(p.lowerBound + 2)",
             "udp [127.0.0.1]:\(p.lowerBound + 1) => \(p.lowerBound + 1)", "udp [127.0.0.1]:\(p.upperBound) => \(p.upperBound)",
         ])
-        r = try pestoctl(f, ["--delete", "--tcp-ports=127.0.0.1/\(p.lowerBound)", "--udp-ports=127.0.0.1/\(p.lowerBound + 1)"])
+        r = try f.pestoctl(["--delete", "--tcp-ports=127.0.0.1/\(p.lowerBound)", "--udp-ports=127.0.0.1/\(p.lowerBound + 1)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).count == 2)
     }
@@ -174,9 +169,9 @@ struct PestoConformanceTests {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(3)
         let (a, b, c) = (p.lowerBound, p.lowerBound + 1, p.upperBound)
-        var r = try pestoctl(f, ["-u", "127.0.0.1/\(c)"])
+        var r = try f.pestoctl(["-u", "127.0.0.1/\(c)"])
         #expect(r.status == 0, "\(r.err)")
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)", "-u", "127.0.0.1/\(c)",
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)", "-u", "127.0.0.1/\(c)",
                              "-D", "-u", "127.0.0.1/\(c)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp [127.0.0.1]:\(b) => \(b)"])
@@ -186,18 +181,18 @@ struct PestoConformanceTests {
     func none() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(2)
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.upperBound)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try f.table("List")
         for args in [["-t", "127.0.0.1/\(p.lowerBound)", "-t", "none"], ["-A", "-t", "none"]] {
-            r = try pestoctl(f, args)
+            r = try f.pestoctl(args)
             #expect(r.status == 1, "\(args)")
             #expect(r.err.contains("none conflicts"), "\(r.err)")
         }
         #expect(try f.table("List") == before)
         // -A -u none with UDP rules present fails too; -t none replaces the table: empty.
-        #expect(try pestoctl(f, ["-A", "-u", "none"]).status == 1)
-        r = try pestoctl(f, ["-t", "none"])
+        #expect(try f.pestoctl(["-A", "-u", "none"]).status == 1)
+        r = try f.pestoctl(["-t", "none"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).isEmpty)
     }
@@ -206,7 +201,7 @@ struct PestoConformanceTests {
     func showAndDebug() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(1)
-        var r = try pestoctl(f, ["-s", "-d", "-A", "-t", "127.0.0.1/\(p.lowerBound)"])
+        var r = try f.pestoctl(["-s", "-d", "-A", "-t", "127.0.0.1/\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try #require(r.out.range(of: "Previous configuration"))
         let after = try #require(r.out.range(of: "Updated configuration"))
@@ -214,7 +209,7 @@ struct PestoConformanceTests {
         #expect(!r.out[..<after.lowerBound].contains("127.0.0.1/\(p.lowerBound)"))
         #expect(r.out[after.upperBound...].contains("-t 127.0.0.1/\(p.lowerBound)"))
         #expect(r.err.contains("debug: add HOST rule: -t 127.0.0.1/\(p.lowerBound)"), "\(r.err)")
-        r = try pestoctl(f, ["--show", "--debug", "-D", "-t", "127.0.0.1/\(p.lowerBound)"])
+        r = try f.pestoctl(["--show", "--debug", "-D", "-t", "127.0.0.1/\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(r.err.contains("debug: remove HOST rule"))
     }
@@ -224,7 +219,7 @@ struct PestoConformanceTests {
         let f = try PestodFixture()
         let before = try f.table("List")
         for spec in ["35022-35024:35032", "22:10.0.0.1/22", "70000", "1-0", "22,22", ""] {
-            let r = try pestoctl(f, ["-t", spec])
+            let r = try f.pestoctl(["-t", spec])
             #expect(r.status == 1, "\(spec): \(r.status) \(r.err)")
             #expect(r.err.contains("invalid port spec"), "\(r.err)")
         }
@@ -233,7 +228,7 @@ struct PestoConformanceTests {
         let r = try run(Products.path("pestoctl"), ["--address", "unix:path=\(dir.url.path)/none", "-t", "35022-35024:35032"])
         #expect(r.status == 1)
         for args in [["--bogus"], ["-x"], ["-t"], ["--add=1"], ["a", "b"]] {
-            let u = try pestoctl(f, args)
+            let u = try f.pestoctl(args)
             #expect(u.status == 2, "\(args): \(u.status) \(u.err)")
         }
     }
@@ -244,14 +239,14 @@ struct PestoConformanceTests {
         let p = TestSockets.freePorts(2)
         let holder = try #require(TestSockets.bound(address: .loopbackIPv4, port: p.upperBound))
         defer { close(holder) }
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try f.table("List")
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(p.upperBound)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 1)
         #expect(r.err.contains("EADDRINUSE"), "\(r.err)")
         #expect(try f.table("List") == before)
-        r = try pestoctl(f, ["--best-effort", "-A", "-t", "127.0.0.1/\(p.upperBound)"])
+        r = try f.pestoctl(["--best-effort", "-A", "-t", "127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(r.err.contains("could not be bound"), "\(r.err)")
         #expect(try rules(f).count == 2)
@@ -263,18 +258,18 @@ struct PestoConformanceTests {
         let p = TestSockets.freePorts(2)
         let specs = ["-t", "127.0.0.1/\(p.lowerBound):10.88.0.2/80", "-t", "[::1]/\(p.lowerBound):fd00::2/80",
                      "-t", "127.0.0.1/\(p.upperBound):10.88.0.2/443"]
-        var r = try pestoctl(f, ["--add"] + specs + [Self.socketPath])
+        var r = try f.pestoctl(["--add"] + specs + [Self.socketPath])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == [
             "tcp [127.0.0.1]:\(p.lowerBound) => 10.88.0.2:80", "tcp [::1]:\(p.lowerBound) => fd00::2:80",
             "tcp [127.0.0.1]:\(p.upperBound) => 10.88.0.2:443",
         ])
         #expect(f.listeningSockets().count == 3)
-        r = try pestoctl(f, ["--delete"] + specs + [Self.socketPath])
+        r = try f.pestoctl(["--delete"] + specs + [Self.socketPath])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).isEmpty)
         // Deleting again: the container is gone, the rule too: non-zero, nothing changes.
-        r = try pestoctl(f, ["--delete"] + specs + [Self.socketPath])
+        r = try f.pestoctl(["--delete"] + specs + [Self.socketPath])
         #expect(r.status == 1)
     }
 
@@ -282,17 +277,17 @@ struct PestoConformanceTests {
     func listedSpecsRoundTrip() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(3)
-        var r = try pestoctl(f, ["-A", "-t", "0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t", "[::]/\(p.lowerBound):fd00::2/80",
+        var r = try f.pestoctl(["-A", "-t", "0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t", "[::]/\(p.lowerBound):fd00::2/80",
                                  "-u", "127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54"])
         #expect(r.status == 0, "\(r.err)")
-        r = try pestoctl(f, ["--json"])
+        r = try f.pestoctl(["--json"])
         let listed = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any]
         let host = (listed?["tables"] as? [[String: Any]])?.first { $0["name"] as? String == "HOST" }
         let specs = ((host?["rules"] as? [[String: Any]]) ?? []).compactMap { $0["spec"] as? String }
         // Before the fix the wildcard was left out ("-t 8080:10.88.0.2/80"), which pesto refuses.
         #expect(specs == ["-t 0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t [::]/\(p.lowerBound):[fd00::2]/80",
                           "-u 127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54"])
-        r = try pestoctl(f, ["-D"] + specs.flatMap { $0.split(separator: " ", maxSplits: 1).map(String.init) })
+        r = try f.pestoctl(["-D"] + specs.flatMap { $0.split(separator: " ", maxSplits: 1).map(String.init) })
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).isEmpty)
     }
@@ -301,14 +296,14 @@ struct PestoConformanceTests {
     func rootlesskitSequence() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(2)
-        var r = try pestoctl(f, ["--version"])
+        var r = try f.pestoctl(["--version"])
         #expect(r.status == 0)
         for (option, port) in [("--tcp-ports", p.lowerBound), ("--udp-ports", p.upperBound)] {
             let arg = "\(option)=127.0.0.1/\(port):80"
-            r = try pestoctl(f, ["-A", arg, Self.socketPath])
+            r = try f.pestoctl(["-A", arg, Self.socketPath])
             #expect(r.status == 0, "\(r.err)")
             #expect(try rules(f) == ["\(option == "--tcp-ports" ? "tcp" : "udp") [127.0.0.1]:\(port) => 80"])
-            r = try pestoctl(f, ["-D", arg, Self.socketPath])
+            r = try f.pestoctl(["-D", arg, Self.socketPath])
             #expect(r.status == 0, "\(r.err)")
             #expect(try rules(f).isEmpty)
         }

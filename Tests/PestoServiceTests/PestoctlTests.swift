@@ -18,12 +18,6 @@ import Testing
 struct PestoctlTests {
     static let isRoot = getuid() == 0
 
-    /// Runs pestoctl against the fixture's bus.
-    @discardableResult
-    func pestoctl(_ f: PestodFixture, _ args: [String]) throws -> (status: Int32, out: String, err: String) {
-        try run(Products.path("pestoctl"), ["--address", f.address] + args)
-    }
-
     /// A table's rules as "proto first-last->target active" strings, in ID order.
     func rules(_ f: PestodFixture, _ kind: TableKind = .host) throws -> [String] {
         let reply = try f.client.call(PestodFixture.dest, PestoBusNames.tablePath(kind), PestodFixture.tableInterface, "List")
@@ -51,24 +45,24 @@ struct PestoctlTests {
         let p = TestSockets.freePorts(4)
         let (a, b, c, d) = (p.lowerBound, p.lowerBound + 1, p.lowerBound + 2, p.lowerBound + 3)
         // Something to replace: a TCP and a UDP rule; as with pesto, -t replaces both.
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(c)", "-u", "127.0.0.1/\(d)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(c)", "-u", "127.0.0.1/\(d)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(c) active", "udp \(d) active"])
 
-        r = try pestoctl(f, ["-t", "127.0.0.1/\(a)", "-U", "\(b)"])
+        r = try f.pestoctl(["-t", "127.0.0.1/\(a)", "-U", "\(b)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(a) active"])
         #expect(try rules(f, .splice) == ["udp \(b) active"])
         #expect(try ids(f) == [30])
 
         // The listing shows both tables.
-        let show = try pestoctl(f, [])
+        let show = try f.pestoctl([])
         #expect(show.status == 0)
         #expect(show.out.contains("HOST"))
         #expect(show.out.contains("SPLICE"))
         #expect(show.out.contains("-t 127.0.0.1/\(a)"))
         #expect(show.out.contains("-U \(b) "), "\(show.out)")
-        let json = try pestoctl(f, ["--json"])
+        let json = try f.pestoctl(["--json"])
         #expect(json.status == 0)
         let parsed = try JSONSerialization.jsonObject(with: Data(json.out.utf8)) as? [String: Any]
         let tables = parsed?["tables"] as? [[String: Any]]
@@ -81,17 +75,17 @@ struct PestoctlTests {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(3)
         let (a, b, c) = (p.lowerBound, p.lowerBound + 1, p.lowerBound + 2)
-        var r = try pestoctl(f, ["-q", "-t", "127.0.0.1/\(b)"])
+        var r = try f.pestoctl(["-q", "-t", "127.0.0.1/\(b)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(r.out.isEmpty)
         // No SPLICE table here: -U is refused (exit 1, as pesto) before anything changes.
         let before = try f.table("List")
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)", "-U", "\(c)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)", "-U", "\(c)"])
         #expect(r.status == 1)
         #expect(r.err.contains("SPLICE"))
         #expect(try f.table("List") == before)
         // Without the -U, the add and the delete go through.
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(a) active"])
         #expect(f.listeningSockets().count == 1)
@@ -103,15 +97,15 @@ struct PestoctlTests {
         let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
         let p = TestSockets.freePorts(4)
         let (a, b, c, d) = (p.lowerBound, p.lowerBound + 1, p.lowerBound + 2, p.lowerBound + 3)
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(b)", "-U", "\(d)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(b)", "-U", "\(d)"])
         #expect(r.status == 0, "\(r.err)")
         // -D -U c matches nothing: as with pesto, exit 1 and nothing is applied.
         let before = try f.snapshot()
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)", "-U", "\(c)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)", "-U", "\(c)"])
         #expect(r.status == 1)
         #expect(r.err.contains("the SPLICE table has no rule -U \(c)"), "\(r.err)")
         #expect(try f.snapshot().rules == before.rules)
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)", "-U", "\(d)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-D", "-t", "127.0.0.1/\(b)", "-U", "\(d)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(a) active"])
         #expect(try rules(f, .splice).isEmpty)
@@ -122,13 +116,13 @@ struct PestoctlTests {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(4)
         let (a, b, c, d) = (p.lowerBound, p.lowerBound + 1, p.lowerBound + 2, p.lowerBound + 3)
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(d)", "-u", "127.0.0.1/\(c)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(d)", "-u", "127.0.0.1/\(c)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try f.table("List")
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)", "-D", "-u", "127.0.0.1/\(c)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)", "-D", "-u", "127.0.0.1/\(c)"])
         #expect(r.status == 1)
         #expect(try f.table("List") == before)
-        r = try pestoctl(f, ["-D", "-u", "127.0.0.1/\(c)", "-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)"])
+        r = try f.pestoctl(["-D", "-u", "127.0.0.1/\(c)", "-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(b) active"])
     }
@@ -139,9 +133,9 @@ struct PestoctlTests {
         let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
         let p = TestSockets.freePorts(4)
         let (a, b, c, e) = (p.lowerBound, p.lowerBound + 1, p.lowerBound + 2, p.lowerBound + 3)
-        var r = try pestoctl(f, ["-u", "127.0.0.1/\(c)", "-t", "127.0.0.1/\(e)"])
+        var r = try f.pestoctl(["-u", "127.0.0.1/\(c)", "-t", "127.0.0.1/\(e)"])
         #expect(r.status == 0, "\(r.err)")
-        r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-T", "\(e)", "-t", "127.0.0.1/\(b)"])
+        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-T", "\(e)", "-t", "127.0.0.1/\(b)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(b) active"])
         #expect(try rules(f, .splice) == ["tcp \(e) active"])
@@ -155,12 +149,12 @@ struct PestoctlTests {
         // A rule made by someone else, directly, on the wildcard address.
         try f.table("Insert", [.uint32(5), .vardict([("protocol", .string("udp")), ("first-port", .uint16(c))])])
         try f.table("Activate", [.uint32(5)])
-        var r = try pestoctl(f, ["-A", "-t", "127.0.0.1/\(a)-\(b)"])
+        var r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)-\(b)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try f.snapshot()
         // Removing a-b and adding a is fine; adding UDP c on 127.0.0.1 conflicts with the active
         // dual-stack rule 5, after a-b was already deactivated: all of it must be undone.
-        r = try pestoctl(f, ["-D", "-t", "127.0.0.1/\(a)-\(b)", "-A", "-t", "127.0.0.1/\(a)", "-u", "127.0.0.1/\(c)"])
+        r = try f.pestoctl(["-D", "-t", "127.0.0.1/\(a)-\(b)", "-A", "-t", "127.0.0.1/\(a)", "-u", "127.0.0.1/\(c)"])
         #expect(r.status == 1)
         #expect(r.err.contains("rolled back"), "\(r.err)")
         let after = try f.snapshot()
@@ -179,12 +173,12 @@ struct PestoctlTests {
         let holder = try #require(TestSockets.bound(address: .loopbackIPv4, port: p.upperBound))
         defer { close(holder) }
         let before = try f.table("List")
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)-\(p.upperBound)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)-\(p.upperBound)"])
         #expect(r.status == 1)
         #expect(r.err.contains("EADDRINUSE"), "\(r.err)")
         #expect(try f.table("List") == before)
         // Exclusion-only (best effort) spec over the ephemeral-free space: binds most ports, fine.
-        r = try pestoctl(f, ["-t", "127.0.0.1/~1-\(p.lowerBound - 1),~\(p.upperBound + 1)-65535"])
+        r = try f.pestoctl(["-t", "127.0.0.1/~1-\(p.lowerBound - 1),~\(p.upperBound + 1)-65535"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp \(p.lowerBound)-\(p.upperBound) active"])
     }
@@ -193,12 +187,12 @@ struct PestoctlTests {
     func exitStatuses() throws {
         let f = try PestodFixture()
         for args in [["--bogus"], ["-t"], ["status", "1", "2"], ["status", "x"], ["-A"], ["stray", "more"]] {
-            let r = try pestoctl(f, args)
+            let r = try f.pestoctl(args)
             #expect(r.status == 2, "\(args): \(r.status) \(r.err)")
             #expect(!r.err.isEmpty)
         }
         for args in [["-t", "1-0"], ["-t", "70000"], ["-C", "NOWHERE"]] {
-            let r = try pestoctl(f, args)
+            let r = try f.pestoctl(args)
             #expect(r.status == 1, "\(args): \(r.status) \(r.err)")
             #expect(!r.err.isEmpty)
         }
@@ -207,7 +201,7 @@ struct PestoctlTests {
         #expect(gone.status == 3)
         // A bus without pestod on it.
         f.pestod.kill()
-        let noService = try pestoctl(f, [])
+        let noService = try f.pestoctl([])
         #expect(noService.status == 3, "\(noService.err)")
     }
 
@@ -215,19 +209,19 @@ struct PestoctlTests {
     func status() throws {
         let f = try PestodFixture()
         let port = TestSockets.freePorts(1).lowerBound
-        var r = try pestoctl(f, ["--id", "7", "-t", "127.0.0.1/\(port)"])
+        var r = try f.pestoctl(["--id", "7", "-t", "127.0.0.1/\(port)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try ids(f) == [7])
-        r = try pestoctl(f, ["status", "7"])
+        r = try f.pestoctl(["status", "7"])
         #expect(r.status == 0)
         #expect(r.out.contains("active, 1 bound, 0 failed"), "\(r.out)")
-        r = try pestoctl(f, ["--json", "status", "7", "--table", "HOST"])
+        r = try f.pestoctl(["--json", "status", "7", "--table", "HOST"])
         #expect(r.out.contains("\"bound\": 1"))
-        r = try pestoctl(f, ["status", "8"])
+        r = try f.pestoctl(["status", "8"])
         #expect(r.status == 1)
         // --id on a taken ID is refused, nothing changes.
         let before = try f.table("List")
-        r = try pestoctl(f, ["--id", "7", "-A", "-t", "127.0.0.1/\(port &+ 1)"])
+        r = try f.pestoctl(["--id", "7", "-A", "-t", "127.0.0.1/\(port &+ 1)"])
         #expect(r.status == 1)
         #expect(try f.table("List") == before)
     }
@@ -237,7 +231,7 @@ struct PestoctlTests {
         let f = try PestodFixture()
         let signals = try SignalCollector(address: f.address)
         let p = TestSockets.freePorts(2)
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try f.snapshot()
         signals.forget()
@@ -251,7 +245,7 @@ struct PestoctlTests {
         let after = try f.snapshot()
         #expect(after.rules == before.rules)
         #expect(after.sockets == before.sockets)
-        r = try pestoctl(f, [])
+        r = try f.pestoctl([])
         #expect(r.status == 0)
     }
 
@@ -262,35 +256,35 @@ struct PestoctlTests {
         let other = try DBusConnection(.address(f.address))
         try f.manager("Lock", on: other)
         let before = try f.table("List")
-        let r = try pestoctl(f, ["-t", "127.0.0.1/\(port)"])
+        let r = try f.pestoctl(["-t", "127.0.0.1/\(port)"])
         #expect(r.status == 1)
         #expect(r.err.contains("locked by"), "\(r.err)")
         #expect(try f.table("List") == before)
         // Reading needs no lock; "status" names the holder.
-        #expect(try pestoctl(f, []).status == 0)
-        let status = try pestoctl(f, ["status"])
+        #expect(try f.pestoctl([]).status == 0)
+        let status = try f.pestoctl(["status"])
         #expect(status.status == 0)
         #expect(status.out == "locked by \(other.uniqueName)\n", "\(status.out)")
-        #expect(try pestoctl(f, ["--json", "status"]).out.contains("\"locked\": true"))
+        #expect(try f.pestoctl(["--json", "status"]).out.contains("\"locked\": true"))
         try f.manager("Unlock", on: other)
-        #expect(try pestoctl(f, ["status"]).out == "unlocked\n")
-        #expect(try pestoctl(f, ["-t", "127.0.0.1/\(port)"]).status == 0)
+        #expect(try f.pestoctl(["status"]).out == "unlocked\n")
+        #expect(try f.pestoctl(["-t", "127.0.0.1/\(port)"]).status == 0)
     }
 
     @Test("re-giving the table keeps its rules undisturbed; none clears the table; -q prints nothing")
     func unchangedAndNone() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(2)
-        var r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.upperBound)"])
+        var r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0, "\(r.err)")
         let before = try f.snapshot()
-        r = try pestoctl(f, ["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.upperBound)"])
+        r = try f.pestoctl(["-t", "127.0.0.1/\(p.lowerBound)", "-u", "127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0)
         #expect(r.out == "Nothing to change.\n")
         let after = try f.snapshot()
         #expect(after.rules == before.rules)
         #expect(after.sockets == before.sockets)  // same inodes: never closed
-        r = try pestoctl(f, ["-q", "-u", "none"])
+        r = try f.pestoctl(["-q", "-u", "none"])
         #expect(r.status == 0)
         #expect(r.out.isEmpty && r.err.isEmpty)
         #expect(try rules(f).isEmpty)
@@ -302,7 +296,7 @@ struct PestoctlTests {
         let port = TestSockets.freePorts(1).lowerBound
         let watcher = try ChildProcess(Products.path("pestoctl"), ["--address", f.address, "watch"])
         #expect(watcher.readLine() == "watching")
-        #expect(try pestoctl(f, ["-t", "127.0.0.1/\(port)"]).status == 0)
+        #expect(try f.pestoctl(["-t", "127.0.0.1/\(port)"]).status == 0)
         var lines: [String] = []
         while let line = watcher.readLine(timeoutMilliseconds: 5000) {
             lines.append(line)
