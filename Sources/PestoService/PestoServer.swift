@@ -78,6 +78,8 @@ public final class PestoServer: TablesObserver {
     var authorization: AuthorizationQueue? { gate.authorization }
     /// Which refusals get a log line (one per sender every few seconds).
     private var refusalLog = RefusalLogLimiter()
+    /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start()`.
+    public var allowsReplacement = false
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
@@ -139,7 +141,7 @@ public final class PestoServer: TablesObserver {
             "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'")
         connection.messageHandler = { [unowned self] message in self.handle(message) }
         connection.attach(to: engine.loop, kind: EngineEventKind.dbus)
-        try connection.requestName(PestoBusNames.busName)
+        try connection.requestName(PestoBusNames.busName, allowingReplacement: allowsReplacement)
         logger.info("on the bus as \(PestoBusNames.busName) (\(connection.uniqueName))")
     }
 
@@ -266,6 +268,13 @@ public final class PestoServer: TablesObserver {
     /// change after a Commit in the same turn, costs this extra save.
     private func saveCommitted() {
         commits?.flush()
+    }
+
+    /// Saves and answers every change committed so far, and announces the table counters:
+    /// before a takeover hands the tables over, nothing committed is left unsaved.
+    func flushCommitted() {
+        saveCommitted()
+        announceStaleCounters()
     }
 
     /// Sends a method reply (or error), after the table counters its call changed: a caller

@@ -141,8 +141,12 @@ final class PestodFixture {
     var statePath: String { directory.url.appendingPathComponent("state").path }
     /// Where pestod's upstream control socket is, when started with `--control CONTROL`.
     var controlPath: String { directory.url.appendingPathComponent("control.sock").path }
-    /// pestod's log file.
-    var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
+    /// How many takeovers (`takeOver`) this fixture has made: each pestod logs to its own file.
+    private(set) var generation = 0
+    /// The current pestod's log file.
+    var logFile: URL { directory.url.appendingPathComponent(generation == 0 ? "pestod.log" : "pestod-\(generation).log") }
+    /// The takeover socket's directory, for `--runtime-dir RUNTIME`.
+    var runtimePath: String { directory.url.path }
     /// What pestod has logged so far.
     var log: String { (try? String(contentsOf: logFile, encoding: .utf8)) ?? "" }
 
@@ -187,7 +191,7 @@ final class PestodFixture {
         let notify = try NotifySocket(path: notifyPath)
         // "CONTROL" and "STATE" stand for this fixture's control socket and state file paths.
         let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
-            + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 }
+            + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 == "RUNTIME" ? runtimePath : $0 }
             + (authorizeNone && !arguments.contains("--authorize") ? ["--authorize", "none"] : [])
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
         let argv = limit + command
@@ -200,6 +204,23 @@ final class PestodFixture {
     deinit {
         pestod?.kill()
         bus.kill()
+    }
+
+    /// Starts `pestod --replace` with `arguments` and waits for its READY=1 and for the
+    /// previous pestod to exit; the fixture then follows the new one. Returns the old one's
+    /// exit status.
+    @discardableResult
+    func takeOver(_ arguments: [String]) throws -> Int32 {
+        let old = pestod!
+        generation += 1
+        do {
+            try startPestod(arguments + ["--replace"])
+        } catch {
+            pestod = old
+            throw error
+        }
+        old.process.waitUntilExit()
+        return old.process.terminationStatus
     }
 
     // MARK: Calls
