@@ -108,6 +108,10 @@ public final class TakeoverSource: EventHandler {
                 throw error
             }
             guard hello == .hello else { throw PestoError(.system, "The new pestod did not start with hello.") }
+            if let p = pending, p.channel.peerHasLeft {
+                logger.notice("takeover abandoned: the new pestod has gone")
+                pending = nil
+            }
             if pending != nil {
                 try channel.send(.refused("Another takeover is under way."))
                 return
@@ -125,6 +129,11 @@ public final class TakeoverSource: EventHandler {
     /// looks again in 20 ms.
     private func proceed() {
         guard let p = pending else { return }
+        if p.channel.peerHasLeft {
+            logger.notice("takeover abandoned: the new pestod has gone")
+            pending = nil
+            return
+        }
         if let owner = server.lockOwner {
             if p.toldOwner != owner {
                 pending?.toldOwner = owner

@@ -260,6 +260,16 @@ public final class TakeoverChannel {
 
     deinit { Sys.close(fd) }
 
+    /// Whether the peer has closed the connection (or it failed), without waiting or
+    /// consuming a message.
+    public var peerHasLeft: Bool {
+        var byte: UInt8 = 0
+        switch Sys.recv(fd, &byte, 1, flags: Int32(MSG_PEEK | MSG_DONTWAIT)) {
+        case .success(let n): return n == 0
+        case .failure(let e): return e != .wouldBlock
+        }
+    }
+
     /// Shuts the connection down: the peer reads end of file (the descriptor is closed later).
     public func finish() {
         _ = Sys.shutdown(fd, Int32(SHUT_RDWR))  // ENOTCONN: the peer is gone already
