@@ -79,7 +79,7 @@ echo "pestod $current: $(echo "$before_inodes" | wc -l) listening sockets (of $L
 # The connect loop: one line per failed connect.
 : >"$dir/failures"; : >"$dir/dbus-failures"
 ( while [ ! -e "$dir/stop" ]; do
-      if ! exec 3<>/dev/tcp/127.0.0.1/$BASE; then echo fail >>"$dir/failures"; fi
+      if ! { exec 3<>/dev/tcp/127.0.0.1/$BASE; } 2>>"$dir/failures"; then echo "at $(date +%s.%N)" >>"$dir/failures"; fi
       exec 3>&- 3<&- || true
       echo >>"$dir/connects"
   done ) 2>/dev/null &
@@ -111,7 +111,8 @@ wait_for_name
 after_objects=$(objects)
 sleep 0.2
 echo "takeovers: $ROUNDS, mean $(( total / ROUNDS )) ms, listeners $LISTENERS"
-echo "connects: $(wc -l <"$dir/connects" 2>/dev/null || echo 0), failed: $(wc -l <"$dir/failures")"
+echo "connects: $(wc -l <"$dir/connects" 2>/dev/null || echo 0), failed: $(grep -c '^at ' "$dir/failures")"
+grep -v '^at ' "$dir/failures" | sed 's/^.*: //' | sort | uniq -c
 echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects" ] && echo yes || echo NO)"
 echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failures"), longest $(sort -n "$dir/dbus-us" | tail -1) µs, median $(sort -n "$dir/dbus-us" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') µs"
 sort "$dir/dbus-failures" | uniq -c
