@@ -97,7 +97,9 @@ public final class TakeoverSource: EventHandler {
         guard case .success(let client) = Sys.accept(listenFD) else { return }
         let channel = TakeoverChannel(fd: client)
         do throws(PestoError) {
-            if case .failure(let e) = Sys.setBlocking(client).flatMap({ Sys.setTimeouts(client, milliseconds: timeoutMilliseconds) }) {
+            // A new pestod says hello as soon as it is connected: a client that does not holds
+            // the loop for a second at most.
+            if case .failure(let e) = Sys.setBlocking(client).flatMap({ Sys.setTimeouts(client, milliseconds: min(1000, timeoutMilliseconds)) }) {
                 throw PestoError(.system, "Cannot set up the takeover connection.", underlyingError: e)
             }
             let hello: TakeoverMessage
@@ -115,6 +117,9 @@ public final class TakeoverSource: EventHandler {
             if pending != nil {
                 try channel.send(.refused("Another takeover is under way."))
                 return
+            }
+            if case .failure(let e) = Sys.setTimeouts(client, milliseconds: timeoutMilliseconds) {
+                throw PestoError(.system, "Cannot set up the takeover connection.", underlyingError: e)
             }
             try channel.send(.welcome)
             logger.notice("a new pestod asks to take over")
