@@ -108,11 +108,11 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 touch "$dir/stop"
 wait_for_name
-after_objects=$(objects)
+after_objects=$(objects 2>&1) || echo "final GetManagedObjects failed: $after_objects"
 sleep 0.2
 echo "takeovers: $ROUNDS, mean $(( total / ROUNDS )) ms, listeners $LISTENERS"
 echo "connects: $(wc -l <"$dir/connects" 2>/dev/null || echo 0), failed: $(grep -c '^at ' "$dir/failures")"
-grep -v '^at ' "$dir/failures" | sed 's/^.*: //' | sort | uniq -c
+{ grep -v '^at ' "$dir/failures" || true; } | sed 's/^.*: //' | sort | uniq -c
 echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects" ] && echo yes || echo NO)"
 echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failures"), longest $(sort -n "$dir/dbus-us" | tail -1) µs, median $(sort -n "$dir/dbus-us" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') µs"
 sort "$dir/dbus-failures" | uniq -c

@@ -187,6 +187,9 @@ public final class TakeoverSource: EventHandler {
         let (answer, fds) = try channel.receive()
         for fd in fds { Sys.close(fd) }
         guard answer == .taken else { throw PestoError(.system, "The new pestod answered something other than taken.") }
+        // The bus name is the new pestod's: no call comes here any more. Those that came
+        // before are answered (reads) or refused (changes) rather than left without a reply.
+        server.answerCallsBeforeExit(timeoutMilliseconds: timeoutMilliseconds)
         _ = control?.handOver()
         try channel.send(.bye)
         // The new instance tells systemd it is the main process now, then closes the

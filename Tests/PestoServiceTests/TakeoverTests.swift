@@ -55,6 +55,26 @@ struct TakeoverTests {
             }
             done.store(true, ordering: .releasing)
         }
+        // And a D-Bus client reading in a loop: every call gets an answer.
+        let address = f.address
+        let calls = Atomic<Int>(0)
+        let callFailures = Mutex<[String]>([])
+        let readerDone = Atomic<Bool>(false)
+        detachThread {
+            defer { readerDone.store(true, ordering: .releasing) }
+            guard let c = try? DBusConnection(.address(address)) else {
+                callFailures.withLock { $0.append("cannot connect") }
+                return
+            }
+            while !stop.load(ordering: .relaxed) {
+                do {
+                    _ = try c.call(PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "List")
+                } catch {
+                    callFailures.withLock { $0.append("\(error)") }
+                }
+                calls.add(1, ordering: .relaxed)
+            }
+        }
         for round in 1...3 {
             let status = try f.takeOver(Self.arguments)
             #expect(status == 0, "round \(round): the old pestod exited with \(status)")
@@ -63,8 +83,10 @@ struct TakeoverTests {
             #expect(f.log.contains("installed 201 handed-over listeners (0 refused)"), "\(f.log)")
         }
         stop.store(true, ordering: .relaxed)
-        while !done.load(ordering: .acquiring) { usleep(1000) }
+        while !done.load(ordering: .acquiring) || !readerDone.load(ordering: .acquiring) { usleep(1000) }
         #expect(refused.withLock { $0 } == [])
+        #expect(callFailures.withLock { $0 } == [])
+        #expect(calls.load(ordering: .relaxed) > 0)
         #expect(attempts.load(ordering: .relaxed) > 0)
         // The forwarding works through the last instance, and the control socket answers.
         #expect(TestTraffic.ping(port: ports.lowerBound) == nil)
