@@ -37,6 +37,79 @@ int pesto_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
     return accept4(fd, addr, len, flags);
 }
 
+ssize_t pesto_send_fds(int sock, const void *data, size_t len, const int *fds, int nfds)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * PESTO_MAX_FDS_PER_MESSAGE)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = (void *)data, .iov_len = len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+    if (nfds < 0 || nfds > PESTO_MAX_FDS_PER_MESSAGE) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (nfds > 0) {
+        struct cmsghdr *c;
+
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    return sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+ssize_t pesto_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 253)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+                          .msg_control = control.buf, .msg_controllen = sizeof(control.buf) };
+    struct cmsghdr *c;
+    ssize_t n;
+    int bad = 0;
+
+    *nfds = 0;
+    n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return -1;
+    for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        int count, i;
+
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (i = 0; i < count; i++) {
+            int fd;
+
+            memcpy(&fd, CMSG_DATA(c) + sizeof(int) * (size_t)i, sizeof(int));
+            if (*nfds < maxfds)
+                fds[(*nfds)++] = fd;
+            else {
+                close(fd);
+                bad = 1;
+            }
+        }
+    }
+    if (bad || (msg.msg_flags & MSG_CTRUNC)) {
+        for (int i = 0; i < *nfds; i++)
+            close(fds[i]);
+        *nfds = 0;
+        errno = EMSGSIZE;
+        return -1;
+    }
+    return n;
+}
+
 int pesto_pidfd_open(pid_t pid)
 {
     return (int)syscall(SYS_pidfd_open, pid, 0);

@@ -90,14 +90,20 @@ public final class DBusConnection {
     public var uniqueName: String { dbus_bus_get_unique_name(raw).map { String(cString: $0) } ?? "" }
 
     /// Takes ownership of a well-known name; fails if someone else has it.
-    public func requestName(_ name: String) throws(DBusErrorReply) {
+    ///
+    /// With `allowingReplacement`, a later owner asking with `replacing` takes the name, and
+    /// this connection waits in the name's queue behind it (so it gets the name back should
+    /// that owner leave the bus); otherwise the name is asked with DO_NOT_QUEUE.
+    public func requestName(_ name: String, allowingReplacement: Bool = false, replacing: Bool = false) throws(DBusErrorReply) {
         var error = DBusError()
         dbus_error_init(&error)
         defer { dbus_error_free(&error) }
-        let r = dbus_bus_request_name(raw, name, UInt32(DBUS_NAME_FLAG_DO_NOT_QUEUE), &error)
+        var flags = allowingReplacement ? UInt32(DBUS_NAME_FLAG_ALLOW_REPLACEMENT) : UInt32(DBUS_NAME_FLAG_DO_NOT_QUEUE)
+        if replacing { flags |= UInt32(DBUS_NAME_FLAG_REPLACE_EXISTING) }
+        let r = dbus_bus_request_name(raw, name, flags, &error)
         if dbus_error_is_set(&error) != 0 { throw Self.take(&error, "cannot own \(name)") }
         guard r == DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER || r == DBUS_REQUEST_NAME_REPLY_ALREADY_OWNER else {
-            throw DBusErrorReply(DBusErrorReply.failed, "cannot own \(name): another process owns it")
+            throw DBusErrorReply(DBusErrorReply.failed, "cannot own \(name): another process owns it (reply \(r), flags \(flags))")
         }
     }
 

@@ -28,9 +28,11 @@ public enum EngineEventKind {
     public static let controlListener = EventLoop.Kind(6)
     /// The connected client of the upstream control socket; index unused.
     public static let controlClient = EventLoop.Kind(7)
+    /// The listening socket of a takeover (`pestod --replace`, Takeover.swift); index unused.
+    public static let takeoverListener = EventLoop.Kind(8)
 
     /// Every kind above.
-    public static let all = [dbus, tcpListener, tcpConnection, udpListener, udpFlow, controlListener, controlClient]
+    public static let all = [dbus, tcpListener, tcpConnection, udpListener, udpFlow, controlListener, controlClient, takeoverListener]
 
     /// The first kind tests may use for sources of their own.
     public static let firstForTests: UInt8 = 16

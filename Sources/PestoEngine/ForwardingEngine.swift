@@ -103,8 +103,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     var pausedListenerDescriptors: [Int32] { pausedListeners }
     private var resumeTimer: EventLoop.TimerID?
 
-    /// Makes an engine with empty tables; call `start()` to arm its timers.
-    public init(loop: EventLoop, configuration: EngineConfiguration = EngineConfiguration()) throws(PestoError) {
+    /// Makes an engine with empty tables; call `start()` to arm its timers. With `adoption`
+    /// (a takeover, ListenerAdoption.swift), activating a rule installs its handed-over
+    /// listeners instead of opening new ones.
+    public init(
+        loop: EventLoop, configuration: EngineConfiguration = EngineConfiguration(), adoption: ListenerAdoption? = nil
+    ) throws(PestoError) {
+        /// The factory of `table`: `base`, or `base` behind the adoption.
+        func factory(_ base: any ListenerFactory, _ table: TableKind) -> any ListenerFactory {
+            adoption.map { AdoptingListenerFactory(inner: base, table: table, adoption: $0) } ?? base
+        }
         self.loop = loop
         self.configuration = configuration
         budget = DescriptorBudget(plan: configuration.descriptors ?? .current)
@@ -114,14 +122,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             namespace = ns
             // Scan rules need another side to look at: they exist only with a namespace.
             let hostCaps = configuration.capabilities ?? caps.union(.scan)
-            host = ForwardingTable(kind: .host, capabilities: hostCaps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
+            host = ForwardingTable(
+                kind: .host, capabilities: hostCaps, limits: configuration.limits, factory: factory(KernelListenerFactory(families: caps), .host))
             let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }.union(.scan)
             splice = ForwardingTable(
                 kind: .splice, capabilities: inside, limits: configuration.limits,
-                factory: NamespacedListenerFactory(namespace: ns, families: inside))
+                factory: factory(NamespacedListenerFactory(namespace: ns, families: inside), .splice))
         } else {
             namespace = nil
-            host = ForwardingTable(kind: .host, capabilities: caps, limits: configuration.limits, factory: KernelListenerFactory(families: caps))
+            host = ForwardingTable(
+                kind: .host, capabilities: caps, limits: configuration.limits, factory: factory(KernelListenerFactory(families: caps), .host))
             splice = nil
         }
         // HOST targets are on the namespace's side (if any), SPLICE targets on ours.

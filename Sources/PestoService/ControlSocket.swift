@@ -52,8 +52,12 @@ public final class ControlSocket: EventHandler {
     static let listenerKind = EngineEventKind.controlListener
     static let clientKind = EngineEventKind.controlClient
 
-    private let path: String
+    /// The socket file's path.
+    public let path: String
     private let listenFD: Int32
+    /// Set once the listening socket was handed to a pestod taking over (TakeoverWire.swift):
+    /// the socket file is then that pestod's, and is left in place.
+    private var handedOver = false
     private unowned let server: PestoServer
     private unowned let loop: EventLoop
     private let logger: Logger
@@ -106,9 +110,38 @@ public final class ControlSocket: EventHandler {
             throw PestoError(.system, "Cannot listen on the control socket \(path).", underlyingError: e)
         }
         listenFD = fd
+        try watch()
+    }
+
+    /// Serves the control socket `fd`, already listening on `path`, handed over by the pestod
+    /// this one takes over from (the socket file stays as it is).
+    public init(adopting fd: Int32, path: String, server: PestoServer, loop: EventLoop, logger: Logger, timeoutMilliseconds: Int = 5_000)
+        throws(PestoError)
+    {
+        self.path = path
+        self.server = server
+        self.loop = loop
+        self.logger = logger
+        self.timeoutMilliseconds = timeoutMilliseconds
+        listenFD = fd
+        try watch()
+    }
+
+    /// The listening descriptor, for a takeover: from now on this object leaves the socket
+    /// file in place when it goes away.
+    public func handOver() -> Int32 {
+        handedOver = true
+        return listenFD
+    }
+
+    /// The listening descriptor, still owned by this object.
+    var peekDescriptor: Int32 { listenFD }
+
+    /// Registers the listener with the loop.
+    private func watch() throws(PestoError) {
         loop.setHandler(self, for: Self.listenerKind)
         loop.setHandler(self, for: Self.clientKind)
-        try loop.add(fd: fd, events: EventLoop.Events.readable, kind: Self.listenerKind)
+        try loop.add(fd: listenFD, events: EventLoop.Events.readable, kind: Self.listenerKind)
         listening = true
         logger.info("control socket (pesto protocol v\(PestoV2Wire.version)) at \(path)")
     }
@@ -117,7 +150,7 @@ public final class ControlSocket: EventHandler {
         if let resumeTimer { loop.cancelTimer(resumeTimer) }
         if client >= 0 { Sys.close(client) }
         Sys.close(listenFD)
-        _ = Sys.unlink(path)  // gone already (removed by hand): nothing to do
+        if !handedOver { _ = Sys.unlink(path) }  // gone already (removed by hand): nothing to do
     }
 
     public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {

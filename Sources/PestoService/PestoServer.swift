@@ -78,6 +78,28 @@ public final class PestoServer: TablesObserver {
     var authorization: AuthorizationQueue? { gate.authorization }
     /// Which refusals get a log line (one per sender every few seconds).
     private var refusalLog = RefusalLogLimiter()
+    /// Set once a takeover has handed everything over (Takeover.swift): the calls still
+    /// routed here are answered if they read, and refused with Locked if they change.
+    private(set) var handingOver = false
+
+    /// Answers the calls the bus routed here before the bus name moved to the pestod that
+    /// took over, up to this connection's NameLost for the name (the bus delivers it after
+    /// them), or for `timeoutMilliseconds` at most: reads from the tables, which are the new
+    /// pestod's too; changes refused with Locked, as the new pestod has the tables now.
+    func answerCallsBeforeExit(timeoutMilliseconds: Int) {
+        handingOver = true
+        let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
+        while MonotonicInstant.now < deadline {
+            let left = Int32(min(Int64(Int32.max), Int64((deadline.nanoseconds - MonotonicInstant.now.nanoseconds) / 1_000_000) + 1))
+            guard let message = connection.nextMessage(timeoutMilliseconds: left) else { break }
+            if message.isSignal, message.member == "NameLost", message.arguments?.first?.stringValue == PestoBusNames.busName { break }
+            _ = handle(message)
+        }
+        connection.flush()
+    }
+
+    /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start()`.
+    public var allowsReplacement = false
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
     /// Table counters as last announced with PropertiesChanged.
@@ -143,7 +165,7 @@ public final class PestoServer: TablesObserver {
             "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'")
         connection.messageHandler = { [unowned self] message in self.handle(message) }
         connection.attach(to: engine.loop, kind: EngineEventKind.dbus)
-        try connection.requestName(PestoBusNames.busName)
+        try connection.requestName(PestoBusNames.busName, allowingReplacement: allowsReplacement)
         logger.info("on the bus as \(PestoBusNames.busName) (\(connection.uniqueName))")
     }
 
@@ -169,11 +191,14 @@ public final class PestoServer: TablesObserver {
         }
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
         let address = ReplyAddress(message)
-        do {
+        do throws(DBusErrorReply) {
             // Steps 1–3.
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
                 answer(address, values)
+            case .change where handingOver:
+                throw DBusErrorReply(
+                    PestoError(.locked, "pestod is being replaced by a new instance (pestod --replace); call again: the new one answers."))
             case .change(let change):
                 // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
                 let sender = message.sender ?? "", bytes = message.argumentBytes
@@ -270,6 +295,13 @@ public final class PestoServer: TablesObserver {
     /// change after a Commit in the same turn, costs this extra save.
     private func saveCommitted() {
         commits?.flush()
+    }
+
+    /// Saves and answers every change committed so far, and announces the table counters:
+    /// before a takeover hands the tables over, nothing committed is left unsaved.
+    func flushCommitted() {
+        saveCommitted()
+        announceStaleCounters()
     }
 
     /// Sends a method reply (or error), after the table counters its call changed: a caller

@@ -204,6 +204,55 @@ package enum Sys {
         from.withMutableSockaddr { sa, len in call(.recvfrom, fd: fd) { Glibc.recvfrom(fd, bytes, count, flags, sa, len) } }
     }
 
+    /// `sendmsg(2)` of `bytes` with `descriptors` (at most `maxDescriptorsPerMessage`) as one
+    /// SCM_RIGHTS message, MSG_NOSIGNAL; returns the bytes sent. The descriptors stay open here.
+    package static func sendDescriptors(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ descriptors: [Int32]) -> Result<Int, Errno> {
+        precondition(descriptors.count <= maxDescriptorsPerMessage, "programmer error: too many descriptors for one message")
+        return descriptors.withUnsafeBufferPointer { fds in
+            call(.sendmsg, fd: fd) { pesto_send_fds(fd, bytes.baseAddress!, bytes.count, fds.baseAddress, Int32(fds.count)) }
+        }
+    }
+
+    /// The most descriptors `sendDescriptors` takes at once.
+    package static let maxDescriptorsPerMessage = Int(PESTO_MAX_FDS_PER_MESSAGE)
+
+    /// `recvmsg(2)` into `buffer` with up to `maxDescriptorsPerMessage` descriptors
+    /// (close-on-exec); returns the bytes read (0 at end of file) and the descriptors received,
+    /// which the caller now owns. More descriptors than that, or a truncated control message,
+    /// fail with EMSGSIZE and leave none open.
+    package static func receiveDescriptors(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) -> Result<(count: Int, descriptors: [Int32]), Errno> {
+        var fds = [Int32](repeating: -1, count: maxDescriptorsPerMessage)
+        var received: Int32 = 0
+        let r = fds.withUnsafeMutableBufferPointer { p in
+            call(.recvmsg, fd: fd) { pesto_recv_fds(fd, buffer.baseAddress!, buffer.count, p.baseAddress!, Int32(p.count), &received) }
+        }
+        return r.map { n in (n, fds.prefix(Int(received)).map(opened)) }
+    }
+
+    /// `getsockopt(2)` of an `Int32` option (SO_TYPE, SO_ACCEPTCONN, SO_DOMAIN).
+    package static func option(_ fd: Int32, level: Int32, name: Int32) -> Result<Int32, Errno> {
+        var value: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        return call(.getsockopt, fd: fd) { Glibc.getsockopt(fd, level, name, &value, &len) }.map { _ in value }
+    }
+
+    /// `setsockopt(SO_RCVTIMEO and SO_SNDTIMEO)`: blocking reads and writes on `fd` fail with
+    /// EAGAIN after `milliseconds`.
+    package static func setTimeouts(_ fd: Int32, milliseconds: Int) -> Result<Void, Errno> {
+        var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+        let size = socklen_t(MemoryLayout<timeval>.size)
+        return call(.setsockopt, fd: fd) { Glibc.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, size) }
+            .flatMap { _ in call(.setsockopt, fd: fd) { Glibc.setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, size) } }
+            .map { _ in () }
+    }
+
+    /// `fcntl(F_SETFL)`: makes `fd` blocking (reads and writes wait, up to `setTimeouts`).
+    package static func setBlocking(_ fd: Int32) -> Result<Void, Errno> {
+        call(.fcntl, fd: fd) { fcntl(fd, F_GETFL) }
+            .flatMap { flags in call(.fcntl, fd: fd) { fcntl(fd, F_SETFL, flags & ~Int32(PESTO_O_NONBLOCK)) } }
+            .map { _ in () }
+    }
+
     // MARK: Pipes and splice
 
     /// What one `splice(2)` did, for the relay's state machine.

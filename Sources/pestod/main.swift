@@ -13,6 +13,9 @@ import PestoSystem
 import PestoModel
 import PestoDBus
 import PestoService
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The command line of pestod.
 struct Pestod: ParsableCommand {
@@ -126,6 +129,20 @@ struct Pestod: ParsableCommand {
         valueName: "mode"))
     var authorize: String?
 
+    @Flag(name: .long, help: ArgumentHelp(
+        "Take over from the pestod running with the same runtime directory: receive its tables, listening sockets and control socket over the takeover socket, take the bus name, and let it exit; nothing is closed and reopened (see doc/takeover.md). Fails, leaving the running one in charge, if it cannot complete."))
+    var replace = false
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Directory of the root-only takeover socket (takeover.sock) a later pestod --replace connects to (default: $RUNTIME_DIRECTORY, which systemd sets from RuntimeDirectory=; without either, no takeover socket).",
+        valueName: "dir"))
+    var runtimeDir: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "How long a takeover may take, waiting for a D-Bus client's lock included, before it is given up and the running pestod stays in charge.",
+        valueName: "ms"))
+    var takeoverTimeout = 10_000
+
     @Flag(name: .long, help: "Print the D-Bus interface XML of the contract (dbus/top.passt.Pesto1.xml) and exit.")
     var printIntrospection = false
 
@@ -146,11 +163,23 @@ struct Pestod: ParsableCommand {
         if controlTimeout < 10 || controlTimeout > 600_000 { throw ValidationError("--control-timeout must be between 10 and 600000 milliseconds.") }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
+        if takeoverTimeout < 10 || takeoverTimeout > 600_000 { throw ValidationError("--takeover-timeout must be between 10 and 600000 milliseconds.") }
+        if replace && takeoverDirectory == nil {
+            throw ValidationError("--replace needs the running pestod's runtime directory: --runtime-dir or $RUNTIME_DIRECTORY.")
+        }
         if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("Unknown --log-level \(logLevel).") }
         if noState && state != nil { throw ValidationError("Give --state or --no-state, not both.") }
         if let authorize, AuthorizationMode(rawValue: authorize) == nil {
             throw ValidationError("--authorize must be one of: \(AuthorizationMode.allCases.map(\.rawValue).joined(separator: ", ")).")
         }
+    }
+
+    /// Where the takeover socket lives: --runtime-dir, else the first of systemd's
+    /// $RUNTIME_DIRECTORY (a colon-separated list), else none.
+    var takeoverDirectory: String? {
+        if let runtimeDir { return runtimeDir }
+        guard let env = getenv("RUNTIME_DIRECTORY") else { return nil }
+        return String(cString: env).split(separator: ":").first.map(String.init)
     }
 
     /// Restores the tables from `file`; returns the saved rules that could not be restored,
@@ -218,7 +247,11 @@ struct Pestod: ParsableCommand {
             config.tcp.maxConnections = maxConnections ?? plan.defaultMaxConnections
             config.udp.maxFlows = maxUdpFlows ?? plan.defaultMaxFlows
             config.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
-            let engine = try ForwardingEngine(loop: loop, configuration: config)
+            let takeoverPath = takeoverDirectory.map { $0 + "/takeover.sock" }
+            // A takeover receives everything before this instance touches the bus or the state
+            // file; any failure here exits and leaves the running pestod as it was.
+            let received = try replace ? TakeoverClient.receive(path: takeoverPath!, timeoutMilliseconds: takeoverTimeout, logger: logger) : nil
+            let engine = try ForwardingEngine(loop: loop, configuration: config, adoption: received?.adoption)
             logger.info("relay limits: \(config.tcp.maxConnections) TCP connections, \(config.udp.maxFlows) UDP flows")
             engine.budget.onExhausted = { proto in
                 switch proto {
@@ -233,8 +266,29 @@ struct Pestod: ParsableCommand {
             // The bus name first: a second pestod that cannot own it must leave the state
             // file alone (no restore, no move aside, no save). Calls queue in libdbus until
             // the loop runs, so no client sees the tables before they are restored.
-            try connection.requestName(PestoBusNames.busName)
-            let carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
+            let carried: [StateFile.Entry]
+            if let received {
+                let result = StateFile.restore(received.entries, into: engine)
+                for (entry, reason) in result.carried {
+                    logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
+                }
+                carried = result.carried.map(\.entry)
+                let adopted = received.adoption.adopted
+                received.adoption.closeUnclaimed()
+                logger.notice(
+                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused)")
+                // The running pestod allowed replacement: the name moves here at once, and goes
+                // back to it should this process die before the handover completes.
+                try connection.requestName(PestoBusNames.busName, allowingReplacement: true, replacing: true)
+                try TakeoverClient.confirm(received.channel)
+                // Under systemd (NotifyAccess=all) this process becomes the service's main
+                // process before the old one exits, which it does once the channel closes.
+                SystemdNotify.send("MAINPID=\(getpid())")
+                received.channel.finish()
+            } else {
+                try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
+                carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
+            }
             let server = PestoServer(engine: engine, connection: connection, logger: logger)
             if let state {
                 let file = StateFile(path: state)
@@ -255,16 +309,40 @@ struct Pestod: ParsableCommand {
             case .polkit: server.authorizer = PolkitAuthorizer(connection: connection)
             }
             logger.info("authorisation of changes: \(mode.rawValue)")
+            server.allowsReplacement = takeoverPath != nil
             try server.start()
-            let controlSocket = try control.map {
-                try ControlSocket(path: $0, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
+            let controlSocket: ControlSocket?
+            if let handed = received?.control {
+                if handed.path != control { logger.warning("took over the control socket at \(handed.path) (--control says \(control ?? "none"))") }
+                controlSocket = try ControlSocket(
+                    adopting: handed.fd, path: handed.path, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
+            } else {
+                controlSocket = try control.map {
+                    try ControlSocket(path: $0, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
+                }
+            }
+            var takeoverSource: TakeoverSource?
+            if let takeoverPath {
+                do throws(PestoError) {
+                    let source = try TakeoverSource(path: takeoverPath, server: server, loop: loop, logger: logger, timeoutMilliseconds: takeoverTimeout)
+                    source.control = controlSocket
+                    source.carried = carried
+                    // Exits at once: the new pestod holds every socket, the bus name and the
+                    // state file now; nothing here may be closed, unlinked or saved.
+                    source.onHandedOver = { Glibc.exit(0) }
+                    takeoverSource = source
+                } catch {
+                    logger.warning("no takeover socket: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
+                }
             }
             engine.start()
+            // Under systemd (NotifyAccess=all), a pestod that took over becomes the main process.
             SystemdNotify.send("READY=1")
             loop.run()
             SystemdNotify.send("STOPPING=1")
             engine.stop()
             _ = controlSocket  // kept open until here; its deinit removes the socket file
+            _ = takeoverSource
             loop.removeAllHandlers()  // break the loop ↔ handler cycles so everything is released
             logger.info("stopping: closing \(engine.tables.reduce(0) { $0 + $1.openSockets }) listening sockets")
             if server.disconnected { throw ExitCode(1) }

@@ -58,8 +58,12 @@ final class PestodFixture {
     var statePath: String { directory.url.appendingPathComponent("state").path }
     /// Where pestod's upstream control socket is, when started with `--control CONTROL`.
     var controlPath: String { directory.url.appendingPathComponent("control.sock").path }
-    /// pestod's log file.
-    var logFile: URL { directory.url.appendingPathComponent("pestod.log") }
+    /// How many takeovers (`takeOver`) this fixture has made: each pestod logs to its own file.
+    private(set) var generation = 0
+    /// The current pestod's log file.
+    var logFile: URL { directory.url.appendingPathComponent(generation == 0 ? "pestod.log" : "pestod-\(generation).log") }
+    /// The takeover socket's directory, for `--runtime-dir RUNTIME`.
+    var runtimePath: String { directory.url.path }
     /// What pestod has logged so far.
     var log: String { readTextFile(logFile.path) ?? "" }
 
@@ -87,7 +91,7 @@ final class PestodFixture {
     func startPestod(_ arguments: [String] = []) throws {
         // "CONTROL" and "STATE" stand for this fixture's control socket and state file paths.
         let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
-            + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 }
+            + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 == "RUNTIME" ? runtimePath : $0 }
             + (authorizeNone && !arguments.contains("--authorize") ? ["--authorize", "none"] : [])
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []
         let argv = limit + command
@@ -98,6 +102,22 @@ final class PestodFixture {
     deinit {
         pestod?.kill()
         bus.stop()
+    }
+
+    /// Starts `pestod --replace` with `arguments` and waits for its READY=1 and for the
+    /// previous pestod to exit; the fixture then follows the new one. Returns the old one's
+    /// exit status.
+    @discardableResult
+    func takeOver(_ arguments: [String]) throws -> Int32 {
+        let old = pestod!
+        generation += 1
+        do {
+            try startPestod(arguments + ["--replace"])
+        } catch {
+            pestod = old
+            throw error
+        }
+        return old.waitUntilExit()
     }
 
     // MARK: Calls
@@ -188,10 +208,10 @@ final class SignalCollector {
     let connection: DBusConnection
     private(set) var seen: [DBusMessage] = []
 
-    /// Subscribes to every signal pestod's objects emit.
-    init(address: String) throws {
+    /// Subscribes to every signal pestod's objects emit, or to what `match` selects.
+    init(address: String, match: String = "type='signal',sender='\(PestoBusNames.busName)'") throws {
         connection = try DBusConnection(.address(address))
-        try connection.addMatch("type='signal',sender='\(PestoBusNames.busName)'")
+        try connection.addMatch(match)
     }
 
     /// Waits until a signal satisfying `predicate` arrives (5 s at most); returns it.

@@ -40,6 +40,19 @@ int pesto_pipe2(int fds[_Nonnull 2], int flags);
 /* accept4(2). */
 int pesto_accept4(int fd, struct sockaddr *_Nullable addr, socklen_t *_Nullable len, int flags);
 
+/* The most descriptors one pesto_send_fds call carries (below the kernel's SCM_MAX_FD, 253). */
+enum { PESTO_MAX_FDS_PER_MESSAGE = 240 };
+
+/* sendmsg(2) of `len` bytes with `nfds` descriptors (at most PESTO_MAX_FDS_PER_MESSAGE) in one
+ * SCM_RIGHTS message, MSG_NOSIGNAL. Returns the bytes sent, or -1 with errno. */
+ssize_t pesto_send_fds(int sock, const void *_Nonnull data, size_t len, const int *_Nullable fds, int nfds);
+
+/* recvmsg(2) of at most `len` bytes and at most `maxfds` descriptors (MSG_CMSG_CLOEXEC);
+ * `*nfds` receives how many arrived. Descriptors beyond `maxfds`, or a truncated control
+ * message, make it fail with EMSGSIZE after closing every descriptor received. Returns the
+ * bytes read (0 at end of file), or -1 with errno. */
+ssize_t pesto_recv_fds(int sock, void *_Nonnull buf, size_t len, int *_Nonnull fds, int maxfds, int *_Nonnull nfds);
+
 /* pidfd_open(2) and pidfd_getfd(2), through syscall(2) (glibc 2.36 declares them only in
  * <sys/pidfd.h>): a copy of another process's descriptor, for tests that look at pestod's
  * sockets directly. */

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Takeover benchmark (doc/takeover.md): a pestod with LISTENERS listening sockets (default
+# 19,000) on a private bus is replaced ROUNDS times (default 20) by `pestod --replace`, while
+# a client connects in a loop to one forwarded port and a D-Bus client calls
+# GetManagedObjects in a loop. Reports per round the takeover time (start of the new pestod
+# to exit of the old), and overall: failed connects, listeners whose inode changed, whether
+# the objects and properties are unchanged, and the longest D-Bus call during the run.
+#
+#   Benchmarks/run-takeover.sh [LISTENERS] [ROUNDS]
+#   PESTOD=.build/debug/pestod Benchmarks/run-takeover.sh 1000 5     (skip the release build)
+#
+# Run as root (pestod raises its descriptor limit; the ports are 12000 upwards, below 32768).
+# Needs dbus-daemon, busctl and socat. Relayed connections are not handed over yet: a
+# connection accepted by the old pestod ends with it, so the connect loop only connects.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LISTENERS=${1:-19000}
+ROUNDS=${2:-20}
+BASE=12000
+if [ -z "${PESTOD:-}" ]; then
+    swift build -c release --product pestod >/dev/null
+    PESTOD=.build/release/pestod
+fi
+(( BASE + LISTENERS < 32768 )) || { echo "too many listeners for ports $BASE..32767" >&2; exit 1; }
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+dir=$(mktemp -d /tmp/pesto-takeover.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    [ -n "${current:-}" ] && kill -9 "$current" 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+cat >"$dir/bus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>session</type><listen>unix:path=$dir/bus.sock</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/></policy></busconfig>
+EOF
+dbus-daemon --config-file="$dir/bus.conf" --nofork --print-address=1 >"$dir/address" 2>"$dir/bus.log" &
+pids+=($!)
+while [ ! -s "$dir/address" ]; do sleep 0.01; done
+ADDRESS=$(head -1 "$dir/address")
+BUSCTL=(busctl --address="$ADDRESS")
+DEST=top.passt.Pesto1
+TABLE=/top/passt/Pesto1/tables/host
+ARGS=(--address "$ADDRESS" --authorize none --runtime-dir "$dir" --state "$dir/state" --control "$dir/control.sock" --log-level notice)
+
+wait_for_name() { until "${BUSCTL[@]}" status "$DEST" >/dev/null 2>&1; do sleep 0.01; done; }
+# "port inode" of every listening socket on the benchmark's ports (all pestod's).
+inodes() {
+    ss -Htlne "( sport >= :$BASE and sport < :$((BASE + LISTENERS)) )" \
+        | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^ino:/) { n = split($4, a, ":"); print a[n], substr($i, 5) } }' | sort
+}
+objects() { "${BUSCTL[@]}" call "$DEST" /top/passt/Pesto1 org.freedesktop.DBus.ObjectManager GetManagedObjects; }
+
+"$PESTOD" "${ARGS[@]}" 2>>"$dir/pestod.log" &
+current=$!
+wait_for_name
+
+# The echo target and the rules: port BASE forwarded to BASE-1, the rest listeners only.
+socat TCP-LISTEN:$((BASE - 1)),bind=127.0.0.1,reuseaddr,fork EXEC:cat &
+pids+=($!)
+"${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 1 4 \
+    protocol s tcp address s 127.0.0.1 first-port q $BASE target-port q $((BASE - 1)) >/dev/null
+"${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Activate u 1 >/dev/null
+if (( LISTENERS > 1 )); then
+    "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 2 4 \
+        protocol s tcp address s 127.0.0.1 first-port q $((BASE + 1)) last-port q $((BASE + LISTENERS - 1)) >/dev/null
+    "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Activate u 2 >/dev/null
+fi
+before_objects=$(objects)
+before_inodes=$(inodes)
+echo "pestod $current: $(echo "$before_inodes" | wc -l) listening sockets (of $LISTENERS)"
+
+# The connect loop: one line per failed connect.
+: >"$dir/failures"; : >"$dir/dbus-failures"
+( while [ ! -e "$dir/stop" ]; do
+      if ! { exec 3<>/dev/tcp/127.0.0.1/$BASE; } 2>>"$dir/failures"; then echo "at $(date +%s.%N)" >>"$dir/failures"; fi
+      exec 3>&- 3<&- || true
+      echo >>"$dir/connects"
+  done ) 2>/dev/null &
+pids+=($!)
+# The D-Bus loop: the duration of each call in microseconds.
+( while [ ! -e "$dir/stop" ]; do
+      t0=$(date +%s%N); objects >/dev/null 2>>"$dir/dbus-failures" || true
+      echo $(( ($(date +%s%N) - t0) / 1000 )) >>"$dir/dbus-us"
+  done ) &
+pids+=($!)
+
+total=0
+for round in $(seq 1 "$ROUNDS"); do
+    old=$current
+    t0=$(date +%s%N)
+    "$PESTOD" "${ARGS[@]}" --replace 2>>"$dir/pestod.log" &
+    current=$!
+    while kill -0 "$old" 2>/dev/null; do sleep 0.002; done
+    t1=$(date +%s%N)
+    wait "$old" 2>/dev/null || { echo "round $round: the old pestod exited with $?"; }
+    ms=$(( (t1 - t0) / 1000000 ))
+    total=$(( total + ms ))
+    now=$(inodes)
+    changed=$(comm -3 <(echo "$before_inodes") <(echo "$now") | wc -l)
+    echo "round $round: takeover ${ms} ms, listeners (port, inode) differing from the start: $changed"
+done
+touch "$dir/stop"
+wait_for_name
+after_objects=$(objects 2>&1) || echo "final GetManagedObjects failed: $after_objects"
+sleep 0.2
+echo "takeovers: $ROUNDS, mean $(( total / ROUNDS )) ms, listeners $LISTENERS"
+echo "connects: $(wc -l <"$dir/connects" 2>/dev/null || echo 0), failed: $(grep -c '^at ' "$dir/failures")"
+{ grep -v '^at ' "$dir/failures" || true; } | sed 's/^.*: //' | sort | uniq -c
+echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects" ] && echo yes || echo NO)"
+echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failures"), longest $(sort -n "$dir/dbus-us" | tail -1) µs, median $(sort -n "$dir/dbus-us" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') µs"
+sort "$dir/dbus-failures" | uniq -c
+grep -E "critical|takeover failed" "$dir/pestod.log" || true
