@@ -17,12 +17,12 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Command-line settings.
@@ -102,20 +102,29 @@ func bareListeners(address: IPAddress, ports: ClosedRange<UInt16>, epoll: Int32?
     sa.sin_addr = address.in4!
     for port in ports {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { failed += 1; continue }
+        if fd < 0 {
+            failed += 1
+            continue
+        }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
         sa.sin_port = port.bigEndian
-        let ok = withUnsafePointer(to: &sa) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        } == 0 && listen(fd, SOMAXCONN) == 0
+        let ok =
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            } == 0 && listen(fd, SOMAXCONN) == 0
         if ok, let epoll {
             var ev = epoll_event()
             ev.events = EPOLLIN.rawValue
             ev.data.u64 = UInt64(fd)
             epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &ev)
         }
-        if ok { fds.append(fd) } else { close(fd); failed += 1 }
+        if ok {
+            fds.append(fd)
+        } else {
+            close(fd)
+            failed += 1
+        }
     }
     return (fds, failed)
 }
@@ -128,37 +137,39 @@ print("pesto activation benchmark: \(settings.runs) runs, address \(settings.add
 
 // 1. The `all` rules.
 if settings.parts.contains(1) {
-let allSpec = try PortSpec.parse("\(settings.address)/all", proto: .tcp, ephemeralPorts: ephemeral)
-let allPorts = allSpec.rules.reduce(0) { $0 + $1.portCount }
-var allBound: UInt32 = 0
-var allFailed: UInt32 = 0
-var failureNames = Set<String>()
-var activateAll: [Double] = []
-var deactivateAll: [Double] = []
-for _ in 0..<settings.runs {
-    let table = engineTable(caps)
-    for (i, rule) in allSpec.rules.enumerated() { try table.insert(id: UInt32(i + 1), rule: rule) }
-    let t0 = monotonicSeconds()
-    (allBound, allFailed) = (0, 0)
-    for id in table.ids {
-        let counts = try table.activate(id: id)
-        allBound += counts.bound
-        allFailed += counts.failed
-        if let name = try table.status(id).lastError?.name { failureNames.insert(name) }
+    let allSpec = try PortSpec.parse("\(settings.address)/all", proto: .tcp, ephemeralPorts: ephemeral)
+    let allPorts = allSpec.rules.reduce(0) { $0 + $1.portCount }
+    var allBound: UInt32 = 0
+    var allFailed: UInt32 = 0
+    var failureNames = Set<String>()
+    var activateAll: [Double] = []
+    var deactivateAll: [Double] = []
+    for _ in 0..<settings.runs {
+        let table = engineTable(caps)
+        for (i, rule) in allSpec.rules.enumerated() { try table.insert(id: UInt32(i + 1), rule: rule) }
+        let t0 = monotonicSeconds()
+        (allBound, allFailed) = (0, 0)
+        for id in table.ids {
+            let counts = try table.activate(id: id)
+            allBound += counts.bound
+            allFailed += counts.failed
+            if let name = try table.status(id).lastError?.name { failureNames.insert(name) }
+        }
+        let t1 = monotonicSeconds()
+        for id in table.ids { try table.deactivate(id: id) }
+        let t2 = monotonicSeconds()
+        activateAll.append(t1 - t0)
+        deactivateAll.append(t2 - t1)
     }
-    let t1 = monotonicSeconds()
-    for id in table.ids { try table.deactivate(id: id) }
-    let t2 = monotonicSeconds()
-    activateAll.append(t1 - t0)
-    deactivateAll.append(t2 - t1)
-}
-let actAll = median(activateAll)
-let deactAll = median(deactivateAll)
-print("")
-print("1. `all` = \(allSpec.rules.count) rules, \(allPorts) ports on \(settings.address)")
-print("   activate   \(fixed(actAll * 1000, width: 8)) ms   bound \(allBound), failed \(allFailed) (\(failureNames.sorted().joined(separator: ", ")))")
-print("   deactivate \(fixed(deactAll * 1000, width: 8)) ms")
-print("   sockets bound per second: \(fixed(Double(allBound) / actAll, 0))")
+    let actAll = median(activateAll)
+    let deactAll = median(deactivateAll)
+    print("")
+    print("1. `all` = \(allSpec.rules.count) rules, \(allPorts) ports on \(settings.address)")
+    print(
+        "   activate   \(fixed(actAll * 1000, width: 8)) ms   bound \(allBound), failed \(allFailed) (\(failureNames.sorted().joined(separator: ", ")))"
+    )
+    print("   deactivate \(fixed(deactAll * 1000, width: 8)) ms")
+    print("   sockets bound per second: \(fixed(Double(allBound) / actAll, 0))")
 }
 
 // 2. Engine against the bare syscall loop, for as many listeners as fit.
@@ -177,76 +188,83 @@ var epollBound = 0
 /// (user space only: the kernel's socket memory is not in RSS).
 var rssPerListener = 0.0
 if settings.parts.contains(2) {
-for _ in 0..<settings.runs {
-    let t0 = monotonicSeconds()
-    let (fds, _) = bareListeners(address: settings.address, ports: range)
-    let t1 = monotonicSeconds()
-    bareBound = fds.count
-    for fd in fds { close(fd) }
-    bareTimes.append(t1 - t0)
+    for _ in 0..<settings.runs {
+        let t0 = monotonicSeconds()
+        let (fds, _) = bareListeners(address: settings.address, ports: range)
+        let t1 = monotonicSeconds()
+        bareBound = fds.count
+        for fd in fds { close(fd) }
+        bareTimes.append(t1 - t0)
 
-    let ep = epoll_create1(0)
-    let t4 = monotonicSeconds()
-    let (efds, _) = bareListeners(address: settings.address, ports: range, epoll: ep)
-    epollTimes.append(monotonicSeconds() - t4)
-    epollBound = efds.count
-    for fd in efds { close(fd) }
-    close(ep)
+        let ep = epoll_create1(0)
+        let t4 = monotonicSeconds()
+        let (efds, _) = bareListeners(address: settings.address, ports: range, epoll: ep)
+        epollTimes.append(monotonicSeconds() - t4)
+        epollBound = efds.count
+        for fd in efds { close(fd) }
+        close(ep)
 
-    let table = engineTable(caps)
-    try table.insert(id: 1, rule: rule)
-    let rssBefore = currentRSSKiB()
-    let t2 = monotonicSeconds()
-    engineBound = try table.activate(id: 1).bound
-    let t3 = monotonicSeconds()
-    engineTimes.append(t3 - t2)
-    rssPerListener = Double(currentRSSKiB() - rssBefore) * 1024 / Double(max(engineBound, 1))
-    engineFailure = try table.status(1).lastError?.name
-    try table.deactivate(id: 1)
-}
-let engineMedian = median(engineTimes)
-let bareMedian = median(bareTimes)
-let epollMedian = median(epollTimes)
-/// Microseconds per port attempted: every port costs its system calls, bound or not.
-func perPort(_ t: Double) -> String { fixed(t * 1e6 / Double(n), 2, width: 8) }
-print("")
-print("2. \(n) listeners, ports \(range), one rule: the engine against bare loops run side by side")
-print("                            engine   bare loop   bare+epoll")
-print("   activation (ms)       \(fixed(engineMedian * 1000, width: 8))    \(fixed(bareMedian * 1000, width: 8))     \(fixed(epollMedian * 1000, width: 8))")
-print("   per port (µs)         \(perPort(engineMedian))    \(perPort(bareMedian))     \(perPort(epollMedian))")
-print("   bound (of \(n))      \(String(engineBound).padding(8))    \(String(bareBound).padding(8))     \(String(epollBound).padding(8))")
-print("   RATIO engine ÷ bare+epoll (socket, setsockopt, bind, listen, epoll_ctl): \(fixed(engineMedian / epollMedian, 2))   (engine ÷ bare: \(fixed(engineMedian / bareMedian, 2)))")
-print("   RSS per listener (pestod's own memory, not the kernel's): \(fixed(rssPerListener, 0)) bytes (last run)")
-if Int(engineBound) != n || bareBound != n || epollBound != n {
-    print("   note: not every port was bound (engine's last error: \(engineFailure ?? "none")); ports of this range are")
-    print("   taken by other processes, or RLIMIT_NOFILE is too low: use --address, --listeners, or a network namespace")
-}
+        let table = engineTable(caps)
+        try table.insert(id: 1, rule: rule)
+        let rssBefore = currentRSSKiB()
+        let t2 = monotonicSeconds()
+        engineBound = try table.activate(id: 1).bound
+        let t3 = monotonicSeconds()
+        engineTimes.append(t3 - t2)
+        rssPerListener = Double(currentRSSKiB() - rssBefore) * 1024 / Double(max(engineBound, 1))
+        engineFailure = try table.status(1).lastError?.name
+        try table.deactivate(id: 1)
+    }
+    let engineMedian = median(engineTimes)
+    let bareMedian = median(bareTimes)
+    let epollMedian = median(epollTimes)
+    /// Microseconds per port attempted: every port costs its system calls, bound or not.
+    func perPort(_ t: Double) -> String { fixed(t * 1e6 / Double(n), 2, width: 8) }
+    print("")
+    print("2. \(n) listeners, ports \(range), one rule: the engine against bare loops run side by side")
+    print("                            engine   bare loop   bare+epoll")
+    print(
+        "   activation (ms)       \(fixed(engineMedian * 1000, width: 8))    \(fixed(bareMedian * 1000, width: 8))     \(fixed(epollMedian * 1000, width: 8))"
+    )
+    print("   per port (µs)         \(perPort(engineMedian))    \(perPort(bareMedian))     \(perPort(epollMedian))")
+    print(
+        "   bound (of \(n))      \(String(engineBound).padding(8))    \(String(bareBound).padding(8))     \(String(epollBound).padding(8))")
+    print(
+        "   RATIO engine ÷ bare+epoll (socket, setsockopt, bind, listen, epoll_ctl): \(fixed(engineMedian / epollMedian, 2))   (engine ÷ bare: \(fixed(engineMedian / bareMedian, 2)))"
+    )
+    print("   RSS per listener (pestod's own memory, not the kernel's): \(fixed(rssPerListener, 0)) bytes (last run)")
+    if Int(engineBound) != n || bareBound != n || epollBound != n {
+        print("   note: not every port was bound (engine's last error: \(engineFailure ?? "none")); ports of this range are")
+        print("   taken by other processes, or RLIMIT_NOFILE is too low: use --address, --listeners, or a network namespace")
+    }
 }
 
 // 3. One rule change with those listeners present.
 if settings.parts.contains(3) {
-let table = engineTable(caps)
-try table.insert(id: 1000, rule: rule)
-try table.activate(id: 1000)
-let otherPort = UInt16(range.upperBound) + 1
-let one = Rule(proto: .tcp, address: settings.address, firstPort: otherPort)
-/// Median time of inserting, activating, deactivating and deleting `one` in `table`.
-@MainActor func ruleChangeCost(_ table: ForwardingTable) -> Double {
-    measure(max(settings.runs, 5) * 20) {
-        let t0 = monotonicSeconds()
-        try! table.insert(id: 500, rule: one)
-        try! table.activate(id: 500)
-        try! table.deactivate(id: 500)
-        try! table.delete(id: 500)
-        return monotonicSeconds() - t0
+    let table = engineTable(caps)
+    try table.insert(id: 1000, rule: rule)
+    try table.activate(id: 1000)
+    let otherPort = UInt16(range.upperBound) + 1
+    let one = Rule(proto: .tcp, address: settings.address, firstPort: otherPort)
+    /// Median time of inserting, activating, deactivating and deleting `one` in `table`.
+    @MainActor func ruleChangeCost(_ table: ForwardingTable) -> Double {
+        measure(max(settings.runs, 5) * 20) {
+            let t0 = monotonicSeconds()
+            try! table.insert(id: 500, rule: one)
+            try! table.activate(id: 500)
+            try! table.deactivate(id: 500)
+            try! table.delete(id: 500)
+            return monotonicSeconds() - t0
+        }
     }
-}
-let change = ruleChangeCost(table)
-let changeEmpty = ruleChangeCost(engineTable(caps))
-try table.deactivate(id: 1000)
-print("")
-print("3. one rule insert+activate+deactivate+delete")
-print("   with \(n) listeners active: \(fixed(change * 1e6)) µs; with none: \(fixed(changeEmpty * 1e6)) µs; ratio \(fixed(change / changeEmpty, 2))")
+    let change = ruleChangeCost(table)
+    let changeEmpty = ruleChangeCost(engineTable(caps))
+    try table.deactivate(id: 1000)
+    print("")
+    print("3. one rule insert+activate+deactivate+delete")
+    print(
+        "   with \(n) listeners active: \(fixed(change * 1e6)) µs; with none: \(fixed(changeEmpty * 1e6)) µs; ratio \(fixed(change / changeEmpty, 2))"
+    )
 }
 print("")
 print("4. peak RSS: \(fixed(peakRSSMiB())) MiB")

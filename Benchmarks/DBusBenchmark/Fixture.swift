@@ -5,12 +5,12 @@
 // (PestoTestSupport's PrivateBus and ChildProcess.startReady, as in the tests).
 
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A private bus and a pestod on it; `stop()` SIGKILLs both and removes the temp dir.
@@ -40,7 +40,8 @@ struct Fixture {
         let bus = try PrivateBus(directory: dir.path, stderr: .file(dir.file("bus.log")))
         cleanup.add(child: bus.process.pid)
         let log = dir.file("pestod.log")
-        let arguments = ["--address", bus.address, "--authorize", "none"]
+        let arguments =
+            ["--address", bus.address, "--authorize", "none"]
             + pestodArguments.map { $0 == controlPlaceholder ? dir.file("control.sock") : $0 }
         let pestodProcess = try ChildProcess.startReady(
             pestod, arguments, notifyPath: dir.file("notify.sock"), stdout: .file(dir.file("pestod.out")),

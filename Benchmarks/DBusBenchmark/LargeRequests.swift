@@ -27,12 +27,12 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Runs as the prober: `Status(id)` back to back until stdin reports EOF, then one line
@@ -49,7 +49,8 @@ func runStatusProber(address: String, id: UInt32, timeoutSeconds: Int) -> Never 
         if poll(&pfd, 1, 0) > 0 { break }  // EOF (or anything) on stdin: the phase is over
         let start = monotonicSeconds()
         do {
-            _ = try connection.call(busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: Int32(timeoutSeconds * 1000))
+            _ = try connection.call(
+                busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: Int32(timeoutSeconds * 1000))
         } catch {
             errors += 1
         }
@@ -122,7 +123,12 @@ func uploadOnControlSocket(_ path: String, _ upload: [UInt8], timeoutSeconds: In
 func runLargeRequestBenchmark(_ settings: Settings) throws {
     let pestod = executableDirectory() + "/pestod"
     guard access(pestod, X_OK) == 0 else { throw HarnessError("no pestod next to this binary (\(pestod)); build it in release mode") }
-    let fixture = try Fixture.start(pestod: pestod, pestodArguments: ["--control", Fixture.controlPlaceholder, "--control-timeout", String(min(settings.largeTimeoutSeconds * 1000, 600_000)), "--max-rules", "65536"] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
+    let fixture = try Fixture.start(
+        pestod: pestod,
+        pestodArguments: [
+            "--control", Fixture.controlPlaceholder, "--control-timeout", String(min(settings.largeTimeoutSeconds * 1000, 600_000)),
+            "--max-rules", "65536",
+        ] + (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []))
     defer { fixture.stop() }
     let address = fixture.address
     let n = 65_535
@@ -133,7 +139,8 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
 
     let client = try DBusConnection(.address(address))
     let statusID: UInt32 = 1
-    _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: TestSockets.freePorts(1).lowerBound)])
+    _ = try client.call(
+        busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: TestSockets.freePorts(1).lowerBound)])
     _ = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(statusID)])
     let addresses = (0..<n).map { IPAddress.v4(0x7F03_0000 + UInt32($0)) }
     let ids = (0..<n).map { UInt32(1000 + $0) }
@@ -157,10 +164,16 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
         try client.call(busName, tablePath, tableInterface, member, args, timeoutMilliseconds: Int32(timeout * 1000))
     }
     phase("Apply: insert+activate \(n)") {
-        let rules = zip(ids, addresses).map { DBusValue.structure([.uint32($0), .vardict([
-            ("protocol", .string("tcp")), ("address", .string($1.description)), ("first-port", .uint16(port)),
-        ])]) }
-        let reply = try call("Apply", [.array(element: "(ua{sv})", rules), .array(element: "u", []), .vardict([("max-failures", .uint32(1))])])
+        let rules = zip(ids, addresses).map {
+            DBusValue.structure([
+                .uint32($0),
+                .vardict([
+                    ("protocol", .string("tcp")), ("address", .string($1.description)), ("first-port", .uint16(port)),
+                ]),
+            ])
+        }
+        let reply = try call(
+            "Apply", [.array(element: "(ua{sv})", rules), .array(element: "u", []), .vardict([("max-failures", .uint32(1))])])
         let results = reply.first?.arrayValue ?? []
         let bound = results.reduce(0) { $0 + Int($1.structValue?[1].uint32Value ?? 0) }
         let failed = results.reduce(0) { $0 + Int($1.structValue?[2].uint32Value ?? 0) }

@@ -7,13 +7,13 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Writes `text` and a newline to stderr (no Foundation, no C `stderr` global).
@@ -75,18 +75,20 @@ func installSignalCleanup() {
     for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
     pthread_sigmask(SIG_BLOCK, &set, nil)
     var tid = pthread_t()
-    let rc = pthread_create(&tid, nil, { _ in
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
-        var sig: Int32 = 0
-        if sigwait(&set, &sig) == 0 {
-            printError("pesto-dbus-bench: signal \(sig), stopping children and removing the temp dir")
-            cleanup.run()
-            _exit(128 + sig)
-        }
-        return nil
-    }, nil)
+    let rc = pthread_create(
+        &tid, nil,
+        { _ in
+            var set = sigset_t()
+            sigemptyset(&set)
+            for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+            var sig: Int32 = 0
+            if sigwait(&set, &sig) == 0 {
+                printError("pesto-dbus-bench: signal \(sig), stopping children and removing the temp dir")
+                cleanup.run()
+                _exit(128 + sig)
+            }
+            return nil
+        }, nil)
     if rc == 0 { pthread_detach(tid) }
 }
 

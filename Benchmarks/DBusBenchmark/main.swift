@@ -49,12 +49,12 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Command-line settings.
@@ -271,10 +271,13 @@ func runBenchmark(_ settings: Settings) throws {
     if let cpu = settings.cpu { try pin(toCPU: cpu) }  // before any child is spawned: they inherit it
     let fixture = try Fixture.start(
         pestod: pestod,
-        pestodArguments: (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []) + (settings.authorize.map { ["--authorize", $0] } ?? []))
+        pestodArguments: (settings.pestodLogLevel.map { ["--log-level", $0] } ?? [])
+            + (settings.authorize.map { ["--authorize", $0] } ?? []))
     defer { fixture.stop() }
     let address = fixture.address
-    print("pesto D-Bus benchmark: \(settings.runs) runs, \(fixed(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run")
+    print(
+        "pesto D-Bus benchmark: \(settings.runs) runs, \(fixed(settings.seconds, 2)) s per in-process run, \(settings.iterations) processes per tool run"
+    )
     print("bus \(address)   pestod pid \(fixture.pestodPID)   \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) CPUs")
     print("load average at start: \(loadAverage())   \(settings.cpu.map { "all processes pinned to CPU \($0)" } ?? "not pinned to a CPU")")
 
@@ -372,7 +375,9 @@ func runBenchmark(_ settings: Settings) throws {
     print("")
     print("\(pad("metric", 34))      ops/s     µs/op   ÷ GetId  ÷ busctl  spread")
     for (name, ops, spread) in rows {
-        print("\(pad(name, 34)) \(fixed(ops, 0, width: 10)) \(fixed(1e6 / ops, 1, width: 9)) \(ratio(ops / getID)) \(ratio(ops / busctl)) \(fixed(spread, 0, width: 6))%")
+        print(
+            "\(pad(name, 34)) \(fixed(ops, 0, width: 10)) \(fixed(1e6 / ops, 1, width: 9)) \(ratio(ops / getID)) \(ratio(ops / busctl)) \(fixed(spread, 0, width: 6))%"
+        )
     }
     if settings.verbose {
         print("")
@@ -381,19 +386,31 @@ func runBenchmark(_ settings: Settings) throws {
     }
     print("")
     if let worst = metrics.max(by: { $0.spreadPercent < $1.spreadPercent }), worst.spreadPercent > 25 {
-        print("note: \(worst.name) varied by \(fixed(worst.spreadPercent, 0))% between runs; the machine is busy\(settings.cpu == nil ? " or the processes moved between CPUs (try --cpu 0)" : ""); rerun with --verbose")
+        print(
+            "note: \(worst.name) varied by \(fixed(worst.spreadPercent, 0))% between runs; the machine is busy\(settings.cpu == nil ? " or the processes moved between CPUs (try --cpu 0)" : ""); rerun with --verbose"
+        )
     }
-    print("ops/s: median of \(settings.runs) runs; ÷ GetId: ops/s over the bus daemon's own GetId; ÷ busctl: over busctl Status; spread: (max−min)/median")
+    print(
+        "ops/s: median of \(settings.runs) runs; ÷ GetId: ops/s over the bus daemon's own GetId; ÷ busctl: over busctl Status; spread: (max−min)/median"
+    )
     print("rule cycles: \(cycles) in all, \(cycleBindFailures) with Activate ≠ (1 bound, 0 failed); pestod logged \(logLines) lines")
     print("")
     print("RATIOS against the baselines run side by side:")
-    print("  Status ÷ bus daemon GetId:           \(fixed(metrics[2].value / getID, 3))   (issue 13 asks ≥ 0.47; a call to pestod crosses the bus twice, GetId once: 0.5 is the limit)")
-    print("  Ins+Act+Deact+Del cycles per second:  \(fixed(metrics[3].value, 0))   (issue 13 asks ≥ 2,500; authorisation: \(settings.authorize ?? "pestod's default"))")
+    print(
+        "  Status ÷ bus daemon GetId:           \(fixed(metrics[2].value / getID, 3))   (issue 13 asks ≥ 0.47; a call to pestod crosses the bus twice, GetId once: 0.5 is the limit)"
+    )
+    print(
+        "  Ins+Act+Deact+Del cycles per second:  \(fixed(metrics[3].value, 0))   (issue 13 asks ≥ 2,500; authorisation: \(settings.authorize ?? "pestod's default"))"
+    )
     if let a = activation {
-        print("  Activate of \(a.ports) ports over D-Bus ÷ bare loop with epoll: \(fixed(a.dbus / a.bare, 2))   (\(fixed(a.dbus * 1e6 / Double(a.ports), 2)) against \(fixed(a.bare * 1e6 / Double(a.ports), 2)) µs per port; bound \(a.bound) and \(a.bareBound); issue 13 asks ≤ 1.15)")
+        print(
+            "  Activate of \(a.ports) ports over D-Bus ÷ bare loop with epoll: \(fixed(a.dbus / a.bare, 2))   (\(fixed(a.dbus * 1e6 / Double(a.ports), 2)) against \(fixed(a.bare * 1e6 / Double(a.ports), 2)) µs per port; bound \(a.bound) and \(a.bareBound); issue 13 asks ≤ 1.15)"
+        )
     }
     let kib = { (k: Int?) in k.map { "\(fixed(Double($0) / 1024, 1)) MiB" } ?? "?" }
-    print("pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))")
+    print(
+        "pestod peak RSS (VmHWM) \(kib(memory.pestodPeak)), RSS at end \(kib(memory.pestodNow)); dbus-daemon peak RSS \(kib(memory.busPeak))"
+    )
 }
 
 /// The bare loop: socket, SO_REUSEADDR, bind, listen and epoll_ctl for each port, then closes
@@ -414,9 +431,10 @@ func bareListenerLoop(first: UInt16, count: Int) -> (seconds: Double, bound: Int
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
         sa.sin_port = (first &+ UInt16(k)).bigEndian
-        let ok = withUnsafePointer(to: &sa) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        } == 0 && listen(fd, SOMAXCONN) == 0
+        let ok =
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            } == 0 && listen(fd, SOMAXCONN) == 0
         if ok {
             let epollCtlAdd: Int32 = 1  // EPOLL_CTL_ADD
             _ = Sys.epollWatch(ep, epollCtlAdd, fd: fd, events: EventLoop.Events.readable, data: UInt64(fd))
@@ -434,7 +452,9 @@ func bareListenerLoop(first: UInt16, count: Int) -> (seconds: Double, bound: Int
 /// Activate of one `activationPorts`-port rule over D-Bus (the round trip, as a client sees
 /// it) against the bare loop on the same ports in this process, alternately, median of
 /// --runs each. The rule is inserted once and deactivated after each run.
-func activationThroughDBus(_ client: DBusConnection, _ settings: Settings) throws -> (ports: Int, dbus: Double, bare: Double, bound: UInt32, bareBound: Int) {
+func activationThroughDBus(_ client: DBusConnection, _ settings: Settings) throws -> (
+    ports: Int, dbus: Double, bare: Double, bound: UInt32, bareBound: Int
+) {
     let n = settings.activationPorts
     let first = settings.activationFirstPort
     guard Int(first) + n - 1 <= 65_535 else { throw HarnessError("--activation-first-port + --activation-ports passes 65535") }

@@ -24,13 +24,13 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // MARK: - Small helpers
@@ -124,7 +124,7 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
         tcp = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | nonblocking, 0)
         TestSockets.setOption(tcp, level: SOL_SOCKET, name: SO_REUSEADDR, 1)
         guard SocketAddress(.loopbackIPv4, port: tcpPort).withSockaddr({ bind(tcp, $0, $1) }) == 0,
-              listen(tcp, 4096) == 0
+            listen(tcp, 4096) == 0
         else { fail("cannot listen on TCP 127.0.0.1:\(tcpPort): \(Errno.current)") }
         watch(tcp, EPOLLIN.rawValue)
     }
@@ -153,7 +153,10 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
         var offset = 0
         while offset < bytes.count {
             let w = write(fd, bytes.baseAddress! + offset, bytes.count - offset)
-            if w > 0 { offset += w; continue }
+            if w > 0 {
+                offset += w
+                continue
+            }
             if w < 0 && errno == EINTR { continue }
             if w < 0 && errno == EAGAIN {
                 pending[fd] = Array(bytes[offset...])

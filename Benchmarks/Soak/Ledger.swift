@@ -15,7 +15,7 @@ import PestoDBus
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// What the ledger knows of one rule: its forwarding fields and whether it is active.
@@ -31,19 +31,28 @@ struct RuleState: Equatable, Sendable, CustomStringConvertible {
 
     /// The rule description to send for this rule (inactive: the state is separate).
     var dbusRule: DBusValue {
-        .vardict([("protocol", .string(proto)), ("address", .string(address)), ("first-port", .uint16(first)),
-                  ("last-port", .uint16(last)), ("target-port", .uint16(targetPort))])
+        .vardict([
+            ("protocol", .string(proto)), ("address", .string(address)), ("first-port", .uint16(first)),
+            ("last-port", .uint16(last)), ("target-port", .uint16(targetPort)),
+        ])
     }
 
     /// Reads one entry of `List` (`(u id, a{sv} rule, (b active, u bound, u failed, s error))`).
     static func fromList(_ item: DBusValue) -> (UInt32, RuleState)? {
         guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let pairs = s[1].vardictValue,
-              let active = s[2].structValue?.first?.boolValue
+            let active = s[2].structValue?.first?.boolValue
         else { return nil }
         let d = Dictionary(pairs, uniquingKeysWith: { a, _ in a })
-        func port(_ k: String) -> UInt16 { if case .uint16(let p)? = d[k] { return p }; return 0 }
-        return (id, RuleState(proto: d["protocol"]?.stringValue ?? "?", address: d["address"]?.stringValue ?? "?",
-                              first: port("first-port"), last: port("last-port"), targetPort: port("target-port"), active: active))
+        func port(_ k: String) -> UInt16 {
+            if case .uint16(let p)? = d[k] { return p }
+            return 0
+        }
+        return (
+            id,
+            RuleState(
+                proto: d["protocol"]?.stringValue ?? "?", address: d["address"]?.stringValue ?? "?",
+                first: port("first-port"), last: port("last-port"), targetPort: port("target-port"), active: active)
+        )
     }
 }
 
@@ -83,7 +92,9 @@ final class Ledger: Sendable {
             var lost: [String] = []
             for id in Set(restored.keys).union(s.committed.keys).sorted() where restored[id] != s.committed[id] {
                 if let alt = s.inFlight, alt[id] == restored[id] { continue }
-                lost.append("\(name) rule \(id): acknowledged \(s.committed[id].map(\.description) ?? "absent"), restored \(restored[id].map(\.description) ?? "absent")")
+                lost.append(
+                    "\(name) rule \(id): acknowledged \(s.committed[id].map(\.description) ?? "absent"), restored \(restored[id].map(\.description) ?? "absent")"
+                )
             }
             return lost
         }
@@ -180,14 +191,17 @@ final class Gate: Sendable {
 
 /// How a reply ended: acknowledged, refused by pestod (nothing changed), or unknown (no reply).
 enum Outcome {
-    case acknowledged, refused(String), unknown(String)
+    case acknowledged
+    case refused(String)
+    case unknown(String)
 
     /// Classifies an error name: pestod's own errors and the bus's argument and limit errors are
     /// definite refusals; anything else (NoReply, ServiceUnknown, Disconnected, timeouts) leaves
     /// the outcome unknown.
     static func of(errorName name: String) -> Outcome {
         if name.hasPrefix("top.passt.Pesto1.Error.") || name == "org.freedesktop.DBus.Error.InvalidArgs"
-            || name == "org.freedesktop.DBus.Error.LimitsExceeded" || name == "org.freedesktop.DBus.Error.AccessDenied" {
+            || name == "org.freedesktop.DBus.Error.LimitsExceeded" || name == "org.freedesktop.DBus.Error.AccessDenied"
+        {
             return .refused(name)
         }
         return .unknown(name)

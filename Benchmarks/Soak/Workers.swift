@@ -12,7 +12,7 @@ import PestoModel
 import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where every client talks to, and what they share.
@@ -52,7 +52,8 @@ func dbusClient(_ s: Shared, ledger: Ledger, ports: ClosedRange<UInt16>, seed: U
         case ..<30:
             member = "Insert"
             let first = ports.lowerBound + UInt16(rng.below(ports.count))
-            let rule = RuleState(proto: rng.pick(["tcp", "udp"]), address: "127.0.0.1", first: first, last: first, targetPort: s.echoPort, active: false)
+            let rule = RuleState(
+                proto: rng.pick(["tcp", "udp"]), address: "127.0.0.1", first: first, last: first, targetPort: s.echoPort, active: false)
             args.append(rule.dbusRule)
             if after[id] == nil { after[id] = rule }
         case ..<55:
@@ -73,7 +74,8 @@ func dbusClient(_ s: Shared, ledger: Ledger, ports: ClosedRange<UInt16>, seed: U
                 guard !newIDs.contains(nid) else { continue }
                 newIDs.append(nid)
                 let first = ports.lowerBound + UInt16(rng.below(ports.count))
-                let rule = RuleState(proto: rng.pick(["tcp", "udp"]), address: "127.0.0.1", first: first, last: first, targetPort: s.echoPort, active: true)
+                let rule = RuleState(
+                    proto: rng.pick(["tcp", "udp"]), address: "127.0.0.1", first: first, last: first, targetPort: s.echoPort, active: true)
                 inserts.append(.structure([.uint32(nid), rule.dbusRule]))
                 after[nid] = rule
             }
@@ -115,7 +117,7 @@ final class Peer {
 
     init?(_ s: Shared) {
         guard let child = try? ChildProcess(s.peerPath, [s.busAddress]),
-              child.readLine(timeoutMilliseconds: 10_000)?.hasPrefix("ready ") == true
+            child.readLine(timeoutMilliseconds: 10_000)?.hasPrefix("ready ") == true
         else { return nil }  // a child that started is SIGKILLed as it goes away
         self.child = child
     }
@@ -173,7 +175,9 @@ func lockHolder(_ s: Shared, ledger: Ledger, ports: ClosedRange<UInt16>, seed: U
             case 0:
                 let first = ports.lowerBound + UInt16(rng.below(ports.count))
                 line = "Insert \(id) \(first) 127.0.0.1"
-                if after[id] == nil { after[id] = RuleState(proto: "tcp", address: "127.0.0.1", first: first, last: first, targetPort: first, active: false) }
+                if after[id] == nil {
+                    after[id] = RuleState(proto: "tcp", address: "127.0.0.1", first: first, last: first, targetPort: first, active: false)
+                }
             case 1:
                 line = "Activate \(id)"
                 after[id]?.active = true
@@ -244,7 +248,9 @@ func uploader(_ s: Shared, ports: ClosedRange<UInt16>, seed: UInt64) {
         for _ in 0..<rng.below(4) {
             let first = ports.lowerBound + UInt16(rng.below(ports.count))
             let rule = Rule(proto: rng.pick([.tcp, .udp]), address: .loopbackIPv4, firstPort: first, targetPort: s.echoPort)
-            if !mine.contains(where: { $0.rule.firstPort == first && $0.rule.proto == rule.proto }) { mine.append(.init(rule: rule, bestEffort: rng.oneIn(3))) }
+            if !mine.contains(where: { $0.rule.firstPort == first && $0.rule.proto == rule.proto }) {
+                mine.append(.init(rule: rule, bestEffort: rng.oneIn(3)))
+            }
         }
         let ok = s.gate.exclusive { uploadSession(s.controlPath, keepingAllBut: ports, adding: mine) }
         if ok { s.stats.uploads.add(1, ordering: .relaxed) } else { s.stats.uploadsFailed.add(1, ordering: .relaxed) }
@@ -289,7 +295,8 @@ func traffic(_ s: Shared, tcpPorts: [UInt16], udpPorts: [UInt16], seed: UInt64) 
             let payload = (0..<16).map { _ in UInt8(rng.below(256)) }
             ok = TestTraffic.udpExchange(fd: udp, port: rng.pick(udpPorts), payload: payload)?.reply == payload
         }
-        let inRestart = wasRestarting || s.control.restarting.load(ordering: .relaxed) || s.control.restarts.load(ordering: .relaxed) != restartsBefore
+        let inRestart =
+            wasRestarting || s.control.restarting.load(ordering: .relaxed) || s.control.restarts.load(ordering: .relaxed) != restartsBefore
         switch (isTCP, ok) {
         case (true, true): s.stats.connections.add(1, ordering: .relaxed)
         case (false, true): s.stats.datagrams.add(1, ordering: .relaxed)

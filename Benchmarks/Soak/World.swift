@@ -6,12 +6,12 @@
 // NOTIFY_SOCKET datagram socket we bind, so every start is waited for without guessing.
 
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A soak failure with one sentence for the user.

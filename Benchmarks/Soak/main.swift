@@ -35,7 +35,7 @@ import PestoTestSupport
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Command-line settings.
@@ -92,7 +92,9 @@ func listRules(_ bus: DBusConnection) -> [(UInt32, RuleState)]? {
 }
 
 /// Inserts and activates the stable rules traffic goes through, and the sentinel; all acknowledged.
-func setUp(_ bus: DBusConnection, setup: Ledger, sentinel: Ledger, tcpPorts: [UInt16], udpPorts: [UInt16], echoPort: UInt16, sentinelPort: UInt16) throws {
+func setUp(
+    _ bus: DBusConnection, setup: Ledger, sentinel: Ledger, tcpPorts: [UInt16], udpPorts: [UInt16], echoPort: UInt16, sentinelPort: UInt16
+) throws {
     var state: [UInt32: RuleState] = [:]
     for (k, (proto, port)) in (tcpPorts.map { ("tcp", $0) } + udpPorts.map { ("udp", $0) }).enumerated() {
         let id = setup.ids.lowerBound + UInt32(k)
@@ -142,12 +144,15 @@ func main() throws {
 
     let setup = Ledger(name: "setup", ids: 1...99)
     let sentinel = Ledger(name: "sentinel", ids: 4_000_000_000...4_000_000_000)
-    try setUp(checker, setup: setup, sentinel: sentinel, tcpPorts: stablePorts, udpPorts: stablePorts, echoPort: echoPort, sentinelPort: sentinelPort)
+    try setUp(
+        checker, setup: setup, sentinel: sentinel, tcpPorts: stablePorts, udpPorts: stablePorts, echoPort: echoPort,
+        sentinelPort: sentinelPort)
 
     let control = Control()
     let stats = Stats()
-    let shared = Shared(busAddress: world.busAddress, controlPath: world.controlPath, peerPath: world.peerPath, control: control,
-                        gate: Gate(), stats: stats, echoPort: echoPort)
+    let shared = Shared(
+        busAddress: world.busAddress, controlPath: world.controlPath, peerPath: world.peerPath, control: control,
+        gate: Gate(), stats: stats, echoPort: echoPort)
     var ledgers = [setup, sentinel]
     var mutators = 0
     var threads = 0
@@ -209,8 +214,9 @@ func main() throws {
 
     let start = monotonicSeconds()
     let end = start + settings.seconds
-    print("pesto-soak: \(Int(settings.seconds)) s, seed \(settings.seed), \(settings.clients) D-Bus clients, \(settings.lockHolders) lock holders, "
-          + "1 uploader, 2 traffic threads, pestod killed about every \(Int(settings.killEvery)) s; ports \(ports)")
+    print(
+        "pesto-soak: \(Int(settings.seconds)) s, seed \(settings.seed), \(settings.clients) D-Bus clients, \(settings.lockHolders) lock holders, "
+            + "1 uploader, 2 traffic threads, pestod killed about every \(Int(settings.killEvery)) s; ports \(ports)")
     func nextKill() -> Double { monotonicSeconds() + (settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) }
     var killAt = nextKill()
     while monotonicSeconds() < end {
@@ -236,7 +242,8 @@ func main() throws {
 
     let refusals = stats.refusals.withLock { $0 }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     func n(_ a: borrowing Atomic<Int>) -> Int { a.load(ordering: .relaxed) }
-    print("""
+    print(
+        """
         pesto-soak: ran \(fixed(seconds, 0)) s
           calls made (D-Bus, in process and by peer processes): \(n(stats.calls))
           changes acknowledged: \(n(stats.acknowledged)) (transactions committed \(n(stats.transactionsCommitted)), rolled back \(n(stats.transactionsRolledBack)))

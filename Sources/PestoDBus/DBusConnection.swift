@@ -10,7 +10,7 @@
 import CDBus
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Which bus to connect to.

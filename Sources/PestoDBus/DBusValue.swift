@@ -77,14 +77,38 @@ public indirect enum DBusValue: Equatable, Sendable {
 
     // MARK: Accessors (nil when the value is of another type)
 
-    public var stringValue: String? { if case .string(let s) = self { return s }; return nil }
-    public var uint32Value: UInt32? { if case .uint32(let v) = self { return v }; return nil }
-    public var uint16Value: UInt16? { if case .uint16(let v) = self { return v }; return nil }
-    public var boolValue: Bool? { if case .bool(let v) = self { return v }; return nil }
-    public var objectPathValue: String? { if case .objectPath(let v) = self { return v }; return nil }
-    public var variantValue: DBusValue? { if case .variant(let v) = self { return v }; return nil }
-    public var arrayValue: [DBusValue]? { if case .array(_, let v) = self { return v }; return nil }
-    public var structValue: [DBusValue]? { if case .structure(let v) = self { return v }; return nil }
+    public var stringValue: String? {
+        if case .string(let s) = self { return s }
+        return nil
+    }
+    public var uint32Value: UInt32? {
+        if case .uint32(let v) = self { return v }
+        return nil
+    }
+    public var uint16Value: UInt16? {
+        if case .uint16(let v) = self { return v }
+        return nil
+    }
+    public var boolValue: Bool? {
+        if case .bool(let v) = self { return v }
+        return nil
+    }
+    public var objectPathValue: String? {
+        if case .objectPath(let v) = self { return v }
+        return nil
+    }
+    public var variantValue: DBusValue? {
+        if case .variant(let v) = self { return v }
+        return nil
+    }
+    public var arrayValue: [DBusValue]? {
+        if case .array(_, let v) = self { return v }
+        return nil
+    }
+    public var structValue: [DBusValue]? {
+        if case .structure(let v) = self { return v }
+        return nil
+    }
 
     /// The entries of an `a{sv}` as (key, unwrapped value) pairs; nil for other types.
     public var vardictValue: [(String, DBusValue)]? {

@@ -71,7 +71,8 @@ public struct DBusInterfaceSpec: Sendable {
 }
 
 private func arg(_ name: String, _ sig: String) -> DBusArgumentSpec { DBusArgumentSpec(name: name, signature: sig) }
-private func method(_ name: String, _ inputs: [DBusArgumentSpec] = [], _ outputs: [DBusArgumentSpec] = [], _ doc: String) -> DBusMethodSpec {
+private func method(_ name: String, _ inputs: [DBusArgumentSpec] = [], _ outputs: [DBusArgumentSpec] = [], _ doc: String) -> DBusMethodSpec
+{
     DBusMethodSpec(name: name, inputs: inputs, outputs: outputs, doc: doc)
 }
 /// A method that changes the tables (or takes the lock), so its caller is authorised first.
@@ -89,11 +90,19 @@ public enum PestoInterfaces {
     /// `top.passt.Pesto1.Manager`.
     public static let manager = DBusInterfaceSpec(
         name: "top.passt.Pesto1.Manager",
-        doc: "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes, or 16 MiB of arguments, already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
+        doc:
+            "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes, or 16 MiB of arguments, already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
         methods: [
-            privileged(method("Lock", [], [], "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves; a Lock whose caller leaves before it is authorised is never granted.")),
+            privileged(
+                method(
+                    "Lock", [], [],
+                    "Take the lock: until Unlock, or until the caller leaves the bus, only the caller may change the tables. Its uncommitted changes are rolled back if it leaves; a Lock whose caller leaves before it is authorised is never granted."
+                )),
             method("Unlock", [], [], "Release the lock; uncommitted changes are rolled back."),
-            method("Commit", [], [], "Make the changes made under the lock permanent. With a state file the reply comes once they are saved; if they cannot be (SaveFailed), they are undone and the lock stays held."),
+            method(
+                "Commit", [], [],
+                "Make the changes made under the lock permanent. With a state file the reply comes once they are saved; if they cannot be (SaveFailed), they are undone and the lock stays held."
+            ),
             method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),
         ],
         signals: [],
@@ -108,22 +117,35 @@ public enum PestoInterfaces {
         name: "top.passt.Pesto1.Table",
         doc: "One forwarding table (HOST: inbound, SPLICE: outbound). Rules are kept in ID order; every mutating call is atomic.",
         methods: [
-            privileged(method("Insert", [arg("id", "u"), arg("rule", "a{sv}")], [], "Add a rule, inactive. Conflicts are not checked here.")),
+            privileged(
+                method("Insert", [arg("id", "u"), arg("rule", "a{sv}")], [], "Add a rule, inactive. Conflicts are not checked here.")),
             privileged(method("Delete", [arg("id", "u")], [], "Remove an inactive rule.")),
-            privileged(method("Activate", [arg("id", "u")], [arg("bound", "u"), arg("failed", "u")], "Bind and listen on every socket of the rule; completes even if binds fail.")),
+            privileged(
+                method(
+                    "Activate", [arg("id", "u")], [arg("bound", "u"), arg("failed", "u")],
+                    "Bind and listen on every socket of the rule; completes even if binds fail.")),
             privileged(method("Deactivate", [arg("id", "u")], [], "Close the rule's listening sockets; relayed connections are not cut.")),
-            method("Status", [arg("id", "u")], [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s")], "The rule's state; last_error is the errno name of the latest bind failure or empty."),
+            method(
+                "Status", [arg("id", "u")], [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s")],
+                "The rule's state; last_error is the errno name of the latest bind failure or empty."),
             method("Read", [arg("id", "u")], [arg("rule", "a{sv}")], "The rule as stored, defaults filled in."),
-            method("ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")], "The rule at a position in ID order; NoSuchRule past the end."),
+            method(
+                "ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")],
+                "The rule at a position in ID order; NoSuchRule past the end."),
             method("List", [], [arg("rules", "a(ua{sv}(buus))")], "Every rule with its status, in ID order."),
-            privileged(method("Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
-                   "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b). Either array longer than MaxRules is InvalidArgs.")),
+            privileged(
+                method(
+                    "Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
+                    "Insert and activate new rules and deactivate and delete removed ones in one call, rolled back entirely on any error or on too many bind failures (options: max-failures u, best-effort b). Either array longer than MaxRules is InvalidArgs."
+                )),
         ],
         signals: [
-            DBusSignalSpec(name: "RuleStateChanged", arguments: [arg("id", "u"), arg("active", "b"), arg("bound", "u"), arg("failed", "u")],
-                           doc: "A rule was activated or deactivated, or a retry or scan changed its socket counts."),
-            DBusSignalSpec(name: "BindFailuresChanged", arguments: [arg("id", "u"), arg("failed", "u"), arg("last_error", "s")],
-                           doc: "A rule's bind failure count changed."),
+            DBusSignalSpec(
+                name: "RuleStateChanged", arguments: [arg("id", "u"), arg("active", "b"), arg("bound", "u"), arg("failed", "u")],
+                doc: "A rule was activated or deactivated, or a retry or scan changed its socket counts."),
+            DBusSignalSpec(
+                name: "BindFailuresChanged", arguments: [arg("id", "u"), arg("failed", "u"), arg("last_error", "s")],
+                doc: "A rule's bind failure count changed."),
         ],
         properties: [
             prop("Name", "s", .never, "HOST or SPLICE."),
@@ -153,7 +175,9 @@ public enum PestoInterfaces {
             prop("TargetPort", "q", .never, "Destination port of FirstPort."),
             prop("Scan", "b", .never, "Listens only on ports bound on the target side."),
             prop("Owner", "s", .never, "Tag of the client that made the rule."),
-            prop("ProxyProtocol", "s", .never, "PROXY protocol header sent to the target before a TCP connection's data: empty (none), v1 or v2."),
+            prop(
+                "ProxyProtocol", "s", .never,
+                "PROXY protocol header sent to the target before a TCP connection's data: empty (none), v1 or v2."),
             prop("Active", "b", .changes, "Whether the rule is active."),
             prop("BoundSockets", "u", .changes, "Sockets bound."),
             prop("BindFailures", "u", .changes, "Sockets whose bind failed."),
@@ -172,7 +196,9 @@ public enum PestoInterfaces {
             method("Set", [arg("interface_name", "s"), arg("property_name", "s"), arg("value", "v")], [], ""),
         ],
         signals: [
-            DBusSignalSpec(name: "PropertiesChanged", arguments: [arg("interface_name", "s"), arg("changed_properties", "a{sv}"), arg("invalidated_properties", "as")], doc: "")
+            DBusSignalSpec(
+                name: "PropertiesChanged",
+                arguments: [arg("interface_name", "s"), arg("changed_properties", "a{sv}"), arg("invalidated_properties", "as")], doc: "")
         ],
         properties: [])
 
@@ -191,7 +217,8 @@ public enum PestoInterfaces {
         name: "org.freedesktop.DBus.ObjectManager", doc: "",
         methods: [method("GetManagedObjects", [], [arg("objects", "a{oa{sa{sv}}}")], "")],
         signals: [
-            DBusSignalSpec(name: "InterfacesAdded", arguments: [arg("object_path", "o"), arg("interfaces_and_properties", "a{sa{sv}}")], doc: ""),
+            DBusSignalSpec(
+                name: "InterfacesAdded", arguments: [arg("object_path", "o"), arg("interfaces_and_properties", "a{sa{sv}}")], doc: ""),
             DBusSignalSpec(name: "InterfacesRemoved", arguments: [arg("object_path", "o"), arg("interfaces", "as")], doc: ""),
         ],
         properties: [])
@@ -263,7 +290,9 @@ extension PestoInterfaces {
         var xml = introspectionXML(interfaces: contract, children: [], docs: true)
         xml = xml.replacing(
             "<node>\n",
-            with: "<!-- pestod D-Bus contract, version 1 (bus name top.passt.Pesto1). Generated from Sources/PestoDBus/Interfaces.swift by the pestod option print-introspection; semantics in doc/. -->\n<node>\n")
+            with:
+                "<!-- pestod D-Bus contract, version 1 (bus name top.passt.Pesto1). Generated from Sources/PestoDBus/Interfaces.swift by the pestod option print-introspection; semantics in doc/. -->\n<node>\n"
+        )
         return xml
     }
 }

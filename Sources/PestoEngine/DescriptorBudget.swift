@@ -36,8 +36,9 @@
 
 import PestoModel
 import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The descriptor plan of one pestod, derived from its open-file limit.

@@ -23,12 +23,12 @@
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
 
+import CPestoSys
 import PestoModel
 import PestoSystem
-import CPestoSys
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Receives the readiness events of the sources registered with its kind.

@@ -5,8 +5,9 @@
 
 import PestoModel
 import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where traffic that arrives on one listening port goes.

@@ -4,8 +4,9 @@
 
 import PestoModel
 import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// How an engine is set up.
@@ -123,7 +124,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             // Scan rules need another side to look at: they exist only with a namespace.
             let hostCaps = configuration.capabilities ?? caps.union(.scan)
             host = ForwardingTable(
-                kind: .host, capabilities: hostCaps, limits: configuration.limits, factory: factory(KernelListenerFactory(families: caps), .host))
+                kind: .host, capabilities: hostCaps, limits: configuration.limits,
+                factory: factory(KernelListenerFactory(families: caps), .host))
             let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }.union(.scan)
             splice = ForwardingTable(
                 kind: .splice, capabilities: inside, limits: configuration.limits,
@@ -131,7 +133,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         } else {
             namespace = nil
             host = ForwardingTable(
-                kind: .host, capabilities: caps, limits: configuration.limits, factory: factory(KernelListenerFactory(families: caps), .host))
+                kind: .host, capabilities: caps, limits: configuration.limits,
+                factory: factory(KernelListenerFactory(families: caps), .host))
             splice = nil
         }
         // HOST targets are on the namespace's side (if any), SPLICE targets on ours.
@@ -323,7 +326,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         guard wouldLoop(target, destination) else { return false }
         conditions.occurred(
             .forwardingLoop,
-            detail: "\(target.table.name) rule \(target.ruleID) forwards \(target.proto) to \(destination.endpoint.map { "\($0.address) port \($0.port)" } ?? "?"), one of pestod's own "
+            detail:
+                "\(target.table.name) rule \(target.ruleID) forwards \(target.proto) to \(destination.endpoint.map { "\($0.address) port \($0.port)" } ?? "?"), one of pestod's own "
                 + "listeners: connections and datagrams to it are refused")
         return true
     }

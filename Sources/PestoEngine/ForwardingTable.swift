@@ -202,7 +202,8 @@ public final class ForwardingTable {
     /// The rule at `position` in ID order; `NoSuchRule` past the end.
     public func read(atIndex position: Int) throws(PestoError) -> (id: UInt32, rule: Rule) {
         guard position >= 0 && position < entries.count else {
-            throw PestoError(.noSuchRule, "The \(kind.name) table has \(ClientText.counted(entries.count, "rule")); there is none at index \(position).")
+            throw PestoError(
+                .noSuchRule, "The \(kind.name) table has \(ClientText.counted(entries.count, "rule")); there is none at index \(position).")
         }
         let entry = entries[slots[idsInOrder()[position]]!]
         return (entry.id, entry.rule)
@@ -236,7 +237,9 @@ public final class ForwardingTable {
     ///
     /// - Throws: `RuleExists`, `InvalidRule`, `NoSpace`; nothing changes on error.
     public func insert(id: UInt32, rule: Rule) throws(PestoError) {
-        if slots[id] != nil { throw PestoError(.ruleExists, "The \(kind.name) table already has a rule \(id); delete it first or pick another ID.") }
+        if slots[id] != nil {
+            throw PestoError(.ruleExists, "The \(kind.name) table already has a rule \(id); delete it first or pick another ID.")
+        }
         try rule.validate(capabilities: capabilities)
         if entries.count >= limits.maxRules {
             throw PestoError(.noSpace, "The \(kind.name) table is full: it holds at most \(limits.maxRules) rules.")

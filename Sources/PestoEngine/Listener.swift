@@ -16,8 +16,9 @@
 
 import PestoModel
 import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Opens and closes the listening sockets of rules. The table calls nothing else that touches

@@ -18,8 +18,9 @@
 import CPestoSys
 import PestoModel
 import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Handed-over listening descriptors waiting to be claimed by their rules' activation.
@@ -84,7 +85,9 @@ public final class ListenerAdoption {
             address.endpoint?.port == port
         else { return false }
         if proto == .tcp {
-            guard case .success(let accepting) = Sys.option(fd, level: SOL_SOCKET, name: SO_ACCEPTCONN), accepting != 0 else { return false }
+            guard case .success(let accepting) = Sys.option(fd, level: SOL_SOCKET, name: SO_ACCEPTCONN), accepting != 0 else {
+                return false
+            }
         }
         return true
     }

@@ -8,12 +8,12 @@
 // at once. Only CLONE_NEWNET is entered, which is allowed in a multi-threaded process;
 // the loop thread is a dedicated thread (never a pooled one), as setns requires.
 
+import CPestoSys
 import PestoModel
 import PestoSystem
-import CPestoSys
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A network namespace the engine can create sockets in (and the one it came from).

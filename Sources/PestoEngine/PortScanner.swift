@@ -41,8 +41,9 @@
 
 import PestoModel
 import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A set of ports as a 65,536-bit bitmap (1,024 `UInt64` words); no allocation after `init`.

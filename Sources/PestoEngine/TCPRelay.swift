@@ -50,12 +50,12 @@
 // A connection only ever refers to its own descriptors and a copy of its target, so it
 // survives the deactivation or deletion of the rule whose listener accepted it.
 
+import CPestoSys
 import PestoModel
 import PestoSystem
-import CPestoSys
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Limits and tuning of the TCP relay.

@@ -65,12 +65,12 @@
 //
 // The relay belongs to the loop thread.
 
+import CPestoSys
 import PestoModel
 import PestoSystem
-import CPestoSys
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Limits and timing of the UDP relay.

@@ -5,7 +5,7 @@
 import CPestoSys
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An error number reported by the kernel or the C library.

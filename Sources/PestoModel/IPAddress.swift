@@ -3,7 +3,7 @@
 // IPAddress: an IPv4 or IPv6 address as a value, parsed and printed by the C library.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An address family the engine can listen on or forward to.
@@ -52,8 +52,10 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
     public init(in6 a6: in6_addr) {
         var bytes = a6
         let (hi, lo) = withUnsafeBytes(of: &bytes) { raw -> (UInt64, UInt64) in
-            (UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self)),
-             UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
+            (
+                UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self)),
+                UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            )
         }
         if hi == 0 && lo >> 32 == 0xFFFF {
             self = .v4(UInt32(truncatingIfNeeded: lo))

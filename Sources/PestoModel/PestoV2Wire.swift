@@ -45,7 +45,7 @@
 // `Rule` for `validate` to reject.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Upstream pesto's control protocol, version 2: constants, rule codec, and upload parser.
@@ -432,8 +432,10 @@ public enum PestoV2Wire {
 
     /// Appends `value` big-endian.
     private static func appendU32(_ value: UInt32, to out: inout [UInt8]) {
-        out += [UInt8(truncatingIfNeeded: value >> 24), UInt8(truncatingIfNeeded: value >> 16),
-                UInt8(truncatingIfNeeded: value >> 8), UInt8(truncatingIfNeeded: value)]
+        out += [
+            UInt8(truncatingIfNeeded: value >> 24), UInt8(truncatingIfNeeded: value >> 16),
+            UInt8(truncatingIfNeeded: value >> 8), UInt8(truncatingIfNeeded: value),
+        ]
     }
 
     /// Stores `value` big-endian at `offset`.

@@ -43,7 +43,7 @@
 // so pestoctl exits 1; the conformance table marks those rows.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The result of parsing one -t/-u/-T/-U argument.
@@ -280,20 +280,23 @@ extension Cursor {
         var t = p
         if t.literal(":"), let address = t.anyAddress(), t.literal("/"), let targets = t.portRange() {
             self = t
-            return .include(first: range.first, last: range.last, target: address,
-                            targetFirst: targets.first, targetLast: targets.last)
+            return .include(
+                first: range.first, last: range.last, target: address,
+                targetFirst: targets.first, targetLast: targets.last)
         }
         t = p
         if t.literal(":"), let address = t.anyAddress() {
             self = t
-            return .include(first: range.first, last: range.last, target: address,
-                            targetFirst: range.first, targetLast: range.last)
+            return .include(
+                first: range.first, last: range.last, target: address,
+                targetFirst: range.first, targetLast: range.last)
         }
         t = p
         if t.literal(":"), let targets = t.portRange() {
             self = t
-            return .include(first: range.first, last: range.last, target: nil,
-                            targetFirst: targets.first, targetLast: targets.last)
+            return .include(
+                first: range.first, last: range.last, target: nil,
+                targetFirst: targets.first, targetLast: targets.last)
         }
         self = p
         return .include(first: range.first, last: range.last, target: nil, targetFirst: range.first, targetLast: range.last)
@@ -376,9 +379,11 @@ private struct PortSpecParser {
         if cursor.bytes.isEmpty {
             return fail("", "the port spec is empty; give \"none\", \"all\", \"auto\" or a list of ports.")
         }
-        return fail(rest, what.isEmpty
-            ? (rest.isEmpty ? "the spec ends where a port was expected." : "cannot read \"\(rest)\" as ports.")
-            : what)
+        return fail(
+            rest,
+            what.isEmpty
+                ? (rest.isEmpty ? "the spec ends where a port was expected." : "cannot read \"\(rest)\" as ports.")
+                : what)
     }
 
     /// Reads the chunk list after the listening prefix and makes the rules.
@@ -411,11 +416,14 @@ private struct PortSpecParser {
                 includesSeen = true
                 let piece = String(decoding: before.bytes[before.at..<p.at], as: UTF8.self)
                 if targetLast - targetFirst != last - first {
-                    throw fail(piece, "\"\(piece)\" maps \(last - first + 1) port\(last == first ? "" : "s") to "
-                        + "\(targetLast - targetFirst + 1); the target range must be as long as the listening range.")
+                    throw fail(
+                        piece,
+                        "\"\(piece)\" maps \(last - first + 1) port\(last == first ? "" : "s") to "
+                            + "\(targetLast - targetFirst + 1); the target range must be as long as the listening range.")
                 }
-                try addRuns(&rules, first: first, last: last, excluded: excluded, address: address, interface: interface,
-                            target: target, delta: targetFirst - first, scan: scan, piece: piece)
+                try addRuns(
+                    &rules, first: first, last: last, excluded: excluded, address: address, interface: interface,
+                    target: target, delta: targetFirst - first, scan: scan, piece: piece)
             }
         } while p.literal(",")
         if !p.atEnd { throw bad(p, "\"\(String(decoding: p.rest, as: UTF8.self))\" follows the ports; separate ports with commas.") }
@@ -423,8 +431,9 @@ private struct PortSpecParser {
         if includesSeen { return PortSpec(rules: rules) }
         // "all", "auto" alone or exclusions only: everything else but the ephemeral range.
         for port in Int(ephemeral.lowerBound)...Int(ephemeral.upperBound) { excluded[port] = true }
-        try addRuns(&rules, first: 1, last: 65535, excluded: excluded, address: address, interface: interface,
-                    target: allTarget, delta: 0, scan: scan, piece: spec)
+        try addRuns(
+            &rules, first: 1, last: 65535, excluded: excluded, address: address, interface: interface,
+            target: allTarget, delta: 0, scan: scan, piece: spec)
         return PortSpec(rules: rules, bestEffort: true)
     }
 
@@ -462,17 +471,23 @@ private struct PortSpecParser {
             }
             guard let address = rule.address else {
                 let wildcard = target.family == .ipv4 ? "0.0.0.0" : "[::]"
-                throw fail(piece, "\"\(piece)\" listens dual stack (no listening address) but forwards to \(target.family) "
-                    + "address \(target); give \(wildcard)/... to listen on \(target.family) only.")
+                throw fail(
+                    piece,
+                    "\"\(piece)\" listens dual stack (no listening address) but forwards to \(target.family) "
+                        + "address \(target); give \(wildcard)/... to listen on \(target.family) only.")
             }
             if address.family != target.family {
-                throw fail(piece, "\"\(piece)\" forwards from \(address.family) address \(address) to \(target.family) "
-                    + "address \(target); use one family for both.")
+                throw fail(
+                    piece,
+                    "\"\(piece)\" forwards from \(address.family) address \(address) to \(target.family) "
+                        + "address \(target); use one family for both.")
             }
         }
         for other in earlier where other.firstPort <= rule.lastPort && rule.firstPort <= other.lastPort {
-            throw fail(piece, "\"\(piece)\" forwards port\(rule.portCount == 1 ? "" : "s") "
-                + "\(rule.firstPort)\(rule.portCount == 1 ? "" : "-\(rule.lastPort)") again; each port can be forwarded only once.")
+            throw fail(
+                piece,
+                "\"\(piece)\" forwards port\(rule.portCount == 1 ? "" : "s") "
+                    + "\(rule.firstPort)\(rule.portCount == 1 ? "" : "-\(rule.lastPort)") again; each port can be forwarded only once.")
         }
     }
 }

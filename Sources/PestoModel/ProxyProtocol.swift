@@ -27,7 +27,7 @@
 // (RuleValidation.swift).
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Which PROXY protocol header a rule's relayed connections start with.

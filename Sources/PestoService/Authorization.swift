@@ -14,8 +14,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// The polkit actions of `polkit/top.passt.Pesto1.policy`.
 public enum PestoActions {

@@ -82,8 +82,10 @@ final class AuthorizationQueue {
     private var nextToken: UInt64 = 0
 
     /// A queue asking `authorizer` about `action` for each change.
-    init(authorizer: any Authorizer, action: String, maxPendingPerSender: Int = AuthorizationQueue.defaultMaxPendingPerSender,
-         maxPendingBytesPerSender: Int = AuthorizationQueue.defaultMaxPendingBytesPerSender) {
+    init(
+        authorizer: any Authorizer, action: String, maxPendingPerSender: Int = AuthorizationQueue.defaultMaxPendingPerSender,
+        maxPendingBytesPerSender: Int = AuthorizationQueue.defaultMaxPendingBytesPerSender
+    ) {
         precondition(maxPendingPerSender > 0 && maxPendingBytesPerSender > 0)
         self.authorizer = authorizer
         self.action = action

@@ -20,8 +20,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// Why a change was not made.
 enum ChangeRefusal: Error {

@@ -22,8 +22,8 @@
 import Logging
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// Committed, not yet saved changes and whom to tell once they are (or are not) saved.
 final class CommitBatch {
@@ -43,7 +43,10 @@ final class CommitBatch {
     private(set) var saves = 0
 
     /// A batch that saves with `save` and undoes through `perform`.
-    init(logger: Logger = Logger(label: "pestod"), save: @escaping () throws(PestoError) -> Void, perform: @escaping (TableOperation) throws(PestoError) -> Void) {
+    init(
+        logger: Logger = Logger(label: "pestod"), save: @escaping () throws(PestoError) -> Void,
+        perform: @escaping (TableOperation) throws(PestoError) -> Void
+    ) {
         self.logger = logger
         self.save = save
         self.perform = perform

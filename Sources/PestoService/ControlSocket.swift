@@ -40,11 +40,11 @@ import CPestoSys
 import Logging
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// pestod's upstream-compatible control socket.
@@ -202,7 +202,9 @@ public final class ControlSocket: EventHandler {
     /// Writes what is queued, reads what arrived.
     private func serve(_ events: UInt32) {
         if written < output.count {
-            switch output.withUnsafeBytes({ Sys.send(client, $0.baseAddress! + written, output.count - written, flags: Int32(MSG_NOSIGNAL)) }) {
+            switch output.withUnsafeBytes({
+                Sys.send(client, $0.baseAddress! + written, output.count - written, flags: Int32(MSG_NOSIGNAL))
+            }) {
             case .success(let n): written += n
             case .failure(.wouldBlock): break
             case .failure(let e): return end("write failed: \(e)")
@@ -257,7 +259,9 @@ public final class ControlSocket: EventHandler {
                 if let deadline { loop.cancelTimer(deadline) }
                 deadline = loop.after(milliseconds: timeoutMilliseconds) { [unowned self] in
                     self.deadline = nil
-                    self.end("the tables stayed locked by \(self.server.lockOwner ?? owner) for \(self.timeoutMilliseconds) ms; update refused, nothing changed")
+                    self.end(
+                        "the tables stayed locked by \(self.server.lockOwner ?? owner) for \(self.timeoutMilliseconds) ms; update refused, nothing changed"
+                    )
                 }
                 logger.info("control socket: upload waits for the lock held by \(owner) (at most \(timeoutMilliseconds) ms)")
             }

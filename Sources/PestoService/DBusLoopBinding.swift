@@ -11,8 +11,8 @@
 import CDBus
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 extension DBusConnection {
 
@@ -63,13 +63,19 @@ final class DBusLoopBinding: EventHandler, DBusConnectionBinding {
         let ctx = Unmanaged.passUnretained(self).toOpaque()
         dbus_connection_set_watch_functions(
             connection,
-            { w, d in DBusLoopBinding.me(d).addWatch(w!); return 1 },
+            { w, d in
+                DBusLoopBinding.me(d).addWatch(w!)
+                return 1
+            },
             { w, d in DBusLoopBinding.me(d).removeWatch(w!) },
             { w, d in DBusLoopBinding.me(d).refresh(fd: dbus_watch_get_unix_fd(w!)) },
             ctx, nil)
         dbus_connection_set_timeout_functions(
             connection,
-            { t, d in DBusLoopBinding.me(d).addTimeout(t!); return 1 },
+            { t, d in
+                DBusLoopBinding.me(d).addTimeout(t!)
+                return 1
+            },
             { t, d in DBusLoopBinding.me(d).removeTimeout(t!) },
             { t, d in DBusLoopBinding.me(d).toggleTimeout(t!) },
             ctx, nil)

@@ -13,8 +13,8 @@
 import Logging
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// A change to one rule of one table: what the service performs and the journal records.
 enum TableOperation: Equatable, CustomStringConvertible {

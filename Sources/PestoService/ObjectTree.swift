@@ -14,8 +14,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 enum ObjectTree {
     /// An object of the tree.
@@ -88,7 +88,9 @@ enum ObjectTree {
 
     /// The properties of `object` for `interface`, in contract order; nil if it lacks the
     /// interface. `lockOwner` is the Manager's `LockOwner` (the lock is the server's state).
-    static func properties(_ object: Object, _ interface: String, engine: ForwardingEngine, lockOwner: String? = nil) -> [(String, DBusValue)]? {
+    static func properties(_ object: Object, _ interface: String, engine: ForwardingEngine, lockOwner: String? = nil) -> [(
+        String, DBusValue
+    )]? {
         guard object.interfaces.contains(where: { $0.name == interface }) else { return nil }
         return implementedProperties(object, interface, engine: engine, lockOwner: lockOwner)
     }
@@ -145,16 +147,22 @@ enum ObjectTree {
     /// `a{sa{sv}}` of a rule object as it was when reported (InterfacesAdded of a rule whose
     /// report was held back until its update was final shows it as inserted: inactive).
     static func ruleInterfacesAndProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ status: RuleStatus) -> DBusValue {
-        .dictionary(key: "s", value: "a{sv}", Object.rule(kind, id).interfaces.map { i in
-            DBusValue.DictEntry(.string(i.name), .vardict(i.name == PestoInterfaces.rule.name ? ruleProperties(kind, id, rule, status) : []))
-        })
+        .dictionary(
+            key: "s", value: "a{sv}",
+            Object.rule(kind, id).interfaces.map { i in
+                DBusValue.DictEntry(
+                    .string(i.name), .vardict(i.name == PestoInterfaces.rule.name ? ruleProperties(kind, id, rule, status) : []))
+            })
     }
 
     /// `a{sa{sv}}`: every interface of `object` with its properties (InterfacesAdded, GetManagedObjects).
     static func interfacesAndProperties(_ object: Object, engine: ForwardingEngine, lockOwner: String? = nil) -> DBusValue {
-        .dictionary(key: "s", value: "a{sv}", object.interfaces.map { i in
-            DBusValue.DictEntry(.string(i.name), .vardict(implementedProperties(object, i.name, engine: engine, lockOwner: lockOwner) ?? []))
-        })
+        .dictionary(
+            key: "s", value: "a{sv}",
+            object.interfaces.map { i in
+                DBusValue.DictEntry(
+                    .string(i.name), .vardict(implementedProperties(object, i.name, engine: engine, lockOwner: lockOwner) ?? []))
+            })
     }
 }
 
@@ -179,7 +187,8 @@ extension PestoServer {
             guard props.contains(where: { $0.0 == name }) else {
                 throw DBusErrorReply(DBusErrorReply.unknownProperty, "Interface \(interface) has no property \(ClientText.quote(name)).")
             }
-            throw DBusErrorReply(DBusErrorReply.propertyReadOnly, "Property \(name) is read-only; use the \(interface) methods to change state.")
+            throw DBusErrorReply(
+                DBusErrorReply.propertyReadOnly, "Property \(name) is read-only; use the \(interface) methods to change state.")
         }
     }
 
@@ -187,9 +196,13 @@ extension PestoServer {
     func managedObjects() -> DBusValue {
         var entries: [DBusValue.DictEntry] = []
         for t in engine.tables {
-            entries.append(.init(.objectPath(PestoBusNames.tablePath(t.kind)), ObjectTree.interfacesAndProperties(.table(t.kind), engine: engine)))
+            entries.append(
+                .init(.objectPath(PestoBusNames.tablePath(t.kind)), ObjectTree.interfacesAndProperties(.table(t.kind), engine: engine)))
             for id in t.ids {
-                entries.append(.init(.objectPath(PestoBusNames.rulePath(t.kind, id)), ObjectTree.interfacesAndProperties(.rule(t.kind, id), engine: engine)))
+                entries.append(
+                    .init(
+                        .objectPath(PestoBusNames.rulePath(t.kind, id)),
+                        ObjectTree.interfacesAndProperties(.rule(t.kind, id), engine: engine)))
             }
         }
         return .dictionary(key: "o", value: "a{sa{sv}}", entries)

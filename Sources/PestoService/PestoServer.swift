@@ -53,8 +53,8 @@
 import Logging
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// pestod's D-Bus service.
 public final class PestoServer: TablesObserver {
@@ -162,7 +162,8 @@ public final class PestoServer: TablesObserver {
     /// Subscribes to NameOwnerChanged, attaches to the loop and takes the bus name.
     public func start() throws(DBusErrorReply) {
         try connection.addMatch(
-            "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'")
+            "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'"
+        )
         connection.messageHandler = { [unowned self] message in self.handle(message) }
         connection.attach(to: engine.loop, kind: EngineEventKind.dbus)
         try connection.requestName(PestoBusNames.busName, allowingReplacement: allowsReplacement)
@@ -201,7 +202,8 @@ public final class PestoServer: TablesObserver {
                     PestoError(.locked, "pestod is being replaced by a new instance (pestod --replace); call again: the new one answers."))
             case .change(let change):
                 // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
-                let sender = message.sender ?? "", bytes = message.argumentBytes
+                let sender = message.sender ?? ""
+                let bytes = message.argumentBytes
                 gate.submit(change, sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) {
                     [unowned self] outcome in self.changed(address, sender: sender, bytes: bytes, outcome)
                 }
@@ -218,7 +220,9 @@ public final class PestoServer: TablesObserver {
     }
 
     /// Answers a change the gate made or refused (steps 9 and 10).
-    private func changed(_ address: ReplyAddress, sender: String, bytes: Int, _ outcome: Result<(result: ChangeResult, committed: Journal), ChangeRefusal>) {
+    private func changed(
+        _ address: ReplyAddress, sender: String, bytes: Int, _ outcome: Result<(result: ChangeResult, committed: Journal), ChangeRefusal>
+    ) {
         switch outcome {
         case .success(let done):
             answer(address, Self.replyValues(done.result), committed: done.committed)
@@ -245,7 +249,9 @@ public final class PestoServer: TablesObserver {
         case .done: return []
         case .counts(let c): return [.uint32(c.bound), .uint32(c.failed)]
         case .applied(let rules):
-            return [.array(element: "(uuu)", rules.map { .structure([.uint32($0.id), .uint32($0.counts.bound), .uint32($0.counts.failed)]) })]
+            return [
+                .array(element: "(uuu)", rules.map { .structure([.uint32($0.id), .uint32($0.counts.bound), .uint32($0.counts.failed)]) })
+            ]
         }
     }
 
@@ -261,7 +267,8 @@ public final class PestoServer: TablesObserver {
             return DBusErrorReply(
                 DBusErrorReply.limitsExceeded,
                 "Your changes waiting for authorization hold \(waiting?.pendingBytes(of: sender) ?? 0) bytes of arguments; "
-                    + "this one (\(bytes) bytes) would exceed the \(waiting?.maxPendingBytesPerSender ?? 0) allowed; wait for their replies.")
+                    + "this one (\(bytes) bytes) would exceed the \(waiting?.maxPendingBytesPerSender ?? 0) allowed; wait for their replies."
+            )
         }
     }
 
@@ -350,12 +357,14 @@ public final class PestoServer: TablesObserver {
         let spec: DBusInterfaceSpec
         if let name = message.interface {
             guard let s = interfaces.first(where: { $0.name == name }) else {
-                throw DBusErrorReply(DBusErrorReply.unknownInterface, "Object \(ClientText.quote(path)) has no interface \(ClientText.quote(name)).")
+                throw DBusErrorReply(
+                    DBusErrorReply.unknownInterface, "Object \(ClientText.quote(path)) has no interface \(ClientText.quote(name)).")
             }
             spec = s
         } else {
             guard let s = interfaces.first(where: { $0.method(member) != nil }) else {
-                throw DBusErrorReply(DBusErrorReply.unknownMethod, "Object \(ClientText.quote(path)) has no method \(ClientText.quote(member)).")
+                throw DBusErrorReply(
+                    DBusErrorReply.unknownMethod, "Object \(ClientText.quote(path)) has no method \(ClientText.quote(member)).")
             }
             spec = s
         }
@@ -431,7 +440,9 @@ public final class PestoServer: TablesObserver {
     // MARK: The control socket (UpstreamUpdate.swift)
 
     /// The active rules of every table, as upstream's dump lists them.
-    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] { editor.upstreamDump() }
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
+        editor.upstreamDump()
+    }
 
     /// The most rules an upload may give one table.
     var upstreamRuleLimit: Int { editor.upstreamRuleLimit }
@@ -451,18 +462,22 @@ public final class PestoServer: TablesObserver {
 
     /// InterfacesAdded for a new rule, as it was inserted (inactive).
     func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule) {
-        emit(.signal(
-            path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
-            arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.ruleInterfacesAndProperties(kind, id, rule, .inactive)]))
+        emit(
+            .signal(
+                path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
+                arguments: [
+                    .objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.ruleInterfacesAndProperties(kind, id, rule, .inactive),
+                ]))
         announcedRuleStatus[RuleRef(kind: kind, id: id)] = .inactive
         announceCounters(kind)
     }
 
     /// InterfacesRemoved for a deleted rule.
     func ruleRemoved(_ kind: TableKind, _ id: UInt32) {
-        emit(.signal(
-            path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
-            arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
+        emit(
+            .signal(
+                path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
+                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
         announcedRuleStatus[RuleRef(kind: kind, id: id)] = nil
         announceCounters(kind)
     }
@@ -477,13 +492,15 @@ public final class PestoServer: TablesObserver {
     /// PropertiesChanged; the table's counters are marked stale.
     func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ s: RuleStatus, failuresChanged: Bool, retried: Bool) {
         let tablePath = PestoBusNames.tablePath(kind)
-        emit(.signal(
-            path: tablePath, interface: PestoInterfaces.table.name, member: "RuleStateChanged",
-            arguments: [.uint32(id), .bool(s.active), .uint32(s.bound), .uint32(s.failed)]))
+        emit(
+            .signal(
+                path: tablePath, interface: PestoInterfaces.table.name, member: "RuleStateChanged",
+                arguments: [.uint32(id), .bool(s.active), .uint32(s.bound), .uint32(s.failed)]))
         if failuresChanged {
-            emit(.signal(
-                path: tablePath, interface: PestoInterfaces.table.name, member: "BindFailuresChanged",
-                arguments: [.uint32(id), .uint32(s.failed), .string(s.lastErrorName)]))
+            emit(
+                .signal(
+                    path: tablePath, interface: PestoInterfaces.table.name, member: "BindFailuresChanged",
+                    arguments: [.uint32(id), .uint32(s.failed), .string(s.lastErrorName)]))
         }
         let ref = RuleRef(kind: kind, id: id)
         let before = announcedRuleStatus.updateValue(s, forKey: ref)
@@ -507,9 +524,10 @@ public final class PestoServer: TablesObserver {
 
     /// Emits PropertiesChanged for `changed` (in the contract's order) on the object at `path`.
     func emitPropertiesChanged(_ path: String, _ interface: DBusInterfaceSpec, _ changed: [(String, DBusValue)]) {
-        emit(.signal(
-            path: path, interface: PestoInterfaces.properties.name, member: "PropertiesChanged",
-            arguments: [.string(interface.name), .vardict(changed), .strings([])]))
+        emit(
+            .signal(
+                path: path, interface: PestoInterfaces.properties.name, member: "PropertiesChanged",
+                arguments: [.string(interface.name), .vardict(changed), .strings([])]))
     }
 
     /// Marks the counters of a table as possibly changed; `announceStaleCounters` announces

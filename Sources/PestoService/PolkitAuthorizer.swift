@@ -16,8 +16,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// Authorises callers with polkit's `CheckAuthorization`; without polkit, only uid 0.
 public final class PolkitAuthorizer: Authorizer {
@@ -124,20 +124,23 @@ public final class PolkitAuthorizer: Authorizer {
             case .authorized:
                 completion(nil)
             case .challenge:
-                completion(DBusErrorReply(
-                    Self.interactiveAuthorizationRequired,
-                    "Authentication is required to \(action): call again allowing interactive authorization."))
+                completion(
+                    DBusErrorReply(
+                        Self.interactiveAuthorizationRequired,
+                        "Authentication is required to \(action): call again allowing interactive authorization."))
             case .denied(let dismissed):
-                completion(RootOnlyAuthorizer.denied(
-                    action, dismissed ? "the authentication dialog was dismissed" : "polkit refused it"))
+                completion(
+                    RootOnlyAuthorizer.denied(
+                        action, dismissed ? "the authentication dialog was dismissed" : "polkit refused it"))
             case .unavailable(let why):
                 // A missing or failing polkit means denied, except for uid 0.
                 fallback.authorize(sender: sender, action: action, interactive: interactive) { refusal in
                     if state.withdrawn { return }
-                    completion(refusal.map { r in
-                        let text = r.message.hasSuffix(".") ? String(r.message.dropLast()) : r.message
-                        return DBusErrorReply(r.name, "\(text), and polkit did not answer (\(why)).")
-                    })
+                    completion(
+                        refusal.map { r in
+                            let text = r.message.hasSuffix(".") ? String(r.message.dropLast()) : r.message
+                            return DBusErrorReply(r.name, "\(text), and polkit did not answer (\(why)).")
+                        })
                 }
             }
         }

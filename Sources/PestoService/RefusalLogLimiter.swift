@@ -12,8 +12,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// Rate limit for refusal log lines, per sender, with bounded state.
 struct RefusalLogLimiter {

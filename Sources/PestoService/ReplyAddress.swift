@@ -14,8 +14,8 @@
 import CDBus
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// Whom to answer and which call the answer is for; small, and no reference to the message.
 struct ReplyAddress: Hashable, Sendable {

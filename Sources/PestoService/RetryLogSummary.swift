@@ -9,8 +9,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// The rules whose counts a bind retry changed since the last `take()`.
 struct RetryLogSummary {
@@ -34,6 +34,7 @@ struct RetryLogSummary {
         if count == 1 {
             return "\(first.kind.name) rule \(first.id): retry now \(first.status.bound) bound, \(first.status.failed) failed"
         }
-        return "bind retries changed \(ClientText.counted(count, "rule")): now \(ClientText.counted(bound, "socket")) bound, \(failed) failed in them"
+        return
+            "bind retries changed \(ClientText.counted(count, "rule")): now \(ClientText.counted(bound, "socket")) bound, \(failed) failed in them"
     }
 }

@@ -28,11 +28,11 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Reads and writes pestod's state file.

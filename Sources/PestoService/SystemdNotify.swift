@@ -5,11 +5,11 @@
 import CPestoSys
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Tells the supervisor (systemd, or a test harness) that the service is ready.

@@ -6,8 +6,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 extension PestoServer {
     /// Runs a Table read, or decodes a Table change and returns it to run once authorised;
@@ -27,7 +27,11 @@ extension PestoServer {
                 let (ruleID, rule) = try t.read(atIndex: Int(id))
                 return .reply([.uint32(ruleID), RuleCodec.encode(rule)])
             case "List":
-                return .reply([.array(element: "(ua{sv}(buus))", t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })])
+                return .reply([
+                    .array(
+                        element: "(ua{sv}(buus))",
+                        t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })
+                ])
             case "Apply":
                 return .change(.apply(kind, try ApplyRequest(args, table: kind, limits: t.limits)))
             default:
@@ -99,7 +103,9 @@ extension BindTolerance {
             case ("max-failures", .uint32(let n)): maxFailures = n
             case ("best-effort", .bool(let b)): bestEffort = b
             case ("max-failures", _), ("best-effort", _):
-                throw .invalidArgs("Apply option \(ClientText.quote(key)) must have type \(key == "best-effort" ? "b" : "u"), not \(ClientText.quote(v.signature)).")
+                throw .invalidArgs(
+                    "Apply option \(ClientText.quote(key)) must have type \(key == "best-effort" ? "b" : "u"), not \(ClientText.quote(v.signature))."
+                )
             default:
                 throw .invalidArgs("Unknown Apply option \(ClientText.quote(key)); known options: max-failures, best-effort.")
             }

@@ -36,8 +36,8 @@
 
 import Logging
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 /// What the editor reports, once final. Called on the loop thread.
 protocol TablesObserver: AnyObject {
@@ -64,11 +64,6 @@ struct BindTolerance: Equatable {
     static let any = BindTolerance(maxFailures: .max, bestEffort: true)
     /// Every socket must bind.
     static let none = BindTolerance(maxFailures: 0, bestEffort: false)
-
-    init(maxFailures: UInt32, bestEffort: Bool) {
-        self.maxFailures = maxFailures
-        self.bestEffort = bestEffort
-    }
 
     func accepts(_ c: ForwardingTable.BindCounts) -> Bool {
         c.failed <= maxFailures || (bestEffort && c.bound >= 1)
@@ -171,7 +166,8 @@ final class TablesEditor {
         for t in tables {
             let kind = t.kind
             t.onStateChange = { [unowned self] change in
-                self.report(.state(kind, change.id, change.status, failuresChanged: change.failuresChanged, retried: change.cause == .retried))
+                self.report(
+                    .state(kind, change.id, change.status, failuresChanged: change.failuresChanged, retried: change.cause == .retried))
             }
         }
     }
@@ -272,7 +268,8 @@ final class TablesEditor {
                 logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
                 throw error
             }
-            logger.info("Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed")
+            logger.info(
+                "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed")
             return (.applied(results.map { ($0.id, $0.counts) }), finish(performed, sender: sender))
         case .insert(let kind, let id, let rule):
             return try single(.insert(kind, id, rule), sender: sender)
@@ -404,7 +401,9 @@ final class TablesEditor {
     /// never closes and reopens it. Every step costs O(ports involved) (plus a hash lookup
     /// per rule): step 2 asks an index of the new rules (ConflictIndex.swift).
     /// - Returns: the bind counts of every inserted rule, and the journal of what was done.
-    func applyUpdate(_ updates: [TableUpdate]) throws(PestoError) -> (results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], journal: Journal) {
+    func applyUpdate(_ updates: [TableUpdate]) throws(PestoError) -> (
+        results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], journal: Journal
+    ) {
         precondition(held == nil, "updates do not nest")
         held = []
         statusBefore = [:]

@@ -29,14 +29,14 @@
 // Relayed TCP connections and UDP flows are not handed over yet: they end with the old
 // instance (doc/takeover.md, "Not handed over").
 
+import CPestoSys
 import Logging
 import PestoEngine
-import CPestoSys
 import PestoModel
 import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The running instance's side: accepts a takeover on the runtime directory's socket.
@@ -100,7 +100,9 @@ public final class TakeoverSource: EventHandler {
         do throws(PestoError) {
             // A new pestod says hello as soon as it is connected: a client that does not holds
             // the loop for a second at most.
-            if case .failure(let e) = Sys.setBlocking(client).flatMap({ Sys.setTimeouts(client, milliseconds: min(1000, timeoutMilliseconds)) }) {
+            if case .failure(let e) = Sys.setBlocking(client).flatMap({
+                Sys.setTimeouts(client, milliseconds: min(1000, timeoutMilliseconds))
+            }) {
                 throw PestoError(.system, "Cannot set up the takeover connection.", underlyingError: e)
             }
             let hello: TakeoverMessage
@@ -235,7 +237,9 @@ public enum TakeoverClient {
         switch Sys.connect(fd, to: address) {
         case .connected: break
         case .inProgress: throw PestoError(.system, "No running pestod answers at \(path) in time.")
-        case .failed(let e): throw PestoError(.system, "Cannot reach a running pestod at \(path) (is one running, with the same runtime directory?).", underlyingError: e)
+        case .failed(let e):
+            throw PestoError(
+                .system, "Cannot reach a running pestod at \(path) (is one running, with the same runtime directory?).", underlyingError: e)
         }
         try channel.send(.hello)
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
@@ -260,7 +264,8 @@ public enum TakeoverClient {
                 if let lockOwner, error.underlyingError == .wouldBlock || MonotonicInstant.now.nanoseconds >= deadline.nanoseconds {
                     throw PestoError(
                         .system,
-                        "Gave up after \(timeoutMilliseconds) ms: \(lockOwner) holds the running pestod's lock; it keeps running unchanged.")
+                        "Gave up after \(timeoutMilliseconds) ms: \(lockOwner) holds the running pestod's lock; it keeps running unchanged."
+                    )
                 }
                 throw error
             }
@@ -277,7 +282,8 @@ public enum TakeoverClient {
                 if left <= 0 || Sys.setTimeouts(fd, milliseconds: left).isFailure {
                     abandon()
                     throw PestoError(
-                        .system, "Gave up after \(timeoutMilliseconds) ms: \(owner) holds the running pestod's lock; it keeps running unchanged.")
+                        .system,
+                        "Gave up after \(timeoutMilliseconds) ms: \(owner) holds the running pestod's lock; it keeps running unchanged.")
                 }
             case .stateChunk(let chunk) where welcomed:
                 text += chunk
@@ -290,7 +296,10 @@ public enum TakeoverClient {
             case .end(let stateBytes, let listenerCount) where welcomed:
                 guard stateBytes == text.count, listenerCount == records.count else {
                     abandon()
-                    throw PestoError(.system, "The handover was incomplete (\(text.count) of \(stateBytes) bytes, \(records.count) of \(listenerCount) listeners).")
+                    throw PestoError(
+                        .system,
+                        "The handover was incomplete (\(text.count) of \(stateBytes) bytes, \(records.count) of \(listenerCount) listeners)."
+                    )
                 }
                 let entries: [StateFile.Entry]
                 do throws(PestoError) {

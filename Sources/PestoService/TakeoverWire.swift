@@ -16,7 +16,7 @@ import PestoModel
 import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// One message of the handover.
@@ -191,7 +191,8 @@ public enum TakeoverWire {
             var i = 0
             while i < payload.count {
                 guard payload[i] <= 1 else { throw PestoError(.system, "Malformed handover message (table \(payload[i])).") }
-                records.append(ListenerRecord(table: payload[i] == 0 ? .host : .splice, ruleID: get32(payload, i + 1), port: get16(payload, i + 5)))
+                records.append(
+                    ListenerRecord(table: payload[i] == 0 ? .host : .splice, ruleID: get32(payload, i + 1), port: get16(payload, i + 5)))
                 i += ListenerRecord.size
             }
             message = .listeners(records)
@@ -204,7 +205,8 @@ public enum TakeoverWire {
         default: throw PestoError(.system, "Unknown handover message type \(type).")
         }
         guard descriptorCount(message) == descriptors else {
-            throw PestoError(.system, "Handover message type \(type) needs \(descriptorCount(message)) descriptors; \(descriptors) arrived.")
+            throw PestoError(
+                .system, "Handover message type \(type) needs \(descriptorCount(message)) descriptors; \(descriptors) arrived.")
         }
         return Frame(version: v, message: message, descriptors: descriptors)
     }

@@ -27,8 +27,8 @@
 
 import PestoDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 extension TablesEditor {
     /// What an upload changed.
@@ -49,7 +49,9 @@ extension TablesEditor {
     func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
         tables.map { t in
             let kind = t.kind
-            return (kind, t.capabilities, t.list().filter(\.status.active).map { ($0.rule, weakRules.contains(RuleRef(kind: kind, id: $0.id))) })
+            return (
+                kind, t.capabilities, t.list().filter(\.status.active).map { ($0.rule, weakRules.contains(RuleRef(kind: kind, id: $0.id))) }
+            )
         }
     }
 

@@ -6,7 +6,7 @@
 import PestoModel
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Reads a whole file, /proc and /sys entries included (their size is not known in

@@ -2,10 +2,11 @@
 
 // PacketInfo: the local end of a UDP datagram (IP_PKTINFO / IPV6_PKTINFO), as a value.
 
-import PestoModel
 import CPestoSys
+import PestoModel
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where a datagram arrived: the local address it was sent to and the interface it came in
@@ -83,7 +84,8 @@ extension Sys {
         local: inout PacketInfo
     ) -> Result<Int, Errno> {
         var raw = pesto_pktinfo()
-        let r = from.withMutableSockaddr { sa, len in call(.recvmsg, fd: fd) { pesto_recv_pktinfo(fd, bytes, count, flags, sa, len, &raw) } }
+        let r = from.withMutableSockaddr { sa, len in call(.recvmsg, fd: fd) { pesto_recv_pktinfo(fd, bytes, count, flags, sa, len, &raw) }
+        }
         if case .success = r { local = PacketInfo(raw) }
         return r
     }
@@ -98,6 +100,8 @@ extension Sys {
     ) -> Result<Int, Errno> {
         var raw = local.raw
         let family = address.family
-        return address.withSockaddr { sa, len in call(.sendmsg, fd: fd) { pesto_send_pktinfo(fd, bytes, count, flags, sa, len, family, &raw) } }
+        return address.withSockaddr { sa, len in
+            call(.sendmsg, fd: fd) { pesto_send_pktinfo(fd, bytes, count, flags, sa, len, family, &raw) }
+        }
     }
 }

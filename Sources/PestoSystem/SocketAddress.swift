@@ -3,8 +3,9 @@
 // SocketAddress: a kernel socket address (IPv4 or IPv6) as a value, without allocation.
 
 import PestoModel
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A `sockaddr_in` or `sockaddr_in6` held in a `sockaddr_storage`.

@@ -20,11 +20,11 @@
 // Results that a caller may ignore without consequence (TCP_NODELAY, the pipe size) are
 // ignored explicitly, with the reason, at the call site.
 
-import PestoModel
 import CPestoSys
+import PestoModel
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Raw system calls, each returning the kernel's errno as a value.
@@ -51,17 +51,17 @@ package enum Sys {
         while true {
             let e: Errno
             #if DEBUG
-            if mockable, let injected = SyscallScript.failure(name, fd: fd, detail: detail) {
-                e = injected
-            } else {
+                if mockable, let injected = SyscallScript.failure(name, fd: fd, detail: detail) {
+                    e = injected
+                } else {
+                    let r = body()
+                    if r != -1 { return .success(r) }
+                    e = Errno.current
+                }
+            #else
                 let r = body()
                 if r != -1 { return .success(r) }
                 e = Errno.current
-            }
-            #else
-            let r = body()
-            if r != -1 { return .success(r) }
-            e = Errno.current
             #endif
             if e == .interrupted && retryOnInterrupt { continue }
             precondition(!badDescriptorIsBug || e != .badFileDescriptor, "programmer error: \(name) on descriptor \(fd) gave EBADF")
@@ -74,7 +74,7 @@ package enum Sys {
     @inline(__always)
     static func opened(_ fd: Int32) -> Int32 {
         #if DEBUG
-        SyscallScript.opened(fd)
+            SyscallScript.opened(fd)
         #endif
         return fd
     }
@@ -220,7 +220,9 @@ package enum Sys {
     /// (close-on-exec); returns the bytes read (0 at end of file) and the descriptors received,
     /// which the caller now owns. More descriptors than that, or a truncated control message,
     /// fail with EMSGSIZE and leave none open.
-    package static func receiveDescriptors(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) -> Result<(count: Int, descriptors: [Int32]), Errno> {
+    package static func receiveDescriptors(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) -> Result<
+        (count: Int, descriptors: [Int32]), Errno
+    > {
         var fds = [Int32](repeating: -1, count: maxDescriptorsPerMessage)
         var received: Int32 = 0
         let r = fds.withUnsafeMutableBufferPointer { p in
@@ -272,7 +274,9 @@ package enum Sys {
     @inline(__always)
     package static func splice(from source: Int32, to destination: Int32, count: Int) -> SpliceResult {
         let flags = UInt32(PESTO_SPLICE_F_MOVE | PESTO_SPLICE_F_NONBLOCK)
-        switch call(.splice, fd: source, detail: UInt64(UInt32(bitPattern: destination)), { pesto_splice(source, destination, count, flags) }) {
+        switch call(
+            .splice, fd: source, detail: UInt64(UInt32(bitPattern: destination)), { pesto_splice(source, destination, count, flags) })
+        {
         case .success(0): return .endOfFile
         case .success(let n): return .moved(n)
         case .failure(let e) where e == .wouldBlock: return .wouldBlock
@@ -284,7 +288,9 @@ package enum Sys {
     package static func pipe() -> Result<(read: Int32, write: Int32), Errno> {
         var fds: (Int32, Int32) = (-1, -1)
         let r = withUnsafeMutableBytes(of: &fds) { raw in
-            call(.pipe) { pesto_pipe2(raw.baseAddress!.assumingMemoryBound(to: Int32.self), Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC)) }
+            call(.pipe) {
+                pesto_pipe2(raw.baseAddress!.assumingMemoryBound(to: Int32.self), Int32(PESTO_O_NONBLOCK) | Int32(PESTO_O_CLOEXEC))
+            }
         }
         return r.map { _ in (opened(fds.0), opened(fds.1)) }
     }
@@ -301,7 +307,7 @@ package enum Sys {
     /// script cannot make it fail (the descriptor would stay open behind the test's back).
     package static func close(_ fd: Int32) {
         #if DEBUG
-        SyscallScript.closed(fd)
+            SyscallScript.closed(fd)
         #endif
         _ = call(.close, fd: fd, retryOnInterrupt: false, mockable: false) { Glibc.close(fd) }
     }

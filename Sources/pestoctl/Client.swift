@@ -16,12 +16,13 @@
 // Test hook: PESTOCTL_TEST_PAUSE_AFTER=STEP (insert, deactivate, activate, delete) prints
 // "paused" after that step and waits for a line (or end of file) on stdin.
 
-#if canImport(Glibc)
-import Glibc
-#endif
+import PestoDBus
 import PestoModel
 import PestoSystem
-import PestoDBus
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Exit statuses.
 enum ExitCode {
@@ -74,7 +75,8 @@ final class PestoClient {
     func call(_ path: String, _ interface: String, _ member: String, _ args: [DBusValue] = []) throws(Failure) -> [DBusValue] {
         do {
             // Interactive: on the system bus polkit may ask for the administrator password.
-            return try connection.call(PestoBusNames.busName, path, interface, member, args, timeoutMilliseconds: 120_000, interactive: true)
+            return try connection.call(
+                PestoBusNames.busName, path, interface, member, args, timeoutMilliseconds: 120_000, interactive: true)
         } catch {
             if unreachableErrors.contains(error.name) {
                 throw Failure(ExitCode.unreachable, "cannot reach pestod (\(PestoBusNames.busName)) on the \(bus): \(error.message)")
@@ -93,8 +95,9 @@ final class PestoClient {
 
     /// The tables the service has (HOST, and SPLICE with a target namespace).
     func tableKinds() throws(Failure) -> [TableKind] {
-        let reply = try call(PestoBusNames.managerPath, "org.freedesktop.DBus.Properties", "Get",
-                             [.string(Self.managerInterface), .string("Tables")])
+        let reply = try call(
+            PestoBusNames.managerPath, "org.freedesktop.DBus.Properties", "Get",
+            [.string(Self.managerInterface), .string("Tables")])
         guard let paths = reply.first?.variantValue?.arrayValue?.compactMap(\.objectPathValue) else {
             throw Failure(ExitCode.rejected, "pestod returned a Tables property of the wrong type.")
         }
@@ -134,8 +137,12 @@ final class PestoClient {
                 try? manager("Unlock")
                 throw Failure(error.status, error.message, planned: true)
             }
-            for (kind, r) in plan.removes { debug("remove \(kind.name) rule \(r.id): \(RuleText.option(r.rule, kind)) \(RuleText.spec(r.rule, kind))") }
-            for n in plan.inserts { debug("add \(n.table.name) rule: \(RuleText.option(n.rule, n.table)) \(RuleText.spec(n.rule)) (from \(n.specText))") }
+            for (kind, r) in plan.removes {
+                debug("remove \(kind.name) rule \(r.id): \(RuleText.option(r.rule, kind)) \(RuleText.spec(r.rule, kind))")
+            }
+            for n in plan.inserts {
+                debug("add \(n.table.name) rule: \(RuleText.option(n.rule, n.table)) \(RuleText.spec(n.rule)) (from \(n.specText))")
+            }
             if !plan.isEmpty {
                 try runLocked(&plan, tables: tables, firstID: firstID, bestEffort: bestEffort)
                 try manager("Commit")
@@ -149,8 +156,11 @@ final class PestoClient {
         }
         try? manager("Unlock")
         if plan.isEmpty { return (plan, nil) }
-        return (plan, "\(ClientText.counted(plan.inserts.count, "rule")) added, "
-            + "\(plan.removes.count) removed.")
+        return (
+            plan,
+            "\(ClientText.counted(plan.inserts.count, "rule")) added, "
+                + "\(plan.removes.count) removed."
+        )
     }
 
     /// Reports a step when -d was given.
@@ -180,7 +190,9 @@ final class PestoClient {
             do {
                 _ = try table(kind, "Insert", [.uint32(id), RuleText.encode(new.rule)])
             } catch {
-                throw Failure(error.status, "cannot add \(new.specText) (\(RuleText.option(new.rule, kind)) \(RuleText.spec(new.rule, kind))): \(error.message)")
+                throw Failure(
+                    error.status,
+                    "cannot add \(new.specText) (\(RuleText.option(new.rule, kind)) \(RuleText.spec(new.rule, kind))): \(error.message)")
             }
         }
         pauseIfAsked(after: "insert")
@@ -198,7 +210,10 @@ final class PestoClient {
             do {
                 reply = try table(new.table, "Activate", [.uint32(new.id)])
             } catch {
-                throw Failure(error.status, "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule, new.table))): \(error.message)")
+                throw Failure(
+                    error.status,
+                    "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule, new.table))): \(error.message)"
+                )
             }
             guard reply.count == 2, let bound = reply[0].uint32Value, let failed = reply[1].uint32Value else {
                 throw Failure(ExitCode.rejected, "pestod's Activate reply is malformed.")
@@ -218,20 +233,24 @@ final class PestoClient {
             let tolerable = first.bestEffort ? bound > 0 || failed == 0 : failed == 0
             if !tolerable && bestEffort {
                 // --best-effort: pesto's behaviour (pasta does not report bind failures), but say so.
-                plan.warnings.append("\(first.specText): \(failed) socket\(failed == 1 ? "" : "s") could not be bound "
-                    + "(kept with --best-effort; pestod retries them).")
+                plan.warnings.append(
+                    "\(first.specText): \(failed) socket\(failed == 1 ? "" : "s") could not be bound "
+                        + "(kept with --best-effort; pestod retries them).")
             } else if !tolerable {
                 var reasons: [String] = []
                 for m in members where results[m]!.failed > 0 {
                     let new = plan.inserts[m]
                     let status = try? table(new.table, "Status", [.uint32(new.id)])
                     let error = status?.count == 4 ? status?[3].stringValue ?? "" : ""
-                    reasons.append("\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
-                        + (error.isEmpty ? "" : " (\(error))"))
+                    reasons.append(
+                        "\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
+                            + (error.isEmpty ? "" : " (\(error))"))
                 }
-                throw Failure(ExitCode.rejected, "\(first.specText): "
-                    + (first.bestEffort ? "no socket could be bound" : "not every socket could be bound")
-                    + (reasons.isEmpty ? "" : ": " + reasons.joined(separator: "; ")) + ".")
+                throw Failure(
+                    ExitCode.rejected,
+                    "\(first.specText): "
+                        + (first.bestEffort ? "no socket could be bound" : "not every socket could be bound")
+                        + (reasons.isEmpty ? "" : ": " + reasons.joined(separator: "; ")) + ".")
             }
         }
 

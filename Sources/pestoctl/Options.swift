@@ -20,12 +20,13 @@
 //   pestoctl [BUS] watch                               print changes as they happen
 // BUS is --system (default when root), --session (default otherwise) or --address ADDRESS.
 
-#if canImport(Glibc)
-import Glibc
-#endif
+import PestoDBus
 import PestoModel
 import PestoSystem
-import PestoDBus
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// A bad command line: exit status 2 for pestoctl's own syntax, 1 for what upstream pesto
 /// refuses with 1 too (a bad port spec, an unknown table).
@@ -275,10 +276,12 @@ struct Options {
                 throw UsageError("-A and -D need at least one -t, -u, -T or -U spec after them.")
             }
         }
-        if options.firstID != nil, case .update = options.command {} else if options.firstID != nil {
+        if options.firstID != nil, case .update = options.command {
+        } else if options.firstID != nil {
             throw UsageError("--id is only for updates.")
         }
-        if options.bestEffort, case .update = options.command {} else if options.bestEffort {
+        if options.bestEffort, case .update = options.command {
+        } else if options.bestEffort {
             throw UsageError("--best-effort is only for updates.")
         }
         return options

@@ -57,8 +57,9 @@ struct Plan {
 
         func requireTable(_ kind: TableKind, _ what: String) throws(UsageError) {
             if state[kind] == nil {
-                throw UsageError("\(what): the service has no \(kind.name) table (pestod runs without a target namespace).",
-                                 status: 1)
+                throw UsageError(
+                    "\(what): the service has no \(kind.name) table (pestod runs without a target namespace).",
+                    status: 1)
             }
         }
 
@@ -84,8 +85,9 @@ struct Plan {
                 if spec.isNone {
                     // As pesto: "none" only says there is no rule of this protocol so far.
                     if state[kind]!.contains(where: { $0.rule.proto == proto }) {
-                        throw UsageError("\(option) none conflicts with the \(proto) rules of the \(kind.name) table "
-                            + "(\(mode == .replace ? "given earlier on this command line" : "clear them first, or leave out -A/-D")).",
+                        throw UsageError(
+                            "\(option) none conflicts with the \(proto) rules of the \(kind.name) table "
+                                + "(\(mode == .replace ? "given earlier on this command line" : "clear them first, or leave out -A/-D")).",
                             status: 1)
                     }
                     continue
@@ -93,17 +95,23 @@ struct Plan {
                 switch mode {
                 case .replace, .add:
                     for rule in spec.rules {
-                        state[kind]!.append(.new(NewRule(table: kind, rule: rule, specIndex: index,
-                                                         bestEffort: spec.bestEffort, specText: "\(option) \(text)")))
+                        state[kind]!.append(
+                            .new(
+                                NewRule(
+                                    table: kind, rule: rule, specIndex: index,
+                                    bestEffort: spec.bestEffort, specText: "\(option) \(text)")))
                     }
                 case .delete:
                     for rule in spec.rules {
                         guard let match = state[kind]!.firstIndex(where: { $0.rule.forwardsSame(as: rule) }) else {
-                            let near = state[kind]!.first { $0.rule.proto == rule.proto && $0.rule.firstPort <= rule.lastPort
-                                && rule.firstPort <= $0.rule.lastPort }
-                            throw UsageError("-D \(option) \(text): the \(kind.name) table has no rule \(option) \(RuleText.spec(rule, kind))"
-                                + (near.map { "; \(option) \(RuleText.spec($0.rule, kind)) overlaps it but is not the same rule" } ?? "")
-                                + ". Nothing was changed.", status: 1)
+                            let near = state[kind]!.first {
+                                $0.rule.proto == rule.proto && $0.rule.firstPort <= rule.lastPort
+                                    && rule.firstPort <= $0.rule.lastPort
+                            }
+                            throw UsageError(
+                                "-D \(option) \(text): the \(kind.name) table has no rule \(option) \(RuleText.spec(rule, kind))"
+                                    + (near.map { "; \(option) \(RuleText.spec($0.rule, kind)) overlaps it but is not the same rule" } ?? "")
+                                    + ". Nothing was changed.", status: 1)
                         }
                         state[kind]!.remove(at: match)
                     }

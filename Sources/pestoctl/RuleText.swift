@@ -2,9 +2,9 @@
 
 // RuleText: rules to and from the contract's `a{sv}`, and as pasta-style spec text and JSON.
 
+import PestoDBus
 import PestoModel
 import PestoSystem
-import PestoDBus
 
 /// One rule of a table as `List` returns it.
 struct ListedRule {

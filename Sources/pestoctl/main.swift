@@ -3,12 +3,13 @@
 // pestoctl: pesto's command-line client. See Options.swift for the command line and
 // Client.swift for the update workflow; doc/pestoctl.1 for the manual.
 
-#if canImport(Glibc)
-import Glibc
-#endif
+import PestoDBus
 import PestoModel
 import PestoSystem
-import PestoDBus
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// pestoctl's own version (the D-Bus contract's is `PestoBusNames.version`).
 let pestoctlVersion = "1.1"
@@ -24,7 +25,9 @@ func writeError(_ text: String) {
     var bytes = Array(text.utf8)[...]
     while !bytes.isEmpty {
         // A stderr that cannot be written to (closed, full disk) leaves nothing to report to.
-        guard case .success(let n) = bytes.withUnsafeBytes({ Sys.write(2, $0.baseAddress, $0.count, mayBeClosed: true) }), n > 0 else { return }
+        guard case .success(let n) = bytes.withUnsafeBytes({ Sys.write(2, $0.baseAddress, $0.count, mayBeClosed: true) }), n > 0 else {
+            return
+        }
         bytes = bytes.dropFirst(n)
     }
 }
@@ -44,12 +47,14 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
         case .help:
             print(Options.usage)
         case .version:
-            print("pestoctl \(pestoctlVersion) (D-Bus interface top.passt.Pesto1, version \(PestoBusNames.version); "
-                + "command line of upstream pesto)")
+            print(
+                "pestoctl \(pestoctlVersion) (D-Bus interface top.passt.Pesto1, version \(PestoBusNames.version); "
+                    + "command line of upstream pesto)")
         case .lockStatus:
             let client = try PestoClient(options.bus)
-            let reply = try client.call(PestoBusNames.managerPath, "org.freedesktop.DBus.Properties", "Get",
-                                        [.string(PestoClient.managerInterface), .string("LockOwner")])
+            let reply = try client.call(
+                PestoBusNames.managerPath, "org.freedesktop.DBus.Properties", "Get",
+                [.string(PestoClient.managerInterface), .string("LockOwner")])
             guard let owner = reply.first?.variantValue?.stringValue else {
                 throw Failure(ExitCode.rejected, "pestod's LockOwner property is malformed.")
             }
@@ -71,11 +76,13 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
                 let failed = reply[2].uint32Value, let lastError = reply[3].stringValue
             else { throw Failure(ExitCode.rejected, "pestod's Status reply is malformed.") }
             if options.json {
-                print("{\"id\": \(id), \"table\": \(RuleText.json(kind.name)), \"active\": \(active), \"bound\": \(bound), "
-                    + "\"failed\": \(failed), \"last-error\": \(RuleText.json(lastError))}")
+                print(
+                    "{\"id\": \(id), \"table\": \(RuleText.json(kind.name)), \"active\": \(active), \"bound\": \(bound), "
+                        + "\"failed\": \(failed), \"last-error\": \(RuleText.json(lastError))}")
             } else {
-                print("\(kind.name) rule \(id): \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
-                    + (lastError.isEmpty ? "" : ", last error \(lastError)"))
+                print(
+                    "\(kind.name) rule \(id): \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
+                        + (lastError.isEmpty ? "" : ", last error \(lastError)"))
             }
         case .update(let operations):
             // Bad specs are refused (exit 1, as pesto) whether or not the service is reachable.

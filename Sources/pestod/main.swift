@@ -3,18 +3,19 @@
 // pestod: the pesto forwarding service. Publishes the forwarding tables on D-Bus
 // (doc/dbus-api.md) and runs the forwarding engine on one event loop thread.
 
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import Logging
-import PestoEngine
-import PestoSystem
-import PestoModel
 import PestoDBus
+import PestoEngine
+import PestoModel
 import PestoService
+import PestoSystem
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
+#endif
+#if canImport(Glibc)
+    import Glibc
 #endif
 
 /// The command line of pestod.
@@ -47,30 +48,39 @@ struct Pestod: ParsableCommand {
     @Flag(name: .long, help: "Connect to the session bus of the calling user.")
     var session = false
 
-    @Option(name: .long, help: ArgumentHelp("Connect to the bus at this D-Bus address (e.g. unix:path=/run/pesto/bus).", valueName: "address"))
+    @Option(
+        name: .long, help: ArgumentHelp("Connect to the bus at this D-Bus address (e.g. unix:path=/run/pesto/bus).", valueName: "address"))
     var address: String?
 
     @Option(name: .long, help: ArgumentHelp("Retry failed binds every this many milliseconds.", valueName: "ms"))
     var retryInterval = 1000
 
-    @Option(name: .long, help: ArgumentHelp(
-        "Target network namespace (/run/netns/NAME or /proc/PID/ns/net): the HOST table connects inside it, and a SPLICE table listens inside it and connects out here.",
-        valueName: "path"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Target network namespace (/run/netns/NAME or /proc/PID/ns/net): the HOST table connects inside it, and a SPLICE table listens inside it and connects out here.",
+            valueName: "path"))
     var netns: String?
 
-    @Option(name: .long, help: ArgumentHelp(
-        "Also serve upstream's pesto clients (podman, rootlesskit) on this UNIX socket, speaking pesto protocol version 2 (like pasta -c PATH); uploads are applied as a difference.",
-        valueName: "path"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Also serve upstream's pesto clients (podman, rootlesskit) on this UNIX socket, speaking pesto protocol version 2 (like pasta -c PATH); uploads are applied as a difference.",
+            valueName: "path"))
     var control: String?
 
-    @Option(name: .long, help: ArgumentHelp(
-        "Give a control socket client this long to finish its upload, and a complete upload this long to wait while a D-Bus client holds the lock; then it is refused with a warning.",
-        valueName: "ms"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Give a control socket client this long to finish its upload, and a complete upload this long to wait while a D-Bus client holds the lock; then it is refused with a warning.",
+            valueName: "ms"))
     var controlTimeout = 5000
 
-    @Option(name: .long, help: ArgumentHelp(
-        "Keep the committed tables in this file: saved atomically before a commit is acknowledged (a commit that cannot be saved is undone and fails with SaveFailed), restored at start; saved rules that cannot be restored stay in the file, and a file that cannot be used is moved aside and pestod starts empty. Default with --session: $XDG_STATE_HOME/pesto/state (~/.local/state/pesto/state), so a bus-activated pestod keeps its rules; otherwise none (the system unit gives /var/lib/pesto/state).",
-        valueName: "file"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Keep the committed tables in this file: saved atomically before a commit is acknowledged (a commit that cannot be saved is undone and fails with SaveFailed), restored at start; saved rules that cannot be restored stay in the file, and a file that cannot be used is moved aside and pestod starts empty. Default with --session: $XDG_STATE_HOME/pesto/state (~/.local/state/pesto/state), so a bus-activated pestod keeps its rules; otherwise none (the system unit gives /var/lib/pesto/state).",
+            valueName: "file"))
     var state: String?
 
     @Flag(name: .long, help: "Keep no state file, not even the --session default.")
@@ -124,23 +134,32 @@ struct Pestod: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     var logLevel = "info"
 
-    @Option(name: .long, help: ArgumentHelp(
-        "Who may change the tables: polkit (action top.passt.Pesto1.modify, only uid 0 when polkit does not answer; the default on the system bus and with --address), root (only uid 0), or none (everyone who can reach the bus; the default only on the session bus, and a warning elsewhere).",
-        valueName: "mode"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Who may change the tables: polkit (action top.passt.Pesto1.modify, only uid 0 when polkit does not answer; the default on the system bus and with --address), root (only uid 0), or none (everyone who can reach the bus; the default only on the session bus, and a warning elsewhere).",
+            valueName: "mode"))
     var authorize: String?
 
-    @Flag(name: .long, help: ArgumentHelp(
-        "Take over from the pestod running with the same runtime directory: receive its tables, listening sockets and control socket over the takeover socket, take the bus name, and let it exit; nothing is closed and reopened (see doc/takeover.md). Fails, leaving the running one in charge, if it cannot complete."))
+    @Flag(
+        name: .long,
+        help: ArgumentHelp(
+            "Take over from the pestod running with the same runtime directory: receive its tables, listening sockets and control socket over the takeover socket, take the bus name, and let it exit; nothing is closed and reopened (see doc/takeover.md). Fails, leaving the running one in charge, if it cannot complete."
+        ))
     var replace = false
 
-    @Option(name: .long, help: ArgumentHelp(
-        "Directory of the root-only takeover socket (takeover.sock) a later pestod --replace connects to (default: $RUNTIME_DIRECTORY, which systemd sets from RuntimeDirectory=; without either, no takeover socket).",
-        valueName: "dir"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Directory of the root-only takeover socket (takeover.sock) a later pestod --replace connects to (default: $RUNTIME_DIRECTORY, which systemd sets from RuntimeDirectory=; without either, no takeover socket).",
+            valueName: "dir"))
     var runtimeDir: String?
 
-    @Option(name: .long, help: ArgumentHelp(
-        "How long a takeover may take, waiting for a D-Bus client's lock included, before it is given up and the running pestod stays in charge.",
-        valueName: "ms"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "How long a takeover may take, waiting for a D-Bus client's lock included, before it is given up and the running pestod stays in charge.",
+            valueName: "ms"))
     var takeoverTimeout = 10_000
 
     @Flag(name: .long, help: "Print the D-Bus interface XML of the contract (dbus/top.passt.Pesto1.xml) and exit.")
@@ -159,11 +178,17 @@ struct Pestod: ParsableCommand {
         if let maxUdpFlows, maxUdpFlows < 1 || maxUdpFlows > 1 << 24 {
             throw ValidationError("--max-udp-flows must be between 1 and \(1 << 24).")
         }
-        if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 { throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.") }
-        if controlTimeout < 10 || controlTimeout > 600_000 { throw ValidationError("--control-timeout must be between 10 and 600000 milliseconds.") }
+        if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 {
+            throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.")
+        }
+        if controlTimeout < 10 || controlTimeout > 600_000 {
+            throw ValidationError("--control-timeout must be between 10 and 600000 milliseconds.")
+        }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
-        if takeoverTimeout < 10 || takeoverTimeout > 600_000 { throw ValidationError("--takeover-timeout must be between 10 and 600000 milliseconds.") }
+        if takeoverTimeout < 10 || takeoverTimeout > 600_000 {
+            throw ValidationError("--takeover-timeout must be between 10 and 600000 milliseconds.")
+        }
         if replace && takeoverDirectory == nil {
             throw ValidationError("--replace needs the running pestod's runtime directory: --runtime-dir or $RUNTIME_DIRECTORY.")
         }
@@ -198,12 +223,14 @@ struct Pestod: ParsableCommand {
             logger.info("restored \(result.restored) of \(ClientText.counted(entries.count, "rule")) from \(state)")
             if !result.carried.isEmpty {
                 logger.warning(
-                    "state file \(state): \(ClientText.counted(result.carried.count, "rule")) could not be restored; they stay in the file and are tried again at the next start")
+                    "state file \(state): \(ClientText.counted(result.carried.count, "rule")) could not be restored; they stay in the file and are tried again at the next start"
+                )
             }
             return result.carried.map(\.entry)
         case .invalid(let reason, let movedTo):
             logger.critical(
-                "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place (it could not be moved aside, and the first save replaces it)")")
+                "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place (it could not be moved aside, and the first save replaces it)")"
+            )
             return []
         }
     }
@@ -250,15 +277,19 @@ struct Pestod: ParsableCommand {
             let takeoverPath = takeoverDirectory.map { $0 + "/takeover.sock" }
             // A takeover receives everything before this instance touches the bus or the state
             // file; any failure here exits and leaves the running pestod as it was.
-            let received = try replace ? TakeoverClient.receive(path: takeoverPath!, timeoutMilliseconds: takeoverTimeout, logger: logger) : nil
+            let received =
+                try replace ? TakeoverClient.receive(path: takeoverPath!, timeoutMilliseconds: takeoverTimeout, logger: logger) : nil
             let engine = try ForwardingEngine(loop: loop, configuration: config, adoption: received?.adoption)
             logger.info("relay limits: \(config.tcp.maxConnections) TCP connections, \(config.udp.maxFlows) UDP flows")
             engine.budget.onExhausted = { proto in
                 switch proto {
                 case .tcp:
-                    logger.warning("descriptor budget spent (\(plan.relayLimit) for relays): new TCP connections are reset until descriptors are free")
+                    logger.warning(
+                        "descriptor budget spent (\(plan.relayLimit) for relays): new TCP connections are reset until descriptors are free")
                 case .udp:
-                    logger.warning("descriptor budget spent (\(plan.relayLimit) for relays): datagrams from new UDP clients are dropped until descriptors are free")
+                    logger.warning(
+                        "descriptor budget spent (\(plan.relayLimit) for relays): datagrams from new UDP clients are dropped until descriptors are free"
+                    )
                 }
             }
             logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
@@ -276,7 +307,8 @@ struct Pestod: ParsableCommand {
                 let adopted = received.adoption.adopted
                 received.adoption.closeUnclaimed()
                 logger.notice(
-                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused)")
+                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused)"
+                )
                 // The running pestod allowed replacement: the name moves here at once, and goes
                 // back to it should this process die before the handover completes.
                 try connection.requestName(PestoBusNames.busName, allowingReplacement: true, replacing: true)
@@ -301,7 +333,8 @@ struct Pestod: ParsableCommand {
             let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (session ? .none : .polkit)
             if mode == .none && !session {
                 logger.warning(
-                    "--authorize none: every client that can connect to \(address ?? "the system bus") may change the tables, take the lock and activate listeners")
+                    "--authorize none: every client that can connect to \(address ?? "the system bus") may change the tables, take the lock and activate listeners"
+                )
             }
             switch mode {
             case .none: break
@@ -313,7 +346,9 @@ struct Pestod: ParsableCommand {
             try server.start()
             let controlSocket: ControlSocket?
             if let handed = received?.control {
-                if handed.path != control { logger.warning("took over the control socket at \(handed.path) (--control says \(control ?? "none"))") }
+                if handed.path != control {
+                    logger.warning("took over the control socket at \(handed.path) (--control says \(control ?? "none"))")
+                }
                 controlSocket = try ControlSocket(
                     adopting: handed.fd, path: handed.path, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
             } else {
@@ -324,7 +359,8 @@ struct Pestod: ParsableCommand {
             var takeoverSource: TakeoverSource?
             if let takeoverPath {
                 do throws(PestoError) {
-                    let source = try TakeoverSource(path: takeoverPath, server: server, loop: loop, logger: logger, timeoutMilliseconds: takeoverTimeout)
+                    let source = try TakeoverSource(
+                        path: takeoverPath, server: server, loop: loop, logger: logger, timeoutMilliseconds: takeoverTimeout)
                     source.control = controlSocket
                     source.carried = carried
                     // Exits at once: the new pestod holds every socket, the bus name and the

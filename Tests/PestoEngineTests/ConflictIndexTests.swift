@@ -3,15 +3,15 @@
 // ConflictIndex agrees with Rule.conflicts(with:), and activation's conflict check costs a
 // bounded amount of work per rule however many rules are active.
 
-import Testing
-
 import PestoModel
-@testable import PestoEngine
 import PestoSystem
 import PestoTestSupport
+import Testing
+
+@testable import PestoEngine
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A factory whose every bind fails at once with EADDRNOTAVAIL: activation without sockets.

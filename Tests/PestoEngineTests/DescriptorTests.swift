@@ -8,15 +8,15 @@
 // records a failure.
 
 import CPestoSys
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An engine on its own loop, with helpers to turn the loop and to talk to it over loopback.
@@ -99,7 +99,8 @@ struct DescriptorTests {
             script.fail(.epollCtl, with: Self.enospc, times: nil) {
                 $0.epollKind == EngineEventKind.tcpListener.rawValue || $0.epollKind == EngineEventKind.udpListener.rawValue
             }
-            try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, lastPort: ports.lowerBound + 2))
+            try h.engine.host.insert(
+                id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, lastPort: ports.lowerBound + 2))
             try h.engine.host.insert(id: 2, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.upperBound))
             #expect(try h.engine.host.activate(id: 1) == .init(bound: 0, failed: 3))
             #expect(try h.engine.host.activate(id: 2) == .init(bound: 0, failed: 1))
@@ -129,7 +130,8 @@ struct DescriptorTests {
             let ports = TestSockets.freePorts(2)
             let server = try #require(EchoServer(port: ports.upperBound))
             defer { server.stop() }
-            try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+            try h.engine.host.insert(
+                id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
             #expect(try h.engine.host.activate(id: 1).bound == 1)
             let a = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
             defer { close(a) }
@@ -166,7 +168,8 @@ struct DescriptorTests {
             let ports = TestSockets.freePorts(2)
             let server = try #require(UDPEchoServer(port: ports.upperBound))
             defer { server.stop() }
-            try h.engine.host.insert(id: 1, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+            try h.engine.host.insert(
+                id: 1, rule: Rule(proto: .udp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
             #expect(try h.engine.host.activate(id: 1).bound == 1)
             let client = try #require(TestTraffic.udpClient())
             defer { close(client) }
@@ -197,7 +200,8 @@ struct DescriptorTests {
         let ports = TestSockets.freePorts(8)
         let server = try #require(EchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try h.engine.host.insert(id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+        try h.engine.host.insert(
+            id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
         #expect(try h.engine.host.activate(id: 1).bound == 1)
         var clients: [Int32] = []
         defer { for fd in clients { close(fd) } }
@@ -218,7 +222,8 @@ struct DescriptorTests {
         #expect(reports == [.tcp], "reported once")
         #expect(h.engine.tcp.activeConnections == 6 && h.engine.budget.held == 13)
         // Listeners may use the headroom up to E = 16: three more ports bind, the rest fail with EMFILE.
-        try h.engine.host.insert(id: 2, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound + 1, lastPort: ports.lowerBound + 5))
+        try h.engine.host.insert(
+            id: 2, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound + 1, lastPort: ports.lowerBound + 5))
         #expect(try h.engine.host.activate(id: 2) == .init(bound: 3, failed: 2))
         #expect(try h.engine.host.status(2).lastError == .tooManyOpenFiles)
         // Listeners take from the relays' share too (16 held now). Deactivating rule 2 and closing

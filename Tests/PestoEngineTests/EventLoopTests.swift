@@ -3,15 +3,15 @@
 // The event loop: typed dispatch, timers, stopping; and the engine's retry timer on it.
 
 import CPestoSys
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Records what the loop dispatches to it.
@@ -43,7 +43,10 @@ struct EventLoopTests {
         loop.setHandler(handler, for: EventLoop.Kind(EngineEventKind.firstForTests))
         var fds: [Int32] = [0, 0]
         #expect(pesto_pipe2(&fds, Int32(PESTO_O_CLOEXEC) | Int32(PESTO_O_NONBLOCK)) == 0)
-        defer { close(fds[0]); close(fds[1]) }
+        defer {
+            close(fds[0])
+            close(fds[1])
+        }
         try loop.add(fd: fds[0], events: EPOLLIN.rawValue, kind: EventLoop.Kind(EngineEventKind.firstForTests), index: 0xABCDE)
         handler.onEvent = { loop.stop() }
         _ = write(fds[1], "x", 1)
@@ -109,14 +112,19 @@ struct EventLoopTests {
 /// A detached thread, for tests that need a second thread.
 enum Thread {
     static func detach(_ body: @escaping @Sendable () -> Void) {
-        final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
+        final class Box: @unchecked Sendable {
+            let body: @Sendable () -> Void
+            init(_ b: @escaping @Sendable () -> Void) { body = b }
+        }
         var tid = pthread_t()
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        pthread_create(&tid, nil, { arg in
-            let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-            b.body()
-            return nil
-        }, box)
+        pthread_create(
+            &tid, nil,
+            { arg in
+                let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+                b.body()
+                return nil
+            }, box)
         pthread_detach(tid)
     }
 }

@@ -3,15 +3,15 @@
 // ForwardingTable operations with real sockets on loopback: each success and every error path.
 
 import CPestoSys
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Everything observable about a table, to prove that a failing call changed nothing.
@@ -55,7 +55,8 @@ struct ForwardingTableTests {
     static let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
 
     func makeTable(limits: TableLimits = .default, factory: (any ListenerFactory)? = nil) -> ForwardingTable {
-        ForwardingTable(kind: .host, capabilities: Self.caps, limits: limits, factory: factory ?? KernelListenerFactory(families: [.ipv4, .ipv6]))
+        ForwardingTable(
+            kind: .host, capabilities: Self.caps, limits: limits, factory: factory ?? KernelListenerFactory(families: [.ipv4, .ipv6]))
     }
 
     func tcp(_ ports: ClosedRange<UInt16>, _ address: String? = "127.0.0.1") -> Rule {

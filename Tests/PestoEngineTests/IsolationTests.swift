@@ -2,15 +2,15 @@
 
 // The property pesto exists for: changing one rule never touches another rule's sockets.
 
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite("Isolation between rules")
@@ -20,7 +20,8 @@ struct IsolationTests {
         let table = ForwardingTable(
             kind: .host, capabilities: [.ipv4, .ipv6, .tcp, .udp], factory: KernelListenerFactory(families: [.ipv4, .ipv6]))
         let aPorts = TestSockets.freePorts(4)
-        try table.insert(id: 100, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: aPorts.lowerBound, lastPort: aPorts.upperBound))
+        try table.insert(
+            id: 100, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: aPorts.lowerBound, lastPort: aPorts.upperBound))
         try table.activate(id: 100)
         let original = try table.listeners(of: 100)
         let identity = original.map { ($0.fd, TestSockets.inode($0.fd)) }

@@ -4,20 +4,22 @@
 // (same inode), and opens a new socket where the handed-over one is not the rule's kind.
 
 import CPestoSys
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite("listener adoption")
 struct ListenerAdoptionTests {
-    @Test("activation installs the handed-over listener of each port; a socket of the wrong kind is refused, closed and replaced by a new one")
+    @Test(
+        "activation installs the handed-over listener of each port; a socket of the wrong kind is refused, closed and replaced by a new one"
+    )
     func adoption() throws {
         let loop = try EventLoop()
         let ports = TestSockets.freePorts(3)

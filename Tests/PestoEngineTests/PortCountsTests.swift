@@ -5,10 +5,9 @@
 // space, and the conflict index built on it agrees with Rule.conflicts(with:) for rules
 // whose ranges span several pages.
 
-import Testing
-
 import PestoModel
 import PestoTestSupport
+import Testing
 
 @Suite("Port counts")
 struct PortCountsTests {

@@ -4,15 +4,15 @@
 // loopback, a network namespace, and (on request) the time a scan takes with many sockets.
 
 import CPestoSys
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // MARK: - Fixtures (copied from this machine's /proc/net files, ports and inodes edited)
@@ -177,7 +177,8 @@ struct PortScannerParsingTests {
             "   0: 0000000G:0056 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n",  // not hex
             "   0: 00000000:0057 00000000:0000 0AA 00000000:00000000 00:00000000 00000000     0        0 1 1\n",  // 3-digit state
             "   0: 00000000:0058 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12x 1\n",  // bad inode
-            "   0: 00000000:0059 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99999999999999999999 1\n",  // inode > UInt64.max
+            // inode > UInt64.max
+            "   0: 00000000:0059 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99999999999999999999 1\n",
             "   0: 00000000:0000 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n",  // port 0
         ]
         for b in bad {

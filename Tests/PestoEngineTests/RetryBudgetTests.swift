@@ -5,10 +5,10 @@
 // In process, with a factory that opens no sockets, so that tens of thousands of failing
 // ports cost nothing but the table's own work.
 
+import PestoSystem
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
 
 /// A factory without sockets: each attempt is recorded and fails with the errno `failure`

@@ -10,15 +10,15 @@
 // records a failure.
 
 import CPestoSys
-import Testing
-
-@testable import PestoEngine
 import PestoModel
 import PestoSystem
 import PestoTestSupport
+import Testing
+
+@testable import PestoEngine
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An engine relaying one loopback TCP port to an echo server, made under a script.
@@ -246,7 +246,9 @@ struct SyscallMockTests {
         }
     }
 
-    @Test("a connect still in progress when asked again is watched for EPOLLOUT and SO_ERROR decides: connected, or a getsockopt failure resets")
+    @Test(
+        "a connect still in progress when asked again is watched for EPOLLOUT and SO_ERROR decides: connected, or a getsockopt failure resets"
+    )
     func slowConnect() throws {
         let script = SyscallScript()
         try script.run {
@@ -335,7 +337,9 @@ struct SyscallScriptTests {
         }
         // Outside `run`, nothing is scripted.
         script.fail(.socket, with: .tooManyOpenFiles)
-        if case .success(let fd) = Sys.socket(domain: AF_INET, type: Int32(SOCK_STREAM.rawValue)) { Sys.close(fd) } else {
+        if case .success(let fd) = Sys.socket(domain: AF_INET, type: Int32(SOCK_STREAM.rawValue)) {
+            Sys.close(fd)
+        } else {
             Issue.record("a script not running failed a call")
         }
     }

@@ -3,14 +3,14 @@
 // The TCP relay's per-connection state machine, without a socket: events in, actions out
 // (TCPConnectionState.swift). Every transition, both orders of half-close, every error path.
 
+import PestoModel
+import PestoSystem
 import Testing
 
 @testable import PestoEngine
-import PestoModel
-import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 private typealias State = TCPConnectionState
@@ -90,7 +90,10 @@ struct TCPConnectionStateTests {
         #expect(first.phase == .closed)
 
         var again = State()
-        #expect(feed(&again, [.connect(.inProgress), .connect(.failed(Self.refused))]) == [.askConnectAgain, .close(.connectFailed(Self.refused))])
+        #expect(
+            feed(&again, [.connect(.inProgress), .connect(.failed(Self.refused))]) == [
+                .askConnectAgain, .close(.connectFailed(Self.refused)),
+            ])
 
         var later = State()
         _ = feed(&later, [.connect(.inProgress), .connect(.inProgress), .watched(true), .ready(.target)])
@@ -101,7 +104,10 @@ struct TCPConnectionStateTests {
     @Test("a target socket epoll cannot watch while connecting ends the connection")
     func connectUnwatchable() {
         var s = State()
-        #expect(feed(&s, [.connect(.inProgress), .connect(.inProgress), .watched(false)]) == [.askConnectAgain, .watch(client: 0, target: writable), .close(.unwatchable)])
+        #expect(
+            feed(&s, [.connect(.inProgress), .connect(.inProgress), .watched(false)]) == [
+                .askConnectAgain, .watch(client: 0, target: writable), .close(.unwatchable),
+            ])
     }
 
     // MARK: Relaying
@@ -123,7 +129,12 @@ struct TCPConnectionStateTests {
         #expect(feed(&s, [.ready(.target), .spliced(.up, .moved(40))]) == [.spliceOut(.up, count: 40), .spliceIn(.up)])
         #expect(!s.up.destinationBlocked && s.up.pending == 0)
         #expect(
-            feed(&s, [.spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
+            feed(
+                &s,
+                [
+                    .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock),
+                    .pipeReleased(.down),
+                ])
                 == [.releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable)])
     }
 
@@ -149,7 +160,8 @@ struct TCPConnectionStateTests {
     func halfCloseClientFirst() {
         var s = idleConnection()
         #expect(
-            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .endOfFile), .shutDown(.up, failure: nil), .pipeReleased(.up)])
+            feed(
+                &s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .endOfFile), .shutDown(.up, failure: nil), .pipeReleased(.up)])
                 == [.takePipe(.up), .spliceIn(.up), .shutdownWrite(.up), .releasePipe(.up), .takePipe(.down)])
         #expect(s.up.finished && s.up.sourceEnded)
         #expect(
@@ -158,7 +170,12 @@ struct TCPConnectionStateTests {
         #expect(s.handle(.watched(true)) == .wait)
         // The target answers, then ends too.
         #expect(
-            feed(&s, [.ready(.target), .pipe(.down, taken: true), .spliced(.down, .moved(5)), .spliced(.down, .moved(5)), .spliced(.down, .endOfFile)])
+            feed(
+                &s,
+                [
+                    .ready(.target), .pipe(.down, taken: true), .spliced(.down, .moved(5)), .spliced(.down, .moved(5)),
+                    .spliced(.down, .endOfFile),
+                ])
                 == [.takePipe(.down), .spliceIn(.down), .spliceOut(.down, count: 5), .spliceIn(.down), .shutdownWrite(.down)])
         #expect(s.handle(.shutDown(.down, failure: nil)) == .close(.finished))
         #expect(s.phase == .closed && !State.Ending.finished.resets)
@@ -176,7 +193,9 @@ struct TCPConnectionStateTests {
         #expect(s.handle(.watched(true)) == .wait)
         #expect(s.clientInterest == readable && s.targetInterest == 0, "the target has nothing to say any more: out of epoll")
         #expect(
-            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(3)), .spliced(.up, .moved(3)), .spliced(.up, .endOfFile)])
+            feed(
+                &s,
+                [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(3)), .spliced(.up, .moved(3)), .spliced(.up, .endOfFile)])
                 == [.takePipe(.up), .spliceIn(.up), .spliceOut(.up, count: 3), .spliceIn(.up), .shutdownWrite(.up)])
         #expect(s.handle(.shutDown(.up, failure: nil)) == .close(.finished))
     }
@@ -193,7 +212,9 @@ struct TCPConnectionStateTests {
 
     // MARK: Errors
 
-    @Test("a failed splice (either way) or a failed shutdown ends the connection with a reset", arguments: [ENOBUFS, ENOSPC, ENOMEM, ECONNRESET, EPIPE])
+    @Test(
+        "a failed splice (either way) or a failed shutdown ends the connection with a reset",
+        arguments: [ENOBUFS, ENOSPC, ENOMEM, ECONNRESET, EPIPE])
     func errorsReset(_ code: Int32) {
         let e = Errno(rawValue: code)
         var spliceIn = idleConnection()
@@ -201,8 +222,13 @@ struct TCPConnectionStateTests {
         #expect(spliceIn.phase == .closed)
 
         var spliceOut = idleConnection()
-        _ = feed(&spliceOut, [.ready(.target), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true)])
-        #expect(feed(&spliceOut, [.spliced(.down, .moved(4)), .spliced(.down, .failed(e))]) == [.spliceOut(.down, count: 4), .close(.broken(e))])
+        _ = feed(
+            &spliceOut,
+            [.ready(.target), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true)])
+        #expect(
+            feed(&spliceOut, [.spliced(.down, .moved(4)), .spliced(.down, .failed(e))]) == [
+                .spliceOut(.down, count: 4), .close(.broken(e)),
+            ])
 
         var shutdown = idleConnection()
         _ = feed(&shutdown, [.ready(.client), .pipe(.up, taken: true)])
@@ -215,7 +241,9 @@ struct TCPConnectionStateTests {
         var noPipe = idleConnection()
         #expect(feed(&noPipe, [.ready(.client), .pipe(.up, taken: false)]) == [.takePipe(.up), .close(.outOfPipes)])
         var unwatchable = idleConnection()
-        _ = feed(&unwatchable, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .endOfFile), .shutDown(.up, failure: nil), .pipeReleased(.up)])
+        _ = feed(
+            &unwatchable,
+            [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .endOfFile), .shutDown(.up, failure: nil), .pipeReleased(.up)])
         _ = feed(&unwatchable, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
         #expect(unwatchable.handle(.watched(false)) == .close(.unwatchable))
         #expect(State.Ending.outOfPipes.resets && State.Ending.unwatchable.resets)
@@ -232,7 +260,12 @@ struct TCPConnectionStateTests {
     func interestUnchanged() {
         var s = idleConnection()
         #expect(
-            feed(&s, [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock)])
+            feed(
+                &s,
+                [
+                    .ready(.client), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true),
+                    .spliced(.down, .wouldBlock),
+                ])
                 == [.takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down)])
         #expect(s.handle(.pipeReleased(.down)) == .wait)
     }

@@ -11,15 +11,15 @@
 // parallel is never mistaken for a socket the relay failed to close.
 
 import CPestoSys
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoEngine
-import PestoSystem
 @testable import PestoModel
-import PestoTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Passes a source's readiness to a closure.
@@ -514,9 +514,10 @@ struct UDPRelayTests {
         #expect(h.replies[v4]?.first?.from == SocketAddress(.loopbackIPv4, port: h.listenPort))
         #expect(h.replies[v6]?.first?.from == SocketAddress(.loopbackIPv6, port: h.listenPort))
         #expect(Set(h.flowSockets().compactMap { TestSockets.domain($0.fd) }) == [AF_INET, AF_INET6])
-        #expect(Set(h.loopChecks.map(\.destination)) == [
-            SocketAddress(.loopbackIPv4, port: h.targetPort), SocketAddress(.loopbackIPv6, port: h.targetPort),
-        ])
+        #expect(
+            Set(h.loopChecks.map(\.destination)) == [
+                SocketAddress(.loopbackIPv4, port: h.targetPort), SocketAddress(.loopbackIPv6, port: h.targetPort),
+            ])
     }
 
     // MARK: Closing
@@ -642,9 +643,10 @@ struct UDPPacketInfoTests {
         #expect(h.payloads(b) == [Array("six".utf8)])
         #expect(h.replies[a]?.first?.from == SocketAddress(five, port: h.listenPort))
         #expect(h.replies[b]?.first?.from == SocketAddress(six, port: h.listenPort))
-        #expect(Set(h.relay.flowLocals) == [
-            PacketInfo(address: five, interface: loopbackIndex), PacketInfo(address: six, interface: loopbackIndex),
-        ])
+        #expect(
+            Set(h.relay.flowLocals) == [
+                PacketInfo(address: five, interface: loopbackIndex), PacketInfo(address: six, interface: loopbackIndex),
+            ])
     }
 
     @Test("one unconnected client writing to two addresses of a wildcard listener has two flows, each answered from its address")
@@ -659,9 +661,10 @@ struct UDPPacketInfoTests {
         h.send(Array("b".utf8), from: client, to: .v4(0x7F00_0008))
         h.run("the second reply") { h.payloads(client).count == 2 }
 
-        #expect(h.replies[client]?.map(\.from) == [
-            SocketAddress(.v4(0x7F00_0007), port: h.listenPort), SocketAddress(.v4(0x7F00_0008), port: h.listenPort),
-        ])
+        #expect(
+            h.replies[client]?.map(\.from) == [
+                SocketAddress(.v4(0x7F00_0007), port: h.listenPort), SocketAddress(.v4(0x7F00_0008), port: h.listenPort),
+            ])
         #expect(h.relay.flowCount == 2)
     }
 

@@ -3,9 +3,8 @@
 // Matching a whole new table against the existing active rules: identical forwarding keeps
 // a rule (whatever its owner), multiplicity counts, the lowest IDs are kept first.
 
-import Testing
-
 import PestoModel
+import Testing
 
 @Suite("kept rules of a whole-table update")
 struct KeptRulesTests {

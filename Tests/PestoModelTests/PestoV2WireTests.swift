@@ -2,10 +2,10 @@
 
 // The pesto v2 codec: byte-exact output, lossless round trips, precise rejections, no traps.
 
+import PestoTestSupport
 import Testing
 
 @testable import PestoModel
-import PestoTestSupport
 
 @Suite("Pesto v2 wire codec")
 struct PestoV2WireTests {
@@ -70,8 +70,9 @@ struct PestoV2WireTests {
         WireRule(rule: Rule(proto: .tcp, address: .anyIPv4, firstPort: 1000, lastPort: 1999, targetPort: 2000)),
         WireRule(rule: Rule(proto: .tcp, address: .anyIPv6, firstPort: 443)),
         WireRule(rule: Rule(proto: .udp, address: ip("127.0.0.1"), firstPort: 1, lastPort: 65535)),
-        WireRule(rule: Rule(
-            proto: .tcp, address: ip("::1"), firstPort: 22, targetAddress: ip("fe80::1"), targetPort: 2222)),
+        WireRule(
+            rule: Rule(
+                proto: .tcp, address: ip("::1"), firstPort: 22, targetAddress: ip("fe80::1"), targetPort: 2222)),
         WireRule(rule: Rule(proto: .tcp, address: ip("192.0.2.7"), firstPort: 8080, targetAddress: ip("10.0.0.1"))),
         WireRule(rule: Rule(proto: .tcp, address: ip("2001:db8::5"), interface: "eth0", firstPort: 80, targetPort: 81)),
         WireRule(rule: Rule(proto: .udp, interface: "abcdefghijklmno", firstPort: 9), bestEffort: true),
@@ -86,8 +87,10 @@ struct PestoV2WireTests {
 
     @Test("hello is the 20 bytes upstream expects")
     func hello() {
-        let expected: [UInt8] = [0x62, 0x61, 0x73, 0x69, 0x6C, 0x3A, 0x73, 0x00,  // "basil:s\0"
-                                 0, 0, 0, 2, 0, 0, 0, 128, 0, 0, 0, 16]
+        let expected: [UInt8] = [
+            0x62, 0x61, 0x73, 0x69, 0x6C, 0x3A, 0x73, 0x00,  // "basil:s\0"
+            0, 0, 0, 2, 0, 0, 0, 128, 0, 0, 0, 16,
+        ]
         #expect(Wire.hello() == expected)
         #expect(Wire.magic == Array("basil:s\0".utf8))
     }
@@ -174,9 +177,10 @@ struct PestoV2WireTests {
 
     @Test("a hand-built rule matches what encode writes, byte for byte")
     func encodeLayout() {
-        let rule = WireRule(rule: Rule(
-            proto: .tcp, address: Self.ip("2001:db8::1"), interface: "lo",
-            firstPort: 0x0102, lastPort: 0x0304, targetAddress: Self.ip("2001:db8::2"), targetPort: 0x0506))
+        let rule = WireRule(
+            rule: Rule(
+                proto: .tcp, address: Self.ip("2001:db8::1"), interface: "lo",
+                firstPort: 0x0102, lastPort: 0x0304, targetAddress: Self.ip("2001:db8::2"), targetPort: 0x0506))
         let bytes = Wire.encode(rule)
         #expect(Array(bytes[0..<16]) == Self.v6doc)
         #expect(Array(bytes[16..<32]) == Self.v6doc.dropLast() + [2])
@@ -217,19 +221,27 @@ struct PestoV2WireTests {
 
     /// (raw rule, a fragment the message must contain).
     static let badRules: [([UInt8], String)] = [
-        (rawRule(ifname: [UInt8](repeating: 0x41, count: 16)),
-         "the interface name is not NUL-terminated: byte 47 of the rule is 0x41, not 0."),
-        (rawRule(ifname: [UInt8](repeating: 0, count: 15) + [1]),
-         "byte 47 of the rule is 0x01"),
+        (
+            rawRule(ifname: [UInt8](repeating: 0x41, count: 16)),
+            "the interface name is not NUL-terminated: byte 47 of the rule is 0x41, not 0."
+        ),
+        (
+            rawRule(ifname: [UInt8](repeating: 0, count: 15) + [1]),
+            "byte 47 of the rule is 0x01"
+        ),
         (rawRule(ifname: [0xFF, 0xFE] + [UInt8](repeating: 0, count: 14)), "the interface name is not valid UTF-8."),
         (rawRule(proto: 1), "protocol 1 is not supported; use 6 (TCP) or 17 (UDP)."),
         (rawRule(proto: 0), "protocol 0 is not supported"),
-        (rawRule(flags: 0x08),
-         "flags 0x08 have unknown bits 0x08; only 0x01 (dual-stack), 0x02 (weak) and 0x04 (scan) exist."),
+        (
+            rawRule(flags: 0x08),
+            "flags 0x08 have unknown bits 0x08; only 0x01 (dual-stack), 0x02 (weak) and 0x04 (scan) exist."
+        ),
         (rawRule(flags: 0x83), "flags 0x83 have unknown bits 0x80"),
         (rawRule(address: mapped10001, flags: 0x01), "the dual-stack flag (0x01) needs the address ::, not 10.0.0.1."),
-        (rawRule(address: [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF, 0, 0, 0, 0], flags: 0x01),
-         "needs the address ::, not 0.0.0.0."),
+        (
+            rawRule(address: [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF, 0, 0, 0, 0], flags: 0x01),
+            "needs the address ::, not 0.0.0.0."
+        ),
         (rawRule(address: v6doc, flags: 0x03), "needs the address ::, not 2001:db8::1."),
     ]
 
@@ -316,31 +328,44 @@ struct PestoV2WireTests {
 
     /// (upload bytes, parser limit, the exact message).
     static let badUploads: [([UInt8], Int, String)] = [
-        ([2, 0, 0, 0, 0, 0], 10,
-         "pif 2 (TAP) has no forwarding table; tables are uploaded for pif 1 (HOST) or 3 (SPLICE)."),
+        (
+            [2, 0, 0, 0, 0, 0], 10,
+            "pif 2 (TAP) has no forwarding table; tables are uploaded for pif 1 (HOST) or 3 (SPLICE)."
+        ),
         ([4], 10, "pif 4 is unknown; tables are uploaded for pif 1 (HOST) or 3 (SPLICE)."),
         ([0xFF], 10, "pif 255 is unknown; tables are uploaded for pif 1 (HOST) or 3 (SPLICE)."),
-        ([1, 0, 0, 0, 0, 3, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], 10,
-         "pif 1 (HOST) is given twice in the upload; each table may appear once."),
+        (
+            [1, 0, 0, 0, 0, 3, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], 10,
+            "pif 1 (HOST) is given twice in the upload; each table may appear once."
+        ),
         ([3, 0, 0, 0, 0, 3], 10, "pif 3 (SPLICE) is given twice in the upload; each table may appear once."),
         ([1, 0, 0, 0, 4], 3, "the HOST table has 4 rules; at most 3 are allowed."),
         ([3, 0xFF, 0xFF, 0xFF, 0xFF], 65535, "the SPLICE table has 4294967295 rules; at most 65535 are allowed."),
         ([1, 0, 1, 0, 0], 65535, "the HOST table has 65536 rules; at most 65535 are allowed."),
-        ([1, 0, 0, 0, 2] + rawRule() + rawRule(ifname: [UInt8](repeating: 0x41, count: 16)), 10,
-         "rule 2 of the HOST table: the interface name is not NUL-terminated: byte 47 of the rule is 0x41, not 0."),
-        ([3, 0, 0, 0, 1] + rawRule(proto: 58), 10,
-         "rule 1 of the SPLICE table: protocol 58 is not supported; use 6 (TCP) or 17 (UDP)."),
-        ([1, 0, 0, 0, 1] + rawRule(flags: 0x10), 10,
-         "rule 1 of the HOST table: flags 0x10 have unknown bits 0x10; "
-            + "only 0x01 (dual-stack), 0x02 (weak) and 0x04 (scan) exist."),
-        ([1, 0, 0, 0, 1] + rawRule(address: v6doc, flags: 0x01), 10,
-         "rule 1 of the HOST table: the dual-stack flag (0x01) needs the address ::, not 2001:db8::1."),
+        (
+            [1, 0, 0, 0, 2] + rawRule() + rawRule(ifname: [UInt8](repeating: 0x41, count: 16)), 10,
+            "rule 2 of the HOST table: the interface name is not NUL-terminated: byte 47 of the rule is 0x41, not 0."
+        ),
+        (
+            [3, 0, 0, 0, 1] + rawRule(proto: 58), 10,
+            "rule 1 of the SPLICE table: protocol 58 is not supported; use 6 (TCP) or 17 (UDP)."
+        ),
+        (
+            [1, 0, 0, 0, 1] + rawRule(flags: 0x10), 10,
+            "rule 1 of the HOST table: flags 0x10 have unknown bits 0x10; "
+                + "only 0x01 (dual-stack), 0x02 (weak) and 0x04 (scan) exist."
+        ),
+        (
+            [1, 0, 0, 0, 1] + rawRule(address: v6doc, flags: 0x01), 10,
+            "rule 1 of the HOST table: the dual-stack flag (0x01) needs the address ::, not 2001:db8::1."
+        ),
         ([0, 0], 10, "1 bytes follow the terminating pif 0 of the upload."),
         ([1, 0, 0, 0, 0, 0, 7, 7, 7], 10, "3 bytes follow the terminating pif 0 of the upload."),
     ]
 
-    @Test("each malformed upload is rejected with a precise message, whole and byte by byte",
-          arguments: badUploads.indices)
+    @Test(
+        "each malformed upload is rejected with a precise message, whole and byte by byte",
+        arguments: badUploads.indices)
     func badUpload(_ i: Int) {
         let (bytes, limit, message) = Self.badUploads[i]
         #expect(throws: Wire.WireError(message)) { _ = try Self.parse(bytes, max: limit) }
@@ -349,7 +374,10 @@ struct PestoV2WireTests {
         var parser = Wire.UploadParser(maxRulesPerTable: limit)
         var thrown: Wire.WireError?
         for byte in bytes {
-            do { _ = try parser.feed([byte]) } catch { thrown = error; break }
+            do { _ = try parser.feed([byte]) } catch {
+                thrown = error
+                break
+            }
         }
         if message.contains("follow the terminating") {
             #expect(thrown == Wire.WireError("1 bytes follow the terminating pif 0 of the upload."))
@@ -388,7 +416,8 @@ struct PestoV2WireTests {
     @Test("20,000 random byte strings never trap the parser")
     func fuzz() {
         var rng = SeededRandom(seed: 0x5EED_BA51_1CAF_E000)
-        var completed = 0, rejected = 0
+        var completed = 0
+        var rejected = 0
         for round in 0..<20_000 {
             var bytes: [UInt8]
             switch round % 4 {

@@ -5,14 +5,15 @@
 // document itself, so the document and the test cannot drift. For each row the spec must get
 // pesto's verdict and, when accepted, exactly pesto's rules, printed the way pesto prints them.
 
-#if canImport(Glibc)
-import Glibc
-#endif
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoModel
-import PestoSystem
-import PestoTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One row of the port spec table.
 struct ConformanceRow: Sendable, CustomTestStringConvertible {
@@ -74,9 +75,11 @@ enum ConformanceTable {
             else { continue }
             var last = cells[4]
             if last.hasSuffix(" |") { last = last.dropLast(2) }
-            rows.append(ConformanceRow(option: option, spec: spec, pestoStatus: status,
-                                       rules: status == 0 ? codes(cells[3]) : [],
-                                       pestoctl: String(last).trimmingCharacters(in: " ")))
+            rows.append(
+                ConformanceRow(
+                    option: option, spec: spec, pestoStatus: status,
+                    rules: status == 0 ? codes(cells[3]) : [],
+                    pestoctl: String(last).trimmingCharacters(in: " ")))
         }
         return rows
     }()
@@ -121,8 +124,10 @@ struct PortSpecConformanceTests {
     func tableRead() {
         let specs = Set(ConformanceTable.rows.map(\.spec))
         #expect(ConformanceTable.rows.count >= 100, "\(ConformanceTable.path)")
-        for form in ["none", "all", "auto", "22", "22:23", "22-80:32-90", "~25", "8000-8010,auto", "192.0.2.1%eth0/22",
-                     "0.0.0.0/8080:10.88.0.2/80", "[::]/8080:fd00::2/80", "35022-35024:35032", ""] {
+        for form in [
+            "none", "all", "auto", "22", "22:23", "22-80:32-90", "~25", "8000-8010,auto", "192.0.2.1%eth0/22",
+            "0.0.0.0/8080:10.88.0.2/80", "[::]/8080:fd00::2/80", "35022-35024:35032", "",
+        ] {
             #expect(specs.contains(form), "missing row for \"\(form)\"")
         }
         #expect(Set(ConformanceTable.rows.map(\.option)) == ["-t", "-u", "-T", "-U"])

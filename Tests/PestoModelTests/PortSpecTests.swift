@@ -4,14 +4,15 @@
 // and -U refer to) parses to the exact rules; every error names its bad piece; the ephemeral
 // port range is read from the sysctl file or falls back.
 
-#if canImport(Glibc)
-import Glibc
-#endif
+import PestoSystem
+import PestoTestSupport
 import Testing
 
 @testable import PestoModel
-import PestoSystem
-import PestoTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One expected rule, without the protocol (each example runs for TCP and UDP).
 struct ExpectedRule: Sendable {
@@ -25,8 +26,9 @@ struct ExpectedRule: Sendable {
 
     /// The rule for `proto`.
     func rule(_ proto: TransportProtocol) -> Rule {
-        Rule(proto: proto, address: address.map { IPAddress($0)! }, interface: interface, firstPort: first,
-             lastPort: last, targetAddress: target.map { IPAddress($0)! }, targetPort: to, scan: scan)
+        Rule(
+            proto: proto, address: address.map { IPAddress($0)! }, interface: interface, firstPort: first,
+            lastPort: last, targetAddress: target.map { IPAddress($0)! }, targetPort: to, scan: scan)
     }
 }
 
@@ -41,10 +43,13 @@ struct SpecExample: Sendable, CustomTestStringConvertible {
 }
 
 /// Shorthand: ports `first...last` to `to...` with optional fields.
-private func r(_ first: UInt16, _ last: UInt16? = nil, to: UInt16? = nil, addr: String? = nil, ifname: String = "",
-               target: String? = nil, scan: Bool = false) -> ExpectedRule {
-    ExpectedRule(first: first, last: last ?? first, to: to ?? first, address: addr, interface: ifname,
-                 target: target, scan: scan)
+private func r(
+    _ first: UInt16, _ last: UInt16? = nil, to: UInt16? = nil, addr: String? = nil, ifname: String = "",
+    target: String? = nil, scan: Bool = false
+) -> ExpectedRule {
+    ExpectedRule(
+        first: first, last: last ?? first, to: to ?? first, address: addr, interface: ifname,
+        target: target, scan: scan)
 }
 
 /// The non-ephemeral ports with the fixed test range 32768-60999 left out.
@@ -128,8 +133,9 @@ struct PortSpecTests {
         SpecExample(spec: "::/22", rules: [r(22, addr: "::")]),
         SpecExample(spec: "all,~25", rules: [r(1, 24), r(26, 32767), r(61000, 65535)], bestEffort: true),
         SpecExample(spec: "all,22", rules: [r(22)]),
-        SpecExample(spec: "auto,~25", rules: [r(1, 24, scan: true), r(26, 32767, scan: true), r(61000, 65535, scan: true)],
-                    bestEffort: true),
+        SpecExample(
+            spec: "auto,~25", rules: [r(1, 24, scan: true), r(26, 32767, scan: true), r(61000, 65535, scan: true)],
+            bestEffort: true),
         SpecExample(spec: "~22,20-25", rules: [r(20, 21), r(23, 25)]),
         SpecExample(spec: "100-110:200-210,~105", rules: [r(100, 104, to: 200), r(106, 110, to: 206)]),
         // Not merged, in the order given, as upstream makes them.
@@ -147,8 +153,12 @@ struct PortSpecTests {
         SpecExample(spec: "0.0.0.0/8080:10.88.0.2/80", rules: [r(8080, to: 80, addr: "0.0.0.0", target: "10.88.0.2")]),
         SpecExample(spec: "[::]/8080:fd00::2/80", rules: [r(8080, to: 80, addr: "::", target: "fd00::2")]),
         SpecExample(spec: "192.0.2.1/22:10.0.0.1", rules: [r(22, addr: "192.0.2.1", target: "10.0.0.1")]),
-        SpecExample(spec: "0.0.0.0/all:10.0.0.1", rules: [r(1, 32767, addr: "0.0.0.0", target: "10.0.0.1"),
-                                                        r(61000, 65535, addr: "0.0.0.0", target: "10.0.0.1")], bestEffort: true),
+        SpecExample(
+            spec: "0.0.0.0/all:10.0.0.1",
+            rules: [
+                r(1, 32767, addr: "0.0.0.0", target: "10.0.0.1"),
+                r(61000, 65535, addr: "0.0.0.0", target: "10.0.0.1"),
+            ], bestEffort: true),
         SpecExample(spec: "22:0.0.0.0/80", rules: [r(22, to: 80)]),
         // The greedy listening prefix: an address, not a port with a target.
         SpecExample(spec: "8080:fd00::2/80", rules: [r(80, addr: "8080:fd00::2")]),
@@ -267,11 +277,13 @@ struct PortSpecTests {
             } catch { return error.message }
         }
         #expect(message("70000") == "cannot read \"70000\" as ports.")
-        #expect(message("35022-35024:35032")
-            == "\"35022-35024:35032\" maps 3 ports to 1; the target range must be as long as the listening range.")
+        #expect(
+            message("35022-35024:35032")
+                == "\"35022-35024:35032\" maps 3 ports to 1; the target range must be as long as the listening range.")
         #expect(message("20-30,25") == "\"25\" forwards port 25 again; each port can be forwarded only once.")
-        #expect(message("22:10.0.0.1/22")
-            == "\"22:10.0.0.1/22\" listens dual stack (no listening address) but forwards to IPv4 address 10.0.0.1; "
+        #expect(
+            message("22:10.0.0.1/22")
+                == "\"22:10.0.0.1/22\" listens dual stack (no listening address) but forwards to IPv4 address 10.0.0.1; "
                 + "give 0.0.0.0/... to listen on IPv4 only.")
         #expect(message("22 ") == "\" \" follows the ports; separate ports with commas.")
     }

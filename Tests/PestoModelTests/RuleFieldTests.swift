@@ -3,9 +3,8 @@
 // The one list of a rule's fields: every field round-trips, required fields and address
 // syntax are checked where fields become a rule, and the forwarding key ignores the owner.
 
-import Testing
-
 import PestoModel
+import Testing
 
 @Suite("rule fields")
 struct RuleFieldTests {
@@ -35,7 +34,10 @@ struct RuleFieldTests {
     @Test("protocol and first-port are required; a bad protocol or address is named")
     func refusals() {
         func message(_ fields: [RuleField: RuleFieldValue]) -> String? {
-            do { _ = try Rule(fields: fields); return nil } catch { return error.code == .invalidRule ? error.message : "wrong code" }
+            do {
+                _ = try Rule(fields: fields)
+                return nil
+            } catch { return error.code == .invalidRule ? error.message : "wrong code" }
         }
         #expect(message([.firstPort: .port(1)]) == "protocol is required (\"tcp\" or \"udp\").")
         #expect(message([.proto: .text("tcp")]) == "first-port is required.")

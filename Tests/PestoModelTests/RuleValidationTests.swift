@@ -2,10 +2,10 @@
 
 // Every validation failure has its own message; every accepted shape is accepted.
 
+import PestoTestSupport
 import Testing
 
 @testable import PestoModel
-import PestoTestSupport
 
 @Suite("Rule validation")
 struct RuleValidationTests {
@@ -24,23 +24,35 @@ struct RuleValidationTests {
         (Rule(proto: .udp, firstPort: 100, lastPort: 200, targetPort: 65500), all, "target ports 65500-65600 pass 65535"),
         (Rule(proto: .tcp, address: ip("224.0.0.1"), firstPort: 80), all, "address 224.0.0.1 is a multicast address"),
         (Rule(proto: .tcp, firstPort: 80, targetAddress: ip("10.0.0.1")), all, "a dual-stack rule (no address)"),
-        (Rule(proto: .tcp, address: ip("::1"), firstPort: 80, targetAddress: ip("10.0.0.1")), all,
-         "target-address 10.0.0.1 is IPv4 but address ::1 is IPv6"),
-        (Rule(proto: .tcp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("239.1.1.1")), all,
-         "target-address 239.1.1.1 is a multicast address"),
-        (Rule(proto: .tcp, address: ip("::"), firstPort: 80, targetAddress: ip("ff02::1")), all,
-         "target-address ff02::1 is a multicast address"),
-        (Rule(proto: .udp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("255.255.255.255")), all,
-         "target-address 255.255.255.255 is the broadcast address; a connection or flow needs one unicast target."),
-        (Rule(proto: .tcp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("0.0.0.0")), all,
-         "target-address 0.0.0.0 is a wildcard address"),
+        (
+            Rule(proto: .tcp, address: ip("::1"), firstPort: 80, targetAddress: ip("10.0.0.1")), all,
+            "target-address 10.0.0.1 is IPv4 but address ::1 is IPv6"
+        ),
+        (
+            Rule(proto: .tcp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("239.1.1.1")), all,
+            "target-address 239.1.1.1 is a multicast address"
+        ),
+        (
+            Rule(proto: .tcp, address: ip("::"), firstPort: 80, targetAddress: ip("ff02::1")), all,
+            "target-address ff02::1 is a multicast address"
+        ),
+        (
+            Rule(proto: .udp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("255.255.255.255")), all,
+            "target-address 255.255.255.255 is the broadcast address; a connection or flow needs one unicast target."
+        ),
+        (
+            Rule(proto: .tcp, address: ip("0.0.0.0"), firstPort: 80, targetAddress: ip("0.0.0.0")), all,
+            "target-address 0.0.0.0 is a wildcard address"
+        ),
         (Rule(proto: .tcp, interface: "abcdefghijklmnop", firstPort: 80), all, "is 16 bytes long; at most 15"),
         (Rule(proto: .tcp, interface: ".", firstPort: 80), all, "interface \".\" is not a valid interface name"),
         (Rule(proto: .tcp, interface: "..", firstPort: 80), all, "interface \"..\" is not a valid interface name"),
         (Rule(proto: .tcp, interface: "eth/0", firstPort: 80), all, "contains \"/\""),
         (Rule(proto: .tcp, interface: "eth 0", firstPort: 80), all, "contains a space"),
-        (Rule(proto: .tcp, interface: String(repeating: "n", count: 1 << 20), firstPort: 80), all,
-         "interface \"\(String(repeating: "n", count: 64))\"…(1048576 bytes) is 1048576 bytes long; at most 15"),
+        (
+            Rule(proto: .tcp, interface: String(repeating: "n", count: 1 << 20), firstPort: 80), all,
+            "interface \"\(String(repeating: "n", count: 64))\"…(1048576 bytes) is 1048576 bytes long; at most 15"
+        ),
         (Rule(proto: .tcp, interface: "a\nb", firstPort: 80), all, "interface \"a\\nb\" contains the control character 0xa"),
         (Rule(proto: .tcp, firstPort: 80, owner: String(repeating: "x", count: 256)), all, "owner is 256 bytes long"),
         (Rule(proto: .tcp, firstPort: 80), [.udp, .ipv4], "lacks the tcp capability"),

@@ -5,8 +5,8 @@
 // departed sender leaves behind, and the bounded, rate-limited refusal log.
 
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import Testing
 
 @testable import PestoDBus
@@ -60,7 +60,9 @@ struct AuthorizationQueueTests {
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify)
         var ran: [String] = []
         func submit(_ sender: String, _ label: String, interactive: Bool = false) {
-            #expect(queue.submit(sender: sender, interactive: interactive) { refusal in ran.append(label + (refusal == nil ? "" : " refused")) } == nil)
+            #expect(
+                queue.submit(sender: sender, interactive: interactive) { refusal in ran.append(label + (refusal == nil ? "" : " refused")) }
+                    == nil)
         }
         submit(":1.1", "a1", interactive: true)
         submit(":1.1", "a2")
@@ -85,7 +87,9 @@ struct AuthorizationQueueTests {
         let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 3)
         var ran = 0
         for _ in 0..<3 { #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 } == nil) }
-        for _ in 0..<100 { #expect(queue.submit(sender: ":1.1", interactive: false) { _ in Issue.record("a refused change ran") } == .changes) }
+        for _ in 0..<100 {
+            #expect(queue.submit(sender: ":1.1", interactive: false) { _ in Issue.record("a refused change ran") } == .changes)
+        }
         #expect(queue.pending(of: ":1.1") == 3)
         #expect(auth.queries.count == 1)
         #expect(queue.submit(sender: ":1.2", interactive: false) { _ in ran += 1 } == nil)
@@ -95,16 +99,20 @@ struct AuthorizationQueueTests {
         #expect(AuthorizationQueue.defaultMaxPendingPerSender == 64)
     }
 
-    @Test("at most maxPendingBytesPerSender bytes of changes wait per sender, whichever limit comes first; a larger change alone still waits; bytes return as changes are decided or the sender leaves")
+    @Test(
+        "at most maxPendingBytesPerSender bytes of changes wait per sender, whichever limit comes first; a larger change alone still waits; bytes return as changes are decided or the sender leaves"
+    )
     func byteCap() {
         let auth = ScriptedAuthorizer()
-        let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 10, maxPendingBytesPerSender: 1_000)
+        let queue = AuthorizationQueue(
+            authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 10, maxPendingBytesPerSender: 1_000)
         var ran = 0
         for _ in 0..<4 { #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 250) { _ in ran += 1 } == nil) }
         #expect(queue.pendingBytes(of: ":1.1") == 1_000)
         #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 1) { _ in Issue.record("a refused change ran") } == .bytes)
         #expect(queue.pending(of: ":1.1") == 4 && queue.pendingBytes(of: ":1.1") == 1_000, "nothing queued")
-        #expect(queue.submit(sender: ":1.2", interactive: false, bytes: 1_000) { _ in ran += 1 } == nil, "another sender has its own budget")
+        #expect(
+            queue.submit(sender: ":1.2", interactive: false, bytes: 1_000) { _ in ran += 1 } == nil, "another sender has its own budget")
         auth.answer(":1.1")
         #expect(ran == 1 && queue.pendingBytes(of: ":1.1") == 750)
         #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 250) { _ in ran += 1 } == nil, "room again once one is decided")
@@ -149,7 +157,8 @@ struct AuthorizationQueueTests {
         #expect(queue.senderLeft(":1.3") == 0)  // nothing in progress to withdraw
     }
 
-    @Test("refusal log: one line per sender per interval with the count of those not logged; the rest reported when it leaves; bounded state")
+    @Test(
+        "refusal log: one line per sender per interval with the count of those not logged; the rest reported when it leaves; bounded state")
     func refusalLog() {
         var limiter = RefusalLogLimiter(intervalMilliseconds: 1_000, capacity: 4)
         let t0 = MonotonicInstant.now

@@ -4,8 +4,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -16,8 +16,9 @@ import Testing
 struct AuthorizationTests {
     static let isRoot = getuid() == 0
 
-    @Test("root may change; an unprivileged caller gets AccessDenied for every change and Lock, and may still read",
-          .enabled(if: isRoot, "needs root to run a client as another user"))
+    @Test(
+        "root may change; an unprivileged caller gets AccessDenied for every change and Lock, and may still read",
+        .enabled(if: isRoot, "needs root to run a client as another user"))
     func rootOnly() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "root"])
         let p = TestSockets.freePorts(2).lowerBound
@@ -27,18 +28,25 @@ struct AuthorizationTests {
         let before = try f.snapshot()
 
         // pesto-test-peer as nobody (uid 65534), through setpriv.
-        let peer = try ChildProcess("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
+        let peer = try ChildProcess(
+            "/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Products.path("pesto-test-peer"), f.address])
         let ready = peer.readLine() ?? ""
         #expect(ready.hasPrefix("ready"), "\(ready)")
         for line in ["Insert 3 \(p + 1)", "Activate 2", "Deactivate 1", "Delete 2", "Lock"] {
             let answer = peer.ask(line)
-            #expect(answer.hasPrefix("error \(DBusErrorReply.accessDenied): Not authorized to top.passt.Pesto1.modify: uid 65534 is not root"), "\(line): \(answer)")
+            #expect(
+                answer.hasPrefix("error \(DBusErrorReply.accessDenied): Not authorized to top.passt.Pesto1.modify: uid 65534 is not root"),
+                "\(line): \(answer)")
         }
         #expect(peer.ask("Unlock").hasPrefix("error \(PestoBusNames.errorPrefix)NotLocked"))
         #expect(try f.snapshot() == before)
         // Reads are open to everyone.
-        let status = try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/busctl", "--address=\(f.address)",
-                                                   "call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
+        let status = try run(
+            "/usr/bin/setpriv",
+            [
+                "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/busctl", "--address=\(f.address)",
+                "call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1",
+            ])
         #expect(status.out == "buus true 1 0 \"\"\n", "\(status.err)")
 
         // Root's calls are authorised too, and run in the order sent.

@@ -10,8 +10,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -90,7 +90,8 @@ final class PestodFixture {
     /// (Re)starts pestod and waits for its READY=1.
     func startPestod(_ arguments: [String] = []) throws {
         // "CONTROL" and "STATE" stand for this fixture's control socket and state file paths.
-        let command = [Products.path("pestod"), "--address", address, "--log-level", "debug"]
+        let command =
+            [Products.path("pestod"), "--address", address, "--log-level", "debug"]
             + arguments.map { $0 == "CONTROL" ? controlPath : $0 == "STATE" ? statePath : $0 == "RUNTIME" ? runtimePath : $0 }
             + (authorizeNone && !arguments.contains("--authorize") ? ["--authorize", "none"] : [])
         let limit = openFileLimit.map { ["/usr/bin/prlimit", "--nofile=\($0):\($0)", "--"] } ?? []

@@ -6,8 +6,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 

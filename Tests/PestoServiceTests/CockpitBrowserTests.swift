@@ -41,7 +41,9 @@ enum BrowserTools {
 struct CockpitBrowserTests {
     @Test(
         "Chromium on cockpit-ws follows pestod live, changes it, shows errors and failures, survives a restart",
-        .enabled(if: BrowserTools.missing.isEmpty, "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium, python3-gi: \(BrowserTools.missing)"),
+        .enabled(
+            if: BrowserTools.missing.isEmpty,
+            "needs cockpit-ws, cockpit-bridge, chromium, chromium-driver, python3-selenium, python3-gi: \(BrowserTools.missing)"),
         .enabled(if: BrowserTools.isRoot, "needs root (a namespace for the SPLICE table, a bridge run as nobody)"))
     func pageAgainstPestod() throws {
         let fixture = try PestodFixture(pestodArguments: ["--authorize", "none"])

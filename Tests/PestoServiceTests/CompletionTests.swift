@@ -30,12 +30,17 @@ struct CompletionTests {
     @Test("pestoctl's completions offer every long option of --help, in bash, zsh and fish")
     func everyOption() throws {
         let options = try Self.longOptions()
-        #expect(options.isSuperset(of: ["add", "delete", "clear", "tcp-ports", "udp-ports", "tcp-ns", "udp-ns", "show", "debug",
-                                        "help", "version", "best-effort", "id", "quiet", "json", "system", "session", "address"]))
+        #expect(
+            options.isSuperset(of: [
+                "add", "delete", "clear", "tcp-ports", "udp-ports", "tcp-ns", "udp-ns", "show", "debug",
+                "help", "version", "best-effort", "id", "quiet", "json", "system", "session", "address",
+            ]))
         for file in ["pestoctl.bash", "_pestoctl", "pestoctl.fish"] {
             let text = try String(contentsOfFile: Self.folder + file, encoding: .utf8)
             for option in options {
-                let present = file.hasSuffix(".fish") ? text.contains("-l \(option) ") || text.hasSuffix("-l \(option)")
+                let present =
+                    file.hasSuffix(".fish")
+                    ? text.contains("-l \(option) ") || text.hasSuffix("-l \(option)")
                     : text.contains("--\(option)")
                 #expect(present, "\(file) lacks --\(option)")
             }
@@ -45,7 +50,8 @@ struct CompletionTests {
     @Test("the bash completion completes tables, specs, options and commands")
     func bash() throws {
         func complete(_ words: [String]) throws -> String {
-            let script = "source \(Self.folder)pestoctl.bash; COMP_WORDS=(\(words.map { "'\($0)'" }.joined(separator: " "))); "
+            let script =
+                "source \(Self.folder)pestoctl.bash; COMP_WORDS=(\(words.map { "'\($0)'" }.joined(separator: " "))); "
                 + "COMP_CWORD=\(words.count - 1); _pestoctl; echo \"${COMPREPLY[*]}\""
             let r = try run("/bin/bash", ["-c", script])
             #expect(r.status == 0, "\(r.err)")

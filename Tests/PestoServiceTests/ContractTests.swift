@@ -4,8 +4,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -20,8 +20,10 @@ struct ContractTests {
         let port = TestSockets.freePorts(1).lowerBound
         let path = PestodFixture.hostPath
         let iface = PestodFixture.tableInterface
-        var r = try f.busctl(["call", PestodFixture.dest, path, iface, "Insert", "ua{sv}", "100", "3",
-                              "protocol", "s", "tcp", "address", "s", "127.0.0.1", "first-port", "q", "\(port)"])
+        var r = try f.busctl([
+            "call", PestodFixture.dest, path, iface, "Insert", "ua{sv}", "100", "3",
+            "protocol", "s", "tcp", "address", "s", "127.0.0.1", "first-port", "q", "\(port)",
+        ])
         #expect(r.status == 0, "\(r.err)")
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "Activate", "u", "100"])
         #expect(r.out == "uu 1 0\n", "\(r.err)")
@@ -33,7 +35,9 @@ struct ContractTests {
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "Status", "u", "100"])
         #expect(r.out == "buus true 1 0 \"\"\n")
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "Read", "u", "100"])
-        #expect(r.out.contains("\"first-port\" q \(port)") && r.out.contains("\"address\" s \"127.0.0.1\"") && r.out.contains("\"target-port\" q \(port)"))
+        #expect(
+            r.out.contains("\"first-port\" q \(port)") && r.out.contains("\"address\" s \"127.0.0.1\"")
+                && r.out.contains("\"target-port\" q \(port)"))
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "List"])
         #expect(r.out.hasPrefix("a(ua{sv}(buus)) 1 100 10 "), "\(r.out)")
         #expect(r.out.hasSuffix("true 1 0 \"\"\n"))
@@ -93,10 +97,11 @@ struct ContractTests {
         let privileged = [PestoInterfaces.manager, PestoInterfaces.table].flatMap { i in
             i.methods.filter(\.privileged).map { "\(i.name).\($0.name)" }
         }
-        #expect(Set(privileged) == [
-            "top.passt.Pesto1.Manager.Lock", "top.passt.Pesto1.Table.Insert", "top.passt.Pesto1.Table.Delete",
-            "top.passt.Pesto1.Table.Activate", "top.passt.Pesto1.Table.Deactivate", "top.passt.Pesto1.Table.Apply",
-        ])
+        #expect(
+            Set(privileged) == [
+                "top.passt.Pesto1.Manager.Lock", "top.passt.Pesto1.Table.Insert", "top.passt.Pesto1.Table.Delete",
+                "top.passt.Pesto1.Table.Activate", "top.passt.Pesto1.Table.Deactivate", "top.passt.Pesto1.Table.Apply",
+            ])
         let annotations = PestoInterfaces.contractXML.components(separatedBy: "org.freedesktop.systemd1.Privileged").count - 1
         #expect(annotations == privileged.count)
     }
@@ -122,14 +127,23 @@ struct ContractTests {
         let all = try f.client.call(PestodFixture.dest, rulePath, props, "GetAll", [.string(PestoInterfaces.rule.name)])
         #expect(all.first?.vardictValue?.map(\.0) == PestoInterfaces.rule.properties.map(\.name))
 
-        #expect(f.errorName { () throws(DBusErrorReply) in
-            _ = try f.client.call(PestodFixture.dest, rulePath, props, "Set", [.string(PestoInterfaces.rule.name), .string("Active"), .variant(.bool(true))])
-        } == DBusErrorReply.propertyReadOnly)
-        #expect(f.errorName { () throws(DBusErrorReply) in _ = try get(rulePath, PestoInterfaces.rule.name, "Nope") } == DBusErrorReply.unknownProperty)
-        #expect(f.errorName { () throws(DBusErrorReply) in _ = try get(rulePath, "org.example.Nope", "Id") } == DBusErrorReply.unknownInterface)
-        #expect(f.errorName { () throws(DBusErrorReply) in _ = try get(PestoBusNames.rulePath(.host, 6), PestoInterfaces.rule.name, "Id") } == DBusErrorReply.unknownObject)
+        #expect(
+            f.errorName { () throws(DBusErrorReply) in
+                _ = try f.client.call(
+                    PestodFixture.dest, rulePath, props, "Set",
+                    [.string(PestoInterfaces.rule.name), .string("Active"), .variant(.bool(true))])
+            } == DBusErrorReply.propertyReadOnly)
+        #expect(
+            f.errorName { () throws(DBusErrorReply) in _ = try get(rulePath, PestoInterfaces.rule.name, "Nope") }
+                == DBusErrorReply.unknownProperty)
+        #expect(
+            f.errorName { () throws(DBusErrorReply) in _ = try get(rulePath, "org.example.Nope", "Id") } == DBusErrorReply.unknownInterface)
+        #expect(
+            f.errorName { () throws(DBusErrorReply) in _ = try get(PestoBusNames.rulePath(.host, 6), PestoInterfaces.rule.name, "Id") }
+                == DBusErrorReply.unknownObject)
 
-        let managed = try f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+        let managed = try f.client.call(
+            PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
         guard case .dictionary("o", "a{sa{sv}}", let entries)? = managed.first else {
             Issue.record("GetManagedObjects returned \(managed)")
             return

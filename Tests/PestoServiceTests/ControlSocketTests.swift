@@ -4,11 +4,11 @@
 // (it does not use pestod's codec), against a real pestod.
 
 import Foundation
-import Synchronization
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
+import Synchronization
 import Testing
 
 @testable import PestoDBus
@@ -52,12 +52,17 @@ struct ControlSocketTests {
         #expect(f.log.contains("update applied (2 kept, 1 added, 0 removed)"))
     }
 
-    @Test("malformed uploads close the client with a log line and change nothing", arguments: [
-        ("bad pif", [UInt8(2)] + WireClient.be32(0) + [0]),
-        ("rule count over the limit", [UInt8(1)] + WireClient.be32(70_000)),
-        ("unterminated ifname", [UInt8(1)] + WireClient.be32(1) + WireClient.rule(first: 9, ifname: [UInt8](repeating: 0x61, count: 16)) + [0]),
-        ("short read", [UInt8(1)] + WireClient.be32(2) + WireClient.rule(first: 9)),
-    ])
+    @Test(
+        "malformed uploads close the client with a log line and change nothing",
+        arguments: [
+            ("bad pif", [UInt8(2)] + WireClient.be32(0) + [0]),
+            ("rule count over the limit", [UInt8(1)] + WireClient.be32(70_000)),
+            (
+                "unterminated ifname",
+                [UInt8(1)] + WireClient.be32(1) + WireClient.rule(first: 9, ifname: [UInt8](repeating: 0x61, count: 16)) + [0]
+            ),
+            ("short read", [UInt8(1)] + WireClient.be32(2) + WireClient.rule(first: 9)),
+        ])
     func malformed(_ what: String, _ upload: [UInt8]) throws {
         let f = try PestodFixture(pestodArguments: ["--control", "CONTROL"])
         let p = TestSockets.freePorts(1).lowerBound
@@ -108,13 +113,19 @@ struct ControlSocketTests {
     }
 
     /// The HOST rules as `List` gives them: id → (address, first port, owner, active, bound, failed).
-    static func rules(_ f: PestodFixture) throws -> [UInt32: (address: String, port: UInt16, owner: String, active: Bool, bound: UInt32, failed: UInt32)] {
+    static func rules(_ f: PestodFixture) throws -> [UInt32: (
+        address: String, port: UInt16, owner: String, active: Bool, bound: UInt32, failed: UInt32
+    )] {
         var out: [UInt32: (String, UInt16, String, Bool, UInt32, UInt32)] = [:]
         for entry in try f.table("List").first?.arrayValue ?? [] {
-            guard let e = entry.structValue, let id = e[0].uint32Value, let d = e[1].vardictValue, let s = e[2].structValue else { continue }
+            guard let e = entry.structValue, let id = e[0].uint32Value, let d = e[1].vardictValue, let s = e[2].structValue else {
+                continue
+            }
             let fields = Dictionary(d, uniquingKeysWith: { a, _ in a })
-            out[id] = (fields["address"]?.stringValue ?? "", fields["first-port"]?.uint16Value ?? 0, fields["owner"]?.stringValue ?? "",
-                       s[0].boolValue ?? false, s[1].uint32Value ?? 0, s[2].uint32Value ?? 0)
+            out[id] = (
+                fields["address"]?.stringValue ?? "", fields["first-port"]?.uint16Value ?? 0, fields["owner"]?.stringValue ?? "",
+                s[0].boolValue ?? false, s[1].uint32Value ?? 0, s[2].uint32Value ?? 0
+            )
         }
         return out
     }
@@ -149,7 +160,8 @@ struct ControlSocketTests {
         #expect(TestSockets.isFree(p))
     }
 
-    @Test("rootlesskit: -A --tcp-ports=IP/PORT:CHILDPORT and -D the same; a restart (delete, add) and an add repeated after a missed delete")
+    @Test(
+        "rootlesskit: -A --tcp-ports=IP/PORT:CHILDPORT and -D the same; a restart (delete, add) and an add repeated after a missed delete")
     func rootlesskitSequence() throws {
         let f = try PestodFixture(pestodArguments: ["--control", "CONTROL"])
         let ports = TestSockets.freePorts(2)
@@ -184,7 +196,9 @@ struct ControlSocketTests {
         #expect(!lines.isEmpty && lines.allSatisfy { $0.contains(" debug ") }, "read-only sessions log nothing above debug: \(lines)")
     }
 
-    @Test("an upload whose port is busy is applied: the rule is active with its failure counted, and forwards as soon as the port is freed, with no further upload")
+    @Test(
+        "an upload whose port is busy is applied: the rule is active with its failure counted, and forwards as soon as the port is freed, with no further upload"
+    )
     func busyPortStartsForwardingWhenFreed() throws {
         let f = try PestodFixture(pestodArguments: ["--control", "CONTROL", "--retry-interval", "50"])
         let signals = try SignalCollector(address: f.address)
@@ -194,15 +208,17 @@ struct ControlSocketTests {
         defer { server.stop() }
         let holder = try #require(TestSockets.bound(port: p))
 
-        #expect(WireClient.pesto(path: f.controlPath, rules: [WireClient.specRule(listen: "127.0.0.1", port: p, targetPort: t)]) == .uploaded)
+        #expect(
+            WireClient.pesto(path: f.controlPath, rules: [WireClient.specRule(listen: "127.0.0.1", port: p, targetPort: t)]) == .uploaded)
         let rule = try #require(try Self.rules(f).first)
         #expect(rule.value.active && rule.value.bound == 0 && rule.value.failed == 1 && rule.value.owner == controlOwnerTag)
         #expect(try f.table("Status", [.uint32(rule.key)]) == [.bool(true), .uint32(0), .uint32(1), .string("EADDRINUSE")])
         #expect(f.log.contains("1 sockets did not bind yet and are retried"))
 
         close(holder)
-        signals.wait(for: "BindFailuresChanged 0 after the retry",
-                     SignalCollector.signal("BindFailuresChanged", path: PestodFixture.hostPath, [.uint32(rule.key), .uint32(0), .string("")]))
+        signals.wait(
+            for: "BindFailuresChanged 0 after the retry",
+            SignalCollector.signal("BindFailuresChanged", path: PestodFixture.hostPath, [.uint32(rule.key), .uint32(0), .string("")]))
         #expect(TestTraffic.ping(port: p) == nil, "forwarding with no further call")
     }
 

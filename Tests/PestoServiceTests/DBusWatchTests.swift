@@ -3,19 +3,19 @@
 // The D-Bus connection on the event loop when epoll refuses to watch the bus socket (ENOSPC
 // at `fs.epoll.max_user_watches`, injected: the sysctl is global and no test may lower it).
 
+import PestoDBus
+import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
-@testable import PestoEngine
-import PestoSystem
-@testable import PestoModel
 @testable import PestoDBus
+@testable import PestoEngine
+@testable import PestoModel
 @testable import PestoService
-import PestoModel
-import PestoDBus
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite("D-Bus watch refused by epoll", .serialized)
@@ -38,7 +38,8 @@ struct DBusWatchTests {
             // epoll takes watches again a little later; the pending reply must then arrive.
             loop.after(milliseconds: 30) { script.stopFailing() }
             connection.send(
-                .methodCall(destination: "org.freedesktop.DBus", path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus", member: "GetId")
+                .methodCall(
+                    destination: "org.freedesktop.DBus", path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus", member: "GetId")
             ) { m in
                 reply = m
                 loop.stop()

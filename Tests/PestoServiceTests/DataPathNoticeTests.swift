@@ -6,8 +6,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -25,10 +25,15 @@ struct DataPathNoticeTests {
     func loopLoggedOnce() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(1).lowerBound
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
-            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(p)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
+                    ("target-address", .string("127.0.0.1")), ("target-port", .uint16(p)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         for _ in 0..<5 {
             let end = TestSockets.firstRead(port: p)
@@ -47,16 +52,21 @@ struct DataPathNoticeTests {
         let ports = TestSockets.freePorts(2)
         let server = try #require(UDPEchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+                    ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         let first = try #require(TestTraffic.udpClient())
         defer { close(first) }
         #expect(TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [1])?.reply == [1])
         var others: [Int32] = []
-        defer { others.forEach { close($0) } }
+        defer { for fd in others { close(fd) } }
         for i in 0..<5 {
             let fd = try #require(TestTraffic.udpClient())
             others.append(fd)
@@ -77,10 +87,15 @@ struct DataPathNoticeTests {
         let ports = TestSockets.freePorts(2)
         let inside = try #require(ns.echoServer(port: ports.upperBound))
         defer { inside.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+                    ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         #expect(TestTraffic.ping(port: ports.lowerBound) == nil)
         #expect(lines(f, containing: "is gone").isEmpty)

@@ -4,8 +4,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -36,9 +36,15 @@ struct ErrorTests {
         try f.table("Insert", [.uint32(2), PestodFixture.rule(p, address: "")])  // dual stack, overlaps rule 1
         try f.table("Insert", [.uint32(3), PestodFixture.rule(p + 1)])
 
-        try expectError(f, Self.name("RuleExists")) { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(1), PestodFixture.rule(p + 2)]) }
-        try expectError(f, Self.name("NoSpace")) { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(4), PestodFixture.rule(p + 2)]) }
-        try expectError(f, Self.name("InvalidRule")) { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(9), PestodFixture.rule(0)]) }
+        try expectError(f, Self.name("RuleExists")) { () throws(DBusErrorReply) in
+            try f.table("Insert", [.uint32(1), PestodFixture.rule(p + 2)])
+        }
+        try expectError(f, Self.name("NoSpace")) { () throws(DBusErrorReply) in
+            try f.table("Insert", [.uint32(4), PestodFixture.rule(p + 2)])
+        }
+        try expectError(f, Self.name("InvalidRule")) { () throws(DBusErrorReply) in
+            try f.table("Insert", [.uint32(9), PestodFixture.rule(0)])
+        }
         try expectError(f, Self.name("InvalidRule")) { () throws(DBusErrorReply) in
             try f.table("Insert", [.uint32(9), .vardict([("protocol", .string("sctp")), ("first-port", .uint16(p))])])
         }
@@ -91,18 +97,27 @@ struct ErrorTests {
         let p = ports.lowerBound
         try f.table("Insert", [.uint32(10), PestodFixture.rule(p)])
         try f.table("Activate", [.uint32(10)])
-        func apply(_ inserts: [(UInt32, DBusValue)], remove: [UInt32], _ options: [(String, DBusValue)] = []) throws(DBusErrorReply) -> [DBusValue] {
-            try f.table("Apply", [
-                .array(element: "(ua{sv})", inserts.map { .structure([.uint32($0.0), $0.1]) }),
-                .array(element: "u", remove.map { .uint32($0) }),
-                .vardict(options),
-            ])
+        func apply(_ inserts: [(UInt32, DBusValue)], remove: [UInt32], _ options: [(String, DBusValue)] = []) throws(DBusErrorReply)
+            -> [DBusValue]
+        {
+            try f.table(
+                "Apply",
+                [
+                    .array(element: "(ua{sv})", inserts.map { .structure([.uint32($0.0), $0.1]) }),
+                    .array(element: "u", remove.map { .uint32($0) }),
+                    .vardict(options),
+                ])
         }
 
         // Replace rule 10 (port p) by rule 11 on the same port and add rule 12: no conflict,
         // because removed rules are deactivated before new ones are activated.
         let result = try apply([(11, PestodFixture.rule(p)), (12, PestodFixture.rule(p + 1))], remove: [10])
-        #expect(result == [.array(element: "(uuu)", [.structure([.uint32(11), .uint32(1), .uint32(0)]), .structure([.uint32(12), .uint32(1), .uint32(0)])])])
+        #expect(
+            result == [
+                .array(
+                    element: "(uuu)",
+                    [.structure([.uint32(11), .uint32(1), .uint32(0)]), .structure([.uint32(12), .uint32(1), .uint32(0)])])
+            ])
         #expect(try f.table("List").first?.arrayValue?.count == 2)
 
         // A port held elsewhere: BindFailed, nothing changed.
@@ -111,7 +126,8 @@ struct ErrorTests {
             _ = try apply([(13, PestodFixture.rule(p + 2, [("last-port", .uint16(p + 3))]))], remove: [12])
         }
         // ... tolerated with max-failures 1, or best-effort with one socket bound.
-        let tolerated = try apply([(13, PestodFixture.rule(p + 2, [("last-port", .uint16(p + 3))]))], remove: [], [("best-effort", .bool(true))])
+        let tolerated = try apply(
+            [(13, PestodFixture.rule(p + 2, [("last-port", .uint16(p + 3))]))], remove: [], [("best-effort", .bool(true))])
         #expect(tolerated == [.array(element: "(uuu)", [.structure([.uint32(13), .uint32(1), .uint32(1)])])])
         close(holder)
 

@@ -12,8 +12,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -126,7 +126,10 @@ final class FakePolkit: @unchecked Sendable {
             try connection.addMatch(
                 "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'")
         } catch {
-            update { $0.failure = "\(error)"; $0.stopped = true }
+            update {
+                $0.failure = "\(error)"
+                $0.stopped = true
+            }
             return
         }
         update { $0.ready = true }

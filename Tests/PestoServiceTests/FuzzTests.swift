@@ -15,8 +15,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -96,8 +96,11 @@ final class FuzzRun {
         f = try PestodFixture(pestodArguments: ["--max-rules", "\(Self.maxRules)", "--max-sockets", "\(Self.maxSockets)"])
         second = try DBusConnection(.address(f.address))
         ports = TestSockets.freePorts(64)
-        let names = (try f.client.call(PestodFixture.dest, PestodFixture.hostPath, "org.freedesktop.DBus.Properties", "Get",
-                                       [.string(PestodFixture.tableInterface), .string("Capabilities")]).first?.variantValue?.arrayValue ?? [])
+        let names =
+            (try f.client.call(
+                PestodFixture.dest, PestodFixture.hostPath, "org.freedesktop.DBus.Properties", "Get",
+                [.string(PestodFixture.tableInterface), .string("Capabilities")]
+            ).first?.variantValue?.arrayValue ?? [])
             .compactMap(\.stringValue)
         capabilities = Set(names)
     }
@@ -174,19 +177,32 @@ final class FuzzRun {
     func randomRuleFields(local: Bool = false) -> [(String, DBusValue)] {
         var fields: [(String, DBusValue)] = []
         if !rng.oneIn(40) {
-            fields.append(("protocol", .string(rng.oneIn(30) ? rng.pick(["sctp", "TCP", "", "udp ", "tcp\u{1}"]) : rng.pick(["tcp", "udp"]))))
+            fields.append(
+                ("protocol", .string(rng.oneIn(30) ? rng.pick(["sctp", "TCP", "", "udp ", "tcp\u{1}"]) : rng.pick(["tcp", "udp"]))))
         }
         if !rng.oneIn(3) {
-            fields.append(("address", .string(rng.pick([
-                "127.0.0.1", "127.0.0.1", "::1", "::1", "", "0.0.0.0", "::", "127.0.0.2", "::ffff:127.0.0.1",
-                "garbage", "1.2.3", "224.0.0.1", "ff02::1", "1.2.3.4", "300.1.1.1", "::1::", "fe80::1",
-            ]))))
+            fields.append(
+                (
+                    "address",
+                    .string(
+                        rng.pick([
+                            "127.0.0.1", "127.0.0.1", "::1", "::1", "", "0.0.0.0", "::", "127.0.0.2", "::ffff:127.0.0.1",
+                            "garbage", "1.2.3", "224.0.0.1", "ff02::1", "1.2.3.4", "300.1.1.1", "::1::", "fe80::1",
+                        ]))
+                ))
         }
         if rng.oneIn(8) {
             fields.append(("proxy-protocol", .string(rng.pick(["", "v1", "v2", "v2", "v3", "V1"]))))
         }
         if rng.oneIn(5) {
-            fields.append(("interface", .string(rng.pick(["", "lo", "lo", "eth0", "nosuchif0", "0123456789abcdef", "012345678901234", ".", "..", "a/b", "a:b", "a b"]))))
+            fields.append(
+                (
+                    "interface",
+                    .string(
+                        rng.pick([
+                            "", "lo", "lo", "eth0", "nosuchif0", "0123456789abcdef", "012345678901234", ".", "..", "a/b", "a:b", "a b",
+                        ]))
+                ))
         }
         let span = ports.upperBound - ports.lowerBound
         // Half the rules start in the first eight ports, so that overlaps (conflicts) are common.
@@ -207,7 +223,13 @@ final class FuzzRun {
         if !rng.oneIn(50) { fields.append(("first-port", .uint16(first))) }
         if let last { fields.append(("last-port", .uint16(last))) }
         if rng.oneIn(6) { fields.append(("target-port", .uint16(rng.pick([1, 65535, 65000, 8080, first, 0])))) }
-        if rng.oneIn(10) { fields.append(("target-address", .string(rng.pick(["127.0.0.1", "::1", "0.0.0.0", "224.0.0.1", "junk", "", "10.0.0.1", "::ffff:127.0.0.1"])))) }
+        if rng.oneIn(10) {
+            fields.append(
+                (
+                    "target-address",
+                    .string(rng.pick(["127.0.0.1", "::1", "0.0.0.0", "224.0.0.1", "junk", "", "10.0.0.1", "::ffff:127.0.0.1"]))
+                ))
+        }
         if rng.oneIn(50) { fields.append(("scan", .bool(rng.oneIn(2)))) }
         if rng.oneIn(10) { fields.append(("owner", .string(rng.oneIn(5) ? String(repeating: "x", count: 256) : "fuzz-\(rng.below(100))"))) }
         // Malformed: unknown key, wrong type, duplicate key.
@@ -375,7 +397,9 @@ final class FuzzRun {
             let (got, reply) = tableCall(c, "Status", [.uint32(id)])
             let e = model[id]
             expect("Status \(id)", got, e == nil ? ContractError.noSuchRule : ContractError.success)
-            if let e, got == ContractError.success, reply.first != .bool(e.active) { violation("Status \(id) = \(reply), model active \(e.active)") }
+            if let e, got == ContractError.success, reply.first != .bool(e.active) {
+                violation("Status \(id) = \(reply), model active \(e.active)")
+            }
         case 1:
             let (got, reply) = tableCall(c, "Read", [.uint32(id)])
             let e = model[id]
@@ -422,8 +446,11 @@ final class FuzzRun {
     /// active rule, new ones included). Where the doc leaves the phase of an error open (an ID
     /// inserted twice, a rule whose validity the model leaves open), that error is allowed in
     /// every phase.
-    func predictApply(_ c: FuzzClient, _ inserts: [(UInt32, [(String, DBusValue)])], _ removesIn: [UInt32], _ options: [(String, DBusValue)])
-        -> (allowed: Answers, reachedActivation: Bool, after: [UInt32: ModelEntry]?, verdicts: [RequestVerdict]) {
+    func predictApply(
+        _ c: FuzzClient, _ inserts: [(UInt32, [(String, DBusValue)])], _ removesIn: [UInt32], _ options: [(String, DBusValue)]
+    )
+        -> (allowed: Answers, reachedActivation: Bool, after: [UInt32: ModelEntry]?, verdicts: [RequestVerdict])
+    {
         var decode: Answers = []
         var floating: Answers = []
         var open = false
@@ -484,16 +511,20 @@ final class FuzzRun {
         for _ in 0..<rng.below(4) { inserts.append((randomID(), randomRuleFields(local: true))) }
         let removes = (0..<rng.below(3)).map { _ in randomID() }
         let options: [(String, DBusValue)] = rng.pick([
-            [], [], [("best-effort", .bool(true))], [("max-failures", .uint32(2))], [("max-failures", .string("x"))], [("speed", .uint32(1))],
+            [], [], [("best-effort", .bool(true))], [("max-failures", .uint32(2))], [("max-failures", .string("x"))],
+            [("speed", .uint32(1))],
             [("best-effort", .bool(false)), ("max-failures", .uint32(0))],
         ])
         let (allowed, reachedActivation, after, verdicts) = predictApply(c, inserts, removes, options)
-        let (got, reply) = tableCall(c, "Apply", [
-            .array(element: "(ua{sv})", inserts.map { .structure([.uint32($0.0), .vardict($0.1)]) }),
-            .array(element: "u", removes.map { .uint32($0) }), .vardict(options),
-        ])
+        let (got, reply) = tableCall(
+            c, "Apply",
+            [
+                .array(element: "(ua{sv})", inserts.map { .structure([.uint32($0.0), .vardict($0.1)]) }),
+                .array(element: "u", removes.map { .uint32($0) }), .vardict(options),
+            ])
         for v in verdicts { noteOpen(v, got) }
-        let what = "\(c) Apply inserts \(inserts.map { "\($0.0): \($0.1)" }) removes \(removes) options \(options) \(verdicts.map(\.reasons))"
+        let what =
+            "\(c) Apply inserts \(inserts.map { "\($0.0): \($0.1)" }) removes \(removes) options \(options) \(verdicts.map(\.reasons))"
         if got == ContractError.bindFailed && reachedActivation {
             // Some socket could not bind (an absent interface or address, a port taken outside):
             // nothing may have changed.
@@ -508,7 +539,7 @@ final class FuzzRun {
             if results.count != inserts.count { violation("Apply returned \(results.count) results for \(inserts.count) inserts") }
             for (r, (id, _)) in zip(results, inserts) {
                 guard let fields = r.structValue, fields.count == 3, fields[0] == .uint32(id), let rule = model[id]?.rule,
-                      let bound = fields[1].uint32Value, let failed = fields[2].uint32Value, Int(bound) + Int(failed) == rule.portCount
+                    let bound = fields[1].uint32Value, let failed = fields[2].uint32Value, Int(bound) + Int(failed) == rule.portCount
                 else {
                     violation("Apply result \(r) does not match insert \(id)")
                     continue
@@ -567,7 +598,9 @@ final class FuzzRun {
             let id = randomID()
             let (got, reply) = call(c, path: PestodFixture.hostPath, interface: nil, "Status", [.uint32(id)])
             expect("Status \(id) without interface", got, model[id] == nil ? ContractError.noSuchRule : ContractError.success)
-            if let e = model[id], got == ContractError.success, reply.first != .bool(e.active) { violation("Status \(id) = \(reply), model active \(e.active)") }
+            if let e = model[id], got == ContractError.success, reply.first != .bool(e.active) {
+                violation("Status \(id) = \(reply), model active \(e.active)")
+            }
         case 7:
             // Introspection and GetAll of rule objects, present or not.
             let id = randomID()
@@ -576,9 +609,12 @@ final class FuzzRun {
             if rng.oneIn(2) {
                 let (got, reply) = call(c, path: path, interface: "org.freedesktop.DBus.Introspectable", "Introspect", [])
                 expect("Introspect \(path)", got, wanted)
-                if got == ContractError.success, reply.first?.stringValue?.contains("top.passt.Pesto1.Rule") != true { violation("Introspect \(path) = \(reply)") }
+                if got == ContractError.success, reply.first?.stringValue?.contains("top.passt.Pesto1.Rule") != true {
+                    violation("Introspect \(path) = \(reply)")
+                }
             } else {
-                let (got, reply) = call(c, path: path, interface: "org.freedesktop.DBus.Properties", "GetAll", [.string("top.passt.Pesto1.Rule")])
+                let (got, reply) = call(
+                    c, path: path, interface: "org.freedesktop.DBus.Properties", "GetAll", [.string("top.passt.Pesto1.Rule")])
                 expect("GetAll \(path)", got, wanted)
                 if got == ContractError.success, let e = model[id] {
                     let props = Dictionary(reply.first?.vardictValue ?? [], uniquingKeysWith: { a, _ in a })
@@ -587,8 +623,10 @@ final class FuzzRun {
                 }
             }
         case 0:
-            let table = ["Insert": "ua{sv}", "Delete": "u", "Activate": "u", "Deactivate": "u", "Status": "u", "Read": "u",
-                         "ReadIndex": "u", "List": "", "Apply": "a(ua{sv})aua{sv}"]
+            let table = [
+                "Insert": "ua{sv}", "Delete": "u", "Activate": "u", "Deactivate": "u", "Status": "u", "Read": "u",
+                "ReadIndex": "u", "List": "", "Apply": "a(ua{sv})aua{sv}",
+            ]
             let member = rng.pick(Array(table.keys).sorted())
             var args = (0..<rng.below(4)).map { _ in randomValue() }
             if args.map(\.signature).joined() == table[member]! { args.append(.byte(1)) }
@@ -603,29 +641,38 @@ final class FuzzRun {
             let (got, _) = tableCall(c, rng.pick(["Explode", "insert", "Lock", "Get"]), [.uint32(1)])
             expect("unknown member", got, ContractError.unknownMethod)
         case 3:
-            let (got, _) = call(c, path: PestodFixture.hostPath, interface: rng.pick(["top.passt.Pesto1.Nope", "top.passt.Pesto1.Manager", "a.b"]), "Status", [.uint32(1)])
+            let (got, _) = call(
+                c, path: PestodFixture.hostPath, interface: rng.pick(["top.passt.Pesto1.Nope", "top.passt.Pesto1.Manager", "a.b"]),
+                "Status", [.uint32(1)])
             expect("unknown interface", got, ContractError.unknownInterface)
         case 4:
             let id = randomID()
-            let path = rng.oneIn(3) ? rng.pick(["/top/passt/Pesto1/tables/nope", "/top/passt/Pesto1/tables/host/rules/0x1", "/nope"])
+            let path =
+                rng.oneIn(3)
+                ? rng.pick(["/top/passt/Pesto1/tables/nope", "/top/passt/Pesto1/tables/host/rules/0x1", "/nope"])
                 : PestodFixture.hostPath + "/rules/\(id)"
-            let (got, reply) = call(c, path: path, interface: "org.freedesktop.DBus.Properties", "Get", [.string("top.passt.Pesto1.Rule"), .string("Active")])
+            let (got, reply) = call(
+                c, path: path, interface: "org.freedesktop.DBus.Properties", "Get", [.string("top.passt.Pesto1.Rule"), .string("Active")])
             let wanted = path.hasSuffix("/rules/\(id)") && model[id] != nil ? ContractError.success : ContractError.unknownObject
             expect("Get \(path) Active", got, wanted)
-            if got == ContractError.success, reply.first?.variantValue != .bool(model[id]!.active) { violation("Active of \(id) = \(reply)") }
+            if got == ContractError.success, reply.first?.variantValue != .bool(model[id]!.active) {
+                violation("Active of \(id) = \(reply)")
+            }
         default:
             let (name, value): (String, DBusValue) = rng.pick([
                 ("RuleCount", .uint32(UInt32(model.count))), ("ActiveCount", .uint32(UInt32(model.values.filter(\.active).count))),
                 ("MaxRules", .uint32(UInt32(Self.maxRules))), ("Nonsense", .uint32(0)),
             ])
             if rng.oneIn(2) {
-                let (got, reply) = call(c, path: PestodFixture.hostPath, interface: "org.freedesktop.DBus.Properties", "Get",
-                                        [.string(PestodFixture.tableInterface), .string(name)])
+                let (got, reply) = call(
+                    c, path: PestodFixture.hostPath, interface: "org.freedesktop.DBus.Properties", "Get",
+                    [.string(PestodFixture.tableInterface), .string(name)])
                 expect("Get \(name)", got, name == "Nonsense" ? ContractError.unknownProperty : ContractError.success)
                 if got == ContractError.success, reply.first?.variantValue != value { violation("\(name) = \(reply), model \(value)") }
             } else {
-                let (got, _) = call(c, path: PestodFixture.hostPath, interface: "org.freedesktop.DBus.Properties", "Set",
-                                    [.string(PestodFixture.tableInterface), .string(name), .variant(.uint32(0))])
+                let (got, _) = call(
+                    c, path: PestodFixture.hostPath, interface: "org.freedesktop.DBus.Properties", "Set",
+                    [.string(PestodFixture.tableInterface), .string(name), .variant(.uint32(0))])
                 expect("Set \(name)", got, name == "Nonsense" ? ContractError.unknownProperty : ContractError.propertyReadOnly)
             }
         }
@@ -662,8 +709,9 @@ final class FuzzRun {
                 let port = ports.lowerBound + UInt16(rng.below(Int(ports.upperBound - ports.lowerBound) + 1))
                 let address = rng.pick(["127.0.0.1", "::1", "0.0.0.0"])
                 // pesto-test-peer sends exactly these three keys.
-                let verdict = judgeRequest([("protocol", .string("tcp")), ("address", .string(address)), ("first-port", .uint16(port))],
-                                           capabilities: capabilities)
+                let verdict = judgeRequest(
+                    [("protocol", .string("tcp")), ("address", .string(address)), ("first-port", .uint16(port))],
+                    capabilities: capabilities)
                 if ask("Insert \(id) \(port) \(address)", predictInsert(.peer, id, verdict)) == ContractError.success {
                     applyChange("Insert", id, rule: verdict.rule)
                 }
@@ -700,7 +748,8 @@ final class FuzzRun {
         let port = ports.lowerBound + UInt16(rng.below(Int(ports.upperBound - ports.lowerBound) + 1))
         let udp = rng.oneIn(2)
         let address: IPAddress = rng.pick([.loopbackIPv4, .anyIPv4, .anyIPv6])
-        holder = TestSockets.bound(udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue), address: address, port: port, listen: !udp)
+        holder = TestSockets.bound(
+            udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue), address: address, port: port, listen: !udp)
         calls["holder", default: 0] += 1
         note("holder \(udp ? "udp" : "tcp") \(address) \(port): \(holder.map { "fd \($0)" } ?? "port busy")")
     }
@@ -708,12 +757,16 @@ final class FuzzRun {
     // MARK: Invariants
 
     func tableList() -> [DBusValue] {
-        (try? f.client.call(PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "List").first?.arrayValue) ?? [DBusValue.string("List failed")]
+        (try? f.client.call(PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "List").first?.arrayValue) ?? [
+            DBusValue.string("List failed")
+        ]
     }
 
     func lockOwnerOnBus() -> String {
-        (try? f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
-                            [.string(PestodFixture.managerInterface), .string("LockOwner")]).first?.variantValue?.stringValue) ?? "?"
+        (try? f.client.call(
+            PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
+            [.string(PestodFixture.managerInterface), .string("LockOwner")]
+        ).first?.variantValue?.stringValue) ?? "?"
     }
 
     /// Makes the model what `List` says (after calls whose outcome is not predicted).
@@ -721,7 +774,7 @@ final class FuzzRun {
         var fresh: [UInt32: ModelEntry] = [:]
         for item in tableList() {
             guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let rule = readReturnedRule(s[1]),
-                  let active = s[2].structValue?.first?.boolValue
+                let active = s[2].structValue?.first?.boolValue
             else {
                 violation("List entry \(item) does not decode")
                 continue
@@ -764,21 +817,30 @@ final class FuzzRun {
             var boundSum = 0
             let expected = model.keys.sorted().map { "\($0) \(model[$0]!.rule)" }
             let actual = list.map { item -> String in
-                guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let rule = readReturnedRule(s[1]) else { return "unreadable \(item)" }
+                guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let rule = readReturnedRule(s[1]) else {
+                    return "unreadable \(item)"
+                }
                 return "\(id) \(rule)"
             }
             if actual != expected { problems.append("List rules differ from the model:\n  pestod \(actual)\n  model  \(expected)") }
             var activeRules: [ModelRule] = []
             for item in list {
                 guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let st = s[2].structValue, st.count == 4,
-                      let active = st[0].boolValue, let bound = st[1].uint32Value, let failed = st[2].uint32Value
-                else { problems.append("bad List entry \(item)"); continue }
-                if model[id]?.active != active { problems.append("rule \(id) active \(active), model \(String(describing: model[id]?.active))") }
+                    let active = st[0].boolValue, let bound = st[1].uint32Value, let failed = st[2].uint32Value
+                else {
+                    problems.append("bad List entry \(item)")
+                    continue
+                }
+                if model[id]?.active != active {
+                    problems.append("rule \(id) active \(active), model \(String(describing: model[id]?.active))")
+                }
                 guard let rule = readReturnedRule(s[1]) else { continue }
                 if active {
                     activeRules.append(rule)
                     boundSum += Int(bound)
-                    if Int(bound) + Int(failed) != rule.portCount { problems.append("rule \(id): bound \(bound) + failed \(failed) != \(rule.portCount) ports") }
+                    if Int(bound) + Int(failed) != rule.portCount {
+                        problems.append("rule \(id): bound \(bound) + failed \(failed) != \(rule.portCount) ports")
+                    }
                     if failed == 0 {
                         for port in rule.first...rule.last where !socks.contains(where: { Self.matches(rule, $0) && $0.port == port }) {
                             let owners = (try? PestoTestSupport.run("/usr/bin/ss", ["-H", "-tuanp", "sport = :\(port)"]).out) ?? "?"
@@ -794,7 +856,9 @@ final class FuzzRun {
                 problems.append("socket \(s) belongs to no active rule")
             }
             // The object tree: one Rule object per rule, with its Active bit; the table's counters.
-            let objects = (try? f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"))
+            let objects =
+                (try? f.client.call(
+                    PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"))
             if case .dictionary(_, _, let entries)? = objects?.first {
                 var rulePaths: [String: Bool] = [:]
                 for e in entries {
@@ -804,14 +868,19 @@ final class FuzzRun {
                         if i.key == .string("top.passt.Pesto1.Rule") { rulePaths[path] = props["Active"]?.boolValue }
                         if i.key == .string(PestodFixture.tableInterface) && path == PestodFixture.hostPath {
                             let counts = [props["RuleCount"], props["ActiveCount"], props["SocketCount"]]
-                            let wanted: [DBusValue?] = [.uint32(UInt32(model.count)), .uint32(UInt32(model.values.filter(\.active).count)), .uint32(UInt32(boundSum))]
+                            let wanted: [DBusValue?] = [
+                                .uint32(UInt32(model.count)), .uint32(UInt32(model.values.filter(\.active).count)),
+                                .uint32(UInt32(boundSum)),
+                            ]
                             if counts != wanted { problems.append("table counters \(counts), expected \(wanted)") }
                         }
                     }
                 }
                 var wantedPaths: [String: Bool] = [:]
                 for (id, e) in model { wantedPaths[PestodFixture.hostPath + "/rules/\(id)"] = e.active }
-                if rulePaths != wantedPaths { problems.append("rule objects \(rulePaths.sorted { $0.key < $1.key }), model \(wantedPaths.sorted { $0.key < $1.key })") }
+                if rulePaths != wantedPaths {
+                    problems.append("rule objects \(rulePaths.sorted { $0.key < $1.key }), model \(wantedPaths.sorted { $0.key < $1.key })")
+                }
             } else {
                 problems.append("GetManagedObjects failed: \(String(describing: objects))")
             }
@@ -825,7 +894,9 @@ final class FuzzRun {
                 maxFDs = fds - socks.count
                 if maxFDs > fdBaseline + 2 { note("fds beyond sockets: \(maxFDs): \(fdTargets())") }
             }
-            if fds > fdBaseline + socks.count + 12 { problems.append("descriptor leak: \(fds) open, baseline \(fdBaseline) + \(socks.count) sockets") }
+            if fds > fdBaseline + socks.count + 12 {
+                problems.append("descriptor leak: \(fds) open, baseline \(fdBaseline) + \(socks.count) sockets")
+            }
             if problems.isEmpty { return }
             if attempt < 13 { usleep(150_000) }
         }
@@ -891,12 +962,16 @@ final class FuzzRun {
         check()
         let deadline = Date().addingTimeInterval(3)
         while fdCount() != fdBaseline && Date() < deadline { usleep(20_000) }
-        if fdCount() != fdBaseline { violation("descriptor leak: \(fdCount()) open with an empty table, \(fdBaseline) at the start: \(fdTargets())") }
+        if fdCount() != fdBaseline {
+            violation("descriptor leak: \(fdCount()) open with an empty table, \(fdBaseline) at the start: \(fdTargets())")
+        }
         let seconds = Date().timeIntervalSince(start)
         let callText = calls.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
         let openText = openCases.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
-        let errorText = errors.sorted { $0.key < $1.key }.map { "\($0.key.split(separator: ".").last!) \($0.value)" }.joined(separator: ", ")
-        print("""
+        let errorText = errors.sorted { $0.key < $1.key }.map { "\($0.key.split(separator: ".").last!) \($0.value)" }.joined(
+            separator: ", ")
+        print(
+            """
             FuzzTests summary: seed \(seed), \(step) steps, \(checks) invariant checks, \(violations) violations, \
             \(String(format: "%.1f", seconds)) s, \(model.count) rules (\(model.values.filter(\.active).count) active) at the end, \
             fds beyond sockets max \(maxFDs) (baseline \(fdBaseline)), \(boundByActivate) sockets bound by Activate
@@ -967,7 +1042,9 @@ struct ModelAddress: Hashable, CustomStringConvertible {
 
     var isWildcard: Bool { bytes.allSatisfy { $0 == 0 } }
     var isMulticast: Bool { v6 ? bytes[0] == 0xFF : bytes[0] & 0xF0 == 0xE0 }
-    var description: String { v6 ? "v6:" + bytes.map { String($0, radix: 16) }.joined(separator: ".") : bytes.map(String.init).joined(separator: ".") }
+    var description: String {
+        v6 ? "v6:" + bytes.map { String($0, radix: 16) }.joined(separator: ".") : bytes.map(String.init).joined(separator: ".")
+    }
 }
 
 /// A rule as the contract describes it, defaults filled in.
@@ -1049,7 +1126,10 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
         if value.signature != type { v.decodeErrors.insert(ContractError.invalidArgs) } else if values[key] == nil { values[key] = value }
     }
     func string(_ k: String) -> String? { values[k]?.stringValue }
-    func port(_ k: String) -> UInt16? { if case .uint16(let p)? = values[k] { return p }; return nil }
+    func port(_ k: String) -> UInt16? {
+        if case .uint16(let p)? = values[k] { return p }
+        return nil
+    }
     let proto = string("protocol")
     if !present.contains("protocol") || !present.contains("first-port") { v.decodeErrors.insert(ContractError.invalidRule) }
     if let proto, proto != "tcp" && proto != "udp" { v.decodeErrors.insert(ContractError.invalidRule) }
@@ -1071,8 +1151,14 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
         targetPort: port("target-port") ?? first, scan: values["scan"]?.boolValue ?? false, owner: string("owner") ?? "",
         proxyProtocol: string("proxy-protocol") ?? "")
     v.rule = rule
-    func invalid(_ why: String) { v.validity = .invalid; v.reasons.append(why) }
-    func open(_ why: String) { if v.validity == .valid { v.validity = .open }; v.reasons.append("open: " + why) }
+    func invalid(_ why: String) {
+        v.validity = .invalid
+        v.reasons.append(why)
+    }
+    func open(_ why: String) {
+        if v.validity == .valid { v.validity = .open }
+        v.reasons.append("open: " + why)
+    }
     if first == 0 { invalid("first-port 0") }
     if last < first { invalid("last-port below first-port") }
     if Int(rule.targetPort) + Int(last) - Int(first) > 65535 { invalid("target ports pass 65535") }
@@ -1106,7 +1192,10 @@ func readReturnedRule(_ value: DBusValue) -> ModelRule? {
     let d = Dictionary(pairs, uniquingKeysWith: { a, _ in a })
     guard d.count == pairs.count, Set(d.keys) == Set(contractRuleKeys.keys) else { return nil }
     for (k, t) in contractRuleKeys where d[k]?.signature != t { return nil }
-    func port(_ k: String) -> UInt16 { if case .uint16(let p)? = d[k] { return p }; return 0 }
+    func port(_ k: String) -> UInt16 {
+        if case .uint16(let p)? = d[k] { return p }
+        return 0
+    }
     func address(_ k: String) -> ModelAddress?? {
         let text = d[k]?.stringValue ?? ""
         if text.isEmpty { return .some(nil) }
@@ -1121,15 +1210,18 @@ func readReturnedRule(_ value: DBusValue) -> ModelRule? {
 
 /// Reads a rule object's properties (top.passt.Pesto1.Rule) into a rule.
 func ruleFromProperties(_ p: [String: DBusValue]) -> ModelRule? {
-    func port(_ k: String) -> UInt16? { if case .uint16(let x)? = p[k] { return x }; return nil }
+    func port(_ k: String) -> UInt16? {
+        if case .uint16(let x)? = p[k] { return x }
+        return nil
+    }
     func address(_ k: String) -> ModelAddress?? {
         guard let text = p[k]?.stringValue else { return nil }
         if text.isEmpty { return .some(nil) }
         return ModelAddress.parse(text).map { .some($0) }
     }
     guard let proto = p["Protocol"]?.stringValue, let a = address("Address"), let interface = p["Interface"]?.stringValue,
-          let first = port("FirstPort"), let last = port("LastPort"), let t = address("TargetAddress"), let tp = port("TargetPort"),
-          let scan = p["Scan"]?.boolValue, let owner = p["Owner"]?.stringValue, let proxyProtocol = p["ProxyProtocol"]?.stringValue
+        let first = port("FirstPort"), let last = port("LastPort"), let t = address("TargetAddress"), let tp = port("TargetPort"),
+        let scan = p["Scan"]?.boolValue, let owner = p["Owner"]?.stringValue, let proxyProtocol = p["ProxyProtocol"]?.stringValue
     else { return nil }
     return ModelRule(
         proto: proto, address: a, interface: interface, first: first, last: last, target: t, targetPort: tp, scan: scan, owner: owner,

@@ -6,9 +6,8 @@
 
 import Foundation
 import PestoDBus
-import PestoService
 import PestoModel
-import PestoDBus
+import PestoService
 import PestoTestSupport
 import Testing
 
@@ -44,9 +43,12 @@ struct LiveModelExampleTests {
 
         // Changes, from signals.
         try fixture.table("Activate", [.uint32(1)])
-        #expect(line(child, containing: "active, 1 bound") == "HOST rule 1: tcp 127.0.0.1/\(port) -> default/\(port): active, 1 bound, owner before")
+        #expect(
+            line(child, containing: "active, 1 bound")
+                == "HOST rule 1: tcp 127.0.0.1/\(port) -> default/\(port): active, 1 bound, owner before")
         try fixture.table("Insert", [.uint32(2), PestodFixture.rule(port &+ 1, [("interface", .string("lo"))])])
-        #expect(line(child, containing: "added") == "added HOST rule 2: tcp 127.0.0.1%lo/\(port + 1) -> default/\(port + 1): inactive, owner -")
+        #expect(
+            line(child, containing: "added") == "added HOST rule 2: tcp 127.0.0.1%lo/\(port + 1) -> default/\(port + 1): inactive, owner -")
         try fixture.table("Delete", [.uint32(2)])
         #expect(line(child, containing: "removed") == "removed rule 2 (\(PestodFixture.hostPath)/rules/2)")
         try fixture.manager("Lock")

@@ -4,8 +4,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -36,8 +36,10 @@ struct LockTests {
         try f.manager("Lock")
         try f.manager("Lock")  // taking it again is a no-op
         let before = try f.snapshot()
-        for (member, args) in [("Insert", [DBusValue.uint32(40), PestodFixture.rule(ports.upperBound)]), ("Delete", [.uint32(20)]),
-                               ("Activate", [.uint32(20)]), ("Deactivate", [.uint32(10)])] {
+        for (member, args) in [
+            ("Insert", [DBusValue.uint32(40), PestodFixture.rule(ports.upperBound)]), ("Delete", [.uint32(20)]),
+            ("Activate", [.uint32(20)]), ("Deactivate", [.uint32(10)]),
+        ] {
             #expect(f.errorName { () throws(DBusErrorReply) in try f.table(member, args, on: other) } == Self.locked, "\(member)")
         }
         do {
@@ -78,8 +80,9 @@ struct LockTests {
         #expect(try f.table("List") != before)
         try f.manager("Rollback")
         #expect(try f.table("List") == before)
-        #expect(try f.snapshot().sockets(onPort: ports.lowerBound) == sockets10,
-                "rule 10 was never touched: same socket")
+        #expect(
+            try f.snapshot().sockets(onPort: ports.lowerBound) == sockets10,
+            "rule 10 was never touched: same socket")
 
         try mess()
         try f.manager("Unlock")

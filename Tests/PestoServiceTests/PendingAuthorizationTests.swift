@@ -6,8 +6,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -40,11 +40,15 @@ struct PendingAuthorizationTests {
 
     /// The lock holder as the Manager's LockOwner property says.
     static func lockOwner(_ f: PestodFixture) throws -> String? {
-        try f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
-                          [.string(PestodFixture.managerInterface), .string("LockOwner")]).first?.variantValue?.stringValue
+        try f.client.call(
+            PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
+            [.string(PestodFixture.managerInterface), .string("LockOwner")]
+        ).first?.variantValue?.stringValue
     }
 
-    @Test("200 clients send Lock and leave at once, polkit answering before, racing with, or after the departure: the lock ends free and other clients can change the tables")
+    @Test(
+        "200 clients send Lock and leave at once, polkit answering before, racing with, or after the departure: the lock ends free and other clients can change the tables"
+    )
     func lockRacingDisconnect() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
         let polkit = try FakePolkit(address: f.address)
@@ -80,7 +84,8 @@ struct PendingAuthorizationTests {
         // has been handled too.
         let p = TestSockets.freePorts(2).lowerBound
         let other = try DBusConnection(.address(f.address))
-        #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(1), PestodFixture.rule(p)], on: other) } == "success")
+        #expect(
+            f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(1), PestodFixture.rule(p)], on: other) } == "success")
         #expect(try Self.lockOwner(f) == "")
         try f.manager("Lock")
         #expect(try Self.lockOwner(f) == f.client.uniqueName)
@@ -103,8 +108,9 @@ struct PendingAuthorizationTests {
         polkit.wait("the slow client's check") { $0.checks(of: slow.uniqueName) == 1 }
 
         // Another client's change is authorised and done while the first check is pending.
-        let fast = try f.client.call(PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Insert",
-                                     [.uint32(2), PestodFixture.rule(p + 1)], timeoutMilliseconds: 10_000)
+        let fast = try f.client.call(
+            PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Insert",
+            [.uint32(2), PestodFixture.rule(p + 1)], timeoutMilliseconds: 10_000)
         #expect(fast.isEmpty)
         #expect(try f.table("List").first?.arrayValue?.count == 1)
 
@@ -135,7 +141,9 @@ struct PendingAuthorizationTests {
         #expect(f.log.contains("\(name) left the bus with 2 changes waiting for authorization"))
     }
 
-    @Test("a flood of NO_REPLY changes: 64 wait, the rest are refused with LimitsExceeded at once, the log stays short, and root's change goes through meanwhile")
+    @Test(
+        "a flood of NO_REPLY changes: 64 wait, the rest are refused with LimitsExceeded at once, the log stays short, and root's change goes through meanwhile"
+    )
     func floodCapped() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
         let polkit = try FakePolkit(address: f.address)
@@ -193,7 +201,9 @@ struct PendingAuthorizationTests {
         if missing > 0 { Issue.record("no reply to \(missing) calls") }
     }
 
-    @Test("64 large Applies held by polkit: pestod keeps their decoded rules and reply addresses, not their messages, and at most 16 MiB of them (LimitsExceeded beyond); its memory stays bounded and every reply reaches its caller")
+    @Test(
+        "64 large Applies held by polkit: pestod keeps their decoded rules and reply addresses, not their messages, and at most 16 MiB of them (LimitsExceeded beyond); its memory stays bounded and every reply reaches its caller"
+    )
     func largeChangesBounded() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])
         let polkit = try FakePolkit(address: f.address)
@@ -242,7 +252,9 @@ struct PendingAuthorizationTests {
         let grown = held - baseline
         // Holding the 64 messages alone would be over 50 MiB, their decoded rules as much
         // again; 16 MiB of waiting arguments, decoded, are well under 48 MiB.
-        #expect(grown < 48 << 20, "pestod grew by \(grown >> 20) MiB holding the flood (baseline \(baseline >> 20) MiB, each Apply \(bytes) bytes)")
+        #expect(
+            grown < 48 << 20,
+            "pestod grew by \(grown >> 20) MiB holding the flood (baseline \(baseline >> 20) MiB, each Apply \(bytes) bytes)")
 
         // Deny the flood, allow the other client: each gets its own replies.
         polkit.release(flooder.uniqueName, allow: false)

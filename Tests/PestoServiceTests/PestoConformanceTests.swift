@@ -6,13 +6,13 @@
 // the keys these tests cover are the same set, so a new row needs a test.
 
 import Foundation
+import PestoDBus
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
 @testable import PestoService
-import PestoModel
-import PestoDBus
 
 @Suite("pestoctl conformance with upstream pesto", .serialized)
 struct PestoConformanceTests {
@@ -40,7 +40,8 @@ struct PestoConformanceTests {
             let interface = fields["interface"]?.stringValue.flatMap { $0.isEmpty ? nil : "%" + $0 } ?? ""
             let target = fields["target-address"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 + ":" } ?? ""
             let ports = first == last ? "\(first)" : "\(first)-\(last)"
-            return "\(fields["protocol"]!.stringValue!) [\(address)]\(interface):\(ports) => \(target)\(fields["target-port"]!.uint16Value!)"
+            return
+                "\(fields["protocol"]!.stringValue!) [\(address)]\(interface):\(ports) => \(target)\(fields["target-port"]!.uint16Value!)"
         }
     }
 
@@ -76,15 +77,17 @@ struct PestoConformanceTests {
         #expect(f.listeningSockets().count == 1)
     }
 
-    @Test("replace-splice, splice-lo: -T/-U replace the SPLICE table and listen on the namespace's lo",
-          .enabled(if: isRoot))
+    @Test(
+        "replace-splice, splice-lo: -T/-U replace the SPLICE table and listen on the namespace's lo",
+        .enabled(if: isRoot))
     func spliceReplaceAndLoopback() throws {
         let ns = try TestNamespace()
         let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
         let p = TestSockets.freePorts(2)
         var r = try f.pestoctl(["-T", "\(p.lowerBound)", "-A", "-U", "\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
-        #expect(try rules(f, .splice) == ["tcp [*]%lo:\(p.lowerBound) => \(p.lowerBound)", "udp [*]%lo:\(p.lowerBound) => \(p.lowerBound)"])
+        #expect(
+            try rules(f, .splice) == ["tcp [*]%lo:\(p.lowerBound) => \(p.lowerBound)", "udp [*]%lo:\(p.lowerBound) => \(p.lowerBound)"])
         // -D -T finds the %lo rule, as it finds one made by pesto.
         r = try f.pestoctl(["-D", "-T", "\(p.lowerBound)"])
         #expect(r.status == 0, "\(r.err)")
@@ -155,10 +158,11 @@ struct PestoConformanceTests {
         #expect(r.status == 0, "\(r.err)")
         r = try f.pestoctl(["-At", "127.0.0.1/\(p.lowerBound + 2)", "-u127.0.0.1/\(p.upperBound)"])
         #expect(r.status == 0, "\(r.err)")
-        #expect(try rules(f).sorted() == [
-            "tcp [127.0.0.1]:\(p.lowerBound) => \(p.lowerBound)", "tcp [127.0.0.1]:\(p.lowerBound + 2) => \(p.lowerBound + 2)",
-            "udp [127.0.0.1]:\(p.lowerBound + 1) => \(p.lowerBound + 1)", "udp [127.0.0.1]:\(p.upperBound) => \(p.upperBound)",
-        ])
+        #expect(
+            try rules(f).sorted() == [
+                "tcp [127.0.0.1]:\(p.lowerBound) => \(p.lowerBound)", "tcp [127.0.0.1]:\(p.lowerBound + 2) => \(p.lowerBound + 2)",
+                "udp [127.0.0.1]:\(p.lowerBound + 1) => \(p.lowerBound + 1)", "udp [127.0.0.1]:\(p.upperBound) => \(p.upperBound)",
+            ])
         r = try f.pestoctl(["--delete", "--tcp-ports=127.0.0.1/\(p.lowerBound)", "--udp-ports=127.0.0.1/\(p.lowerBound + 1)"])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).count == 2)
@@ -171,8 +175,10 @@ struct PestoConformanceTests {
         let (a, b, c) = (p.lowerBound, p.lowerBound + 1, p.upperBound)
         var r = try f.pestoctl(["-u", "127.0.0.1/\(c)"])
         #expect(r.status == 0, "\(r.err)")
-        r = try f.pestoctl(["-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)", "-u", "127.0.0.1/\(c)",
-                             "-D", "-u", "127.0.0.1/\(c)"])
+        r = try f.pestoctl([
+            "-A", "-t", "127.0.0.1/\(a)", "-C", "HOST", "-A", "-t", "127.0.0.1/\(b)", "-u", "127.0.0.1/\(c)",
+            "-D", "-u", "127.0.0.1/\(c)",
+        ])
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f) == ["tcp [127.0.0.1]:\(b) => \(b)"])
     }
@@ -256,14 +262,17 @@ struct PestoConformanceTests {
     func podmanSequence() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(2)
-        let specs = ["-t", "127.0.0.1/\(p.lowerBound):10.88.0.2/80", "-t", "[::1]/\(p.lowerBound):fd00::2/80",
-                     "-t", "127.0.0.1/\(p.upperBound):10.88.0.2/443"]
+        let specs = [
+            "-t", "127.0.0.1/\(p.lowerBound):10.88.0.2/80", "-t", "[::1]/\(p.lowerBound):fd00::2/80",
+            "-t", "127.0.0.1/\(p.upperBound):10.88.0.2/443",
+        ]
         var r = try f.pestoctl(["--add"] + specs + [Self.socketPath])
         #expect(r.status == 0, "\(r.err)")
-        #expect(try rules(f) == [
-            "tcp [127.0.0.1]:\(p.lowerBound) => 10.88.0.2:80", "tcp [::1]:\(p.lowerBound) => fd00::2:80",
-            "tcp [127.0.0.1]:\(p.upperBound) => 10.88.0.2:443",
-        ])
+        #expect(
+            try rules(f) == [
+                "tcp [127.0.0.1]:\(p.lowerBound) => 10.88.0.2:80", "tcp [::1]:\(p.lowerBound) => fd00::2:80",
+                "tcp [127.0.0.1]:\(p.upperBound) => 10.88.0.2:443",
+            ])
         #expect(f.listeningSockets().count == 3)
         r = try f.pestoctl(["--delete"] + specs + [Self.socketPath])
         #expect(r.status == 0, "\(r.err)")
@@ -277,16 +286,21 @@ struct PestoConformanceTests {
     func listedSpecsRoundTrip() throws {
         let f = try PestodFixture()
         let p = TestSockets.freePorts(3)
-        var r = try f.pestoctl(["-A", "-t", "0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t", "[::]/\(p.lowerBound):fd00::2/80",
-                                 "-u", "127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54"])
+        var r = try f.pestoctl([
+            "-A", "-t", "0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t", "[::]/\(p.lowerBound):fd00::2/80",
+            "-u", "127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54",
+        ])
         #expect(r.status == 0, "\(r.err)")
         r = try f.pestoctl(["--json"])
         let listed = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any]
         let host = (listed?["tables"] as? [[String: Any]])?.first { $0["name"] as? String == "HOST" }
         let specs = ((host?["rules"] as? [[String: Any]]) ?? []).compactMap { $0["spec"] as? String }
         // Before the fix the wildcard was left out ("-t 8080:10.88.0.2/80"), which pesto refuses.
-        #expect(specs == ["-t 0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t [::]/\(p.lowerBound):[fd00::2]/80",
-                          "-u 127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54"])
+        #expect(
+            specs == [
+                "-t 0.0.0.0/\(p.lowerBound):10.88.0.2/80", "-t [::]/\(p.lowerBound):[fd00::2]/80",
+                "-u 127.0.0.1/\(p.lowerBound + 1)-\(p.upperBound):10.88.0.2/53-54",
+            ])
         r = try f.pestoctl(["-D"] + specs.flatMap { $0.split(separator: " ", maxSplits: 1).map(String.init) })
         #expect(r.status == 0, "\(r.err)")
         #expect(try rules(f).isEmpty)

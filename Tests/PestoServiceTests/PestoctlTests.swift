@@ -6,8 +6,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -161,7 +161,9 @@ struct PestoctlTests {
         #expect(after.rules == before.rules)
         // The same addresses listen again; the removed rule was deactivated and re-activated
         // by the rollback (the proposals' order: deactivate before activate), so inodes are new.
-        func addresses(_ s: PestodFixture.Snapshot) -> [String] { s.sockets.map { String($0.split(separator: " ").prefix(2).joined(separator: " ")) } }
+        func addresses(_ s: PestodFixture.Snapshot) -> [String] {
+            s.sockets.map { String($0.split(separator: " ").prefix(2).joined(separator: " ")) }
+        }
         #expect(addresses(after) == addresses(before))
     }
 
@@ -235,8 +237,9 @@ struct PestoctlTests {
         #expect(r.status == 0, "\(r.err)")
         let before = try f.snapshot()
         signals.forget()
-        let child = try ChildProcess(Products.path("pestoctl"), ["--address", f.address, "-t", "127.0.0.1/\(p.upperBound)"],
-                                     environment: ["PESTOCTL_TEST_PAUSE_AFTER": "insert"])
+        let child = try ChildProcess(
+            Products.path("pestoctl"), ["--address", f.address, "-t", "127.0.0.1/\(p.upperBound)"],
+            environment: ["PESTOCTL_TEST_PAUSE_AFTER": "insert"])
         #expect(child.readLine() == "paused")
         // The insert is there, uncommitted, under pestoctl's lock.
         #expect(try f.table("List").first?.arrayValue?.count == 2)

@@ -11,8 +11,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -26,7 +26,9 @@ struct PolkitTests {
 
     // MARK: The call and the reply, without a bus
 
-    @Test("CheckAuthorization is (sa{sv})sa{ss}us with subject system-bus-name, flags from interactive and a cancellation id; CancelCheckAuthorization names it")
+    @Test(
+        "CheckAuthorization is (sa{sv})sa{ss}us with subject system-bus-name, flags from interactive and a cancellation id; CancelCheckAuthorization names it"
+    )
     func request() {
         let quiet = PolkitAuthorizer.checkAuthorization(sender: ":1.42", action: PestoActions.modify, interactive: false)
         #expect(quiet.destination == "org.freedesktop.PolicyKit1")
@@ -42,7 +44,8 @@ struct PolkitTests {
         let loud = PolkitAuthorizer.checkAuthorization(sender: ":1.42", action: PestoActions.modify, interactive: true)
         #expect(loud.arguments?.dropFirst(3).first == .uint32(1))
         // A cancellable check names itself; CancelCheckAuthorization withdraws it, wanting no reply.
-        let named = PolkitAuthorizer.checkAuthorization(sender: ":1.42", action: PestoActions.modify, interactive: true, cancellationID: "pestod-7")
+        let named = PolkitAuthorizer.checkAuthorization(
+            sender: ":1.42", action: PestoActions.modify, interactive: true, cancellationID: "pestod-7")
         #expect(named.arguments?.last == .string("pestod-7"))
         let cancel = PolkitAuthorizer.cancelCheckAuthorization("pestod-7")
         #expect(cancel.destination == "org.freedesktop.PolicyKit1" && cancel.member == "CancelCheckAuthorization")
@@ -60,7 +63,9 @@ struct PolkitTests {
         #expect(answer(false, false) == .denied(dismissed: false))
         #expect(answer(false, false, [("polkit.dismissed", "true")]) == .denied(dismissed: true))
         let missing = DBusErrorReply("org.freedesktop.DBus.Error.ServiceUnknown", "The name is not activatable")
-        #expect(PolkitAuthorizer.verdict(error: missing, arguments: []) == .unavailable("org.freedesktop.DBus.Error.ServiceUnknown: The name is not activatable"))
+        #expect(
+            PolkitAuthorizer.verdict(error: missing, arguments: [])
+                == .unavailable("org.freedesktop.DBus.Error.ServiceUnknown: The name is not activatable"))
         guard case .unavailable = PolkitAuthorizer.verdict(error: nil, arguments: [.bool(true)]) else {
             Issue.record("a reply of the wrong type must count as no answer")
             return
@@ -69,8 +74,9 @@ struct PolkitTests {
 
     // MARK: pestod and a real polkitd
 
-    @Test("with polkit: root may change; an unprivileged user is refused every change and Lock and may read; a user the rules grant may change; without polkit only root",
-          .enabled(if: canRunPolkit, "needs root and /usr/lib/polkit-1/polkitd (apt install polkitd)"))
+    @Test(
+        "with polkit: root may change; an unprivileged user is refused every change and Lock and may read; a user the rules grant may change; without polkit only root",
+        .enabled(if: canRunPolkit, "needs root and /usr/lib/polkit-1/polkitd (apt install polkitd)"))
     func realPolkit() throws {
         let tag = String(UUID().uuidString.lowercased().prefix(6))
         let installed = try PolkitInstallation(tag: tag)
@@ -106,28 +112,38 @@ struct PolkitTests {
         let peer = try f.peer(as: installed.plainUser)
         for line in ["Insert 3 \(p + 2)", "Activate 1", "Deactivate 1", "Delete 1", "Lock"] {
             let answer = peer.ask(line)
-            #expect(answer.hasPrefix("error \(PolkitAuthorizer.interactiveAuthorizationRequired): Authentication is required to top.passt.Pesto1.modify"),
-                    "\(line): \(answer)")
+            #expect(
+                answer.hasPrefix(
+                    "error \(PolkitAuthorizer.interactiveAuthorizationRequired): Authentication is required to top.passt.Pesto1.modify"),
+                "\(line): \(answer)")
         }
         #expect(peer.ask("Unlock").hasPrefix("error \(PestoBusNames.errorPrefix)NotLocked"))
         // Allowing interactive authorisation (there is no authentication agent here): still refused.
         // (polkitd 122 without logind answers this with a challenge as well.)
-        let interactive = try f.busctl(as: installed.plainUser, [
-            "--allow-interactive-authorization=yes", "call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Delete", "u", "1",
-        ])
+        let interactive = try f.busctl(
+            as: installed.plainUser,
+            [
+                "--allow-interactive-authorization=yes", "call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface,
+                "Delete", "u", "1",
+            ])
         #expect(interactive.status != 0)
-        #expect(interactive.err.contains("Authentication is required to top.passt.Pesto1.modify")
+        #expect(
+            interactive.err.contains("Authentication is required to top.passt.Pesto1.modify")
                 || interactive.err.contains("Not authorized to top.passt.Pesto1.modify: polkit refused it"), "\(interactive.err)")
         // Reads are open to everyone.
-        let status = try f.busctl(as: installed.plainUser, ["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
+        let status = try f.busctl(
+            as: installed.plainUser, ["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
         #expect(status.out == "buus true 1 0 \"\"\n", "\(status.err)")
         #expect(try f.snapshot() == before)
 
         // Without polkit: only uid 0 ("a missing polkit means denied, except for uid 0").
         f.polkit.kill()
         let orphan = peer.ask("Insert 3 \(p + 2)")
-        #expect(orphan.hasPrefix("error \(DBusErrorReply.accessDenied): Not authorized to top.passt.Pesto1.modify: uid \(alice) is not root, and polkit did not answer"),
-                "\(orphan)")
+        #expect(
+            orphan.hasPrefix(
+                "error \(DBusErrorReply.accessDenied): Not authorized to top.passt.Pesto1.modify: uid \(alice) is not root, and polkit did not answer"
+            ),
+            "\(orphan)")
         #expect(bob.ask("Insert 3 \(p + 2)").hasPrefix("error \(DBusErrorReply.accessDenied)"))
         #expect(try f.snapshot() == before)
         try f.table("Deactivate", [.uint32(1)])
@@ -234,11 +250,14 @@ final class PolkitBusFixture {
         client = try DBusConnection(.address(address))
 
         // polkitd starts as root and drops to user polkitd itself.
-        polkit = try ChildProcess(PolkitTests.polkitd, [], environment: ["DBUS_SYSTEM_BUS_ADDRESS": address],
-                                  stderr: .file(directory.file("polkitd.log")))
+        polkit = try ChildProcess(
+            PolkitTests.polkitd, [], environment: ["DBUS_SYSTEM_BUS_ADDRESS": address],
+            stderr: .file(directory.file("polkitd.log")))
         let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
-        while !(try client.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner",
-                                [.string("org.freedesktop.PolicyKit1")]).first?.boolValue ?? false) {
+        while !(try client.call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner",
+            [.string("org.freedesktop.PolicyKit1")]
+        ).first?.boolValue ?? false) {
             guard MonotonicInstant.now < deadline, polkit.isRunning else {
                 throw HarnessError("polkitd did not take its name: \(polkitLog)")
             }
@@ -287,7 +306,8 @@ final class PolkitBusFixture {
     func snapshot() throws -> PestodFixture.Snapshot {
         PestodFixture.Snapshot(
             rules: try table("List"),
-            objects: try client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
+            objects: try client.call(
+                PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
             sockets: listeningSocketsOf(pid: pestod.pid))
     }
 }

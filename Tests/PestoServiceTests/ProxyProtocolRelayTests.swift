@@ -86,7 +86,9 @@ final class HAProxyTarget {
     }
 }
 
-@Suite("pestod PROXY protocol", .serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: HAProxyTarget.executable), "needs haproxy"))
+@Suite(
+    "pestod PROXY protocol", .serialized,
+    .enabled(if: FileManager.default.isExecutableFile(atPath: HAProxyTarget.executable), "needs haproxy"))
 struct ProxyProtocolRelayTests {
     /// A TCP rule on `address:port` to `target:targetPort` sending `version`'s header.
     func rule(_ address: IPAddress, _ port: UInt16, to target: IPAddress, _ targetPort: UInt16, _ version: String) -> DBusValue {

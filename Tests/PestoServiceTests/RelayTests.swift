@@ -5,8 +5,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Synchronization
 import Testing
@@ -19,7 +19,9 @@ struct RelayTests {
     static let isRoot = getuid() == 0
 
     func rule(_ port: UInt16, to target: UInt16, proto: String = "tcp", address: String = "127.0.0.1") -> DBusValue {
-        .vardict([("protocol", .string(proto)), ("address", .string(address)), ("first-port", .uint16(port)), ("target-port", .uint16(target))])
+        .vardict([
+            ("protocol", .string(proto)), ("address", .string(address)), ("first-port", .uint16(port)), ("target-port", .uint16(target)),
+        ])
     }
 
     @Test("TCP to an address target: 64 MiB byte-identical both ways, with half-close")
@@ -28,10 +30,15 @@ struct RelayTests {
         let ports = TestSockets.freePorts(2)
         let server = try #require(EchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+                    ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
             Issue.record("connect failed")
@@ -50,7 +57,9 @@ struct RelayTests {
         try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.lowerBound + 1)])  // nothing listens there
         try f.table("Activate", [.uint32(1)])
         let end = TestSockets.firstRead(port: ports.lowerBound)
-        #expect(end == .failure(Errno(rawValue: ECONNRESET)), "the refusal arrives as a reset, not an orderly end of file: \(String(describing: end))")
+        #expect(
+            end == .failure(Errno(rawValue: ECONNRESET)),
+            "the refusal arrives as a reset, not an orderly end of file: \(String(describing: end))")
         let server = try #require(EchoServer(port: ports.lowerBound + 2))
         defer { server.stop() }
         try f.table("Insert", [.uint32(2), rule(ports.lowerBound + 1, to: ports.lowerBound + 2)])
@@ -114,10 +123,15 @@ struct RelayTests {
         let bFirst = ports.lowerBound + 2
         for round in 0..<100 {
             let id: UInt32 = round % 2 == 0 ? 5 : 15  // before and after A in ID order
-            try f.table("Insert", [.uint32(id), .vardict([
-                ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(bFirst)),
-                ("last-port", .uint16(bFirst + 9)), ("target-port", .uint16(ports.lowerBound + 1)),
-            ])])
+            try f.table(
+                "Insert",
+                [
+                    .uint32(id),
+                    .vardict([
+                        ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(bFirst)),
+                        ("last-port", .uint16(bFirst + 9)), ("target-port", .uint16(ports.lowerBound + 1)),
+                    ]),
+                ])
             try f.table("Activate", [.uint32(id)])
             try f.table("Deactivate", [.uint32(id)])
             try f.table("Delete", [.uint32(id)])
@@ -125,7 +139,9 @@ struct RelayTests {
         done.store(true, ordering: .relaxed)
         while !finished.load(ordering: .relaxed) { sched_yield() }
         #expect(attempts.load(ordering: .relaxed) > 0)
-        #expect(failures.load(ordering: .relaxed) == 0, "\(failures.load(ordering: .relaxed)) of \(attempts.load(ordering: .relaxed)) connections to A failed")
+        #expect(
+            failures.load(ordering: .relaxed) == 0,
+            "\(failures.load(ordering: .relaxed)) of \(attempts.load(ordering: .relaxed)) connections to A failed")
         #expect(try f.snapshot().sockets(onPort: ports.lowerBound) == before, "A's listener is the same socket")
     }
 
@@ -148,14 +164,17 @@ struct RelayTests {
         #expect(inside.accepted == 1)
 
         // Outbound: the SPLICE table listens inside and connects to a host server.
-        let tables = try f.client.call(PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
-                                       [.string(PestoInterfaces.manager.name), .string("Tables")])
+        let tables = try f.client.call(
+            PestodFixture.dest, PestodFixture.managerPath, "org.freedesktop.DBus.Properties", "Get",
+            [.string(PestoInterfaces.manager.name), .string("Tables")])
         #expect(tables.first?.variantValue == .objectPaths([PestodFixture.hostPath, PestoBusNames.tablePath(.splice)]))
         let hostServer = try #require(EchoServer(port: ports.lowerBound + 3))
         defer { hostServer.stop() }
-        _ = try f.client.call(PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Insert",
-                              [.uint32(1), rule(ports.lowerBound + 2, to: ports.lowerBound + 3)])
-        let counts = try f.client.call(PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Activate", [.uint32(1)])
+        _ = try f.client.call(
+            PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Insert",
+            [.uint32(1), rule(ports.lowerBound + 2, to: ports.lowerBound + 3)])
+        let counts = try f.client.call(
+            PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Activate", [.uint32(1)])
         #expect(counts == [.uint32(1), .uint32(0)])
         guard case .success(let out) = ns.connect(port: ports.lowerBound + 2) else {
             Issue.record("connect inside the namespace failed")
@@ -178,19 +197,28 @@ struct RelayTests {
         let signals = try SignalCollector(address: f.address)
         let ports = TestSockets.freePorts(10)
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
-            ("last-port", .uint16(p + 9)), ("scan", .bool(true)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
+                    ("last-port", .uint16(p + 9)), ("scan", .bool(true)),
+                ]),
+            ])
         #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(0), .uint32(0)], "nothing is bound in the namespace yet")
         // The scan's period is a speed, measured by no test: the waits only need it to happen.
         let server = try #require(ns.echoServer(port: p + 3))
-        signals.wait(for: "scan opened the port", SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(1), .uint32(0)]))
+        signals.wait(
+            for: "scan opened the port",
+            SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(1), .uint32(0)]))
         #expect(TestTraffic.ping(port: p + 3) == nil)
         #expect(f.listeningSockets().count == 1)
         signals.forget()  // the activation already announced (true, 0, 0)
         server.stop()
-        signals.wait(for: "scan closed the port", SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(0), .uint32(0)]))
+        signals.wait(
+            for: "scan closed the port",
+            SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(0), .uint32(0)]))
         #expect(f.listeningSockets().isEmpty)
     }
 }
@@ -199,7 +227,8 @@ struct RelayTests {
 struct UDPRelayTests {
     /// Connected UDP sockets of `pid` (the flows; the rule's own sockets are unconnected).
     func flowSockets(_ pid: Int32) -> Int {
-        let inodes = Set(ProcessDescriptors.list(pid: pid).map(\.target).filter { $0.hasPrefix("socket:[") }.map { String($0.dropFirst(8).dropLast()) })
+        let inodes = Set(
+            ProcessDescriptors.list(pid: pid).map(\.target).filter { $0.hasPrefix("socket:[") }.map { String($0.dropFirst(8).dropLast()) })
         var n = 0
         for file in ["udp", "udp6"] {
             let text = String(decoding: readFile("/proc/\(pid)/net/\(file)", limit: 1 << 28) ?? [], as: UTF8.self)  // to end of file
@@ -217,14 +246,22 @@ struct UDPRelayTests {
         let ports = TestSockets.freePorts(2)
         let server = try #require(UDPEchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("udp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+                    ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
         let a = try #require(TestTraffic.udpClient())
         let b = try #require(TestTraffic.udpClient())
-        defer { close(a); close(b) }
+        defer {
+            close(a)
+            close(b)
+        }
         let big = (0..<60_000).map { UInt8(truncatingIfNeeded: $0 % 251) }
         let r1 = TestTraffic.udpExchange(fd: a, port: ports.lowerBound, payload: Array("hello".utf8))
         #expect(r1?.reply == Array("hello".utf8))
@@ -251,16 +288,25 @@ struct UDPRelayTests {
         let ns = try TestNamespace()
         let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
         let ports = TestSockets.freePorts(2)
-        let fd = ns.namespace.perform { TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: .loopbackIPv4, port: ports.upperBound, listen: false) }
+        let fd = ns.namespace.perform {
+            TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: .loopbackIPv4, port: ports.upperBound, listen: false)
+        }
         let server = try #require(UDPEchoServer(port: ports.upperBound, boundFD: fd))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("udp")), ("first-port", .uint16(ports.lowerBound)), ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("udp")), ("first-port", .uint16(ports.lowerBound)), ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         let client = try #require(TestTraffic.udpClient())
         defer { close(client) }
-        #expect(TestTraffic.udpExchange(fd: client, port: ports.lowerBound, payload: Array("into the namespace".utf8))?.reply == Array("into the namespace".utf8))
+        #expect(
+            TestTraffic.udpExchange(fd: client, port: ports.lowerBound, payload: Array("into the namespace".utf8))?.reply
+                == Array("into the namespace".utf8))
     }
 }
 
@@ -276,7 +322,10 @@ struct ExhaustionTests {
     }
 
     func rule(_ port: UInt16, to target: UInt16, proto: String = "tcp") -> DBusValue {
-        .vardict([("protocol", .string(proto)), ("address", .string("127.0.0.1")), ("first-port", .uint16(port)), ("target-port", .uint16(target))])
+        .vardict([
+            ("protocol", .string(proto)), ("address", .string("127.0.0.1")), ("first-port", .uint16(port)),
+            ("target-port", .uint16(target)),
+        ])
     }
 
     /// The lowest descriptor number free in `pid`: the next one it opens gets it, so a soft
@@ -310,10 +359,15 @@ struct ExhaustionTests {
         let ports = TestSockets.freePorts(2)
         let server = try #require(EchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(ports.lowerBound)),
+                    ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         // Eight descriptors left: 40 connections want 80. The kernel completes the handshakes
         // into the listener's backlog; pestod relays what it can and pauses.
@@ -360,7 +414,9 @@ struct ExhaustionTests {
         #expect(f.log.components(separatedBy: "control socket: cannot take a client now").count == 2, "logged once")
     }
 
-    @Test("relays stop at the descriptor budget: connections beyond it are reset, new UDP clients dropped (logged once); D-Bus answers, a change is saved, a reserve remains")
+    @Test(
+        "relays stop at the descriptor budget: connections beyond it are reset, new UDP clients dropped (logged once); D-Bus answers, a change is saved, a reserve remains"
+    )
     func relayBudget() throws {
         // L = 256: E = 192 for listeners and relays, relays up to R = 168 (DescriptorPlan).
         let limit = 256

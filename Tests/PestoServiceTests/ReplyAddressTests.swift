@@ -5,8 +5,8 @@
 
 import CDBus
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import Testing
 
 @testable import PestoDBus
@@ -40,7 +40,9 @@ struct ReplyAddressTests {
         return true
     }
 
-    @Test("the address keeps the caller, serial, reply wish and member; the method return and error built from it match libdbus's own from the call")
+    @Test(
+        "the address keeps the caller, serial, reply wish and member; the method return and error built from it match libdbus's own from the call"
+    )
     func repliesFromAddress() throws {
         let call = Self.incomingCall(sender: ":1.42", serial: 4_000_000_001, noReply: false)
         let address = ReplyAddress(call)
@@ -72,7 +74,9 @@ struct ReplyAddressTests {
         #expect(error.signature == "s" && libdbusError.signature == "s")
 
         // From thrown errors of either kind.
-        #expect(DBusMessage.errorReply(to: address, PestoError(.noSuchRule, "gone") as any Error).errorName == PestoBusNames.errorName(.noSuchRule))
+        #expect(
+            DBusMessage.errorReply(to: address, PestoError(.noSuchRule, "gone") as any Error).errorName
+                == PestoBusNames.errorName(.noSuchRule))
 
         #expect(Self.survivesTheWire(ret))
         #expect(Self.survivesTheWire(error))

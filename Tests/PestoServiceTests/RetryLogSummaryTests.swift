@@ -3,8 +3,8 @@
 // RetryLogSummary: a turn's retried rules make one log line, not one per rule.
 
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import Testing
 
 @testable import PestoDBus

@@ -5,8 +5,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -121,15 +121,20 @@ struct ScaleTests {
 
     /// Calls a HOST table method with gdbus as nobody (uid 65534); returns gdbus's stderr.
     func callAsNobody(_ f: PestodFixture, _ method: String, _ args: [String]) throws -> String {
-        let r = try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/gdbus", "call",
-                                             "--address", f.address, "--dest", PestodFixture.dest, "--object-path", PestodFixture.hostPath,
-                                             "--method", "\(PestodFixture.tableInterface).\(method)"] + args)
+        let r = try run(
+            "/usr/bin/setpriv",
+            [
+                "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/gdbus", "call",
+                "--address", f.address, "--dest", PestodFixture.dest, "--object-path", PestodFixture.hostPath,
+                "--method", "\(PestodFixture.tableInterface).\(method)",
+            ] + args)
         #expect(r.status != 0, "\(method) by nobody must fail: \(r.out)")
         return r.err
     }
 
-    @Test("an invalid rule is InvalidRule before authorisation: a caller who would be refused is not asked",
-          .enabled(if: getuid() == 0, "needs root to run a client as another user"))
+    @Test(
+        "an invalid rule is InvalidRule before authorisation: a caller who would be refused is not asked",
+        .enabled(if: getuid() == 0, "needs root to run a client as another user"))
     func validationBeforeAuthorisation() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "root", "--max-rules", "100"])
         let p = TestSockets.freePorts(1).lowerBound
@@ -139,7 +144,8 @@ struct ScaleTests {
         #expect(insert.contains(Self.name("InvalidRule")) && insert.contains("first-port"), "\(insert)")
         let apply = try callAsNobody(f, "Apply", ["[(7, \(valid)), (8, \(invalid))]", "@au []", "@a{sv} {}"])
         #expect(apply.contains(Self.name("InvalidRule")), "\(apply)")
-        let tooMany = try callAsNobody(f, "Apply", ["@a(ua{sv}) []", "[\((0..<101).map { _ in "1" }.joined(separator: ","))]", "@a{sv} {}"])
+        let tooMany = try callAsNobody(
+            f, "Apply", ["@a(ua{sv}) []", "[\((0..<101).map { _ in "1" }.joined(separator: ","))]", "@a{sv} {}"])
         #expect(tooMany.contains(DBusErrorReply.invalidArgs) && tooMany.contains("MaxRules"), "\(tooMany)")
         // A valid request by the same caller reaches the authorizer and is refused there.
         let refused = try callAsNobody(f, "Apply", ["[(7, \(valid))]", "@au []", "@a{sv} {}"])
@@ -160,7 +166,9 @@ struct ScaleTests {
         let rules = (0..<n).map { k in
             WireClient.rule(address: [127, 2, UInt8(k >> 8), UInt8(k & 0xFF)], first: p, flags: 0x02, ifname: ifname)
         }
-        for (round, expected) in [(1, "0 kept, \(n) added, 0 removed; \(n) sockets did not bind yet"), (2, "\(n) kept, 0 added, 0 removed)")] {
+        for (round, expected) in [
+            (1, "0 kept, \(n) added, 0 removed; \(n) sockets did not bind yet"), (2, "\(n) kept, 0 added, 0 removed)"),
+        ] {
             let client = try #require(WireClient(path: f.controlPath))
             defer { close(client.fd) }
             var tv = timeval(tv_sec: 600, tv_usec: 0)

@@ -6,13 +6,13 @@
 // --session against a private bus (DBUS_SESSION_BUS_ADDRESS), is killed, and is started again.
 
 import Foundation
+import PestoDBus
 import PestoEngine
+import PestoModel
 import PestoTestSupport
 import Testing
 
 @testable import PestoService
-import PestoModel
-import PestoDBus
 
 @Suite("pestod --session: default state file", .serialized)
 struct SessionStateTests {

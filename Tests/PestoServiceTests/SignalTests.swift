@@ -4,8 +4,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -24,7 +24,8 @@ struct SignalTests {
         let host = PestodFixture.hostPath
 
         try f.table("Insert", [.uint32(7), PestodFixture.rule(p, [("last-port", .uint16(p + 1))])])
-        signals.wait(for: "InterfacesAdded", SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
+        signals.wait(
+            for: "InterfacesAdded", SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
         signals.wait(for: "RuleCount 1") { m in
             m.member == "PropertiesChanged" && m.path == host
                 && m.arguments?[1].vardictValue?.contains { $0.0 == "RuleCount" && $0.1 == .uint32(1) } == true
@@ -33,15 +34,23 @@ struct SignalTests {
         // Hold one port: activation binds 1 of 2, then the retry binds the other once freed.
         let holder = try #require(TestSockets.bound(port: p + 1))
         #expect(try f.table("Activate", [.uint32(7)]) == [.uint32(1), .uint32(1)])
-        signals.wait(for: "RuleStateChanged active", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(1), .uint32(1)]))
-        signals.wait(for: "BindFailuresChanged 1", SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(1), .string("EADDRINUSE")]))
+        signals.wait(
+            for: "RuleStateChanged active",
+            SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(1), .uint32(1)]))
+        signals.wait(
+            for: "BindFailuresChanged 1",
+            SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(1), .string("EADDRINUSE")]))
         signals.wait(for: "rule PropertiesChanged") { m in
             m.member == "PropertiesChanged" && m.path == rulePath
                 && m.arguments?[1].vardictValue?.contains { $0.0 == "BindFailures" && $0.1 == .uint32(1) } == true
         }
         close(holder)
-        signals.wait(for: "BindFailuresChanged 0 after retry", SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(0), .string("")]))
-        signals.wait(for: "RuleStateChanged after retry", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(2), .uint32(0)]))
+        signals.wait(
+            for: "BindFailuresChanged 0 after retry",
+            SignalCollector.signal("BindFailuresChanged", path: host, [.uint32(7), .uint32(0), .string("")]))
+        signals.wait(
+            for: "RuleStateChanged after retry",
+            SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(2), .uint32(0)]))
         // A rule's PropertiesChanged carries only what changed: the retry leaves Active alone.
         signals.wait(for: "rule PropertiesChanged after retry, without Active") { m in
             m.member == "PropertiesChanged" && m.path == rulePath
@@ -50,13 +59,16 @@ struct SignalTests {
         #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string("")])
 
         try f.table("Deactivate", [.uint32(7)])
-        signals.wait(for: "RuleStateChanged inactive", SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(false), .uint32(0), .uint32(0)]))
+        signals.wait(
+            for: "RuleStateChanged inactive",
+            SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(false), .uint32(0), .uint32(0)]))
         signals.wait(for: "rule PropertiesChanged on deactivation: Active and BoundSockets only") { m in
             m.member == "PropertiesChanged" && m.path == rulePath
                 && m.arguments?[1].vardictValue?.map(\.0) == ["Active", "BoundSockets"]
         }
         try f.table("Delete", [.uint32(7)])
-        signals.wait(for: "InterfacesRemoved", SignalCollector.signal("InterfacesRemoved", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
+        signals.wait(
+            for: "InterfacesRemoved", SignalCollector.signal("InterfacesRemoved", path: PestodFixture.managerPath, [.objectPath(rulePath)]))
 
         // The lock owner is announced too.
         try f.manager("Lock")
@@ -114,7 +126,9 @@ struct SignalTests {
             [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
         #expect(reply.first?.arrayValue?.count == 3)
         var before: [DBusMessage] = []
-        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) { if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append(m) } }
+        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) {
+            if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append(m) }
+        }
 
         let counters = before.filter { $0.member == "PropertiesChanged" && $0.path == PestodFixture.hostPath }
         #expect(counters.count == 1, "one counters' PropertiesChanged for the whole Apply, not one per insert and activation")
@@ -123,8 +137,13 @@ struct SignalTests {
         // The per-rule signals are all still there, one of each per rule.
         for id in ids {
             let path = PestoBusNames.rulePath(.host, id)
-            #expect(before.filter(SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(path)])).count == 1)
-            #expect(before.filter(SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(id), .bool(true), .uint32(1), .uint32(0)])).count == 1)
+            #expect(
+                before.filter(SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(path)])).count == 1)
+            #expect(
+                before.filter(
+                    SignalCollector.signal(
+                        "RuleStateChanged", path: PestodFixture.hostPath, [.uint32(id), .bool(true), .uint32(1), .uint32(0)])
+                ).count == 1)
             #expect(before.filter { $0.member == "PropertiesChanged" && $0.path == path }.count == 1)
         }
     }
@@ -138,7 +157,10 @@ struct SignalTests {
         let ports = TestSockets.freePorts(2)
         let holder = try #require(TestSockets.bound(port: ports.upperBound))
         defer { close(holder) }
-        let inserts = [DBusValue.structure([.uint32(31), PestodFixture.rule(ports.lowerBound)]), .structure([.uint32(32), PestodFixture.rule(ports.upperBound)])]
+        let inserts = [
+            DBusValue.structure([.uint32(31), PestodFixture.rule(ports.lowerBound)]),
+            .structure([.uint32(32), PestodFixture.rule(ports.upperBound)]),
+        ]
         do {
             _ = try signals.connection.call(
                 PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Apply",
@@ -148,7 +170,9 @@ struct SignalTests {
             #expect(error.name == PestoBusNames.errorName(.bindFailed), "\(error)")
         }
         var before: [String] = []
-        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) { if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append("\(m.member ?? "") \(m.path ?? "")") } }
+        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) {
+            if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append("\(m.member ?? "") \(m.path ?? "")") }
+        }
         #expect(before.isEmpty, "no InterfacesAdded, RuleStateChanged or counters for a change that never happened: \(before)")
         #expect(try f.table("List").first?.arrayValue?.isEmpty == true)
     }

@@ -5,8 +5,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
@@ -18,9 +18,11 @@ struct StateFileTests {
     @Test("render and parse round-trip; every malformed line is refused with its number")
     func format() throws {
         let entries = [
-            StateFile.Entry(table: .host, id: 5, active: true, rule: Rule(
-                proto: .tcp, address: IPAddress("127.0.0.1"), interface: "eth0", firstPort: 80, lastPort: 90,
-                targetAddress: IPAddress("10.0.0.1"), targetPort: 8080, owner: "ctr 1/ü%=")),
+            StateFile.Entry(
+                table: .host, id: 5, active: true,
+                rule: Rule(
+                    proto: .tcp, address: IPAddress("127.0.0.1"), interface: "eth0", firstPort: 80, lastPort: 90,
+                    targetAddress: IPAddress("10.0.0.1"), targetPort: 8080, owner: "ctr 1/ü%=")),
             StateFile.Entry(table: .splice, id: 4_000_000_000, active: false, rule: Rule(proto: .udp, firstPort: 53, scan: true)),
             StateFile.Entry(table: .host, id: 6, active: true, rule: Rule(proto: .tcp, firstPort: 443, proxyProtocol: .v2)),
         ]
@@ -90,7 +92,10 @@ struct ReadOnlyMount {
         guard getuid() == 0, let dir = try? TemporaryDirectory() else { return false }
         let p = dir.url.path
         guard (try? run("/usr/bin/mount", ["--bind", p, p]))?.status == 0 else { return false }
-        defer { _ = try? run("/usr/bin/umount", [p]); withExtendedLifetime(dir) {} }
+        defer {
+            _ = try? run("/usr/bin/umount", [p])
+            withExtendedLifetime(dir) {}
+        }
         return (try? run("/usr/bin/mount", ["-o", "remount,bind,ro", p]))?.status == 0
     }()
 
@@ -131,10 +136,11 @@ struct StateFileHardeningTests {
         var saveWorks = true
         var saved = 0
         var performed: [TableOperation] = []
-        let batch = CommitBatch(save: { () throws(PestoError) in
-            guard saveWorks else { throw PestoError(.system, "Cannot create state.tmp.", underlyingError: Errno(rawValue: EROFS)) }
-            saved += 1
-        }, perform: { op in performed.append(op) })
+        let batch = CommitBatch(
+            save: { () throws(PestoError) in
+                guard saveWorks else { throw PestoError(.system, "Cannot create state.tmp.", underlyingError: Errno(rawValue: EROFS)) }
+                saved += 1
+            }, perform: { op in performed.append(op) })
         let rule = Rule(proto: .tcp, firstPort: 80)
         var first = Journal()
         first.record(.insert(.host, 1, rule))
@@ -169,7 +175,10 @@ struct StateFileHardeningTests {
         let dir = try TemporaryDirectory()
         let path = dir.url.appendingPathComponent("state").path
         let mount = try ReadOnlyMount(dir.url.path)
-        defer { mount.unmount(); withExtendedLifetime(dir) {} }
+        defer {
+            mount.unmount()
+            withExtendedLifetime(dir) {}
+        }
         let f = try PestodFixture(pestodArguments: ["--state", path, "--control", "CONTROL"])
         let ports = TestSockets.freePorts(3)
         let p = ports.lowerBound
@@ -178,7 +187,8 @@ struct StateFileHardeningTests {
         let file = try String(contentsOfFile: path, encoding: .utf8)
 
         try mount.set(readOnly: true)
-        #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)]) } == Self.saveFailed)
+        #expect(
+            f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)]) } == Self.saveFailed)
         #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Activate", [.uint32(1)]) } == Self.saveFailed)
         #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Delete", [.uint32(1)]) } == Self.saveFailed)
         #expect(try f.table("List") == before, "every unsaved change was undone")
@@ -212,7 +222,10 @@ struct StateFileHardeningTests {
         let dir = try TemporaryDirectory()
         let path = dir.url.appendingPathComponent("state").path
         let mount = try ReadOnlyMount(dir.url.path)
-        defer { mount.unmount(); withExtendedLifetime(dir) {} }
+        defer {
+            mount.unmount()
+            withExtendedLifetime(dir) {}
+        }
         let f = try PestodFixture(pestodArguments: ["--state", path])
         let p = TestSockets.freePorts(3).lowerBound
         try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
@@ -331,6 +344,8 @@ struct StateFileHardeningTests {
         var after = stat()
         stat(f.statePath, &after)
         #expect(try Data(contentsOf: URL(fileURLWithPath: f.statePath)) == bytes)
-        #expect(after.st_ino == before.st_ino && after.st_mtim.tv_sec == before.st_mtim.tv_sec && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
+        #expect(
+            after.st_ino == before.st_ino && after.st_mtim.tv_sec == before.st_mtim.tv_sec
+                && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
     }
 }

@@ -27,8 +27,9 @@ struct SystemdUnitTests {
         #expect(Self.exposure(in: "no summary") == nil)
     }
 
-    @Test("systemd-analyze security --offline=yes rates systemd/pestod.service below 3.0",
-          .enabled(if: hasAnalyze, "needs systemd-analyze (Debian package systemd)"))
+    @Test(
+        "systemd-analyze security --offline=yes rates systemd/pestod.service below 3.0",
+        .enabled(if: hasAnalyze, "needs systemd-analyze (Debian package systemd)"))
     func exposureBelowThree() throws {
         let unit = Products.repository.appendingPathComponent("systemd/pestod.service").path
         let r = try run(Self.analyze, ["security", "--offline=yes", "--no-pager", unit])

@@ -7,15 +7,15 @@
 // holder leaves, and the check order (doc/dbus-api.md, "Check order").
 
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Testing
 
 @testable import PestoService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Records the editor's reports as short lines, in order.
@@ -79,12 +79,16 @@ struct TablesEditorTests {
         request.inserts = [(2, EditorRig.tcp(p + 1)), (3, EditorRig.tcp(p + 2))]
         request.removes = [1]
         let (result, committed) = try rig.editor.run(.apply(.host, request), sender: "a")
-        guard case .applied(let counts) = result else { Issue.record("\(result)"); return }
+        guard case .applied(let counts) = result else {
+            Issue.record("\(result)")
+            return
+        }
         #expect(counts.map { "\($0.id) \($0.counts.bound)/\($0.counts.failed)" } == ["2 1/0", "3 1/0"])
         #expect(committed.operations.count == 6, "insert ×2, activate ×2, deactivate, delete")
-        #expect(rig.observer.take() == [
-            "added 2", "added 3", "state 2 active 1/0", "state 3 active 1/0", "state 1 inactive 0/0", "removed 1",
-        ])
+        #expect(
+            rig.observer.take() == [
+                "added 2", "added 3", "state 2 active 1/0", "state 3 active 1/0", "state 1 inactive 0/0", "removed 1",
+            ])
         #expect(rig.table.ids == [2, 3])
     }
 
@@ -175,9 +179,10 @@ struct TablesEditorTests {
         #expect(rig.editor.holderLeft("b") == nil, "b holds no lock")
         #expect(rig.editor.holderLeft("a") == 5)
         #expect(rig.editor.lockOwner == nil && rig.editor.journal.isEmpty)
-        #expect(rig.observer.take() == [
-            "state 3 inactive 0/0", "removed 3", "state 1 active 1/0", "state 2 inactive 0/0", "removed 2", "lock -",
-        ])
+        #expect(
+            rig.observer.take() == [
+                "state 3 inactive 0/0", "removed 3", "state 1 active 1/0", "state 2 inactive 0/0", "removed 2", "lock -",
+            ])
         // Rule 1 is active again (on new sockets): IDs, rules and active bits are as before the Lock.
         #expect(rig.snapshot().map { $0.components(separatedBy: " [").first! } == before)
     }
@@ -190,7 +195,9 @@ struct TablesEditorTests {
     }
 
     /// Submits and returns the outcome if it came at once.
-    static func submit(_ gate: ChangeGate, _ change: TableChange, _ sender: String) -> Result<(result: ChangeResult, committed: Journal), ChangeRefusal>? {
+    static func submit(_ gate: ChangeGate, _ change: TableChange, _ sender: String) -> Result<
+        (result: ChangeResult, committed: Journal), ChangeRefusal
+    >? {
         var outcome: Result<(result: ChangeResult, committed: Journal), ChangeRefusal>?
         gate.submit(change, sender: sender) { outcome = $0 }
         return outcome
@@ -269,7 +276,9 @@ struct TablesEditorTests {
 
     // MARK: Uploads (the control socket)
 
-    @Test("an upload completes despite bind failures: its rules are active, failures counted, tagged pesto-control; only a conflict refuses it")
+    @Test(
+        "an upload completes despite bind failures: its rules are active, failures counted, tagged pesto-control; only a conflict refuses it"
+    )
     func uploadToleratesBindFailures() throws {
         let rig = EditorRig()
         let p = TestSockets.freePorts(2).lowerBound
@@ -285,7 +294,9 @@ struct TablesEditorTests {
         // A rule conflicting with one of the upload's own: refused, nothing changes or is reported.
         let before = rig.snapshot()
         #expect(throws: PestoError.self) {
-            try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false), (EditorRig.tcp(p + 1), false)])])
+            try rig.editor.applyUpstream([
+                (.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false), (EditorRig.tcp(p + 1), false)])
+            ])
         }
         #expect(rig.snapshot() == before && rig.observer.take().isEmpty)
     }
@@ -300,7 +311,9 @@ struct TablesEditorTests {
             .init(rule: Rule(proto: .udp, firstPort: p + 2), bestEffort: true),
         ]
         _ = try rig.editor.applyUpstream([(.host, upload.map { ($0.rule, $0.bestEffort) })])
-        let dump = rig.editor.upstreamDump().map { t in (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0.rule, bestEffort: $0.bestEffort) }) }
+        let dump = rig.editor.upstreamDump().map { t in
+            (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0.rule, bestEffort: $0.bestEffort) })
+        }
         let rules = upload.map { PestoV2Wire.encode($0) }
         #expect(Array(PestoV2Wire.tableDump(dump).dropFirst(1 + PestoV2Wire.tableInfoSize).dropLast()) == Array(rules.joined()))
 

@@ -6,8 +6,8 @@
 
 import Foundation
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import PestoTestSupport
 import Synchronization
 import Testing
@@ -29,7 +29,9 @@ struct TakeoverTests {
         try f.table("Activate", [.uint32(2)])
     }
 
-    @Test("three takeovers in a row: every listener keeps its inode, the objects and properties are the same, no connect is refused, the control socket still answers")
+    @Test(
+        "three takeovers in a row: every listener keeps its inode, the objects and properties are the same, no connect is refused, the control socket still answers"
+    )
     func takeoversKeepEverything() throws {
         let f = try PestodFixture(pestodArguments: Self.arguments)
         let ports = TestSockets.freePorts(201)
@@ -123,7 +125,9 @@ struct TakeoverTests {
         }
     }
 
-    @Test("a new pestod that dies at any step before bye leaves the old one in charge: same listeners, objects and bus name, still forwarding")
+    @Test(
+        "a new pestod that dies at any step before bye leaves the old one in charge: same listeners, objects and bus name, still forwarding"
+    )
     func newInstanceDyingAtEachStep() throws {
         let f = try PestodFixture(pestodArguments: Self.arguments)
         let ports = TestSockets.freePorts(11)
@@ -186,7 +190,10 @@ struct TakeoverTests {
         let channel = try Self.connect(f)
         try channel.send(.hello, version: 99)
         let (answer, _) = try channel.receive()
-        guard case .refused(let why) = answer else { Issue.record("expected refused, got \(answer)"); return }
+        guard case .refused(let why) = answer else {
+            Issue.record("expected refused, got \(answer)")
+            return
+        }
         #expect(why.contains("version 99") && why.contains("only version \(TakeoverWire.version)"), "\(why)")
         #expect(f.pestod.isRunning)
         #expect(try f.snapshot() == before)
@@ -215,7 +222,9 @@ struct TakeoverTests {
         #expect(!FileManager.default.fileExists(atPath: f.statePath + ".new"))
     }
 
-    @Test("a takeover waits while a D-Bus client holds the lock: it gives up after its timeout with the holder's name, or completes once the lock is released")
+    @Test(
+        "a takeover waits while a D-Bus client holds the lock: it gives up after its timeout with the holder's name, or completes once the lock is released"
+    )
     func lockWait() throws {
         let f = try PestodFixture(pestodArguments: Self.arguments)
         let p = TestSockets.freePorts(1).lowerBound
@@ -225,7 +234,8 @@ struct TakeoverTests {
         let holder = try DBusConnection(.address(f.address))
         try f.manager("Lock", on: holder)
 
-        let command = [Products.path("pestod"), "--address", f.address, "--authorize", "none"]
+        let command =
+            [Products.path("pestod"), "--address", f.address, "--authorize", "none"]
             + ["--runtime-dir", f.runtimePath, "--state", f.statePath, "--control", f.controlPath, "--replace"]
         let gaveUp = try run(command[0], Array(command.dropFirst()) + ["--takeover-timeout", "300"])
         #expect(gaveUp.status == 1)
@@ -257,14 +267,18 @@ struct TakeoverTests {
         new.kill()
     }
 
-    @Test("an old pestod that dies in the middle of the handover: the new one exits with an error, without the bus name, state file or listeners")
+    @Test(
+        "an old pestod that dies in the middle of the handover: the new one exits with an error, without the bus name, state file or listeners"
+    )
     func oldInstanceDyingMidHandover() throws {
         let f = try PestodFixture()
         let owner = Self.owner(f)
         let p = TestSockets.freePorts(1).lowerBound
         let listenerFD = try #require(TestSockets.bound(port: p))
         defer { close(listenerFD) }
-        let text = StateFile.render([StateFile.Entry(table: .host, id: 1, active: true, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: p))])
+        let text = StateFile.render([
+            StateFile.Entry(table: .host, id: 1, active: true, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: p))
+        ])
         // A running pestod that sends the tables and one listener, then dies.
         let fake = try TemporaryDirectory()
         let listener = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)

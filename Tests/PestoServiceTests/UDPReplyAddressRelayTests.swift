@@ -9,12 +9,12 @@ import PestoSystem
 import PestoTestSupport
 import Testing
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import PestoDBus
 @testable import PestoService
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite("pestod UDP reply addresses")
 struct UDPReplyAddressRelayTests {
@@ -29,19 +29,31 @@ struct UDPReplyAddressRelayTests {
         return n >= 0 ? Array(buffer[..<n]) : nil
     }
 
-    @Test("connected clients of 127.0.0.5 and 127.0.0.6 through a 0.0.0.0 rule, and of 127.0.0.7 through a dual-stack rule, get their replies")
+    @Test(
+        "connected clients of 127.0.0.5 and 127.0.0.6 through a 0.0.0.0 rule, and of 127.0.0.7 through a dual-stack rule, get their replies"
+    )
     func connectedClients() throws {
         let f = try PestodFixture()
         let ports = TestSockets.freePorts(3)
         let server = try #require(UDPEchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), .vardict([
-            ("protocol", .string("udp")), ("address", .string("0.0.0.0")), ("first-port", .uint16(ports.lowerBound)),
-            ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
-        ])])
-        try f.table("Insert", [.uint32(2), .vardict([
-            ("protocol", .string("udp")), ("first-port", .uint16(ports.lowerBound + 1)), ("target-port", .uint16(ports.upperBound)),
-        ])])
+        try f.table(
+            "Insert",
+            [
+                .uint32(1),
+                .vardict([
+                    ("protocol", .string("udp")), ("address", .string("0.0.0.0")), ("first-port", .uint16(ports.lowerBound)),
+                    ("target-address", .string("127.0.0.1")), ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
+        try f.table(
+            "Insert",
+            [
+                .uint32(2),
+                .vardict([
+                    ("protocol", .string("udp")), ("first-port", .uint16(ports.lowerBound + 1)), ("target-port", .uint16(ports.upperBound)),
+                ]),
+            ])
         try f.table("Activate", [.uint32(1)])
         try f.table("Activate", [.uint32(2)])
         for (last, port) in [(UInt32(5), ports.lowerBound), (6, ports.lowerBound), (7, ports.lowerBound + 1)] {

@@ -12,7 +12,7 @@
 import PestoDBus
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Writes one line to stdout, unbuffered (the test reads it while we wait for more input).
@@ -46,7 +46,9 @@ while let line = readLine() {
     case "Insert":
         let port = words.count > 2 ? UInt16(words[2]) ?? 0 : 0
         let address = words.count > 3 ? words[3] : "127.0.0.1"
-        call = (host, [.uint32(id), .vardict([("protocol", .string("tcp")), ("address", .string(address)), ("first-port", .uint16(port))])])
+        call = (
+            host, [.uint32(id), .vardict([("protocol", .string("tcp")), ("address", .string(address)), ("first-port", .uint16(port))])]
+        )
     case "Delete", "Activate", "Deactivate": call = (host, [.uint32(id)])
     default:
         say("error unknown verb \(verb)")

@@ -15,7 +15,7 @@ import PestoModel
 import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A failure of a test or benchmark helper, with one sentence for the reader.
@@ -199,7 +199,8 @@ public final class ChildProcess {
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
 
         var pid: pid_t = 0
-        let rc = program.contains("/")
+        let rc =
+            program.contains("/")
             ? posix_spawn(&pid, program, &actions, &attr, &argv, &envp)
             : posix_spawnp(&pid, program, &actions, &attr, &argv, &envp)
         guard rc == 0 else { throw HarnessError("cannot start \(program): \(Errno(rawValue: rc))") }
@@ -231,8 +232,10 @@ public final class ChildProcess {
 /// Runs a command to completion (SIGKILLed if it outlives `timeoutMilliseconds`); returns its
 /// exit status and what it wrote on stdout and stderr.
 @discardableResult
-public func run(_ program: String, _ arguments: [String], environment: [String: String] = [:],
-                timeoutMilliseconds: Int = 120_000) throws -> (status: Int32, out: String, err: String) {
+public func run(
+    _ program: String, _ arguments: [String], environment: [String: String] = [:],
+    timeoutMilliseconds: Int = 120_000
+) throws -> (status: Int32, out: String, err: String) {
     let out = try makePipe()
     let err: (read: Int32, write: Int32)
     do { err = try makePipe() } catch {
@@ -242,7 +245,8 @@ public func run(_ program: String, _ arguments: [String], environment: [String: 
     }
     let pid: pid_t
     do {
-        pid = try ChildProcess.spawn(program, arguments, environment: environment, stdout: .descriptor(out.write), stderr: .descriptor(err.write))
+        pid = try ChildProcess.spawn(
+            program, arguments, environment: environment, stdout: .descriptor(out.write), stderr: .descriptor(err.write))
     } catch {
         for fd in [out.read, out.write, err.read, err.write] { close(fd) }
         throw error
@@ -259,8 +263,10 @@ public func run(_ program: String, _ arguments: [String], environment: [String: 
     var open = [true, true]
     var buffer = [UInt8](repeating: 0, count: 65_536)
     while open[0] || open[1] {
-        var pfds = [pollfd(fd: open[0] ? out.read : -1, events: Int16(POLLIN), revents: 0),
-                    pollfd(fd: open[1] ? err.read : -1, events: Int16(POLLIN), revents: 0)]
+        var pfds = [
+            pollfd(fd: open[0] ? out.read : -1, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: open[1] ? err.read : -1, events: Int16(POLLIN), revents: 0),
+        ]
         let ready = poll(&pfds, 2, millisecondsLeft(deadline))
         if ready < 0 && errno == EINTR { continue }
         if ready <= 0 { break }

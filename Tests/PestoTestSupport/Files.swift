@@ -8,7 +8,7 @@ import PestoModel
 import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A fresh directory under /tmp, removed with its contents when the value goes away.

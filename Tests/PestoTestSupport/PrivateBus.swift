@@ -11,7 +11,7 @@ import PestoModel
 import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A private bus: dbus-daemon with a session-type configuration, a permissive policy and a

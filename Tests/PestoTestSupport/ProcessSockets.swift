@@ -10,11 +10,11 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// One listening TCP socket or unconnected (bound) UDP socket of a process.

@@ -7,7 +7,7 @@ import PestoModel
 import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A network namespace made with `ip netns add`, deleted when the value goes away.

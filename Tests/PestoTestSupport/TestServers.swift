@@ -4,12 +4,12 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Runs `body` on a new detached thread (traps when no thread can be made).
@@ -20,10 +20,12 @@ public func detachThread(_ body: @escaping @Sendable () -> Void) {
     }
     var tid = pthread_t()
     let box = Unmanaged.passRetained(Box(body)).toOpaque()
-    let rc = pthread_create(&tid, nil, { arg in
-        Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
-        return nil
-    }, box)
+    let rc = pthread_create(
+        &tid, nil,
+        { arg in
+            Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
+            return nil
+        }, box)
     precondition(rc == 0, "pthread_create: \(Errno(rawValue: rc))")
     pthread_detach(tid)
 }
@@ -74,7 +76,10 @@ public final class EchoServer: Sendable {
             var off = 0
             while off < n {
                 let w = buffer.withUnsafeBytes { write(c, $0.baseAddress! + off, n - off) }
-                if w <= 0 { close(c); return }
+                if w <= 0 {
+                    close(c)
+                    return
+                }
                 off += w
             }
         }
@@ -159,7 +164,9 @@ public final class UDPEchoServer: Sendable {
 
     /// Binds `address:port` (or serves `boundFD`, a socket made elsewhere, e.g. in a namespace).
     public init?(address: IPAddress = .loopbackIPv4, port: UInt16, boundFD: Int32? = nil) {
-        guard let fd = boundFD ?? TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: address, port: port, listen: false) else { return nil }
+        guard let fd = boundFD ?? TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: address, port: port, listen: false) else {
+            return nil
+        }
         self.fd = fd
         self.port = port
         var tv = timeval(tv_sec: 0, tv_usec: 200_000)
@@ -186,7 +193,9 @@ public final class UDPEchoServer: Sendable {
 extension TestTraffic {
     /// Sends `payload` from `fd` (a UDP socket) to `port` and waits up to 5 s for the answer;
     /// returns the answer and the port it came from.
-    public static func udpExchange(fd: Int32, address: IPAddress = .loopbackIPv4, port: UInt16, payload: [UInt8]) -> (reply: [UInt8], from: UInt16)? {
+    public static func udpExchange(fd: Int32, address: IPAddress = .loopbackIPv4, port: UInt16, payload: [UInt8]) -> (
+        reply: [UInt8], from: UInt16
+    )? {
         let to = SocketAddress(address, port: port)
         guard to.withSockaddr({ sa, len in sendto(fd, payload, payload.count, 0, sa, len) }) == payload.count else { return nil }
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)

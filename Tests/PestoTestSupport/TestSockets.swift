@@ -4,19 +4,21 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Small socket utilities for tests. All of them use real kernel sockets on loopback.
 public enum TestSockets {
     /// Binds a socket of `type` to `address:port`; returns the fd or nil (and closes) on failure.
-    public static func bound(_ type: Int32 = Int32(SOCK_STREAM.rawValue), address: IPAddress = .loopbackIPv4, port: UInt16, listen: Bool = true) -> Int32? {
+    public static func bound(
+        _ type: Int32 = Int32(SOCK_STREAM.rawValue), address: IPAddress = .loopbackIPv4, port: UInt16, listen: Bool = true
+    ) -> Int32? {
         let domain = address.family.socketDomain
         let fd = socket(domain, type | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
@@ -123,7 +125,8 @@ public enum TestSockets {
     }
 
     /// Calls `body` with a sockaddr for `address:port` (IPv4 or IPv6) and its length.
-    public static func withSocketAddress(_ address: IPAddress, _ port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Bool) -> Bool {
+    public static func withSocketAddress(_ address: IPAddress, _ port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Bool) -> Bool
+    {
         SocketAddress(address, port: port).withSockaddr(body)
     }
 

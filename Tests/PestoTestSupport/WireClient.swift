@@ -6,11 +6,11 @@
 
 import CPestoSys
 import PestoEngine
-import PestoSystem
 import PestoModel
+import PestoSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A minimal pesto v2 client: raw bytes as the wire document describes them.
@@ -22,7 +22,10 @@ public struct WireClient {
     public init?(path: String) {
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         let r = SocketAddress(unixPath: path)?.withSockaddr { connect(fd, $0, $1) } ?? -1
-        if r != 0 { close(fd); return nil }
+        if r != 0 {
+            close(fd)
+            return nil
+        }
         var tv = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
@@ -50,8 +53,10 @@ public struct WireClient {
     public static func be16(_ v: UInt16) -> [UInt8] { [UInt8(v >> 8), UInt8(v & 0xFF)] }
 
     /// One 56-byte rule: IPv4 listening address (IPv4-mapped), automatic target, ports, TCP.
-    public static func rule(address: [UInt8] = [127, 0, 0, 1], first: UInt16, last: UInt16? = nil, target: UInt16? = nil,
-                     proto: UInt8 = 6, flags: UInt8 = 0, ifname: [UInt8] = [UInt8](repeating: 0, count: 16)) -> [UInt8] {
+    public static func rule(
+        address: [UInt8] = [127, 0, 0, 1], first: UInt16, last: UInt16? = nil, target: UInt16? = nil,
+        proto: UInt8 = 6, flags: UInt8 = 0, ifname: [UInt8] = [UInt8](repeating: 0, count: 16)
+    ) -> [UInt8] {
         var r = [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF] + address  // ::ffff:a.b.c.d
         r += [UInt8](repeating: 0, count: 16)  // target: automatic
         r += ifname
@@ -70,7 +75,10 @@ public struct WireClient {
             let name = String(decoding: info[0..<128].prefix { $0 != 0 }, as: UTF8.self)
             let count = Int(Self.u32(info[132..<136]))
             var rules: [[UInt8]] = []
-            for _ in 0..<count { guard let r = read(56) else { return nil }; rules.append(r) }
+            for _ in 0..<count {
+                guard let r = read(56) else { return nil }
+                rules.append(r)
+            }
             tables[pif] = (name, Self.u32(info[128..<132]), rules)
         }
         return (version, tables)
@@ -95,8 +103,10 @@ extension WireClient {
     /// The rule pesto makes of `-t LISTEN/PORT:TARGET/TARGETPORT` (or `-u` with `udp`):
     /// listening address, target address (nil: automatic, all zeros), one port, no flags
     /// beyond `flags` (0x01 dual stack with the address `::`, 0x02 weak, 0x04 scan).
-    public static func specRule(listen: String, port: UInt16, target: String? = nil, targetPort: UInt16? = nil,
-                                udp: Bool = false, flags: UInt8 = 0) -> [UInt8] {
+    public static func specRule(
+        listen: String, port: UInt16, target: String? = nil, targetPort: UInt16? = nil,
+        udp: Bool = false, flags: UInt8 = 0
+    ) -> [UInt8] {
         var r = address16(listen)!
         r += target.map { address16($0)! } ?? [UInt8](repeating: 0, count: 16)
         r += [UInt8](repeating: 0, count: 16)
@@ -109,11 +119,14 @@ extension WireClient {
     /// wildcard matches every address of its family).
     public static func conflicts(_ a: [UInt8], _ b: [UInt8]) -> Bool {
         guard a[54] == b[54] else { return false }
-        let aFirst = UInt16(a[48]) << 8 | UInt16(a[49]), aLast = UInt16(a[50]) << 8 | UInt16(a[51])
-        let bFirst = UInt16(b[48]) << 8 | UInt16(b[49]), bLast = UInt16(b[50]) << 8 | UInt16(b[51])
+        let aFirst = UInt16(a[48]) << 8 | UInt16(a[49])
+        let aLast = UInt16(a[50]) << 8 | UInt16(a[51])
+        let bFirst = UInt16(b[48]) << 8 | UInt16(b[49])
+        let bLast = UInt16(b[50]) << 8 | UInt16(b[51])
         guard aLast >= bFirst && bLast >= aFirst else { return false }
         if a[55] & 0x01 != 0 || b[55] & 0x01 != 0 { return true }
-        let x = Array(a[0..<16]), y = Array(b[0..<16])
+        let x = Array(a[0..<16])
+        let y = Array(b[0..<16])
         let mappedPrefix = [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF]
         func isV4(_ v: [UInt8]) -> Bool { Array(v[0..<12]) == mappedPrefix }
         func isWildcard(_ v: [UInt8]) -> Bool { isV4(v) ? v[12..<16].allSatisfy { $0 == 0 } : v.allSatisfy { $0 == 0 } }
