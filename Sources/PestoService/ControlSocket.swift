@@ -92,23 +92,7 @@ public final class ControlSocket: EventHandler {
         self.loop = loop
         self.logger = logger
         self.timeoutMilliseconds = timeoutMilliseconds
-        guard let address = SocketAddress(unixPath: path), !path.hasPrefix("@") else {
-            throw PestoError(.system, "The control socket path \(path) is not a usable path (at most 107 bytes).")
-        }
-        let fd: Int32
-        switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_STREAM.rawValue)) {
-        case .success(let s): fd = s
-        case .failure(let e): throw PestoError(.system, "Cannot create the control socket.", underlyingError: e)
-        }
-        // A stale socket is replaced; should the unlink fail, bind() says so.
-        if case .success(let st) = Sys.lstat(path), (st.st_mode & S_IFMT) == S_IFSOCK { _ = Sys.unlink(path) }
-        let old = umask(0o077)
-        let bound = Sys.bind(fd, to: address)
-        umask(old)
-        if case .failure(let e) = bound.flatMap({ Sys.listen(fd, backlog: 16) }) {
-            Sys.close(fd)
-            throw PestoError(.system, "Cannot listen on the control socket \(path).", underlyingError: e)
-        }
+        let fd = try UnixListener.open(path: path, type: Int32(SOCK_STREAM.rawValue), backlog: 16, name: "control socket")
         listenFD = fd
         try watch()
     }

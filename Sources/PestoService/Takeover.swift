@@ -67,22 +67,7 @@ public final class TakeoverSource: EventHandler {
         self.loop = loop
         self.logger = logger
         self.timeoutMilliseconds = timeoutMilliseconds
-        guard let address = SocketAddress(unixPath: path), !path.hasPrefix("@") else {
-            throw PestoError(.system, "The takeover socket path \(path) is not a usable path (at most 107 bytes).")
-        }
-        let fd: Int32
-        switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_SEQPACKET.rawValue)) {
-        case .success(let s): fd = s
-        case .failure(let e): throw PestoError(.system, "Cannot create the takeover socket.", underlyingError: e)
-        }
-        if case .success(let st) = Sys.lstat(path), (st.st_mode & S_IFMT) == S_IFSOCK { _ = Sys.unlink(path) }
-        let old = umask(0o077)
-        let bound = Sys.bind(fd, to: address)
-        umask(old)
-        if case .failure(let e) = bound.flatMap({ Sys.listen(fd, backlog: 4) }) {
-            Sys.close(fd)
-            throw PestoError(.system, "Cannot listen on the takeover socket \(path).", underlyingError: e)
-        }
+        let fd = try UnixListener.open(path: path, type: Int32(SOCK_SEQPACKET.rawValue), backlog: 4, name: "takeover socket")
         listenFD = fd
         loop.setHandler(self, for: Self.kind)
         try loop.add(fd: fd, events: EventLoop.Events.readable, kind: Self.kind)
