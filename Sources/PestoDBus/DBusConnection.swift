@@ -103,7 +103,7 @@ public final class DBusConnection {
         let r = dbus_bus_request_name(raw, name, flags, &error)
         if dbus_error_is_set(&error) != 0 { throw Self.take(&error, "cannot own \(name)") }
         guard r == DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER || r == DBUS_REQUEST_NAME_REPLY_ALREADY_OWNER else {
-            throw DBusErrorReply(DBusErrorReply.failed, "cannot own \(name): another process owns it (reply \(r), flags \(flags))")
+            throw DBusErrorReply(DBusErrorReply.failed, "cannot own \(name): another process owns it")
         }
     }
 
