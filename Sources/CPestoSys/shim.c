@@ -37,6 +37,21 @@ int pesto_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
     return accept4(fd, addr, len, flags);
 }
 
+/* Puts one control message (level, type, `len` bytes of `data`) in `msg`, using `buf` (zeroed,
+ * aligned, at least CMSG_SPACE(len) bytes) as its control buffer. */
+static void put_cmsg(struct msghdr *msg, void *buf, int level, int type, const void *data, size_t len)
+{
+    struct cmsghdr *c;
+
+    msg->msg_control = buf;
+    msg->msg_controllen = CMSG_SPACE(len);
+    c = CMSG_FIRSTHDR(msg);
+    c->cmsg_level = level;
+    c->cmsg_type = type;
+    c->cmsg_len = CMSG_LEN(len);
+    memcpy(CMSG_DATA(c), data, len);
+}
+
 ssize_t pesto_send_fds(int sock, const void *data, size_t len, const int *fds, int nfds)
 {
     union {
@@ -51,16 +66,8 @@ ssize_t pesto_send_fds(int sock, const void *data, size_t len, const int *fds, i
         return -1;
     }
     if (nfds > 0) {
-        struct cmsghdr *c;
-
         memset(&control, 0, sizeof(control));
-        msg.msg_control = control.buf;
-        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-        c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+        put_cmsg(&msg, control.buf, SOL_SOCKET, SCM_RIGHTS, fds, sizeof(int) * (size_t)nfds);
     }
     return sendmsg(sock, &msg, MSG_NOSIGNAL);
 }
@@ -205,7 +212,6 @@ ssize_t pesto_send_pktinfo(int fd, const void *buf, size_t len, int flags, const
     struct msghdr msg = {
         .msg_name = (void *)to, .msg_namelen = tolen, .msg_iov = &iov, .msg_iovlen = 1,
     };
-    struct cmsghdr *c;
 
     memset(&control, 0, sizeof(control));
     if (local && local->family == AF_INET && socket_family == AF_INET) {
@@ -214,13 +220,7 @@ ssize_t pesto_send_pktinfo(int fd, const void *buf, size_t len, int flags, const
          * A rule bound to an interface has SO_BINDTODEVICE, which keeps replies on it. */
         struct in_pktinfo info = { .ipi_ifindex = 0 };
         memcpy(&info.ipi_spec_dst, local->addr, 4);
-        msg.msg_control = control.buf;
-        msg.msg_controllen = CMSG_SPACE(sizeof(info));
-        c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = IPPROTO_IP;
-        c->cmsg_type = IP_PKTINFO;
-        c->cmsg_len = CMSG_LEN(sizeof(info));
-        memcpy(CMSG_DATA(c), &info, sizeof(info));
+        put_cmsg(&msg, control.buf, IPPROTO_IP, IP_PKTINFO, &info, sizeof(info));
     } else if (local && local->family != 0 && socket_family == AF_INET6) {
         struct in6_pktinfo info = { .ipi6_ifindex = 0 };
         if (local->family == AF_INET6) {
@@ -234,13 +234,7 @@ ssize_t pesto_send_pktinfo(int fd, const void *buf, size_t len, int flags, const
             info.ipi6_addr.s6_addr[11] = 0xff;
             memcpy(&info.ipi6_addr.s6_addr[12], local->addr, 4);
         }
-        msg.msg_control = control.buf;
-        msg.msg_controllen = CMSG_SPACE(sizeof(info));
-        c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = IPPROTO_IPV6;
-        c->cmsg_type = IPV6_PKTINFO;
-        c->cmsg_len = CMSG_LEN(sizeof(info));
-        memcpy(CMSG_DATA(c), &info, sizeof(info));
+        put_cmsg(&msg, control.buf, IPPROTO_IPV6, IPV6_PKTINFO, &info, sizeof(info));
     }
     return sendmsg(fd, &msg, flags);
 }
