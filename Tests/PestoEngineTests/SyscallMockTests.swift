@@ -50,23 +50,7 @@ private final class RelayHarness {
 
     /// Runs the loop until `condition` holds (false if it did not within 5 s).
     @discardableResult
-    func turn(until condition: @escaping () -> Bool, _ what: String) -> Bool {
-        if condition() { return true }
-        var met = false
-        let started = MonotonicInstant.now
-        let poller = loop.every(milliseconds: 5) { [loop] in
-            if condition() {
-                met = true
-                loop.stop()
-            } else if MonotonicInstant.now.nanoseconds - started.nanoseconds > 5_000_000_000 {
-                loop.stop()
-            }
-        }
-        loop.run()
-        loop.cancelTimer(poller)
-        if !met { Issue.record("never happened: \(what)") }
-        return met
-    }
+    func turn(until condition: @escaping () -> Bool, _ what: String) -> Bool { loop.turn(until: condition, what) }
 
     /// A client connected to the relayed port.
     func connect() throws -> Int32 {
