@@ -125,13 +125,17 @@ final class PestoClient {
 
     /// Takes the lock, reads the tables, plans `operations` against them and runs the
     /// workflow. Returns the plan (for its warnings) and a summary, nil when nothing changed.
-    func update(_ operations: [Operation], firstID: UInt32?, bestEffort: Bool = false) throws(Failure) -> (plan: Plan, summary: String?) {
+    /// `ephemeral` is the host's ephemeral port range, which `all` and `auto` leave out.
+    func update(
+        _ operations: [Operation], firstID: UInt32?, bestEffort: Bool = false, ephemeral: ClosedRange<UInt16>
+    ) throws(Failure) -> (plan: Plan, summary: String?) {
         try manager("Lock")
         var plan = Plan()
         do throws(Failure) {
             let tables = try list()
             do {
-                plan = try Plan.make(operations, tables: Dictionary(uniqueKeysWithValues: tables.map { ($0.0, $0.1) }))
+                plan = try Plan.make(
+                    operations, tables: Dictionary(uniqueKeysWithValues: tables.map { ($0.0, $0.1) }), ephemeral: ephemeral)
             } catch {
                 // Refused before anything was touched: nothing to roll back.
                 try? manager("Unlock")

@@ -5,7 +5,6 @@
 // modifications before touching anything).
 
 import PestoModel
-import PestoSystem
 
 /// A rule the update adds, with what the bind check needs.
 struct NewRule {
@@ -37,7 +36,7 @@ struct Plan {
     /// protocol. Throws (exit status 1) before anything is changed.
     static func make(
         _ operations: [Operation], tables: [TableKind: [ListedRule]],
-        ephemeral: ClosedRange<UInt16> = EphemeralPortRange.current()
+        ephemeral: ClosedRange<UInt16>
     ) throws(UsageError) -> Plan {
         /// An entry of a table as the update goes: a rule that exists, or one to insert.
         enum Entry {

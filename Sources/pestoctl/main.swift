@@ -86,9 +86,11 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
             }
         case .update(let operations):
             // Bad specs are refused (exit 1, as pesto) whether or not the service is reachable.
+            // The host's ephemeral range is read once, for this check and for the plan.
+            let ephemeral = EphemeralPortRange.current()
             for case .spec(let kind, let proto, let text, _) in operations {
                 do {
-                    _ = try PortSpec.parse(text, proto: proto, table: kind, ephemeralPorts: EphemeralPortRange.current())
+                    _ = try PortSpec.parse(text, proto: proto, table: kind, ephemeralPorts: ephemeral)
                 } catch {
                     printError("\(RuleText.option(Rule(proto: proto, firstPort: 1), kind)): \(error.description)")
                     return ExitCode.rejected
@@ -100,7 +102,8 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
                 print("Previous configuration")
                 show(try client.list(), json: false)
             }
-            let (plan, summary) = try client.update(operations, firstID: options.firstID, bestEffort: options.bestEffort)
+            let (plan, summary) = try client.update(
+                operations, firstID: options.firstID, bestEffort: options.bestEffort, ephemeral: ephemeral)
             if !options.quiet {
                 for w in plan.warnings { printError("warning: \(w)") }
                 print(summary ?? "Nothing to change.")
