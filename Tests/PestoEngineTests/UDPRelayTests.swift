@@ -718,6 +718,7 @@ struct UDPPacketInfoTests {
             let result = try run("/usr/sbin/ip", ["-n", testNamespace.name] + command)
             try #require(result.status == 0, "ip \(command): \(result.err)")
         }
+        try testNamespace.waitForLocalRoute("fd00:77::5")  // pesto0's carrier comes up asynchronously
         let ns = testNamespace.namespace
         let h = try UDPHarness(namespace: ns)
         defer { h.shutdown() }

@@ -36,6 +36,40 @@ public final class TestNamespace {
         return fd.flatMap { EchoServer(port: port, listeningFD: $0) }
     }
 
+    /// Waits until `address` (already added to an interface) has its local route, that is,
+    /// until the namespace accepts packets for it. An IPv6 address on an interface whose
+    /// carrier has not come up yet (a veth pair just set up: the kernel reports the carrier
+    /// from a work queue) has none, and a datagram sent to it meanwhile is lost.
+    ///
+    /// The wait is on the kernel's own notices: `ip monitor route`, proved subscribed by a
+    /// marker route it must report, then the route table is checked after every notice.
+    public func waitForLocalRoute(_ address: String, timeoutMilliseconds: Int32 = 20_000) throws {
+        let family = address.contains(":") ? "-6" : "-4"
+        func present() throws -> Bool {
+            let shown = try run("/usr/sbin/ip", ["-n", name, family, "route", "show", "table", "local", address])
+            return shown.status == 0 && shown.out.contains(address)
+        }
+        let monitor = try ChildProcess("/usr/sbin/ip", ["-n", name, "monitor", "route"])
+        defer { monitor.kill() }
+        let marker = ["-n", name, "route", "add", "192.0.2.77/32", "dev", "lo", "table", "4077"]
+        let added = try run("/usr/sbin/ip", marker)
+        guard added.status == 0 else { throw HarnessError("ip route add (marker) failed: \(added.err)") }
+        let deadline = MonotonicInstant.now.adding(milliseconds: Int(timeoutMilliseconds))
+        var subscribed = false
+        while !subscribed {
+            guard let line = monitor.readLine(timeoutMilliseconds: millisecondsLeft(deadline)) else {
+                throw HarnessError("ip monitor route never reported the marker route")
+            }
+            subscribed = line.contains("192.0.2.77")
+        }
+        _ = try run("/usr/sbin/ip", ["-n", name, "route", "del", "192.0.2.77/32", "dev", "lo", "table", "4077"])
+        while try !present() {
+            guard monitor.readLine(timeoutMilliseconds: millisecondsLeft(deadline)) != nil else {
+                throw HarnessError("\(address) in \(name) never got its local route")
+            }
+        }
+    }
+
     /// A TCP connection made from inside the namespace.
     public func connect(port: UInt16) -> Result<Int32, Errno> {
         namespace.perform { TestSockets.connect(.loopbackIPv4, port: port) }
