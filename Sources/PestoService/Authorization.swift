@@ -30,6 +30,14 @@ public protocol Authorizer: AnyObject {
     @discardableResult
     func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
         -> AuthorizationCancellation?
+
+    /// Forgets what it remembers about `sender`, which left the bus.
+    func senderLeft(_ sender: String)
+}
+
+extension Authorizer {
+    /// Nothing remembered by default.
+    public func senderLeft(_ sender: String) {}
 }
 
 /// Withdraws one check in progress (its caller left the bus).
@@ -51,30 +59,33 @@ public enum AuthorizationMode: String, CaseIterable, Sendable {
     case polkit
 }
 
-/// Allows a caller whose connection belongs to uid 0, asking the bus daemon
-/// (`GetConnectionUnixUser`); every other caller, and any failure to find out, is denied.
+/// Allows a caller whose connection belongs to uid 0, as the bus daemon tells
+/// (`GetConnectionUnixUser`, asked once per connection: CallerUIDs.swift); every other
+/// caller, and any failure to find out, is denied.
 public final class RootOnlyAuthorizer: Authorizer {
-    private unowned let connection: DBusConnection
+    /// The callers' uids, remembered while they are on the bus.
+    public let uids: CallerUIDs
 
-    public init(connection: DBusConnection) { self.connection = connection }
+    public init(connection: DBusConnection) { uids = CallerUIDs(connection: connection) }
 
-    /// Asks the bus daemon, which answers at once: nothing to withdraw.
+    /// Answers at once for a caller seen before, else once the bus daemon has: nothing to
+    /// withdraw.
     @discardableResult
     public func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
         -> AuthorizationCancellation?
     {
-        let query = DBusMessage.methodCall(
-            destination: "org.freedesktop.DBus", path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus",
-            member: "GetConnectionUnixUser", arguments: [.string(sender)])
-        connection.send(query, timeoutMilliseconds: 5_000) { reply in
-            if let uid = reply.arguments?.first?.uint32Value, !reply.isError {
+        uids.uid(of: sender) { answer in
+            switch answer {
+            case .success(let uid):
                 completion(uid == 0 ? nil : Self.denied(action, "uid \(uid) is not root"))
-            } else {
-                completion(Self.denied(action, "cannot find out who the caller is (\(reply.asError?.message ?? "no answer"))"))
+            case .failure(let error):
+                completion(Self.denied(action, "cannot find out who the caller is (\(error.message))"))
             }
         }
         return nil
     }
+
+    public func senderLeft(_ sender: String) { uids.senderLeft(sender) }
 
     static func denied(_ action: String, _ why: String) -> DBusErrorReply {
         DBusErrorReply(DBusErrorReply.accessDenied, "Not authorized to \(action): \(why).")

@@ -117,6 +117,7 @@ final class AuthorizationQueue {
     @discardableResult
     func senderLeft(_ sender: String) -> Int {
         inProgress.removeValue(forKey: sender)?.cancel()
+        authorizer.senderLeft(sender)
         pendingBytes[sender] = nil
         return queues.removeValue(forKey: sender)?.count ?? 0
     }

@@ -107,6 +107,8 @@ public final class PolkitAuthorizer: Authorizer {
         return .denied(dismissed: dismissed)
     }
 
+    public func senderLeft(_ sender: String) { fallback.senderLeft(sender) }
+
     /// Asks polkit; the result withdraws the check (CancelCheckAuthorization).
     @discardableResult
     public func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)

@@ -25,6 +25,10 @@ final class ScriptedAuthorizer: Authorizer {
     var immediate: [String: DBusErrorReply?] = [:]
     /// Senders whose check in progress was withdrawn, in order.
     private(set) var withdrawn: [String] = []
+    /// Senders the queue said left the bus, in order.
+    private(set) var departed: [String] = []
+
+    func senderLeft(_ sender: String) { departed.append(sender) }
 
     func authorize(sender: String, action: String, interactive: Bool, completion: @escaping (DBusErrorReply?) -> Void)
         -> AuthorizationCancellation?
@@ -143,6 +147,10 @@ struct AuthorizationQueueTests {
         #expect(ran.isEmpty)
         #expect(auth.queries.isEmpty, "nothing more is asked for a departed sender")
         #expect(queue.totalPending == 0)
+        // The authorizer hears of every departure, even of a sender with nothing waiting (it
+        // may remember the sender's uid: CallerUIDs).
+        #expect(queue.senderLeft(":1.8") == 0)
+        #expect(auth.departed == [":1.7", ":1.7", ":1.8"])
     }
 
     @Test("an authorizer that answers at once (synchronously) runs the change inside submit, in order")
