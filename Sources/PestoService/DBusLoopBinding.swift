@@ -36,7 +36,11 @@ extension DBusConnection {
 /// Connects libdbus's watch and timeout callbacks to an `EventLoop`.
 final class DBusLoopBinding: EventHandler, DBusConnectionBinding {
     private let connection: OpaquePointer
-    private unowned let loop: EventLoop
+    /// Held strongly: libdbus calls back into the binding (removing watches) as late as the
+    /// connection's own deinit, which in an optimised build may come after the last use of
+    /// the loop elsewhere; an unowned reference then trapped on a freed loop at every exit.
+    /// The loop ↔ handler cycle this closes is broken by `removeAllHandlers` or `uninstall`.
+    private let loop: EventLoop
     private let kind: EventLoop.Kind
     /// Watches per fd, and whether the fd is currently in epoll.
     private var watches: [Int32: [OpaquePointer]] = [:]

@@ -344,7 +344,7 @@ struct Pestod: ParsableCommand {
             logger.info("authorisation of changes: \(mode.rawValue)")
             server.allowsReplacement = takeoverPath != nil
             try server.start()
-            let controlSocket: ControlSocket?
+            var controlSocket: ControlSocket?
             if let handed = received?.control {
                 if handed.path != control {
                     logger.warning("took over the control socket at \(handed.path) (--control says \(control ?? "none"))")
@@ -377,8 +377,14 @@ struct Pestod: ParsableCommand {
             loop.run()
             SystemdNotify.send("STOPPING=1")
             engine.stop()
-            _ = controlSocket  // kept open until here; its deinit removes the socket file
-            _ = takeoverSource
+            // Torn down in this order, explicitly: an optimised build may end a value's
+            // lifetime at its last use, and these hold the loop unowned. The control socket
+            // is kept open until here; its deinit removes the socket file.
+            _ = takeoverSource.take()
+            _ = controlSocket.take()
+            // Signals already queued go out, then the bus leaves the loop while both exist.
+            connection.flush()
+            connection.detach()
             loop.removeAllHandlers()  // break the loop ↔ handler cycles so everything is released
             logger.info("stopping: closing \(engine.tables.reduce(0) { $0 + $1.openSockets }) listening sockets")
             if server.disconnected { throw ExitCode(1) }

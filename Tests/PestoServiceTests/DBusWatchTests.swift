@@ -50,4 +50,22 @@ struct DBusWatchTests {
         }
         #expect(reply != nil && reply?.isError == false, "the reply arrived once the socket was watched")
     }
+
+    @Test(
+        "a connection released after its loop's last other owner detaches without touching a freed loop (an optimised pestod crashed so at every exit)"
+    )
+    func connectionOutlivesLoop() throws {
+        let f = try PestodFixture()  // for its bus
+        var connection: DBusConnection? = try DBusConnection(.address(f.address))
+        weak var weakLoop: EventLoop?
+        do {
+            let loop = try EventLoop()
+            weakLoop = loop
+            connection!.attach(to: loop, kind: EngineEventKind.dbus)
+            loop.removeAllHandlers()
+        }
+        #expect(weakLoop != nil, "the attached connection keeps its loop")
+        connection = nil  // libdbus removes its watches through the binding, which uses the loop
+        #expect(weakLoop == nil, "released with the connection")
+    }
 }
