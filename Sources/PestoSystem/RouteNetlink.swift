@@ -1,0 +1,216 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// RouteNetlink: the few rtnetlink requests pestod makes for transparent source (policy
+// routing rules and local routes in the target namespace), encoded by hand and sent on a
+// NETLINK_ROUTE socket.
+//
+// Theory of operation
+// -------------------
+// A request is one netlink message: `nlmsghdr` (length, type, flags, sequence, port 0),
+// then `rtmsg` (routes) or `fib_rule_hdr` (rules), 12 bytes each, then attributes, each a
+// 4-byte header (length, type) and its payload padded to 4 bytes, all in host byte order.
+// Every request asks for an acknowledgement (NLM_F_ACK); the kernel handles an rtnetlink
+// request inside sendmsg(2), so the answer, an NLMSG_ERROR message whose first field is 0 or
+// a negative errno, is already queued when send returns: the socket is read without waiting.
+// The encoders are pure (`RouteNetlinkMessage`), unit-tested byte for byte; the constants
+// come from CPestoSys, checked there against the kernel's headers. The socket belongs to the
+// network namespace it was created in, so a caller opens it inside the target namespace.
+
+import CPestoSys
+import PestoModel
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// One policy routing rule, as `ip rule` would describe it: `[iif NAME] [ipproto P]
+/// [fwmark M/MASK] lookup TABLE pref PRIORITY`.
+public struct RoutingRule: Hashable, Sendable {
+    /// AF_INET or AF_INET6.
+    public var family: Int32
+    public var priority: UInt32
+    public var table: UInt32
+    /// Packets with this mark (under `markMask`), or nil for any mark.
+    public var mark: UInt32?
+    public var markMask: UInt32 = 0xFFFF_FFFF
+    /// Packets from this input interface ("lo" matches locally generated ones), or "" for any.
+    public var inputInterface: String = ""
+    /// Packets of this IP protocol (IPPROTO_TCP, IPPROTO_UDP), or nil for any.
+    public var ipProtocol: UInt8?
+
+    public init(
+        family: Int32, priority: UInt32, table: UInt32, mark: UInt32? = nil, inputInterface: String = "", ipProtocol: UInt8? = nil
+    ) {
+        self.family = family
+        self.priority = priority
+        self.table = table
+        self.mark = mark
+        self.inputInterface = inputInterface
+        self.ipProtocol = ipProtocol
+    }
+}
+
+/// One local route: `local PREFIX dev IFINDEX table TABLE` (packets to PREFIX are delivered
+/// to this host).
+public struct LocalRoute: Hashable, Sendable {
+    /// The destination; with `prefixLength` 0, the whole family (`0.0.0.0/0`, `::/0`).
+    public var destination: IPAddress
+    public var prefixLength: UInt8
+    public var table: UInt32
+    /// The output interface's index (the loopback interface is 1 in every namespace).
+    public var interfaceIndex: UInt32 = 1
+
+    public init(destination: IPAddress, prefixLength: UInt8, table: UInt32) {
+        self.destination = destination
+        self.prefixLength = prefixLength
+        self.table = table
+    }
+
+    /// The family's default local route, `local 0.0.0.0/0` or `local ::/0`.
+    public static func all(_ family: AddressFamily, table: UInt32) -> LocalRoute {
+        LocalRoute(destination: family == .ipv4 ? .v4(0) : .v6(0, 0), prefixLength: 0, table: table)
+    }
+}
+
+/// Builds rtnetlink request messages (see the theory of operation at the top of RouteNetlink.swift).
+public enum RouteNetlinkMessage {
+    /// The message that adds (`add`) or deletes `rule`. An add is exclusive (NLM_F_EXCL): the
+    /// kernel answers EEXIST for an identical rule instead of adding a second one.
+    public static func rule(_ rule: RoutingRule, add: Bool, sequence: UInt32) -> [UInt8] {
+        var m = header(
+            type: add ? PESTO_RTM_NEWRULE : PESTO_RTM_DELRULE,
+            flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_EXCL : 0, sequence: sequence)
+        // fib_rule_hdr: family, dst_len, src_len, tos, table (0: see FRA_TABLE), res1, res2,
+        // action, flags.
+        m += [UInt8(rule.family), 0, 0, 0, 0, 0, 0, UInt8(PESTO_FR_ACT_TO_TBL)]
+        append32(0, to: &m)
+        attribute(PESTO_FRA_PRIORITY, u32: rule.priority, to: &m)
+        attribute(PESTO_FRA_TABLE, u32: rule.table, to: &m)
+        if let mark = rule.mark {
+            attribute(PESTO_FRA_FWMARK, u32: mark, to: &m)
+            attribute(PESTO_FRA_FWMASK, u32: rule.markMask, to: &m)
+        }
+        if !rule.inputInterface.isEmpty {
+            attribute(PESTO_FRA_IIFNAME, Array(rule.inputInterface.utf8) + [0], to: &m)
+        }
+        if let p = rule.ipProtocol { attribute(PESTO_FRA_IP_PROTO, [p], to: &m) }
+        return finish(m)
+    }
+
+    /// The message that adds (`add`: created or replaced, so adding twice leaves one) or
+    /// deletes `route`.
+    public static func route(_ route: LocalRoute, add: Bool, sequence: UInt32) -> [UInt8] {
+        var m = header(
+            type: add ? PESTO_RTM_NEWROUTE : PESTO_RTM_DELROUTE,
+            flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_REPLACE : 0, sequence: sequence)
+        let family: Int32
+        let bytes: [UInt8]
+        switch route.destination {
+        case .v4(let a):
+            family = AF_INET
+            bytes = withUnsafeBytes(of: a.bigEndian) { Array($0) }
+        case .v6(let hi, let lo):
+            family = AF_INET6
+            bytes = withUnsafeBytes(of: hi.bigEndian) { Array($0) } + withUnsafeBytes(of: lo.bigEndian) { Array($0) }
+        }
+        // rtmsg: family, dst_len, src_len, tos, table (0: see RTA_TABLE), protocol, scope,
+        // type, flags.
+        m += [
+            UInt8(family), route.prefixLength, 0, 0, 0, UInt8(PESTO_RTPROT_STATIC), UInt8(PESTO_RT_SCOPE_HOST),
+            UInt8(PESTO_RTN_LOCAL),
+        ]
+        append32(0, to: &m)
+        attribute(PESTO_RTA_TABLE, u32: route.table, to: &m)
+        if route.prefixLength > 0 { attribute(PESTO_RTA_DST, bytes, to: &m) }
+        attribute(PESTO_RTA_OIF, u32: route.interfaceIndex, to: &m)
+        return finish(m)
+    }
+
+    /// The errno of an acknowledgement (`NLMSG_ERROR` with `sequence`): nil for success,
+    /// the error otherwise; `.protocolError` (EPROTO) for anything that is not one.
+    public static func acknowledgement(_ bytes: UnsafeRawBufferPointer, sequence: UInt32) -> Errno? {
+        guard bytes.count >= 20 else { return Errno(rawValue: EPROTO) }
+        let type = bytes.loadUnaligned(fromByteOffset: 4, as: UInt16.self)
+        let seq = bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
+        guard type == UInt16(PESTO_NLMSG_ERROR), seq == sequence else { return Errno(rawValue: EPROTO) }
+        let error = bytes.loadUnaligned(fromByteOffset: 16, as: Int32.self)
+        return error == 0 ? nil : Errno(rawValue: -error)
+    }
+
+    private static func header(type: Int, flags: Int, sequence: UInt32) -> [UInt8] {
+        var m: [UInt8] = []
+        m.reserveCapacity(96)
+        append32(0, to: &m)  // length, set by finish()
+        append16(UInt16(type), to: &m)
+        append16(UInt16(PESTO_NLM_F_REQUEST | PESTO_NLM_F_ACK | flags), to: &m)
+        append32(sequence, to: &m)
+        append32(0, to: &m)  // port: the kernel
+        return m
+    }
+
+    private static func finish(_ message: [UInt8]) -> [UInt8] {
+        var m = message
+        withUnsafeBytes(of: UInt32(m.count)) { for (i, b) in $0.enumerated() { m[i] = b } }
+        return m
+    }
+
+    private static func attribute(_ type: Int, u32 value: UInt32, to m: inout [UInt8]) {
+        attribute(type, withUnsafeBytes(of: value) { Array($0) }, to: &m)
+    }
+
+    private static func attribute(_ type: Int, _ payload: [UInt8], to m: inout [UInt8]) {
+        append16(UInt16(4 + payload.count), to: &m)
+        append16(UInt16(type), to: &m)
+        m += payload
+        while m.count % 4 != 0 { m.append(0) }
+    }
+
+    private static func append16(_ v: UInt16, to m: inout [UInt8]) { withUnsafeBytes(of: v) { m += $0 } }
+    private static func append32(_ v: UInt32, to m: inout [UInt8]) { withUnsafeBytes(of: v) { m += $0 } }
+}
+
+/// A NETLINK_ROUTE socket of the namespace it was opened in, making one request at a time.
+public final class RouteNetlink {
+    private let fd: Int32
+    private var sequence: UInt32 = 0
+
+    /// Opens the socket in the calling thread's network namespace.
+    public init() throws(PestoError) {
+        switch Sys.socket(domain: Int32(PESTO_AF_NETLINK), type: Int32(SOCK_RAW.rawValue), blocking: true) {
+        case .success(let fd): self.fd = fd
+        case .failure(let e): throw PestoError(.system, "Cannot open a routing netlink socket.", underlyingError: e)
+        }
+    }
+
+    deinit { Sys.close(fd) }
+
+    /// Adds or deletes a rule; the kernel's errno on failure (EEXIST, ENOENT, EPERM, ...).
+    public func request(_ rule: RoutingRule, add: Bool) -> Result<Void, Errno> {
+        sequence &+= 1
+        return send(RouteNetlinkMessage.rule(rule, add: add, sequence: sequence))
+    }
+
+    /// Adds or deletes a local route; the kernel's errno on failure.
+    public func request(_ route: LocalRoute, add: Bool) -> Result<Void, Errno> {
+        sequence &+= 1
+        return send(RouteNetlinkMessage.route(route, add: add, sequence: sequence))
+    }
+
+    private func send(_ message: [UInt8]) -> Result<Void, Errno> {
+        let sent = message.withUnsafeBytes { Sys.send(fd, $0.baseAddress, $0.count, flags: 0) }
+        if case .failure(let e) = sent { return .failure(e) }
+        // The answer is queued by now (the request was handled inside send); an error
+        // answer carries the request after it, hence the room.
+        var answer = [UInt8](repeating: 0, count: 1024)
+        let got = answer.withUnsafeMutableBytes { Sys.recv(fd, $0.baseAddress, $0.count, flags: Int32(MSG_DONTWAIT)) }
+        switch got {
+        case .failure(let e): return .failure(e)
+        case .success(let n):
+            let error = answer.withUnsafeBytes {
+                RouteNetlinkMessage.acknowledgement(UnsafeRawBufferPointer(rebasing: $0[..<n]), sequence: sequence)
+            }
+            if let error { return .failure(error) }
+            return .success(())
+        }
+    }
+}
