@@ -36,8 +36,25 @@
 // without releasing, so the routing stays for its successor. tcp_fwmark_accept is set to 1
 // and back to 0 only if pestod found it 0.
 //
-// UDP is not transparent yet: a `client` UDP rule is refused at validation
-// (RuleValidation.swift); see doc/data-path.md.
+// UDP has no such reflection: a server's replies from an unconnected socket carry its own
+// mark (none). So UDP flows are routed by address: while a flow of client address C exists,
+// table 28774 holds `local C dev lo` (one route per address, counted by flows), and
+//
+//   ip rule add iif lo ipproto udp lookup 28774 pref 28774      (and ip -6 rule)
+//
+// sends the namespace's own UDP (iif lo: locally generated) to those addresses, and only
+// those (a lookup that finds no route in the table goes on to the next rule), back to
+// pestod's flow sockets. pestod's flow socket is connected to the target, so a reply must
+// come from the target's address: a server bound to it, or one that replies from the address
+// a datagram came to (IP_PKTINFO), always does; for a server bound to no address the route
+// names the target of the address's first flow as the preferred source (`src`), so it
+// replies from there too (a client address with flows to two target addresses at once gets
+// the right replies from such a server for the first only). The caveat: while C has a transparent flow, UDP sent from inside the
+// namespace to C by another path (C reaching a server of the namespace directly as well) is
+// delivered locally and lost. The routes are added and deleted as flows of new addresses
+// come and the last flow of an address goes (one rtnetlink request each, on a socket kept
+// open while the routing is installed); leftovers of a killed pestod are harmless until an
+// address is used again, when the route is replaced.
 
 import CPestoSys
 import PestoModel
@@ -63,6 +80,13 @@ public final class TransparentSource {
     }
     /// The routes pestod installs: everything local, in its table.
     public static let routes: [LocalRoute] = [LocalRoute.all(.ipv4, table: table), LocalRoute.all(.ipv6, table: table)]
+    /// The table of UDP clients' addresses, and its rule's priority.
+    public static let udpTable: UInt32 = 28774
+    public static let udpPriority: UInt32 = 28774
+    /// The rules that send the namespace's own UDP to the clients' addresses of `udpTable`.
+    public static let udpRules: [RoutingRule] = [AF_INET, AF_INET6].map {
+        RoutingRule(family: $0, priority: udpPriority, table: udpTable, inputInterface: "lo", ipProtocol: UInt8(IPPROTO_UDP))
+    }
 
     private let namespace: NetworkNamespace
     /// Listeners and connections using the routing now.
@@ -71,6 +95,10 @@ public final class TransparentSource {
     public private(set) var installed = false
     /// Whether pestod set tcp_fwmark_accept (it was 0), so removal sets it back.
     private var setFwmarkAccept = false
+    /// The namespace's rtnetlink socket, open while the routing is installed.
+    private var netlink: RouteNetlink?
+    /// UDP flows per client address, each address with its route in `udpTable`.
+    private var udpAddresses: [IPAddress: Int] = [:]
 
     public init(namespace: NetworkNamespace) { self.namespace = namespace }
 
@@ -91,6 +119,41 @@ public final class TransparentSource {
         if users == 0 && installed { remove() }
     }
 
+    /// One more UDP flow from `client` to `target`: a use of the routing, and the address's
+    /// route for the first flow of that address (with `target` as its preferred source).
+    public func retainFlow(client: IPAddress, target: IPAddress) -> Result<Void, Errno> {
+        if case .failure(let e) = retain() { return .failure(e) }
+        if let n = udpAddresses[client] {
+            udpAddresses[client] = n + 1
+            return .success(())
+        }
+        guard let netlink else { preconditionFailure("transparent source in use without its netlink socket") }
+        if case .failure(let e) = netlink.request(Self.udpRoute(client, source: target), add: true) {
+            release()
+            return .failure(e)
+        }
+        udpAddresses[client] = 1
+        return .success(())
+    }
+
+    /// One UDP flow from `client` less; the address's route goes with its last flow.
+    public func releaseFlow(client: IPAddress) {
+        guard let n = udpAddresses[client] else { preconditionFailure("UDP flow of \(client) released but never retained") }
+        if n > 1 {
+            udpAddresses[client] = n - 1
+        } else {
+            udpAddresses[client] = nil
+            _ = netlink?.request(Self.udpRoute(client), add: false)  // ENOENT: already gone; nothing else to do
+        }
+        release()
+    }
+
+    /// The route of one UDP client's address; `source`, the target of its first flow, is
+    /// where a server bound to no address replies from (see the theory of operation).
+    static func udpRoute(_ client: IPAddress, source: IPAddress? = nil) -> LocalRoute {
+        LocalRoute(destination: client, prefixLength: client.family == .ipv4 ? 32 : 128, table: udpTable, preferredSource: source)
+    }
+
     /// Installs the rules, the routes and the sysctl inside the namespace.
     private func install() -> Result<Void, Errno> {
         namespace.perform { () -> Result<Void, Errno> in
@@ -101,7 +164,7 @@ public final class TransparentSource {
             for route in Self.routes {
                 if case .failure(let e) = netlink.request(route, add: true) { return .failure(e) }
             }
-            for rule in Self.rules {
+            for rule in Self.rules + Self.udpRules {
                 switch netlink.request(rule, add: true) {
                 case .success, .failure(Errno(rawValue: EEXIST)): break
                 case .failure(let e): return .failure(e)
@@ -111,6 +174,7 @@ public final class TransparentSource {
                 guard Self.writeFlag(Self.fwmarkAcceptPath, true) else { return .failure(Errno(rawValue: EACCES)) }
                 setFwmarkAccept = true
             }
+            self.netlink = netlink
             installed = true
             return .success(())
         }
@@ -119,15 +183,18 @@ public final class TransparentSource {
     /// Removes what `install` made (a part already gone is fine).
     private func remove() {
         namespace.perform {
-            if let netlink = try? RouteNetlink() {
-                // One delete each; identical copies someone else added are deleted too.
-                for rule in Self.rules {
+            if let netlink {
+                // Identical copies someone else added are deleted too (at most a few).
+                for rule in Self.rules + Self.udpRules {
                     for _ in 0..<8 { if case .failure = netlink.request(rule, add: false) { break } }
                 }
                 for route in Self.routes { _ = netlink.request(route, add: false) }  // ENOENT: already gone
+                for client in udpAddresses.keys { _ = netlink.request(Self.udpRoute(client), add: false) }
             }
             if setFwmarkAccept { _ = Self.writeFlag(Self.fwmarkAcceptPath, false) }
         }
+        netlink = nil
+        udpAddresses.removeAll()
         setFwmarkAccept = false
         installed = false
     }

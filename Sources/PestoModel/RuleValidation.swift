@@ -52,11 +52,6 @@ extension Rule {
                         + "only the host table of a pestod started with --netns connects from the client's address; "
                         + "use source \"pestod\" (the default) or, for TCP, proxy-protocol.")
             }
-            if proto == .udp {
-                throw invalid(
-                    "source \"client\" is for TCP rules only: pestod does not relay UDP flows from the client's "
-                        + "address yet; use source \"pestod\" for a udp rule.")
-            }
             if proxyProtocol != .none {
                 throw invalid(
                     "source \"client\" and proxy-protocol \"\(proxyProtocol.rawValue)\" do not combine: with source "

@@ -50,8 +50,8 @@ public struct RoutingRule: Hashable, Sendable {
     }
 }
 
-/// One local route: `local PREFIX dev IFINDEX table TABLE` (packets to PREFIX are delivered
-/// to this host).
+/// One local route: `local PREFIX dev IFINDEX table TABLE [src SOURCE]` (packets to PREFIX
+/// are delivered to this host; a socket bound to no address sends to PREFIX from SOURCE).
 public struct LocalRoute: Hashable, Sendable {
     /// The destination; with `prefixLength` 0, the whole family (`0.0.0.0/0`, `::/0`).
     public var destination: IPAddress
@@ -59,11 +59,15 @@ public struct LocalRoute: Hashable, Sendable {
     public var table: UInt32
     /// The output interface's index (the loopback interface is 1 in every namespace).
     public var interfaceIndex: UInt32 = 1
+    /// The source address of packets sent to PREFIX by sockets bound to no address (nil:
+    /// the kernel's choice, for a local route PREFIX itself).
+    public var preferredSource: IPAddress?
 
-    public init(destination: IPAddress, prefixLength: UInt8, table: UInt32) {
+    public init(destination: IPAddress, prefixLength: UInt8, table: UInt32, preferredSource: IPAddress? = nil) {
         self.destination = destination
         self.prefixLength = prefixLength
         self.table = table
+        self.preferredSource = preferredSource
     }
 
     /// The family's default local route, `local 0.0.0.0/0` or `local ::/0`.
@@ -103,16 +107,7 @@ public enum RouteNetlinkMessage {
         var m = header(
             type: add ? PESTO_RTM_NEWROUTE : PESTO_RTM_DELROUTE,
             flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_REPLACE : 0, sequence: sequence)
-        let family: Int32
-        let bytes: [UInt8]
-        switch route.destination {
-        case .v4(let a):
-            family = AF_INET
-            bytes = withUnsafeBytes(of: a.bigEndian) { Array($0) }
-        case .v6(let hi, let lo):
-            family = AF_INET6
-            bytes = withUnsafeBytes(of: hi.bigEndian) { Array($0) } + withUnsafeBytes(of: lo.bigEndian) { Array($0) }
-        }
+        let family: Int32 = route.destination.family == .ipv4 ? AF_INET : AF_INET6
         // rtmsg: family, dst_len, src_len, tos, table (0: see RTA_TABLE), protocol, scope,
         // type, flags.
         m += [
@@ -121,8 +116,9 @@ public enum RouteNetlinkMessage {
         ]
         append32(0, to: &m)
         attribute(PESTO_RTA_TABLE, u32: route.table, to: &m)
-        if route.prefixLength > 0 { attribute(PESTO_RTA_DST, bytes, to: &m) }
+        if route.prefixLength > 0 { attribute(PESTO_RTA_DST, networkBytes(route.destination), to: &m) }
         attribute(PESTO_RTA_OIF, u32: route.interfaceIndex, to: &m)
+        if let source = route.preferredSource { attribute(PESTO_RTA_PREFSRC, networkBytes(source), to: &m) }
         return finish(m)
     }
 
@@ -135,6 +131,14 @@ public enum RouteNetlinkMessage {
         guard type == UInt16(PESTO_NLMSG_ERROR), seq == sequence else { return Errno(rawValue: EPROTO) }
         let error = bytes.loadUnaligned(fromByteOffset: 16, as: Int32.self)
         return error == 0 ? nil : Errno(rawValue: -error)
+    }
+
+    /// An address's bytes in network order (4 or 16).
+    private static func networkBytes(_ address: IPAddress) -> [UInt8] {
+        switch address {
+        case .v4(let a): return withUnsafeBytes(of: a.bigEndian) { Array($0) }
+        case .v6(let hi, let lo): return withUnsafeBytes(of: hi.bigEndian) { Array($0) } + withUnsafeBytes(of: lo.bigEndian) { Array($0) }
+        }
     }
 
     private static func header(type: Int, flags: Int, sequence: UInt32) -> [UInt8] {

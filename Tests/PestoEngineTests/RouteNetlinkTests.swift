@@ -76,6 +76,19 @@ struct RouteNetlinkTests {
         #expect(Array(one[40..<56]) == [0x20, 0x01, 0x0D, 0xB8] + [UInt8](repeating: 0, count: 11) + [7])
     }
 
+    @Test("a UDP client's route: its address, and the target as preferred source")
+    func clientRoute() throws {
+        let route = LocalRoute(destination: .v4(0xC000_0207), prefixLength: 32, table: 28774, preferredSource: .loopbackIPv4)
+        let bytes = RouteNetlinkMessage.route(route, add: true, sequence: 1)
+        var expected: [UInt8] = []
+        expected += Self.le16(8) + Self.le16(15) + Self.le32(28774)  // RTA_TABLE
+        expected += Self.le16(8) + Self.le16(1) + [192, 0, 2, 7]  // RTA_DST
+        expected += Self.le16(8) + Self.le16(4) + Self.le32(1)  // RTA_OIF
+        expected += Self.le16(8) + Self.le16(7) + [127, 0, 0, 1]  // RTA_PREFSRC
+        #expect(Array(bytes[28...]) == expected)
+        #expect(bytes[17] == 32)
+    }
+
     @Test("acknowledgements: success, an errno, and anything else")
     func acknowledgements() {
         func ack(_ error: Int32, sequence: UInt32, type: UInt16 = 2) -> [UInt8] {

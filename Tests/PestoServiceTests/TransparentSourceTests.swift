@@ -128,6 +128,82 @@ struct TransparentSourceTests {
         #expect(plainRead.first { $0.0 == "source" }?.1.stringValue == "pestod")
     }
 
+    /// A UDP socket of the namespace bound to `address:port`.
+    static func udpServer(_ ns: TestNamespace, _ address: IPAddress, _ port: UInt16) throws -> Int32 {
+        try #require(ns.namespace.perform { TestSockets.bound(Int32(SOCK_DGRAM.rawValue), address: address, port: port, listen: false) })
+    }
+
+    /// Sends a datagram from `source` (kernel-chosen port, connected) to `destination:port`,
+    /// receives it on `server`, answers it there, and returns the client's own port and the
+    /// peer address the server saw once the answer came back to the client.
+    static func udpRelay(from source: IPAddress, to destination: IPAddress, port: UInt16, server: Int32) -> (
+        clientPort: UInt16, peer: (address: IPAddress, port: UInt16)
+    )? {
+        let fd = socket(source.family.socketDomain, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        guard TestSockets.withSocketAddress(source, 0, { bind(fd, $0, $1) == 0 }),
+            TestSockets.withSocketAddress(destination, port, { connect(fd, $0, $1) == 0 })
+        else { return nil }
+        var local = SocketAddress()
+        guard local.withMutableSockaddr({ getsockname(fd, $0, $1) }) == 0, let clientPort = local.endpoint?.port else { return nil }
+        var byte: UInt8 = 7
+        guard write(fd, &byte, 1) == 1 else { return nil }
+        var pfd = pollfd(fd: server, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 10_000) == 1 else { return nil }
+        var peer = SocketAddress()
+        let n = peer.withMutableSockaddr { recvfrom(server, &byte, 1, 0, $0, $1) }
+        guard n == 1, byte == 7, let endpoint = peer.endpoint else { return nil }
+        byte = 9
+        guard peer.withSockaddr({ sendto(server, &byte, 1, 0, $0, $1) }) == 1 else { return nil }
+        pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 10_000) == 1, read(fd, &byte, 1) == 1, byte == 9 else { return nil }
+        return (clientPort, endpoint)
+    }
+
+    @Test("UDP over IPv4 and IPv6: the server sees the client's address and its answer comes back; routes per address")
+    func udpServerSeesClient() throws {
+        let clients = try ClientAddresses()
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let p = Array(TestSockets.freePorts(3))
+        let server4 = try Self.udpServer(ns, .loopbackIPv4, p[2])
+        let server6 = try Self.udpServer(ns, .loopbackIPv6, p[2])
+        defer {
+            close(server4)
+            close(server6)
+        }
+        func udp(_ port: UInt16, source: String?) -> DBusValue {
+            var fields: [(String, DBusValue)] = [
+                ("protocol", .string("udp")), ("first-port", .uint16(port)), ("target-port", .uint16(p[2])),
+            ]
+            if let source { fields.append(("source", .string(source))) }
+            return .vardict(fields)
+        }
+        try f.table("Insert", [.uint32(1), udp(p[0], source: "client")])
+        try f.table("Insert", [.uint32(2), udp(p[1], source: nil)])
+        try f.table("Activate", [.uint32(1)])
+        try f.table("Activate", [.uint32(2)])
+        for (client, server) in [(clients.v4, server4), (clients.v6, server6)] {
+            let seen = try #require(Self.udpRelay(from: client, to: client, port: p[0], server: server), "source=client from \(client)")
+            #expect(seen.peer.address == client && seen.peer.port == seen.clientPort, "source=client from \(client): \(seen.peer)")
+            let family = client.family == .ipv4 ? "-4" : "-6"
+            let routes = try run("/usr/sbin/ip", ["-n", ns.name, family, "route", "show", "table", "\(TransparentSource.udpTable)"]).out
+            #expect(routes.contains("local \(client) dev lo"), "\(routes)")
+            let plain = try #require(Self.udpRelay(from: client, to: client, port: p[1], server: server), "default from \(client)")
+            #expect(plain.peer.address != client, "default source from \(client): the server saw \(plain.peer.address)")
+        }
+        let rules = try Self.routing(ns)
+        #expect(rules.contains("28774:\tfrom all iif lo ipproto udp lookup 28774"), "\(rules)")
+        // Deactivating the rule closes its flows: the addresses' routes and the rules go.
+        try f.table("Deactivate", [.uint32(1)])
+        for family in ["-4", "-6"] {
+            let left = try run("/usr/sbin/ip", ["-n", ns.name, family, "route", "show", "table", "\(TransparentSource.udpTable)"])
+            #expect(left.out.isEmpty, "\(left.out)\(left.err)")
+        }
+        #expect(try !Self.routing(ns).contains("2877"))
+    }
+
     @Test("the routing is installed at activation, removed after deactivation, and not duplicated by a leftover")
     func routingFollowsRules() throws {
         let ns = try TestNamespace()
@@ -166,7 +242,10 @@ struct TransparentSourceTests {
             Self.rule(port, to: port, source: "client", extra: [("proxy-protocol", .string("v2"))]),
             Self.rule(port, to: port, source: "Client"),
             Self.rule(port, to: port, source: "peer"),
-            .vardict([("protocol", .string("udp")), ("first-port", .uint16(port)), ("source", .string("client"))]),
+            .vardict([
+                ("protocol", .string("udp")), ("first-port", .uint16(port)), ("source", .string("client")),
+                ("proxy-protocol", .string("v1")),
+            ]),
         ]
         for rule in bad {
             #expect(
@@ -217,11 +296,20 @@ struct TransparentSourceTests {
         let clients = try ClientAddresses()
         let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
         let p = Array(TestSockets.freePorts(2))
-        // The server listens on every IPv4 address of the namespace.
+        // The servers listen on every IPv4 address of the namespace.
         let server = try Self.server(ns, .anyIPv4, p[1])
-        defer { close(server) }
+        let udpServer = try Self.udpServer(ns, .anyIPv4, p[1])
+        defer {
+            close(server)
+            close(udpServer)
+        }
         try f.table("Insert", [.uint32(1), Self.rule(p[0], to: p[1], source: "client")])
         try f.table("Activate", [.uint32(1)])
+        let udpRule: DBusValue = .vardict([
+            ("protocol", .string("udp")), ("first-port", .uint16(p[0])), ("target-port", .uint16(p[1])), ("source", .string("client")),
+        ])
+        try f.table("Insert", [.uint32(2), udpRule])
+        try f.table("Activate", [.uint32(2)])
         let through = try #require(Self.relay(from: clients.v4, to: clients.v4, port: p[0], server: server))
         #expect(through.peer.address == clients.v4)
         // Directly over the veth, from the host's end: the server's replies go back out of it.
@@ -229,5 +317,10 @@ struct TransparentSourceTests {
         let nsSide = try #require(IPAddress(nsAddress))
         let direct = try #require(Self.relay(from: host, to: nsSide, port: p[1], server: server), "the direct connection failed")
         #expect(direct.peer.address == host)
+        // UDP likewise, while a transparent flow of the other client exists.
+        let udpThrough = try #require(Self.udpRelay(from: clients.v4, to: clients.v4, port: p[0], server: udpServer))
+        #expect(udpThrough.peer.address == clients.v4)
+        let udpDirect = try #require(Self.udpRelay(from: host, to: nsSide, port: p[1], server: udpServer), "the direct UDP exchange failed")
+        #expect(udpDirect.peer.address == host)
     }
 }
