@@ -204,6 +204,52 @@ struct TransparentSourceTests {
         #expect(try !Self.routing(ns).contains("2877"))
     }
 
+    @Test("a client address and port already taken in the namespace: that connection is reset, counted and logged once")
+    func addressInUse() throws {
+        let clients = try ClientAddresses()
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let p = Array(TestSockets.freePorts(3))
+        let server = try Self.server(ns, .loopbackIPv4, p[2])
+        defer { close(server) }
+        try f.table("Insert", [.uint32(1), Self.rule(p[0], to: p[2], source: "client")])
+        try f.table("Activate", [.uint32(1)])
+        // A socket of the namespace holds the client's address and port (p[1]): bound with
+        // IP_FREEBIND (the address is not the namespace's) and listening.
+        let squatter: Int32 = ns.namespace.perform {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var one: Int32 = 1
+            _ = setsockopt(fd, Int32(IPPROTO_IP), IP_FREEBIND, &one, socklen_t(MemoryLayout<Int32>.size))
+            guard TestSockets.withSocketAddress(clients.v4, p[1], { bind(fd, $0, $1) == 0 }), listen(fd, 1) == 0 else {
+                close(fd)
+                return -1
+            }
+            return fd
+        }
+        try #require(squatter >= 0)
+        defer { close(squatter) }
+        for _ in 0..<2 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var one: Int32 = 1
+            _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            try #require(TestSockets.withSocketAddress(clients.v4, p[1], { bind(fd, $0, $1) == 0 }))
+            try #require(TestSockets.withSocketAddress(clients.v4, p[0], { connect(fd, $0, $1) == 0 }))
+            TestSockets.setTimeouts(fd, milliseconds: 10_000)
+            var byte: UInt8 = 0
+            let n = read(fd, &byte, 1)
+            #expect(n < 0 && errno == ECONNRESET, "read gave \(n), errno \(errno)")
+            // The client's port is free again only once its connection is gone.
+            var linger = linger(l_onoff: 1, l_linger: 0)
+            _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
+            close(fd)
+        }
+        // Another port of the same client still goes through, from the client's address.
+        let seen = try #require(Self.relay(from: clients.v4, to: clients.v4, port: p[0], server: server))
+        #expect(seen.peer.address == clients.v4)
+        let logged = f.log.split(separator: "\n").filter { $0.contains("could not be made from its client's address") }
+        #expect(logged.count == 1, "\(f.log)")
+    }
+
     @Test("the routing is installed at activation, removed after deactivation, and not duplicated by a leftover")
     func routingFollowsRules() throws {
         let ns = try TestNamespace()
