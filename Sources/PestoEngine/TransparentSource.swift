@@ -107,7 +107,10 @@ public final class TransparentSource {
     /// One more user; installs the routing for the first. A failure (the namespace refuses,
     /// EPERM) counts no user.
     public func retain() -> Result<Void, Errno> {
-        if users == 0, !installed, case .failure(let e) = install() { return .failure(e) }
+        if users == 0, !installed, case .failure(let e) = install() {
+            remove()  // what was installed before the failure
+            return .failure(e)
+        }
         users += 1
         return .success(())
     }
@@ -161,6 +164,7 @@ public final class TransparentSource {
             do throws(PestoError) { netlink = try RouteNetlink() } catch {
                 return .failure(error.underlyingError ?? Errno(rawValue: EPROTO))
             }
+            self.netlink = netlink
             for route in Self.routes {
                 if case .failure(let e) = netlink.request(route, add: true) { return .failure(e) }
             }
@@ -174,13 +178,13 @@ public final class TransparentSource {
                 guard Self.writeFlag(Self.fwmarkAcceptPath, true) else { return .failure(Errno(rawValue: EACCES)) }
                 setFwmarkAccept = true
             }
-            self.netlink = netlink
             installed = true
             return .success(())
         }
     }
 
-    /// Removes what `install` made (a part already gone is fine).
+    /// Removes what `install` made, or the part it made before failing (a part already gone
+    /// is fine). Called outside `namespace.perform`.
     private func remove() {
         namespace.perform {
             if let netlink {
