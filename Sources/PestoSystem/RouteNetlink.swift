@@ -81,12 +81,30 @@ public enum RouteNetlinkMessage {
     /// The message that adds (`add`) or deletes `rule`. An add is exclusive (NLM_F_EXCL): the
     /// kernel answers EEXIST for an identical rule instead of adding a second one.
     public static func rule(_ rule: RoutingRule, add: Bool, sequence: UInt32) -> [UInt8] {
-        var m = header(
+        var m: [UInt8] = []
+        encode(rule, add: add, sequence: sequence, into: &m)
+        return m
+    }
+
+    /// The message that adds (`add`: created or replaced, so adding twice leaves one) or
+    /// deletes `route`.
+    public static func route(_ route: LocalRoute, add: Bool, sequence: UInt32) -> [UInt8] {
+        var m: [UInt8] = []
+        encode(route, add: add, sequence: sequence, into: &m)
+        return m
+    }
+
+    /// `rule(_:add:sequence:)` written into `m` (emptied first, its storage kept: a caller
+    /// that reuses one buffer allocates nothing once it has grown).
+    public static func encode(_ rule: RoutingRule, add: Bool, sequence: UInt32, into m: inout [UInt8]) {
+        header(
             type: add ? PESTO_RTM_NEWRULE : PESTO_RTM_DELRULE,
-            flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_EXCL : 0, sequence: sequence)
+            flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_EXCL : 0, sequence: sequence, into: &m)
         // fib_rule_hdr: family, dst_len, src_len, tos, table (0: see FRA_TABLE), res1, res2,
         // action, flags.
-        m += [UInt8(rule.family), 0, 0, 0, 0, 0, 0, UInt8(PESTO_FR_ACT_TO_TBL)]
+        m.append(UInt8(rule.family))
+        for _ in 0..<6 { m.append(0) }
+        m.append(UInt8(PESTO_FR_ACT_TO_TBL))
         append32(0, to: &m)
         attribute(PESTO_FRA_PRIORITY, u32: rule.priority, to: &m)
         attribute(PESTO_FRA_TABLE, u32: rule.table, to: &m)
@@ -95,35 +113,43 @@ public enum RouteNetlinkMessage {
             attribute(PESTO_FRA_FWMASK, u32: rule.markMask, to: &m)
         }
         if !rule.inputInterface.isEmpty {
-            attribute(PESTO_FRA_IIFNAME, Array(rule.inputInterface.utf8) + [0], to: &m)
+            attributeHeader(PESTO_FRA_IIFNAME, payload: rule.inputInterface.utf8.count + 1, to: &m)
+            m.append(contentsOf: rule.inputInterface.utf8)
+            m.append(0)
+            pad(&m)
         }
-        if let p = rule.ipProtocol { attribute(PESTO_FRA_IP_PROTO, [p], to: &m) }
-        return finish(m)
+        if let p = rule.ipProtocol {
+            attributeHeader(PESTO_FRA_IP_PROTO, payload: 1, to: &m)
+            m.append(p)
+            pad(&m)
+        }
+        finish(&m)
     }
 
-    /// The message that adds (`add`: created or replaced, so adding twice leaves one) or
-    /// deletes `route`.
-    public static func route(_ route: LocalRoute, add: Bool, sequence: UInt32) -> [UInt8] {
-        var m = header(
+    /// `route(_:add:sequence:)` written into `m` (emptied first, its storage kept).
+    public static func encode(_ route: LocalRoute, add: Bool, sequence: UInt32, into m: inout [UInt8]) {
+        header(
             type: add ? PESTO_RTM_NEWROUTE : PESTO_RTM_DELROUTE,
-            flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_REPLACE : 0, sequence: sequence)
+            flags: add ? PESTO_NLM_F_CREATE | PESTO_NLM_F_REPLACE : 0, sequence: sequence, into: &m)
         let family: Int32 = route.destination.family == .ipv4 ? AF_INET : AF_INET6
         // rtmsg: family, dst_len, src_len, tos, table (0: see RTA_TABLE), protocol, scope,
         // type, flags.
-        m += [
-            UInt8(family), route.prefixLength, 0, 0, 0, UInt8(PESTO_RTPROT_STATIC), UInt8(PESTO_RT_SCOPE_HOST),
-            UInt8(PESTO_RTN_LOCAL),
-        ]
+        m.append(UInt8(family))
+        m.append(route.prefixLength)
+        for _ in 0..<3 { m.append(0) }
+        m.append(UInt8(PESTO_RTPROT_STATIC))
+        m.append(UInt8(PESTO_RT_SCOPE_HOST))
+        m.append(UInt8(PESTO_RTN_LOCAL))
         append32(0, to: &m)
         attribute(PESTO_RTA_TABLE, u32: route.table, to: &m)
-        if route.prefixLength > 0 { attribute(PESTO_RTA_DST, networkBytes(route.destination), to: &m) }
+        if route.prefixLength > 0 { attribute(PESTO_RTA_DST, address: route.destination, to: &m) }
         attribute(PESTO_RTA_OIF, u32: route.interfaceIndex, to: &m)
-        if let source = route.preferredSource { attribute(PESTO_RTA_PREFSRC, networkBytes(source), to: &m) }
-        return finish(m)
+        if let source = route.preferredSource { attribute(PESTO_RTA_PREFSRC, address: source, to: &m) }
+        finish(&m)
     }
 
     /// The errno of an acknowledgement (`NLMSG_ERROR` with `sequence`): nil for success,
-    /// the error otherwise; `.protocolError` (EPROTO) for anything that is not one.
+    /// the error otherwise; EPROTO for anything that is not one.
     public static func acknowledgement(_ bytes: UnsafeRawBufferPointer, sequence: UInt32) -> Errno? {
         guard bytes.count >= 20 else { return Errno(rawValue: EPROTO) }
         let type = bytes.loadUnaligned(fromByteOffset: 4, as: UInt16.self)
@@ -133,50 +159,58 @@ public enum RouteNetlinkMessage {
         return error == 0 ? nil : Errno(rawValue: -error)
     }
 
-    /// An address's bytes in network order (4 or 16).
-    private static func networkBytes(_ address: IPAddress) -> [UInt8] {
-        switch address {
-        case .v4(let a): return withUnsafeBytes(of: a.bigEndian) { Array($0) }
-        case .v6(let hi, let lo): return withUnsafeBytes(of: hi.bigEndian) { Array($0) } + withUnsafeBytes(of: lo.bigEndian) { Array($0) }
-        }
-    }
-
-    private static func header(type: Int, flags: Int, sequence: UInt32) -> [UInt8] {
-        var m: [UInt8] = []
-        m.reserveCapacity(96)
+    private static func header(type: Int, flags: Int, sequence: UInt32, into m: inout [UInt8]) {
+        m.removeAll(keepingCapacity: true)
+        if m.capacity < 96 { m.reserveCapacity(96) }
         append32(0, to: &m)  // length, set by finish()
         append16(UInt16(type), to: &m)
         append16(UInt16(PESTO_NLM_F_REQUEST | PESTO_NLM_F_ACK | flags), to: &m)
         append32(sequence, to: &m)
         append32(0, to: &m)  // port: the kernel
-        return m
     }
 
-    private static func finish(_ message: [UInt8]) -> [UInt8] {
-        var m = message
-        withUnsafeBytes(of: UInt32(m.count)) { for (i, b) in $0.enumerated() { m[i] = b } }
-        return m
+    /// Sets the message's length, its first field (host order, as all of netlink).
+    private static func finish(_ m: inout [UInt8]) {
+        withUnsafeBytes(of: UInt32(m.count)) { length in for i in 0..<4 { m[i] = length[i] } }
+    }
+
+    private static func attributeHeader(_ type: Int, payload: Int, to m: inout [UInt8]) {
+        append16(UInt16(4 + payload), to: &m)
+        append16(UInt16(type), to: &m)
     }
 
     private static func attribute(_ type: Int, u32 value: UInt32, to m: inout [UInt8]) {
-        attribute(type, withUnsafeBytes(of: value) { Array($0) }, to: &m)
+        attributeHeader(type, payload: 4, to: &m)
+        append32(value, to: &m)
     }
 
-    private static func attribute(_ type: Int, _ payload: [UInt8], to m: inout [UInt8]) {
-        append16(UInt16(4 + payload.count), to: &m)
-        append16(UInt16(type), to: &m)
-        m += payload
-        while m.count % 4 != 0 { m.append(0) }
+    /// An attribute holding an address in network order (4 or 16 bytes).
+    private static func attribute(_ type: Int, address: IPAddress, to m: inout [UInt8]) {
+        switch address {
+        case .v4(let a):
+            attributeHeader(type, payload: 4, to: &m)
+            withUnsafeBytes(of: a.bigEndian) { m.append(contentsOf: $0) }
+        case .v6(let hi, let lo):
+            attributeHeader(type, payload: 16, to: &m)
+            withUnsafeBytes(of: hi.bigEndian) { m.append(contentsOf: $0) }
+            withUnsafeBytes(of: lo.bigEndian) { m.append(contentsOf: $0) }
+        }
     }
 
-    private static func append16(_ v: UInt16, to m: inout [UInt8]) { withUnsafeBytes(of: v) { m += $0 } }
-    private static func append32(_ v: UInt32, to m: inout [UInt8]) { withUnsafeBytes(of: v) { m += $0 } }
+    /// Pads the message to a multiple of 4 bytes (attributes are 4-byte aligned).
+    private static func pad(_ m: inout [UInt8]) { while m.count % 4 != 0 { m.append(0) } }
+
+    private static func append16(_ v: UInt16, to m: inout [UInt8]) { withUnsafeBytes(of: v) { m.append(contentsOf: $0) } }
+    private static func append32(_ v: UInt32, to m: inout [UInt8]) { withUnsafeBytes(of: v) { m.append(contentsOf: $0) } }
 }
 
 /// A NETLINK_ROUTE socket of the namespace it was opened in, making one request at a time.
 public final class RouteNetlink {
     private let fd: Int32
     private var sequence: UInt32 = 0
+    /// The request being sent and the answer, allocated once: a request allocates nothing.
+    private var message: [UInt8] = []
+    private var answer = [UInt8](repeating: 0, count: 1024)
 
     /// Opens the socket in the calling thread's network namespace.
     public init() throws(PestoError) {
@@ -191,21 +225,22 @@ public final class RouteNetlink {
     /// Adds or deletes a rule; the kernel's errno on failure (EEXIST, ENOENT, EPERM, ...).
     public func request(_ rule: RoutingRule, add: Bool) -> Result<Void, Errno> {
         sequence &+= 1
-        return send(RouteNetlinkMessage.rule(rule, add: add, sequence: sequence))
+        RouteNetlinkMessage.encode(rule, add: add, sequence: sequence, into: &message)
+        return send()
     }
 
     /// Adds or deletes a local route; the kernel's errno on failure.
     public func request(_ route: LocalRoute, add: Bool) -> Result<Void, Errno> {
         sequence &+= 1
-        return send(RouteNetlinkMessage.route(route, add: add, sequence: sequence))
+        RouteNetlinkMessage.encode(route, add: add, sequence: sequence, into: &message)
+        return send()
     }
 
-    private func send(_ message: [UInt8]) -> Result<Void, Errno> {
+    private func send() -> Result<Void, Errno> {
         let sent = message.withUnsafeBytes { Sys.send(fd, $0.baseAddress, $0.count, flags: 0) }
         if case .failure(let e) = sent { return .failure(e) }
         // The answer is queued by now (the request was handled inside send); an error
         // answer carries the request after it, hence the room.
-        var answer = [UInt8](repeating: 0, count: 1024)
         let got = answer.withUnsafeMutableBytes { Sys.recv(fd, $0.baseAddress, $0.count, flags: Int32(MSG_DONTWAIT)) }
         switch got {
         case .failure(let e): return .failure(e)
