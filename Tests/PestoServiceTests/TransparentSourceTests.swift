@@ -274,7 +274,7 @@ struct TransparentSourceTests {
         try f.table("Activate", [.uint32(1)])
         #expect(try Self.routing(ns).contains("fwmark 0x7065"))
         kill(f.pestod.pid, SIGTERM)
-        _ = f.pestod.waitUntilExit()
+        #expect(f.pestod.waitUntilExit() == 0, "pestod exits cleanly")
         #expect(try !Self.routing(ns).contains("0x7065"))
     }
 
