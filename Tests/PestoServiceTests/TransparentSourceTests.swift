@@ -114,6 +114,10 @@ struct TransparentSourceTests {
         let routing = try Self.routing(ns)
         #expect(routing.contains("28773:\tfrom all fwmark 0x7065 lookup 28773"), "\(routing)")
         #expect(routing.contains("local default dev lo"), "\(routing)")
+        // Only in the namespace pestod was given: its own namespace's routing is untouched.
+        for family in ["-4", "-6"] {
+            #expect(try !run("/usr/sbin/ip", [family, "rule", "show"]).out.contains("28773"))
+        }
         for (client, server) in [(clients.v4, server4), (clients.v6, server6)] {
             let seen = try #require(Self.relay(from: client, to: client, port: p[0], server: server), "source=client from \(client)")
             #expect(seen.peer.address == client && seen.peer.port == seen.clientPort, "source=client from \(client): \(seen.peer)")
