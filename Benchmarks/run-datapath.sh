@@ -7,17 +7,26 @@
 #   (c) UDP request/response rate, 64 bytes           (d) pestod's RSS with 1,000 and 9,000 idle
 #                                                          relayed connections
 # Prints absolute figures, ratios to direct and to socat, and the project's targets (below).
+# Then the cost of two per-rule options, each against the plain relay it changes:
+#   PROXY protocol v2 (proxy-protocol): pestod -> a host echo server that reads the header,
+#       against the plain pestod path (b);
+#   transparent source (source=client): a second pestod with --netns relays into a namespace
+#       of the run's own, from the clients' addresses (198.18.0.0/24, routed to lo on the host
+#       for the run: addresses the namespace does not have, so its policy routing is used),
+#       against the same pestod relaying from its own address; (a), (b) and (c).
+#   These need root (ip netns); without it they are skipped (NO_OPTIONS=1 skips them too).
 #
 # Usage: Benchmarks/run-datapath.sh [SECONDS per measurement, default 5]
 # Environment: REPEAT=N       rounds, medians reported (default 1; paths interleaved per round)
 #              SCRATCH=DIR    swift build --scratch-path (default .build)
 #              NO_BUILD=1     use the binaries already in $SCRATCH/release
 #              NO_PASTA=1     skip pasta (and do not try to install it)
+#              NO_OPTIONS=1   skip the PROXY protocol and transparent source measurements
 #              KEEP=1         keep the temp dir (logs of pestod, pasta, the servers)
 # Connection-rate clients each connect from their own 127.0.0.x (pesto-loadgen connrate --spread):
 # from one address, 4 clients reach only ~14k/s direct here, as port allocation against tens of
 # thousands of TIME_WAIT sockets becomes the bottleneck. The relays' own outgoing leg is theirs.
-# Loopback only (127.0.0.0/8, and pasta's own namespace). Every child is killed on exit
+# Loopback only (127.0.0.0/8, pasta's own namespace, and for the options 198.18.0.0/24 and a namespace of its own). Every child is killed on exit
 # (SIGTERM, then SIGKILL), every wait is bounded, the temp dir is removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,12 +59,14 @@ cleanup() {
         sleep 0.5
         kill -KILL -- "${groups[@]}" "${all[@]}" 2>/dev/null
     fi
+    [[ -n ${NS:-} ]] && ip netns del "$NS" 2>/dev/null
+    [[ -n ${ANYIP:-} ]] && ip route del local 198.18.0.0/24 dev lo 2>/dev/null
     [[ -n ${KEEP:-} ]] && say "kept $work" || rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
-# The servers' own time bound: the whole run takes about 16 x (DUR + a few s) per round.
-LIFE=$((REPEAT * 16 * (DUR + 10) + 900))
+# The servers' own time bound: the whole run takes about 28 x (DUR + a few s) per round.
+LIFE=$((REPEAT * 28 * (DUR + 10) + 900))
 
 # ---- build -----------------------------------------------------------------------------------
 BIN=$SCRATCH/release
@@ -85,7 +96,7 @@ BUSY=$(cpu_busy)
 # Base B: echo servers (TCP and UDP on one number) at B+0 direct, B+10 pestod's target, B+20
 # socat's; iperf3 servers at +1. The forwarders listen at +100 (pasta's namespace uses +130/131
 # inside too).
-offsets=(0 1 10 11 20 21 110 111 120 121 130 131)
+offsets=(0 1 10 11 12 20 21 110 111 112 120 121 130 131 140 141 142 143)
 port_busy() { ss -Htuan "( sport = :$1 )" | grep -q .; }
 B=
 for base in 23000 24000 25000 26000 27000 28000 29000 30000; do
@@ -185,19 +196,67 @@ else
     fi
 fi
 
+# ---- PROXY protocol and transparent source ---------------------------------------------------
+# proxy: host pestod's rule B+112 -> B+12 with proxy-protocol v2, to an echo server that reads
+# the header. nsplain/nsclient: a second pestod (own bus) with --netns NS, rules B+140 -> E
+# (source pestod) and B+141 -> E (source client), TCP and UDP, and B+142/B+143 -> E+1 (iperf3)
+# likewise; E = B+40 inside NS. Their clients come from 198.18.0.x.
+OPTIONS_NOTE=
+extras=()
+declare -A XPORT XIPERF
+if [[ -n ${NO_OPTIONS:-} ]]; then
+    OPTIONS_NOTE="skipped (NO_OPTIONS set)"
+elif [[ $(id -u) != 0 ]]; then
+    OPTIONS_NOTE="skipped: needs root for ip netns"
+else
+    bg "$LOADGEN" serve-echo --tcp $((B + 12)) --proxy --lifetime $LIFE >"$work/echo.proxy" 2>&1
+    wait_for "$work/echo.proxy" ready 10 || { say "PROXY echo server did not start"; exit 1; }
+    call Insert 'ua{sv}' 10 5 protocol s tcp address s 127.0.0.1 first-port q $((B + 112)) target-port q $((B + 12)) \
+        proxy-protocol s v2 >/dev/null
+    [[ $(call Activate u 10) == "uu 1 0" ]] && { extras+=(proxy); XPORT[proxy]=$((B + 112)); } || say "pestod: the PROXY rule did not activate"
+    NS=pesto-bench-$$
+    E=$((B + 40))
+    ip netns add "$NS" && ip -n "$NS" link set lo up
+    ip route add local 198.18.0.0/24 dev lo && ANYIP=1
+    bg ip netns exec "$NS" "$LOADGEN" serve-echo --tcp $E --udp $E --lifetime $LIFE >"$work/echo.ns" 2>&1
+    wait_for "$work/echo.ns" ready 10 || { say "the namespace's echo server did not start"; exit 1; }
+    bg ip netns exec "$NS" timeout $LIFE iperf3 -s -B 127.0.0.1 -p $((E + 1)) >/dev/null 2>&1
+    sed "s|$work/bus.sock|$work/bus2.sock|" "$work/bus.conf" >"$work/bus2.conf"
+    timeout 20 dbus-daemon --config-file="$work/bus2.conf" --fork --print-address=1 --print-pid=1 >"$work/bus2.out"
+    pids+=("$(sed -n 2p "$work/bus2.out")")
+    ADDR2=$(sed -n 1p "$work/bus2.out")
+    bg "$PESTOD" --address "$ADDR2" --authorize none --log-level warning --netns "/run/netns/$NS" "${extra[@]}" 2>"$work/pestod2.log"
+    timeout 25 gdbus wait --address "$ADDR2" --timeout 20 top.passt.Pesto1 || { say "pestod --netns did not come up"; exit 1; }
+    call2() { timeout 10 busctl --address="$ADDR2" call top.passt.Pesto1 /top/passt/Pesto1/tables/host top.passt.Pesto1.Table "$@"; }
+    rule=1
+    for spec in "tcp 140 $E pestod" "tcp 141 $E client" "udp 140 $E pestod" "udp 141 $E client" \
+        "tcp 142 $((E + 1)) pestod" "tcp 143 $((E + 1)) client"; do
+        read -r proto offset target source <<<"$spec"
+        call2 Insert 'ua{sv}' $rule 5 protocol s "$proto" address s 127.0.0.1 first-port q $((B + offset)) \
+            target-port q "$target" source s "$source" >/dev/null
+        reply=$(call2 Activate u $rule)
+        [[ $reply == "uu 1 0" ]] || say "pestod --netns: rule $rule ($spec) Activate answered: $reply"
+        rule=$((rule + 1))
+    done
+    extras+=(nsplain nsclient)
+    XPORT[nsplain]=$((B + 140)) XPORT[nsclient]=$((B + 141)) XIPERF[nsplain]=$((B + 142)) XIPERF[nsclient]=$((B + 143))
+fi
+
 # ---- measurements ----------------------------------------------------------------------------
 results=$work/results   # lines: PATH METRIC VALUE [failures]
 : >"$results"
-bulk() { # PORT -> Gbit/s
-    timeout $((DUR + 20)) iperf3 -c 127.0.0.1 -p "$1" -t "$DUR" -J 2>/dev/null |
+bulk() { # PORT [iperf3 options] -> Gbit/s
+    timeout $((DUR + 20)) iperf3 -c 127.0.0.1 -p "$1" "${@:2}" -t "$DUR" -J 2>/dev/null |
         python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))' 2>/dev/null || echo n/a
 }
-connrate() { # PORT CLIENTS -> "rate failures"
-    timeout $((DUR + 30)) "$LOADGEN" connrate --port "$1" --seconds "$DUR" --clients "$2" --spread 2>/dev/null |
+connrate() { # PORT CLIENTS [SOURCE-NET] -> "rate failures"
+    local from=(--spread)
+    [[ -n ${3:-} ]] && from=(--source-net "$3")
+    timeout $((DUR + 30)) "$LOADGEN" connrate --port "$1" --seconds "$DUR" --clients "$2" "${from[@]}" 2>/dev/null |
         awk '/^connrate/ {print $2, $4; ok=1} END {if (!ok) print "n/a 0"}'
 }
-udprr() { # PORT -> "rate lost"
-    timeout $((DUR + 30)) "$LOADGEN" udprr --port "$1" --seconds "$DUR" 2>/dev/null |
+udprr() { # PORT [udprr options] -> "rate lost"
+    timeout $((DUR + 30)) "$LOADGEN" udprr --port "$1" "${@:2}" --seconds "$DUR" 2>/dev/null |
         awk '/^udprr/ {print $2, $4; ok=1} END {if (!ok) print "n/a 0"}'
 }
 # A path that does not relay at all (e.g. pestod before its data path) is shown as n/a.
@@ -219,6 +278,18 @@ for ((round = 1; round <= REPEAT; round++)); do
                 conn1) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(connrate "${ECHO[$p]}" 1) || v=n/a ;;
                 conn4) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(connrate "${ECHO[$p]}" 4) || v=n/a ;;
                 udp) [[ ${WORKS[$p,udp]} == yes ]] && v=$(udprr "${ECHO[$p]}") || v=n/a ;;
+            esac
+            echo "$p $metric $v" >>"$results"
+        done
+        for p in "${extras[@]}"; do
+            net=
+            [[ $p == ns* ]] && net=198.18.0
+            say "round $round/$REPEAT: $metric via $p..."
+            case $metric in
+                bulk) [[ $p == ns* ]] && v=$(bulk "${XIPERF[$p]}" -B 198.18.0.9) || continue ;;
+                conn1) v=$(connrate "${XPORT[$p]}" 1 $net) ;;
+                conn4) v=$(connrate "${XPORT[$p]}" 4 $net) ;;
+                udp) [[ $p == ns* ]] && v=$(udprr "${XPORT[$p]}" --source 198.18.0.9) || continue ;;
             esac
             echo "$p $metric $v" >>"$results"
         done
@@ -255,9 +326,9 @@ MEM+=" hwm=$(status VmHWM)"
 kill -0 "$PESTOD_PID" 2>/dev/null || say "pestod died during the benchmark: $(tail -5 "$work/pestod.log")"
 
 # ---- report ----------------------------------------------------------------------------------
-python3 - "$results" "$DUR" "$REPEAT" "$MEM" "${paths[*]}" "$(ulimit -n)" "$PASTA_NOTE" "$BUSY" <<'PY'
+python3 - "$results" "$DUR" "$REPEAT" "$MEM" "${paths[*]}" "$(ulimit -n)" "$PASTA_NOTE" "$BUSY" "$OPTIONS_NOTE" <<'PY'
 import os, statistics, sys, time
-results, dur, repeat, mem, paths, nofile, pasta_note, busy = sys.argv[1:9]
+results, dur, repeat, mem, paths, nofile, pasta_note, busy, options_note = sys.argv[1:10]
 paths = paths.split()
 columns = ["direct", "pestod", "socat", "pasta"]
 values, failures = {}, {}
@@ -344,7 +415,27 @@ print(f"  (9,000 and not 10,000: RLIMIT_NOFILE is {nofile} and cannot be raised;
       f" connection plus its listeners, pipe pool and bus, so 10,000 would need > 20,000)")
 if pasta_note:
     print(f"pasta: {pasta_note}")
+print()
+print("the per-rule options, each against the plain relay it changes (pestod: 127.0.0.x clients to a host server;")
+print("ns: a second pestod with --netns, clients of 198.18.0.x to a server in its namespace)")
+if options_note:
+    print(f"  {options_note}")
+else:
+    ocols = [("pestod", "pestod"), ("proxy", "+PROXY v2"), ("nsplain", "ns, pestod"), ("nsclient", "ns, client")]
+    print(f"{'':30}" + "".join(f"{label:>12}" for _, label in ocols) + f"{'PROXY/plain':>14}{'client/plain':>14}")
+    for m, label in metrics:
+        row = ""
+        for c, _ in ocols:
+            cell = fmt(med(c, m), m)
+            if failures.get((c, m)): cell += f" ({failures[(c, m)]} {'lost' if m == 'udp' else 'failed'})"
+            row += f"{cell:>12}"
+        for a, b in (("proxy", "pestod"), ("nsclient", "nsplain")):
+            r = ratio(med(a, m), med(b, m))
+            row += f"{'n/a' if r is None else f'{r:.2f}':>14}"
+        print(f"{label:30}{row}")
 PY
-if [[ -s $work/pestod.log ]]; then
-    echo "pestod logged $(wc -l <"$work/pestod.log") line(s) at warning or above; the first: $(head -c 300 "$work/pestod.log" | head -1)"
-fi
+for log in pestod pestod2; do
+    if [[ -s $work/$log.log ]]; then
+        echo "$log logged $(wc -l <"$work/$log.log") line(s) at warning or above; the first: $(head -c 300 "$work/$log.log" | head -1)"
+    fi
+done

@@ -27,6 +27,8 @@
         /** The proxy-protocol of the rule being edited ("" for a new one): the page shows the
          *  key read-only and carries it over into the replacement, so an edit never drops it. */
         keptProxyProtocol: "",
+        /** Likewise its source ("" for a new one: pestod's default). */
+        keptSource: "",
         /** Rule path → the D-Bus error of the latest action on it. */
         errors: new Map(),
         /** Rule paths with a call in flight. */
@@ -102,6 +104,7 @@
         if (rule.scan) dict.scan = cockpit.variant("b", true);
         if (rule.owner) dict.owner = cockpit.variant("s", rule.owner);
         if (rule.proxyProtocol) dict["proxy-protocol"] = cockpit.variant("s", rule.proxyProtocol);
+        if (rule.source && rule.source !== "pestod") dict.source = cockpit.variant("s", rule.source);
         return dict;
     }
 
@@ -110,7 +113,7 @@
         return {
             protocol: r.Protocol, address: r.Address, interface: r.Interface, firstPort: r.FirstPort, lastPort: r.LastPort,
             targetAddress: r.TargetAddress, targetPort: r.TargetPort, scan: r.Scan, owner: r.Owner,
-            proxyProtocol: r.ProxyProtocol || ""
+            proxyProtocol: r.ProxyProtocol || "", source: r.Source || "pestod"
         };
     }
 
@@ -372,7 +375,8 @@
         row.cells.ports.textContent = RuleText.range(rule.FirstPort, rule.LastPort);
         const targetLast = Math.min(65535, rule.TargetPort + rule.LastPort - rule.FirstPort);
         row.cells.target.textContent = (rule.TargetAddress || "default") + " port " + RuleText.range(rule.TargetPort, targetLast) +
-            (rule.Scan ? " (scan)" : "") + (rule.ProxyProtocol ? ` (PROXY ${rule.ProxyProtocol})` : "");
+            (rule.Scan ? " (scan)" : "") + (rule.ProxyProtocol ? ` (PROXY ${rule.ProxyProtocol})` : "") +
+            (rule.Source === "client" ? " (from the client's address)" : "");
         row.cells.owner.textContent = rule.Owner || "—";
         row.cells.sockets.replaceChildren();
         if (rule.Active) row.cells.sockets.append(el("span", { class: "bound" }, `${rule.BoundSockets} bound`));
@@ -431,6 +435,7 @@
         $("add-error").hidden = true;
         ui.replacing = rule ? rule.path : null;
         ui.keptProxyProtocol = rule ? (rule.ProxyProtocol || "") : "";
+        ui.keptSource = rule ? (rule.Source || "") : "";
         $("add-card").querySelector("h2").textContent = rule ? `Edit rule ${rule.Id}` : "Add a rule";
         $("add-submit").textContent = rule ? "Replace (one transaction)" : "Add";
         form.table().disabled = !!rule;
@@ -471,7 +476,7 @@
             protocol: form.protocol().value, address: form.address().value.trim(), interface: form.interface().value.trim(),
             firstPort: first, lastPort: number(form.last()) || first, targetAddress: form.targetAddress().value.trim(),
             targetPort: number(form.targetPort()) || first, scan: form.scan().checked, owner: form.owner().value,
-            proxyProtocol: ui.keptProxyProtocol,
+            proxyProtocol: ui.keptProxyProtocol, source: ui.keptSource,
         };
     }
 

@@ -2,25 +2,29 @@
 
 // pesto-loadgen: the load side of the data-path benchmark (Benchmarks/run-datapath.sh).
 //
-//   pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS]
+//   pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS] [--proxy]
 //       TCP echo server and UDP echo server on 127.0.0.1, one non-blocking epoll thread; holds
 //       thousands of idle connections. Prints "ready" once bound; exits after --lifetime
-//       seconds (default 3600) so that it can never outlive a benchmark for long.
-//   pesto-loadgen connrate --port P --seconds S --clients C [--spread]
+//       seconds (default 3600) so that it can never outlive a benchmark for long. With
+//       --proxy, every TCP connection starts with a PROXY protocol header (v1 or v2, as
+//       pestod sends with proxy-protocol), which is read and not echoed.
+//   pesto-loadgen connrate --port P --seconds S --clients C [--spread | --source-net A.B.C]
 //       C threads, each looping for S seconds: connect, send 1 byte, read its echo, close.
 //       Prints "connrate <connections/s> failures <n> [first <errno name>]". With --spread,
 //       client k binds to source address 127.0.0.(10+k) (IP_BIND_ADDRESS_NO_PORT), giving
-//       each client its own ephemeral-port space against TIME_WAIT exhaustion.
-//   pesto-loadgen udprr --port P --seconds S
+//       each client its own ephemeral-port space against TIME_WAIT exhaustion; with
+//       --source-net, to A.B.C.(10+k) instead (an address range routed to lo by the caller,
+//       for transparent source: addresses the target namespace does not have).
+//   pesto-loadgen udprr --port P --seconds S [--source ADDRESS]
 //       UDP ping-pong with 64-byte datagrams (sequence-numbered; a reply missing after 200 ms
-//       is counted lost). Prints "udprr <round trips/s> lost <n>".
+//       is counted lost), from ADDRESS if given. Prints "udprr <round trips/s> lost <n>".
 //   pesto-loadgen idle --port P --count N [--hold SECONDS]
 //       Opens N TCP connections and checks each with a 1-byte echo, prints "ready N", then
 //       holds them until stdin closes (or --hold seconds, default 600). On a failure prints
 //       "failed <k> of <N>: <errno>" and exits 1. Needs N + a few descriptors.
 //
 // Every loop is bounded by its duration or count, every blocking call has a timeout, and every
-// address is 127.0.0.0/8.
+// address is 127.0.0.0/8 or one the caller gives.
 
 import CPestoSys
 import PestoEngine
@@ -106,7 +110,7 @@ struct Options {
 // MARK: - serve-echo
 
 /// TCP and UDP echo on 127.0.0.1, one epoll thread, non-blocking sockets, bounded lifetime.
-func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
+func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double, proxy: Bool) -> Never {
     let end = monotonicSeconds() + lifetime
     let ep = epoll_create1(Int32(EPOLL_CLOEXEC))
     guard ep >= 0 else { fail("epoll_create1: \(Errno.current)") }
@@ -143,8 +147,12 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
     var events = [epoll_event](repeating: epoll_event(), count: 512)
     var buffer = [UInt8](repeating: 0, count: 1 << 16)
 
+    // Connections whose PROXY header (--proxy) has not been read yet.
+    var awaitingHeader = Set<Int32>()
+
     func drop(_ fd: Int32) {
         pending[fd] = nil
+        awaitingHeader.remove(fd)
         close(fd)  // also removes it from the epoll set
     }
 
@@ -199,6 +207,7 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
                         break
                     }
                     TestSockets.setOption(c, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, 1)
+                    if proxy { awaitingHeader.insert(c) }
                     watch(c, EPOLLIN.rawValue)
                 }
             } else if fd == udp {
@@ -214,7 +223,14 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
             } else {
                 let r = read(fd, &buffer, buffer.count)
                 if r > 0 {
-                    _ = buffer.withUnsafeBytes { send(fd, UnsafeRawBufferPointer(rebasing: $0[0..<r])) }
+                    // pestod sends the header in one write before any data: it comes whole.
+                    let skip = awaitingHeader.remove(fd) != nil ? proxyHeaderLength(buffer[0..<r]) : 0
+                    if skip > r {
+                        drop(fd)
+                        continue
+                    }
+                    if skip == r { continue }
+                    _ = buffer.withUnsafeBytes { send(fd, UnsafeRawBufferPointer(rebasing: $0[skip..<r])) }
                 } else if r == 0 || (errno != EAGAIN && errno != EINTR) {
                     drop(fd)
                 }
@@ -222,6 +238,19 @@ func serveEcho(tcpPort: UInt16?, udpPort: UInt16?, lifetime: Double) -> Never {
         }
     }
     exit(0)
+}
+
+/// The length of the PROXY protocol header `bytes` starts with: v1's line through its CRLF,
+/// or v2's 16 bytes plus the length they give; `Int.max` when there is none or it is cut.
+func proxyHeaderLength(_ bytes: ArraySlice<UInt8>) -> Int {
+    let b = Array(bytes)
+    if b.starts(with: ProxyProtocolHeader.v2Signature), b.count >= 16 {
+        return 16 + Int(b[14]) << 8 + Int(b[15])
+    }
+    if b.starts(with: Array("PROXY ".utf8)), let cr = b.firstIndex(of: 0x0D), cr + 1 < b.count, b[cr + 1] == 0x0A {
+        return cr + 2
+    }
+    return Int.max
 }
 
 // MARK: - connrate
@@ -239,12 +268,17 @@ final class ConnectionCounters: Sendable {
 }
 
 /// `clients` threads of connect, 1-byte echo, close, for `duration` seconds.
-func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool) -> Never {
+func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool, sourceNet: String?) -> Never {
     let counters = ConnectionCounters()
     let start = monotonicSeconds()
     let end = start + duration
     for k in 0..<clients {
-        let source: IPAddress? = spread ? loopback(UInt32(10 + k)) : nil
+        var chosen: IPAddress? = spread ? loopback(UInt32(10 + k)) : nil
+        if let sourceNet {
+            guard let a = IPAddress("\(sourceNet).\(10 + k)") else { fail("--source-net \(sourceNet): not A.B.C") }
+            chosen = a
+        }
+        let source = chosen
         detachThread {
             while monotonicSeconds() < end {
                 switch TestSockets.connect(port: port, from: source, timeoutMilliseconds: 2000, noDelay: true) {
@@ -276,9 +310,12 @@ func connectionRate(port: UInt16, duration: Double, clients: Int, spread: Bool) 
 // MARK: - udprr
 
 /// UDP ping-pong, 64-byte datagrams, sequence-numbered, for `duration` seconds.
-func udpRoundTrips(port: UInt16, duration: Double) -> Never {
+func udpRoundTrips(port: UInt16, duration: Double, source: IPAddress?) -> Never {
     let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     TestSockets.setTimeouts(fd, milliseconds: 200)
+    if let source, SocketAddress(source, port: 0).withSockaddr({ bind(fd, $0, $1) }) != 0 {
+        fail("bind UDP to \(source): \(Errno.current)")
+    }
     guard SocketAddress(.loopbackIPv4, port: port).withSockaddr({ connect(fd, $0, $1) }) == 0
     else { fail("connect UDP 127.0.0.1:\(port): \(Errno.current)") }
     var request = [UInt8](repeating: 0x5A, count: 64)
@@ -355,30 +392,36 @@ func idleConnections(port: UInt16, count: Int, hold: Double) -> Never {
 // MARK: - main
 
 let usage = """
-    usage: pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS]
-           pesto-loadgen connrate --port PORT --seconds S --clients C [--spread]
-           pesto-loadgen udprr --port PORT --seconds S
+    usage: pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS] [--proxy]
+           pesto-loadgen connrate --port PORT --seconds S --clients C [--spread | --source-net A.B.C]
+           pesto-loadgen udprr --port PORT --seconds S [--source ADDRESS]
            pesto-loadgen idle --port PORT --count N [--hold SECONDS]
     """
 
 signal(SIGPIPE, SIG_IGN)
 let arguments = CommandLine.arguments
 let command = arguments.count > 1 ? arguments[1] : ""
-let options = Options(arguments.dropFirst(2), flags: ["spread"])
+let options = Options(arguments.dropFirst(2), flags: ["spread", "proxy"])
 switch command {
 case "serve-echo":
     let tcp = options.port("tcp")
     let udp = options.port("udp")
     if tcp == nil && udp == nil { fail("serve-echo needs --tcp PORT and/or --udp PORT") }
-    serveEcho(tcpPort: tcp, udpPort: udp, lifetime: options.number("lifetime", default: 3600, range: 1...86_400))
+    serveEcho(
+        tcpPort: tcp, udpPort: udp, lifetime: options.number("lifetime", default: 3600, range: 1...86_400),
+        proxy: options.flags.contains("proxy"))
 case "connrate":
     connectionRate(
         port: options.requiredPort("port"),
         duration: options.number("seconds", range: 0.01...3600),
         clients: Int(options.number("clients", default: 1, range: 1...200)),
-        spread: options.flags.contains("spread"))
+        spread: options.flags.contains("spread"), sourceNet: options.values["source-net"])
 case "udprr":
-    udpRoundTrips(port: options.requiredPort("port"), duration: options.number("seconds", range: 0.01...3600))
+    let source = options.values["source"].map { text -> IPAddress in
+        guard let a = IPAddress(text) else { fail("--source \(text): not an address") }
+        return a
+    }
+    udpRoundTrips(port: options.requiredPort("port"), duration: options.number("seconds", range: 0.01...3600), source: source)
 case "idle":
     idleConnections(
         port: options.requiredPort("port"),

@@ -13,6 +13,9 @@
 #include <sys/syscall.h>
 #include <pthread.h>
 #include <netinet/in.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/fib_rules.h>
 #include "CPestoSys.h"
 
 _Static_assert(PESTO_CLONE_NEWNET == CLONE_NEWNET, "CLONE_NEWNET");
@@ -22,6 +25,39 @@ _Static_assert(PESTO_O_CLOEXEC == O_CLOEXEC, "O_CLOEXEC");
 _Static_assert(PESTO_O_NONBLOCK == O_NONBLOCK, "O_NONBLOCK");
 _Static_assert(PESTO_F_SETPIPE_SZ == F_SETPIPE_SZ, "F_SETPIPE_SZ");
 _Static_assert(PESTO_IP_BIND_ADDRESS_NO_PORT == IP_BIND_ADDRESS_NO_PORT, "IP_BIND_ADDRESS_NO_PORT");
+_Static_assert(PESTO_IP_TRANSPARENT == IP_TRANSPARENT, "IP_TRANSPARENT");
+_Static_assert(PESTO_IPV6_TRANSPARENT == IPV6_TRANSPARENT, "IPV6_TRANSPARENT");
+_Static_assert(PESTO_SO_MARK == SO_MARK, "SO_MARK");
+_Static_assert(PESTO_AF_NETLINK == AF_NETLINK, "AF_NETLINK");
+_Static_assert(PESTO_NETLINK_ROUTE == NETLINK_ROUTE, "NETLINK_ROUTE");
+_Static_assert(PESTO_NLMSG_ERROR == NLMSG_ERROR, "NLMSG_ERROR");
+_Static_assert(PESTO_NLM_F_REQUEST == NLM_F_REQUEST, "NLM_F_REQUEST");
+_Static_assert(PESTO_NLM_F_ACK == NLM_F_ACK, "NLM_F_ACK");
+_Static_assert(PESTO_NLM_F_REPLACE == NLM_F_REPLACE, "NLM_F_REPLACE");
+_Static_assert(PESTO_NLM_F_EXCL == NLM_F_EXCL, "NLM_F_EXCL");
+_Static_assert(PESTO_NLM_F_CREATE == NLM_F_CREATE, "NLM_F_CREATE");
+_Static_assert(PESTO_RTM_NEWROUTE == RTM_NEWROUTE, "RTM_NEWROUTE");
+_Static_assert(PESTO_RTM_DELROUTE == RTM_DELROUTE, "RTM_DELROUTE");
+_Static_assert(PESTO_RTM_NEWRULE == RTM_NEWRULE, "RTM_NEWRULE");
+_Static_assert(PESTO_RTM_DELRULE == RTM_DELRULE, "RTM_DELRULE");
+_Static_assert(PESTO_RTN_LOCAL == RTN_LOCAL, "RTN_LOCAL");
+_Static_assert(PESTO_RT_SCOPE_HOST == RT_SCOPE_HOST, "RT_SCOPE_HOST");
+_Static_assert(PESTO_RTPROT_STATIC == RTPROT_STATIC, "RTPROT_STATIC");
+_Static_assert(PESTO_RTA_DST == RTA_DST, "RTA_DST");
+_Static_assert(PESTO_RTA_OIF == RTA_OIF, "RTA_OIF");
+_Static_assert(PESTO_RTA_PREFSRC == RTA_PREFSRC, "RTA_PREFSRC");
+_Static_assert(PESTO_RTA_TABLE == RTA_TABLE, "RTA_TABLE");
+_Static_assert(PESTO_FR_ACT_TO_TBL == FR_ACT_TO_TBL, "FR_ACT_TO_TBL");
+_Static_assert(PESTO_FRA_IIFNAME == FRA_IIFNAME, "FRA_IIFNAME");
+_Static_assert(PESTO_FRA_PRIORITY == FRA_PRIORITY, "FRA_PRIORITY");
+_Static_assert(PESTO_FRA_FWMARK == FRA_FWMARK, "FRA_FWMARK");
+_Static_assert(PESTO_FRA_TABLE == FRA_TABLE, "FRA_TABLE");
+_Static_assert(PESTO_FRA_FWMASK == FRA_FWMASK, "FRA_FWMASK");
+_Static_assert(PESTO_FRA_IP_PROTO == FRA_IP_PROTO, "FRA_IP_PROTO");
+_Static_assert(sizeof(struct nlmsghdr) == 16, "nlmsghdr");
+_Static_assert(sizeof(struct rtmsg) == 12, "rtmsg");
+_Static_assert(sizeof(struct fib_rule_hdr) == 12, "fib_rule_hdr");
+_Static_assert(sizeof(struct nlmsgerr) >= 20, "nlmsgerr");
 
 int pesto_setns(int fd, int nstype) { return setns(fd, nstype); }
 

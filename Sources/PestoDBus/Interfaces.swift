@@ -178,6 +178,9 @@ public enum PestoInterfaces {
             prop(
                 "ProxyProtocol", "s", .never,
                 "PROXY protocol header sent to the target before a TCP connection's data: empty (none), v1 or v2."),
+            prop(
+                "Source", "s", .never,
+                "Whose address connections and flows come from at the target: pestod (its own) or client (the client's)."),
             prop("Active", "b", .changes, "Whether the rule is active."),
             prop("BoundSockets", "u", .changes, "Sockets bound."),
             prop("BindFailures", "u", .changes, "Sockets whose bind failed."),

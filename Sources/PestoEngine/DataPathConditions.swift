@@ -23,6 +23,9 @@ public enum DataPathCondition: Int, Sendable, CaseIterable, CustomStringConverti
     /// The target network namespace's path is gone (`ip netns del`, the process exited);
     /// pestod's descriptor keeps the namespace itself alive, and connections still go there.
     case namespaceDeleted
+    /// A `source` "client" connection or flow could not be made from its client's address
+    /// (taken in the namespace: EADDRINUSE); it is reset or dropped.
+    case transparentSourceFailed
 
     /// What an occurrence is, for the `cleared` report.
     public var description: String {
@@ -30,6 +33,7 @@ public enum DataPathCondition: Int, Sendable, CaseIterable, CustomStringConverti
         case .forwardingLoop: return "forwarding loop"
         case .udpFlowTableFull: return "UDP flow table full"
         case .namespaceDeleted: return "target network namespace deleted"
+        case .transparentSourceFailed: return "connection from the client's address failed"
         }
     }
 }

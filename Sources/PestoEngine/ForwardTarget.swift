@@ -27,10 +27,12 @@ public struct ForwardTarget: Hashable, Sendable {
     public var port: UInt16
     /// The PROXY protocol header a TCP connection starts with at the target.
     public var proxyProtocol: ProxyProtocolVersion
+    /// Whose address the connection or flow comes from at the target.
+    public var source: ConnectionSource
 
     public init(
         table: TableKind, ruleID: UInt32, proto: TransportProtocol, address: IPAddress?, port: UInt16,
-        proxyProtocol: ProxyProtocolVersion = .none
+        proxyProtocol: ProxyProtocolVersion = .none, source: ConnectionSource = .pestod
     ) {
         self.table = table
         self.ruleID = ruleID
@@ -38,6 +40,7 @@ public struct ForwardTarget: Hashable, Sendable {
         self.address = address
         self.port = port
         self.proxyProtocol = proxyProtocol
+        self.source = source
     }
 
     /// The destination for a peer of `peerFamily` (the default is that family's loopback).
@@ -51,11 +54,16 @@ public struct ForwardTarget: Hashable, Sendable {
 public final class TargetSide {
     /// The namespace, or nil for pestod's own.
     public let namespace: NetworkNamespace?
+    /// The policy routing of `source` "client" connections in the namespace (nil without one).
+    public let transparent: TransparentSource?
 
     /// Where a deleted namespace is reported (once), if anywhere.
     public var conditions: DataPathConditions?
 
-    public init(namespace: NetworkNamespace?) { self.namespace = namespace }
+    public init(namespace: NetworkNamespace?) {
+        self.namespace = namespace
+        transparent = namespace.map(TransparentSource.init(namespace:))
+    }
 
     /// A non-blocking, close-on-exec socket on this side. In a namespace whose path is gone
     /// the socket is still made (the namespace lives on through pestod's descriptor), and

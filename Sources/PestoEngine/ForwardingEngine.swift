@@ -64,6 +64,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     public let splice: ForwardingTable?
     /// The target namespace, if configured.
     public let namespace: NetworkNamespace?
+    /// Where HOST targets are reached (the namespace, if configured), with the policy
+    /// routing of transparent source.
+    public let hostSide: TargetSide
     /// The TCP relay.
     public private(set) var tcp: TCPRelay!
     /// The UDP relay.
@@ -125,7 +128,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             let hostCaps = configuration.capabilities ?? caps.union(.scan)
             host = ForwardingTable(
                 kind: .host, capabilities: hostCaps, limits: configuration.limits,
-                factory: factory(KernelListenerFactory(families: caps), .host))
+                factory: factory(KernelListenerFactory(families: caps), .host), clientSource: true)
             let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }.union(.scan)
             splice = ForwardingTable(
                 kind: .splice, capabilities: inside, limits: configuration.limits,
@@ -138,7 +141,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             splice = nil
         }
         // HOST targets are on the namespace's side (if any), SPLICE targets on ours.
-        let hostSide = TargetSide(namespace: namespace)
+        hostSide = TargetSide(namespace: namespace)
+        let hostSide = hostSide
         let spliceSide = TargetSide(namespace: nil)
         hostSide.conditions = conditions
         let targetSide = { (kind: TableKind) in kind == .host ? hostSide : spliceSide }
@@ -150,6 +154,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             loop: loop, targetSide: targetSide, limits: configuration.udp, budget: budget,
             wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
         udp.conditions = conditions
+        tcp.conditions = conditions
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
         loop.setHandler(self, for: EngineEventKind.udpListener)
@@ -210,16 +215,24 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// is the port's bind failure (EMFILE for the budget, epoll_ctl's errno for the watch).
     public func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16) -> Result<Void, Errno> {
         guard budget.takeListener() else { return .failure(.tooManyOpenFiles) }
+        // A `source` "client" listener keeps the namespace's policy routing installed; failing
+        // to install it is this port's bind failure, retried like any other.
+        let transparent = rule.source == .client && table == .host ? hostSide.transparent : nil
+        if let transparent, case .failure(let e) = transparent.retain() {
+            budget.release(1)
+            return .failure(e)
+        }
         let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
         do {
             try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
         } catch {
             budget.release(1)
+            transparent?.release()
             return .failure(error.underlyingError ?? Errno(rawValue: ENOMEM))
         }
         let target = ForwardTarget(
             table: table, ruleID: ruleID, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: port),
-            proxyProtocol: rule.proxyProtocol)
+            proxyProtocol: rule.proxyProtocol, source: rule.source)
         if Int(fd) >= listeners.count {
             // Grown geometrically: descriptors usually arrive in ascending order, one at a time.
             listeners.append(contentsOf: repeatElement(nil, count: max(Int(fd) + 1, 2 * listeners.count, 64) - listeners.count))
@@ -243,6 +256,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return }
         if entry.target.proto == .udp { udp.listenerClosing(fd: fd) }
         loop.remove(fd: fd)
+        if entry.target.source == .client && entry.target.table == .host { hostSide.transparent?.release() }
         if entry.paused { pausedListeners.removeAll { $0 == fd } }
         budget.release(1)
         listeners[Int(fd)] = nil

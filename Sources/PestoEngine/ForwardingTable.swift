@@ -136,10 +136,18 @@ public final class ForwardingTable {
         var status: RuleStatus { RuleStatus(active: true, bound: bound, failed: failed, lastError: lastError) }
     }
 
+    /// Whether its targets are inside the network namespace pestod was given, so that its
+    /// rules may ask for `source` "client" (the HOST table of a pestod started with --netns).
+    public let clientSource: Bool
+
     /// Makes an empty table.
-    public init(kind: TableKind, capabilities: Capabilities, limits: TableLimits = .default, factory: any ListenerFactory) {
+    public init(
+        kind: TableKind, capabilities: Capabilities, limits: TableLimits = .default, factory: any ListenerFactory,
+        clientSource: Bool = false
+    ) {
         self.kind = kind
         self.capabilities = capabilities
+        self.clientSource = clientSource
         self.limits = limits
         self.factory = factory
     }
@@ -233,6 +241,13 @@ public final class ForwardingTable {
 
     // MARK: Changing
 
+    /// Checks `rule` against this table: its capabilities and whether it may ask for
+    /// `source` "client" (`Rule.validate(capabilities:clientSource:)`).
+    /// - Throws: `InvalidRule`.
+    public func validate(_ rule: Rule) throws(PestoError) {
+        try rule.validate(capabilities: capabilities, clientSource: clientSource)
+    }
+
     /// Adds `rule` under `id`, inactive. Does not check conflicts.
     ///
     /// - Throws: `RuleExists`, `InvalidRule`, `NoSpace`; nothing changes on error.
@@ -240,7 +255,7 @@ public final class ForwardingTable {
         if slots[id] != nil {
             throw PestoError(.ruleExists, "The \(kind.name) table already has a rule \(id); delete it first or pick another ID.")
         }
-        try rule.validate(capabilities: capabilities)
+        try validate(rule)
         if entries.count >= limits.maxRules {
             throw PestoError(.noSpace, "The \(kind.name) table is full: it holds at most \(limits.maxRules) rules.")
         }

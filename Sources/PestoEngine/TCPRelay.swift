@@ -101,6 +101,12 @@ public final class TCPRelay: EventHandler {
         public var refusedBudget: UInt64 = 0
         /// Connections reset because epoll could not watch one of their sockets.
         public var watchFailures: UInt64 = 0
+        /// `source` "client" connections made from the client's address.
+        public var transparent: UInt64 = 0
+        /// `source` "client" connections reset because their target-side socket could not take
+        /// the client's address (EADDRINUSE: a socket of the namespace holds that address and
+        /// port), or the routing could not be installed.
+        public var transparentFailures: UInt64 = 0
     }
 
     /// A pipe's two ends; -1 when the direction holds none.
@@ -117,6 +123,8 @@ public final class TCPRelay: EventHandler {
         var upPipe = Pipe()  // client → target
         var downPipe = Pipe()  // target → client
         var inUse = false
+        /// From the client's address: holds a use of the target side's TransparentSource.
+        var transparent = false
 
         /// The socket on `side`.
         func socket(_ side: TCPSide) -> Int32 { side == .client ? client : target }
@@ -141,6 +149,8 @@ public final class TCPRelay: EventHandler {
     private var nextLoopbackSource: UInt32 = 2
     public private(set) var activeConnections = 0
     public private(set) var counters = Counters()
+    /// Where recurring failures are reported once (transparent source).
+    public var conditions: DataPathConditions?
     /// Called when a connection closes, so paused listeners can resume.
     public var onCapacityAvailable: (() -> Void)?
 
@@ -225,23 +235,50 @@ public final class TCPRelay: EventHandler {
         }
         setNoDelay(client)
         setNoDelay(out)
-        if limits.spreadLoopbackSources, case .v4(let a)? = destination.endpoint?.address, a >> 24 == 127 {
+        var transparent = false
+        if target.source == .client, let routing = targetSide(target.table).transparent {
+            // The client's address of the destination's family (a dual-stack listener's
+            // IPv4-mapped peer is IPv4, as is its default destination; families always match).
+            guard let endpoint = peer.endpoint, endpoint.address.family == (destination.family == AF_INET ? .ipv4 : .ipv6),
+                case .success = TransparentSource.prepare(out, client: SocketAddress(endpoint.address, port: endpoint.port)),
+                case .success = routing.retain()
+            else {
+                counters.transparentFailures += 1
+                noteTransparentFailure(target)
+                Sys.close(out)
+                resetAndClose(client)
+                return true
+            }
+            transparent = true
+            counters.transparent += 1
+        } else if limits.spreadLoopbackSources, case .v4(let a)? = destination.endpoint?.address, a >> 24 == 127 {
             bindLoopbackSource(out)
         }
         let connected = Sys.connect(out, to: destination)
         if case .failed = connected {
             counters.connectFailures += 1
+            if transparent { targetSide(target.table).transparent?.release() }
             Sys.close(out)
             resetAndClose(client)
             return true
         }
         let index = allocateSlot()
         let preamble = writeHeader(target.proxyProtocol, client: client, peer: peer, slot: Int(index))
-        slots[Int(index)] = Connection(client: client, target: out, state: TCPConnectionState(preamble: preamble), inUse: true)
+        slots[Int(index)] = Connection(
+            client: client, target: out, state: TCPConnectionState(preamble: preamble), inUse: true, transparent: transparent)
         activeConnections += 1
         counters.relayed += 1
         drive(index, .connect(connected), destination: destination)
         return true
+    }
+
+    /// Reports a `source` "client" connection that could not be made from the client's
+    /// address, once while it recurs (DataPathConditions).
+    private func noteTransparentFailure(_ target: ForwardTarget) {
+        conditions?.occurred(
+            .transparentSourceFailed,
+            detail: "a connection of \(target.table.name) rule \(target.ruleID) could not be made from its client's address "
+                + "(the address and port are taken in the namespace, or its policy routing could not be installed): reset")
     }
 
     /// Binds `fd` to the next source address of 127.0.0.2–254, leaving the port to connect()
@@ -455,6 +492,8 @@ public final class TCPRelay: EventHandler {
         }
         closeSide(c.client)  // no array: nothing is allocated per connection here
         closeSide(c.target)
+        // Only the HOST table's side has transparent connections.
+        if c.transparent { targetSide(.host).transparent?.release() }
         // A pipe with data left in it is closed, never pooled.
         releasePipe(&c.upPipe, pending: c.state.up.pending)
         releasePipe(&c.downPipe, pending: c.state.down.pending)

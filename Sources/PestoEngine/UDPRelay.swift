@@ -110,6 +110,9 @@ public final class UDPRelay: EventHandler {
         /// Datagrams lost to errors of the environment (no descriptors, unreachable target,
         /// ECONNREFUSED reported by the target, full socket buffers, ...).
         public var droppedErrors: UInt64 = 0
+        /// Datagrams of new `source` "client" flows dropped because the flow could not be made
+        /// from the client's address (EADDRINUSE in the namespace, the route refused).
+        public var droppedTransparent: UInt64 = 0
         /// Flows opened.
         public var flowsCreated: UInt64 = 0
         /// Flows closed for being idle.
@@ -151,6 +154,9 @@ public final class UDPRelay: EventHandler {
         var local = PacketInfo()
         /// The last datagram in either direction.
         var lastActive = MonotonicInstant(nanoseconds: 0)
+        /// From the client's address (`source` "client"): holds a use of the target side's
+        /// TransparentSource for the client's address.
+        var transparent = false
 
         /// False for a free slot.
         var inUse: Bool { socket >= 0 }
@@ -266,9 +272,23 @@ public final class UDPRelay: EventHandler {
             counters.droppedDescriptorBudget += 1
             return nil
         }
-        guard let socket = openFlowSocket(to: destination, side: targetSide(target.table)) else {
+        let side = targetSide(target.table)
+        // From the client's address (`source` "client"), of the destination's family.
+        var transparentClient: SocketAddress? = nil
+        if target.source == .client, side.transparent != nil, let endpoint = client.endpoint {
+            transparentClient = SocketAddress(endpoint.address, port: endpoint.port)
+        }
+        guard let socket = openFlowSocket(to: destination, side: side, from: transparentClient) else {
             budget.release(DescriptorPlan.perFlow)
-            counters.droppedErrors += 1
+            if transparentClient != nil {
+                counters.droppedTransparent += 1
+                conditions?.occurred(
+                    .transparentSourceFailed,
+                    detail: "a UDP flow of \(target.table.name) rule \(target.ruleID) could not be made from its client's address "
+                        + "(the address and port are taken in the namespace, or its route could not be added): datagram dropped")
+            } else {
+                counters.droppedErrors += 1
+            }
             return nil
         }
         let slot: UInt32
@@ -282,13 +302,15 @@ public final class UDPRelay: EventHandler {
             try loop.add(fd: socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
         } catch {
             // epoll cannot take one more watch: this datagram is lost, the relay carries on.
+            if let address = transparentClient?.endpoint?.address { side.transparent?.releaseFlow(client: address) }
             Sys.close(socket)
             budget.release(DescriptorPlan.perFlow)
             freeSlots.append(slot)
             counters.droppedErrors += 1
             return nil
         }
-        flows[Int(slot)] = Flow(socket: socket, listener: listener, client: client, local: local, lastActive: now)
+        flows[Int(slot)] = Flow(
+            socket: socket, listener: listener, client: client, local: local, lastActive: now, transparent: transparentClient != nil)
         flowsByKey[key] = slot
         flowCount += 1
         counters.flowsCreated += 1
@@ -303,10 +325,31 @@ public final class UDPRelay: EventHandler {
 
     /// A non-blocking UDP socket on `side`, connected to `destination`; nil when the
     /// environment refuses (no descriptors, no route, no such family, no ephemeral port).
-    private func openFlowSocket(to destination: SocketAddress, side: TargetSide) -> Int32? {
+    /// With `client`, the socket is bound to the client's address and port (transparent
+    /// source), and the client's address is retained in the side's routing; nil also when
+    /// that fails (EADDRINUSE, the route refused).
+    private func openFlowSocket(to destination: SocketAddress, side: TargetSide, from client: SocketAddress?) -> Int32? {
         let opened = side.socket(domain: destination.family, type: Int32(SOCK_DGRAM.rawValue))
         guard case .success(let fd) = opened else { return nil }
-        // A UDP connect() only sets the default destination: it completes at once or fails.
+        if let client {
+            guard let routing = side.transparent, let address = client.endpoint?.address, client.family == destination.family,
+                case .success = TransparentSource.prepare(fd, client: client)
+            else {
+                Sys.close(fd)
+                return nil
+            }
+            guard let target = destination.endpoint?.address, case .success = routing.retainFlow(client: address, target: target) else {
+                Sys.close(fd)
+                return nil
+            }
+            // A UDP connect() only sets the default destination: it completes at once or fails.
+            guard case .connected = Sys.connect(fd, to: destination) else {
+                routing.releaseFlow(client: address)
+                Sys.close(fd)
+                return nil
+            }
+            return fd
+        }
         guard case .connected = Sys.connect(fd, to: destination) else {
             Sys.close(fd)
             return nil
@@ -398,6 +441,8 @@ public final class UDPRelay: EventHandler {
         // fork between our socket() and its exec, say); removing first is certain.
         loop.remove(fd: flow.socket)
         Sys.close(flow.socket)
+        // Only the HOST table's side has transparent flows.
+        if flow.transparent, let address = flow.client.endpoint?.address { targetSide(.host).transparent?.releaseFlow(client: address) }
         flows[slot] = Flow()
         freeSlots.append(UInt32(slot))
         flowCount -= 1

@@ -47,6 +47,9 @@ public struct Rule: Hashable, Sendable {
     /// The PROXY protocol header its TCP connections start with at the target (none by
     /// default; ProxyProtocol.swift).
     public var proxyProtocol: ProxyProtocolVersion
+    /// Whose address its connections and flows come from at the target (pestod's by
+    /// default; ConnectionSource.swift).
+    public var source: ConnectionSource
 
     /// Makes a rule; `lastPort` and `targetPort` default to `firstPort`.
     public init(
@@ -59,7 +62,8 @@ public struct Rule: Hashable, Sendable {
         targetPort: UInt16? = nil,
         scan: Bool = false,
         owner: String = "",
-        proxyProtocol: ProxyProtocolVersion = .none
+        proxyProtocol: ProxyProtocolVersion = .none,
+        source: ConnectionSource = .pestod
     ) {
         self.proto = proto
         self.address = address
@@ -71,6 +75,7 @@ public struct Rule: Hashable, Sendable {
         self.scan = scan
         self.owner = owner
         self.proxyProtocol = proxyProtocol
+        self.source = source
     }
 
     /// True when the rule listens on any address of both families (no `address`).

@@ -24,6 +24,7 @@ public enum RuleField: String, CaseIterable, Hashable, Sendable {
     case scan
     case owner
     case proxyProtocol = "proxy-protocol"
+    case source
 
     /// What kind of value a field holds; each encoding has one representation per kind.
     public enum Kind: Hashable, Sendable {
@@ -51,13 +52,14 @@ public enum RuleField: String, CaseIterable, Hashable, Sendable {
         case .scan: return "Scan"
         case .owner: return "Owner"
         case .proxyProtocol: return "ProxyProtocol"
+        case .source: return "Source"
         }
     }
 
     /// The kind of the field's value.
     public var kind: Kind {
         switch self {
-        case .proto, .address, .interface, .targetAddress, .owner, .proxyProtocol: return .text
+        case .proto, .address, .interface, .targetAddress, .owner, .proxyProtocol, .source: return .text
         case .firstPort, .lastPort, .targetPort: return .port
         case .scan: return .flag
         }
@@ -98,6 +100,7 @@ extension Rule {
         case .scan: return .flag(scan)
         case .owner: return .text(owner)
         case .proxyProtocol: return .text(proxyProtocol.rawValue)
+        case .source: return .text(source.rawValue)
         }
     }
 
@@ -110,11 +113,12 @@ extension Rule {
     ///
     /// `protocol` and `first-port` are required; `last-port` and `target-port` default to
     /// `first-port`, addresses to none, `interface`, `owner` and `proxy-protocol` to "",
-    /// `scan` to false.
+    /// `source` to "pestod", `scan` to false.
     /// The caller has checked each value's kind against its field (a mismatched kind is
     /// treated as absent). The rule is not validated (`validate(capabilities:)` does that).
     /// - Throws: `PestoError` `.invalidRule` for a missing required field, an unknown
-    ///   protocol, an address that does not parse or an unknown `proxy-protocol`.
+    ///   protocol, an address that does not parse, an unknown `proxy-protocol` or
+    ///   `source`.
     public init(fields: [RuleField: RuleFieldValue]) throws(PestoError) {
         func text(_ f: RuleField) -> String? {
             if case .text(let v)? = fields[f] { return v }
@@ -148,7 +152,8 @@ extension Rule {
             targetPort: port(.targetPort),
             scan: scan,
             owner: text(.owner) ?? "",
-            proxyProtocol: try ProxyProtocolVersion(parsing: text(.proxyProtocol) ?? ""))
+            proxyProtocol: try ProxyProtocolVersion(parsing: text(.proxyProtocol) ?? ""),
+            source: try ConnectionSource(parsing: text(.source) ?? ""))
     }
 
     /// The rule without its owner tag: what it forwards. Two rules with the same key listen

@@ -15,8 +15,11 @@ extension Rule {
 
     /// Checks the rule against the contract and a table's capabilities.
     ///
+    /// `clientSource` says whether the table makes its target sockets inside the network
+    /// namespace pestod was given (the HOST table of a pestod started with `--netns`), where
+    /// `source` "client" can work; anywhere else (and by default) it is refused.
     /// - Throws: `PestoError` with code `.invalidRule` and a message naming the field.
-    public func validate(capabilities: Capabilities) throws(PestoError) {
+    public func validate(capabilities: Capabilities, clientSource: Bool = false) throws(PestoError) {
         func invalid(_ message: String) -> PestoError { PestoError(.invalidRule, message) }
 
         // Ports.
@@ -38,6 +41,22 @@ extension Rule {
             throw invalid(
                 "proxy-protocol \"\(proxyProtocol.rawValue)\" is for TCP rules only; pestod sends no PROXY protocol "
                     + "header over UDP: leave proxy-protocol empty for a udp rule.")
+        }
+
+        // Transparent source: only where pestod owns the target namespace's routing, and not
+        // together with a PROXY header (the target already sees the client's address).
+        if source == .client {
+            if !clientSource {
+                throw invalid(
+                    "source \"client\" needs a target inside the network namespace pestod was given (--netns): "
+                        + "only the host table of a pestod started with --netns connects from the client's address; "
+                        + "use source \"pestod\" (the default) or, for TCP, proxy-protocol.")
+            }
+            if proxyProtocol != .none {
+                throw invalid(
+                    "source \"client\" and proxy-protocol \"\(proxyProtocol.rawValue)\" do not combine: with source "
+                        + "\"client\" the target already sees the client's address; choose one of them.")
+            }
         }
 
         // Addresses.

@@ -80,7 +80,7 @@ public struct StateFile {
         var entries: [Entry] = []
         for (n, line) in lines.enumerated().dropFirst() {
             let words = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
-            // Files written before a field was added lack it (`proxy-protocol`): it takes its
+            // Files written before a field was added lack it (`proxy-protocol`, `source`): it takes its
             // default. Every field the first version wrote is still required.
             let fieldCount = words.count - 4
             guard fieldCount >= RuleField.allCases.count - Self.fieldsAddedLater.count, fieldCount <= RuleField.allCases.count,
@@ -117,7 +117,7 @@ public struct StateFile {
     }
 
     /// Fields added after the file's first version, which an older file's lines lack.
-    static let fieldsAddedLater: Set<RuleField> = [.proxyProtocol]
+    static let fieldsAddedLater: Set<RuleField> = [.proxyProtocol, .source]
 
     static func bad(_ line: Int, _ what: String) -> PestoError {
         PestoError(.system, "line \(line): \(what)")

@@ -228,10 +228,10 @@ final class TablesEditor {
     func validate(_ change: TableChange) throws(PestoError) {
         switch change {
         case .insert(let kind, _, let rule):
-            try rule.validate(capabilities: try table(kind).capabilities)
+            try table(kind).validate(rule)
         case .apply(let kind, let request):
-            let caps = try table(kind).capabilities
-            for (_, rule) in request.inserts { try rule.validate(capabilities: caps) }
+            let t = try table(kind)
+            for (_, rule) in request.inserts { try t.validate(rule) }
         case .delete, .activate, .deactivate, .lock:
             break
         }

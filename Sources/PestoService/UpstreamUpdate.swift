@@ -76,7 +76,7 @@ extension TablesEditor {
         var weak: [(RuleRef, Bool)] = []
         for (kind, rules) in upload {
             let t = try table(kind)
-            for (rule, _) in rules { try rule.validate(capabilities: t.capabilities) }
+            for (rule, _) in rules { try t.validate(rule) }
             // Identical active rules are kept with their sockets (KeptRules, one hash lookup
             // per rule); the rest are inserted, and unmatched active rules removed.
             let active = t.list().filter(\.status.active).map { (id: $0.id, rule: $0.rule) }

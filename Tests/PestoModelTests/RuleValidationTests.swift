@@ -9,6 +9,27 @@ import Testing
 
 @Suite("Rule validation")
 struct RuleValidationTests {
+    @Test("source client: only where the table allows it, for TCP, without proxy-protocol")
+    func clientSource() throws {
+        let all = Self.all
+        try Rule(proto: .tcp, firstPort: 80, source: .client).validate(capabilities: all, clientSource: true)
+        try Rule(proto: .udp, firstPort: 53, source: .client).validate(capabilities: all, clientSource: true)
+        try Rule(proto: .tcp, firstPort: 80).validate(capabilities: all, clientSource: false)
+        for (rule, fragment) in [
+            (Rule(proto: .tcp, firstPort: 80, proxyProtocol: .v1, source: .client), "do not combine")
+        ] {
+            #expect(throws: PestoError.self) { try rule.validate(capabilities: all, clientSource: true) }
+            do {
+                try rule.validate(capabilities: all, clientSource: true)
+            } catch {
+                #expect(error.code == .invalidRule && error.message.contains(fragment), "\(error.message)")
+            }
+        }
+        #expect(try ConnectionSource(parsing: "") == .pestod)
+        #expect(try ConnectionSource(parsing: "client") == .client)
+        #expect(throws: PestoError.self) { try ConnectionSource(parsing: "Client") }
+    }
+
     static let all: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .scan, .ifname]
 
     static func ip(_ s: String) -> IPAddress { IPAddress(s)! }
@@ -18,6 +39,7 @@ struct RuleValidationTests {
         (Rule(proto: .tcp, firstPort: 0), all, "first-port must be between 1 and 65535, not 0"),
         (Rule(proto: .udp, firstPort: 53, proxyProtocol: .v2), all, "proxy-protocol \"v2\" is for TCP rules only"),
         (Rule(proto: .udp, firstPort: 53, proxyProtocol: .v1), all, "proxy-protocol \"v1\" is for TCP rules only"),
+        (Rule(proto: .tcp, firstPort: 80, source: .client), all, "source \"client\" needs a target inside the network namespace"),
         (Rule(proto: .tcp, firstPort: 80, lastPort: 0), all, "last-port must be between 1 and 65535, not 0"),
         (Rule(proto: .tcp, firstPort: 90, lastPort: 80), all, "last-port 80 is below first-port 90"),
         (Rule(proto: .tcp, firstPort: 80, targetPort: 0), all, "target-port must be between 1 and 65535, not 0"),

@@ -39,7 +39,7 @@ struct ContractTests {
             r.out.contains("\"first-port\" q \(port)") && r.out.contains("\"address\" s \"127.0.0.1\"")
                 && r.out.contains("\"target-port\" q \(port)"))
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "List"])
-        #expect(r.out.hasPrefix("a(ua{sv}(buus)) 1 100 10 "), "\(r.out)")
+        #expect(r.out.hasPrefix("a(ua{sv}(buus)) 1 100 11 "), "\(r.out)")
         #expect(r.out.hasSuffix("true 1 0 \"\"\n"))
         #expect(f.listeningSockets().count == 1)
 

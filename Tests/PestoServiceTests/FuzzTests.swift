@@ -194,6 +194,9 @@ final class FuzzRun {
         if rng.oneIn(8) {
             fields.append(("proxy-protocol", .string(rng.pick(["", "v1", "v2", "v2", "v3", "V1"]))))
         }
+        if rng.oneIn(10) {
+            fields.append(("source", .string(rng.pick(["", "pestod", "pestod", "client", "Client", "peer"]))))
+        }
         if rng.oneIn(5) {
             fields.append(
                 (
@@ -1062,6 +1065,8 @@ struct ModelRule: Equatable, CustomStringConvertible {
     var owner: String
     /// "", "v1" or "v2".
     var proxyProtocol = ""
+    /// "pestod" or "client" ("" in a request means "pestod").
+    var source = "pestod"
 
     var portCount: Int { max(0, Int(last) - Int(first) + 1) }
 
@@ -1090,7 +1095,7 @@ struct ModelRule: Equatable, CustomStringConvertible {
     }
 
     var description: String {
-        "\(proto) \(address?.description ?? "any")%\(interface) \(first)-\(last) -> \(target?.description ?? "default"):\(targetPort)\(scan ? " scan" : "")\(proxyProtocol.isEmpty ? "" : " proxy " + proxyProtocol) owner \(owner.count)"
+        "\(proto) \(address?.description ?? "any")%\(interface) \(first)-\(last) -> \(target?.description ?? "default"):\(targetPort)\(scan ? " scan" : "")\(proxyProtocol.isEmpty ? "" : " proxy " + proxyProtocol)\(source == "pestod" ? "" : " source " + source) owner \(owner.count)"
     }
 }
 
@@ -1109,6 +1114,7 @@ struct RequestVerdict {
 let contractRuleKeys: [String: String] = [
     "protocol": "s", "address": "s", "interface": "s", "first-port": "q", "last-port": "q",
     "target-address": "s", "target-port": "q", "scan": "b", "owner": "s", "proxy-protocol": "s",
+    "source": "s",
 ]
 
 /// Decodes and judges a rule description the way the contract says pestod must.
@@ -1134,6 +1140,7 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
     if !present.contains("protocol") || !present.contains("first-port") { v.decodeErrors.insert(ContractError.invalidRule) }
     if let proto, proto != "tcp" && proto != "udp" { v.decodeErrors.insert(ContractError.invalidRule) }
     if let pp = string("proxy-protocol"), !["", "v1", "v2"].contains(pp) { v.decodeErrors.insert(ContractError.invalidRule) }
+    if let source = string("source"), !["", "pestod", "client"].contains(source) { v.decodeErrors.insert(ContractError.invalidRule) }
     var address: ModelAddress? = nil
     if let text = string("address"), !text.isEmpty {
         address = ModelAddress.parse(text)
@@ -1149,7 +1156,7 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
     let rule = ModelRule(
         proto: proto, address: address, interface: string("interface") ?? "", first: first, last: last, target: target,
         targetPort: port("target-port") ?? first, scan: values["scan"]?.boolValue ?? false, owner: string("owner") ?? "",
-        proxyProtocol: string("proxy-protocol") ?? "")
+        proxyProtocol: string("proxy-protocol") ?? "", source: (string("source") ?? "").isEmpty ? "pestod" : string("source")!)
     v.rule = rule
     func invalid(_ why: String) {
         v.validity = .invalid
@@ -1178,6 +1185,8 @@ func judgeRequest(_ fields: [(String, DBusValue)], capabilities: Set<String>) ->
     }
     if rule.owner.utf8.count > 255 { invalid("owner longer than 255 bytes") }
     if proto == "udp" && !rule.proxyProtocol.isEmpty { invalid("proxy-protocol on a udp rule") }
+    // The fuzzed pestod has no --netns: no table can connect from the client's address.
+    if rule.source == "client" { invalid("source client without a target namespace") }
     if !capabilities.contains(proto) { invalid("no \(proto) capability") }
     if let address, !capabilities.contains(address.v6 ? "ipv6" : "ipv4") { invalid("no capability for the address family") }
     if !rule.interface.isEmpty && !capabilities.contains("ifname") { invalid("no ifname capability") }
@@ -1205,7 +1214,8 @@ func readReturnedRule(_ value: DBusValue) -> ModelRule? {
     return ModelRule(
         proto: d["protocol"]?.stringValue ?? "", address: a, interface: d["interface"]?.stringValue ?? "", first: port("first-port"),
         last: port("last-port"), target: t, targetPort: port("target-port"), scan: d["scan"]?.boolValue ?? false,
-        owner: d["owner"]?.stringValue ?? "", proxyProtocol: d["proxy-protocol"]?.stringValue ?? "")
+        owner: d["owner"]?.stringValue ?? "", proxyProtocol: d["proxy-protocol"]?.stringValue ?? "",
+        source: d["source"]?.stringValue ?? "")
 }
 
 /// Reads a rule object's properties (top.passt.Pesto1.Rule) into a rule.
@@ -1221,9 +1231,10 @@ func ruleFromProperties(_ p: [String: DBusValue]) -> ModelRule? {
     }
     guard let proto = p["Protocol"]?.stringValue, let a = address("Address"), let interface = p["Interface"]?.stringValue,
         let first = port("FirstPort"), let last = port("LastPort"), let t = address("TargetAddress"), let tp = port("TargetPort"),
-        let scan = p["Scan"]?.boolValue, let owner = p["Owner"]?.stringValue, let proxyProtocol = p["ProxyProtocol"]?.stringValue
+        let scan = p["Scan"]?.boolValue, let owner = p["Owner"]?.stringValue, let proxyProtocol = p["ProxyProtocol"]?.stringValue,
+        let source = p["Source"]?.stringValue
     else { return nil }
     return ModelRule(
         proto: proto, address: a, interface: interface, first: first, last: last, target: t, targetPort: tp, scan: scan, owner: owner,
-        proxyProtocol: proxyProtocol)
+        proxyProtocol: proxyProtocol, source: source)
 }

@@ -25,21 +25,26 @@ struct StateFileTests {
                     targetAddress: IPAddress("10.0.0.1"), targetPort: 8080, owner: "ctr 1/ü%=")),
             StateFile.Entry(table: .splice, id: 4_000_000_000, active: false, rule: Rule(proto: .udp, firstPort: 53, scan: true)),
             StateFile.Entry(table: .host, id: 6, active: true, rule: Rule(proto: .tcp, firstPort: 443, proxyProtocol: .v2)),
+            StateFile.Entry(table: .host, id: 7, active: true, rule: Rule(proto: .tcp, firstPort: 444, source: .client)),
         ]
         let text = StateFile.render(entries)
-        #expect(text.contains(" proxy-protocol=v2\n"))
+        #expect(text.contains(" proxy-protocol=v2 source=pestod\n"))
+        #expect(text.contains(" proxy-protocol= source=client\n"))
         #expect(try StateFile.parse(text) == entries)
-        // A file written before proxy-protocol existed lacks the field: its rules load without it.
+        // A file written before proxy-protocol and source existed lacks them: its rules load
+        // without them.
         let older = text.replacing(" proxy-protocol=v2", with: "").replacing(" proxy-protocol=", with: "")
-        #expect(!older.contains("proxy-protocol"))
-        #expect(try StateFile.parse(older).map(\.rule.proxyProtocol) == [.none, .none, .none])
+            .replacing(" source=pestod", with: "").replacing(" source=client", with: "")
+        #expect(!older.contains("proxy-protocol") && !older.contains("source="))
+        #expect(try StateFile.parse(older).map(\.rule.proxyProtocol) == [.none, .none, .none, .none])
+        #expect(try StateFile.parse(older).map(\.rule.source) == [.pestod, .pestod, .pestod, .pestod])
         // Any other missing field is still an error.
         #expect(throws: PestoError.self) { try StateFile.parse(older.replacing(" owner=", with: " ")) }
         for (bad, line) in [
             ("nope\n", 1), (StateFile.header + "\nrule host x active\n", 2),
             (text.replacing("protocol=tcp", with: "protocol=sctp"), 2),
             (text.replacing("owner=", with: "owner=%G"), 2),
-            (text + "rule elsewhere 1 active\n", 5),
+            (text + "rule elsewhere 1 active\n", 6),
         ] {
             #expect(throws: PestoError.self) { try StateFile.parse(bad) }
             do { _ = try StateFile.parse(bad) } catch { #expect(error.message.hasPrefix("line \(line):"), "\(error.message)") }

@@ -42,7 +42,9 @@ public final class TestNamespace {
     /// from a work queue) has none, and a datagram sent to it meanwhile is lost.
     ///
     /// The wait is on the kernel's own notices: `ip monitor route`, proved subscribed by a
-    /// marker route it must report, then the route table is checked after every notice.
+    /// marker route it must report, then the route table is checked after every notice. The
+    /// monitor subscribes some time after it starts, so a marker added before that is not
+    /// reported: until one is, the marker is deleted and added again every 100 ms.
     public func waitForLocalRoute(_ address: String, timeoutMilliseconds: Int32 = 20_000) throws {
         let family = address.contains(":") ? "-6" : "-4"
         func present() throws -> Bool {
@@ -52,17 +54,22 @@ public final class TestNamespace {
         let monitor = try ChildProcess("/usr/sbin/ip", ["-n", name, "monitor", "route"])
         defer { monitor.kill() }
         let marker = ["-n", name, "route", "add", "192.0.2.77/32", "dev", "lo", "table", "4077"]
+        let unmark = ["-n", name, "route", "del", "192.0.2.77/32", "dev", "lo", "table", "4077"]
         let added = try run("/usr/sbin/ip", marker)
         guard added.status == 0 else { throw HarnessError("ip route add (marker) failed: \(added.err)") }
         let deadline = MonotonicInstant.now.adding(milliseconds: Int(timeoutMilliseconds))
         var subscribed = false
         while !subscribed {
-            guard let line = monitor.readLine(timeoutMilliseconds: millisecondsLeft(deadline)) else {
-                throw HarnessError("ip monitor route never reported the marker route")
+            guard millisecondsLeft(deadline) > 0 else { throw HarnessError("ip monitor route never reported the marker route") }
+            guard let line = monitor.readLine(timeoutMilliseconds: min(100, millisecondsLeft(deadline))) else {
+                // Not subscribed yet when the marker came: show it again.
+                _ = try run("/usr/sbin/ip", unmark)
+                _ = try run("/usr/sbin/ip", marker)
+                continue
             }
             subscribed = line.contains("192.0.2.77")
         }
-        _ = try run("/usr/sbin/ip", ["-n", name, "route", "del", "192.0.2.77/32", "dev", "lo", "table", "4077"])
+        _ = try run("/usr/sbin/ip", unmark)
         while try !present() {
             guard monitor.readLine(timeoutMilliseconds: millisecondsLeft(deadline)) != nil else {
                 throw HarnessError("\(address) in \(name) never got its local route")

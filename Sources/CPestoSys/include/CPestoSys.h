@@ -26,6 +26,40 @@ enum {
     PESTO_O_NONBLOCK = 04000,
     PESTO_F_SETPIPE_SZ = 1031,
     PESTO_IP_BIND_ADDRESS_NO_PORT = 24,
+    PESTO_IP_TRANSPARENT = 19,
+    PESTO_IPV6_TRANSPARENT = 75,
+    PESTO_SO_MARK = 36,
+};
+
+/* rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h): the values pestod's
+ * policy routing messages use (RouteNetlink.swift), checked in shim.c. */
+enum {
+    PESTO_AF_NETLINK = 16,
+    PESTO_NETLINK_ROUTE = 0,
+    PESTO_NLMSG_ERROR = 2,
+    PESTO_NLM_F_REQUEST = 0x1,
+    PESTO_NLM_F_ACK = 0x4,
+    PESTO_NLM_F_REPLACE = 0x100,
+    PESTO_NLM_F_EXCL = 0x200,
+    PESTO_NLM_F_CREATE = 0x400,
+    PESTO_RTM_NEWROUTE = 24,
+    PESTO_RTM_DELROUTE = 25,
+    PESTO_RTM_NEWRULE = 32,
+    PESTO_RTM_DELRULE = 33,
+    PESTO_RTN_LOCAL = 2,
+    PESTO_RT_SCOPE_HOST = 254,
+    PESTO_RTPROT_STATIC = 4,
+    PESTO_RTA_DST = 1,
+    PESTO_RTA_OIF = 4,
+    PESTO_RTA_PREFSRC = 7,
+    PESTO_RTA_TABLE = 15,
+    PESTO_FR_ACT_TO_TBL = 1,
+    PESTO_FRA_IIFNAME = 3,
+    PESTO_FRA_PRIORITY = 6,
+    PESTO_FRA_FWMARK = 10,
+    PESTO_FRA_TABLE = 15,
+    PESTO_FRA_FWMASK = 16,
+    PESTO_FRA_IP_PROTO = 22,
 };
 
 /* setns(2): move the calling thread into the namespace behind fd. */
