@@ -100,6 +100,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// an array increment and a page probe shared by 32 ports.
     private var ownPorts = PortCounts()
     private var pausedListeners: [Int32] = []
+    /// What the listener `fd` is for, if it is one of the engine's.
+    func listenerEntry(fd: Int32) -> ListenerEntry? { Int(fd) < listeners.count && fd >= 0 ? listeners[Int(fd)] : nil }
     /// The listeners paused now (tests).
     var pausedListenerDescriptors: [Int32] { pausedListeners }
     private var resumeTimer: EventLoop.TimerID?

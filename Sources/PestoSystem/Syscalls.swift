@@ -31,7 +31,7 @@ import PestoModel
 package enum Sys {
     /// Which call a wrapper makes, for the debug-only `SyscallScript`.
     package enum Name: String, Sendable, Hashable, CaseIterable {
-        case socket, setsockopt, getsockopt, getsockname, bind, listen, accept, connect, shutdown
+        case socket, setsockopt, getsockopt, getsockname, getpeername, bind, listen, accept, connect, shutdown
         case send, recv, sendto, recvfrom, sendmsg, recvmsg
         case splice, pipe, fcntl, close
         case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
@@ -134,6 +134,13 @@ package enum Sys {
     package static func localAddress(_ fd: Int32) -> Result<SocketAddress, Errno> {
         var address = SocketAddress()
         return address.withMutableSockaddr { sa, len in call(.getsockname, fd: fd) { Glibc.getsockname(fd, sa, len) } }
+            .map { _ in address }
+    }
+
+    /// `getpeername(2)`: the address a connected socket is connected to.
+    package static func peerAddress(_ fd: Int32) -> Result<SocketAddress, Errno> {
+        var address = SocketAddress()
+        return address.withMutableSockaddr { sa, len in call(.getpeername, fd: fd) { Glibc.getpeername(fd, sa, len) } }
             .map { _ in address }
     }
 

@@ -298,7 +298,7 @@ struct Pestod: ParsableCommand {
             // file alone (no restore, no move aside, no save). Calls queue in libdbus until
             // the loop runs, so no client sees the tables before they are restored.
             let carried: [StateFile.Entry]
-            if let received {
+            if var received {
                 let result = StateFile.restore(received.entries, into: engine)
                 for (entry, reason) in result.carried {
                     logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
@@ -306,8 +306,9 @@ struct Pestod: ParsableCommand {
                 carried = result.carried.map(\.entry)
                 let adopted = received.adoption.adopted
                 received.adoption.closeUnclaimed()
+                let relays = received.adoptRelays(into: engine)
                 logger.notice(
-                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused)"
+                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused), \(relays.connections) relayed connections and \(relays.flows) UDP flows (\(relays.refused) refused)"
                 )
                 // The running pestod allowed replacement: the name moves here at once, and goes
                 // back to it should this process die before the handover completes.
@@ -317,6 +318,8 @@ struct Pestod: ParsableCommand {
                 // process before the old one exits, which it does once the channel closes.
                 SystemdNotify.send("MAINPID=\(getpid())")
                 received.channel.finish()
+                // The old pestod has let go of the relayed connections: they move bytes here now.
+                engine.tcp.startAdopted()
             } else {
                 try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
                 carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
