@@ -179,8 +179,9 @@ public final class TakeoverSource: EventHandler {
         {
             try channel.send(message, descriptors: fds)
         }
+        let inFlight = connections.reduce(0) { $0 + $1.up.pending + $1.down.pending }
         logger.notice(
-            "takeover: sent \(text.count) bytes of tables, \(listeners.count) listeners, \(connections.count) relayed connections and \(flows.count) UDP flows; waiting for the new pestod"
+            "takeover: sent \(text.count) bytes of tables, \(listeners.count) listeners, \(connections.count) relayed connections (\(inFlight) bytes in flight in their pipes) and \(flows.count) UDP flows; waiting for the new pestod"
         )
         let (answer, fds) = try channel.receive()
         for fd in fds { Sys.close(fd) }
