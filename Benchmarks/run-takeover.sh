@@ -2,25 +2,34 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Takeover benchmark (doc/takeover.md): a pestod with LISTENERS listening sockets (default
 # 19,000) on a private bus is replaced ROUNDS times (default 20) by `pestod --replace`, while
-# a client connects in a loop to one forwarded port and a D-Bus client calls
-# GetManagedObjects in a loop. Reports per round the takeover time (start of the new pestod
-# to exit of the old), and overall: failed connects, listeners whose inode changed, whether
-# the objects and properties are unchanged, and the longest D-Bus call during the run.
+# a client connects in a loop to one forwarded port, CONNECTIONS long relayed connections
+# (default 1) exchange counting streams both ways (pesto-loadgen streams: 256 bytes per end
+# every 10 ms, every byte checked), and a D-Bus client calls GetManagedObjects in a loop.
+# Reports per round the takeover time (start of the new pestod to exit of the old), and
+# overall: failed connects, listeners whose inode changed, broken long connections and
+# directions that lost a byte, whether the objects and properties are unchanged, and the
+# longest D-Bus call during the run. The last line, "TAKEOVER listeners L connections C
+# mean/min/max ms", is the takeover time as a function of listeners and connections.
 #
-#   Benchmarks/run-takeover.sh [LISTENERS] [ROUNDS]
-#   PESTOD=.build/debug/pestod Benchmarks/run-takeover.sh 1000 5     (skip the release build)
+#   Benchmarks/run-takeover.sh [LISTENERS] [ROUNDS] [CONNECTIONS]
+#   PESTOD=.build/debug/pestod LOADGEN=.build/debug/pesto-loadgen Benchmarks/run-takeover.sh 1000 5 100
+#                                                                   (skip the release build)
 #
-# Run as root (pestod raises its descriptor limit; the ports are 12000 upwards, below 32768).
-# Needs dbus-daemon, busctl and socat. Relayed connections are not handed over yet: a
-# connection accepted by the old pestod ends with it, so the connect loop only connects.
+# Run as root (pestod raises its descriptor limit; the ports are 11996 upwards, below 32768).
+# Needs dbus-daemon, busctl and socat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LISTENERS=${1:-19000}
 ROUNDS=${2:-20}
+CONNECTIONS=${3:-1}
 BASE=12000
 if [ -z "${PESTOD:-}" ]; then
     swift build -c release --product pestod >/dev/null
     PESTOD=.build/release/pestod
+fi
+if [ -z "${LOADGEN:-}" ]; then
+    swift build -c release --product pesto-loadgen >/dev/null
+    LOADGEN=.build/release/pesto-loadgen
 fi
 (( BASE + LISTENERS < 32768 )) || { echo "too many listeners for ports $BASE..32767" >&2; exit 1; }
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -67,6 +76,10 @@ pids+=($!)
 "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 1 4 \
     protocol s tcp address s 127.0.0.1 first-port q $BASE target-port q $((BASE - 1)) >/dev/null
 "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Activate u 1 >/dev/null
+# The long connections: port BASE-2 forwarded to BASE-3, where pesto-loadgen is the target.
+"${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 3 4 \
+    protocol s tcp address s 127.0.0.1 first-port q $((BASE - 2)) target-port q $((BASE - 3)) >/dev/null
+"${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Activate u 3 >/dev/null
 if (( LISTENERS > 1 )); then
     "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 2 4 \
         protocol s tcp address s 127.0.0.1 first-port q $((BASE + 1)) last-port q $((BASE + LISTENERS - 1)) >/dev/null
@@ -75,6 +88,18 @@ fi
 before_objects=$(objects)
 before_inodes=$(inodes)
 echo "pestod $current: $(echo "$before_inodes" | wc -l) listening sockets (of $LISTENERS)"
+
+# The long connections, until their stdin (a FIFO held open here) closes.
+if (( CONNECTIONS > 0 )); then
+    mkfifo "$dir/streams.in"
+    "$LOADGEN" streams --port $((BASE - 2)) --target-port $((BASE - 3)) --count "$CONNECTIONS" \
+        <"$dir/streams.in" >"$dir/streams.out" 2>&1 &
+    streams=$!
+    pids+=($streams)
+    exec 4>"$dir/streams.in"
+    until grep -q '^ready\|^failed\|pesto-loadgen:' "$dir/streams.out" 2>/dev/null; do sleep 0.05; done
+    head -1 "$dir/streams.out" | sed 's/^/long connections: /'
+fi
 
 # The connect loop: one line per failed connect.
 : >"$dir/failures"; : >"$dir/dbus-failures"
@@ -92,6 +117,8 @@ pids+=($!)
 pids+=($!)
 
 total=0
+min=
+max=0
 for round in $(seq 1 "$ROUNDS"); do
     old=$current
     t0=$(date +%s%N)
@@ -102,12 +129,19 @@ for round in $(seq 1 "$ROUNDS"); do
     wait "$old" 2>/dev/null || { echo "round $round: the old pestod exited with $?"; }
     ms=$(( (t1 - t0) / 1000000 ))
     total=$(( total + ms ))
+    if (( ms > max )); then max=$ms; fi
+    if [ -z "$min" ] || (( ms < min )); then min=$ms; fi
     now=$(inodes)
     changed=$(comm -3 <(echo "$before_inodes") <(echo "$now") | wc -l)
     echo "round $round: takeover ${ms} ms, listeners (port, inode) differing from the start: $changed"
 done
 touch "$dir/stop"
 wait_for_name
+if (( CONNECTIONS > 0 )); then
+    exec 4>&-
+    wait "$streams" || true
+    sed 's/^/long connections: /' "$dir/streams.out" | tail -n +2
+fi
 after_objects=$(objects 2>&1) || echo "final GetManagedObjects failed: $after_objects"
 sleep 0.2
 echo "takeovers: $ROUNDS, mean $(( total / ROUNDS )) ms, listeners $LISTENERS"
@@ -117,3 +151,5 @@ echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects"
 echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failures"), longest $(sort -n "$dir/dbus-us" | tail -1) µs, median $(sort -n "$dir/dbus-us" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') µs"
 sort "$dir/dbus-failures" | uniq -c
 grep -E "critical|takeover failed" "$dir/pestod.log" || true
+grep -E "takeover: sent" "$dir/pestod.log" | tail -1 | sed 's/^.*takeover: /last handover: /'
+echo "TAKEOVER listeners $LISTENERS connections $CONNECTIONS rounds $ROUNDS mean $(( total / ROUNDS )) ms min $min ms max $max ms"
