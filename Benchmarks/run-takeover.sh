@@ -89,7 +89,8 @@ before_objects=$(objects)
 before_inodes=$(inodes)
 echo "pestod $current: $(echo "$before_inodes" | wc -l) listening sockets (of $LISTENERS)"
 
-# The long connections, until their stdin (a FIFO held open here) closes.
+# The long connections, until their stdin (a FIFO held open here as descriptor 4, which no
+# other process may inherit) closes.
 if (( CONNECTIONS > 0 )); then
     mkfifo "$dir/streams.in"
     "$LOADGEN" streams --port $((BASE - 2)) --target-port $((BASE - 3)) --count "$CONNECTIONS" \
@@ -107,25 +108,34 @@ fi
       if ! { exec 3<>/dev/tcp/127.0.0.1/$BASE; } 2>>"$dir/failures"; then echo "at $(date +%s.%N)" >>"$dir/failures"; fi
       exec 3>&- 3<&- || true
       echo >>"$dir/connects"
-  done ) 2>/dev/null &
+  done ) 2>/dev/null 4>&- &
 pids+=($!)
 # The D-Bus loop: the duration of each call in microseconds.
 ( while [ ! -e "$dir/stop" ]; do
       t0=$(date +%s%N); objects >/dev/null 2>>"$dir/dbus-failures" || true
       echo $(( ($(date +%s%N) - t0) / 1000 )) >>"$dir/dbus-us"
-  done ) &
+  done ) 4>&- &
 pids+=($!)
 
 total=0
+failed_rounds=0
 min=
 max=0
 for round in $(seq 1 "$ROUNDS"); do
     old=$current
     t0=$(date +%s%N)
-    "$PESTOD" "${ARGS[@]}" --replace 2>>"$dir/pestod.log" &
+    "$PESTOD" "${ARGS[@]}" --replace 2>>"$dir/pestod.log" 4>&- &
     current=$!
-    while kill -0 "$old" 2>/dev/null; do sleep 0.002; done
+    while kill -0 "$old" 2>/dev/null; do
+        if ! kill -0 "$current" 2>/dev/null; then
+            echo "round $round: the new pestod failed (see the log below); the old one stays in charge"
+            current=$old
+            break
+        fi
+        sleep 0.002
+    done
     t1=$(date +%s%N)
+    if [ "$current" = "$old" ]; then failed_rounds=$((failed_rounds + 1)); continue; fi
     wait "$old" 2>/dev/null || { echo "round $round: the old pestod exited with $?"; }
     ms=$(( (t1 - t0) / 1000000 ))
     total=$(( total + ms ))
@@ -144,7 +154,9 @@ if (( CONNECTIONS > 0 )); then
 fi
 after_objects=$(objects 2>&1) || echo "final GetManagedObjects failed: $after_objects"
 sleep 0.2
-echo "takeovers: $ROUNDS, mean $(( total / ROUNDS )) ms, listeners $LISTENERS"
+done_rounds=$(( ROUNDS - failed_rounds ))
+mean=$(( done_rounds > 0 ? total / done_rounds : 0 ))
+echo "takeovers: $ROUNDS, failed $failed_rounds, mean $mean ms, listeners $LISTENERS"
 echo "connects: $(wc -l <"$dir/connects" 2>/dev/null || echo 0), failed: $(grep -c '^at ' "$dir/failures")"
 { grep -v '^at ' "$dir/failures" || true; } | sed 's/^.*: //' | sort | uniq -c
 echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects" ] && echo yes || echo NO)"
@@ -152,4 +164,4 @@ echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failure
 sort "$dir/dbus-failures" | uniq -c
 grep -E "critical|takeover failed" "$dir/pestod.log" || true
 grep -E "takeover: sent" "$dir/pestod.log" | tail -1 | sed 's/^.*takeover: /last handover: /'
-echo "TAKEOVER listeners $LISTENERS connections $CONNECTIONS rounds $ROUNDS mean $(( total / ROUNDS )) ms min $min ms max $max ms"
+echo "TAKEOVER listeners $LISTENERS connections $CONNECTIONS rounds $ROUNDS failed $failed_rounds mean $mean ms min $min ms max $max ms"

@@ -245,22 +245,44 @@ public enum TakeoverClient {
         guard let address = SocketAddress(unixPath: path) else {
             throw PestoError(.system, "The takeover socket path \(path) is not a usable path (at most 107 bytes).")
         }
-        let fd: Int32
-        switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_SEQPACKET.rawValue), blocking: true) {
-        case .success(let s): fd = s
-        case .failure(let e): throw PestoError(.system, "Cannot create a socket.", underlyingError: e)
+        // A pestod that has just taken over itself opens its takeover socket a moment after
+        // its predecessor exits; until then the path refuses (the old socket file) or is
+        // missing. Such a refusal is tried again for up to `retryMilliseconds`, so takeovers
+        // back to back (or two reloads) do not fail for being early.
+        let retryMilliseconds = min(timeoutMilliseconds, 3000)
+        let retryUntil = MonotonicInstant.now.adding(milliseconds: retryMilliseconds)
+        var channel: TakeoverChannel
+        var toldRetry = false
+        while true {
+            let fd: Int32
+            switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_SEQPACKET.rawValue), blocking: true) {
+            case .success(let s): fd = s
+            case .failure(let e): throw PestoError(.system, "Cannot create a socket.", underlyingError: e)
+            }
+            channel = TakeoverChannel(fd: fd)
+            if case .failure(let e) = Sys.setTimeouts(fd, milliseconds: timeoutMilliseconds) {
+                throw PestoError(.system, "Cannot set the takeover timeout.", underlyingError: e)
+            }
+            switch Sys.connect(fd, to: address) {
+            case .connected: break
+            case .inProgress: throw PestoError(.system, "No running pestod answers at \(path) in time.")
+            case .failed(let e)
+            where (e == Errno(rawValue: ECONNREFUSED) || e == Errno(rawValue: ENOENT)) && MonotonicInstant.now < retryUntil:
+                if !toldRetry {
+                    toldRetry = true
+                    logger.notice("no pestod listens at \(path) yet (\(e)); trying again for up to \(retryMilliseconds) ms")
+                }
+                usleep(10_000)
+                continue
+            case .failed(let e):
+                throw PestoError(
+                    .system,
+                    "Cannot reach a running pestod at \(path) (is one running, with the same runtime directory?); tried for \(retryMilliseconds) ms.",
+                    underlyingError: e)
+            }
+            break
         }
-        let channel = TakeoverChannel(fd: fd)
-        if case .failure(let e) = Sys.setTimeouts(fd, milliseconds: timeoutMilliseconds) {
-            throw PestoError(.system, "Cannot set the takeover timeout.", underlyingError: e)
-        }
-        switch Sys.connect(fd, to: address) {
-        case .connected: break
-        case .inProgress: throw PestoError(.system, "No running pestod answers at \(path) in time.")
-        case .failed(let e):
-            throw PestoError(
-                .system, "Cannot reach a running pestod at \(path) (is one running, with the same runtime directory?).", underlyingError: e)
-        }
+        let fd = channel.fd
         try channel.send(.hello)
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
         var lockOwner: String?

@@ -325,6 +325,7 @@ struct Pestod: ParsableCommand {
                     logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
                 }
                 carried = result.carried.map(\.entry)
+                engine.adoptScanListeners(received.adoption)
                 let adopted = received.adoption.adopted
                 received.adoption.closeUnclaimed()
                 let relays = received.adoptRelays(into: engine)

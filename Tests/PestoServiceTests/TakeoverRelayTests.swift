@@ -243,6 +243,106 @@ struct TakeoverRelayTests {
         #expect(aUp.read > 0 && aDown.read > 0 && bDown.read > 0 && cUp.read == 64 << 20)
     }
 
+    @Test(
+        "takeovers back to back: a pestod --replace started the moment the previous old one exits, before its successor has opened its takeover socket, waits for that socket and takes over"
+    )
+    func backToBackTakeovers() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        let p = TestSockets.freePorts(1).lowerBound
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
+        try f.table("Activate", [.uint32(1)])
+        let before = try f.snapshot()
+        let command =
+            [Products.path("pestod"), "--address", f.address, "--authorize", "none"]
+            + ["--runtime-dir", f.runtimePath, "--state", f.statePath, "--control", f.controlPath, "--replace"]
+        let log = f.directory.url.appendingPathComponent("back-to-back.log").path
+        let first = try ChildProcess(command[0], Array(command.dropFirst()), stdin: .devNull, stdout: .devNull, stderr: .file(log))
+        defer { first.kill() }
+        #expect(f.pestod.waitUntilExit() == 0)
+        // At once: the first new pestod may not listen on the takeover socket yet.
+        let notifyPath = f.directory.url.appendingPathComponent("notify-second").path
+        let notify = try NotifySocket(path: notifyPath)
+        let second = try ChildProcess(
+            command[0], Array(command.dropFirst()), environment: ["NOTIFY_SOCKET": notifyPath], stdin: .devNull, stdout: .devNull,
+            stderr: .file(log, append: true))
+        defer { second.kill() }
+        #expect(notify.waitForReady(timeoutMilliseconds: 20_000, process: second), "\(readTextFile(log) ?? "")")
+        #expect(first.waitUntilExit() == 0, "\(readTextFile(log) ?? "")")
+        #expect(listeningSocketsOf(pid: second.pid) == before.sockets)
+        #expect(try f.table("List") == before.rules)
+    }
+
+    @Test(
+        "a takeover socket that refuses (left by a pestod that has just exited, its successor not listening yet) is tried again until the successor listens"
+    )
+    func refusedTakeoverSocketIsTriedAgain() throws {
+        let f = try PestodFixture()
+        let fake = try TemporaryDirectory()
+        let path = fake.url.path + "/takeover.sock"
+        let address = try #require(SocketAddress(unixPath: path))
+        // A stale socket file: bound, never listening, closed (connect gets ECONNREFUSED).
+        let stale = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        #expect(address.withSockaddr { bind(stale, $0, $1) } == 0)
+        close(stale)
+        let logPipe = try makePipe()
+        let new = try ChildProcess(
+            Products.path("pestod"),
+            ["--address", f.address, "--authorize", "none", "--runtime-dir", fake.url.path, "--replace", "--state", f.statePath + ".new"],
+            stdin: .devNull, stdout: .devNull, stderr: .descriptor(logPipe.write))
+        defer { new.kill() }
+        close(logPipe.write)
+        defer { close(logPipe.read) }
+        let log = LineReader(fd: logPipe.read)
+        var lines: [String] = []
+        while !lines.contains(where: { $0.contains("trying again") }), let line = log.line(timeoutMilliseconds: 20_000) {
+            lines.append(line)
+        }
+        #expect(lines.contains { $0.contains("ECONNREFUSED") && $0.contains("trying again") }, "\(lines)")
+        // The successor listens now (a stand-in that refuses the takeover).
+        unlink(path)
+        let listener = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(listener) }
+        #expect(address.withSockaddr { bind(listener, $0, $1) } == 0 && listen(listener, 1) == 0)
+        detachThread {
+            let fd = accept(listener, nil, nil)
+            guard fd >= 0 else { return }
+            let old = TakeoverChannel(fd: fd)
+            _ = try? old.receive()
+            try? old.send(.refused("stand-in"))
+            _ = try? old.receive()  // until the new pestod goes
+        }
+        #expect(new.waitUntilExit() == 1)
+        while let line = log.line(timeoutMilliseconds: 5000) { lines.append(line) }
+        #expect(lines.contains { $0.contains("refused the takeover: stand-in") }, "\(lines)")
+    }
+
+    @Test(
+        "a scan rule's listener is handed over (same inode), not reopened by the new pestod's first scan",
+        .enabled(if: RelayTests.isRoot, "needs root for ip netns"))
+    func scanListenerHandedOver() throws {
+        let ns = try TestNamespace()
+        let f = try PestodFixture(pestodArguments: ["--netns", ns.path] + TakeoverTests.arguments)
+        let signals = try SignalCollector(address: f.address)
+        let p = TestSockets.freePorts(10).lowerBound
+        let rule = DBusValue.vardict([
+            ("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(p)),
+            ("last-port", .uint16(p + 9)), ("scan", .bool(true)),
+        ])
+        try f.table("Insert", [.uint32(1), rule])
+        try f.table("Activate", [.uint32(1)])
+        let server = try #require(ns.echoServer(port: p + 3))
+        defer { server.stop() }
+        signals.wait(
+            for: "scan opened the port",
+            SignalCollector.signal("RuleStateChanged", path: PestodFixture.hostPath, [.uint32(1), .bool(true), .uint32(1), .uint32(0)]))
+        let before = f.listeningSockets()
+        #expect(before.count == 1)
+        #expect(try f.takeOver(["--netns", ns.path] + TakeoverTests.arguments) == 0)
+        #expect(f.log.contains("installed 1 handed-over listeners (0 refused)"), "\(f.log)")
+        #expect(f.listeningSockets() == before)
+        #expect(TestTraffic.ping(port: p + 3) == nil)
+    }
+
     @Test("a UDP flow keeps its socket across two takeovers: the connected client keeps getting replies, the target sees one source port")
     func udpFlowSurvivesTakeovers() throws {
         let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
