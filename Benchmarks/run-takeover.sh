@@ -16,7 +16,11 @@
 #                                                                   (skip the release build)
 #
 # Run as root (pestod raises its descriptor limit; the ports are 11996 upwards, below 32768).
-# Needs dbus-daemon, busctl and socat.
+# Needs dbus-daemon, busctl and socat. Relays need descriptors beyond the listeners: with a
+# hard RLIMIT_NOFILE of L, pestod relays only while listeners + 2 per connection + 2 per pipe
+# stay below L - 64 - min((L - 64) / 8, 1024) (DescriptorBudget.swift); beyond, connections
+# are reset at once (the connect loop, which only connects, does not notice; the long
+# connections do). The script prints the limit it runs with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LISTENERS=${1:-19000}
@@ -33,6 +37,7 @@ if [ -z "${LOADGEN:-}" ]; then
 fi
 (( BASE + LISTENERS < 32768 )) || { echo "too many listeners for ports $BASE..32767" >&2; exit 1; }
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+echo "RLIMIT_NOFILE: $(ulimit -n)"
 
 dir=$(mktemp -d /tmp/pesto-takeover.XXXXXX)
 pids=()
