@@ -559,9 +559,6 @@ public final class TCPRelay: EventHandler {
         }
     }
 
-    /// How many adopted connections wait for `startAdopted()`.
-    public var adoptedWaitingCount: Int { adoptedWaiting.count }
-
     // MARK: Inspection (tests)
 
     /// The state of the connection in slot `index`, if it is in use.
