@@ -244,6 +244,67 @@ struct TakeoverRelayTests {
     }
 
     @Test(
+        "a real new pestod SIGKILLed after the old one has sent it the connections leaves the old one relaying them (the new one stopped while waiting for the lock, so it reads nothing of the handover)"
+    )
+    func newInstanceKilledDuringHandover() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        let port = TestSockets.freePorts(1).lowerBound
+        let targetPort = TestSockets.freePorts(1).lowerBound
+        let listener = try Self.targetListener(port: targetPort)
+        defer { close(listener) }
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(port, [("target-port", .uint16(targetPort))])])
+        try f.table("Activate", [.uint32(1)])
+        let pair = try Self.relayed(port: port, target: listener)
+        defer {
+            close(pair.client)
+            close(pair.target)
+        }
+        let up = StreamDirection("up", from: pair.client, to: pair.target)
+        let down = StreamDirection("down", from: pair.target, to: pair.client)
+        let oldOwner = try #require(TakeoverTests.owner(f))
+        // A lock holder makes the takeover wait; the new pestod is then stopped, so the
+        // handover sent on unlock stays unread in its socket when it is killed.
+        let holder = try DBusConnection(.address(f.address))
+        try f.manager("Lock", on: holder)
+        let logPipe = try makePipe()
+        let new = try ChildProcess(
+            Products.path("pestod"),
+            ["--address", f.address, "--authorize", "none", "--runtime-dir", f.runtimePath, "--state", f.statePath]
+                + ["--control", f.controlPath, "--replace"],
+            stdin: .devNull, stdout: .devNull, stderr: .descriptor(logPipe.write))
+        defer { new.kill() }
+        close(logPipe.write)
+        defer { close(logPipe.read) }
+        let log = LineReader(fd: logPipe.read)
+        var waiting = false
+        while !waiting, let line = log.line(timeoutMilliseconds: 20_000) { waiting = line.contains("takeover waits") }
+        #expect(waiting, "the new pestod never said it waits for the lock")
+        #expect(kill(new.pid, SIGSTOP) == 0)
+        try f.manager("Unlock", on: holder)
+        // The old pestod hands over (tables, listeners, the connection) and waits for taken.
+        var sent = false
+        let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
+        while !sent && MonotonicInstant.now < deadline {
+            sent = f.log.contains("1 relayed connections (")
+            if !sent { usleep(10_000) }  // a log file has no readiness signal
+        }
+        #expect(sent, "the old pestod never sent the handover: \(f.log)")
+        #expect(kill(new.pid, SIGKILL) == 0)
+        #expect(new.waitUntilExit() == 128 + SIGKILL)
+        // The old one goes on: same bus name, the connection relaying both ways.
+        #expect(up.waitForRead(beyond: up.read + 65_536) && down.waitForRead(beyond: down.read + 65_536))
+        #expect(TakeoverTests.owner(f) == oldOwner)
+        #expect(f.pestod.isRunning)
+        // And a real takeover afterwards takes the connection over.
+        #expect(try f.takeOver(TakeoverTests.arguments) == 0)
+        #expect(f.log.contains("1 relayed connections and 0 UDP flows (0 refused)"), "\(f.log)")
+        up.stop()
+        down.stop()
+        #expect(up.finish(), "\(up.problems)")
+        #expect(down.finish(), "\(down.problems)")
+    }
+
+    @Test(
         "takeovers back to back: a pestod --replace started the moment the previous old one exits, before its successor has opened its takeover socket, waits for that socket and takes over"
     )
     func backToBackTakeovers() throws {
