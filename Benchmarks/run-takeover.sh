@@ -2,28 +2,42 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Takeover benchmark (doc/takeover.md): a pestod with LISTENERS listening sockets (default
 # 19,000) on a private bus is replaced ROUNDS times (default 20) by `pestod --replace`, while
-# a client connects in a loop to one forwarded port and a D-Bus client calls
-# GetManagedObjects in a loop. Reports per round the takeover time (start of the new pestod
-# to exit of the old), and overall: failed connects, listeners whose inode changed, whether
-# the objects and properties are unchanged, and the longest D-Bus call during the run.
+# a client connects in a loop to one forwarded port, CONNECTIONS long relayed connections
+# (default 1) exchange counting streams both ways (pesto-loadgen streams: 256 bytes per end
+# every 10 ms, every byte checked), and a D-Bus client calls GetManagedObjects in a loop.
+# Reports per round the takeover time (start of the new pestod to exit of the old), and
+# overall: failed connects, listeners whose inode changed, broken long connections and
+# directions that lost a byte, whether the objects and properties are unchanged, and the
+# longest D-Bus call during the run. The last line, "TAKEOVER listeners L connections C
+# mean/min/max ms", is the takeover time as a function of listeners and connections.
 #
-#   Benchmarks/run-takeover.sh [LISTENERS] [ROUNDS]
-#   PESTOD=.build/debug/pestod Benchmarks/run-takeover.sh 1000 5     (skip the release build)
+#   Benchmarks/run-takeover.sh [LISTENERS] [ROUNDS] [CONNECTIONS]
+#   PESTOD=.build/debug/pestod LOADGEN=.build/debug/pesto-loadgen Benchmarks/run-takeover.sh 1000 5 100
+#                                                                   (skip the release build)
 #
-# Run as root (pestod raises its descriptor limit; the ports are 12000 upwards, below 32768).
-# Needs dbus-daemon, busctl and socat. Relayed connections are not handed over yet: a
-# connection accepted by the old pestod ends with it, so the connect loop only connects.
+# Run as root (pestod raises its descriptor limit; the ports are 11996 upwards, below 32768).
+# Needs dbus-daemon, busctl and socat. Relays need descriptors beyond the listeners: with a
+# hard RLIMIT_NOFILE of L, pestod relays only while listeners + 2 per connection + 2 per pipe
+# stay below L - 64 - min((L - 64) / 8, 1024) (DescriptorBudget.swift); beyond, connections
+# are reset at once (the connect loop, which only connects, does not notice; the long
+# connections do). The script prints the limit it runs with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LISTENERS=${1:-19000}
 ROUNDS=${2:-20}
+CONNECTIONS=${3:-1}
 BASE=12000
 if [ -z "${PESTOD:-}" ]; then
     swift build -c release --product pestod >/dev/null
     PESTOD=.build/release/pestod
 fi
+if [ -z "${LOADGEN:-}" ]; then
+    swift build -c release --product pesto-loadgen >/dev/null
+    LOADGEN=.build/release/pesto-loadgen
+fi
 (( BASE + LISTENERS < 32768 )) || { echo "too many listeners for ports $BASE..32767" >&2; exit 1; }
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+echo "RLIMIT_NOFILE: $(ulimit -n)"
 
 dir=$(mktemp -d /tmp/pesto-takeover.XXXXXX)
 pids=()
@@ -67,6 +81,10 @@ pids+=($!)
 "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 1 4 \
     protocol s tcp address s 127.0.0.1 first-port q $BASE target-port q $((BASE - 1)) >/dev/null
 "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Activate u 1 >/dev/null
+# The long connections: port BASE-2 forwarded to BASE-3, where pesto-loadgen is the target.
+"${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 3 4 \
+    protocol s tcp address s 127.0.0.1 first-port q $((BASE - 2)) target-port q $((BASE - 3)) >/dev/null
+"${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Activate u 3 >/dev/null
 if (( LISTENERS > 1 )); then
     "${BUSCTL[@]}" call "$DEST" $TABLE top.passt.Pesto1.Table Insert 'ua{sv}' 2 4 \
         protocol s tcp address s 127.0.0.1 first-port q $((BASE + 1)) last-port q $((BASE + LISTENERS - 1)) >/dev/null
@@ -76,44 +94,82 @@ before_objects=$(objects)
 before_inodes=$(inodes)
 echo "pestod $current: $(echo "$before_inodes" | wc -l) listening sockets (of $LISTENERS)"
 
+# The long connections, until their stdin (a FIFO held open here as descriptor 4, which no
+# other process may inherit) closes.
+if (( CONNECTIONS > 0 )); then
+    mkfifo "$dir/streams.in"
+    "$LOADGEN" streams --port $((BASE - 2)) --target-port $((BASE - 3)) --count "$CONNECTIONS" \
+        <"$dir/streams.in" >"$dir/streams.out" 2>&1 &
+    streams=$!
+    pids+=($streams)
+    exec 4>"$dir/streams.in"
+    until grep -q '^ready\|^failed\|pesto-loadgen:' "$dir/streams.out" 2>/dev/null; do sleep 0.05; done
+    head -1 "$dir/streams.out" | sed 's/^/long connections: /'
+fi
+
 # The connect loop: one line per failed connect.
 : >"$dir/failures"; : >"$dir/dbus-failures"
 ( while [ ! -e "$dir/stop" ]; do
       if ! { exec 3<>/dev/tcp/127.0.0.1/$BASE; } 2>>"$dir/failures"; then echo "at $(date +%s.%N)" >>"$dir/failures"; fi
       exec 3>&- 3<&- || true
       echo >>"$dir/connects"
-  done ) 2>/dev/null &
+  done ) 2>/dev/null 4>&- &
 pids+=($!)
 # The D-Bus loop: the duration of each call in microseconds.
 ( while [ ! -e "$dir/stop" ]; do
       t0=$(date +%s%N); objects >/dev/null 2>>"$dir/dbus-failures" || true
       echo $(( ($(date +%s%N) - t0) / 1000 )) >>"$dir/dbus-us"
-  done ) &
+  done ) 4>&- &
 pids+=($!)
 
 total=0
+failed_rounds=0
+min=
+max=0
 for round in $(seq 1 "$ROUNDS"); do
     old=$current
     t0=$(date +%s%N)
-    "$PESTOD" "${ARGS[@]}" --replace 2>>"$dir/pestod.log" &
+    "$PESTOD" "${ARGS[@]}" --replace 2>>"$dir/pestod.log" 4>&- &
     current=$!
-    while kill -0 "$old" 2>/dev/null; do sleep 0.002; done
+    while kill -0 "$old" 2>/dev/null; do
+        if ! kill -0 "$current" 2>/dev/null; then
+            echo "round $round: the new pestod failed (see the log below); the old one stays in charge"
+            current=$old
+            break
+        fi
+        sleep 0.002
+    done
     t1=$(date +%s%N)
+    if [ "$current" = "$old" ]; then failed_rounds=$((failed_rounds + 1)); continue; fi
     wait "$old" 2>/dev/null || { echo "round $round: the old pestod exited with $?"; }
     ms=$(( (t1 - t0) / 1000000 ))
     total=$(( total + ms ))
+    if (( ms > max )); then max=$ms; fi
+    if [ -z "$min" ] || (( ms < min )); then min=$ms; fi
     now=$(inodes)
-    changed=$(comm -3 <(echo "$before_inodes") <(echo "$now") | wc -l)
-    echo "round $round: takeover ${ms} ms, listeners (port, inode) differing from the start: $changed"
+    # A listener of the start that is gone or has another inode would be a takeover's fault;
+    # ports bound since (the start's failed binds, retried every second) are not.
+    changed=$(comm -23 <(echo "$before_inodes") <(echo "$now") | wc -l)
+    added=$(comm -13 <(echo "$before_inodes") <(echo "$now") | wc -l)
+    echo "round $round: takeover ${ms} ms, listeners (port, inode) of the start changed or gone: $changed, bound since the start: $added"
 done
 touch "$dir/stop"
 wait_for_name
+if (( CONNECTIONS > 0 )); then
+    exec 4>&-
+    wait "$streams" || true
+    sed 's/^/long connections: /' "$dir/streams.out" | tail -n +2
+fi
 after_objects=$(objects 2>&1) || echo "final GetManagedObjects failed: $after_objects"
 sleep 0.2
-echo "takeovers: $ROUNDS, mean $(( total / ROUNDS )) ms, listeners $LISTENERS"
+done_rounds=$(( ROUNDS - failed_rounds ))
+mean=$(( done_rounds > 0 ? total / done_rounds : 0 ))
+echo "takeovers: $ROUNDS, failed $failed_rounds, mean $mean ms, listeners $LISTENERS"
 echo "connects: $(wc -l <"$dir/connects" 2>/dev/null || echo 0), failed: $(grep -c '^at ' "$dir/failures")"
 { grep -v '^at ' "$dir/failures" || true; } | sed 's/^.*: //' | sort | uniq -c
 echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects" ] && echo yes || echo NO)"
 echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failures"), longest $(sort -n "$dir/dbus-us" | tail -1) µs, median $(sort -n "$dir/dbus-us" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') µs"
 sort "$dir/dbus-failures" | uniq -c
 grep -E "critical|takeover failed" "$dir/pestod.log" || true
+grep -E "takeover: sent" "$dir/pestod.log" | tail -1 | sed 's/^.*takeover: /last handover: /'
+echo "TAKEOVER listeners $LISTENERS connections $CONNECTIONS rounds $ROUNDS failed $failed_rounds mean $mean ms min $min ms max $max ms"

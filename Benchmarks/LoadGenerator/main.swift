@@ -22,6 +22,9 @@
 //       Opens N TCP connections and checks each with a 1-byte echo, prints "ready N", then
 //       holds them until stdin closes (or --hold seconds, default 600). On a failure prints
 //       "failed <k> of <N>: <errno>" and exits 1. Needs N + a few descriptors.
+//   pesto-loadgen streams --port P --target-port T --count N [--bytes B] [--hold SECONDS]
+//       N long connections through pestod exchanging counting streams both ways, checked for
+//       breaks and lost bytes (Streams.swift).
 //
 // Every loop is bounded by its duration or count, every blocking call has a timeout, and every
 // address is 127.0.0.0/8 or one the caller gives.
@@ -396,6 +399,7 @@ let usage = """
            pesto-loadgen connrate --port PORT --seconds S --clients C [--spread | --source-net A.B.C]
            pesto-loadgen udprr --port PORT --seconds S [--source ADDRESS]
            pesto-loadgen idle --port PORT --count N [--hold SECONDS]
+           pesto-loadgen streams --port PORT --target-port PORT --count N [--bytes B] [--hold SECONDS]
     """
 
 signal(SIGPIPE, SIG_IGN)
@@ -427,6 +431,11 @@ case "idle":
         port: options.requiredPort("port"),
         count: Int(options.number("count", range: 1...1_000_000)),
         hold: options.number("hold", default: 600, range: 1...86_400))
+case "streams":
+    streams(
+        port: options.requiredPort("port"), targetPort: options.requiredPort("target-port"),
+        count: Int(options.number("count", range: 1...1_000_000)), chunk: Int(options.number("bytes", default: 256, range: 1...65_536)),
+        hold: options.number("hold", default: 3600, range: 1...86_400))
 default:
     say(usage)
     exit(2)

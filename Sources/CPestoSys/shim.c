@@ -292,6 +292,35 @@ static void stop_handler(int sig)
     errno = saved;
 }
 
+static int upgrade_fd = -1;
+
+static void upgrade_handler(int sig)
+{
+    uint64_t one = 1;
+    int saved = errno;
+    (void)sig;
+    if (upgrade_fd >= 0 && write(upgrade_fd, &one, sizeof(one)) < 0) {
+        /* Nothing to do: the eventfd is already signalled or gone. */
+    }
+    errno = saved;
+}
+
+int pesto_upgrade_on_signal(int fd)
+{
+    struct sigaction sa = { 0 };
+    sigset_t set;
+
+    upgrade_fd = fd;
+    sa.sa_handler = upgrade_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(SIGUSR2, &sa, NULL))
+        return -1;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL) ? -1 : 0;
+}
+
 int pesto_stop_on_signals(int fd)
 {
     static const int sigs[] = { SIGTERM, SIGINT, SIGHUP };

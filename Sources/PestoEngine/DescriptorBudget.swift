@@ -161,6 +161,15 @@ public final class DescriptorBudget {
         return true
     }
 
+    /// Charges `count` descriptors of a connection or flow handed over by the pestod this one
+    /// takes over from (RelayHandover.swift): admitted there already, it may use the
+    /// listeners' headroom, as a pipe may; false when that would pass the engine limit.
+    func adopt(_ count: Int) -> Bool {
+        guard held + count <= engineLimit else { return false }
+        held += count
+        return true
+    }
+
     /// True while relays are within their limit: an idle pipe may then be kept for reuse.
     var mayKeepIdlePipe: Bool { held <= relayLimit }
 

@@ -30,9 +30,13 @@ public enum EngineEventKind {
     public static let controlClient = EventLoop.Kind(7)
     /// The listening socket of a takeover (`pestod --replace`, Takeover.swift); index unused.
     public static let takeoverListener = EventLoop.Kind(8)
+    /// The eventfd SIGUSR2 writes to: a request to upgrade (UpgradeRequest.swift); index unused.
+    public static let upgradeRequest = EventLoop.Kind(9)
 
     /// Every kind above.
-    public static let all = [dbus, tcpListener, tcpConnection, udpListener, udpFlow, controlListener, controlClient, takeoverListener]
+    public static let all = [
+        dbus, tcpListener, tcpConnection, udpListener, udpFlow, controlListener, controlClient, takeoverListener, upgradeRequest,
+    ]
 
     /// The first kind tests may use for sources of their own.
     public static let firstForTests: UInt8 = 16

@@ -103,6 +103,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// an array increment and a page probe shared by 32 ports.
     private var ownPorts = PortCounts()
     private var pausedListeners: [Int32] = []
+    /// What the listener `fd` is for, if it is one of the engine's.
+    func listenerEntry(fd: Int32) -> ListenerEntry? { Int(fd) < listeners.count && fd >= 0 ? listeners[Int(fd)] : nil }
     /// The listeners paused now (tests).
     var pausedListenerDescriptors: [Int32] { pausedListeners }
     private var resumeTimer: EventLoop.TimerID?
@@ -149,7 +151,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         tcp = TCPRelay(
             loop: loop, targetSide: targetSide, limits: configuration.tcp, budget: budget,
             wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
-        tcp.onCapacityAvailable = { [unowned self] in self.resumeListeners() }
+        // Weak: the relay closes its connections in its deinit, which runs inside this
+        // engine's (pestod stopping with connections open), when `self` is already going.
+        tcp.onCapacityAvailable = { [weak self] in self?.resumeListeners() }
         udp = UDPRelay(
             loop: loop, targetSide: targetSide, limits: configuration.udp, budget: budget,
             wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })

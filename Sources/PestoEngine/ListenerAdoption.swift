@@ -10,7 +10,9 @@
 // descriptor when there is one (after checking it: a socket of the rule's protocol, bound
 // to that port, listening for TCP) and opens a new socket otherwise (a port the old
 // instance had failed to bind). Nothing is closed and reopened, so a listener keeps its
-// inode and the connections waiting in its backlog. Within one table two active rules never
+// inode and the connections waiting in its backlog. Scan rules listen on no port when
+// activated: `adoptScanListeners` makes them listen on the handed-over ports before the first
+// scan would open them anew. Within one table two active rules never
 // conflict, so (rule, port) names at most one listener of an active rule. Descriptors no
 // rule claimed are closed by `closeUnclaimed()` (the old instance still holds its copies
 // until it exits).
@@ -52,6 +54,11 @@ public final class ListenerAdoption {
         waiting[table, default: [:]][key] = fd
     }
 
+    /// Whether a descriptor waits for `port` of `rule` in `table` (unchecked).
+    public func isWaiting(table: TableKind, rule: Rule, port: UInt16) -> Bool {
+        waiting[table]?[Key(rule: rule, port: port)] != nil
+    }
+
     /// How many descriptors wait to be claimed.
     public var waitingCount: Int { waiting.values.reduce(0) { $0 + $1.count } }
 
@@ -90,6 +97,20 @@ public final class ListenerAdoption {
             }
         }
         return true
+    }
+}
+
+extension ForwardingEngine {
+    /// Makes every active scan rule listen on the ports whose listeners were handed over, so
+    /// that they are installed (same sockets) rather than closed and reopened by the first
+    /// scan; that scan then brings the rule up to date as usual. Call after the tables'
+    /// restore, before `closeUnclaimed()`.
+    public func adoptScanListeners(_ adoption: ListenerAdoption) {
+        for table in tables {
+            for (id, rule) in table.activeScanRules {
+                table.updateScan(id: id) { port in adoption.isWaiting(table: table.kind, rule: rule, port: port) }
+            }
+        }
     }
 }
 

@@ -209,6 +209,20 @@ package struct TCPConnectionState: Sendable, Equatable {
         preambleLeft = preamble
     }
 
+    /// A connection handed over by the pestod this one takes over from (RelayHandover.swift),
+    /// to be started with `.connect(.inProgress)` while `connecting` (it then waits for the
+    /// target's EPOLLOUT: connect() was asked again already) and with a `.ready` event
+    /// otherwise (a turn: the pipes' pending bytes out first). Neither socket is in epoll yet.
+    package init(adoptedConnecting connecting: Bool, up: Flow, down: Flow, preamble: Int) {
+        precondition(preamble >= 0, "negative preamble")
+        preambleLeft = preamble
+        askedAgain = true
+        guard !connecting else { return }
+        phase = .relaying
+        self.up = up
+        self.down = down
+    }
+
     package static func == (a: Self, b: Self) -> Bool {
         a.phase == b.phase && a.up == b.up && a.down == b.down && a.clientInterest == b.clientInterest
             && a.targetInterest == b.targetInterest && a.requested == b.requested && a.askedAgain == b.askedAgain

@@ -125,6 +125,10 @@ public final class TCPRelay: EventHandler {
         var inUse = false
         /// From the client's address: holds a use of the target side's TransparentSource.
         var transparent = false
+        /// The table of the rule whose listener accepted it (for a takeover).
+        var table = TableKind.host
+        /// That rule's ID (for a takeover; the rule may be gone since).
+        var ruleID: UInt32 = 0
 
         /// The socket on `side`.
         func socket(_ side: TCPSide) -> Int32 { side == .client ? client : target }
@@ -144,6 +148,9 @@ public final class TCPRelay: EventHandler {
     /// without it cost no memory for it (idle relayed connections stay small).
     private var headers: [[UInt8]] = []
     private var freeSlots: [UInt32] = []
+    /// Connections handed over by the pestod this one takes over from, installed but not
+    /// started (`startAdopted()`).
+    private var adoptedWaiting: [UInt32] = []
     private var pipePool: [Pipe] = []
     /// The next loopback source address's last byte (see `spreadLoopbackSources`).
     private var nextLoopbackSource: UInt32 = 2
@@ -265,7 +272,8 @@ public final class TCPRelay: EventHandler {
         let index = allocateSlot()
         let preamble = writeHeader(target.proxyProtocol, client: client, peer: peer, slot: Int(index))
         slots[Int(index)] = Connection(
-            client: client, target: out, state: TCPConnectionState(preamble: preamble), inUse: true, transparent: transparent)
+            client: client, target: out, state: TCPConnectionState(preamble: preamble), inUse: true, transparent: transparent,
+            table: target.table, ruleID: target.ruleID)
         activeConnections += 1
         counters.relayed += 1
         drive(index, .connect(connected), destination: destination)
@@ -503,6 +511,99 @@ public final class TCPRelay: EventHandler {
         budget.release(DescriptorPlan.perConnection)
         counters.closed += 1
         onCapacityAvailable?()
+    }
+
+    // MARK: Takeover (RelayHandover.swift)
+
+    /// Every relayed connection as it is to be handed over, with its descriptors (which stay
+    /// open here). Called with the loop held for the whole handover: nothing is read from
+    /// these sockets afterwards, unless the takeover fails and this instance carries on.
+    public func handoverSnapshot() -> [TCPConnectionHandover] {
+        var out: [TCPConnectionHandover] = []
+        out.reserveCapacity(activeConnections)
+        for i in slots.indices where slots[i].inUse {
+            let c = slots[i]
+            let state = c.state
+            func direction(_ f: TCPConnectionState.Flow) -> TCPConnectionHandover.Direction {
+                .init(pending: f.pending, sourceEnded: f.sourceEnded, finished: f.finished)
+            }
+            var fds = [c.client, c.target]
+            if state.up.pending > 0 { fds += [c.upPipe.read, c.upPipe.write] }
+            if state.down.pending > 0 { fds += [c.downPipe.read, c.downPipe.write] }
+            let peer: SocketAddress?
+            if state.phase == .relaying, case .success(let a) = Sys.peerAddress(c.target) { peer = a } else { peer = nil }
+            out.append(
+                TCPConnectionHandover(
+                    table: c.table, ruleID: c.ruleID, connecting: state.phase == .connecting, up: direction(state.up),
+                    down: direction(state.down), target: peer, preamble: Array(headers[i].suffix(state.preambleLeft)),
+                    descriptors: fds))
+        }
+        return out
+    }
+
+    /// Installs a connection handed over by the pestod this one takes over from, without any
+    /// I/O (`startAdopted()` starts it); false when the budget cannot take its descriptors,
+    /// which the caller then closes. `connection.descriptors` must match its record.
+    func adopt(_ connection: TCPConnectionHandover) -> Bool {
+        precondition(connection.descriptors.count == connection.descriptorCount, "descriptors do not match the record")
+        let fds = connection.descriptors
+        let stream = Int32(SOCK_STREAM.rawValue)
+        guard case .success(stream) = Sys.option(fds[0], level: SOL_SOCKET, name: SO_TYPE),
+            case .success(stream) = Sys.option(fds[1], level: SOL_SOCKET, name: SO_TYPE),
+            connection.preamble.count <= ProxyProtocolHeader.maxLength,
+            !(connection.up.finished && connection.down.finished),
+            budget.adopt(connection.descriptorCount)
+        else { return false }
+        var next = 2
+        func flow(_ d: TCPConnectionHandover.Direction) -> (TCPConnectionState.Flow, Pipe) {
+            var f = TCPConnectionState.Flow()
+            f.sourceEnded = d.sourceEnded || d.finished
+            f.finished = d.finished
+            guard d.pending > 0 else { return (f, Pipe()) }
+            f.pending = d.pending
+            f.hasPipe = true
+            defer { next += 2 }
+            return (f, Pipe(read: fds[next], write: fds[next + 1]))
+        }
+        let (up, upPipe) = flow(connection.up)
+        let (down, downPipe) = flow(connection.down)
+        // A connection from its client's address uses the routing its predecessor left
+        // installed: counted here, so it stays while the connection lives.
+        var transparent = false
+        if TransparentSource.isTransparent(fds[1]), let routing = targetSide(connection.table).transparent,
+            case .success = routing.retain()
+        {
+            transparent = true
+        }
+        // The pipes are charged with the connection above; the budget counts them as pipes.
+        let index = allocateSlot()
+        if !connection.preamble.isEmpty {
+            headers[Int(index)].removeAll(keepingCapacity: true)
+            headers[Int(index)].reserveCapacity(ProxyProtocolHeader.maxLength)
+            headers[Int(index)] += connection.preamble
+        }
+        slots[Int(index)] = Connection(
+            client: fds[0], target: fds[1],
+            state: TCPConnectionState(adoptedConnecting: connection.connecting, up: up, down: down, preamble: connection.preamble.count),
+            upPipe: upPipe, downPipe: downPipe, inUse: true, transparent: transparent, table: connection.table,
+            ruleID: connection.ruleID)
+        activeConnections += 1
+        counters.relayed += 1
+        adoptedWaiting.append(index)
+        return true
+    }
+
+    /// Starts the adopted connections: once the old pestod has let go of them (said bye).
+    public func startAdopted() {
+        let waiting = adoptedWaiting
+        adoptedWaiting = []
+        for index in waiting where slots[Int(index)].inUse {
+            if slots[Int(index)].state.phase == .connecting {
+                drive(index, .connect(.inProgress))
+            } else {
+                drive(index, .ready(.client))
+            }
+        }
     }
 
     // MARK: Inspection (tests)

@@ -220,6 +220,14 @@ public final class TransparentSource {
         return Sys.bind(fd, to: client)
     }
 
+    /// Whether `fd` is a transparent target-side socket (it carries pestod's mark): how a
+    /// pestod that took over a connection or flow learns that it uses the routing, which its
+    /// predecessor left installed.
+    public static func isTransparent(_ fd: Int32) -> Bool {
+        guard case .success(let value) = Sys.option(fd, level: SOL_SOCKET, name: Int32(PESTO_SO_MARK)) else { return false }
+        return UInt32(bitPattern: value) == mark
+    }
+
     /// A 0/1 file of /proc/sys: its value, or nil when it cannot be read.
     static func readFlag(_ path: String) -> Bool? {
         guard case .success(let fd) = Sys.open(path, O_RDONLY | O_CLOEXEC) else { return nil }

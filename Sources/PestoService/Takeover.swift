@@ -26,8 +26,10 @@
 // comes back to the old one, queued behind it, when the new one's connection ends. A new
 // instance that gets no `bye` exits without serving.
 //
-// Relayed TCP connections and UDP flows are not handed over yet: they end with the old
-// instance (doc/takeover.md, "Not handed over").
+// Relayed TCP connections and UDP flows go with the rest, in the same held call, with
+// their descriptors and state (RelayHandover.swift): the old instance reads nothing from
+// them after its snapshot, the new one installs them while it restores the tables and
+// starts moving their bytes only once the old one has said bye.
 
 import CPestoSys
 import Logging
@@ -168,10 +170,19 @@ public final class TakeoverSource: EventHandler {
             }
         }
         let controlFD = control.map { (path: $0.path, fd: $0.peekDescriptor) }
-        for (message, fds) in TakeoverWire.handover(stateText: text, listeners: listeners, control: controlFD) {
+        // From here on this instance's loop does not turn again unless the takeover fails:
+        // nothing is read from these connections and flows after their snapshot.
+        let connections = engine.tcp.handoverSnapshot()
+        let flows = engine.udpFlowsForHandover()
+        for (message, fds) in TakeoverWire.handover(
+            stateText: text, listeners: listeners, connections: connections, flows: flows, control: controlFD)
+        {
             try channel.send(message, descriptors: fds)
         }
-        logger.notice("takeover: sent \(text.count) bytes of tables and \(listeners.count) listeners; waiting for the new pestod")
+        let inFlight = connections.reduce(0) { $0 + $1.up.pending + $1.down.pending }
+        logger.notice(
+            "takeover: sent \(text.count) bytes of tables, \(listeners.count) listeners, \(connections.count) relayed connections (\(inFlight) bytes in flight in their pipes) and \(flows.count) UDP flows; waiting for the new pestod"
+        )
         let (answer, fds) = try channel.receive()
         for fd in fds { Sys.close(fd) }
         guard answer == .taken else { throw PestoError(.system, "The new pestod answered something other than taken.") }
@@ -197,8 +208,32 @@ public struct TakeoverReceived {
     public var adoption: ListenerAdoption
     /// The control socket's listening descriptor and path, if the old instance had one.
     public var control: (path: String, fd: Int32)?
+    /// The relayed TCP connections, each with its descriptors, to be adopted by the engine
+    /// (`adoptRelays(into:)`).
+    public var connections: [TCPConnectionHandover]
+    /// The UDP flows, each with its socket.
+    public var flows: [UDPFlowHandover]
     /// The connection, kept open for `taken` and `bye`.
     public var channel: TakeoverChannel
+}
+
+extension TakeoverReceived {
+    /// Installs the handed-over connections and flows in `engine`, whose tables were restored
+    /// (the flows' listeners must be in place); they move no byte before
+    /// `engine.tcp.startAdopted()`. Returns how many were adopted and how many refused (their
+    /// descriptors closed). Empties `connections` and `flows`: the engine owns them now.
+    public mutating func adoptRelays(into engine: ForwardingEngine) -> (connections: Int, flows: Int, refused: Int) {
+        var adopted = (connections: 0, flows: 0, refused: 0)
+        for c in connections {
+            if engine.adopt(c) { adopted.connections += 1 } else { adopted.refused += 1 }
+        }
+        for f in flows {
+            if engine.adopt(f) { adopted.flows += 1 } else { adopted.refused += 1 }
+        }
+        connections = []
+        flows = []
+        return adopted
+    }
 }
 
 /// The new instance's side.
@@ -210,33 +245,59 @@ public enum TakeoverClient {
         guard let address = SocketAddress(unixPath: path) else {
             throw PestoError(.system, "The takeover socket path \(path) is not a usable path (at most 107 bytes).")
         }
-        let fd: Int32
-        switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_SEQPACKET.rawValue), blocking: true) {
-        case .success(let s): fd = s
-        case .failure(let e): throw PestoError(.system, "Cannot create a socket.", underlyingError: e)
+        // A pestod that has just taken over itself opens its takeover socket a moment after
+        // its predecessor exits; until then the path refuses (the old socket file) or is
+        // missing. Such a refusal is tried again for up to `retryMilliseconds`, so takeovers
+        // back to back (or two reloads) do not fail for being early.
+        let retryMilliseconds = min(timeoutMilliseconds, 3000)
+        let retryUntil = MonotonicInstant.now.adding(milliseconds: retryMilliseconds)
+        var channel: TakeoverChannel
+        var toldRetry = false
+        while true {
+            let fd: Int32
+            switch Sys.socket(domain: AF_UNIX, type: Int32(SOCK_SEQPACKET.rawValue), blocking: true) {
+            case .success(let s): fd = s
+            case .failure(let e): throw PestoError(.system, "Cannot create a socket.", underlyingError: e)
+            }
+            channel = TakeoverChannel(fd: fd)
+            if case .failure(let e) = Sys.setTimeouts(fd, milliseconds: timeoutMilliseconds) {
+                throw PestoError(.system, "Cannot set the takeover timeout.", underlyingError: e)
+            }
+            switch Sys.connect(fd, to: address) {
+            case .connected: break
+            case .inProgress: throw PestoError(.system, "No running pestod answers at \(path) in time.")
+            case .failed(let e)
+            where (e == Errno(rawValue: ECONNREFUSED) || e == Errno(rawValue: ENOENT)) && MonotonicInstant.now < retryUntil:
+                if !toldRetry {
+                    toldRetry = true
+                    logger.notice("no pestod listens at \(path) yet (\(e)); trying again for up to \(retryMilliseconds) ms")
+                }
+                usleep(10_000)
+                continue
+            case .failed(let e):
+                throw PestoError(
+                    .system,
+                    "Cannot reach a running pestod at \(path) (is one running, with the same runtime directory?); tried for \(retryMilliseconds) ms.",
+                    underlyingError: e)
+            }
+            break
         }
-        let channel = TakeoverChannel(fd: fd)
-        if case .failure(let e) = Sys.setTimeouts(fd, milliseconds: timeoutMilliseconds) {
-            throw PestoError(.system, "Cannot set the takeover timeout.", underlyingError: e)
-        }
-        switch Sys.connect(fd, to: address) {
-        case .connected: break
-        case .inProgress: throw PestoError(.system, "No running pestod answers at \(path) in time.")
-        case .failed(let e):
-            throw PestoError(
-                .system, "Cannot reach a running pestod at \(path) (is one running, with the same runtime directory?).", underlyingError: e)
-        }
+        let fd = channel.fd
         try channel.send(.hello)
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
         var lockOwner: String?
         var text: [UInt8] = []
         var records: [(ListenerRecord, Int32)] = []
         var control: (path: String, fd: Int32)?
+        var connections: [TCPConnectionHandover] = []
+        var flows: [UDPFlowHandover] = []
         let adoption = ListenerAdoption()
         /// Closes every descriptor received so far (the old instance keeps its own).
         func abandon() {
             for (_, fd) in records { Sys.close(fd) }
             if let control { Sys.close(control.fd) }
+            for c in connections { for fd in c.descriptors { Sys.close(fd) } }
+            for f in flows { Sys.close(f.socket) }
         }
         var welcomed = false
         while true {
@@ -278,12 +339,26 @@ public enum TakeoverClient {
                 records += zip(batch, fds).map { ($0, $1) }
             case .controlSocket(let path) where welcomed && control == nil:
                 control = (path, fds[0])
-            case .end(let stateBytes, let listenerCount) where welcomed:
-                guard stateBytes == text.count, listenerCount == records.count else {
+            case .connections(let batch) where welcomed:
+                var next = 0
+                for var c in batch {
+                    c.descriptors = Array(fds[next..<next + c.descriptorCount])
+                    next += c.descriptorCount
+                    connections.append(c)
+                }
+            case .flows(let batch) where welcomed:
+                for (var f, fd) in zip(batch, fds) {
+                    f.socket = fd
+                    flows.append(f)
+                }
+            case .end(let stateBytes, let listenerCount, let connectionCount, let flowCount) where welcomed:
+                guard stateBytes == text.count, listenerCount == records.count, connectionCount == connections.count,
+                    flowCount == flows.count
+                else {
                     abandon()
                     throw PestoError(
                         .system,
-                        "The handover was incomplete (\(text.count) of \(stateBytes) bytes, \(records.count) of \(listenerCount) listeners)."
+                        "The handover was incomplete (\(text.count) of \(stateBytes) bytes, \(records.count) of \(listenerCount) listeners, \(connections.count) of \(connectionCount) connections, \(flows.count) of \(flowCount) flows)."
                     )
                 }
                 let entries: [StateFile.Entry]
@@ -302,7 +377,8 @@ public enum TakeoverClient {
                         Sys.close(fd)
                     }
                 }
-                return TakeoverReceived(entries: entries, adoption: adoption, control: control, channel: channel)
+                return TakeoverReceived(
+                    entries: entries, adoption: adoption, control: control, connections: connections, flows: flows, channel: channel)
             default:
                 for fd in fds { Sys.close(fd) }
                 abandon()

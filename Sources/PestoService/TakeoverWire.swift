@@ -9,9 +9,12 @@
 // reserved zero byte, payload length, descriptor count, all big-endian) and the payload.
 // A message never exceeds `maxMessage` bytes and `Sys.maxDescriptorsPerMessage`
 // descriptors; the tables (in the state file's text, StateFile.swift) are sent in chunks
-// and the listeners in batches of records (table, rule ID, port), one descriptor each.
+// and the listeners in batches of records (table, rule ID, port), one descriptor each;
+// relayed TCP connections (two sockets and a pipe per direction holding bytes in flight) and
+// UDP flows (one socket) follow in batches of their own records (RelayHandover.swift).
 
 import CPestoSys
+import PestoEngine
 import PestoModel
 import PestoSystem
 
@@ -36,8 +39,13 @@ public enum TakeoverMessage: Equatable, Sendable {
     case listeners([ListenerRecord])
     /// Old → new: the control socket's listening descriptor (one descriptor) and its path.
     case controlSocket(path: String)
+    /// Old → new: relayed TCP connections, their descriptors in this order (each record's
+    /// `descriptors` is empty on the wire).
+    case connections([TCPConnectionHandover])
+    /// Old → new: UDP flows, one descriptor (the flow's socket) each, in this order.
+    case flows([UDPFlowHandover])
     /// Old → new: everything is sent; the totals let the new instance check it got it all.
-    case end(stateBytes: UInt32, listeners: UInt32)
+    case end(stateBytes: UInt32, listeners: UInt32, connections: UInt32 = 0, flows: UInt32 = 0)
     /// New → old: the new instance has installed everything and owns the bus name.
     case taken
     /// Old → new: the old instance stops now; the new one may start serving.
@@ -56,6 +64,8 @@ public enum TakeoverMessage: Equatable, Sendable {
         case .end: 8
         case .taken: 9
         case .bye: 10
+        case .connections: 11
+        case .flows: 12
         }
     }
 }
@@ -82,7 +92,9 @@ public enum TakeoverWire {
     static let magic: UInt32 = 0x5053_544B
     /// The format version this pestod speaks. A change to any message's layout or meaning
     /// gets a new version; an instance refuses any version but its own.
-    public static let version: UInt16 = 1
+    /// Version 1 had no connections and flows; version 2 added them (messages 11 and 12, and
+    /// their counts in `end`).
+    public static let version: UInt16 = 2
     /// Header bytes.
     static let headerSize = 16
     /// The largest message, header included.
@@ -105,6 +117,8 @@ public enum TakeoverWire {
         switch message {
         case .listeners(let records): records.count
         case .controlSocket: 1
+        case .connections(let records): records.reduce(0) { $0 + $1.descriptorCount }
+        case .flows(let records): records.count
         default: 0
         }
     }
@@ -128,9 +142,19 @@ public enum TakeoverWire {
                 put16(&payload, r.port)
             }
         case .controlSocket(let path): payload = Array(path.utf8.prefix(1024))
-        case .end(let stateBytes, let listeners):
+        case .end(let stateBytes, let listeners, let connections, let flows):
             put32(&payload, stateBytes)
             put32(&payload, listeners)
+            put32(&payload, connections)
+            put32(&payload, flows)
+        case .connections(let records):
+            precondition(descriptorCount(message) <= Sys.maxDescriptorsPerMessage, "programmer error: too many descriptors in one message")
+            for r in records { RelayRecords.append(r, to: &payload) }
+            precondition(payload.count <= maxChunk, "programmer error: connection records too large")
+        case .flows(let records):
+            precondition(records.count <= Sys.maxDescriptorsPerMessage, "programmer error: too many flows in one message")
+            for r in records { RelayRecords.append(r, to: &payload) }
+            precondition(payload.count <= maxChunk, "programmer error: flow records too large")
         }
         var out: [UInt8] = []
         out.reserveCapacity(headerSize + payload.count)
@@ -198,10 +222,21 @@ public enum TakeoverWire {
             message = .listeners(records)
         case 7: message = .controlSocket(path: try text())
         case 8:
-            guard payload.count == 8 else { throw PestoError(.system, "Malformed handover message (end of \(payload.count) bytes).") }
-            message = .end(stateBytes: get32(payload, 0), listeners: get32(payload, 4))
+            guard payload.count == 16 else { throw PestoError(.system, "Malformed handover message (end of \(payload.count) bytes).") }
+            message = .end(
+                stateBytes: get32(payload, 0), listeners: get32(payload, 4), connections: get32(payload, 8), flows: get32(payload, 12))
         case 9: message = try empty(.taken)
         case 10: message = try empty(.bye)
+        case 11:
+            var reader = RelayRecords.Reader(payload)
+            var records: [TCPConnectionHandover] = []
+            while !reader.atEnd { records.append(try reader.connection()) }
+            message = .connections(records)
+        case 12:
+            var reader = RelayRecords.Reader(payload)
+            var records: [UDPFlowHandover] = []
+            while !reader.atEnd { records.append(try reader.flow()) }
+            message = .flows(records)
         default: throw PestoError(.system, "Unknown handover message type \(type).")
         }
         guard descriptorCount(message) == descriptors else {
@@ -214,7 +249,8 @@ public enum TakeoverWire {
     /// The messages that carry `stateText` and `listeners` (with their descriptors, in the
     /// same order), then the control socket and the end: what the old instance sends.
     public static func handover(
-        stateText: [UInt8], listeners: [(ListenerRecord, Int32)], control: (path: String, fd: Int32)?
+        stateText: [UInt8], listeners: [(ListenerRecord, Int32)], connections: [TCPConnectionHandover] = [],
+        flows: [UDPFlowHandover] = [], control: (path: String, fd: Int32)?
     ) -> [(TakeoverMessage, [Int32])] {
         var out: [(TakeoverMessage, [Int32])] = []
         var offset = 0
@@ -229,8 +265,48 @@ public enum TakeoverWire {
             out.append((.listeners(batch.map(\.0)), batch.map(\.1)))
             start += batch.count
         }
+        // Connections and flows: as many records as fit in one message's payload and
+        // descriptors (a kernel limit: SCM_MAX_FD, 253 per message).
+        var batch: [TCPConnectionHandover] = []
+        var batchFDs: [Int32] = []
+        var batchBytes = 0
+        for c in connections {
+            precondition(c.descriptors.count == c.descriptorCount, "programmer error: descriptors do not match the record")
+            let size = RelayRecords.size(c)
+            if batchFDs.count + c.descriptorCount > Sys.maxDescriptorsPerMessage || batchBytes + size > maxChunk {
+                out.append((.connections(batch), batchFDs))
+                (batch, batchFDs, batchBytes) = ([], [], 0)
+            }
+            var record = c
+            record.descriptors = []
+            batch.append(record)
+            batchFDs += c.descriptors
+            batchBytes += size
+        }
+        if !batch.isEmpty { out.append((.connections(batch), batchFDs)) }
+        var flowBatch: [UDPFlowHandover] = []
+        var flowFDs: [Int32] = []
+        var flowBytes = 0
+        for f in flows {
+            let size = RelayRecords.size(f)
+            if flowBatch.count == Sys.maxDescriptorsPerMessage || flowBytes + size > maxChunk {
+                out.append((.flows(flowBatch), flowFDs))
+                (flowBatch, flowFDs, flowBytes) = ([], [], 0)
+            }
+            var record = f
+            record.socket = -1
+            flowBatch.append(record)
+            flowFDs.append(f.socket)
+            flowBytes += size
+        }
+        if !flowBatch.isEmpty { out.append((.flows(flowBatch), flowFDs)) }
         if let control { out.append((.controlSocket(path: control.path), [control.fd])) }
-        out.append((.end(stateBytes: UInt32(stateText.count), listeners: UInt32(listeners.count)), []))
+        out.append(
+            (
+                .end(
+                    stateBytes: UInt32(stateText.count), listeners: UInt32(listeners.count), connections: UInt32(connections.count),
+                    flows: UInt32(flows.count)), []
+            ))
         return out
     }
 

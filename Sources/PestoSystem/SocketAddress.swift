@@ -9,7 +9,7 @@ import PestoModel
 #endif
 
 /// A `sockaddr_in` or `sockaddr_in6` held in a `sockaddr_storage`.
-public struct SocketAddress {
+public struct SocketAddress: Sendable {
     /// The raw storage.
     public var storage = sockaddr_storage()
     /// How many bytes of `storage` are the address.

@@ -31,11 +31,11 @@ import PestoModel
 package enum Sys {
     /// Which call a wrapper makes, for the debug-only `SyscallScript`.
     package enum Name: String, Sendable, Hashable, CaseIterable {
-        case socket, setsockopt, getsockopt, getsockname, bind, listen, accept, connect, shutdown
+        case socket, setsockopt, getsockopt, getsockname, getpeername, bind, listen, accept, connect, shutdown
         case send, recv, sendto, recvfrom, sendmsg, recvmsg
         case splice, pipe, fcntl, close
         case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
-        case setns, getrlimit, setrlimit, signals
+        case setns, getrlimit, setrlimit, signals, spawn, waitpid, kill, readlink
         case epollCreate, epollCtl, epollWait, eventfd
     }
 
@@ -134,6 +134,13 @@ package enum Sys {
     package static func localAddress(_ fd: Int32) -> Result<SocketAddress, Errno> {
         var address = SocketAddress()
         return address.withMutableSockaddr { sa, len in call(.getsockname, fd: fd) { Glibc.getsockname(fd, sa, len) } }
+            .map { _ in address }
+    }
+
+    /// `getpeername(2)`: the address a connected socket is connected to.
+    package static func peerAddress(_ fd: Int32) -> Result<SocketAddress, Errno> {
+        var address = SocketAddress()
+        return address.withMutableSockaddr { sa, len in call(.getpeername, fd: fd) { Glibc.getpeername(fd, sa, len) } }
             .map { _ in address }
     }
 
@@ -394,6 +401,65 @@ package enum Sys {
     /// (`pesto_stop_on_signals`: sigaction and pthread_sigmask).
     package static func stopOnSignals(writingTo fd: Int32) -> Result<Void, Errno> {
         call(.signals, fd: fd) { pesto_stop_on_signals(fd) }.map { _ in () }
+    }
+
+    /// Makes SIGUSR2 write to the eventfd `fd` (`pesto_upgrade_on_signal`): the upgrade request.
+    package static func upgradeOnSignal(writingTo fd: Int32) -> Result<Void, Errno> {
+        call(.signals, fd: fd) { pesto_upgrade_on_signal(fd) }.map { _ in () }
+    }
+
+    // MARK: Processes (the upgrade, UpgradeRequest.swift)
+
+    /// The path of this process's executable (readlink of /proc/self/exe). Read at start, it
+    /// names the installed binary: an upgrade that replaces the file (rename) leaves the path
+    /// naming the new one.
+    package static func executablePath() -> Result<String, Errno> {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        return call(.readlink) { readlink("/proc/self/exe", &buffer, buffer.count - 1) }.map { n in
+            let path = String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            return path.hasSuffix(" (deleted)") ? String(path.dropLast(" (deleted)".count)) : path
+        }
+    }
+
+    /// Starts `path` with `arguments` (argv[0] is `path`), this process's environment and
+    /// standard descriptors, no other descriptor (closefrom 3), an empty signal mask and
+    /// default dispositions; returns its PID.
+    package static func spawn(_ path: String, _ arguments: [String]) -> Result<pid_t, Errno> {
+        var argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { for p in argv { free(p) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        pesto_spawn_closefrom(&actions, 3)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for s in [SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGUSR2] { sigaddset(&defaults, s) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, &attr, &argv, environ)
+        return rc == 0 ? .success(pid) : .failure(Errno(rawValue: rc))
+    }
+
+    /// waitpid(WNOHANG): nil while `pid` runs, else its exit status (128 + signal when killed).
+    package static func reap(_ pid: pid_t) -> Result<Int32?, Errno> {
+        var status: Int32 = 0
+        return call(.waitpid) { waitpid(pid, &status, WNOHANG) }.map { r in
+            guard r == pid else { return nil }
+            let signal = status & 0x7F
+            return signal == 0 ? (status >> 8) & 0xFF : 128 + signal
+        }
+    }
+
+    /// kill(2).
+    package static func kill(_ pid: pid_t, _ signal: Int32) -> Result<Void, Errno> {
+        call(.kill) { Glibc.kill(pid, signal) }.map { _ in () }
     }
 
     // MARK: epoll

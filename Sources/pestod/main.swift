@@ -144,7 +144,7 @@ struct Pestod: ParsableCommand {
     @Flag(
         name: .long,
         help: ArgumentHelp(
-            "Take over from the pestod running with the same runtime directory: receive its tables, listening sockets and control socket over the takeover socket, take the bus name, and let it exit; nothing is closed and reopened (see doc/takeover.md). Fails, leaving the running one in charge, if it cannot complete."
+            "Take over from the pestod running with the same runtime directory: receive its tables, listening sockets, relayed TCP connections, UDP flows and control socket over the takeover socket, take the bus name, and let it exit; nothing is closed and reopened (see doc/takeover.md). Fails, leaving the running one in charge, if it cannot complete."
         ))
     var replace = false
 
@@ -161,6 +161,13 @@ struct Pestod: ParsableCommand {
             "How long a takeover may take, waiting for a D-Bus client's lock included, before it is given up and the running pestod stays in charge.",
             valueName: "ms"))
     var takeoverTimeout = 10_000
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Ask the pestod running as process PID to upgrade itself (what the unit's ExecReload= runs): send it SIGUSR2, on which it starts the installed pestod with its own arguments plus --replace, and wait for it to exit once the new one has taken over (at most --takeover-timeout plus 5 s). Exits 0 when it did, 1 when it is still running (the upgrade failed; it stays in charge).",
+            valueName: "pid"))
+    var reloadRequest: Int32?
 
     @Flag(name: .long, help: "Print the D-Bus interface XML of the contract (dbus/top.passt.Pesto1.xml) and exit.")
     var printIntrospection = false
@@ -186,6 +193,7 @@ struct Pestod: ParsableCommand {
         }
         if maxRules < 1 || maxRules > Int(UInt32.max) { throw ValidationError("--max-rules must be between 1 and \(UInt32.max).") }
         if maxSockets < 1 || maxSockets > Int(UInt32.max) { throw ValidationError("--max-sockets must be between 1 and \(UInt32.max).") }
+        if let reloadRequest, reloadRequest < 2 { throw ValidationError("--reload-request needs the PID of a running pestod.") }
         if takeoverTimeout < 10 || takeoverTimeout > 600_000 {
             throw ValidationError("--takeover-timeout must be between 10 and 600000 milliseconds.")
         }
@@ -247,6 +255,19 @@ struct Pestod: ParsableCommand {
             return handler
         }
         let logger = Logger(label: "pestod")
+        if let reloadRequest {
+            do throws(PestoError) {
+                try ReloadRequest.run(pid: reloadRequest, timeoutMilliseconds: takeoverTimeout + 5000)
+                logger.notice("pestod \(reloadRequest) has handed over to its successor")
+                return
+            } catch {
+                logger.critical("\(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
+                throw ExitCode(1)
+            }
+        }
+        // The installed binary, read now: an upgrade replaces the file, and SIGUSR2 starts
+        // whatever is at this path then (UpgradeRequest.swift).
+        let executable = try? Sys.executablePath().get()
         let bus: BusAddress = address.map { .address($0) } ?? (session ? .session : .system)
         let state = stateFile()
 
@@ -298,16 +319,18 @@ struct Pestod: ParsableCommand {
             // file alone (no restore, no move aside, no save). Calls queue in libdbus until
             // the loop runs, so no client sees the tables before they are restored.
             let carried: [StateFile.Entry]
-            if let received {
+            if var received {
                 let result = StateFile.restore(received.entries, into: engine)
                 for (entry, reason) in result.carried {
                     logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
                 }
                 carried = result.carried.map(\.entry)
+                engine.adoptScanListeners(received.adoption)
                 let adopted = received.adoption.adopted
                 received.adoption.closeUnclaimed()
+                let relays = received.adoptRelays(into: engine)
                 logger.notice(
-                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused)"
+                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused), \(relays.connections) relayed connections and \(relays.flows) UDP flows (\(relays.refused) refused)"
                 )
                 // The running pestod allowed replacement: the name moves here at once, and goes
                 // back to it should this process die before the handover completes.
@@ -317,6 +340,8 @@ struct Pestod: ParsableCommand {
                 // process before the old one exits, which it does once the channel closes.
                 SystemdNotify.send("MAINPID=\(getpid())")
                 received.channel.finish()
+                // The old pestod has let go of the relayed connections: they move bytes here now.
+                engine.tcp.startAdopted()
             } else {
                 try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
                 carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
@@ -371,6 +396,16 @@ struct Pestod: ParsableCommand {
                     logger.warning("no takeover socket: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
                 }
             }
+            // SIGUSR2 (systemctl reload): start the installed pestod with --replace.
+            var upgrade: UpgradeOnSignal?
+            if takeoverSource != nil, let executable {
+                do throws(PestoError) {
+                    upgrade = try UpgradeOnSignal(
+                        loop: loop, logger: logger, executable: executable, arguments: Array(CommandLine.arguments.dropFirst()))
+                } catch {
+                    logger.warning("no upgrade on SIGUSR2: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
+                }
+            }
             engine.start()
             // Under systemd (NotifyAccess=all), a pestod that took over becomes the main process.
             SystemdNotify.send("READY=1")
@@ -380,6 +415,7 @@ struct Pestod: ParsableCommand {
             // Torn down in this order, explicitly: an optimised build may end a value's
             // lifetime at its last use, and these hold the loop unowned. The control socket
             // is kept open until here; its deinit removes the socket file.
+            _ = upgrade.take()
             _ = takeoverSource.take()
             _ = controlSocket.take()
             // Signals already queued go out, then the bus leaves the loop while both exist.

@@ -98,6 +98,28 @@ struct RelayTests {
         #expect(TestTraffic.echoRoundTrip(fd: fd, count: 1 << 20) == nil)
     }
 
+    @Test("pestod stopped (SIGTERM) while it relays a connection exits with status 0, and the client sees the end")
+    func stopsWithConnectionOpen() throws {
+        let f = try PestodFixture()
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(EchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.upperBound)])
+        try f.table("Activate", [.uint32(1)])
+        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
+            Issue.record("connect failed")
+            return
+        }
+        defer { close(fd) }
+        var byte: UInt8 = 42
+        #expect(write(fd, &byte, 1) == 1)
+        #expect(read(fd, &byte, 1) == 1 && byte == 42)
+        kill(f.pestod.pid, SIGTERM)
+        #expect(f.pestod.waitUntilExit() == 0, "\(f.log.suffix(2000))")
+        TestSockets.setTimeouts(fd, milliseconds: 10_000)
+        #expect(read(fd, &byte, 1) <= 0, "the relayed connection ended with pestod")
+    }
+
     @Test("rule A keeps accepting with zero failures while rule B changes 100 times")
     func isolationUnderChurn() throws {
         let f = try PestodFixture()

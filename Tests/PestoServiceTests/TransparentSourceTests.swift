@@ -373,4 +373,90 @@ struct TransparentSourceTests {
         let udpDirect = try #require(Self.udpRelay(from: host, to: nsSide, port: p[1], server: udpServer), "the direct UDP exchange failed")
         #expect(udpDirect.peer.address == host)
     }
+
+    @Test(
+        "a takeover keeps a transparent connection and flow working; the successor counts them: the connection keeps the routing after its rule goes, the flow's route goes with the flow"
+    )
+    func survivesTakeover() throws {
+        let clients = try ClientAddresses()
+        let ns = try TestNamespace()
+        let arguments = ["--netns", ns.path, "--runtime-dir", "RUNTIME"]
+        let f = try PestodFixture(pestodArguments: arguments)
+        let p = Array(TestSockets.freePorts(3))
+        let server = try Self.server(ns, .loopbackIPv4, p[2])
+        let udpServer = try Self.udpServer(ns, .loopbackIPv4, p[2])
+        defer {
+            close(server)
+            close(udpServer)
+        }
+        try f.table("Insert", [.uint32(1), Self.rule(p[0], to: p[2], source: "client")])
+        try f.table(
+            "Insert",
+            [
+                .uint32(2),
+                .vardict([
+                    ("protocol", .string("udp")), ("first-port", .uint16(p[1])), ("target-port", .uint16(p[2])),
+                    ("source", .string("client")),
+                ]),
+            ])
+        try f.table("Activate", [.uint32(1)])
+        try f.table("Activate", [.uint32(2)])
+
+        // A long TCP connection from the client's address, and a connected UDP client.
+        let tcp = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer {
+            close(tcp)
+            close(udp)
+        }
+        try #require(TestSockets.withSocketAddress(clients.v4, 0, { bind(tcp, $0, $1) == 0 }))
+        try #require(TestSockets.withSocketAddress(clients.v4, p[0], { connect(tcp, $0, $1) == 0 }))
+        try #require(TestSockets.withSocketAddress(clients.v4, 0, { bind(udp, $0, $1) == 0 }))
+        try #require(TestSockets.withSocketAddress(clients.v4, p[1], { connect(udp, $0, $1) == 0 }))
+        TestSockets.setTimeouts(tcp, milliseconds: 10_000)
+        TestSockets.setTimeouts(udp, milliseconds: 10_000)
+        var pfd = pollfd(fd: server, events: Int16(POLLIN), revents: 0)
+        try #require(poll(&pfd, 1, 10_000) == 1)
+        var peer = SocketAddress()
+        let accepted = peer.withMutableSockaddr { accept(server, $0, $1) }
+        try #require(accepted >= 0)
+        defer { close(accepted) }
+        #expect(peer.endpoint?.address == clients.v4, "the server sees the client: \(String(describing: peer.endpoint))")
+        TestSockets.setTimeouts(accepted, milliseconds: 10_000)
+        TestSockets.setTimeouts(udpServer, milliseconds: 10_000)
+
+        /// One byte each way on the TCP connection and (with `udp`) one datagram each way on the flow.
+        func exchange(_ what: String, udp withUDP: Bool = true) {
+            var byte: UInt8 = 1
+            #expect(write(tcp, &byte, 1) == 1 && read(accepted, &byte, 1) == 1, "\(what): TCP client → server")
+            byte = 2
+            #expect(write(accepted, &byte, 1) == 1 && read(tcp, &byte, 1) == 1 && byte == 2, "\(what): TCP server → client")
+            guard withUDP else { return }
+            byte = 3
+            #expect(write(udp, &byte, 1) == 1, "\(what): UDP send")
+            var from = SocketAddress()
+            let n = from.withMutableSockaddr { recvfrom(udpServer, &byte, 1, 0, $0, $1) }
+            #expect(n == 1 && from.endpoint?.address == clients.v4, "\(what): UDP client → server from the client's address")
+            byte = 4
+            #expect(from.withSockaddr({ sendto(udpServer, &byte, 1, 0, $0, $1) }) == 1)
+            #expect(read(udp, &byte, 1) == 1 && byte == 4, "\(what): UDP server → client")
+        }
+        exchange("before the takeover")
+        #expect(try f.takeOver(arguments) == 0, "the old pestod exits with 0")
+        exchange("after the takeover")
+        let udpRoutes = {
+            try run("/usr/sbin/ip", ["-n", ns.name, "route", "show", "table", "\(TransparentSource.udpTable)"]).out
+        }
+        #expect(try udpRoutes().contains("\(clients.v4)"), "the flow's client address has its route")
+        // The rules go. The TCP connection still uses the routing, so it stays; the UDP flow
+        // ends with its rule's listener, and its client address's route goes with it.
+        try f.table("Deactivate", [.uint32(1)])
+        try f.table("Deactivate", [.uint32(2)])
+        #expect(try Self.routing(ns).contains("fwmark 0x7065"), "still used by the connection")
+        #expect(try !udpRoutes().contains("\(clients.v4)"), "the flow's route went with the flow")
+        exchange("after deactivation", udp: false)
+        kill(f.pestod.pid, SIGTERM)
+        #expect(f.pestod.waitUntilExit() == 0, "pestod exits cleanly: \(f.log.suffix(3000))")
+        #expect(try !Self.routing(ns).contains("0x7065"), "removed at exit")
+    }
 }

@@ -98,6 +98,10 @@ int pesto_pidfd_getfd(int pidfd, int targetfd);
  * socket is an EPIPE error and never kills the process. Returns 0, or -1 with errno. */
 int pesto_stop_on_signals(int fd);
 
+/* Makes SIGUSR2 write 8 bytes to `fd` (an eventfd) and unblocks it: the request to upgrade
+ * (pestod spawns the installed binary with --replace). Returns 0, or -1 with errno. */
+int pesto_upgrade_on_signal(int fd);
+
 /* posix_spawn_file_actions_addclosefrom_np(3): the spawned child closes every descriptor from
  * `from` up, so it inherits only what the file actions dup2 into place. */
 int pesto_spawn_closefrom(posix_spawn_file_actions_t *_Nonnull actions, int from);

@@ -1,0 +1,131 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// UpgradeRequest: `systemctl reload pestod` upgrades pestod in place, nginx-style.
+//
+// Theory of operation
+// -------------------
+// The unit's `ExecReload=pestod --reload-request $MAINPID` sends SIGUSR2 to the running
+// pestod and waits for it to exit (`ReloadRequest`). On SIGUSR2 (an eventfd written by the
+// signal handler and watched by the loop, so nothing runs in the handler), the running
+// pestod starts the executable at the path it was started from — the installed binary,
+// which an upgrade has replaced — with its own arguments plus `--replace`, its environment
+// (NOTIFY_SOCKET, RUNTIME_DIRECTORY) and its standard descriptors (the journal), and goes on
+// serving. The new pestod takes everything over through the takeover socket (Takeover.swift,
+// doc/takeover.md), tells systemd `MAINPID=` (NotifyAccess=all) and `READY=1`, and this one
+// exits once all is handed over; `--reload-request` sees it go and reports success.
+//
+// If the new pestod fails (it cannot start, the lock is held past its timeout, a format it
+// does not speak), this one stays in charge as for any failed takeover: it reaps the child
+// (looking every 100 ms while one runs), logs its exit status, and the reload request times
+// out with an error. A second SIGUSR2 while an upgrade runs is logged and ignored.
+
+import Logging
+import PestoEngine
+import PestoModel
+import PestoSystem
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Starts the installed pestod with `--replace` on SIGUSR2.
+public final class UpgradeOnSignal: EventHandler {
+    private let eventFD: Int32
+    private unowned let loop: EventLoop
+    private let logger: Logger
+    /// The executable and the arguments of the pestod to start.
+    private let executable: String
+    private let arguments: [String]
+    /// The new pestod while it runs, and the timer that reaps it.
+    private var child: (pid: pid_t, timer: EventLoop.TimerID)?
+
+    /// Installs the SIGUSR2 handler; `executable` is this process's (read at start) and
+    /// `arguments` its own, to which `--replace` is added.
+    public init(loop: EventLoop, logger: Logger, executable: String, arguments: [String]) throws(PestoError) {
+        self.loop = loop
+        self.logger = logger
+        self.executable = executable
+        self.arguments = arguments.contains("--replace") ? arguments : arguments + ["--replace"]
+        switch Sys.eventFD() {
+        case .success(let fd): eventFD = fd
+        case .failure(let e): throw PestoError(.system, "Cannot create the upgrade request's eventfd.", underlyingError: e)
+        }
+        loop.setHandler(self, for: EngineEventKind.upgradeRequest)
+        do throws(PestoError) {
+            try loop.add(fd: eventFD, events: EventLoop.Events.readable, kind: EngineEventKind.upgradeRequest)
+        } catch {
+            Sys.close(eventFD)
+            throw error
+        }
+        if case .failure(let e) = Sys.upgradeOnSignal(writingTo: eventFD) {
+            loop.remove(fd: eventFD)
+            Sys.close(eventFD)
+            throw PestoError(.system, "Cannot install the SIGUSR2 handler.", underlyingError: e)
+        }
+    }
+
+    deinit {
+        loop.remove(fd: eventFD)
+        Sys.close(eventFD)
+    }
+
+    public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
+        var value: UInt64 = 0
+        _ = Sys.read(eventFD, &value, 8)
+        if let child {
+            logger.notice("upgrade requested (SIGUSR2) while the new pestod \(child.pid) is still starting: ignored")
+            return
+        }
+        switch Sys.spawn(executable, arguments) {
+        case .failure(let e):
+            logger.error("upgrade requested (SIGUSR2): cannot start \(executable): \(e); this pestod stays in charge")
+        case .success(let pid):
+            logger.notice("upgrade requested (SIGUSR2): started \(executable) --replace as process \(pid)")
+            let timer = loop.every(milliseconds: 100) { [unowned self] in self.reap() }
+            child = (pid, timer)
+        }
+    }
+
+    /// Looks whether the new pestod has ended (it only ends while this one runs if it failed).
+    private func reap() {
+        guard let child else { return }
+        switch Sys.reap(child.pid) {
+        case .success(nil): return
+        case .success(let status?):
+            logger.error("upgrade failed: the new pestod \(child.pid) exited with status \(status); this pestod stays in charge")
+        case .failure(let e):
+            logger.warning("upgrade: cannot wait for the new pestod \(child.pid): \(e)")
+        }
+        loop.cancelTimer(child.timer)
+        self.child = nil
+    }
+}
+
+/// `pestod --reload-request PID`: what the unit's ExecReload= runs.
+public enum ReloadRequest {
+    /// Sends SIGUSR2 to `pid` and waits up to `timeoutMilliseconds` for it to exit (its
+    /// successor took over). Throws when it cannot be signalled or is still running then.
+    public static func run(pid: pid_t, timeoutMilliseconds: Int) throws(PestoError) {
+        if case .failure(let e) = Sys.kill(pid, SIGUSR2) {
+            throw PestoError(.system, "Cannot send SIGUSR2 to pestod \(pid).", underlyingError: e)
+        }
+        let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
+        while MonotonicInstant.now < deadline {
+            if hasExited(pid) { return }
+            usleep(10_000)
+        }
+        throw PestoError(
+            .system,
+            "pestod \(pid) is still running after \(timeoutMilliseconds) ms: the upgrade did not complete and it stays in charge (see its log)."
+        )
+    }
+
+    /// Whether `pid` is gone or a zombie (exited, not yet reaped by its parent).
+    static func hasExited(_ pid: pid_t) -> Bool {
+        if case .failure(let e) = Sys.kill(pid, 0), e == Errno(rawValue: ESRCH) { return true }
+        guard let stat = readFile("/proc/\(pid)/stat", limit: 4096) else { return true }
+        // "PID (comm) S ...": the state follows the last ')'.
+        guard let close = stat.lastIndex(of: UInt8(ascii: ")")), close + 2 < stat.count else { return false }
+        return stat[close + 2] == UInt8(ascii: "Z") || stat[close + 2] == UInt8(ascii: "X")
+    }
+}

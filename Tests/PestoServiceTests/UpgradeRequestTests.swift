@@ -1,0 +1,76 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// The upgrade request (UpgradeRequest.swift) without systemd: `pestod --reload-request PID`,
+// as the unit's ExecReload= runs it, makes the running pestod start its own executable with
+// its arguments plus --replace; the new one takes over and the old one exits, every listener
+// keeping its inode and a relayed connection its bytes.
+
+import Foundation
+import PestoEngine
+import PestoModel
+import PestoSystem
+import PestoTestSupport
+import Testing
+
+@testable import PestoDBus
+@testable import PestoService
+
+@Suite("pestod upgrade on reload request", .serialized)
+struct UpgradeRequestTests {
+    @Test(
+        "pestod --reload-request PID: the running pestod starts its executable with --replace, which takes over (same listeners, same inodes, a relayed connection going on); the request returns once the old one has exited"
+    )
+    func reloadRequestUpgrades() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        let ports = TestSockets.freePorts(11)
+        let targetPort = TestSockets.freePorts(1).lowerBound
+        let listener = try TakeoverRelayTests.targetListener(port: targetPort)
+        defer { close(listener) }
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(ports.lowerBound, [("target-port", .uint16(targetPort))])])
+        try f.table("Activate", [.uint32(1)])
+        try f.table("Insert", [.uint32(2), PestodFixture.rule(ports.lowerBound + 1, [("last-port", .uint16(ports.upperBound))])])
+        try f.table("Activate", [.uint32(2)])
+        let before = try f.snapshot()
+        #expect(before.sockets.count == 11)
+        let connection = try TakeoverRelayTests.relayed(port: ports.lowerBound, target: listener)
+        defer {
+            close(connection.client)
+            close(connection.target)
+        }
+        let up = StreamDirection("up", from: connection.client, to: connection.target)
+        let down = StreamDirection("down", from: connection.target, to: connection.client)
+        let oldPID = f.pestod.pid
+
+        let request = try run(Products.path("pestod"), ["--reload-request", "\(oldPID)"])
+        #expect(request.status == 0, "\(request.err)")
+        #expect(request.err.contains("has handed over to its successor"), "\(request.err)")
+        #expect(f.pestod.waitUntilExit() == 0)
+        let newPID = try #require(
+            try f.client.call(
+                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID",
+                [.string(PestodFixture.dest)]
+            ).first?.uint32Value)
+        defer { kill(pid_t(newPID), SIGKILL) }
+        #expect(pid_t(newPID) != oldPID)
+        #expect(f.log.contains("upgrade requested (SIGUSR2): started"), "\(f.log)")
+        #expect(f.log.contains("1 relayed connections and 0 UDP flows (0 refused)"), "\(f.log)")
+        #expect(listeningSocketsOf(pid: pid_t(newPID)) == before.sockets)
+        #expect(try f.table("List") == before.rules)
+        // The connection goes on through the new pestod, every byte in order.
+        #expect(up.waitForRead(beyond: up.read + 65_536) && down.waitForRead(beyond: down.read + 65_536))
+        up.stop()
+        down.stop()
+        #expect(up.finish(), "\(up.problems)")
+        #expect(down.finish(), "\(down.problems)")
+    }
+
+    @Test("pestod --reload-request of a process that does not exist fails with an error")
+    func reloadRequestOfNothing() throws {
+        // A PID that was just reaped: nothing runs under it.
+        let pid = try ChildProcess.spawn("/bin/true", [])
+        _ = ChildProcess.waitExit(pid)
+        let request = try run(Products.path("pestod"), ["--reload-request", "\(pid)"])
+        #expect(request.status == 1)
+        #expect(request.err.contains("Cannot send SIGUSR2 to pestod \(pid)"), "\(request.err)")
+    }
+}
