@@ -155,6 +155,10 @@ public enum PestoInterfaces {
             prop("MaxRules", "u", .never, "Most rules the table holds."),
             prop("SocketCount", "u", .changes, "Listening sockets currently open."),
             prop("MaxSockets", "u", .never, "Most sockets the table's rules may need together."),
+            prop(
+                "OverlapPolicy", "s", .never,
+                "How overlapping active rules are treated (pestod --overlap): refuse (activating one fails with Conflict) or first-match (allowed; a new connection or flow goes to the matching active rule with the lowest ID)."
+            ),
         ])
 
     /// `top.passt.Pesto1.Rule`.
@@ -182,6 +186,10 @@ public enum PestoInterfaces {
             prop("BoundSockets", "u", .changes, "Sockets bound."),
             prop("BindFailures", "u", .changes, "Sockets whose bind failed."),
             prop("LastError", "s", .changes, "Errno name of the latest bind failure, or empty."),
+            prop(
+                "PortsWon", "u", .changes,
+                "How many of the rule's ports it wins: a new connection or flow there can reach it (with OverlapPolicy refuse, BoundSockets while active; with first-match, the served ports where no lower-ID active rule takes everything it matches)."
+            ),
         ])
 
     /// The contract's own interfaces, in the order of the shipped XML.

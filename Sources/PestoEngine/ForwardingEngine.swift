@@ -30,6 +30,8 @@ public struct EngineConfiguration: Sendable {
     /// The descriptor plan the engine's budget follows; nil reads this process's soft
     /// RLIMIT_NOFILE when the engine is made (see DescriptorBudget.swift).
     public var descriptors: DescriptorPlan? = nil
+    /// How the tables treat overlapping active rules (`pestod --overlap`, doc/overlap.md).
+    public var overlap: OverlapPolicy = .refuse
 
     /// The defaults.
     public init() {}
@@ -90,6 +92,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         var listenPort: UInt16
         var inode: UInt64
         var paused = false
+        /// First match: the socket is shared and each connection or flow asks its table
+        /// which rule it goes to (`target` is then only the opener's).
+        var shared = false
     }
 
     /// Indexed by descriptor.
@@ -124,16 +129,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             // Scan rules need another side to look at: they exist only with a namespace.
             let hostCaps = configuration.capabilities ?? caps.union(.scan)
             host = ForwardingTable(
-                kind: .host, capabilities: hostCaps, limits: configuration.limits,
+                kind: .host, capabilities: hostCaps, limits: configuration.limits, overlapPolicy: configuration.overlap,
                 factory: factory(KernelListenerFactory(families: caps), .host))
             let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }.union(.scan)
             splice = ForwardingTable(
-                kind: .splice, capabilities: inside, limits: configuration.limits,
+                kind: .splice, capabilities: inside, limits: configuration.limits, overlapPolicy: configuration.overlap,
                 factory: factory(NamespacedListenerFactory(namespace: ns, families: inside), .splice))
         } else {
             namespace = nil
             host = ForwardingTable(
-                kind: .host, capabilities: caps, limits: configuration.limits,
+                kind: .host, capabilities: caps, limits: configuration.limits, overlapPolicy: configuration.overlap,
                 factory: factory(KernelListenerFactory(families: caps), .host))
             splice = nil
         }
@@ -150,9 +155,26 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             loop: loop, targetSide: targetSide, limits: configuration.udp, budget: budget,
             wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
         udp.conditions = conditions
+        if configuration.overlap == .firstMatch {
+            tcp.dispatch = { [unowned self] listener, client in
+                self.sharedListenerTable(listener)?.firstMatchTarget(listener: listener) {
+                    guard case .success(let local) = Sys.localAddress(client) else { return nil }
+                    return local.endpoint?.address
+                }
+            }
+            udp.dispatch = { [unowned self] listener, local in
+                self.sharedListenerTable(listener)?.firstMatchTarget(listener: listener) { local }
+            }
+        }
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
         loop.setHandler(self, for: EngineEventKind.udpListener)
+    }
+
+    /// The table that opened listener `fd`.
+    private func sharedListenerTable(_ fd: Int32) -> ForwardingTable? {
+        guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return nil }
+        return entry.inNamespace ? splice : host
     }
 
     /// Every table, in the contract's order.
@@ -232,7 +254,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             ownInodes.insert(inode)
         }
         listeners[Int(fd)] = ListenerEntry(
-            target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
+            target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode,
+            shared: configuration.overlap == .firstMatch)
         let key = Self.ownPortKey(rule.proto, inNamespace: table == .splice, port: port)
         ownPorts.increment(key...key)
         conditions.clear(.forwardingLoop)  // the listeners changed: a loop, if any, is reported anew
@@ -262,9 +285,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         guard Int(fd) < listeners.count, let entry = listeners[Int(fd)], !entry.paused else { return }
         switch entry.target.proto {
         case .tcp:
-            if tcp.listenerReadable(fd: fd, target: entry.target) == .exhausted { pause(fd) }
+            if tcp.listenerReadable(fd: fd, target: entry.target, shared: entry.shared) == .exhausted { pause(fd) }
         case .udp:
-            udp.listenerReadable(fd: fd, target: entry.target)
+            udp.listenerReadable(fd: fd, target: entry.target, shared: entry.shared)
         }
     }
 
