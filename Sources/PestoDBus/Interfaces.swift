@@ -126,13 +126,14 @@ public enum PestoInterfaces {
                     "Bind and listen on every socket of the rule; completes even if binds fail.")),
             privileged(method("Deactivate", [arg("id", "u")], [], "Close the rule's listening sockets; relayed connections are not cut.")),
             method(
-                "Status", [arg("id", "u")], [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s")],
-                "The rule's state; last_error is the errno name of the latest bind failure or empty."),
+                "Status", [arg("id", "u")],
+                [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s"), arg("ports_won", "u")],
+                "The rule's state; last_error is the errno name of the latest bind failure or empty; ports_won is the rule's PortsWon."),
             method("Read", [arg("id", "u")], [arg("rule", "a{sv}")], "The rule as stored, defaults filled in."),
             method(
                 "ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")],
                 "The rule at a position in ID order; NoSuchRule past the end."),
-            method("List", [], [arg("rules", "a(ua{sv}(buus))")], "Every rule with its status, in ID order."),
+            method("List", [], [arg("rules", "a(ua{sv}(buusu))")], "Every rule with its status (as Status returns it), in ID order."),
             privileged(
                 method(
                     "Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],

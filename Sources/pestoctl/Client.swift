@@ -245,7 +245,7 @@ final class PestoClient {
                 for m in members where results[m]!.failed > 0 {
                     let new = plan.inserts[m]
                     let status = try? table(new.table, "Status", [.uint32(new.id)])
-                    let error = status?.count == 4 ? status?[3].stringValue ?? "" : ""
+                    let error = (status?.count ?? 0) >= 4 ? status?[3].stringValue ?? "" : ""
                     reasons.append(
                         "\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
                             + (error.isEmpty ? "" : " (\(error))"))

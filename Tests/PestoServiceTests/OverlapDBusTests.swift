@@ -113,7 +113,7 @@ struct OverlapDBusTests {
         // Read by Status and List as before: the carve-out's port counted bound while active.
         #expect(try f.table("Activate", [.uint32(50)]) == [.uint32(1), .uint32(0)])
         #expect(try Self.portsWon(f, 100) == .uint32(7) && Self.portsWon(f, 50) == .uint32(1))
-        #expect(try f.table("Status", [.uint32(50)]) == [.bool(true), .uint32(1), .uint32(0), .string("")])
+        #expect(try f.table("Status", [.uint32(50)]) == [.bool(true), .uint32(1), .uint32(0), .string(""), .uint32(1)])
     }
 
     @Test("a Rollback under the lock and a lock holder leaving undo a change of winner; sockets unchanged")

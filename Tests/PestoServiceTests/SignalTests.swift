@@ -57,7 +57,7 @@ struct SignalTests {
             m.member == "PropertiesChanged" && m.path == rulePath
                 && m.arguments?[1].vardictValue?.map(\.0) == ["BoundSockets", "BindFailures", "LastError", "PortsWon"]
         }
-        #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string("")])
+        #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string(""), .uint32(2)])
 
         try f.table("Deactivate", [.uint32(7)])
         signals.wait(
