@@ -169,3 +169,54 @@ struct OverlapDBusTests {
         #expect(try Self.portsWon(f, 100) == .uint32(2) && Self.portsWon(f, 50) == .uint32(0))
     }
 }
+
+@Suite("pestod --overlap first-match: control socket and --state", .serialized)
+struct OverlapOtherPathsTests {
+    @Test("an upstream upload of a range and a port inside it: refused under refuse, applied under first-match")
+    func uploadOverlap() throws {
+        for firstMatch in [false, true] {
+            let f = try PestodFixture(pestodArguments: ["--control", "CONTROL"] + (firstMatch ? ["--overlap", "first-match"] : []))
+            let ports = TestSockets.freePorts(4)
+            let p = ports.lowerBound
+            let client = try #require(WireClient(path: f.controlPath))
+            defer { close(client.fd) }
+            #expect(client.readHelloAndDump() != nil)
+            // The single port first (upstream's first rule wins), then the range around it.
+            client.send(
+                [1] + WireClient.be32(2) + WireClient.rule(first: p + 1, target: p + 3)
+                    + WireClient.rule(first: p, last: p + 2, target: p) + [0])
+            shutdown(client.fd, Int32(SHUT_WR))
+            var byte: UInt8 = 0
+            #expect(recv(client.fd, &byte, 1, 0) == 0)
+            let list = try f.table("List").first?.arrayValue ?? []
+            if firstMatch {
+                #expect(list.count == 2, "\(list)")
+                #expect(f.listeningSockets().count == 3, "one socket per port, the carved one shared")
+                let won = list.compactMap { $0.structValue?[2].structValue?[4].uint32Value }
+                #expect(won == [1, 2], "the single port (lower ID) wins its port; the range the other two")
+                let server = try #require(EchoServer(port: p + 3))
+                defer { server.stop() }
+                #expect(TestTraffic.ping(port: p + 1) == nil && server.accepted == 1)
+            } else {
+                #expect(list.isEmpty && f.listeningSockets().isEmpty, "an overlapping upload changes nothing")
+            }
+        }
+    }
+
+    @Test("--state restores overlapping active rules under first-match, each winning what it won before")
+    func stateRestore() throws {
+        let f = try PestodFixture(pestodArguments: ["--state", "STATE", "--overlap", "first-match"])
+        let ports = TestSockets.freePorts(4)
+        try f.table("Insert", [.uint32(10), OverlapDBusTests.rule(ports.lowerBound, ports.lowerBound + 3, to: 9)])
+        try f.table("Insert", [.uint32(5), OverlapDBusTests.rule(ports.lowerBound + 1, to: 9, address: "127.0.0.1")])
+        try f.table("Activate", [.uint32(10)])
+        try f.table("Activate", [.uint32(5)])
+        let listed = try f.table("List")
+        #expect(f.listeningSockets().count == 4)
+        f.pestod.kill()
+        try f.startPestod(["--state", "STATE", "--overlap", "first-match"])
+        #expect(try f.table("List") == listed, "both active again, with the same counts and ports won")
+        #expect(f.listeningSockets().count == 4, "the carve-out (activated first, by ID) was widened into the range's socket")
+        #expect(f.log.contains("restored 2 of 2 rules"))
+    }
+}
