@@ -220,3 +220,27 @@ struct OverlapOtherPathsTests {
         #expect(f.log.contains("restored 2 of 2 rules"))
     }
 }
+
+@Suite("pestod --overlap first-match: takeover", .serialized)
+struct OverlapTakeoverTests {
+    @Test("pestod --replace hands shared sockets over: a range and a carve-out on its binding keep every inode and their winners")
+    func takeoverKeepsSharedSockets() throws {
+        let arguments = ["--runtime-dir", "RUNTIME", "--state", "STATE", "--overlap", "first-match"]
+        let f = try PestodFixture(pestodArguments: arguments)
+        let ports = TestSockets.freePorts(5)
+        let range = ports.lowerBound...(ports.lowerBound + 3)
+        let carveOut = try #require(EchoServer(port: ports.upperBound))
+        defer { carveOut.stop() }
+        try f.table("Insert", [.uint32(100), OverlapDBusTests.rule(range.lowerBound, range.upperBound, to: 9)])
+        try f.table("Insert", [.uint32(50), OverlapDBusTests.rule(range.lowerBound + 1, to: carveOut.port)])
+        try f.table("Activate", [.uint32(100)])
+        try f.table("Activate", [.uint32(50)])
+        let sockets = f.listeningSockets()
+        let listed = try f.table("List")
+        #expect(sockets.count == 4)
+        #expect(try f.takeOver(arguments) == 0)
+        #expect(f.listeningSockets() == sockets, "every listener, the shared one included, kept its inode")
+        #expect(try f.table("List") == listed)
+        #expect(TestTraffic.ping(port: range.lowerBound + 1) == nil && carveOut.accepted == 1, "the carve-out still wins its port")
+    }
+}
