@@ -203,6 +203,27 @@ struct OverlapOtherPathsTests {
         }
     }
 
+    @Test("pestoctl replacing a range's target under first-match: the new rule takes the range's sockets over unclosed")
+    func pestoctlReplaceKeepsSockets() throws {
+        for firstMatch in [false, true] {
+            let f = try PestodFixture(pestodArguments: firstMatch ? ["--overlap", "first-match"] : [])
+            let p = TestSockets.freePorts(8)
+            let (a, b) = (p.lowerBound, p.lowerBound + 3)
+            var r = try f.pestoctl(["-t", "127.0.0.1/\(a)-\(b)"])
+            #expect(r.status == 0, "\(r.err)")
+            let before = f.listeningSockets()
+            r = try f.pestoctl(["-t", "127.0.0.1/\(a)-\(b):\(b + 1)-\(b + 4)"])
+            #expect(r.status == 0, "\(r.err)")
+            let after = f.listeningSockets()
+            #expect(before.count == 4 && after.count == 4)
+            if firstMatch {
+                #expect(after == before, "same inodes: the sockets were handed over, never closed")
+            } else {
+                #expect(Set(after).isDisjoint(with: before), "refuse: the old rule's sockets close before the new one binds")
+            }
+        }
+    }
+
     @Test("--state restores overlapping active rules under first-match, each winning what it won before")
     func stateRestore() throws {
         let f = try PestodFixture(pestodArguments: ["--state", "STATE", "--overlap", "first-match"])
