@@ -47,6 +47,11 @@ public struct EngineConfiguration: Sendable {
 /// connects inside that namespace and a SPLICE table listens inside it and connects out in
 /// pestod's namespace — pasta's -t/-T model.
 ///
+/// With `EngineConfiguration.overlap` first-match (doc/overlap.md) the tables share
+/// listeners among overlapping rules; such a listener is marked `shared`, and the relays ask
+/// its table (`dispatch`, `ForwardingTable.firstMatchTarget`) which rule each new connection
+/// or flow goes to.
+///
 /// A destination that is one of pestod's own listeners on the same side would make a
 /// connection loop forever through pestod; such connections are refused (`wouldLoop`).
 /// Listeners pause when descriptors or relay slots run out and resume after

@@ -48,7 +48,7 @@ struct FuzzTests {
     func fuzzFirstMatch() throws {
         let env = ProcessInfo.processInfo.environment
         let seed = env["PESTO_FUZZ_SEED"].flatMap { UInt64($0) } ?? Self.defaultSeed
-        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 3_000
+        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 6_000
         print("FuzzTests first-match: seed \(seed), \(steps) steps (PESTO_FUZZ_SEED=\(seed) PESTO_FUZZ_STEPS=\(steps) to reproduce)")
         let run = try FuzzRun(seed: seed, firstMatch: true)
         try run.run(steps: steps)
