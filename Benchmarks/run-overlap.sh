@@ -16,13 +16,16 @@
 #   Benchmarks/run-overlap.sh [MODE] [PORTS] [ROUNDS]
 #   PESTOD=.build/debug/pestod Benchmarks/run-overlap.sh both 200 20     (skip the release build)
 #
-# Run as root (the ports are 13000 upwards, below 32768). Needs dbus-daemon, busctl and ss.
+# Run as root (the ports are BASE, default 13000, upwards, below 32768), best in a network
+# namespace of its own (`ip netns exec NS Benchmarks/run-overlap.sh`), so that no other
+# process's ports spoil it. Needs dbus-daemon, busctl and ss. DEBUG_OVERLAP=1 prints the
+# range's sockets when a call fails and copies pestod's logs to /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-both}
 PORTS=${2:-1000}
 ROUNDS=${3:-100}
-BASE=13000
+BASE=${BASE:-13000}
 case "$MODE" in refuse | first-match) MODES=("$MODE") ;; both) MODES=(refuse first-match) ;; *)
     echo "MODE is refuse, first-match or both" >&2
     exit 2
@@ -63,7 +66,7 @@ DEST=top.passt.Pesto1
 TABLE=/top/passt/Pesto1/tables/host
 IFACE=top.passt.Pesto1.Table
 
-call() { "${BUSCTL[@]}" call "$DEST" $TABLE $IFACE "$@" >/dev/null; }
+call() { "${BUSCTL[@]}" call "$DEST" $TABLE $IFACE "$@" >/dev/null || { [ -n "${DEBUG_OVERLAP:-}" ] && ss -Htanp "( sport >= :$BASE and sport <= :$LAST )" | head -20; return 1; }; }
 # The a{sv} of a TCP rule FIRST..LAST on 127.0.0.1 forwarded to TARGET-PORT: 6 entries.
 rule() { echo "6 protocol s tcp address s 127.0.0.1 first-port q $1 last-port q $2 target-address s 127.0.0.1 target-port q $3"; }
 # "port inode" of every listening socket of the range.
@@ -123,4 +126,5 @@ for mode in "${MODES[@]}"; do
     kill "$pestod" 2>/dev/null || true
     wait "$pestod" 2>/dev/null || true
 done
+[ -n "${DEBUG_OVERLAP:-}" ] && cp "$dir"/pestod-*.log /tmp/
 grep -E "critical|error" "$dir"/pestod-*.log || true
