@@ -134,6 +134,7 @@ for shell in bash zsh fish; do
     echo "$dest (generated)"
 done
 install -v -D -m 0644 doc/data-path.md /usr/share/doc/pesto/data-path.md
+install -v -D -m 0644 doc/overlap.md /usr/share/doc/pesto/overlap.md
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
     cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css

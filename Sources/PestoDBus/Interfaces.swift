@@ -126,13 +126,14 @@ public enum PestoInterfaces {
                     "Bind and listen on every socket of the rule; completes even if binds fail.")),
             privileged(method("Deactivate", [arg("id", "u")], [], "Close the rule's listening sockets; relayed connections are not cut.")),
             method(
-                "Status", [arg("id", "u")], [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s")],
-                "The rule's state; last_error is the errno name of the latest bind failure or empty."),
+                "Status", [arg("id", "u")],
+                [arg("active", "b"), arg("bound", "u"), arg("failed", "u"), arg("last_error", "s"), arg("ports_won", "u")],
+                "The rule's state; last_error is the errno name of the latest bind failure or empty; ports_won is the rule's PortsWon."),
             method("Read", [arg("id", "u")], [arg("rule", "a{sv}")], "The rule as stored, defaults filled in."),
             method(
                 "ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")],
                 "The rule at a position in ID order; NoSuchRule past the end."),
-            method("List", [], [arg("rules", "a(ua{sv}(buus))")], "Every rule with its status, in ID order."),
+            method("List", [], [arg("rules", "a(ua{sv}(buusu))")], "Every rule with its status (as Status returns it), in ID order."),
             privileged(
                 method(
                     "Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],
@@ -155,6 +156,10 @@ public enum PestoInterfaces {
             prop("MaxRules", "u", .never, "Most rules the table holds."),
             prop("SocketCount", "u", .changes, "Listening sockets currently open."),
             prop("MaxSockets", "u", .never, "Most sockets the table's rules may need together."),
+            prop(
+                "OverlapPolicy", "s", .never,
+                "How overlapping active rules are treated (pestod --overlap): refuse (activating one fails with Conflict) or first-match (allowed; a new connection or flow goes to the matching active rule with the lowest ID)."
+            ),
         ])
 
     /// `top.passt.Pesto1.Rule`.
@@ -185,6 +190,10 @@ public enum PestoInterfaces {
             prop("BoundSockets", "u", .changes, "Sockets bound."),
             prop("BindFailures", "u", .changes, "Sockets whose bind failed."),
             prop("LastError", "s", .changes, "Errno name of the latest bind failure, or empty."),
+            prop(
+                "PortsWon", "u", .changes,
+                "How many of the rule's ports it wins: a new connection or flow there can reach it (with OverlapPolicy refuse, BoundSockets while active; with first-match, the served ports where no lower-ID active rule takes everything it matches)."
+            ),
         ])
 
     /// The contract's own interfaces, in the order of the shipped XML.

@@ -113,8 +113,10 @@ public enum RuleCodec {
         .vardict(rule.fieldValues.map { ($0.field.key, encode($0.value)) })
     }
 
-    /// A status as the `(buus)` struct of `List`.
-    public static func encode(_ status: RuleStatus) -> DBusValue {
-        .structure([.bool(status.active), .uint32(status.bound), .uint32(status.failed), .string(status.lastErrorName)])
+    /// A status and the rule's count of won ports as the `(buusu)` struct of `List`.
+    public static func encode(_ status: RuleStatus, portsWon: UInt32) -> DBusValue {
+        .structure([
+            .bool(status.active), .uint32(status.bound), .uint32(status.failed), .string(status.lastErrorName), .uint32(portsWon),
+        ])
     }
 }

@@ -30,6 +30,8 @@ public struct EngineConfiguration: Sendable {
     /// The descriptor plan the engine's budget follows; nil reads this process's soft
     /// RLIMIT_NOFILE when the engine is made (see DescriptorBudget.swift).
     public var descriptors: DescriptorPlan? = nil
+    /// How the tables treat overlapping active rules (`pestod --overlap`, doc/overlap.md).
+    public var overlap: OverlapPolicy = .refuse
 
     /// The defaults.
     public init() {}
@@ -44,6 +46,11 @@ public struct EngineConfiguration: Sendable {
 /// one table, HOST, whose targets are in pestod's own namespace. With `namespacePath`, HOST
 /// connects inside that namespace and a SPLICE table listens inside it and connects out in
 /// pestod's namespace — pasta's -t/-T model.
+///
+/// With `EngineConfiguration.overlap` first-match (doc/overlap.md) the tables share
+/// listeners among overlapping rules; such a listener is marked `shared`, and the relays ask
+/// its table (`dispatch`, `ForwardingTable.firstMatchTarget`) which rule each new connection
+/// or flow goes to.
 ///
 /// A destination that is one of pestod's own listeners on the same side would make a
 /// connection loop forever through pestod; such connections are refused (`wouldLoop`).
@@ -93,6 +100,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         var listenPort: UInt16
         var inode: UInt64
         var paused = false
+        /// First match: the socket is shared and each connection or flow asks its table
+        /// which rule it goes to (`target` is then only the opener's).
+        var shared = false
     }
 
     /// Indexed by descriptor.
@@ -129,16 +139,16 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             // Scan rules need another side to look at: they exist only with a namespace.
             let hostCaps = configuration.capabilities ?? caps.union(.scan)
             host = ForwardingTable(
-                kind: .host, capabilities: hostCaps, limits: configuration.limits,
+                kind: .host, capabilities: hostCaps, limits: configuration.limits, overlapPolicy: configuration.overlap,
                 factory: factory(KernelListenerFactory(families: caps), .host), clientSource: true)
             let inside = configuration.capabilities ?? ns.perform { HostCapabilities.detect() }.union(.scan)
             splice = ForwardingTable(
-                kind: .splice, capabilities: inside, limits: configuration.limits,
+                kind: .splice, capabilities: inside, limits: configuration.limits, overlapPolicy: configuration.overlap,
                 factory: factory(NamespacedListenerFactory(namespace: ns, families: inside), .splice))
         } else {
             namespace = nil
             host = ForwardingTable(
-                kind: .host, capabilities: caps, limits: configuration.limits,
+                kind: .host, capabilities: caps, limits: configuration.limits, overlapPolicy: configuration.overlap,
                 factory: factory(KernelListenerFactory(families: caps), .host))
             splice = nil
         }
@@ -159,9 +169,26 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
         udp.conditions = conditions
         tcp.conditions = conditions
+        if configuration.overlap == .firstMatch {
+            tcp.dispatch = { [unowned self] listener, client in
+                self.sharedListenerTable(listener)?.firstMatchTarget(listener: listener) {
+                    guard case .success(let local) = Sys.localAddress(client) else { return nil }
+                    return local.endpoint?.address
+                }
+            }
+            udp.dispatch = { [unowned self] listener, local in
+                self.sharedListenerTable(listener)?.firstMatchTarget(listener: listener) { local }
+            }
+        }
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
         loop.setHandler(self, for: EngineEventKind.udpListener)
+    }
+
+    /// The table that opened listener `fd`.
+    private func sharedListenerTable(_ fd: Int32) -> ForwardingTable? {
+        guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return nil }
+        return entry.inNamespace ? splice : host
     }
 
     /// Every table, in the contract's order.
@@ -249,7 +276,8 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
             ownInodes.insert(inode)
         }
         listeners[Int(fd)] = ListenerEntry(
-            target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode)
+            target: target, inNamespace: table == .splice, address: rule.address, listenPort: port, inode: inode,
+            shared: configuration.overlap == .firstMatch)
         let key = Self.ownPortKey(rule.proto, inNamespace: table == .splice, port: port)
         ownPorts.increment(key...key)
         conditions.clear(.forwardingLoop)  // the listeners changed: a loop, if any, is reported anew
@@ -280,9 +308,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         guard Int(fd) < listeners.count, let entry = listeners[Int(fd)], !entry.paused else { return }
         switch entry.target.proto {
         case .tcp:
-            if tcp.listenerReadable(fd: fd, target: entry.target) == .exhausted { pause(fd) }
+            if tcp.listenerReadable(fd: fd, target: entry.target, shared: entry.shared) == .exhausted { pause(fd) }
         case .udp:
-            udp.listenerReadable(fd: fd, target: entry.target)
+            udp.listenerReadable(fd: fd, target: entry.target, shared: entry.shared)
         }
     }
 

@@ -46,6 +46,16 @@
 // Every state change of a rule (activation, deactivation, a retry that changes its counts)
 // is reported once to `onStateChange`, which the service turns into D-Bus signals.
 //
+// With `OverlapPolicy.firstMatch` (doc/overlap.md) activation checks no conflict, and the
+// sockets are not the rules' own: each is shared by every active rule it serves on its
+// port (SharedListeners.swift), opened when the first of them needs it and closed when the
+// last one leaves, so the invariant "no operation on one rule opens, closes or moves a
+// socket of another rule" becomes "no operation closes a socket another active rule uses".
+// A rule's slot then holds the descriptor of the socket serving that port, and `bound`
+// counts the ports some socket serves. Each rule's count of ports it wins (`portsWon`) is
+// kept as sockets gain and lose users; a change to another rule's count than the one
+// operated on is reported to `onPortsWonChange`.
+//
 // The table is not thread-safe: it belongs to the event loop thread.
 
 /// What happened to a rule, as reported to `ForwardingTable.onStateChange`.
@@ -89,6 +99,11 @@ public final class ForwardingTable {
     public let limits: TableLimits
     /// Called after every state change of a rule.
     public var onStateChange: ((RuleStateChange) -> Void)?
+    /// How overlapping active rules are treated.
+    public let overlapPolicy: OverlapPolicy
+    /// First match: called with a rule's ID and its new count of won ports when an operation
+    /// on another rule changed it (the operated rule's own change goes to `onStateChange`).
+    public var onPortsWonChange: ((UInt32, UInt32) -> Void)?
     /// Told about every listening socket opened and closed (the engine polls them).
     public weak var listenerObserver: (any ListenerObserver)?
 
@@ -108,6 +123,10 @@ public final class ForwardingTable {
     private var activeIndex = ConflictIndex()
     /// Rules compared one by one while naming a conflicting rule (for tests of the cost).
     private var conflictScanComparisons = 0
+    /// First match: the shared listening sockets.
+    private var shared = SharedListeners()
+    /// First match: the won-port counts before the current operation of the rules it changed.
+    private var wonBefore: [UInt32: UInt32] = [:]
 
     /// Work done by conflict checks so far: index probes plus rule comparisons. Tests use it
     /// to show that activating n rules costs O(n), not O(n²).
@@ -123,6 +142,8 @@ public final class ForwardingTable {
         let id: UInt32
         let rule: Rule
         var sockets: RuleSockets?
+        /// First match: how many of its ports the rule wins.
+        var won: UInt32 = 0
     }
 
     /// The sockets of an active rule: one slot per port of its range.
@@ -142,17 +163,22 @@ public final class ForwardingTable {
 
     /// Makes an empty table.
     public init(
-        kind: TableKind, capabilities: Capabilities, limits: TableLimits = .default, factory: any ListenerFactory,
-        clientSource: Bool = false
+        kind: TableKind, capabilities: Capabilities, limits: TableLimits = .default, overlapPolicy: OverlapPolicy = .refuse,
+        factory: any ListenerFactory, clientSource: Bool = false
     ) {
         self.kind = kind
         self.capabilities = capabilities
         self.clientSource = clientSource
         self.limits = limits
+        self.overlapPolicy = overlapPolicy
         self.factory = factory
     }
 
     deinit {
+        if overlapPolicy == .firstMatch {
+            for fd in shared.sockets.keys { closeListener(fd) }
+            return
+        }
         for entry in entries {
             for fd in entry.sockets?.slots ?? [] where fd >= 0 { closeListener(fd) }
         }
@@ -230,12 +256,18 @@ public final class ForwardingTable {
         }
     }
 
-    /// The listening descriptors of rule `id` with their ports (empty when inactive).
+    /// The listening descriptors of rule `id` with their ports (empty when inactive). Under
+    /// first match, a shared socket is listed for each rule with exactly its binding (so that a
+    /// takeover can hand it to whichever of them is activated first), not for the narrower
+    /// rules it serves too.
     public func listeners(of id: UInt32) throws(PestoError) -> [(port: UInt16, fd: Int32)] {
         let entry = entries[try index(of: id)]
         guard let sockets = entry.sockets else { return [] }
+        let binding = ListenBinding(entry.rule.address)
         return sockets.slots.enumerated().compactMap { k, fd in
-            fd >= 0 ? (entry.rule.firstPort + UInt16(k), fd) : nil
+            guard fd >= 0 else { return nil }
+            if overlapPolicy == .firstMatch && shared.sockets[fd]?.binding != binding { return nil }
+            return (entry.rule.firstPort + UInt16(k), fd)
         }
     }
 
@@ -331,7 +363,7 @@ public final class ForwardingTable {
             throw PestoError(.ruleActive, "Rule \(id) of the \(kind.name) table is already active.")
         }
         let rule = entries[i].rule
-        if let other = conflictingRule(for: rule, excluding: id) {
+        if overlapPolicy == .refuse, let other = conflictingRule(for: rule, excluding: id) {
             throw PestoError(
                 .conflict,
                 "Rule \(id) overlaps active rule \(other) of the \(kind.name) table "
@@ -350,7 +382,7 @@ public final class ForwardingTable {
                     sockets.lastError = exhausted
                     continue
                 }
-                switch openListener(id, rule, rule.firstPort + UInt16(k)) {
+                switch serve(id, rule, rule.firstPort + UInt16(k)) {
                 case .success(let fd):
                     sockets.slots[k] = fd
                     sockets.bound += 1
@@ -362,10 +394,15 @@ public final class ForwardingTable {
             }
         }
         entries[i].sockets = sockets
-        activeIndex.add(rule)
-        openSockets += Int(sockets.bound)
         activeCount += 1
+        if overlapPolicy == .refuse {
+            activeIndex.add(rule)
+            openSockets += Int(sockets.bound)
+        } else {
+            openSockets = shared.count
+        }
         onStateChange?(RuleStateChange(id: id, status: sockets.status, cause: .activated, failuresChanged: sockets.failed != 0))
+        reportPortsWon(except: id)
         return BindCounts(bound: sockets.bound, failed: sockets.failed)
     }
 
@@ -377,12 +414,19 @@ public final class ForwardingTable {
         guard let sockets = entries[i].sockets else {
             throw PestoError(.ruleInactive, "Rule \(id) of the \(kind.name) table is not active.")
         }
-        for fd in sockets.slots where fd >= 0 { closeListener(fd) }
         entries[i].sockets = nil
-        activeIndex.remove(entries[i].rule)
-        openSockets -= Int(sockets.bound)
         activeCount -= 1
+        if overlapPolicy == .refuse {
+            for fd in sockets.slots where fd >= 0 { closeListener(fd) }
+            activeIndex.remove(entries[i].rule)
+            openSockets -= Int(sockets.bound)
+        } else {
+            let rule = entries[i].rule
+            for (k, fd) in sockets.slots.enumerated() where fd >= 0 { leave(id, port: rule.firstPort + UInt16(k), fd) }
+            openSockets = shared.count
+        }
         onStateChange?(RuleStateChange(id: id, status: .inactive, cause: .deactivated, failuresChanged: sockets.failed != 0))
+        reportPortsWon(except: id)
     }
 
     /// Tries again to bind failed sockets of active rules: at most `retryBudget` attempts,
@@ -438,7 +482,7 @@ public final class ForwardingTable {
                     break
                 }
                 attempts += 1
-                switch openListener(id, rule, rule.firstPort + UInt16(k)) {
+                switch serve(id, rule, rule.firstPort + UInt16(k)) {
                 case .success(let fd):
                     sockets.slots[k] = fd
                     sockets.bound += 1
@@ -454,7 +498,7 @@ public final class ForwardingTable {
             }
             if sockets.failed == 0 { sockets.lastError = nil }
             entries[i].sockets = sockets
-            openSockets += Int(sockets.bound) - Int(before.bound)
+            openSockets = overlapPolicy == .refuse ? openSockets + Int(sockets.bound) - Int(before.bound) : shared.count
             if step == 0 && startSlot > 0 {
                 pending = (i, before)
             } else {
@@ -464,6 +508,7 @@ public final class ForwardingTable {
             if stop { break }
         }
         if let pending { reportRetry(pending.index, before: pending.before, into: &changed) }
+        reportPortsWon(except: nil)
         return changed
     }
 
@@ -543,7 +588,7 @@ public final class ForwardingTable {
             if wanted(port) {
                 guard slot == Self.unwantedSlot else { continue }
                 changed = true
-                switch openListener(id, rule, port) {
+                switch serve(id, rule, port) {
                 case .success(let fd):
                     sockets.slots[k] = fd
                     sockets.bound += 1
@@ -555,7 +600,7 @@ public final class ForwardingTable {
             } else if slot != Self.unwantedSlot {
                 changed = true
                 if slot >= 0 {
-                    closeListener(slot)
+                    if overlapPolicy == .refuse { closeListener(slot) } else { leave(id, port: port, slot) }
                     sockets.bound -= 1
                 } else {
                     sockets.failed -= 1
@@ -566,8 +611,9 @@ public final class ForwardingTable {
         guard changed else { return false }
         if sockets.failed == 0 { sockets.lastError = nil }
         entries[i].sockets = sockets
-        openSockets += Int(sockets.bound) - Int(before.bound)
+        openSockets = overlapPolicy == .refuse ? openSockets + Int(sockets.bound) - Int(before.bound) : shared.count
         onStateChange?(RuleStateChange(id: id, status: sockets.status, cause: .scanned, failuresChanged: sockets.failed != before.failed))
+        reportPortsWon(except: id)
         return true
     }
 }
@@ -581,4 +627,153 @@ public protocol ListenerObserver: AnyObject {
     func listenerOpened(fd: Int32, table: TableKind, ruleID: UInt32, rule: Rule, port: UInt16) -> Result<Void, Errno>
     /// `fd` is about to be closed.
     func listenerClosed(fd: Int32)
+}
+
+// MARK: - First match
+
+extension ForwardingTable {
+    /// How many of rule `id`'s ports it wins: those where a new connection or flow can reach
+    /// it. Under `refuse` that is every bound port of an active rule.
+    /// - Throws: `NoSuchRule`.
+    public func portsWon(_ id: UInt32) throws(PestoError) -> UInt32 {
+        let i = try index(of: id)
+        guard let sockets = entries[i].sockets else { return 0 }
+        return overlapPolicy == .refuse ? sockets.bound : entries[i].won
+    }
+
+    /// First match: where a new connection or flow on listening socket `fd` goes: the lowest
+    /// active rule the socket serves whose address matches the local address it arrived at.
+    /// `localAddress` is asked only when the lowest rule does not take everything the socket
+    /// receives. Nil when no rule matches (a socket kept open for a narrower rule) or `fd` is
+    /// not one of the table's.
+    public func firstMatchTarget(listener fd: Int32, localAddress: () -> IPAddress?) -> ForwardTarget? {
+        guard let socket = shared.sockets[fd], let first = socket.users.first else { return nil }
+        var local: IPAddress? = nil
+        if !ListenBinding(entries[slots[first]!].rule.address).covers(socket.binding) { local = localAddress() }
+        for u in socket.users {
+            let rule = entries[slots[u]!].rule
+            guard ListenBinding(rule.address).matches(local) else { continue }
+            return ForwardTarget(
+                table: kind, ruleID: u, proto: rule.proto, address: rule.targetAddress, port: rule.targetPort(for: socket.group.port),
+                proxyProtocol: rule.proxyProtocol)
+        }
+        return nil
+    }
+
+    /// The descriptor of every listening socket (each once, shared or not).
+    public var listeningDescriptors: [Int32] {
+        if overlapPolicy == .firstMatch { return shared.sockets.keys.sorted() }
+        return entries.flatMap { $0.sockets?.slots.filter { $0 >= 0 } ?? [] }
+    }
+
+    /// Makes a socket serve port `port` of rule `id` (being activated, retried or scanned):
+    /// under `refuse` a socket of its own; under first match the open socket of its group
+    /// that covers its binding, else a new one, bound in place of the narrower sockets it
+    /// covers (the kernel refuses it beside them), whose users it then serves too. If that
+    /// bind fails, the narrower sockets are opened again.
+    func serve(_ id: UInt32, _ rule: Rule, _ port: UInt16) -> Result<Int32, Errno> {
+        guard overlapPolicy == .firstMatch else { return openListener(id, rule, port) }
+        let group = ListenGroup(rule, port: port)
+        let binding = ListenBinding(rule.address)
+        if let fd = shared.covering(group, binding) {
+            var users = shared.sockets[fd]!.users
+            users.insert(id, at: users.firstIndex { $0 > id } ?? users.count)
+            setUsers(fd, users)
+            return .success(fd)
+        }
+        var displaced: [SharedSocket] = []
+        for fd in shared.covered(by: binding, in: group) {
+            displaced.append(shared.sockets[fd]!)
+            setUsers(fd, [])
+            shared.remove(fd)
+            closeListener(fd)
+        }
+        switch openListener(id, rule, port) {
+        case .success(let fd):
+            shared.insert(SharedSocket(fd: fd, group: group, binding: binding, opener: rule, openerID: id))
+            var users = [id]
+            for d in displaced {
+                users += d.users
+                for u in d.users { repoint(u, port: port, to: .success(fd)) }
+            }
+            setUsers(fd, users.sorted())
+            return .success(fd)
+        case .failure(let e):
+            for d in displaced { reopen(d) }
+            return .failure(e)
+        }
+    }
+
+    /// Opens a displaced socket again for its users; if that fails, the port is their bind
+    /// failure, retried like any other.
+    private func reopen(_ d: SharedSocket) {
+        let port = d.group.port
+        let opened = openListener(d.openerID, d.opener, port)
+        if case .success(let fd) = opened {
+            shared.insert(SharedSocket(fd: fd, group: d.group, binding: d.binding, opener: d.opener, openerID: d.openerID))
+            setUsers(fd, d.users)
+        }
+        for u in d.users { repoint(u, port: port, to: opened) }
+    }
+
+    /// Points port `port` of active rule `id` at a new socket, or counts it failed.
+    private func repoint(_ id: UInt32, port: UInt16, to socket: Result<Int32, Errno>) {
+        let i = slots[id]!
+        let rule = entries[i].rule
+        guard var sockets = entries[i].sockets else { preconditionFailure("a user of a shared socket is active") }
+        let k = Int(port - rule.firstPort)
+        switch socket {
+        case .success(let fd):
+            sockets.slots[k] = fd
+            entries[i].sockets = sockets
+        case .failure(let e):
+            sockets.slots[k] = Self.failedSlot
+            sockets.bound -= 1
+            sockets.failed += 1
+            sockets.lastError = e
+            entries[i].sockets = sockets
+            onStateChange?(RuleStateChange(id: id, status: sockets.status, cause: .retried, failuresChanged: true))
+        }
+    }
+
+    /// First match: rule `id` no longer needs socket `fd` for `port`; the socket is closed
+    /// when no other active rule uses it.
+    func leave(_ id: UInt32, port: UInt16, _ fd: Int32) {
+        var users = shared.sockets[fd]!.users
+        users.removeAll { $0 == id }
+        setUsers(fd, users)
+        if users.isEmpty {
+            shared.remove(fd)
+            closeListener(fd)
+        }
+    }
+
+    /// Replaces the users of shared socket `fd` and moves the won-port counts of the rules
+    /// that gain or lose the port.
+    private func setUsers(_ fd: Int32, _ users: [UInt32]) {
+        let binding = { (u: UInt32) in ListenBinding(self.entries[self.slots[u]!].rule.address) }
+        let old = SharedListeners.winners(shared.sockets[fd]!.users, binding: binding)
+        let new = SharedListeners.winners(users, binding: binding)
+        shared.setUsers(fd, users)
+        for u in old where !new.contains(u) { adjustWon(u, by: -1) }
+        for u in new where !old.contains(u) { adjustWon(u, by: 1) }
+    }
+
+    private func adjustWon(_ id: UInt32, by delta: Int) {
+        let i = slots[id]!
+        if wonBefore[id] == nil { wonBefore[id] = entries[i].won }
+        entries[i].won = UInt32(Int(entries[i].won) + delta)
+    }
+
+    /// Reports to `onPortsWonChange` every rule but `id` whose won-port count the operation
+    /// just done changed, in ID order.
+    func reportPortsWon(except id: UInt32?) {
+        guard !wonBefore.isEmpty else { return }
+        let before = wonBefore
+        wonBefore = [:]
+        for (u, old) in before.sorted(by: { $0.key < $1.key }) where u != id {
+            guard let i = slots[u], entries[i].won != old else { continue }
+            onPortsWonChange?(u, entries[i].won)
+        }
+    }
 }

@@ -107,6 +107,8 @@ public final class TCPRelay: EventHandler {
         /// the client's address (EADDRINUSE: a socket of the namespace holds that address and
         /// port), or the routing could not be installed.
         public var transparentFailures: UInt64 = 0
+        /// First match: connections reset because no active rule matches where they arrived.
+        public var unmatched: UInt64 = 0
     }
 
     /// A pipe's two ends; -1 when the direction holds none.
@@ -160,6 +162,9 @@ public final class TCPRelay: EventHandler {
     public var conditions: DataPathConditions?
     /// Called when a connection closes, so paused listeners can resume.
     public var onCapacityAvailable: (() -> Void)?
+    /// First match (doc/overlap.md): the target of a connection accepted on a shared
+    /// listener (listener, accepted socket), or nil when no active rule matches it.
+    public var dispatch: ((Int32, Int32) -> ForwardTarget?)?
 
     /// Makes a relay. `targetSide` gives the side where a table's targets are reached;
     /// `wouldLoop` says whether a destination is one of pestod's own listeners there;
@@ -193,8 +198,9 @@ public final class TCPRelay: EventHandler {
 
     // MARK: Accepting
 
-    /// Accepts the connections waiting on `listener` and starts relaying them to `target`.
-    public func listenerReadable(fd listener: Int32, target: ForwardTarget) -> AcceptOutcome {
+    /// Accepts the connections waiting on `listener` and starts relaying them to `target`, or,
+    /// on a `shared` listener, to the target `dispatch` picks for each.
+    public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) -> AcceptOutcome {
         for _ in 0..<limits.acceptBatch {
             if activeConnections >= limits.maxConnections { return .exhausted }
             var peer = SocketAddress()
@@ -208,6 +214,15 @@ public final class TCPRelay: EventHandler {
                 continue  // ECONNABORTED and the like: that one connection is gone; keep accepting
             }
             counters.accepted += 1
+            var target = target
+            if shared {
+                guard let winner = dispatch?(listener, client) else {
+                    counters.unmatched += 1
+                    resetAndClose(client)
+                    continue
+                }
+                target = winner
+            }
             guard budget.admit(DescriptorPlan.perConnection, for: .tcp) else {
                 counters.refusedBudget += 1
                 resetAndClose(client)

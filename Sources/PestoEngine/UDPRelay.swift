@@ -117,6 +117,9 @@ public final class UDPRelay: EventHandler {
         public var flowsCreated: UInt64 = 0
         /// Flows closed for being idle.
         public var flowsExpired: UInt64 = 0
+        /// First match: datagrams from new clients dropped because no active rule matches
+        /// the address they were sent to.
+        public var droppedUnmatched: UInt64 = 0
 
         /// All zero.
         public init() {}
@@ -184,6 +187,9 @@ public final class UDPRelay: EventHandler {
 
     /// Where a full flow table is reported (once while it stays full), if anywhere.
     public var conditions: DataPathConditions?
+    /// First match (doc/overlap.md): the target of a new flow on a shared listener
+    /// (listener, local address the datagram was sent to), or nil when no active rule matches.
+    public var dispatch: ((Int32, IPAddress?) -> ForwardTarget?)?
 
     /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `targetSide`
     /// gives the side where a table's targets are reached; `wouldLoop` says whether a
@@ -224,7 +230,8 @@ public final class UDPRelay: EventHandler {
     /// Relays the datagrams waiting on `listener` to `target`, one flow per client address.
     ///
     /// Takes at most `batch` datagrams, then returns so other sources get their turn.
-    public func listenerReadable(fd listener: Int32, target: ForwardTarget) {
+    /// On a `shared` listener a new flow's target is the one `dispatch` picks.
+    public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) {
         let now = MonotonicInstant.now
         for _ in 0..<Self.batch {
             var client = SocketAddress()
@@ -242,7 +249,9 @@ public final class UDPRelay: EventHandler {
                 continue
             }
             counters.datagramsIn += 1
-            guard let slot = flowSlot(listener: listener, client: client, local: local, target: target, now: now) else { continue }
+            guard let slot = flowSlot(listener: listener, client: client, local: local, target: target, shared: shared, now: now) else {
+                continue
+            }
             flows[slot].lastActive = now
             send(count, on: flows[slot].socket)
         }
@@ -251,10 +260,18 @@ public final class UDPRelay: EventHandler {
     /// The slot of the flow of `client` on `listener`, opened if needed; nil when the
     /// datagram is to be dropped (counted here).
     private func flowSlot(
-        listener: Int32, client: SocketAddress, local: PacketInfo, target: ForwardTarget, now: MonotonicInstant
+        listener: Int32, client: SocketAddress, local: PacketInfo, target: ForwardTarget, shared: Bool, now: MonotonicInstant
     ) -> Int? {
         let key = FlowKey(listener: listener, client: client, local: local.address)
         if let slot = flowsByKey[key] { return Int(slot) }
+        var target = target
+        if shared {
+            guard let winner = dispatch?(listener, local.address) else {
+                counters.droppedUnmatched += 1
+                return nil
+            }
+            target = winner
+        }
         guard flowCount < limits.maxFlows else {
             counters.droppedFlowLimit += 1
             conditions?.occurred(

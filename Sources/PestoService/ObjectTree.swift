@@ -120,20 +120,23 @@ enum ObjectTree {
                 ("MaxRules", .uint32(UInt32(clamping: t.limits.maxRules))),
                 ("SocketCount", .uint32(UInt32(clamping: t.openSockets))),
                 ("MaxSockets", .uint32(UInt32(clamping: t.limits.maxSockets))),
+                ("OverlapPolicy", .string(t.overlapPolicy.rawValue)),
             ]
         case (.rule(let kind, let id), PestoInterfaces.rule.name):
             guard let t = engine.table(kind), let rule = try? t.read(id), let s = try? t.status(id) else { return nil }
-            return ruleProperties(kind, id, rule, s)
+            return ruleProperties(kind, id, rule, s, portsWon: (try? t.portsWon(id)) ?? 0)
         default:
             return []  // standard interfaces have no properties
         }
     }
 
     /// The Rule interface's properties of rule `id` of table `kind`, given its rule and state.
-    private static func ruleProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ s: RuleStatus) -> [(String, DBusValue)] {
+    private static func ruleProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ s: RuleStatus, portsWon: UInt32) -> [(
+        String, DBusValue
+    )] {
         let fields = RuleCodec.fields(rule)
         var props: [(String, DBusValue)] = []
-        props.reserveCapacity(fields.count + 6)
+        props.reserveCapacity(fields.count + 7)
         props.append(("Id", .uint32(id)))
         props.append(("Table", .objectPath(PestoBusNames.tablePath(kind))))
         for f in fields { props.append((f.property, f.value)) }
@@ -141,17 +144,22 @@ enum ObjectTree {
         props.append(("BoundSockets", .uint32(s.bound)))
         props.append(("BindFailures", .uint32(s.failed)))
         props.append(("LastError", .string(s.lastErrorName)))
+        props.append(("PortsWon", .uint32(portsWon)))
         return props
     }
 
     /// `a{sa{sv}}` of a rule object as it was when reported (InterfacesAdded of a rule whose
-    /// report was held back until its update was final shows it as inserted: inactive).
+    /// report was held back until its update was final shows it as inserted: inactive, so
+    /// winning no port).
     static func ruleInterfacesAndProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ status: RuleStatus) -> DBusValue {
         .dictionary(
             key: "s", value: "a{sv}",
             Object.rule(kind, id).interfaces.map { i in
                 DBusValue.DictEntry(
-                    .string(i.name), .vardict(i.name == PestoInterfaces.rule.name ? ruleProperties(kind, id, rule, status) : []))
+                    .string(i.name),
+                    .vardict(
+                        i.name == PestoInterfaces.rule.name
+                            ? ruleProperties(kind, id, rule, status, portsWon: status.active ? status.bound : 0) : []))
             })
     }
 

@@ -108,6 +108,8 @@ public final class PestoServer: TablesObserver {
     /// rule's PropertiesChanged carries only the properties that changed. A rule missing here
     /// (restored at start, before any watcher) gets all four.
     private var announcedRuleStatus: [RuleRef: RuleStatus] = [:]
+    /// Each rule's `PortsWon` as last announced, likewise.
+    private var announcedPortsWon: [RuleRef: UInt32] = [:]
     /// Tables whose counters may have changed since last announced (`announceStaleCounters`).
     private var staleCounters: [TableKind] = []
     /// The retries of this loop turn that changed a rule's counts, logged at its end.
@@ -469,6 +471,7 @@ public final class PestoServer: TablesObserver {
                     .objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.ruleInterfacesAndProperties(kind, id, rule, .inactive),
                 ]))
         announcedRuleStatus[RuleRef(kind: kind, id: id)] = .inactive
+        announcedPortsWon[RuleRef(kind: kind, id: id)] = 0
         announceCounters(kind)
     }
 
@@ -479,6 +482,7 @@ public final class PestoServer: TablesObserver {
                 path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
                 arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
         announcedRuleStatus[RuleRef(kind: kind, id: id)] = nil
+        announcedPortsWon[RuleRef(kind: kind, id: id)] = nil
         announceCounters(kind)
     }
 
@@ -509,6 +513,7 @@ public final class PestoServer: TablesObserver {
         if before?.bound != s.bound { changed.append(("BoundSockets", .uint32(s.bound))) }
         if before?.failed != s.failed { changed.append(("BindFailures", .uint32(s.failed))) }
         if before?.lastErrorName != s.lastErrorName { changed.append(("LastError", .string(s.lastErrorName))) }
+        if let won = portsWonToAnnounce(kind, id) { changed.append(("PortsWon", .uint32(won))) }
         if !changed.isEmpty { emitPropertiesChanged(PestoBusNames.rulePath(kind, id), PestoInterfaces.rule, changed) }
         announceCounters(kind)
         if retried {
@@ -516,6 +521,20 @@ public final class PestoServer: TablesObserver {
             logger.debug("\(kind.name) rule \(id): retry now \(s.bound) bound, \(s.failed) failed")
             retriesToLog.add(kind, id, s)
         }
+    }
+
+    /// First match: another rule's change changed how many ports rule `id` wins.
+    func portsWonChanged(_ kind: TableKind, _ id: UInt32) {
+        guard let won = portsWonToAnnounce(kind, id) else { return }
+        emitPropertiesChanged(PestoBusNames.rulePath(kind, id), PestoInterfaces.rule, [("PortsWon", .uint32(won))])
+    }
+
+    /// Rule `id`'s `PortsWon` now, if it differs from what was last announced (which it then
+    /// becomes); nil when it does not, or the rule is gone.
+    private func portsWonToAnnounce(_ kind: TableKind, _ id: UInt32) -> UInt32? {
+        guard let t = engine.table(kind), let won = try? t.portsWon(id) else { return nil }
+        let before = announcedPortsWon.updateValue(won, forKey: RuleRef(kind: kind, id: id))
+        return before == won ? nil : won
     }
 
     // MARK: Signals

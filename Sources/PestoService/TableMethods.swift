@@ -20,7 +20,7 @@ extension PestoServer {
             switch member {
             case "Status":
                 let s = try t.status(id)
-                return .reply([.bool(s.active), .uint32(s.bound), .uint32(s.failed), .string(s.lastErrorName)])
+                return .reply([.bool(s.active), .uint32(s.bound), .uint32(s.failed), .string(s.lastErrorName), .uint32(try t.portsWon(id))])
             case "Read":
                 return .reply([RuleCodec.encode(try t.read(id))])
             case "ReadIndex":
@@ -29,8 +29,12 @@ extension PestoServer {
             case "List":
                 return .reply([
                     .array(
-                        element: "(ua{sv}(buus))",
-                        t.list().map { .structure([.uint32($0.id), RuleCodec.encode($0.rule), RuleCodec.encode($0.status)]) })
+                        element: "(ua{sv}(buusu))",
+                        t.list().map { r in
+                            .structure([
+                                .uint32(r.id), RuleCodec.encode(r.rule), RuleCodec.encode(r.status, portsWon: (try? t.portsWon(r.id)) ?? 0),
+                            ])
+                        })
                 ])
             case "Apply":
                 return .change(.apply(kind, try ApplyRequest(args, table: kind, limits: t.limits)))

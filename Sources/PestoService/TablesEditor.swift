@@ -48,6 +48,9 @@ protocol TablesObserver: AnyObject {
     /// A rule's activity or socket counts changed: activation, deactivation, a retry, a scan,
     /// or the net effect of a rolled-back update on a rule that existed before it.
     func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ status: RuleStatus, failuresChanged: Bool, retried: Bool)
+    /// First match (doc/overlap.md): a change to another rule changed how many ports rule
+    /// `id` wins. (A rule's own changes come with `ruleStateChanged`.)
+    func portsWonChanged(_ kind: TableKind, _ id: UInt32)
     /// The lock was taken or released.
     func lockOwnerChanged(_ owner: String?)
 }
@@ -147,6 +150,7 @@ final class TablesEditor {
         case added(TableKind, UInt32, Rule)
         case removed(TableKind, UInt32)
         case state(TableKind, UInt32, RuleStatus, failuresChanged: Bool, retried: Bool)
+        case portsWon(TableKind, UInt32)
     }
     /// The reports of the update in progress; nil when none runs.
     private var held: [Report]?
@@ -169,6 +173,7 @@ final class TablesEditor {
                 self.report(
                     .state(kind, change.id, change.status, failuresChanged: change.failuresChanged, retried: change.cause == .retried))
             }
+            t.onPortsWonChange = { [unowned self] id, _ in self.report(.portsWon(kind, id)) }
         }
     }
 
@@ -191,6 +196,7 @@ final class TablesEditor {
         case .removed(let kind, let id): observer.ruleRemoved(kind, id)
         case .state(let kind, let id, let s, let failuresChanged, let retried):
             observer.ruleStateChanged(kind, id, s, failuresChanged: failuresChanged, retried: retried)
+        case .portsWon(let kind, let id): observer.portsWonChanged(kind, id)
         }
     }
 
@@ -391,7 +397,9 @@ final class TablesEditor {
 
     /// Applies `updates` atomically, over one or more tables, with one journal:
     ///   1. insert every new rule (inactive);
-    ///   2. deactivate the removed rules that overlap a new rule, so they cannot conflict;
+    ///   2. deactivate the removed rules that overlap a new rule, so they cannot conflict
+    ///      (not under first match, where they may overlap: a removed rule then keeps its
+    ///      sockets until step 4, and a new rule sharing them takes them over unclosed);
     ///   3. activate every new rule and check its bind failures against its tolerance;
     ///   4. deactivate the other removed rules and delete all removed rules.
     /// Any error undoes every step already taken, newest first, and is thrown; nothing of
@@ -424,6 +432,7 @@ final class TablesEditor {
             }
             for u in updates where !u.removes.isEmpty {
                 let t = try table(u.kind)
+                guard t.overlapPolicy == .refuse else { continue }
                 var inserted = ConflictIndex()  // probes per port instead of comparing every pair
                 for insert in u.inserts { inserted.add(insert.rule) }
                 for id in u.removes {
@@ -463,6 +472,11 @@ final class TablesEditor {
             for (ref, old) in before.sorted(by: { ($0.key.kind.rawValue, $0.key.id) < ($1.key.kind.rawValue, $1.key.id) }) {
                 guard let now = try? table(ref.kind).status(ref.id), now != old else { continue }
                 deliver(.state(ref.kind, ref.id, now, failuresChanged: now.failed != old.failed, retried: false))
+            }
+            // Under first match a rule it never touched may win other ports now (a socket it
+            // shared was bound anew): the observer compares each count with what it announced.
+            for t in tables where t.overlapPolicy == .firstMatch {
+                for id in t.ids { deliver(.portsWon(t.kind, id)) }
             }
             throw error
         }

@@ -89,6 +89,14 @@ final class PestoClient {
         try call(PestoBusNames.tablePath(kind), Self.tableInterface, member, args)
     }
 
+    /// The table's `OverlapPolicy` ("refuse" from a pestod that has no such property).
+    func overlapPolicy(_ kind: TableKind) -> String {
+        let reply = try? call(
+            PestoBusNames.tablePath(kind), "org.freedesktop.DBus.Properties", "Get",
+            [.string(Self.tableInterface), .string("OverlapPolicy")])
+        return reply?.first?.variantValue?.stringValue ?? "refuse"
+    }
+
     func manager(_ member: String) throws(Failure) {
         _ = try call(PestoBusNames.managerPath, Self.managerInterface, member)
     }
@@ -201,8 +209,11 @@ final class PestoClient {
         }
         pauseIfAsked(after: "insert")
 
-        // Deactivate removed rules before activating new ones: no spurious conflicts.
-        for (kind, r) in plan.removes where r.active {
+        // Deactivate removed rules before activating new ones: no spurious conflicts. Under
+        // --overlap first-match an overlap is no conflict: removed rules keep their sockets until
+        // the new ones are active, so a new rule on the same ports takes them over unclosed.
+        let firstMatch = Set(Set(plan.removes.map(\.0)).filter { overlapPolicy($0) == "first-match" })
+        for (kind, r) in plan.removes where r.active && !firstMatch.contains(kind) {
             _ = try table(kind, "Deactivate", [.uint32(r.id)])
         }
         pauseIfAsked(after: "deactivate")
@@ -245,7 +256,7 @@ final class PestoClient {
                 for m in members where results[m]!.failed > 0 {
                     let new = plan.inserts[m]
                     let status = try? table(new.table, "Status", [.uint32(new.id)])
-                    let error = status?.count == 4 ? status?[3].stringValue ?? "" : ""
+                    let error = (status?.count ?? 0) >= 4 ? status?[3].stringValue ?? "" : ""
                     reasons.append(
                         "\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
                             + (error.isEmpty ? "" : " (\(error))"))
@@ -258,8 +269,9 @@ final class PestoClient {
             }
         }
 
-        // Delete removed rules.
+        // Delete removed rules (under first match, deactivated only now).
         for (kind, r) in plan.removes {
+            if r.active && firstMatch.contains(kind) { _ = try table(kind, "Deactivate", [.uint32(r.id)]) }
             _ = try table(kind, "Delete", [.uint32(r.id)])
         }
         pauseIfAsked(after: "delete")

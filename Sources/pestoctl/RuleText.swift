@@ -33,12 +33,12 @@ enum RuleText {
         }
     }
 
-    /// `List`'s `a(ua{sv}(buus))`.
+    /// `List`'s `a(ua{sv}(buusu))` (members after the fourth of the status are not read).
     static func decodeList(_ reply: [DBusValue]) throws(ProtocolError) -> [ListedRule] {
         guard reply.count == 1, let items = reply[0].arrayValue else { throw ProtocolError("List did not return an array") }
         var result: [ListedRule] = []
         for item in items {
-            guard let f = item.structValue, f.count == 3, let id = f[0].uint32Value, let s = f[2].structValue, s.count == 4,
+            guard let f = item.structValue, f.count == 3, let id = f[0].uint32Value, let s = f[2].structValue, s.count >= 4,
                 let active = s[0].boolValue, let bound = s[1].uint32Value, let failed = s[2].uint32Value,
                 let lastError = s[3].stringValue
             else { throw ProtocolError("List returned an entry of the wrong shape") }

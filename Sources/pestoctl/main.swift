@@ -72,7 +72,7 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
         case .status(let id, let kind):
             let client = try PestoClient(options.bus)
             let reply = try client.table(kind, "Status", [.uint32(id)])
-            guard reply.count == 4, let active = reply[0].boolValue, let bound = reply[1].uint32Value,
+            guard reply.count >= 4, let active = reply[0].boolValue, let bound = reply[1].uint32Value,
                 let failed = reply[2].uint32Value, let lastError = reply[3].stringValue
             else { throw Failure(ExitCode.rejected, "pestod's Status reply is malformed.") }
             if options.json {

@@ -86,6 +86,13 @@ struct Pestod: ParsableCommand {
     @Flag(name: .long, help: "Keep no state file, not even the --session default.")
     var noState = false
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "What to do with rules that overlap active ones (same protocol, a shared port, matching addresses): refuse (activating one fails with Conflict) or first-match (they may be active together; a new connection or flow goes to the active rule with the lowest ID that matches it, and rules share listening sockets, so carving ports out of a range and changing the carve-outs never closes the range's sockets). Shown as each table's OverlapPolicy property; see doc/overlap.md.",
+            valueName: "refuse|first-match"))
+    var overlap: OverlapPolicy = .refuse
+
     /// The state file: --state, else with --session $XDG_STATE_HOME/pesto/state, else none.
     /// A missing directory of an absolute path is made (mode 0700), so an activated pestod
     /// (dbus/session/, dbus/top.passt.Pesto1.service) can save on a fresh system. Relative
@@ -292,6 +299,7 @@ struct Pestod: ParsableCommand {
             config.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
             config.namespacePath = netns
             config.descriptors = plan
+            config.overlap = overlap
             config.tcp.maxConnections = maxConnections ?? plan.defaultMaxConnections
             config.udp.maxFlows = maxUdpFlows ?? plan.defaultMaxFlows
             config.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
@@ -313,7 +321,9 @@ struct Pestod: ParsableCommand {
                     )
                 }
             }
-            logger.info("tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", "))")
+            logger.info(
+                "tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", ")), overlapping rules: \(overlap)"
+            )
             let connection = try DBusConnection(bus)
             // The bus name first: a second pestod that cannot own it must leave the state
             // file alone (no restore, no move aside, no save). Calls queue in libdbus until
@@ -435,3 +445,7 @@ struct Pestod: ParsableCommand {
 }
 
 Pestod.main()
+
+extension OverlapPolicy: ExpressibleByArgument {
+    public init?(argument: String) { self.init(rawValue: argument) }
+}

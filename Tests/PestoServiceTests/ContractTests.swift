@@ -33,19 +33,19 @@ struct ContractTests {
         }
         close(fd)
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "Status", "u", "100"])
-        #expect(r.out == "buus true 1 0 \"\"\n")
+        #expect(r.out == "buusu true 1 0 \"\" 1\n")
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "Read", "u", "100"])
         #expect(
             r.out.contains("\"first-port\" q \(port)") && r.out.contains("\"address\" s \"127.0.0.1\"")
                 && r.out.contains("\"target-port\" q \(port)"))
         r = try f.busctl(["call", PestodFixture.dest, path, iface, "List"])
-        #expect(r.out.hasPrefix("a(ua{sv}(buus)) 1 100 11 "), "\(r.out)")
-        #expect(r.out.hasSuffix("true 1 0 \"\"\n"))
+        #expect(r.out.hasPrefix("a(ua{sv}(buusu)) 1 100 11 "), "\(r.out)")
+        #expect(r.out.hasSuffix("true 1 0 \"\" 1\n"))
         #expect(f.listeningSockets().count == 1)
 
         // The same through gdbus.
         let g = try f.gdbus(["call", "--dest", PestodFixture.dest, "--object-path", path, "--method", "\(iface).Status", "100"])
-        #expect(g.out == "(true, uint32 1, uint32 0, '')\n", "\(g.err)")
+        #expect(g.out == "(true, uint32 1, uint32 0, '', uint32 1)\n", "\(g.err)")
         let g2 = try f.gdbus(["call", "--dest", PestodFixture.dest, "--object-path", path, "--method", "\(iface).Deactivate", "100"])
         #expect(g2.status == 0 && g2.out == "()\n", "\(g2.err)")
         #expect(f.listeningSockets().isEmpty)

@@ -51,7 +51,7 @@ struct DefaultAuthorizationTests {
         // Reads stay open.
         let status = try busctlAsNobody(
             f, ["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
-        #expect(status.out == "buus false 0 0 \"\"\n", "\(status.err)")
+        #expect(status.out == "buusu false 0 0 \"\" 0\n", "\(status.err)")
         // Root passes the same check.
         #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
     }

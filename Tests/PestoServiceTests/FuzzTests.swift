@@ -11,7 +11,9 @@
 // (see "The contract model" at the end of the file).
 //
 // PESTO_FUZZ_SEED=<n> picks another random sequence (the default is fixed), PESTO_FUZZ_STEPS=<n>
-// another length.
+// another length. The model covers both overlap policies (doc/overlap.md): one run against the
+// default pestod (refuse: overlaps are Conflict), one against `pestod --overlap first-match`
+// (overlaps allowed, sockets shared, each rule's PortsWon predicted from the rules alone).
 
 import Foundation
 import PestoEngine
@@ -40,6 +42,18 @@ struct FuzzTests {
         let run = try FuzzRun(seed: seed)
         try run.run(steps: steps)
         #expect(run.violations == 0, "seed \(seed)")
+    }
+
+    @Test("the same under --overlap first-match: overlaps allowed, shared sockets, PortsWon as predicted")
+    func fuzzFirstMatch() throws {
+        let env = ProcessInfo.processInfo.environment
+        let seed = env["PESTO_FUZZ_SEED"].flatMap { UInt64($0) } ?? Self.defaultSeed
+        let steps = env["PESTO_FUZZ_STEPS"].flatMap { Int($0) } ?? 6_000
+        print("FuzzTests first-match: seed \(seed), \(steps) steps (PESTO_FUZZ_SEED=\(seed) PESTO_FUZZ_STEPS=\(steps) to reproduce)")
+        let run = try FuzzRun(seed: seed, firstMatch: true)
+        try run.run(steps: steps)
+        #expect(run.violations == 0, "seed \(seed), first-match")
+        #expect(run.overlapsAllowed > 0, "the run activated overlapping rules")
     }
 }
 
@@ -86,14 +100,23 @@ final class FuzzRun {
     var checks = 0
     /// A socket of the test's own on a private port, so that some binds fail and are retried.
     var holder: Int32?
+    /// True for a pestod started with `--overlap first-match`.
+    let firstMatch: Bool
+    /// Activations of a rule overlapping an active one that the model let succeed (first match).
+    var overlapsAllowed = 0
+    /// Rules whose PortsWon the model predicted and checked.
+    var portsWonChecked = 0
     /// How `sockets()` found pestod's listeners (for the summary).
     /// Sockets bound by successful Activate calls, in all.
     var boundByActivate = 0
 
-    init(seed: UInt64) throws {
+    init(seed: UInt64, firstMatch: Bool = false) throws {
         self.seed = seed
+        self.firstMatch = firstMatch
         rng = FuzzRandom(seed: seed)
-        f = try PestodFixture(pestodArguments: ["--max-rules", "\(Self.maxRules)", "--max-sockets", "\(Self.maxSockets)"])
+        f = try PestodFixture(
+            pestodArguments: ["--max-rules", "\(Self.maxRules)", "--max-sockets", "\(Self.maxSockets)"]
+                + (firstMatch ? ["--overlap", "first-match"] : []))
         second = try DBusConnection(.address(f.address))
         ports = TestSockets.freePorts(64)
         let names =
@@ -307,6 +330,10 @@ final class FuzzRun {
             guard let other = model.first(where: { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: e.rule) }) else {
                 return ContractError.success
             }
+            if firstMatch {
+                overlapsAllowed += 1
+                return ContractError.success
+            }
             conflictKinds[other.value.rule.conflictKind(with: e.rule), default: 0] += 1
             return ContractError.conflict
         default: fatalError("not a change: \(member)")
@@ -496,9 +523,12 @@ final class FuzzRun {
         if !floating.isEmpty || !change.isEmpty { return (floating.union(change).union(openAnswers), false, nil, verdicts) }
         var m = model
         for (id, r) in rules { m[id] = ModelEntry(rule: r, active: false) }
-        for id in removes where m[id]!.active && rules.contains(where: { $0.1.conflicts(with: m[id]!.rule) }) { m[id]!.active = false }
+        // Under first match nothing conflicts, and removed rules stay active until the end.
+        for id in removes where !firstMatch && m[id]!.active && rules.contains(where: { $0.1.conflicts(with: m[id]!.rule) }) {
+            m[id]!.active = false
+        }
         for (id, r) in rules {
-            if let other = m.first(where: { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: r) }) {
+            if !firstMatch, let other = m.first(where: { $0.key != id && $0.value.active && $0.value.rule.conflicts(with: r) }) {
                 conflictKinds[other.value.rule.conflictKind(with: r), default: 0] += 1
                 return (Answers([ContractError.conflict]).union(openAnswers), true, nil, verdicts)
             }
@@ -827,9 +857,12 @@ final class FuzzRun {
             }
             if actual != expected { problems.append("List rules differ from the model:\n  pestod \(actual)\n  model  \(expected)") }
             var activeRules: [ModelRule] = []
+            var failures: [UInt32: UInt32] = [:]
+            var portsWon: [UInt32: UInt32] = [:]
             for item in list {
-                guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let st = s[2].structValue, st.count == 4,
-                    let active = st[0].boolValue, let bound = st[1].uint32Value, let failed = st[2].uint32Value
+                guard let s = item.structValue, s.count == 3, let id = s[0].uint32Value, let st = s[2].structValue, st.count == 5,
+                    let active = st[0].boolValue, let bound = st[1].uint32Value, let failed = st[2].uint32Value,
+                    let won = st[4].uint32Value
                 else {
                     problems.append("bad List entry \(item)")
                     continue
@@ -838,6 +871,8 @@ final class FuzzRun {
                     problems.append("rule \(id) active \(active), model \(String(describing: model[id]?.active))")
                 }
                 guard let rule = readReturnedRule(s[1]) else { continue }
+                failures[id] = failed
+                portsWon[id] = won
                 if active {
                     activeRules.append(rule)
                     boundSum += Int(bound)
@@ -845,17 +880,33 @@ final class FuzzRun {
                         problems.append("rule \(id): bound \(bound) + failed \(failed) != \(rule.portCount) ports")
                     }
                     if failed == 0 {
-                        for port in rule.first...rule.last where !socks.contains(where: { Self.matches(rule, $0) && $0.port == port }) {
+                        for port in rule.first...rule.last where !socks.contains(where: { serves($0, rule) && $0.port == port }) {
                             let owners = (try? PestoTestSupport.run("/usr/bin/ss", ["-H", "-tuanp", "sport = :\(port)"]).out) ?? "?"
                             problems.append("active rule \(id) (\(rule)) has no failures but no socket on port \(port); ss: \(owners)")
                         }
                     }
-                } else if bound != 0 || failed != 0 || st[3] != .string("") {
+                } else if bound != 0 || failed != 0 || st[3] != .string("") || won != 0 {
                     problems.append("inactive rule \(id) has status \(st)")
                 }
             }
-            if socks.count != boundSum { problems.append("\(socks.count) listening sockets, active rules report \(boundSum) bound") }
-            for s in socks where !activeRules.contains(where: { Self.matches($0, s) && $0.first <= s.port && s.port <= $0.last }) {
+            if firstMatch {
+                // Shared sockets: no more sockets than bound ports, and every rule's PortsWon as
+                // the model predicts it wherever no overlapping rule has a failed port.
+                if socks.count > boundSum { problems.append("\(socks.count) listening sockets, active rules report \(boundSum) bound") }
+                for (id, won) in portsWon {
+                    guard let predicted = predictedPortsWon(id, failures: failures) else { continue }
+                    portsWonChecked += 1
+                    if predicted != won { problems.append("rule \(id) (\(model[id]!.rule)) wins \(won) ports, model \(predicted)") }
+                }
+            } else {
+                if socks.count != boundSum { problems.append("\(socks.count) listening sockets, active rules report \(boundSum) bound") }
+                for (id, won) in portsWon where model[id]?.active == true {
+                    // Under refuse every bound port of an active rule is its own.
+                    let bound = list.first { $0.structValue?.first == .uint32(id) }?.structValue?[2].structValue?[1]
+                    if bound != .uint32(won) { problems.append("rule \(id) wins \(won) ports, bound \(String(describing: bound))") }
+                }
+            }
+            for s in socks where !activeRules.contains(where: { serves(s, $0) && $0.first <= s.port && s.port <= $0.last }) {
                 problems.append("socket \(s) belongs to no active rule")
             }
             // The object tree: one Rule object per rule, with its Active bit; the table's counters.
@@ -873,7 +924,7 @@ final class FuzzRun {
                             let counts = [props["RuleCount"], props["ActiveCount"], props["SocketCount"]]
                             let wanted: [DBusValue?] = [
                                 .uint32(UInt32(model.count)), .uint32(UInt32(model.values.filter(\.active).count)),
-                                .uint32(UInt32(boundSum)),
+                                .uint32(UInt32(firstMatch ? socks.count : boundSum)),
                             ]
                             if counts != wanted { problems.append("table counters \(counts), expected \(wanted)") }
                         }
@@ -905,6 +956,40 @@ final class FuzzRun {
         }
         violation(problems.joined(separator: "\n"))
         resync()
+    }
+
+    /// Whether socket `s` can serve `rule`: its own kind of socket, or, under first match, an
+    /// IPv6 socket serving an IPv4 rule (a dual-stack rule's socket, shared).
+    func serves(_ s: (proto: String, v6: Bool, port: UInt16), _ rule: ModelRule) -> Bool {
+        Self.matches(rule, s) || (firstMatch && rule.proto == s.proto && s.v6)
+    }
+
+    /// How many ports active rule `id` wins under first match, from the rules alone
+    /// (doc/overlap.md): a port is won unless, for every address family the rule listens on,
+    /// a lower active rule on the same interface covers its address there (no address covers
+    /// all, a wildcard its family, an address itself). Nil when an active rule overlapping it
+    /// (or the rule itself) has failed ports: which sockets exist then depends on the kernel.
+    func predictedPortsWon(_ id: UInt32, failures: [UInt32: UInt32]) -> UInt32? {
+        guard let e = model[id] else { return nil }
+        guard e.active else { return 0 }
+        let r = e.rule
+        let overlapping = model.filter { $0.value.active && ($0.key == id || $0.value.rule.conflicts(with: r)) }
+        guard overlapping.allSatisfy({ failures[$0.key] == 0 }) else { return nil }
+        let families: [Bool] = r.address.map { [$0.v6] } ?? (capabilities.contains("ipv6") ? [false, true] : [false])
+        var won: UInt32 = 0
+        for port in r.first...r.last {
+            let lower = overlapping.filter {
+                $0.key < id && $0.value.rule.interface == r.interface && $0.value.rule.first <= port && port <= $0.value.rule.last
+            }.map(\.value.rule)
+            let covered = families.allSatisfy { v6 in
+                lower.contains { l in
+                    guard let a = l.address else { return true }
+                    return a.isWildcard ? a.v6 == v6 : a == r.address
+                }
+            }
+            if !covered { won += 1 }
+        }
+        return won
     }
 
     static func matches(_ rule: ModelRule, _ s: (proto: String, v6: Bool, port: UInt16)) -> Bool {
@@ -980,6 +1065,7 @@ final class FuzzRun {
             fds beyond sockets max \(maxFDs) (baseline \(fdBaseline)), \(boundByActivate) sockets bound by Activate
               calls: \(callText)
               errors: \(errorText)
+              overlap policy \(firstMatch ? "first-match" : "refuse"): \(overlapsAllowed) overlapping activations allowed, \(portsWonChecked) PortsWon predictions checked
               conflicts predicted: \(conflictKinds.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
               cases the documents leave open: \(openText.isEmpty ? "none met" : openText)
             """)

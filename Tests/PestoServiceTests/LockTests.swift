@@ -148,6 +148,6 @@ struct LockTests {
         peer.kill()
         f.waitForLockRelease(signals)
         #expect(try f.table("List").first?.arrayValue?.count == 1)
-        #expect(try f.table("Status", [.uint32(1)]) == [.bool(true), .uint32(1), .uint32(0), .string("")])
+        #expect(try f.table("Status", [.uint32(1)]) == [.bool(true), .uint32(1), .uint32(0), .string(""), .uint32(1)])
     }
 }

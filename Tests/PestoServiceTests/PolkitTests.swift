@@ -133,7 +133,7 @@ struct PolkitTests {
         // Reads are open to everyone.
         let status = try f.busctl(
             as: installed.plainUser, ["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Status", "u", "1"])
-        #expect(status.out == "buus true 1 0 \"\"\n", "\(status.err)")
+        #expect(status.out == "buusu true 1 0 \"\" 1\n", "\(status.err)")
         #expect(try f.snapshot() == before)
 
         // Without polkit: only uid 0 ("a missing polkit means denied, except for uid 0").

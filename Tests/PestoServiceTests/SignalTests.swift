@@ -51,20 +51,21 @@ struct SignalTests {
         signals.wait(
             for: "RuleStateChanged after retry",
             SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(true), .uint32(2), .uint32(0)]))
-        // A rule's PropertiesChanged carries only what changed: the retry leaves Active alone.
+        // A rule's PropertiesChanged carries only what changed: the retry leaves Active alone
+        // (PortsWon follows BoundSockets under the default overlap policy, refuse).
         signals.wait(for: "rule PropertiesChanged after retry, without Active") { m in
             m.member == "PropertiesChanged" && m.path == rulePath
-                && m.arguments?[1].vardictValue?.map(\.0) == ["BoundSockets", "BindFailures", "LastError"]
+                && m.arguments?[1].vardictValue?.map(\.0) == ["BoundSockets", "BindFailures", "LastError", "PortsWon"]
         }
-        #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string("")])
+        #expect(try f.table("Status", [.uint32(7)]) == [.bool(true), .uint32(2), .uint32(0), .string(""), .uint32(2)])
 
         try f.table("Deactivate", [.uint32(7)])
         signals.wait(
             for: "RuleStateChanged inactive",
             SignalCollector.signal("RuleStateChanged", path: host, [.uint32(7), .bool(false), .uint32(0), .uint32(0)]))
-        signals.wait(for: "rule PropertiesChanged on deactivation: Active and BoundSockets only") { m in
+        signals.wait(for: "rule PropertiesChanged on deactivation: Active, BoundSockets and PortsWon only") { m in
             m.member == "PropertiesChanged" && m.path == rulePath
-                && m.arguments?[1].vardictValue?.map(\.0) == ["Active", "BoundSockets"]
+                && m.arguments?[1].vardictValue?.map(\.0) == ["Active", "BoundSockets", "PortsWon"]
         }
         try f.table("Delete", [.uint32(7)])
         signals.wait(

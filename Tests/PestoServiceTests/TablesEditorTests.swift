@@ -28,6 +28,7 @@ final class RecordingObserver: TablesObserver {
         lines.append("state \(id) \(s.active ? "active" : "inactive") \(s.bound)/\(s.failed)\(failuresChanged ? " failures" : "")")
     }
     func lockOwnerChanged(_ owner: String?) { lines.append("lock \(owner ?? "-")") }
+    func portsWonChanged(_ kind: TableKind, _ id: UInt32) { lines.append("won \(id)") }
 
     /// The lines so far, emptied.
     func take() -> [String] {

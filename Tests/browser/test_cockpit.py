@@ -203,7 +203,7 @@ class Test:
                         "first-port", "q", port, "owner", "s", owner)
 
     def status(self, rule_id, table=HOST):
-        """Status of a rule as busctl prints it ('buus true 1 0 ""'), or the error text."""
+        """Status of a rule as busctl prints it ('buusu true 1 0 "" 1'), or the error text."""
         result = self.table_call("Status", "u", rule_id, check=False, table=table)
         return result.stdout.strip() if result.returncode == 0 else "error: " + result.stderr.strip()
 
@@ -399,7 +399,7 @@ class Test:
         self.add_rule(3, spec=f"-t 127.0.0.1/{port_added}")
         self.shot("transaction")
         self.wait_row(3, "active", "1 bound")
-        self.expect_status(3, r"^buus true 1 0")
+        self.expect_status(3, r"^buusu true 1 0")
         self.click("transaction-cancel")
         self.wait_row_gone(3)
         self.wait("the lock released", lambda: self.lock_text() == "Unlocked")
@@ -434,7 +434,7 @@ class Test:
         self.wait_row(4, "active", "admin")
         self.click("transaction-commit")
         self.wait("the lock released", lambda: self.lock_text() == "Unlocked")
-        self.expect_status(4, r"^buus true 1 0")
+        self.expect_status(4, r"^buusu true 1 0")
 
         # Edit: rule 10 replaced by another range, in one transaction of the page's own.
         self.click_row_button(10, "edit")
@@ -472,10 +472,10 @@ class Test:
         # Deactivate and activate from the page.
         self.click_row_button(4, "deactivate")
         self.wait_row(4, "inactive")
-        self.expect_status(4, r"^buus false 0 0")
+        self.expect_status(4, r"^buusu false 0 0")
         self.click_row_button(4, "activate")
         self.wait_row(4, "active", "1 bound")
-        self.expect_status(4, r"^buus true 1 0")
+        self.expect_status(4, r"^buusu true 1 0")
 
         # A refused change: rule 5 overlaps active rule 1; activating it is a Conflict,
         # shown by name next to the rule, and pestod keeps it inactive.
@@ -485,7 +485,7 @@ class Test:
         self.wait("the Conflict error next to rule 5", lambda: any(
             "top.passt.Pesto1.Error.Conflict" in r.text for r in self.css('tr.rule-error[data-rule-id="5"]') if r.is_displayed()))
         self.shot("conflict", '[data-table="HOST"]')
-        self.expect_status(5, r"^buus false 0 0")
+        self.expect_status(5, r"^buusu false 0 0")
 
         # Delete from the page: an inactive rule (Delete) and an active one (Apply).
         self.click_row_button(5, "delete")
@@ -511,7 +511,7 @@ class Test:
             self.wait("the SPLICE table", lambda: self.css('[data-table="SPLICE"]'))
             self.add_rule(7, spec=f"-T {port_added}")
             self.wait_row(7, "active", f"-T {port_added}", table="SPLICE")
-            self.expect_status(7, r"^buus true 1 0", table="/top/passt/Pesto1/tables/splice")
+            self.expect_status(7, r"^buusu true 1 0", table="/top/passt/Pesto1/tables/splice")
         self.check_console()
 
         # A user who may not change the tables (a bridge running as nobody, no
