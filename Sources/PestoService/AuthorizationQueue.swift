@@ -122,6 +122,27 @@ final class AuthorizationQueue {
         return queues.removeValue(forKey: sender)?.count ?? 0
     }
 
+    /// Refuses every waiting change of every sender with `refusal` (pestod is being replaced:
+    /// the new instance has the tables, so none of them may run here), withdrawing the checks
+    /// in progress; returns how many were refused. Each sender's changes are answered in its
+    /// order.
+    @discardableResult
+    func refuseAll(_ refusal: DBusErrorReply) -> Int {
+        for (_, cancellation) in inProgress { cancellation.cancel() }
+        inProgress.removeAll()
+        let waiting = queues
+        queues.removeAll()
+        pendingBytes.removeAll()
+        var refused = 0
+        for (_, entries) in waiting {
+            for entry in entries {
+                entry.decided(refusal)
+                refused += 1
+            }
+        }
+        return refused
+    }
+
     /// How many changes `sender` has waiting.
     func pending(of sender: String) -> Int { queues[sender]?.count ?? 0 }
 

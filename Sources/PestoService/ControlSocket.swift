@@ -111,6 +111,10 @@ public final class ControlSocket: EventHandler {
         try watch()
     }
 
+    /// Whether a client's session is under way (its upload being read, parked for the lock,
+    /// or its dump being written): a takeover waits for its end.
+    public var isServingClient: Bool { client >= 0 }
+
     /// The listening descriptor, for a takeover: from now on this object leaves the socket
     /// file in place when it goes away.
     public func handOver() -> Int32 {

@@ -88,6 +88,11 @@ public final class PestoServer: TablesObserver {
     /// pestod's too; changes refused with Locked, as the new pestod has the tables now.
     func answerCallsBeforeExit(timeoutMilliseconds: Int) {
         handingOver = true
+        // Changes still waiting for polkit never ran: they are refused as a change arriving
+        // now is, rather than left without an answer when this pestod exits.
+        if let refused = authorization?.refuseAll(DBusErrorReply(Self.replacedRefusal)), refused > 0 {
+            logger.info("refused \(refused) changes still waiting for authorisation: the new pestod has the tables")
+        }
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
         while MonotonicInstant.now < deadline {
             let left = Int32(min(Int64(Int32.max), Int64((deadline.nanoseconds - MonotonicInstant.now.nanoseconds) / 1_000_000) + 1))
@@ -187,6 +192,10 @@ public final class PestoServer: TablesObserver {
     /// Handles one incoming message; false lets libdbus answer (unknown method).
     /// A change waiting for authorisation or for the save keeps the call's `ReplyAddress`
     /// and decoded change, never the message itself.
+    /// The refusal of a change that reaches a pestod handing over to its successor.
+    static let replacedRefusal = PestoError(
+        .locked, "pestod is being replaced by a new instance (pestod --replace); call again: the new one answers.")
+
     func handle(_ message: DBusMessage) -> Bool {
         if message.isSignal {
             handleSignal(message)
@@ -200,8 +209,7 @@ public final class PestoServer: TablesObserver {
             case .reply(let values):
                 answer(address, values)
             case .change where handingOver:
-                throw DBusErrorReply(
-                    PestoError(.locked, "pestod is being replaced by a new instance (pestod --replace); call again: the new one answers."))
+                throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
                 // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
                 let sender = message.sender ?? ""

@@ -59,6 +59,10 @@ public final class TakeoverSource: EventHandler {
     public var carried: [StateFile.Entry] = []
     /// Called once the new instance has taken over; pestod exits there.
     public var onHandedOver: (() -> Void)?
+    /// Who holds a takeover up, as told to the new instance, while an upstream client's
+    /// control socket session is under way.
+    static let controlClient = "an upstream client of the control socket"
+
     /// The takeover waiting for the lock, if any.
     private var pending: (channel: TakeoverChannel, since: MonotonicInstant, toldOwner: String?)?
 
@@ -120,8 +124,9 @@ public final class TakeoverSource: EventHandler {
         }
     }
 
-    /// Hands over now if the lock is free; otherwise tells the new instance who holds it and
-    /// looks again in 20 ms.
+    /// Hands over now if the lock is free and no upstream client is in a control socket
+    /// session (its upload would be cut); otherwise tells the new instance who holds things
+    /// up and looks again in 20 ms. A session ends within --control-timeout.
     private func proceed() {
         guard let p = pending else { return }
         if p.channel.peerHasLeft {
@@ -129,7 +134,7 @@ public final class TakeoverSource: EventHandler {
             pending = nil
             return
         }
-        if let owner = server.lockOwner {
+        if let owner = server.lockOwner ?? (control?.isServingClient == true ? Self.controlClient : nil) {
             if p.toldOwner != owner {
                 pending?.toldOwner = owner
                 logger.notice("takeover waits: \(owner) holds the lock")

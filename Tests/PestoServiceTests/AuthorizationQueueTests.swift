@@ -153,6 +153,26 @@ struct AuthorizationQueueTests {
         #expect(auth.departed == [":1.7", ":1.7", ":1.8"])
     }
 
+    @Test("refuseAll answers every waiting change of every sender with the refusal, in each sender's order, and withdraws the checks")
+    func refuseAll() {
+        let auth = ScriptedAuthorizer()
+        let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify)
+        var answers: [String] = []
+        for (sender, label) in [(":1.1", "a1"), (":1.2", "b1"), (":1.1", "a2")] {
+            #expect(queue.submit(sender: sender, interactive: false) { answers.append("\(label) \($0?.name ?? "run")") } == nil)
+        }
+        #expect(queue.refuseAll(Self.denied) == 3)
+        #expect(
+            answers.sorted() == [
+                "a1 \(DBusErrorReply.accessDenied)", "a2 \(DBusErrorReply.accessDenied)", "b1 \(DBusErrorReply.accessDenied)",
+            ])
+        #expect(answers.firstIndex(of: "a1 \(DBusErrorReply.accessDenied)")! < answers.firstIndex(of: "a2 \(DBusErrorReply.accessDenied)")!)
+        #expect(Set(auth.withdrawn) == [":1.1", ":1.2"])
+        #expect(queue.totalPending == 0)
+        auth.answer(":1.1")  // polkit's late answer runs nothing
+        #expect(answers.count == 3)
+    }
+
     @Test("an authorizer that answers at once (synchronously) runs the change inside submit, in order")
     func synchronousAnswers() {
         let auth = ScriptedAuthorizer()

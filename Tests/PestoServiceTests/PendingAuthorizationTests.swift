@@ -120,6 +120,26 @@ struct PendingAuthorizationTests {
         #expect(try f.table("List").first?.arrayValue?.count == 2)
     }
 
+    @Test("a takeover refuses the changes still waiting for polkit with Locked, instead of leaving them unanswered")
+    func heldChangeRefusedAtTakeover() throws {
+        let arguments = ["--authorize", "polkit", "--runtime-dir", "RUNTIME"]
+        let f = try PestodFixture(pestodArguments: arguments)
+        let polkit = try FakePolkit(address: f.address)
+        let p = TestSockets.freePorts(1).lowerBound
+        let slow = try DBusConnection(.address(f.address))
+        polkit.set(slow.uniqueName, .hold)
+        let insert = Self.call("Insert", [.uint32(1), PestodFixture.rule(p)])
+        slow.send(insert)
+        slow.flush()
+        polkit.wait("the held check") { $0.checks(of: slow.uniqueName) == 1 }
+
+        #expect(try f.takeOver(arguments) == 0, "the old pestod exits with 0")
+        let answer = try #require(Self.reply(to: insert.serial, on: slow))
+        #expect(answer.asError?.name == PestoBusNames.errorName(.locked), "\(answer.asError?.description ?? "no error")")
+        #expect(answer.asError?.message.contains("being replaced") == true)
+        #expect(try f.table("List").first?.arrayValue?.count == 0, "the refused change did not happen")
+    }
+
     @Test("a check in progress whose caller leaves is withdrawn from polkit (CancelCheckAuthorization); the lock stays free")
     func leaverWithdrawn() throws {
         let f = try PestodFixture(pestodArguments: ["--authorize", "polkit"])

@@ -98,6 +98,44 @@ struct TakeoverTests {
         #expect(dump.tables.values.map(\.rules.count).reduce(0, +) == 2)
     }
 
+    @Test(
+        "a takeover waits for an upstream client's control socket session: an upload under way when it starts is read to the end and applied, then handed over"
+    )
+    func takeoverWaitsForControlSession() throws {
+        let f = try PestodFixture(pestodArguments: Self.arguments)
+        let port = TestSockets.freePorts(1).lowerBound
+        let client = try #require(WireClient(path: f.controlPath))
+        defer { close(client.fd) }
+        try #require(client.readHelloAndDump() != nil)
+        let upload = PestoV2Wire.upload([(.host, [PestoV2Wire.WireRule(rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: port))])])
+        client.send(Array(upload.prefix(upload.count / 2)))  // the upload is under way
+        let oldLog = f.logFile.path
+        let fd = client.fd
+        detachThread {
+            // Once the takeover waits for this session, the rest of the upload comes.
+            let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
+            while !(readTextFile(oldLog) ?? "").contains("takeover waits: \(TakeoverSource.controlClient)"),
+                MonotonicInstant.now < deadline
+            {
+                usleep(5_000)  // a log file has no readiness signal
+            }
+            _ = Array(upload.dropFirst(upload.count / 2)).withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+            shutdown(fd, Int32(SHUT_WR))
+        }
+        #expect(try f.takeOver(Self.arguments) == 0, "the old pestod exits with 0")
+        let old = readTextFile(oldLog) ?? ""
+        #expect(old.contains("takeover waits: \(TakeoverSource.controlClient)"), "\(old)")
+        #expect(old.contains("control socket: update applied"), "\(old)")
+        // The new pestod has the uploaded rule, active.
+        let listed = try f.table("List").first?.arrayValue ?? []
+        #expect(listed.count == 1, "\(listed)")
+        if case .success(let c) = TestSockets.connect(port: port) {
+            close(c)
+        } else {
+            Issue.record("the uploaded rule does not listen in the new pestod")
+        }
+    }
+
     /// The bus name's owner, or nil when nobody owns it.
     static func owner(_ f: PestodFixture) -> String? {
         try? f.client.call(
