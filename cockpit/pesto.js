@@ -380,6 +380,11 @@
         row.cells.owner.textContent = rule.Owner || "—";
         row.cells.sockets.replaceChildren();
         if (rule.Active) row.cells.sockets.append(el("span", { class: "bound" }, `${rule.BoundSockets} bound`));
+        if (rule.Active && table.OverlapPolicy === "first-match") {
+            // First match (doc/overlap.md): how many of its ports this rule wins now.
+            const ports = rule.LastPort - rule.FirstPort + 1;
+            row.cells.sockets.append(el("span", { class: "won" }, `wins ${rule.PortsWon} of ${ports} port${ports === 1 ? "" : "s"}`));
+        }
         if (rule.BindFailures > 0) {
             row.cells.sockets.append(el("span", { class: "failed" },
                                         `${rule.BindFailures} failed` + (rule.LastError ? ` (${rule.LastError})` : "")));

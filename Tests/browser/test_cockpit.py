@@ -163,7 +163,9 @@ class Test:
 
     def start_pestod(self):
         netns = ["--netns", self.args.netns] if self.args.netns else []
-        pestod = subprocess.Popen([self.args.pestod, "--address", self.bus, "--authorize", "none", *netns],
+        # The restarted pestod lets rules overlap (first match wins), so the page shows who wins.
+        pestod = subprocess.Popen([self.args.pestod, "--address", self.bus, "--authorize", "none", "--overlap", "first-match",
+                                   *netns],
                                   stdout=subprocess.DEVNULL, stderr=self.logfile("pestod-restarted"))
         self.children.append(pestod)
         return pestod
@@ -506,6 +508,19 @@ class Test:
                   lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked" and self.row(1) is None)
         self.insert(6, port_added, "after-restart")
         self.wait_row(6, "inactive", "after-restart")
+        # First match: an active rule shows the ports it wins, and follows the changes live
+        # (PortsWon): rule 3, lower ID, on the same port wins it from rule 6 while active.
+        self.table_call("Activate", "u", 6)
+        self.wait_row(6, "active", "wins 1 of 1 port")
+        self.insert(3, port_added, "carve-out")
+        self.table_call("Activate", "u", 3)
+        self.wait_row(3, "active", "wins 1 of 1 port")
+        self.wait_row(6, "active", "wins 0 of 1 port")
+        self.shot("first-match", '[data-table="HOST"]')
+        self.table_call("Deactivate", "u", 3)
+        self.table_call("Delete", "u", 3)
+        self.wait_row_gone(3)
+        self.wait_row(6, "active", "wins 1 of 1 port")
         if self.args.netns:
             # The new pestod has a namespace, so a SPLICE table too; a -T spec adds to it.
             self.wait("the SPLICE table", lambda: self.css('[data-table="SPLICE"]'))
