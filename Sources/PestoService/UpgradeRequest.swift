@@ -102,22 +102,88 @@ public final class UpgradeOnSignal: EventHandler {
 }
 
 /// `pestod --reload-request PID`: what the unit's ExecReload= runs.
+///
+/// It claims success only when it saw it happen: the running pestod must have a takeover
+/// socket (found from its command line, `--runtime-dir`, or its environment,
+/// `$RUNTIME_DIRECTORY`), else nothing is sent and it fails at once; after the running pestod
+/// has exited, a successor must have opened its own takeover socket there (the same path, a
+/// new inode), else the request fails: the old pestod died rather than handed over.
 public enum ReloadRequest {
-    /// Sends SIGUSR2 to `pid` and waits up to `timeoutMilliseconds` for it to exit (its
-    /// successor took over). Throws when it cannot be signalled or is still running then.
+    /// How long after the old pestod's exit the successor may take to open its takeover socket.
+    static let successorMilliseconds = 5_000
+
+    /// Sends SIGUSR2 to `pid` and waits up to `timeoutMilliseconds` for it to exit and a
+    /// successor to take its place. Throws, saying what it saw, otherwise.
     public static func run(pid: pid_t, timeoutMilliseconds: Int) throws(PestoError) {
+        if case .failure(let e) = Sys.kill(pid, 0) {
+            throw PestoError(.system, "Cannot send SIGUSR2 to pestod \(pid).", underlyingError: e)
+        }
+        guard let directory = takeoverDirectory(of: pid) else {
+            throw PestoError(
+                .system,
+                "pestod \(pid) has no takeover socket (started without --runtime-dir or $RUNTIME_DIRECTORY), so it cannot be upgraded in place; nothing was sent to it."
+            )
+        }
+        let socketPath = directory + "/takeover.sock"
+        guard case .success(let before) = Sys.lstat(socketPath), before.st_mode & S_IFMT == S_IFSOCK else {
+            throw PestoError(
+                .system, "pestod \(pid) has no takeover socket at \(socketPath), so it cannot be upgraded in place; nothing was sent to it."
+            )
+        }
         if case .failure(let e) = Sys.kill(pid, SIGUSR2) {
             throw PestoError(.system, "Cannot send SIGUSR2 to pestod \(pid).", underlyingError: e)
         }
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
-        while MonotonicInstant.now < deadline {
-            if hasExited(pid) { return }
+        while !hasExited(pid) {
+            guard MonotonicInstant.now < deadline else {
+                throw PestoError(
+                    .system,
+                    "pestod \(pid) is still running after \(timeoutMilliseconds) ms: the upgrade did not complete and it stays in charge (see its log)."
+                )
+            }
+            usleep(10_000)  // another process's exit has no readiness signal we can wait on
+        }
+        let successorDeadline = MonotonicInstant.now.adding(milliseconds: successorMilliseconds)
+        while MonotonicInstant.now < successorDeadline {
+            if case .success(let now) = Sys.lstat(socketPath), now.st_mode & S_IFMT == S_IFSOCK, now.st_ino != before.st_ino {
+                return
+            }
             usleep(10_000)
         }
         throw PestoError(
             .system,
-            "pestod \(pid) is still running after \(timeoutMilliseconds) ms: the upgrade did not complete and it stays in charge (see its log)."
+            "pestod \(pid) exited, but no successor opened \(socketPath) within \(successorMilliseconds) ms: it did not hand over (see its log)."
         )
+    }
+
+    /// The takeover socket's directory of process `pid`, as pestod itself finds it: its
+    /// `--runtime-dir` argument, else the first entry of its `$RUNTIME_DIRECTORY`; nil when
+    /// it has neither or its /proc files cannot be read.
+    static func takeoverDirectory(of pid: pid_t) -> String? {
+        func fields(_ name: String) -> [String]? {
+            readFile("/proc/\(pid)/\(name)", limit: 1 << 20).map { bytes in
+                bytes.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+            }
+        }
+        var found: String?
+        if let arguments = fields("cmdline") {
+            for (i, argument) in arguments.enumerated() {
+                if argument == "--runtime-dir", i + 1 < arguments.count {
+                    found = arguments[i + 1]
+                } else if argument.hasPrefix("--runtime-dir=") {
+                    found = String(argument.dropFirst("--runtime-dir=".count))
+                }
+            }
+        }
+        if found == nil, let environment = fields("environ") {
+            found = environment.first { $0.hasPrefix("RUNTIME_DIRECTORY=") }
+                .flatMap { $0.dropFirst("RUNTIME_DIRECTORY=".count).split(separator: ":").first.map(String.init) }
+        }
+        guard let directory = found, !directory.isEmpty else { return nil }
+        if directory.hasPrefix("/") { return directory }
+        // Relative to that process's working directory.
+        guard case .success(let cwd) = Sys.readLink("/proc/\(pid)/cwd") else { return nil }
+        return cwd + "/" + directory
     }
 
     /// Whether `pid` is gone or a zombie (exited, not yet reaped by its parent).

@@ -404,6 +404,7 @@ package enum Sys {
     }
 
     /// Makes SIGUSR2 write to the eventfd `fd` (`pesto_upgrade_on_signal`): the upgrade request.
+    /// With `fd` -1, SIGUSR2 is caught and does nothing (its default action would end pestod).
     package static func upgradeOnSignal(writingTo fd: Int32) -> Result<Void, Errno> {
         call(.signals, fd: fd) { pesto_upgrade_on_signal(fd) }.map { _ in () }
     }
@@ -414,10 +415,16 @@ package enum Sys {
     /// names the installed binary: an upgrade that replaces the file (rename) leaves the path
     /// naming the new one.
     package static func executablePath() -> Result<String, Errno> {
+        readLink("/proc/self/exe").map { path in
+            path.hasSuffix(" (deleted)") ? String(path.dropLast(" (deleted)".count)) : path
+        }
+    }
+
+    /// The target of the symbolic link `path` (readlink(2)).
+    package static func readLink(_ path: String) -> Result<String, Errno> {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        return call(.readlink) { readlink("/proc/self/exe", &buffer, buffer.count - 1) }.map { n in
-            let path = String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            return path.hasSuffix(" (deleted)") ? String(path.dropLast(" (deleted)".count)) : path
+        return call(.readlink) { readlink(path, &buffer, buffer.count - 1) }.map { n in
+            String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
         }
     }
 

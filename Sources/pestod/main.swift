@@ -416,6 +416,12 @@ struct Pestod: ParsableCommand {
                     logger.warning("no upgrade on SIGUSR2: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
                 }
             }
+            if upgrade == nil {
+                // No takeover socket, so no upgrade in place: SIGUSR2 must not end pestod (its
+                // default action). `pestod --reload-request` refuses such a pestod up front.
+                _ = Sys.upgradeOnSignal(writingTo: -1)
+                logger.info("no takeover socket (--runtime-dir): SIGUSR2 (systemctl reload) is ignored")
+            }
             engine.start()
             // Under systemd (NotifyAccess=all), a pestod that took over becomes the main process.
             SystemdNotify.send("READY=1")

@@ -73,4 +73,40 @@ struct UpgradeRequestTests {
         #expect(request.status == 1)
         #expect(request.err.contains("Cannot send SIGUSR2 to pestod \(pid)"), "\(request.err)")
     }
+
+    @Test(
+        "a pestod without a takeover socket: --reload-request refuses at once and sends nothing, and SIGUSR2 does not end it (it ended the demo's pestod before)"
+    )
+    func reloadRequestWithoutTakeoverSocket() throws {
+        let f = try PestodFixture()  // no --runtime-dir, no $RUNTIME_DIRECTORY
+        let request = try run(Products.path("pestod"), ["--reload-request", "\(f.pestod.pid)"])
+        #expect(request.status == 1)
+        #expect(request.err.contains("has no takeover socket"), "\(request.err)")
+        #expect(!request.err.contains("handed over"), "\(request.err)")
+        kill(f.pestod.pid, SIGUSR2)
+        _ = try f.table("List")  // a round trip: pestod has handled the signal by its answer
+        #expect(f.pestod.isRunning, "SIGUSR2 ended pestod: \(f.log)")
+        #expect(try f.table("List").first?.arrayValue != nil)
+    }
+
+    @Test(
+        "the running pestod dies instead of handing over: --reload-request says so and exits 1, never claiming a handover"
+    )
+    func reloadRequestWhenTheOldDies() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        try f.manager("Lock")  // the successor waits for the lock, so the old one is still there
+        let errPath = f.directory.file("reload-request.err")
+        let request = try ChildProcess(
+            Products.path("pestod"), ["--reload-request", "\(f.pestod.pid)"], stdout: .devNull, stderr: .file(errPath))
+        let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
+        while !f.log.contains("takeover waits"), MonotonicInstant.now < deadline {
+            usleep(10_000)  // a log file has no readiness signal
+        }
+        #expect(f.log.contains("takeover waits"), "\(f.log)")
+        kill(f.pestod.pid, SIGKILL)
+        #expect(request.waitUntilExit() == 1)
+        let err = readTextFile(errPath) ?? ""
+        #expect(err.contains("no successor opened"), "\(err)")
+        #expect(!err.contains("handed over to its successor"), "\(err)")
+    }
 }
