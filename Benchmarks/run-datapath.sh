@@ -360,7 +360,7 @@ def ratio(a, b):
 
 metrics = [("bulk", "TCP bulk, 1 stream (Gbit/s)"), ("conn1", "short TCP conn/s, 1 client"),
            ("conn4", "short TCP conn/s, 4 clients"), ("udp", "UDP 64 B round trips/s"),
-           ("udp64", "UDP 64 flows x 4, datagrams/s")]
+           ("udp64", "UDP 64 flows, datagrams/s")]
 u = os.uname()
 print()
 print(f"pesto data path: {dur} s per measurement, {'median of ' + repeat + ' rounds' if repeat != '1' else '1 round'}; "
