@@ -5,7 +5,8 @@
 # through upstream pasta (host port -> a namespace pasta creates):
 #   (a) TCP bulk throughput, one stream (iperf3)      (b) short TCP connections/s, 1 and 4 clients
 #   (c) UDP request/response rate, 64 bytes           (d) pestod's RSS with 1,000 and 9,000 idle
-#                                                          relayed connections
+#   (c') UDP, 64 flows with 4 datagrams in flight each      relayed connections
+#        (datagrams/s)
 # Prints absolute figures, ratios to direct and to socat, and the project's targets (below).
 # Then the cost of two per-rule options, each against the plain relay it changes:
 #   PROXY protocol v2 (proxy-protocol): pestod -> a host echo server that reads the header,
@@ -259,6 +260,10 @@ udprr() { # PORT [udprr options] -> "rate lost"
     timeout $((DUR + 30)) "$LOADGEN" udprr --port "$1" "${@:2}" --seconds "$DUR" 2>/dev/null |
         awk '/^udprr/ {print $2, $4; ok=1} END {if (!ok) print "n/a 0"}'
 }
+udpflows() { # PORT -> "rate lost": 64 flows, 4 datagrams in flight each
+    timeout $((DUR + 30)) "$LOADGEN" udpflows --port "$1" --flows 64 --window 4 --seconds "$DUR" 2>/dev/null |
+        awk '/^udpflows/ {print $2, $4; ok=1} END {if (!ok) print "n/a 0"}'
+}
 # A path that does not relay at all (e.g. pestod before its data path) is shown as n/a.
 declare -A WORKS
 for p in "${paths[@]}"; do
@@ -270,7 +275,7 @@ for p in "${paths[@]}"; do
 done
 
 for ((round = 1; round <= REPEAT; round++)); do
-    for metric in bulk conn1 conn4 udp; do
+    for metric in bulk conn1 conn4 udp udp64; do
         for p in "${paths[@]}"; do
             say "round $round/$REPEAT: $metric via $p..."
             case $metric in
@@ -278,6 +283,7 @@ for ((round = 1; round <= REPEAT; round++)); do
                 conn1) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(connrate "${ECHO[$p]}" 1) || v=n/a ;;
                 conn4) [[ ${WORKS[$p,tcp]} == yes ]] && v=$(connrate "${ECHO[$p]}" 4) || v=n/a ;;
                 udp) [[ ${WORKS[$p,udp]} == yes ]] && v=$(udprr "${ECHO[$p]}") || v=n/a ;;
+                udp64) [[ ${WORKS[$p,udp]} == yes ]] && v=$(udpflows "${ECHO[$p]}") || v=n/a ;;
             esac
             echo "$p $metric $v" >>"$results"
         done
@@ -290,6 +296,7 @@ for ((round = 1; round <= REPEAT; round++)); do
                 conn1) v=$(connrate "${XPORT[$p]}" 1 $net) ;;
                 conn4) v=$(connrate "${XPORT[$p]}" 4 $net) ;;
                 udp) [[ $p == ns* ]] && v=$(udprr "${XPORT[$p]}" --source 198.18.0.9) || continue ;;
+                udp64) continue ;;
             esac
             echo "$p $metric $v" >>"$results"
         done
@@ -352,7 +359,8 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 metrics = [("bulk", "TCP bulk, 1 stream (Gbit/s)"), ("conn1", "short TCP conn/s, 1 client"),
-           ("conn4", "short TCP conn/s, 4 clients"), ("udp", "UDP 64 B round trips/s")]
+           ("conn4", "short TCP conn/s, 4 clients"), ("udp", "UDP 64 B round trips/s"),
+           ("udp64", "UDP 64 flows, datagrams/s")]
 u = os.uname()
 print()
 print(f"pesto data path: {dur} s per measurement, {'median of ' + repeat + ' rounds' if repeat != '1' else '1 round'}; "
@@ -363,7 +371,7 @@ for m, label in metrics:
     row = ""
     for c in columns:
         cell = fmt(med(c, m), m) if c in paths else "n/a"
-        if failures.get((c, m)): cell += f" ({failures[(c, m)]} failed)" if m != "udp" else f" ({failures[(c, m)]} lost)"
+        if failures.get((c, m)): cell += f" ({failures[(c, m)]} failed)" if not m.startswith("udp") else f" ({failures[(c, m)]} lost)"
         row += f"{cell:>12}"
     print(f"{label:30}{row}")
 if repeat != "1":
@@ -387,7 +395,7 @@ for m, label in metrics:
 print()
 print("targets (the project's: vs direct and vs socat)")
 targets = [("bulk", "direct", 0.60), ("conn1", "direct", 0.50), ("conn4", "direct", 0.45),
-           ("bulk", "socat", 1.5), ("conn1", "socat", 0.9), ("conn4", "socat", 0.9)]
+           ("udp64", "direct", 0.80), ("bulk", "socat", 1.5), ("conn1", "socat", 0.9), ("conn4", "socat", 0.9)]
 for m, base, goal in targets:
     r = ratio(med("pestod", m), med(base, m))
     verdict = "n/a" if r is None else ("met" if r >= goal else "NOT met")
@@ -424,10 +432,11 @@ else:
     ocols = [("pestod", "pestod"), ("proxy", "+PROXY v2"), ("nsplain", "ns, pestod"), ("nsclient", "ns, client")]
     print(f"{'':30}" + "".join(f"{label:>12}" for _, label in ocols) + f"{'PROXY/plain':>14}{'client/plain':>14}")
     for m, label in metrics:
+        if m == "udp64": continue  # not measured for the options
         row = ""
         for c, _ in ocols:
             cell = fmt(med(c, m), m)
-            if failures.get((c, m)): cell += f" ({failures[(c, m)]} {'lost' if m == 'udp' else 'failed'})"
+            if failures.get((c, m)): cell += f" ({failures[(c, m)]} {'lost' if m.startswith('udp') else 'failed'})"
             row += f"{cell:>12}"
         for a, b in (("proxy", "pestod"), ("nsclient", "nsplain")):
             r = ratio(med(a, m), med(b, m))

@@ -18,6 +18,9 @@
 //   pesto-loadgen udprr --port P --seconds S [--source ADDRESS]
 //       UDP ping-pong with 64-byte datagrams (sequence-numbered; a reply missing after 200 ms
 //       is counted lost), from ADDRESS if given. Prints "udprr <round trips/s> lost <n>".
+//   pesto-loadgen udpflows --port P --seconds S [--flows F] [--window W]
+//       F concurrent UDP flows (default 64), each keeping W 64-byte datagrams in flight
+//       (default 4) (UDPFlows.swift). Prints "udpflows <replies/s> lost <n>".
 //   pesto-loadgen idle --port P --count N [--hold SECONDS]
 //       Opens N TCP connections and checks each with a 1-byte echo, prints "ready N", then
 //       holds them until stdin closes (or --hold seconds, default 600). On a failure prints
@@ -398,6 +401,7 @@ let usage = """
     usage: pesto-loadgen serve-echo --tcp PORT [--udp PORT] [--lifetime SECONDS] [--proxy]
            pesto-loadgen connrate --port PORT --seconds S --clients C [--spread | --source-net A.B.C]
            pesto-loadgen udprr --port PORT --seconds S [--source ADDRESS]
+           pesto-loadgen udpflows --port PORT --seconds S [--flows F] [--window W]
            pesto-loadgen idle --port PORT --count N [--hold SECONDS]
            pesto-loadgen streams --port PORT --target-port PORT --count N [--bytes B] [--hold SECONDS]
     """
@@ -426,6 +430,11 @@ case "udprr":
         return a
     }
     udpRoundTrips(port: options.requiredPort("port"), duration: options.number("seconds", range: 0.01...3600), source: source)
+case "udpflows":
+    udpFlows(
+        port: options.requiredPort("port"), duration: options.number("seconds", range: 0.01...3600),
+        flows: Int(options.number("flows", default: 64, range: 1...1024)), window: Int(options.number("window", default: 4, range: 1...256))
+    )
 case "idle":
     idleConnections(
         port: options.requiredPort("port"),

@@ -195,27 +195,16 @@ int pesto_pin_to_cpu(int cpu)
     return sched_setaffinity(0, sizeof(set), &set);
 }
 
-ssize_t pesto_recv_pktinfo(int fd, void *buf, size_t len, int flags, struct sockaddr *from, socklen_t *fromlen,
-                           struct pesto_pktinfo *local)
+/* Control space for one datagram's pktinfo, either family. */
+#define PKTINFO_SPACE (CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo)))
+
+/* The local end a received message's control data gives (family 0 when none). */
+static void read_pktinfo(struct msghdr *msg, struct pesto_pktinfo *local)
 {
-    union {
-        char buf[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
-        struct cmsghdr align;
-    } control;
-    struct iovec iov = { .iov_base = buf, .iov_len = len };
-    struct msghdr msg = {
-        .msg_name = from, .msg_namelen = *fromlen, .msg_iov = &iov, .msg_iovlen = 1,
-        .msg_control = control.buf, .msg_controllen = sizeof(control.buf),
-    };
     struct cmsghdr *c;
-    ssize_t n;
 
     memset(local, 0, sizeof(*local));
-    n = recvmsg(fd, &msg, flags);
-    if (n < 0)
-        return n;
-    *fromlen = msg.msg_namelen;
-    for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    for (c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
         if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO &&
             c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
             struct in_pktinfo info;
@@ -234,6 +223,56 @@ ssize_t pesto_recv_pktinfo(int fd, void *buf, size_t len, int flags, struct sock
             memcpy(local->addr, &info.ipi6_addr, 16);
         }
     }
+}
+
+/* Puts `local` into `msg` as the pktinfo a reply leaves with, in `buf` (at least
+ * CMSG_SPACE(sizeof(struct in6_pktinfo)) bytes, aligned); nothing for family 0. */
+static void write_pktinfo(struct msghdr *msg, void *buf, int socket_family, const struct pesto_pktinfo *local)
+{
+    if (local && local->family == AF_INET && socket_family == AF_INET) {
+        /* The source address only: forcing the arrival interface would send a reply to a
+         * local client (its datagram to an address of eth0 "arrived on" eth0) out of eth0.
+         * A rule bound to an interface has SO_BINDTODEVICE, which keeps replies on it. */
+        struct in_pktinfo info = { .ipi_ifindex = 0 };
+        memcpy(&info.ipi_spec_dst, local->addr, 4);
+        put_cmsg(msg, buf, IPPROTO_IP, IP_PKTINFO, &info, sizeof(info));
+    } else if (local && local->family != 0 && socket_family == AF_INET6) {
+        struct in6_pktinfo info = { .ipi6_ifindex = 0 };
+        if (local->family == AF_INET6) {
+            memcpy(&info.ipi6_addr, local->addr, 16);
+            /* A link-local address means something only with its interface. */
+            if (IN6_IS_ADDR_LINKLOCAL(&info.ipi6_addr))
+                info.ipi6_ifindex = (unsigned)local->ifindex;
+        } else {
+            /* An IPv4 client of a dual-stack socket: the source, IPv4-mapped. */
+            info.ipi6_addr.s6_addr[10] = 0xff;
+            info.ipi6_addr.s6_addr[11] = 0xff;
+            memcpy(&info.ipi6_addr.s6_addr[12], local->addr, 4);
+        }
+        put_cmsg(msg, buf, IPPROTO_IPV6, IPV6_PKTINFO, &info, sizeof(info));
+    }
+}
+
+ssize_t pesto_recv_pktinfo(int fd, void *buf, size_t len, int flags, struct sockaddr *from, socklen_t *fromlen,
+                           struct pesto_pktinfo *local)
+{
+    union {
+        char buf[PKTINFO_SPACE];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct msghdr msg = {
+        .msg_name = from, .msg_namelen = *fromlen, .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = control.buf, .msg_controllen = sizeof(control.buf),
+    };
+    ssize_t n;
+
+    memset(local, 0, sizeof(*local));
+    n = recvmsg(fd, &msg, flags);
+    if (n < 0)
+        return n;
+    *fromlen = msg.msg_namelen;
+    read_pktinfo(&msg, local);
     return n;
 }
 
@@ -250,29 +289,68 @@ ssize_t pesto_send_pktinfo(int fd, const void *buf, size_t len, int flags, const
     };
 
     memset(&control, 0, sizeof(control));
-    if (local && local->family == AF_INET && socket_family == AF_INET) {
-        /* The source address only: forcing the arrival interface would send a reply to a
-         * local client (its datagram to an address of eth0 "arrived on" eth0) out of eth0.
-         * A rule bound to an interface has SO_BINDTODEVICE, which keeps replies on it. */
-        struct in_pktinfo info = { .ipi_ifindex = 0 };
-        memcpy(&info.ipi_spec_dst, local->addr, 4);
-        put_cmsg(&msg, control.buf, IPPROTO_IP, IP_PKTINFO, &info, sizeof(info));
-    } else if (local && local->family != 0 && socket_family == AF_INET6) {
-        struct in6_pktinfo info = { .ipi6_ifindex = 0 };
-        if (local->family == AF_INET6) {
-            memcpy(&info.ipi6_addr, local->addr, 16);
-            /* A link-local address means something only with its interface. */
-            if (IN6_IS_ADDR_LINKLOCAL(&info.ipi6_addr))
-                info.ipi6_ifindex = (unsigned)local->ifindex;
-        } else {
-            /* An IPv4 client of a dual-stack socket: the source, IPv4-mapped. */
-            info.ipi6_addr.s6_addr[10] = 0xff;
-            info.ipi6_addr.s6_addr[11] = 0xff;
-            memcpy(&info.ipi6_addr.s6_addr[12], local->addr, 4);
-        }
-        put_cmsg(&msg, control.buf, IPPROTO_IPV6, IPV6_PKTINFO, &info, sizeof(info));
-    }
+    write_pktinfo(&msg, control.buf, socket_family, local);
     return sendmsg(fd, &msg, flags);
+}
+
+int pesto_recv_batch(int fd, struct pesto_datagram *d, unsigned n, int flags)
+{
+    struct mmsghdr msgs[PESTO_BATCH_MAX];
+    struct iovec iov[PESTO_BATCH_MAX];
+    union {
+        char buf[PKTINFO_SPACE];
+        struct cmsghdr align;
+    } control[PESTO_BATCH_MAX];
+    unsigned i;
+    int got;
+
+    if (n > PESTO_BATCH_MAX)
+        n = PESTO_BATCH_MAX;
+    for (i = 0; i < n; i++) {
+        iov[i].iov_base = d[i].data;
+        iov[i].iov_len = d[i].capacity;
+        msgs[i].msg_hdr = (struct msghdr){
+            .msg_name = &d[i].peer, .msg_namelen = sizeof(d[i].peer), .msg_iov = &iov[i], .msg_iovlen = 1,
+            .msg_control = control[i].buf, .msg_controllen = sizeof(control[i].buf),
+        };
+        msgs[i].msg_len = 0;
+    }
+    got = recvmmsg(fd, msgs, n, flags, NULL);
+    for (i = 0; got > 0 && i < (unsigned)got; i++) {
+        d[i].length = msgs[i].msg_len;
+        d[i].peer_len = msgs[i].msg_hdr.msg_namelen;
+        read_pktinfo(&msgs[i].msg_hdr, &d[i].local);
+    }
+    return got;
+}
+
+int pesto_send_batch(int fd, const struct pesto_datagram *d, unsigned n, int flags, const struct sockaddr *to, socklen_t tolen,
+                     int socket_family, const struct pesto_pktinfo *local)
+{
+    struct mmsghdr msgs[PESTO_BATCH_MAX];
+    struct iovec iov[PESTO_BATCH_MAX];
+    union {
+        char buf[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr first = { 0 };
+    unsigned i;
+
+    if (n > PESTO_BATCH_MAX)
+        n = PESTO_BATCH_MAX;
+    /* Every datagram has the same destination and source: one control block serves all. */
+    memset(&control, 0, sizeof(control));
+    write_pktinfo(&first, control.buf, socket_family, local);
+    for (i = 0; i < n; i++) {
+        iov[i].iov_base = d[i].data;
+        iov[i].iov_len = d[i].length;
+        msgs[i].msg_hdr = (struct msghdr){
+            .msg_name = (void *)to, .msg_namelen = tolen, .msg_iov = &iov[i], .msg_iovlen = 1,
+            .msg_control = first.msg_control, .msg_controllen = first.msg_controllen,
+        };
+        msgs[i].msg_len = 0;
+    }
+    return sendmmsg(fd, msgs, n, flags);
 }
 
 const char *pesto_errno_name(int err) { return strerrorname_np(err); }

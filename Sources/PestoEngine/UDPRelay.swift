@@ -27,18 +27,32 @@
 // buffers live on the C shim's stack: nothing is allocated per datagram. A listener without
 // the option (tests that make their own) gives no local address, and replies are plain sends.
 //
+// Batching: datagrams are taken `batch` (64) at a time with one recvmmsg(2), into a
+// `DatagramBatch` allocated in init (64 slots of 64 KiB, each with room for its sender and
+// pktinfo; the mmsghdr, iovec and control arrays live on the C shim's stack), and the replies
+// of a flow leave in one sendmmsg(2). With many flows, what costs is system calls per
+// datagram: one datagram at a time, a round trip through the relay took a recvmsg, a send, a
+// recv and a sendmsg, plus an EAGAIN at the end of each readiness; batched, the listener's
+// side costs one recvmmsg per batch and a reply burst one recvmmsg and one sendmmsg.
+//
 // Events:
-//   listener readable   up to `batch` datagrams are taken with recvmsg(MSG_DONTWAIT) into
-//                       one 64 KiB buffer allocated in init. Each is matched to its flow by a
-//                       dictionary lookup keyed by (listener fd, client address, local
-//                       address), which
-//                       allocates nothing; a miss creates the flow unless the table is full
-//                       (`maxFlows`: dropped, counted) or the destination is one of pestod's
-//                       own listeners (`wouldLoop`: dropped, counted — it would loop forever).
-//                       The datagram is then send() on the flow socket.
-//   flow readable       up to `batch` replies are recv()ed and sendmsg()ed to the client from
-//                       the listener, from the flow's local address. The flow socket is registered under kind `udpFlow` with its
+//   listener readable   up to `batch` datagrams are taken with one recvmmsg(MSG_DONTWAIT).
+//                       Each is matched to its flow by a dictionary lookup keyed by
+//                       (listener fd, client address, local address), which allocates
+//                       nothing, and skipped when the datagram before it was of the same flow
+//                       (a flow's state is touched once per run of its datagrams); a miss
+//                       creates the flow unless the table is full (`maxFlows`: dropped,
+//                       counted) or the destination is one of pestod's own listeners
+//                       (`wouldLoop`: dropped, counted — it would loop forever). Each datagram
+//                       is then send() on its flow socket (one socket per flow: there is no
+//                       call that sends on many sockets).
+//   flow readable       up to `batch` replies are taken with one recvmmsg() and sent with
+//                       one sendmmsg() to the client from the listener, from the flow's local
+//                       address. The flow socket is registered under kind `udpFlow` with its
 //                       slot as the epoll index, so this path does no lookup at all.
+//                       sendmmsg() stops at the first reply it cannot send (full send buffer,
+//                       no route) without saying why: the rest are sent again, and a reply the
+//                       call fails on is dropped and counted, as one sendmsg() per reply did.
 //   expiry timer        every `expiryCheckMilliseconds`, flows idle (no datagram either way)
 //                       for `idleTimeoutMilliseconds` are closed. The timer is armed only while
 //                       there are flows, so an idle relay never wakes the loop.
@@ -175,8 +189,8 @@ public final class UDPRelay: EventHandler {
     private var flows: [Flow] = []
     private var freeSlots: [UInt32] = []
     private var flowsByKey: [FlowKey: UInt32] = [:]
-    /// Every datagram passes through here; allocated once, freed in deinit.
-    private let buffer: UnsafeMutableRawBufferPointer
+    /// Every datagram passes through here, `batch` at a time; allocated once.
+    private let datagrams: DatagramBatch
     /// The expiry timer, armed while there are flows.
     private var expiryTimer: EventLoop.TimerID?
 
@@ -207,7 +221,7 @@ public final class UDPRelay: EventHandler {
         self.limits = limits
         self.budget = budget
         self.wouldLoop = wouldLoop
-        buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.bufferSize, alignment: 16)
+        datagrams = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
         flows.reserveCapacity(min(limits.maxFlows, 1024))
         freeSlots.reserveCapacity(min(limits.maxFlows, 1024))
         flowsByKey.reserveCapacity(min(limits.maxFlows, 1024))
@@ -216,7 +230,6 @@ public final class UDPRelay: EventHandler {
 
     deinit {
         closeAll()
-        buffer.deallocate()
     }
 
     /// Closes every flow (engine shutdown) and disarms the expiry timer.
@@ -232,37 +245,45 @@ public final class UDPRelay: EventHandler {
     /// Takes at most `batch` datagrams, then returns so other sources get their turn.
     /// On a `shared` listener a new flow's target is the one `dispatch` picks.
     public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) {
+        let received: Int
+        switch Sys.receiveBatch(listener, into: datagrams, count: Self.batch, flags: Int32(MSG_DONTWAIT)) {
+        case .success(let n): received = n
+        case .failure(let e) where e == .wouldBlock: return
+        case .failure:
+            // An unconnected socket has few errors to report (ENOMEM, a queued ICMP error
+            // with IP_RECVERR); each is one lost datagram. The loop is level-triggered: what
+            // is waiting is taken on its next turn.
+            counters.droppedErrors += 1
+            return
+        }
         let now = MonotonicInstant.now
-        for _ in 0..<Self.batch {
-            var client = SocketAddress()
-            var local = PacketInfo()
-            let received = Sys.receiveMessage(
-                listener, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT), from: &client, local: &local)
-            let count: Int
-            switch received {
-            case .success(let n): count = n
-            case .failure(let e) where e == .wouldBlock: return
-            case .failure:
-                // An unconnected socket has few errors to report (ENOMEM, a queued ICMP error
-                // with IP_RECVERR); each is one lost datagram.
-                counters.droppedErrors += 1
-                continue
+        counters.datagramsIn += UInt64(received)
+        var previous: (key: FlowKey, slot: Int)? = nil
+        for i in 0..<received {
+            let client = datagrams.peer(i)
+            let local = datagrams.local(i)
+            let key = FlowKey(listener: listener, client: client, local: local.address)
+            let slot: Int
+            if let previous, previous.key == key {
+                slot = previous.slot
+            } else {
+                guard let found = flowSlot(key: key, local: local, target: target, shared: shared, now: now) else {
+                    previous = nil
+                    continue
+                }
+                slot = found
+                flows[slot].lastActive = now
+                previous = (key, slot)
             }
-            counters.datagramsIn += 1
-            guard let slot = flowSlot(listener: listener, client: client, local: local, target: target, shared: shared, now: now) else {
-                continue
-            }
-            flows[slot].lastActive = now
-            send(count, on: flows[slot].socket)
+            send(datagrams.bytes(i), datagrams.length(i), on: flows[slot].socket)
         }
     }
 
     /// The slot of the flow of `client` on `listener`, opened if needed; nil when the
     /// datagram is to be dropped (counted here).
-    private func flowSlot(
-        listener: Int32, client: SocketAddress, local: PacketInfo, target: ForwardTarget, shared: Bool, now: MonotonicInstant
-    ) -> Int? {
-        let key = FlowKey(listener: listener, client: client, local: local.address)
+    private func flowSlot(key: FlowKey, local: PacketInfo, target: ForwardTarget, shared: Bool, now: MonotonicInstant) -> Int? {
+        let listener = key.listener
+        let client = key.client
         if let slot = flowsByKey[key] { return Int(slot) }
         var target = target
         if shared {
@@ -374,10 +395,10 @@ public final class UDPRelay: EventHandler {
         return fd
     }
 
-    /// Sends the first `count` bytes of the buffer on a flow socket.
-    private func send(_ count: Int, on socket: Int32) {
+    /// Sends `count` bytes at `bytes` on a flow socket.
+    private func send(_ bytes: UnsafeRawPointer, _ count: Int, on socket: Int32) {
         for attempt in 0..<2 {
-            switch Sys.send(socket, buffer.baseAddress, count, flags: Int32(MSG_DONTWAIT)) {
+            switch Sys.send(socket, bytes, count, flags: Int32(MSG_DONTWAIT)) {
             case .success:
                 counters.datagramsOut += 1
                 return
@@ -401,30 +422,43 @@ public final class UDPRelay: EventHandler {
         let slot = Int(index)
         // The flow may have been closed earlier in this epoll batch.
         guard slot < flows.count, flows[slot].socket == fd else { return }
-        let listener = flows[slot].listener
-        let client = flows[slot].client
-        let local = flows[slot].local
-        var replied = false
-        batch: for _ in 0..<Self.batch {
-            switch Sys.recv(fd, buffer.baseAddress, buffer.count, flags: Int32(MSG_DONTWAIT)) {
-            case .success(let count):
-                counters.repliesIn += 1
-                replied = true
-                let sent = Sys.sendMessage(listener, buffer.baseAddress, count, flags: Int32(MSG_DONTWAIT), to: client, from: local)
-                if case .success = sent {
-                    counters.repliesOut += 1
-                } else {
-                    counters.droppedErrors += 1  // the listener's send buffer is full, no route, ...
-                }
+        // An error (ECONNREFUSED and friends: the target rejected an earlier datagram) is
+        // counted, and cleared by being reported: one more try takes what may wait behind it.
+        // The flow stays, the target may come back.
+        for _ in 0..<2 {
+            switch Sys.receiveBatch(fd, into: datagrams, count: Self.batch, flags: Int32(MSG_DONTWAIT)) {
+            case .success(let received):
+                counters.repliesIn += UInt64(received)
+                flows[slot].lastActive = .now
+                reply(received, to: flows[slot])
+                return
             case .failure(let e) where e == .wouldBlock:
-                break batch
+                return
             case .failure:
-                // ECONNREFUSED and friends: the target rejected an earlier datagram. Reporting
-                // clears the error; the flow stays, the target may come back.
                 counters.droppedErrors += 1
             }
         }
-        if replied { flows[slot].lastActive = .now }
+    }
+
+    /// Sends the first `count` datagrams of the batch to `flow`'s client from its listener,
+    /// from its local address: one sendmmsg() unless one fails; a reply whose sendmmsg fails
+    /// outright is dropped (counted) and the rest are sent on.
+    private func reply(_ count: Int, to flow: Flow) {
+        var next = 0
+        while next < count {
+            switch Sys.sendBatch(
+                flow.listener, datagrams, range: next..<count, flags: Int32(MSG_DONTWAIT), to: flow.client, from: flow.local)
+            {
+            case .success(let sent) where sent > 0:
+                // sendmmsg stops at the first failure and reports it on no call: the next
+                // call starts with that reply, and fails again if its cause remains.
+                counters.repliesOut += UInt64(sent)
+                next += sent
+            case .success, .failure:
+                counters.droppedErrors += 1  // the listener's send buffer is full, no route, ...
+                next += 1
+            }
+        }
     }
 
     // MARK: Ending flows

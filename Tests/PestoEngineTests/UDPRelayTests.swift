@@ -668,6 +668,45 @@ struct UDPPacketInfoTests {
         #expect(h.relay.flowCount == 2)
     }
 
+    @Test(
+        "64 clients × 4 datagrams queued before the loop turns: every one reaches the target, every reply its client, from the address it wrote to"
+    )
+    func manyClientsOneBatch() throws {
+        let h = try UDPHarness()
+        defer { h.shutdown() }
+        let listener = try h.addListener(.anyIPv4)
+        // Room for the whole burst in the listener's queue (SO_RCVBUFFORCE: the tests run as root).
+        var size: Int32 = 4 << 20
+        try #require(setsockopt(listener, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) == 0, "\(Errno.current)")
+        try h.startEcho(.loopbackIPv4)
+        let clientCount = 64
+        let perClient = 4
+        let clients = try (0..<clientCount).map { _ in try h.client(.loopbackIPv4) }
+        /// Client k writes to 127.0.0.(10 + k % 8), so one batch holds flows of several local addresses.
+        func destination(_ k: Int) -> IPAddress { .v4(0x7F00_000A + UInt32(k % 8)) }
+        func payload(_ k: Int, _ i: Int) -> [UInt8] { [UInt8(k), UInt8(i)] + pattern(30, seed: UInt8(k &* 4 &+ i)) }
+        // Interleaved, as many clients' datagrams arrive: the listener's batches mix flows.
+        for i in 0..<perClient {
+            for (k, client) in clients.enumerated() { h.send(payload(k, i), from: client, to: destination(k)) }
+        }
+        let total = clientCount * perClient
+        h.run("\(total) replies") { h.replies.values.reduce(0) { $0 + $1.count } == total }
+
+        #expect(h.relay.counters.datagramsIn == UInt64(total))
+        #expect(h.relay.counters.datagramsOut == UInt64(total))
+        #expect(h.relay.counters.repliesOut == UInt64(total))
+        #expect(h.relay.counters.droppedErrors == 0)
+        #expect(h.relay.flowCount == clientCount)
+        #expect(h.echoSources.count == total)
+        #expect(Set(h.echoSources).count == clientCount, "one flow socket per client")
+        for (k, client) in clients.enumerated() {
+            #expect(Set(h.payloads(client)) == Set((0..<perClient).map { payload(k, $0) }), "client \(k) got its own replies")
+            #expect(
+                h.replies[client]?.allSatisfy { $0.from == SocketAddress(destination(k), port: h.listenPort) } == true,
+                "client \(k)'s replies come from the address it wrote to")
+        }
+    }
+
     @Test("dual stack: an IPv4 client of 127.0.0.5 through a :: listener gets its reply from 127.0.0.5")
     func dualStackMapped() throws {
         let h = try UDPHarness()

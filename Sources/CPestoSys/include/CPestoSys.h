@@ -138,6 +138,34 @@ ssize_t pesto_recv_pktinfo(int fd, void *_Nullable buf, size_t len, int flags, s
 ssize_t pesto_send_pktinfo(int fd, const void *_Nullable buf, size_t len, int flags, const struct sockaddr *_Nonnull to,
                            socklen_t tolen, int socket_family, const struct pesto_pktinfo *_Nullable local);
 
+/* The most datagrams one pesto_recv_batch / pesto_send_batch call takes: their mmsghdr, iovec
+ * and control arrays live on the shim's stack, sized for this many. */
+#define PESTO_BATCH_MAX 64
+
+/* One datagram of a batch. `data`/`capacity`: the caller's buffer; `length`: what was
+ * received. `peer`/`peer_len`: the sender; `local`: where it arrived (family 0 without
+ * IP_PKTINFO/IPV6_RECVPKTINFO). */
+struct pesto_datagram {
+    void *_Nullable data;
+    size_t capacity;
+    size_t length;
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+    struct pesto_pktinfo local;
+};
+
+/* recvmmsg(2) of up to `n` (at most PESTO_BATCH_MAX) datagrams into `d`, each with its sender
+ * and local end. Nothing is allocated. Returns how many were received (at least 1), or -1 with
+ * errno (EAGAIN: none waiting). */
+int pesto_recv_batch(int fd, struct pesto_datagram *_Nonnull d, unsigned n, int flags);
+
+/* sendmmsg(2) of the first `length` bytes of each of `n` (at most PESTO_BATCH_MAX) datagrams to
+ * the one destination `to`, each leaving from `local` as pesto_send_pktinfo does. Returns how
+ * many were sent (the rest were not: the first of them failed, its error is lost), or -1 with
+ * errno when the first one failed. */
+int pesto_send_batch(int fd, const struct pesto_datagram *_Nonnull d, unsigned n, int flags, const struct sockaddr *_Nonnull to,
+                     socklen_t tolen, int socket_family, const struct pesto_pktinfo *_Nullable local);
+
 /* The symbolic name of an errno value ("EADDRINUSE"), or NULL when the C library knows none. */
 const char *_Nullable pesto_errno_name(int err);
 
