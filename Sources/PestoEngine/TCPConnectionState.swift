@@ -39,8 +39,7 @@
 //     then `.releasePipe`; the direction is finished;
 //   - pipe empty: `.takePipe` if it has none, then `.spliceIn` from the source; 0 bytes is the
 //     source's end of file, EAGAIN ends the direction's turn (and its pipe goes back to the
-//     pool, being empty), and so does a short read (< `shortRead` bytes) once its bytes are
-//     out: the source is most likely drained, and the level-triggered EPOLLIN says if not;
+//     pool, being empty);
 //   - the second direction to reach its source's end is not shut down: both sockets are
 //     closed at once (a FIN each, as nothing is left unread).
 // A preamble (a PROXY protocol header, ProxyProtocolHeader.swift) is written to the target
@@ -87,10 +86,6 @@ package enum TCPDirection: Sendable, Equatable {
 package struct TCPConnectionState: Sendable, Equatable {
     /// Splices per direction per readiness event.
     package static let stepsPerTurn = 16
-    /// A splice from a source that moves fewer bytes than this ends the direction's turn once
-    /// they are out (`Flow.shortRead`). Bulk transfers move far more per splice and go on
-    /// pumping until EAGAIN; request/response traffic stops one splice earlier.
-    package static let shortRead = 16384
 
     /// Where the connection is.
     package enum Phase: Sendable, Equatable {
@@ -119,11 +114,6 @@ package struct TCPConnectionState: Sendable, Equatable {
         package var finished = false
         /// Nothing more to do in this turn.
         var idle = false
-        /// The last splice from the source moved less than `shortRead`: the source is most
-        /// likely drained, so the turn ends once those bytes are out instead of asking for
-        /// more (a splice that would only say EAGAIN; the level-triggered EPOLLIN reports
-        /// anything that came meanwhile).
-        var shortRead = false
         /// Splices left in this turn (at most `stepsPerTurn`).
         var steps: Int {
             get { Int(stepsLeft) }
@@ -308,7 +298,6 @@ package struct TCPConnectionState: Sendable, Equatable {
                 update(d) {
                     $0.steps -= 1
                     if out { $0.pending -= n } else { $0.pending = n }
-                    if !out { $0.shortRead = n < Self.shortRead }
                     precondition($0.pending >= 0, "spliced more than the pipe held")
                     if out { $0.destinationBlocked = false }
                 }
@@ -393,10 +382,8 @@ package struct TCPConnectionState: Sendable, Equatable {
     private mutating func startTurn() {
         up.idle = up.finished
         up.steps = Self.stepsPerTurn
-        up.shortRead = false
         down.idle = down.finished
         down.steps = Self.stepsPerTurn
-        down.shortRead = false
     }
 
     /// A turn for the directions that `events` on `side` concern: the one reading from `side`
@@ -456,10 +443,6 @@ package struct TCPConnectionState: Sendable, Equatable {
         }
         if d == .up && preambleLeft > 0 { return .writePreamble(count: preambleLeft) }
         if f.pending > 0 { return .spliceOut(d, count: f.pending) }
-        if f.shortRead {
-            update(d) { $0.idle = true }
-            return step(d)
-        }
         if !f.hasPipe { return .takePipe(d) }
         return .spliceIn(d)
     }
