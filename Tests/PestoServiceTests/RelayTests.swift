@@ -72,22 +72,28 @@ struct RelayTests {
         #expect(sources.allSatisfy { if case .v4(let a) = $0 { return a >> 24 == 127 && a != 0x7F00_0001 } else { return false } })
     }
 
+    /// Makes rule 1 forward `ports.lowerBound` to the echo server on `ports.upperBound`,
+    /// connects through it and checks a byte comes back; returns the client's socket.
+    func echoingConnection(_ f: PestodFixture, _ ports: ClosedRange<UInt16>) throws -> Int32 {
+        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.upperBound)])
+        try f.table("Activate", [.uint32(1)])
+        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
+            throw HarnessError("connect through the forwarded port failed")
+        }
+        var byte: UInt8 = 42
+        #expect(write(fd, &byte, 1) == 1)
+        #expect(read(fd, &byte, 1) == 1 && byte == 42)
+        return fd
+    }
+
     @Test("a relayed connection survives its rule's deactivation and deletion")
     func survivesDeactivation() throws {
         let f = try PestodFixture()
         let ports = TestSockets.freePorts(2)
         let server = try #require(EchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.upperBound)])
-        try f.table("Activate", [.uint32(1)])
-        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
-            Issue.record("connect failed")
-            return
-        }
+        let fd = try echoingConnection(f, ports)
         defer { close(fd) }
-        var byte: UInt8 = 42
-        #expect(write(fd, &byte, 1) == 1)
-        #expect(read(fd, &byte, 1) == 1 && byte == 42)
         try f.table("Deactivate", [.uint32(1)])
         try f.table("Delete", [.uint32(1)])
         if case .success(let other) = TestSockets.connect(port: ports.lowerBound) {
@@ -104,16 +110,9 @@ struct RelayTests {
         let ports = TestSockets.freePorts(2)
         let server = try #require(EchoServer(port: ports.upperBound))
         defer { server.stop() }
-        try f.table("Insert", [.uint32(1), rule(ports.lowerBound, to: ports.upperBound)])
-        try f.table("Activate", [.uint32(1)])
-        guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else {
-            Issue.record("connect failed")
-            return
-        }
+        let fd = try echoingConnection(f, ports)
         defer { close(fd) }
         var byte: UInt8 = 42
-        #expect(write(fd, &byte, 1) == 1)
-        #expect(read(fd, &byte, 1) == 1 && byte == 42)
         kill(f.pestod.pid, SIGTERM)
         #expect(f.pestod.waitUntilExit() == 0, "\(f.log.suffix(2000))")
         TestSockets.setTimeouts(fd, milliseconds: 10_000)
