@@ -288,7 +288,7 @@ func runBenchmark(_ settings: Settings) throws {
     _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(statusID), tcpRule(port: statusPort)])
     let activated = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(statusID)])
     let status = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(statusID)])
-    guard status.count == 4, status[0].boolValue == true else { throw HarnessError("unexpected Status reply \(status)") }
+    guard status.count == 5, status[0].boolValue == true else { throw HarnessError("unexpected Status reply \(status)") }
     print("status rule \(statusID): tcp 127.0.0.1:\(statusPort), Activate → \(show(activated)), Status → \(show(status))")
 
     // The rule the cycles insert and delete: another free port, so Activate never conflicts.
