@@ -24,6 +24,8 @@
 #              NO_PASTA=1     skip pasta (and do not try to install it)
 #              NO_OPTIONS=1   skip the PROXY protocol and transparent source measurements
 #              KEEP=1         keep the temp dir (logs of pestod, pasta, the servers)
+#              PESTO_BENCH_SUMMARY=FILE  also append every figure there as summary lines (groups
+#                             datapath and memory; Benchmarks/README.md, "run-all.sh")
 # Connection-rate clients each connect from their own 127.0.0.x (pesto-loadgen connrate --spread):
 # from one address, 4 clients reach only ~14k/s direct here, as port allocation against tens of
 # thousands of TIME_WAIT sockets becomes the bottleneck. The relays' own outgoing leg is theirs.
@@ -442,6 +444,38 @@ else:
             r = ratio(med(a, m), med(b, m))
             row += f"{'n/a' if r is None else f'{r:.2f}':>14}"
         print(f"{label:30}{row}")
+
+# Summary lines (Benchmarks/README.md, "run-all.sh"): every figure above, tab-separated.
+summary = os.environ.get("PESTO_BENCH_SUMMARY")
+if summary:
+    units = {"bulk": "Gbit/s", "conn1": "conn/s", "conn4": "conn/s", "udp": "round trips/s", "udp64": "datagrams/s"}
+    labels = {"bulk": "TCP bulk, 1 stream", "conn1": "short TCP connections, 1 client", "conn4": "short TCP connections, 4 clients",
+              "udp": "UDP 64 B request/response", "udp64": "UDP, 64 flows x 4 in flight"}
+    goals = {(m, base): goal for m, base, goal in targets}
+    def num(x): return "-" if x is None else f"{x:.4f}"
+    with open(summary, "a") as out:
+        def line(group, metric, subject, value, unit, baseline="-", base_value=None, target=None, better="higher"):
+            if value is None: return
+            r = ratio(value, base_value)
+            out.write("\t".join([group, metric, subject, num(value), unit, baseline, num(base_value), num(r),
+                                 "-" if target is None else f"≥ {target:.2f}", better]) + "\n")
+        for m, _ in metrics:
+            for subject in ("pestod", "socat", "pasta"):
+                if subject in paths:
+                    line("datapath", labels[m], subject, med(subject, m), units[m], "direct", med("direct", m),
+                         goals.get((m, "direct")) if subject == "pestod" else None)
+            if "socat" in paths:
+                line("datapath", labels[m], "pestod", med("pestod", m), units[m], "socat", med("socat", m), goals.get((m, "socat")))
+        if not options_note:
+            for m, _ in metrics:
+                line("datapath", labels[m] + ", PROXY v2", "pestod", med("proxy", m), units[m], "plain relay", med("pestod", m))
+                line("datapath", labels[m] + ", source=client (--netns)", "pestod", med("nsclient", m), units[m],
+                     "source=pestod", med("nsplain", m))
+        for n in ("1000", "9000"):
+            v = mib("n" + n)
+            if v is not None and base is not None:
+                line("memory", f"RSS per idle relayed connection ({int(n):,})", "pestod", (v - base) * 1024 / int(n), "KiB",
+                     better="lower")
 PY
 for log in pestod pestod2; do
     if [[ -s $work/$log.log ]]; then

@@ -19,7 +19,8 @@
 # Run as root (the ports are BASE, default 13000, upwards, below 32768), best in a network
 # namespace of its own (`ip netns exec NS Benchmarks/run-overlap.sh`), so that no other
 # process's ports spoil it. Needs dbus-daemon, busctl and ss. DEBUG_OVERLAP=1 prints the
-# range's sockets when a call fails and copies pestod's logs to /tmp.
+# range's sockets when a call fails and copies pestod's logs to /tmp. With PESTO_BENCH_SUMMARY
+# set, the figures are also appended there as summary lines (group overlap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-both}
@@ -123,10 +124,24 @@ for mode in "${MODES[@]}"; do
     after=$(inodes)
     changed=$(comm -23 <(echo "$before") <(echo "$after") | wc -l)
     changes=$((2 * ROUNDS))
-    echo "$mode: $changes changes, mean $(( (t1 - t0) / changes / 1000 )) µs each (busctl included); " \
-        "connects $(wc -l <"$dir/connects"), failed $(wc -l <"$dir/failures")" \
+    mean=$(( (t1 - t0) / changes / 1000 ))
+    connects=$(wc -l <"$dir/connects")
+    failed=$(wc -l <"$dir/failures")
+    listeners=$(echo "$before" | wc -l)
+    echo "$mode: $changes changes, mean $mean µs each (busctl included); " \
+        "connects $connects, failed $failed" \
         "($(sort "$dir/failures" | uniq -c | awk '{printf "%s port %s, ", $1, $2}' | sed 's/, $//')); " \
-        "range listeners (port, inode) differing from the start: $changed of $(echo "$before" | wc -l)"
+        "range listeners (port, inode) differing from the start: $changed of $listeners"
+    if [ -n "${PESTO_BENCH_SUMMARY:-}" ]; then
+        # Under refuse, failures and replaced listeners are what the policy costs: no target.
+        zero=-
+        [ "$mode" = first-match ] && zero=0
+        {
+            printf 'overlap\tcarve-out: time per change, %s (busctl included)\tpestod\t%s\tµs\t-\t-\t-\t-\tlower\n' "$mode" "$mean"
+            printf 'overlap\tcarve-out: failed connects, %s\tpestod\t%s\tfailed/%s\t-\t-\t-\t%s\tlower\n' "$mode" "$failed" "$connects" "$zero"
+            printf 'overlap\tcarve-out: range listeners replaced, %s\tpestod\t%s\tof %s\t-\t-\t-\t%s\tlower\n' "$mode" "$changed" "$listeners" "$zero"
+        } >>"$PESTO_BENCH_SUMMARY"
+    fi
     kill "$pestod" 2>/dev/null || true
     wait "$pestod" 2>/dev/null || true
 done

@@ -6,11 +6,16 @@
 # with --state and --control in a temp dir, drives concurrent D-Bus changes, lock transactions,
 # control-socket uploads and TCP/UDP traffic, SIGKILLs clients and pestod, and checks after
 # every restart that no acknowledged change was lost. Loopback ports below 32768 only.
-# Needs dbus-daemon on PATH.
+# `--memory` is the soak for memory growth: pestod is never killed, and its RSS is sampled
+# each second under the same load (RSS at the warm-up's end and at the end, growth, slope).
+# With PESTO_BENCH_SUMMARY set, the figures are also appended there (group soak). NO_BUILD=1
+# uses the binaries already in .build/release. Needs dbus-daemon on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One product per invocation: `swift build` takes a single --product.
-for product in pestod pesto-test-peer pesto-soak; do
-    swift build -c release --product "$product" >/dev/null
-done
+if [[ -z ${NO_BUILD:-} ]]; then
+    for product in pestod pesto-test-peer pesto-soak; do
+        swift build -c release --product "$product" >/dev/null
+    done
+fi
 exec .build/release/pesto-soak "$@"

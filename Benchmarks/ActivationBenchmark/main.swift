@@ -14,6 +14,8 @@
 //      those listeners stay active: the update cost that must not grow with table size.
 //   4. Peak RSS of the process (getrusage).
 // Each figure is the median of --runs runs. Run as root to bind ports below 1024.
+// With PESTO_BENCH_SUMMARY set, the figures are also appended there as summary lines (groups
+// activation and memory; PestoTestSupport's SummaryLines).
 
 import CPestoSys
 import PestoEngine
@@ -170,6 +172,9 @@ if settings.parts.contains(1) {
     )
     print("   deactivate \(fixed(deactAll * 1000, width: 8)) ms")
     print("   sockets bound per second: \(fixed(Double(allBound) / actAll, 0))")
+    SummaryLines.append(
+        group: "activation", metric: "`all` rules: sockets bound per second (engine)", value: Double(allBound) / actAll, unit: "sockets/s",
+        better: "higher")
 }
 
 // 2. Engine against the bare syscall loop, for as many listeners as fit.
@@ -233,6 +238,15 @@ if settings.parts.contains(2) {
         "   RATIO engine ÷ bare+epoll (socket, setsockopt, bind, listen, epoll_ctl): \(fixed(engineMedian / epollMedian, 2))   (engine ÷ bare: \(fixed(engineMedian / bareMedian, 2)))"
     )
     print("   RSS per listener (pestod's own memory, not the kernel's): \(fixed(rssPerListener, 0)) bytes (last run)")
+    let what = "activate \(n) listeners (engine)"
+    SummaryLines.append(
+        group: "activation", metric: what, value: engineMedian * 1000, unit: "ms", baseline: "bare loop", baselineValue: bareMedian * 1000,
+        ratio: engineMedian / bareMedian, better: "lower")
+    SummaryLines.append(
+        group: "activation", metric: what, value: engineMedian * 1000, unit: "ms", baseline: "bare loop+epoll",
+        baselineValue: epollMedian * 1000, ratio: engineMedian / epollMedian, better: "lower")
+    SummaryLines.append(
+        group: "memory", metric: "RSS per listener (engine in process)", value: rssPerListener, unit: "bytes", better: "lower")
     if Int(engineBound) != n || bareBound != n || epollBound != n {
         print("   note: not every port was bound (engine's last error: \(engineFailure ?? "none")); ports of this range are")
         print("   taken by other processes, or RLIMIT_NOFILE is too low: use --address, --listeners, or a network namespace")
@@ -265,6 +279,11 @@ if settings.parts.contains(3) {
     print(
         "   with \(n) listeners active: \(fixed(change * 1e6)) µs; with none: \(fixed(changeEmpty * 1e6)) µs; ratio \(fixed(change / changeEmpty, 2))"
     )
+    SummaryLines.append(
+        group: "activation", metric: "one rule change, \(n) listeners active (engine)", value: change * 1e6, unit: "µs",
+        baseline: "empty table", baselineValue: changeEmpty * 1e6, ratio: change / changeEmpty, target: "≤ 1.15", better: "lower")
 }
 print("")
 print("4. peak RSS: \(fixed(peakRSSMiB())) MiB")
+SummaryLines.append(
+    group: "memory", metric: "peak RSS of the activation benchmark (engine in process)", value: peakRSSMiB(), unit: "MiB", better: "lower")

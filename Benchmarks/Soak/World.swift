@@ -68,6 +68,9 @@ final class World {
         pestod = nil
     }
 
+    /// The process ID of the pestod we started, while one was started and not killed.
+    var pestodPID: pid_t? { pestod?.pid }
+
     /// True while the pestod we started runs.
     var pestodRunning: Bool { pestod?.isRunning ?? false }
 

@@ -15,7 +15,8 @@
 //   - traffic threads relay TCP connections and UDP datagrams through stable rules to local
 //     echo servers;
 //   - the main thread SIGKILLs pestod every `--kill-every` seconds (±30 %) and starts it again
-//     with the same state file.
+//     with the same state file; with `--memory` (or `--kill-every 0`) it never does, and samples
+//     pestod's RSS instead (Memory.swift): a soak for memory growth under the same steady load.
 // Every client owns its rule IDs and ports (so the order between clients does not matter) and
 // keeps a ledger of its acknowledged changes (Ledger.swift). At each restart the clients park
 // (Control.checkpoint), pestod is killed while calls are in flight, started again, and the rules
@@ -46,11 +47,21 @@ struct Settings {
     var clients = 3
     var lockHolders = 2
     var keep = false
+    /// Sample pestod's RSS every this many seconds (0: not at all); `--memory` sets 1.
+    var sampleEvery = 0.0
+    /// Samples before this many seconds are not judged (default: a fifth of the run, 5 to 60 s).
+    var warmUp: Double? = nil
 
     static let usage = """
-        usage: pesto-soak [--seconds N] [--kill-every S] [--clients N] [--lock-holders N] [--seed N] [--keep]
+        usage: pesto-soak [--seconds N] [--kill-every S] [--memory] [--sample-every S] [--warm-up S]
+                          [--clients N] [--lock-holders N] [--seed N] [--keep]
           --seconds N       how long to run (default 120)
-          --kill-every S    SIGKILL pestod about every S seconds (default 10)
+          --kill-every S    SIGKILL pestod about every S seconds (default 10; 0: never)
+          --memory          never kill pestod; sample its RSS each second and report its growth
+                            (the same as --kill-every 0 --sample-every 1)
+          --sample-every S  sample pestod's RSS every S seconds (default 0: not at all)
+          --warm-up S       RSS samples before S seconds are not judged (default: a fifth
+                            of --seconds, at least 5 and at most 60)
           --clients N       D-Bus clients changing rules without the lock (default 3)
           --lock-holders N  pesto-test-peer processes running transactions (default 2)
           --seed N          the random sequence (default 1)
@@ -68,6 +79,11 @@ struct Settings {
             switch args[i] {
             case "--seconds": seconds = Double(try value()) ?? -1
             case "--kill-every": killEvery = Double(try value()) ?? -1
+            case "--memory":
+                killEvery = 0
+                if sampleEvery == 0 { sampleEvery = 1 }
+            case "--sample-every": sampleEvery = Double(try value()) ?? -1
+            case "--warm-up": warmUp = Double(try value()) ?? -1
             case "--clients": clients = Int(try value()) ?? -1
             case "--lock-holders": lockHolders = Int(try value()) ?? -1
             case "--seed": seed = UInt64(try value()) ?? 0
@@ -79,7 +95,9 @@ struct Settings {
             }
             i += 1
         }
-        guard seconds > 0, killEvery >= 1, (1...16).contains(clients), (0...8).contains(lockHolders), seed != 0 else {
+        guard seconds > 0, killEvery == 0 || killEvery >= 1, sampleEvery == 0 || sampleEvery >= 0.1, (warmUp ?? 0) >= 0,
+            (1...16).contains(clients), (0...8).contains(lockHolders), seed != 0
+        else {
             throw SoakError("a value is out of range\n\(Self.usage)")
         }
     }
@@ -214,13 +232,25 @@ func main() throws {
 
     let start = monotonicSeconds()
     let end = start + settings.seconds
+    let kills = settings.killEvery > 0
     print(
         "pesto-soak: \(Int(settings.seconds)) s, seed \(settings.seed), \(settings.clients) D-Bus clients, \(settings.lockHolders) lock holders, "
-            + "1 uploader, 2 traffic threads, pestod killed about every \(Int(settings.killEvery)) s; ports \(ports)")
-    func nextKill() -> Double { monotonicSeconds() + (settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) }
+            + "1 uploader, 2 traffic threads, "
+            + (kills ? "pestod killed about every \(Int(settings.killEvery)) s" : "pestod never killed")
+            + (settings.sampleEvery > 0 ? ", its RSS sampled every \(fixed(settings.sampleEvery, 1)) s" : "") + "; ports \(ports)")
+    func nextKill() -> Double {
+        kills ? monotonicSeconds() + (settings.killEvery * (0.7 + 0.6 * Double(rng.below(1000)) / 1000)) : .infinity
+    }
     var killAt = nextKill()
+    var rss = RSSSamples(warmUp: settings.warmUp ?? min(60, max(5, settings.seconds / 5)))
+    var sampleAt = settings.sampleEvery > 0 ? start : .infinity
     while monotonicSeconds() < end {
         usleep(100_000)
+        if monotonicSeconds() >= sampleAt, let pid = world.pestodPID, let kib = procStatusKiB(pid, "VmRSS") {
+            rss.samples.append((monotonicSeconds() - start, kib))
+            sampleAt += settings.sampleEvery
+            if sampleAt < monotonicSeconds() { sampleAt = monotonicSeconds() + settings.sampleEvery }  // fell behind: no burst
+        }
         if !world.pestodRunning {
             crashes += 1
             print("pesto-soak: pestod exited by itself; see \(world.logPath)")
@@ -231,6 +261,9 @@ func main() throws {
             killAt = nextKill()
         }
     }
+    // pestod's memory is judged under load, before the clients stop and the last restart.
+    let peakKiB = world.pestodPID.flatMap { procStatusKiB($0, "VmHWM") }
+    let restartsUnderLoad = control.restarts.load(ordering: .relaxed)
     // Stop the clients, then one last kill and check: everything acknowledged must be there.
     control.stop.store(true, ordering: .releasing)
     let deadline = monotonicSeconds() + 60
@@ -258,6 +291,13 @@ func main() throws {
           lost acknowledged changes: \(lost.count)
         """)
     for line in (lost + unexplained).prefix(20) { print("    " + line) }
+    if settings.sampleEvery > 0 {
+        for line in rss.report(peakKiB: peakKiB) { print(line) }
+        if restartsUnderLoad > 0 || crashes > 0 { print("  (pestod was restarted during the run: the samples span several processes)") }
+    }
+    summarize(
+        rss: settings.sampleEvery > 0 ? rss : nil, seconds: seconds, lost: lost.count + unexplained.count,
+        connectionsFailed: n(stats.connectionsFailed), connections: n(stats.connections), killed: kills)
     if !lost.isEmpty || !unexplained.isEmpty {
         print("pesto-soak: pestod's log and state file are in \(world.directory)")
         world.stop(keep: true)
