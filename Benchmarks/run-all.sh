@@ -121,6 +121,8 @@ elif [[ " $ONLY " == *" updates "* ]]; then
     note "updates skipped: Benchmarks/run-updates.sh does not exist in this tree"
 fi
 bench overlap "${in_ns[@]}" env PESTOD=.build/release/pestod Benchmarks/run-overlap.sh "${OVERLAP_ARGS[@]}"
+# (busctl says "Failed to find cgroup2 mount" in a network namespace of its own, hundreds of times.)
+[[ ! -f $OUT/overlap.txt ]] || sed -i '/^Failed to find cgroup2 mount$/d' "$OUT/overlap.txt"
 bench soak Benchmarks/run-soak.sh --memory --seconds "$SOAK_SECONDS"
 
 # ---- the report ------------------------------------------------------------------------------------

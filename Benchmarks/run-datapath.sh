@@ -474,8 +474,8 @@ if summary:
         for n in ("1000", "9000"):
             v = mib("n" + n)
             if v is not None and base is not None:
-                line("memory", f"RSS per idle relayed connection ({int(n):,})", "pestod", (v - base) * 1024 / int(n), "KiB",
-                     better="lower")
+                line("memory", f"RSS per idle relayed connection ({int(n):,} held)", "pestod", (v - base) * 1024 * 1024 / int(n),
+                     "bytes", better="lower")
 PY
 for log in pestod pestod2; do
     if [[ -s $work/$log.log ]]; then
