@@ -247,26 +247,30 @@ def chart(groups, path):
     if not entries:
         print("report.py: no ratios: no chart", file=sys.stderr)
         return False
-    subjects.sort(key=lambda s: (s != "pestod", s))
-    height = 0.8 / len(subjects)
+    order = {s: k for k, s in enumerate(sorted(subjects, key=lambda s: (s != "pestod", s)))}
     colours = {"pestod": "#2a6f97", "socat": "#bc4749", "pasta": "#6a994e"}
     spare = ["#f2a541", "#7b2cbf", "#5c677d", "#c9184a"]
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.42 * len(entries) * max(1, len(subjects) * 0.6)))
-    for k, s in enumerate(subjects):
-        colour = colours.get(s) or spare[k % len(spare)]
-        ys, xs = [], []
-        for i, (_, ratios, _) in enumerate(entries):
-            if s in ratios:
-                ys.append(i + (k - (len(subjects) - 1) / 2) * height)
-                xs.append(ratios[s])
-        ax.barh(ys, xs, height=height, color=colour, label=s, left=0)
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.5 * len(entries)))
+    bars = {s: ([], [], []) for s in order}  # subject -> (ys, xs, heights)
+    targets = []
+    for i, (_, ratios, target) in enumerate(entries):
+        # The subjects of this row side by side, pestod first, sharing the row's height.
+        present = sorted(ratios, key=order.get)
+        height = min(0.5, 0.8 / len(present))
+        for k, s in enumerate(present):
+            y = i + (k - (len(present) - 1) / 2) * height
+            bars[s][0].append(y)
+            bars[s][1].append(ratios[s])
+            bars[s][2].append(height)
+            if k == 0 and target is not None and target > 0:
+                targets.append((target, y))  # the target is the first subject's (pestod's)
+    for s, k in order.items():
+        ys, xs, hs = bars[s]
+        ax.barh(ys, xs, height=hs, color=colours.get(s) or spare[k % len(spare)], label=s)
         for y, x in zip(ys, xs):
-            ax.text(x, y, f" {x:.2f}", va="center", fontsize=7)
-    # The target is pestod's (the first subject's): marked across its bar.
-    offset = -(len(subjects) - 1) / 2 * height
-    targets = [(i, t) for i, (_, _, t) in enumerate(entries) if t is not None and t > 0]
+            ax.text(x, y, f"  {x:.2f}", va="center", fontsize=7)
     if targets:
-        ax.scatter([t for _, t in targets], [i + offset for i, _ in targets], marker="|", s=260, linewidths=2.5, color="black",
+        ax.scatter([t for t, _ in targets], [y for _, y in targets], marker="|", s=260, linewidths=2.5, color="black",
                    zorder=3, label="target")
     ax.axvline(1.0, color="grey", linewidth=1, linestyle="--")
     ax.set_xscale("log")
@@ -275,8 +279,8 @@ def chart(groups, path):
     ax.set_yticks(range(len(entries)))
     ax.set_yticklabels([label for label, _, _ in entries], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ratio to the baseline measured in the same run (log scale; 1 = the baseline)")
-    ax.set_title("pesto: ratios against their baselines (↑ higher is better, ↓ lower is better)")
+    ax.set_xlabel("ratio to the baseline measured in the same run (log scale)")
+    ax.set_title("pesto: ratios to their baselines (↑ higher is better, ↓ lower)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

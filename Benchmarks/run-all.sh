@@ -128,10 +128,10 @@ bench soak Benchmarks/run-soak.sh --memory --seconds "$SOAK_SECONDS"
 # ---- the report ------------------------------------------------------------------------------------
 echo "run-all: $(wc -l <"$SUMMARY") summary lines in $SUMMARY" >&2
 note_text="Measured $(sed -n 1p "$OUT/machine.txt" | cut -d' ' -f2-) on $(nproc) CPUs (kernel $(uname -r)), \
-load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; $(sed -n 4p "$OUT/machine.txt" | cut -d' ' -f2-); \
+load average $(sed -n 2p "$OUT/machine.txt" | sed 's/.*before the run: //') before and $(cut -d' ' -f1-3 /proc/loadavg) at the end; $(sed -n 4p "$OUT/machine.txt" | cut -d' ' -f2-); \
 commit $(sed -n 3p "$OUT/machine.txt" | cut -d' ' -f2-)."
 if [[ -s $NOTES ]]; then
-    note_text+=" Notes: $(sed 's/^run-all: //' "$NOTES" | tr '\n' ' ')"
+    note_text+=" Notes: $(sed 's/^run-all: //' "$NOTES" | paste -sd ';' | sed 's/;/; /g')."
 fi
 report=(--out "$OUT" --note "$note_text")
 [[ -z ${DOC:-} ]] || report+=(--doc doc/performance.md)
