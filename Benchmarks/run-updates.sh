@@ -29,7 +29,7 @@
 #
 # Usage: Benchmarks/run-updates.sh            (as root: it makes network namespaces)
 # Environment (defaults in brackets; the whole run takes about 5 minutes, 4 of them churn):
-#   LISTENERS [19000]  UPDATES [20]  CONNECTS [2000]  INTERVAL_MS [3]  CHANGE_RUNS [20]
+#   LISTENERS [19000, less when the hard open-file limit is below about 20,200]  UPDATES [20]  CONNECTS [2000]  INTERVAL_MS [3]  CHANGE_RUNS [20]
 #   CHURN_SECONDS [60]  CHURN_SLICE [5]  CHURN_CLIENTS [4]  CHURN_SUBJECTS [direct pestod socat pasta]
 #   PARTS [updates churn]   which parts to run
 #   UPSTREAM_PASTA, UPSTREAM_PESTO   an upstream pasta with the control socket and its pesto
@@ -44,7 +44,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/opt/swift/usr/bin"
-LISTENERS=${LISTENERS:-19000}
+# 19,000 listeners unless the hard open-file limit leaves pestod no room to relay beside them:
+# pestod keeps 64 descriptors for itself and min((limit - 64) / 8, 1024) for listeners only,
+# and relays only while listeners + relay descriptors stay below the rest (DescriptorBudget.swift).
+# With a hard limit of 20,000 that is 18,912: the default becomes 18,500 (a multiple of 500
+# below, leaving 100 for relays), for pestod and pasta alike.
+HARD=$(ulimit -Hn)
+[[ $HARD == unlimited ]] && HARD=1048576
+ROOM=$((HARD - 64 - ((HARD - 64) / 8 < 1024 ? (HARD - 64) / 8 : 1024) - 100))
+LISTENERS_NOTE=
+if [[ -z ${LISTENERS:-} ]]; then
+    LISTENERS=19000
+    if ((ROOM < 19000)); then
+        LISTENERS=$((ROOM / 500 * 500))
+        LISTENERS_NOTE="$LISTENERS listeners, not 19,000: the hard open-file limit is $HARD, and pestod relays only while listeners and relays stay below $((ROOM + 100))"
+    fi
+fi
 UPDATES=${UPDATES:-20}
 CONNECTS=${CONNECTS:-2000}
 INTERVAL_MS=${INTERVAL_MS:-3}
@@ -176,7 +191,7 @@ summary() { # group metric subject value unit baseline baseline_value ratio targ
     local IFS=$'\t'
     echo "$*" >>"$PESTO_BENCH_SUMMARY"
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == "" || b + 0 == 0 || a == "") print "-"; else printf "%.3f\n", a / b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == "" || b + 0 == 0 || a == "") print "-"; else printf "%.3g\n", a / b }'; }
 results=$work/results   # lines: KIND SUBJECT LINE
 : >"$results"
 measure() { # KIND SUBJECT NS pesto-update-bench arguments…: runs it in NS, keeps its line
@@ -205,6 +220,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
     add_rule 2 $UNRELATED $UNRELATED $ECHO_PORT
     echoes "$NS" $UNRELATED || { say "pestod does not relay $UNRELATED to the echo server"; exit 1; }
     say "pestod: $(listening "$NS") listeners of $BASE-$LAST bound; fd limit $(ulimit -n)"
+    [[ -n $LISTENERS_NOTE ]] && say "$LISTENERS_NOTE"
     declare -A VIA=(
         [pestod-dbus]="--via dbus --address $ADDR --update-port $EXTRA --target-port $EXTRA_TARGET"
         [pestoctl]="--via command --add $PESTOCTL|--address|$ADDR|-q|-A|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET --remove $PESTOCTL|--address|$ADDR|-q|-D|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET"
@@ -219,6 +235,8 @@ if [[ " $PARTS " == *" updates "* ]]; then
         local a
         for a in ${VIA[$1]}; do echo "${a//|/ }"; done
     }
+    measure disrupt pestod-none "$NS" disrupt --port $UNRELATED --connects "$CONNECTS" --interval-ms "$INTERVAL_MS" --updates 0 \
+        --via wire --control "$work/control.sock" --update-port $EXTRA --target-port $EXTRA_TARGET
     for way in "${ways[@]}"; do
         mapfile -t args < <(via "$way")
         measure disrupt "$way" "$NS" disrupt --port $UNRELATED --connects "$CONNECTS" --interval-ms "$INTERVAL_MS" --updates "$UPDATES" "${args[@]}"
@@ -254,6 +272,8 @@ if [[ " $PARTS " == *" updates "* ]]; then
                 [pasta-pesto]="--via command --add $UPSTREAM_PESTO|-A|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET|$work/pasta.sock --remove $UPSTREAM_PESTO|-D|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET|$work/pasta.sock --settle $work/pasta.sock"
                 [pasta-pesto-client]="--via wire --control $work/pasta.sock $ptarget"
             )
+            measure disrupt pasta-none "$NSP" disrupt --port $UNRELATED --connects "$CONNECTS" --interval-ms "$INTERVAL_MS" --updates 0 \
+                --via wire --control "$work/pasta.sock" $ptarget
             for way in pasta-pesto pasta-pesto-client; do
                 mapfile -t args < <(via "$way")
                 measure disrupt "$way" "$NSP" disrupt --port $UNRELATED --connects "$CONNECTS" --interval-ms "$INTERVAL_MS" --updates "$UPDATES" "${args[@]}"
@@ -321,9 +341,11 @@ echo
 echo "pesto updates under load: $(date -u '+%Y-%m-%d %H:%M UTC'); kernel $(uname -r); $(nproc) CPUs; load average $LOAD_START at start, $LOAD_END at end"
 get() { awk -v k="$1" -v s="$2" '$1 == k && $2 == s { $1 = ""; $2 = ""; sub(/^  /, ""); print; exit }' "$results"; }
 if [[ " $PARTS " == *" updates "* ]]; then
-    all_ways=(pestod-dbus pestoctl pesto-client upstream-pesto pasta-pesto pasta-pesto-client)
+    all_ways=(pestod-none pestod-dbus pestoctl pesto-client upstream-pesto pasta-none pasta-pesto pasta-pesto-client)
     describe() {
         case $1 in
+            pestod-none) echo "pestod, no change (control)" ;;
+            pasta-none) echo "pasta, no change (control)" ;;
             pestod-dbus) echo "pestod, D-Bus (one connection)" ;;
             pestoctl) echo "pestod, pestoctl (1 process/change)" ;;
             pesto-client) echo "pestod, pesto client (in process)" ;;
@@ -343,6 +365,10 @@ if [[ " $PARTS " == *" updates "* ]]; then
         failed=$(field "$line" failed) of=$(field "$line" of) during=$(field "$line" during)
         cell="$failed of $of"
         first=$(field "$line" first)
+        if [[ $way == *-none ]]; then
+            printf '    %-38s %14s %10s %14s %14s%s\n' "$(describe "$way")" "$cell" - - - "${first:+  (first: $first)}"
+            continue
+        fi
         printf '    %-38s %14s %10s %11s ms %11s ms%s\n' "$(describe "$way")" "$cell" "$during/$UPDATES" \
             "$(field "$line" median-ms)" "$(field "$line" max-ms)" "${first:+  (first: $first)}"
         summary updates "failed connects, $UPDATES changes, $LISTENERS listeners" "$way" "$failed" "failed/$of" - - - \
@@ -371,6 +397,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
         done
     done
     [[ -n ${PASTA_NOTE:-} ]] && echo "    $PASTA_NOTE"
+    [[ -n $LISTENERS_NOTE ]] && echo "    $LISTENERS_NOTE"
     [[ -n ${PESTOD_RSS:-} ]] && echo "    pestod peak RSS with $LISTENERS listeners: $((PESTOD_RSS / 1024)) MiB"
 fi
 if [[ " $PARTS " == *" churn "* ]]; then

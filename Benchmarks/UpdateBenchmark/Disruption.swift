@@ -8,6 +8,7 @@
 // close, each step bounded by a 1 s timeout. Meanwhile the main thread makes UPDATES changes
 // (add the extra rule, remove it, alternately), spread evenly over the connects' window
 // (update i starts at (i + 1/2) × window / UPDATES, or at once when the one before ran late).
+// With UPDATES 0 it is the control: what the loop meets with no change at all.
 //
 // change: the time of one change at a time, nothing else running: add, then remove, RUNS
 // times after one unmeasured pair; medians, minima and maxima.
@@ -85,7 +86,7 @@ func disrupt(port: UInt16, connects: Int, interval: Double, updates: Int, update
     let first = tally.firstError.load(ordering: .relaxed)
     say(
         "disrupt failed \(tally.failed.load(ordering: .relaxed)) of \(tally.done.load(ordering: .relaxed))"
-            + " updates \(updates) during \(during) median-ms \(fixed(median(times) * 1000, 2))"
+            + " updates \(updates) during \(during) median-ms \(times.isEmpty ? "-" : fixed(median(times) * 1000, 2))"
             + " max-ms \(fixed((times.max() ?? 0) * 1000, 2))" + (first != 0 ? " first \(Errno(rawValue: first).name)" : ""))
 }
 

@@ -102,7 +102,7 @@ do {
         try disrupt(
             port: options.port("port"), connects: Int(options.number("connects", range: 1...1_000_000)),
             interval: options.number("interval-ms", range: 0...10_000) / 1000,
-            updates: Int(options.number("updates", range: 1...100_000)), updater: options.updater())
+            updates: Int(options.number("updates", range: 0...100_000)), updater: options.updater())
     case "change":
         try change(runs: Int(options.number("runs", range: 1...100_000)), updater: options.updater())
     case "churn":
