@@ -202,6 +202,8 @@ measure() { # KIND SUBJECT NS pesto-update-bench arguments…: runs it in NS, ke
     else
         say "  $1 via $2 failed: $(tail -3 "$work/bench.err")"
         echo "$1 $2 n/a" >>"$results"
+        # A run that stopped half-way may have left the extra rule in: take it out.
+        [[ -n ${RESET:-} ]] && { $RESET >/dev/null 2>&1 || true; }
     fi
 }
 
@@ -226,6 +228,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
         [pestoctl]="--via command --add $PESTOCTL|--address|$ADDR|-q|-A|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET --remove $PESTOCTL|--address|$ADDR|-q|-D|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET"
         [pesto-client]="--via wire --control $work/control.sock --update-port $EXTRA --target-port $EXTRA_TARGET"
     )
+    RESET="$PESTOCTL --address $ADDR -q -D -t 127.0.0.1/$EXTRA:$EXTRA_TARGET"
     ways=(pestod-dbus pestoctl pesto-client)
     if [[ -n ${UPSTREAM_PESTO:-} && -x ${UPSTREAM_PESTO:-} ]]; then
         VIA[upstream-pesto]="--via command --add $UPSTREAM_PESTO|-A|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET|$work/control.sock --remove $UPSTREAM_PESTO|-D|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET|$work/control.sock --settle $work/control.sock"
@@ -246,6 +249,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
         measure change "$way" "$NS" change --runs "$CHANGE_RUNS" "${args[@]}"
     done
     PESTOD_RSS=$(awk '$1 == "VmHWM:" {print $2}' /proc/"$(pgrep -P "$PESTOD_PID" -x pestod || echo "$PESTOD_PID")"/status 2>/dev/null || true)
+    RESET=
     stop "$PESTOD_PID"
     ip netns del "$NS"
 
@@ -268,6 +272,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
             echoes "$NSP" $UNRELATED; then
             say "pasta: $(listening "$NSP") listeners of $BASE-$LAST bound"
             ptarget="--update-port $EXTRA --target-port $EXTRA_TARGET"
+            RESET="$UPSTREAM_PESTO -D -t 127.0.0.1/$EXTRA:$EXTRA_TARGET $work/pasta.sock"
             declare -A VIA=(
                 [pasta-pesto]="--via command --add $UPSTREAM_PESTO|-A|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET|$work/pasta.sock --remove $UPSTREAM_PESTO|-D|-t|127.0.0.1/$EXTRA:$EXTRA_TARGET|$work/pasta.sock --settle $work/pasta.sock"
                 [pasta-pesto-client]="--via wire --control $work/pasta.sock $ptarget"
@@ -285,6 +290,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
         else
             PASTA_NOTE="pasta did not come up with $LISTENERS listeners: $(tr '\n' ' ' <"$work/pasta.log" | cut -c1-300)"
         fi
+        RESET=
         stop "$PASTA_PID"
         ip netns del "$NSP"
     fi

@@ -6,8 +6,9 @@
 //   dbus     one private D-Bus connection kept open: Insert + Activate, Deactivate + Delete
 //            (what a service client does);
 //   wire     upstream pesto's session on a control socket, in process (PestoTestSupport's
-//            WireClient: hello, dump, edited upload), waiting until the server closes the
-//            session, which pestod and pasta both do once the new table is in force;
+//            WireClient: hello, dump, edited upload, as WireClient.pesto but with longer
+//            waits), waiting until the server closes the session, which pestod and pasta
+//            both do once the new table is in force;
 //   command  a program started per change (pestoctl, upstream pesto), waited for; with a
 //            settle path, a read-only session on that control socket follows, which the
 //            server answers only once it has applied the previous one (upstream pesto exits
@@ -57,10 +58,40 @@ struct Updater {
     static func wire(path: String, port: UInt16, target: UInt16, waitSeconds: Int) -> Updater {
         let rule = WireClient.specRule(listen: "127.0.0.1", port: port, targetPort: target)
         func session(delete: Bool) throws {
-            let outcome = WireClient.pesto(path: path, delete: delete, rules: [rule], waitSeconds: waitSeconds)
-            guard outcome == .uploaded else { throw HarnessError("control session: \(outcome)") }
+            let client = try connect(path, waitSeconds: waitSeconds)
+            defer { close(client.fd) }
+            guard let dump = client.readHelloAndDump(), var host = dump.tables[1] else {
+                throw HarnessError("no hello and dump on \(path)")
+            }
+            if delete {
+                guard let i = host.rules.firstIndex(of: rule) else { throw HarnessError("the rule to remove is not in the table") }
+                host.rules.remove(at: i)
+            } else {
+                guard !host.rules.contains(where: { WireClient.conflicts($0, rule) }) else {
+                    throw HarnessError("the rule to add conflicts")
+                }
+                host.rules.append(rule)
+            }
+            var upload: [UInt8] = []
+            for pif in dump.tables.keys.sorted() {
+                let rules = pif == 1 ? host.rules : dump.tables[pif]!.rules
+                upload += [pif] + WireClient.be32(UInt32(rules.count)) + rules.flatMap { $0 }
+            }
+            client.send(upload + [0])
+            shutdown(client.fd, Int32(SHUT_WR))
+            var byte: UInt8 = 0
+            guard recv(client.fd, &byte, 1, 0) == 0 else { throw HarnessError("the server did not close the session") }
         }
         return Updater(add: { try session(delete: false) }, remove: { try session(delete: true) })
+    }
+
+    /// A WireClient on `path` whose reads wait up to `waitSeconds` (WireClient's own 5 s is
+    /// too short for pasta, which serves the next client only after reopening every listener).
+    static func connect(_ path: String, waitSeconds: Int) throws -> WireClient {
+        guard let client = WireClient(path: path) else { throw HarnessError("cannot connect to \(path)") }
+        var tv = timeval(tv_sec: waitSeconds, tv_usec: 0)
+        setsockopt(client.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        return client
     }
 
     /// A program per change: `add` or `remove` (program and arguments), which must exit 0;
@@ -71,7 +102,7 @@ struct Updater {
             let code = ChildProcess.waitExit(pid)
             guard code == 0 else { throw HarnessError("\(command.joined(separator: " ")) exited with status \(code)") }
             if let settle {
-                guard let client = WireClient(path: settle) else { throw HarnessError("cannot connect to \(settle)") }
+                let client = try connect(settle, waitSeconds: 60)
                 defer { close(client.fd) }
                 guard client.readHelloAndDump() != nil else { throw HarnessError("no hello and dump on \(settle)") }
             }
