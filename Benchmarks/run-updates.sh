@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Changes of the forwarding table under load (issue 13), three benchmarks in one run:
 #
-#   (1) disruption: pestod holds one rule forwarding LISTENERS ports (default 19,000: 10000
-#       upwards) and one unrelated rule (port 30000, to an echo server). A client makes
+#   (1) disruption: pestod holds one rule forwarding LISTENERS ports (default 19,000, fewer
+#       under a small descriptor limit, see below: 10000 upwards) and one unrelated rule (port 30000, to an echo server). A client makes
 #       CONNECTS connects (default 2,000, one every INTERVAL_MS ms: connect, one byte echoed,
 #       close) to the unrelated rule while UPDATES changes (default 20) add and remove a third
 #       rule (port 30100); the failed connects are counted. The changes are made four ways:
@@ -12,7 +12,8 @@
 #       pestod's control socket (pestod --control; PestoTestSupport's WireClient, in process),
 #       and by the real upstream pesto binary when UPSTREAM_PESTO names one.
 #   (2) one change at a time, the LISTENERS ports still active: the time of adding the third
-#       rule and of removing it, CHANGE_RUNS times each (medians), the same four ways.
+#       rule and of removing it, CHANGE_RUNS times each (PASTA_CHANGE_RUNS for pasta, whose
+#       changes take about a second each; medians), the same four ways.
 #   Comparison for (1) and (2): upstream pasta's own update path, which closes and reopens
 #       every listener on an update, when UPSTREAM_PASTA and UPSTREAM_PESTO name an upstream
 #       build whose pasta has the control socket (pasta -c PATH): the same ports and echo
@@ -28,8 +29,9 @@
 #       whose outgoing ports run out (TIME_WAIT) collapses towards 0.
 #
 # Usage: Benchmarks/run-updates.sh            (as root: it makes network namespaces)
-# Environment (defaults in brackets; the whole run takes about 5 minutes, 4 of them churn):
-#   LISTENERS [19000, less when the hard open-file limit is below about 20,200]  UPDATES [20]  CONNECTS [2000]  INTERVAL_MS [3]  CHANGE_RUNS [20]
+# Environment (defaults in brackets; the whole run takes 5 to 7 minutes, 4 of them churn):
+#   LISTENERS [19000, less when the hard open-file limit is below about 20,200]
+#   UPDATES [20]  CONNECTS [2000]  INTERVAL_MS [3]  CHANGE_RUNS [20]  PASTA_CHANGE_RUNS [5]
 #   CHURN_SECONDS [60]  CHURN_SLICE [5]  CHURN_CLIENTS [4]  CHURN_SUBJECTS [direct pestod socat pasta]
 #   PARTS [updates churn]   which parts to run
 #   UPSTREAM_PASTA, UPSTREAM_PESTO   an upstream pasta with the control socket and its pesto
@@ -64,6 +66,7 @@ UPDATES=${UPDATES:-20}
 CONNECTS=${CONNECTS:-2000}
 INTERVAL_MS=${INTERVAL_MS:-3}
 CHANGE_RUNS=${CHANGE_RUNS:-20}
+PASTA_CHANGE_RUNS=${PASTA_CHANGE_RUNS:-5}
 CHURN_SECONDS=${CHURN_SECONDS:-60}
 CHURN_SLICE=${CHURN_SLICE:-5}
 CHURN_CLIENTS=${CHURN_CLIENTS:-4}
@@ -76,7 +79,7 @@ ECHO_PORT=30001 UNRELATED=30000 EXTRA=30100 EXTRA_TARGET=30101
 CHURN_ECHO=20000 CHURN_PORT=21000
 number() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -ge $2 && ${!1} -le $3 ]] || { echo "$1 must be $2..$3" >&2; exit 2; }; }
 number LISTENERS 1 $((UNRELATED - BASE)); number UPDATES 1 10000; number CONNECTS 1 1000000; number INTERVAL_MS 0 1000
-number CHANGE_RUNS 1 10000; number CHURN_SECONDS 1 3600; number CHURN_SLICE 1 3600; number CHURN_CLIENTS 1 200
+number CHANGE_RUNS 1 10000; number PASTA_CHANGE_RUNS 1 10000; number CHURN_SECONDS 1 3600; number CHURN_SLICE 1 3600; number CHURN_CLIENTS 1 200
 [[ $(id -u) == 0 ]] || { echo "run-updates: run as root (network namespaces)" >&2; exit 1; }
 for tool in ip ss socat dbus-daemon busctl gdbus timeout setsid; do
     command -v "$tool" >/dev/null || { echo "run-updates: needs $tool" >&2; exit 1; }
@@ -285,7 +288,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
             done
             for way in pasta-pesto pasta-pesto-client; do
                 mapfile -t args < <(via "$way")
-                measure change "$way" "$NSP" change --runs "$CHANGE_RUNS" "${args[@]}"
+                measure change "$way" "$NSP" change --runs "$PASTA_CHANGE_RUNS" "${args[@]}"
             done
         else
             PASTA_NOTE="pasta did not come up with $LISTENERS listeners: $(tr '\n' ' ' <"$work/pasta.log" | cut -c1-300)"
@@ -382,7 +385,7 @@ if [[ " $PARTS " == *" updates "* ]]; then
     done
     echo "    changes: how many of them ended while the connects still ran"
     echo
-    echo "(2) one change while $LISTENERS listeners stay active (median of $CHANGE_RUNS; the process start included where one per change)"
+    echo "(2) one change while $LISTENERS listeners stay active (median of $CHANGE_RUNS, pasta $PASTA_CHANGE_RUNS; the process start included where one per change)"
     printf '    %-38s %12s %12s %22s\n' "" "add" "remove" "÷ pasta's (pesto client)"
     base=$(get change pasta-pesto-client)
     base_add=$(field "$base" add-ms) base_remove=$(field "$base" remove-ms)
