@@ -2,11 +2,12 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Changes of the forwarding table under load (issue 13), three benchmarks in one run:
 #
-#   (1) disruption: pestod holds one rule forwarding LISTENERS ports (default 19,000, fewer
-#       under a small descriptor limit, see below: 10000 upwards) and one unrelated rule (port 30000, to an echo server). A client makes
-#       CONNECTS connects (default 2,000, one every INTERVAL_MS ms: connect, one byte echoed,
-#       close) to the unrelated rule while UPDATES changes (default 20) add and remove a third
-#       rule (port 30100); the failed connects are counted. The changes are made four ways:
+#   (1) disruption: pestod holds one rule forwarding LISTENERS ports (10000 upwards; default
+#       19,000, fewer under a small descriptor limit, see below) and one unrelated rule (port
+#       30000, to an echo server). A client makes CONNECTS connects (default 2,000, one
+#       every INTERVAL_MS ms: connect, one byte echoed, close) to the unrelated rule while
+#       UPDATES changes (default 20) add and remove a third rule (port 30100); the failed
+#       connects are counted. The changes are made four ways:
 #       over D-Bus from one connection (Insert + Activate, Deactivate + Delete), by pestoctl
 #       (its transactional workflow, one process per change), by an upstream pesto client on
 #       pestod's control socket (pestod --control; PestoTestSupport's WireClient, in process),
@@ -61,6 +62,8 @@ if [[ -z ${LISTENERS:-} ]]; then
         LISTENERS=$((ROOM / 500 * 500))
         LISTENERS_NOTE="$LISTENERS listeners, not 19,000: the hard open-file limit is $HARD, and pestod relays only while listeners and relays stay below $((ROOM + 100))"
     fi
+elif ((LISTENERS > ROOM)); then
+    LISTENERS_NOTE="warning: with $LISTENERS listeners under a hard open-file limit of $HARD, pestod has no descriptors left to relay (it needs listeners + relays below $((ROOM + 100)))"
 fi
 UPDATES=${UPDATES:-20}
 CONNECTS=${CONNECTS:-2000}
