@@ -78,6 +78,12 @@ let package = Package(
             dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "CPestoSys", "PestoTestSupport"],
             path: "Benchmarks/LoadGenerator"
         ),
+        // Changes of the table under load: disruption, one change's time, churn (run-updates.sh).
+        .executableTarget(
+            name: "pesto-update-bench",
+            dependencies: ["PestoModel", "PestoSystem", "PestoDBus", "PestoTestSupport"],
+            path: "Benchmarks/UpdateBenchmark"
+        ),
         // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
         // killed clients and killed pestods, with a ledger of acknowledged changes.
         .executableTarget(
