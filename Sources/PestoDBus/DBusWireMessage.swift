@@ -124,12 +124,13 @@ package struct DBusWireMessage {
 
         /// A string's bytes up to its first NUL, as the iterator path sends it.
         private mutating func text(_ s: String, lengthBytes: Int) {
-            let utf8 = s.utf8
-            let end = utf8.firstIndex(of: 0) ?? utf8.endIndex
-            let count = utf8.distance(from: utf8.startIndex, to: end)
-            if lengthBytes == 1 { bytes.append(UInt8(truncatingIfNeeded: count)) } else { uint32(UInt32(count)) }
-            bytes.append(contentsOf: utf8[..<end])
-            bytes.append(0)
+            var s = s
+            s.withUTF8 { utf8 in  // contiguous bytes: a String's UTF8View slices copied byte by byte
+                let count = utf8.firstIndex(of: 0) ?? utf8.count
+                if lengthBytes == 1 { bytes.append(UInt8(truncatingIfNeeded: count)) } else { uint32(UInt32(count)) }
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[..<count]))
+                bytes.append(0)
+            }
         }
 
         /// The alignment of the type whose signature starts with `code`.
