@@ -30,13 +30,13 @@ struct Fixture {
     static let controlPlaceholder = "@CONTROL"
 
     /// Longest wait for the bus address or for READY=1.
-    static let startTimeoutMilliseconds = 10_000
+    static let startTimeoutMilliseconds = 60_000  // generous: pestod may run under valgrind
 
     /// Creates the temp dir, starts dbus-daemon, then pestod, and waits (bounded) until pestod
     /// owns its name. Everything started is on the clean-up list before anything can fail.
     static func start(pestod: String, pestodArguments: [String]) throws -> Fixture {
         let dir = try TemporaryDirectory(prefix: "pesto-dbus-bench.")
-        cleanup.set(directory: dir.path)
+        cleanup.add(directory: dir.path)
         let bus = try PrivateBus(directory: dir.path, stderr: .file(dir.file("bus.log")))
         cleanup.add(child: bus.process.pid)
         let log = dir.file("pestod.log")
@@ -53,6 +53,12 @@ struct Fixture {
     /// Peak and current RSS of pestod and of the bus daemon, in KiB, read before they stop.
     func memory() -> (pestodPeak: Int?, pestodNow: Int?, busPeak: Int?) {
         (procStatusKiB(pestodPID, "VmHWM"), procStatusKiB(pestodPID, "VmRSS"), procStatusKiB(bus.process.pid, "VmHWM"))
+    }
+
+    /// CPU seconds (user + system) pestod and the bus daemon have used so far, from
+    /// /proc/PID/stat (clock-tick resolution: meaningful over seconds of work).
+    func cpuSeconds() -> (pestod: Double, bus: Double) {
+        (processCPUSeconds(pestodPID) ?? .nan, processCPUSeconds(bus.process.pid) ?? .nan)
     }
 
     /// Lines pestod has logged so far.

@@ -26,7 +26,7 @@ func printError(_ text: String) {
 final class CleanupList: Sendable {
     private struct State {
         var children: [pid_t] = []
-        var directory: String?
+        var directories: [String] = []
         var done = false
     }
     private let state = Mutex(State())
@@ -43,10 +43,10 @@ final class CleanupList: Sendable {
     /// Forgets a child that has been reaped already.
     func remove(child: pid_t) { state.withLock { $0.children.removeAll { $0 == child } } }
 
-    /// Remembers the temp dir to remove at the end.
-    func set(directory: String) { state.withLock { $0.directory = directory } }
+    /// Remembers a temp dir to remove at the end (one per fixture).
+    func add(directory: String) { state.withLock { $0.directories.append(directory) } }
 
-    /// SIGKILLs and reaps every remembered child, then removes the temp dir. Runs once; the
+    /// SIGKILLs and reaps every remembered child, then removes the temp dirs. Runs once; the
     /// lock is held throughout, so a second caller (the main thread racing the signal thread)
     /// returns only when the first has finished, and never exits under its feet.
     func run() {
@@ -58,7 +58,8 @@ final class CleanupList: Sendable {
                 _ = ChildProcess.waitExit(pid)  // -1 (ECHILD): reaped elsewhere
             }
             s.children.removeAll()
-            if let directory = s.directory { TemporaryDirectory.remove(directory) }
+            for directory in s.directories { TemporaryDirectory.remove(directory) }
+            s.directories.removeAll()
         }
     }
 }
@@ -98,6 +99,23 @@ func procStatusKiB(_ pid: pid_t, _ field: String) -> Int? {
         return line.dropFirst(field.count + 1).split(whereSeparator: { $0 == " " || $0 == "\t" }).first.flatMap { Int($0) }
     }
     return nil
+}
+
+/// User plus system CPU seconds of process `pid` so far (/proc/PID/stat fields 14 and 15,
+/// in clock ticks); nil when unreadable.
+func processCPUSeconds(_ pid: pid_t) -> Double? {
+    guard let text = readTextFile("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
+    // After the command name: field 3 (state) is index 0, so utime (14) is 11 and stime (15) 12.
+    let fields = text[text.index(after: close)...].split(separator: " ")
+    guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+    return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+}
+
+/// CPU seconds this process (every thread) has used so far.
+func ownCPUSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
 /// The lowest CPU this process may run on, nil when unknown (sched_getaffinity, in CPestoSys).

@@ -52,17 +52,30 @@ public final class DBusMessage {
         return p
     }
 
-    /// A method call.
+    /// A method call (built in one pass: DBusWireMessage.swift; through libdbus's iterators
+    /// only should libdbus refuse that).
     public static func methodCall(
         destination: String?, path: String, interface: String?, member: String, arguments: [DBusValue] = []
     ) -> DBusMessage {
+        var fields: [(DBusWireMessage.Field, DBusValue)] = [(.path, .objectPath(path)), (.member, .string(member))]
+        if let interface { fields.append((.interface, .string(interface))) }
+        if let destination { fields.append((.destination, .string(destination))) }
+        if let m = DBusWireMessage.make(type: DBUS_MESSAGE_TYPE_METHOD_CALL, noReply: false, fields: fields, body: arguments) {
+            return m
+        }
         let m = DBusMessage(owning: allocated(dbus_message_new_method_call(destination, path, interface, member)))
         DBusValue.appendAll(arguments, to: m.raw)
         return m
     }
 
-    /// A signal.
+    /// A signal (built as `methodCall` is).
     public static func signal(path: String, interface: String, member: String, arguments: [DBusValue] = []) -> DBusMessage {
+        if let m = DBusWireMessage.make(
+            type: DBUS_MESSAGE_TYPE_SIGNAL, noReply: true,
+            fields: [(.path, .objectPath(path)), (.interface, .string(interface)), (.member, .string(member))], body: arguments)
+        {
+            return m
+        }
         let m = DBusMessage(owning: allocated(dbus_message_new_signal(path, interface, member)))
         DBusValue.appendAll(arguments, to: m.raw)
         return m

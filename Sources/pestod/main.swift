@@ -257,7 +257,7 @@ struct Pestod: ParsableCommand {
         }
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler = StderrLogHandler(label: label)  // StreamLogHandler's format, cheaper per line
             handler.logLevel = level
             return handler
         }
