@@ -300,6 +300,16 @@ func tcpRule(port: UInt16) -> DBusValue {
     .vardict([("protocol", .string("tcp")), ("address", .string("127.0.0.1")), ("first-port", .uint16(port))])
 }
 
+/// A free port (TestSockets.freePorts, 20000 and up) outside the range the Activate
+/// measurement binds (by default 1024...20023): a rule on a port of that range would make
+/// that Activate fail with Conflict.
+func portOutsideActivation(_ activation: Range<Int>) -> UInt16 {
+    while true {
+        let port = TestSockets.freePorts(1).lowerBound
+        if !activation.contains(Int(port)) { return port }
+    }
+}
+
 /// A pestod on its own private bus, with a client connected and the rules the metrics use:
 /// rule 1, active, which Status reads, and the rule the cycles insert and delete.
 struct BenchTarget {
@@ -315,10 +325,10 @@ struct BenchTarget {
     var cycleCPU = (pestod: 0.0, bus: 0.0, client: 0.0)
 
     /// Starts the bus and pestod and sets up the rules; prints what Status says.
-    static func start(_ pestod: String, arguments: [String], label: String) throws -> BenchTarget {
+    static func start(_ pestod: String, arguments: [String], label: String, avoiding activation: Range<Int>) throws -> BenchTarget {
         let fixture = try Fixture.start(pestod: pestod, pestodArguments: arguments)
         let client = try DBusConnection(.address(fixture.address))
-        let statusPort = TestSockets.freePorts(1).lowerBound
+        let statusPort = portOutsideActivation(activation)
         _ = try client.call(busName, tablePath, tableInterface, "Insert", [.uint32(1), tcpRule(port: statusPort)])
         let activated = try client.call(busName, tablePath, tableInterface, "Activate", [.uint32(1)])
         let status = try client.call(busName, tablePath, tableInterface, "Status", [.uint32(1)])
@@ -326,7 +336,7 @@ struct BenchTarget {
         print("\(label): bus \(fixture.address)   pestod pid \(fixture.pestodPID) \(arguments.joined(separator: " "))")
         print("\(label): status rule 1: tcp 127.0.0.1:\(statusPort), Activate → \(show(activated)), Status → \(show(status))")
         // The rule the cycles insert and delete: another free port, so Activate never conflicts.
-        return BenchTarget(fixture: fixture, client: client, cycleRule: tcpRule(port: TestSockets.freePorts(1).lowerBound))
+        return BenchTarget(fixture: fixture, client: client, cycleRule: tcpRule(port: portOutsideActivation(activation)))
     }
 
     func call(_ member: String, _ arguments: [DBusValue]) throws -> [DBusValue] {
@@ -379,16 +389,17 @@ func runBenchmark(_ settings: Settings) throws {
     print("pestod \(pestod)   \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) CPUs")
     print("load average at start: \(loadAverage())   \(settings.cpu.map { "all processes pinned to CPU \($0)" } ?? "not pinned to a CPU")")
     let logLevel = settings.pestodLogLevel ?? "info"
+    let activationRange = Int(settings.activationFirstPort)..<(Int(settings.activationFirstPort) + settings.activationPorts)
     var primary = try BenchTarget.start(
         pestod,
         arguments: (settings.pestodLogLevel.map { ["--log-level", $0] } ?? []) + (settings.authorize.map { ["--authorize", $0] } ?? []),
-        label: "pestod (log level \(logLevel))")
+        label: "pestod (log level \(logLevel))", avoiding: activationRange)
     // The second pestod for the logging cost: the same, logging at warning.
     var quiet =
         settings.compareLogging && wanted("logging")
         ? try BenchTarget.start(
             pestod, arguments: ["--log-level", "warning"] + (settings.authorize.map { ["--authorize", $0] } ?? []),
-            label: "pestod (log level warning)") : nil
+            label: "pestod (log level warning)", avoiding: activationRange) : nil
     let address = primary.fixture.address
     let client = primary.client
     let statusID = primary.statusID
