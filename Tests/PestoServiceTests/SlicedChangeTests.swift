@@ -216,4 +216,80 @@ struct SlicedChangeTests {
         #expect(after.rules == before.rules && after.objects == before.objects)
         #expect(after.sockets == before.sockets, "rule 1 kept its very socket, nothing else listens")
     }
+
+    @Test(
+        "a control socket upload sent during a large Apply is applied after it (it replaces the whole HOST table, the Apply's rules included)"
+    )
+    func uploadWaitsBehindLargeApply() throws {
+        let f = try PestodFixture(pestodArguments: ["--slice-operations", "1", "--control", "CONTROL"])
+        let ports = TestSockets.freePorts(3)
+        let monitor = try BusMonitor(address: f.address)
+        let caller = try DBusConnection(.address(f.address))
+        let ids = (1...400).map { UInt32(1000 + $0) }
+        let applySerial = Self.sendApply(caller, inserts: Self.rules(ids, port: ports.lowerBound, target: ports.upperBound))
+        try Self.waitUntilActive(f, ids[0], on: f.client)
+
+        let client = try #require(WireClient(path: f.controlPath))
+        defer { close(client.fd) }
+        _ = try #require(client.readHelloAndDump())
+        client.send([1] + WireClient.be32(1) + WireClient.rule(first: ports.lowerBound + 1, target: ports.upperBound) + [0])
+        shutdown(client.fd, Int32(SHUT_WR))
+        var byte: UInt8 = 0
+        #expect(recv(client.fd, &byte, 1, 0) == 0, "pestod closes the session once the upload is applied")
+
+        let applyReply = try #require(monitor.index(of: "the Apply reply", BusMonitor.reply(to: caller.uniqueName, serial: applySerial)))
+        #expect(monitor.seen[applyReply].isError == false, "\(monitor.seen[applyReply].errorName ?? "")")
+        let firstRemoved = try #require(
+            monitor.index(of: "the upload's first InterfacesRemoved") { $0.isSignal && $0.member == "InterfacesRemoved" })
+        #expect(applyReply < firstRemoved, "the upload ran after the Apply was complete and answered")
+        let rules = try #require(try f.table("List").first?.arrayValue)
+        #expect(rules.count == 1, "only the uploaded rule is left")
+        #expect(f.log.contains("control socket: update applied (0 kept, 1 added, 400 removed)"), "\(f.log.suffix(2000))")
+    }
+
+    @Test(
+        "a lock holder that leaves during its own large Apply: the Apply completes, then its transaction is rolled back and the lock released"
+    )
+    func holderLeavesDuringItsLargeApply() throws {
+        let f = try PestodFixture(pestodArguments: ["--slice-operations", "1"])
+        let ports = TestSockets.freePorts(2)
+        let watcher = try SignalCollector(address: f.address)
+        let ids = (1...300).map { UInt32(1000 + $0) }
+        do {
+            let holder = try DBusConnection(.address(f.address))
+            try f.manager("Lock", on: holder)
+            _ = Self.sendApply(holder, inserts: Self.rules(ids, port: ports.lowerBound, target: ports.upperBound))
+            try Self.waitUntilActive(f, ids[0], on: f.client)
+        }  // the holder's connection closes here, its Apply still in progress
+        f.waitForLockRelease(watcher)
+        #expect(try f.table("List").first?.arrayValue?.isEmpty == true)
+        #expect(f.listeningSockets().isEmpty, "every socket of the rolled-back Apply is closed")
+        #expect(f.log.contains("rolling back its 600 uncommitted changes"), "the whole Apply, completed first: \(f.log.suffix(2000))")
+    }
+
+    @Test(
+        "SIGTERM during a large Apply: the Apply is rolled back and its caller told so; pestod exits 0 and the state file keeps what was acknowledged"
+    )
+    func stopDuringLargeApply() throws {
+        let f = try PestodFixture(pestodArguments: ["--slice-operations", "1", "--state", "STATE"])
+        let ports = TestSockets.freePorts(3)
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(ports.upperBound)])
+        try f.table("Activate", [.uint32(1)])
+        let caller = try DBusConnection(.address(f.address))
+        let ids = (1...400).map { UInt32(1000 + $0) }
+        let serial = Self.sendApply(caller, inserts: Self.rules(ids, port: ports.lowerBound, target: ports.lowerBound + 1))
+        try Self.waitUntilActive(f, ids[0], on: f.client)
+        kill(f.pestod.pid, SIGTERM)
+        var reply: DBusMessage?
+        while reply == nil, let m = caller.nextMessage(timeoutMilliseconds: 10_000) {
+            if m.replySerial == serial { reply = m }
+        }
+        #expect(reply?.errorName == PestoBusNames.errorName(.locked), "\(reply?.errorName ?? "no reply")")
+        #expect(reply?.arguments?.first?.stringValue?.contains("rolled back") == true)
+        #expect(f.pestod.waitUntilExit() == 0)
+        try f.startPestod(["--state", "STATE"])
+        let rules = try #require(try f.table("List").first?.arrayValue)
+        #expect(rules.count == 1, "rule 1, acknowledged before, is kept; nothing of the Apply")
+        #expect(try f.table("Status", [.uint32(1)]).first == .bool(true))
+    }
 }
