@@ -45,6 +45,12 @@
 // can arrive, or from the authorisation queue, which drops the Lock when its caller leaves
 // before the answer; either way the caller's departure is still to be seen, and releases it.
 //
+// A large Apply or upload is carried out by the editor over many loop turns
+// (SlicedUpdate.swift): reads are answered meanwhile from the live tables; every other change
+// (the gate's step 7, Unlock/Commit/Rollback, a holder's departure, the control socket) waits
+// in the editor's ChangeQueue with `whenIdle`, and a departed caller's waiting changes are
+// dropped. Table counters are not announced while it runs, only before its reply.
+//
 // With a state file (`persist(saving:)`), a committed change is answered only once it is
 // saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the reply in
 // the turn's CommitBatch; the batch saves once before the loop sleeps, then sends every
@@ -229,12 +235,14 @@ public final class PestoServer: TablesObserver {
         let address = ReplyAddress(message)
         do throws(DBusErrorReply) {
             // Steps 1–3.
+            let started = MonotonicInstant.now
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
                 answer(address, values)
             case .change where handingOver:
                 throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
+                if case .apply(_, let request) = change { Self.logDecoding(request, since: started, to: logger) }
                 // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
                 let sender = message.sender ?? ""
                 let bytes = message.argumentBytes
@@ -254,6 +262,15 @@ public final class PestoServer: TablesObserver {
             if address.wantsReply { sendReply(.errorReply(to: address, error)) }
         }
         return true
+    }
+
+    /// Logs how long a large Apply took to decode (steps 1–3, done in one loop turn, unlike
+    /// the change itself: SlicedUpdate.swift).
+    static func logDecoding(_ request: ApplyRequest, since started: MonotonicInstant, to logger: Logger) {
+        let rules = request.inserts.count + request.removes.count
+        guard rules >= 1000 else { return }
+        let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
+        logger.info("Apply of \(rules) rules decoded in \(ms) ms (one loop turn)")
     }
 
     /// Runs Unlock, Commit or Rollback and answers it.

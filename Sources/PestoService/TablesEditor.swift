@@ -17,6 +17,8 @@
 //   Updates      `applyUpdate` (the proposals' whole client workflow, atomically, over one
 //                or more tables: Apply and uploads) and `applyUpstream` (an upload of whole
 //                tables as a difference against the active rules).
+//                A large update is carried out in slices over several loop turns, other
+//                changes waiting behind it (SlicedUpdate.swift, ChangeQueue.swift).
 //
 // Reporting. Every change is reported to `observer` (rule added, rule removed, rule state
 // changed, lock owner changed) — the server turns the reports into InterfacesAdded,

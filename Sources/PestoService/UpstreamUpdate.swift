@@ -79,8 +79,14 @@ extension TablesEditor {
         _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
         completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void
     ) {
+        let started = MonotonicInstant.now
         let plan: UpstreamPlan
         do { plan = try planUpstream(upload) } catch { return completion(.failure(error)) }
+        let rules = upload.reduce(0) { $0 + $1.rules.count }
+        if rules >= 1000 {
+            let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
+            logger.info("control socket: upload of \(rules) rules compared with the tables in \(ms) ms (one loop turn)")
+        }
         startUpdate(plan.updates) { [unowned self] outcome in
             switch outcome {
             case .failure(let error): completion(.failure(error))
