@@ -292,4 +292,29 @@ struct SlicedChangeTests {
         #expect(rules.count == 1, "rule 1, acknowledged before, is kept; nothing of the Apply")
         #expect(try f.table("Status", [.uint32(1)]).first == .bool(true))
     }
+
+    @Test(
+        "a takeover that starts during a large Apply waits for it: the Apply is answered by the old pestod, and the new one has all its rules"
+    )
+    func takeoverWaitsForLargeApply() throws {
+        let arguments = ["--runtime-dir", "RUNTIME", "--state", "STATE", "--slice-operations", "1"]
+        let f = try PestodFixture(pestodArguments: arguments)
+        let ports = TestSockets.freePorts(2)
+        let caller = try DBusConnection(.address(f.address))
+        let ids = (1...400).map { UInt32(1000 + $0) }
+        let serial = Self.sendApply(caller, inserts: Self.rules(ids, port: ports.lowerBound, target: ports.upperBound))
+        try Self.waitUntilActive(f, ids[0], on: f.client)
+        let oldLog = f.logFile
+        #expect(try f.takeOver(arguments) == 0)
+        var reply: DBusMessage?
+        while reply == nil, let m = caller.nextMessage(timeoutMilliseconds: 10_000) {
+            if m.replySerial == serial { reply = m }
+        }
+        #expect(reply?.isError == false, "\(reply?.errorName ?? "no reply")")
+        #expect(reply?.arguments?.first?.arrayValue?.count == ids.count)
+        let rules = try #require(try f.table("List").first?.arrayValue)
+        #expect(rules.count == ids.count, "the new pestod has every rule of the Apply")
+        #expect(try f.table("Status", [.uint32(ids.last!)]).first == .bool(true))
+        #expect((readTextFile(oldLog.path) ?? "").contains("takeover waits: a change in progress holds the lock"))
+    }
 }
