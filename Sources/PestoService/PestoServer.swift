@@ -415,8 +415,9 @@ public final class PestoServer: TablesObserver {
         if dropped > 0 {
             logger.info("\(name) left the bus with \(dropped) changes held back behind a change in progress; they are dropped")
         }
-        // Its lock (if it holds it) is released after the change in progress, in order.
-        editor.whenIdle(sender: nil) { [unowned self] in self.editor.holderLeft(name) }
+        // Its lock is released (and its transaction rolled back) after the change in progress,
+        // in order. Only the holder matters: a Lock of its still waiting was dropped above.
+        if lockOwner == name { editor.whenIdle(sender: nil) { [unowned self] in self.editor.holderLeft(name) } }
     }
 
     /// Resolves the object and interface of a call, checks its arguments, and runs it (reads)
