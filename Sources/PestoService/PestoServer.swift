@@ -109,6 +109,10 @@ public final class PestoServer: TablesObserver {
         connection.flush()
     }
 
+    /// How many bytes of signals may wait unsent on the bus connection before a large change
+    /// stops announcing until the bus daemon has taken them (SlicedUpdate.swift).
+    static let unsentSignalBytes = 1 << 20
+
     /// The most operations (or signals) one loop turn spends on a large change (default
     /// 4,096, within 4 ms): set before `start()`; tests make it small (`pestod --slice-operations`).
     public var sliceOperations: Int {
@@ -170,6 +174,8 @@ public final class PestoServer: TablesObserver {
         editor.sliceBudget = .standard
         editor.scheduleSlice = { [unowned engine] work in engine.loop.nextTurn(work) }
         editor.beforeSlicing = { [unowned self] in self.saveCommitted() }
+        editor.schedulePause = { [unowned engine] work in engine.loop.after(milliseconds: 1, work) }
+        editor.mayAnnounce = { [unowned connection] in connection.outgoingBytes < Self.unsentSignalBytes }
         editor.busyChanged = { [unowned engine] busy in engine.periodicWorkHeld = busy }
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
         engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }

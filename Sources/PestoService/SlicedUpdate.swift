@@ -19,6 +19,9 @@
 // Each slice performs operations, or delivers reports, until its `SliceBudget` is spent (a
 // number of operations, and a few milliseconds), then asks for the next turn
 // (`EventLoop.nextTurn`, which makes the loop look at its ready sources without sleeping).
+// Announcing also waits while the bus connection holds more than `mayAnnounce` allows
+// unsent (the server: 1 MiB): the next slice then comes a millisecond later, so signals
+// are never produced faster than the bus daemon takes them.
 // Between two slices the loop serves everything else: D-Bus reads are answered (they show
 // the tables as they are, which is what the sockets do: a change in progress is partly
 // visible), relayed connections move their bytes, and libdbus writes out the signals
@@ -93,6 +96,8 @@ final class SlicedUpdate {
     private(set) var announced = 0
     /// Slices so far.
     var slices = 0
+    /// The last slice stopped because the bus was behind (`TablesEditor.mayAnnounce`).
+    var waitsForBus = false
 
     init(_ updates: [TableUpdate], completion: @escaping (Outcome) -> Void) {
         self.updates = updates
@@ -214,6 +219,9 @@ extension TablesEditor {
             }
             // An update of one slice ran from `whenIdle` or from the queue, which goes on by itself.
             if job.slices > 1 { waiting.resume(until: { [unowned self] in self.running != nil }) }
+        } else if job.waitsForBus, let schedulePause {
+            job.waitsForBus = false
+            schedulePause { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
         } else if let scheduleSlice {
             scheduleSlice { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
         } else {
@@ -228,6 +236,8 @@ extension TablesEditor {
         func more() -> Bool {
             spent < budget.operations && (deadline.map { MonotonicInstant.now < $0 } ?? true)
         }
+        /// Whether reports may be delivered now: always in an unlimited slice.
+        func announcing() -> Bool { budget.operations == .max || mayAnnounce() }
         func fail(_ error: PestoError) {
             job.failure = error
             job.enter(.undo)
@@ -345,6 +355,11 @@ extension TablesEditor {
                     }
                     job.index += 1
                 case .announce:
+                    if announcing() == false {
+                        // The bus has not taken the signals so far: wait for it, not in a loop.
+                        job.waitsForBus = true
+                        return false
+                    }
                     guard let r = job.nextReport() else {
                         job.enter(.done)
                         return true

@@ -167,6 +167,12 @@ final class TablesEditor {
     /// Runs its argument on the next loop turn (the server: `EventLoop.nextTurn`). Without
     /// it, every update is carried out at once.
     var scheduleSlice: ((@escaping () -> Void) -> Void)?
+    /// Runs its argument about a millisecond later (the server: a one-shot timer), for a
+    /// slice that waits for the bus (`mayAnnounce`).
+    var schedulePause: ((@escaping () -> Void) -> Void)?
+    /// Whether an update may deliver more reports now: false while the bus has not taken the
+    /// signals already sent (the server looks at the connection's unsent bytes).
+    var mayAnnounce: () -> Bool = { true }
     /// Told when an update starts being carried out over several turns (true) and when it
     /// has ended (false): the server holds the retry and scan passes meanwhile.
     var busyChanged: (Bool) -> Void = { _ in }
