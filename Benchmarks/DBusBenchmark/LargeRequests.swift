@@ -160,6 +160,8 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
         }
     }
 
+    // What pestod did in one loop turn before carrying the change out in slices.
+    let decodingLine = { fixture.lastLogLine(containing: "decoded in") }
     let call = { (member: String, args: [DBusValue]) throws -> [DBusValue] in
         try client.call(busName, tablePath, tableInterface, member, args, timeoutMilliseconds: Int32(timeout * 1000))
     }
@@ -177,11 +179,12 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
         let results = reply.first?.arrayValue ?? []
         let bound = results.reduce(0) { $0 + Int($1.structValue?[1].uint32Value ?? 0) }
         let failed = results.reduce(0) { $0 + Int($1.structValue?[2].uint32Value ?? 0) }
-        return "\(results.count) rules, \(bound) sockets bound, \(failed) failed (EMFILE past the descriptor limit)"
+        return "\(results.count) rules, \(bound) sockets bound, \(failed) failed (EMFILE past the descriptor limit); "
+            + decodingLine()
     }
     phase("Apply: remove \(n)") {
         _ = try call("Apply", [.array(element: "(ua{sv})", []), .array(element: "u", ids.map { .uint32($0) }), .vardict([])])
-        return "done"
+        return "done; " + decodingLine()
     }
     var upload: [UInt8] = [1, UInt8(n >> 24 & 0xFF), UInt8(n >> 16 & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n & 0xFF)]
     upload.reserveCapacity(5 + 56 * n + 1)
@@ -194,13 +197,13 @@ func runLargeRequestBenchmark(_ settings: Settings) throws {
     upload.append(0)
     phase("control socket: upload \(n) (new)") {
         _ = try uploadOnControlSocket(fixture.controlPath, upload, timeoutSeconds: timeout)
-        return fixture.lastLogLine(containing: "control socket:")
+        return fixture.lastLogLine(containing: "control socket: update") + "; " + fixture.lastLogLine(containing: "compared with")
     }
     // The Status rule is not in the upload, so the first upload removes it: from then on the
     // prober's calls are answered NoSuchRule (counted as errors), still a full round trip.
     phase("control socket: upload \(n) (same)") {
         _ = try uploadOnControlSocket(fixture.controlPath, upload, timeoutSeconds: timeout)
-        return fixture.lastLogLine(containing: "control socket:")
+        return fixture.lastLogLine(containing: "control socket: update")
     }
     let memory = fixture.memory()
     let kib = { (k: Int?) in k.map { "\(fixed(Double($0) / 1024, 1)) MiB" } ?? "?" }

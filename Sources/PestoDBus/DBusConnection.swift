@@ -86,6 +86,9 @@ public final class DBusConnection {
         return DBusErrorReply(DBusErrorReply.failed, context)
     }
 
+    /// Bytes of messages queued for sending that the socket has not taken yet.
+    public var outgoingBytes: Int { Int(dbus_connection_get_outgoing_size(raw)) }
+
     /// This connection's unique name (`:1.42`).
     public var uniqueName: String { dbus_bus_get_unique_name(raw).map { String(cString: $0) } ?? "" }
 

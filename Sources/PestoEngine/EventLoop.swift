@@ -16,9 +16,12 @@
 // so dispatch is one array lookup and a protocol call: no dictionary and no allocation per
 // event. Kind 0 is reserved for the loop's own eventfd.
 //
-// Each turn: `beforeSleep` (libdbus dispatch), the due timers, `endOfTurn` (work that
-// collects what the turn produced: the service saves the changes committed during it, once),
-// then `epoll_wait` and the handlers of the ready sources.
+// Each turn: `beforeSleep` (libdbus dispatch), the work deferred to this turn (`nextTurn`: a
+// slice of a large change, see PestoService/SlicedUpdate.swift), the due timers, `endOfTurn`
+// (work that collects what the turn produced: the service saves the changes committed during
+// it, once), then `epoll_wait` and the handlers of the ready sources. While work is deferred,
+// `epoll_wait` does not sleep: it only collects what is ready, so the handlers run between
+// two slices.
 //
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
@@ -114,6 +117,10 @@ public final class EventLoop {
     private var nextTimerID: UInt64 = 1
     private var events = [epoll_event](repeating: epoll_event(), count: 256)
     private var stopping = false
+    /// Work for the next turn (`nextTurn`), and the list being run this turn (kept to reuse
+    /// its storage).
+    private var deferred: [() -> Void] = []
+    private var running: [() -> Void] = []
     /// Work to run before each sleep (libdbus dispatch, for example).
     public var beforeSleep: (() -> Void)?
     /// Work that collects what a whole turn produced (saving the changes committed during
@@ -169,6 +176,7 @@ public final class EventLoop {
     public func removeAllHandlers() {
         for i in handlers.indices { handlers[i] = nil }
         timers.removeAll()
+        deferred.removeAll()
         beforeSleep = nil
         endOfTurn = nil
     }
@@ -255,6 +263,21 @@ public final class EventLoop {
         return Int32(min(Int64(Int32.max), Int64((next.nanoseconds - now.nanoseconds + 999_999) / 1_000_000)))
     }
 
+    /// Runs `action` once on the next loop turn, after libdbus dispatch and before the timers,
+    /// and makes the loop not sleep until then: the sources that are ready meanwhile are
+    /// handled first. Work deferred during a turn runs in the following one, in order.
+    public func nextTurn(_ action: @escaping () -> Void) {
+        deferred.append(action)
+    }
+
+    /// Runs the work deferred to this turn.
+    private func runDeferred() {
+        guard !deferred.isEmpty else { return }
+        swap(&deferred, &running)
+        for action in running { action() }  // may defer more, to the next turn
+        running.removeAll(keepingCapacity: true)
+    }
+
     // MARK: Running
 
     /// Runs until `stopper.stop()` (or `stop()` from the loop thread) is called.
@@ -262,7 +285,9 @@ public final class EventLoop {
         stopping = false
         while !stopping {
             beforeSleep?()
-            let timeout = runTimers()
+            runDeferred()
+            let untilTimer = runTimers()
+            let timeout = deferred.isEmpty ? untilTimer : 0
             endOfTurn?()
             if stopping { break }
             let n: Int

@@ -83,6 +83,9 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     /// Forwarding loops, a full UDP flow table and a deleted namespace, reported once each.
     public let conditions = DataPathConditions()
     private var retryTimer: EventLoop.TimerID?
+    /// While set, the retry and scan passes are skipped (a large change is carried out over
+    /// several loop turns, and no rule may change under it; PestoService/SlicedUpdate.swift).
+    public var periodicWorkHeld = false
     private var scanTimer: EventLoop.TimerID?
     private let configuration: EngineConfiguration
     private let scanner = PortScanner()
@@ -201,10 +204,14 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
     public func start() {
         guard retryTimer == nil else { return }
         retryTimer = loop.every(milliseconds: configuration.retryIntervalMilliseconds) { [unowned self] in
+            guard !self.periodicWorkHeld else { return }
             for table in self.tables { table.retryFailedBinds() }
         }
         if namespace != nil {
-            scanTimer = loop.every(milliseconds: configuration.scanIntervalMilliseconds) { [unowned self] in self.scan() }
+            scanTimer = loop.every(milliseconds: configuration.scanIntervalMilliseconds) { [unowned self] in
+                guard !self.periodicWorkHeld else { return }
+                self.scan()
+            }
         }
     }
 

@@ -9,7 +9,9 @@
 //   4. validate     the rules against their table (InvalidRule)          TablesEditor.validate
 //   5. lock         another name holds the lock (Locked)                 TablesEditor.checkLock
 //   6. authorise    the caller, asynchronously (AccessDenied, ...)       AuthorizationQueue
-//   7. change       the lock again, then the engine (RuleExists, ...)    TablesEditor.run
+//   7. change       the lock again, then the engine (RuleExists, ...)    TablesEditor.start
+//                   (held back, in arrival order, while a large update is carried out
+//                   over several loop turns: SlicedUpdate.swift, ChangeQueue.swift)
 //   8. signals      reported by the editor to its observer as the change becomes final
 //   9. save, 10. reply   the server, with the committed journal the gate hands back
 //
@@ -47,8 +49,9 @@ final class ChangeGate {
 
     /// Takes a decoded change of `sender` through steps 4 to 7. `done` is called exactly
     /// once — at once when a step before authorisation refuses it or nobody authorises, else
-    /// once the authorizer has answered — unless `sender` leaves the bus while its change
-    /// waits for authorisation (AuthorizationQueue drops it). `bytes` is the size of the
+    /// once the authorizer has answered; later if the change is held back behind an update
+    /// in progress or is itself one — unless `sender` leaves the bus while its change waits
+    /// for authorisation (AuthorizationQueue drops it) or is held back. `bytes` is the size of the
     /// change's arguments, counted against the sender's limit.
     func submit(
         _ change: TableChange, sender: String, interactive: Bool = false, bytes: Int = 0,
@@ -59,16 +62,22 @@ final class ChangeGate {
         // 5. lock (a Lock by its holder is a no-op, so it passes too)
         do { try editor.checkLock(sender) } catch { return done(.failure(.refused(error))) }
         // 6. authorise
-        guard let authorization else { return done(run(change, sender: sender)) }
+        guard let authorization else { return run(change, sender: sender, done: done) }
         let limit = authorization.submit(sender: sender, interactive: interactive, bytes: bytes) { [unowned self] refusal in
             if let refusal { return done(.failure(.unauthorized(refusal))) }
-            done(self.run(change, sender: sender))
+            self.run(change, sender: sender, done: done)
         }
         if let limit { done(.failure(.tooManyWaiting(limit))) }
     }
 
-    /// 7. change (8. the editor reports it to its observer).
-    private func run(_ change: TableChange, sender: String) -> Result<(result: ChangeResult, committed: Journal), ChangeRefusal> {
-        do { return .success(try editor.run(change, sender: sender)) } catch { return .failure(.refused(error)) }
+    /// 7. change (8. the editor reports it to its observer): now, or once the update in
+    /// progress and the changes held back before this one are done. A change held back is
+    /// dropped, unanswered, if `sender` leaves the bus first (`TablesEditor.dropWaiting`).
+    private func run(
+        _ change: TableChange, sender: String, done: @escaping (Result<(result: ChangeResult, committed: Journal), ChangeRefusal>) -> Void
+    ) {
+        editor.whenIdle(sender: sender) { [unowned self] in
+            self.editor.start(change, sender: sender) { outcome in done(outcome.mapError { .refused($0) }) }
+        }
     }
 }

@@ -241,6 +241,16 @@ public final class ControlSocket: EventHandler {
             loop.remove(fd: client)  // the upload is complete: nothing more is read
             clientWatched = false
         }
+        // Behind a change in progress (and those held back before this upload), in order.
+        let waiting = session
+        server.editor.whenIdle(sender: nil) { [weak self] in
+            guard let self, self.session == waiting else { return }
+            self.applyNow(upload)
+        }
+    }
+
+    /// Applies a complete upload now that no change is in progress, or parks it for the lock.
+    private func applyNow(_ upload: [(TableKind, [PestoV2Wire.WireRule])]) {
         if let owner = server.lockOwner {
             if parked == nil {
                 parked = upload
@@ -267,13 +277,10 @@ public final class ControlSocket: EventHandler {
         parked = nil
         if let deadline { loop.cancelTimer(deadline) }  // it cannot time out any more
         deadline = nil
-        do {
-            try server.applyUpstream(upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) }) { [weak self] summary, failure in
-                self?.applied(summary, failure)
-            }
-        } catch {
-            end("update refused: \(error.message); nothing changed")
-        }
+        server.applyUpstream(
+            upload.map { ($0.0, $0.1.map { ($0.rule, $0.bestEffort) }) },
+            refused: { [weak self] error in self?.end("update refused: \(error.message); nothing changed") },
+            saved: { [weak self] summary, failure in self?.applied(summary, failure) })
     }
 
     /// Logs the end of an applied upload and ends the session.

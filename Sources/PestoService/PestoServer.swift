@@ -45,6 +45,12 @@
 // can arrive, or from the authorisation queue, which drops the Lock when its caller leaves
 // before the answer; either way the caller's departure is still to be seen, and releases it.
 //
+// A large Apply or upload is carried out by the editor over many loop turns
+// (SlicedUpdate.swift): reads are answered meanwhile from the live tables; every other change
+// (the gate's step 7, Unlock/Commit/Rollback, a holder's departure, the control socket) waits
+// in the editor's ChangeQueue with `whenIdle`, and a departed caller's waiting changes are
+// dropped. Table counters are not announced while it runs, only before its reply.
+//
 // With a state file (`persist(saving:)`), a committed change is answered only once it is
 // saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the reply in
 // the turn's CommitBatch; the batch saves once before the loop sleeps, then sends every
@@ -103,6 +109,27 @@ public final class PestoServer: TablesObserver {
         connection.flush()
     }
 
+    /// How many bytes of signals may wait unsent on the bus connection before a large change
+    /// stops announcing until the bus daemon has taken them (SlicedUpdate.swift).
+    static let unsentSignalBytes = 1 << 20
+
+    /// The most operations (or signals) one loop turn spends on a large change (default
+    /// 4,096, within 4 ms): set before `start()`; tests make it small (`pestod --slice-operations`).
+    public var sliceOperations: Int {
+        get { editor.sliceBudget.operations }
+        set { editor.sliceBudget.operations = max(1, newValue) }
+    }
+
+    /// No change is being carried out or held back (a takeover waits for this).
+    var changesIdle: Bool { editor.isIdle }
+
+    /// pestod stops: a change in progress is rolled back and its caller told so; the changes
+    /// held back behind it are dropped (their callers see the connection close).
+    public func abandonChanges() {
+        editor.abandonUpdate()
+        saveCommitted()
+    }
+
     /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start()`.
     public var allowsReplacement = false
     /// Set when the bus connection is lost.
@@ -143,6 +170,13 @@ public final class PestoServer: TablesObserver {
         for table in engine.tables { announcedCounters[table.kind] = TableCounters(table) }
         editor.observer = self
         editor.beforeJournaling = { [unowned self] in self.saveCommitted() }
+        // Large updates are carried out in slices, one per loop turn (SlicedUpdate.swift).
+        editor.sliceBudget = .standard
+        editor.scheduleSlice = { [unowned engine] work in engine.loop.nextTurn(work) }
+        editor.beforeSlicing = { [unowned self] in self.saveCommitted() }
+        editor.schedulePause = { [unowned engine] work in engine.loop.after(milliseconds: 1, work) }
+        editor.mayAnnounce = { [unowned connection] in connection.outgoingBytes < Self.unsentSignalBytes }
+        editor.busyChanged = { [unowned engine] busy in engine.periodicWorkHeld = busy }
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
         engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
     }
@@ -187,6 +221,8 @@ public final class PestoServer: TablesObserver {
         case change(TableChange)
         /// Manager.Commit: answer once what it committed is saved.
         case committed(Journal)
+        /// Unlock, Commit or Rollback: run once no change is in progress or held back.
+        case holder(String)
     }
 
     /// Handles one incoming message; false lets libdbus answer (unknown method).
@@ -205,12 +241,14 @@ public final class PestoServer: TablesObserver {
         let address = ReplyAddress(message)
         do throws(DBusErrorReply) {
             // Steps 1–3.
+            let started = MonotonicInstant.now
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
                 answer(address, values)
             case .change where handingOver:
                 throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
+                if case .apply(_, let request) = change { Self.logDecoding(request, since: started, to: logger) }
                 // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
                 let sender = message.sender ?? ""
                 let bytes = message.argumentBytes
@@ -219,6 +257,9 @@ public final class PestoServer: TablesObserver {
                 }
             case .committed(let journal):
                 answer(address, [], committed: journal)
+            case .holder(let member):
+                let sender = message.sender ?? ""
+                editor.whenIdle(sender: sender) { [unowned self] in self.holderCall(member, sender: sender, address) }
             }
         } catch {
             // A change refused for an invalid rule, before authorisation, is logged as any
@@ -227,6 +268,28 @@ public final class PestoServer: TablesObserver {
             if address.wantsReply { sendReply(.errorReply(to: address, error)) }
         }
         return true
+    }
+
+    /// Logs how long a large Apply took to decode (steps 1–3, done in one loop turn, unlike
+    /// the change itself: SlicedUpdate.swift).
+    static func logDecoding(_ request: ApplyRequest, since started: MonotonicInstant, to logger: Logger) {
+        let rules = request.inserts.count + request.removes.count
+        guard rules >= 1000 else { return }
+        let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
+        logger.info("Apply of \(rules) rules decoded in \(ms) ms (one loop turn)")
+    }
+
+    /// Runs Unlock, Commit or Rollback and answers it.
+    private func holderCall(_ member: String, sender: String, _ address: ReplyAddress) {
+        do throws(DBusErrorReply) {
+            switch try managerCall(member, sender: sender) {
+            case .reply(let values): answer(address, values)
+            case .committed(let journal): answer(address, [], committed: journal)
+            case .change, .holder: preconditionFailure("\(member) is answered by the lock's holder methods")
+            }
+        } catch {
+            if address.wantsReply { sendReply(.errorReply(to: address, error)) }
+        }
     }
 
     /// Answers a change the gate made or refused (steps 9 and 10).
@@ -354,7 +417,13 @@ public final class PestoServer: TablesObserver {
         }
         let unlogged = refusalLog.forget(name)
         if unlogged > 0 { logger.notice("\(name) left the bus; \(unlogged) more of its refusals were not logged") }
-        editor.holderLeft(name)
+        let dropped = editor.dropWaiting(of: name)
+        if dropped > 0 {
+            logger.info("\(name) left the bus with \(dropped) changes held back behind a change in progress; they are dropped")
+        }
+        // Its lock is released (and its transaction rolled back) after the change in progress,
+        // in order. Only the holder matters: a Lock of its still waiting was dropped above.
+        if lockOwner == name { editor.whenIdle(sender: nil) { [unowned self] in self.editor.holderLeft(name) } }
     }
 
     /// Resolves the object and interface of a call, checks its arguments, and runs it (reads)
@@ -406,7 +475,7 @@ public final class PestoServer: TablesObserver {
             precondition(member == "Lock", "\(member) is marked privileged but is not Lock")
             return .change(.lock)
         case (PestoInterfaces.manager.name, _):
-            return try managerCall(member, sender: sender)
+            return .holder(member)
         case (PestoInterfaces.table.name, .table(let kind)):
             let outcome = try tableCall(kind, member: member, args: args, sender: sender)
             if case .change = outcome {
@@ -457,15 +526,22 @@ public final class PestoServer: TablesObserver {
     /// The most rules an upload may give one table.
     var upstreamRuleLimit: Int { editor.upstreamRuleLimit }
 
-    /// Applies an upload as a difference; `saved` is called with what changed once it is
-    /// saved (nil; at once without a state file or when nothing changed) or was undone
-    /// because it could not be (the SaveFailed error). A refused upload throws and changes nothing.
+    /// Applies an upload as a difference, over several loop turns if it is large (call it
+    /// once the editor is idle, `editor.whenIdle`); `saved` is called with what changed once
+    /// it is saved (nil; at once without a state file or when nothing changed) or was undone
+    /// because it could not be (the SaveFailed error). A refused upload changes nothing and
+    /// is told to `refused`.
     func applyUpstream(
         _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
+        refused: @escaping (PestoError) -> Void,
         saved: @escaping (TablesEditor.UpstreamSummary, PestoError?) -> Void
-    ) throws(PestoError) {
-        let (summary, committed) = try editor.applyUpstream(upload)
-        commitUnanswered(committed) { failure in saved(summary, failure) }
+    ) {
+        editor.startUpstream(upload) { [unowned self] outcome in
+            switch outcome {
+            case .failure(let error): refused(error)
+            case .success(let done): self.commitUnanswered(done.committed) { failure in saved(done.summary, failure) }
+            }
+        }
     }
 
     // MARK: The editor's reports (TablesObserver): the signals of final changes
@@ -567,7 +643,8 @@ public final class PestoServer: TablesObserver {
     /// one PropertiesChanged per table with only the counters that differ, carrying their
     /// latest values.
     func announceStaleCounters() {
-        guard !staleCounters.isEmpty else { return }
+        // A change in progress announces its counters before its reply, once it is done.
+        guard !staleCounters.isEmpty, editor.running == nil else { return }
         for kind in staleCounters { announceChangedCounters(kind) }
         staleCounters.removeAll(keepingCapacity: true)
     }

@@ -17,6 +17,8 @@
 //   Updates      `applyUpdate` (the proposals' whole client workflow, atomically, over one
 //                or more tables: Apply and uploads) and `applyUpstream` (an upload of whole
 //                tables as a difference against the active rules).
+//                A large update is carried out in slices over several loop turns, other
+//                changes waiting behind it (SlicedUpdate.swift, ChangeQueue.swift).
 //
 // Reporting. Every change is reported to `observer` (rule added, rule removed, rule state
 // changed, lock owner changed) — the server turns the reports into InterfacesAdded,
@@ -135,7 +137,7 @@ final class TablesEditor {
     let tables: [ForwardingTable]
     /// Told about every final change.
     weak var observer: (any TablesObserver)?
-    private let logger: Logger
+    let logger: Logger
 
     /// The name holding the lock, if any.
     private(set) var lockOwner: String?
@@ -146,16 +148,38 @@ final class TablesEditor {
     var beforeJournaling: () -> Void = {}
 
     /// One report, held back while an update runs.
-    private enum Report {
+    enum Report {
         case added(TableKind, UInt32, Rule)
         case removed(TableKind, UInt32)
         case state(TableKind, UInt32, RuleStatus, failuresChanged: Bool, retried: Bool)
         case portsWon(TableKind, UInt32)
     }
-    /// The reports of the update in progress; nil when none runs.
-    private var held: [Report]?
+    /// The reports of the update in progress while it changes the tables; nil otherwise.
+    var held: [Report]?
     /// The state, before the update in progress touched them, of the rules it deactivated.
-    private var statusBefore: [RuleRef: RuleStatus] = [:]
+    var statusBefore: [RuleRef: RuleStatus] = [:]
+    /// The update being carried out over several loop turns, if any (SlicedUpdate.swift).
+    var running: SlicedUpdate?
+    /// The changes held back while `running` is under way, in arrival order (ChangeQueue.swift).
+    let waiting = ChangeQueue()
+    /// How much of an update one loop turn carries out; `.unlimited` does it all at once.
+    var sliceBudget = SliceBudget.unlimited
+    /// Runs its argument on the next loop turn (the server: `EventLoop.nextTurn`). Without
+    /// it, every update is carried out at once.
+    var scheduleSlice: ((@escaping () -> Void) -> Void)?
+    /// Runs its argument about a millisecond later (the server: a one-shot timer), for a
+    /// slice that waits for the bus (`mayAnnounce`).
+    var schedulePause: ((@escaping () -> Void) -> Void)?
+    /// Whether an update may deliver more reports now: false while the bus has not taken the
+    /// signals already sent (the server looks at the connection's unsent bytes).
+    var mayAnnounce: () -> Bool = { true }
+    /// Told when an update starts being carried out over several turns (true) and when it
+    /// has ended (false): the server holds the retry and scan passes meanwhile.
+    var busyChanged: (Bool) -> Void = { _ in }
+    /// Called before an update is carried out over several turns, so that the changes
+    /// committed before it are saved first (the server flushes its CommitBatch): the file
+    /// never holds half an update.
+    var beforeSlicing: () -> Void = {}
     /// The control socket's rules uploaded with upstream's weak flag (dumped with it). Kept
     /// in memory only: a rule restored from the state file, or put back by a rollback, is
     /// dumped without it.
@@ -185,11 +209,20 @@ final class TablesEditor {
 
     // MARK: Reports
 
-    private func report(_ r: Report) {
-        if held != nil { held!.append(r) } else { deliver(r) }
+    /// Holds `r` back while an update changes the tables, queues it behind the reports a
+    /// finished update is still announcing, or delivers it.
+    func report(_ r: Report) {
+        if held != nil {
+            held!.append(r)
+        } else if let job = running, job.isAnnouncing {
+            job.announce(r)
+        } else {
+            deliver(r)
+        }
     }
 
-    private func deliver(_ r: Report) {
+    /// Tells the observer about one final change.
+    func deliver(_ r: Report) {
         guard let observer else { return }
         switch r {
         case .added(let kind, let id, let rule): observer.ruleAdded(kind, id, rule)
@@ -307,7 +340,7 @@ final class TablesEditor {
 
     /// Ends a change's transaction: journaled under the lock (nothing committed), committed
     /// otherwise.
-    private func finish(_ performed: Journal, sender: String) -> Journal {
+    func finish(_ performed: Journal, sender: String) -> Journal {
         if lockOwner == sender {
             journal.append(contentsOf: performed)
             return Journal()
@@ -393,96 +426,17 @@ final class TablesEditor {
         unlockWaiters.append(body)
     }
 
-    // MARK: Atomic updates
+    // MARK: Atomic updates (SlicedUpdate.swift)
 
-    /// Applies `updates` atomically, over one or more tables, with one journal:
-    ///   1. insert every new rule (inactive);
-    ///   2. deactivate the removed rules that overlap a new rule, so they cannot conflict
-    ///      (not under first match, where they may overlap: a removed rule then keeps its
-    ///      sockets until step 4, and a new rule sharing them takes them over unclosed);
-    ///   3. activate every new rule and check its bind failures against its tolerance;
-    ///   4. deactivate the other removed rules and delete all removed rules.
-    /// Any error undoes every step already taken, newest first, and is thrown; nothing of
-    /// it is reported (see the theory of operation). Step 2 is narrower than the proposals'
-    /// "deactivate all removed rules" on purpose: a removed rule that does not overlap a new
-    /// one keeps its sockets until the update is known to succeed, so a rolled-back update
-    /// never closes and reopens it. Every step costs O(ports involved) (plus a hash lookup
-    /// per rule): step 2 asks an index of the new rules (ConflictIndex.swift).
+    /// Applies `updates` atomically and at once, in this call (see `startUpdate`, which does
+    /// the same over several loop turns). For the restore at start and in-process tests.
     /// - Returns: the bind counts of every inserted rule, and the journal of what was done.
     func applyUpdate(_ updates: [TableUpdate]) throws(PestoError) -> (
         results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], journal: Journal
     ) {
-        precondition(held == nil, "updates do not nest")
-        held = []
-        statusBefore = [:]
-        defer {
-            held = nil
-            statusBefore = [:]
-        }
-        var performed = Journal()
-        var results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)] = []
-        do throws(PestoError) {
-            func run(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
-                let r = try perform(op)
-                performed.record(op)
-                return r
-            }
-            for u in updates {
-                for insert in u.inserts { _ = try run(.insert(u.kind, insert.id, insert.rule)) }
-            }
-            for u in updates where !u.removes.isEmpty {
-                let t = try table(u.kind)
-                guard t.overlapPolicy == .refuse else { continue }
-                var inserted = ConflictIndex()  // probes per port instead of comparing every pair
-                for insert in u.inserts { inserted.add(insert.rule) }
-                for id in u.removes {
-                    let removed = try t.read(id)
-                    if try t.status(id).active, inserted.conflicts(with: removed) {
-                        _ = try run(.deactivate(u.kind, id))
-                    }
-                }
-            }
-            for u in updates {
-                let t = try table(u.kind)
-                for insert in u.inserts {
-                    let c = try run(.activate(u.kind, insert.id))!
-                    if !insert.tolerance.accepts(c) {
-                        let last = (try? t.status(insert.id).lastErrorName) ?? ""
-                        throw PestoError(
-                            .bindFailed,
-                            "Rule \(insert.id) of the \(u.kind.name) table bound \(c.bound) of \(c.bound + c.failed) sockets "
-                                + "(last error \(last)); more failures than allowed, so nothing was changed.")
-                    }
-                    results.append((u.kind, insert.id, c))
-                }
-            }
-            for u in updates {
-                let t = try table(u.kind)
-                for id in u.removes {
-                    if try t.status(id).active { _ = try run(.deactivate(u.kind, id)) }
-                    _ = try run(.delete(u.kind, id, try t.read(id)))
-                }
-            }
-        } catch {
-            performed.undo(logger: logger) { (op) throws(PestoError) in _ = try perform(op) }
-            let before = statusBefore
-            held = nil
-            // Rules that existed before and were deactivated are active again, on new sockets:
-            // report those whose counts differ from before the update.
-            for (ref, old) in before.sorted(by: { ($0.key.kind.rawValue, $0.key.id) < ($1.key.kind.rawValue, $1.key.id) }) {
-                guard let now = try? table(ref.kind).status(ref.id), now != old else { continue }
-                deliver(.state(ref.kind, ref.id, now, failuresChanged: now.failed != old.failed, retried: false))
-            }
-            // Under first match a rule it never touched may win other ports now (a socket it
-            // shared was bound anew): the observer compares each count with what it announced.
-            for t in tables where t.overlapPolicy == .firstMatch {
-                for id in t.ids { deliver(.portsWon(t.kind, id)) }
-            }
-            throw error
-        }
-        let reports = held ?? []
-        held = nil
-        for r in reports { deliver(r) }
-        return (results, performed)
+        var outcome: SlicedUpdate.Outcome?
+        startUpdate(updates, budget: .unlimited) { outcome = $0 }
+        guard let outcome else { preconditionFailure("an unlimited update finishes in its first slice") }
+        return try outcome.get()
     }
 }

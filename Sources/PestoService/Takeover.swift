@@ -62,6 +62,8 @@ public final class TakeoverSource: EventHandler {
     /// Who holds a takeover up, as told to the new instance, while an upstream client's
     /// control socket session is under way.
     static let controlClient = "an upstream client of the control socket"
+    /// Who holds a takeover up while a large change is carried out (SlicedUpdate.swift).
+    static let changeInProgress = "a change in progress"
 
     /// The takeover waiting for the lock, if any.
     private var pending: (channel: TakeoverChannel, since: MonotonicInstant, toldOwner: String?)?
@@ -134,7 +136,9 @@ public final class TakeoverSource: EventHandler {
             pending = nil
             return
         }
-        if let owner = server.lockOwner ?? (control?.isServingClient == true ? Self.controlClient : nil) {
+        if let owner = server.lockOwner ?? (control?.isServingClient == true ? Self.controlClient : nil)
+            ?? (server.changesIdle ? nil : Self.changeInProgress)
+        {
             if p.toldOwner != owner {
                 pending?.toldOwner = owner
                 logger.notice("takeover waits: \(owner) holds the lock")

@@ -18,9 +18,9 @@
 // Inactive rules are not part of upstream's model: they are neither dumped nor touched.
 // Matching is by hash of the rule without its owner tag, and fresh IDs are counted up from
 // the highest one in use, so an upload of n rules costs O(n log n), not O(n²).
-// Tables absent from the upload are left alone. Everything happens in one `applyUpdate`
-// across the tables, so what upstream itself would refuse — an invalid rule, a conflict —
-// changes nothing (and is reported to nobody). The editor refuses an upload while a D-Bus
+// Tables absent from the upload are left alone. Everything happens in one update across the
+// tables (carried out over several loop turns when large, SlicedUpdate.swift), so what
+// upstream itself would refuse — an invalid rule, a conflict — changes nothing (and is reported to nobody). The editor refuses an upload while a D-Bus
 // client holds the lock; the control socket waits for the lock instead of calling it
 // (ControlSocket.swift). The caller (the server) saves what the update committed with the
 // other changes of the loop turn; if it cannot be saved, it is undone again.
@@ -61,19 +61,55 @@ extension TablesEditor {
         min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
     }
 
-    /// Applies an upload of whole tables (rules with their weak flag) as a difference.
-    /// Returns what changed and the committed journal (to be saved); a refused upload
+    /// Applies an upload of whole tables (rules with their weak flag) as a difference, at
+    /// once. Returns what changed and the committed journal (to be saved); a refused upload
     /// throws and changes nothing.
     func applyUpstream(
         _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
     ) throws(PestoError) -> (summary: UpstreamSummary, committed: Journal) {
+        let plan = try planUpstream(upload)
+        let (results, journal) = try applyUpdate(plan.updates)
+        return (upstreamApplied(plan, results), journal)
+    }
+
+    /// Applies an upload as `applyUpstream` does, over several loop turns if it is large
+    /// (SlicedUpdate.swift); `completion` gets what changed and the committed journal, or
+    /// why nothing changed. Called once the editor is idle (`whenIdle`).
+    func startUpstream(
+        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
+        completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void
+    ) {
+        let started = MonotonicInstant.now
+        let plan: UpstreamPlan
+        do { plan = try planUpstream(upload) } catch { return completion(.failure(error)) }
+        let rules = upload.reduce(0) { $0 + $1.rules.count }
+        if rules >= 1000 {
+            let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
+            logger.info("control socket: upload of \(rules) rules compared with the tables in \(ms) ms (one loop turn)")
+        }
+        startUpdate(plan.updates) { [unowned self] outcome in
+            switch outcome {
+            case .failure(let error): completion(.failure(error))
+            case .success(let done): completion(.success((self.upstreamApplied(plan, done.results), done.journal)))
+            }
+        }
+    }
+
+    /// An upload turned into one update, before it is carried out.
+    struct UpstreamPlan {
+        var summary = UpstreamSummary()
+        var updates: [TableUpdate] = []
+        /// The weak flag of every rule the upload keeps or inserts, set once it succeeded.
+        var weak: [(RuleRef, Bool)] = []
+    }
+
+    /// The difference between an upload and the active rules: refuses it (and changes
+    /// nothing) when the lock is held or a rule is invalid.
+    private func planUpstream(_ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]) throws(PestoError) -> UpstreamPlan {
         if let owner = lockOwner {
             throw PestoError(PestoError.Code.locked, "The tables are locked by \(owner); the upload was refused.")
         }
-        var summary = UpstreamSummary()
-        var updates: [TableUpdate] = []
-        // The weak flag of every rule the upload keeps or inserts, set once it succeeded.
-        var weak: [(RuleRef, Bool)] = []
+        var plan = UpstreamPlan()
         for (kind, rules) in upload {
             let t = try table(kind)
             for (rule, _) in rules { try t.validate(rule) }
@@ -86,8 +122,8 @@ extension TablesEditor {
             var nextID = (t.ids.last ?? 0) &+ 1
             for ((rule, bestEffort), keptID) in zip(rules, matching.keptIDs) {
                 if let keptID {
-                    weak.append((RuleRef(kind: kind, id: keptID), bestEffort))
-                    summary.kept += 1
+                    plan.weak.append((RuleRef(kind: kind, id: keptID), bestEffort))
+                    plan.summary.kept += 1
                     continue
                 }
                 while t.contains(nextID) || allocated.contains(nextID) { nextID &+= 1 }
@@ -95,19 +131,26 @@ extension TablesEditor {
                 tagged.owner = controlOwnerTag
                 // The proposals' ACTIVATE: complete whatever binds; failures are retried.
                 update.inserts.append((nextID, tagged, .any))
-                weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
+                plan.weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
                 allocated.insert(nextID)
                 nextID &+= 1
             }
-            summary.added += update.inserts.count
-            summary.removed += update.removes.count
-            updates.append(update)
+            plan.summary.added += update.inserts.count
+            plan.summary.removed += update.removes.count
+            plan.updates.append(update)
         }
-        let (results, journal) = try applyUpdate(updates)
+        return plan
+    }
+
+    /// Records the weak flags of an upload that succeeded; returns its summary.
+    private func upstreamApplied(
+        _ plan: UpstreamPlan, _ results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
+    ) -> UpstreamSummary {
+        var summary = plan.summary
         summary.unbound = results.reduce(0) { $0 + Int($1.counts.failed) }
-        for (ref, isWeak) in weak {
+        for (ref, isWeak) in plan.weak {
             if isWeak { weakRules.insert(ref) } else { weakRules.remove(ref) }
         }
-        return (summary, journal)
+        return summary
     }
 }

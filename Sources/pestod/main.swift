@@ -176,6 +176,13 @@ struct Pestod: ParsableCommand {
             valueName: "pid"))
     var reloadRequest: Int32?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "The most operations (and signals) one event loop turn spends on a large Apply or upload, which is carried out over several turns (default 4096, and at most 4 ms a turn); for tests.",
+            valueName: "n", visibility: .hidden))
+    var sliceOperations: Int?
+
     @Flag(name: .long, help: "Print the D-Bus interface XML of the contract (dbus/top.passt.Pesto1.xml) and exit.")
     var printIntrospection = false
 
@@ -194,6 +201,9 @@ struct Pestod: ParsableCommand {
         }
         if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 {
             throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.")
+        }
+        if let sliceOperations, sliceOperations < 1 || sliceOperations > 1 << 24 {
+            throw ValidationError("--slice-operations must be between 1 and \(1 << 24).")
         }
         if controlTimeout < 10 || controlTimeout > 600_000 {
             throw ValidationError("--control-timeout must be between 10 and 600000 milliseconds.")
@@ -378,6 +388,7 @@ struct Pestod: ParsableCommand {
             }
             logger.info("authorisation of changes: \(mode.rawValue)")
             server.allowsReplacement = takeoverPath != nil
+            if let sliceOperations { server.sliceOperations = sliceOperations }
             try server.start()
             var controlSocket: ControlSocket?
             if let handed = received?.control {
@@ -427,6 +438,7 @@ struct Pestod: ParsableCommand {
             SystemdNotify.send("READY=1")
             loop.run()
             SystemdNotify.send("STOPPING=1")
+            server.abandonChanges()  // a change in progress is rolled back, its caller told
             engine.stop()
             // Torn down in this order, explicitly: an optimised build may end a value's
             // lifetime at its last use, and these hold the loop unowned. The control socket

@@ -57,6 +57,32 @@ struct EventLoopTests {
         #expect((handler.seen.first?.events ?? 0) & EPOLLIN.rawValue != 0)
     }
 
+    @Test("work deferred with nextTurn runs one piece per turn, and a ready source is handled between two pieces")
+    func nextTurnLetsSourcesIn() throws {
+        let loop = try EventLoop()
+        let handler = RecordingHandler()
+        loop.setHandler(handler, for: EventLoop.Kind(EngineEventKind.firstForTests))
+        var fds: [Int32] = [0, 0]
+        #expect(pesto_pipe2(&fds, Int32(PESTO_O_CLOEXEC) | Int32(PESTO_O_NONBLOCK)) == 0)
+        defer {
+            close(fds[0])
+            close(fds[1])
+        }
+        try loop.add(fd: fds[0], events: EPOLLIN.rawValue, kind: EventLoop.Kind(EngineEventKind.firstForTests))
+        var order: [String] = []
+        handler.onEvent = { order.append("source") }
+        loop.nextTurn {
+            order.append("first")
+            _ = write(fds[1], "x", 1)  // ready now: handled before the next piece
+            loop.nextTurn {
+                order.append("second")
+                loop.stop()
+            }
+        }
+        loop.run()
+        #expect(order == ["first", "source", "second"])
+    }
+
     @Test("periodic and one-shot timers fire in order; cancelled ones do not")
     func timers() throws {
         let loop = try EventLoop()
