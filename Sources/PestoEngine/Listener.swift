@@ -8,7 +8,8 @@
 //   - an IPv6 address: AF_INET6 with IPV6_V6ONLY on, so `::` means IPv6 only;
 //   - no address (dual stack): one AF_INET6 socket on `::` with IPV6_V6ONLY off when both
 //     families are enabled, else a socket of the one enabled family on its wildcard.
-// TCP listeners set SO_REUSEADDR (so TIME_WAIT leftovers do not block a rebind) and listen
+// TCP listeners set SO_REUSEADDR (so TIME_WAIT leftovers do not block a rebind) and
+// TCP_NODELAY (which the connections they accept inherit, for the relay) and listen
 // with the configured backlog; UDP sockets do not, so that two UDP binds of one port still
 // collide as they should. SO_BINDTODEVICE is set before bind() when the rule names an interface.
 // Every socket is non-blocking and close-on-exec. A failure at any step closes what was
@@ -76,6 +77,10 @@ public struct KernelListenerFactory: ListenerFactory {
         if rule.proto == .tcp, case .failure(let e) = Sys.setOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1) {
             return fail(e)
         }
+        // Accepted connections inherit TCP_NODELAY from their listener, so the relay need not
+        // set it on each (a system call per connection). Its failure (ENOMEM) only costs
+        // latency, so it is not checked.
+        if rule.proto == .tcp { Self.setNoDelay(fd) }
         // UDP replies must leave from the address each client wrote to (UDPRelay.swift).
         if rule.proto == .udp, case .failure(let e) = Sys.receivePacketInfo(fd, domain: domain) {
             return fail(e)
@@ -93,4 +98,9 @@ public struct KernelListenerFactory: ListenerFactory {
     }
 
     public func closeListener(_ fd: Int32) { Sys.close(fd) }
+
+    /// Sets TCP_NODELAY on a TCP listener, for the connections it accepts (they inherit it).
+    static func setNoDelay(_ fd: Int32) {
+        _ = Sys.setOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+    }
 }

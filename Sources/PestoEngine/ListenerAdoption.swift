@@ -72,6 +72,8 @@ public final class ListenerAdoption {
             return nil
         }
         adopted += 1
+        // Its connections are to inherit TCP_NODELAY (Listener.swift), whoever made it.
+        if rule.proto == .tcp { KernelListenerFactory.setNoDelay(fd) }
         return fd
     }
 

@@ -23,7 +23,13 @@
 //   relaying    each readiness event starts a turn: the up direction (client → target), then
 //               the down direction (target → client), each pumped as below for at most
 //               `stepsPerTurn` splices so that one busy connection cannot hold the loop; then
-//               the epoll interest of both sockets is brought up to date (`.watch`).
+//               the epoll interest of both sockets is brought up to date (`.watch`). A turn
+//               serves only the directions the event's bits concern (`.readiness`: EPOLLIN on
+//               a side → the direction reading it, EPOLLOUT → the one writing to it, HUP/ERR →
+//               both); the other one's wait is in the level-triggered interest, reported in an
+//               event of its own, so no splice is made that could only say EAGAIN. The first
+//               turn, right after the connect, serves the up direction only (the target has
+//               sent nothing yet), and `.ready` (an adopted connection's first turn) both.
 //   closed      after `.close`; no further event may come.
 //
 // A direction (Flow) pumps source → pipe → destination:
@@ -33,7 +39,9 @@
 //     then `.releasePipe`; the direction is finished;
 //   - pipe empty: `.takePipe` if it has none, then `.spliceIn` from the source; 0 bytes is the
 //     source's end of file, EAGAIN ends the direction's turn (and its pipe goes back to the
-//     pool, being empty).
+//     pool, being empty);
+//   - the second direction to reach its source's end is not shut down: both sockets are
+//     closed at once (a FIN each, as nothing is left unread).
 // A preamble (a PROXY protocol header, ProxyProtocolHeader.swift) is written to the target
 // before anything else goes up: while bytes of it are left, the up direction's only step is
 // `.writePreamble` of what is left (a send(2) from the relay's per-slot buffer, so a partial
@@ -135,8 +143,12 @@ package struct TCPConnectionState: Sendable, Equatable {
     package enum Event: Sendable, Equatable {
         /// connect() (the first call or the one asked again) gave this.
         case connect(Sys.ConnectResult)
-        /// epoll reported this side ready (readable, writable, hung up or in error).
+        /// This side is to be served in both directions (a turn for both: an adopted
+        /// connection's first, or a readiness whose events are not known).
         case ready(TCPSide)
+        /// epoll reported `events` (EPOLLIN, EPOLLOUT, EPOLLHUP, EPOLLERR) on this side: a turn
+        /// for only the directions they concern (see `startTurn(for:events:)`).
+        case readiness(TCPSide, events: UInt32)
         /// The target's SO_ERROR after the connect's EPOLLOUT: nil when connected; the error,
         /// or getsockopt's own failure, otherwise.
         case pendingError(Errno?)
@@ -264,6 +276,16 @@ package struct TCPConnectionState: Sendable, Equatable {
             case .closed:
                 preconditionFailure("unreachable")
             }
+        case .readiness(let side, let events):
+            switch phase {
+            case .connecting:
+                return side == .target ? .readPendingError : .wait
+            case .relaying:
+                startTurn(for: side, events: events)
+                return next()
+            case .closed:
+                preconditionFailure("unreachable")
+            }
         case .pendingError(let error):
             precondition(phase == .connecting, "SO_ERROR while \(phase)")
             if let error { return close(.connectFailed(error)) }
@@ -345,9 +367,15 @@ package struct TCPConnectionState: Sendable, Equatable {
 
     // MARK: Transitions
 
+    /// The first turn of relaying, just after the connect: only the up direction, whose
+    /// client may have sent something while the target was being connected; the target, just
+    /// connected, has sent nothing yet (should it have, epoll reports it at once: the interest
+    /// is level-triggered). This spares the down direction's splice, which would only say
+    /// EAGAIN.
     private mutating func startRelaying() -> Action {
         phase = .relaying
         startTurn()
+        down.idle = true
         return next()
     }
 
@@ -356,6 +384,23 @@ package struct TCPConnectionState: Sendable, Equatable {
         up.steps = Self.stepsPerTurn
         down.idle = down.finished
         down.steps = Self.stepsPerTurn
+    }
+
+    /// A turn for the directions that `events` on `side` concern: the one reading from `side`
+    /// when it is readable (EPOLLIN), the one writing to it when it is writable (EPOLLOUT), both
+    /// on a hang-up or an error (their splice or shutdown then tells what happened). The other
+    /// direction stays idle: whatever it waits for is in the epoll interest (its source's
+    /// EPOLLIN, its destination's EPOLLOUT while its pipe holds bytes, or the preamble's), and
+    /// the interest is level-triggered, so epoll reports it in its own event. This spares the
+    /// splices that could only say EAGAIN.
+    private mutating func startTurn(for side: TCPSide, events: UInt32) {
+        startTurn()
+        let both = events & (EventLoop.Events.hangup | EventLoop.Events.error) != 0
+        let reading: TCPDirection = side == .client ? .up : .down
+        if !both && events & EventLoop.Events.readable == 0 { update(reading) { $0.idle = true } }
+        if !both && events & EventLoop.Events.writable == 0 {
+            update(reading == .up ? .down : .up) { $0.idle = true }
+        }
     }
 
     private mutating func close(_ ending: Ending) -> Action {
@@ -385,13 +430,19 @@ package struct TCPConnectionState: Sendable, Equatable {
             if !f.finished && f.hasPipe && f.pending == 0 { return .releasePipe(d) }
             return nil
         }
+        // A drained direction whose source ended is shut down even when its splices for the
+        // turn are spent: nothing in the epoll interest would bring it back for that.
+        // The last direction to end needs no shutdown: both sockets' ends of file were read, so
+        // close(2) sends the FIN itself (nothing unread, so no reset).
+        if f.sourceEnded && f.pending == 0 && !(d == .up && preambleLeft > 0) {
+            return flow(d == .up ? .down : .up).finished ? close(.finished) : .shutdownWrite(d)
+        }
         if f.steps <= 0 {
             update(d) { $0.idle = true }
             return step(d)
         }
         if d == .up && preambleLeft > 0 { return .writePreamble(count: preambleLeft) }
         if f.pending > 0 { return .spliceOut(d, count: f.pending) }
-        if f.sourceEnded { return .shutdownWrite(d) }
         if !f.hasPipe { return .takePipe(d) }
         return .spliceIn(d)
     }

@@ -255,7 +255,7 @@ public final class TCPRelay: EventHandler {
             counters.connectFailures += 1
             return !e.isDescriptorExhaustion
         }
-        setNoDelay(client)
+        // The client has TCP_NODELAY from its listener (Listener.swift): only the target's is set.
         setNoDelay(out)
         var transparent = false
         if target.source == .client, let routing = targetSide(target.table).transparent {
@@ -353,7 +353,7 @@ public final class TCPRelay: EventHandler {
         let i = Int(index)
         // The connection may have been closed earlier in this epoll batch.
         guard i < slots.count, slots[i].inUse, fd == slots[i].client || fd == slots[i].target else { return }
-        drive(index, .ready(fd == slots[i].client ? .client : .target))
+        drive(index, .readiness(fd == slots[i].client ? .client : .target, events: events))
     }
 
     /// Feeds `event` to the connection's state and executes the actions it returns, feeding

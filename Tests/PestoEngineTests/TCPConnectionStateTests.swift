@@ -19,27 +19,22 @@ private typealias Action = TCPConnectionState.Action
 
 private let readable = EventLoop.Events.readable
 private let writable = EventLoop.Events.writable
+/// A splice's size in the tests that pump a direction for several steps.
+private let big = 16384
 
 /// Feeds `events` in order; returns the action each one gave.
 private func feed(_ state: inout State, _ events: [Event]) -> [Action] {
     events.map { state.handle($0) }
 }
 
-/// A connection that connected at once and went through its first (empty) turn: both
-/// directions found nothing to read and both sockets are watched for EPOLLIN.
+/// A connection that connected at once and went through its first (empty) turn: the up
+/// direction found nothing to read (the down one is not tried: the target has just been
+/// connected) and both sockets are watched for EPOLLIN.
 private func idleConnection() -> State {
     var s = State()
     let actions = feed(
-        &s,
-        [
-            .connect(.connected), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up),
-            .pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true),
-        ])
-    #expect(
-        actions == [
-            .takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down), .spliceIn(.down), .releasePipe(.down),
-            .watch(client: readable, target: readable), .wait,
-        ])
+        &s, [.connect(.connected), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .watched(true)])
+    #expect(actions == [.takePipe(.up), .spliceIn(.up), .releasePipe(.up), .watch(client: readable, target: readable), .wait])
     #expect(s.phase == .relaying && s.clientInterest == readable && s.targetInterest == readable)
     return s
 }
@@ -76,11 +71,8 @@ struct TCPConnectionStateTests {
         #expect(s.handle(.ready(.target)) == .readPendingError)
         #expect(s.handle(.pendingError(nil)) == .takePipe(.up))
         #expect(
-            feed(&s, [.pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up)])
-                == [.spliceIn(.up), .releasePipe(.up), .takePipe(.down)])
-        #expect(
-            feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true)])
-                == [.spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable), .wait])
+            feed(&s, [.pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up), .watched(true)])
+                == [.spliceIn(.up), .releasePipe(.up), .watch(client: readable, target: readable), .wait])
     }
 
     @Test("connect failures end the connection with a reset: at once, when asked again, or by SO_ERROR")
@@ -142,21 +134,21 @@ struct TCPConnectionStateTests {
     func turnBudget() {
         var s = idleConnection()
         _ = feed(&s, [.ready(.client), .pipe(.up, taken: true)])
-        // In 10, out 5, out 5, in 10, ...: the 16th splice is an in, leaving 10 bytes in the pipe.
+        // In 2b, out b, out b, in 2b, ...: the 16th splice is an in, leaving 2b bytes in the pipe.
         var last = Action.wait
         for k in 0..<State.stepsPerTurn {
-            last = s.handle(.spliced(.up, .moved(k % 3 == 0 ? 10 : 5)))
+            last = s.handle(.spliced(.up, .moved(k % 3 == 0 ? 2 * big : big)))
         }
         #expect(last == .takePipe(.down), "the up direction yields after \(State.stepsPerTurn) splices")
-        #expect(s.up.pending == 10 && !s.up.destinationBlocked && s.up.hasPipe)
+        #expect(s.up.pending == 2 * big && !s.up.destinationBlocked && s.up.hasPipe)
         #expect(
             feed(&s, [.pipe(.down, taken: true), .spliced(.down, .wouldBlock), .pipeReleased(.down)])
                 == [.spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable | writable)])
         // EPOLLOUT on the target comes at once: the pending bytes go out first.
-        #expect(feed(&s, [.watched(true), .ready(.target)]) == [.wait, .spliceOut(.up, count: 10)])
+        #expect(feed(&s, [.watched(true), .ready(.target)]) == [.wait, .spliceOut(.up, count: 2 * big)])
     }
 
-    @Test("half-close, client first: the client's EOF becomes shutdown(target, SHUT_WR); the target's EOF later ends it with FIN")
+    @Test("half-close, client first: the client's EOF becomes shutdown(target, SHUT_WR); the target's EOF later closes both (FIN)")
     func halfCloseClientFirst() {
         var s = idleConnection()
         #expect(
@@ -173,11 +165,11 @@ struct TCPConnectionStateTests {
             feed(
                 &s,
                 [
-                    .ready(.target), .pipe(.down, taken: true), .spliced(.down, .moved(5)), .spliced(.down, .moved(5)),
+                    .ready(.target), .pipe(.down, taken: true), .spliced(.down, .moved(big)), .spliced(.down, .moved(big)),
                     .spliced(.down, .endOfFile),
                 ])
-                == [.takePipe(.down), .spliceIn(.down), .spliceOut(.down, count: 5), .spliceIn(.down), .shutdownWrite(.down)])
-        #expect(s.handle(.shutDown(.down, failure: nil)) == .close(.finished))
+                == [.takePipe(.down), .spliceIn(.down), .spliceOut(.down, count: big), .spliceIn(.down), .close(.finished)],
+            "the last end of file needs no shutdown: close(2) sends the FIN")
         #expect(s.phase == .closed && !State.Ending.finished.resets)
     }
 
@@ -195,9 +187,11 @@ struct TCPConnectionStateTests {
         #expect(
             feed(
                 &s,
-                [.ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(3)), .spliced(.up, .moved(3)), .spliced(.up, .endOfFile)])
-                == [.takePipe(.up), .spliceIn(.up), .spliceOut(.up, count: 3), .spliceIn(.up), .shutdownWrite(.up)])
-        #expect(s.handle(.shutDown(.up, failure: nil)) == .close(.finished))
+                [
+                    .ready(.client), .pipe(.up, taken: true), .spliced(.up, .moved(big)), .spliced(.up, .moved(big)),
+                    .spliced(.up, .endOfFile),
+                ])
+                == [.takePipe(.up), .spliceIn(.up), .spliceOut(.up, count: big), .spliceIn(.up), .close(.finished)])
     }
 
     @Test("EOF with bytes still in the pipe: they are delivered first, then the half-close")
@@ -279,13 +273,12 @@ struct TCPConnectionStateTests {
             &s,
             [
                 .connect(.connected), .preambleSent(.moved(15)), .preambleSent(.moved(25)), .pipe(.up, taken: true),
-                .spliced(.up, .wouldBlock), .pipeReleased(.up), .pipe(.down, taken: true), .spliced(.down, .wouldBlock),
-                .pipeReleased(.down), .watched(true),
+                .spliced(.up, .wouldBlock), .pipeReleased(.up), .watched(true),
             ])
         #expect(
             actions == [
                 .writePreamble(count: 40), .writePreamble(count: 25), .takePipe(.up), .spliceIn(.up), .releasePipe(.up),
-                .takePipe(.down), .spliceIn(.down), .releasePipe(.down), .watch(client: readable, target: readable), .wait,
+                .watch(client: readable, target: readable), .wait,
             ])
         #expect(s.preambleLeft == 0)
     }
@@ -295,14 +288,10 @@ struct TCPConnectionStateTests {
         var s = State(preamble: 12)
         var actions = feed(
             &s,
-            [
-                .connect(.connected), .preambleSent(.moved(5)), .preambleSent(.wouldBlock), .pipe(.down, taken: true),
-                .spliced(.down, .wouldBlock), .pipeReleased(.down), .watched(true),
-            ])
+            [.connect(.connected), .preambleSent(.moved(5)), .preambleSent(.wouldBlock), .watched(true)])
         #expect(
             actions == [
-                .writePreamble(count: 12), .writePreamble(count: 7), .takePipe(.down), .spliceIn(.down), .releasePipe(.down),
-                .watch(client: 0, target: readable | writable), .wait,
+                .writePreamble(count: 12), .writePreamble(count: 7), .watch(client: 0, target: readable | writable), .wait,
             ])
         // The target drains: the rest of the preamble goes, then the client is read again.
         actions = feed(&s, [.ready(.target), .preambleSent(.moved(7)), .pipe(.up, taken: true), .spliced(.up, .wouldBlock)])
@@ -322,5 +311,93 @@ struct TCPConnectionStateTests {
         var s = State(preamble: 3)
         let actions = feed(&s, [.connect(.connected), .preambleSent(.moved(3)), .pipe(.up, taken: true), .spliced(.up, .endOfFile)])
         #expect(actions == [.writePreamble(count: 3), .takePipe(.up), .spliceIn(.up), .shutdownWrite(.up)])
+    }
+
+    // MARK: Turns for the events reported
+
+    @Test("EPOLLIN on the client serves the up direction only: no splice from the target that could only say EAGAIN")
+    func readableClientServesUpOnly() {
+        var s = idleConnection()
+        #expect(
+            feed(
+                &s,
+                [
+                    .readiness(.client, events: readable), .pipe(.up, taken: true), .spliced(.up, .moved(1)), .spliced(.up, .moved(1)),
+                    .spliced(.up, .wouldBlock), .pipeReleased(.up),
+                ])
+                == [.takePipe(.up), .spliceIn(.up), .spliceOut(.up, count: 1), .spliceIn(.up), .releasePipe(.up), .wait])
+        #expect(s.clientInterest == readable && s.targetInterest == readable, "the client stays watched for what comes next")
+    }
+
+    @Test("EPOLLIN on the target serves the down direction only; its EOF half-closes the client")
+    func readableTargetServesDownOnly() {
+        var s = idleConnection()
+        #expect(
+            feed(
+                &s,
+                [
+                    .readiness(.target, events: readable), .pipe(.down, taken: true), .spliced(.down, .moved(big)),
+                    .spliced(.down, .moved(big)), .spliced(.down, .endOfFile), .shutDown(.down, failure: nil), .pipeReleased(.down),
+                ])
+                == [
+                    .takePipe(.down), .spliceIn(.down), .spliceOut(.down, count: big), .spliceIn(.down), .shutdownWrite(.down),
+                    .releasePipe(.down), .watch(client: readable, target: 0),
+                ])
+    }
+
+    @Test("EPOLLOUT on the target serves the up direction (its pending bytes), not the down one")
+    func writableTargetServesUpOnly() {
+        var s = idleConnection()
+        _ = feed(&s, [.readiness(.client, events: readable), .pipe(.up, taken: true), .spliced(.up, .moved(8))])
+        #expect(s.handle(.spliced(.up, .wouldBlock)) == .watch(client: 0, target: readable | writable), "blocked: no down splice")
+        #expect(s.handle(.watched(true)) == .wait)
+        #expect(
+            feed(&s, [.readiness(.target, events: writable), .spliced(.up, .moved(8)), .spliced(.up, .wouldBlock), .pipeReleased(.up)])
+                == [.spliceOut(.up, count: 8), .spliceIn(.up), .releasePipe(.up), .watch(client: readable, target: readable)])
+    }
+
+    @Test(
+        "a hang-up or an error serves both directions, so their splices tell what happened",
+        arguments: [EventLoop.Events.hangup, EventLoop.Events.error])
+    func hangupServesBoth(_ events: UInt32) {
+        var s = idleConnection()
+        let e = Errno(rawValue: ECONNRESET)
+        #expect(
+            feed(&s, [.readiness(.client, events: events), .pipe(.up, taken: true), .spliced(.up, .wouldBlock), .pipeReleased(.up)])
+                == [.takePipe(.up), .spliceIn(.up), .releasePipe(.up), .takePipe(.down)])
+        #expect(feed(&s, [.pipe(.down, taken: true), .spliced(.down, .failed(e))]) == [.spliceIn(.down), .close(.broken(e))])
+    }
+
+    @Test("an event while connecting: the target's asks for SO_ERROR, a stale client one changes nothing")
+    func readinessWhileConnecting() {
+        var s = State()
+        _ = feed(&s, [.connect(.inProgress), .connect(.inProgress), .watched(true)])
+        #expect(s.handle(.readiness(.client, events: readable)) == .wait)
+        #expect(s.handle(.readiness(.target, events: writable)) == .readPendingError)
+        #expect(s.handle(.pendingError(nil)) == .takePipe(.up), "relaying: the up direction first, the down one not tried")
+    }
+
+    @Test("connect() interrupted (EINTR, reported in progress) is asked again, then waits for EPOLLOUT")
+    func connectInterrupted() {
+        var s = State()
+        #expect(feed(&s, [.connect(.inProgress), .connect(.inProgress)]) == [.askConnectAgain, .watch(client: 0, target: writable)])
+    }
+
+    @Test("an EOF as a turn's last splice still half-closes at once: nothing in the interest would bring it back")
+    func endOfFileAsLastStep() {
+        var s = idleConnection()
+        _ = feed(&s, [.readiness(.client, events: readable), .pipe(.up, taken: true)])
+        // In 2b, out b, out b, five times: 15 splices, the pipe empty, one splice left.
+        var last = Action.wait
+        for _ in 0..<5 {
+            last = s.handle(.spliced(.up, .moved(2 * big)))
+            #expect(last == .spliceOut(.up, count: 2 * big))
+            last = s.handle(.spliced(.up, .moved(big)))
+            last = s.handle(.spliced(.up, .moved(big)))
+        }
+        #expect(last == .spliceIn(.up))
+        // The 16th splice finds the end of file: the shutdown follows anyway.
+        #expect(s.handle(.spliced(.up, .endOfFile)) == .shutdownWrite(.up))
+        #expect(feed(&s, [.shutDown(.up, failure: nil), .pipeReleased(.up)]) == [.releasePipe(.up), .watch(client: 0, target: readable)])
     }
 }

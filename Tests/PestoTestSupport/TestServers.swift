@@ -47,6 +47,12 @@ public final class EchoServer: Sendable {
     /// Listens on `address:port` (the listening socket can come from another namespace via `fd`).
     public init?(address: IPAddress = .loopbackIPv4, port: UInt16, listeningFD: Int32? = nil) {
         guard let fd = listeningFD ?? TestSockets.bound(address: address, port: port) else { return nil }
+        // A long backlog: a relay draining its own backlog after a pause (a takeover) connects
+        // dozens of clients at once, faster than the one accepting thread takes them. With 16,
+        // the queue overflowed under load and the kernel answered with SYN cookies, whose
+        // check fails for a FIN that follows a dropped segment: the relay's connection then
+        // got a reset from here, which pestod passed on to its client.
+        _ = Glibc.listen(fd, SOMAXCONN)
         self.fd = fd
         self.port = port
         let flags = fcntl(fd, F_GETFL)
