@@ -18,7 +18,8 @@
 //
 // Each turn: `beforeSleep` (libdbus dispatch), the due timers, `endOfTurn` (work that
 // collects what the turn produced: the service saves the changes committed during it, once),
-// then `epoll_wait` and the handlers of the ready sources.
+// then `epoll_wait`, the handlers of the ready sources, and the `afterEvents` actions (work
+// that completes what those handlers gathered: the UDP relay's replies, one sendmmsg).
 //
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
@@ -120,6 +121,8 @@ public final class EventLoop {
     /// it): runs after `beforeSleep` and the due timers, just before the loop sleeps, and
     /// once more when `run()` returns.
     public var endOfTurn: (() -> Void)?
+    /// Work that finishes what the handlers of one `epoll_wait` started (`afterEvents`).
+    private var afterEventsActions: [() -> Void] = []
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -171,6 +174,15 @@ public final class EventLoop {
         timers.removeAll()
         beforeSleep = nil
         endOfTurn = nil
+        afterEventsActions.removeAll()
+    }
+
+    /// Runs `action` after the handlers of every `epoll_wait` that returned events, before
+    /// the loop goes on (the UDP relay sends the replies its flows gathered during them in one
+    /// `sendmmsg`). Actions run in the order added and stay for the loop's life: an owner
+    /// that may go away captures itself weakly.
+    public func afterEvents(_ action: @escaping () -> Void) {
+        afterEventsActions.append(action)
     }
 
     /// Starts watching `fd` for `events` (EPOLLIN, EPOLLOUT, ...).
@@ -283,6 +295,9 @@ public final class EventLoop {
                     continue
                 }
                 handlers[kind]?.handleEvent(events[k].events, index: UInt32((data >> 32) & 0xFF_FFFF), fd: fd)
+            }
+            if n > 0 {
+                for action in afterEventsActions { action() }
             }
         }
         endOfTurn?()
