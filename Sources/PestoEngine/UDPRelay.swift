@@ -439,7 +439,13 @@ public final class UDPRelay: EventHandler {
     private func sendToTarget(_ count: Int, on socket: Int32) {
         let order = UnsafePointer(sendOrder)
         let (sent, dropped) = Self.sendAll(count, retryRefused: true) { range in
-            Sys.sendBatchConnected(socket, datagrams, index: order + range.lowerBound, count: range.count, flags: Int32(MSG_DONTWAIT))
+            if range.count == 1 {
+                // One datagram (request/response): send() costs less than a sendmmsg() of one.
+                let i = Int(order[range.lowerBound])
+                return Sys.send(socket, datagrams.bytes(i), datagrams.length(i), flags: Int32(MSG_DONTWAIT)).map { _ in 1 }
+            }
+            return Sys.sendBatchConnected(
+                socket, datagrams, index: order + range.lowerBound, count: range.count, flags: Int32(MSG_DONTWAIT))
         }
         counters.datagramsOut += sent
         counters.droppedErrors += dropped
