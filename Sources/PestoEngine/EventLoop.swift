@@ -123,6 +123,9 @@ public final class EventLoop {
     public var endOfTurn: (() -> Void)?
     /// Work that finishes what the handlers of one `epoll_wait` started (`afterEvents`).
     private var afterEventsActions: [() -> Void] = []
+    /// How many sources the last `epoll_wait` returned: a handler that is the only one of
+    /// its turn has nothing to gather its work with.
+    public private(set) var readyThisTurn = 0
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -283,6 +286,7 @@ public final class EventLoop {
             case .failure(.interrupted): continue  // a signal: timers and the stop flag first
             case .failure(let e): preconditionFailure("epoll_wait failed: \(e)")  // EINVAL: a bug
             }
+            readyThisTurn = n
             for k in 0..<n {
                 let data = events[k].data.u64
                 let kind = Int(data >> 56)

@@ -37,7 +37,8 @@
 // flow socket that became readable in one epoll_wait into a second batch (each with its
 // client and local address) and leave the listener in one sendmmsg after the turn's events
 // (`EventLoop.afterEvents`), or sooner when the batch is full or a flow of another listener
-// has replies.
+// has replies, or at once when the flow was the only source of its turn (request/response:
+// nothing to gather with).
 //
 // Events:
 //   listener readable   up to `batch` datagrams are taken with one recvmmsg(MSG_DONTWAIT).
@@ -525,6 +526,9 @@ public final class UDPRelay: EventHandler {
             }
         }
         if budget < Self.batch { flows[slot].lastActive = .now }
+        // The only source of its turn (request/response): nothing to gather with, so the
+        // replies leave now, as they would have without gathering.
+        if loop.readyThisTurn == 1 { flushReplies() }
     }
 
     /// Sends the replies gathered so far from `pendingListener`, each to its client from its
