@@ -353,6 +353,49 @@ int pesto_send_batch(int fd, const struct pesto_datagram *d, unsigned n, int fla
     return sendmmsg(fd, msgs, n, flags);
 }
 
+int pesto_send_batch_each(int fd, const struct pesto_datagram *d, unsigned n, int flags)
+{
+    struct mmsghdr msgs[PESTO_BATCH_MAX];
+    struct iovec iov[PESTO_BATCH_MAX];
+    union {
+        char buf[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+        struct cmsghdr align;
+    } control[PESTO_BATCH_MAX];
+    unsigned i;
+
+    if (n > PESTO_BATCH_MAX)
+        n = PESTO_BATCH_MAX;
+    for (i = 0; i < n; i++) {
+        iov[i].iov_base = d[i].data;
+        iov[i].iov_len = d[i].length;
+        msgs[i].msg_hdr = (struct msghdr){
+            .msg_name = (void *)&d[i].peer, .msg_namelen = d[i].peer_len, .msg_iov = &iov[i], .msg_iovlen = 1,
+        };
+        memset(&control[i], 0, sizeof(control[i]));
+        /* The peer's family is the socket's: an IPv4 client of a dual-stack socket is IPv4-mapped. */
+        write_pktinfo(&msgs[i].msg_hdr, control[i].buf, d[i].peer.ss_family, &d[i].local);
+        msgs[i].msg_len = 0;
+    }
+    return sendmmsg(fd, msgs, n, flags);
+}
+
+int pesto_send_batch_connected(int fd, const struct pesto_datagram *d, const uint8_t *index, unsigned n, int flags)
+{
+    struct mmsghdr msgs[PESTO_BATCH_MAX];
+    struct iovec iov[PESTO_BATCH_MAX];
+    unsigned i;
+
+    if (n > PESTO_BATCH_MAX)
+        n = PESTO_BATCH_MAX;
+    for (i = 0; i < n; i++) {
+        iov[i].iov_base = d[index[i]].data;
+        iov[i].iov_len = d[index[i]].length;
+        msgs[i].msg_hdr = (struct msghdr){ .msg_iov = &iov[i], .msg_iovlen = 1 };
+        msgs[i].msg_len = 0;
+    }
+    return sendmmsg(fd, msgs, n, flags);
+}
+
 const char *pesto_errno_name(int err) { return strerrorname_np(err); }
 
 int pesto_errno(void) { return errno; }

@@ -19,9 +19,10 @@
 // Each turn: `beforeSleep` (libdbus dispatch), the work deferred to this turn (`nextTurn`: a
 // slice of a large change, see PestoService/SlicedUpdate.swift), the due timers, `endOfTurn`
 // (work that collects what the turn produced: the service saves the changes committed during
-// it, once), then `epoll_wait` and the handlers of the ready sources. While work is deferred,
-// `epoll_wait` does not sleep: it only collects what is ready, so the handlers run between
-// two slices.
+// it, once), then `epoll_wait`, the handlers of the ready sources, and the `afterEvents`
+// actions (work that completes what those handlers gathered: the UDP relay's replies, one
+// sendmmsg). While work is deferred, `epoll_wait` does not sleep: it only collects what is
+// ready, so the handlers run between two slices.
 //
 // Timers are few (retry, scan, a handful of D-Bus timeouts), so they live in a small array
 // scanned once per iteration; `epoll_wait` sleeps until the earliest deadline.
@@ -127,6 +128,11 @@ public final class EventLoop {
     /// it): runs after `beforeSleep` and the due timers, just before the loop sleeps, and
     /// once more when `run()` returns.
     public var endOfTurn: (() -> Void)?
+    /// Work that finishes what the handlers of one `epoll_wait` started (`afterEvents`).
+    private var afterEventsActions: [() -> Void] = []
+    /// How many sources the last `epoll_wait` returned: a handler that is the only one of
+    /// its turn has nothing to gather its work with.
+    public private(set) var readyThisTurn = 0
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -179,6 +185,15 @@ public final class EventLoop {
         deferred.removeAll()
         beforeSleep = nil
         endOfTurn = nil
+        afterEventsActions.removeAll()
+    }
+
+    /// Runs `action` after the handlers of every `epoll_wait` that returned events, before
+    /// the loop goes on (the UDP relay sends the replies its flows gathered during them in one
+    /// `sendmmsg`). Actions run in the order added and stay for the loop's life: an owner
+    /// that may go away captures itself weakly.
+    public func afterEvents(_ action: @escaping () -> Void) {
+        afterEventsActions.append(action)
     }
 
     /// Starts watching `fd` for `events` (EPOLLIN, EPOLLOUT, ...).
@@ -296,6 +311,7 @@ public final class EventLoop {
             case .failure(.interrupted): continue  // a signal: timers and the stop flag first
             case .failure(let e): preconditionFailure("epoll_wait failed: \(e)")  // EINVAL: a bug
             }
+            readyThisTurn = n
             for k in 0..<n {
                 let data = events[k].data.u64
                 let kind = Int(data >> 56)
@@ -308,6 +324,9 @@ public final class EventLoop {
                     continue
                 }
                 handlers[kind]?.handleEvent(events[k].events, index: UInt32((data >> 32) & 0xFF_FFFF), fd: fd)
+            }
+            if n > 0 {
+                for action in afterEventsActions { action() }
             }
         }
         endOfTurn?()

@@ -29,11 +29,16 @@
 //
 // Batching: datagrams are taken `batch` (64) at a time with one recvmmsg(2), into a
 // `DatagramBatch` allocated in init (64 slots of 64 KiB, each with room for its sender and
-// pktinfo; the mmsghdr, iovec and control arrays live on the C shim's stack), and the replies
-// of a flow leave in one sendmmsg(2). With many flows, what costs is system calls per
-// datagram: one datagram at a time, a round trip through the relay took a recvmsg, a send, a
-// recv and a sendmsg, plus an EAGAIN at the end of each readiness; batched, the listener's
-// side costs one recvmmsg per batch and a reply burst one recvmmsg and one sendmmsg.
+// pktinfo; the mmsghdr, iovec and control arrays live on the C shim's stack). With many
+// flows, what costs is system calls per datagram: one datagram at a time, a round trip
+// through the relay took a recvmsg, a send, a recv and a sendmsg, plus an EAGAIN at the end of
+// each readiness. Batched, a listener batch costs one recvmmsg and one sendmmsg per flow
+// present in it (that flow's datagrams, in arrival order); replies are gathered from every
+// flow socket that became readable in one epoll_wait into a second batch (each with its
+// client and local address) and leave the listener in one sendmmsg after the turn's events
+// (`EventLoop.afterEvents`), or sooner when the batch is full or a flow of another listener
+// has replies, or at once when the flow was the only source of its turn (request/response:
+// nothing to gather with).
 //
 // Events:
 //   listener readable   up to `batch` datagrams are taken with one recvmmsg(MSG_DONTWAIT).
@@ -43,22 +48,27 @@
 //                       (a flow's state is touched once per run of its datagrams); a miss
 //                       creates the flow unless the table is full (`maxFlows`: dropped,
 //                       counted) or the destination is one of pestod's own listeners
-//                       (`wouldLoop`: dropped, counted — it would loop forever). Each datagram
-//                       is then send() on its flow socket (one socket per flow: there is no
-//                       call that sends on many sockets).
-//   flow readable       up to `batch` replies are taken with one recvmmsg() and sent with
-//                       one sendmmsg() to the client from the listener, from the flow's local
-//                       address. The flow socket is registered under kind `udpFlow` with its
-//                       slot as the epoll index, so this path does no lookup at all.
-//                       sendmmsg() stops at the first reply it cannot send (full send buffer,
-//                       no route) without saying why: the rest are sent again, and a reply the
-//                       call fails on is dropped and counted, as one sendmsg() per reply did.
+//                       (`wouldLoop`: dropped, counted — it would loop forever). Then each
+//                       flow's datagrams of the batch go in one sendmmsg() on its socket (one
+//                       socket per flow: there is no call that sends on many sockets).
+//   flow readable       up to `batch` replies are taken with recvmmsg() into the reply batch,
+//                       each marked with the flow's client and local address. The flow socket
+//                       is registered under kind `udpFlow` with its slot as the epoll index,
+//                       so this path does no lookup at all.
+//   after the events    the gathered replies leave the listener in one sendmmsg(), each to
+//                       its client from its flow's local address (`flushReplies`).
+//                       sendmmsg() stops at the first datagram it cannot send (full send
+//                       buffer, no route) without saying why: the rest are sent again, and a
+//                       datagram the call fails on is dropped and counted, as one sendmsg()
+//                       per datagram did, so a stuck socket costs at most one call per
+//                       datagram and never a spin (`sendAll`, both directions).
 //   expiry timer        every `expiryCheckMilliseconds`, flows idle (no datagram either way)
 //                       for `idleTimeoutMilliseconds` are closed. The timer is armed only while
 //                       there are flows, so an idle relay never wakes the loop.
 //   listener closing    the engine calls `listenerClosing` before it closes a UDP listener:
-//                       its flows are closed, since their replies could no longer be sent (and
-//                       the fd number may soon name another listener).
+//                       the replies gathered for it are sent, then its flows are closed, since
+//                       their replies could no longer be sent (and the fd number may soon name
+//                       another listener).
 //
 // Flows live in an array of slots reused through a free list; a slot is free exactly when its
 // `socket` is -1, and `flowsByKey` maps the key of every used slot to it and holds nothing
@@ -189,8 +199,19 @@ public final class UDPRelay: EventHandler {
     private var flows: [Flow] = []
     private var freeSlots: [UInt32] = []
     private var flowsByKey: [FlowKey: UInt32] = [:]
-    /// Every datagram passes through here, `batch` at a time; allocated once.
+    /// Every datagram from a client passes through here, `batch` at a time; allocated once.
     private let datagrams: DatagramBatch
+    /// Replies gathered during one loop turn, each with its client and local address, sent
+    /// from `pendingListener` in one sendmmsg after the turn's events; allocated once.
+    private let replies: DatagramBatch
+    /// Replies waiting in `replies` (its first slots).
+    private var pendingReplies = 0
+    /// The listener the waiting replies leave from.
+    private var pendingListener: Int32 = -1
+    /// Per datagram of a listener batch, its flow's slot (-1: dropped, or already sent).
+    private let batchFlows: UnsafeMutablePointer<Int32>
+    /// The datagrams of one flow in a listener batch, in arrival order, for one sendmmsg.
+    private let sendOrder: UnsafeMutablePointer<UInt8>
     /// The expiry timer, armed while there are flows.
     private var expiryTimer: EventLoop.TimerID?
 
@@ -222,18 +243,28 @@ public final class UDPRelay: EventHandler {
         self.budget = budget
         self.wouldLoop = wouldLoop
         datagrams = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
+        replies = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
+        batchFlows = .allocate(capacity: Self.batch)
+        sendOrder = .allocate(capacity: Self.batch)
         flows.reserveCapacity(min(limits.maxFlows, 1024))
         freeSlots.reserveCapacity(min(limits.maxFlows, 1024))
         flowsByKey.reserveCapacity(min(limits.maxFlows, 1024))
         loop.setHandler(self, for: EngineEventKind.udpFlow)
+        // Weak: the relay goes away when the loop lets go of its handler.
+        loop.afterEvents { [weak self] in self?.flushReplies() }
     }
 
     deinit {
         closeAll()
+        batchFlows.deallocate()
+        sendOrder.deallocate()
     }
 
-    /// Closes every flow (engine shutdown) and disarms the expiry timer.
+    /// Closes every flow (engine shutdown) and disarms the expiry timer. Replies not yet sent
+    /// are dropped (counted): their listeners may be closed already.
     public func closeAll() {
+        counters.droppedErrors += UInt64(pendingReplies)
+        pendingReplies = 0
         guard flowCount > 0 else { return }
         for slot in flows.indices where flows[slot].inUse { closeFlow(slot: slot) }
     }
@@ -263,19 +294,28 @@ public final class UDPRelay: EventHandler {
             let client = datagrams.peer(i)
             let local = datagrams.local(i)
             let key = FlowKey(listener: listener, client: client, local: local.address)
-            let slot: Int
             if let previous, previous.key == key {
-                slot = previous.slot
+                batchFlows[i] = Int32(previous.slot)
+            } else if let found = flowSlot(key: key, local: local, target: target, shared: shared, now: now) {
+                flows[found].lastActive = now
+                previous = (key, found)
+                batchFlows[i] = Int32(found)
             } else {
-                guard let found = flowSlot(key: key, local: local, target: target, shared: shared, now: now) else {
-                    previous = nil
-                    continue
-                }
-                slot = found
-                flows[slot].lastActive = now
-                previous = (key, slot)
+                previous = nil
+                batchFlows[i] = -1
             }
-            send(datagrams.bytes(i), datagrams.length(i), on: flows[slot].socket)
+        }
+        // Each flow's datagrams of the batch, in the order they arrived, in one sendmmsg on
+        // its socket (flows in the order of their first datagram).
+        for i in 0..<received where batchFlows[i] >= 0 {
+            let slot = batchFlows[i]
+            var count = 0
+            for j in i..<received where batchFlows[j] == slot {
+                sendOrder[count] = UInt8(j)
+                count += 1
+                batchFlows[j] = -1
+            }
+            sendToTarget(count, on: flows[Int(slot)].socket)
         }
     }
 
@@ -395,70 +435,116 @@ public final class UDPRelay: EventHandler {
         return fd
     }
 
-    /// Sends `count` bytes at `bytes` on a flow socket.
-    private func send(_ bytes: UnsafeRawPointer, _ count: Int, on socket: Int32) {
-        for attempt in 0..<2 {
-            switch Sys.send(socket, bytes, count, flags: Int32(MSG_DONTWAIT)) {
-            case .success:
-                counters.datagramsOut += 1
-                return
-            case .failure(let e) where e == Self.connectionRefused && attempt == 0:
-                // An ICMP error about an earlier datagram: that one is the loss. Reporting the
-                // error cleared it and nothing was sent, so this datagram gets another try.
-                counters.droppedErrors += 1
-            case .failure:
-                counters.droppedErrors += 1
-                return
+    /// Sends the `count` datagrams of the batch named by `sendOrder` on a flow socket, in
+    /// that order: one sendmmsg() unless one fails.
+    private func sendToTarget(_ count: Int, on socket: Int32) {
+        let order = UnsafePointer(sendOrder)
+        let (sent, dropped) = Self.sendAll(count, retryRefused: true) { range in
+            if range.count == 1 {
+                // One datagram (request/response): send() costs less than a sendmmsg() of one.
+                let i = Int(order[range.lowerBound])
+                return Sys.send(socket, datagrams.bytes(i), datagrams.length(i), flags: Int32(MSG_DONTWAIT)).map { _ in 1 }
+            }
+            return Sys.sendBatchConnected(
+                socket, datagrams, index: order + range.lowerBound, count: range.count, flags: Int32(MSG_DONTWAIT))
+        }
+        counters.datagramsOut += sent
+        counters.droppedErrors += dropped
+    }
+
+    /// Sends datagrams `0..<count` with `send`, which sends a prefix of the range it is given
+    /// as sendmmsg() does (how many; a failure when the first failed). sendmmsg() stops at
+    /// the first datagram it cannot send and reports that on no call: the next call starts
+    /// with it. A datagram whose call fails is dropped (counted) and the rest are sent on, in
+    /// order, so the calls are at most `count` plus the retries. With `retryRefused`, a
+    /// datagram that fails with ECONNREFUSED gets one more try: on a connected UDP socket that
+    /// is an ICMP error about an earlier datagram (that one is the loss), cleared by being
+    /// reported, and nothing was sent. Returns the datagrams sent and the failed calls.
+    static func sendAll(
+        _ count: Int, retryRefused: Bool, send: (Range<Int>) -> Result<Int, Errno>
+    ) -> (sent: UInt64, dropped: UInt64) {
+        var sent: UInt64 = 0
+        var dropped: UInt64 = 0
+        var next = 0
+        var retried = false
+        while next < count {
+            switch send(next..<count) {
+            case .success(let n) where n > 0:
+                sent += UInt64(n)
+                next += n
+                retried = false
+            case .failure(let e) where retryRefused && e == Self.connectionRefused && !retried:
+                dropped += 1
+                retried = true
+            case .success, .failure:
+                // A full send buffer (EAGAIN), no route, ...: UDP may lose this one.
+                dropped += 1
+                next += 1
+                retried = false
             }
         }
+        return (sent, dropped)
     }
 
     // MARK: Target → client
 
-    /// A flow socket is readable: its replies go back to the client from the listener.
+    /// A flow socket is readable: its replies join those gathered this turn, to go back to
+    /// their clients from the listener after the turn's events (`flushReplies`).
     ///
     /// Takes at most `batch` replies, then returns so other sources get their turn.
     public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
         let slot = Int(index)
         // The flow may have been closed earlier in this epoll batch.
         guard slot < flows.count, flows[slot].socket == fd else { return }
-        // An error (ECONNREFUSED and friends: the target rejected an earlier datagram) is
-        // counted, and cleared by being reported: one more try takes what may wait behind it.
-        // The flow stays, the target may come back.
-        for _ in 0..<2 {
-            switch Sys.receiveBatch(fd, into: datagrams, count: Self.batch, flags: Int32(MSG_DONTWAIT)) {
+        let listener = flows[slot].listener
+        // One sendmmsg leaves from one listener: another's replies go first.
+        if pendingReplies > 0 && pendingListener != listener { flushReplies() }
+        pendingListener = listener
+        var budget = Self.batch
+        var errors = 0
+        receiving: while budget > 0 {
+            if pendingReplies == Self.batch { flushReplies() }
+            let room = min(budget, Self.batch - pendingReplies)
+            switch Sys.receiveBatch(fd, into: replies, at: pendingReplies, count: room, flags: Int32(MSG_DONTWAIT)) {
             case .success(let received):
                 counters.repliesIn += UInt64(received)
-                flows[slot].lastActive = .now
-                reply(received, to: flows[slot])
-                return
+                for i in pendingReplies..<(pendingReplies + received) {
+                    replies.setDestination(i, to: flows[slot].client, from: flows[slot].local)
+                }
+                pendingReplies += received
+                budget -= received
+                if received < room { break receiving }
             case .failure(let e) where e == .wouldBlock:
-                return
+                break receiving
             case .failure:
+                // An error (ECONNREFUSED and friends: the target rejected an earlier datagram)
+                // is counted, and cleared by being reported: one more try takes what may wait
+                // behind it. The flow stays, the target may come back.
                 counters.droppedErrors += 1
+                errors += 1
+                if errors == 2 { break receiving }
             }
         }
+        if budget < Self.batch { flows[slot].lastActive = .now }
+        // The only source of its turn (request/response): nothing to gather with, so the
+        // replies leave now, as they would have without gathering.
+        if loop.readyThisTurn == 1 { flushReplies() }
     }
 
-    /// Sends the first `count` datagrams of the batch to `flow`'s client from its listener,
-    /// from its local address: one sendmmsg() unless one fails; a reply whose sendmmsg fails
-    /// outright is dropped (counted) and the rest are sent on.
-    private func reply(_ count: Int, to flow: Flow) {
-        var next = 0
-        while next < count {
-            switch Sys.sendBatch(
-                flow.listener, datagrams, range: next..<count, flags: Int32(MSG_DONTWAIT), to: flow.client, from: flow.local)
-            {
-            case .success(let sent) where sent > 0:
-                // sendmmsg stops at the first failure and reports it on no call: the next
-                // call starts with that reply, and fails again if its cause remains.
-                counters.repliesOut += UInt64(sent)
-                next += sent
-            case .success, .failure:
-                counters.droppedErrors += 1  // the listener's send buffer is full, no route, ...
-                next += 1
-            }
+    /// Sends the replies gathered so far from `pendingListener`, each to its client from its
+    /// flow's local address: one sendmmsg() unless one fails; a reply whose call fails is
+    /// dropped (counted) and the rest are sent on. Runs after each turn's events, and before
+    /// the batch would overflow or another listener's replies join it.
+    func flushReplies() {
+        let count = pendingReplies
+        guard count > 0 else { return }
+        pendingReplies = 0
+        let listener = pendingListener
+        let (sent, dropped) = Self.sendAll(count, retryRefused: false) { range in
+            Sys.sendBatchEach(listener, replies, range: range, flags: Int32(MSG_DONTWAIT))
         }
+        counters.repliesOut += sent
+        counters.droppedErrors += dropped
     }
 
     // MARK: Ending flows
@@ -466,6 +552,7 @@ public final class UDPRelay: EventHandler {
     /// Closes the flows of `listener`, which the engine is about to close: replies could no
     /// longer be sent from it, and its descriptor number may soon be another listener's.
     public func listenerClosing(fd listener: Int32) {
+        if pendingListener == listener { flushReplies() }
         guard flowCount > 0 else { return }
         for slot in flows.indices where flows[slot].inUse && flows[slot].listener == listener {
             closeFlow(slot: slot)

@@ -61,6 +61,14 @@ package final class DatagramBatch {
     /// Where slot `i`'s datagram arrived (no address unless the socket asked for pktinfo).
     package func local(_ i: Int) -> PacketInfo { PacketInfo(slots[i].local) }
 
+    /// Makes slot `i` go to `address` from `local`'s address when sent with
+    /// `Sys.sendBatchEach` (its bytes and length stay as they are).
+    package func setDestination(_ i: Int, to address: SocketAddress, from local: PacketInfo) {
+        slots[i].peer = address.storage
+        slots[i].peer_len = address.length
+        slots[i].local = local.raw
+    }
+
     /// The C slots, for the wrappers below.
     fileprivate var raw: UnsafeMutablePointer<pesto_datagram> { slots }
 }
@@ -69,9 +77,14 @@ extension Sys {
     /// `recvmmsg(2)` of up to `count` datagrams (at most the batch's capacity) into the first
     /// slots of `batch`, each with its sender and local end. Returns how many arrived (at least
     /// one); EAGAIN (`.wouldBlock`) when none was waiting. Allocates nothing.
-    package static func receiveBatch(_ fd: Int32, into batch: DatagramBatch, count: Int, flags: Int32) -> Result<Int, Errno> {
-        precondition(count >= 1 && count <= batch.capacity, "batch of \(count) does not fit \(batch.capacity) slots")
-        return call(.recvmsg, fd: fd) { pesto_recv_batch(fd, batch.raw, UInt32(count), flags) }.map { Int($0) }
+    /// With `start`, the datagrams go to the slots from `start` on.
+    package static func receiveBatch(
+        _ fd: Int32, into batch: DatagramBatch, at start: Int = 0, count: Int, flags: Int32
+    ) -> Result<Int, Errno> {
+        precondition(
+            start >= 0 && count >= 1 && start + count <= batch.capacity,
+            "batch of \(count) from \(start) does not fit \(batch.capacity) slots")
+        return call(.recvmsg, fd: fd) { pesto_recv_batch(fd, batch.raw + start, UInt32(count), flags) }.map { Int($0) }
     }
 
     /// `sendmmsg(2)` of the slots `range` of `batch` (their lengths as received or set) to
@@ -90,5 +103,23 @@ extension Sys {
         return address.withSockaddr { sa, len in
             call(.sendmsg, fd: fd) { pesto_send_batch(fd, first, UInt32(range.count), flags, sa, len, family, &raw) }.map { Int($0) }
         }
+    }
+
+    /// `sendmmsg(2)` of the slots `range` of `batch`, each to its own destination from its own
+    /// local address (`DatagramBatch.setDestination`). Returns as `sendBatch`.
+    package static func sendBatchEach(_ fd: Int32, _ batch: DatagramBatch, range: Range<Int>, flags: Int32) -> Result<Int, Errno> {
+        precondition(
+            !range.isEmpty && range.lowerBound >= 0 && range.upperBound <= batch.capacity, "batch range \(range) is not in the slots")
+        return call(.sendmsg, fd: fd) { pesto_send_batch_each(fd, batch.raw + range.lowerBound, UInt32(range.count), flags) }
+            .map { Int($0) }
+    }
+
+    /// `sendmmsg(2)` on the connected socket `fd` of `count` slots of `batch`, those named by
+    /// `index[0..<count]`, in that order. Returns as `sendBatch`.
+    package static func sendBatchConnected(
+        _ fd: Int32, _ batch: DatagramBatch, index: UnsafePointer<UInt8>, count: Int, flags: Int32
+    ) -> Result<Int, Errno> {
+        precondition(count >= 1 && count <= batch.capacity, "batch of \(count) does not fit \(batch.capacity) slots")
+        return call(.sendmsg, fd: fd) { pesto_send_batch_connected(fd, batch.raw, index, UInt32(count), flags) }.map { Int($0) }
     }
 }

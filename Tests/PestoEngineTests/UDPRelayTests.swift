@@ -23,19 +23,19 @@ import Testing
 #endif
 
 /// Passes a source's readiness to a closure.
-private final class ClosureHandler: EventHandler {
+final class ClosureHandler: EventHandler {
     let action: (Int32) -> Void
     init(_ action: @escaping (Int32) -> Void) { self.action = action }
     func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) { action(fd) }
 }
 
 /// Ignores everything; installed at shutdown so the loop lets go of the relay and the harness.
-private final class NullHandler: EventHandler {
+final class NullHandler: EventHandler {
     func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {}
 }
 
 /// One event loop with a UDP relay, listeners, an echo target and clients, all on loopback.
-private final class UDPHarness {
+final class UDPHarness {
     static let echoKind = EventLoop.Kind(EngineEventKind.firstForTests + 4)
     static let clientKind = EventLoop.Kind(EngineEventKind.firstForTests + 5)
 

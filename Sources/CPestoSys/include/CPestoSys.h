@@ -13,6 +13,7 @@
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <stdint.h>
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <spawn.h>
@@ -165,6 +166,17 @@ int pesto_recv_batch(int fd, struct pesto_datagram *_Nonnull d, unsigned n, int 
  * errno when the first one failed. */
 int pesto_send_batch(int fd, const struct pesto_datagram *_Nonnull d, unsigned n, int flags, const struct sockaddr *_Nonnull to,
                      socklen_t tolen, int socket_family, const struct pesto_pktinfo *_Nullable local);
+
+/* sendmmsg(2) of the first `length` bytes of each of `n` (at most PESTO_BATCH_MAX) datagrams,
+ * each to its own `peer` (of `peer_len` bytes, of the socket's family) and leaving from its own
+ * `local` as pesto_send_pktinfo does. Returns as pesto_send_batch. */
+int pesto_send_batch_each(int fd, const struct pesto_datagram *_Nonnull d, unsigned n, int flags);
+
+/* sendmmsg(2) on a connected socket of `n` (at most PESTO_BATCH_MAX) datagrams of `d`: the
+ * first `length` bytes of d[index[0]], d[index[1]], ... in that order. Returns as
+ * pesto_send_batch. */
+int pesto_send_batch_connected(int fd, const struct pesto_datagram *_Nonnull d, const uint8_t *_Nonnull index, unsigned n,
+                               int flags);
 
 /* The symbolic name of an errno value ("EADDRINUSE"), or NULL when the C library knows none. */
 const char *_Nullable pesto_errno_name(int err);
