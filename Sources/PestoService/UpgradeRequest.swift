@@ -107,9 +107,12 @@ public final class UpgradeOnSignal: EventHandler {
 /// socket (found from its command line, `--runtime-dir`, or its environment,
 /// `$RUNTIME_DIRECTORY`), else nothing is sent and it fails at once; after the running pestod
 /// has exited, a successor must have opened its own takeover socket there (the same path, a
-/// new inode), else the request fails: the old pestod died rather than handed over.
+/// new file: `isAnotherFile`), else the request fails: the old pestod died rather than handed over.
 public enum ReloadRequest {
-    /// How long after the old pestod's exit the successor may take to open its takeover socket.
+    /// How long after the old pestod's exit the successor may take to open its takeover
+    /// socket, at least: it may also use what is left of the request's whole timeout. (A
+    /// loaded machine was seen to keep a successor from it for more than 5 s after a
+    /// successful handover; a fixed 5 s then reported a failure that had not happened.)
     static let successorMilliseconds = 5_000
 
     /// Sends SIGUSR2 to `pid` and waits up to `timeoutMilliseconds` for it to exit and a
@@ -143,17 +146,27 @@ public enum ReloadRequest {
             }
             usleep(10_000)  // another process's exit has no readiness signal we can wait on
         }
-        let successorDeadline = MonotonicInstant.now.adding(milliseconds: successorMilliseconds)
+        let successorDeadline = max(deadline, MonotonicInstant.now.adding(milliseconds: successorMilliseconds))
         while MonotonicInstant.now < successorDeadline {
-            if case .success(let now) = Sys.lstat(socketPath), now.st_mode & S_IFMT == S_IFSOCK, now.st_ino != before.st_ino {
+            if case .success(let now) = Sys.lstat(socketPath), now.st_mode & S_IFMT == S_IFSOCK, isAnotherFile(now, than: before) {
                 return
             }
             usleep(10_000)
         }
         throw PestoError(
             .system,
-            "pestod \(pid) exited, but no successor opened \(socketPath) within \(successorMilliseconds) ms: it did not hand over (see its log)."
+            "pestod \(pid) exited, but no successor opened \(socketPath) within \(timeoutMilliseconds) ms of the request (or \(successorMilliseconds) ms of its exit): it did not hand over (see its log)."
         )
+    }
+
+    /// Whether `now` is another file than `before` at the same path. The inode number alone
+    /// does not tell: ext4 gives a file created right after an unlink the inode number just
+    /// freed (seen every time on the test machine), so a successor's new takeover socket can
+    /// carry the old one's number. Its change time cannot be the old file's: it is set when
+    /// the successor creates it, after the old file was made (nanoseconds).
+    static func isAnotherFile(_ now: stat, than before: stat) -> Bool {
+        now.st_dev != before.st_dev || now.st_ino != before.st_ino || now.st_ctim.tv_sec != before.st_ctim.tv_sec
+            || now.st_ctim.tv_nsec != before.st_ctim.tv_nsec
     }
 
     /// The takeover socket's directory of process `pid`, as pestod itself finds it: its
