@@ -249,7 +249,7 @@ def chart(groups, path):
         return False
     order = {s: k for k, s in enumerate(sorted(subjects, key=lambda s: (s != "pestod", s)))}
     colours = {"pestod": "#2a6f97", "socat": "#bc4749", "pasta": "#6a994e"}
-    spare = ["#f2a541", "#7b2cbf", "#5c677d", "#c9184a"]
+    spare = ["#f2a541", "#7b2cbf", "#5c677d", "#c9184a", "#2ec4b6", "#8d6e63", "#e76f51", "#3a86ff", "#9e0059", "#606c38"]
     fig, ax = plt.subplots(figsize=(11, 1.5 + 0.5 * len(entries)))
     bars = {s: ([], [], []) for s in order}  # subject -> (ys, xs, heights)
     targets = []
@@ -281,9 +281,9 @@ def chart(groups, path):
     ax.invert_yaxis()
     ax.set_xlabel("ratio to the baseline measured in the same run (log scale)")
     ax.set_title("pesto: ratios to their baselines (↑ higher is better, ↓ lower)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: no bar hidden
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
