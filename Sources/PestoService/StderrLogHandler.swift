@@ -5,7 +5,7 @@
 //
 // Theory of operation
 // -------------------
-// pestod logs one info line per change (issue 13 asks logging at info to cost under 10% of a
+// pestod logs one info line per change (the project asks logging at info to cost under 10% of a
 // change's round trip). StreamLogHandler, per line, calls localtime(3) and strftime(3), and
 // glibc's tzset behind them stats /etc/localtime every time; it then writes through the
 // stdio stream under its lock. Here the timestamp text is kept for the second it names and
