@@ -91,7 +91,7 @@ public enum PestoInterfaces {
     public static let manager = DBusInterfaceSpec(
         name: "top.passt.Pesto1.Manager",
         doc:
-            "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes, or 16 MiB of arguments, already waiting for authorisation gets org.freedesktop.DBus.Error.LimitsExceeded.",
+            "The service: the name-owner lock that makes a series of changes one transaction. Changes (the Table methods that modify, and Lock) are authorised first, per caller and in the caller's order; a caller with 64 changes, or 16 MiB of arguments, already waiting for authorisation, or held back behind a large change in progress (Unlock, Commit and Rollback included), gets org.freedesktop.DBus.Error.LimitsExceeded.",
         methods: [
             privileged(
                 method(

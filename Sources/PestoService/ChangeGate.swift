@@ -33,6 +33,8 @@ enum ChangeRefusal: Error {
     case unauthorized(DBusErrorReply)
     /// Step 6: the caller has too much waiting for authorisation already.
     case tooManyWaiting(AuthorizationQueue.Limit)
+    /// Step 7: the caller has too much held back behind a large update already (why).
+    case tooManyHeldBack(String)
 }
 
 /// Checks and runs changes in the documented order.
@@ -62,21 +64,24 @@ final class ChangeGate {
         // 5. lock (a Lock by its holder is a no-op, so it passes too)
         do { try editor.checkLock(sender) } catch { return done(.failure(.refused(error))) }
         // 6. authorise
-        guard let authorization else { return run(change, sender: sender, done: done) }
+        guard let authorization else { return run(change, sender: sender, bytes: bytes, done: done) }
         let limit = authorization.submit(sender: sender, interactive: interactive, bytes: bytes) { [unowned self] refusal in
             if let refusal { return done(.failure(.unauthorized(refusal))) }
-            self.run(change, sender: sender, done: done)
+            self.run(change, sender: sender, bytes: bytes, done: done)
         }
         if let limit { done(.failure(.tooManyWaiting(limit))) }
     }
 
     /// 7. change (8. the editor reports it to its observer): now, or once the update in
     /// progress and the changes held back before this one are done. A change held back is
-    /// dropped, unanswered, if `sender` leaves the bus first (`TablesEditor.dropWaiting`).
+    /// dropped, unanswered, if `sender` leaves the bus first (`TablesEditor.dropWaiting`), and
+    /// refused at once if `sender` has too much held back already (ChangeQueue's limits).
     private func run(
-        _ change: TableChange, sender: String, done: @escaping (Result<(result: ChangeResult, committed: Journal), ChangeRefusal>) -> Void
+        _ change: TableChange, sender: String, bytes: Int,
+        done: @escaping (Result<(result: ChangeResult, committed: Journal), ChangeRefusal>) -> Void
     ) {
-        editor.whenIdle(sender: sender) { [unowned self] in
+        if let why = editor.holdBackRefusal(sender: sender, bytes: bytes) { return done(.failure(.tooManyHeldBack(why))) }
+        editor.whenIdle(sender: sender, bytes: bytes) { [unowned self] in
             self.editor.start(change, sender: sender) { outcome in done(outcome.mapError { .refused($0) }) }
         }
     }

@@ -259,6 +259,9 @@ public final class PestoServer: TablesObserver {
                 answer(address, [], committed: journal)
             case .holder(let member):
                 let sender = message.sender ?? ""
+                if let why = editor.holdBackRefusal(sender: sender, bytes: 0) {
+                    throw DBusErrorReply(DBusErrorReply.limitsExceeded, why)
+                }
                 editor.whenIdle(sender: sender) { [unowned self] in self.holderCall(member, sender: sender, address) }
             }
         } catch {
@@ -310,6 +313,9 @@ public final class PestoServer: TablesObserver {
                 logRefusal(address, reply)
             case .tooManyWaiting(let limit):
                 reply = limitRefusal(limit, sender: sender, bytes: bytes)
+                logRefusal(address, reply)
+            case .tooManyHeldBack(let why):
+                reply = DBusErrorReply(DBusErrorReply.limitsExceeded, why)
                 logRefusal(address, reply)
             }
             if address.wantsReply { sendReply(.errorReply(to: address, reply)) }

@@ -139,8 +139,14 @@ extension TablesEditor {
 
     /// Runs `work` now if the editor is idle, else once the update in progress and every
     /// change held back before it are done (dropped if `sender` leaves first: `senderLeft`).
-    func whenIdle(sender: String?, _ work: @escaping () -> Void) {
-        if isIdle { work() } else { waiting.append(sender: sender, work) }
+    func whenIdle(sender: String?, bytes: Int = 0, _ work: @escaping () -> Void) {
+        if isIdle { work() } else { waiting.append(sender: sender, bytes: bytes, work) }
+    }
+
+    /// Why a change of `sender` with `bytes` bytes of arguments may not wait for the update
+    /// in progress (`ChangeQueue.holdBackRefusal`); nil when it runs at once or may wait.
+    func holdBackRefusal(sender: String, bytes: Int) -> String? {
+        isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
     }
 
     /// Step 7 for the server: runs `change` as `run` does, but an Apply goes through

@@ -211,7 +211,7 @@ struct TablesEditorTests {
         case .success: return "success"
         case .failure(.refused(let e)): return e.code.name
         case .failure(.unauthorized(let r)): return r.name
-        case .failure(.tooManyWaiting): return "LimitsExceeded"
+        case .failure(.tooManyWaiting), .failure(.tooManyHeldBack): return "LimitsExceeded"
         }
     }
 
