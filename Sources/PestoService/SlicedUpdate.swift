@@ -125,6 +125,27 @@ final class SlicedUpdate {
     /// Queues one more report behind those being announced.
     func announce(_ r: TablesEditor.Report) { reports.append(r) }
 
+    /// Where a step that walks the table updates' elements is: the current table update and
+    /// its next element's index, of `count(update)` elements. Nil when the step moved on
+    /// instead: to the next table update when this one's elements are done, or, after the
+    /// last table update, by calling `atEnd` (which enters the next step).
+    func position<E: Error>(
+        of count: (TableUpdate) throws(E) -> Int, atEnd: () -> Void
+    ) throws(E) -> (update: TableUpdate, index: Int)? {
+        guard table < updates.count else {
+            atEnd()
+            return nil
+        }
+        let u = updates[table]
+        guard index < (try count(u)) else {
+            table += 1
+            index = 0
+            inserted = nil
+            return nil
+        }
+        return (u, index)
+    }
+
     /// The next report to deliver, if any.
     func nextReport() -> TablesEditor.Report? {
         guard announced < reports.count else { return nil }
@@ -260,41 +281,27 @@ extension TablesEditor {
                 switch job.step {
                 case .insert:
                     // 1. insert every new rule (inactive)
-                    guard job.table < job.updates.count else {
-                        job.enter(.deactivateOverlapping)
+                    guard let (u, i) = job.position(of: { $0.inserts.count }, atEnd: { job.enter(.deactivateOverlapping) }) else {
                         continue
                     }
-                    let u = job.updates[job.table]
-                    guard job.index < u.inserts.count else {
-                        job.table += 1
-                        job.index = 0
-                        continue
-                    }
-                    let insert = u.inserts[job.index]
+                    let insert = u.inserts[i]
                     _ = try run(.insert(u.kind, insert.id, insert.rule))
                     job.index += 1
                 case .deactivateOverlapping:
                     // 2. deactivate the removed rules that overlap a new rule (not under first
-                    // match); an index of the new rules is probed per port.
-                    guard job.table < job.updates.count else {
-                        job.enter(.activate)
-                        continue
+                    // match: none to walk there); an index of the new rules is probed per port.
+                    let walked = { (u: TableUpdate) throws(PestoError) -> Int in
+                        try self.table(u.kind).overlapPolicy == .refuse ? u.removes.count : 0
                     }
-                    let u = job.updates[job.table]
+                    guard let (u, i) = try job.position(of: walked, atEnd: { job.enter(.activate) }) else { continue }
                     let t = try table(u.kind)
-                    guard job.index < u.removes.count, t.overlapPolicy == .refuse else {
-                        job.table += 1
-                        job.index = 0
-                        job.inserted = nil
-                        continue
-                    }
                     if job.inserted == nil {
                         var index = ConflictIndex()
                         for insert in u.inserts { index.add(insert.rule) }
                         job.inserted = index
                         spent += u.inserts.count / 16
                     }
-                    let id = u.removes[job.index]
+                    let id = u.removes[i]
                     let removed = try t.read(id)
                     if try t.status(id).active, job.inserted!.conflicts(with: removed) {
                         _ = try run(.deactivate(u.kind, id))
@@ -302,17 +309,8 @@ extension TablesEditor {
                     job.index += 1
                 case .activate:
                     // 3. activate every new rule and check its failures against its tolerance
-                    guard job.table < job.updates.count else {
-                        job.enter(.remove)
-                        continue
-                    }
-                    let u = job.updates[job.table]
-                    guard job.index < u.inserts.count else {
-                        job.table += 1
-                        job.index = 0
-                        continue
-                    }
-                    let insert = u.inserts[job.index]
+                    guard let (u, i) = job.position(of: { $0.inserts.count }, atEnd: { job.enter(.remove) }) else { continue }
+                    let insert = u.inserts[i]
                     let c = try run(.activate(u.kind, insert.id))!
                     if !insert.tolerance.accepts(c) {
                         let last = (try? table(u.kind).status(insert.id).lastErrorName) ?? ""
@@ -325,22 +323,9 @@ extension TablesEditor {
                     job.index += 1
                 case .remove:
                     // 4. deactivate the other removed rules and delete all removed rules
-                    guard job.table < job.updates.count else {
-                        // Final: the held reports are announced, in the order they happened.
-                        let reports = held ?? []
-                        held = nil
-                        statusBefore = [:]
-                        job.announce(all: reports)
-                        continue
-                    }
-                    let u = job.updates[job.table]
-                    guard job.index < u.removes.count else {
-                        job.table += 1
-                        job.index = 0
-                        continue
-                    }
+                    guard let (u, i) = job.position(of: { $0.removes.count }, atEnd: { announceHeld(job) }) else { continue }
                     let t = try table(u.kind)
-                    let id = u.removes[job.index]
+                    let id = u.removes[i]
                     if try t.status(id).active { _ = try run(.deactivate(u.kind, id)) }
                     _ = try run(.delete(u.kind, id, try t.read(id)))
                     job.index += 1
@@ -380,6 +365,14 @@ extension TablesEditor {
             }
         }
         return false
+    }
+
+    /// The change is final: its held reports are announced, in the order they happened.
+    private func announceHeld(_ job: SlicedUpdate) {
+        let reports = held ?? []
+        held = nil
+        statusBefore = [:]
+        job.announce(all: reports)
     }
 
     /// The rollback is complete: nothing of the update is reported, except for the rules
