@@ -18,10 +18,12 @@
 
 /// Changes waiting for the update in progress, oldest first.
 final class ChangeQueue {
-    /// The most changes one caller may have held back.
-    static let maxPerSender = 64
-    /// The most bytes of arguments one caller's held-back changes may have (16 MiB).
-    static let maxBytesPerSender = 16 << 20
+    /// The most changes one caller may have held back: as many as may wait for
+    /// authorisation (64), so the documented limits stay one.
+    static let maxPerSender = AuthorizationQueue.defaultMaxPendingPerSender
+    /// The most bytes of arguments one caller's held-back changes may have: as for
+    /// authorisation (16 MiB).
+    static let maxBytesPerSender = AuthorizationQueue.defaultMaxPendingBytesPerSender
 
     private var entries: [(sender: String?, bytes: Int, work: () -> Void)] = []
     /// The first entry not yet run.
