@@ -139,8 +139,9 @@ CONF
 timeout 20 dbus-daemon --config-file="$work/bus.conf" --fork --print-address=1 --print-pid=1 >"$work/bus.out"
 pids+=("$(sed -n 2p "$work/bus.out")")
 ADDR=$(sed -n 1p "$work/bus.out")
-# 9,000 idle connections need 9,000 relay slots (the default follows the open-file limit: R/4,
-# see pestod(8) DESCRIPTORS) and 18,000 descriptors.
+# 9,000 idle connections need 9,000 relay slots (the default follows the open-file limit: R/12,
+# see pestod(8) DESCRIPTORS) and 54,000 descriptors of TCP's share (6 per connection, pipes
+# included): with RLIMIT_NOFILE below about 110,000 the connections beyond the share are reset.
 extra=()
 help=$("$PESTOD" --help 2>&1 || true)
 [[ $help == *--max-connections* ]] && extra+=(--max-connections 10000)

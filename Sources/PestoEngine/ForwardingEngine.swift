@@ -257,14 +257,14 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         // to install it is this port's bind failure, retried like any other.
         let transparent = rule.source == .client && table == .host ? hostSide.transparent : nil
         if let transparent, case .failure(let e) = transparent.retain() {
-            budget.release(1)
+            budget.releaseListener()
             return .failure(e)
         }
         let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
         do {
             try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
         } catch {
-            budget.release(1)
+            budget.releaseListener()
             transparent?.release()
             return .failure(error.underlyingError ?? Errno(rawValue: ENOMEM))
         }
@@ -297,7 +297,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         loop.remove(fd: fd)
         if entry.target.source == .client && entry.target.table == .host { hostSide.transparent?.release() }
         if entry.paused { pausedListeners.removeAll { $0 == fd } }
-        budget.release(1)
+        budget.releaseListener()
         listeners[Int(fd)] = nil
         if namespace != nil { ownInodes.remove(entry.inode) }
         let key = Self.ownPortKey(entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)

@@ -38,12 +38,15 @@
 // reports it and the engine pauses its listeners for a moment (the kernel keeps the
 // connections in the backlog); nothing spins and nothing crashes.
 //
-// Descriptors: each connection is charged its two sockets to the engine's `DescriptorBudget`
-// when accepted, and each pipe two more while it exists (in use or pooled; see
-// DescriptorBudget.swift for why a pipe may use the listeners' headroom and a connection may
-// not). A connection the budget cannot take is accepted and reset at once (counted in
-// `refusedBudget`), so its client learns at once instead of hanging in the backlog, and the
-// descriptors pestod keeps for D-Bus, its state and new listeners stay free. A socket
+// Descriptors: each connection is charged, when accepted, what it may hold to the engine's
+// `DescriptorBudget`: its two sockets and a pipe for each direction (DescriptorBudget.swift).
+// Pipes open beyond two per connection (in the pool: one in use always has its connection)
+// are charged as spares while TCP's share has room, and closed first when a new connection
+// needs the room, so the relay never holds more than it was charged and no pipe of an
+// admitted connection is ever refused for want of budget. A connection beyond TCP's share is
+// accepted and reset at once (counted in `refusedBudget`), so its client learns at once
+// instead of hanging in the backlog, and the descriptors pestod keeps for D-Bus, its state,
+// new listeners and UDP's share stay free. A socket
 // epoll cannot watch (ENOSPC at `fs.epoll.max_user_watches`, ENOMEM) ends that connection
 // with a reset (counted in `watchFailures`); the relay carries on.
 //
@@ -154,6 +157,10 @@ public final class TCPRelay: EventHandler {
     /// started (`startAdopted()`).
     private var adoptedWaiting: [UInt32] = []
     private var pipePool: [Pipe] = []
+    /// Pipes open, in use or pooled: two per connection (charged with it) and `sparePipes`.
+    private var pipesOpen = 0
+    /// Pooled pipes charged on their own, beyond two per connection.
+    private var sparePipes = 0
     /// The next loopback source address's last byte (see `spreadLoopbackSources`).
     private var nextLoopbackSource: UInt32 = 2
     public private(set) var activeConnections = 0
@@ -188,12 +195,8 @@ public final class TCPRelay: EventHandler {
     /// Closes every connection and pooled pipe.
     public func closeAll() {
         for i in slots.indices where slots[i].inUse { close(slot: UInt32(i), reset: false) }
-        for pipe in pipePool {
-            Sys.close(pipe.read)
-            Sys.close(pipe.write)
-            budget.release(DescriptorPlan.perPipe)
-        }
-        pipePool.removeAll()
+        while !pipePool.isEmpty { closePooledPipe() }
+        settlePipes()
     }
 
     // MARK: Accepting
@@ -223,7 +226,9 @@ public final class TCPRelay: EventHandler {
                 }
                 target = winner
             }
-            guard budget.admit(DescriptorPlan.perConnection, for: .tcp) else {
+            // Spare pipes make room for a connection: they are only kept for reuse.
+            while !budget.fits(.tcp) && sparePipes > 0 { dropSparePipe() }
+            guard budget.admit(.tcp) else {
                 counters.refusedBudget += 1
                 resetAndClose(client)
                 continue
@@ -232,7 +237,8 @@ public final class TCPRelay: EventHandler {
             // or closes the client: then the charge goes back here.
             let relayedBefore = counters.relayed
             let started = start(client: client, peer: peer, target: target)
-            if counters.relayed == relayedBefore { budget.release(DescriptorPlan.perConnection) }
+            if counters.relayed == relayedBefore { budget.release(.tcp) }
+            settlePipes()
             if !started { return .exhausted }
         }
         return .accepted
@@ -443,20 +449,20 @@ public final class TCPRelay: EventHandler {
 
     // MARK: Pipes
 
-    /// Gives direction `d` of a connection a pipe, from the pool (already charged) or new
-    /// (charged here); false when none can be had.
+    /// Gives direction `d` of a connection a pipe, from the pool or new (charged with the
+    /// connection); false when none can be had (pipe2 failed).
     private func takePipe(_ c: inout Connection, _ d: TCPDirection) -> Bool {
         let pipe: Pipe
         if let pooled = pipePool.popLast() {
             pipe = pooled
         } else {
-            guard budget.takePipe() else { return false }
+            // The pool is empty, so every open pipe is in use, and this direction holds none:
+            // fewer than two per connection are open.
             switch Sys.pipe() {
             case .success(let fds): pipe = Pipe(read: fds.read, write: fds.write)
-            case .failure:
-                budget.release(DescriptorPlan.perPipe)
-                return false
+            case .failure: return false
             }
+            pipesOpen += 1
             // The kernel may grant less than asked (or refuse, above /proc/sys/fs/pipe-max-size
             // without CAP_SYS_RESOURCE): the pipe then moves smaller chunks, which is all.
             _ = Sys.setPipeSize(pipe.write, limits.pipeSize)
@@ -465,18 +471,52 @@ public final class TCPRelay: EventHandler {
         return true
     }
 
-    /// Parks a pipe in the pool (when it is empty and relays are within their descriptor
-    /// limit) or closes it.
+    /// Parks a pipe in the pool (when it is empty and the pool has room) or closes it; then
+    /// settles the charge of the open pipes.
     private func releasePipe(_ pipe: inout Pipe, pending: Int) {
         guard pipe.read >= 0 else { return }
-        if pending == 0 && pipePool.count < limits.pipePoolSize && budget.mayKeepIdlePipe {
+        if pending == 0 && pipePool.count < limits.pipePoolSize {
             pipePool.append(pipe)
         } else {
             Sys.close(pipe.read)
             Sys.close(pipe.write)
-            budget.release(DescriptorPlan.perPipe)
+            pipesOpen -= 1
         }
         pipe = Pipe()
+        settlePipes()
+    }
+
+    /// Keeps the open pipes within what is charged for them: two per connection and the
+    /// spares. Spare charges no longer needed are given back; pooled pipes beyond are charged
+    /// as spares while TCP's share has room, and closed otherwise. (Pipes in use are at most
+    /// two per connection, so the ones beyond are always in the pool.)
+    private func settlePipes() {
+        while sparePipes > 0 && pipesOpen < 2 * activeConnections + sparePipes {
+            sparePipes -= 1
+            budget.releaseSparePipe()
+        }
+        while pipesOpen > 2 * activeConnections + sparePipes {
+            if budget.takeSparePipe() {
+                sparePipes += 1
+            } else {
+                closePooledPipe()
+            }
+        }
+    }
+
+    /// Closes a spare pipe of the pool and gives back its charge.
+    private func dropSparePipe() {
+        closePooledPipe()
+        sparePipes -= 1
+        budget.releaseSparePipe()
+    }
+
+    /// Closes a pipe of the pool.
+    private func closePooledPipe() {
+        let pipe = pipePool.removeLast()
+        Sys.close(pipe.read)
+        Sys.close(pipe.write)
+        pipesOpen -= 1
     }
 
     // MARK: Closing
@@ -517,13 +557,15 @@ public final class TCPRelay: EventHandler {
         closeSide(c.target)
         // Only the HOST table's side has transparent connections.
         if c.transparent { targetSide(.host).transparent?.release() }
-        // A pipe with data left in it is closed, never pooled.
-        releasePipe(&c.upPipe, pending: c.state.up.pending)
-        releasePipe(&c.downPipe, pending: c.state.down.pending)
         slots[i] = Connection()
         freeSlots.append(index)
         activeConnections -= 1
-        budget.release(DescriptorPlan.perConnection)
+        budget.release(.tcp)
+        // A pipe with data left in it is closed, never pooled; an empty one stays in the pool
+        // as a spare while TCP's share has room.
+        releasePipe(&c.upPipe, pending: c.state.up.pending)
+        releasePipe(&c.downPipe, pending: c.state.down.pending)
+        settlePipes()
         counters.closed += 1
         onCapacityAvailable?()
     }
@@ -567,7 +609,7 @@ public final class TCPRelay: EventHandler {
             case .success(stream) = Sys.option(fds[1], level: SOL_SOCKET, name: SO_TYPE),
             connection.preamble.count <= ProxyProtocolHeader.maxLength,
             !(connection.up.finished && connection.down.finished),
-            budget.adopt(connection.descriptorCount)
+            budget.adopt(.tcp)
         else { return false }
         var next = 2
         func flow(_ d: TCPConnectionHandover.Direction) -> (TCPConnectionState.Flow, Pipe) {
@@ -590,7 +632,8 @@ public final class TCPRelay: EventHandler {
         {
             transparent = true
         }
-        // The pipes are charged with the connection above; the budget counts them as pipes.
+        // The pipes are charged with the connection above.
+        pipesOpen += (connection.descriptorCount - 2) / DescriptorPlan.perPipe
         let index = allocateSlot()
         if !connection.preamble.isEmpty {
             headers[Int(index)].removeAll(keepingCapacity: true)
@@ -605,6 +648,7 @@ public final class TCPRelay: EventHandler {
         activeConnections += 1
         counters.relayed += 1
         adoptedWaiting.append(index)
+        settlePipes()
         return true
     }
 

@@ -74,10 +74,10 @@
 // `socket` is -1, and `flowsByKey` maps the key of every used slot to it and holds nothing
 // else. The clock is read once per batch, not per datagram.
 //
-// Each flow is charged one descriptor to the engine's `DescriptorBudget`; a new client the
-// budget cannot take has its datagram dropped (counted in `droppedDescriptorBudget`, reported
+// Each flow is charged one descriptor to the engine's `DescriptorBudget`; a new client beyond
+// UDP's share of it has its datagram dropped (counted in `droppedDescriptorBudget`, reported
 // once per episode by the budget), so flows never eat the descriptors pestod keeps for D-Bus,
-// its state and new listeners. A flow socket epoll cannot watch (ENOSPC at
+// its state, new listeners and TCP's share. A flow socket epoll cannot watch (ENOSPC at
 // `fs.epoll.max_user_watches`, ENOMEM) is closed and its datagram dropped, like any other
 // error of the environment.
 //
@@ -346,7 +346,7 @@ public final class UDPRelay: EventHandler {
             counters.droppedLoop += 1
             return nil
         }
-        guard budget.admit(DescriptorPlan.perFlow, for: .udp) else {
+        guard budget.admit(.udp) else {
             counters.droppedDescriptorBudget += 1
             return nil
         }
@@ -357,7 +357,7 @@ public final class UDPRelay: EventHandler {
             transparentClient = SocketAddress(endpoint.address, port: endpoint.port)
         }
         guard let socket = openFlowSocket(to: destination, side: side, from: transparentClient) else {
-            budget.release(DescriptorPlan.perFlow)
+            budget.release(.udp)
             if transparentClient != nil {
                 counters.droppedTransparent += 1
                 conditions?.occurred(
@@ -382,7 +382,7 @@ public final class UDPRelay: EventHandler {
             // epoll cannot take one more watch: this datagram is lost, the relay carries on.
             if let address = transparentClient?.endpoint?.address { side.transparent?.releaseFlow(client: address) }
             Sys.close(socket)
-            budget.release(DescriptorPlan.perFlow)
+            budget.release(.udp)
             freeSlots.append(slot)
             counters.droppedErrors += 1
             return nil
@@ -584,7 +584,7 @@ public final class UDPRelay: EventHandler {
         flows[slot] = Flow()
         freeSlots.append(UInt32(slot))
         flowCount -= 1
-        budget.release(DescriptorPlan.perFlow)
+        budget.release(.udp)
         if flowCount == 0, let timer = expiryTimer {
             loop.cancelTimer(timer)
             expiryTimer = nil
@@ -615,7 +615,7 @@ public final class UDPRelay: EventHandler {
     /// budget is full, the flow exists already, or epoll cannot watch the socket.
     func adopt(_ handed: UDPFlowHandover, listener: Int32) -> Bool {
         let key = FlowKey(listener: listener, client: handed.client, local: handed.local.address)
-        guard flowsByKey[key] == nil, flowCount < limits.maxFlows, budget.adopt(DescriptorPlan.perFlow) else { return false }
+        guard flowsByKey[key] == nil, flowCount < limits.maxFlows, budget.adopt(.udp) else { return false }
         let slot: UInt32
         if let free = freeSlots.popLast() {
             slot = free
@@ -626,7 +626,7 @@ public final class UDPRelay: EventHandler {
         do throws(PestoError) {
             try loop.add(fd: handed.socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
         } catch {
-            budget.release(DescriptorPlan.perFlow)
+            budget.release(.udp)
             freeSlots.append(slot)
             return false
         }

@@ -34,11 +34,12 @@ struct Pestod: ParsableCommand {
 
             Descriptors: at start pestod raises its soft RLIMIT_NOFILE to the hard limit (L). It keeps 64 \
             for itself (D-Bus, the control socket, the state file); listeners and relays share E = L - 64, \
-            and new TCP connections (2 descriptors each, plus 2 per pipe) and UDP flows (1 each) stop at \
-            R = E - min(E/8, 1024), so rules can still be activated while relays hold all theirs. A \
-            connection beyond R is reset, a datagram from a new UDP client beyond R dropped (logged once), \
-            a listener beyond E a bind failure (EMFILE). The defaults give each protocol half of R: \
-            --max-connections R/4, --max-udp-flows R/2.
+            relays R = E - min(E/8, 1024), so rules can still be activated while relays hold all theirs. \
+            Each protocol's relays hold at most half of R (less once listeners pass E - R): a TCP \
+            connection is counted 6 descriptors (its two sockets and a pipe each way), a UDP flow 1, so a \
+            flood of one protocol never takes the other's half. A connection beyond TCP's half is reset, a \
+            datagram from a new UDP client beyond UDP's half dropped (logged once), a listener beyond E a \
+            bind failure (EMFILE). The defaults: --max-connections R/12, --max-udp-flows R/2.
             """,
         version: PestoBusNames.version)
 
@@ -123,7 +124,7 @@ struct Pestod: ParsableCommand {
         return file
     }
 
-    @Option(name: .long, help: "Most TCP connections relayed at once (default: R/4, see above).")
+    @Option(name: .long, help: "Most TCP connections relayed at once (default: R/12, see above).")
     var maxConnections: Int?
 
     @Option(name: .long, help: "Most UDP flows (client address and port pairs) relayed at once (default: R/2, see above).")
