@@ -140,8 +140,10 @@ public final class TCPRelay: EventHandler {
     }
 
     private let loop: EventLoop
-    private let targetSide: (TableKind) -> TargetSide
-    private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
+    /// Where each table's targets are reached.
+    private let sides: TargetSides
+    /// The engine: loop checks, first match, capacity (RelayContext.swift).
+    private weak var context: (any RelayContext)?
     public let limits: TCPRelayLimits
     /// The engine's descriptor budget, shared with the listeners and the UDP relay.
     private let budget: DescriptorBudget
@@ -167,25 +169,19 @@ public final class TCPRelay: EventHandler {
     public private(set) var counters = Counters()
     /// Where recurring failures are reported once (transparent source).
     public var conditions: DataPathConditions?
-    /// Called when a connection closes, so paused listeners can resume.
-    public var onCapacityAvailable: (() -> Void)?
-    /// First match (doc/overlap.md): the target of a connection accepted on a shared
-    /// listener (listener, accepted socket), or nil when no active rule matches it.
-    public var dispatch: ((Int32, Int32) -> ForwardTarget?)?
 
-    /// Makes a relay. `targetSide` gives the side where a table's targets are reached;
-    /// `wouldLoop` says whether a destination is one of pestod's own listeners there;
-    /// `budget` is charged for every connection and pipe.
+    /// Makes a relay. `sides` are where the tables' targets are reached; `context` (held
+    /// weakly) answers loop checks and first match and hears of closed connections; `budget`
+    /// is charged for every connection.
     public init(
-        loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: TCPRelayLimits = TCPRelayLimits(),
-        budget: DescriptorBudget = DescriptorBudget(plan: .current),
-        wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
+        loop: EventLoop, sides: TargetSides, context: (any RelayContext)?, limits: TCPRelayLimits = TCPRelayLimits(),
+        budget: DescriptorBudget = DescriptorBudget(plan: .current)
     ) {
         self.loop = loop
         self.budget = budget
-        self.targetSide = targetSide
+        self.sides = sides
+        self.context = context
         self.limits = limits
-        self.wouldLoop = wouldLoop
         slots.reserveCapacity(min(limits.maxConnections, 1024))
         loop.setHandler(self, for: EngineEventKind.tcpConnection)
     }
@@ -202,7 +198,7 @@ public final class TCPRelay: EventHandler {
     // MARK: Accepting
 
     /// Accepts the connections waiting on `listener` and starts relaying them to `target`, or,
-    /// on a `shared` listener, to the target `dispatch` picks for each.
+    /// on a `shared` listener, to the target the context's first match picks for each.
     public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) -> AcceptOutcome {
         for _ in 0..<limits.acceptBatch {
             if activeConnections >= limits.maxConnections { return .exhausted }
@@ -219,7 +215,11 @@ public final class TCPRelay: EventHandler {
             counters.accepted += 1
             var target = target
             if shared {
-                guard let winner = dispatch?(listener, client) else {
+                let winner = context?.firstMatchTarget(listener: listener) {
+                    guard case .success(let local) = Sys.localAddress(client) else { return nil }
+                    return local.endpoint?.address
+                }
+                guard let winner else {
                     counters.unmatched += 1
                     resetAndClose(client)
                     continue
@@ -248,13 +248,13 @@ public final class TCPRelay: EventHandler {
     private func start(client: Int32, peer: SocketAddress, target: ForwardTarget) -> Bool {
         let family: AddressFamily = peer.endpoint?.address.family ?? .ipv4
         let destination = target.destination(peerFamily: family)
-        if wouldLoop(target, destination) {
+        if context?.refusesLoop(target, to: destination) ?? false {
             counters.refusedLoops += 1
             resetAndClose(client)
             return true
         }
         let out: Int32
-        switch targetSide(target.table).socket(domain: destination.family, type: Int32(SOCK_STREAM.rawValue)) {
+        switch sides[target.table].socket(domain: destination.family, type: Int32(SOCK_STREAM.rawValue)) {
         case .success(let fd): out = fd
         case .failure(let e):
             resetAndClose(client)
@@ -264,7 +264,7 @@ public final class TCPRelay: EventHandler {
         // The client has TCP_NODELAY from its listener (Listener.swift): only the target's is set.
         setNoDelay(out)
         var transparent = false
-        if target.source == .client, let routing = targetSide(target.table).transparent {
+        if target.source == .client, let routing = sides[target.table].transparent {
             // The client's address of the destination's family (a dual-stack listener's
             // IPv4-mapped peer is IPv4, as is its default destination; families always match).
             guard let endpoint = peer.endpoint, endpoint.address.family == (destination.family == AF_INET ? .ipv4 : .ipv6),
@@ -285,7 +285,7 @@ public final class TCPRelay: EventHandler {
         let connected = Sys.connect(out, to: destination)
         if case .failed = connected {
             counters.connectFailures += 1
-            if transparent { targetSide(target.table).transparent?.release() }
+            if transparent { sides[target.table].transparent?.release() }
             Sys.close(out)
             resetAndClose(client)
             return true
@@ -556,7 +556,7 @@ public final class TCPRelay: EventHandler {
         closeSide(c.client)  // no array: nothing is allocated per connection here
         closeSide(c.target)
         // Only the HOST table's side has transparent connections.
-        if c.transparent { targetSide(.host).transparent?.release() }
+        if c.transparent { sides.host.transparent?.release() }
         slots[i] = Connection()
         freeSlots.append(index)
         activeConnections -= 1
@@ -567,7 +567,7 @@ public final class TCPRelay: EventHandler {
         releasePipe(&c.downPipe, pending: c.state.down.pending)
         settlePipes()
         counters.closed += 1
-        onCapacityAvailable?()
+        context?.relayCapacityAvailable()
     }
 
     // MARK: Takeover (RelayHandover.swift)
@@ -627,7 +627,7 @@ public final class TCPRelay: EventHandler {
         // A connection from its client's address uses the routing its predecessor left
         // installed: counted here, so it stays while the connection lives.
         var transparent = false
-        if TransparentSource.isTransparent(fds[1]), let routing = targetSide(connection.table).transparent,
+        if TransparentSource.isTransparent(fds[1]), let routing = sides[connection.table].transparent,
             case .success = routing.retain()
         {
             transparent = true

@@ -48,7 +48,7 @@
 //                       (a flow's state is touched once per run of its datagrams); a miss
 //                       creates the flow unless the table is full (`maxFlows`: dropped,
 //                       counted) or the destination is one of pestod's own listeners
-//                       (`wouldLoop`: dropped, counted — it would loop forever). Then each
+//                       (`refusesLoop`: dropped, counted — it would loop forever). Then each
 //                       flow's datagrams of the batch go in one sendmmsg() on its socket (one
 //                       socket per flow: there is no call that sends on many sockets).
 //   flow readable       up to `batch` replies are taken with recvmmsg() into the reply batch,
@@ -190,8 +190,10 @@ public final class UDPRelay: EventHandler {
     }
 
     private let loop: EventLoop
-    private let targetSide: (TableKind) -> TargetSide
-    private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
+    /// Where each table's targets are reached.
+    private let sides: TargetSides
+    /// The engine: loop checks and first match (RelayContext.swift).
+    private weak var context: (any RelayContext)?
     /// The limits this relay was made with.
     public let limits: UDPRelayLimits
     /// The engine's descriptor budget: one descriptor per flow.
@@ -222,26 +224,22 @@ public final class UDPRelay: EventHandler {
 
     /// Where a full flow table is reported (once while it stays full), if anywhere.
     public var conditions: DataPathConditions?
-    /// First match (doc/overlap.md): the target of a new flow on a shared listener
-    /// (listener, local address the datagram was sent to), or nil when no active rule matches.
-    public var dispatch: ((Int32, IPAddress?) -> ForwardTarget?)?
 
-    /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `targetSide`
-    /// gives the side where a table's targets are reached; `wouldLoop` says whether a
-    /// destination is one of pestod's own listeners there; `budget` is charged per flow.
+    /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `sides` are where
+    /// the tables' targets are reached; `context` (held weakly) answers loop checks and first
+    /// match; `budget` is charged per flow.
     public init(
-        loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: UDPRelayLimits = UDPRelayLimits(),
-        budget: DescriptorBudget = DescriptorBudget(plan: .current),
-        wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
+        loop: EventLoop, sides: TargetSides, context: (any RelayContext)?, limits: UDPRelayLimits = UDPRelayLimits(),
+        budget: DescriptorBudget = DescriptorBudget(plan: .current)
     ) {
         precondition(limits.maxFlows >= 0 && limits.maxFlows <= 1 << 24, "maxFlows \(limits.maxFlows) is not in 0...2^24")
         precondition(limits.idleTimeoutMilliseconds > 0, "idleTimeoutMilliseconds must be positive")
         precondition(limits.expiryCheckMilliseconds > 0, "expiryCheckMilliseconds must be positive")
         self.loop = loop
-        self.targetSide = targetSide
+        self.sides = sides
+        self.context = context
         self.limits = limits
         self.budget = budget
-        self.wouldLoop = wouldLoop
         datagrams = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
         replies = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
         batchFlows = .allocate(capacity: Self.batch)
@@ -274,7 +272,7 @@ public final class UDPRelay: EventHandler {
     /// Relays the datagrams waiting on `listener` to `target`, one flow per client address.
     ///
     /// Takes at most `batch` datagrams, then returns so other sources get their turn.
-    /// On a `shared` listener a new flow's target is the one `dispatch` picks.
+    /// On a `shared` listener a new flow's target is the one the context's first match picks.
     public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) {
         let received: Int
         switch Sys.receiveBatch(listener, into: datagrams, count: Self.batch, flags: Int32(MSG_DONTWAIT)) {
@@ -327,7 +325,7 @@ public final class UDPRelay: EventHandler {
         if let slot = flowsByKey[key] { return Int(slot) }
         var target = target
         if shared {
-            guard let winner = dispatch?(listener, local.address) else {
+            guard let winner = context?.firstMatchTarget(listener: listener, localAddress: { local.address }) else {
                 counters.droppedUnmatched += 1
                 return nil
             }
@@ -342,7 +340,7 @@ public final class UDPRelay: EventHandler {
         }
         // `endpoint` turns an IPv4-mapped client of a dual-stack listener into IPv4.
         let destination = target.destination(peerFamily: client.endpoint?.address.family ?? .ipv4)
-        if wouldLoop(target, destination) {
+        if context?.refusesLoop(target, to: destination) ?? false {
             counters.droppedLoop += 1
             return nil
         }
@@ -350,7 +348,7 @@ public final class UDPRelay: EventHandler {
             counters.droppedDescriptorBudget += 1
             return nil
         }
-        let side = targetSide(target.table)
+        let side = sides[target.table]
         // From the client's address (`source` "client"), of the destination's family.
         var transparentClient: SocketAddress? = nil
         if target.source == .client, side.transparent != nil, let endpoint = client.endpoint {
@@ -580,7 +578,7 @@ public final class UDPRelay: EventHandler {
         loop.remove(fd: flow.socket)
         Sys.close(flow.socket)
         // Only the HOST table's side has transparent flows.
-        if flow.transparent, let address = flow.client.endpoint?.address { targetSide(.host).transparent?.releaseFlow(client: address) }
+        if flow.transparent, let address = flow.client.endpoint?.address { sides.host.transparent?.releaseFlow(client: address) }
         flows[slot] = Flow()
         freeSlots.append(UInt32(slot))
         flowCount -= 1
@@ -633,7 +631,7 @@ public final class UDPRelay: EventHandler {
         // A flow from its client's address uses the routing (and the client address's route)
         // its predecessor left installed: counted here, so they stay while the flow lives.
         var transparent = false
-        if TransparentSource.isTransparent(handed.socket), let routing = targetSide(.host).transparent,
+        if TransparentSource.isTransparent(handed.socket), let routing = sides.host.transparent,
             let client = handed.client.endpoint?.address, case .success(let peer) = Sys.peerAddress(handed.socket),
             let target = peer.endpoint?.address, case .success = routing.retainFlow(client: client, target: target)
         {
