@@ -367,6 +367,25 @@ public final class UDPRelay: EventHandler {
             }
             return nil
         }
+        let flow = Flow(
+            socket: socket, listener: listener, client: client, local: local, lastActive: now, transparent: transparentClient != nil)
+        guard let slot = install(flow, key: key) else {
+            // epoll cannot take one more watch: this datagram is lost, the relay carries on.
+            if let address = transparentClient?.endpoint?.address { side.transparent?.releaseFlow(client: address) }
+            Sys.close(socket)
+            budget.release(.udp)
+            counters.droppedErrors += 1
+            return nil
+        }
+        counters.flowsCreated += 1
+        conditions?.clear(.udpFlowTableFull)
+        return Int(slot)
+    }
+
+    /// Puts `flow` (charged already) in a free slot under `key`, watched by epoll under kind
+    /// `udpFlow` with the slot as its index, and arms the expiry timer with the first flow.
+    /// - Returns: the slot, or nil when epoll cannot watch the socket (nothing is changed).
+    private func install(_ flow: Flow, key: FlowKey) -> UInt32? {
         let slot: UInt32
         if let free = freeSlots.popLast() {
             slot = free
@@ -375,28 +394,20 @@ public final class UDPRelay: EventHandler {
             flows.append(Flow())
         }
         do throws(PestoError) {
-            try loop.add(fd: socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
+            try loop.add(fd: flow.socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
         } catch {
-            // epoll cannot take one more watch: this datagram is lost, the relay carries on.
-            if let address = transparentClient?.endpoint?.address { side.transparent?.releaseFlow(client: address) }
-            Sys.close(socket)
-            budget.release(.udp)
             freeSlots.append(slot)
-            counters.droppedErrors += 1
             return nil
         }
-        flows[Int(slot)] = Flow(
-            socket: socket, listener: listener, client: client, local: local, lastActive: now, transparent: transparentClient != nil)
+        flows[Int(slot)] = flow
         flowsByKey[key] = slot
         flowCount += 1
-        counters.flowsCreated += 1
-        conditions?.clear(.udpFlowTableFull)
         if expiryTimer == nil {
             expiryTimer = loop.every(milliseconds: limits.expiryCheckMilliseconds) { [unowned self] in
                 self.expireIdleFlows(now: .now)
             }
         }
-        return Int(slot)
+        return slot
     }
 
     /// A non-blocking UDP socket on `side`, connected to `destination`; nil when the
@@ -614,20 +625,6 @@ public final class UDPRelay: EventHandler {
     func adopt(_ handed: UDPFlowHandover, listener: Int32) -> Bool {
         let key = FlowKey(listener: listener, client: handed.client, local: handed.local.address)
         guard flowsByKey[key] == nil, flowCount < limits.maxFlows, budget.adopt(.udp) else { return false }
-        let slot: UInt32
-        if let free = freeSlots.popLast() {
-            slot = free
-        } else {
-            slot = UInt32(flows.count)
-            flows.append(Flow())
-        }
-        do throws(PestoError) {
-            try loop.add(fd: handed.socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
-        } catch {
-            budget.release(.udp)
-            freeSlots.append(slot)
-            return false
-        }
         // A flow from its client's address uses the routing (and the client address's route)
         // its predecessor left installed: counted here, so they stay while the flow lives.
         var transparent = false
@@ -640,15 +637,13 @@ public final class UDPRelay: EventHandler {
         let now = MonotonicInstant.now
         let idle = UInt64(handed.idleMilliseconds) * 1_000_000
         let lastActive = MonotonicInstant(nanoseconds: now.nanoseconds > idle ? now.nanoseconds - idle : 0)
-        flows[Int(slot)] = Flow(
+        let flow = Flow(
             socket: handed.socket, listener: listener, client: handed.client, local: handed.local, lastActive: lastActive,
             transparent: transparent)
-        flowsByKey[key] = slot
-        flowCount += 1
-        if expiryTimer == nil {
-            expiryTimer = loop.every(milliseconds: limits.expiryCheckMilliseconds) { [unowned self] in
-                self.expireIdleFlows(now: .now)
-            }
+        guard install(flow, key: key) != nil else {
+            if transparent, let client = handed.client.endpoint?.address { sides.host.transparent?.releaseFlow(client: client) }
+            budget.release(.udp)
+            return false
         }
         return true
     }
