@@ -109,24 +109,24 @@ public final class ForwardingTable {
 
     private let factory: any ListenerFactory
     /// The rules, in no particular order (see the theory of operation).
-    private var entries: [Entry] = []
+    var entries: [Entry] = []
     /// The position in `entries` of each ID.
-    private var slots: [UInt32: Int] = [:]
+    var slots: [UInt32: Int] = [:]
     /// Every ID in ascending order, unless `sortedIDsStale`.
     private var sortedIDs: [UInt32] = []
     /// True when `sortedIDs` must be rebuilt before it is used.
     private var sortedIDsStale = false
     private(set) public var reservedSockets = 0
-    private(set) public var openSockets = 0
+    public internal(set) var openSockets = 0
     private(set) public var activeCount = 0
     /// The active rules, indexed by protocol, port, interface and address.
     private var activeIndex = ConflictIndex()
     /// Rules compared one by one while naming a conflicting rule (for tests of the cost).
     private var conflictScanComparisons = 0
     /// First match: the shared listening sockets.
-    private var shared = SharedListeners()
+    var shared = SharedListeners()
     /// First match: the won-port counts before the current operation of the rules it changed.
-    private var wonBefore: [UInt32: UInt32] = [:]
+    var wonBefore: [UInt32: UInt32] = [:]
 
     /// Work done by conflict checks so far: index probes plus rule comparisons. Tests use it
     /// to show that activating n rules costs O(n), not O(n²).
@@ -187,7 +187,7 @@ public final class ForwardingTable {
     /// Opens one listener through the factory and tells the observer. When the observer
     /// cannot take it (no epoll watch, no descriptor budget) the socket is closed and its
     /// errno is this port's bind failure, counted and retried like any other.
-    private func openListener(_ id: UInt32, _ rule: Rule, _ port: UInt16) -> Result<Int32, Errno> {
+    func openListener(_ id: UInt32, _ rule: Rule, _ port: UInt16) -> Result<Int32, Errno> {
         let result = factory.openListener(for: rule, port: port)
         if case .success(let fd) = result, let observer = listenerObserver,
             case .failure(let e) = observer.listenerOpened(fd: fd, table: kind, ruleID: id, rule: rule, port: port)
@@ -199,7 +199,7 @@ public final class ForwardingTable {
     }
 
     /// Tells the observer, then closes one listener.
-    private func closeListener(_ fd: Int32) {
+    func closeListener(_ fd: Int32) {
         listenerObserver?.listenerClosed(fd: fd)
         factory.closeListener(fd)
     }
@@ -213,7 +213,7 @@ public final class ForwardingTable {
     public var ids: [UInt32] { idsInOrder() }
 
     /// Every ID in ascending order; sorts once after out-of-order inserts or deletes.
-    private func idsInOrder() -> [UInt32] {
+    func idsInOrder() -> [UInt32] {
         if sortedIDsStale {
             sortedIDs = entries.map(\.id).sorted()
             sortedIDsStale = false
@@ -222,7 +222,7 @@ public final class ForwardingTable {
     }
 
     /// Position of `id` in `entries`.
-    private func index(of id: UInt32) throws(PestoError) -> Int {
+    func index(of id: UInt32) throws(PestoError) -> Int {
         guard let i = slots[id] else { throw PestoError(.noSuchRule, "The \(kind.name) table has no rule \(id).") }
         return i
     }
@@ -528,7 +528,7 @@ public final class ForwardingTable {
 
     /// Where the next retry pass starts: a rule ID and a slot (port offset) in that rule. The
     /// rule need not exist any more; the pass then starts at the next ID.
-    private var retryCursor: (id: UInt32, slot: Int) = (0, 0)
+    var retryCursor: (id: UInt32, slot: Int) = (0, 0)
 
     /// A rule's counts before a retry, to decide whether to report it.
     private struct RetryCounts {

@@ -141,32 +141,32 @@ public final class TCPRelay: EventHandler {
 
     private let loop: EventLoop
     /// Where each table's targets are reached.
-    private let sides: TargetSides
+    let sides: TargetSides
     /// The engine: loop checks, first match, capacity (RelayContext.swift).
     private weak var context: (any RelayContext)?
     public let limits: TCPRelayLimits
     /// The engine's descriptor budget, shared with the listeners and the UDP relay.
-    private let budget: DescriptorBudget
-    private var slots: [Connection] = []
+    let budget: DescriptorBudget
+    var slots: [Connection] = []
     /// Each slot's PROXY protocol header, parallel to `slots`: empty (no storage) until the
     /// slot first serves a rule with `proxy-protocol`, then reserved once at
     /// `ProxyProtocolHeader.maxLength` and reused by every later connection of the slot, so
     /// a header costs no allocation per connection or event (v2), and slots of rules
     /// without it cost no memory for it (idle relayed connections stay small).
-    private var headers: [[UInt8]] = []
+    var headers: [[UInt8]] = []
     private var freeSlots: [UInt32] = []
     /// Connections handed over by the pestod this one takes over from, installed but not
     /// started (`startAdopted()`).
-    private var adoptedWaiting: [UInt32] = []
+    var adoptedWaiting: [UInt32] = []
     private var pipePool: [Pipe] = []
     /// Pipes open, in use or pooled: two per connection (charged with it) and `sparePipes`.
-    private var pipesOpen = 0
+    var pipesOpen = 0
     /// Pooled pipes charged on their own, beyond two per connection.
     private var sparePipes = 0
     /// The next loopback source address's last byte (see `spreadLoopbackSources`).
     private var nextLoopbackSource: UInt32 = 2
-    public private(set) var activeConnections = 0
-    public private(set) var counters = Counters()
+    public internal(set) var activeConnections = 0
+    public internal(set) var counters = Counters()
     /// Where recurring failures are reported once (transparent source).
     public var conditions: DataPathConditions?
 
@@ -326,7 +326,7 @@ public final class TCPRelay: EventHandler {
         _ = Sys.setOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
     }
 
-    private func allocateSlot() -> UInt32 {
+    func allocateSlot() -> UInt32 {
         if let i = freeSlots.popLast() { return i }
         slots.append(Connection())
         headers.append([])
@@ -365,7 +365,7 @@ public final class TCPRelay: EventHandler {
     /// Feeds `event` to the connection's state and executes the actions it returns, feeding
     /// back each one's outcome, until it says to wait or to close. `destination` is the
     /// target's address, for connect() asked again (only just after the first connect()).
-    private func drive(_ index: UInt32, _ event: TCPConnectionState.Event, destination: SocketAddress? = nil) {
+    func drive(_ index: UInt32, _ event: TCPConnectionState.Event, destination: SocketAddress? = nil) {
         let i = Int(index)
         var action = slots[i].state.handle(event)
         while true {
@@ -490,7 +490,7 @@ public final class TCPRelay: EventHandler {
     /// spares. Spare charges no longer needed are given back; pooled pipes beyond are charged
     /// as spares while TCP's share has room, and closed otherwise. (Pipes in use are at most
     /// two per connection, so the ones beyond are always in the pool.)
-    private func settlePipes() {
+    func settlePipes() {
         while sparePipes > 0 && pipesOpen < 2 * activeConnections + sparePipes {
             sparePipes -= 1
             budget.releaseSparePipe()

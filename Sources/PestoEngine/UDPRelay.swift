@@ -191,16 +191,16 @@ public final class UDPRelay: EventHandler {
 
     private let loop: EventLoop
     /// Where each table's targets are reached.
-    private let sides: TargetSides
+    let sides: TargetSides
     /// The engine: loop checks and first match (RelayContext.swift).
     private weak var context: (any RelayContext)?
     /// The limits this relay was made with.
     public let limits: UDPRelayLimits
     /// The engine's descriptor budget: one descriptor per flow.
-    private let budget: DescriptorBudget
-    private var flows: [Flow] = []
+    let budget: DescriptorBudget
+    var flows: [Flow] = []
     private var freeSlots: [UInt32] = []
-    private var flowsByKey: [FlowKey: UInt32] = [:]
+    var flowsByKey: [FlowKey: UInt32] = [:]
     /// Every datagram from a client passes through here, `batch` at a time; allocated once.
     private let datagrams: DatagramBatch
     /// Replies gathered during one loop turn, each with its client and local address, sent
@@ -385,7 +385,7 @@ public final class UDPRelay: EventHandler {
     /// Puts `flow` (charged already) in a free slot under `key`, watched by epoll under kind
     /// `udpFlow` with the slot as its index, and arms the expiry timer with the first flow.
     /// - Returns: the slot, or nil when epoll cannot watch the socket (nothing is changed).
-    private func install(_ flow: Flow, key: FlowKey) -> UInt32? {
+    func install(_ flow: Flow, key: FlowKey) -> UInt32? {
         let slot: UInt32
         if let free = freeSlots.popLast() {
             slot = free
