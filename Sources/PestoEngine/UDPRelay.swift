@@ -600,54 +600,6 @@ public final class UDPRelay: EventHandler {
         }
     }
 
-    // MARK: Takeover (RelayHandover.swift)
-
-    /// Every flow as it is to be handed over (sockets stay open here); `identify` names a
-    /// listener descriptor's (table, rule, port), nil for none (its flows are left out).
-    func handoverSnapshot(identify: (Int32) -> (TableKind, UInt32, UInt16)?) -> [UDPFlowHandover] {
-        let now = MonotonicInstant.now
-        var out: [UDPFlowHandover] = []
-        out.reserveCapacity(flowCount)
-        for flow in flows where flow.inUse {
-            guard let (table, ruleID, port) = identify(flow.listener) else { continue }
-            let idle = now.nanoseconds >= flow.lastActive.nanoseconds ? (now.nanoseconds - flow.lastActive.nanoseconds) / 1_000_000 : 0
-            out.append(
-                UDPFlowHandover(
-                    table: table, ruleID: ruleID, port: port, client: flow.client, local: flow.local,
-                    idleMilliseconds: UInt32(min(idle, UInt64(UInt32.max))), socket: flow.socket))
-        }
-        return out
-    }
-
-    /// Installs a flow handed over by the pestod this one takes over from, on `listener`,
-    /// with its idle time; false (the caller closes the socket) when the flow table or the
-    /// budget is full, the flow exists already, or epoll cannot watch the socket.
-    func adopt(_ handed: UDPFlowHandover, listener: Int32) -> Bool {
-        let key = FlowKey(listener: listener, client: handed.client, local: handed.local.address)
-        guard flowsByKey[key] == nil, flowCount < limits.maxFlows, budget.adopt(.udp) else { return false }
-        // A flow from its client's address uses the routing (and the client address's route)
-        // its predecessor left installed: counted here, so they stay while the flow lives.
-        var transparent = false
-        if TransparentSource.isTransparent(handed.socket), let routing = sides.host.transparent,
-            let client = handed.client.endpoint?.address, case .success(let peer) = Sys.peerAddress(handed.socket),
-            let target = peer.endpoint?.address, case .success = routing.retainFlow(client: client, target: target)
-        {
-            transparent = true
-        }
-        let now = MonotonicInstant.now
-        let idle = UInt64(handed.idleMilliseconds) * 1_000_000
-        let lastActive = MonotonicInstant(nanoseconds: now.nanoseconds > idle ? now.nanoseconds - idle : 0)
-        let flow = Flow(
-            socket: handed.socket, listener: listener, client: handed.client, local: handed.local, lastActive: lastActive,
-            transparent: transparent)
-        guard install(flow, key: key) != nil else {
-            if transparent, let client = handed.client.endpoint?.address { sides.host.transparent?.releaseFlow(client: client) }
-            budget.release(.udp)
-            return false
-        }
-        return true
-    }
-
     // MARK: Inspection (tests)
 
     /// The socket of the (first) flow of `client` on `listener`, or nil.
