@@ -43,10 +43,10 @@
 //
 // The table is not thread-safe: it belongs to the event loop thread.
 
-/// What happened to a rule, as reported to `ForwardingTable.onStateChange`.
 import PestoModel
 import PestoSystem
 
+/// What happened to a rule, as reported to `ForwardingTable.onStateChange`.
 public struct RuleStateChange: Hashable, Sendable {
     /// Why the state changed.
     public enum Cause: Hashable, Sendable {
@@ -112,6 +112,14 @@ public final class ForwardingTable {
     var shared = SharedListeners()
     /// First match: the won-port counts before the current operation of the rules it changed.
     var wonBefore: [UInt32: UInt32] = [:]
+    /// Most socket attempts of one `retryFailedBinds()` pass (positive; BindRetry.swift); see
+    /// `defaultRetryBudget`. Tests set smaller budgets.
+    var retryBudget = ForwardingTable.defaultRetryBudget {
+        didSet { precondition(retryBudget > 0, "a retry pass must be allowed an attempt") }
+    }
+    /// Where the next retry pass starts: a rule ID and a slot (port offset) in that rule. The
+    /// rule need not exist any more; the pass then starts at the next ID.
+    var retryCursor: (id: UInt32, slot: Int) = (0, 0)
 
     /// Work done by conflict checks so far: index probes plus rule comparisons. Tests use it
     /// to show that activating n rules costs O(n), not O(n²).
@@ -413,16 +421,6 @@ public final class ForwardingTable {
         onStateChange?(RuleStateChange(id: id, status: .inactive, cause: .deactivated, failuresChanged: sockets.failed != 0))
         reportPortsWon(except: id)
     }
-
-    /// Most socket attempts of one `retryFailedBinds()` pass (positive); see
-    /// `defaultRetryBudget`. Tests set smaller budgets.
-    var retryBudget = ForwardingTable.defaultRetryBudget {
-        didSet { precondition(retryBudget > 0, "a retry pass must be allowed an attempt") }
-    }
-
-    /// Where the next retry pass starts: a rule ID and a slot (port offset) in that rule. The
-    /// rule need not exist any more; the pass then starts at the next ID.
-    var retryCursor: (id: UInt32, slot: Int) = (0, 0)
 
     /// The IDs of the active scan rules with their ranges, for the scanner.
     public var activeScanRules: [(id: UInt32, rule: Rule)] {

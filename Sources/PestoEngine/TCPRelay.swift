@@ -4,54 +4,43 @@
 //
 // Theory of operation
 // -------------------
-// Each relayed connection is a slot holding two sockets — the accepted `client` and the
-// `target` we connected to — two pipes (one per direction, while it has bytes to move) and a
-// `TCPConnectionState`, the value that decides what happens next (TCPConnectionState.swift
-// describes the phases, the pumps, half-closes and errors). Both sockets are registered with
-// the loop under kind `tcpConnection` and the slot's index, level-triggered, so the event says
-// which slot and the fd says which side.
+// Each relayed connection is a slot: the accepted `client` socket, the `target` socket, a
+// pipe per direction while that direction has bytes in flight, and a `TCPConnectionState`,
+// the value that decides (TCPConnectionState.swift has the phases, half-closes and errors).
+// The relay only executes: `drive` feeds the state an event, performs the action it returns
+// through the `Sys` funnel (connect, SO_ERROR, splice with SPLICE_F_MOVE | SPLICE_F_NONBLOCK,
+// shutdown, pipes, epoll interest) and feeds back the outcome, until `.wait` or `.close`.
 //
-// The relay only executes: it feeds the state a readiness event or the outcome of the last
-// action (`drive`), performs the action it gets back through the `Sys` funnel — connect,
-// SO_ERROR, splice (SPLICE_F_MOVE | SPLICE_F_NONBLOCK, never copying through user space),
-// shutdown(SHUT_WR), taking and returning pipes, epoll interest — and stops at `.wait` or
-// `.close`. A connection that ends in error is closed with SO_LINGER {1, 0} on both sockets,
-// so both peers see a reset; one whose two directions were half-closed in turn, with a FIN.
-// Pipes are taken from a small pool when a direction has something to move and returned
-// when it is drained, so an idle connection holds two descriptors, not six.
+// Events:
+//   listener readable   accept4, up to `acceptBatch`; each connection is admitted (a slot of
+//                       `maxConnections`, TCP's share of the descriptor budget; on a shared
+//                       listener the context's first match picks the rule), then its target
+//                       socket is made and connect()ed. Out of slots or descriptors the
+//                       listener pauses (`.exhausted`) and its clients wait in the backlog;
+//                       a connection refused (budget, loop, target) is reset at once.
+//   socket readiness    kind `tcpConnection`, index = slot, level-triggered; the fd says
+//                       the side; drives that slot's state.
+//   connection closed   the context hears of it (`relayCapacityAvailable`): paused listeners
+//                       resume.
 //
-// Errors of the environment and what they do:
-//   accept4 EINTR            retried (by the funnel);
-//   accept4 EAGAIN           the backlog is empty: done;
-//   accept4 EMFILE, ENFILE,  the listener is paused (`.exhausted`), the client stays in the
-//     ENOBUFS, ENOMEM        backlog; other errors (ECONNABORTED) lose that one connection;
-//   socket() for the target  the client is reset; out of descriptors also pauses the listener;
-//   connect() refused        the client is reset (it reads ECONNRESET, as from the target);
-//   splice EAGAIN            wait for readiness (back-pressure);
-//   splice/shutdown errors   (ECONNRESET, EPIPE, ENOBUFS, ENOMEM, ...) reset both sockets;
-//   pipe2 failure            (EMFILE, ENFILE) reset both sockets: the bytes cannot be moved;
-//   epoll_ctl ENOSPC/ENOMEM  reset both sockets (counted in `watchFailures`).
-// No error leaves a descriptor behind: every ending goes through `close(slot:)`.
+// Invariants:
+//   - `close(slot:)` is the only way a connection ends, and closes all it holds; one ended
+//     by an error is closed with SO_LINGER {1, 0} on both sockets (both peers see a reset),
+//     one whose directions were both half-closed with a FIN;
+//   - each connection is charged `DescriptorPlan.perConnection` to TCP's share: its sockets
+//     and a pipe each way (DescriptorBudget.swift). Open pipes, in use or pooled, are at most
+//     two per connection plus `sparePipes`, pooled and charged apart and closed first when a
+//     new connection needs the room: the relay never holds more than it was charged, and an
+//     admitted connection's pipe is never refused for want of budget;
+//   - an idle connection holds its two sockets only: pipes go back to the pool when drained;
+//   - a connection refers only to its own descriptors and a copy of its target, so it
+//     outlives its rule.
 //
-// Capacity: `maxConnections` slots. When they are all in use, or accept4() fails with
-// EMFILE/ENFILE, or the target socket cannot be made for lack of descriptors, the relay
-// reports it and the engine pauses its listeners for a moment (the kernel keeps the
-// connections in the backlog); nothing spins and nothing crashes.
-//
-// Descriptors: each connection is charged, when accepted, what it may hold to the engine's
-// `DescriptorBudget`: its two sockets and a pipe for each direction (DescriptorBudget.swift).
-// Pipes open beyond two per connection (in the pool: one in use always has its connection)
-// are charged as spares while TCP's share has room, and closed first when a new connection
-// needs the room, so the relay never holds more than it was charged and no pipe of an
-// admitted connection is ever refused for want of budget. A connection beyond TCP's share is
-// accepted and reset at once (counted in `refusedBudget`), so its client learns at once
-// instead of hanging in the backlog, and the descriptors pestod keeps for D-Bus, its state,
-// new listeners and UDP's share stay free. A socket
-// epoll cannot watch (ENOSPC at `fs.epoll.max_user_watches`, ENOMEM) ends that connection
-// with a reset (counted in `watchFailures`); the relay carries on.
-//
-// A connection only ever refers to its own descriptors and a copy of its target, so it
-// survives the deactivation or deletion of the rule whose listener accepted it.
+// Errors of the environment: accept4 EAGAIN ends the batch; EMFILE, ENFILE, ENOBUFS, ENOMEM
+// pause the listener; other accept4 errors (ECONNABORTED) lose that one connection. A failed
+// target socket, connect, splice, shutdown, pipe2 or epoll_ctl resets that connection alone,
+// counted (`connectFailures`, `resets`, `watchFailures`); EINTR is retried by the funnel. No
+// error leaves a descriptor behind.
 
 import CPestoSys
 import PestoModel

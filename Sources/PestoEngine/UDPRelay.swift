@@ -4,88 +4,46 @@
 //
 // Theory of operation
 // -------------------
-// UDP has no connections, so the relay makes them. A flow is one (listening socket, client
-// address) pair. The first datagram from a client creates the flow's own socket on the
-// target side, connect()ed to the destination, so the kernel filters what comes back and
-// only the target's replies reach that socket:
+// UDP has no connections, so the relay makes them. A flow is one (listener, client address,
+// local address the client wrote to) triple; the client's first datagram creates the flow's
+// own socket on the target side, connect()ed to the destination, so only the target's
+// replies reach it. Replies leave through the listener, from the very address the client
+// wrote to (its IP_PKTINFO / IPV6_PKTINFO, kept with the flow), so the client sees them come
+// from where it sent (doc/data-path.md, "UDP replies leave from the address the client asked"):
 //
 //   client ──datagram──▶ listener ──(find or create flow)──▶ flow socket ──send()──▶ target
-//   client ◀──sendto()── listener ◀────────── recv() ──────── flow socket ◀──reply── target
+//   client ◀─sendmmsg()─ listener ◀──── recvmmsg() ──────── flow socket ◀──reply── target
 //
-// Replies leave through the listening socket, so the client sees them come from the address
-// and port it sent to. A listener bound to a wildcard address (or to an interface) would
-// otherwise reply from the address the kernel's route lookup picks for the client, which on
-// a multi-homed host, or for a client of 127.0.0.5, is not the one the client used, and a
-// connected client socket drops such a reply. So listeners ask for IP_PKTINFO /
-// IPV6_RECVPKTINFO (`Sys.receivePacketInfo`, set by the listener factory): every datagram is
-// taken with recvmsg() along with the local address and interface it arrived on, the flow
-// remembers them (they are part of its key: a client writing to two addresses of a wildcard
-// listener has two flows), and every reply is sent with sendmsg() and that same IP_PKTINFO /
-// IPV6_PKTINFO, so it leaves from exactly the address the client wrote to (the interface is
-// left to the route, except for IPv6 link-local addresses; a rule bound to an interface keeps
-// its replies on it through SO_BINDTODEVICE). The control
-// buffers live on the C shim's stack: nothing is allocated per datagram. A listener without
-// the option (tests that make their own) gives no local address, and replies are plain sends.
-//
-// Batching: datagrams are taken `batch` (64) at a time with one recvmmsg(2), into a
-// `DatagramBatch` allocated in init (64 slots of 64 KiB, each with room for its sender and
-// pktinfo; the mmsghdr, iovec and control arrays live on the C shim's stack). With many
-// flows, what costs is system calls per datagram: one datagram at a time, a round trip
-// through the relay took a recvmsg, a send, a recv and a sendmsg, plus an EAGAIN at the end of
-// each readiness. Batched, a listener batch costs one recvmmsg and one sendmmsg per flow
-// present in it (that flow's datagrams, in arrival order); replies are gathered from every
-// flow socket that became readable in one epoll_wait into a second batch (each with its
-// client and local address) and leave the listener in one sendmmsg after the turn's events
-// (`EventLoop.afterEvents`), or sooner when the batch is full or a flow of another listener
-// has replies, or at once when the flow was the only source of its turn (request/response:
-// nothing to gather with).
+// Datagrams move `batch` (64) at a time through two `DatagramBatch`es allocated in init, so
+// nothing is allocated per datagram (doc/data-path.md, "UDP in batches").
 //
 // Events:
-//   listener readable   up to `batch` datagrams are taken with one recvmmsg(MSG_DONTWAIT).
-//                       Each is matched to its flow by a dictionary lookup keyed by
-//                       (listener fd, client address, local address), which allocates
-//                       nothing, and skipped when the datagram before it was of the same flow
-//                       (a flow's state is touched once per run of its datagrams); a miss
-//                       creates the flow unless the table is full (`maxFlows`: dropped,
-//                       counted) or the destination is one of pestod's own listeners
-//                       (`refusesLoop`: dropped, counted — it would loop forever). Then each
-//                       flow's datagrams of the batch go in one sendmmsg() on its socket (one
-//                       socket per flow: there is no call that sends on many sockets).
-//   flow readable       up to `batch` replies are taken with recvmmsg() into the reply batch,
-//                       each marked with the flow's client and local address. The flow socket
-//                       is registered under kind `udpFlow` with its slot as the epoll index,
-//                       so this path does no lookup at all.
-//   after the events    the gathered replies leave the listener in one sendmmsg(), each to
-//                       its client from its flow's local address (`flushReplies`).
-//                       sendmmsg() stops at the first datagram it cannot send (full send
-//                       buffer, no route) without saying why: the rest are sent again, and a
-//                       datagram the call fails on is dropped and counted, as one sendmsg()
-//                       per datagram did, so a stuck socket costs at most one call per
-//                       datagram and never a spin (`sendAll`, both directions).
-//   expiry timer        every `expiryCheckMilliseconds`, flows idle (no datagram either way)
-//                       for `idleTimeoutMilliseconds` are closed. The timer is armed only while
-//                       there are flows, so an idle relay never wakes the loop.
-//   listener closing    the engine calls `listenerClosing` before it closes a UDP listener:
-//                       the replies gathered for it are sent, then its flows are closed, since
-//                       their replies could no longer be sent (and the fd number may soon name
-//                       another listener).
+//   listener readable   one recvmmsg; each datagram is matched to its flow (`flowsByKey`,
+//                       no allocation; once per run of one flow's datagrams) or creates it,
+//                       unless the flow table is full (`maxFlows`), the destination is one
+//                       of pestod's listeners (`refusesLoop`) or UDP's share of the
+//                       descriptor budget is spent: then it is dropped and counted. Each
+//                       flow's datagrams then leave its socket in one sendmmsg.
+//   flow readable       one recvmmsg into the reply batch (epoll index = slot: no lookup).
+//   after the events    the gathered replies leave their listener in one sendmmsg
+//                       (`flushReplies`); sooner when the batch is full, another listener's
+//                       replies arrive, or the flow was the turn's only source.
+//   expiry timer        every `expiryCheckMilliseconds`, flows idle for
+//                       `idleTimeoutMilliseconds` close; armed only while flows exist.
+//   listener closing    its pending replies are sent, then its flows closed.
 //
-// Flows live in an array of slots reused through a free list; a slot is free exactly when its
-// `socket` is -1, and `flowsByKey` maps the key of every used slot to it and holds nothing
-// else. The clock is read once per batch, not per datagram.
+// Invariants:
+//   - a slot is free exactly when its `socket` is -1; `flowsByKey` maps the key of every
+//     used slot to it and holds nothing else; `flowCount` counts the used slots;
+//   - every flow is charged one descriptor to the engine's `DescriptorBudget` (UDP's share)
+//     and is in epoll under kind `udpFlow` with its slot as index;
+//   - `pendingReplies` replies wait in `replies`, all from `pendingListener`.
 //
-// Each flow is charged one descriptor to the engine's `DescriptorBudget`; a new client beyond
-// UDP's share of it has its datagram dropped (counted in `droppedDescriptorBudget`, reported
-// once per episode by the budget), so flows never eat the descriptors pestod keeps for D-Bus,
-// its state, new listeners and TCP's share. A flow socket epoll cannot watch (ENOSPC at
-// `fs.epoll.max_user_watches`, ENOMEM) is closed and its datagram dropped, like any other
-// error of the environment.
-//
-// Errors of the environment drop one datagram and are counted in `droppedErrors`; they never
-// end a flow or the service. A connected UDP socket reports an ICMP "port unreachable" from
-// the target as ECONNREFUSED on its next call: on recv() it is counted, on send() it is
-// counted and the send retried once (the failed send did not transmit, and the error is
-// cleared by being reported), so a target that starts listening late gets the datagram.
+// Errors of the environment drop one datagram and are counted (`droppedErrors`); they never
+// end a flow or the service. sendmmsg stops at the first datagram it cannot send: the rest
+// are sent again and the failing one dropped (`sendAll`), so a stuck socket never spins. An
+// ICMP "port unreachable" from the target shows as ECONNREFUSED on the flow's next call:
+// counted, and a send is retried once (nothing was sent). The clock is read once per batch.
 //
 // The relay belongs to the loop thread.
 
