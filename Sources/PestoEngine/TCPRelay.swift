@@ -215,11 +215,17 @@ public final class TCPRelay: EventHandler {
                 }
                 target = winner
             }
-            // Spare pipes make room for a connection: they are only kept for reuse.
+            // A connection's charge covers two pipes, so up to two spares become its own;
+            // beyond, spares make room for it (they are only kept for reuse).
+            for _ in 0..<min(2, sparePipes) {
+                sparePipes -= 1
+                budget.releaseSparePipe()
+            }
             while !budget.fits(.tcp) && sparePipes > 0 { dropSparePipe() }
             guard budget.admit(.tcp) else {
                 counters.refusedBudget += 1
                 resetAndClose(client)
+                settlePipes()
                 continue
             }
             // start() either gives the connection a slot, whose close gives the charge back,

@@ -310,4 +310,37 @@ struct DescriptorTests {
         #expect(h.engine.udp.flowCount == plan.defaultMaxFlows, "the flows are untouched")
         #expect(h.engine.budget.held <= plan.engineLimit)
     }
+
+    @Test("empty pipes kept for reuse count against TCP's share and give way to a new connection")
+    func sparePipes() throws {
+        // L = 77: E = 13, H = 1, R = 12, a share of 6: exactly one connection.
+        let h = try EngineHarness(descriptors: DescriptorPlan(openFileLimit: 77))
+        defer { h.shutdown() }
+        let ports = TestSockets.freePorts(2)
+        let server = try #require(EchoServer(port: ports.upperBound))
+        defer { server.stop() }
+        try h.engine.host.insert(
+            id: 1, rule: Rule(proto: .tcp, address: .loopbackIPv4, firstPort: ports.lowerBound, targetPort: ports.upperBound))
+        #expect(try h.engine.host.activate(id: 1).bound == 1)
+        func echo() throws -> Int32 {
+            let fd = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+            var byte: UInt8 = 1
+            #expect(write(fd, &byte, 1) == 1)
+            h.turn(until: { peek(fd) != "nothing" }, "the connection answered")
+            #expect(peek(fd) == "data")
+            return fd
+        }
+        close(try echo())
+        h.turn(until: { h.engine.tcp.activeConnections == 0 }, "the first connection closed")
+        let spares = h.engine.budget.held(by: .tcp)
+        #expect(spares > 0 && spares <= 2 * DescriptorPlan.perPipe, "its pipes stay pooled, charged as spares")
+        let second = try echo()
+        defer { close(second) }
+        #expect(h.engine.tcp.counters.refusedBudget == 0, "the spares made way")
+        #expect(h.engine.budget.held(by: .tcp) == DescriptorPlan.perConnection, "the pooled pipes are the connection's own now")
+        let third = try #require(try? TestSockets.connect(port: ports.lowerBound).get())
+        defer { close(third) }
+        h.turn(until: { peek(third) == "reset" }, "a connection beyond the share reset")
+        #expect(h.engine.budget.held(by: .tcp) <= h.engine.budget.share)
+    }
 }
