@@ -167,7 +167,7 @@ public final class PestoDaemon {
             try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
             carried = persistence?.restore(into: engine, logger: logger) ?? []
         }
-        let server = PestoServer(engine: engine, connection: connection, logger: logger)
+        let server = PestoServer(engine: engine, port: connection, logger: logger)
         if let persistence {
             server.persist { [unowned engine] () throws(PestoError) in
                 try persistence.save(engine, carried: carried)
@@ -176,7 +176,7 @@ public final class PestoDaemon {
         authorize(server, on: connection)
         server.allowsReplacement = takeoverPath != nil
         if let sliceOperations = configuration.sliceOperations { server.sliceOperations = sliceOperations }
-        try server.start()
+        try server.start(on: connection)
         var controlSocket = try openControlSocket(handed: received?.control, server: server, loop: loop)
         var takeoverSource = openTakeoverSocket(server: server, loop: loop, control: controlSocket, carried: carried)
         var upgrade = takeoverSource == nil ? nil : upgradeOnSignal(loop: loop)
