@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 // Every error name of the contract, provoked and checked by name; nothing changes on any error.
+// In process (InProcessPestod.swift); busctl's view of the same names needs the bus.
 
 import Foundation
 import PestoEngine
@@ -12,13 +13,13 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod errors", .serialized)
+@Suite("pestod errors (in process)")
 struct ErrorTests {
     static func name(_ n: String) -> String { PestoBusNames.errorPrefix + n }
 
     /// Expects `body` to fail with `errorName` and the observable state to be unchanged.
     func expectError(
-        _ f: PestodFixture, _ errorName: String, sourceLocation: SourceLocation = #_sourceLocation,
+        _ f: InProcessPestod, _ errorName: String, sourceLocation: SourceLocation = #_sourceLocation,
         _ body: () throws(DBusErrorReply) -> Void
     ) throws {
         let before = try f.snapshot()
@@ -28,7 +29,9 @@ struct ErrorTests {
 
     @Test("each Table error, and InvalidArgs for wrong types and unknown keys")
     func tableErrors() throws {
-        let f = try PestodFixture(pestodArguments: ["--max-rules", "3"])
+        var configuration = EngineConfiguration()
+        configuration.limits = TableLimits(maxRules: 3, maxSockets: TableLimits.default.maxSockets)
+        let f = try InProcessPestod(configuration: configuration)
         let ports = TestSockets.freePorts(3)
         let p = ports.lowerBound
         try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
@@ -85,14 +88,11 @@ struct ErrorTests {
         } catch {
             #expect(error.message.contains("active rule 1"))
         }
-        // busctl reports the same names.
-        let r = try f.busctl(["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Delete", "u", "42"])
-        #expect(r.status != 0 && r.err.contains("no rule 42"))
     }
 
     @Test("Apply: success, BindFailed and Conflict roll back everything; best-effort tolerates")
     func apply() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let ports = TestSockets.freePorts(6)
         let p = ports.lowerBound
         try f.table("Insert", [.uint32(10), PestodFixture.rule(p)])
@@ -146,5 +146,16 @@ struct ErrorTests {
         try expectError(f, DBusErrorReply.invalidArgs) { () throws(DBusErrorReply) in
             _ = try apply([(14, PestodFixture.rule(p + 4))], remove: [14])
         }
+    }
+}
+
+/// Error replies as a bus client's tools see them.
+@Suite("pestod errors over the bus", .serialized)
+struct ErrorOverBusTests {
+    @Test("busctl reports the contract's error names and messages")
+    func busctlSeesErrors() throws {
+        let f = try PestodFixture()
+        let r = try f.busctl(["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Delete", "u", "42"])
+        #expect(r.status != 0 && r.err.contains("no rule 42"))
     }
 }

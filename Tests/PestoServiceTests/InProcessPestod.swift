@@ -216,6 +216,9 @@ final class InProcessPestod {
         return (ProcessSockets.listening(pid: getpid()) ?? []).filter { inodes.contains($0.inode) }.map(\.description)
     }
 
+    /// A watch of the signals sent from now on.
+    func watchSignals() -> SentSignals { SentSignals(self) }
+
     /// Whether the lock was announced free (PropertiesChanged LockOwner "") since the port
     /// was last cleared.
     func lockReleaseAnnounced() -> Bool {
@@ -231,4 +234,33 @@ final class InProcessPestod {
         port.clear()
         return signals
     }
+}
+
+/// Waits for the signals the in-process server sends, as `SignalCollector` waits for them on
+/// a bus: a wait matches any signal sent since the watch began (or was last told to forget),
+/// running the loop until one is sent (5 s at most).
+final class SentSignals {
+    private let pestod: InProcessPestod
+    /// The first message of the port's record this watch looks at.
+    private var start: Int
+
+    /// Watches from now on.
+    init(_ pestod: InProcessPestod) {
+        self.pestod = pestod
+        start = pestod.port.sent.count
+    }
+
+    /// The signals sent since the watch began, in order.
+    var seen: [DBusMessage] { pestod.port.sent.dropFirst(start).filter(\.isSignal) }
+
+    /// Waits until a signal satisfying `predicate` is sent; returns it.
+    @discardableResult
+    func wait(for description: String, _ predicate: @escaping (DBusMessage) -> Bool) -> DBusMessage? {
+        if let m = seen.first(where: predicate) { return m }
+        pestod.loop.turn(until: { [self] in seen.contains(where: predicate) }, "signal: \(description)")
+        return seen.first(where: predicate)
+    }
+
+    /// Forgets the signals sent so far.
+    func forget() { start = pestod.port.sent.count }
 }
