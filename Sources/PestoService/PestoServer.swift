@@ -144,14 +144,9 @@ public final class PestoServer {
         gate = ChangeGate(editor: editor)
         announcer = Announcer(engine: engine, port: port, logger: logger) { [unowned editor] in editor.running != nil }
         editor.observer = announcer
-        editor.beforeJournaling = { [unowned self] in self.saveCommitted() }
         // Large updates are carried out in slices, one per loop turn (SlicedUpdate.swift).
         editor.sliceBudget = .standard
-        editor.scheduleSlice = { [unowned engine] work in engine.loop.nextTurn(work) }
-        editor.beforeSlicing = { [unowned self] in self.saveCommitted() }
-        editor.schedulePause = { [unowned engine] work in engine.loop.after(milliseconds: 1, work) }
-        editor.mayAnnounce = { [unowned port] in port.outgoingBytes < Self.unsentSignalBytes }
-        editor.busyChanged = { [unowned engine] busy in engine.periodicWorkHeld = busy }
+        editor.host = self
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
         engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
     }
@@ -356,7 +351,7 @@ public final class PestoServer {
     /// the lock holder's uncommitted changes go on top of committed ones (so that undoing an
     /// unsaved batch only ever undoes the newest changes): only a Lock, or the holder's first
     /// change after a Commit in the same turn, costs this extra save.
-    private func saveCommitted() {
+    func saveCommitted() {
         commits?.flush()
     }
 
@@ -526,4 +521,13 @@ public final class PestoServer {
             }
         }
     }
+}
+
+/// The server is the editor's host: slices on the loop's turns, announcing while the bus
+/// keeps up, the retry and scan passes held during a long update, saves before journaling.
+extension PestoServer: TablesEditorHost {
+    func nextTurn(_ work: @escaping () -> Void) { engine.loop.nextTurn(work) }
+    func shortly(_ work: @escaping () -> Void) { _ = engine.loop.after(milliseconds: 1, work) }
+    var mayAnnounce: Bool { port.outgoingBytes < Self.unsentSignalBytes }
+    func updateInProgress(_ busy: Bool) { engine.periodicWorkHeld = busy }
 }

@@ -57,6 +57,25 @@ protocol TablesObserver: AnyObject {
     func lockOwnerChanged(_ owner: String?)
 }
 
+/// What the editor needs of the service it runs in (PestoServer in pestod). Called on the
+/// loop thread.
+protocol TablesEditorHost: AnyObject {
+    /// Runs `work` on the next loop turn (`EventLoop.nextTurn`): the next slice of an update.
+    func nextTurn(_ work: @escaping () -> Void)
+    /// Runs `work` about a millisecond later: the next slice of an update waiting for the bus.
+    func shortly(_ work: @escaping () -> Void)
+    /// Whether an update may deliver more reports now: false while the bus has not taken the
+    /// signals already sent.
+    var mayAnnounce: Bool { get }
+    /// An update started being carried out over several turns (true), or ended (false): the
+    /// retry and scan passes are held meanwhile.
+    func updateInProgress(_ busy: Bool)
+    /// Saves (or undoes) the changes committed so far: before the lock holder's changes are
+    /// journaled on top of committed ones, and before an update that takes several turns
+    /// starts, so that the file never holds half an update.
+    func saveCommitted()
+}
+
 /// How many bind failures a newly activated rule may have.
 struct BindTolerance: Equatable {
     /// Failures allowed outright.
@@ -143,9 +162,10 @@ final class TablesEditor {
     private(set) var lockOwner: String?
     /// Operations made under the lock since Lock or the last Commit.
     private(set) var journal = Journal()
-    /// Called before the lock holder's changes are journaled on top of committed ones, so
-    /// that those can be saved first (the server flushes its CommitBatch).
-    var beforeJournaling: () -> Void = {}
+    /// The service the editor runs in: the loop turns its slices are carried out on, the
+    /// bus it announces on, the save of committed changes. Without one (tests), every update
+    /// is carried out at once.
+    weak var host: (any TablesEditorHost)?
 
     /// One report, held back while an update runs.
     enum Report {
@@ -164,22 +184,6 @@ final class TablesEditor {
     let waiting = ChangeQueue()
     /// How much of an update one loop turn carries out; `.unlimited` does it all at once.
     var sliceBudget = SliceBudget.unlimited
-    /// Runs its argument on the next loop turn (the server: `EventLoop.nextTurn`). Without
-    /// it, every update is carried out at once.
-    var scheduleSlice: ((@escaping () -> Void) -> Void)?
-    /// Runs its argument about a millisecond later (the server: a one-shot timer), for a
-    /// slice that waits for the bus (`mayAnnounce`).
-    var schedulePause: ((@escaping () -> Void) -> Void)?
-    /// Whether an update may deliver more reports now: false while the bus has not taken the
-    /// signals already sent (the server looks at the connection's unsent bytes).
-    var mayAnnounce: () -> Bool = { true }
-    /// Told when an update starts being carried out over several turns (true) and when it
-    /// has ended (false): the server holds the retry and scan passes meanwhile.
-    var busyChanged: (Bool) -> Void = { _ in }
-    /// Called before an update is carried out over several turns, so that the changes
-    /// committed before it are saved first (the server flushes its CommitBatch): the file
-    /// never holds half an update.
-    var beforeSlicing: () -> Void = {}
     /// The control socket's rules uploaded with upstream's weak flag (dumped with it). Kept
     /// in memory only: a rule restored from the state file, or put back by a rollback, is
     /// dumped without it.
@@ -295,7 +299,7 @@ final class TablesEditor {
             return (.done, Journal())
         }
         try checkLock(sender)
-        if lockOwner == sender { beforeJournaling() }
+        if lockOwner == sender { host?.saveCommitted() }
         switch change {
         case .apply(let kind, let request):
             let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
@@ -354,7 +358,7 @@ final class TablesEditor {
     func lock(_ sender: String) throws(PestoError) {
         if lockOwner == sender { return }
         try checkLock(sender)
-        beforeJournaling()
+        host?.saveCommitted()
         journal = Journal()
         setLockOwner(sender)
         logger.info("lock taken by \(sender)")
