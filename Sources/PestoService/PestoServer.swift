@@ -313,12 +313,12 @@ public final class PestoServer {
         case .changes:
             return DBusErrorReply(
                 DBusErrorReply.limitsExceeded,
-                "You have \(waiting?.maxPendingPerSender ?? 0) changes waiting for authorization already; wait for their replies.")
+                "You have \(waiting?.limits.changes ?? 0) changes waiting for authorization already; wait for their replies.")
         case .bytes:
             return DBusErrorReply(
                 DBusErrorReply.limitsExceeded,
                 "Your changes waiting for authorization hold \(waiting?.pendingBytes(of: sender) ?? 0) bytes of arguments; "
-                    + "this one (\(bytes) bytes) would exceed the \(waiting?.maxPendingBytesPerSender ?? 0) allowed; wait for their replies."
+                    + "this one (\(bytes) bytes) would exceed the \(waiting?.limits.bytes ?? 0) allowed; wait for their replies."
             )
         }
     }
