@@ -113,7 +113,7 @@ public final class PestoServer {
     static let unsentSignalBytes = 1 << 20
 
     /// The most operations (or signals) one loop turn spends on a large change (default
-    /// 4,096, within 4 ms): set before `start()`; tests make it small (`pestod --slice-operations`).
+    /// 4,096, within 4 ms): set before `start(on:)`; tests make it small (`pestod --slice-operations`).
     public var sliceOperations: Int {
         get { editor.sliceBudget.operations }
         set { editor.sliceBudget.operations = max(1, newValue) }
@@ -129,7 +129,7 @@ public final class PestoServer {
         saveCommitted()
     }
 
-    /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start()`.
+    /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start(on:)`.
     public var allowsReplacement = false
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false

@@ -35,7 +35,7 @@
 // starts, the committed changes not yet saved are saved (`TablesEditorHost.saveCommitted`), and nothing is
 // committed while it runs, so the state file never holds part of an update.
 //
-// Semantics are those of the update done at once (TablesEditor's `applyUpdate`): the same
+// Semantics are those of the update done at once (an update that fits in one slice): the same
 // operations in the same order, all or nothing, signals only for a final outcome and in the
 // order of its steps (a rolled-back update announces only the rules it changed for good), and
 // the completion (the caller's reply) only after every signal of the update was handed to the
@@ -170,15 +170,16 @@ extension TablesEditor {
         isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
     }
 
-    /// Step 7 for the server: runs `change` as `run` does, but an Apply goes through
-    /// `startUpdate`, so `completion` may be called on a later loop turn. Called once the
-    /// editor is idle (`whenIdle`).
-    func start(
+    /// Step 7: executes an authorised `change` for `sender`: a single operation or Lock at
+    /// once, an Apply through `startUpdate`, so `completion` may be called on a later loop
+    /// turn. Called once the editor is idle (`whenIdle`); `completion` gets what the change
+    /// did and what it committed (empty under the lock, where it is journaled instead).
+    func execute(
         _ change: TableChange, sender: String,
         completion: @escaping (Result<(result: ChangeResult, committed: Journal), PestoError>) -> Void
     ) {
         guard case .apply(let kind, let request) = change else {
-            do { return completion(.success(try run(change, sender: sender))) } catch { return completion(.failure(error)) }
+            do { return completion(.success(try executeAtOnce(change, sender: sender))) } catch { return completion(.failure(error)) }
         }
         do throws(PestoError) {
             try checkLock(sender)

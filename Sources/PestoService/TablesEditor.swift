@@ -14,8 +14,8 @@
 //                Without the lock, every change is committed at once and handed back to the
 //                caller (the server saves it before answering, CommitBatch.swift).
 //   Single ops   insert, delete, activate, deactivate: one engine call each, journaled.
-//   Updates      `applyUpdate` (the proposals' whole client workflow, atomically, over one
-//                or more tables: Apply and uploads) and `applyUpstream` (an upload of whole
+//   Updates      `startUpdate` (the proposals' whole client workflow, atomically, over one
+//                or more tables: Apply and uploads) and `startUpstream` (an upload of whole
 //                tables as a difference against the active rules).
 //                A large update is carried out in slices over several loop turns, other
 //                changes waiting behind it (SlicedUpdate.swift, ChangeQueue.swift).
@@ -33,8 +33,13 @@
 //
 // The check order of a change (doc/dbus-api.md, "Check order"): the editor does step 4
 // (`validate`), step 5 (`checkLock`, before anyone is asked to authorise) and step 7
-// (`run`: the lock again, since it may have been taken while authorisation was pending,
+// (`execute`: the lock again, since it may have been taken while authorisation was pending,
 // then the change). ChangeGate.swift strings them together with step 6, authorisation.
+//
+// One verb per layer: a change is *submitted* to the ChangeGate (every caller and test),
+// which *executes* it on the editor once it passed steps 4–6 and the editor is idle; the
+// editor *performs* its table operations (`perform`, one engine call each) — at once, or
+// over several loop turns for an Apply or an upload (SlicedUpdate.swift).
 
 import Logging
 import PestoEngine
@@ -290,10 +295,10 @@ final class TablesEditor {
         }
     }
 
-    /// Step 7: runs an authorised change for `sender` (the lock is checked again: it may have
-    /// been taken while authorisation was pending). Returns what the change did and what it
-    /// committed (empty under the lock, where it is journaled instead).
-    func run(_ change: TableChange, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+    /// Step 7 for a change other than Apply, at once (`execute` calls it): the lock again (it may have been taken
+    /// while authorisation was pending), then the operation. Returns what the change did and
+    /// what it committed (empty under the lock, where it is journaled instead).
+    func executeAtOnce(_ change: TableChange, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
         if case .lock = change {
             try lock(sender)
             return (.done, Journal())
@@ -301,36 +306,28 @@ final class TablesEditor {
         try checkLock(sender)
         if lockOwner == sender { host?.saveCommitted() }
         switch change {
-        case .apply(let kind, let request):
-            let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
-            let results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
-            let performed: Journal
-            do {
-                (results, performed) = try applyUpdate([update])
-            } catch {
-                logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
+        case .insert(let kind, let id, let rule):
+            return try performLogged(.insert(kind, id, rule), sender: sender)
+        case .delete(let kind, let id):
+            // The journal needs the stored rule to undo the delete; a rule that is not there
+            // is refused as the delete itself would refuse it.
+            let stored: Rule
+            do { stored = try table(kind).read(id) } catch {
+                logger.info("delete \(kind.rawValue)/\(id) by \(sender) refused: \(error.message)")
                 throw error
             }
-            logger.info(
-                "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed")
-            return (.applied(results.map { ($0.id, $0.counts) }), finish(performed, sender: sender))
-        case .insert(let kind, let id, let rule):
-            return try single(.insert(kind, id, rule), sender: sender)
-        case .delete(let kind, let id):
-            // The journal needs the stored rule to undo the delete.
-            let stored = (try? table(kind).read(id)) ?? Rule(proto: .tcp, firstPort: 1)
-            return try single(.delete(kind, id, stored), sender: sender)
+            return try performLogged(.delete(kind, id, stored), sender: sender)
         case .activate(let kind, let id):
-            return try single(.activate(kind, id), sender: sender)
+            return try performLogged(.activate(kind, id), sender: sender)
         case .deactivate(let kind, let id):
-            return try single(.deactivate(kind, id), sender: sender)
-        case .lock:
-            preconditionFailure("handled above")
+            return try performLogged(.deactivate(kind, id), sender: sender)
+        case .lock, .apply:
+            preconditionFailure("\(change) is executed by `execute`")
         }
     }
 
-    /// One single-rule operation for `sender`.
-    private func single(_ op: TableOperation, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+    /// Performs one single-rule operation for `sender`, with its log line.
+    private func performLogged(_ op: TableOperation, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
         let counts: ForwardingTable.BindCounts?
         do { counts = try perform(op) } catch {
             logger.info("\(op) by \(sender) refused: \(error.message)")
@@ -428,19 +425,5 @@ final class TablesEditor {
     func whenUnlocked(_ body: @escaping () -> Void) {
         if lockOwner == nil { return body() }
         unlockWaiters.append(body)
-    }
-
-    // MARK: Atomic updates (SlicedUpdate.swift)
-
-    /// Applies `updates` atomically and at once, in this call (see `startUpdate`, which does
-    /// the same over several loop turns). For the restore at start and in-process tests.
-    /// - Returns: the bind counts of every inserted rule, and the journal of what was done.
-    func applyUpdate(_ updates: [TableUpdate]) throws(PestoError) -> (
-        results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], journal: Journal
-    ) {
-        var outcome: SlicedUpdate.Outcome?
-        startUpdate(updates, budget: .unlimited) { outcome = $0 }
-        guard let outcome else { preconditionFailure("an unlimited update finishes in its first slice") }
-        return try outcome.get()
     }
 }
