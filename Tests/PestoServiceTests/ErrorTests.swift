@@ -34,8 +34,7 @@ struct ErrorTests {
         let f = try InProcessPestod(configuration: configuration)
         let ports = TestSockets.freePorts(3)
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
-        try f.table("Activate", [.uint32(1)])
+        try f.insertActive(1, port: p)
         try f.table("Insert", [.uint32(2), PestodFixture.rule(p, address: "")])  // dual stack, overlaps rule 1
         try f.table("Insert", [.uint32(3), PestodFixture.rule(p + 1)])
 
@@ -95,8 +94,7 @@ struct ErrorTests {
         let f = try InProcessPestod()
         let ports = TestSockets.freePorts(6)
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(10), PestodFixture.rule(p)])
-        try f.table("Activate", [.uint32(10)])
+        try f.insertActive(10, port: p)
         func apply(_ inserts: [(UInt32, DBusValue)], remove: [UInt32], _ options: [(String, DBusValue)] = []) throws(DBusErrorReply)
             -> [DBusValue]
         {

@@ -164,6 +164,16 @@ final class InProcessPestod {
         try call(caller, path: PestodFixture.managerPath, interface: PestodFixture.managerInterface, member: member)
     }
 
+    /// Inserts the TCP rule `PestodFixture.rule(port, extra)` as `id` and activates it (the
+    /// usual first step of a test); returns Activate's reply (bound, failed).
+    @discardableResult
+    func insertActive(_ id: UInt32, port: UInt16, _ extra: [(String, DBusValue)] = [], on caller: Caller? = nil)
+        throws(DBusErrorReply) -> [DBusValue]
+    {
+        try table("Insert", [.uint32(id), PestodFixture.rule(port, extra)], on: caller)
+        return try table("Activate", [.uint32(id)], on: caller)
+    }
+
     /// The error name a call fails with, or "success".
     func errorName(_ body: () throws(DBusErrorReply) -> Void) -> String {
         do {

@@ -22,11 +22,9 @@ struct LockTests {
     /// A baseline table: rules 10 (active), 20 (inactive), 30 (active).
     func baseline(_ f: InProcessPestod, _ ports: ClosedRange<UInt16>) throws {
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(10), PestodFixture.rule(p)])
+        try f.insertActive(10, port: p)
         try f.table("Insert", [.uint32(20), PestodFixture.rule(p + 1)])
-        try f.table("Insert", [.uint32(30), PestodFixture.rule(p + 2)])
-        try f.table("Activate", [.uint32(10)])
-        try f.table("Activate", [.uint32(30)])
+        try f.insertActive(30, port: p + 2)
     }
 
     @Test("a second connection's changes fail with Locked; reads still work; NotLocked without the lock")
@@ -111,8 +109,7 @@ struct LockTests {
         let peer = f.newCaller()
         let p = ports.lowerBound
         try f.manager("Lock", on: peer)
-        try f.table("Insert", [.uint32(15), PestodFixture.rule(p + 3)], on: peer)
-        try f.table("Activate", [.uint32(15)], on: peer)
+        try f.insertActive(15, port: p + 3, on: peer)
         try f.table("Deactivate", [.uint32(30)], on: peer)
         try f.table("Delete", [.uint32(30)], on: peer)
         try f.table("Activate", [.uint32(20)], on: peer)
@@ -144,8 +141,7 @@ struct LockTests {
         let p = TestSockets.freePorts(2).lowerBound
         let peer = f.newCaller()
         try f.manager("Lock", on: peer)
-        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)], on: peer)
-        try f.table("Activate", [.uint32(1)], on: peer)
+        try f.insertActive(1, port: p, on: peer)
         try f.manager("Commit", on: peer)
         try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)], on: peer)
         f.port.clear()
@@ -164,11 +160,9 @@ struct LockOverBusTests {
     /// A baseline table: rules 10 (active), 20 (inactive), 30 (active).
     static func baseline(_ f: PestodFixture, _ ports: ClosedRange<UInt16>) throws {
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(10), PestodFixture.rule(p)])
+        try f.insertActive(10, port: p)
         try f.table("Insert", [.uint32(20), PestodFixture.rule(p + 1)])
-        try f.table("Insert", [.uint32(30), PestodFixture.rule(p + 2)])
-        try f.table("Activate", [.uint32(10)])
-        try f.table("Activate", [.uint32(30)])
+        try f.insertActive(30, port: p + 2)
     }
 
     @Test("a lock holder killed with SIGKILL mid-transaction leaves the table exactly as before its Lock")
