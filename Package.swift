@@ -110,6 +110,7 @@ let package = Package(
             dependencies: [
                 "PestoModel", "PestoSystem", "PestoDBus", "PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport",
                 "pestod", "pesto-test-peer", "pestoctl",
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
     ],

@@ -61,20 +61,10 @@ extension TablesEditor {
         min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
     }
 
-    /// Applies an upload of whole tables (rules with their weak flag) as a difference, at
-    /// once. Returns what changed and the committed journal (to be saved); a refused upload
-    /// throws and changes nothing.
-    func applyUpstream(
-        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
-    ) throws(PestoError) -> (summary: UpstreamSummary, committed: Journal) {
-        let plan = try planUpstream(upload)
-        let (results, journal) = try applyUpdate(plan.updates)
-        return (upstreamApplied(plan, results), journal)
-    }
-
-    /// Applies an upload as `applyUpstream` does, over several loop turns if it is large
-    /// (SlicedUpdate.swift); `completion` gets what changed and the committed journal, or
-    /// why nothing changed. Called once the editor is idle (`whenIdle`).
+    /// Applies an upload of whole tables (rules with their weak flag) as a difference, over
+    /// several loop turns if it is large (SlicedUpdate.swift; at once without a host);
+    /// `completion` gets what changed and the committed journal (to be saved), or why nothing
+    /// changed (a refused upload changes nothing). Called once the editor is idle (`whenIdle`).
     func startUpstream(
         _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
         completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void

@@ -233,34 +233,6 @@ struct Pestod: ParsableCommand {
         return String(cString: env).split(separator: ":").first.map(String.init)
     }
 
-    /// Restores the tables from `file`; returns the saved rules that could not be restored,
-    /// which every save writes back (so they are never lost, see StateFile.swift).
-    func restoreState(from file: StateFile, into engine: ForwardingEngine, logger: Logger) -> [StateFile.Entry] {
-        let state = file.path
-        switch file.load() {
-        case .missing:
-            logger.info("no state file at \(state) yet: starting with empty tables")
-            return []
-        case .loaded(let entries):
-            let result = StateFile.restore(entries, into: engine)
-            for (entry, reason) in result.carried {
-                logger.warning("state file \(state): \(entry.table.name) rule \(entry.id) not restored, kept in the file: \(reason)")
-            }
-            logger.info("restored \(result.restored) of \(ClientText.counted(entries.count, "rule")) from \(state)")
-            if !result.carried.isEmpty {
-                logger.warning(
-                    "state file \(state): \(ClientText.counted(result.carried.count, "rule")) could not be restored; they stay in the file and are tried again at the next start"
-                )
-            }
-            return result.carried.map(\.entry)
-        case .invalid(let reason, let movedTo):
-            logger.critical(
-                "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place (it could not be moved aside, and the first save replaces it)")"
-            )
-            return []
-        }
-    }
-
     func run() throws {
         if printIntrospection {
             print(PestoInterfaces.contractXML, terminator: "")
@@ -283,183 +255,38 @@ struct Pestod: ParsableCommand {
                 throw ExitCode(1)
             }
         }
+        // `none` is the default only on the session bus, which is the user's own: any other
+        // bus, a private one given with --address included, may have other users on it.
+        var configuration = DaemonConfiguration()
+        configuration.bus = address.map { .address($0) } ?? (session ? .session : .system)
+        configuration.authorization = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (session ? .none : .polkit)
+        configuration.engine.retryIntervalMilliseconds = retryInterval
+        configuration.engine.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
+        configuration.engine.namespacePath = netns
+        configuration.engine.overlap = overlap
+        configuration.engine.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
+        configuration.maxConnections = maxConnections
+        configuration.maxUDPFlows = maxUdpFlows
+        configuration.controlPath = control
+        configuration.controlTimeoutMilliseconds = controlTimeout
+        configuration.takeoverDirectory = takeoverDirectory
+        configuration.takeoverTimeoutMilliseconds = takeoverTimeout
+        configuration.replace = replace
         // The installed binary, read now: an upgrade replaces the file, and SIGUSR2 starts
         // whatever is at this path then (UpgradeRequest.swift).
-        let executable = try? Sys.executablePath().get()
-        let bus: BusAddress = address.map { .address($0) } ?? (session ? .session : .system)
-        let state = stateFile()
-
-        switch DescriptorPlan.raiseOpenFileLimit() {
-        case .success(let (before, after)) where before != after:
-            logger.info("raised the open-file limit (RLIMIT_NOFILE) from \(before) to the hard limit, \(after)")
-        case .success(let (_, after)):
-            logger.info("open-file limit (RLIMIT_NOFILE): \(after), already the hard limit")
-        case .failure(let e):
-            logger.warning("cannot raise the open-file limit (RLIMIT_NOFILE) to the hard limit: \(e)")
-        }
-        let plan = DescriptorPlan.current
-        logger.info(
-            "descriptors: \(plan.openFileLimit), \(DescriptorPlan.coreReserve) kept for pestod, \(plan.engineLimit) for listeners and relays, relays up to \(plan.relayLimit)"
-        )
-
-        do {
-            let loop = try EventLoop()
-            try loop.stopOnSignals()
-            var config = EngineConfiguration()
-            config.retryIntervalMilliseconds = retryInterval
-            config.limits = TableLimits(maxRules: maxRules, maxSockets: maxSockets)
-            config.namespacePath = netns
-            config.descriptors = plan
-            config.overlap = overlap
-            config.tcp.maxConnections = maxConnections ?? plan.defaultMaxConnections
-            config.udp.maxFlows = maxUdpFlows ?? plan.defaultMaxFlows
-            config.udp.idleTimeoutMilliseconds = udpIdleTimeout * 1000
-            let takeoverPath = takeoverDirectory.map { $0 + "/takeover.sock" }
-            // A takeover receives everything before this instance touches the bus or the state
-            // file; any failure here exits and leaves the running pestod as it was.
-            let received =
-                try replace ? TakeoverClient.receive(path: takeoverPath!, timeoutMilliseconds: takeoverTimeout, logger: logger) : nil
-            let engine = try ForwardingEngine(loop: loop, configuration: config, adoption: received?.adoption)
-            logger.info("relay limits: \(config.tcp.maxConnections) TCP connections, \(config.udp.maxFlows) UDP flows")
-            engine.budget.onExhausted = { proto in
-                switch proto {
-                case .tcp:
-                    logger.warning(
-                        "descriptor budget spent (\(plan.relayLimit) for relays): new TCP connections are reset until descriptors are free")
-                case .udp:
-                    logger.warning(
-                        "descriptor budget spent (\(plan.relayLimit) for relays): datagrams from new UDP clients are dropped until descriptors are free"
-                    )
-                }
-            }
-            logger.info(
-                "tables: \(engine.tables.map { "\($0.kind.name) [\($0.capabilities)]" }.joined(separator: ", ")), overlapping rules: \(overlap)"
-            )
-            let connection = try DBusConnection(bus)
-            // The bus name first: a second pestod that cannot own it must leave the state
-            // file alone (no restore, no move aside, no save). Calls queue in libdbus until
-            // the loop runs, so no client sees the tables before they are restored.
-            let carried: [StateFile.Entry]
-            if var received {
-                let result = StateFile.restore(received.entries, into: engine)
-                for (entry, reason) in result.carried {
-                    logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
-                }
-                carried = result.carried.map(\.entry)
-                engine.adoptScanListeners(received.adoption)
-                let adopted = received.adoption.adopted
-                received.adoption.closeUnclaimed()
-                let relays = received.adoptRelays(into: engine)
-                logger.notice(
-                    "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused), \(relays.connections) relayed connections and \(relays.flows) UDP flows (\(relays.refused) refused)"
-                )
-                // The running pestod allowed replacement: the name moves here at once, and goes
-                // back to it should this process die before the handover completes.
-                try connection.requestName(PestoBusNames.busName, allowingReplacement: true, replacing: true)
-                try TakeoverClient.confirm(received.channel)
-                // Under systemd (NotifyAccess=all) this process becomes the service's main
-                // process before the old one exits, which it does once the channel closes.
-                SystemdNotify.send("MAINPID=\(getpid())")
-                received.channel.finish()
-                // The old pestod has let go of the relayed connections: they move bytes here now.
-                engine.tcp.startAdopted()
-            } else {
-                try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
-                carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
-            }
-            let server = PestoServer(engine: engine, connection: connection, logger: logger)
-            if let state {
-                let file = StateFile(path: state)
-                server.persist { [unowned engine] () throws(PestoError) in
-                    try file.save(StateFile.entries(of: engine) + carried)
-                }
-            }
-            // `none` is the default only on the session bus, which is the user's own: any other
-            // bus, a private one given with --address included, may have other users on it.
-            let mode = authorize.flatMap(AuthorizationMode.init(rawValue:)) ?? (session ? .none : .polkit)
-            if mode == .none && !session {
-                logger.warning(
-                    "--authorize none: every client that can connect to \(address ?? "the system bus") may change the tables, take the lock and activate listeners"
-                )
-            }
-            switch mode {
-            case .none: break
-            case .root: server.authorizer = RootOnlyAuthorizer(connection: connection)
-            case .polkit: server.authorizer = PolkitAuthorizer(connection: connection)
-            }
-            logger.info("authorisation of changes: \(mode.rawValue)")
-            server.allowsReplacement = takeoverPath != nil
-            if let sliceOperations { server.sliceOperations = sliceOperations }
-            try server.start()
-            var controlSocket: ControlSocket?
-            if let handed = received?.control {
-                if handed.path != control {
-                    logger.warning("took over the control socket at \(handed.path) (--control says \(control ?? "none"))")
-                }
-                controlSocket = try ControlSocket(
-                    adopting: handed.fd, path: handed.path, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
-            } else {
-                controlSocket = try control.map {
-                    try ControlSocket(path: $0, server: server, loop: loop, logger: logger, timeoutMilliseconds: controlTimeout)
-                }
-            }
-            var takeoverSource: TakeoverSource?
-            if let takeoverPath {
-                do throws(PestoError) {
-                    let source = try TakeoverSource(
-                        path: takeoverPath, server: server, loop: loop, logger: logger, timeoutMilliseconds: takeoverTimeout)
-                    source.control = controlSocket
-                    source.carried = carried
-                    // Exits at once: the new pestod holds every socket, the bus name and the
-                    // state file now; nothing here may be closed, unlinked or saved.
-                    source.onHandedOver = { Glibc.exit(0) }
-                    takeoverSource = source
-                } catch {
-                    logger.warning("no takeover socket: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
-                }
-            }
-            // SIGUSR2 (systemctl reload): start the installed pestod with --replace.
-            var upgrade: UpgradeOnSignal?
-            if takeoverSource != nil, let executable {
-                do throws(PestoError) {
-                    upgrade = try UpgradeOnSignal(
-                        loop: loop, logger: logger, executable: executable, arguments: Array(CommandLine.arguments.dropFirst()))
-                } catch {
-                    logger.warning("no upgrade on SIGUSR2: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
-                }
-            }
-            if upgrade == nil {
-                // No takeover socket, so no upgrade in place: SIGUSR2 must not end pestod (its
-                // default action). `pestod --reload-request` refuses such a pestod up front.
-                _ = Sys.upgradeOnSignal(writingTo: -1)
-                logger.info("no takeover socket (--runtime-dir): SIGUSR2 (systemctl reload) is ignored")
-            }
-            engine.start()
-            // Under systemd (NotifyAccess=all), a pestod that took over becomes the main process.
-            SystemdNotify.send("READY=1")
-            loop.run()
-            SystemdNotify.send("STOPPING=1")
-            server.abandonChanges()  // a change in progress is rolled back, its caller told
-            engine.stop()
-            // Torn down in this order, explicitly: an optimised build may end a value's
-            // lifetime at its last use, and these hold the loop unowned. The control socket
-            // is kept open until here; its deinit removes the socket file.
-            _ = upgrade.take()
-            _ = takeoverSource.take()
-            _ = controlSocket.take()
-            // Signals already queued go out, then the bus leaves the loop while both exist.
-            connection.flush()
-            connection.detach()
-            loop.removeAllHandlers()  // break the loop ↔ handler cycles so everything is released
-            logger.info("stopping: closing \(engine.tables.reduce(0) { $0 + $1.openSockets }) listening sockets")
-            if server.disconnected { throw ExitCode(1) }
-        } catch let e as DBusErrorReply {
-            logger.critical("\(e.message)")
-            throw ExitCode(1)
-        } catch let e as PestoError {
-            logger.critical("\(e.message)\(e.underlyingError.map { ": \($0)" } ?? "")")
+        configuration.upgradeExecutable = try? Sys.executablePath().get()
+        configuration.upgradeArguments = Array(CommandLine.arguments.dropFirst())
+        configuration.sliceOperations = sliceOperations
+        let persistence = stateFile().map { StateFilePersistence(path: $0) }
+        let stoppedCleanly: Bool
+        do throws(DaemonFailure) {
+            stoppedCleanly = try PestoDaemon(configuration: configuration, persistence: persistence, logger: logger).run()
+        } catch {
+            logger.critical("\(error.description)")
             throw ExitCode(1)
         }
+        // A lost bus connection exits 1, so that systemd restarts pestod.
+        if !stoppedCleanly { throw ExitCode(1) }
     }
 }
 
