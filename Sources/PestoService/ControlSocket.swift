@@ -151,6 +151,11 @@ public final class ControlSocket: EventHandler {
     }
 
     deinit {
+        if parked != nil {
+            // Stopping (a takeover waits for the session's end instead): the client is gone or
+            // told nothing, so the log is where this shows.
+            logger.warning("control socket: pestod stopped while an upload waited for the lock; it was not applied")
+        }
         if let resumeTimer { loop.cancelTimer(resumeTimer) }
         if client >= 0 { Sys.close(client) }
         Sys.close(listenFD)
