@@ -186,6 +186,10 @@ struct Pestod: ParsableCommand {
         if takeoverTimeout < 10 || takeoverTimeout > 600_000 {
             throw ValidationError("--takeover-timeout must be between 10 and 600000 milliseconds.")
         }
+        if let netns, case .failure(let e) = Sys.stat(netns) {
+            throw ValidationError(
+                "--netns \(netns): \(e); give a network namespace file: /run/netns/NAME (see ip netns list) or /proc/PID/ns/net.")
+        }
         if replace && takeoverDirectory == nil {
             throw ValidationError(
                 "--replace needs the running pestod's runtime directory: give --runtime-dir DIR (with --address there is no default).")

@@ -66,12 +66,23 @@ struct PestodCommandLineTests {
         #expect(r.err.contains("--runtime-dir DIR"), "\(r.err)")
     }
 
-    @Test("a missing --netns path is named once, with its errno, and no stray period")
+    @Test("a missing --netns path is named once, with its errno, what to give instead, and no stray period")
     func missingNamespace() throws {
-        // The namespace is opened before the bus is reached.
         let r = try run(Products.path("pestod"), ["--address", "unix:path=/nonexistent/bus", "--netns", "/nonexistent/ns"])
+        #expect(r.status == 64, "a usage error")
+        #expect(r.err.contains("--netns /nonexistent/ns: ENOENT"), "\(r.err)")
+        #expect(r.err.contains("/run/netns/NAME (see ip netns list) or /proc/PID/ns/net"), "\(r.err)")
+        #expect(!r.err.contains(".:"), "\(r.err)")
+    }
+
+    @Test("a --netns path that is no namespace: the error and its errno, joined without a stray period")
+    func notANamespace() throws {
+        // A file, but not a namespace: setns(2) refuses it once pestod opens it, before the bus.
+        let directory = try TemporaryDirectory()
+        #expect(FileManager.default.createFile(atPath: directory.file("ns"), contents: nil))
+        let r = try run(Products.path("pestod"), ["--address", "unix:path=/nonexistent/bus", "--netns", directory.file("ns")])
         #expect(r.status == 1)
-        #expect(r.err.contains("/nonexistent/ns: ENOENT"), "\(r.err)")
+        #expect(r.err.contains(directory.file("ns")) && r.err.contains(": EINVAL"), "\(r.err)")
         #expect(!r.err.contains(".:"), "\(r.err)")
     }
 
