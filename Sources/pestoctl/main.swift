@@ -84,9 +84,14 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
                     "{\"id\": \(id), \"table\": \(RuleText.json(kind.name)), \"active\": \(active), \"bound\": \(bound), "
                         + "\"failed\": \(failed), \"last-error\": \(RuleText.json(lastError))}")
             } else {
+                // The rule's pasta option, and what its last error means (read after Status: a
+                // rule deleted meanwhile is shown by its ID alone).
+                let rule = (try? client.table(kind, "Read", [.uint32(id)]))?.first.flatMap { try? RuleText.decode($0) }
                 print(
-                    "\(kind.name) rule \(id): \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
-                        + (lastError.isEmpty ? "" : ", last error \(lastError)"))
+                    "\(kind.name) rule \(id)" + (rule.map { " (\(RuleText.option($0, kind)) \(RuleText.spec($0, kind)))" } ?? "")
+                        + ": \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
+                        + (lastError.isEmpty ? "" : ", last error \(lastError)")
+                        + (rule.map { PestoClient.bindErrorHint(lastError, $0) } ?? ""))
             }
         case .update(let operations):
             // Bad specs are refused (exit 1, as pesto) whether or not the service is reachable.

@@ -156,6 +156,13 @@ struct PestoctlMessageTests {
         #expect(
             r.err.contains("(EACCES: ports below 1024 are privileged; pestod must run as root or with CAP_NET_BIND_SERVICE"), "\(r.err)")
         #expect(try rules(f).isEmpty, "rolled back")
+        // Kept with --best-effort, the rule's status says the same.
+        #expect(try f.pestoctl(["--best-effort", "-A", "-t", "127.0.0.1/999"]).status == 0)
+        let status = try f.pestoctl(["status", "10"])
+        #expect(
+            status.out.contains(
+                "HOST rule 10 (-t 127.0.0.1/999): active, 0 bound, 1 failed, last error EACCES: ports below 1024 are privileged"),
+            "\(status.out)")
     }
 
     /// The lowest port an unprivileged process may bind (net.ipv4.ip_unprivileged_port_start).
