@@ -59,6 +59,18 @@ struct PestoctlMessageTests {
         #expect(try rules(f).keys.sorted() == [10])
     }
 
+    @Test("a file given as a spec (pesto's socket PATH after -t) is named, with where PATH goes")
+    func pathAsSpec() throws {
+        let directory = try TemporaryDirectory()
+        let path = directory.file("pesto.sock")
+        #expect(FileManager.default.createFile(atPath: path, contents: nil))
+        let r = try run(Products.path("pestoctl"), ["--address", "unix:path=/nonexistent/bus", "-A", "-t", path])
+        #expect(r.status == 1, "refused as a bad spec, before the bus is reached")
+        #expect(
+            r.err.contains("\"\(path)\" is a file, not a port spec: upstream pesto's control socket PATH goes after the options"),
+            "\(r.err)")
+    }
+
     @Test("rules pestoctl adds carry the owner tag pestoctl, or --owner's", .timeLimit(.minutes(2)))
     func ownerTag() throws {
         let f = try PestodFixture()
