@@ -96,7 +96,7 @@ struct Pestod: ParsableCommand {
             var path = ""
             for part in file.split(separator: "/").dropLast() {
                 path += "/" + part
-                _ = mkdir(path, 0o700)  // EEXIST is fine; a real failure shows when the state is saved
+                _ = Sys.mkdir(path, mode: 0o700)  // EEXIST is fine; a real failure shows when the state is saved
             }
         }
         return file
@@ -203,34 +203,23 @@ struct Pestod: ParsableCommand {
         }
     }
 
-    /// Where the takeover socket lives: --runtime-dir, else the first of systemd's
-    /// $RUNTIME_DIRECTORY (a colon-separated list), else the bus's default:
-    /// /run/pesto on the system bus, $XDG_RUNTIME_DIR/pesto on the session bus (none when
-    /// XDG_RUNTIME_DIR is not an absolute path). A private bus (--address) has no default:
-    /// two pestods on two private buses must not share a takeover socket.
+    /// Where the takeover socket lives (RuntimeDirectory: --runtime-dir, $RUNTIME_DIRECTORY,
+    /// /run/pesto on the system bus, $XDG_RUNTIME_DIR/pesto with --session, none with --address).
     var takeoverDirectory: String? {
-        if let runtimeDir { return runtimeDir }
-        if let systemd = Self.systemdRuntimeDirectory { return systemd }
-        if address != nil { return nil }
-        if !session { return Self.systemRuntimeDirectory }
-        guard let xdg = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), xdg.hasPrefix("/") else { return nil }
-        return xdg + "/pesto"
+        RuntimeDirectory.resolve(
+            option: runtimeDir, systemd: Self.environment("RUNTIME_DIRECTORY"), address: address != nil, session: session,
+            xdgRuntimeDir: Self.environment("XDG_RUNTIME_DIR"))
     }
 
-    /// The first directory of systemd's $RUNTIME_DIRECTORY (a colon-separated list), if any.
-    static var systemdRuntimeDirectory: String? {
-        guard let env = getenv("RUNTIME_DIRECTORY") else { return nil }
-        return String(cString: env).split(separator: ":").first.map(String.init)
-    }
-
-    /// The default runtime directory on the system bus (the unit's RuntimeDirectory=pesto).
-    static let systemRuntimeDirectory = "/run/pesto"
+    /// An environment variable's value, if set.
+    static func environment(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
 
     /// Makes the default runtime directory (mode 0700) when it is the one in use; an existing
     /// one is left as it is, and a failure shows when the takeover socket is made.
     func makeDefaultRuntimeDirectory() {
-        guard runtimeDir == nil, Self.systemdRuntimeDirectory == nil, let directory = takeoverDirectory else { return }
-        _ = mkdir(directory, 0o700)  // EEXIST is fine; another failure shows at the socket
+        let systemd = Self.environment("RUNTIME_DIRECTORY")?.split(separator: ":").first
+        guard runtimeDir == nil, systemd == nil, let directory = takeoverDirectory else { return }
+        _ = Sys.mkdir(directory, mode: 0o700)  // EEXIST is fine; another failure shows at the socket
     }
 
     /// Owns the bus name; when another process has it, says how to take over instead.

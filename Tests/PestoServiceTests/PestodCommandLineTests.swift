@@ -109,6 +109,32 @@ struct PestodCommandLineTests {
         #expect(second.isRunning)
     }
 
+    @Test(
+        "pestod --reload-request finds a --session pestod's default runtime directory as pestod does, and the upgrade completes",
+        .enabled(if: isRoot), .timeLimit(.minutes(2)))
+    func reloadRequestFindsDefaultRuntimeDirectory() throws {
+        let f = try PestodFixture()
+        f.pestod.kill()
+        let runtime = f.directory.file("xdg-runtime")
+        try FileManager.default.createDirectory(atPath: runtime, withIntermediateDirectories: false)
+        let log = f.directory.file("session.log")
+        let running = try ChildProcess.startReady(
+            Products.path("pestod"), ["--session", "--no-state"],
+            environment: ["DBUS_SESSION_BUS_ADDRESS": f.address, "XDG_RUNTIME_DIR": runtime, "RUNTIME_DIRECTORY": ""],
+            notifyPath: f.directory.file("notify-session"), stderr: .file(log), logPath: log)
+        let request = try run(Products.path("pestod"), ["--reload-request", "\(running.pid)"], timeoutMilliseconds: 30_000)
+        #expect(request.status == 0, "\(request.err)")
+        guard request.status == 0 else { return running.kill() }  // it stays in charge: do not wait for its exit
+        #expect(running.waitUntilExit() == 0)
+        // The successor (started by the old pestod, not our child) owns the name now.
+        let successor = try f.client.call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID",
+            [.string(PestodFixture.dest)]
+        ).first?.uint32Value
+        if let successor { kill(pid_t(successor), SIGKILL) }
+        #expect(successor != nil && pid_t(successor!) != running.pid)
+    }
+
     @Test("journald: with $JOURNAL_STREAM naming stderr every line starts with its priority; otherwise with the time")
     func journalPriorities() throws {
         let directory = try TemporaryDirectory()
