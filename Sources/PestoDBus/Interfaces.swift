@@ -108,9 +108,16 @@ public enum PestoInterfaces {
             ),
             method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),
         ],
-        signals: [],
+        signals: [
+            DBusSignalSpec(
+                name: "UploadRefused", arguments: [arg("socket", "s"), arg("reason", "s"), arg("rules", "aa{sv}")],
+                doc:
+                    "An upload of an upstream pesto client on the control socket (pestod --control) was refused and changed nothing: socket is the control socket's path, reason says why (the same words as pestod's warning), rules are the uploaded rules (at most 1024, each as Read gives a rule; none when the upload could not be read). Upstream's protocol has no reply, so this signal is where the refusal shows."
+            )
+        ],
         properties: [
-            prop("Version", "s", .never, "The service's version."),
+            prop("Version", "s", .never, "The D-Bus contract's version (this interface's), not the product's."),
+            prop("ProductVersion", "s", .never, "pestod's release version, the one pestoctl --version and the Cockpit page show."),
             prop("LockOwner", "s", .changes, "The unique bus name holding the lock, or an empty string."),
             prop("Tables", "ao", .never, "The tables' object paths."),
         ])

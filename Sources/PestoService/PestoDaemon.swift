@@ -97,12 +97,28 @@ public final class PestoDaemon {
     public func run() throws(DaemonFailure) -> Bool {
         do {
             return try assembleAndServe()
+        } catch let e as DaemonFailure {
+            throw e
         } catch let e as DBusErrorReply {
             throw DaemonFailure(description: e.message)
         } catch let e as PestoError {
-            throw DaemonFailure(description: "\(e.message)\(e.underlyingError.map { ": \($0)" } ?? "")")
+            throw DaemonFailure(description: e.logText)
         } catch {
             throw DaemonFailure(description: "\(error)")
+        }
+    }
+
+    /// Owns the bus name; when another process has it, says how to take over instead.
+    private func ownBusName(_ connection: DBusConnection) throws(DaemonFailure) {
+        do {
+            try connection.requestName(PestoBusNames.busName, allowingReplacement: configuration.takeoverPath != nil)
+        } catch {
+            let hint =
+                "Another pestod is running on this bus: stop it first, or take over from it without closing anything with "
+                + "pestod --replace and the same options"
+                + (configuration.takeoverDirectory.map { " (its runtime directory is \($0))" } ?? " and --runtime-dir DIR")
+                + " (pestod(8), UPGRADES)"
+            throw DaemonFailure(description: "\(error.message). \(hint)")
         }
     }
 
@@ -164,7 +180,7 @@ public final class PestoDaemon {
         if var received {
             carried = try completeTakeover(&received, engine: engine, connection: connection)
         } else {
-            try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
+            try ownBusName(connection)
             carried = persistence?.restore(into: engine, logger: logger) ?? []
         }
         let server = PestoServer(engine: engine, port: connection, logger: logger)

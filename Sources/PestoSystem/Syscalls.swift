@@ -35,6 +35,7 @@ package enum Sys {
         case send, recv, sendto, recvfrom, sendmsg, recvmsg
         case splice, pipe, fcntl, close
         case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
+        case mkdir
         case setns, getrlimit, setrlimit, signals, spawn, waitpid, kill, readlink
         case epollCreate, epollCtl, epollWait, eventfd
         case clockGettime
@@ -351,6 +352,11 @@ package enum Sys {
     package static func stat(_ path: String) -> Result<stat, Errno> {
         var st = Glibc.stat()
         return call(.stat) { statPath(path, &st) }.map { _ in st }
+    }
+
+    /// `mkdir(2)`.
+    package static func mkdir(_ path: String, mode: mode_t) -> Result<Void, Errno> {
+        call(.mkdir) { Glibc.mkdir(path, mode) }.map { _ in () }
     }
 
     /// `lstat(2)` (does not follow symbolic links).
