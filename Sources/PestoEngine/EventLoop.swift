@@ -133,6 +133,10 @@ public final class EventLoop {
     /// How many sources the last `epoll_wait` returned: a handler that is the only one of
     /// its turn has nothing to gather its work with.
     public private(set) var readyThisTurn = 0
+    /// How long the loop's turns took since `markTurns()` (`TurnTimes`).
+    public private(set) var turnTimes = TurnTimes()
+    /// When the current turn started: when `epoll_wait` returned.
+    private var turnStarted = MonotonicInstant.now
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -304,6 +308,7 @@ public final class EventLoop {
             let untilTimer = runTimers()
             let timeout = deferred.isEmpty ? untilTimer : 0
             endOfTurn?()
+            turnTimes.add(MonotonicInstant.now.nanoseconds &- turnStarted.nanoseconds)
             if stopping { break }
             let n: Int
             switch events.withUnsafeMutableBufferPointer({ Sys.epollWait(epfd, $0, timeout: timeout) }) {
@@ -312,6 +317,7 @@ public final class EventLoop {
             case .failure(let e): preconditionFailure("epoll_wait failed: \(e)")  // EINVAL: a bug
             }
             readyThisTurn = n
+            turnStarted = .now
             for k in 0..<n {
                 let data = events[k].data.u64
                 let kind = Int(data >> 56)
@@ -341,4 +347,27 @@ public final class EventLoop {
 
     /// Makes `run()` return after the current iteration (loop thread only).
     public func stop() { stopping = true }
+
+    /// Starts measuring `turnTimes` anew; the current turn, once over, is its `first`.
+    public func markTurns() { turnTimes = TurnTimes() }
+}
+
+/// How long the event loop's turns took (from `epoll_wait` returning to the next call: the
+/// handlers, deferred work, timers and `endOfTurn`, not the sleep) since a mark: what
+/// "nothing holds the loop" is measured by.
+public struct TurnTimes: Sendable {
+    /// Turns since the mark.
+    public private(set) var turns = 0
+    /// The first turn's nanoseconds: the one that set the mark (a large Apply's decoding).
+    public private(set) var first: UInt64 = 0
+    /// The longest of the later turns, in nanoseconds.
+    public private(set) var longestLater: UInt64 = 0
+
+    /// The longest turn of all, in nanoseconds.
+    public var longest: UInt64 { max(first, longestLater) }
+
+    mutating func add(_ nanoseconds: UInt64) {
+        if turns == 0 { first = nanoseconds } else { longestLater = max(longestLater, nanoseconds) }
+        turns += 1
+    }
 }

@@ -232,32 +232,44 @@ struct Pestod: ParsableCommand {
         return String(cString: env).split(separator: ":").first.map(String.init)
     }
 
-    /// Restores the tables from `file`; returns the saved rules that could not be restored,
-    /// which every save writes back (so they are never lost, see StateFile.swift).
-    func restoreState(from file: StateFile, into engine: ForwardingEngine, logger: Logger) -> [StateFile.Entry] {
-        let state = file.path
-        switch file.load() {
-        case .missing:
-            logger.info("no state file at \(state) yet: starting with empty tables")
-            return []
-        case .loaded(let entries):
-            let result = StateFile.restore(entries, into: engine)
-            for (entry, reason) in result.carried {
-                logger.warning("state file \(state): \(entry.table.name) rule \(entry.id) not restored, kept in the file: \(reason)")
-            }
-            logger.info("restored \(result.restored) of \(ClientText.counted(entries.count, "rule")) from \(state)")
-            if !result.carried.isEmpty {
-                logger.warning(
-                    "state file \(state): \(ClientText.counted(result.carried.count, "rule")) could not be restored; they stay in the file and are tried again at the next start"
-                )
-            }
-            return result.carried.map(\.entry)
+    /// Opens the state store at `path` and restores the tables from it (or migrates the old
+    /// state file there); the rules that cannot be restored stay in the store, carried, and
+    /// are tried again at the next start. One summary line, not one per rule (those are
+    /// debug lines). Throws for a path pestod refuses (a symlink, another user's file).
+    func openStore(_ path: String, into engine: ForwardingEngine, logger: Logger) throws(PestoError) -> (StateStore, [StateFile.Entry]) {
+        let (store, found) = try StateStore.open(path: path)
+        let entries: [StateFile.Entry]
+        switch found {
+        case .created:
+            logger.info("no state at \(path) yet: created an empty store there, starting with empty tables")
+            return (store, [])
+        case .loaded(let saved):
+            entries = saved
+        case .migrated(let saved, let kept):
+            logger.notice(
+                "migrated the state file \(path) (\(ClientText.counted(saved.count, "rule"))) into a state store; the old file is kept at \(kept)"
+            )
+            entries = saved
         case .invalid(let reason, let movedTo):
             logger.critical(
-                "state file \(state) is unusable (\(reason)); starting with empty tables; the file was \(movedTo.map { "moved to \($0)" } ?? "left in place (it could not be moved aside, and the first save replaces it)")"
+                "state store \(path) is unusable (\(reason)); starting with empty tables in a new store; the old file was \(movedTo.map { "moved to \($0)" } ?? "removed (it could not be moved aside)")"
             )
-            return []
+            return (store, [])
         }
+        let result = StateFile.restore(entries, into: engine)
+        try store.settle(live: StateFile.entries(of: engine), carried: result.carried)
+        logger.info("restored \(result.restored) of \(ClientText.counted(entries.count, "rule")) from \(path)")
+        Self.logCarried(result.carried, source: "state store \(path)", logger: logger)
+        return (store, result.carried.map(\.entry))
+    }
+
+    /// One warning for the rules that could not be restored, with the first reason; each rule at debug level.
+    static func logCarried(_ carried: [(entry: StateFile.Entry, reason: String)], source: String, logger: Logger) {
+        guard let first = carried.first else { return }
+        for (entry, reason) in carried { logger.debug("\(source): \(entry.table.name) rule \(entry.id) not restored: \(reason)") }
+        logger.warning(
+            "\(source): \(ClientText.counted(carried.count, "rule")) could not be restored (first: \(first.entry.table.name) rule \(first.entry.id): \(first.reason)); they stay in the store and are tried again at the next start"
+        )
     }
 
     func run() throws {
@@ -339,12 +351,17 @@ struct Pestod: ParsableCommand {
             // file alone (no restore, no move aside, no save). Calls queue in libdbus until
             // the loop runs, so no client sees the tables before they are restored.
             let carried: [StateFile.Entry]
+            var store: StateStore?
             if var received {
                 let result = StateFile.restore(received.entries, into: engine)
-                for (entry, reason) in result.carried {
-                    logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
-                }
+                Self.logCarried(result.carried, source: "takeover", logger: logger)
                 carried = result.carried.map(\.entry)
+                if let state {
+                    // The old pestod saved everything before handing over; the carried rules are this one's.
+                    let (opened, _) = try StateStore.open(path: state)
+                    try opened.settle(live: StateFile.entries(of: engine), carried: result.carried)
+                    store = opened
+                }
                 engine.adoptScanListeners(received.adoption)
                 let adopted = received.adoption.adopted
                 received.adoption.closeUnclaimed()
@@ -364,14 +381,18 @@ struct Pestod: ParsableCommand {
                 engine.tcp.startAdopted()
             } else {
                 try connection.requestName(PestoBusNames.busName, allowingReplacement: takeoverPath != nil)
-                carried = state.map { restoreState(from: StateFile(path: $0), into: engine, logger: logger) } ?? []
+                if let state {
+                    let (opened, kept) = try openStore(state, into: engine, logger: logger)
+                    store = opened
+                    carried = kept
+                } else {
+                    carried = []
+                }
             }
             let server = PestoServer(engine: engine, connection: connection, logger: logger)
-            if let state {
-                let file = StateFile(path: state)
-                server.persist { [unowned engine] () throws(PestoError) in
-                    try file.save(StateFile.entries(of: engine) + carried)
-                }
+            if let store {
+                try store.start(loop: loop)
+                server.persist(in: store)
             }
             // `none` is the default only on the session bus, which is the user's own: any other
             // bus, a private one given with --address included, may have other users on it.
@@ -439,6 +460,7 @@ struct Pestod: ParsableCommand {
             loop.run()
             SystemdNotify.send("STOPPING=1")
             server.abandonChanges()  // a change in progress is rolled back, its caller told
+            store?.close()  // every committed change saved; the writer thread stops
             engine.stop()
             // Torn down in this order, explicitly: an optimised build may end a value's
             // lifetime at its last use, and these hold the loop unowned. The control socket
