@@ -86,6 +86,12 @@ let package = Package(
             dependencies: ["PestoModel", "PestoSystem", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/UpdateBenchmark"
         ),
+        // 65,535 rules with and without the state store: commit times, waits, loop turns, memory (run-large.sh).
+        .executableTarget(
+            name: "pesto-large-bench",
+            dependencies: ["PestoModel", "PestoSystem", "PestoDBus", "PestoTestSupport"],
+            path: "Benchmarks/LargeTableBenchmark"
+        ),
         // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
         // killed clients and killed pestods, with a ledger of acknowledged changes.
         .executableTarget(

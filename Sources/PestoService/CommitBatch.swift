@@ -77,14 +77,11 @@ final class CommitBatch {
         saving = pending
         pending = []
         saves += 1
-        var changes: [StoredChange] = []
-        changes.reserveCapacity(saving.reduce(0) { $0 + $1.journal.operations.count })
-        for item in saving {
-            for op in item.journal.operations { changes.append(Self.stored(op)) }
-        }
+        // The journals' arrays are shared, not copied: the loop's cost is one per change.
+        let batch = StoreBatch(journals: saving.map(\.journal.operations))
         let started = MonotonicInstant.now
-        let count = changes.count
-        store.record(changes) { [unowned self] failure in
+        let count = batch.count
+        store.record(batch) { [unowned self] failure in
             if count >= Self.largeBatch { largeBatchSaved(count, (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000) }
             self.saved(failure)
         }
@@ -125,15 +122,5 @@ final class CommitBatch {
             PestoError.Code.saveFailed, "The change could not be saved (\(reason)), so it was undone; nothing changed.",
             underlyingError: error.underlyingError)
         for item in failed { item.completion(failure) }
-    }
-
-    /// The store's record of a performed operation.
-    static func stored(_ op: TableOperation) -> StoredChange {
-        switch op {
-        case .insert(let kind, let id, let rule): return .insert(kind, id, rule)
-        case .delete(let kind, let id, _): return .delete(kind, id)
-        case .activate(let kind, let id): return .setActive(kind, id, true)
-        case .deactivate(let kind, let id): return .setActive(kind, id, false)
-        }
     }
 }

@@ -286,16 +286,6 @@ public final class PestoServer: TablesObserver {
         logger.info("Apply of \(rules) rules decoded in \(ms) ms (one loop turn)")
     }
 
-    /// Logs a large batch saved (off the loop) and the loop's longest turns since the last
-    /// mark (a large Apply's decoding, `markTurns`): what the large-tables benchmark reads.
-    private func logLargeSave(operations: Int, milliseconds: UInt64) {
-        let t = engine.loop.turnTimes
-        func ms(_ ns: UInt64) -> String { "\(ns / 1_000_000).\(ns / 100_000 % 10)" }
-        logger.info(
-            "saved \(operations) operations in \(milliseconds) ms off the loop; loop turns since the change began: \(t.turns), longest \(ms(t.longest)) ms, longest after the first \(ms(t.longestLater)) ms (the first, which decoded it: \(ms(t.first)) ms)"
-        )
-    }
-
     /// Runs Unlock, Commit or Rollback and answers it.
     private func holderCall(_ member: String, sender: String, _ address: ReplyAddress) {
         do throws(DBusErrorReply) {
@@ -316,6 +306,10 @@ public final class PestoServer: TablesObserver {
         switch outcome {
         case .success(let done):
             answer(address, Self.replyValues(done.result), committed: done.committed)
+            // Without a store the reply went now: the loop's turns of the change are logged here.
+            if commits == nil, done.committed.operations.count >= CommitBatch.largeBatch {
+                logLargeSave(operations: done.committed.operations.count, milliseconds: nil)
+            }
         case .failure(let refusal):
             let reply: DBusErrorReply
             switch refusal {
@@ -369,6 +363,7 @@ public final class PestoServer: TablesObserver {
     /// and a state file is kept, the reply waits for the save at the end of the loop turn;
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
     private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal()) {
+        MemoryTrim.after(committed)
         guard !committed.isEmpty, let commits else {
             if address.wantsReply { sendReply(.methodReturn(to: address, values)) }
             return
@@ -532,6 +527,7 @@ public final class PestoServer: TablesObserver {
     /// Commits a change that is not a D-Bus call's (a control socket upload): `completion`
     /// learns whether it was saved, at the end of the loop turn (at once without a state file).
     func commitUnanswered(_ operations: Journal, completion: @escaping (PestoError?) -> Void) {
+        MemoryTrim.after(operations)
         guard let commits, !operations.isEmpty else { return completion(nil) }
         commits.add(operations, completion: completion)
     }

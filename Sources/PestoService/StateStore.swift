@@ -40,7 +40,7 @@ import PestoSystem
 public protocol TableStore: AnyObject {
     /// Saves `changes` durably, in order, all or none; `completion` runs on the loop thread
     /// once they are saved (nil) or are not (the error).
-    func record(_ changes: [StoredChange], completion: @escaping (PestoError?) -> Void)
+    func record(_ batch: StoreBatch, completion: @escaping (PestoError?) -> Void)
     /// Blocks until every change recorded so far is saved or failed and its completion has run.
     func finishRecording()
 }
@@ -251,9 +251,9 @@ public final class StateStore: TableStore {
         self.database = nil
     }
 
-    public func record(_ changes: [StoredChange], completion: @escaping (PestoError?) -> Void) {
+    public func record(_ batch: StoreBatch, completion: @escaping (PestoError?) -> Void) {
         guard let writer else { preconditionFailure("record() before start()") }
-        writer.record(changes, completion: completion)
+        writer.record(batch, completion: completion)
     }
 
     public func finishRecording() { writer?.finishRecording() }

@@ -30,9 +30,9 @@
 //
 // Durability: WAL mode with synchronous=FULL, so a commit is on disk (the WAL fsynced)
 // when `apply` returns; a crash at any instant leaves the last committed transaction.
-// Automatic checkpoints are off: the writer thread checkpoints when it is idle and the WAL
-// has grown past `checkpointFrames` (StoreWriter.swift), so no save waits for one it did
-// not need.
+// Automatic checkpoints are off (one would run inside a commit): a checkpoint thread with a
+// connection of its own checkpoints once the WAL has grown past `checkpointFrames`
+// (StoreWriter.swift), while commits go on.
 
 import CSQLite
 import PestoModel
@@ -153,10 +153,15 @@ final class StoreDatabase {
 
     /// Saves `changes` in one transaction, durably: all of them or, on an error, none.
     func apply(_ changes: [StoredChange]) throws(PestoError) {
+        try apply(StoreBatch(changes))
+    }
+
+    /// Saves `batch` in one transaction, durably: all of it or, on an error, nothing.
+    func apply(_ batch: StoreBatch) throws(PestoError) {
         try database.exec("BEGIN IMMEDIATE")
         do throws(PestoError) {
             let target = SQLiteValue.text(Self.ownTarget)
-            for change in changes {
+            for change in batch {
                 switch change {
                 case .insert(let kind, let id, let rule):
                     try insertRule.run([target, .text(kind.rawValue), .integer(Int64(id)), .text(StateFile.fields(of: rule))])
@@ -208,17 +213,53 @@ final class StoreDatabase {
         }
     }
 
-    /// Whether the WAL has grown enough since the last checkpoint to checkpoint it.
+    /// Whether the WAL had grown past `checkpointFrames` at the last commit.
     var wantsCheckpoint: Bool { walFrames.pointee >= Self.checkpointFrames }
 
-    /// Copies the WAL's pages into the database file (a passive checkpoint: nothing waits
-    /// for it); the next commit then starts the WAL over. Failures are left for the next try.
-    func checkpoint() {
+    /// Copies the WAL's pages into the database file through `connection` (the checkpoint
+    /// thread's own): a passive checkpoint, which takes no lock a commit needs, so commits go on
+    /// meanwhile; the first commit after a complete one starts the WAL over. Failures are left
+    /// for the next try.
+    static func checkpoint(_ connection: SQLiteDatabase) {
         var log: Int32 = 0
         var done: Int32 = 0
-        if sqlite3_wal_checkpoint_v2(database.db, nil, SQLITE_CHECKPOINT_PASSIVE, &log, &done) == SQLITE_OK, log == done {
-            walFrames.pointee = 0
-        }
+        _ = sqlite3_wal_checkpoint_v2(connection.db, nil, SQLITE_CHECKPOINT_PASSIVE, &log, &done)
+    }
+}
+
+/// The changes of one save, in order: the journals of the committed changes, handed over as
+/// they are (no copy on the loop thread) and read as `StoredChange`s by the writer.
+public struct StoreBatch: Sendable, Sequence {
+    /// The journals' operations, oldest change first.
+    let journals: [[TableOperation]]
+
+    init(journals: [[TableOperation]]) { self.journals = journals }
+
+    /// A batch of `changes` (tests, tools).
+    init(_ changes: [StoredChange]) {
+        journals = [
+            changes.map { change in
+                switch change {
+                case .insert(let kind, let id, let rule): return .insert(kind, id, rule)
+                case .delete(let kind, let id): return .delete(kind, id, Rule(proto: .tcp, firstPort: 1))  // the rule is not stored
+                case .setActive(let kind, let id, let active): return active ? .activate(kind, id) : .deactivate(kind, id)
+                }
+            }
+        ]
+    }
+
+    /// How many changes.
+    public var count: Int { journals.reduce(0) { $0 + $1.count } }
+
+    public func makeIterator() -> some IteratorProtocol<StoredChange> {
+        journals.lazy.joined().map { op -> StoredChange in
+            switch op {
+            case .insert(let kind, let id, let rule): return .insert(kind, id, rule)
+            case .delete(let kind, let id, _): return .delete(kind, id)
+            case .activate(let kind, let id): return .setActive(kind, id, true)
+            case .deactivate(let kind, let id): return .setActive(kind, id, false)
+            }
+        }.makeIterator()
     }
 }
 

@@ -16,14 +16,13 @@
 // lock holder's changes go on top of committed ones, before a large change starts, before
 // a takeover hands the tables over, at exit). There it blocks until the writer is idle.
 //
-// When nothing is queued, the idle writer checkpoints the WAL once it has grown past
-// `StoreDatabase.checkpointFrames` pages, and returns freed memory to the system after a
-// batch that deleted many rules (`malloc_trim`, CPestoSys): both off the loop.
+// Once a commit leaves the WAL past `StoreDatabase.checkpointFrames` pages, the writer wakes
+// a second thread, which checkpoints through a connection of its own (a passive checkpoint
+// takes no lock a commit needs): no commit waits for a checkpoint, the loop never does.
 //
 // Only `Shared` crosses threads, under its mutex; the database belongs to the writer
 // thread once it has started. Completions never leave the loop thread.
 
-import CPestoSys
 import Logging
 import PestoEngine
 import PestoModel
@@ -35,20 +34,19 @@ import PestoSystem
 
 /// Saves batches of changes to a `StoreDatabase` on a thread of its own.
 final class StoreWriter: EventHandler {
-    /// A batch that deletes at least this many rules returns freed memory to the system.
-    static let trimAfterDeletes = 1024
-
     /// What the loop thread and the writer thread share, under `mutex`.
     private final class Shared: @unchecked Sendable {
         let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         let changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-        /// Batches waiting for the writer (each with whether to trim memory after it).
-        var queue: [(changes: [StoredChange], trim: Bool)] = []
+        /// Batches waiting for the writer.
+        var queue: [StoreBatch] = []
         /// Outcomes of saved batches, oldest first, not yet taken by the loop.
         var outcomes: [PestoError?] = []
         /// The writer is saving a batch it took from `queue`.
         var saving = false
         var stopping = false
+        /// The WAL has grown: the checkpoint thread has work.
+        var checkpointWanted = false
         /// The database: the writer thread's alone once it runs.
         let database: StoreDatabase
         /// The eventfd the loop watches.
@@ -68,6 +66,9 @@ final class StoreWriter: EventHandler {
             changed.deallocate()
         }
 
+        /// The writer thread's nice value (the loop's is pestod's, 0 under the unit).
+        static let writerNice: Int32 = 10
+
         func lock() { pthread_mutex_lock(mutex) }
         func unlock() { pthread_mutex_unlock(mutex) }
 
@@ -78,14 +79,11 @@ final class StoreWriter: EventHandler {
             var all = sigset_t()
             sigfillset(&all)
             pthread_sigmask(SIG_BLOCK, &all, nil)
+            // Where the CPUs are busy, the loop thread goes first: a large save may take a
+            // while longer, no loop turn does. (Refused: the writer runs at the loop's priority.)
+            _ = Sys.setThreadNice(Self.writerNice)
             lock()
             while true {
-                if queue.isEmpty && !stopping && database.wantsCheckpoint {
-                    unlock()
-                    database.checkpoint()
-                    lock()
-                    continue
-                }
                 if queue.isEmpty {
                     if stopping { break }
                     pthread_cond_wait(changed, mutex)
@@ -95,21 +93,69 @@ final class StoreWriter: EventHandler {
                 saving = true
                 unlock()
                 var outcome: PestoError?
-                do throws(PestoError) { try database.apply(batch.changes) } catch { outcome = error }
-                if batch.trim { pesto_malloc_trim() }
+                do throws(PestoError) { try database.apply(batch) } catch { outcome = error }
                 lock()
                 outcomes.append(outcome)
                 saving = false
+                if database.wantsCheckpoint { checkpointWanted = true }
                 pthread_cond_broadcast(changed)
                 var one: UInt64 = 1
                 _ = Sys.write(wakeFD, &one, 8)  // EAGAIN: already signalled, which is all it says
             }
             unlock()
         }
+
+        /// The checkpoint thread's body: checkpoints through `connection` when the writer asks.
+        func checkpointLoop(_ connection: SQLiteDatabase) {
+            var all = sigset_t()
+            sigfillset(&all)
+            pthread_sigmask(SIG_BLOCK, &all, nil)
+            _ = Sys.setThreadNice(Self.writerNice)
+            lock()
+            while !stopping {
+                guard checkpointWanted else {
+                    pthread_cond_wait(changed, mutex)
+                    continue
+                }
+                checkpointWanted = false
+                unlock()
+                StoreDatabase.checkpoint(connection)
+                lock()
+            }
+            unlock()
+            connection.close()
+        }
+    }
+
+    /// Starts `body` with `shared` on a new thread; returns it (to join).
+    private static func startThread(_ shared: Shared, _ body: @escaping (Shared) -> Void) throws(PestoError) -> pthread_t {
+        final class Start {
+            let shared: Shared
+            let body: (Shared) -> Void
+            init(_ shared: Shared, _ body: @escaping (Shared) -> Void) {
+                self.shared = shared
+                self.body = body
+            }
+        }
+        var thread = pthread_t()
+        let context = Unmanaged.passRetained(Start(shared, body)).toOpaque()
+        let rc = pthread_create(
+            &thread, nil,
+            { context in
+                let start = Unmanaged<Start>.fromOpaque(context!).takeRetainedValue()
+                start.body(start.shared)
+                return nil
+            }, context)
+        guard rc == 0 else {
+            Unmanaged<Start>.fromOpaque(context).release()
+            throw PestoError(.system, "Cannot start a thread of the state store.", underlyingError: Errno(rawValue: rc))
+        }
+        return thread
     }
 
     private let shared: Shared
-    private var thread = pthread_t()
+    private var thread: pthread_t?
+    private var checkpointThread: pthread_t?
     private let loop: EventLoop
     /// Completions of the batches recorded and not yet answered, oldest first.
     private var completions: [(PestoError?) -> Void] = []
@@ -131,33 +177,31 @@ final class StoreWriter: EventHandler {
             Sys.close(fd)
             throw error
         }
-        let context = Unmanaged.passRetained(shared).toOpaque()
-        let rc = pthread_create(
-            &thread, nil,
-            { context in
-                let shared = Unmanaged<Shared>.fromOpaque(context!).takeRetainedValue()
-                shared.writerLoop()
-                return nil
-            }, context)
-        if rc != 0 {
-            Unmanaged<Shared>.fromOpaque(context).release()
+        do throws(PestoError) {
+            let checkpointConnection = try SQLiteDatabase(path: database.database.path, create: false)
+            thread = try Self.startThread(shared) { $0.writerLoop() }
+            checkpointThread = try Self.startThread(shared) { $0.checkpointLoop(checkpointConnection) }
+        } catch {
+            if let thread {
+                shared.lock()
+                shared.stopping = true
+                pthread_cond_broadcast(shared.changed)
+                shared.unlock()
+                pthread_join(thread, nil)
+            }
             loop.remove(fd: fd)
             Sys.close(fd)
-            throw PestoError(.system, "Cannot start the state store's writer thread.", underlyingError: Errno(rawValue: rc))
+            throw error
         }
     }
 
     /// Queues `changes` for the writer; `completion` runs on the loop thread once they are
     /// saved (nil) or are not (the error, and then nothing of them is in the store).
-    func record(_ changes: [StoredChange], completion: @escaping (PestoError?) -> Void) {
+    func record(_ changes: StoreBatch, completion: @escaping (PestoError?) -> Void) {
         precondition(!closed, "a change is recorded after the state store was closed")
-        var deletes = 0
-        for change in changes {
-            if case .delete = change { deletes += 1 }
-        }
         completions.append(completion)
         shared.lock()
-        shared.queue.append((changes, deletes >= Self.trimAfterDeletes))
+        shared.queue.append(changes)
         pthread_cond_broadcast(shared.changed)
         shared.unlock()
     }
@@ -199,7 +243,8 @@ final class StoreWriter: EventHandler {
         shared.stopping = true
         pthread_cond_broadcast(shared.changed)
         shared.unlock()
-        pthread_join(thread, nil)
+        if let thread { pthread_join(thread, nil) }
+        if let checkpointThread { pthread_join(checkpointThread, nil) }
         loop.remove(fd: shared.wakeFD)
         Sys.close(shared.wakeFD)
     }

@@ -394,8 +394,8 @@ final class ScriptedStore: TableStore {
     var fails = false
     private var waiting: [(PestoError?) -> Void] = []
 
-    func record(_ changes: [StoredChange], completion: @escaping (PestoError?) -> Void) {
-        recorded.append(changes)
+    func record(_ batch: StoreBatch, completion: @escaping (PestoError?) -> Void) {
+        recorded.append(Array(batch))
         waiting.append(completion)
     }
 
