@@ -66,8 +66,8 @@ final class StoreWriter: EventHandler {
             changed.deallocate()
         }
 
-        /// The writer thread's nice value (the loop's is pestod's, 0 under the unit).
-        static let writerNice: Int32 = 10
+        /// The checkpoint thread's nice value (the loop's and the writer's are pestod's).
+        static let checkpointNice: Int32 = 10
 
         func lock() { pthread_mutex_lock(mutex) }
         func unlock() { pthread_mutex_unlock(mutex) }
@@ -79,9 +79,8 @@ final class StoreWriter: EventHandler {
             var all = sigset_t()
             sigfillset(&all)
             pthread_sigmask(SIG_BLOCK, &all, nil)
-            // Where the CPUs are busy, the loop thread goes first: a large save may take a
-            // while longer, no loop turn does. (Refused: the writer runs at the loop's priority.)
-            _ = Sys.setThreadNice(Self.writerNice)
+            // The writer runs at the loop's priority: a commit's reply waits for it. (Niced,
+            // it waited many milliseconds for a CPU wherever other work kept them busy.)
             lock()
             while true {
                 if queue.isEmpty {
@@ -110,7 +109,9 @@ final class StoreWriter: EventHandler {
             var all = sigset_t()
             sigfillset(&all)
             pthread_sigmask(SIG_BLOCK, &all, nil)
-            _ = Sys.setThreadNice(Self.writerNice)
+            // Nobody waits for a checkpoint: where the CPUs are busy, the loop and the writer go
+            // first. (Refused: it runs at their priority.)
+            _ = Sys.setThreadNice(Self.checkpointNice)
             lock()
             while !stopping {
                 guard checkpointWanted else {
