@@ -51,10 +51,11 @@
 // in the editor's ChangeQueue with `whenIdle`, and a departed caller's waiting changes are
 // dropped. Table counters are not announced while it runs, only before its reply.
 //
-// With a state file (`persist(saving:)`), a committed change is answered only once it is
-// saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the reply in
-// the turn's CommitBatch; the batch saves once before the loop sleeps, then sends every
-// reply, or undoes every change of the turn and answers each with SaveFailed.
+// With a state store (`persist(in:)`), a committed change is answered only once it is
+// saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the
+// reply in the CommitBatch; at the end of the turn the batch goes to the store's writer
+// thread, and once it is saved every reply is sent, or every change of the batch is undone
+// and answered with SaveFailed (CommitBatch.swift, StoreWriter.swift).
 
 import Logging
 import PestoDBus
