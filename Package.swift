@@ -10,8 +10,8 @@
 //   PestoEngine   the event loop, tables with their sockets, relays, scanner   (on PestoSystem)
 //   PestoDBus     the libdbus wrapper, bus names, the contract as data, the rule <-> a{sv}
 //                 codec: what pestod, pestoctl and the tests share             (on PestoModel)
-//   PestoService  the D-Bus server, transactions, lock, polkit, control socket, state file
-//                 (on PestoEngine and PestoDBus)
+//   PestoService  the D-Bus server, transactions, lock, polkit, control socket, state store
+//                 (on PestoEngine, PestoDBus and the system's libsqlite3)
 //   pestod        the service's executable; pestoctl the client (PestoModel, PestoSystem and
 //                 PestoDBus only)
 import PackageDescription
@@ -30,6 +30,8 @@ let package = Package(
     targets: [
         // libdbus-1 as a system library; only PestoDBus and PestoService import it.
         .systemLibrary(name: "CDBus", pkgConfig: "dbus-1", providers: [.apt(["libdbus-1-dev"])]),
+        // libsqlite3 as a system library: the state store (PestoService's SQLiteStore.swift).
+        .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
         // GNU-only calls that Swift's Glibc module does not import (built with _GNU_SOURCE in its .c file).
         .target(name: "CPestoSys"),
         // The model: pure values and codecs. CPestoSys only for errno names.
@@ -44,7 +46,7 @@ let package = Package(
         .target(
             name: "PestoService",
             dependencies: [
-                "PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "CDBus", "CPestoSys",
+                "PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "CDBus", "CPestoSys", "CSQLite",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -80,6 +82,12 @@ let package = Package(
             name: "pesto-update-bench",
             dependencies: ["PestoModel", "PestoSystem", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/UpdateBenchmark"
+        ),
+        // 65,535 rules with and without the state store: commit times, waits, loop turns, memory (run-large.sh).
+        .executableTarget(
+            name: "pesto-large-bench",
+            dependencies: ["PestoModel", "PestoSystem", "PestoDBus", "PestoTestSupport"],
+            path: "Benchmarks/LargeTableBenchmark"
         ),
         // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
         // killed clients and killed pestods, with a ledger of acknowledged changes.

@@ -40,7 +40,7 @@ DEMO_BUS=${DEMO_BUS:-auto}
 # iproute2: ss; libglib2.0-bin: gdbus; systemd: busctl, which works without systemd running),
 # and what `swift test` uses besides (libxml2-utils: xmllint). .ci/run installs these too.
 # The Cockpit page (cockpit/): cockpit-ws (the web server) and cockpit-bridge.
-PACKAGES=(libdbus-1-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils socat
+PACKAGES=(libdbus-1-dev libsqlite3-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils socat
           cockpit-ws cockpit-bridge)
 # What `swift test` needs besides, so that it runs every test after this script (unless
 # --no-test-deps): polkit (polkitd, pkexec: the authorisation tests), the PROXY protocol

@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <pthread.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
@@ -463,3 +464,5 @@ int pesto_stop_on_signals(int fd)
         return -1;
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL) ? -1 : 0;
 }
+
+int pesto_malloc_trim(void) { return malloc_trim(0); }

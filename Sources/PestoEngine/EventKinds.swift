@@ -32,10 +32,14 @@ public enum EngineEventKind {
     public static let takeoverListener = EventLoop.Kind(8)
     /// The eventfd SIGUSR2 writes to: a request to upgrade (UpgradeRequest.swift); index unused.
     public static let upgradeRequest = EventLoop.Kind(9)
+    /// The eventfd the state store's writer thread signals when saves are done
+    /// (PestoService/StoreWriter.swift); index unused.
+    public static let stateStore = EventLoop.Kind(10)
 
     /// Every kind above.
     public static let all = [
         dbus, tcpListener, tcpConnection, udpListener, udpFlow, controlListener, controlClient, takeoverListener, upgradeRequest,
+        stateStore,
     ]
 
     /// The first kind tests may use for sources of their own.

@@ -129,6 +129,14 @@ public final class EventLoop {
     /// How many sources the last `epoll_wait` returned: a handler that is the only one of
     /// its turn has nothing to gather its work with.
     public private(set) var readyThisTurn = 0
+    /// How long the loop's turns took since `markTurns()` (`TurnTimes`).
+    public private(set) var turnTimes = TurnTimes()
+    /// When the current turn started: when `epoll_wait` returned.
+    private var turnStarted = MonotonicInstant.now
+    /// The loop thread's CPU time then, while a mark is being watched (`markTurns`): a turn
+    /// that took long only because the thread was not running (a busy machine) shows a short
+    /// CPU time. Read only while watching: it costs a system call per turn.
+    private var turnCPUStarted: UInt64 = 0
 
     /// Creates the epoll instance and its wake-up eventfd.
     public init() throws(PestoError) {
@@ -300,6 +308,9 @@ public final class EventLoop {
             let untilTimer = runTimers()
             let timeout = deferred.isEmpty ? untilTimer : 0
             endOfTurn?()
+            if turnTimes.watching {
+                turnTimes.add(MonotonicInstant.now.nanoseconds &- turnStarted.nanoseconds, cpu: Self.threadCPU() &- turnCPUStarted)
+            }
             if stopping { break }
             let n: Int
             switch events.withUnsafeMutableBufferPointer({ Sys.epollWait(epfd, $0, timeout: timeout) }) {
@@ -308,6 +319,8 @@ public final class EventLoop {
             case .failure(let e): preconditionFailure("epoll_wait failed: \(e)")  // EINVAL: a bug
             }
             readyThisTurn = n
+            turnStarted = .now
+            if turnTimes.watching { turnCPUStarted = Self.threadCPU() }
             for k in 0..<n {
                 let data = events[k].data.u64
                 let kind = Int(data >> 56)
@@ -337,4 +350,56 @@ public final class EventLoop {
 
     /// Makes `run()` return after the current iteration (loop thread only).
     public func stop() { stopping = true }
+
+    /// Starts measuring `turnTimes` anew, until `endTurnWatch()`; the current turn, once over,
+    /// is its `first`.
+    public func markTurns() {
+        turnTimes = TurnTimes()
+        turnTimes.watching = true
+        // The current turn's CPU time is counted from here: its handlers before the mark are few.
+        turnCPUStarted = Self.threadCPU()
+    }
+
+    /// Stops measuring `turnTimes` (which keep their figures).
+    public func endTurnWatch() { turnTimes.watching = false }
+
+    /// The calling thread's CPU time in nanoseconds (CLOCK_THREAD_CPUTIME_ID).
+    static func threadCPU() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}
+
+/// How long the event loop's turns took (from `epoll_wait` returning to the next call: the
+/// handlers, deferred work, timers and `endOfTurn`, not the sleep) since a mark: what
+/// "nothing holds the loop" is measured by.
+public struct TurnTimes: Sendable {
+    /// Turns since the mark.
+    public private(set) var turns = 0
+    /// The first turn's nanoseconds: the one that set the mark (a large Apply's decoding).
+    public private(set) var first: UInt64 = 0
+    /// The longest of the later turns, in nanoseconds.
+    public private(set) var longestLater: UInt64 = 0
+    /// The most CPU time the loop thread spent in one of the later turns, in nanoseconds: the
+    /// loop's own work, without the time the thread waited for a CPU.
+    public private(set) var longestLaterCPU: UInt64 = 0
+    /// The first turn's CPU time, in nanoseconds.
+    public private(set) var firstCPU: UInt64 = 0
+    /// Turns are being measured (between `markTurns` and `endTurnWatch`).
+    public internal(set) var watching = false
+
+    /// The longest turn of all, in nanoseconds.
+    public var longest: UInt64 { max(first, longestLater) }
+
+    mutating func add(_ nanoseconds: UInt64, cpu: UInt64) {
+        if turns == 0 {
+            first = nanoseconds
+            firstCPU = cpu
+        } else {
+            longestLater = max(longestLater, nanoseconds)
+            longestLaterCPU = max(longestLaterCPU, cpu)
+        }
+        turns += 1
+    }
 }

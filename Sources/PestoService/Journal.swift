@@ -17,7 +17,7 @@ import PestoModel
 import PestoSystem
 
 /// A change to one rule of one table: what the service performs and the journal records.
-enum TableOperation: Equatable, CustomStringConvertible {
+enum TableOperation: Equatable, Sendable, CustomStringConvertible {
     case insert(TableKind, UInt32, Rule)
     case delete(TableKind, UInt32, Rule)
     case activate(TableKind, UInt32)

@@ -181,14 +181,10 @@ public final class PestoDaemon {
             carried = try completeTakeover(&received, engine: engine, connection: connection)
         } else {
             try ownBusName(connection)
-            carried = persistence?.restore(into: engine, logger: logger) ?? []
+            carried = try persistence?.restore(into: engine, logger: logger) ?? []
         }
         let server = PestoServer(engine: engine, port: connection, logger: logger)
-        if let persistence {
-            server.persist { [unowned engine] () throws(PestoError) in
-                try persistence.save(engine, carried: carried)
-            }
-        }
+        if let persistence { server.persist(in: try persistence.start(loop: loop)) }
         authorize(server, on: connection)
         server.allowsReplacement = takeoverPath != nil
         if let sliceOperations = configuration.sliceOperations { server.sliceOperations = sliceOperations }
@@ -208,6 +204,7 @@ public final class PestoDaemon {
         loop.run()
         SystemdNotify.send("STOPPING=1")
         server.abandonChanges()  // a change in progress is rolled back, its caller told
+        persistence?.close()  // every committed change saved; the writer thread stops
         engine.stop()
         // Torn down in this order, explicitly: an optimised build may end a value's
         // lifetime at its last use, and these hold the loop unowned. The control socket
@@ -229,9 +226,9 @@ public final class PestoDaemon {
         _ received: inout TakeoverReceived, engine: ForwardingEngine, connection: DBusConnection
     ) throws -> [StateFile.Entry] {
         let result = StateFile.restore(received.entries, into: engine)
-        for (entry, reason) in result.carried {
-            logger.warning("handed-over \(entry.table.name) rule \(entry.id) not restored, kept in the state file: \(reason)")
-        }
+        StateStorePersistence.logCarried(result.carried, source: "takeover", logger: logger)
+        // The old pestod saved everything before handing over; the carried rules are this one's.
+        try persistence?.adopt(engine, carried: result.carried)
         engine.adoptScanListeners(received.adoption)
         let adopted = received.adoption.adopted
         received.adoption.closeUnclaimed()

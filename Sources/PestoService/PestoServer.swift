@@ -47,10 +47,11 @@
 // in the editor's ChangeQueue with `whenIdle`, and a departed caller's waiting changes are
 // dropped. Table counters are not announced while it runs, only before its reply.
 //
-// With a state file (`persist(saving:)`), a committed change is answered only once it is
-// saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the reply in
-// the turn's CommitBatch; the batch saves once before the loop sleeps, then sends every
-// reply, or undoes every change of the turn and answers each with SaveFailed.
+// With a state store (`persist(in:)`), a committed change is answered only once it is
+// saved: the gate (or Commit) hands the call's committed journal to `answer`, which parks the
+// reply in the CommitBatch; at the end of the turn the batch goes to the store's writer
+// thread, and once it is saved every reply is sent, or every change of the batch is undone
+// and answered with SaveFailed (CommitBatch.swift, StoreWriter.swift).
 
 import Logging
 import PestoDBus
@@ -155,7 +156,7 @@ public final class PestoServer {
     /// committed during the turn (with a state file), which sends their replies, then
     /// announces the table counters changed by whatever sent no reply (timers, uploads).
     private func endOfTurn() {
-        saveCommitted()
+        commits?.submit()
         announcer.announceStaleCounters()
         announcer.logRetries()
     }
@@ -220,7 +221,10 @@ public final class PestoServer {
             case .change where handingOver:
                 throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
-                if case .apply(_, let request) = change { Self.logDecoding(request, since: started, to: logger) }
+                if case .apply(_, let request) = change {
+                    Self.logDecoding(request, since: started, to: logger)
+                    if request.inserts.count + request.removes.count >= CommitBatch.largeBatch { engine.loop.markTurns() }
+                }
                 // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
                 let sender = message.sender ?? ""
                 let bytes = message.argumentBytes
@@ -274,6 +278,10 @@ public final class PestoServer {
         switch outcome {
         case .success(let done):
             answer(address, Self.replyValues(done.result), committed: done.committed)
+            // Without a store the reply went now: the loop's turns of the change are logged here.
+            if commits == nil, done.committed.operations.count >= CommitBatch.largeBatch {
+                logLargeSave(operations: done.committed.operations.count, milliseconds: nil)
+            }
         case .failure(let refusal):
             let reply: DBusErrorReply
             switch refusal {
@@ -327,6 +335,7 @@ public final class PestoServer {
     /// and a state file is kept, the reply waits for the save at the end of the loop turn;
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
     private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal()) {
+        MemoryTrim.after(committed)
         guard !committed.isEmpty, let commits else {
             if address.wantsReply { sendReply(.methodReturn(to: address, values)) }
             return
@@ -341,10 +350,13 @@ public final class PestoServer {
         }
     }
 
-    /// Keeps the committed tables with `save` (called once per loop turn in which something
-    /// was committed); from now on a committed change is answered only once saved.
-    public func persist(saving save: @escaping () throws(PestoError) -> Void) {
-        commits = CommitBatch(logger: logger, save: save) { [unowned self] (op) throws(PestoError) in _ = try self.editor.perform(op) }
+    /// Keeps the committed tables in `store` (the changes of each loop turn in which something
+    /// was committed are handed to it at the turn's end); from now on a committed change is
+    /// answered only once saved.
+    public func persist(in store: any TableStore) {
+        let batch = CommitBatch(logger: logger, store: store) { [unowned self] (op) throws(PestoError) in _ = try self.editor.perform(op) }
+        batch.largeBatchSaved = { [unowned self] operations, ms in self.logLargeSave(operations: operations, milliseconds: ms) }
+        commits = batch
     }
 
     /// Saves (or undoes) every change committed so far. The editor also calls this before
@@ -487,6 +499,7 @@ public final class PestoServer {
     /// Commits a change that is not a D-Bus call's (a control socket upload): `completion`
     /// learns whether it was saved, at the end of the loop turn (at once without a state file).
     func commitUnanswered(_ operations: Journal, completion: @escaping (PestoError?) -> Void) {
+        MemoryTrim.after(operations)
         guard let commits, !operations.isEmpty else { return completion(nil) }
         commits.add(operations, completion: completion)
     }

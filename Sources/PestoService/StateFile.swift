@@ -1,17 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-// StateFile: the committed tables on disk, so a restarted pestod comes back as it was.
+// StateFile: the text form of saved rules: the format of pestod's state file before the
+// state store (StateStore.swift), read once to migrate it, and the form the takeover wire
+// (TakeoverWire.swift) sends the tables in.
 //
 // Format (text, one rule per line, version first; values percent-encoded where needed):
 //     pestod-state 1
 //     rule host 5 active protocol=tcp address=127.0.0.1 interface= first-port=80 last-port=80 target-address= target-port=8080 scan=0 owner=ctr%201
-//
-// Saving writes the whole file anew: the stale temporary file FILE.tmp (if any, even a
-// symlink) is unlinked, a new one is created with O_EXCL|O_NOFOLLOW (so a planted symlink
-// is never followed), written, fsynced, renamed over FILE, and the directory is fsynced.
-// A crash (kill -9, power loss) at any moment leaves either the old or the new complete
-// file, never a mix. The server saves once per loop turn for every change committed in
-// that turn (CommitBatch.swift) and acknowledges the changes only once the save succeeded.
+// The store keeps a rule's fields in this same text (`fields(of:)`, `parseLine`).
 //
 // Loading is strict: any line it does not understand makes the whole file invalid; pestod
 // then reports it, moves the file aside under a name no other file has
@@ -20,11 +16,10 @@
 //
 // Restoring never loses a rule: a saved rule that cannot be restored exactly as saved
 // (its table is missing because --netns was not given, the table is full, the rule is
-// invalid for this table, or its activation conflicts) is left out of the tables, logged
-// with the reason, and *carried*: written back unchanged after the live rules on every
-// save, and tried again at the next start. Where a carried rule and a live rule share a
-// table and an ID, the live one is written first and wins the next restore; the carried
-// one stays carried.
+// invalid for this table, or its activation conflicts) is left out of the tables and
+// *carried*: kept in the store, apart from the live rules, and tried again at the next
+// start. Where a carried rule and a live rule share a table and an ID, the live one is
+// tried first and wins; the carried one stays carried.
 
 import PestoDBus
 import PestoEngine
@@ -35,7 +30,7 @@ import PestoSystem
     import Glibc
 #endif
 
-/// Reads and writes pestod's state file.
+/// Reads pestod's state file of the text format, and renders and parses that text.
 public struct StateFile {
     /// The file's path.
     public let path: String
@@ -58,16 +53,25 @@ public struct StateFile {
     /// percent-encoded, ports in decimal, flags as 0 or 1.
     static func render(_ entries: [Entry]) -> String {
         var out = header + "\n"
-        for e in entries {
-            out += "rule \(e.table.rawValue) \(e.id) \(e.active ? "active" : "inactive")"
-            for (field, value) in e.rule.fieldValues {
-                switch value {
-                case .text(let v): out += " \(field.key)=\(escape(v))"
-                case .port(let v): out += " \(field.key)=\(v)"
-                case .flag(let v): out += " \(field.key)=\(v ? 1 : 0)"
-                }
+        for e in entries { out += line(e) + "\n" }
+        return out
+    }
+
+    /// One rule's line: `rule TABLE ID active|inactive` and its fields (`fields(of:)`).
+    static func line(_ e: Entry) -> String {
+        "rule \(e.table.rawValue) \(e.id) \(e.active ? "active" : "inactive") " + fields(of: e.rule)
+    }
+
+    /// A rule's fields as `key=value` words separated by spaces, in `RuleField`'s order.
+    static func fields(of rule: Rule) -> String {
+        var out = ""
+        for (field, value) in rule.fieldValues {
+            if !out.isEmpty { out += " " }
+            switch value {
+            case .text(let v): out += "\(field.key)=\(escape(v))"
+            case .port(let v): out += "\(field.key)=\(v)"
+            case .flag(let v): out += "\(field.key)=\(v ? 1 : 0)"
             }
-            out += "\n"
         }
         return out
     }
@@ -79,41 +83,46 @@ public struct StateFile {
         guard lines.first == header else { throw bad(1, "the first line is not \"\(header)\"") }
         var entries: [Entry] = []
         for (n, line) in lines.enumerated().dropFirst() {
-            let words = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
-            // Files written before a field was added lack it (`proxy-protocol`, `source`): it takes its
-            // default. Every field the first version wrote is still required.
-            let fieldCount = words.count - 4
-            guard fieldCount >= RuleField.allCases.count - Self.fieldsAddedLater.count, fieldCount <= RuleField.allCases.count,
-                words[0] == "rule"
-            else {
-                throw bad(n + 1, "expected a rule with \(RuleField.allCases.count) fields")
-            }
-            guard let table = TableKind(rawValue: words[1]) else { throw bad(n + 1, "unknown table \(words[1])") }
-            guard let id = UInt32(words[2]) else { throw bad(n + 1, "bad rule ID \(words[2])") }
-            guard words[3] == "active" || words[3] == "inactive" else { throw bad(n + 1, "bad state \(words[3])") }
-            var fields: [RuleField: RuleFieldValue] = [:]
-            for word in words[4...] {
-                guard let eq = word.firstIndex(of: "="), let field = RuleField(key: String(word[..<eq])),
-                    fields[field] == nil
-                else { throw bad(n + 1, "bad field \(word)") }
-                let text = String(word[word.index(after: eq)...])
-                let value: RuleFieldValue?
-                switch field.kind {
-                case .text: value = unescape(text).map(RuleFieldValue.text)
-                case .port: value = UInt16(text).map(RuleFieldValue.port)
-                case .flag: value = text == "1" ? .flag(true) : text == "0" ? .flag(false) : nil
-                }
-                guard let value else { throw bad(n + 1, "bad \(field.key)") }
-                fields[field] = value
-            }
-            for field in RuleField.allCases where fields[field] == nil && !Self.fieldsAddedLater.contains(field) {
-                throw bad(n + 1, "missing field \(field.key)")
-            }
-            let rule: Rule
-            do { rule = try Rule(fields: fields) } catch { throw bad(n + 1, error.message) }
-            entries.append(Entry(table: table, id: id, active: words[3] == "active", rule: rule))
+            entries.append(try parseLine(line, number: n + 1))
         }
         return entries
+    }
+
+    /// Parses one rule's line (`line(_:)`); throws a message naming line `number`.
+    static func parseLine(_ line: String, number: Int) throws(PestoError) -> Entry {
+        let words = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
+        // Files written before a field was added lack it (`proxy-protocol`, `source`): it takes its
+        // default. Every field the first version wrote is still required.
+        let fieldCount = words.count - 4
+        guard fieldCount >= RuleField.allCases.count - Self.fieldsAddedLater.count, fieldCount <= RuleField.allCases.count,
+            words[0] == "rule"
+        else {
+            throw bad(number, "expected a rule with \(RuleField.allCases.count) fields")
+        }
+        guard let table = TableKind(rawValue: words[1]) else { throw bad(number, "unknown table \(words[1])") }
+        guard let id = UInt32(words[2]) else { throw bad(number, "bad rule ID \(words[2])") }
+        guard words[3] == "active" || words[3] == "inactive" else { throw bad(number, "bad state \(words[3])") }
+        var fields: [RuleField: RuleFieldValue] = [:]
+        for word in words[4...] {
+            guard let eq = word.firstIndex(of: "="), let field = RuleField(key: String(word[..<eq])),
+                fields[field] == nil
+            else { throw bad(number, "bad field \(word)") }
+            let text = String(word[word.index(after: eq)...])
+            let value: RuleFieldValue?
+            switch field.kind {
+            case .text: value = unescape(text).map(RuleFieldValue.text)
+            case .port: value = UInt16(text).map(RuleFieldValue.port)
+            case .flag: value = text == "1" ? .flag(true) : text == "0" ? .flag(false) : nil
+            }
+            guard let value else { throw bad(number, "bad \(field.key)") }
+            fields[field] = value
+        }
+        for field in RuleField.allCases where fields[field] == nil && !Self.fieldsAddedLater.contains(field) {
+            throw bad(number, "missing field \(field.key)")
+        }
+        let rule: Rule
+        do { rule = try Rule(fields: fields) } catch { throw bad(number, error.message) }
+        return Entry(table: table, id: id, active: words[3] == "active", rule: rule)
     }
 
     /// Fields added after the file's first version, which an older file's lines lack.
@@ -155,60 +164,6 @@ public struct StateFile {
 
     // MARK: Disk
 
-    /// Writes `entries` atomically: temp file (created anew, never followed), fsync, rename,
-    /// fsync of the directory.
-    public func save(_ entries: [Entry]) throws(PestoError) {
-        let bytes = Array(Self.render(entries).utf8)
-        let temp = path + ".tmp"
-        // A stale temp file from a crash, or anything planted there (a symlink to a file root
-        // must not overwrite), is removed first; O_EXCL|O_NOFOLLOW then refuses anything that
-        // appears in between instead of following it.
-        if case .success = Sys.lstat(temp), case .failure(let e) = Sys.unlink(temp), e != .noSuchFile {
-            throw PestoError(.system, "Cannot remove the stale \(temp).", underlyingError: e)
-        }
-        let fd: Int32
-        switch Sys.open(temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600) {
-        case .success(let opened): fd = opened
-        case .failure(let e): throw PestoError(.system, "Cannot create \(temp).", underlyingError: e)
-        }
-        /// Closes and removes the temp file after a failure (its own errors change nothing:
-        /// the save has failed either way, and a leftover temp file is removed by the next).
-        func abandon() {
-            Sys.close(fd)
-            _ = Sys.unlink(temp)
-        }
-        var written = 0
-        while written < bytes.count {
-            switch bytes.withUnsafeBytes({ Sys.write(fd, $0.baseAddress! + written, bytes.count - written) }) {
-            case .success(let n) where n > 0: written += n
-            case .success:  // 0 bytes for a non-empty write: a full file system
-                abandon()
-                throw PestoError(.system, "Cannot write \(temp).", underlyingError: .noSpace)
-            case .failure(let e):
-                abandon()
-                throw PestoError(.system, "Cannot write \(temp).", underlyingError: e)
-            }
-        }
-        if case .failure(let e) = Sys.fsync(fd) {
-            abandon()
-            throw PestoError(.system, "Cannot sync \(temp).", underlyingError: e)
-        }
-        Sys.close(fd)
-        if case .failure(let e) = Sys.rename(temp, to: path) {
-            _ = Sys.unlink(temp)
-            throw PestoError(.system, "Cannot replace \(path).", underlyingError: e)
-        }
-        let dir: Int32
-        switch Sys.open(directory, O_RDONLY | O_DIRECTORY) {
-        case .success(let opened): dir = opened
-        case .failure(let e): throw PestoError(.system, "Cannot open the directory \(directory) to sync it.", underlyingError: e)
-        }
-        defer { Sys.close(dir) }
-        if case .failure(let e) = Sys.fsync(dir) {
-            throw PestoError(.system, "Cannot sync the directory \(directory).", underlyingError: e)
-        }
-    }
-
     /// The directory holding the file.
     var directory: String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
@@ -246,7 +201,7 @@ public struct StateFile {
     /// Moves the file to FILE.bad-<unix time>, or FILE.bad-<unix time>.<n> with the first
     /// free n: link(2) refuses an existing name, so no earlier copy is ever replaced (where
     /// the file system has no hard links, a rename to a name just checked to be free).
-    private func moveAside(_ reason: String) -> LoadResult {
+    func moveAside(_ reason: String) -> LoadResult {
         let stamp = "\(path).bad-\(time(nil))"
         for n in 0..<1000 {
             let aside = n == 0 ? stamp : "\(stamp).\(n)"

@@ -39,6 +39,7 @@ package enum Sys {
         case setns, getrlimit, setrlimit, signals, spawn, waitpid, kill, readlink
         case epollCreate, epollCtl, epollWait, eventfd
         case clockGettime
+        case setpriority
     }
 
     /// Runs `body` until it returns something other than -1/EINTR; -1 becomes `.failure(errno)`.
@@ -492,6 +493,12 @@ package enum Sys {
     /// `epoll_create1(EPOLL_CLOEXEC)`.
     package static func epollCreate() -> Result<Int32, Errno> {
         call(.epollCreate) { epoll_create1(Int32(EPOLL_CLOEXEC)) }.map(opened)
+    }
+
+    /// `setpriority(2)` of the calling thread alone (Linux: PRIO_PROCESS with who 0 is the
+    /// calling task): its nice value becomes `nice` (a helper thread yields the CPU to the loop).
+    package static func setThreadNice(_ nice: Int32) -> Result<Void, Errno> {
+        call(.setpriority) { Glibc.setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, nice) }.map { _ in () }
     }
 
     /// `eventfd(2)`, non-blocking and close-on-exec.

@@ -267,7 +267,7 @@ struct Pestod: ParsableCommand {
         configuration.upgradeExecutable = try? Sys.executablePath().get()
         configuration.upgradeArguments = Array(CommandLine.arguments.dropFirst())
         configuration.sliceOperations = sliceOperations
-        let persistence = stateFile().map { StateFilePersistence(path: $0) }
+        let persistence = stateFile().map { StateStorePersistence(path: $0) }
         let stoppedCleanly: Bool
         do throws(DaemonFailure) {
             stoppedCleanly = try PestoDaemon(configuration: configuration, persistence: persistence, logger: logger).run()

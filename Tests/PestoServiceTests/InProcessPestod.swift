@@ -73,6 +73,8 @@ final class InProcessPestod {
     let engine: ForwardingEngine
     let port = RecordingPort()
     let server: PestoServer
+    /// Where the tables are kept, if anywhere (closed at the end, as pestod does at exit).
+    private let persistence: (any TablesPersistence)?
     /// The default caller.
     let client: Caller
     private let logLines = LogLines()
@@ -87,11 +89,12 @@ final class InProcessPestod {
     ) throws {
         loop = try EventLoop()
         engine = try ForwardingEngine(loop: loop, configuration: configuration)
+        self.persistence = persistence
         let logger = Logger(label: "pestod") { [logLines] _ in LogLinesHandler(sink: logLines) }
         server = PestoServer(engine: engine, port: port, logger: logger)
         if let persistence {
-            let carried = persistence.restore(into: engine, logger: logger)
-            server.persist { [unowned engine] () throws(PestoError) in try persistence.save(engine, carried: carried) }
+            _ = try persistence.restore(into: engine, logger: logger)
+            server.persist(in: try persistence.start(loop: loop))
         }
         server.authorizer = authorizer
         if let sliceOperations { server.sliceOperations = sliceOperations }
@@ -101,6 +104,7 @@ final class InProcessPestod {
 
     deinit {
         server.abandonChanges()
+        persistence?.close()
         engine.stop()
         loop.removeAllHandlers()
     }

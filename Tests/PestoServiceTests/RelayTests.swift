@@ -512,11 +512,7 @@ struct ExhaustionTests {
         #expect(try f.table("Status", [.uint32(1)]) == [.bool(true), .uint32(1), .uint32(0), .string(""), .uint32(1)])
         try f.table("Insert", [.uint32(3), rule(ports.lowerBound + 4, to: ports.lowerBound + 1)])
         #expect(try f.table("Activate", [.uint32(3)]) == [.uint32(1), .uint32(0)])
-        guard case .loaded(let entries) = StateFile(path: f.statePath).load() else {
-            Issue.record("the state file was not saved")
-            return
-        }
-        #expect(entries.count == 3)
+        #expect(try StateStore.read(f.statePath).live.count == 3, "the change is saved")
         #expect(ProcessDescriptors.count(pid: f.pestod.pid) <= limit - DescriptorPlan.coreReserve / 2, "a reserve remains")
         #expect(f.log.components(separatedBy: "new TCP connections are reset").count == 2, "logged once")
         #expect(f.log.components(separatedBy: "datagrams from new UDP clients are dropped").count == 2, "logged once")

@@ -61,8 +61,8 @@ struct StateFileTests {
         let committed = try f.table("List")
         try f.manager("Lock")
         try f.table("Insert", [.uint32(3), PestodFixture.rule(ports.lowerBound + 2)])  // never committed
-        let saved = try String(contentsOfFile: f.statePath, encoding: .utf8)
-        #expect(saved.contains("rule host 1 active") && saved.contains("owner=ctr%201") && !saved.contains("rule host 3"))
+        let saved = try StateStore.read(f.statePath).live
+        #expect(saved.map(\.id) == [1, 2] && saved[0].active && saved[0].rule.owner == "ctr 1" && !saved[1].active)
 
         f.pestod.kill()  // SIGKILL
         try f.startPestod(["--state", "STATE"])
@@ -81,39 +81,50 @@ struct StateFileTests {
         #expect(f.log.contains("is unusable (line 2:"))
         let aside = try FileManager.default.contentsOfDirectory(atPath: dir.url.path).filter { $0.hasPrefix("state.bad-") }
         #expect(aside.count == 1)
-        // And the next commit writes a good file again.
+        // And the next commit is saved in the new store.
         try f.table("Insert", [.uint32(7), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)])
-        #expect(try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)).map(\.id) == [7])
+        #expect(try StateStore.read(path).live.map(\.id) == [7])
     }
 }
 
-/// The state directory made read-only with a read-only bind mount (root ignores permission
-/// bits, so chmod would not do); undone by `umount`.
-struct ReadOnlyMount {
+/// The state directory on a small tmpfs of its own that the test fills up, so that the
+/// store's next write fails (ENOSPC, SQLITE_FULL) as on a full disk; undone by `umount`.
+/// (A read-only remount is refused while the store has its files open for writing.)
+struct FullFileSystem {
     let path: String
 
-    /// Whether this machine lets the tests bind-mount a directory read-only (root, mount namespace allows it).
+    /// Whether this machine lets the tests mount a tmpfs (root, a mount namespace that allows it).
     static let available: Bool = {
         guard getuid() == 0, let dir = try? TemporaryDirectory() else { return false }
         let p = dir.url.path
-        guard (try? run("/usr/bin/mount", ["--bind", p, p]))?.status == 0 else { return false }
-        defer {
-            _ = try? run("/usr/bin/umount", [p])
-            withExtendedLifetime(dir) {}
-        }
-        return (try? run("/usr/bin/mount", ["-o", "remount,bind,ro", p]))?.status == 0
+        defer { withExtendedLifetime(dir) {} }
+        guard (try? run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", p]))?.status == 0 else { return false }
+        _ = try? run("/usr/bin/umount", [p])
+        return true
     }()
 
-    /// Bind-mounts `path` onto itself (still writable).
+    /// Mounts a 4 MiB tmpfs on `path` (still with room).
     init(_ path: String) throws {
         self.path = path
-        guard try run("/usr/bin/mount", ["--bind", path, path]).status == 0 else { throw HarnessError("cannot bind-mount \(path)") }
+        guard try run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", path]).status == 0 else {
+            throw HarnessError("cannot mount a tmpfs on \(path)")
+        }
     }
 
-    /// Makes the directory read-only (`true`) or writable again.
-    func set(readOnly: Bool) throws {
-        let r = try run("/usr/bin/mount", ["-o", "remount,bind,\(readOnly ? "ro" : "rw")", path])
-        guard r.status == 0 else { throw HarnessError("cannot remount \(path): \(r.err)") }
+    var filler: String { path + "/filler" }
+
+    /// Takes every free block (`true`) or gives them back.
+    func set(full: Bool) throws {
+        guard full else {
+            unlink(filler)
+            return
+        }
+        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        guard fd >= 0 else { throw HarnessError("cannot create \(filler)") }
+        defer { close(fd) }
+        let block = [UInt8](repeating: 0, count: 4096)
+        while write(fd, block, block.count) > 0 {}
+        while write(fd, block, 1) > 0 {}
     }
 
     func unmount() { _ = try? run("/usr/bin/umount", [path]) }
@@ -131,21 +142,16 @@ struct StateFileHardeningTests {
         return v.first?.variantValue?.stringValue
     }
 
-    /// The IDs of `table` in the state file at `path`.
+    /// The IDs of `table` in the state store at `path`.
     static func savedIDs(_ path: String, _ table: TableKind = .host) throws -> [UInt32] {
-        try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)).filter { $0.table == table }.map(\.id)
+        try StateStore.read(path).live.filter { $0.table == table }.map(\.id)
     }
 
     @Test("a batch saves once and answers everyone; an unsaved batch is undone newest first and everyone gets SaveFailed")
     func commitBatch() throws {
-        var saveWorks = true
-        var saved = 0
+        let store = ScriptedStore()
         var performed: [TableOperation] = []
-        let batch = CommitBatch(
-            save: { () throws(PestoError) in
-                guard saveWorks else { throw PestoError(.system, "Cannot create state.tmp.", underlyingError: Errno(rawValue: EROFS)) }
-                saved += 1
-            }, perform: { op in performed.append(op) })
+        let batch = CommitBatch(store: store, perform: { op in performed.append(op) })
         let rule = Rule(proto: .tcp, firstPort: 80)
         var first = Journal()
         first.record(.insert(.host, 1, rule))
@@ -156,30 +162,48 @@ struct StateFileHardeningTests {
         func note(_ who: String) -> (PestoError?) -> Void { { outcomes.append("\(who) \($0?.code.name ?? "saved")") } }
 
         batch.flush()  // nothing waiting: no save
-        #expect(saved == 0 && batch.saves == 0)
+        #expect(store.recorded.isEmpty && batch.saves == 0)
         batch.add(first, completion: note("a"))
         batch.add(second, completion: note("b"))
+        batch.submit()
         #expect(outcomes.isEmpty, "nobody is answered before the save")
-        batch.flush()
-        #expect(saved == 1 && outcomes == ["a saved", "b saved"] && performed.isEmpty && batch.isEmpty)
+        #expect(
+            store.recorded == [[.insert(.host, 1, rule), .setActive(.host, 1, true), .delete(.host, 2)]], "one batch, the changes only")
+        // A change committed while the batch is being saved waits for the next one.
+        batch.add(second, completion: note("c"))
+        batch.submit()
+        #expect(store.recorded.count == 1, "one batch with the store at a time")
+        store.finishRecording()
+        #expect(outcomes == ["a saved", "b saved"] && store.recorded.count == 2, "the next batch goes once the first is saved")
+        store.finishRecording()
+        #expect(outcomes == ["a saved", "b saved", "c saved"] && performed.isEmpty && batch.isEmpty)
 
-        saveWorks = false
+        // A failed batch: it and the changes committed after it are undone, newest first.
+        store.fails = true
         outcomes = []
         batch.add(first, completion: note("a"))
+        batch.submit()
         batch.add(second, completion: note("b"))
-        batch.flush()
+        store.finishRecording()
         #expect(outcomes == ["a SaveFailed", "b SaveFailed"])
         #expect(performed == [.insert(.host, 2, rule), .deactivate(.host, 1), .delete(.host, 1, rule)], "newest first")
-        #expect(batch.isEmpty && batch.saves == 2)
+        #expect(batch.isEmpty && store.recorded.count == 3, "the later change was never handed to the store")
+
+        // flush() waits for the store.
+        store.fails = false
+        outcomes = []
+        batch.add(first, completion: note("a"))
+        batch.flush()
+        #expect(outcomes == ["a saved"] && batch.isEmpty)
     }
 
     @Test(
         "a change that cannot be saved is undone and answered SaveFailed (D-Bus and control socket); once writable it is saved and survives kill -9",
-        .enabled(if: ReadOnlyMount.available, "needs root and a mount namespace that allows a read-only bind mount"))
+        .enabled(if: FullFileSystem.available, "needs root and a mount namespace that allows a tmpfs mount"))
     func unwritableDirectory() throws {
         let dir = try TemporaryDirectory()
         let path = dir.url.appendingPathComponent("state").path
-        let mount = try ReadOnlyMount(dir.url.path)
+        let mount = try FullFileSystem(dir.url.path)
         defer {
             mount.unmount()
             withExtendedLifetime(dir) {}
@@ -189,9 +213,9 @@ struct StateFileHardeningTests {
         let p = ports.lowerBound
         try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
         let before = try f.table("List")
-        let file = try String(contentsOfFile: path, encoding: .utf8)
+        let file = try StateStore.read(path).live
 
-        try mount.set(readOnly: true)
+        try mount.set(full: true)
         #expect(
             f.errorName { () throws(DBusErrorReply) in try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)]) } == Self.saveFailed)
         #expect(f.errorName { () throws(DBusErrorReply) in try f.table("Activate", [.uint32(1)]) } == Self.saveFailed)
@@ -209,9 +233,9 @@ struct StateFileHardeningTests {
         close(client.fd)
         #expect(f.log.contains("control socket: update (0 kept, 1 added, 0 removed) undone"))
         #expect(try f.table("List") == before)
-        #expect(try String(contentsOfFile: path, encoding: .utf8) == file)
+        #expect(try StateStore.read(path).live == file)
 
-        try mount.set(readOnly: false)
+        try mount.set(full: false)
         try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)])
         let committed = try f.table("List")
         f.pestod.kill()
@@ -222,11 +246,11 @@ struct StateFileHardeningTests {
 
     @Test(
         "a Commit that cannot be saved answers SaveFailed, undoes the transaction and keeps the lock with an empty journal",
-        .enabled(if: ReadOnlyMount.available, "needs root and a mount namespace that allows a read-only bind mount"))
+        .enabled(if: FullFileSystem.available, "needs root and a mount namespace that allows a tmpfs mount"))
     func unsavedCommit() throws {
         let dir = try TemporaryDirectory()
         let path = dir.url.appendingPathComponent("state").path
-        let mount = try ReadOnlyMount(dir.url.path)
+        let mount = try FullFileSystem(dir.url.path)
         defer {
             mount.unmount()
             withExtendedLifetime(dir) {}
@@ -242,7 +266,7 @@ struct StateFileHardeningTests {
         try f.table("Delete", [.uint32(1)])
         try f.table("Insert", [.uint32(2), PestodFixture.rule(p + 1)])
         try f.table("Activate", [.uint32(2)])
-        try mount.set(readOnly: true)
+        try mount.set(full: true)
         #expect(f.errorName { () throws(DBusErrorReply) in try f.manager("Commit") } == Self.saveFailed)
         #expect(try f.table("List") == before, "the whole transaction was undone")
         #expect(try Self.lockOwner(f) == f.client.uniqueName, "the lock stays held")
@@ -251,25 +275,27 @@ struct StateFileHardeningTests {
         #expect(try Self.savedIDs(path) == [1])
 
         // The holder redoes its work and commits once the state can be written.
-        try mount.set(readOnly: false)
+        try mount.set(full: false)
         try f.table("Insert", [.uint32(3), PestodFixture.rule(p + 2)])
         try f.manager("Commit")
         try f.manager("Unlock")
         #expect(try Self.savedIDs(path) == [1, 3])
     }
 
-    @Test("a symlink planted at the temporary path is not followed")
+    @Test("a symlink planted at the store's temporary path is not followed", .timeLimit(.minutes(2)))
     func plantedSymlink() throws {
-        let f = try PestodFixture(pestodArguments: ["--state", "STATE"])
-        let target = f.directory.url.appendingPathComponent("precious").path
+        let dir = try TemporaryDirectory()
+        let path = dir.url.appendingPathComponent("state").path
+        let target = dir.url.appendingPathComponent("precious").path
         try "precious\n".write(toFile: target, atomically: false, encoding: .utf8)
-        #expect(symlink(target, f.statePath + ".tmp") == 0)
+        #expect(symlink(target, path + ".new") == 0)
+        let f = try PestodFixture(pestodArguments: ["--state", path])
         try f.table("Insert", [.uint32(4), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)])
         #expect(try String(contentsOfFile: target, encoding: .utf8) == "precious\n", "the link's target is untouched")
         var st = stat()
-        #expect(lstat(f.statePath, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG, "the state file is a file, not the link")
-        #expect(try Self.savedIDs(f.statePath) == [4])
-        #expect(access(f.statePath + ".tmp", F_OK) != 0, "nothing is left at the temporary path")
+        #expect(lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG, "the store is a file, not the link")
+        #expect(try Self.savedIDs(path) == [4])
+        #expect(access(path + ".new", F_OK) != 0, "nothing is left at the temporary path")
     }
 
     @Test("unusable state files moved aside never replace an earlier one")
@@ -286,13 +312,15 @@ struct StateFileHardeningTests {
         try f.startPestod(["--state", path])
 
         var contents: [String] = []
-        for name in try FileManager.default.contentsOfDirectory(atPath: dir.url.path) where name.hasPrefix("state.bad-") {
+        // A store moved aside takes its WAL along (state.bad-T-wal): those are not counted.
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir.url.path)
+        where name.hasPrefix("state.bad-") && !name.hasSuffix("-wal") {
             contents.append(try String(contentsOfFile: dir.url.appendingPathComponent(name).path, encoding: .utf8))
         }
         #expect(contents.count == 62 + 2)
         for t in (now - 1)...(now + 60) { #expect(contents.contains("earlier \(t)\n")) }
         #expect(contents.contains("first bad file\n") && contents.contains("second bad file\n"))
-        #expect(access(path, F_OK) != 0)
+        #expect(try StateStore.read(path).live.isEmpty, "a new, empty store took their place")
     }
 
     @Test("rules that cannot be restored (no SPLICE table, too many, conflicting) stay in the file and come back later; counts are right")
@@ -307,19 +335,23 @@ struct StateFileHardeningTests {
             StateFile.Entry(table: .host, id: 3, active: true, rule: rule(p + 1)),  // over --max-rules 2
             StateFile.Entry(table: .splice, id: 4, active: true, rule: rule(p + 2)),  // no SPLICE table without --netns
         ]
-        try StateFile(path: path).save(saved)
+        try StateFile.render(saved).write(toFile: path, atomically: false, encoding: .utf8)
 
         let f = try PestodFixture(pestodArguments: ["--state", path, "--max-rules", "2"])
         #expect(f.log.contains("restored 1 of 4 rules"), "\(f.log)")
-        #expect(f.log.contains("3 rules could not be restored"))
-        #expect(try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)) == saved, "starting changed nothing in the file")
+        #expect(f.log.contains("3 rules could not be restored (first: "))
+        #expect(f.log.components(separatedBy: "not restored").count == 4, "one debug line per rule")
+        #expect(f.log.components(separatedBy: "could not be restored").count == 2, "one summary warning")
+        var stored = try StateStore.read(path)
+        #expect(stored.live == [saved[0]], "the old file was migrated")
+        #expect(stored.carried.sorted { $0.id < $1.id } == Array(saved[1...]), "three rules carried")
         let rows = try #require(try f.table("List").first?.arrayValue)
         #expect(rows.count == 1, "only rule 1 is in the table")
 
         try f.table("Insert", [.uint32(9), PestodFixture.rule(p + 1)])  // a save
-        let file = try StateFile.parse(String(contentsOfFile: path, encoding: .utf8))
-        #expect(file.filter { $0.table == .host }.map(\.id).sorted() == [1, 2, 3, 9])
-        #expect(file.contains(saved[1]) && file.contains(saved[2]) && file.contains(saved[3]), "carried unchanged")
+        stored = try StateStore.read(path)
+        #expect(stored.live.map(\.id) == [1, 9])
+        #expect(stored.carried.sorted { $0.id < $1.id } == Array(saved[1...]), "carried unchanged")
 
         // Without the limit, rule 3 is restored too; 2 (conflict) and 4 (no SPLICE table) are carried again.
         try f.table("Delete", [.uint32(9)])
@@ -327,7 +359,8 @@ struct StateFileHardeningTests {
         try f.startPestod(["--state", path])
         #expect(f.log.contains("restored 2 of 4 rules"), "\(f.log)")
         #expect(try f.table("List").first?.arrayValue?.count == 2)
-        #expect(try StateFile.parse(String(contentsOfFile: path, encoding: .utf8)).count == 4)
+        stored = try StateStore.read(path)
+        #expect(stored.live.map(\.id) == [1, 3] && stored.carried.sorted { $0.id < $1.id } == [saved[1], saved[3]])
         withExtendedLifetime(dir) {}
     }
 
@@ -335,11 +368,8 @@ struct StateFileHardeningTests {
     func secondInstance() throws {
         let f = try PestodFixture(pestodArguments: ["--state", "STATE"])
         try f.table("Insert", [.uint32(1), PestodFixture.rule(TestSockets.freePorts(1).lowerBound)])
-        // A SPLICE rule too: a pestod without --netns that rewrote the file would have dropped it.
-        var entries = try StateFile.parse(String(contentsOfFile: f.statePath, encoding: .utf8))
-        entries.append(StateFile.Entry(table: .splice, id: 8, active: false, rule: Rule(proto: .udp, firstPort: 53)))
-        try StateFile.render(entries).write(toFile: f.statePath, atomically: false, encoding: .utf8)
         let bytes = try Data(contentsOf: URL(fileURLWithPath: f.statePath))
+        let wal = try Data(contentsOf: URL(fileURLWithPath: f.statePath + "-wal"))
         var before = stat()
         stat(f.statePath, &before)
 
@@ -349,8 +379,31 @@ struct StateFileHardeningTests {
         var after = stat()
         stat(f.statePath, &after)
         #expect(try Data(contentsOf: URL(fileURLWithPath: f.statePath)) == bytes)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: f.statePath + "-wal")) == wal)
         #expect(
             after.st_ino == before.st_ino && after.st_mtim.tv_sec == before.st_mtim.tv_sec
                 && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
+    }
+}
+
+/// A `TableStore` that keeps what it is given and answers when told (`finishRecording`).
+final class ScriptedStore: TableStore {
+    /// Every batch recorded, in order.
+    var recorded: [[StoredChange]] = []
+    /// Whether the batches answered from now on fail.
+    var fails = false
+    private var waiting: [(PestoError?) -> Void] = []
+
+    func record(_ batch: StoreBatch, completion: @escaping (PestoError?) -> Void) {
+        recorded.append(Array(batch))
+        waiting.append(completion)
+    }
+
+    func finishRecording() {
+        let answering = waiting
+        waiting = []
+        for completion in answering {
+            completion(fails ? PestoError(.system, "Cannot write the store.", underlyingError: Errno(rawValue: ENOSPC)) : nil)
+        }
     }
 }

@@ -184,4 +184,8 @@ const char *_Nullable pesto_errno_name(int err);
 /* The current thread's errno (Swift's `errno` works too; this one is for C-side tests). */
 int pesto_errno(void);
 
+/* malloc_trim(3) (glibc): returns the heap's free memory to the system, after a large table
+ * shrank. Returns 1 if memory was released, 0 if there was none to release. */
+int pesto_malloc_trim(void);
+
 #endif
