@@ -369,6 +369,8 @@ const PestoRuleForm = (() => {
             }
         }
 
+        // pestod's answer to the last Add describes that Add: it goes as soon as the input changes.
+        $("add-form").addEventListener("input", () => { $("add-error").hidden = true });
         f.spec.addEventListener("input", onSpec);
         for (const name of FIELDS) f[name].addEventListener("input", onField);
         f.owner.addEventListener("input", refresh);

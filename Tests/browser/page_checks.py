@@ -29,7 +29,7 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPOSITORY = os.path.dirname(TESTS)
 CASES = os.path.join(TESTS, "port-spec-cases.json")
 SCALE_RULES = 65535
-SCALE_WAIT = 150  # seconds: a bound on waiting, not a timed assertion
+SCALE_WAIT = 420  # seconds: a bound on waiting (pestod is slow under load), not a timed assertion
 
 
 class Failure(Exception):
@@ -174,6 +174,9 @@ class PageChecks:
         self.expect_status(rule_id, r"has no rule")
         if self.rule_count() != before:
             raise Failure("a refused Add left a rule behind")
+        # The error describes that Add: it goes as soon as the input changes.
+        self.type_spec("1", clear=False)
+        self.wait("the old error gone after the input changed", lambda: not self.css("#add-error")[0].is_displayed())
         self.css("#add-close")[0].click()
         self.log("a conflicting Add left nothing behind")
 
@@ -266,7 +269,7 @@ class PageChecks:
         # pestod's restore and List of 65,535 rules take seconds (debug build, a shared machine).
         self.wait("pestod restored 65,535 rules", lambda: self.rule_count() == SCALE_RULES, timeout=SCALE_WAIT)
         figures = []
-        for attempt in (1, 2):
+        for attempt in (1,):  # one load per run: the spread comes from separate runs
             self.driver.get(url)
             self.wait(f"65,535 rules on the page (load {attempt})", lambda: self.driver.execute_script(
                 "return window.pestoTimings && window.pestoTimings.firstRows !== undefined"
