@@ -41,6 +41,9 @@ const PestoLiveModel = (() => {
     const RULE = "top.passt.Pesto1.Rule";
     const OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager";
     const PROPERTIES = "org.freedesktop.DBus.Properties";
+    /** How long the reads that (re)build the model may take, in ms: a table of 65,535 rules on a
+     *  busy machine takes pestod longer to list than D-Bus's default of 25 s. */
+    const LOAD_TIMEOUT = 600000;
 
     /** The plain value of a D-Bus variant as Cockpit encodes it ({t, v}). */
     const unwrap = (variant) => (variant && typeof variant === "object" && "v" in variant ? variant.v : variant);
@@ -190,7 +193,7 @@ const PestoLiveModel = (() => {
                     hooks.problem("Cannot read pestod's tables", describe(error));
                 hooks.changed();
             };
-            model.client.call(ROOT, PROPERTIES, "GetAll", [MANAGER])
+            model.client.call(ROOT, PROPERTIES, "GetAll", [MANAGER], { timeout: LOAD_TIMEOUT })
                     .then(([properties]) => {
                         if (generation !== loadGeneration) return;
                         model.manager = merge({}, properties);
@@ -202,8 +205,8 @@ const PestoLiveModel = (() => {
                         model.tables.clear();
                         model.rules.clear();
                         return Promise.all(paths.map((path) => Promise.all([
-                            model.client.call(path, PROPERTIES, "GetAll", [TABLE]),
-                            model.client.call(path, TABLE, "List", []),
+                            model.client.call(path, PROPERTIES, "GetAll", [TABLE], { timeout: LOAD_TIMEOUT }),
+                            model.client.call(path, TABLE, "List", [], { timeout: LOAD_TIMEOUT }),
                         ]).then(([[properties], [rules]]) => {
                             if (generation !== loadGeneration) return;
                             model.tables.set(path, merge({ path }, properties));

@@ -268,6 +268,14 @@ class PageChecks:
         """65,535 rules: first rows and a filter timed (reported), paging bounded (asserted)."""
         # pestod's restore and List of 65,535 rules take seconds (debug build, a shared machine).
         self.wait("pestod restored 65,535 rules", lambda: self.rule_count() == SCALE_RULES, timeout=SCALE_WAIT)
+        # The open page follows the new pestod: it reads the 65,535 rules once pestod is there.
+        self.wait("the open page following the new pestod's 65,535 rules", lambda: self.driver.execute_script(
+            "const t = window.pestoTimings; return t && t.tablesRead > t.loadStarted"
+            " && document.querySelectorAll('tr.rule').length > 0"
+            " && document.querySelector('[data-table=\"HOST\"] .card-summary').textContent.startsWith('65,535')"),
+            timeout=SCALE_WAIT)
+        live = self.driver.execute_script("const t = window.pestoTimings; return t.tablesRead - t.loadStarted")
+        self.log(f"65,535 rules followed live: pestod's GetAll and List answered {live:.0f} ms after the page asked")
         figures = []
         for attempt in (1,):  # one load per run: the spread comes from separate runs
             self.driver.get(url)

@@ -520,7 +520,10 @@ class Test(PageChecks):
             raise Failure(f"the read-only page offers {offered}")
         self.check_console()
 
-        # 65,535 rules (pestod's limit), restored from a state file by a new pestod.
+        # 65,535 rules (pestod's limit), restored from a state file by a new pestod. The page
+        # stays open meanwhile: a socket-activated cockpit-ws with no session for 90 s exits.
+        self.driver.get(url)
+        self.wait("the page again", lambda: self.css('[data-table="HOST"]'))
         os.kill(self.pestod_pid(), signal.SIGKILL)
         state = os.path.join(self.tmp.name, "state-65535")
         self.write_scale_state(state)
