@@ -17,10 +17,11 @@
  *
  *  1. subscribe to every signal under /top/passt/Pesto1 (sent by the name's owner);
  *  2. on each "owner" event (pestod took its name: at start, after a restart or a D-Bus
- *     activation), call Properties.GetAll on the Manager (an ObjectManager does not list
- *     itself) and ObjectManager.GetManagedObjects once each and rebuild the model. Signals
- *     that arrive before a reply are already reflected in it (the bus keeps one order per
- *     connection) and are dropped;
+ *     activation), call Properties.GetAll on the Manager, then Properties.GetAll and
+ *     Table.List on each of its Tables, and rebuild the model. Signals that arrive before a
+ *     reply are already reflected in it (the bus keeps one order per connection) and are
+ *     dropped. (GetManagedObjects would be one call, but at 65,535 rules its reply is larger
+ *     than the bus's 32 MiB limit; List's is not);
  *  3. then apply InterfacesAdded/InterfacesRemoved (rules appear and go), PropertiesChanged
  *     (rule state, table counters, LockOwner), and the Table signals RuleStateChanged and
  *     BindFailuresChanged (the same rule state, keyed by ID);
@@ -40,6 +41,9 @@ const PestoLiveModel = (() => {
     const RULE = "top.passt.Pesto1.Rule";
     const OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager";
     const PROPERTIES = "org.freedesktop.DBus.Properties";
+    /** How long the reads that (re)build the model may take, in ms: a table of 65,535 rules on a
+     *  busy machine takes pestod longer to list than D-Bus's default of 25 s. */
+    const LOAD_TIMEOUT = 600000;
 
     /** The plain value of a D-Bus variant as Cockpit encodes it ({t, v}). */
     const unwrap = (variant) => (variant && typeof variant === "object" && "v" in variant ? variant.v : variant);
@@ -77,6 +81,15 @@ const PestoLiveModel = (() => {
             client: null,
         };
         let loadGeneration = 0;
+        /** Tables whose GetAll and List replies are still on their way: their signals are dropped. */
+        const loadingTables = new Set();
+
+        /** Whether a signal from `path` concerns a table still loading (or the load's start). */
+        function stillLoading(path) {
+            if (model.loadingManager) return true;
+            for (const table of loadingTables) if (path === table || path.startsWith(table + "/")) return true;
+            return false;
+        }
 
         /** Adds or updates the interfaces of one object (GetManagedObjects, InterfacesAdded). */
         function addInterfaces(path, interfaces) {
@@ -117,7 +130,8 @@ const PestoLiveModel = (() => {
         function onSignal(path, iface, member, args) {
             if (!model.owner) return;
             const aboutManager = path === ROOT && iface === PROPERTIES && args[0] === MANAGER;
-            if (aboutManager ? model.loadingManager : model.loading) return;
+            const about = iface === OBJECT_MANAGER ? args[0] : path;
+            if (aboutManager ? model.loadingManager : stillLoading(about)) return;
             if (iface === OBJECT_MANAGER && member === "InterfacesAdded") {
                 addInterfaces(args[0], args[1]);
             } else if (iface === OBJECT_MANAGER && member === "InterfacesRemoved") {
@@ -142,43 +156,73 @@ const PestoLiveModel = (() => {
             hooks.changed();
         }
 
+        /** A Rule object's properties from one element of Table.List (rule a{sv}, status (buusu)). */
+        function ruleFromList(tablePath, id, fields, status) {
+            const v = (key, fallback) => (key in fields ? unwrap(fields[key]) : fallback);
+            return {
+                path: tablePath + "/rules/" + id, Id: id, Table: tablePath,
+                Protocol: v("protocol", "tcp"), Address: v("address", ""), Interface: v("interface", ""),
+                FirstPort: v("first-port", 0), LastPort: v("last-port", 0), TargetAddress: v("target-address", ""),
+                TargetPort: v("target-port", 0), Scan: v("scan", false), Owner: v("owner", ""),
+                ProxyProtocol: v("proxy-protocol", ""), Source: v("source", "pestod"),
+                Active: status[0], BoundSockets: status[1], BindFailures: status[2], LastError: status[3], PortsWon: status[4],
+            };
+        }
+
         /**
-         * Rebuilds the model: the Manager's properties and every table and rule, asked for
-         * together. Each part drops the signals that arrive before its own reply. A call
-         * made while pestod is not running starts it where D-Bus activation is set up.
+         * Rebuilds the model: the Manager's properties, then each of its tables' properties
+         * and rules (Properties.GetAll and Table.List). Each part drops the signals about it that
+         * arrive before its own reply. Not GetManagedObjects: at pestod's 65,535 rules its
+         * reply (about 44 MiB) is larger than the bus allows (32 MiB), and the bus would drop
+         * pestod; List's is about 21 MiB (doc/cockpit.md). A call made while pestod is not
+         * running starts it where D-Bus activation is set up.
          */
         function load() {
             const generation = ++loadGeneration;
+            const timings = (window.pestoTimings = window.pestoTimings || { renders: 0 });
+            timings.loadStarted = performance.now();
             model.loadingManager = true;
             model.loading = true;
+            loadingTables.clear();
             const failed = (error) => {
                 if (generation !== loadGeneration) return;
                 model.loadingManager = false;
                 model.loading = false;
+                loadingTables.clear();
                 if (error.name !== "org.freedesktop.DBus.Error.ServiceUnknown" && error.name !== "org.freedesktop.DBus.Error.NameHasNoOwner")
                     hooks.problem("Cannot read pestod's tables", describe(error));
                 hooks.changed();
             };
-            model.client.call(ROOT, PROPERTIES, "GetAll", [MANAGER])
+            model.client.call(ROOT, PROPERTIES, "GetAll", [MANAGER], { timeout: LOAD_TIMEOUT })
                     .then(([properties]) => {
                         if (generation !== loadGeneration) return;
                         model.manager = merge({}, properties);
                         model.loadingManager = false;
                         checkLock("pestod no longer holds the lock for this page; uncommitted changes were rolled back.");
-                        hooks.changed();
-                    })
-                    .catch(failed);
-            model.client.call(ROOT, OBJECT_MANAGER, "GetManagedObjects", [])
-                    .then(([objects]) => {
-                        if (generation !== loadGeneration) return;
+                        const paths = model.manager.Tables || [];
+                        for (const path of paths) loadingTables.add(path);
                         const before = [...model.rules.keys()];
                         model.tables.clear();
                         model.rules.clear();
-                        for (const path in objects) addInterfaces(path, objects[path]);
-                        for (const path of before) if (!model.rules.has(path)) hooks.ruleRemoved(path);
-                        model.loading = false;
-                        if (!model.owner) model.owner = "(activated)";
-                        hooks.changed();
+                        return Promise.all(paths.map((path) => Promise.all([
+                            model.client.call(path, PROPERTIES, "GetAll", [TABLE], { timeout: LOAD_TIMEOUT }),
+                            model.client.call(path, TABLE, "List", [], { timeout: LOAD_TIMEOUT }),
+                        ]).then(([[properties], [rules]]) => {
+                            if (generation !== loadGeneration) return;
+                            model.tables.set(path, merge({ path }, properties));
+                            for (const [id, fields, status] of rules) {
+                                const rule = ruleFromList(path, id, fields, status);
+                                model.rules.set(rule.path, rule);
+                            }
+                            loadingTables.delete(path);
+                        }))).then(() => {
+                            if (generation !== loadGeneration) return;
+                            for (const path of before) if (!model.rules.has(path)) hooks.ruleRemoved(path);
+                            model.loading = false;
+                            timings.tablesRead = performance.now();
+                            if (!model.owner) model.owner = "(activated)";
+                            hooks.changed();
+                        });
                     })
                     .catch(failed);
         }

@@ -164,7 +164,7 @@ install -v -D -m 0644 doc/overlap.md /usr/share/doc/pesto/overlap.md
 install -v -D -m 0644 doc/takeover.md /usr/share/doc/pesto/takeover.md
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
-    cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css
+    cockpit/*.js cockpit/pesto.css
 SYSTEMD=no
 if [[ -d /run/systemd/system ]]; then
     SYSTEMD=yes

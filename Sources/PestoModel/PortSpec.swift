@@ -327,6 +327,8 @@ private struct PortSpecParser {
     let proto: TransportProtocol
     let table: TableKind
     let ephemeral: ClosedRange<UInt16>
+    /// A listening prefix (`ADDR%IF/`) was read; when not, errors may be about the one meant.
+    var prefixRead = false
 
     init(spec: String, proto: TransportProtocol, table: TableKind, ephemeral: ClosedRange<UInt16>) {
         self.spec = spec
@@ -368,22 +370,30 @@ private struct PortSpecParser {
             }
             address = prefix.address
             interface = prefix.interface
+            prefixRead = true
         }
         if table == .splice { interface = "lo" }
         return try ports(cursor, address: address, interface: interface)
     }
 
-    /// A "not a port specifier" error pointing at what follows `cursor`.
-    func bad(_ cursor: Cursor, _ what: String = "") -> PortSpecError {
-        let rest = String(decoding: cursor.rest, as: UTF8.self)
+    /// The error for a port list that cannot be read at `cursor` (PortSpecDiagnosis words it):
+    /// `after` is the kind of chunk read just before, when the bad text follows one.
+    func bad(_ cursor: Cursor, after: String? = nil) -> PortSpecError {
         if cursor.bytes.isEmpty {
             return fail("", "the port spec is empty; give \"none\", \"all\", \"auto\" or a list of ports.")
         }
-        return fail(
-            rest,
-            what.isEmpty
-                ? (rest.isEmpty ? "the spec ends where a port was expected." : "cannot read \"\(rest)\" as ports.")
-                : what)
+        if !prefixRead, let end = PortSpecDiagnosis.meantPrefixEnd(cursor.bytes), cursor.at <= end {
+            let why = PortSpecDiagnosis.prefix(cursor.bytes, end: end) { text in
+                var reader = Cursor(bytes: Array(text.utf8), at: 0)
+                return reader.anyAddress() != nil && reader.atEnd
+            }
+            return fail(why.piece, why.message)
+        }
+        if cursor.atEnd {
+            return fail("", "the spec ends where a port was expected; add a port after the last \",\" or \"-\".")
+        }
+        let why = PortSpecDiagnosis.chunk(cursor.bytes, at: cursor.at, after: after)
+        return fail(why.piece, why.message)
     }
 
     /// Reads the chunk list after the listening prefix and makes the rules.
@@ -405,14 +415,23 @@ private struct PortSpecParser {
         var rules: [Rule] = []
         var includesSeen = false
         var allTarget: IPAddress?
+        var lastKind = "include"
         p = start
         repeat {
             let before = p
             guard let chunk = p.chunk() else { throw bad(p) }
             switch chunk {
-            case .auto, .exclude: continue
-            case .all(let target): allTarget = target
+            case .auto:
+                lastKind = "auto"
+                continue
+            case .exclude:
+                lastKind = "exclude"
+                continue
+            case .all(let target):
+                lastKind = "all"
+                allTarget = target
             case .include(let first, let last, let target, let targetFirst, let targetLast):
+                lastKind = "include"
                 includesSeen = true
                 let piece = String(decoding: before.bytes[before.at..<p.at], as: UTF8.self)
                 if targetLast - targetFirst != last - first {
@@ -426,7 +445,7 @@ private struct PortSpecParser {
                     target: target, delta: targetFirst - first, scan: scan, piece: piece)
             }
         } while p.literal(",")
-        if !p.atEnd { throw bad(p, "\"\(String(decoding: p.rest, as: UTF8.self))\" follows the ports; separate ports with commas.") }
+        if !p.atEnd { throw bad(p, after: lastKind) }
 
         if includesSeen { return PortSpec(rules: rules) }
         // "all", "auto" alone or exclusions only: everything else but the ephemeral range.

@@ -206,9 +206,9 @@ struct PortSpecTests {
     /// (spec, the piece the error must name): specs upstream pesto refuses.
     static let rejected: [(String, String)] = [
         ("", ""),
-        ("80,,81", ",81"),
+        ("80,,81", ",,"),
         ("80,", ""),
-        (",80", ",80"),
+        (",80", ","),
         ("0", "0"),
         ("0-5", "0-5"),
         ("65536", "65536"),
@@ -223,14 +223,14 @@ struct PortSpecTests {
         ("35022-35024:35032", "35022-35024:35032"),
         ("22:0", "22:0"),
         ("22:", ":"),
-        ("300.1.1.1/22", ".1.1.1/22"),
-        ("localhost/22", "localhost/22"),
-        ("[::1/22", "[::1/22"),
+        ("300.1.1.1/22", "300.1.1.1"),
+        ("localhost/22", "localhost"),
+        ("[::1/22", "[::1"),
         ("%eth0", "%eth0"),
-        ("%abcdefghijklmnop/22", "%abcdefghijklmnop/22"),
+        ("%abcdefghijklmnop/22", "abcdefghijklmnop"),
         ("%./22", "."),
         ("%../22", ".."),
-        ("none,22", "none,22"),
+        ("none,22", "none"),
         ("auto:22", ":22"),
         ("~25:26", ":26"),
         ("22,22", "22"),
@@ -276,7 +276,7 @@ struct PortSpecTests {
                 return ""
             } catch { return error.message }
         }
-        #expect(message("70000") == "cannot read \"70000\" as ports.")
+        #expect(message("70000") == "\"70000\" is past 65535, the highest port; give a port from 1 to 65535.")
         #expect(
             message("35022-35024:35032")
                 == "\"35022-35024:35032\" maps 3 ports to 1; the target range must be as long as the listening range.")
@@ -285,7 +285,8 @@ struct PortSpecTests {
             message("22:10.0.0.1/22")
                 == "\"22:10.0.0.1/22\" listens dual stack (no listening address) but forwards to IPv4 address 10.0.0.1; "
                 + "give 0.0.0.0/... to listen on IPv4 only.")
-        #expect(message("22 ") == "\" \" follows the ports; separate ports with commas.")
+        #expect(
+            message("22 ") == "\" \" follows the ports; separate ports with commas, as in 22,80, and give ranges as 8000-8010.")
     }
 
     // MARK: - Ephemeral port range

@@ -269,6 +269,8 @@ public func run(
         ]
         let ready = poll(&pfds, 2, millisecondsLeft(deadline))
         if ready < 0 && errno == EINTR { continue }
+        // poll waits a minute at most (millisecondsLeft): a quiet minute is not the deadline.
+        if ready == 0 && millisecondsLeft(deadline) > 0 { continue }
         if ready <= 0 { break }
         for k in 0..<2 where pfds[k].revents != 0 {
             let n = read(pfds[k].fd, &buffer, buffer.count)
