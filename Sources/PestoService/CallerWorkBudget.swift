@@ -50,8 +50,8 @@ final class CallerWorkBudget {
         /// What every change costs besides its arguments (a flood of small calls costs too).
         var callCost = 1024
 
-        /// 16 MiB at once, 2 MiB a second: a 65,535-rule Apply (about 5 MiB) refused every
-        /// 2.5 s, about a tenth of one core spent decoding it, however many connections.
+        /// 16 MiB at once, 2 MiB a second: a 65,535-rule Apply (about 5.5 MiB) refused every
+        /// 2.8 s, about a tenth of one core spent decoding it, however many connections.
         static let standard = Settings(capacity: 16 << 20, refillPerSecond: 2 << 20)
     }
 
