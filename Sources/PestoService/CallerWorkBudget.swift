@@ -198,9 +198,14 @@ final class CallerWorkBudget {
 
     /// Gives back what an authorised change of `sender` cost.
     func refund(_ sender: String, bytes: Int) {
-        guard uids != nil, let uid = callers[sender]?.uid, uid != 0, var b = buckets[uid] else { return }
-        b.level = min(settings.capacity, b.level + bytes + settings.callCost)
-        buckets[uid] = b
+        guard uids != nil, let c = callers[sender] else { return }
+        if c.uid == nil, var own = c.own {
+            own.level = min(settings.capacity, own.level + bytes + settings.callCost)
+            callers[sender]!.own = own
+        } else if let uid = c.uid, uid != 0, var b = buckets[uid] {
+            b.level = min(settings.capacity, b.level + bytes + settings.callCost)
+            buckets[uid] = b
+        }
     }
 
     /// The bus daemon said who `sender` is: its waiting messages may go.

@@ -277,6 +277,8 @@ public final class PestoServer: TablesObserver {
             case .change(let change):
                 if case .apply(_, let request) = change { Self.logDecoding(request, since: started, to: logger) }
                 submit(change, of: message, address)
+            case .decodeInSlices where handingOver:
+                throw DBusErrorReply(Self.replacedRefusal)
             case .decodeInSlices(let kind, let inserts, let removes):
                 decodeInSlices(message, kind, inserts: inserts, removes: removes, address)
             case .committed(let journal):
