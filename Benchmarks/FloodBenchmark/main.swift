@@ -196,6 +196,8 @@ for round in 1...rounds {
         let setup = try Setup(pestodPath: path)
         defer { setup.stop() }
         let name = "round \(round) pestod \(k)"
+        print("\(name): pid \(setup.pestod.pid)")
+        fflush(nil)
         try phase("\(name) quiet", setup, seconds: seconds / 2, flooders: 0, rules: rules)
         try phase("\(name) flood", setup, seconds: seconds, flooders: flooders, rules: rules)
     }
