@@ -62,7 +62,8 @@ public final class DBusMessage {
             // Byte 0 is the byte order ('l' little, 'B' big); bytes 4-7 the body length.
             if length >= 16 {
                 let b = (4..<8).map { UInt32(UInt8(bitPattern: buffer[$0])) }
-                bytes = Int(buffer[0] == CChar(UInt8(ascii: "l")) ? b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24 : b[3] | b[2] << 8 | b[1] << 16 | b[0] << 24)
+                let little = buffer[0] == CChar(UInt8(ascii: "l"))
+                bytes = Int(little ? b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24 : b[3] | b[2] << 8 | b[1] << 16 | b[0] << 24)
             }
             dbus_free(buffer)
         }
