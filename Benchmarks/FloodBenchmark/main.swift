@@ -6,8 +6,9 @@
 // that alternate them: a private dbus-daemon, the pestod on it with `--authorize root`, one
 // rule relaying a TCP port to an echo server, and one relayed connection kept open. Then,
 // for `--seconds` each, two phases:
-//   quiet   this process (root) calls Status back to back, each followed by a one-byte echo
-//           through the relayed connection, and times both;
+//   quiet   this process (root) calls Status back to back, each followed by the bus daemon's
+//           own GetId (the baseline: what any client waits for the daemon alone) and a
+//           one-byte echo through the relayed connection, and times all three;
 //   flood   the same, while `--flooders` processes run as nobody (uid 65534, setpriv), each
 //           with its own bus connection, sending Apply of `--rules` rules back to back (every
 //           one refused: AccessDenied, after pestod decoded it).
@@ -118,9 +119,11 @@ final class Setup {
         return monotonicSeconds() - start
     }
 
-    /// Status and echo back to back for `seconds`: their round trips in seconds.
-    func probe(seconds: Double) -> (status: [Double], echo: [Double], errors: Int) {
+    /// Status, the bus daemon's GetId and the echo back to back for `seconds`: their round
+    /// trips in seconds.
+    func probe(seconds: Double) -> (status: [Double], bus: [Double], echo: [Double], errors: Int) {
         var status: [Double] = []
+        var bus: [Double] = []
         var echoes: [Double] = []
         var errors = 0
         let end = monotonicSeconds() + seconds
@@ -132,9 +135,17 @@ final class Setup {
                 errors += 1
             }
             status.append(monotonicSeconds() - start)
+            let busStart = monotonicSeconds()
+            do {
+                _ = try client.call(
+                    "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId", [], timeoutMilliseconds: 60_000)
+            } catch {
+                errors += 1
+            }
+            bus.append(monotonicSeconds() - busStart)
             echoes.append(echoOnce())
         }
-        return (status, echoes, errors)
+        return (status, bus, echoes, errors)
     }
 }
 
@@ -161,7 +172,7 @@ func phase(_ label: String, _ setup: Setup, seconds: Double, flooders: Int, rule
         child.kill()
     }
     print(
-        "\(label)  Status n \(probe.status.count) median \(fixed(percentile(probe.status, 0.5), 2)) ms p99 \(fixed(percentile(probe.status, 0.99), 1)) ms longest \(fixed(percentile(probe.status, 1), 1)) ms   echo median \(fixed(percentile(probe.echo, 0.5), 2)) ms longest \(fixed(percentile(probe.echo, 1), 1)) ms   errors \(probe.errors)   flood Applies answered \(answered)"
+        "\(label)  Status n \(probe.status.count) median \(fixed(percentile(probe.status, 0.5), 2)) ms p99 \(fixed(percentile(probe.status, 0.99), 1)) ms longest \(fixed(percentile(probe.status, 1), 1)) ms   bus GetId p99 \(fixed(percentile(probe.bus, 0.99), 1)) ms longest \(fixed(percentile(probe.bus, 1), 1)) ms   echo median \(fixed(percentile(probe.echo, 0.5), 2)) ms longest \(fixed(percentile(probe.echo, 1), 1)) ms   errors \(probe.errors)   flood Applies answered \(answered)"
     )
 }
 

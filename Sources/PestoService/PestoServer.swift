@@ -429,7 +429,7 @@ public final class PestoServer: TablesObserver {
     }
 
     /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
-    private func logRefusal(_ address: ReplyAddress, _ refusal: DBusErrorReply) {
+    func logRefusal(_ address: ReplyAddress, _ refusal: DBusErrorReply) {
         let sender = address.who
         guard let unlogged = refusalLog.admit(sender, now: .now) else { return }
         let more = unlogged > 0 ? " (\(unlogged) more refusals not logged since the last line)" : ""

@@ -39,6 +39,8 @@ final class SlicedApplyDecoder {
     /// Which argument is being read.
     private enum Phase {
         case inserts, removes, options
+        /// Step 4, in slices too: the rule at this index of the inserts is validated next.
+        case validate(Int)
     }
 
     private let cursor: DBusArgumentCursor
@@ -55,7 +57,11 @@ final class SlicedApplyDecoder {
 
     /// A decoder for `message`, an Apply whose signature and array lengths (`inserts`,
     /// `removes`) have been checked (steps 1 and 2).
-    init(_ message: DBusMessage, inserts: Int, removes: Int) {
+    /// Validates one rule against its table (step 4).
+    private let validate: (Rule) throws(PestoError) -> Void
+
+    init(_ message: DBusMessage, inserts: Int, removes: Int, validate: @escaping (Rule) throws(PestoError) -> Void) {
+        self.validate = validate
         cursor = DBusArgumentCursor(message)
         insertedIDs = Set(minimumCapacity: inserts)
         removedIDs = Set(minimumCapacity: removes)
@@ -69,8 +75,9 @@ final class SlicedApplyDecoder {
         inserts + removes > budget.elements
     }
 
-    /// Decodes the next slice: the request once it is complete, nil when there is more to
-    /// do. Throws the reply of the first element that is refused (nothing was changed).
+    /// Decodes (step 3), then validates (step 4, in array order) the next slice: the request
+    /// once it is complete and valid (`validated` set), nil when there is more to do. Throws
+    /// the reply of the first element that is refused (nothing was changed).
     func step(_ budget: Budget) throws(DBusErrorReply) -> ApplyRequest? {
         slices += 1
         let deadline = MonotonicInstant.now.adding(milliseconds: budget.milliseconds)
@@ -96,7 +103,14 @@ final class SlicedApplyDecoder {
             case .options:
                 guard let options = cursor.nextArgument() else { throw .invalidArgs("Arguments of an unsupported type.") }
                 request.tolerance = try BindTolerance(applyOptions: options)
-                return request
+                phase = .validate(0)
+            case .validate(let index):
+                guard index < request.inserts.count else {
+                    request.validated = true
+                    return request
+                }
+                do throws(PestoError) { try validate(request.inserts[index].1) } catch { throw DBusErrorReply(error) }
+                phase = .validate(index + 1)
             }
         }
         return nil
@@ -130,7 +144,10 @@ extension PestoServer {
     /// waiting meanwhile, then steps 4–7 as for any change.
     func decodeInSlices(_ message: DBusMessage, _ kind: TableKind, inserts: Int, removes: Int, _ address: ReplyAddress) {
         let sender = message.sender ?? ""
-        let decoder = SlicedApplyDecoder(message, inserts: inserts, removes: removes)
+        let table = engine.table(kind)
+        let decoder = SlicedApplyDecoder(message, inserts: inserts, removes: removes) { rule throws(PestoError) in
+            try table?.validate(rule)
+        }
         callerWork.started(sender) { [unowned self] refusal in
             decoder.abandoned = true
             if let refusal, address.wantsReply { self.sendReply(.errorReply(to: address, refusal)) }
@@ -141,9 +158,11 @@ extension PestoServer {
                 guard let request = try decoder.step(decodeBudget) else { return engine.loop.nextTurn(slice) }
                 let ms = (MonotonicInstant.now.nanoseconds - decoder.started.nanoseconds) / 1_000_000
                 logger.info(
-                    "Apply of \(request.inserts.count + request.removes.count) rules decoded in \(ms) ms over \(decoder.slices) loop turns")
+                    "Apply of \(request.inserts.count + request.removes.count) rules decoded and validated in \(ms) ms over \(decoder.slices) loop turns"
+                )
                 submit(.apply(kind, request), of: message, address)
             } catch {
+                if error.name == PestoBusNames.errorName(.invalidRule) { logRefusal(address, error) }
                 if address.wantsReply { sendReply(.errorReply(to: address, error)) }
             }
             callerWork.finished(sender)
