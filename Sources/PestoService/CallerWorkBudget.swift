@@ -240,7 +240,7 @@ final class CallerWorkBudget {
                 message,
                 DBusErrorReply(
                     DBusErrorReply.limitsExceeded,
-                    "\(ClientText.counted(c.held.count, "call")) of this caller (\(c.heldBytes) bytes) wait already, behind its work in progress or its work budget; at most \(Self.maxHeld) calls or \(Self.maxHeldBytes) bytes may wait."
+                    "\(ClientText.counted(c.held.count, "call")) of this caller (\(c.heldBytes) bytes of arguments) wait already, behind its work in progress or its work budget; at most \(Self.maxHeld) calls or \(Self.maxHeldBytes) bytes of arguments may wait."
                 ))
             return
         }
