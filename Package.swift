@@ -37,10 +37,7 @@ let package = Package(
         // Every system call, through one funnel with a DEBUG-only mocking hook.
         .target(name: "PestoSystem", dependencies: ["PestoModel", "CPestoSys"]),
         // The forwarding engine: tables, sockets, relays. Never imports D-Bus.
-        .target(
-            name: "PestoEngine",
-            dependencies: ["PestoModel", "PestoSystem", "CPestoSys", .product(name: "Logging", package: "swift-log")]
-        ),
+        .target(name: "PestoEngine", dependencies: ["PestoModel", "PestoSystem", "CPestoSys"]),
         // The D-Bus layer shared by the service, the client and the tests. Never imports the engine.
         .target(name: "PestoDBus", dependencies: ["PestoModel", "CDBus"]),
         // The D-Bus face of the engine.
@@ -120,6 +117,7 @@ let package = Package(
             dependencies: [
                 "PestoModel", "PestoSystem", "PestoDBus", "PestoService", "PestoEngine", "CPestoSys", "PestoTestSupport",
                 "pestod", "pesto-test-peer", "pestoctl",
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
     ],

@@ -17,8 +17,8 @@
 #
 # Run as root (pestod raises its descriptor limit; the ports are 11996 upwards, below 32768).
 # Needs dbus-daemon, busctl and socat. Relays need descriptors beyond the listeners: with a
-# hard RLIMIT_NOFILE of L, pestod relays only while listeners + 2 per connection + 2 per pipe
-# stay below L - 64 - min((L - 64) / 8, 1024) (DescriptorBudget.swift); beyond, connections
+# hard RLIMIT_NOFILE of L, E = L - 64 and R = E - min(E / 8, 1024), pestod relays TCP only while
+# 6 per connection stay within min(R, E - listeners) / 2 (DescriptorBudget.swift); beyond, connections
 # are reset at once (the connect loop, which only connects, does not notice; the long
 # connections do). The script prints the limit it runs with.
 set -euo pipefail

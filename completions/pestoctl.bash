@@ -13,13 +13,13 @@ _pestoctl() {
         mapfile -t COMPREPLY < <(compgen -W "none all auto" -- "$cur")
         return
         ;;
-    --address | --id)
+    --address | --id | --owner)
         return
         ;;
     esac
     if [[ $cur == -* ]]; then
         mapfile -t COMPREPLY < <(compgen -W "-A --add -D --delete -C --clear -t --tcp-ports -u --udp-ports
-            -T --tcp-ns -U --udp-ns -s --show -d --debug -h --help --version --best-effort --id -q --quiet
+            -T --tcp-ns -U --udp-ns -s --show -d --debug -h --help --version --best-effort --id --owner -q --quiet
             --silent --json --system --session --address --table" -- "$cur")
         return
     fi

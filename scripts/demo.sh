@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # pesto demo: the first command of the README. Run as root from a clone, on Debian 12.
 #
-#  1. installs the build, demo and test dependencies (apt-get; skipped when all are present),
+#  1. installs the build, demo and test dependencies (apt-get; skipped when all are present;
+#     --no-test-deps leaves out those only `swift test` needs),
 #  2. builds pestod in release mode and installs it with its D-Bus policy and activation
 #     files (and the systemd unit when systemd runs),
 #  3. starts pestod on the system bus if one is running, otherwise on a private system-like
@@ -12,6 +13,10 @@
 #
 # pestod is left running with the demo rule active; the end of the output says how to talk
 # to it and how to stop it. Re-running stops the previous demo's pestod and bus first.
+#
+# Usage: scripts/demo.sh [--no-test-deps]
+#   --no-test-deps  install only what the build and the demo need, not what `swift test`
+#                   needs besides (TEST_PACKAGES below: without them some tests are skipped)
 #
 # Environment:
 #   DEMO_PORT  TCP port of the demo rule (default: the first free port from 18080)
@@ -37,6 +42,15 @@ DEMO_BUS=${DEMO_BUS:-auto}
 # The Cockpit page (cockpit/): cockpit-ws (the web server) and cockpit-bridge.
 PACKAGES=(libdbus-1-dev pkg-config dbus dbus-bin iproute2 libglib2.0-bin systemd libxml2-utils socat
           cockpit-ws cockpit-bridge)
+# What `swift test` needs besides, so that it runs every test after this script (unless
+# --no-test-deps): polkit (polkitd, pkexec: the authorisation tests), the PROXY protocol
+# test's real target (haproxy), the Cockpit page's browser test (chromium, chromium-driver,
+# python3-selenium), the Gio example's test (python3-gi), the shell completion tests
+# (zsh, fish). .ci/run installs the same.
+TEST_PACKAGES=(polkitd pkexec haproxy
+               chromium chromium-driver python3-selenium
+               python3-gi
+               zsh fish)
 
 header() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
@@ -78,6 +92,18 @@ system_bus_answers() {
 port_free() { [[ -z $(ss -Hltn "sport = :$1") ]]; }
 
 # ---------------------------------------------------------------------------------------
+TEST_DEPS=1
+for arg in "$@"; do
+    case $arg in
+    --no-test-deps) TEST_DEPS=0 ;;
+    -h | --help)
+        echo "usage: $0 [--no-test-deps]"
+        exit 0
+        ;;
+    *) die "unknown argument '$arg' (usage: $0 [--no-test-deps])" ;;
+    esac
+done
+((TEST_DEPS)) && PACKAGES+=("${TEST_PACKAGES[@]}")
 [[ $EUID -eq 0 ]] || die "run me as root (I install files under /usr and bind a port)."
 [[ $DEMO_BUS == auto || $DEMO_BUS == system || $DEMO_BUS == private ]] ||
     die "DEMO_BUS must be auto, system or private, not '$DEMO_BUS'."
@@ -135,6 +161,7 @@ for shell in bash zsh fish; do
 done
 install -v -D -m 0644 doc/data-path.md /usr/share/doc/pesto/data-path.md
 install -v -D -m 0644 doc/overlap.md /usr/share/doc/pesto/overlap.md
+install -v -D -m 0644 doc/takeover.md /usr/share/doc/pesto/takeover.md
 # The Cockpit page: a package is a folder under /usr/share/cockpit/ (no build step).
 install -v -D -m 0644 -t /usr/share/cockpit/pesto cockpit/manifest.json cockpit/index.html \
     cockpit/live-model.js cockpit/pesto.js cockpit/rule-text.js cockpit/pesto.css

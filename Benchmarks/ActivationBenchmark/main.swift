@@ -70,8 +70,6 @@ var engines: [ForwardingEngine] = []
 /// Runs `body` `runs` times and returns the median of the seconds it returns.
 func measure(_ runs: Int, _ body: () -> Double) -> Double { median((0..<runs).map { _ in body() }) }
 
-/// This process's peak RSS (getrusage's ru_maxrss), in MiB.
-
 extension String {
     /// The string padded with spaces on the right to `width` columns.
     func padding(_ width: Int) -> String { self + String(repeating: " ", count: max(0, width - count)) }

@@ -145,6 +145,13 @@ public final class DBusMessage {
         set { dbus_message_set_allow_interactive_authorization(raw, newValue ? 1 : 0) }
     }
 
+    /// Gives a message built here the sender and serial a bus daemon would have stamped on
+    /// it, so that a test can hand it to the service as if it had arrived on the bus.
+    package func stamp(sender: String, serial: UInt32) {
+        guard dbus_message_set_sender(raw, sender) != 0 else { fatalError("libdbus: out of memory") }
+        dbus_message_set_serial(raw, serial)
+    }
+
     /// Every argument; nil for types this layer does not read (unix fds).
     public var arguments: [DBusValue]? { DBusValue.readAll(raw) }
 

@@ -5,7 +5,10 @@
 // The service dispatches, validates signatures and answers Introspect from these
 // definitions, and `dbus/top.passt.Pesto1.xml` is generated from them too
 // (`pestod --print-introspection`), so the code, the live introspection and the shipped file
-// cannot drift apart: a test compares the file with `contractXML`.
+// cannot drift apart: a test compares the file with `contractXML`. The Rule object's field
+// properties are named and typed by PestoModel's RuleField, the one list of a rule's fields.
+
+import PestoModel
 
 /// One named argument of a method or signal.
 public struct DBusArgumentSpec: Sendable {
@@ -105,9 +108,16 @@ public enum PestoInterfaces {
             ),
             method("Rollback", [], [], "Undo, newest first, every change made under the lock since Lock or the last Commit."),
         ],
-        signals: [],
+        signals: [
+            DBusSignalSpec(
+                name: "UploadRefused", arguments: [arg("socket", "s"), arg("reason", "s"), arg("rules", "aa{sv}")],
+                doc:
+                    "An upload of an upstream pesto client on the control socket (pestod --control) was refused and changed nothing: socket is the control socket's path, reason says why (the same words as pestod's warning), rules are the uploaded rules (at most 1024, each as Read gives a rule; none when the upload could not be read). Upstream's protocol has no reply, so this signal is where the refusal shows."
+            )
+        ],
         properties: [
-            prop("Version", "s", .never, "The service's version."),
+            prop("Version", "s", .never, "The D-Bus contract's version (this interface's), not the product's."),
+            prop("ProductVersion", "s", .never, "pestod's release version, the one pestoctl --version and the Cockpit page show."),
             prop("LockOwner", "s", .changes, "The unique bus name holding the lock, or an empty string."),
             prop("Tables", "ao", .never, "The tables' object paths."),
         ])
@@ -171,30 +181,47 @@ public enum PestoInterfaces {
         properties: [
             prop("Id", "u", .never, "The rule's ID."),
             prop("Table", "o", .never, "The table holding the rule."),
-            prop("Protocol", "s", .never, "tcp or udp."),
-            prop("Address", "s", .never, "Listening address; empty for any address (dual stack)."),
-            prop("Interface", "s", .never, "Interface bound to, or empty."),
-            prop("FirstPort", "q", .never, "First listening port."),
-            prop("LastPort", "q", .never, "Last listening port."),
-            prop("TargetAddress", "s", .never, "Destination address; empty for the table's default."),
-            prop("TargetPort", "q", .never, "Destination port of FirstPort."),
-            prop("Scan", "b", .never, "Listens only on ports bound on the target side."),
-            prop("Owner", "s", .never, "Tag of the client that made the rule."),
-            prop(
-                "ProxyProtocol", "s", .never,
-                "PROXY protocol header sent to the target before a TCP connection's data: empty (none), v1 or v2."),
-            prop(
-                "Source", "s", .never,
-                "Whose address connections and flows come from at the target: pestod (its own) or client (the client's)."),
-            prop("Active", "b", .changes, "Whether the rule is active."),
-            prop("BoundSockets", "u", .changes, "Sockets bound."),
-            prop("BindFailures", "u", .changes, "Sockets whose bind failed."),
-            prop("LastError", "s", .changes, "Errno name of the latest bind failure, or empty."),
-            prop(
-                "PortsWon", "u", .changes,
-                "How many of the rule's ports it wins: a new connection or flow there can reach it (with OverlapPolicy refuse, BoundSockets while active; with first-match, the served ports where no lower-ID active rule takes everything it matches)."
-            ),
-        ])
+        ]
+            // One property per field of a rule, named and typed by RuleField (the one list).
+            + RuleField.allCases.map { prop($0.property, fieldSignature($0.kind), .never, fieldDoc($0)) }
+            + [
+                prop("Active", "b", .changes, "Whether the rule is active."),
+                prop("BoundSockets", "u", .changes, "Sockets bound."),
+                prop("BindFailures", "u", .changes, "Sockets whose bind failed."),
+                prop("LastError", "s", .changes, "Errno name of the latest bind failure, or empty."),
+                prop(
+                    "PortsWon", "u", .changes,
+                    "How many of the rule's ports it wins: a new connection or flow there can reach it (with OverlapPolicy refuse, BoundSockets while active; with first-match, the served ports where no lower-ID active rule takes everything it matches)."
+                ),
+            ])
+
+    /// The D-Bus type of a rule field's property.
+    static func fieldSignature(_ kind: RuleField.Kind) -> String {
+        switch kind {
+        case .text: return "s"
+        case .port: return "q"
+        case .flag: return "b"
+        }
+    }
+
+    /// The documentation of a rule field's property (a switch: a new field needs its own).
+    static func fieldDoc(_ field: RuleField) -> String {
+        switch field {
+        case .proto: return "tcp or udp."
+        case .address: return "Listening address; empty for any address (dual stack)."
+        case .interface: return "Interface bound to, or empty."
+        case .firstPort: return "First listening port."
+        case .lastPort: return "Last listening port."
+        case .targetAddress: return "Destination address; empty for the table's default."
+        case .targetPort: return "Destination port of FirstPort."
+        case .scan: return "Listens only on ports bound on the target side."
+        case .owner: return "Tag of the client that made the rule."
+        case .proxyProtocol:
+            return "PROXY protocol header sent to the target before a TCP connection's data: empty (none), v1 or v2."
+        case .source:
+            return "Whose address connections and flows come from at the target: pestod (its own) or client (the client's)."
+        }
+    }
 
     /// The contract's own interfaces, in the order of the shipped XML.
     public static let contract = [manager, table, rule]

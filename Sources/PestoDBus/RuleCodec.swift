@@ -93,14 +93,6 @@ public enum RuleCodec {
         do { return try Rule(fields: fields) } catch { throw DBusErrorReply(error) }
     }
 
-    /// Decodes a rule description and validates the rule for a table with `capabilities`:
-    /// what Insert and Apply do before the caller is authorised.
-    public static func decodeValid(_ value: DBusValue, capabilities: Capabilities) throws(DBusErrorReply) -> Rule {
-        let rule = try decode(value)
-        do { try rule.validate(capabilities: capabilities) } catch { throw DBusErrorReply(error) }
-        return rule
-    }
-
     /// Every field of a rule: its key in the rule description, its Rule object property name,
     /// and its value with defaults filled in ("" for any address and for the table's default
     /// target). The one place that turns a stored rule into D-Bus values.

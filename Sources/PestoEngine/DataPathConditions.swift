@@ -11,10 +11,10 @@
 // reported in between). Recording an occurrence while a condition lasts is an increment:
 // nothing is allocated on the data path.
 
-/// A recurring condition of the data path.
 import PestoModel
 import PestoSystem
 
+/// A recurring condition of the data path.
 public enum DataPathCondition: Int, Sendable, CaseIterable, CustomStringConvertible {
     /// A connection or flow would go to one of pestod's own listeners; it is refused.
     case forwardingLoop

@@ -13,24 +13,31 @@
 //                                        saving, namespace switches, scans of /proc, polkit
 //   engine limit      E = L − C          listeners + relay descriptors together
 //   listener headroom H = min(E / 8, 1024)
-//                                        new connections and flows never use it, so Activate,
-//                                        bind retries and scans find descriptors while relays
-//                                        hold all theirs
-//   relay limit       R = E − H          TCP connections and UDP flows (with the listeners
-//                                        already open, which take from it first)
+//                                        relays never use it, so Activate, bind retries and
+//                                        scans find descriptors while relays hold all theirs
+//   relay limit       R = E − H          TCP connections and UDP flows together
+//   share             S = min(R, E − listeners) / 2
+//                                        the most each protocol's relays may hold: R / 2 while
+//                                        the listeners fit in H; listeners beyond H take from
+//                                        both shares alike
 //
-// Every descriptor the engine holds is counted here (`held`): one per listener, one per UDP
-// flow, two per TCP connection (its sockets) and two per pipe, in use or parked in the TCP
-// relay's pool. A listener is refused (a bind failure with EMFILE, counted and retried like
-// any other) when `held` would pass E; a new connection or flow is refused when `held` would
-// pass R: the TCP client is reset, the UDP datagram dropped, and the observer hears of it once
-// per episode. A pipe for a connection already relayed may pass R up to E — it is held only
-// while bytes are in flight, and refusing it would reset a connection that was admitted — and
-// is closed rather than parked while `held` is above R, so at rest the headroom is free.
+// Charges: a listener 1; a UDP flow 1 (its socket); a TCP connection 6 — its two sockets and
+// a pipe (two descriptors) for each direction. A connection holds its pipes only while bytes
+// are in flight, but it may need both at any moment, and refusing it one would reset a
+// connection that was admitted; so they are charged with it. Empty pipes parked for reuse
+// beyond two per connection are charged to TCP's share as spares while it has room, and
+// closed to make room for a new connection, so what the TCP relay really holds never exceeds
+// its charge. A new connection or flow is admitted while its protocol stays within S:
+// the TCP client is reset, the UDP datagram dropped, and the observer hears of it once per
+// episode. A flood of one protocol therefore never takes the other's share, and a new
+// connection on any rule is relayed while TCP is within its share. A listener is refused (a
+// bind failure with EMFILE, counted and retried like any other) when everything held would
+// pass E. Connections and flows handed over by a takeover were admitted once already: they
+// may use anything up to E.
 //
-// Default relay limits follow from R, half of it for each protocol:
-//   --max-connections = max(1, R / 4)    (R/2 descriptors at 2 per connection)
-//   --max-udp-flows   = max(1, R / 2)    (R/2 descriptors at 1 per flow)
+// Default relay limits follow from S:
+//   --max-connections = max(1, S / 6)
+//   --max-udp-flows   = max(1, S)
 //
 // All of it runs on the loop thread; nothing here allocates.
 
@@ -45,14 +52,17 @@ import PestoSystem
 public struct DescriptorPlan: Equatable, Sendable {
     /// Descriptors kept for pestod's own needs, never used by the engine.
     public static let coreReserve = 64
-    /// Descriptors charged to one TCP connection: its two sockets (pipes are charged apart).
-    public static let perConnection = 2
-    /// Descriptors charged to one pipe: its two ends.
+    /// Descriptors of one pipe: its two ends.
     public static let perPipe = 2
+    /// Descriptors charged to one TCP connection: its two sockets and a pipe for each direction.
+    public static let perConnection = 2 + 2 * perPipe
     /// The most descriptors kept for listeners.
     public static let maxListenerHeadroom = 1024
     /// Descriptors charged to one UDP flow: its socket.
     public static let perFlow = 1
+
+    /// Descriptors charged to one connection or flow of `proto`.
+    public static func charge(_ proto: TransportProtocol) -> Int { proto == .tcp ? perConnection : perFlow }
 
     /// The soft RLIMIT_NOFILE the plan is for (L).
     public var openFileLimit: Int
@@ -60,12 +70,14 @@ public struct DescriptorPlan: Equatable, Sendable {
     public var engineLimit: Int { max(0, openFileLimit - Self.coreReserve) }
     /// Kept for listeners: new connections and flows never use it (H = min(E / 8, 1024)).
     public var listenerHeadroom: Int { min(engineLimit / 8, Self.maxListenerHeadroom) }
-    /// Listeners and relays, as far as relays may take (R = E − H).
+    /// What relays may hold together (R = E − H).
     public var relayLimit: Int { engineLimit - listenerHeadroom }
-    /// The default `--max-connections`: half of R at two descriptors each.
-    public var defaultMaxConnections: Int { min(1 << 24, max(1, relayLimit / (2 * Self.perConnection))) }
-    /// The default `--max-udp-flows`: half of R at one descriptor each.
-    public var defaultMaxFlows: Int { min(1 << 24, max(1, relayLimit / (2 * Self.perFlow))) }
+    /// What each protocol's relays may hold while the listeners fit in the headroom (S = R / 2).
+    public var share: Int { relayLimit / 2 }
+    /// The default `--max-connections`: the TCP share at six descriptors each.
+    public var defaultMaxConnections: Int { min(1 << 24, max(1, share / Self.perConnection)) }
+    /// The default `--max-udp-flows`: the UDP share at one descriptor each.
+    public var defaultMaxFlows: Int { min(1 << 24, max(1, share / Self.perFlow)) }
 
     /// The plan for an open-file limit of `openFileLimit` descriptors.
     public init(openFileLimit: Int) {
@@ -97,10 +109,14 @@ public struct DescriptorPlan: Equatable, Sendable {
 public final class DescriptorBudget {
     /// Most descriptors listeners and relays may hold together (E).
     public let engineLimit: Int
-    /// Most descriptors held after admitting a connection or flow (R).
+    /// Most descriptors relays may hold together (R).
     public let relayLimit: Int
-    /// Descriptors held now, as charged.
-    public private(set) var held = 0
+    /// Descriptors held by listeners.
+    public private(set) var listeners = 0
+    /// Descriptors charged to TCP connections.
+    public private(set) var tcp = 0
+    /// Descriptors charged to UDP flows.
+    public private(set) var udp = 0
     /// Connections and flows refused for want of descriptors.
     public private(set) var refused: UInt64 = 0
     /// Told of the first refusal of each episode of a protocol (an episode ends at that
@@ -124,58 +140,90 @@ public final class DescriptorBudget {
         self.relayLimit = relayLimit
     }
 
+    /// Descriptors held now, as charged: listeners and relays.
+    public var held: Int { listeners + tcp + udp }
+
+    /// What each protocol's relays may hold now (S): half of what the listeners leave of R.
+    public var share: Int { min(relayLimit, engineLimit - listeners) / 2 }
+
+    /// Descriptors charged to `proto`'s relays.
+    public func held(by proto: TransportProtocol) -> Int { proto == .tcp ? tcp : udp }
+
     /// Charges a listener; false when the engine limit is reached.
     func takeListener() -> Bool {
         guard held < engineLimit else { return false }
-        held += 1
+        listeners += 1
         return true
     }
 
-    /// Charges `count` descriptors of a new connection or flow; false (counted, reported once
-    /// per episode) when that would pass the relay limit.
-    func admit(_ count: Int, for proto: TransportProtocol) -> Bool {
-        guard held + count <= relayLimit else {
+    /// Gives back a listener's descriptor.
+    func releaseListener() {
+        listeners -= 1
+        precondition(listeners >= 0, "descriptor budget released more listeners than it charged")
+    }
+
+    /// True when a new connection or flow of `proto` would stay within its share.
+    func fits(_ proto: TransportProtocol) -> Bool { held(by: proto) + DescriptorPlan.charge(proto) <= share }
+
+    /// Charges a new connection or flow of `proto`; false (counted, reported once per
+    /// episode) when that would take its protocol past its share.
+    func admit(_ proto: TransportProtocol) -> Bool {
+        let charge = DescriptorPlan.charge(proto)
+        guard fits(proto) else {
             refused &+= 1
-            let reported = proto == .tcp ? reportedEpisode.0 : reportedEpisode.1
-            if !reported {
-                if proto == .tcp { reportedEpisode.0 = true } else { reportedEpisode.1 = true }
-                let now = MonotonicInstant.now
-                let last = proto == .tcp ? lastReport.0 : lastReport.1
-                if last.map({ now.nanoseconds &- $0.nanoseconds >= Self.reportIntervalNanoseconds }) ?? true {
-                    if proto == .tcp { lastReport.0 = now } else { lastReport.1 = now }
-                    onExhausted?(proto)
-                }
-            }
+            noteRefusal(proto)
             return false
         }
-        held += count
+        add(charge, to: proto)
         if proto == .tcp { reportedEpisode.0 = false } else { reportedEpisode.1 = false }
         return true
     }
 
-    /// Charges a pipe for a connection already admitted; false when that would pass the
-    /// engine limit (the connection then ends, as it would at EMFILE).
-    func takePipe() -> Bool {
-        guard held + DescriptorPlan.perPipe <= engineLimit else { return false }
-        held += DescriptorPlan.perPipe
+    /// Reports the first refusal of an episode of `proto`, unless one was reported less than
+    /// `reportIntervalNanoseconds` ago.
+    private func noteRefusal(_ proto: TransportProtocol) {
+        let reported = proto == .tcp ? reportedEpisode.0 : reportedEpisode.1
+        guard !reported else { return }
+        if proto == .tcp { reportedEpisode.0 = true } else { reportedEpisode.1 = true }
+        let now = MonotonicInstant.now
+        let last = proto == .tcp ? lastReport.0 : lastReport.1
+        if last.map({ now.nanoseconds &- $0.nanoseconds >= Self.reportIntervalNanoseconds }) ?? true {
+            if proto == .tcp { lastReport.0 = now } else { lastReport.1 = now }
+            onExhausted?(proto)
+        }
+    }
+
+    /// Charges a connection or flow of `proto` handed over by the pestod this one takes over
+    /// from (RelayHandover.swift): admitted there already, it may use anything up to the
+    /// engine limit; false when that would pass it.
+    func adopt(_ proto: TransportProtocol) -> Bool {
+        let charge = DescriptorPlan.charge(proto)
+        guard held + charge <= engineLimit else { return false }
+        add(charge, to: proto)
         return true
     }
 
-    /// Charges `count` descriptors of a connection or flow handed over by the pestod this one
-    /// takes over from (RelayHandover.swift): admitted there already, it may use the
-    /// listeners' headroom, as a pipe may; false when that would pass the engine limit.
-    func adopt(_ count: Int) -> Bool {
-        guard held + count <= engineLimit else { return false }
-        held += count
+    /// Charges a spare pipe (an empty one kept for reuse beyond two per connection) to TCP's
+    /// share; false when it has no room.
+    func takeSparePipe() -> Bool {
+        guard tcp + DescriptorPlan.perPipe <= share else { return false }
+        tcp += DescriptorPlan.perPipe
         return true
     }
 
-    /// True while relays are within their limit: an idle pipe may then be kept for reuse.
-    var mayKeepIdlePipe: Bool { held <= relayLimit }
+    /// Gives back the charge of a spare pipe.
+    func releaseSparePipe() {
+        tcp -= DescriptorPlan.perPipe
+        precondition(tcp >= 0, "descriptor budget released more spare pipes than it charged")
+    }
 
-    /// Gives back `count` descriptors.
-    func release(_ count: Int) {
-        held -= count
-        precondition(held >= 0, "descriptor budget released more than it charged")
+    /// Gives back the charge of a connection or flow of `proto`.
+    func release(_ proto: TransportProtocol) {
+        add(-DescriptorPlan.charge(proto), to: proto)
+        precondition(tcp >= 0 && udp >= 0, "descriptor budget released more \(proto) than it charged")
+    }
+
+    private func add(_ count: Int, to proto: TransportProtocol) {
+        if proto == .tcp { tcp += count } else { udp += count }
     }
 }

@@ -9,10 +9,10 @@
 // loop's own (its stop eventfd). Tests use kinds from `firstForTests` up, which pestod never
 // registers.
 
-/// The event kinds of pestod's epoll sources (see EventLoop's theory of operation).
 import PestoModel
 import PestoSystem
 
+/// The event kinds of pestod's epoll sources (see EventLoop's theory of operation).
 public enum EngineEventKind {
     /// libdbus watches (the service's bus connection); index unused.
     public static let dbus = EventLoop.Kind(1)

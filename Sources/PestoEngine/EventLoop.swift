@@ -46,11 +46,7 @@ public struct MonotonicInstant: Comparable, Hashable, Sendable {
     public var nanoseconds: UInt64
 
     /// Now, from CLOCK_MONOTONIC.
-    public static var now: MonotonicInstant {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return MonotonicInstant(nanoseconds: UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec))
-    }
+    public static var now: MonotonicInstant { MonotonicInstant(nanoseconds: Sys.monotonicNanoseconds()) }
 
     /// This instant plus `milliseconds`.
     public func adding(milliseconds: Int) -> MonotonicInstant {

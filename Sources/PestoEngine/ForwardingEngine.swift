@@ -49,11 +49,11 @@ public struct EngineConfiguration: Sendable {
 ///
 /// With `EngineConfiguration.overlap` first-match (doc/overlap.md) the tables share
 /// listeners among overlapping rules; such a listener is marked `shared`, and the relays ask
-/// its table (`dispatch`, `ForwardingTable.firstMatchTarget`) which rule each new connection
-/// or flow goes to.
+/// its table (`RelayContext.firstMatchTarget`, `ForwardingTable.firstMatchTarget`) which rule
+/// each new connection or flow goes to.
 ///
 /// A destination that is one of pestod's own listeners on the same side would make a
-/// connection loop forever through pestod; such connections are refused (`wouldLoop`).
+/// connection loop forever through pestod; such connections are refused (`refusesLoop`).
 /// Listeners pause when descriptors or relay slots run out and resume after
 /// `pauseMilliseconds` or when a connection closes, whichever comes first.
 ///
@@ -62,7 +62,7 @@ public struct EngineConfiguration: Sendable {
 /// flow beyond it is refused, so pestod's own descriptors (D-Bus, control socket, state file)
 /// never run out because of traffic. A listener that epoll cannot watch (ENOSPC at
 /// `fs.epoll.max_user_watches`, ENOMEM) is that port's bind failure too, retried later.
-public final class ForwardingEngine: ListenerObserver, EventHandler {
+public final class ForwardingEngine: ListenerObserver, RelayContext, EventHandler {
     /// The loop everything runs on.
     public let loop: EventLoop
     /// The inbound table (pasta's HOST).
@@ -157,39 +157,21 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         }
         // HOST targets are on the namespace's side (if any), SPLICE targets on ours.
         hostSide = TargetSide(namespace: namespace)
-        let hostSide = hostSide
-        let spliceSide = TargetSide(namespace: nil)
         hostSide.conditions = conditions
-        let targetSide = { (kind: TableKind) in kind == .host ? hostSide : spliceSide }
-        tcp = TCPRelay(
-            loop: loop, targetSide: targetSide, limits: configuration.tcp, budget: budget,
-            wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
-        // Weak: the relay closes its connections in its deinit, which runs inside this
-        // engine's (pestod stopping with connections open), when `self` is already going.
-        tcp.onCapacityAvailable = { [weak self] in self?.resumeListeners() }
-        udp = UDPRelay(
-            loop: loop, targetSide: targetSide, limits: configuration.udp, budget: budget,
-            wouldLoop: { [unowned self] target, destination in self.refuseLoop(target, destination) })
+        let sides = TargetSides(host: hostSide, splice: TargetSide(namespace: nil))
+        // The relays hold the engine weakly: they close their connections in their deinit,
+        // which runs inside this engine's (pestod stopping with connections open).
+        tcp = TCPRelay(loop: loop, sides: sides, context: self, limits: configuration.tcp, budget: budget)
+        udp = UDPRelay(loop: loop, sides: sides, context: self, limits: configuration.udp, budget: budget)
         udp.conditions = conditions
         tcp.conditions = conditions
-        if configuration.overlap == .firstMatch {
-            tcp.dispatch = { [unowned self] listener, client in
-                self.sharedListenerTable(listener)?.firstMatchTarget(listener: listener) {
-                    guard case .success(let local) = Sys.localAddress(client) else { return nil }
-                    return local.endpoint?.address
-                }
-            }
-            udp.dispatch = { [unowned self] listener, local in
-                self.sharedListenerTable(listener)?.firstMatchTarget(listener: listener) { local }
-            }
-        }
         for table in tables { table.listenerObserver = self }
         loop.setHandler(self, for: EngineEventKind.tcpListener)
         loop.setHandler(self, for: EngineEventKind.udpListener)
     }
 
     /// The table that opened listener `fd`.
-    private func sharedListenerTable(_ fd: Int32) -> ForwardingTable? {
+    private func listenerTable(_ fd: Int32) -> ForwardingTable? {
         guard Int(fd) < listeners.count, let entry = listeners[Int(fd)] else { return nil }
         return entry.inNamespace ? splice : host
     }
@@ -257,14 +239,14 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         // to install it is this port's bind failure, retried like any other.
         let transparent = rule.source == .client && table == .host ? hostSide.transparent : nil
         if let transparent, case .failure(let e) = transparent.retain() {
-            budget.release(1)
+            budget.releaseListener()
             return .failure(e)
         }
         let kind = rule.proto == .tcp ? EngineEventKind.tcpListener : EngineEventKind.udpListener
         do {
             try loop.add(fd: fd, events: EventLoop.Events.readable, kind: kind)
         } catch {
-            budget.release(1)
+            budget.releaseListener()
             transparent?.release()
             return .failure(error.underlyingError ?? Errno(rawValue: ENOMEM))
         }
@@ -297,7 +279,7 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         loop.remove(fd: fd)
         if entry.target.source == .client && entry.target.table == .host { hostSide.transparent?.release() }
         if entry.paused { pausedListeners.removeAll { $0 == fd } }
-        budget.release(1)
+        budget.releaseListener()
         listeners[Int(fd)] = nil
         if namespace != nil { ownInodes.remove(entry.inode) }
         let key = Self.ownPortKey(entry.target.proto, inNamespace: entry.inNamespace, port: entry.listenPort)
@@ -374,8 +356,20 @@ public final class ForwardingEngine: ListenerObserver, EventHandler {
         }
     }
 
+    // MARK: RelayContext
+
+    /// First match: asks the table that opened the shared listener `listener`; nil on a
+    /// listener that is not shared (never asked under `refuse`).
+    public func firstMatchTarget(listener: Int32, localAddress: () -> IPAddress?) -> ForwardTarget? {
+        guard configuration.overlap == .firstMatch else { return nil }
+        return listenerTable(listener)?.firstMatchTarget(listener: listener, localAddress: localAddress)
+    }
+
+    /// A relayed connection closed: the paused listeners are watched again.
+    public func relayCapacityAvailable() { resumeListeners() }
+
     /// `wouldLoop`, reporting a loop (once until the listeners change).
-    private func refuseLoop(_ target: ForwardTarget, _ destination: SocketAddress) -> Bool {
+    public func refusesLoop(_ target: ForwardTarget, to destination: SocketAddress) -> Bool {
         guard wouldLoop(target, destination) else { return false }
         conditions.occurred(
             .forwardingLoop,

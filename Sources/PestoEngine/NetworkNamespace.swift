@@ -42,8 +42,8 @@ public final class NetworkNamespace {
         homeFD = home
         // Prove now, not on the first connection, that we may enter it.
         if case .failure(let e) = Sys.enterNetworkNamespace(targetFD) {
-            Sys.close(target)
-            Sys.close(home)
+            // Every stored property is set, so throwing runs deinit, which closes both
+            // descriptors: closing them here too trapped on the second close (EBADF).
             throw PestoError(.system, "Cannot enter the network namespace \(path) (is it one, and are we allowed?).", underlyingError: e)
         }
         enterHome()

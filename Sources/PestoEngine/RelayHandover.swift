@@ -165,3 +165,150 @@ extension ForwardingEngine {
         return true
     }
 }
+
+// MARK: - The TCP relay
+
+extension TCPRelay {
+    /// Every relayed connection as it is to be handed over, with its descriptors (which stay
+    /// open here). Called with the loop held for the whole handover: nothing is read from
+    /// these sockets afterwards, unless the takeover fails and this instance carries on.
+    public func handoverSnapshot() -> [TCPConnectionHandover] {
+        var out: [TCPConnectionHandover] = []
+        out.reserveCapacity(activeConnections)
+        for i in slots.indices where slots[i].inUse {
+            let c = slots[i]
+            let state = c.state
+            func direction(_ f: TCPConnectionState.Flow) -> TCPConnectionHandover.Direction {
+                .init(pending: f.pending, sourceEnded: f.sourceEnded, finished: f.finished)
+            }
+            var fds = [c.client, c.target]
+            if state.up.pending > 0 { fds += [c.upPipe.read, c.upPipe.write] }
+            if state.down.pending > 0 { fds += [c.downPipe.read, c.downPipe.write] }
+            let peer: SocketAddress?
+            if state.phase == .relaying, case .success(let a) = Sys.peerAddress(c.target) { peer = a } else { peer = nil }
+            out.append(
+                TCPConnectionHandover(
+                    table: c.table, ruleID: c.ruleID, connecting: state.phase == .connecting, up: direction(state.up),
+                    down: direction(state.down), target: peer, preamble: Array(headers[i].suffix(state.preambleLeft)),
+                    descriptors: fds))
+        }
+        return out
+    }
+
+    /// Installs a connection handed over by the pestod this one takes over from, without any
+    /// I/O (`startAdopted()` starts it); false when the budget cannot take its descriptors,
+    /// which the caller then closes. `connection.descriptors` must match its record.
+    func adopt(_ connection: TCPConnectionHandover) -> Bool {
+        precondition(connection.descriptors.count == connection.descriptorCount, "descriptors do not match the record")
+        let fds = connection.descriptors
+        let stream = Int32(SOCK_STREAM.rawValue)
+        guard case .success(stream) = Sys.option(fds[0], level: SOL_SOCKET, name: SO_TYPE),
+            case .success(stream) = Sys.option(fds[1], level: SOL_SOCKET, name: SO_TYPE),
+            connection.preamble.count <= ProxyProtocolHeader.maxLength,
+            !(connection.up.finished && connection.down.finished),
+            budget.adopt(.tcp)
+        else { return false }
+        var next = 2
+        func flow(_ d: TCPConnectionHandover.Direction) -> (TCPConnectionState.Flow, Pipe) {
+            var f = TCPConnectionState.Flow()
+            f.sourceEnded = d.sourceEnded || d.finished
+            f.finished = d.finished
+            guard d.pending > 0 else { return (f, Pipe()) }
+            f.pending = d.pending
+            f.hasPipe = true
+            defer { next += 2 }
+            return (f, Pipe(read: fds[next], write: fds[next + 1]))
+        }
+        let (up, upPipe) = flow(connection.up)
+        let (down, downPipe) = flow(connection.down)
+        // A connection from its client's address uses the routing its predecessor left
+        // installed: counted here, so it stays while the connection lives.
+        var transparent = false
+        if TransparentSource.isTransparent(fds[1]), let routing = sides[connection.table].transparent,
+            case .success = routing.retain()
+        {
+            transparent = true
+        }
+        // The pipes are charged with the connection above.
+        pipesOpen += (connection.descriptorCount - 2) / DescriptorPlan.perPipe
+        let index = allocateSlot()
+        if !connection.preamble.isEmpty {
+            headers[Int(index)].removeAll(keepingCapacity: true)
+            headers[Int(index)].reserveCapacity(ProxyProtocolHeader.maxLength)
+            headers[Int(index)] += connection.preamble
+        }
+        slots[Int(index)] = Connection(
+            client: fds[0], target: fds[1],
+            state: TCPConnectionState(adoptedConnecting: connection.connecting, up: up, down: down, preamble: connection.preamble.count),
+            upPipe: upPipe, downPipe: downPipe, inUse: true, transparent: transparent, table: connection.table,
+            ruleID: connection.ruleID)
+        activeConnections += 1
+        counters.relayed += 1
+        adoptedWaiting.append(index)
+        settlePipes()
+        return true
+    }
+
+    /// Starts the adopted connections: once the old pestod has let go of them (said bye).
+    public func startAdopted() {
+        let waiting = adoptedWaiting
+        adoptedWaiting = []
+        for index in waiting where slots[Int(index)].inUse {
+            if slots[Int(index)].state.phase == .connecting {
+                drive(index, .connect(.inProgress))
+            } else {
+                drive(index, .ready(.client))
+            }
+        }
+    }
+}
+
+// MARK: - The UDP relay
+
+extension UDPRelay {
+    /// Every flow as it is to be handed over (sockets stay open here); `identify` names a
+    /// listener descriptor's (table, rule, port), nil for none (its flows are left out).
+    func handoverSnapshot(identify: (Int32) -> (TableKind, UInt32, UInt16)?) -> [UDPFlowHandover] {
+        let now = MonotonicInstant.now
+        var out: [UDPFlowHandover] = []
+        out.reserveCapacity(flowCount)
+        for flow in flows where flow.inUse {
+            guard let (table, ruleID, port) = identify(flow.listener) else { continue }
+            let idle = now.nanoseconds >= flow.lastActive.nanoseconds ? (now.nanoseconds - flow.lastActive.nanoseconds) / 1_000_000 : 0
+            out.append(
+                UDPFlowHandover(
+                    table: table, ruleID: ruleID, port: port, client: flow.client, local: flow.local,
+                    idleMilliseconds: UInt32(min(idle, UInt64(UInt32.max))), socket: flow.socket))
+        }
+        return out
+    }
+
+    /// Installs a flow handed over by the pestod this one takes over from, on `listener`,
+    /// with its idle time; false (the caller closes the socket) when the flow table or the
+    /// budget is full, the flow exists already, or epoll cannot watch the socket.
+    func adopt(_ handed: UDPFlowHandover, listener: Int32) -> Bool {
+        let key = FlowKey(listener: listener, client: handed.client, local: handed.local.address)
+        guard flowsByKey[key] == nil, flowCount < limits.maxFlows, budget.adopt(.udp) else { return false }
+        // A flow from its client's address uses the routing (and the client address's route)
+        // its predecessor left installed: counted here, so they stay while the flow lives.
+        var transparent = false
+        if TransparentSource.isTransparent(handed.socket), let routing = sides.host.transparent,
+            let client = handed.client.endpoint?.address, case .success(let peer) = Sys.peerAddress(handed.socket),
+            let target = peer.endpoint?.address, case .success = routing.retainFlow(client: client, target: target)
+        {
+            transparent = true
+        }
+        let now = MonotonicInstant.now
+        let idle = UInt64(handed.idleMilliseconds) * 1_000_000
+        let lastActive = MonotonicInstant(nanoseconds: now.nanoseconds > idle ? now.nanoseconds - idle : 0)
+        let flow = Flow(
+            socket: handed.socket, listener: listener, client: handed.client, local: handed.local, lastActive: lastActive,
+            transparent: transparent)
+        guard install(flow, key: key) != nil else {
+            if transparent, let client = handed.client.endpoint?.address { sides.host.transparent?.releaseFlow(client: client) }
+            budget.release(.udp)
+            return false
+        }
+        return true
+    }
+}

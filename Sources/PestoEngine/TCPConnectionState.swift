@@ -42,7 +42,7 @@
 //     pool, being empty);
 //   - the second direction to reach its source's end is not shut down: both sockets are
 //     closed at once (a FIN each, as nothing is left unread).
-// A preamble (a PROXY protocol header, ProxyProtocolHeader.swift) is written to the target
+// A preamble (a PROXY protocol header, ProxyProtocol.swift) is written to the target
 // before anything else goes up: while bytes of it are left, the up direction's only step is
 // `.writePreamble` of what is left (a send(2) from the relay's per-slot buffer, so a partial
 // write simply leaves the rest for the next step); EAGAIN blocks the direction as a full

@@ -4,51 +4,43 @@
 //
 // Theory of operation
 // -------------------
-// Each relayed connection is a slot holding two sockets — the accepted `client` and the
-// `target` we connected to — two pipes (one per direction, while it has bytes to move) and a
-// `TCPConnectionState`, the value that decides what happens next (TCPConnectionState.swift
-// describes the phases, the pumps, half-closes and errors). Both sockets are registered with
-// the loop under kind `tcpConnection` and the slot's index, level-triggered, so the event says
-// which slot and the fd says which side.
+// Each relayed connection is a slot: the accepted `client` socket, the `target` socket, a
+// pipe per direction while that direction has bytes in flight, and a `TCPConnectionState`,
+// the value that decides (TCPConnectionState.swift has the phases, half-closes and errors).
+// The relay only executes: `drive` feeds the state an event, performs the action it returns
+// through the `Sys` funnel (connect, SO_ERROR, splice with SPLICE_F_MOVE | SPLICE_F_NONBLOCK,
+// shutdown, pipes, epoll interest) and feeds back the outcome, until `.wait` or `.close`.
 //
-// The relay only executes: it feeds the state a readiness event or the outcome of the last
-// action (`drive`), performs the action it gets back through the `Sys` funnel — connect,
-// SO_ERROR, splice (SPLICE_F_MOVE | SPLICE_F_NONBLOCK, never copying through user space),
-// shutdown(SHUT_WR), taking and returning pipes, epoll interest — and stops at `.wait` or
-// `.close`. A connection that ends in error is closed with SO_LINGER {1, 0} on both sockets,
-// so both peers see a reset; one whose two directions were half-closed in turn, with a FIN.
-// Pipes are taken from a small pool when a direction has something to move and returned
-// when it is drained, so an idle connection holds two descriptors, not six.
+// Events:
+//   listener readable   accept4, up to `acceptBatch`; each connection is admitted (a slot of
+//                       `maxConnections`, TCP's share of the descriptor budget; on a shared
+//                       listener the context's first match picks the rule), then its target
+//                       socket is made and connect()ed. Out of slots or descriptors the
+//                       listener pauses (`.exhausted`) and its clients wait in the backlog;
+//                       a connection refused (budget, loop, target) is reset at once.
+//   socket readiness    kind `tcpConnection`, index = slot, level-triggered; the fd says
+//                       the side; drives that slot's state.
+//   connection closed   the context hears of it (`relayCapacityAvailable`): paused listeners
+//                       resume.
 //
-// Errors of the environment and what they do:
-//   accept4 EINTR            retried (by the funnel);
-//   accept4 EAGAIN           the backlog is empty: done;
-//   accept4 EMFILE, ENFILE,  the listener is paused (`.exhausted`), the client stays in the
-//     ENOBUFS, ENOMEM        backlog; other errors (ECONNABORTED) lose that one connection;
-//   socket() for the target  the client is reset; out of descriptors also pauses the listener;
-//   connect() refused        the client is reset (it reads ECONNRESET, as from the target);
-//   splice EAGAIN            wait for readiness (back-pressure);
-//   splice/shutdown errors   (ECONNRESET, EPIPE, ENOBUFS, ENOMEM, ...) reset both sockets;
-//   pipe2 failure            (EMFILE, ENFILE) reset both sockets: the bytes cannot be moved;
-//   epoll_ctl ENOSPC/ENOMEM  reset both sockets (counted in `watchFailures`).
-// No error leaves a descriptor behind: every ending goes through `close(slot:)`.
+// Invariants:
+//   - `close(slot:)` is the only way a connection ends, and closes all it holds; one ended
+//     by an error is closed with SO_LINGER {1, 0} on both sockets (both peers see a reset),
+//     one whose directions were both half-closed with a FIN;
+//   - each connection is charged `DescriptorPlan.perConnection` to TCP's share: its sockets
+//     and a pipe each way (DescriptorBudget.swift). Open pipes, in use or pooled, are at most
+//     two per connection plus `sparePipes`, pooled and charged apart and closed first when a
+//     new connection needs the room: the relay never holds more than it was charged, and an
+//     admitted connection's pipe is never refused for want of budget;
+//   - an idle connection holds its two sockets only: pipes go back to the pool when drained;
+//   - a connection refers only to its own descriptors and a copy of its target, so it
+//     outlives its rule.
 //
-// Capacity: `maxConnections` slots. When they are all in use, or accept4() fails with
-// EMFILE/ENFILE, or the target socket cannot be made for lack of descriptors, the relay
-// reports it and the engine pauses its listeners for a moment (the kernel keeps the
-// connections in the backlog); nothing spins and nothing crashes.
-//
-// Descriptors: each connection is charged its two sockets to the engine's `DescriptorBudget`
-// when accepted, and each pipe two more while it exists (in use or pooled; see
-// DescriptorBudget.swift for why a pipe may use the listeners' headroom and a connection may
-// not). A connection the budget cannot take is accepted and reset at once (counted in
-// `refusedBudget`), so its client learns at once instead of hanging in the backlog, and the
-// descriptors pestod keeps for D-Bus, its state and new listeners stay free. A socket
-// epoll cannot watch (ENOSPC at `fs.epoll.max_user_watches`, ENOMEM) ends that connection
-// with a reset (counted in `watchFailures`); the relay carries on.
-//
-// A connection only ever refers to its own descriptors and a copy of its target, so it
-// survives the deactivation or deletion of the rule whose listener accepted it.
+// Errors of the environment: accept4 EAGAIN ends the batch; EMFILE, ENFILE, ENOBUFS, ENOMEM
+// pause the listener; other accept4 errors (ECONNABORTED) lose that one connection. A failed
+// target socket, connect, splice, shutdown, pipe2 or epoll_ctl resets that connection alone,
+// counted (`connectFailures`, `resets`, `watchFailures`); EINTR is retried by the funnel. No
+// error leaves a descriptor behind.
 
 import CPestoSys
 import PestoModel
@@ -137,48 +129,48 @@ public final class TCPRelay: EventHandler {
     }
 
     private let loop: EventLoop
-    private let targetSide: (TableKind) -> TargetSide
-    private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
+    /// Where each table's targets are reached.
+    let sides: TargetSides
+    /// The engine: loop checks, first match, capacity (RelayContext.swift).
+    private weak var context: (any RelayContext)?
     public let limits: TCPRelayLimits
     /// The engine's descriptor budget, shared with the listeners and the UDP relay.
-    private let budget: DescriptorBudget
-    private var slots: [Connection] = []
+    let budget: DescriptorBudget
+    var slots: [Connection] = []
     /// Each slot's PROXY protocol header, parallel to `slots`: empty (no storage) until the
     /// slot first serves a rule with `proxy-protocol`, then reserved once at
     /// `ProxyProtocolHeader.maxLength` and reused by every later connection of the slot, so
     /// a header costs no allocation per connection or event (v2), and slots of rules
     /// without it cost no memory for it (idle relayed connections stay small).
-    private var headers: [[UInt8]] = []
+    var headers: [[UInt8]] = []
     private var freeSlots: [UInt32] = []
     /// Connections handed over by the pestod this one takes over from, installed but not
     /// started (`startAdopted()`).
-    private var adoptedWaiting: [UInt32] = []
+    var adoptedWaiting: [UInt32] = []
     private var pipePool: [Pipe] = []
+    /// Pipes open, in use or pooled: two per connection (charged with it) and `sparePipes`.
+    var pipesOpen = 0
+    /// Pooled pipes charged on their own, beyond two per connection.
+    private var sparePipes = 0
     /// The next loopback source address's last byte (see `spreadLoopbackSources`).
     private var nextLoopbackSource: UInt32 = 2
-    public private(set) var activeConnections = 0
-    public private(set) var counters = Counters()
+    public internal(set) var activeConnections = 0
+    public internal(set) var counters = Counters()
     /// Where recurring failures are reported once (transparent source).
     public var conditions: DataPathConditions?
-    /// Called when a connection closes, so paused listeners can resume.
-    public var onCapacityAvailable: (() -> Void)?
-    /// First match (doc/overlap.md): the target of a connection accepted on a shared
-    /// listener (listener, accepted socket), or nil when no active rule matches it.
-    public var dispatch: ((Int32, Int32) -> ForwardTarget?)?
 
-    /// Makes a relay. `targetSide` gives the side where a table's targets are reached;
-    /// `wouldLoop` says whether a destination is one of pestod's own listeners there;
-    /// `budget` is charged for every connection and pipe.
+    /// Makes a relay. `sides` are where the tables' targets are reached; `context` (held
+    /// weakly) answers loop checks and first match and hears of closed connections; `budget`
+    /// is charged for every connection.
     public init(
-        loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: TCPRelayLimits = TCPRelayLimits(),
-        budget: DescriptorBudget = DescriptorBudget(plan: .current),
-        wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
+        loop: EventLoop, sides: TargetSides, context: (any RelayContext)?, limits: TCPRelayLimits = TCPRelayLimits(),
+        budget: DescriptorBudget = DescriptorBudget(plan: .current)
     ) {
         self.loop = loop
         self.budget = budget
-        self.targetSide = targetSide
+        self.sides = sides
+        self.context = context
         self.limits = limits
-        self.wouldLoop = wouldLoop
         slots.reserveCapacity(min(limits.maxConnections, 1024))
         loop.setHandler(self, for: EngineEventKind.tcpConnection)
     }
@@ -188,18 +180,14 @@ public final class TCPRelay: EventHandler {
     /// Closes every connection and pooled pipe.
     public func closeAll() {
         for i in slots.indices where slots[i].inUse { close(slot: UInt32(i), reset: false) }
-        for pipe in pipePool {
-            Sys.close(pipe.read)
-            Sys.close(pipe.write)
-            budget.release(DescriptorPlan.perPipe)
-        }
-        pipePool.removeAll()
+        while !pipePool.isEmpty { closePooledPipe() }
+        settlePipes()
     }
 
     // MARK: Accepting
 
     /// Accepts the connections waiting on `listener` and starts relaying them to `target`, or,
-    /// on a `shared` listener, to the target `dispatch` picks for each.
+    /// on a `shared` listener, to the target the context's first match picks for each.
     public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) -> AcceptOutcome {
         for _ in 0..<limits.acceptBatch {
             if activeConnections >= limits.maxConnections { return .exhausted }
@@ -216,23 +204,36 @@ public final class TCPRelay: EventHandler {
             counters.accepted += 1
             var target = target
             if shared {
-                guard let winner = dispatch?(listener, client) else {
+                let winner = context?.firstMatchTarget(listener: listener) {
+                    guard case .success(let local) = Sys.localAddress(client) else { return nil }
+                    return local.endpoint?.address
+                }
+                guard let winner else {
                     counters.unmatched += 1
                     resetAndClose(client)
                     continue
                 }
                 target = winner
             }
-            guard budget.admit(DescriptorPlan.perConnection, for: .tcp) else {
+            // A connection's charge covers two pipes, so up to two spares become its own;
+            // beyond, spares make room for it (they are only kept for reuse).
+            for _ in 0..<min(2, sparePipes) {
+                sparePipes -= 1
+                budget.releaseSparePipe()
+            }
+            while !budget.fits(.tcp) && sparePipes > 0 { dropSparePipe() }
+            guard budget.admit(.tcp) else {
                 counters.refusedBudget += 1
                 resetAndClose(client)
+                settlePipes()
                 continue
             }
             // start() either gives the connection a slot, whose close gives the charge back,
             // or closes the client: then the charge goes back here.
             let relayedBefore = counters.relayed
             let started = start(client: client, peer: peer, target: target)
-            if counters.relayed == relayedBefore { budget.release(DescriptorPlan.perConnection) }
+            if counters.relayed == relayedBefore { budget.release(.tcp) }
+            settlePipes()
             if !started { return .exhausted }
         }
         return .accepted
@@ -242,13 +243,13 @@ public final class TCPRelay: EventHandler {
     private func start(client: Int32, peer: SocketAddress, target: ForwardTarget) -> Bool {
         let family: AddressFamily = peer.endpoint?.address.family ?? .ipv4
         let destination = target.destination(peerFamily: family)
-        if wouldLoop(target, destination) {
+        if context?.refusesLoop(target, to: destination) ?? false {
             counters.refusedLoops += 1
             resetAndClose(client)
             return true
         }
         let out: Int32
-        switch targetSide(target.table).socket(domain: destination.family, type: Int32(SOCK_STREAM.rawValue)) {
+        switch sides[target.table].socket(domain: destination.family, type: Int32(SOCK_STREAM.rawValue)) {
         case .success(let fd): out = fd
         case .failure(let e):
             resetAndClose(client)
@@ -258,7 +259,7 @@ public final class TCPRelay: EventHandler {
         // The client has TCP_NODELAY from its listener (Listener.swift): only the target's is set.
         setNoDelay(out)
         var transparent = false
-        if target.source == .client, let routing = targetSide(target.table).transparent {
+        if target.source == .client, let routing = sides[target.table].transparent {
             // The client's address of the destination's family (a dual-stack listener's
             // IPv4-mapped peer is IPv4, as is its default destination; families always match).
             guard let endpoint = peer.endpoint, endpoint.address.family == (destination.family == AF_INET ? .ipv4 : .ipv6),
@@ -279,7 +280,7 @@ public final class TCPRelay: EventHandler {
         let connected = Sys.connect(out, to: destination)
         if case .failed = connected {
             counters.connectFailures += 1
-            if transparent { targetSide(target.table).transparent?.release() }
+            if transparent { sides[target.table].transparent?.release() }
             Sys.close(out)
             resetAndClose(client)
             return true
@@ -320,7 +321,7 @@ public final class TCPRelay: EventHandler {
         _ = Sys.setOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
     }
 
-    private func allocateSlot() -> UInt32 {
+    func allocateSlot() -> UInt32 {
         if let i = freeSlots.popLast() { return i }
         slots.append(Connection())
         headers.append([])
@@ -359,7 +360,7 @@ public final class TCPRelay: EventHandler {
     /// Feeds `event` to the connection's state and executes the actions it returns, feeding
     /// back each one's outcome, until it says to wait or to close. `destination` is the
     /// target's address, for connect() asked again (only just after the first connect()).
-    private func drive(_ index: UInt32, _ event: TCPConnectionState.Event, destination: SocketAddress? = nil) {
+    func drive(_ index: UInt32, _ event: TCPConnectionState.Event, destination: SocketAddress? = nil) {
         let i = Int(index)
         var action = slots[i].state.handle(event)
         while true {
@@ -443,20 +444,20 @@ public final class TCPRelay: EventHandler {
 
     // MARK: Pipes
 
-    /// Gives direction `d` of a connection a pipe, from the pool (already charged) or new
-    /// (charged here); false when none can be had.
+    /// Gives direction `d` of a connection a pipe, from the pool or new (charged with the
+    /// connection); false when none can be had (pipe2 failed).
     private func takePipe(_ c: inout Connection, _ d: TCPDirection) -> Bool {
         let pipe: Pipe
         if let pooled = pipePool.popLast() {
             pipe = pooled
         } else {
-            guard budget.takePipe() else { return false }
+            // The pool is empty, so every open pipe is in use, and this direction holds none:
+            // fewer than two per connection are open.
             switch Sys.pipe() {
             case .success(let fds): pipe = Pipe(read: fds.read, write: fds.write)
-            case .failure:
-                budget.release(DescriptorPlan.perPipe)
-                return false
+            case .failure: return false
             }
+            pipesOpen += 1
             // The kernel may grant less than asked (or refuse, above /proc/sys/fs/pipe-max-size
             // without CAP_SYS_RESOURCE): the pipe then moves smaller chunks, which is all.
             _ = Sys.setPipeSize(pipe.write, limits.pipeSize)
@@ -465,18 +466,52 @@ public final class TCPRelay: EventHandler {
         return true
     }
 
-    /// Parks a pipe in the pool (when it is empty and relays are within their descriptor
-    /// limit) or closes it.
+    /// Parks a pipe in the pool (when it is empty and the pool has room) or closes it; then
+    /// settles the charge of the open pipes.
     private func releasePipe(_ pipe: inout Pipe, pending: Int) {
         guard pipe.read >= 0 else { return }
-        if pending == 0 && pipePool.count < limits.pipePoolSize && budget.mayKeepIdlePipe {
+        if pending == 0 && pipePool.count < limits.pipePoolSize {
             pipePool.append(pipe)
         } else {
             Sys.close(pipe.read)
             Sys.close(pipe.write)
-            budget.release(DescriptorPlan.perPipe)
+            pipesOpen -= 1
         }
         pipe = Pipe()
+        settlePipes()
+    }
+
+    /// Keeps the open pipes within what is charged for them: two per connection and the
+    /// spares. Spare charges no longer needed are given back; pooled pipes beyond are charged
+    /// as spares while TCP's share has room, and closed otherwise. (Pipes in use are at most
+    /// two per connection, so the ones beyond are always in the pool.)
+    func settlePipes() {
+        while sparePipes > 0 && pipesOpen < 2 * activeConnections + sparePipes {
+            sparePipes -= 1
+            budget.releaseSparePipe()
+        }
+        while pipesOpen > 2 * activeConnections + sparePipes {
+            if budget.takeSparePipe() {
+                sparePipes += 1
+            } else {
+                closePooledPipe()
+            }
+        }
+    }
+
+    /// Closes a spare pipe of the pool and gives back its charge.
+    private func dropSparePipe() {
+        closePooledPipe()
+        sparePipes -= 1
+        budget.releaseSparePipe()
+    }
+
+    /// Closes a pipe of the pool.
+    private func closePooledPipe() {
+        let pipe = pipePool.removeLast()
+        Sys.close(pipe.read)
+        Sys.close(pipe.write)
+        pipesOpen -= 1
     }
 
     // MARK: Closing
@@ -516,109 +551,18 @@ public final class TCPRelay: EventHandler {
         closeSide(c.client)  // no array: nothing is allocated per connection here
         closeSide(c.target)
         // Only the HOST table's side has transparent connections.
-        if c.transparent { targetSide(.host).transparent?.release() }
-        // A pipe with data left in it is closed, never pooled.
-        releasePipe(&c.upPipe, pending: c.state.up.pending)
-        releasePipe(&c.downPipe, pending: c.state.down.pending)
+        if c.transparent { sides.host.transparent?.release() }
         slots[i] = Connection()
         freeSlots.append(index)
         activeConnections -= 1
-        budget.release(DescriptorPlan.perConnection)
+        budget.release(.tcp)
+        // A pipe with data left in it is closed, never pooled; an empty one stays in the pool
+        // as a spare while TCP's share has room.
+        releasePipe(&c.upPipe, pending: c.state.up.pending)
+        releasePipe(&c.downPipe, pending: c.state.down.pending)
+        settlePipes()
         counters.closed += 1
-        onCapacityAvailable?()
-    }
-
-    // MARK: Takeover (RelayHandover.swift)
-
-    /// Every relayed connection as it is to be handed over, with its descriptors (which stay
-    /// open here). Called with the loop held for the whole handover: nothing is read from
-    /// these sockets afterwards, unless the takeover fails and this instance carries on.
-    public func handoverSnapshot() -> [TCPConnectionHandover] {
-        var out: [TCPConnectionHandover] = []
-        out.reserveCapacity(activeConnections)
-        for i in slots.indices where slots[i].inUse {
-            let c = slots[i]
-            let state = c.state
-            func direction(_ f: TCPConnectionState.Flow) -> TCPConnectionHandover.Direction {
-                .init(pending: f.pending, sourceEnded: f.sourceEnded, finished: f.finished)
-            }
-            var fds = [c.client, c.target]
-            if state.up.pending > 0 { fds += [c.upPipe.read, c.upPipe.write] }
-            if state.down.pending > 0 { fds += [c.downPipe.read, c.downPipe.write] }
-            let peer: SocketAddress?
-            if state.phase == .relaying, case .success(let a) = Sys.peerAddress(c.target) { peer = a } else { peer = nil }
-            out.append(
-                TCPConnectionHandover(
-                    table: c.table, ruleID: c.ruleID, connecting: state.phase == .connecting, up: direction(state.up),
-                    down: direction(state.down), target: peer, preamble: Array(headers[i].suffix(state.preambleLeft)),
-                    descriptors: fds))
-        }
-        return out
-    }
-
-    /// Installs a connection handed over by the pestod this one takes over from, without any
-    /// I/O (`startAdopted()` starts it); false when the budget cannot take its descriptors,
-    /// which the caller then closes. `connection.descriptors` must match its record.
-    func adopt(_ connection: TCPConnectionHandover) -> Bool {
-        precondition(connection.descriptors.count == connection.descriptorCount, "descriptors do not match the record")
-        let fds = connection.descriptors
-        let stream = Int32(SOCK_STREAM.rawValue)
-        guard case .success(stream) = Sys.option(fds[0], level: SOL_SOCKET, name: SO_TYPE),
-            case .success(stream) = Sys.option(fds[1], level: SOL_SOCKET, name: SO_TYPE),
-            connection.preamble.count <= ProxyProtocolHeader.maxLength,
-            !(connection.up.finished && connection.down.finished),
-            budget.adopt(connection.descriptorCount)
-        else { return false }
-        var next = 2
-        func flow(_ d: TCPConnectionHandover.Direction) -> (TCPConnectionState.Flow, Pipe) {
-            var f = TCPConnectionState.Flow()
-            f.sourceEnded = d.sourceEnded || d.finished
-            f.finished = d.finished
-            guard d.pending > 0 else { return (f, Pipe()) }
-            f.pending = d.pending
-            f.hasPipe = true
-            defer { next += 2 }
-            return (f, Pipe(read: fds[next], write: fds[next + 1]))
-        }
-        let (up, upPipe) = flow(connection.up)
-        let (down, downPipe) = flow(connection.down)
-        // A connection from its client's address uses the routing its predecessor left
-        // installed: counted here, so it stays while the connection lives.
-        var transparent = false
-        if TransparentSource.isTransparent(fds[1]), let routing = targetSide(connection.table).transparent,
-            case .success = routing.retain()
-        {
-            transparent = true
-        }
-        // The pipes are charged with the connection above; the budget counts them as pipes.
-        let index = allocateSlot()
-        if !connection.preamble.isEmpty {
-            headers[Int(index)].removeAll(keepingCapacity: true)
-            headers[Int(index)].reserveCapacity(ProxyProtocolHeader.maxLength)
-            headers[Int(index)] += connection.preamble
-        }
-        slots[Int(index)] = Connection(
-            client: fds[0], target: fds[1],
-            state: TCPConnectionState(adoptedConnecting: connection.connecting, up: up, down: down, preamble: connection.preamble.count),
-            upPipe: upPipe, downPipe: downPipe, inUse: true, transparent: transparent, table: connection.table,
-            ruleID: connection.ruleID)
-        activeConnections += 1
-        counters.relayed += 1
-        adoptedWaiting.append(index)
-        return true
-    }
-
-    /// Starts the adopted connections: once the old pestod has let go of them (said bye).
-    public func startAdopted() {
-        let waiting = adoptedWaiting
-        adoptedWaiting = []
-        for index in waiting where slots[Int(index)].inUse {
-            if slots[Int(index)].state.phase == .connecting {
-                drive(index, .connect(.inProgress))
-            } else {
-                drive(index, .ready(.client))
-            }
-        }
+        context?.relayCapacityAvailable()
     }
 
     // MARK: Inspection (tests)

@@ -4,88 +4,46 @@
 //
 // Theory of operation
 // -------------------
-// UDP has no connections, so the relay makes them. A flow is one (listening socket, client
-// address) pair. The first datagram from a client creates the flow's own socket on the
-// target side, connect()ed to the destination, so the kernel filters what comes back and
-// only the target's replies reach that socket:
+// UDP has no connections, so the relay makes them. A flow is one (listener, client address,
+// local address the client wrote to) triple; the client's first datagram creates the flow's
+// own socket on the target side, connect()ed to the destination, so only the target's
+// replies reach it. Replies leave through the listener, from the very address the client
+// wrote to (its IP_PKTINFO / IPV6_PKTINFO, kept with the flow), so the client sees them come
+// from where it sent (doc/data-path.md, "UDP replies leave from the address the client asked"):
 //
 //   client ──datagram──▶ listener ──(find or create flow)──▶ flow socket ──send()──▶ target
-//   client ◀──sendto()── listener ◀────────── recv() ──────── flow socket ◀──reply── target
+//   client ◀─sendmmsg()─ listener ◀──── recvmmsg() ──────── flow socket ◀──reply── target
 //
-// Replies leave through the listening socket, so the client sees them come from the address
-// and port it sent to. A listener bound to a wildcard address (or to an interface) would
-// otherwise reply from the address the kernel's route lookup picks for the client, which on
-// a multi-homed host, or for a client of 127.0.0.5, is not the one the client used, and a
-// connected client socket drops such a reply. So listeners ask for IP_PKTINFO /
-// IPV6_RECVPKTINFO (`Sys.receivePacketInfo`, set by the listener factory): every datagram is
-// taken with recvmsg() along with the local address and interface it arrived on, the flow
-// remembers them (they are part of its key: a client writing to two addresses of a wildcard
-// listener has two flows), and every reply is sent with sendmsg() and that same IP_PKTINFO /
-// IPV6_PKTINFO, so it leaves from exactly the address the client wrote to (the interface is
-// left to the route, except for IPv6 link-local addresses; a rule bound to an interface keeps
-// its replies on it through SO_BINDTODEVICE). The control
-// buffers live on the C shim's stack: nothing is allocated per datagram. A listener without
-// the option (tests that make their own) gives no local address, and replies are plain sends.
-//
-// Batching: datagrams are taken `batch` (64) at a time with one recvmmsg(2), into a
-// `DatagramBatch` allocated in init (64 slots of 64 KiB, each with room for its sender and
-// pktinfo; the mmsghdr, iovec and control arrays live on the C shim's stack). With many
-// flows, what costs is system calls per datagram: one datagram at a time, a round trip
-// through the relay took a recvmsg, a send, a recv and a sendmsg, plus an EAGAIN at the end of
-// each readiness. Batched, a listener batch costs one recvmmsg and one sendmmsg per flow
-// present in it (that flow's datagrams, in arrival order); replies are gathered from every
-// flow socket that became readable in one epoll_wait into a second batch (each with its
-// client and local address) and leave the listener in one sendmmsg after the turn's events
-// (`EventLoop.afterEvents`), or sooner when the batch is full or a flow of another listener
-// has replies, or at once when the flow was the only source of its turn (request/response:
-// nothing to gather with).
+// Datagrams move `batch` (64) at a time through two `DatagramBatch`es allocated in init, so
+// nothing is allocated per datagram (doc/data-path.md, "UDP in batches").
 //
 // Events:
-//   listener readable   up to `batch` datagrams are taken with one recvmmsg(MSG_DONTWAIT).
-//                       Each is matched to its flow by a dictionary lookup keyed by
-//                       (listener fd, client address, local address), which allocates
-//                       nothing, and skipped when the datagram before it was of the same flow
-//                       (a flow's state is touched once per run of its datagrams); a miss
-//                       creates the flow unless the table is full (`maxFlows`: dropped,
-//                       counted) or the destination is one of pestod's own listeners
-//                       (`wouldLoop`: dropped, counted — it would loop forever). Then each
-//                       flow's datagrams of the batch go in one sendmmsg() on its socket (one
-//                       socket per flow: there is no call that sends on many sockets).
-//   flow readable       up to `batch` replies are taken with recvmmsg() into the reply batch,
-//                       each marked with the flow's client and local address. The flow socket
-//                       is registered under kind `udpFlow` with its slot as the epoll index,
-//                       so this path does no lookup at all.
-//   after the events    the gathered replies leave the listener in one sendmmsg(), each to
-//                       its client from its flow's local address (`flushReplies`).
-//                       sendmmsg() stops at the first datagram it cannot send (full send
-//                       buffer, no route) without saying why: the rest are sent again, and a
-//                       datagram the call fails on is dropped and counted, as one sendmsg()
-//                       per datagram did, so a stuck socket costs at most one call per
-//                       datagram and never a spin (`sendAll`, both directions).
-//   expiry timer        every `expiryCheckMilliseconds`, flows idle (no datagram either way)
-//                       for `idleTimeoutMilliseconds` are closed. The timer is armed only while
-//                       there are flows, so an idle relay never wakes the loop.
-//   listener closing    the engine calls `listenerClosing` before it closes a UDP listener:
-//                       the replies gathered for it are sent, then its flows are closed, since
-//                       their replies could no longer be sent (and the fd number may soon name
-//                       another listener).
+//   listener readable   one recvmmsg; each datagram is matched to its flow (`flowsByKey`,
+//                       no allocation; once per run of one flow's datagrams) or creates it,
+//                       unless the flow table is full (`maxFlows`), the destination is one
+//                       of pestod's listeners (`refusesLoop`) or UDP's share of the
+//                       descriptor budget is spent: then it is dropped and counted. Each
+//                       flow's datagrams then leave its socket in one sendmmsg.
+//   flow readable       one recvmmsg into the reply batch (epoll index = slot: no lookup).
+//   after the events    the gathered replies leave their listener in one sendmmsg
+//                       (`flushReplies`); sooner when the batch is full, another listener's
+//                       replies arrive, or the flow was the turn's only source.
+//   expiry timer        every `expiryCheckMilliseconds`, flows idle for
+//                       `idleTimeoutMilliseconds` close; armed only while flows exist.
+//   listener closing    its pending replies are sent, then its flows closed.
 //
-// Flows live in an array of slots reused through a free list; a slot is free exactly when its
-// `socket` is -1, and `flowsByKey` maps the key of every used slot to it and holds nothing
-// else. The clock is read once per batch, not per datagram.
+// Invariants:
+//   - a slot is free exactly when its `socket` is -1; `flowsByKey` maps the key of every
+//     used slot to it and holds nothing else; `flowCount` counts the used slots;
+//   - every flow is charged one descriptor to the engine's `DescriptorBudget` (UDP's share)
+//     and is in epoll under kind `udpFlow` with its slot as index;
+//   - `pendingReplies` replies wait in `replies`, all from `pendingListener`.
 //
-// Each flow is charged one descriptor to the engine's `DescriptorBudget`; a new client the
-// budget cannot take has its datagram dropped (counted in `droppedDescriptorBudget`, reported
-// once per episode by the budget), so flows never eat the descriptors pestod keeps for D-Bus,
-// its state and new listeners. A flow socket epoll cannot watch (ENOSPC at
-// `fs.epoll.max_user_watches`, ENOMEM) is closed and its datagram dropped, like any other
-// error of the environment.
-//
-// Errors of the environment drop one datagram and are counted in `droppedErrors`; they never
-// end a flow or the service. A connected UDP socket reports an ICMP "port unreachable" from
-// the target as ECONNREFUSED on its next call: on recv() it is counted, on send() it is
-// counted and the send retried once (the failed send did not transmit, and the error is
-// cleared by being reported), so a target that starts listening late gets the datagram.
+// Errors of the environment drop one datagram and are counted (`droppedErrors`); they never
+// end a flow or the service. sendmmsg stops at the first datagram it cannot send: the rest
+// are sent again and the failing one dropped (`sendAll`), so a stuck socket never spins. An
+// ICMP "port unreachable" from the target shows as ECONNREFUSED on the flow's next call:
+// counted, and a send is retried once (nothing was sent). The clock is read once per batch.
 //
 // The relay belongs to the loop thread.
 
@@ -190,15 +148,17 @@ public final class UDPRelay: EventHandler {
     }
 
     private let loop: EventLoop
-    private let targetSide: (TableKind) -> TargetSide
-    private let wouldLoop: (ForwardTarget, SocketAddress) -> Bool
+    /// Where each table's targets are reached.
+    let sides: TargetSides
+    /// The engine: loop checks and first match (RelayContext.swift).
+    private weak var context: (any RelayContext)?
     /// The limits this relay was made with.
     public let limits: UDPRelayLimits
     /// The engine's descriptor budget: one descriptor per flow.
-    private let budget: DescriptorBudget
-    private var flows: [Flow] = []
+    let budget: DescriptorBudget
+    var flows: [Flow] = []
     private var freeSlots: [UInt32] = []
-    private var flowsByKey: [FlowKey: UInt32] = [:]
+    var flowsByKey: [FlowKey: UInt32] = [:]
     /// Every datagram from a client passes through here, `batch` at a time; allocated once.
     private let datagrams: DatagramBatch
     /// Replies gathered during one loop turn, each with its client and local address, sent
@@ -222,26 +182,22 @@ public final class UDPRelay: EventHandler {
 
     /// Where a full flow table is reported (once while it stays full), if anywhere.
     public var conditions: DataPathConditions?
-    /// First match (doc/overlap.md): the target of a new flow on a shared listener
-    /// (listener, local address the datagram was sent to), or nil when no active rule matches.
-    public var dispatch: ((Int32, IPAddress?) -> ForwardTarget?)?
 
-    /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `targetSide`
-    /// gives the side where a table's targets are reached; `wouldLoop` says whether a
-    /// destination is one of pestod's own listeners there; `budget` is charged per flow.
+    /// Makes a relay and makes it the loop's handler for `udpFlow` sources. `sides` are where
+    /// the tables' targets are reached; `context` (held weakly) answers loop checks and first
+    /// match; `budget` is charged per flow.
     public init(
-        loop: EventLoop, targetSide: @escaping (TableKind) -> TargetSide, limits: UDPRelayLimits = UDPRelayLimits(),
-        budget: DescriptorBudget = DescriptorBudget(plan: .current),
-        wouldLoop: @escaping (ForwardTarget, SocketAddress) -> Bool = { _, _ in false }
+        loop: EventLoop, sides: TargetSides, context: (any RelayContext)?, limits: UDPRelayLimits = UDPRelayLimits(),
+        budget: DescriptorBudget = DescriptorBudget(plan: .current)
     ) {
         precondition(limits.maxFlows >= 0 && limits.maxFlows <= 1 << 24, "maxFlows \(limits.maxFlows) is not in 0...2^24")
         precondition(limits.idleTimeoutMilliseconds > 0, "idleTimeoutMilliseconds must be positive")
         precondition(limits.expiryCheckMilliseconds > 0, "expiryCheckMilliseconds must be positive")
         self.loop = loop
-        self.targetSide = targetSide
+        self.sides = sides
+        self.context = context
         self.limits = limits
         self.budget = budget
-        self.wouldLoop = wouldLoop
         datagrams = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
         replies = DatagramBatch(capacity: Self.batch, bufferSize: Self.bufferSize)
         batchFlows = .allocate(capacity: Self.batch)
@@ -274,7 +230,7 @@ public final class UDPRelay: EventHandler {
     /// Relays the datagrams waiting on `listener` to `target`, one flow per client address.
     ///
     /// Takes at most `batch` datagrams, then returns so other sources get their turn.
-    /// On a `shared` listener a new flow's target is the one `dispatch` picks.
+    /// On a `shared` listener a new flow's target is the one the context's first match picks.
     public func listenerReadable(fd listener: Int32, target: ForwardTarget, shared: Bool = false) {
         let received: Int
         switch Sys.receiveBatch(listener, into: datagrams, count: Self.batch, flags: Int32(MSG_DONTWAIT)) {
@@ -327,7 +283,7 @@ public final class UDPRelay: EventHandler {
         if let slot = flowsByKey[key] { return Int(slot) }
         var target = target
         if shared {
-            guard let winner = dispatch?(listener, local.address) else {
+            guard let winner = context?.firstMatchTarget(listener: listener, localAddress: { local.address }) else {
                 counters.droppedUnmatched += 1
                 return nil
             }
@@ -342,22 +298,22 @@ public final class UDPRelay: EventHandler {
         }
         // `endpoint` turns an IPv4-mapped client of a dual-stack listener into IPv4.
         let destination = target.destination(peerFamily: client.endpoint?.address.family ?? .ipv4)
-        if wouldLoop(target, destination) {
+        if context?.refusesLoop(target, to: destination) ?? false {
             counters.droppedLoop += 1
             return nil
         }
-        guard budget.admit(DescriptorPlan.perFlow, for: .udp) else {
+        guard budget.admit(.udp) else {
             counters.droppedDescriptorBudget += 1
             return nil
         }
-        let side = targetSide(target.table)
+        let side = sides[target.table]
         // From the client's address (`source` "client"), of the destination's family.
         var transparentClient: SocketAddress? = nil
         if target.source == .client, side.transparent != nil, let endpoint = client.endpoint {
             transparentClient = SocketAddress(endpoint.address, port: endpoint.port)
         }
         guard let socket = openFlowSocket(to: destination, side: side, from: transparentClient) else {
-            budget.release(DescriptorPlan.perFlow)
+            budget.release(.udp)
             if transparentClient != nil {
                 counters.droppedTransparent += 1
                 conditions?.occurred(
@@ -369,6 +325,25 @@ public final class UDPRelay: EventHandler {
             }
             return nil
         }
+        let flow = Flow(
+            socket: socket, listener: listener, client: client, local: local, lastActive: now, transparent: transparentClient != nil)
+        guard let slot = install(flow, key: key) else {
+            // epoll cannot take one more watch: this datagram is lost, the relay carries on.
+            if let address = transparentClient?.endpoint?.address { side.transparent?.releaseFlow(client: address) }
+            Sys.close(socket)
+            budget.release(.udp)
+            counters.droppedErrors += 1
+            return nil
+        }
+        counters.flowsCreated += 1
+        conditions?.clear(.udpFlowTableFull)
+        return Int(slot)
+    }
+
+    /// Puts `flow` (charged already) in a free slot under `key`, watched by epoll under kind
+    /// `udpFlow` with the slot as its index, and arms the expiry timer with the first flow.
+    /// - Returns: the slot, or nil when epoll cannot watch the socket (nothing is changed).
+    func install(_ flow: Flow, key: FlowKey) -> UInt32? {
         let slot: UInt32
         if let free = freeSlots.popLast() {
             slot = free
@@ -377,28 +352,20 @@ public final class UDPRelay: EventHandler {
             flows.append(Flow())
         }
         do throws(PestoError) {
-            try loop.add(fd: socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
+            try loop.add(fd: flow.socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
         } catch {
-            // epoll cannot take one more watch: this datagram is lost, the relay carries on.
-            if let address = transparentClient?.endpoint?.address { side.transparent?.releaseFlow(client: address) }
-            Sys.close(socket)
-            budget.release(DescriptorPlan.perFlow)
             freeSlots.append(slot)
-            counters.droppedErrors += 1
             return nil
         }
-        flows[Int(slot)] = Flow(
-            socket: socket, listener: listener, client: client, local: local, lastActive: now, transparent: transparentClient != nil)
+        flows[Int(slot)] = flow
         flowsByKey[key] = slot
         flowCount += 1
-        counters.flowsCreated += 1
-        conditions?.clear(.udpFlowTableFull)
         if expiryTimer == nil {
             expiryTimer = loop.every(milliseconds: limits.expiryCheckMilliseconds) { [unowned self] in
                 self.expireIdleFlows(now: .now)
             }
         }
-        return Int(slot)
+        return slot
     }
 
     /// A non-blocking UDP socket on `side`, connected to `destination`; nil when the
@@ -580,79 +547,15 @@ public final class UDPRelay: EventHandler {
         loop.remove(fd: flow.socket)
         Sys.close(flow.socket)
         // Only the HOST table's side has transparent flows.
-        if flow.transparent, let address = flow.client.endpoint?.address { targetSide(.host).transparent?.releaseFlow(client: address) }
+        if flow.transparent, let address = flow.client.endpoint?.address { sides.host.transparent?.releaseFlow(client: address) }
         flows[slot] = Flow()
         freeSlots.append(UInt32(slot))
         flowCount -= 1
-        budget.release(DescriptorPlan.perFlow)
+        budget.release(.udp)
         if flowCount == 0, let timer = expiryTimer {
             loop.cancelTimer(timer)
             expiryTimer = nil
         }
-    }
-
-    // MARK: Takeover (RelayHandover.swift)
-
-    /// Every flow as it is to be handed over (sockets stay open here); `identify` names a
-    /// listener descriptor's (table, rule, port), nil for none (its flows are left out).
-    func handoverSnapshot(identify: (Int32) -> (TableKind, UInt32, UInt16)?) -> [UDPFlowHandover] {
-        let now = MonotonicInstant.now
-        var out: [UDPFlowHandover] = []
-        out.reserveCapacity(flowCount)
-        for flow in flows where flow.inUse {
-            guard let (table, ruleID, port) = identify(flow.listener) else { continue }
-            let idle = now.nanoseconds >= flow.lastActive.nanoseconds ? (now.nanoseconds - flow.lastActive.nanoseconds) / 1_000_000 : 0
-            out.append(
-                UDPFlowHandover(
-                    table: table, ruleID: ruleID, port: port, client: flow.client, local: flow.local,
-                    idleMilliseconds: UInt32(min(idle, UInt64(UInt32.max))), socket: flow.socket))
-        }
-        return out
-    }
-
-    /// Installs a flow handed over by the pestod this one takes over from, on `listener`,
-    /// with its idle time; false (the caller closes the socket) when the flow table or the
-    /// budget is full, the flow exists already, or epoll cannot watch the socket.
-    func adopt(_ handed: UDPFlowHandover, listener: Int32) -> Bool {
-        let key = FlowKey(listener: listener, client: handed.client, local: handed.local.address)
-        guard flowsByKey[key] == nil, flowCount < limits.maxFlows, budget.adopt(DescriptorPlan.perFlow) else { return false }
-        let slot: UInt32
-        if let free = freeSlots.popLast() {
-            slot = free
-        } else {
-            slot = UInt32(flows.count)
-            flows.append(Flow())
-        }
-        do throws(PestoError) {
-            try loop.add(fd: handed.socket, events: EventLoop.Events.readable, kind: EngineEventKind.udpFlow, index: slot)
-        } catch {
-            budget.release(DescriptorPlan.perFlow)
-            freeSlots.append(slot)
-            return false
-        }
-        // A flow from its client's address uses the routing (and the client address's route)
-        // its predecessor left installed: counted here, so they stay while the flow lives.
-        var transparent = false
-        if TransparentSource.isTransparent(handed.socket), let routing = targetSide(.host).transparent,
-            let client = handed.client.endpoint?.address, case .success(let peer) = Sys.peerAddress(handed.socket),
-            let target = peer.endpoint?.address, case .success = routing.retainFlow(client: client, target: target)
-        {
-            transparent = true
-        }
-        let now = MonotonicInstant.now
-        let idle = UInt64(handed.idleMilliseconds) * 1_000_000
-        let lastActive = MonotonicInstant(nanoseconds: now.nanoseconds > idle ? now.nanoseconds - idle : 0)
-        flows[Int(slot)] = Flow(
-            socket: handed.socket, listener: listener, client: handed.client, local: handed.local, lastActive: lastActive,
-            transparent: transparent)
-        flowsByKey[key] = slot
-        flowCount += 1
-        if expiryTimer == nil {
-            expiryTimer = loop.every(milliseconds: limits.expiryCheckMilliseconds) { [unowned self] in
-                self.expireIdleFlows(now: .now)
-            }
-        }
-        return true
     }
 
     // MARK: Inspection (tests)

@@ -63,4 +63,13 @@ public struct PestoError: Error, Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "\(code): \(message)" }
+
+    /// The message with its cause, for a log line or a terminal: `Cannot open the network
+    /// namespace /run/netns/x: ENOENT (No such file or directory).` (the message's own final
+    /// period moves after the cause).
+    public var logText: String {
+        guard let underlyingError else { return message }
+        let sentence = message.hasSuffix(".") ? String(message.dropLast()) : message
+        return "\(sentence): \(underlyingError)."
+    }
 }

@@ -17,13 +17,10 @@
 // system bus; beyond it the bus refuses the query, which counts as polkit not answering:
 // only uid 0 passes).
 //
-// Limits: a sender may have at most `maxPendingPerSender` changes waiting, and at most
-// `maxPendingBytesPerSender` bytes of them (each change's `bytes`, the size of its
-// arguments as sent, which its decoded arguments follow), whichever comes first; one more
-// is refused at once (`submit` says which limit, the server answers LimitsExceeded),
-// nothing is queued and nothing is asked. A change larger than the byte limit on its own
-// is still taken when it is the sender's only one waiting (the bus's maximum message size
-// bounds it), so every legal call can be made. A waiting change holds only its decoded
+// Limits (SenderLimits.swift, shared with the ChangeQueue): a sender may have at most 64
+// changes or 16 MiB of their arguments waiting; one more is refused at once (`submit` says
+// which limit, the server answers LimitsExceeded), nothing is queued and nothing is asked;
+// a lone larger change is still taken. A waiting change holds only its decoded
 // arguments and a ReplyAddress, never its message. The bus daemon bounds the number of
 // connections, so the memory held here is bounded too.
 //
@@ -38,25 +35,13 @@
 // This type knows nothing of D-Bus messages: the server hands it a closure per change and
 // is told, through that closure, whether the change may run.
 
-/// Changes waiting for their authorisation, one queue per sender, one query per change.
 import PestoDBus
 import PestoModel
 
+/// Changes waiting for their authorisation, one queue per sender, one query per change.
 final class AuthorizationQueue {
-    /// The default for `maxPendingPerSender`: plenty for a client that pipelines a
-    /// transaction, small enough that a flood costs little.
-    static let defaultMaxPendingPerSender = 64
-    /// The default for `maxPendingBytesPerSender`: 16 MiB, room for 64 ordinary changes
-    /// many times over, a small fraction of what 64 messages of the bus's maximum size are.
-    static let defaultMaxPendingBytesPerSender = 16 << 20
-
     /// Which limit refused a change.
-    enum Limit: Equatable {
-        /// The sender has `maxPendingPerSender` changes waiting.
-        case changes
-        /// The change would take the sender's waiting bytes past `maxPendingBytesPerSender`.
-        case bytes
-    }
+    typealias Limit = SenderLimits.Exceeded
 
     /// One change waiting for its answer; only the first of a sender's queue is being asked about.
     private struct Entry {
@@ -69,12 +54,10 @@ final class AuthorizationQueue {
 
     private let authorizer: any Authorizer
     private let action: String
-    /// Most changes one sender may have waiting.
-    let maxPendingPerSender: Int
-    /// Most bytes of changes one sender may have waiting (see Limits above).
-    let maxPendingBytesPerSender: Int
-    /// The bytes of each sender's waiting changes; a sender with none has no entry.
-    private var pendingBytes: [String: Int] = [:]
+    /// Each sender's waiting changes and bytes, against the per-sender limits.
+    private var tally: SenderTally
+    /// The per-sender limits.
+    var limits: SenderLimits { tally.limits }
     /// Waiting changes per sender, oldest first; a sender with none has no entry.
     private var queues: [String: [Entry]] = [:]
     /// What withdraws the check in progress of each sender (when the authorizer gave one).
@@ -82,32 +65,25 @@ final class AuthorizationQueue {
     private var nextToken: UInt64 = 0
 
     /// A queue asking `authorizer` about `action` for each change.
-    init(
-        authorizer: any Authorizer, action: String, maxPendingPerSender: Int = AuthorizationQueue.defaultMaxPendingPerSender,
-        maxPendingBytesPerSender: Int = AuthorizationQueue.defaultMaxPendingBytesPerSender
-    ) {
-        precondition(maxPendingPerSender > 0 && maxPendingBytesPerSender > 0)
+    init(authorizer: any Authorizer, action: String, limits: SenderLimits = .standard) {
         self.authorizer = authorizer
         self.action = action
-        self.maxPendingPerSender = maxPendingPerSender
-        self.maxPendingBytesPerSender = maxPendingBytesPerSender
+        tally = SenderTally(limits)
     }
 
     /// Queues a change of `sender` whose arguments take `bytes`; it is asked about once the
     /// earlier changes of `sender` are decided. `decided` is called once, with nil (run it)
     /// or the refusal to send — unless `sender` leaves the bus first, in which case it is
     /// never called. Returns the limit that refuses it, calling nothing and queuing nothing,
-    /// when `sender` already has `maxPendingPerSender` changes waiting, or has some waiting
-    /// and `bytes` more would exceed `maxPendingBytesPerSender`; nil when queued.
+    /// when `sender` already has `limits.changes` changes waiting, or has some waiting and
+    /// `bytes` more would exceed `limits.bytes`; nil when queued.
     func submit(sender: String, interactive: Bool, bytes: Int = 0, _ decided: @escaping (DBusErrorReply?) -> Void) -> Limit? {
         precondition(bytes >= 0)
+        if let limit = tally.refusal(sender: sender, bytes: bytes) { return limit }
         let waiting = queues[sender]?.count ?? 0
-        guard waiting < maxPendingPerSender else { return .changes }
-        let held = pendingBytes[sender] ?? 0
-        guard waiting == 0 || bytes <= maxPendingBytesPerSender - held else { return .bytes }
         nextToken += 1
         queues[sender, default: []].append(Entry(token: nextToken, interactive: interactive, bytes: bytes, decided: decided))
-        pendingBytes[sender] = held + bytes
+        tally.add(sender: sender, bytes: bytes)
         if waiting == 0 { askAboutFirst(of: sender) }
         return nil
     }
@@ -118,7 +94,7 @@ final class AuthorizationQueue {
     func senderLeft(_ sender: String) -> Int {
         inProgress.removeValue(forKey: sender)?.cancel()
         authorizer.senderLeft(sender)
-        pendingBytes[sender] = nil
+        tally.forget(sender)
         return queues.removeValue(forKey: sender)?.count ?? 0
     }
 
@@ -132,7 +108,7 @@ final class AuthorizationQueue {
         inProgress.removeAll()
         let waiting = queues
         queues.removeAll()
-        pendingBytes.removeAll()
+        tally.removeAll()
         var refused = 0
         for (_, entries) in waiting {
             for entry in entries {
@@ -147,7 +123,7 @@ final class AuthorizationQueue {
     func pending(of sender: String) -> Int { queues[sender]?.count ?? 0 }
 
     /// How many bytes of changes `sender` has waiting.
-    func pendingBytes(of sender: String) -> Int { pendingBytes[sender] ?? 0 }
+    func pendingBytes(of sender: String) -> Int { tally.bytes(of: sender) }
 
     /// How many changes wait altogether.
     var totalPending: Int { queues.values.reduce(0) { $0 + $1.count } }
@@ -170,11 +146,8 @@ final class AuthorizationQueue {
         guard queues[sender]?.first?.token == token else { return }
         inProgress[sender] = nil
         let entry = queues[sender]!.removeFirst()
-        pendingBytes[sender, default: 0] -= entry.bytes
-        if queues[sender]!.isEmpty {
-            queues[sender] = nil
-            pendingBytes[sender] = nil
-        }
+        tally.remove(sender: sender, bytes: entry.bytes)
+        if queues[sender]!.isEmpty { queues[sender] = nil }
         entry.decided(refusal)
         askAboutFirst(of: sender)
     }

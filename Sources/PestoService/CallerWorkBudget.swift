@@ -97,8 +97,8 @@ final class CallerWorkBudget {
     private var lastLog: MonotonicInstant?
 
     /// The most messages and argument bytes one caller may have waiting.
-    static let maxHeld = AuthorizationQueue.defaultMaxPendingPerSender
-    static let maxHeldBytes = AuthorizationQueue.defaultMaxPendingBytesPerSender
+    static let maxHeld = SenderLimits.standard.changes
+    static let maxHeldBytes = SenderLimits.standard.bytes
     /// The bucket of a caller whose uid the bus daemon would not tell.
     static let unknownUID = UInt32.max
 
@@ -322,7 +322,10 @@ extension PestoServer {
     /// Makes the caller queues and budget for the authorizer set (a budget only with one).
     func makeCallerWork() {
         precondition(callerWork == nil || !callerWork.busy, "the caller budget is set before start()")
-        let uids = authorizer.map { ($0 as? RootOnlyAuthorizer)?.uids ?? CallerUIDs(connection: connection) }
+        // The uids come from the bus daemon: no budget on a port that is not a bus connection.
+        let uids = authorizer.flatMap { authorizer -> CallerUIDs? in
+            (authorizer as? RootOnlyAuthorizer)?.uids ?? (port as? DBusConnection).map { CallerUIDs(connection: $0) }
+        }
         let settings = CallerWorkBudget.Settings(capacity: callerBudget.capacity, refillPerSecond: callerBudget.refillPerSecond)
         let work = CallerWorkBudget(settings: settings, uids: uids, loop: engine.loop, logger: logger)
         work.process = { [unowned self] message in self.process(message) }

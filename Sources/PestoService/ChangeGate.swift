@@ -9,7 +9,7 @@
 //   4. validate     the rules against their table (InvalidRule)          TablesEditor.validate
 //   5. lock         another name holds the lock (Locked)                 TablesEditor.checkLock
 //   6. authorise    the caller, asynchronously (AccessDenied, ...)       AuthorizationQueue
-//   7. change       the lock again, then the engine (RuleExists, ...)    TablesEditor.start
+//   7. change       the lock again, then the engine (RuleExists, ...)    TablesEditor.execute
 //                   (held back, in arrival order, while a large update is carried out
 //                   over several loop turns: SlicedUpdate.swift, ChangeQueue.swift)
 //   8. signals      reported by the editor to its observer as the change becomes final
@@ -64,10 +64,10 @@ final class ChangeGate {
         // 5. lock (a Lock by its holder is a no-op, so it passes too)
         do { try editor.checkLock(sender) } catch { return done(.failure(.refused(error))) }
         // 6. authorise
-        guard let authorization else { return run(change, sender: sender, bytes: bytes, done: done) }
+        guard let authorization else { return execute(change, sender: sender, bytes: bytes, done: done) }
         let limit = authorization.submit(sender: sender, interactive: interactive, bytes: bytes) { [unowned self] refusal in
             if let refusal { return done(.failure(.unauthorized(refusal))) }
-            self.run(change, sender: sender, bytes: bytes, done: done)
+            self.execute(change, sender: sender, bytes: bytes, done: done)
         }
         if let limit { done(.failure(.tooManyWaiting(limit))) }
     }
@@ -76,13 +76,13 @@ final class ChangeGate {
     /// progress and the changes held back before this one are done. A change held back is
     /// dropped, unanswered, if `sender` leaves the bus first (`TablesEditor.dropWaiting`), and
     /// refused at once if `sender` has too much held back already (ChangeQueue's limits).
-    private func run(
+    private func execute(
         _ change: TableChange, sender: String, bytes: Int,
         done: @escaping (Result<(result: ChangeResult, committed: Journal), ChangeRefusal>) -> Void
     ) {
         if let why = editor.holdBackRefusal(sender: sender, bytes: bytes) { return done(.failure(.tooManyHeldBack(why))) }
         editor.whenIdle(sender: sender, bytes: bytes) { [unowned self] in
-            self.editor.start(change, sender: sender) { outcome in done(outcome.mapError { .refused($0) }) }
+            self.editor.execute(change, sender: sender) { outcome in done(outcome.mapError { .refused($0) }) }
         }
     }
 }

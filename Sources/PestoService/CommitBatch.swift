@@ -16,7 +16,7 @@
 //     `SaveFailed` error.
 // Undoing is valid because the batch's changes are always the newest ones on the tables:
 // the server flushes before the lock holder journals anything on top of a non-empty batch
-// (see `TablesEditor.beforeJournaling`), and nothing else changes rules.
+// (see `TablesEditorHost.saveCommitted`), and nothing else changes rules.
 // This type knows nothing of D-Bus; it is tested in process.
 
 import Logging

@@ -15,13 +15,23 @@
 //   3. on the terminator, stop reading the client and apply the upload as a difference
 //      (UpstreamUpdate.swift); close once it is saved (with --state; an upload that cannot
 //      be saved is undone and logged).
-// While a D-Bus client holds the lock, a complete upload waits, parked: the client stays
-// connected and unread, the loop goes on, and the clients behind it stay in the backlog.
-// The editor calls back when the lock is released, and the upload is applied on the next
-// loop turn (parked again should the lock have been taken meanwhile). Only when the lock is
-// still held `timeoutMilliseconds` after the upload was complete is it refused, with a
-// warning. A read-only session (hello, dump, the client closes without sending anything:
-// `pesto` showing the tables) is normal and logged at debug level only.
+// While a D-Bus client holds the lock, a complete upload waits, parked, for as long as the
+// lock is held (the lock lasts no longer than its holder's presence on the bus): upstream's
+// protocol has no reply, so its client has already been told nothing and exited, and
+// refusing the upload after a while would drop a change the client believes made. The loop
+// goes on, and the clients behind it wait in the listening socket's backlog, in the order
+// they connected, each to be shown the tables as the uploads before it left them (serving
+// a later client's dump before an earlier upload is applied would let the later upload,
+// a whole table, undo the earlier one). The wait is thus bounded per socket: one parked
+// upload and `backlog` connections; a client beyond them is refused by the kernel (EAGAIN
+// for a non-blocking connect) and learns at once that nothing was done. The editor calls
+// back when the lock is released, and the upload is applied on the next loop turn (parked
+// again should the lock have been taken meanwhile). `timeoutMilliseconds` bounds only how
+// long a client may take to send its upload. A read-only session (hello, dump, the client
+// closes without sending anything: `pesto` showing the tables) is normal and logged at
+// debug level only. Every upload that is refused (malformed, invalid, conflicting, too
+// slow, or undone because it could not be saved) is logged at warning and announced with
+// the Manager's UploadRefused signal (the socket, the reason and the uploaded rules).
 // A malformed upload (bad pif, short read, more rules than the table's MaxRules (refused at
 // the count, before any rule is read), unterminated ifname, ...), a rejected update (what
 // upstream refuses too: an invalid rule, a conflict), and a client that has not finished
@@ -49,6 +59,10 @@ import PestoSystem
 
 /// pestod's upstream-compatible control socket.
 public final class ControlSocket: EventHandler {
+    /// Connections waiting in the listening socket's backlog, behind the client being served.
+    public static let backlog: Int32 = 16
+    /// The most rules one UploadRefused signal repeats.
+    static let maxSignalledRules = 1024
     static let listenerKind = EngineEventKind.controlListener
     static let clientKind = EngineEventKind.controlClient
 
@@ -82,6 +96,8 @@ public final class ControlSocket: EventHandler {
     private var clientWatched = false
     /// The current client's complete upload, waiting for the D-Bus lock to be released.
     private var parked: [(TableKind, [PestoV2Wire.WireRule])]?
+    /// The current client's complete upload, from the moment it was read (for UploadRefused).
+    private var upload: [(TableKind, [PestoV2Wire.WireRule])]?
     /// Counts sessions, so that a callback for an ended session finds nothing to do.
     private var session: UInt64 = 0
 
@@ -92,7 +108,7 @@ public final class ControlSocket: EventHandler {
         self.loop = loop
         self.logger = logger
         self.timeoutMilliseconds = timeoutMilliseconds
-        let fd = try UnixListener.open(path: path, type: Int32(SOCK_STREAM.rawValue), backlog: 16, name: "control socket")
+        let fd = try UnixListener.open(path: path, type: Int32(SOCK_STREAM.rawValue), backlog: Self.backlog, name: "control socket")
         listenFD = fd
         try watch()
     }
@@ -135,6 +151,11 @@ public final class ControlSocket: EventHandler {
     }
 
     deinit {
+        if parked != nil {
+            // Stopping (a takeover waits for the session's end instead): the client is gone or
+            // told nothing, so the log is where this shows.
+            logger.warning("control socket: pestod stopped while an upload waited for the lock; it was not applied")
+        }
         if let resumeTimer { loop.cancelTimer(resumeTimer) }
         if client >= 0 { Sys.close(client) }
         Sys.close(listenFD)
@@ -167,6 +188,7 @@ public final class ControlSocket: EventHandler {
         session &+= 1
         received = 0
         parked = nil
+        upload = nil
         pauseLogged = false
         unwatchListener()  // one client at a time; the others wait in the backlog
         let dump = server.upstreamDump().map { t in
@@ -237,6 +259,7 @@ public final class ControlSocket: EventHandler {
     /// While the D-Bus lock is held, the upload is parked until it is released (or the
     /// session times out).
     private func apply(_ upload: [(TableKind, [PestoV2Wire.WireRule])]) {
+        self.upload = upload
         if clientWatched {
             loop.remove(fd: client)  // the upload is complete: nothing more is read
             clientWatched = false
@@ -254,14 +277,10 @@ public final class ControlSocket: EventHandler {
         if let owner = server.lockOwner {
             if parked == nil {
                 parked = upload
+                // The upload is complete: no timeout any more, it waits as long as the lock is held.
                 if let deadline { loop.cancelTimer(deadline) }
-                deadline = loop.after(milliseconds: timeoutMilliseconds) { [unowned self] in
-                    self.deadline = nil
-                    self.end(
-                        "the tables stayed locked by \(self.server.lockOwner ?? owner) for \(self.timeoutMilliseconds) ms; update refused, nothing changed"
-                    )
-                }
-                logger.info("control socket: upload waits for the lock held by \(owner) (at most \(timeoutMilliseconds) ms)")
+                deadline = nil
+                logger.info("control socket: upload waits for the lock held by \(owner); it is applied once the lock is released")
             }
             let waiting = session
             server.editor.whenUnlocked { [weak self] in
@@ -295,7 +314,11 @@ public final class ControlSocket: EventHandler {
 
     /// Ends the session (logging `problem` if any) and takes the next client.
     private func end(_ problem: String?) {
-        if let problem { logger.warning("control socket: \(problem)") }
+        if let problem {
+            logger.warning("control socket: \(problem)")
+            // An upload (or the start of one) refused: tell D-Bus clients, as the client cannot be.
+            if received > 0 { announceRefusal(problem) }
+        }
         if let deadline { loop.cancelTimer(deadline) }
         deadline = nil
         if client >= 0 {
@@ -304,9 +327,23 @@ public final class ControlSocket: EventHandler {
         }
         clientWatched = false
         parked = nil
+        upload = nil
         session &+= 1
         output = []
         watchListener()
+    }
+
+    /// Emits the Manager's UploadRefused for the current client's upload: the socket, the
+    /// reason and the uploaded rules (at most `maxSignalledRules`; none before it was read).
+    private func announceRefusal(_ reason: String) {
+        var rules: [DBusValue] = []
+        for (_, wireRules) in upload ?? [] {
+            for r in wireRules.prefix(Self.maxSignalledRules - rules.count) { rules.append(RuleCodec.encode(r.rule)) }
+        }
+        server.announcer.emit(
+            .signal(
+                path: PestoBusNames.managerPath, interface: PestoInterfaces.manager.name, member: "UploadRefused",
+                arguments: [.string(path), .string(reason), .array(element: "a{sv}", rules)]))
     }
 
     /// Takes the listener out of epoll.

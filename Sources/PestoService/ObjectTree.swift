@@ -107,6 +107,7 @@ enum ObjectTree {
         case (.manager, PestoInterfaces.manager.name):
             return [
                 ("Version", .string(PestoBusNames.version)),
+                ("ProductVersion", .string(ProductVersion.current)),
                 ("LockOwner", .string(lockOwner ?? "")),
                 ("Tables", .objectPaths(engine.tables.map { PestoBusNames.tablePath($0.kind) })),
             ]

@@ -5,7 +5,7 @@
 // Theory of operation
 // -------------------
 // One connection, one thread: the server attaches its bus connection to the engine's event
-// loop, so method calls, the bind-retry timer and (later) relay traffic are handled by the
+// loop, so method calls, the bind-retry timer and relay traffic are handled by the
 // same thread, one at a time, with no locks. Every incoming message goes to `handle(_:)`:
 //
 //   signals       NameOwnerChanged of a name leaving the bus → its changes still waiting for
@@ -28,15 +28,11 @@
 //                 Everything before authorisation is linear in the size of the message.
 //
 // Every change to a rule is made by the TablesEditor, which keeps the lock and its journal
-// and reports each change to this server (its `TablesObserver`) once it is final: a rule
-// added or removed becomes InterfacesAdded/InterfacesRemoved, a rule's state change (an
-// activation, deactivation, retry, scan) RuleStateChanged, BindFailuresChanged and
-// PropertiesChanged. A rolled-back Apply or upload reports nothing, so no signal shows a
-// rule that never existed. Table counters (RuleCount, ActiveCount, SocketCount) are not announced
-// per change: a change marks its table's counters stale, and they are compared with what was
-// last announced and only real changes emitted, once, before the next reply goes out (so a
-// caller sees them before its reply) or at the end of the loop turn (`endOfTurn`), whichever
-// comes first. A 65,535-rule Apply thus emits one counters' PropertiesChanged, not 131,070.
+// and reports each change once it is final to the server's Announcer (Announcer.swift),
+// which turns the reports into signals and owns what was announced. A rolled-back Apply or
+// upload reports nothing, so no signal shows a rule that never existed. Replies and signals
+// go out on the server's BusPort (BusPort.swift): the bus connection in pestod, a recording
+// port in tests, which drive `handle(_:)` in process.
 //
 // The lock (Manager.Lock, kept by the editor) makes the holder's calls one transaction: they
 // are journaled, and Unlock, Rollback, or the holder leaving the bus undo them newest first.
@@ -63,9 +59,12 @@ import PestoModel
 import PestoSystem
 
 /// pestod's D-Bus service.
-public final class PestoServer: TablesObserver {
+public final class PestoServer {
     let engine: ForwardingEngine
-    let connection: DBusConnection
+    /// Where replies and signals go (the bus connection; a recording port in tests).
+    let port: any BusPort
+    /// Turns the editor's reports into signals and remembers what it announced.
+    let announcer: Announcer
     let logger: Logger
     /// Makes every change to the tables and keeps the lock; reports to this server.
     let editor: TablesEditor
@@ -118,11 +117,11 @@ public final class PestoServer: TablesObserver {
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
         while MonotonicInstant.now < deadline {
             let left = Int32(min(Int64(Int32.max), Int64((deadline.nanoseconds - MonotonicInstant.now.nanoseconds) / 1_000_000) + 1))
-            guard let message = connection.nextMessage(timeoutMilliseconds: left) else { break }
+            guard let message = port.nextMessage(timeoutMilliseconds: left) else { break }
             if message.isSignal, message.member == "NameLost", message.arguments?.first?.stringValue == PestoBusNames.busName { break }
             _ = handle(message)
         }
-        connection.flush()
+        port.flush()
     }
 
     /// How many bytes of signals may wait unsent on the bus connection before a large change
@@ -130,7 +129,7 @@ public final class PestoServer: TablesObserver {
     static let unsentSignalBytes = 1 << 20
 
     /// The most operations (or signals) one loop turn spends on a large change (default
-    /// 4,096, within 4 ms): set before `start()`; tests make it small (`pestod --slice-operations`).
+    /// 4,096, within 4 ms): set before `start(on:)`; tests make it small (`pestod --slice-operations`).
     public var sliceOperations: Int {
         get { editor.sliceBudget.operations }
         set { editor.sliceBudget.operations = max(1, newValue) }
@@ -146,53 +145,24 @@ public final class PestoServer: TablesObserver {
         saveCommitted()
     }
 
-    /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start()`.
+    /// Whether a pestod taking over (Takeover.swift) may take the bus name: set before `start(on:)`.
     public var allowsReplacement = false
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
-    /// Table counters as last announced with PropertiesChanged.
-    private var announcedCounters: [TableKind: TableCounters] = [:]
-    /// Each rule's state as last announced (InterfacesAdded or PropertiesChanged), so that a
-    /// rule's PropertiesChanged carries only the properties that changed. A rule missing here
-    /// (restored at start, before any watcher) gets all four.
-    private var announcedRuleStatus: [RuleRef: RuleStatus] = [:]
-    /// Each rule's `PortsWon` as last announced, likewise.
-    private var announcedPortsWon: [RuleRef: UInt32] = [:]
-    /// Tables whose counters may have changed since last announced (`announceStaleCounters`).
-    private var staleCounters: [TableKind] = []
-    /// The retries of this loop turn that changed a rule's counts, logged at its end.
-    private var retriesToLog = RetryLogSummary()
-
-    /// The counters of a table that emit PropertiesChanged.
-    struct TableCounters: Equatable {
-        var ruleCount: UInt32
-        var activeCount: UInt32
-        var socketCount: UInt32
-
-        init(_ t: ForwardingTable) {
-            ruleCount = UInt32(t.ruleCount)
-            activeCount = UInt32(t.activeCount)
-            socketCount = UInt32(t.openSockets)
-        }
-    }
-
-    /// Makes a server for `engine` on `connection`; call `start()` to go on the bus.
-    public init(engine: ForwardingEngine, connection: DBusConnection, logger: Logger) {
+    /// Makes a server for `engine` sending on `port`; call `start(on:)` to go on the bus
+    /// (tests call `handle(_:)` directly).
+    public init(engine: ForwardingEngine, port: any BusPort, logger: Logger) {
         self.engine = engine
-        self.connection = connection
+        self.port = port
         self.logger = logger
-        editor = TablesEditor(tables: engine.tables, logger: logger)
+        let editor = TablesEditor(tables: engine.tables, logger: logger)
+        self.editor = editor
         gate = ChangeGate(editor: editor)
-        for table in engine.tables { announcedCounters[table.kind] = TableCounters(table) }
-        editor.observer = self
-        editor.beforeJournaling = { [unowned self] in self.saveCommitted() }
+        announcer = Announcer(engine: engine, port: port, logger: logger) { [unowned editor] in editor.running != nil }
+        editor.observer = announcer
         // Large updates are carried out in slices, one per loop turn (SlicedUpdate.swift).
         editor.sliceBudget = .standard
-        editor.scheduleSlice = { [unowned engine] work in engine.loop.nextTurn(work) }
-        editor.beforeSlicing = { [unowned self] in self.saveCommitted() }
-        editor.schedulePause = { [unowned engine] work in engine.loop.after(milliseconds: 1, work) }
-        editor.mayAnnounce = { [unowned connection] in connection.outgoingBytes < Self.unsentSignalBytes }
-        editor.busyChanged = { [unowned engine] busy in engine.periodicWorkHeld = busy }
+        editor.host = self
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
         engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
         makeCallerWork()
@@ -203,8 +173,8 @@ public final class PestoServer: TablesObserver {
     /// announces the table counters changed by whatever sent no reply (timers, uploads).
     private func endOfTurn() {
         saveCommitted()
-        announceStaleCounters()
-        logRetries()
+        announcer.announceStaleCounters()
+        announcer.logRetries()
     }
 
     /// Logs a data path condition: one line when it starts, one when it clears.
@@ -217,8 +187,10 @@ public final class PestoServer: TablesObserver {
         }
     }
 
-    /// Subscribes to NameOwnerChanged, attaches to the loop and takes the bus name.
-    public func start() throws(DBusErrorReply) {
+    /// Subscribes to NameOwnerChanged, attaches to the loop and takes the bus name;
+    /// `connection` is the server's port.
+    public func start(on connection: DBusConnection) throws(DBusErrorReply) {
+        precondition(connection === port, "the server starts on the connection it sends on")
         try connection.addMatch(
             "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'"
         )
@@ -244,13 +216,13 @@ public final class PestoServer: TablesObserver {
         case decodeInSlices(TableKind, inserts: Int, removes: Int)
     }
 
-    /// Handles one incoming message; false lets libdbus answer (unknown method).
-    /// A change waiting for authorisation or for the save keeps the call's `ReplyAddress`
-    /// and decoded change, never the message itself.
     /// The refusal of a change that reaches a pestod handing over to its successor.
     static let replacedRefusal = PestoError(
         .locked, "pestod is being replaced by a new instance (pestod --replace); call again: the new one answers.")
 
+    /// Handles one incoming message; false lets libdbus answer (a signal, or a message that
+    /// is no method call). A change waiting for authorisation or for the save keeps the
+    /// call's `ReplyAddress` and decoded change, never the message itself.
     func handle(_ message: DBusMessage) -> Bool {
         if message.isSignal {
             handleSignal(message)
@@ -372,12 +344,12 @@ public final class PestoServer: TablesObserver {
         case .changes:
             return DBusErrorReply(
                 DBusErrorReply.limitsExceeded,
-                "You have \(waiting?.maxPendingPerSender ?? 0) changes waiting for authorization already; wait for their replies.")
+                "You have \(waiting?.limits.changes ?? 0) changes waiting for authorization already; wait for their replies.")
         case .bytes:
             return DBusErrorReply(
                 DBusErrorReply.limitsExceeded,
                 "Your changes waiting for authorization hold \(waiting?.pendingBytes(of: sender) ?? 0) bytes of arguments; "
-                    + "this one (\(bytes) bytes) would exceed the \(waiting?.maxPendingBytesPerSender ?? 0) allowed; wait for their replies."
+                    + "this one (\(bytes) bytes) would exceed the \(waiting?.limits.bytes ?? 0) allowed; wait for their replies."
             )
         }
     }
@@ -410,7 +382,7 @@ public final class PestoServer: TablesObserver {
     /// the lock holder's uncommitted changes go on top of committed ones (so that undoing an
     /// unsaved batch only ever undoes the newest changes): only a Lock, or the holder's first
     /// change after a Commit in the same turn, costs this extra save.
-    private func saveCommitted() {
+    func saveCommitted() {
         commits?.flush()
     }
 
@@ -418,14 +390,14 @@ public final class PestoServer: TablesObserver {
     /// before a takeover hands the tables over, nothing committed is left unsaved.
     func flushCommitted() {
         saveCommitted()
-        announceStaleCounters()
+        announcer.announceStaleCounters()
     }
 
     /// Sends a method reply (or error), after the table counters its call changed: a caller
     /// sees every signal of its change before the reply, as when they were sent one by one.
     func sendReply(_ reply: DBusMessage) {
-        announceStaleCounters()
-        connection.send(reply)
+        announcer.announceStaleCounters()
+        port.send(reply)
     }
 
     /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
@@ -588,130 +560,13 @@ public final class PestoServer: TablesObserver {
             }
         }
     }
+}
 
-    // MARK: The editor's reports (TablesObserver): the signals of final changes
-
-    /// InterfacesAdded for a new rule, as it was inserted (inactive).
-    func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule) {
-        emit(
-            .signal(
-                path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesAdded",
-                arguments: [
-                    .objectPath(PestoBusNames.rulePath(kind, id)), ObjectTree.ruleInterfacesAndProperties(kind, id, rule, .inactive),
-                ]))
-        announcedRuleStatus[RuleRef(kind: kind, id: id)] = .inactive
-        announcedPortsWon[RuleRef(kind: kind, id: id)] = 0
-        announceCounters(kind)
-    }
-
-    /// InterfacesRemoved for a deleted rule.
-    func ruleRemoved(_ kind: TableKind, _ id: UInt32) {
-        emit(
-            .signal(
-                path: PestoBusNames.managerPath, interface: PestoInterfaces.objectManager.name, member: "InterfacesRemoved",
-                arguments: [.objectPath(PestoBusNames.rulePath(kind, id)), .strings(ObjectTree.ruleInterfaceNames)]))
-        announcedRuleStatus[RuleRef(kind: kind, id: id)] = nil
-        announcedPortsWon[RuleRef(kind: kind, id: id)] = nil
-        announceCounters(kind)
-    }
-
-    /// PropertiesChanged of the Manager's LockOwner.
-    func lockOwnerChanged(_ owner: String?) {
-        emitPropertiesChanged(PestoBusNames.managerPath, PestoInterfaces.manager, [("LockOwner", .string(owner ?? ""))])
-    }
-
-    /// A rule's state changed (activate, deactivate, retry, scan, a rollback's net effect):
-    /// RuleStateChanged, BindFailuresChanged when the failures changed, the rule's
-    /// PropertiesChanged; the table's counters are marked stale.
-    func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ s: RuleStatus, failuresChanged: Bool, retried: Bool) {
-        let tablePath = PestoBusNames.tablePath(kind)
-        emit(
-            .signal(
-                path: tablePath, interface: PestoInterfaces.table.name, member: "RuleStateChanged",
-                arguments: [.uint32(id), .bool(s.active), .uint32(s.bound), .uint32(s.failed)]))
-        if failuresChanged {
-            emit(
-                .signal(
-                    path: tablePath, interface: PestoInterfaces.table.name, member: "BindFailuresChanged",
-                    arguments: [.uint32(id), .uint32(s.failed), .string(s.lastErrorName)]))
-        }
-        let ref = RuleRef(kind: kind, id: id)
-        let before = announcedRuleStatus.updateValue(s, forKey: ref)
-        var changed: [(String, DBusValue)] = []
-        if before?.active != s.active { changed.append(("Active", .bool(s.active))) }
-        if before?.bound != s.bound { changed.append(("BoundSockets", .uint32(s.bound))) }
-        if before?.failed != s.failed { changed.append(("BindFailures", .uint32(s.failed))) }
-        if before?.lastErrorName != s.lastErrorName { changed.append(("LastError", .string(s.lastErrorName))) }
-        if let won = portsWonToAnnounce(kind, id) { changed.append(("PortsWon", .uint32(won))) }
-        if !changed.isEmpty { emitPropertiesChanged(PestoBusNames.rulePath(kind, id), PestoInterfaces.rule, changed) }
-        announceCounters(kind)
-        if retried {
-            // One info line per loop turn (`logRetries`), not one per rule of a large retry pass.
-            logger.debug("\(kind.name) rule \(id): retry now \(s.bound) bound, \(s.failed) failed")
-            retriesToLog.add(kind, id, s)
-        }
-    }
-
-    /// First match: another rule's change changed how many ports rule `id` wins.
-    func portsWonChanged(_ kind: TableKind, _ id: UInt32) {
-        guard let won = portsWonToAnnounce(kind, id) else { return }
-        emitPropertiesChanged(PestoBusNames.rulePath(kind, id), PestoInterfaces.rule, [("PortsWon", .uint32(won))])
-    }
-
-    /// Rule `id`'s `PortsWon` now, if it differs from what was last announced (which it then
-    /// becomes); nil when it does not, or the rule is gone.
-    private func portsWonToAnnounce(_ kind: TableKind, _ id: UInt32) -> UInt32? {
-        guard let t = engine.table(kind), let won = try? t.portsWon(id) else { return nil }
-        let before = announcedPortsWon.updateValue(won, forKey: RuleRef(kind: kind, id: id))
-        return before == won ? nil : won
-    }
-
-    // MARK: Signals
-
-    func emit(_ message: DBusMessage) { connection.send(message) }
-
-    /// Emits PropertiesChanged for `changed` (in the contract's order) on the object at `path`.
-    func emitPropertiesChanged(_ path: String, _ interface: DBusInterfaceSpec, _ changed: [(String, DBusValue)]) {
-        emit(
-            .signal(
-                path: path, interface: PestoInterfaces.properties.name, member: "PropertiesChanged",
-                arguments: [.string(interface.name), .vardict(changed), .strings([])]))
-    }
-
-    /// Marks the counters of a table as possibly changed; `announceStaleCounters` announces
-    /// them before the next reply or at the end of the loop turn. Called on every change.
-    func announceCounters(_ kind: TableKind) {
-        if !staleCounters.contains(kind) { staleCounters.append(kind) }
-    }
-
-    /// Announces the counters of every table marked stale that changed since last announced:
-    /// one PropertiesChanged per table with only the counters that differ, carrying their
-    /// latest values.
-    func announceStaleCounters() {
-        // A change in progress announces its counters before its reply, once it is done.
-        guard !staleCounters.isEmpty, editor.running == nil else { return }
-        for kind in staleCounters { announceChangedCounters(kind) }
-        staleCounters.removeAll(keepingCapacity: true)
-    }
-
-    /// Announces the counters of one table that changed since last time.
-    private func announceChangedCounters(_ kind: TableKind) {
-        guard let t = engine.table(kind) else { return }
-        let now = TableCounters(t)
-        let before = announcedCounters[kind]
-        guard now != before else { return }
-        announcedCounters[kind] = now
-        var changed: [(String, DBusValue)] = []
-        if now.ruleCount != before?.ruleCount { changed.append(("RuleCount", .uint32(now.ruleCount))) }
-        if now.activeCount != before?.activeCount { changed.append(("ActiveCount", .uint32(now.activeCount))) }
-        if now.socketCount != before?.socketCount { changed.append(("SocketCount", .uint32(now.socketCount))) }
-        emitPropertiesChanged(PestoBusNames.tablePath(kind), PestoInterfaces.table, changed)
-    }
-
-    /// Logs the rules whose counts a retry changed during this loop turn: the rule itself if
-    /// there was one, else one summary line.
-    private func logRetries() {
-        guard let line = retriesToLog.take() else { return }
-        logger.info("\(line)")
-    }
+/// The server is the editor's host: slices on the loop's turns, announcing while the bus
+/// keeps up, the retry and scan passes held during a long update, saves before journaling.
+extension PestoServer: TablesEditorHost {
+    func nextTurn(_ work: @escaping () -> Void) { engine.loop.nextTurn(work) }
+    func shortly(_ work: @escaping () -> Void) { _ = engine.loop.after(milliseconds: 1, work) }
+    var mayAnnounce: Bool { port.outgoingBytes < Self.unsentSignalBytes }
+    func updateInProgress(_ busy: Bool) { engine.periodicWorkHeld = busy }
 }

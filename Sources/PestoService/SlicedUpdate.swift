@@ -31,11 +31,11 @@
 // held back: every other change (any D-Bus client's, Lock, Unlock, Commit, Rollback, a lock
 // holder's departure, a control socket upload) waits in the editor's ChangeQueue, in arrival
 // order, and runs once the update is done; a waiting change whose caller leaves the bus is
-// dropped. The retry and scan passes are skipped meanwhile (`busyChanged`). Before an update
-// starts, the committed changes not yet saved are saved (`beforeSlicing`), and nothing is
+// dropped. The retry and scan passes are skipped meanwhile (`TablesEditorHost.updateInProgress`). Before an update
+// starts, the committed changes not yet saved are saved (`TablesEditorHost.saveCommitted`), and nothing is
 // committed while it runs, so the state file never holds part of an update.
 //
-// Semantics are those of the update done at once (TablesEditor's `applyUpdate`): the same
+// Semantics are those of the update done at once (an update that fits in one slice): the same
 // operations in the same order, all or nothing, signals only for a final outcome and in the
 // order of its steps (a rolled-back update announces only the rules it changed for good), and
 // the completion (the caller's reply) only after every signal of the update was handed to the
@@ -96,7 +96,7 @@ final class SlicedUpdate {
     private(set) var announced = 0
     /// Slices so far.
     var slices = 0
-    /// The last slice stopped because the bus was behind (`TablesEditor.mayAnnounce`).
+    /// The last slice stopped because the bus was behind (`TablesEditorHost.mayAnnounce`).
     var waitsForBus = false
 
     init(_ updates: [TableUpdate], completion: @escaping (Outcome) -> Void) {
@@ -170,15 +170,16 @@ extension TablesEditor {
         isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
     }
 
-    /// Step 7 for the server: runs `change` as `run` does, but an Apply goes through
-    /// `startUpdate`, so `completion` may be called on a later loop turn. Called once the
-    /// editor is idle (`whenIdle`).
-    func start(
+    /// Step 7: executes an authorised `change` for `sender`: a single operation or Lock at
+    /// once, an Apply through `startUpdate`, so `completion` may be called on a later loop
+    /// turn. Called once the editor is idle (`whenIdle`); `completion` gets what the change
+    /// did and what it committed (empty under the lock, where it is journaled instead).
+    func execute(
         _ change: TableChange, sender: String,
         completion: @escaping (Result<(result: ChangeResult, committed: Journal), PestoError>) -> Void
     ) {
         guard case .apply(let kind, let request) = change else {
-            do { return completion(.success(try run(change, sender: sender))) } catch { return completion(.failure(error)) }
+            do { return completion(.success(try executeAtOnce(change, sender: sender))) } catch { return completion(.failure(error)) }
         }
         do throws(PestoError) {
             try checkLock(sender)
@@ -186,7 +187,7 @@ extension TablesEditor {
         } catch {
             return completion(.failure(error))
         }
-        if lockOwner == sender { beforeJournaling() }
+        if lockOwner == sender { host?.saveCommitted() }
         let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
         startUpdate([update]) { [unowned self] outcome in
             switch outcome {
@@ -206,19 +207,19 @@ extension TablesEditor {
     func dropWaiting(of sender: String) -> Int { waiting.drop(sender: sender) }
 
     /// Starts an update: it is carried out in slices of `budget`, the first one now. If it
-    /// is not done within that slice, the committed changes are saved first (`beforeSlicing`),
+    /// is not done within that slice, the committed changes are saved first (`TablesEditorHost.saveCommitted`),
     /// and every other change is held back until it is. `completion` is called once, when
     /// its reports have been delivered: with what it did, or with the error it was rolled
     /// back for (see the theory of operation). Updates do not nest.
     func startUpdate(_ updates: [TableUpdate], budget: SliceBudget? = nil, completion: @escaping (SlicedUpdate.Outcome) -> Void) {
         precondition(running == nil && held == nil, "updates do not nest")
-        let budget = scheduleSlice == nil ? SliceBudget.unlimited : budget ?? sliceBudget
+        let budget = host == nil ? SliceBudget.unlimited : budget ?? sliceBudget
         let job = SlicedUpdate(updates, completion: completion)
         let work = updates.reduce(0) { $0 + 2 * ($1.inserts.count + $1.removes.count) }
         if work > budget.operations {
             // It will not fit in one slice: what was committed before it is saved before any
             // of it is done.
-            beforeSlicing()
+            host?.saveCommitted()
         }
         held = []
         statusBefore = [:]
@@ -234,11 +235,11 @@ extension TablesEditor {
         if job.slices == 2 {
             logger.debug(
                 "an update of \(job.updates.reduce(0) { $0 + $1.inserts.count + $1.removes.count }) rules is carried out in slices")
-            busyChanged(true)
+            host?.updateInProgress(true)
         }
         if runSlice(job, budget: budget) {
             running = nil
-            if job.slices > 1 { busyChanged(false) }
+            if job.slices > 1 { host?.updateInProgress(false) }
             if let failure = job.failure {
                 job.completion(.failure(failure))
             } else {
@@ -246,13 +247,13 @@ extension TablesEditor {
             }
             // An update of one slice ran from `whenIdle` or from the queue, which goes on by itself.
             if job.slices > 1 { waiting.resume(until: { [unowned self] in self.running != nil }) }
-        } else if job.waitsForBus, let schedulePause {
+        } else if let host {
+            let wait = job.waitsForBus
             job.waitsForBus = false
-            schedulePause { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
-        } else if let scheduleSlice {
-            scheduleSlice { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
+            let work = { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
+            if wait { host.shortly(work) } else { host.nextTurn(work) }
         } else {
-            preconditionFailure("a sliced update needs a scheduler")
+            preconditionFailure("a sliced update needs a host to schedule its slices")
         }
     }
 
@@ -264,7 +265,7 @@ extension TablesEditor {
             spent < budget.operations && (deadline.map { MonotonicInstant.now < $0 } ?? true)
         }
         /// Whether reports may be delivered now: always in an unlimited slice.
-        func announcing() -> Bool { budget.operations == .max || mayAnnounce() }
+        func announcing() -> Bool { budget.operations == .max || host?.mayAnnounce ?? true }
         func fail(_ error: PestoError) {
             job.failure = error
             job.enter(.undo)
@@ -409,7 +410,7 @@ extension TablesEditor {
         }
         _ = runSlice(job, budget: .unlimited)  // the rest at once: pestod is stopping
         running = nil
-        busyChanged(false)
+        host?.updateInProgress(false)
         if let failure = job.failure {
             job.completion(.failure(failure))
         } else {

@@ -16,6 +16,15 @@
 //
 // Line format, as StreamLogHandler's: `2026-11-30T11:07:33+0000 info pestod: [PestoService] text`
 // (metadata, when any, goes between the label's colon and the source, `key=value` sorted).
+//
+// Under systemd, stderr is a stream to the journal, which stores every line at the unit's
+// default priority unless the line starts with a syslog priority prefix (sd-daemon(3)):
+// `<7>` debug, `<6>` info, `<5>` notice, `<4>` warning, `<3>` error, `<2>` critical. The
+// journal is recognised as sd-daemon(3) says: $JOURNAL_STREAM holds the stream's
+// `DEVICE:INODE`, which must match descriptor 2's (a child that inherited the variable but
+// writes elsewhere is not fooled). Then every line starts with its level's prefix and has
+// no timestamp of its own (the journal stamps each line), so `journalctl -p warning` shows
+// the warnings and worse: `<4>warning pestod: [PestoService] text`.
 
 import Logging
 import PestoSystem
@@ -32,11 +41,46 @@ public struct StderrLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     public var metadataProvider: Logger.MetadataProvider?
     private let label: String
+    /// Lines go to the journal: a priority prefix, no timestamp.
+    private let journal: Bool
 
-    /// A handler for the logger called `label`.
-    public init(label: String, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider) {
+    /// A handler for the logger called `label`; `journal` (default: whether stderr is the
+    /// journal's stream) chooses the journal's line format.
+    public init(
+        label: String, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider,
+        journal: Bool = StderrLogHandler.stderrIsJournal
+    ) {
         self.label = label
         self.metadataProvider = metadataProvider
+        self.journal = journal
+    }
+
+    /// Whether descriptor 2 is the journal's stream: $JOURNAL_STREAM is its `DEVICE:INODE`.
+    public static let stderrIsJournal: Bool = {
+        guard let value = getenv("JOURNAL_STREAM").map({ String(cString: $0) }), case .success(let st) = Sys.fstat(2) else {
+            return false
+        }
+        return isJournalStream(value, device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }()
+
+    /// Whether a $JOURNAL_STREAM `value` (`DEVICE:INODE`, decimal) names the file with this
+    /// device and inode number.
+    public static func isJournalStream(_ value: String, device: UInt64, inode: UInt64) -> Bool {
+        let parts = value.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let d = UInt64(parts[0]), let i = UInt64(parts[1]) else { return false }
+        return d == device && i == inode
+    }
+
+    /// The syslog priority of a level, as the journal's `<N>` prefix takes it.
+    public static func priority(_ level: Logger.Level) -> Int {
+        switch level {
+        case .trace, .debug: return 7
+        case .info: return 6
+        case .notice: return 5
+        case .warning: return 4
+        case .error: return 3
+        case .critical: return 2
+        }
     }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -47,8 +91,12 @@ public struct StderrLogHandler: LogHandler {
     public func log(event: LogEvent) {
         var line: [UInt8] = []
         line.reserveCapacity(160)
-        Self.clock.withLock { $0.appendTimestamp(to: &line) }
-        line.append(UInt8(ascii: " "))
+        if journal {
+            line.append(contentsOf: [UInt8(ascii: "<"), UInt8(ascii: "0") + UInt8(Self.priority(event.level)), UInt8(ascii: ">")])
+        } else {
+            Self.clock.withLock { $0.appendTimestamp(to: &line) }
+            line.append(UInt8(ascii: " "))
+        }
         line.append(contentsOf: event.level.rawValue.utf8)
         if !label.isEmpty {
             line.append(UInt8(ascii: " "))

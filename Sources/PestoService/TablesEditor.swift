@@ -14,8 +14,8 @@
 //                Without the lock, every change is committed at once and handed back to the
 //                caller (the server saves it before answering, CommitBatch.swift).
 //   Single ops   insert, delete, activate, deactivate: one engine call each, journaled.
-//   Updates      `applyUpdate` (the proposals' whole client workflow, atomically, over one
-//                or more tables: Apply and uploads) and `applyUpstream` (an upload of whole
+//   Updates      `startUpdate` (the proposals' whole client workflow, atomically, over one
+//                or more tables: Apply and uploads) and `startUpstream` (an upload of whole
 //                tables as a difference against the active rules).
 //                A large update is carried out in slices over several loop turns, other
 //                changes waiting behind it (SlicedUpdate.swift, ChangeQueue.swift).
@@ -33,8 +33,13 @@
 //
 // The check order of a change (doc/dbus-api.md, "Check order"): the editor does step 4
 // (`validate`), step 5 (`checkLock`, before anyone is asked to authorise) and step 7
-// (`run`: the lock again, since it may have been taken while authorisation was pending,
+// (`execute`: the lock again, since it may have been taken while authorisation was pending,
 // then the change). ChangeGate.swift strings them together with step 6, authorisation.
+//
+// One verb per layer: a change is *submitted* to the ChangeGate (every caller and test),
+// which *executes* it on the editor once it passed steps 4–6 and the editor is idle; the
+// editor *performs* its table operations (`perform`, one engine call each) — at once, or
+// over several loop turns for an Apply or an upload (SlicedUpdate.swift).
 
 import Logging
 import PestoEngine
@@ -55,6 +60,25 @@ protocol TablesObserver: AnyObject {
     func portsWonChanged(_ kind: TableKind, _ id: UInt32)
     /// The lock was taken or released.
     func lockOwnerChanged(_ owner: String?)
+}
+
+/// What the editor needs of the service it runs in (PestoServer in pestod). Called on the
+/// loop thread.
+protocol TablesEditorHost: AnyObject {
+    /// Runs `work` on the next loop turn (`EventLoop.nextTurn`): the next slice of an update.
+    func nextTurn(_ work: @escaping () -> Void)
+    /// Runs `work` about a millisecond later: the next slice of an update waiting for the bus.
+    func shortly(_ work: @escaping () -> Void)
+    /// Whether an update may deliver more reports now: false while the bus has not taken the
+    /// signals already sent.
+    var mayAnnounce: Bool { get }
+    /// An update started being carried out over several turns (true), or ended (false): the
+    /// retry and scan passes are held meanwhile.
+    func updateInProgress(_ busy: Bool)
+    /// Saves (or undoes) the changes committed so far: before the lock holder's changes are
+    /// journaled on top of committed ones, and before an update that takes several turns
+    /// starts, so that the file never holds half an update.
+    func saveCommitted()
 }
 
 /// How many bind failures a newly activated rule may have.
@@ -145,9 +169,10 @@ final class TablesEditor {
     private(set) var lockOwner: String?
     /// Operations made under the lock since Lock or the last Commit.
     private(set) var journal = Journal()
-    /// Called before the lock holder's changes are journaled on top of committed ones, so
-    /// that those can be saved first (the server flushes its CommitBatch).
-    var beforeJournaling: () -> Void = {}
+    /// The service the editor runs in: the loop turns its slices are carried out on, the
+    /// bus it announces on, the save of committed changes. Without one (tests), every update
+    /// is carried out at once.
+    weak var host: (any TablesEditorHost)?
 
     /// One report, held back while an update runs.
     enum Report {
@@ -166,22 +191,6 @@ final class TablesEditor {
     let waiting = ChangeQueue()
     /// How much of an update one loop turn carries out; `.unlimited` does it all at once.
     var sliceBudget = SliceBudget.unlimited
-    /// Runs its argument on the next loop turn (the server: `EventLoop.nextTurn`). Without
-    /// it, every update is carried out at once.
-    var scheduleSlice: ((@escaping () -> Void) -> Void)?
-    /// Runs its argument about a millisecond later (the server: a one-shot timer), for a
-    /// slice that waits for the bus (`mayAnnounce`).
-    var schedulePause: ((@escaping () -> Void) -> Void)?
-    /// Whether an update may deliver more reports now: false while the bus has not taken the
-    /// signals already sent (the server looks at the connection's unsent bytes).
-    var mayAnnounce: () -> Bool = { true }
-    /// Told when an update starts being carried out over several turns (true) and when it
-    /// has ended (false): the server holds the retry and scan passes meanwhile.
-    var busyChanged: (Bool) -> Void = { _ in }
-    /// Called before an update is carried out over several turns, so that the changes
-    /// committed before it are saved first (the server flushes its CommitBatch): the file
-    /// never holds half an update.
-    var beforeSlicing: () -> Void = {}
     /// The control socket's rules uploaded with upstream's weak flag (dumped with it). Kept
     /// in memory only: a rule restored from the state file, or put back by a rollback, is
     /// dumped without it.
@@ -289,47 +298,39 @@ final class TablesEditor {
         }
     }
 
-    /// Step 7: runs an authorised change for `sender` (the lock is checked again: it may have
-    /// been taken while authorisation was pending). Returns what the change did and what it
-    /// committed (empty under the lock, where it is journaled instead).
-    func run(_ change: TableChange, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+    /// Step 7 for a change other than Apply, at once (`execute` calls it): the lock again (it may have been taken
+    /// while authorisation was pending), then the operation. Returns what the change did and
+    /// what it committed (empty under the lock, where it is journaled instead).
+    func executeAtOnce(_ change: TableChange, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
         if case .lock = change {
             try lock(sender)
             return (.done, Journal())
         }
         try checkLock(sender)
-        if lockOwner == sender { beforeJournaling() }
+        if lockOwner == sender { host?.saveCommitted() }
         switch change {
-        case .apply(let kind, let request):
-            let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
-            let results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
-            let performed: Journal
-            do {
-                (results, performed) = try applyUpdate([update])
-            } catch {
-                logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
+        case .insert(let kind, let id, let rule):
+            return try performLogged(.insert(kind, id, rule), sender: sender)
+        case .delete(let kind, let id):
+            // The journal needs the stored rule to undo the delete; a rule that is not there
+            // is refused as the delete itself would refuse it.
+            let stored: Rule
+            do { stored = try table(kind).read(id) } catch {
+                logger.info("delete \(kind.rawValue)/\(id) by \(sender) refused: \(error.message)")
                 throw error
             }
-            logger.info(
-                "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed")
-            return (.applied(results.map { ($0.id, $0.counts) }), finish(performed, sender: sender))
-        case .insert(let kind, let id, let rule):
-            return try single(.insert(kind, id, rule), sender: sender)
-        case .delete(let kind, let id):
-            // The journal needs the stored rule to undo the delete.
-            let stored = (try? table(kind).read(id)) ?? Rule(proto: .tcp, firstPort: 1)
-            return try single(.delete(kind, id, stored), sender: sender)
+            return try performLogged(.delete(kind, id, stored), sender: sender)
         case .activate(let kind, let id):
-            return try single(.activate(kind, id), sender: sender)
+            return try performLogged(.activate(kind, id), sender: sender)
         case .deactivate(let kind, let id):
-            return try single(.deactivate(kind, id), sender: sender)
-        case .lock:
-            preconditionFailure("handled above")
+            return try performLogged(.deactivate(kind, id), sender: sender)
+        case .lock, .apply:
+            preconditionFailure("\(change) is executed by `execute`")
         }
     }
 
-    /// One single-rule operation for `sender`.
-    private func single(_ op: TableOperation, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+    /// Performs one single-rule operation for `sender`, with its log line.
+    private func performLogged(_ op: TableOperation, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
         let counts: ForwardingTable.BindCounts?
         do { counts = try perform(op) } catch {
             logger.info("\(op) by \(sender) refused: \(error.message)")
@@ -357,7 +358,7 @@ final class TablesEditor {
     func lock(_ sender: String) throws(PestoError) {
         if lockOwner == sender { return }
         try checkLock(sender)
-        beforeJournaling()
+        host?.saveCommitted()
         journal = Journal()
         setLockOwner(sender)
         logger.info("lock taken by \(sender)")
@@ -427,19 +428,5 @@ final class TablesEditor {
     func whenUnlocked(_ body: @escaping () -> Void) {
         if lockOwner == nil { return body() }
         unlockWaiters.append(body)
-    }
-
-    // MARK: Atomic updates (SlicedUpdate.swift)
-
-    /// Applies `updates` atomically and at once, in this call (see `startUpdate`, which does
-    /// the same over several loop turns). For the restore at start and in-process tests.
-    /// - Returns: the bind counts of every inserted rule, and the journal of what was done.
-    func applyUpdate(_ updates: [TableUpdate]) throws(PestoError) -> (
-        results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], journal: Journal
-    ) {
-        var outcome: SlicedUpdate.Outcome?
-        startUpdate(updates, budget: .unlimited) { outcome = $0 }
-        guard let outcome else { preconditionFailure("an unlimited update finishes in its first slice") }
-        return try outcome.get()
     }
 }

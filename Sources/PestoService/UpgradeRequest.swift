@@ -105,10 +105,9 @@ public final class UpgradeOnSignal: EventHandler {
 /// `pestod --reload-request PID`: what the unit's ExecReload= runs.
 ///
 /// It claims success only when it saw it happen: the running pestod must have a takeover
-/// socket (found from its command line, `--runtime-dir`, or its environment,
-/// `$RUNTIME_DIRECTORY`) and be the process listening on it, else nothing is sent and it
-/// fails at once; after the running pestod
-/// has exited, a successor must have opened its own takeover socket there (the same path, a
+/// socket (found from its command line and environment as pestod finds it, RuntimeDirectory)
+/// and be the process listening on it, else nothing is sent and it fails at once; after the
+/// running pestod has exited, a successor must have opened its own takeover socket there (the same path, a
 /// new file: `isAnotherFile`), else the request fails: the old pestod died rather than handed over.
 public enum ReloadRequest {
     /// How long after the old pestod's exit the successor may take to open its takeover
@@ -126,7 +125,7 @@ public enum ReloadRequest {
         guard let directory = takeoverDirectory(of: pid) else {
             throw PestoError(
                 .system,
-                "pestod \(pid) has no takeover socket (started without --runtime-dir or $RUNTIME_DIRECTORY), so it cannot be upgraded in place; nothing was sent to it."
+                "pestod \(pid) has no takeover socket (started without --runtime-dir or $RUNTIME_DIRECTORY on a bus with no default runtime directory: --address, or --session without $XDG_RUNTIME_DIR), so it cannot be upgraded in place; nothing was sent to it."
             )
         }
         let socketPath = directory + "/takeover.sock"
@@ -180,29 +179,37 @@ public enum ReloadRequest {
             || now.st_ctim.tv_nsec != before.st_ctim.tv_nsec
     }
 
-    /// The takeover socket's directory of process `pid`, as pestod itself finds it: its
-    /// `--runtime-dir` argument, else the first entry of its `$RUNTIME_DIRECTORY`; nil when
-    /// it has neither or its /proc files cannot be read.
+    /// The takeover socket's directory of process `pid`, as pestod itself finds it
+    /// (RuntimeDirectory) from its command line and environment: `--runtime-dir`, else its
+    /// `$RUNTIME_DIRECTORY`, else the default of its bus; nil when it has none or its /proc
+    /// files cannot be read.
     static func takeoverDirectory(of pid: pid_t) -> String? {
         func fields(_ name: String) -> [String]? {
             readFile("/proc/\(pid)/\(name)", limit: 1 << 20).map { bytes in
                 bytes.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
             }
         }
-        var found: String?
-        if let arguments = fields("cmdline") {
-            for (i, argument) in arguments.enumerated() {
-                if argument == "--runtime-dir", i + 1 < arguments.count {
-                    found = arguments[i + 1]
-                } else if argument.hasPrefix("--runtime-dir=") {
-                    found = String(argument.dropFirst("--runtime-dir=".count))
-                }
+        var option: String?
+        var address = false
+        var session = false
+        guard let arguments = fields("cmdline") else { return nil }
+        for (i, argument) in arguments.enumerated() {
+            if argument == "--runtime-dir", i + 1 < arguments.count {
+                option = arguments[i + 1]
+            } else if argument.hasPrefix("--runtime-dir=") {
+                option = String(argument.dropFirst("--runtime-dir=".count))
             }
+            address = address || argument == "--address" || argument.hasPrefix("--address=")
+            session = session || argument == "--session"
         }
-        if found == nil, let environment = fields("environ") {
-            found = environment.first { $0.hasPrefix("RUNTIME_DIRECTORY=") }
-                .flatMap { $0.dropFirst("RUNTIME_DIRECTORY=".count).split(separator: ":").first.map(String.init) }
+        let environment = fields("environ") ?? []
+        func variable(_ name: String) -> String? {
+            environment.first { $0.hasPrefix(name + "=") }.map { String($0.dropFirst(name.count + 1)) }
         }
+        // The same rule pestod follows for itself, defaults included.
+        let found = RuntimeDirectory.resolve(
+            option: option, systemd: variable("RUNTIME_DIRECTORY"), address: address, session: session,
+            xdgRuntimeDir: variable("XDG_RUNTIME_DIR"))
         guard let directory = found, !directory.isEmpty else { return nil }
         if directory.hasPrefix("/") { return directory }
         // Relative to that process's working directory.

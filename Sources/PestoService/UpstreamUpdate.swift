@@ -16,13 +16,14 @@
 //     upload succeeds; it is kept per rule (`weakRules`) and dumped again, so that
 //     `pesto` shows "(best effort)" exactly where pasta would.
 // Inactive rules are not part of upstream's model: they are neither dumped nor touched.
-// Matching is by hash of the rule without its owner tag, and fresh IDs are counted up from
-// the highest one in use, so an upload of n rules costs O(n log n), not O(n²).
+// Matching is by hash of the rule without its owner tag, and fresh IDs follow the rule every
+// client follows (RuleIDProposer: the highest ID in use rounded down to a multiple of 10,
+// plus 10, then steps of 10), so an upload of n rules costs O(n log n), not O(n²).
 // Tables absent from the upload are left alone. Everything happens in one update across the
 // tables (carried out over several loop turns when large, SlicedUpdate.swift), so what
 // upstream itself would refuse — an invalid rule, a conflict — changes nothing (and is reported to nobody). The editor refuses an upload while a D-Bus
-// client holds the lock; the control socket waits for the lock instead of calling it
-// (ControlSocket.swift). The caller (the server) saves what the update committed with the
+// client holds the lock; the control socket waits for the lock to be released instead of
+// calling it (ControlSocket.swift). The caller (the server) saves what the update committed with the
 // other changes of the loop turn; if it cannot be saved, it is undone again.
 
 import PestoDBus
@@ -61,20 +62,10 @@ extension TablesEditor {
         min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
     }
 
-    /// Applies an upload of whole tables (rules with their weak flag) as a difference, at
-    /// once. Returns what changed and the committed journal (to be saved); a refused upload
-    /// throws and changes nothing.
-    func applyUpstream(
-        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
-    ) throws(PestoError) -> (summary: UpstreamSummary, committed: Journal) {
-        let plan = try planUpstream(upload)
-        let (results, journal) = try applyUpdate(plan.updates)
-        return (upstreamApplied(plan, results), journal)
-    }
-
-    /// Applies an upload as `applyUpstream` does, over several loop turns if it is large
-    /// (SlicedUpdate.swift); `completion` gets what changed and the committed journal, or
-    /// why nothing changed. Called once the editor is idle (`whenIdle`).
+    /// Applies an upload of whole tables (rules with their weak flag) as a difference, over
+    /// several loop turns if it is large (SlicedUpdate.swift; at once without a host);
+    /// `completion` gets what changed and the committed journal (to be saved), or why nothing
+    /// changed (a refused upload changes nothing). Called once the editor is idle (`whenIdle`).
     func startUpstream(
         _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
         completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void
@@ -118,22 +109,22 @@ extension TablesEditor {
             let active = t.list().filter(\.status.active).map { (id: $0.id, rule: $0.rule) }
             let matching = KeptRules(existing: active, newRules: rules.map(\.rule))
             var update = TableUpdate(kind: kind, inserts: [], removes: matching.unmatched)
-            var allocated = Set<UInt32>()
-            var nextID = (t.ids.last ?? 0) &+ 1
+            // New IDs by the rule every client follows (RuleIDProposer, "Choosing rule IDs").
+            var ids = RuleIDProposer(highestID: t.ids.last) { t.contains($0) }
             for ((rule, bestEffort), keptID) in zip(rules, matching.keptIDs) {
                 if let keptID {
                     plan.weak.append((RuleRef(kind: kind, id: keptID), bestEffort))
                     plan.summary.kept += 1
                     continue
                 }
-                while t.contains(nextID) || allocated.contains(nextID) { nextID &+= 1 }
+                guard let nextID = ids.next() else {
+                    throw PestoError(.noSpace, "The \(kind.name) table has no free rule ID left; the upload was refused.")
+                }
                 var tagged = rule
                 tagged.owner = controlOwnerTag
                 // The proposals' ACTIVATE: complete whatever binds; failures are retried.
                 update.inserts.append((nextID, tagged, .any))
                 plan.weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
-                allocated.insert(nextID)
-                nextID &+= 1
             }
             plan.summary.added += update.inserts.count
             plan.summary.removed += update.removes.count

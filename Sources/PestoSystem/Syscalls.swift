@@ -35,8 +35,10 @@ package enum Sys {
         case send, recv, sendto, recvfrom, sendmsg, recvmsg
         case splice, pipe, fcntl, close
         case open, read, write, fsync, stat, fstat, lstat, unlink, rename, link, access
+        case mkdir
         case setns, getrlimit, setrlimit, signals, spawn, waitpid, kill, readlink
         case epollCreate, epollCtl, epollWait, eventfd
+        case clockGettime
     }
 
     /// Runs `body` until it returns something other than -1/EINTR; -1 becomes `.failure(errno)`.
@@ -352,6 +354,11 @@ package enum Sys {
         return call(.stat) { statPath(path, &st) }.map { _ in st }
     }
 
+    /// `mkdir(2)`.
+    package static func mkdir(_ path: String, mode: mode_t) -> Result<Void, Errno> {
+        call(.mkdir) { Glibc.mkdir(path, mode) }.map { _ in () }
+    }
+
     /// `lstat(2)` (does not follow symbolic links).
     package static func lstat(_ path: String) -> Result<stat, Errno> {
         var st = Glibc.stat()
@@ -395,6 +402,17 @@ package enum Sys {
     package static func setOpenFileLimit(_ limit: rlimit) -> Result<Void, Errno> {
         var limit = limit
         return call(.setrlimit) { setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) }.map { _ in () }
+    }
+
+    /// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds. It cannot fail for that clock and a
+    /// valid buffer (EINVAL, EFAULT would be bugs), so it traps instead, and a script cannot
+    /// fail it: every timer and timeout reads it.
+    package static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        guard case .success = call(.clockGettime, mockable: false, { clock_gettime(CLOCK_MONOTONIC, &ts) }) else {
+            preconditionFailure("clock_gettime(CLOCK_MONOTONIC) failed")
+        }
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     /// Makes SIGTERM, SIGINT and SIGHUP write to the eventfd `fd` and ignores SIGPIPE

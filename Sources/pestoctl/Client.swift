@@ -38,10 +38,13 @@ struct Failure: Error {
     let message: String
     /// Refused while planning, before any change: nothing to roll back.
     let planned: Bool
-    init(_ status: Int32, _ message: String, planned: Bool = false) {
+    /// The D-Bus error's name when pestod refused a call (`top.passt.Pesto1.Error.Conflict`).
+    let errorName: String?
+    init(_ status: Int32, _ message: String, planned: Bool = false, errorName: String? = nil) {
         self.status = status
         self.message = message
         self.planned = planned
+        self.errorName = errorName
     }
 }
 
@@ -67,7 +70,37 @@ final class PestoClient {
         do {
             connection = try DBusConnection(bus)
         } catch {
-            throw Failure(ExitCode.unreachable, "cannot reach pestod: \(error.message)")
+            throw Failure(ExitCode.unreachable, Self.unreachable(bus, connecting: true, error.message))
+        }
+    }
+
+    /// Why pestod cannot be reached on `bus` and what to try next: the bus pestoctl chose
+    /// (and why), the cause in libdbus's words, and the other bus.
+    static func unreachable(_ bus: BusAddress, connecting: Bool, _ cause: String) -> String {
+        func env(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+        let sessionAddress = env("DBUS_SESSION_BUS_ADDRESS")
+        switch bus {
+        case .session:
+            // Without DBUS_SESSION_BUS_ADDRESS libdbus tries X11 autolaunch, whose "$DISPLAY"
+            // message says nothing about pesto: the cause is the missing session bus.
+            let why =
+                connecting
+                ? (sessionAddress == nil
+                    ? "there is no session bus (DBUS_SESSION_BUS_ADDRESS is not set)"
+                    : "the session bus at \(sessionAddress!) cannot be reached (\(cause))")
+                : "pestod (\(PestoBusNames.busName)) is not on the session bus (\(cause))"
+            return "cannot reach pestod: \(why). pestoctl uses the session bus "
+                + (getuid() == 0 ? "because --session was given" : "when not run as root")
+                + "; pestod usually runs on the system bus: try \"pestoctl --system\""
+                + (env("DBUS_SYSTEM_BUS_ADDRESS").map { " (DBUS_SYSTEM_BUS_ADDRESS is \($0))" } ?? "") + "."
+        case .system:
+            let why =
+                connecting
+                ? "the system bus cannot be reached (\(cause))" : "pestod (\(PestoBusNames.busName)) is not on the system bus (\(cause))"
+            return "cannot reach pestod: \(why). Is it running (systemctl status pestod)? "
+                + "A per-user pestod (pestod --session) is reached with \"pestoctl --session\"."
+        case .address(let address):
+            return "cannot reach pestod on the bus at \(address): \(cause). Check the address given with --address."
         }
     }
 
@@ -79,9 +112,9 @@ final class PestoClient {
                 PestoBusNames.busName, path, interface, member, args, timeoutMilliseconds: 120_000, interactive: true)
         } catch {
             if unreachableErrors.contains(error.name) {
-                throw Failure(ExitCode.unreachable, "cannot reach pestod (\(PestoBusNames.busName)) on the \(bus): \(error.message)")
+                throw Failure(ExitCode.unreachable, Self.unreachable(bus, connecting: false, error.message))
             }
-            throw Failure(ExitCode.rejected, error.message.isEmpty ? error.name : error.message)
+            throw Failure(ExitCode.rejected, error.message.isEmpty ? error.name : error.message, errorName: error.name)
         }
     }
 
@@ -135,7 +168,8 @@ final class PestoClient {
     /// workflow. Returns the plan (for its warnings) and a summary, nil when nothing changed.
     /// `ephemeral` is the host's ephemeral port range, which `all` and `auto` leave out.
     func update(
-        _ operations: [Operation], firstID: UInt32?, bestEffort: Bool = false, ephemeral: ClosedRange<UInt16>
+        _ operations: [Operation], firstID: UInt32?, owner: String = Options.defaultOwner, bestEffort: Bool = false,
+        ephemeral: ClosedRange<UInt16>
     ) throws(Failure) -> (plan: Plan, summary: String?) {
         try manager("Lock")
         var plan = Plan()
@@ -156,7 +190,7 @@ final class PestoClient {
                 debug("add \(n.table.name) rule: \(RuleText.option(n.rule, n.table)) \(RuleText.spec(n.rule)) (from \(n.specText))")
             }
             if !plan.isEmpty {
-                try runLocked(&plan, tables: tables, firstID: firstID, bestEffort: bestEffort)
+                try runLocked(&plan, tables: tables, firstID: firstID, owner: owner, bestEffort: bestEffort)
                 try manager("Commit")
             }
         } catch {
@@ -186,17 +220,29 @@ final class PestoClient {
     }
 
     private func runLocked(
-        _ plan: inout Plan, tables current: [(TableKind, [ListedRule])], firstID: UInt32?, bestEffort: Bool
+        _ plan: inout Plan, tables current: [(TableKind, [ListedRule])], firstID: UInt32?, owner: String, bestEffort: Bool
     ) throws(Failure) {
-        // Insert, inactive.
-        var used: [TableKind: Set<UInt32>] = [:]
-        for (kind, rules) in current { used[kind] = Set(rules.map(\.id)) }
-        var next: [TableKind: UInt32] = [:]
+        // Insert, inactive, under IDs chosen by the rule every client follows (RuleIDProposer).
+        var proposers: [TableKind: RuleIDProposer] = [:]
+        for (kind, rules) in current {
+            let used = Set(rules.map(\.id))
+            if let firstID, plan.inserts.contains(where: { $0.table == kind }), used.contains(firstID) {
+                throw Failure(
+                    ExitCode.rejected,
+                    "--id \(firstID): the \(kind.name) table already has a rule \(firstID); choose a free ID, or leave out --id for the next free one."
+                )
+            }
+            proposers[kind] =
+                firstID.map { RuleIDProposer(startingAt: $0) { used.contains($0) } }
+                ?? RuleIDProposer(highestID: rules.map(\.id).max()) { used.contains($0) }
+        }
         for index in plan.inserts.indices {
             let kind = plan.inserts[index].table
-            let id = try nextID(&next, kind: kind, used: used[kind] ?? [], firstID: firstID)
-            used[kind, default: []].insert(id)
+            guard let id = proposers[kind]?.next() else {
+                throw Failure(ExitCode.rejected, "the \(kind.name) table has no free rule ID left; delete rules first.")
+            }
             plan.inserts[index].id = id
+            plan.inserts[index].rule.owner = owner
             let new = plan.inserts[index]
             debug("Insert \(kind.name) \(id)")
             do {
@@ -225,10 +271,7 @@ final class PestoClient {
             do {
                 reply = try table(new.table, "Activate", [.uint32(new.id)])
             } catch {
-                throw Failure(
-                    error.status,
-                    "cannot activate \(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule, new.table))): \(error.message)"
-                )
+                throw Failure(error.status, activationFailure(new, error, plan: plan, tables: current))
             }
             guard reply.count == 2, let bound = reply[0].uint32Value, let failed = reply[1].uint32Value else {
                 throw Failure(ExitCode.rejected, "pestod's Activate reply is malformed.")
@@ -259,7 +302,7 @@ final class PestoClient {
                     let error = (status?.count ?? 0) >= 4 ? status?[3].stringValue ?? "" : ""
                     reasons.append(
                         "\(RuleText.spec(new.rule, new.table)): \(results[m]!.failed) socket\(results[m]!.failed == 1 ? "" : "s") failed"
-                            + (error.isEmpty ? "" : " (\(error))"))
+                            + (error.isEmpty ? "" : " (\(error)\(Self.bindErrorHint(error, new.rule)))"))
                 }
                 throw Failure(
                     ExitCode.rejected,
@@ -277,86 +320,37 @@ final class PestoClient {
         pauseIfAsked(after: "delete")
     }
 
-    /// The next free ID for `kind`: `firstID`, else the highest ID + 10, then in steps of 10,
-    /// leaving gaps for hand-placed rules. Falls back to the lowest free ID near the top.
-    private func nextID(_ next: inout [TableKind: UInt32], kind: TableKind, used: Set<UInt32>, firstID: UInt32?) throws(Failure) -> UInt32 {
-        var candidate: UInt32
-        if let n = next[kind] {
-            candidate = n
-        } else if let firstID {
-            if used.contains(firstID) {
-                throw Failure(ExitCode.rejected, "rule ID \(firstID) is already taken in the \(kind.name) table (--id).")
-            }
-            candidate = firstID
-        } else {
-            let top = used.max() ?? 0
-            let (sum, overflow) = (top / 10 * 10).addingReportingOverflow(10)
-            candidate = overflow ? 1 : sum
-        }
-        while used.contains(candidate) {
-            let (sum, overflow) = candidate.addingReportingOverflow(1)
-            if overflow { throw Failure(ExitCode.rejected, "the \(kind.name) table has no free rule ID.") }
-            candidate = sum
-        }
-        let (after, overflow) = candidate.addingReportingOverflow(10)
-        next[kind] = overflow ? 1 : after
-        return candidate
-    }
-
-    // MARK: Watch
-
-    /// Prints a line per rule state change, bind failure change, rule added or removed, and
-    /// lock change, until the service leaves or pestoctl is killed. Prints "watching" first
-    /// (once the subscription is in place).
-    func watch() throws(Failure) {
-        do {
-            try connection.addMatch("type='signal',sender='\(PestoBusNames.busName)'")
-            try connection.addMatch("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='\(PestoBusNames.busName)'")
-        } catch {
-            throw Failure(ExitCode.unreachable, "cannot subscribe to pestod's signals: \(error.message)")
-        }
-        _ = try tableKinds()  // fails with exit 3 when pestod is not there
-        print("watching")
-        fflush(nil)
-        while true {
-            guard let m = connection.nextMessage(timeoutMilliseconds: 60_000) else { continue }
-            guard m.isSignal, let line = Self.describe(m) else { continue }
-            if line.isEmpty { return }
-            print(line)
-            fflush(nil)
-        }
-    }
-
-    /// One line for a signal; nil to skip it; "" when the service left the bus.
-    static func describe(_ m: DBusMessage) -> String? {
-        let args = m.arguments ?? []
-        func tableName(_ path: String?) -> String {
-            TableKind.allCases.first { path?.hasPrefix(PestoBusNames.tablePath($0)) == true }?.name ?? (path ?? "?")
-        }
-        switch m.member {
-        case "RuleStateChanged":
-            guard args.count == 4, let id = args[0].uint32Value, let active = args[1].boolValue,
-                let bound = args[2].uint32Value, let failed = args[3].uint32Value
-            else { return nil }
-            return "\(tableName(m.path)) rule \(id): \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
-        case "BindFailuresChanged":
-            guard args.count == 3, let id = args[0].uint32Value, let failed = args[1].uint32Value, let error = args[2].stringValue
-            else { return nil }
-            return "\(tableName(m.path)) rule \(id): \(failed) bind failures" + (error.isEmpty ? "" : " (\(error))")
-        case "InterfacesAdded", "InterfacesRemoved":
-            guard let path = args.first?.objectPathValue, path.contains("/rules/") else { return nil }
-            let id = path.split(separator: "/").last.map(String.init) ?? "?"
-            return "\(tableName(path)) rule \(id) " + (m.member == "InterfacesAdded" ? "added" : "removed")
-        case "PropertiesChanged":
-            guard m.path == PestoBusNames.managerPath, args.count >= 2,
-                let owner = args[1].vardictValue?.first(where: { $0.0 == "LockOwner" })?.1.stringValue
-            else { return nil }
-            return owner.isEmpty ? "unlocked" : "locked by \(owner)"
-        case "NameOwnerChanged":
-            guard args.count == 3, args[2].stringValue == "" else { return nil }
-            return ""
+    /// What a bind error means for a rule, when the errno name alone does not say it.
+    static func bindErrorHint(_ error: String, _ rule: Rule) -> String {
+        switch error {
+        case "EACCES" where rule.firstPort < 1024:
+            return ": ports below 1024 are privileged; pestod must run as root or with CAP_NET_BIND_SERVICE, "
+                + "or net.ipv4.ip_unprivileged_port_start must be lowered"
+        case "EADDRINUSE":
+            return ": another socket listens there (ss -ltnup shows which process)"
+        case "EADDRNOTAVAIL":
+            return ": no interface has this address"
         default:
-            return nil
+            return ""
         }
+    }
+
+    /// Why a new rule could not be activated, in the user's terms: a Conflict names the
+    /// rule it overlaps by its ID and its pasta option (pestod's message names the internal ID
+    /// pestoctl gave the new rule), and says what to do.
+    private func activationFailure(_ new: NewRule, _ error: Failure, plan: Plan, tables: [(TableKind, [ListedRule])]) -> String {
+        let what = "\(new.specText) (\(RuleText.option(new.rule, new.table)) \(RuleText.spec(new.rule, new.table)))"
+        guard error.errorName == PestoBusNames.errorName(.conflict) else { return "cannot activate \(what): \(error.message)" }
+        let removed = Set(plan.removes.filter { $0.table == new.table }.map(\.rule.id))
+        let existing = tables.first { $0.0 == new.table }?.1 ?? []
+        if let other = existing.first(where: { $0.active && !removed.contains($0.id) && $0.rule.conflicts(with: new.rule) }) {
+            let text = "\(RuleText.option(other.rule, new.table)) \(RuleText.spec(other.rule, new.table))"
+            return "\(what) overlaps the \(new.table.name) table's active rule \(other.id), \(text) "
+                + "(same protocol, shared ports and addresses). Delete that rule first (pestoctl -D \(text)) or choose other ports."
+        }
+        if let other = plan.inserts.first(where: { $0.id != new.id && $0.table == new.table && $0.rule.conflicts(with: new.rule) }) {
+            return "\(what) overlaps \(other.specText), given earlier on this command line; give ports that do not overlap."
+        }
+        return "cannot activate \(what): \(error.message)"
     }
 }

@@ -17,7 +17,7 @@
 //   pestoctl [BUS] [--json] [PATH]                     show the tables
 //   pestoctl [BUS] [OPTIONS] [-A|-D|-C TABLE] [-t|-u|-T|-U SPEC]... [PATH]   update
 //   pestoctl [BUS] [--json] status [ID [--table HOST|SPLICE]]
-//   pestoctl [BUS] watch                               print changes as they happen
+//   pestoctl [BUS] [--json] watch                      print changes as they happen
 // BUS is --system (default when root), --session (default otherwise) or --address ADDRESS.
 
 import PestoDBus
@@ -92,6 +92,10 @@ struct Options {
     var json = false
     /// --id N: the first ID for new rules.
     var firstID: UInt32?
+    /// --owner TAG: the owner tag of the rules the update adds.
+    var owner = Options.defaultOwner
+    /// The owner tag of pestoctl's rules unless --owner says otherwise.
+    static let defaultOwner = "pestoctl"
     /// The PATH operand (upstream pesto's control socket), accepted and not used.
     var socketPath: String?
     var command: Command = .show
@@ -99,7 +103,7 @@ struct Options {
     static let usage = """
         Usage: pestoctl [OPTION]... [PATH]
                pestoctl [BUS] [--json] status [ID [--table HOST|SPLICE]]
-               pestoctl [BUS] watch
+               pestoctl [BUS] [--json] watch
 
         Without update options, shows the HOST and SPLICE forwarding tables. The options are
         upstream pesto's; PATH (pesto's control socket) is accepted and not used: pestoctl
@@ -126,13 +130,16 @@ struct Options {
                                  the update is rolled back and pestoctl exits 1
               --id N             first ID for new rules (default: the table's highest ID
                                  rounded down to a multiple of 10, plus 10; then steps of 10)
+              --owner TAG        owner tag of the rules added (default: pestoctl)
           -q, --quiet            print nothing on success and no warnings (also --silent)
-              --json             show the tables (or status) as JSON
+              --json             print JSON: the tables, status, an update's outcome, and
+                                 with watch one object a line
               --system, --session, --address ADDRESS
                                  the bus (default: system as root, else session)
         Commands:
           status ID [--table T]  one rule's state;  status: who holds the lock
-          watch                  print table and lock changes as they happen
+          watch                  print table, lock and refused-upload events as they happen,
+                                 each line with its time
         Examples:
           pestoctl                                   show the tables
           pestoctl -t 8080 -u 53                     HOST table: TCP 8080 and UDP 53, nothing else
@@ -163,6 +170,7 @@ struct Options {
         var mode = SpecMode.replace
         var words: [String] = []
         var statusTable: TableKind?
+        var ownerGiven = false
         var index = 0
         var optionsEnded = false
 
@@ -220,6 +228,15 @@ struct Options {
                         let text = try value(for: name, attached: attached)
                         guard let id = UInt32(text), id > 0 else { throw UsageError("--id needs a rule ID 1-4294967295, not \"\(text)\".") }
                         options.firstID = id
+                    case "--owner":
+                        let text = try value(for: name, attached: attached)
+                        guard text.utf8.count <= Rule.maxOwnerLength else {
+                            throw UsageError(
+                                "--owner \(ClientText.quote(text)) is \(text.utf8.count) bytes long; at most \(Rule.maxOwnerLength) are allowed."
+                            )
+                        }
+                        options.owner = text
+                        ownerGiven = true
                     case "--table":
                         statusTable = try parseTable(try value(for: name, attached: attached))
                     default:
@@ -279,6 +296,10 @@ struct Options {
         if options.firstID != nil, case .update = options.command {
         } else if options.firstID != nil {
             throw UsageError("--id is only for updates.")
+        }
+        if ownerGiven, case .update = options.command {
+        } else if ownerGiven {
+            throw UsageError("--owner is only for updates.")
         }
         if options.bestEffort, case .update = options.command {
         } else if options.bestEffort {

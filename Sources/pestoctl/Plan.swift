@@ -94,6 +94,22 @@ struct Plan {
                 switch mode {
                 case .replace, .add:
                     for rule in spec.rules {
+                        // An identical rule would only conflict with the one there (or be
+                        // shadowed by it): say so in the user's terms, before any change.
+                        if let same = state[kind]!.first(where: { $0.rule.forwardsSame(as: rule) }) {
+                            let ruleText = "\(option) \(RuleText.spec(rule, kind))"
+                            switch same {
+                            case .existing(let r):
+                                throw UsageError(
+                                    "\(mode == .add ? "-A " : "")\(option) \(text): the \(kind.name) table already has this rule "
+                                        + "(ID \(r.id): \(ruleText), \(r.active ? "active" : "inactive")); nothing was changed. "
+                                        + "To replace it, delete it first (pestoctl -D \(ruleText)).", status: 1)
+                            case .new(let n):
+                                throw UsageError(
+                                    "\(option) \(text): its rule \(ruleText) is already given by \(n.specText) on this command line; "
+                                        + "nothing was changed.", status: 1)
+                            }
+                        }
                         state[kind]!.append(
                             .new(
                                 NewRule(

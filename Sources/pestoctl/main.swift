@@ -11,9 +11,6 @@ import PestoSystem
     import Glibc
 #endif
 
-/// pestoctl's own version (the D-Bus contract's is `PestoBusNames.version`).
-let pestoctlVersion = "1.1"
-
 /// Prints to stderr.
 func printError(_ text: String) {
     writeError("pestoctl: \(text)\n")
@@ -47,9 +44,16 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
         case .help:
             print(Options.usage)
         case .version:
-            print(
-                "pestoctl \(pestoctlVersion) (D-Bus interface top.passt.Pesto1, version \(PestoBusNames.version); "
-                    + "command line of upstream pesto)")
+            // The product's one version (ProductVersion), beside the D-Bus contract's.
+            if options.json {
+                print(
+                    "{\"version\": \(RuleText.json(ProductVersion.current)), \"interface\": \(RuleText.json(PestoBusNames.busName)), "
+                        + "\"interface-version\": \(RuleText.json(PestoBusNames.version))}")
+            } else {
+                print(
+                    "pestoctl \(ProductVersion.current) (pesto; D-Bus interface \(PestoBusNames.busName) version \(PestoBusNames.version); "
+                        + "command line of upstream pesto)")
+            }
         case .lockStatus:
             let client = try PestoClient(options.bus)
             let reply = try client.call(
@@ -65,7 +69,7 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
             }
         case .watch:
             let client = try PestoClient(options.bus)
-            try client.watch()
+            try client.watch(json: options.json)
         case .show:
             let client = try PestoClient(options.bus)
             show(try client.list(), json: options.json)
@@ -80,9 +84,14 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
                     "{\"id\": \(id), \"table\": \(RuleText.json(kind.name)), \"active\": \(active), \"bound\": \(bound), "
                         + "\"failed\": \(failed), \"last-error\": \(RuleText.json(lastError))}")
             } else {
+                // The rule's pasta option, and what its last error means (read after Status: a
+                // rule deleted meanwhile is shown by its ID alone).
+                let rule = (try? client.table(kind, "Read", [.uint32(id)]))?.first.flatMap { try? RuleText.decode($0) }
                 print(
-                    "\(kind.name) rule \(id): \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
-                        + (lastError.isEmpty ? "" : ", last error \(lastError)"))
+                    "\(kind.name) rule \(id)" + (rule.map { " (\(RuleText.option($0, kind)) \(RuleText.spec($0, kind)))" } ?? "")
+                        + ": \(active ? "active" : "inactive"), \(bound) bound, \(failed) failed"
+                        + (lastError.isEmpty ? "" : ", last error \(lastError)")
+                        + (rule.map { PestoClient.bindErrorHint(lastError, $0) } ?? ""))
             }
         case .update(let operations):
             // Bad specs are refused (exit 1, as pesto) whether or not the service is reachable.
@@ -92,25 +101,31 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
                 do {
                     _ = try PortSpec.parse(text, proto: proto, table: kind, ephemeralPorts: ephemeral)
                 } catch {
-                    printError("\(RuleText.option(Rule(proto: proto, firstPort: 1), kind)): \(error.description)")
+                    printError("\(RuleText.option(Rule(proto: proto, firstPort: 1), kind)): \(error.description)\(pathHint(text))")
                     return ExitCode.rejected
                 }
             }
             let client = try PestoClient(options.bus)
             if options.debug { client.debugSink = { printError("debug: \($0)") } }
-            if options.showTables {
+            let before = options.showTables ? try client.list() : []
+            if options.showTables && !options.json {
                 print("Previous configuration")
-                show(try client.list(), json: false)
+                show(before, json: false)
             }
             let (plan, summary) = try client.update(
-                operations, firstID: options.firstID, bestEffort: options.bestEffort, ephemeral: ephemeral)
-            if !options.quiet {
-                for w in plan.warnings { printError("warning: \(w)") }
-                print(summary ?? "Nothing to change.")
-            }
-            if options.showTables {
-                print("Updated configuration")
-                show(try client.list(), json: false)
+                operations, firstID: options.firstID, owner: options.owner, bestEffort: options.bestEffort, ephemeral: ephemeral)
+            let after = options.showTables ? try client.list() : []
+            if options.json {
+                print(updateJSON(plan, before: options.showTables ? before : nil, after: options.showTables ? after : nil))
+            } else {
+                if !options.quiet {
+                    for w in plan.warnings { printError("warning: \(w)") }
+                    print(summary ?? "Nothing to change.")
+                }
+                if options.showTables {
+                    print("Updated configuration")
+                    show(after, json: false)
+                }
             }
         }
     } catch {
@@ -120,13 +135,42 @@ func runPestoctl(_ arguments: [String]) -> Int32 {
     return ExitCode.success
 }
 
+/// An update's outcome as one JSON object: the rules added (with their IDs) and removed, the
+/// warnings, and with -s the tables before and after.
+func updateJSON(_ plan: Plan, before: [(TableKind, [ListedRule])]?, after: [(TableKind, [ListedRule])]?) -> String {
+    func rule(_ kind: TableKind, _ id: UInt32, _ rule: Rule) -> String {
+        "{\"table\": \(RuleText.json(kind.name)), \"id\": \(id), \"rule\": \(RuleText.json(RuleText.option(rule, kind) + " " + RuleText.spec(rule, kind)))}"
+    }
+    var members = [
+        "\"added\": [" + plan.inserts.map { rule($0.table, $0.id, $0.rule) }.joined(separator: ", ") + "]",
+        "\"removed\": [" + plan.removes.map { rule($0.table, $0.rule.id, $0.rule.rule) }.joined(separator: ", ") + "]",
+        "\"warnings\": [" + plan.warnings.map(RuleText.json).joined(separator: ", ") + "]",
+    ]
+    if let before { members.append("\"before\": " + tablesJSON(before)) }
+    if let after { members.append("\"after\": " + tablesJSON(after)) }
+    return "{" + members.joined(separator: ", ") + "}"
+}
+
+/// The tables as a JSON object: `{"tables": [{"name": …, "rules": […]}, …]}`.
+func tablesJSON(_ tables: [(TableKind, [ListedRule])]) -> String {
+    let parts = tables.map { kind, rules in
+        "{\"name\": \(RuleText.json(kind.name)), \"rules\": [" + rules.map { RuleText.json($0, kind) }.joined(separator: ", ") + "]}"
+    }
+    return "{\"tables\": [" + parts.joined(separator: ", ") + "]}"
+}
+
+/// A hint for a spec that is an existing file, such as upstream pesto's control socket put
+/// after -t: where PATH goes, and that pestoctl does not need it.
+func pathHint(_ spec: String) -> String {
+    guard spec.hasPrefix("/"), case .success = Sys.stat(spec) else { return "" }
+    return " \(ClientText.quote(spec)) is a file, not a port spec: upstream pesto's control socket PATH goes after the options"
+        + " (pestoctl accepts it there and does not need it)."
+}
+
 /// The tables, like upstream pesto shows them: a header per table, a line per rule.
 func show(_ tables: [(TableKind, [ListedRule])], json: Bool) {
     if json {
-        let parts = tables.map { kind, rules in
-            "{\"name\": \(RuleText.json(kind.name)), \"rules\": [" + rules.map { RuleText.json($0, kind) }.joined(separator: ", ") + "]}"
-        }
-        print("{\"tables\": [" + parts.joined(separator: ", ") + "]}")
+        print(tablesJSON(tables))
         return
     }
     for (n, (kind, rules)) in tables.enumerated() {

@@ -76,7 +76,7 @@ struct RelayHandoverTests {
         let loopB = try EventLoop()
         let b = try ForwardingEngine(loop: loopB, configuration: config)
         #expect(b.adopt(connection))
-        #expect(b.budget.held == connection.descriptorCount)
+        #expect(b.budget.held == DescriptorPlan.perConnection, "charged as any connection, its pipes with it")
         #expect(b.tcp.connectionState(0)?.up.pending == connection.up.pending)
         a.tcp.closeAll()  // the old pestod exits: its copies close, the sockets and the pipe live on
         // Nothing moved yet: the target's socket holds only what it held before.

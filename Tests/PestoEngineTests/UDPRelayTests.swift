@@ -35,7 +35,8 @@ final class NullHandler: EventHandler {
 }
 
 /// One event loop with a UDP relay, listeners, an echo target and clients, all on loopback.
-final class UDPHarness {
+/// It is the relay's context: it records the loop checks and answers them with `refuseAsLoop`.
+final class UDPHarness: RelayContext {
     static let echoKind = EventLoop.Kind(EngineEventKind.firstForTests + 4)
     static let clientKind = EventLoop.Kind(EngineEventKind.firstForTests + 5)
 
@@ -57,8 +58,10 @@ final class UDPHarness {
     private(set) var clients: [Int32] = []
     /// Every datagram each client received, with its source.
     private(set) var replies: [Int32: [(payload: [UInt8], from: SocketAddress)]] = [:]
-    /// What `wouldLoop` was asked.
+    /// What `refusesLoop` was asked.
     private(set) var loopChecks: [(target: ForwardTarget, destination: SocketAddress)] = []
+    /// The answer to every loop check.
+    private let refuseAsLoop: Bool
     private var buffer = [UInt8](repeating: 0, count: 65_536)
     private var stopCondition: (() -> Bool)?
     /// Where every socket of the test is made (nil: this thread's namespace).
@@ -76,13 +79,8 @@ final class UDPHarness {
         targetPort = ports.upperBound
         self.targetAddress = targetAddress
         self.namespace = namespace
-        let side = TargetSide(namespace: namespace)
-        relay = UDPRelay(
-            loop: loop, targetSide: { _ in side }, limits: limits,
-            wouldLoop: { [unowned self] target, destination in
-                self.loopChecks.append((target, destination))
-                return refuseAsLoop
-            })
+        self.refuseAsLoop = refuseAsLoop
+        relay = UDPRelay(loop: loop, sides: TargetSides(TargetSide(namespace: namespace)), context: self, limits: limits)
         loop.setHandler(ClosureHandler { [unowned self] fd in self.listenerReadable(fd) }, for: EngineEventKind.udpListener)
         loop.setHandler(ClosureHandler { [unowned self] fd in self.echoReadable(fd) }, for: Self.echoKind)
         loop.setHandler(ClosureHandler { [unowned self] fd in self.clientReadable(fd) }, for: Self.clientKind)
@@ -99,6 +97,18 @@ final class UDPHarness {
         }
         relay = nil
     }
+
+    // MARK: RelayContext
+
+    func refusesLoop(_ target: ForwardTarget, to destination: SocketAddress) -> Bool {
+        loopChecks.append((target, destination))
+        return refuseAsLoop
+    }
+
+    /// The harness's listeners are never shared.
+    func firstMatchTarget(listener: Int32, localAddress: () -> IPAddress?) -> ForwardTarget? { nil }
+
+    func relayCapacityAvailable() {}
 
     /// Lets go of the relay (the loop must have let go already).
     func dropRelay() { relay = nil }

@@ -85,10 +85,11 @@ struct AuthorizationQueueTests {
         #expect(queue.totalPending == 0)
     }
 
-    @Test("at most maxPendingPerSender changes wait per sender; one more is refused with nothing queued or asked; others are unaffected")
+    @Test("at most limits.changes changes wait per sender; one more is refused with nothing queued or asked; others are unaffected")
     func cap() {
         let auth = ScriptedAuthorizer()
-        let queue = AuthorizationQueue(authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 3)
+        let queue = AuthorizationQueue(
+            authorizer: auth, action: PestoActions.modify, limits: SenderLimits(changes: 3, bytes: SenderLimits.standard.bytes))
         var ran = 0
         for _ in 0..<3 { #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 } == nil) }
         for _ in 0..<100 {
@@ -100,16 +101,16 @@ struct AuthorizationQueueTests {
         auth.answer(":1.1")
         #expect(queue.submit(sender: ":1.1", interactive: false) { _ in ran += 1 } == nil, "room again once one is decided")
         #expect(queue.pending(of: ":1.1") == 3)
-        #expect(AuthorizationQueue.defaultMaxPendingPerSender == 64)
+        #expect(SenderLimits.standard.changes == 64)
     }
 
     @Test(
-        "at most maxPendingBytesPerSender bytes of changes wait per sender, whichever limit comes first; a larger change alone still waits; bytes return as changes are decided or the sender leaves"
+        "at most limits.bytes bytes of changes wait per sender, whichever limit comes first; a larger change alone still waits; bytes return as changes are decided or the sender leaves"
     )
     func byteCap() {
         let auth = ScriptedAuthorizer()
         let queue = AuthorizationQueue(
-            authorizer: auth, action: PestoActions.modify, maxPendingPerSender: 10, maxPendingBytesPerSender: 1_000)
+            authorizer: auth, action: PestoActions.modify, limits: SenderLimits(changes: 10, bytes: 1_000))
         var ran = 0
         for _ in 0..<4 { #expect(queue.submit(sender: ":1.1", interactive: false, bytes: 250) { _ in ran += 1 } == nil) }
         #expect(queue.pendingBytes(of: ":1.1") == 1_000)
@@ -129,7 +130,7 @@ struct AuthorizationQueueTests {
         #expect(queue.submit(sender: ":1.3", interactive: false, bytes: 0) { _ in ran += 1 } == .bytes)
         auth.answer(":1.3")
         #expect(queue.pendingBytes(of: ":1.3") == 0)
-        #expect(AuthorizationQueue.defaultMaxPendingBytesPerSender == 16 << 20)
+        #expect(SenderLimits.standard.bytes == 16 << 20)
     }
 
     @Test("a sender that leaves loses its waiting changes and its check is withdrawn: a late answer (even 'allowed') runs nothing")

@@ -135,6 +135,16 @@ final class PestodFixture {
         try (connection ?? client).call(Self.dest, Self.managerPath, Self.managerInterface, member)
     }
 
+    /// Inserts the TCP rule `rule(port, extra)` as `id` and activates it (the usual first
+    /// step of a test); returns Activate's reply (bound, failed).
+    @discardableResult
+    func insertActive(_ id: UInt32, port: UInt16, _ extra: [(String, DBusValue)] = [], on connection: DBusConnection? = nil)
+        throws(DBusErrorReply) -> [DBusValue]
+    {
+        try table("Insert", [.uint32(id), Self.rule(port, extra)], on: connection)
+        return try table("Activate", [.uint32(id)], on: connection)
+    }
+
     /// The error name a call fails with, or "success".
     func errorName(_ body: () throws(DBusErrorReply) -> Void) -> String {
         do {

@@ -2,7 +2,7 @@
 
 // A client's strings are quoted short in error replies and in pestod's log: a megabyte
 // interface name, rule key, address or object path comes back as 64 characters and its
-// length, never whole.
+// length, never whole. In process (InProcessPestod.swift): the server's replies and log.
 
 import Foundation
 import PestoEngine
@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod quoting of client strings", .serialized)
+@Suite("pestod quoting of client strings (in process)")
 struct ClientStringTests {
     static let huge = String(repeating: "i", count: 1 << 20)
 
@@ -30,7 +30,7 @@ struct ClientStringTests {
 
     @Test("megabyte strings in Insert and in the object path: short replies, short log lines, no state change")
     func megabyteStrings() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let p = TestSockets.freePorts(1).lowerBound
         let before = try f.snapshot()
         let cut = "\"\(String(repeating: "i", count: 64))\"…(1048576 bytes)"
@@ -55,7 +55,7 @@ struct ClientStringTests {
 
         let path = "/" + String(repeating: "p", count: 100_000)
         let object = failure { () throws(DBusErrorReply) in
-            _ = try f.client.call(PestodFixture.dest, path, PestodFixture.tableInterface, "List")
+            _ = try f.call(path: path, interface: PestodFixture.tableInterface, member: "List")
         }
         #expect(object?.name == DBusErrorReply.unknownObject)
         #expect((object?.message.utf8.count ?? .max) < 200, "\(object?.message.prefix(200) ?? "")")

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 // Every error name of the contract, provoked and checked by name; nothing changes on any error.
+// In process (InProcessPestod.swift); busctl's view of the same names needs the bus.
 
 import Foundation
 import PestoEngine
@@ -12,13 +13,13 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod errors", .serialized)
+@Suite("pestod errors (in process)")
 struct ErrorTests {
     static func name(_ n: String) -> String { PestoBusNames.errorPrefix + n }
 
     /// Expects `body` to fail with `errorName` and the observable state to be unchanged.
     func expectError(
-        _ f: PestodFixture, _ errorName: String, sourceLocation: SourceLocation = #_sourceLocation,
+        _ f: InProcessPestod, _ errorName: String, sourceLocation: SourceLocation = #_sourceLocation,
         _ body: () throws(DBusErrorReply) -> Void
     ) throws {
         let before = try f.snapshot()
@@ -28,11 +29,12 @@ struct ErrorTests {
 
     @Test("each Table error, and InvalidArgs for wrong types and unknown keys")
     func tableErrors() throws {
-        let f = try PestodFixture(pestodArguments: ["--max-rules", "3"])
+        var configuration = EngineConfiguration()
+        configuration.limits = TableLimits(maxRules: 3, maxSockets: TableLimits.default.maxSockets)
+        let f = try InProcessPestod(configuration: configuration)
         let ports = TestSockets.freePorts(3)
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
-        try f.table("Activate", [.uint32(1)])
+        try f.insertActive(1, port: p)
         try f.table("Insert", [.uint32(2), PestodFixture.rule(p, address: "")])  // dual stack, overlaps rule 1
         try f.table("Insert", [.uint32(3), PestodFixture.rule(p + 1)])
 
@@ -85,18 +87,14 @@ struct ErrorTests {
         } catch {
             #expect(error.message.contains("active rule 1"))
         }
-        // busctl reports the same names.
-        let r = try f.busctl(["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Delete", "u", "42"])
-        #expect(r.status != 0 && r.err.contains("no rule 42"))
     }
 
     @Test("Apply: success, BindFailed and Conflict roll back everything; best-effort tolerates")
     func apply() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let ports = TestSockets.freePorts(6)
         let p = ports.lowerBound
-        try f.table("Insert", [.uint32(10), PestodFixture.rule(p)])
-        try f.table("Activate", [.uint32(10)])
+        try f.insertActive(10, port: p)
         func apply(_ inserts: [(UInt32, DBusValue)], remove: [UInt32], _ options: [(String, DBusValue)] = []) throws(DBusErrorReply)
             -> [DBusValue]
         {
@@ -146,5 +144,16 @@ struct ErrorTests {
         try expectError(f, DBusErrorReply.invalidArgs) { () throws(DBusErrorReply) in
             _ = try apply([(14, PestodFixture.rule(p + 4))], remove: [14])
         }
+    }
+}
+
+/// Error replies as a bus client's tools see them.
+@Suite("pestod errors over the bus", .serialized)
+struct ErrorOverBusTests {
+    @Test("busctl reports the contract's error names and messages")
+    func busctlSeesErrors() throws {
+        let f = try PestodFixture()
+        let r = try f.busctl(["call", PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Delete", "u", "42"])
+        #expect(r.status != 0 && r.err.contains("no rule 42"))
     }
 }

@@ -18,7 +18,7 @@ struct HeldBackLimitTests {
 
     /// A rig whose editor carries out updates one operation per slice, each slice run only
     /// when the test says so (`runSlices`).
-    final class SlicedRig {
+    final class SlicedRig: TablesEditorHost {
         let rig = EditorRig()
         let gate: ChangeGate
         var pending: [() -> Void] = []
@@ -26,8 +26,15 @@ struct HeldBackLimitTests {
         init() {
             rig.editor.sliceBudget = SliceBudget(operations: 1, milliseconds: .max)
             gate = ChangeGate(editor: rig.editor)
-            rig.editor.scheduleSlice = { [unowned self] work in self.pending.append(work) }
+            rig.editor.host = self
         }
+
+        // The editor's host: slices wait for `runSlices`; nothing to save or hold.
+        func nextTurn(_ work: @escaping () -> Void) { pending.append(work) }
+        func shortly(_ work: @escaping () -> Void) { pending.append(work) }
+        var mayAnnounce: Bool { true }
+        func updateInProgress(_ busy: Bool) {}
+        func saveCommitted() {}
 
         /// Runs slices until no more are asked for.
         func runSlices() {

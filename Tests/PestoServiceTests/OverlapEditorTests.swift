@@ -30,8 +30,8 @@ struct OverlapEditorTests {
             editor = TablesEditor(tables: [table])
             editor.observer = observer
             ports = TestSockets.freePorts(4)
-            _ = try editor.run(.insert(.host, 100, Self.tcp(ports.lowerBound, last: ports.upperBound)), sender: "a")
-            _ = try editor.run(.activate(.host, 100), sender: "a")
+            _ = try editor.submitted(.insert(.host, 100, Self.tcp(ports.lowerBound, last: ports.upperBound)), sender: "a")
+            _ = try editor.submitted(.activate(.host, 100), sender: "a")
             _ = observer.take()
         }
 
@@ -48,9 +48,9 @@ struct OverlapEditorTests {
         let rig = try Rig()
         let carved = rig.ports.lowerBound + 1
         let before = rig.sockets
-        _ = try rig.editor.run(.lock, sender: "b")
-        _ = try rig.editor.run(.insert(.host, 5, Rig.tcp(carved)), sender: "b")
-        #expect(try rig.editor.run(.activate(.host, 5), sender: "b").result == .counts(.init(bound: 1, failed: 0)))
+        _ = try rig.editor.submitted(.lock, sender: "b")
+        _ = try rig.editor.submitted(.insert(.host, 5, Rig.tcp(carved)), sender: "b")
+        #expect(try rig.editor.submitted(.activate(.host, 5), sender: "b").result == .counts(.init(bound: 1, failed: 0)))
         #expect(try rig.table.portsWon(100) == 3 && rig.table.portsWon(5) == 1)
         #expect(rig.observer.take() == ["lock b", "added 5", "state 5 active 1/0", "won 100"])
         #expect(rig.editor.holderLeft("b") == 2)
@@ -72,7 +72,7 @@ struct OverlapEditorTests {
         var request = ApplyRequest()
         // 5 takes the carved port from the range; 6 cannot bind, so the whole Apply fails.
         request.inserts = [(5, Rig.tcp(carved)), (6, Rig.tcp(taken))]
-        #expect(throws: PestoError.self) { try rig.editor.run(.apply(.host, request), sender: "a") }
+        #expect(throws: PestoError.self) { try rig.editor.submitted(.apply(.host, request), sender: "a") }
         #expect(rig.table.ids == [100])
         #expect(try rig.table.portsWon(100) == 4)
         #expect(rig.sockets == before)
@@ -86,7 +86,7 @@ struct OverlapEditorTests {
         var request = ApplyRequest()
         request.inserts = [(200, Rig.tcp(rig.ports.lowerBound, last: rig.ports.upperBound))]
         request.removes = [100]
-        let (result, _) = try rig.editor.run(.apply(.host, request), sender: "a")
+        let (result, _) = try rig.editor.submitted(.apply(.host, request), sender: "a")
         #expect(result == .applied([(200, .init(bound: 4, failed: 0))]))
         #expect(try rig.table.ids == [200] && rig.table.portsWon(200) == 4)
         #expect(rig.sockets == before, "the new rule serves the ports on the old rule's sockets")

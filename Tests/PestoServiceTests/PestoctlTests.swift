@@ -298,17 +298,18 @@ struct PestoctlTests {
         let f = try PestodFixture()
         let port = TestSockets.freePorts(1).lowerBound
         let watcher = try ChildProcess(Products.path("pestoctl"), ["--address", f.address, "watch"])
-        #expect(watcher.readLine() == "watching")
+        // Each line starts with its time (PestoctlMessageTests checks the format).
+        #expect(watcher.readLine()?.hasSuffix(" watching") == true)
         #expect(try f.pestoctl(["-t", "127.0.0.1/\(port)"]).status == 0)
         var lines: [String] = []
         while let line = watcher.readLine(timeoutMilliseconds: 5000) {
             lines.append(line)
-            if line == "unlocked" { break }
+            if line.hasSuffix(" unlocked") { break }
         }
-        #expect(lines.contains { $0.hasPrefix("locked by :") }, "\(lines)")
-        #expect(lines.contains("HOST rule 10 added"), "\(lines)")
-        #expect(lines.contains("HOST rule 10: active, 1 bound, 0 failed"), "\(lines)")
-        #expect(lines.last == "unlocked")
+        #expect(lines.contains { $0.contains(" locked by :") }, "\(lines)")
+        #expect(lines.contains { $0.hasSuffix(" HOST rule 10 added: -t 127.0.0.1/\(port), owner pestoctl") }, "\(lines)")
+        #expect(lines.contains { $0.hasSuffix(" HOST rule 10 (-t 127.0.0.1/\(port)): active, 1 bound, 0 failed") }, "\(lines)")
+        #expect(lines.last?.hasSuffix(" unlocked") == true)
         // The service leaving ends the watch.
         f.pestod.kill()
         #expect(watcher.readLine(timeoutMilliseconds: 5000) == nil)

@@ -436,10 +436,11 @@ struct ExhaustionTests {
     }
 
     @Test(
-        "relays stop at the descriptor budget: connections beyond it are reset, new UDP clients dropped (logged once); D-Bus answers, a change is saved, a reserve remains"
+        "relays stop at their shares of the descriptor budget: connections beyond TCP's are reset, new UDP clients beyond UDP's dropped (logged once); D-Bus answers, a change is saved, a reserve remains"
     )
     func relayBudget() throws {
-        // L = 256: E = 192 for listeners and relays, relays up to R = 168 (DescriptorPlan).
+        // L = 256: E = 192 for listeners and relays, relays up to R = 168, half of it for each
+        // protocol (DescriptorPlan): 14 connections at 6 descriptors, 84 flows at 1.
         let limit = 256
         let plan = DescriptorPlan(openFileLimit: limit)
         let f = try PestodFixture(
@@ -454,12 +455,13 @@ struct ExhaustionTests {
         #expect(try f.table("Activate", [.uint32(1)]) == [.uint32(1), .uint32(0)])
         #expect(try f.table("Activate", [.uint32(2)]) == [.uint32(1), .uint32(0)])
 
-        // TCP: connections are relayed (2 descriptors each, and pipes while bytes pass) until one is reset.
+        // TCP: connections are relayed (6 descriptors each: sockets and pipes) until one is reset.
+        let connections = plan.share / DescriptorPlan.perConnection
         var clients: [Int32] = []
         defer { for fd in clients { close(fd) } }
         var relayed = 0
         var refused = false
-        for _ in 0..<(plan.relayLimit / 2 + 5) where !refused {
+        for _ in 0..<(connections + 5) where !refused {
             guard case .success(let fd) = TestSockets.connect(port: ports.lowerBound) else { break }
             clients.append(fd)
             var byte: UInt8 = 5
@@ -472,15 +474,15 @@ struct ExhaustionTests {
             if read(fd, &byte, 1) == 1 { relayed += 1 } else { refused = true }
         }
         #expect(refused, "a connection beyond the budget is reset")
-        #expect(relayed > plan.relayLimit / 2 - 6 && relayed < plan.relayLimit / 2, "\(relayed) connections relayed")
+        #expect(relayed == connections, "\(relayed) connections relayed")
         #expect(waitForLog(f, "new TCP connections are reset"))
 
-        // UDP: what is left takes a few flows at most; then a new client's datagram is dropped.
+        // UDP: its own share takes its flows; then a new client's datagram is dropped.
         var udpClients: [Int32] = []
         defer { for fd in udpClients { close(fd) } }
         var flows = 0
         var dropped = false
-        for _ in 0..<10 where !dropped {
+        for _ in 0..<(plan.share + 5) where !dropped {
             let fd = try #require(TestTraffic.udpClient())
             udpClients.append(fd)
             _ = SocketAddress(.loopbackIPv4, port: ports.lowerBound + 2).withSockaddr { sa, len in sendto(fd, "u", 1, 0, sa, len) }
@@ -497,7 +499,7 @@ struct ExhaustionTests {
                 }
             }
         }
-        #expect(dropped && flows < 6, "\(flows) flows, then a drop")
+        #expect(dropped && flows == plan.share, "\(flows) flows, then a drop")
         // More refusals of both kinds are not logged again.
         for _ in 0..<3 {
             if case .success(let fd) = TestSockets.connect(port: ports.lowerBound) { clients.append(fd) }

@@ -99,7 +99,10 @@ struct ScaleTests {
 
     @Test("an Apply array longer than MaxRules is InvalidArgs and changes nothing")
     func overLongApply() throws {
-        let f = try PestodFixture(pestodArguments: ["--max-rules", "3"])
+        // In process (InProcessPestod.swift): the checks are the server's, before any element is read.
+        var configuration = EngineConfiguration()
+        configuration.limits = TableLimits(maxRules: 3, maxSockets: TableLimits.default.maxSockets)
+        let f = try InProcessPestod(configuration: configuration)
         let p = TestSockets.freePorts(1).lowerBound
         try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
         let before = try f.snapshot()

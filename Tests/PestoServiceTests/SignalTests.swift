@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-// A match-rule subscriber receives every signal of the contract.
+// Every signal of the contract, in process (InProcessPestod.swift: the signals the server
+// sends on its port, in order with its replies); gdbus monitor's view needs the bus.
 
 import Foundation
 import PestoEngine
@@ -12,12 +13,14 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod signals", .serialized)
+@Suite("pestod signals (in process)")
 struct SignalTests {
     @Test("InterfacesAdded/Removed, RuleStateChanged, BindFailuresChanged (with a retry), PropertiesChanged")
     func signals() throws {
-        let f = try PestodFixture(pestodArguments: ["--retry-interval", "50"])
-        let signals = try SignalCollector(address: f.address)
+        var configuration = EngineConfiguration()
+        configuration.retryIntervalMilliseconds = 50
+        let f = try InProcessPestod(configuration: configuration)
+        let signals = f.watchSignals()
         let ports = TestSockets.freePorts(2)
         let p = ports.lowerBound
         let rulePath = PestoBusNames.rulePath(.host, 7)
@@ -80,6 +83,64 @@ struct SignalTests {
         try f.manager("Unlock")
     }
 
+    @Test("An Apply announces the table counters once, with their final values, before its reply; every per-rule signal stays")
+    func countersCoalescedBeforeReply() throws {
+        let f = try InProcessPestod()
+        let ports = TestSockets.freePorts(3)
+        let ids: [UInt32] = [21, 22, 23]
+        let inserts = zip(ids, ports).map { DBusValue.structure([.uint32($0), PestodFixture.rule($1)]) }
+        let serial = f.send(
+            path: PestodFixture.hostPath, interface: PestodFixture.tableInterface, member: "Apply",
+            [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
+        let reply = try #require(f.waitForReply(serial))
+        #expect(reply.arguments?.first?.arrayValue?.count == 3)
+        // The signals sent before the reply, in the order they went out.
+        let before = Array(f.port.sent.prefix { $0 !== reply }.filter(\.isSignal))
+
+        let counters = before.filter { $0.member == "PropertiesChanged" && $0.path == PestodFixture.hostPath }
+        #expect(counters.count == 1, "one counters' PropertiesChanged for the whole Apply, not one per insert and activation")
+        let announced = Dictionary(counters.first?.arguments?[1].vardictValue ?? [], uniquingKeysWith: { a, _ in a })
+        #expect(announced == ["RuleCount": .uint32(3), "ActiveCount": .uint32(3), "SocketCount": .uint32(3)])
+        // The per-rule signals are all still there, one of each per rule.
+        for id in ids {
+            let path = PestoBusNames.rulePath(.host, id)
+            #expect(
+                before.filter(SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(path)])).count == 1)
+            #expect(
+                before.filter(
+                    SignalCollector.signal(
+                        "RuleStateChanged", path: PestodFixture.hostPath, [.uint32(id), .bool(true), .uint32(1), .uint32(0)])
+                ).count == 1)
+            #expect(before.filter { $0.member == "PropertiesChanged" && $0.path == path }.count == 1)
+        }
+    }
+
+    @Test("a rolled-back Apply emits no signal: watchers never see the rules it inserted and activated on the way")
+    func rolledBackApplyIsSilent() throws {
+        let f = try InProcessPestod()
+        let ports = TestSockets.freePorts(2)
+        let holder = try #require(TestSockets.bound(port: ports.upperBound))
+        defer { close(holder) }
+        let inserts = [
+            DBusValue.structure([.uint32(31), PestodFixture.rule(ports.lowerBound)]),
+            .structure([.uint32(32), PestodFixture.rule(ports.upperBound)]),
+        ]
+        do {
+            _ = try f.table("Apply", [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
+            Issue.record("expected BindFailed")
+        } catch {
+            #expect(error.name == PestoBusNames.errorName(.bindFailed), "\(error)")
+        }
+        f.settle()  // and nothing at the end of the turn either
+        let before = f.port.signals.map { "\($0.member ?? "") \($0.path ?? "")" }
+        #expect(before.isEmpty, "no InterfacesAdded, RuleStateChanged or counters for a change that never happened: \(before)")
+        #expect(try f.table("List").first?.arrayValue?.isEmpty == true)
+    }
+}
+
+/// Signals as a bus monitor sees them.
+@Suite("pestod signals over the bus", .serialized)
+struct SignalOverBusTests {
     @Test("gdbus monitor sees the signals too")
     func gdbusMonitor() throws {
         let f = try PestodFixture()
@@ -111,70 +172,5 @@ struct SignalTests {
         #expect(lines.contains { $0.contains("InterfacesAdded") })
         #expect(lines.last?.contains("top.passt.Pesto1.Table.RuleStateChanged (uint32 3, true, uint32 1, uint32 0)") == true)
         monitor.kill()
-    }
-
-    @Test("An Apply announces the table counters once, with their final values, before its reply; every per-rule signal stays")
-    func countersCoalescedBeforeReply() throws {
-        let f = try PestodFixture()
-        // Subscribe on the caller's own connection: the bus keeps pestod's order towards it,
-        // so every signal sent before the reply is queued when the blocking call returns.
-        let signals = try SignalCollector(address: f.address)
-        let ports = TestSockets.freePorts(3)
-        let ids: [UInt32] = [21, 22, 23]
-        let inserts = zip(ids, ports).map { DBusValue.structure([.uint32($0), PestodFixture.rule($1)]) }
-        let reply = try signals.connection.call(
-            PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Apply",
-            [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
-        #expect(reply.first?.arrayValue?.count == 3)
-        var before: [DBusMessage] = []
-        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) {
-            if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append(m) }
-        }
-
-        let counters = before.filter { $0.member == "PropertiesChanged" && $0.path == PestodFixture.hostPath }
-        #expect(counters.count == 1, "one counters' PropertiesChanged for the whole Apply, not one per insert and activation")
-        let announced = Dictionary(counters.first?.arguments?[1].vardictValue ?? [], uniquingKeysWith: { a, _ in a })
-        #expect(announced == ["RuleCount": .uint32(3), "ActiveCount": .uint32(3), "SocketCount": .uint32(3)])
-        // The per-rule signals are all still there, one of each per rule.
-        for id in ids {
-            let path = PestoBusNames.rulePath(.host, id)
-            #expect(
-                before.filter(SignalCollector.signal("InterfacesAdded", path: PestodFixture.managerPath, [.objectPath(path)])).count == 1)
-            #expect(
-                before.filter(
-                    SignalCollector.signal(
-                        "RuleStateChanged", path: PestodFixture.hostPath, [.uint32(id), .bool(true), .uint32(1), .uint32(0)])
-                ).count == 1)
-            #expect(before.filter { $0.member == "PropertiesChanged" && $0.path == path }.count == 1)
-        }
-    }
-
-    @Test("a rolled-back Apply emits no signal: watchers never see the rules it inserted and activated on the way")
-    func rolledBackApplyIsSilent() throws {
-        let f = try PestodFixture()
-        // The caller's own connection: every signal pestod sent before the reply is queued
-        // when the blocking call returns.
-        let signals = try SignalCollector(address: f.address)
-        let ports = TestSockets.freePorts(2)
-        let holder = try #require(TestSockets.bound(port: ports.upperBound))
-        defer { close(holder) }
-        let inserts = [
-            DBusValue.structure([.uint32(31), PestodFixture.rule(ports.lowerBound)]),
-            .structure([.uint32(32), PestodFixture.rule(ports.upperBound)]),
-        ]
-        do {
-            _ = try signals.connection.call(
-                PestodFixture.dest, PestodFixture.hostPath, PestodFixture.tableInterface, "Apply",
-                [.array(element: "(ua{sv})", inserts), .array(element: "u", []), .vardict([])])
-            Issue.record("expected BindFailed")
-        } catch {
-            #expect(error.name == PestoBusNames.errorName(.bindFailed), "\(error)")
-        }
-        var before: [String] = []
-        while let m = signals.connection.nextMessage(timeoutMilliseconds: 0) {
-            if m.isSignal, m.sender != "org.freedesktop.DBus" { before.append("\(m.member ?? "") \(m.path ?? "")") }
-        }
-        #expect(before.isEmpty, "no InterfacesAdded, RuleStateChanged or counters for a change that never happened: \(before)")
-        #expect(try f.table("List").first?.arrayValue?.isEmpty == true)
     }
 }

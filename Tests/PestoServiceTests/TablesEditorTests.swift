@@ -37,6 +37,33 @@ final class RecordingObserver: TablesObserver {
     }
 }
 
+extension TablesEditor {
+    /// Submits `change` of `sender` through the one pipeline, as every caller does
+    /// (`ChangeGate.submit`: nobody authorises, and without a host the editor carries the
+    /// change out in this call); returns what it did, or throws what refused it.
+    func submitted(_ change: TableChange, sender: String) throws(PestoError) -> (result: ChangeResult, committed: Journal) {
+        var outcome: Result<(result: ChangeResult, committed: Journal), ChangeRefusal>?
+        ChangeGate(editor: self).submit(change, sender: sender) { outcome = $0 }
+        switch outcome {
+        case .success(let done): return done
+        case .failure(.refused(let error)): throw error
+        case .failure(let other): preconditionFailure("refused without an authoriser or a large update: \(other)")
+        case nil: preconditionFailure("without a host a change is done in the call")
+        }
+    }
+
+    /// Applies an upload as the control socket does (`whenIdle`, then `startUpstream`: in this
+    /// call without a host); returns what changed and what it committed, or throws what refused it.
+    func uploaded(
+        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
+    ) throws(PestoError) -> (summary: UpstreamSummary, committed: Journal) {
+        var outcome: Result<(summary: UpstreamSummary, committed: Journal), PestoError>?
+        whenIdle(sender: nil) { self.startUpstream(upload) { outcome = $0 } }
+        guard let outcome else { preconditionFailure("without a host an upload is done in the call") }
+        return try outcome.get()
+    }
+}
+
 /// An editor over one HOST table on a scripted factory, with a recording observer.
 struct EditorRig {
     let factory = ScriptedListenerFactory()
@@ -72,14 +99,14 @@ struct TablesEditorTests {
     func applySucceeds() throws {
         let rig = EditorRig()
         let p = TestSockets.freePorts(3).lowerBound
-        _ = try rig.editor.run(.insert(.host, 1, EditorRig.tcp(p)), sender: "a")
-        _ = try rig.editor.run(.activate(.host, 1), sender: "a")
+        _ = try rig.editor.submitted(.insert(.host, 1, EditorRig.tcp(p)), sender: "a")
+        _ = try rig.editor.submitted(.activate(.host, 1), sender: "a")
         _ = rig.observer.take()
 
         var request = ApplyRequest()
         request.inserts = [(2, EditorRig.tcp(p + 1)), (3, EditorRig.tcp(p + 2))]
         request.removes = [1]
-        let (result, committed) = try rig.editor.run(.apply(.host, request), sender: "a")
+        let (result, committed) = try rig.editor.submitted(.apply(.host, request), sender: "a")
         guard case .applied(let counts) = result else {
             Issue.record("\(result)")
             return
@@ -98,8 +125,8 @@ struct TablesEditorTests {
         let rig = EditorRig()
         let ports = TestSockets.freePorts(3)
         let p = ports.lowerBound
-        _ = try rig.editor.run(.insert(.host, 1, EditorRig.tcp(p)), sender: "a")
-        _ = try rig.editor.run(.activate(.host, 1), sender: "a")
+        _ = try rig.editor.submitted(.insert(.host, 1, EditorRig.tcp(p)), sender: "a")
+        _ = try rig.editor.submitted(.activate(.host, 1), sender: "a")
         _ = rig.observer.take()
         let before = rig.snapshot()
 
@@ -108,7 +135,7 @@ struct TablesEditorTests {
         var request = ApplyRequest()
         request.inserts = [(2, EditorRig.tcp(p + 1)), (3, EditorRig.tcp(p + 2))]  // 3 cannot bind
         request.removes = [1]
-        #expect(throws: PestoError.self) { try rig.editor.run(.apply(.host, request), sender: "a") }
+        #expect(throws: PestoError.self) { try rig.editor.submitted(.apply(.host, request), sender: "a") }
         #expect(rig.observer.take().isEmpty, "watchers never learn of rules 2 and 3")
         #expect(rig.snapshot() == before, "rule 1 kept its sockets; rules 2 and 3 are gone")
     }
@@ -117,8 +144,8 @@ struct TablesEditorTests {
     func applyRollbackReportsNetChange() throws {
         let rig = EditorRig()
         let p = TestSockets.freePorts(2).lowerBound
-        _ = try rig.editor.run(.insert(.host, 1, EditorRig.tcp(p)), sender: "a")
-        _ = try rig.editor.run(.activate(.host, 1), sender: "a")
+        _ = try rig.editor.submitted(.insert(.host, 1, EditorRig.tcp(p)), sender: "a")
+        _ = try rig.editor.submitted(.activate(.host, 1), sender: "a")
         _ = rig.observer.take()
 
         // Rule 2 overlaps rule 1, so rule 1 is deactivated first; rule 2 binds, rule 3's
@@ -128,7 +155,7 @@ struct TablesEditorTests {
         var request = ApplyRequest()
         request.inserts = [(2, EditorRig.tcp(p)), (3, EditorRig.tcp(p + 1))]
         request.removes = [1]
-        #expect(throws: PestoError.self) { try rig.editor.run(.apply(.host, request), sender: "a") }
+        #expect(throws: PestoError.self) { try rig.editor.submitted(.apply(.host, request), sender: "a") }
         #expect(rig.observer.take() == ["state 1 active 0/1 failures"])
         #expect(rig.table.ids == [1])
     }
@@ -137,13 +164,13 @@ struct TablesEditorTests {
     func uploadDiffKeepsSockets() throws {
         let rig = EditorRig()
         let p = TestSockets.freePorts(3).lowerBound
-        _ = try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false)])])
+        _ = try rig.editor.uploaded([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false)])])
         let ids = rig.table.ids
         #expect(ids.count == 2)
         let kept = rig.sockets(ids[0])
         _ = rig.observer.take()
 
-        let (summary, committed) = try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 2), false)])])
+        let (summary, committed) = try rig.editor.uploaded([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 2), false)])])
         #expect(summary.description == "1 kept, 1 added, 1 removed")
         #expect(!committed.isEmpty)
         #expect(rig.sockets(ids[0]) == kept, "the identical rule kept its sockets")
@@ -151,7 +178,7 @@ struct TablesEditorTests {
         #expect(rig.observer.take() == ["added \(new)", "state \(new) active 1/0", "state \(ids[1]) inactive 0/0", "removed \(ids[1])"])
 
         // The same upload again changes nothing and reports nothing.
-        let (again, none) = try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 2), false)])])
+        let (again, none) = try rig.editor.uploaded([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 2), false)])])
         #expect(again.description == "2 kept, 0 added, 0 removed" && none.isEmpty)
         #expect(rig.observer.take().isEmpty)
     }
@@ -160,21 +187,21 @@ struct TablesEditorTests {
     func holderLeftRollsBack() throws {
         let rig = EditorRig()
         let p = TestSockets.freePorts(3).lowerBound
-        _ = try rig.editor.run(.insert(.host, 1, EditorRig.tcp(p)), sender: "b")
-        _ = try rig.editor.run(.activate(.host, 1), sender: "b")
+        _ = try rig.editor.submitted(.insert(.host, 1, EditorRig.tcp(p)), sender: "b")
+        _ = try rig.editor.submitted(.activate(.host, 1), sender: "b")
         let before = rig.snapshot().map { $0.components(separatedBy: " [").first! }
 
-        _ = try rig.editor.run(.lock, sender: "a")
+        _ = try rig.editor.submitted(.lock, sender: "a")
         _ = rig.observer.take()
-        let (_, c1) = try rig.editor.run(.insert(.host, 2, EditorRig.tcp(p + 1)), sender: "a")
+        let (_, c1) = try rig.editor.submitted(.insert(.host, 2, EditorRig.tcp(p + 1)), sender: "a")
         #expect(c1.isEmpty, "under the lock nothing is committed")
-        _ = try rig.editor.run(.activate(.host, 2), sender: "a")
-        _ = try rig.editor.run(.deactivate(.host, 1), sender: "a")
+        _ = try rig.editor.submitted(.activate(.host, 2), sender: "a")
+        _ = try rig.editor.submitted(.deactivate(.host, 1), sender: "a")
         var request = ApplyRequest()
         request.inserts = [(3, EditorRig.tcp(p + 2))]
-        _ = try rig.editor.run(.apply(.host, request), sender: "a")
+        _ = try rig.editor.submitted(.apply(.host, request), sender: "a")
         #expect(rig.editor.journal.operations.count == 5)
-        #expect(throws: PestoError.self) { try rig.editor.run(.delete(.host, 3), sender: "b") }  // Locked
+        #expect(throws: PestoError.self) { try rig.editor.submitted(.delete(.host, 3), sender: "b") }  // Locked
         _ = rig.observer.take()
 
         #expect(rig.editor.holderLeft("b") == nil, "b holds no lock")
@@ -285,7 +312,7 @@ struct TablesEditorTests {
         let p = TestSockets.freePorts(2).lowerBound
         let holder = try #require(TestSockets.bound(port: p))
         defer { close(holder) }
-        let (summary, _) = try rig.editor.applyUpstream([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false)])])
+        let (summary, _) = try rig.editor.uploaded([(.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false)])])
         #expect(summary.unbound == 1 && summary.description.contains("1 sockets did not bind yet"))
         let rows = rig.table.list()
         #expect(rows.map(\.status.failed) == [1, 0] && rows.allSatisfy(\.status.active))
@@ -295,7 +322,7 @@ struct TablesEditorTests {
         // A rule conflicting with one of the upload's own: refused, nothing changes or is reported.
         let before = rig.snapshot()
         #expect(throws: PestoError.self) {
-            try rig.editor.applyUpstream([
+            try rig.editor.uploaded([
                 (.host, [(EditorRig.tcp(p), false), (EditorRig.tcp(p + 1), false), (EditorRig.tcp(p + 1), false)])
             ])
         }
@@ -311,7 +338,7 @@ struct TablesEditorTests {
             .init(rule: Rule(proto: .tcp, firstPort: p + 1, scan: true), bestEffort: false),
             .init(rule: Rule(proto: .udp, firstPort: p + 2), bestEffort: true),
         ]
-        _ = try rig.editor.applyUpstream([(.host, upload.map { ($0.rule, $0.bestEffort) })])
+        _ = try rig.editor.uploaded([(.host, upload.map { ($0.rule, $0.bestEffort) })])
         let dump = rig.editor.upstreamDump().map { t in
             (t.kind, t.capabilities, t.rules.map { PestoV2Wire.WireRule(rule: $0.rule, bestEffort: $0.bestEffort) })
         }
@@ -320,7 +347,7 @@ struct TablesEditorTests {
 
         // Uploaded again without the weak flag, the rule is kept (same sockets) and dumped without it.
         let ids = rig.table.ids
-        _ = try rig.editor.applyUpstream([(.host, upload.map { ($0.rule, false) })])
+        _ = try rig.editor.uploaded([(.host, upload.map { ($0.rule, false) })])
         #expect(rig.table.ids == ids)
         #expect(rig.editor.upstreamDump().first?.rules.map(\.bestEffort) == [false, false, false])
     }

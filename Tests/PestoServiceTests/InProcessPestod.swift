@@ -1,0 +1,276 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+// Test harness: pestod's server in the test process, without a bus. The server's BusPort
+// is a `RecordingPort`, which keeps every reply and signal it is given; calls are real
+// libdbus method-call messages, stamped with a caller's unique name and a serial as the bus
+// daemon would, and handed to `PestoServer.handle(_:)`; the engine is a real one on its own
+// event loop, with real sockets on loopback. A call whose reply waits (a sliced change, the
+// save at the end of the turn, an authoriser) runs the loop until the reply is sent.
+//
+// What this cannot show is what the bus itself does (policy, activation, introspection by
+// other tools, name ownership, polkit over the bus, fd passing): those tests start a
+// dbus-daemon (BusHarness.swift). A caller leaving the bus is the NameOwnerChanged signal
+// the bus daemon would send (`leave`).
+
+import Foundation
+import Logging
+import PestoEngine
+import PestoModel
+import PestoSystem
+import PestoTestSupport
+import Testing
+
+@testable import PestoDBus
+@testable import PestoService
+
+/// A bus port that keeps what the server sends, in order.
+final class RecordingPort: BusPort {
+    /// Every message sent so far.
+    private(set) var sent: [DBusMessage] = []
+    /// Messages `nextMessage` hands out (a handover's last calls), oldest first.
+    var incoming: [DBusMessage] = []
+
+    func send(_ message: DBusMessage) { sent.append(message) }
+    var outgoingBytes: Int { 0 }
+    func nextMessage(timeoutMilliseconds: Int32) -> DBusMessage? { incoming.isEmpty ? nil : incoming.removeFirst() }
+    func flush() {}
+
+    /// The signals sent so far.
+    var signals: [DBusMessage] { sent.filter(\.isSignal) }
+    /// The reply (or error) to call `serial`, if it was sent.
+    func reply(to serial: UInt32) -> DBusMessage? { sent.first { !$0.isSignal && $0.replySerial == serial } }
+    /// Forgets every message sent so far.
+    func clear() { sent.removeAll() }
+}
+
+/// Log lines kept in memory, for the tests that read what pestod logged.
+final class LogLines: @unchecked Sendable {
+    // One test's loop thread writes, the same thread reads: no lock is needed.
+    private(set) var lines: [String] = []
+    func append(_ line: String) { lines.append(line) }
+}
+
+/// A swift-log handler writing into `LogLines`, at every level.
+struct LogLinesHandler: LogHandler {
+    let sink: LogLines
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) { sink.append("\(event.level): \(event.message)") }
+}
+
+/// A client of the in-process pestod: its unique bus name.
+struct Caller: Hashable {
+    let uniqueName: String
+}
+
+/// pestod's server, engine and loop in process (see the theory of operation above).
+final class InProcessPestod {
+    let loop: EventLoop
+    let engine: ForwardingEngine
+    let port = RecordingPort()
+    let server: PestoServer
+    /// The default caller.
+    let client: Caller
+    private let logLines = LogLines()
+    private var callers = 1
+    private var serial: UInt32 = 0
+
+    /// A server over a fresh engine (HOST table only unless `configuration` names a
+    /// namespace), optionally keeping its tables with `persistence` and asking `authorizer`.
+    init(
+        configuration: EngineConfiguration = EngineConfiguration(), persistence: (any TablesPersistence)? = nil,
+        authorizer: (any Authorizer)? = nil, sliceOperations: Int? = nil
+    ) throws {
+        loop = try EventLoop()
+        engine = try ForwardingEngine(loop: loop, configuration: configuration)
+        let logger = Logger(label: "pestod") { [logLines] _ in LogLinesHandler(sink: logLines) }
+        server = PestoServer(engine: engine, port: port, logger: logger)
+        if let persistence {
+            let carried = persistence.restore(into: engine, logger: logger)
+            server.persist { [unowned engine] () throws(PestoError) in try persistence.save(engine, carried: carried) }
+        }
+        server.authorizer = authorizer
+        if let sliceOperations { server.sliceOperations = sliceOperations }
+        client = Caller(uniqueName: ":1.1")
+        engine.start()
+    }
+
+    deinit {
+        server.abandonChanges()
+        engine.stop()
+        loop.removeAllHandlers()
+    }
+
+    /// What the server has logged so far, one "level: message" line each.
+    var log: String { logLines.lines.joined(separator: "\n") }
+
+    /// Another caller, with a unique name of its own.
+    func newCaller() -> Caller {
+        callers += 1
+        return Caller(uniqueName: ":1.\(callers)")
+    }
+
+    // MARK: Calls
+
+    /// Hands a method call of `caller` to the server; returns its serial.
+    @discardableResult
+    func send(
+        _ caller: Caller? = nil, path: String, interface: String?, member: String, _ arguments: [DBusValue] = [],
+        interactive: Bool = false, noReply: Bool = false
+    ) -> UInt32 {
+        let m = DBusMessage.methodCall(
+            destination: PestoBusNames.busName, path: path, interface: interface, member: member, arguments: arguments)
+        m.allowsInteractiveAuthorization = interactive
+        if noReply { m.noReply = true }
+        serial += 1
+        m.stamp(sender: (caller ?? client).uniqueName, serial: serial)
+        _ = server.handle(m)
+        return serial
+    }
+
+    /// Calls a method and waits (running the loop) for its reply; an error reply is thrown.
+    func call(
+        _ caller: Caller? = nil, path: String, interface: String?, member: String, _ arguments: [DBusValue] = [],
+        interactive: Bool = false
+    ) throws(DBusErrorReply) -> [DBusValue] {
+        let serial = send(caller, path: path, interface: interface, member: member, arguments, interactive: interactive)
+        let reply = waitForReply(serial)
+        guard let reply else { throw DBusErrorReply(DBusErrorReply.failed, "no reply") }
+        if let error = reply.asError { throw error }
+        return reply.arguments ?? []
+    }
+
+    /// The reply to call `serial`, running the loop until it is sent (5 s at most).
+    func waitForReply(_ serial: UInt32) -> DBusMessage? {
+        if port.reply(to: serial) == nil {
+            loop.turn(until: { [port] in port.reply(to: serial) != nil }, "the reply to call \(serial)")
+        }
+        return port.reply(to: serial)
+    }
+
+    /// Calls a Table method on the HOST table.
+    @discardableResult
+    func table(_ member: String, _ args: [DBusValue] = [], on caller: Caller? = nil) throws(DBusErrorReply) -> [DBusValue] {
+        try call(caller, path: PestodFixture.hostPath, interface: PestodFixture.tableInterface, member: member, args)
+    }
+
+    /// Calls a Manager method.
+    @discardableResult
+    func manager(_ member: String, on caller: Caller? = nil) throws(DBusErrorReply) -> [DBusValue] {
+        try call(caller, path: PestodFixture.managerPath, interface: PestodFixture.managerInterface, member: member)
+    }
+
+    /// Inserts the TCP rule `PestodFixture.rule(port, extra)` as `id` and activates it (the
+    /// usual first step of a test); returns Activate's reply (bound, failed).
+    @discardableResult
+    func insertActive(_ id: UInt32, port: UInt16, _ extra: [(String, DBusValue)] = [], on caller: Caller? = nil)
+        throws(DBusErrorReply) -> [DBusValue]
+    {
+        try table("Insert", [.uint32(id), PestodFixture.rule(port, extra)], on: caller)
+        return try table("Activate", [.uint32(id)], on: caller)
+    }
+
+    /// The error name a call fails with, or "success".
+    func errorName(_ body: () throws(DBusErrorReply) -> Void) -> String {
+        do {
+            try body()
+            return "success"
+        } catch {
+            return error.name
+        }
+    }
+
+    /// `caller` leaves the bus: the NameOwnerChanged the bus daemon sends then.
+    func leave(_ caller: Caller) {
+        let m = DBusMessage.signal(
+            path: "/org/freedesktop/DBus", interface: "org.freedesktop.DBus", member: "NameOwnerChanged",
+            arguments: [.string(caller.uniqueName), .string(caller.uniqueName), .string("")])
+        serial += 1
+        m.stamp(sender: "org.freedesktop.DBus", serial: serial)
+        _ = server.handle(m)
+    }
+
+    /// Runs one loop turn: what waits for the end of the turn (the save, the counters) happens.
+    func settle() {
+        loop.nextTurn { [loop] in loop.stop() }
+        loop.run()
+    }
+
+    // MARK: Observing
+
+    /// Takes a `Snapshot`, as `PestodFixture.snapshot` does.
+    func snapshot() throws -> PestodFixture.Snapshot {
+        PestodFixture.Snapshot(
+            rules: try table("List"),
+            objects: try call(
+                path: PestodFixture.managerPath, interface: "org.freedesktop.DBus.ObjectManager", member: "GetManagedObjects"),
+            sockets: listeningSockets())
+    }
+
+    /// The engine's listening TCP sockets and bound UDP sockets, as the kernel describes them
+    /// ("proto address:port #inode", sorted): this process's sockets whose inode is one the
+    /// engine's tables hold (other tests run in the same process).
+    func listeningSockets() -> [String] {
+        var inodes: Set<UInt64> = []
+        for table in engine.tables {
+            for id in table.ids {
+                for listener in (try? table.listeners(of: id)) ?? [] {
+                    if let inode = TestSockets.inode(listener.fd) { inodes.insert(inode) }
+                }
+            }
+        }
+        return (ProcessSockets.listening(pid: getpid()) ?? []).filter { inodes.contains($0.inode) }.map(\.description)
+    }
+
+    /// A watch of the signals sent from now on.
+    func watchSignals() -> SentSignals { SentSignals(self) }
+
+    /// Whether the lock was announced free (PropertiesChanged LockOwner "") since the port
+    /// was last cleared.
+    func lockReleaseAnnounced() -> Bool {
+        port.signals.contains { m in
+            m.member == "PropertiesChanged" && m.path == PestodFixture.managerPath
+                && m.arguments?[1].vardictValue?.first?.1 == .string("")
+        }
+    }
+
+    /// The signals sent so far, emptied.
+    func takeSignals() -> [DBusMessage] {
+        let signals = port.signals
+        port.clear()
+        return signals
+    }
+}
+
+/// Waits for the signals the in-process server sends, as `SignalCollector` waits for them on
+/// a bus: a wait matches any signal sent since the watch began (or was last told to forget),
+/// running the loop until one is sent (5 s at most).
+final class SentSignals {
+    private let pestod: InProcessPestod
+    /// The first message of the port's record this watch looks at.
+    private var start: Int
+
+    /// Watches from now on.
+    init(_ pestod: InProcessPestod) {
+        self.pestod = pestod
+        start = pestod.port.sent.count
+    }
+
+    /// The signals sent since the watch began, in order.
+    var seen: [DBusMessage] { pestod.port.sent.dropFirst(start).filter(\.isSignal) }
+
+    /// Waits until a signal satisfying `predicate` is sent; returns it.
+    @discardableResult
+    func wait(for description: String, _ predicate: @escaping (DBusMessage) -> Bool) -> DBusMessage? {
+        if let m = seen.first(where: predicate) { return m }
+        pestod.loop.turn(until: { [self] in seen.contains(where: predicate) }, "signal: \(description)")
+        return seen.first(where: predicate)
+    }
+
+    /// Forgets the signals sent so far.
+    func forget() { start = pestod.port.sent.count }
+}
