@@ -89,6 +89,13 @@ let package = Package(
             dependencies: ["PestoModel", "PestoSystem", "PestoDBus", "PestoTestSupport"],
             path: "Benchmarks/LargeTableBenchmark"
         ),
+        // Three unprivileged users' floods of refused 65,535-rule Applies against another
+        // client's Status and a relayed echo (run-flood.sh).
+        .executableTarget(
+            name: "pesto-flood-bench",
+            dependencies: ["PestoModel", "PestoSystem", "PestoEngine", "PestoDBus", "PestoTestSupport"],
+            path: "Benchmarks/FloodBenchmark"
+        ),
         // A long-running soak of a release pestod: concurrent D-Bus changes, uploads, traffic,
         // killed clients and killed pestods, with a ledger of acknowledged changes.
         .executableTarget(

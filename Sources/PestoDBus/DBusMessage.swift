@@ -46,6 +46,31 @@ public final class DBusMessage {
 
     deinit { dbus_message_unref(raw) }
 
+    /// `bodyBytes` once computed.
+    private var cachedBodyBytes: Int?
+
+    /// The length of the message's body on the wire (its arguments with their alignment
+    /// padding), from the body length field of the message marshalled by libdbus: a copy of
+    /// the message (a few milliseconds for the largest Apply), where walking its arguments
+    /// with libdbus's iterators took up to a second; computed once per message.
+    package var bodyBytes: Int {
+        if let cachedBodyBytes { return cachedBodyBytes }
+        var buffer: UnsafeMutablePointer<CChar>?
+        var length: Int32 = 0
+        var bytes = 0
+        if dbus_message_marshal(raw, &buffer, &length) != 0, let buffer {
+            // Byte 0 is the byte order ('l' little, 'B' big); bytes 4-7 the body length.
+            if length >= 16 {
+                let b = (4..<8).map { UInt32(UInt8(bitPattern: buffer[$0])) }
+                let little = buffer[0] == CChar(UInt8(ascii: "l"))
+                bytes = Int(little ? b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24 : b[3] | b[2] << 8 | b[1] << 16 | b[0] << 24)
+            }
+            dbus_free(buffer)
+        }
+        cachedBodyBytes = bytes
+        return bytes
+    }
+
     /// libdbus fails allocations only when out of memory; that is fatal for a daemon.
     private static func allocated(_ p: OpaquePointer?) -> OpaquePointer {
         guard let p else { fatalError("libdbus: out of memory") }

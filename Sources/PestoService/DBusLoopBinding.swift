@@ -14,6 +14,10 @@ import PestoEngine
 import PestoModel
 import PestoSystem
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 extension DBusConnection {
 
     /// Runs this connection's I/O and dispatch on `loop`, delivering messages to `messageHandler`.
@@ -152,6 +156,31 @@ final class DBusLoopBinding: EventHandler, DBusConnectionBinding {
             guard watches[fd]?.contains(w) == true, dbus_watch_get_enabled(w) != 0 else { continue }
             let wanted = dbus_watch_get_flags(w) | DBUS_WATCH_HANGUP.rawValue | DBUS_WATCH_ERROR.rawValue
             if flags & wanted != 0 { dbus_watch_handle(w, flags & wanted) }
+        }
+        if flags & DBUS_WATCH_READABLE.rawValue != 0 { readOn(fd) }
+    }
+
+    /// How many more times one readable event lets libdbus read (each read takes 2 to 4 KiB).
+    static let readsPerEvent = 256
+
+    /// libdbus reads at most about 2 KiB per dbus_watch_handle. While a large message arrives
+    /// and another is decoded a slice per loop turn (SlicedApplyDecoder.swift), a 5.5 MiB
+    /// Apply took thousands of turns to read, and every call behind it in the bus socket
+    /// (another client's Status) waited as long (Benchmarks/README.md, run-flood.sh). So while
+    /// no whole message has been read, the socket is read on, up to `readsPerEvent` times
+    /// (0.5 to 1 MiB), as long as it has bytes (recv MSG_PEEK); a small message is whole after
+    /// the first read and costs nothing more.
+    private func readOn(_ fd: Int32) {
+        var peek: UInt8 = 0
+        for _ in 0..<Self.readsPerEvent {
+            // The watch first: a disconnect in the last read may have closed the descriptor.
+            guard dbus_connection_get_dispatch_status(connection) != DBUS_DISPATCH_DATA_REMAINS,
+                let w = watches[fd]?.first(where: {
+                    dbus_watch_get_enabled($0) != 0 && dbus_watch_get_flags($0) & DBUS_WATCH_READABLE.rawValue != 0
+                }),
+                case .success(let n) = Sys.recv(fd, &peek, 1, flags: Int32(MSG_PEEK | MSG_DONTWAIT)), n > 0
+            else { return }
+            dbus_watch_handle(w, DBUS_WATCH_READABLE.rawValue)
         }
     }
 

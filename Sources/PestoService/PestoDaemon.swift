@@ -64,6 +64,9 @@ public struct DaemonConfiguration {
     public var upgradeArguments: [String] = []
     /// The operations one loop turn spends on a large change (`--slice-operations`).
     public var sliceOperations: Int?
+    /// The caller work budget's size and refill rate in argument bytes (`--caller-budget`);
+    /// nil: the default (CallerWorkBudget.swift).
+    public var callerBudget: (capacity: Int, refillPerSecond: Int)?
 
     /// The takeover socket's path, when there is a runtime directory.
     var takeoverPath: String? { takeoverDirectory.map { $0 + "/takeover.sock" } }
@@ -188,6 +191,7 @@ public final class PestoDaemon {
         authorize(server, on: connection)
         server.allowsReplacement = takeoverPath != nil
         if let sliceOperations = configuration.sliceOperations { server.sliceOperations = sliceOperations }
+        if let callerBudget = configuration.callerBudget { server.callerBudget = callerBudget }  // caller budget hook
         try server.start(on: connection)
         var controlSocket = try openControlSocket(handed: received?.control, server: server, loop: loop)
         var takeoverSource = openTakeoverSocket(server: server, loop: loop, control: controlSocket, carried: carried)

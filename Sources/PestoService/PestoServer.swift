@@ -78,7 +78,21 @@ public final class PestoServer {
     private var commits: CommitBatch?
     /// Checks callers of mutating methods; nil lets everyone change the tables.
     public var authorizer: (any Authorizer)? {
-        didSet { gate.authorization = authorizer.map { AuthorizationQueue(authorizer: $0, action: PestoActions.modify) } }
+        didSet {
+            gate.authorization = authorizer.map { AuthorizationQueue(authorizer: $0, action: PestoActions.modify) }
+            makeCallerWork()  // caller budget hook (CallerWorkBudget.swift)
+        }
+    }
+    /// Each caller's messages in order, and its unauthorised work limited over time
+    /// (CallerWorkBudget.swift, SlicedApplyDecoder.swift).
+    var callerWork: CallerWorkBudget!
+    /// The caller work budget's size and refill rate in argument bytes (`pestod --caller-budget`,
+    /// a hidden option for tests): set before `start()`.
+    public var callerBudget = (
+        capacity: CallerWorkBudget.Settings.standard.capacity,
+        refillPerSecond: CallerWorkBudget.Settings.standard.refillPerSecond
+    ) {
+        didSet { makeCallerWork() }
     }
     /// The changes waiting for the authorizer's answers, per sender (nil without an authorizer).
     var authorization: AuthorizationQueue? { gate.authorization }
@@ -99,6 +113,8 @@ public final class PestoServer {
         if let refused = authorization?.refuseAll(DBusErrorReply(Self.replacedRefusal)), refused > 0 {
             logger.info("refused \(refused) changes still waiting for authorisation: the new pestod has the tables")
         }
+        // Caller budget hook: calls waiting behind their caller's work are answered now too.
+        for message in callerWork.releaseAll(DBusErrorReply(Self.replacedRefusal)) { process(message) }
         let deadline = MonotonicInstant.now.adding(milliseconds: timeoutMilliseconds)
         while MonotonicInstant.now < deadline {
             let left = Int32(min(Int64(Int32.max), Int64((deadline.nanoseconds - MonotonicInstant.now.nanoseconds) / 1_000_000) + 1))
@@ -150,6 +166,7 @@ public final class PestoServer {
         editor.host = self
         engine.conditions.observer = { [logger] notice in Self.log(notice, to: logger) }
         engine.loop.endOfTurn = { [unowned self] in self.endOfTurn() }
+        makeCallerWork()
     }
 
     /// What the server does once per loop turn, before the loop sleeps: saves the changes
@@ -196,6 +213,8 @@ public final class PestoServer {
         case committed(Journal)
         /// Unlock, Commit or Rollback: run once no change is in progress or held back.
         case holder(String)
+        /// An Apply too large to decode in one loop turn (SlicedApplyDecoder.swift).
+        case decodeInSlices(TableKind, inserts: Int, removes: Int)
     }
 
     /// The refusal of a change that reaches a pestod handing over to its successor.
@@ -210,6 +229,14 @@ public final class PestoServer {
             handleSignal(message)
             return false
         }
+        // Caller order and work budget hook: a call may wait behind its caller's earlier work.
+        if message.isMethodCall, !handingOver, !callerWork.admit(message) { return true }
+        return process(message)
+    }
+
+    /// Steps 1 to 10 for a method call that may run now (`handle`, or CallerWorkBudget later).
+    @discardableResult
+    func process(_ message: DBusMessage) -> Bool {
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
         let address = ReplyAddress(message)
         do throws(DBusErrorReply) {
@@ -225,12 +252,13 @@ public final class PestoServer {
                     Self.logDecoding(request, since: started, to: logger)
                     if request.inserts.count + request.removes.count >= CommitBatch.largeBatch { engine.loop.markTurns() }
                 }
-                // Steps 4–7; the closure keeps `address` and the decoded change, not `message`.
-                let sender = message.sender ?? ""
-                let bytes = message.argumentBytes
-                gate.submit(change, sender: sender, interactive: message.allowsInteractiveAuthorization, bytes: bytes) {
-                    [unowned self] outcome in self.changed(address, sender: sender, bytes: bytes, outcome)
-                }
+                submit(change, of: message, address)
+            case .decodeInSlices where handingOver:
+                throw DBusErrorReply(Self.replacedRefusal)
+            case .decodeInSlices(let kind, let inserts, let removes):
+                // The loop's turns are measured from the first slice of a large change (TurnLog.swift).
+                if inserts + removes >= CommitBatch.largeBatch { engine.loop.markTurns() }
+                decodeInSlices(message, kind, inserts: inserts, removes: removes, address)
             case .committed(let journal):
                 answer(address, [], committed: journal)
             case .holder(let member):
@@ -264,7 +292,7 @@ public final class PestoServer {
             switch try managerCall(member, sender: sender) {
             case .reply(let values): answer(address, values)
             case .committed(let journal): answer(address, [], committed: journal)
-            case .change, .holder: preconditionFailure("\(member) is answered by the lock's holder methods")
+            case .change, .holder, .decodeInSlices: preconditionFailure("\(member) is answered by the lock's holder methods")
             }
         } catch {
             if address.wantsReply { sendReply(.errorReply(to: address, error)) }
@@ -272,9 +300,14 @@ public final class PestoServer {
     }
 
     /// Answers a change the gate made or refused (steps 9 and 10).
-    private func changed(
+    func changed(
         _ address: ReplyAddress, sender: String, bytes: Int, _ outcome: Result<(result: ChangeResult, committed: Journal), ChangeRefusal>
     ) {
+        // Caller budget hook: authorised work is given back (CallerWorkBudget.swift).
+        switch outcome {
+        case .success, .failure(.tooManyHeldBack): callerWork.refund(sender, bytes: bytes)
+        default: break
+        }
         switch outcome {
         case .success(let done):
             answer(address, Self.replyValues(done.result), committed: done.committed)
@@ -376,13 +409,13 @@ public final class PestoServer {
 
     /// Sends a method reply (or error), after the table counters its call changed: a caller
     /// sees every signal of its change before the reply, as when they were sent one by one.
-    private func sendReply(_ reply: DBusMessage) {
+    func sendReply(_ reply: DBusMessage) {
         announcer.announceStaleCounters()
         port.send(reply)
     }
 
     /// Logs a refused call, at most one line per sender every few seconds (RefusalLogLimiter).
-    private func logRefusal(_ address: ReplyAddress, _ refusal: DBusErrorReply) {
+    func logRefusal(_ address: ReplyAddress, _ refusal: DBusErrorReply) {
         let sender = address.who
         guard let unlogged = refusalLog.admit(sender, now: .now) else { return }
         let more = unlogged > 0 ? " (\(unlogged) more refusals not logged since the last line)" : ""
@@ -404,6 +437,10 @@ public final class PestoServer {
         guard newOwner.isEmpty else { return }
         if let dropped = authorization?.senderLeft(name), dropped > 0 {
             logger.info("\(name) left the bus with \(dropped) changes waiting for authorization; they are dropped")
+        }
+        // Caller budget hook: its work in progress and waiting calls go with it.
+        if case let held = callerWork.senderLeft(name), held > 0 {
+            logger.info("\(name) left the bus with \(held) calls waiting behind its work in progress or its work budget; they are dropped")
         }
         let unlogged = refusalLog.forget(name)
         if unlogged > 0 { logger.notice("\(name) left the bus; \(unlogged) more of its refusals were not logged") }
@@ -449,6 +486,10 @@ public final class PestoServer {
             // 2. Apply's array lengths: over-long arrays are refused before a single element is read.
             let counts = message.argumentArrayCounts.map { $0 ?? 0 } + [0, 0]
             try ApplyRequest.checkLengths(inserts: counts[0], removes: counts[1], table: kind, limits: t.limits)
+            // 3. decoding over several loop turns when it is large (SlicedApplyDecoder.swift).
+            if SlicedApplyDecoder.wanted(inserts: counts[0], removes: counts[1], budget: decodeBudget) {
+                return .decodeInSlices(kind, inserts: counts[0], removes: counts[1])
+            }
         }
         // 3. decoding: reads are answered from here; changes are decoded for the gate (4–7).
         guard let args = message.arguments else { throw .invalidArgs("Arguments of an unsupported type.") }

@@ -87,7 +87,8 @@ extension DBusMessage {
 
     /// The size in bytes of this message's arguments as sent (the body, alignment padding
     /// aside): what holding the message costs, and about what its decoded arguments cost.
-    /// One pass over the message with libdbus's iterators, allocating nothing (linear in
-    /// the message, as decoding it is).
-    var argumentBytes: Int { Int(cdbus_message_argument_bytes(raw)) }
+    /// The body's length on the wire (`DBusMessage.bodyBytes`, computed once per message):
+    /// walking every argument with libdbus's iterators took up to a second for a
+    /// 65,535-rule Apply, and a flood of them held the loop with it.
+    var argumentBytes: Int { bodyBytes }
 }

@@ -77,24 +77,36 @@ extension ApplyRequest {
         try Self.checkLengths(inserts: insertItems.count, removes: removeItems.count, table: table, limits: limits)
         var insertedIDs = Set<UInt32>(minimumCapacity: insertItems.count)
         inserts.reserveCapacity(insertItems.count)
-        for item in insertItems {
-            guard let fields = item.structValue, fields.count == 2, let id = fields[0].uint32Value else {
-                throw .invalidArgs("Each inserted rule must be (ua{sv}).")
-            }
-            if !insertedIDs.insert(id).inserted {
-                throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
-            }
-            inserts.append((id, try RuleCodec.decode(fields[1])))
-        }
+        for item in insertItems { try addInsert(item, seen: &insertedIDs) }
         var removedIDs = Set<UInt32>(minimumCapacity: removeItems.count)
-        for item in removeItems {
-            guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
-            if insertedIDs.contains(id) {
-                throw .invalidArgs("Apply both inserts and removes rule \(id); give the new rule another ID.")
-            }
-            if removedIDs.insert(id).inserted { removes.append(id) }
-        }
+        for item in removeItems { try addRemove(item, inserted: insertedIDs, seen: &removedIDs) }
         tolerance = try BindTolerance(applyOptions: args[2])
+    }
+}
+
+extension ApplyRequest {
+    /// Decodes one element of Apply's inserts, `(ua{sv})`, refusing an ID given twice
+    /// (`seen`: the IDs inserted so far). One step of `init`, and of SlicedApplyDecoder.
+    mutating func addInsert(_ item: DBusValue, seen insertedIDs: inout Set<UInt32>) throws(DBusErrorReply) {
+        guard let fields = item.structValue, fields.count == 2, let id = fields[0].uint32Value else {
+            throw .invalidArgs("Each inserted rule must be (ua{sv}).")
+        }
+        if !insertedIDs.insert(id).inserted {
+            throw DBusErrorReply(PestoBusNames.errorName(.ruleExists), "Apply inserts rule \(id) twice.")
+        }
+        inserts.append((id, try RuleCodec.decode(fields[1])))
+    }
+
+    /// Decodes one element of Apply's removes (`u`): refused when the same Apply inserts that
+    /// ID; an ID given twice is removed once (`seen`: the IDs removed so far).
+    mutating func addRemove(_ item: DBusValue, inserted insertedIDs: Set<UInt32>, seen removedIDs: inout Set<UInt32>)
+        throws(DBusErrorReply)
+    {
+        guard let id = item.uint32Value else { throw .invalidArgs("remove must be au.") }
+        if insertedIDs.contains(id) {
+            throw .invalidArgs("Apply both inserts and removes rule \(id); give the new rule another ID.")
+        }
+        if removedIDs.insert(id).inserted { removes.append(id) }
     }
 }
 

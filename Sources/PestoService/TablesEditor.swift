@@ -114,6 +114,8 @@ struct ApplyRequest {
     var removes: [UInt32] = []
     /// The options `max-failures` and `best-effort`, as the tolerance of every new rule.
     var tolerance = BindTolerance.none
+    /// Its rules were validated already, in slices (SlicedApplyDecoder.swift): step 4 is done.
+    var validated = false
 }
 
 /// A change to the tables as a client asks for it, decoded but not yet checked.
@@ -279,6 +281,7 @@ final class TablesEditor {
             try table(kind).validate(rule)
         case .apply(let kind, let request):
             let t = try table(kind)
+            if request.validated { return }  // sliced validation hook (SlicedApplyDecoder.swift)
             for (_, rule) in request.inserts { try t.validate(rule) }
         case .delete, .activate, .deactivate, .lock:
             break

@@ -5,7 +5,8 @@
 // Theory of operation
 // -------------------
 // The unit's `ExecReload=pestod --reload-request $MAINPID` sends SIGUSR2 to the running
-// pestod and waits for it to exit (`ReloadRequest`). On SIGUSR2 (an eventfd written by the
+// pestod and waits for it to exit (`ReloadRequest`); it signals only the process that listens
+// on the runtime directory's takeover socket (`ReloadRequest.listens`), never any other. On SIGUSR2 (an eventfd written by the
 // signal handler and watched by the loop, so nothing runs in the handler), the running
 // pestod starts the executable at the path it was started from — the installed binary,
 // which an upgrade has replaced — with its own arguments plus `--replace`, its environment
@@ -104,9 +105,9 @@ public final class UpgradeOnSignal: EventHandler {
 /// `pestod --reload-request PID`: what the unit's ExecReload= runs.
 ///
 /// It claims success only when it saw it happen: the running pestod must have a takeover
-/// socket (found from its command line and environment as pestod finds it, RuntimeDirectory),
-/// else nothing is sent and it fails at once; after the running pestod
-/// has exited, a successor must have opened its own takeover socket there (the same path, a
+/// socket (found from its command line and environment as pestod finds it, RuntimeDirectory)
+/// and be the process listening on it, else nothing is sent and it fails at once; after the
+/// running pestod has exited, a successor must have opened its own takeover socket there (the same path, a
 /// new file: `isAnotherFile`), else the request fails: the old pestod died rather than handed over.
 public enum ReloadRequest {
     /// How long after the old pestod's exit the successor may take to open its takeover
@@ -131,6 +132,15 @@ public enum ReloadRequest {
         guard case .success(let before) = Sys.lstat(socketPath), before.st_mode & S_IFMT == S_IFSOCK else {
             throw PestoError(
                 .system, "pestod \(pid) has no takeover socket at \(socketPath), so it cannot be upgraded in place; nothing was sent to it."
+            )
+        }
+        // Only a pestod may get the signal: SIGUSR2's default action ends any other process.
+        // A command line naming the directory proves nothing (any process may have one); the
+        // process that listens on the directory's takeover socket is the pestod serving it.
+        guard listens(pid: pid, on: socketPath) else {
+            throw PestoError(
+                .system,
+                "Process \(pid) is not the pestod serving \(directory): it does not listen on \(socketPath); nothing was sent to it."
             )
         }
         if case .failure(let e) = Sys.kill(pid, SIGUSR2) {
@@ -205,6 +215,34 @@ public enum ReloadRequest {
         // Relative to that process's working directory.
         guard case .success(let cwd) = Sys.readLink("/proc/\(pid)/cwd") else { return nil }
         return cwd + "/" + directory
+    }
+
+    /// Whether process `pid` holds the listening UNIX socket bound at `socketPath`: the
+    /// socket inodes /proc/net/unix lists as listening at that path (a relative path as bound,
+    /// resolved against the process's working directory) against the `socket:[inode]` links
+    /// of /proc/PID/fd. False when any of them cannot be read: then nothing is known.
+    static func listens(pid: pid_t, on socketPath: String) -> Bool {
+        guard let table = readFile("/proc/net/unix", limit: 64 << 20) else { return false }
+        let cwd = (try? Sys.readLink("/proc/\(pid)/cwd").get()) ?? ""
+        var inodes = Set<String>()
+        // "Num RefCount Protocol Flags Type St Inode Path"; __SO_ACCEPTCON (0x10000) in Flags
+        // marks a listening socket. The path is the rest of the line (it may hold spaces).
+        for line in table.split(separator: UInt8(ascii: "\n")).dropFirst() {
+            let fields = line.split(separator: UInt8(ascii: " "), maxSplits: 7, omittingEmptySubsequences: true)
+            guard fields.count == 8, let flags = UInt32(String(decoding: fields[3], as: UTF8.self), radix: 16),
+                flags & 0x10000 != 0
+            else { continue }
+            let bound = String(decoding: fields[7], as: UTF8.self)
+            if bound == socketPath || (!bound.hasPrefix("/") && !bound.hasPrefix("@") && cwd + "/" + bound == socketPath) {
+                inodes.insert(String(decoding: fields[6], as: UTF8.self))
+            }
+        }
+        guard !inodes.isEmpty, case .success(let descriptors) = Sys.directoryEntries("/proc/\(pid)/fd") else { return false }
+        for fd in descriptors {
+            guard case .success(let target) = Sys.readLink("/proc/\(pid)/fd/\(fd)"), target.hasPrefix("socket:[") else { continue }
+            if inodes.contains(String(target.dropFirst("socket:[".count).dropLast())) { return true }
+        }
+        return false
     }
 
     /// Whether `pid` is gone or a zombie (exited, not yet reaped by its parent).

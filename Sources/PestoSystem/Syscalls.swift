@@ -447,6 +447,35 @@ package enum Sys {
         }
     }
 
+    /// The names in directory `path` (open(2) with O_DIRECTORY, then readdir(3)), without
+    /// "." and "..": `pestod --reload-request` lists a process's /proc/PID/fd with it.
+    package static func directoryEntries(_ path: String) -> Result<[String], Errno> {
+        let fd: Int32
+        switch open(path, O_RDONLY | O_DIRECTORY) {
+        case .success(let opened): fd = opened
+        case .failure(let e): return .failure(e)
+        }
+        guard let directory = fdopendir(fd) else {
+            let e = Errno.current
+            close(fd)
+            return .failure(e)
+        }
+        defer {
+            #if DEBUG
+                SyscallScript.closed(fd)
+            #endif
+            closedir(directory)  // closes fd
+        }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return .success(names)
+    }
+
     /// Starts `path` with `arguments` (argv[0] is `path`), this process's environment and
     /// standard descriptors, no other descriptor (closefrom 3), an empty signal mask and
     /// default dispositions; returns its PID.

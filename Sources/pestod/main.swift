@@ -155,6 +155,21 @@ struct Pestod: ParsableCommand {
             valueName: "n", visibility: .hidden))
     var sliceOperations: Int?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Each user's budget of work before authorisation, in argument bytes: how much at once and how much it regains per second (default 16777216:2097152); for tests.",
+            valueName: "bytes:per-second", visibility: .hidden))
+    var callerBudget: String?
+
+    /// `--caller-budget` as numbers, nil when not given.
+    var callerBudgetNumbers: (capacity: Int, refillPerSecond: Int)? {
+        guard let parts = callerBudget?.split(separator: ":", omittingEmptySubsequences: false), parts.count == 2,
+            let capacity = Int(parts[0]), let rate = Int(parts[1]), capacity >= 1, rate >= 0
+        else { return nil }
+        return (capacity, rate)
+    }
+
     @Flag(name: .long, help: "Print the D-Bus interfaces' XML and exit.")
     var printIntrospection = false
 
@@ -173,6 +188,9 @@ struct Pestod: ParsableCommand {
         }
         if udpIdleTimeout < 1 || udpIdleTimeout > 86_400 {
             throw ValidationError("--udp-idle-timeout must be between 1 and 86400 seconds.")
+        }
+        if callerBudget != nil && callerBudgetNumbers == nil {
+            throw ValidationError("--caller-budget must be BYTES:PER_SECOND (BYTES at least 1).")
         }
         if let sliceOperations, sliceOperations < 1 || sliceOperations > 1 << 24 {
             throw ValidationError("--slice-operations must be between 1 and \(1 << 24).")
@@ -267,6 +285,7 @@ struct Pestod: ParsableCommand {
         configuration.upgradeExecutable = try? Sys.executablePath().get()
         configuration.upgradeArguments = Array(CommandLine.arguments.dropFirst())
         configuration.sliceOperations = sliceOperations
+        configuration.callerBudget = callerBudgetNumbers
         let persistence = stateFile().map { StateStorePersistence(path: $0) }
         let stoppedCleanly: Bool
         do throws(DaemonFailure) {

@@ -75,6 +75,27 @@ struct UpgradeRequestTests {
     }
 
     @Test(
+        "pestod --reload-request PID of a process whose command line names the running pestod's --runtime-dir but which is not that pestod: refused with a message, nothing sent (SIGUSR2 ended such a process before)",
+        .timeLimit(.minutes(2))
+    )
+    func reloadRequestOfAnotherProcess() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        // A shell waiting on its stdin (no child of its own), named like a pestod's arguments.
+        let other = try ChildProcess("/bin/sh", ["-c", "read line", "sh", "--runtime-dir", f.runtimePath], stdout: .devNull)
+        defer { other.kill() }
+        let request = try run(Products.path("pestod"), ["--reload-request", "\(other.pid)"])
+        #expect(request.status == 1)
+        #expect(request.err.contains("is not the pestod serving"), "\(request.err)")
+        #expect(other.isRunning, "the other process was signalled")
+        _ = try f.table("List")  // a round trip: the running pestod is untouched and serving
+        #expect(f.pestod.isRunning)
+        #expect(!f.log.contains("upgrade requested"), "\(f.log)")
+        // The running pestod itself is still accepted: the check tells the two apart.
+        #expect(ReloadRequest.listens(pid: f.pestod.pid, on: f.runtimePath + "/takeover.sock"))
+        #expect(!ReloadRequest.listens(pid: other.pid, on: f.runtimePath + "/takeover.sock"))
+    }
+
+    @Test(
         "a pestod without a takeover socket: --reload-request refuses at once and sends nothing, and SIGUSR2 does not end it (it ended the demo's pestod before)"
     )
     func reloadRequestWithoutTakeoverSocket() throws {
