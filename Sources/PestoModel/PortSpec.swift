@@ -255,7 +255,7 @@ private enum Chunk {
 }
 
 extension Cursor {
-    /// Reads one chunk; the target forms are tried longest first, each from the ":" again.
+    /// Reads one chunk; the target forms are tried longest first.
     mutating func chunk() -> Chunk? {
         var p = self
         if p.literal("all") {
@@ -277,29 +277,26 @@ extension Cursor {
             return .exclude(first: range.first, last: range.last)
         }
         guard let range = p.portRange() else { return nil }
+        // The target, longest form first: ":ADDRESS/PORTS", ":ADDRESS", ":PORTS", or none.
+        var target: IPAddress?
+        var targets = range
         var t = p
-        if t.literal(":"), let address = t.anyAddress(), t.literal("/"), let targets = t.portRange() {
-            self = t
-            return .include(
-                first: range.first, last: range.last, target: address,
-                targetFirst: targets.first, targetLast: targets.last)
+        if t.literal(":") {
+            if let address = t.anyAddress() {
+                target = address
+                var withPorts = t
+                if withPorts.literal("/"), let ports = withPorts.portRange() {
+                    targets = ports
+                    t = withPorts
+                }
+            } else if let ports = t.portRange() {
+                targets = ports
+            } else {
+                t = p
+            }
         }
-        t = p
-        if t.literal(":"), let address = t.anyAddress() {
-            self = t
-            return .include(
-                first: range.first, last: range.last, target: address,
-                targetFirst: range.first, targetLast: range.last)
-        }
-        t = p
-        if t.literal(":"), let targets = t.portRange() {
-            self = t
-            return .include(
-                first: range.first, last: range.last, target: nil,
-                targetFirst: targets.first, targetLast: targets.last)
-        }
-        self = p
-        return .include(first: range.first, last: range.last, target: nil, targetFirst: range.first, targetLast: range.last)
+        self = t
+        return .include(first: range.first, last: range.last, target: target, targetFirst: targets.first, targetLast: targets.last)
     }
 
     /// Reads the listening prefix `ADDR[%IF]/` or `[*][%IF]/`; nil address means dual stack.
