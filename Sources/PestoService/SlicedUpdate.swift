@@ -155,57 +155,6 @@ final class SlicedUpdate {
 }
 
 extension TablesEditor {
-    /// Whether no update is in progress and no change is held back.
-    var isIdle: Bool { running == nil && waiting.isEmpty }
-
-    /// Runs `work` now if the editor is idle, else once the update in progress and every
-    /// change held back before it are done (dropped if `sender` leaves first: `senderLeft`).
-    func whenIdle(sender: String?, bytes: Int = 0, _ work: @escaping () -> Void) {
-        if isIdle { work() } else { waiting.append(sender: sender, bytes: bytes, work) }
-    }
-
-    /// Why a change of `sender` with `bytes` bytes of arguments may not wait for the update
-    /// in progress (`ChangeQueue.holdBackRefusal`); nil when it runs at once or may wait.
-    func holdBackRefusal(sender: String, bytes: Int) -> String? {
-        isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
-    }
-
-    /// Step 7: executes an authorised `change` for `sender`: a single operation or Lock at
-    /// once, an Apply through `startUpdate`, so `completion` may be called on a later loop
-    /// turn. Called once the editor is idle (`whenIdle`); `completion` gets what the change
-    /// did and what it committed (empty under the lock, where it is journaled instead).
-    func execute(
-        _ change: TableChange, sender: String,
-        completion: @escaping (Result<(result: ChangeResult, committed: Journal), PestoError>) -> Void
-    ) {
-        guard case .apply(let kind, let request) = change else {
-            do { return completion(.success(try executeAtOnce(change, sender: sender))) } catch { return completion(.failure(error)) }
-        }
-        do throws(PestoError) {
-            try checkLock(sender)
-            _ = try table(kind)
-        } catch {
-            return completion(.failure(error))
-        }
-        if lockOwner == sender { host?.saveCommitted() }
-        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
-        startUpdate([update]) { [unowned self] outcome in
-            switch outcome {
-            case .failure(let error):
-                self.logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
-                completion(.failure(error))
-            case .success(let done):
-                self.logger.info(
-                    "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed"
-                )
-                completion(.success((.applied(done.results.map { ($0.id, $0.counts) }), self.finish(done.journal, sender: sender))))
-            }
-        }
-    }
-
-    /// Drops the changes `sender` has held back; returns how many.
-    func dropWaiting(of sender: String) -> Int { waiting.drop(sender: sender) }
-
     /// Starts an update: it is carried out in slices of `budget`, the first one now. If it
     /// is not done within that slice, the committed changes are saved first (`TablesEditorHost.saveCommitted`),
     /// and every other change is held back until it is. `completion` is called once, when

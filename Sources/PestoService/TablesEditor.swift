@@ -46,117 +46,6 @@ import PestoEngine
 import PestoModel
 import PestoSystem
 
-/// What the editor reports, once final. Called on the loop thread.
-protocol TablesObserver: AnyObject {
-    /// A rule was inserted (inactive); `rule` is what was stored.
-    func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule)
-    /// A rule was deleted.
-    func ruleRemoved(_ kind: TableKind, _ id: UInt32)
-    /// A rule's activity or socket counts changed: activation, deactivation, a retry, a scan,
-    /// or the net effect of a rolled-back update on a rule that existed before it.
-    func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ status: RuleStatus, failuresChanged: Bool, retried: Bool)
-    /// First match (doc/overlap.md): a change to another rule changed how many ports rule
-    /// `id` wins. (A rule's own changes come with `ruleStateChanged`.)
-    func portsWonChanged(_ kind: TableKind, _ id: UInt32)
-    /// The lock was taken or released.
-    func lockOwnerChanged(_ owner: String?)
-}
-
-/// What the editor needs of the service it runs in (PestoServer in pestod). Called on the
-/// loop thread.
-protocol TablesEditorHost: AnyObject {
-    /// Runs `work` on the next loop turn (`EventLoop.nextTurn`): the next slice of an update.
-    func nextTurn(_ work: @escaping () -> Void)
-    /// Runs `work` about a millisecond later: the next slice of an update waiting for the bus.
-    func shortly(_ work: @escaping () -> Void)
-    /// Whether an update may deliver more reports now: false while the bus has not taken the
-    /// signals already sent.
-    var mayAnnounce: Bool { get }
-    /// An update started being carried out over several turns (true), or ended (false): the
-    /// retry and scan passes are held meanwhile.
-    func updateInProgress(_ busy: Bool)
-    /// Saves (or undoes) the changes committed so far: before the lock holder's changes are
-    /// journaled on top of committed ones, and before an update that takes several turns
-    /// starts, so that the file never holds half an update.
-    func saveCommitted()
-}
-
-/// How many bind failures a newly activated rule may have.
-struct BindTolerance: Equatable {
-    /// Failures allowed outright.
-    var maxFailures: UInt32
-    /// Any number of failures, as long as one socket bound.
-    var bestEffort: Bool
-
-    /// Every failure is fine: the activation completes whatever binds (the proposals'
-    /// ACTIVATE; upstream's uploads).
-    static let any = BindTolerance(maxFailures: .max, bestEffort: true)
-    /// Every socket must bind.
-    static let none = BindTolerance(maxFailures: 0, bestEffort: false)
-
-    func accepts(_ c: ForwardingTable.BindCounts) -> Bool {
-        c.failed <= maxFailures || (bestEffort && c.bound >= 1)
-    }
-}
-
-/// One table's part of an update.
-struct TableUpdate {
-    var kind: TableKind
-    var inserts: [(id: UInt32, rule: Rule, tolerance: BindTolerance)]
-    var removes: [UInt32]
-}
-
-/// A decoded Apply: the rules to insert and activate, the IDs to remove, the tolerance of
-/// every new rule. Decoding guarantees distinct inserted IDs, distinct removed IDs, and no
-/// ID in both lists.
-struct ApplyRequest {
-    var inserts: [(UInt32, Rule)] = []
-    var removes: [UInt32] = []
-    /// The options `max-failures` and `best-effort`, as the tolerance of every new rule.
-    var tolerance = BindTolerance.none
-    /// Its rules were validated already, in slices (SlicedApplyDecoder.swift): step 4 is done.
-    var validated = false
-}
-
-/// A change to the tables as a client asks for it, decoded but not yet checked.
-enum TableChange {
-    case insert(TableKind, UInt32, Rule)
-    case delete(TableKind, UInt32)
-    case activate(TableKind, UInt32)
-    case deactivate(TableKind, UInt32)
-    case apply(TableKind, ApplyRequest)
-    /// Manager.Lock: the only Manager method that is authorised.
-    case lock
-}
-
-/// What a change did, for its reply.
-enum ChangeResult: Equatable {
-    /// Nothing to report (insert, delete, deactivate, lock).
-    case done
-    /// An activation's counts.
-    case counts(ForwardingTable.BindCounts)
-    /// An Apply's counts per inserted rule, in request order.
-    case applied([(id: UInt32, counts: ForwardingTable.BindCounts)])
-
-    static func == (a: ChangeResult, b: ChangeResult) -> Bool {
-        switch (a, b) {
-        case (.done, .done): return true
-        case (.counts(let x), .counts(let y)): return x == y
-        case (.applied(let x), .applied(let y)): return x.map(\.id) == y.map(\.id) && x.map(\.counts) == y.map(\.counts)
-        default: return false
-        }
-    }
-}
-
-/// A rule of a table, as a key.
-struct RuleRef: Hashable {
-    var kind: TableKind
-    var id: UInt32
-}
-
-/// The owner tag of the rules made through the control socket (upstream pesto).
-let controlOwnerTag = "pesto-control"
-
 /// Changes the tables, keeps the lock and its journal, reports final outcomes.
 final class TablesEditor {
     /// The tables, HOST first.
@@ -351,6 +240,59 @@ final class TablesEditor {
         }
         return performed
     }
+
+    // MARK: Queueing and executing
+
+    /// Whether no update is in progress and no change is held back.
+    var isIdle: Bool { running == nil && waiting.isEmpty }
+
+    /// Runs `work` now if the editor is idle, else once the update in progress and every
+    /// change held back before it are done (dropped if `sender` leaves first: `senderLeft`).
+    func whenIdle(sender: String?, bytes: Int = 0, _ work: @escaping () -> Void) {
+        if isIdle { work() } else { waiting.append(sender: sender, bytes: bytes, work) }
+    }
+
+    /// Why a change of `sender` with `bytes` bytes of arguments may not wait for the update
+    /// in progress (`ChangeQueue.holdBackRefusal`); nil when it runs at once or may wait.
+    func holdBackRefusal(sender: String, bytes: Int) -> String? {
+        isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
+    }
+
+    /// Step 7: executes an authorised `change` for `sender`: a single operation or Lock at
+    /// once, an Apply through `startUpdate`, so `completion` may be called on a later loop
+    /// turn. Called once the editor is idle (`whenIdle`); `completion` gets what the change
+    /// did and what it committed (empty under the lock, where it is journaled instead).
+    func execute(
+        _ change: TableChange, sender: String,
+        completion: @escaping (Result<(result: ChangeResult, committed: Journal), PestoError>) -> Void
+    ) {
+        guard case .apply(let kind, let request) = change else {
+            do { return completion(.success(try executeAtOnce(change, sender: sender))) } catch { return completion(.failure(error)) }
+        }
+        do throws(PestoError) {
+            try checkLock(sender)
+            _ = try table(kind)
+        } catch {
+            return completion(.failure(error))
+        }
+        if lockOwner == sender { host?.saveCommitted() }
+        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
+        startUpdate([update]) { [unowned self] outcome in
+            switch outcome {
+            case .failure(let error):
+                self.logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
+                completion(.failure(error))
+            case .success(let done):
+                self.logger.info(
+                    "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed"
+                )
+                completion(.success((.applied(done.results.map { ($0.id, $0.counts) }), self.finish(done.journal, sender: sender))))
+            }
+        }
+    }
+
+    /// Drops the changes `sender` has held back; returns how many.
+    func dropWaiting(of sender: String) -> Int { waiting.drop(sender: sender) }
 
     // MARK: The lock
 

@@ -31,6 +31,9 @@ import PestoEngine
 import PestoModel
 import PestoSystem
 
+/// The owner tag of the rules made through the control socket (upstream pesto).
+let controlOwnerTag = "pesto-control"
+
 extension TablesEditor {
     /// What an upload changed.
     struct UpstreamSummary: Sendable, CustomStringConvertible {
