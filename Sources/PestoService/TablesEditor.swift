@@ -47,7 +47,7 @@ import PestoModel
 import PestoSystem
 
 /// Changes the tables, keeps the lock and its journal, reports final outcomes.
-final class TablesEditor {
+final class TablesEditor: SlicedUpdateTarget {
     /// The tables, HOST first.
     let tables: [ForwardingTable]
     /// Told about every final change.
@@ -70,10 +70,6 @@ final class TablesEditor {
         case state(TableKind, UInt32, RuleStatus, failuresChanged: Bool, retried: Bool)
         case portsWon(TableKind, UInt32)
     }
-    /// The reports of the update in progress while it changes the tables; nil otherwise.
-    var held: [Report]?
-    /// The state, before the update in progress touched them, of the rules it deactivated.
-    var statusBefore: [RuleRef: RuleStatus] = [:]
     /// The update being carried out over several loop turns, if any (SlicedUpdate.swift).
     var running: SlicedUpdate?
     /// The changes held back while `running` is under way, in arrival order (ChangeQueue.swift).
@@ -109,16 +105,11 @@ final class TablesEditor {
 
     // MARK: Reports
 
-    /// Holds `r` back while an update changes the tables, queues it behind the reports a
-    /// finished update is still announcing, or delivers it.
+    /// Hands `r` to the update in progress, which holds it back while it changes the tables
+    /// or queues it behind the reports it is announcing; delivers it when no update runs.
     func report(_ r: Report) {
-        if held != nil {
-            held!.append(r)
-        } else if let job = running, job.isAnnouncing {
-            job.announce(r)
-        } else {
-            deliver(r)
-        }
+        if let job = running, job.take(r) { return }
+        deliver(r)
     }
 
     /// Tells the observer about one final change.
@@ -151,11 +142,7 @@ final class TablesEditor {
         case .activate(let kind, let id):
             return try table(kind).activate(id: id)
         case .deactivate(let kind, let id):
-            let t = try table(kind)
-            if held != nil, statusBefore[RuleRef(kind: kind, id: id)] == nil, let s = try? t.status(id) {
-                statusBefore[RuleRef(kind: kind, id: id)] = s
-            }
-            try t.deactivate(id: id)
+            try table(kind).deactivate(id: id)
             return nil
         }
     }
