@@ -281,6 +281,104 @@ final class TablesEditor: SlicedUpdateTarget {
     /// Drops the changes `sender` has held back; returns how many.
     func dropWaiting(of sender: String) -> Int { waiting.drop(sender: sender) }
 
+    // MARK: Updates over several loop turns (SlicedUpdate.swift)
+
+    /// Starts an update: it is carried out in slices of `budget`, the first one now. If it
+    /// is not done within that slice, the committed changes are saved first (`TablesEditorHost.saveCommitted`),
+    /// and every other change is held back until it is. `completion` is called once, when
+    /// its reports have been delivered: with what it did, or with the error it was rolled
+    /// back for (see the theory of operation). Updates do not nest.
+    func startUpdate(_ updates: [TableUpdate], budget: SliceBudget? = nil, completion: @escaping (SlicedUpdate.Outcome) -> Void) {
+        precondition(running == nil, "updates do not nest")
+        let budget = host == nil ? SliceBudget.unlimited : budget ?? sliceBudget
+        let job = SlicedUpdate(updates, target: self, completion: completion)
+        let work = job.operations
+        if work > budget.operations {
+            // It will not fit in one slice: what was committed before it is saved before any
+            // of it is done.
+            host?.saveCommitted()
+        }
+        running = job
+        // An update that fits in one slice's operations is done in this call, whatever the
+        // clock says, so it never leaves part of itself visible across a save.
+        continueUpdate(job, budget: work > budget.operations ? budget : .unlimited, then: budget)
+    }
+
+    /// One slice of `job` (of `budget`); schedules the next (of `next`), or finishes the update.
+    private func continueUpdate(_ job: SlicedUpdate, budget: SliceBudget, then next: SliceBudget) {
+        if job.slices == 1 {
+            logger.debug("an update of \(job.ruleCount) rules is carried out in slices")
+            host?.updateInProgress(true)
+        }
+        let progress = job.step(budget) { host?.mayAnnounce ?? true }
+        switch progress {
+        case .done:
+            running = nil
+            if job.slices > 1 { host?.updateInProgress(false) }
+            job.completion(job.outcome)
+            // An update of one slice ran from `whenIdle` or from the queue, which goes on by itself.
+            if job.slices > 1 { waiting.resume(until: { [unowned self] in self.running != nil }) }
+        case .more, .waitsForBus:
+            guard let host else { preconditionFailure("a sliced update needs a host to schedule its slices") }
+            let work = { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
+            if progress == .waitsForBus { host.shortly(work) } else { host.nextTurn(work) }
+        }
+    }
+
+    /// pestod stops while an update is in progress: it is rolled back at once (its caller is
+    /// told so), and the changes held back behind it are dropped unanswered.
+    func abandonUpdate() {
+        guard let job = running else { return }
+        job.abandon(
+            PestoError(
+                .locked, "pestod stopped before the change was complete; it was rolled back, nothing changed. Call again once pestod runs."
+            ))
+        running = nil
+        host?.updateInProgress(false)
+        job.completion(job.outcome)
+        let dropped = waiting.dropAll()
+        if dropped > 0 { logger.notice("stopping: \(dropped) changes held back behind it are dropped") }
+    }
+
+    // MARK: Uploads of the control socket (UpstreamUpdate.swift)
+
+    /// What an upload changed.
+    typealias UpstreamSummary = UpstreamUpdate.Summary
+
+    /// The active rules of every table, as upstream's dump lists them, with upstream's weak
+    /// flag where the rule was uploaded with it.
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
+        UpstreamUpdate.dump(tables, weakRules: weakRules)
+    }
+
+    /// The most rules an upload may give one table: the tables' MaxRules, within the wire
+    /// protocol's own limit.
+    var upstreamRuleLimit: Int { UpstreamUpdate.ruleLimit(tables) }
+
+    /// Applies an upload of whole tables (rules with their weak flag) as a difference, over
+    /// several loop turns if it is large (SlicedUpdate.swift; at once without a host);
+    /// `completion` gets what changed and the committed journal (to be saved), or why nothing
+    /// changed (a refused upload changes nothing). Called once the editor is idle (`whenIdle`).
+    func startUpstream(
+        _ upload: UpstreamUpdate.Upload,
+        completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void
+    ) {
+        let started = MonotonicInstant.now
+        let plan: UpstreamUpdate
+        do { plan = try UpstreamUpdate(upload, lockOwner: lockOwner, table: table) } catch { return completion(.failure(error)) }
+        let rules = upload.reduce(0) { $0 + $1.rules.count }
+        if rules >= 1000 {
+            let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
+            logger.info("control socket: upload of \(rules) rules compared with the tables in \(ms) ms (one loop turn)")
+        }
+        startUpdate(plan.updates) { [unowned self] outcome in
+            switch outcome {
+            case .failure(let error): completion(.failure(error))
+            case .success(let done): completion(.success((plan.applied(done.results, weakRules: &self.weakRules), done.journal)))
+            }
+        }
+    }
+
     // MARK: The lock
 
     /// Takes the lock for `sender` (a no-op when it holds it already).
