@@ -17,8 +17,11 @@
 //   Updates      `startUpdate` (the proposals' whole client workflow, atomically, over one
 //                or more tables: Apply and uploads) and `startUpstream` (an upload of whole
 //                tables as a difference against the active rules).
-//                A large update is carried out in slices over several loop turns, other
-//                changes waiting behind it (SlicedUpdate.swift, ChangeQueue.swift).
+//                An update is a SlicedUpdate (SlicedUpdate.swift), a state machine with its
+//                own state that the editor holds (`running`) and steps: at once, or when
+//                large in slices over several loop turns, other changes waiting behind it
+//                (ChangeQueue.swift). An upload is planned first as an UpstreamUpdate
+//                (UpstreamUpdate.swift: the difference against the active rules).
 //
 // Reporting. Every change is reported to `observer` (rule added, rule removed, rule state
 // changed, lock owner changed) — the server turns the reports into InterfacesAdded,
@@ -35,6 +38,11 @@
 // (`validate`), step 5 (`checkLock`, before anyone is asked to authorise) and step 7
 // (`execute`: the lock again, since it may have been taken while authorisation was pending,
 // then the change). ChangeGate.swift strings them together with step 6, authorisation.
+//
+// Where things are. The editor's own methods (reports, perform, the check order, execute and
+// queueing, the updates, the lock) are all in this file; the values a change is made of in
+// TableChange.swift, the observer and host protocols in TablesEditorHost.swift, the undo log
+// in Journal.swift.
 //
 // One verb per layer: a change is *submitted* to the ChangeGate (every caller and test),
 // which *executes* it on the editor once it passed steps 4–6 and the editor is idle; the
@@ -70,8 +78,9 @@ final class TablesEditor: SlicedUpdateTarget {
         case state(TableKind, UInt32, RuleStatus, failuresChanged: Bool, retried: Bool)
         case portsWon(TableKind, UInt32)
     }
-    /// The update being carried out over several loop turns, if any (SlicedUpdate.swift).
-    var running: SlicedUpdate?
+    /// The update in progress, if any: the editor holds it, hands it the reports, and steps
+    /// it once per loop turn until it is done (SlicedUpdate.swift).
+    private(set) var running: SlicedUpdate?
     /// The changes held back while `running` is under way, in arrival order (ChangeQueue.swift).
     let waiting = ChangeQueue()
     /// How much of an update one loop turn carries out; `.unlimited` does it all at once.
