@@ -15,7 +15,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod data path notices (in process)", .serialized)
+@Suite("pestod data path notices (in process)", .serialized, .timeLimit(.minutes(10)))
 struct DataPathNoticeTests {
     /// The lines of pestod's log that contain `fragment`.
     func lines(_ f: InProcessPestod, containing fragment: String) -> [Substring] {

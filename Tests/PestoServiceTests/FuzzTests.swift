@@ -29,7 +29,7 @@ import Testing
 /// The fuzz run's generator (shared with the other fuzz tests).
 typealias FuzzRandom = SeededRandom
 
-@Suite("pestod fuzz", .serialized)
+@Suite("pestod fuzz", .serialized, .timeLimit(.minutes(10)))
 struct FuzzTests {
     /// The random sequence a plain `swift test` runs, so that every run checks the same calls.
     static let defaultSeed: UInt64 = 20_240_601

@@ -16,7 +16,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("pestod --overlap first-match: control socket and --state", .serialized)
+@Suite("pestod --overlap first-match: control socket and --state", .serialized, .timeLimit(.minutes(10)))
 struct OverlapOtherPathsTests {
     @Test("an upstream upload of a range and a port inside it: refused under refuse, applied under first-match")
     func uploadOverlap() throws {
@@ -88,7 +88,7 @@ struct OverlapOtherPathsTests {
     }
 }
 
-@Suite("pestod --overlap first-match: takeover", .serialized)
+@Suite("pestod --overlap first-match: takeover", .serialized, .timeLimit(.minutes(10)))
 struct OverlapTakeoverTests {
     @Test("pestod --replace hands shared sockets over: a range and a carve-out on its binding keep every inode and their winners")
     func takeoverKeepsSharedSockets() throws {

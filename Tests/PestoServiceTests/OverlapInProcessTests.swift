@@ -19,7 +19,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("pestod --overlap first-match (in process)", .serialized)
+@Suite("pestod --overlap first-match (in process)", .serialized, .timeLimit(.minutes(10)))
 struct OverlapInProcessTests {
     /// A TCP rule description: `first...last` on `address`, forwarded to 127.0.0.1 `target`.
     static func rule(_ first: UInt16, _ last: UInt16? = nil, to target: UInt16, address: String = "0.0.0.0") -> DBusValue {

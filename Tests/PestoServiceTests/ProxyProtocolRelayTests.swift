@@ -88,7 +88,7 @@ final class HAProxyTarget {
     }
 }
 
-@Suite("pestod PROXY protocol (in process)", .serialized)
+@Suite("pestod PROXY protocol (in process)", .serialized, .timeLimit(.minutes(10)))
 struct ProxyProtocolRelayTests {
     /// A TCP rule on `address:port` to `target:targetPort` sending `version`'s header.
     func rule(_ address: IPAddress, _ port: UInt16, to target: IPAddress, _ targetPort: UInt16, _ version: String) -> DBusValue {

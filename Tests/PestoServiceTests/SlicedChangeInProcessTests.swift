@@ -20,7 +20,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite(.serialized)
+@Suite(.serialized, .timeLimit(.minutes(10)))
 struct SlicedChangeInProcessTests {
     /// Sends an Apply of `caller` without waiting; returns the call's serial.
     static func sendApply(_ f: InProcessPestod, _ caller: Caller, inserts: DBusValue, removes: [UInt32] = []) -> UInt32 {

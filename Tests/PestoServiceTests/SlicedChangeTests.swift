@@ -49,7 +49,7 @@ final class BusMonitor {
     }
 }
 
-@Suite(.serialized)
+@Suite(.serialized, .timeLimit(.minutes(10)))
 struct SlicedChangeTests {
     /// rules on 127.4.0.x (one per address, all on `port`), forwarding to `target` on loopback.
     static func rules(_ ids: [UInt32], port: UInt16, target: UInt16) -> DBusValue {

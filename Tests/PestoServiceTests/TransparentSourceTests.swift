@@ -24,7 +24,9 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod transparent source", .serialized, .enabled(if: getuid() == 0, "needs root for ip netns and addresses"))
+@Suite(
+    "pestod transparent source", .serialized, .enabled(if: getuid() == 0, "needs root for ip netns and addresses"), .timeLimit(.minutes(10))
+)
 struct TransparentSourceTests {
     /// Client addresses on the host's loopback, removed when the value goes away.
     final class ClientAddresses {

@@ -17,7 +17,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("pestod UDP reply addresses (in process)")
+@Suite("pestod UDP reply addresses (in process)", .timeLimit(.minutes(10)))
 struct UDPReplyAddressRelayTests {
     /// Sends `payload` on the connected UDP socket `fd` and waits up to 5 s for an answer;
     /// nil when none comes (the kernel drops a reply from any other address).
