@@ -24,7 +24,7 @@ final class RefusingListenerFactory: ListenerFactory {
     func closeListener(_ fd: Int32) { preconditionFailure("nothing was opened") }
 }
 
-@Suite("Conflict index")
+@Suite("Conflict index", .timeLimit(.minutes(10)))
 struct ConflictIndexTests {
     /// A random rule from a small universe, so that conflicts are frequent.
     static func randomRule(_ random: inout SeededRandom) -> Rule {

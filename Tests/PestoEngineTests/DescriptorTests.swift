@@ -77,7 +77,7 @@ private func fill(_ fd: Int32) -> Int {
     return chunk.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
 }
 
-@Suite("Descriptors and epoll watches running out", .serialized)
+@Suite("Descriptors and epoll watches running out", .serialized, .timeLimit(.minutes(10)))
 struct DescriptorTests {
     static let enospc = Errno(rawValue: ENOSPC)
 

@@ -17,7 +17,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("test support: the echo server")
+@Suite("test support: the echo server", .timeLimit(.minutes(10)))
 struct EchoServerBurstTests {
     /// Connects `count` non-blocking sockets to `port` at once; each sends four bytes and a FIN
     /// once connected and reads the echo to its end. Returns what went wrong, one line each.

@@ -27,7 +27,7 @@ final class RecordingHandler: EventHandler {
     }
 }
 
-@Suite("Event loop")
+@Suite("Event loop", .timeLimit(.minutes(10)))
 struct EventLoopTests {
     @Test("every event kind of pestod is distinct, non-zero and below the tests' own")
     func kindsDistinct() {

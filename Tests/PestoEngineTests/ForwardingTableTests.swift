@@ -50,7 +50,7 @@ func expectRejected(
     #expect(TableSnapshot(table) == before, "a failing call changed the table", sourceLocation: sourceLocation)
 }
 
-@Suite("Forwarding table")
+@Suite("Forwarding table", .timeLimit(.minutes(10)))
 struct ForwardingTableTests {
     static let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
 

@@ -13,7 +13,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("Isolation between rules")
+@Suite("Isolation between rules", .timeLimit(.minutes(10)))
 struct IsolationTests {
     @Test("rule A's listeners are the same objects and keep accepting while rule B churns 100 times")
     func ruleChurnLeavesOthersAlone() throws {

@@ -15,7 +15,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("listener adoption")
+@Suite("listener adoption", .timeLimit(.minutes(10)))
 struct ListenerAdoptionTests {
     @Test(
         "activation installs the handed-over listener of each port; a socket of the wrong kind is refused, closed and replaced by a new one"

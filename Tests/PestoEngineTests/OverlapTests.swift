@@ -16,7 +16,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("Overlapping rules, first match wins")
+@Suite("Overlapping rules, first match wins", .timeLimit(.minutes(10)))
 struct OverlapTests {
     static let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]
 

@@ -9,7 +9,7 @@ import PestoModel
 import PestoTestSupport
 import Testing
 
-@Suite("Port counts")
+@Suite("Port counts", .timeLimit(.minutes(10)))
 struct PortCountsTests {
     /// A random range of keys near a page boundary, the start or the end of the port space.
     static func randomRange(_ random: inout SeededRandom) -> ClosedRange<UInt32> {

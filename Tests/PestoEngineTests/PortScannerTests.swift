@@ -79,7 +79,7 @@ func parsedInChunks(_ text: String, _ proto: TransportProtocol, chunk: Int, excl
 
 // MARK: - PortSet
 
-@Suite("Port set")
+@Suite("Port set", .timeLimit(.minutes(10)))
 struct PortSetTests {
     @Test("insert, remove, contains and count, at both ends of the port range")
     func basics() {
@@ -113,7 +113,7 @@ struct PortSetTests {
 
 // MARK: - Parsing
 
-@Suite("PortScanner parsing")
+@Suite("PortScanner parsing", .timeLimit(.minutes(10)))
 struct PortScannerParsingTests {
     @Test("TCP: only LISTEN counts (not ESTABLISHED, TIME_WAIT, CLOSE_WAIT, FIN_WAIT2), IPv4 and IPv6")
     func tcp() {
@@ -257,7 +257,7 @@ func withFixtureDirectory(_ files: [String: String], _ body: (String) -> Void) {
     }
 }
 
-@Suite("PortScanner files")
+@Suite("PortScanner files", .timeLimit(.minutes(10)))
 struct PortScannerFileTests {
     @Test("reading files in chunks of 1, 7, 150 and 65,536 bytes gives the same ports", arguments: [1, 7, 150, 65_536])
     func chunkedReader(chunkSize: Int) {
@@ -292,7 +292,7 @@ struct PortScannerFileTests {
 
 // MARK: - Real sockets
 
-@Suite("PortScanner sockets")
+@Suite("PortScanner sockets", .timeLimit(.minutes(10)))
 struct PortScannerSocketTests {
     /// Scans `proto` in the calling thread's namespace, recording a failure.
     static func scan(_ scanner: PortScanner, _ proto: TransportProtocol, excluding: Set<UInt64> = []) -> PortSet {
@@ -353,7 +353,7 @@ struct PortScannerSocketTests {
     }
 }
 
-@Suite("PortScanner namespace")
+@Suite("PortScanner namespace", .timeLimit(.minutes(10)))
 struct PortScannerNamespaceTests {
     @Test(
         "a scan inside NetworkNamespace.perform sees the namespace's sockets, the host scan does not",
@@ -422,7 +422,7 @@ func raiseDescriptorLimit(to wanted: rlim_t) -> rlim_t {
     return limit.rlim_cur
 }
 
-@Suite("PortScanner timing")
+@Suite("PortScanner timing", .timeLimit(.minutes(10)))
 struct PortScannerTimingTests {
     @Test(
         "time of a TCP scan (tcp + tcp6) with up to 20,000 listeners, in a fresh namespace (printed, not asserted)",

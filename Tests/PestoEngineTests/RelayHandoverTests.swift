@@ -17,7 +17,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("relay handover")
+@Suite("relay handover", .timeLimit(.minutes(10)))
 struct RelayHandoverTests {
     /// The byte at offset `i` of the test's stream (not periodic over a pipe's length).
     static func byte(_ i: Int) -> UInt8 { UInt8(truncatingIfNeeded: (i &* 2_654_435_761) >> 13) }

@@ -32,7 +32,7 @@ final class FakeListenerFactory: ListenerFactory {
     func closeListener(_ fd: Int32) { closed += 1 }
 }
 
-@Suite("Retry budget")
+@Suite("Retry budget", .timeLimit(.minutes(10)))
 struct RetryBudgetTests {
     static let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .scan, .ifname]
 

@@ -16,7 +16,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("rtnetlink requests")
+@Suite("rtnetlink requests", .timeLimit(.minutes(10)))
 struct RouteNetlinkTests {
     /// Little-endian bytes of a 16- and 32-bit value (the machine's order: netlink is host order).
     static func le16(_ v: UInt16) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }

@@ -97,7 +97,7 @@ private func isPipe(_ fd: Int32) -> Bool {
     return fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFIFO
 }
 
-@Suite("The TCP relay under failing system calls")
+@Suite("The TCP relay under failing system calls", .timeLimit(.minutes(10)))
 struct SyscallMockTests {
     @Test("EINTR is retried: accept, splice, epoll_ctl and setsockopt interrupted; the connection relays, nothing is reset")
     func interrupted() throws {
@@ -278,7 +278,7 @@ struct SyscallMockTests {
     }
 }
 
-@Suite("The syscall script")
+@Suite("The syscall script", .timeLimit(.minutes(10)))
 struct SyscallScriptTests {
     @Test("a scripted call fails without reaching the kernel; EINTR is retried; other threads and later calls are untouched")
     func script() throws {

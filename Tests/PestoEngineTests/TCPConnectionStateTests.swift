@@ -39,7 +39,7 @@ private func idleConnection() -> State {
     return s
 }
 
-@Suite("TCP connection state machine")
+@Suite("TCP connection state machine", .timeLimit(.minutes(10)))
 struct TCPConnectionStateTests {
     static let refused = Errno(rawValue: ECONNREFUSED)
     static let reset = Errno(rawValue: ECONNRESET)

@@ -15,7 +15,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("TCP listener options")
+@Suite("TCP listener options", .timeLimit(.minutes(10)))
 struct TCPListenerOptionsTests {
     @Test("a TCP listener has TCP_NODELAY, and so has every connection it accepts (the relay no longer sets it on the client)")
     func acceptedConnectionsInheritNoDelay() throws {

@@ -31,7 +31,7 @@ private func roomyQueue(_ fd: Int32) throws {
     try #require(setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) == 0, "\(Errno.current)")
 }
 
-@Suite("UDP relay batches")
+@Suite("UDP relay batches", .timeLimit(.minutes(10)))
 struct UDPBatchTests {
     // MARK: The loop's hook
 

@@ -297,7 +297,7 @@ private func pattern(_ count: Int, seed: UInt8 = 0) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 8 &+ Int(seed)) }
 }
 
-@Suite("UDP relay")
+@Suite("UDP relay", .timeLimit(.minutes(10)))
 struct UDPRelayTests {
     // MARK: Relaying
 
@@ -615,7 +615,7 @@ private func localAddress(_ fd: Int32) -> SocketAddress {
 private let loopbackIndex = Int32(if_nametoindex("lo"))
 
 /// Replies leave from the exact address (and interface) the client's datagram arrived on.
-@Suite("UDP relay: replies from the address asked")
+@Suite("UDP relay: replies from the address asked", .timeLimit(.minutes(10)))
 struct UDPPacketInfoTests {
     @Test("the engine's listener factory asks every UDP listener for packet info, IPv4, IPv6 and dual stack")
     func factorySetsPacketInfo() throws {

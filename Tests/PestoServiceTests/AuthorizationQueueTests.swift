@@ -54,7 +54,7 @@ final class ScriptedAuthorizer: Authorizer {
     }
 }
 
-@Suite("authorisation queue (in process)")
+@Suite("authorisation queue (in process)", .timeLimit(.minutes(10)))
 struct AuthorizationQueueTests {
     static let denied = DBusErrorReply(DBusErrorReply.accessDenied, "no")
 

@@ -12,7 +12,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod authorisation", .serialized)
+@Suite("pestod authorisation", .serialized, .timeLimit(.minutes(10)))
 struct AuthorizationTests {
     static let isRoot = getuid() == 0
 

@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod caller work budget and sliced decoding", .serialized)
+@Suite("pestod caller work budget and sliced decoding", .serialized, .timeLimit(.minutes(10)))
 struct CallerBudgetTests {
     static let isRoot = getuid() == 0
 

@@ -15,7 +15,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("caller uids remembered per connection", .serialized)
+@Suite("caller uids remembered per connection", .serialized, .timeLimit(.minutes(10)))
 struct CallerUIDsTests {
     @Test("questions asked before the answer share one; the uid is remembered until senderLeft; unknown names are never remembered")
     func rememberedAndForgotten() throws {

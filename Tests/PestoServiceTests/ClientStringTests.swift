@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod quoting of client strings (in process)")
+@Suite("pestod quoting of client strings (in process)", .timeLimit(.minutes(10)))
 struct ClientStringTests {
     static let huge = String(repeating: "i", count: 1 << 20)
 

@@ -39,7 +39,7 @@ enum BrowserTools {
 }
 
 /// The Cockpit page driven by headless Chromium against pestod (Tests/browser/test_cockpit.py).
-@Suite("Cockpit page in a browser")
+@Suite("Cockpit page in a browser", .timeLimit(.minutes(10)))
 struct CockpitBrowserTests {
     @Test(
         "Chromium on cockpit-ws follows pestod live, changes it, shows errors and failures, survives a restart",

@@ -8,7 +8,7 @@ import Foundation
 import PestoTestSupport
 import Testing
 
-@Suite("Shell completions")
+@Suite("Shell completions", .timeLimit(.minutes(10)))
 struct CompletionTests {
     /// The repository's completions/ folder.
     static let folder: String = {

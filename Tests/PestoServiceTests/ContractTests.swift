@@ -12,7 +12,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod D-Bus contract", .serialized)
+@Suite("pestod D-Bus contract", .serialized, .timeLimit(.minutes(10)))
 struct ContractTests {
     @Test("busctl Insert + Activate opens a real listener; Status, Read, List report it")
     func busctlInsertActivate() throws {

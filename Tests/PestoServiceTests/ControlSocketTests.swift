@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod upstream control socket", .serialized)
+@Suite("pestod upstream control socket", .serialized, .timeLimit(.minutes(10)))
 struct ControlSocketTests {
     @Test("hello, dump, and an upload that adds one rule without touching the others")
     func addOneRule() throws {

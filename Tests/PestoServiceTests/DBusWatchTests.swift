@@ -18,7 +18,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("D-Bus watch refused by epoll", .serialized)
+@Suite("D-Bus watch refused by epoll", .serialized, .timeLimit(.minutes(10)))
 struct DBusWatchTests {
     @Test("a bus socket epoll refuses to watch is watched again after a pause; the reply arrives, nothing traps")
     func rewatch() throws {

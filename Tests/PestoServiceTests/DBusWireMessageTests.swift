@@ -13,7 +13,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("wire messages")
+@Suite("wire messages", .timeLimit(.minutes(10)))
 struct DBusWireMessageTests {
     /// Values of every type, nested, with every alignment next to every other.
     static let values: [DBusValue] = [

@@ -2,7 +2,8 @@
 
 // Conditions that recur per connection or datagram are logged once, not once each: a
 // forwarding loop, a full UDP flow table, a deleted target namespace. A peer that can reach
-// a relayed port must not be able to flood pestod's log.
+// a relayed port must not be able to flood pestod's log. In process (InProcessPestod.swift):
+// the clients run on helper threads while the test's thread turns the loop that serves them.
 
 import Foundation
 import PestoEngine
@@ -14,16 +15,16 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod data path notices", .serialized)
+@Suite("pestod data path notices (in process)", .serialized, .timeLimit(.minutes(10)))
 struct DataPathNoticeTests {
     /// The lines of pestod's log that contain `fragment`.
-    func lines(_ f: PestodFixture, containing fragment: String) -> [Substring] {
+    func lines(_ f: InProcessPestod, containing fragment: String) -> [Substring] {
         f.log.split(separator: "\n").filter { $0.contains(fragment) }
     }
 
     @Test("a rule that forwards to its own listener: every connection is reset, one log line, one when the listener closes")
     func loopLoggedOnce() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let p = TestSockets.freePorts(1).lowerBound
         try f.table(
             "Insert",
@@ -36,7 +37,7 @@ struct DataPathNoticeTests {
             ])
         try f.table("Activate", [.uint32(1)])
         for _ in 0..<5 {
-            let end = TestSockets.firstRead(port: p)
+            let end = f.serving { TestSockets.firstRead(port: p) }
             #expect(end == .failure(Errno(rawValue: ECONNRESET)), "\(String(describing: end))")
         }
         // Each reset was sent after the occurrence was recorded, so all five are counted.
@@ -48,7 +49,9 @@ struct DataPathNoticeTests {
 
     @Test("datagrams from new clients while the UDP flow table is full: one log line")
     func fullFlowTableLoggedOnce() throws {
-        let f = try PestodFixture(pestodArguments: ["--max-udp-flows", "1"])
+        var configuration = EngineConfiguration()
+        configuration.udp.maxFlows = 1  // --max-udp-flows 1
+        let f = try InProcessPestod(configuration: configuration)
         let ports = TestSockets.freePorts(2)
         let server = try #require(UDPEchoServer(port: ports.upperBound))
         defer { server.stop() }
@@ -64,7 +67,7 @@ struct DataPathNoticeTests {
         try f.table("Activate", [.uint32(1)])
         let first = try #require(TestTraffic.udpClient())
         defer { close(first) }
-        #expect(TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [1])?.reply == [1])
+        #expect(f.serving { TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [1])?.reply } == [1])
         var others: [Int32] = []
         defer { for fd in others { close(fd) } }
         for i in 0..<5 {
@@ -75,15 +78,19 @@ struct DataPathNoticeTests {
         }
         // The listener reads its queue in order: once the first client's next datagram is
         // answered, the five before it have been handled (dropped).
-        #expect(TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [2])?.reply == [2])
+        #expect(f.serving { TestTraffic.udpExchange(fd: first, port: ports.lowerBound, payload: [2])?.reply } == [2])
         #expect(lines(f, containing: "the UDP flow table is full (1 flows").count == 1, "\(f.log)")
         #expect(server.sourcePorts.count == 1)
     }
 
-    @Test("connections into a deleted target namespace: one log line", .enabled(if: getuid() == 0, "needs root for ip netns"))
+    @Test(
+        "connections into a deleted target namespace: one log line", .enabled(if: getuid() == 0, "needs root for ip netns"),
+        .timeLimit(.minutes(2)))
     func deletedNamespaceLoggedOnce() throws {
         let ns = try TestNamespace()
-        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        var configuration = EngineConfiguration()
+        configuration.namespacePath = ns.path  // --netns
+        let f = try InProcessPestod(configuration: configuration)
         let ports = TestSockets.freePorts(2)
         let inside = try #require(ns.echoServer(port: ports.upperBound))
         defer { inside.stop() }
@@ -97,12 +104,12 @@ struct DataPathNoticeTests {
                 ]),
             ])
         try f.table("Activate", [.uint32(1)])
-        #expect(TestTraffic.ping(port: ports.lowerBound) == nil)
+        #expect(f.ping(port: ports.lowerBound) == nil)
         #expect(lines(f, containing: "is gone").isEmpty)
         let del = try run("/usr/sbin/ip", ["netns", "del", ns.name])
         #expect(del.status == 0, "\(del.err)")
         // pestod still holds the namespace, so connections keep working; each is noticed.
-        for _ in 0..<3 { #expect(TestTraffic.ping(port: ports.lowerBound) == nil) }
+        for _ in 0..<3 { #expect(f.ping(port: ports.lowerBound) == nil) }
         #expect(lines(f, containing: "the target network namespace \(ns.path) is gone").count == 1, "\(f.log)")
     }
 }

@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod default authorisation", .serialized)
+@Suite("pestod default authorisation", .serialized, .timeLimit(.minutes(10)))
 struct DefaultAuthorizationTests {
     static let isRoot = getuid() == 0
 

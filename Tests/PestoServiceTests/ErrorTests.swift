@@ -13,7 +13,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod errors (in process)")
+@Suite("pestod errors (in process)", .timeLimit(.minutes(10)))
 struct ErrorTests {
     static func name(_ n: String) -> String { PestoBusNames.errorPrefix + n }
 
@@ -148,7 +148,7 @@ struct ErrorTests {
 }
 
 /// Error replies as a bus client's tools see them.
-@Suite("pestod errors over the bus", .serialized)
+@Suite("pestod errors over the bus", .serialized, .timeLimit(.minutes(10)))
 struct ErrorOverBusTests {
     @Test("busctl reports the contract's error names and messages")
     func busctlSeesErrors() throws {

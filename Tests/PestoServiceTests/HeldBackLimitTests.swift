@@ -12,7 +12,7 @@ import Testing
 
 @testable import PestoService
 
-@Suite("changes held back behind a large update are bounded per caller (in process)")
+@Suite("changes held back behind a large update are bounded per caller (in process)", .timeLimit(.minutes(10)))
 struct HeldBackLimitTests {
     typealias Outcome = Result<(result: ChangeResult, committed: Journal), ChangeRefusal>
 

@@ -11,6 +11,37 @@
 // other tools, name ownership, polkit over the bus, fd passing): those tests start a
 // dbus-daemon (BusHarness.swift). A caller leaving the bus is the NameOwnerChanged signal
 // the bus daemon would send (`leave`).
+//
+// Traffic, and why relayed connections once looked unreliable here
+// ------------------------------------------------------------------
+// pestod's loop runs only on the test's thread, and only while the harness turns it: inside
+// a call whose reply waits, `settle`, a signal wait, `serving` and `ping`. A call answered at
+// once turns nothing. So a client connecting to a rule from another thread is accepted and
+// relayed only while the test's thread turns the loop; otherwise it waits in the listener's
+// backlog, and a blocking client gives up at its own bound ("timed out: sent 4, received 0",
+// the echo timeout). That is what made an earlier conversion of the overlap suite fail: it
+// kept the bus-based test's end of run, `while !done { usleep(1000) }` (correct there, where
+// pestod is another process), so the background client's last ping, in flight when the
+// test's thread stopped turning the loop, could only time out. Whether a ping was in flight
+// at that moment depended on scheduling, hence "passed alone, failed beside the bus-based
+// suite" (seen again here, failing every run with the wait put back). Rules for traffic:
+// - a client on the test's thread must never block on the engine: `ping`/`serving` run it on
+//   a helper thread and turn the loop until it returns (`EventLoop.turn(forever:)`, no
+//   deadline: the client bounds its own wait);
+// - a helper's result is published outside any lock it holds while it waits: the loop's
+//   poller takes that lock, and a lock held across the blocking wait stops the loop (a hang,
+//   met while writing `serving`);
+// - every wait for a helper thread turns the loop (`turn(forever:)`), never sleeps.
+// Process-wide state was checked and is not shared between engines: each engine has its own
+// loop, epoll set and DescriptorBudget (a plan read from this process's soft RLIMIT_NOFILE at
+// init; the descriptors other tests hold are not counted, and no in-process test comes near
+// the 20,000 limit); ports come from `TestSockets.freePorts`, one counter per process, so
+// suites running in parallel never share one. One piece of process state was not: SIGPIPE.
+// pestod ignores it at start (`Sys.stopOnSignals`); a test process did only once some test
+// had written to a child's stdin (`ChildProcess.send`), so a splice by the in-process relay
+// into a connection its peer had closed would get EPIPE beside some bus-based suites and end
+// the whole test run (SIGPIPE's default) without them. No run was seen dying of it; it is
+// closed anyway: `InProcessPestod.init` ignores SIGPIPE, as pestod does.
 
 import Foundation
 import Logging
@@ -18,6 +49,7 @@ import PestoEngine
 import PestoModel
 import PestoSystem
 import PestoTestSupport
+import Synchronization
 import Testing
 
 @testable import PestoDBus
@@ -87,6 +119,7 @@ final class InProcessPestod {
         configuration: EngineConfiguration = EngineConfiguration(), persistence: (any TablesPersistence)? = nil,
         authorizer: (any Authorizer)? = nil, sliceOperations: Int? = nil
     ) throws {
+        Self.ignoreSIGPIPE
         loop = try EventLoop()
         engine = try ForwardingEngine(loop: loop, configuration: configuration)
         self.persistence = persistence
@@ -101,6 +134,10 @@ final class InProcessPestod {
         client = Caller(uniqueName: ":1.1")
         engine.start()
     }
+
+    /// SIGPIPE ignored in this process, once, as pestod ignores it: a splice or write into a
+    /// connection its peer reset is an EPIPE for the relay, never the end of the test run.
+    private static let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 
     deinit {
         server.abandonChanges()
@@ -202,6 +239,32 @@ final class InProcessPestod {
     func settle() {
         loop.nextTurn { [loop] in loop.stop() }
         loop.run()
+    }
+
+    /// A property of an object of pestod's (`org.freedesktop.DBus.Properties.Get`).
+    func property(_ path: String, _ interface: String, _ name: String) throws(DBusErrorReply) -> DBusValue? {
+        try call(path: path, interface: "org.freedesktop.DBus.Properties", member: "Get", [.string(interface), .string(name)])
+            .first?.variantValue
+    }
+
+    // MARK: Traffic
+
+    /// Runs `body` (blocking socket work: a ping, a transfer) on a helper thread while this
+    /// thread turns the loop that serves it; returns its result. The loop runs until `body`
+    /// returns, however long that takes: `body` must bound its own waits (the pings do).
+    func serving<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
+        let result = Mutex<T?>(nil)
+        detachThread {
+            let value = body()
+            result.withLock { $0 = value }
+        }
+        loop.turn(forever: { result.withLock { $0 != nil } })
+        return result.withLock { $0! }
+    }
+
+    /// `TestTraffic.ping` of `address:port`, served by this pestod's loop; nil on success.
+    func ping(_ address: IPAddress = .loopbackIPv4, port: UInt16) -> String? {
+        serving { TestTraffic.ping(address, port: port) }
     }
 
     // MARK: Observing

@@ -15,7 +15,7 @@ import Testing
 private let gioAvailable = (try? run("/usr/bin/python3", ["-c", "from gi.repository import Gio"]))?.status == 0
 
 /// examples/follow-tables.py, run against pestod on a private bus.
-@Suite("Gio live-model example")
+@Suite("Gio live-model example", .timeLimit(.minutes(10)))
 struct LiveModelExampleTests {
     /// Reads the example's lines until one contains `text`; returns that line, or nil at end or timeout.
     private func line(_ child: ChildProcess, containing text: String) -> String? {

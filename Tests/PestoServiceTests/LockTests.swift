@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod lock (in process)")
+@Suite("pestod lock (in process)", .timeLimit(.minutes(10)))
 struct LockTests {
     static let locked = PestoBusNames.errorPrefix + "Locked"
     static let notLocked = PestoBusNames.errorPrefix + "NotLocked"
@@ -155,7 +155,7 @@ struct LockTests {
 
 /// The one lock test that needs the bus: a holder's process killed with SIGKILL is seen by
 /// pestod only through the bus daemon's NameOwnerChanged (name ownership).
-@Suite("pestod lock over the bus", .serialized)
+@Suite("pestod lock over the bus", .serialized, .timeLimit(.minutes(10)))
 struct LockOverBusTests {
     /// A baseline table: rules 10 (active), 20 (inactive), 30 (active).
     static func baseline(_ f: PestodFixture, _ ports: ClosedRange<UInt16>) throws {

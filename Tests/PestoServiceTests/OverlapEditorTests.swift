@@ -15,7 +15,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite("first-match tables: rollbacks (in process)")
+@Suite("first-match tables: rollbacks (in process)", .timeLimit(.minutes(10)))
 struct OverlapEditorTests {
     /// An editor over one first-match HOST table with a range rule 100 active on `ports`.
     struct Rig {

@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod authorisation queue", .serialized)
+@Suite("pestod authorisation queue", .serialized, .timeLimit(.minutes(10)))
 struct PendingAuthorizationTests {
     static let limitsExceeded = "org.freedesktop.DBus.Error.LimitsExceeded"
 

@@ -14,7 +14,7 @@ import Testing
 
 @testable import PestoService
 
-@Suite("pestoctl conformance with upstream pesto", .serialized)
+@Suite("pestoctl conformance with upstream pesto", .serialized, .timeLimit(.minutes(10)))
 struct PestoConformanceTests {
     static let isRoot = getuid() == 0
 

@@ -13,7 +13,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestoctl's messages", .serialized)
+@Suite("pestoctl's messages", .serialized, .timeLimit(.minutes(10)))
 struct PestoctlMessageTests {
     static let isRoot = getuid() == 0
 

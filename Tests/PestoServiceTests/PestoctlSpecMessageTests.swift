@@ -12,7 +12,7 @@ import Testing
 
 @testable import PestoDBus
 
-@Suite("pestoctl: bad port spec messages")
+@Suite("pestoctl: bad port spec messages", .timeLimit(.minutes(10)))
 struct PestoctlSpecMessageTests {
     /// (arguments, words the message must hold: the input, the cause, the next step).
     static let cases: [([String], [String])] = [

@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestoctl", .serialized)
+@Suite("pestoctl", .serialized, .timeLimit(.minutes(10)))
 struct PestoctlTests {
     static let isRoot = getuid() == 0
 

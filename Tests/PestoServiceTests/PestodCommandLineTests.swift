@@ -12,7 +12,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod's command line", .serialized)
+@Suite("pestod's command line", .serialized, .timeLimit(.minutes(10)))
 struct PestodCommandLineTests {
     static let isRoot = getuid() == 0
 

@@ -19,7 +19,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("polkit authorisation", .serialized)
+@Suite("polkit authorisation", .serialized, .timeLimit(.minutes(10)))
 struct PolkitTests {
     static let polkitd = "/usr/lib/polkit-1/polkitd"
     static let canRunPolkit = getuid() == 0 && FileManager.default.isExecutableFile(atPath: polkitd)

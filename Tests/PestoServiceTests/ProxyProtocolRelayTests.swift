@@ -3,6 +3,8 @@
 // The PROXY protocol end to end: pestod relays to a real haproxy that accepts only
 // connections starting with a PROXY header (`bind ... accept-proxy`) and answers every HTTP
 // request with the client address and port, and the destination, it read from the header.
+// pestod runs in process (InProcessPestod.swift); the clients run on helper threads while the
+// test's thread turns the loop that serves them.
 
 import Foundation
 import PestoModel
@@ -86,9 +88,7 @@ final class HAProxyTarget {
     }
 }
 
-@Suite(
-    "pestod PROXY protocol", .serialized,
-    .enabled(if: FileManager.default.isExecutableFile(atPath: HAProxyTarget.executable), "needs haproxy"))
+@Suite("pestod PROXY protocol (in process)", .serialized, .timeLimit(.minutes(10)))
 struct ProxyProtocolRelayTests {
     /// A TCP rule on `address:port` to `target:targetPort` sending `version`'s header.
     func rule(_ address: IPAddress, _ port: UInt16, to target: IPAddress, _ targetPort: UInt16, _ version: String) -> DBusValue {
@@ -98,9 +98,11 @@ struct ProxyProtocolRelayTests {
         ])
     }
 
-    @Test("haproxy behind pestod sees the real client, over IPv4 (v1 and v2) and IPv6 (v1 and v2)")
+    @Test(
+        "haproxy behind pestod sees the real client, over IPv4 (v1 and v2) and IPv6 (v1 and v2)",
+        .enabled(if: FileManager.default.isExecutableFile(atPath: HAProxyTarget.executable), "needs haproxy"), .timeLimit(.minutes(2)))
     func haproxySeesClient() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let ports = TestSockets.freePorts(6)
         let p = Array(ports)
         let haproxy = try HAProxyTarget(binds: [(.loopbackIPv4, p[0]), (.loopbackIPv6, p[1])])
@@ -117,7 +119,8 @@ struct ProxyProtocolRelayTests {
         }
         for c in cases {
             // pestod reaches a loopback IPv4 target from 127.0.0.2-254; the client is 127.0.0.1.
-            let answer = try #require(HAProxyTarget.ask(from: c.listen, to: c.listen, port: c.port), "\(c.version) to \(c.listen)")
+            let answer = try #require(
+                f.serving { HAProxyTarget.ask(from: c.listen, to: c.listen, port: c.port) }, "\(c.version) to \(c.listen)")
             #expect(answer.body == "\(c.listen) \(answer.clientPort) \(c.listen) \(c.port)", "\(c.version) over \(c.listen.family)")
         }
         // The rule as stored and read back carries the key.
@@ -128,44 +131,48 @@ struct ProxyProtocolRelayTests {
 
     @Test("a PROXY header goes out before any data, even when the client sends nothing")
     func headerBeforeData() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let ports = TestSockets.freePorts(2)
         let listener = try #require(TestSockets.bound(port: ports.upperBound))
         defer { close(listener) }
         try f.table("Insert", [.uint32(1), rule(.loopbackIPv4, ports.lowerBound, to: .loopbackIPv4, ports.upperBound, "v1")])
         try f.table("Activate", [.uint32(1)])
-        guard case .success(let client) = TestSockets.connect(port: ports.lowerBound) else {
-            Issue.record("connect failed")
-            return
-        }
-        defer { close(client) }
-        var local = SocketAddress()
-        _ = local.withMutableSockaddr { getsockname(client, $0, $1) }
-        var peer = SocketAddress()
-        let target = peer.withMutableSockaddr { accept(listener, $0, $1) }
-        try #require(target >= 0)
-        defer { close(target) }
-        let expected = "PROXY TCP4 127.0.0.1 127.0.0.1 \(local.endpoint?.port ?? 0) \(ports.lowerBound)\r\n"
-        var got: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 256)
-        while got.count < expected.utf8.count {
+        // The client and the target's side on a helper thread, the loop relaying between them.
+        let outcome = f.serving { () -> (got: String, expected: String, relayed: Bool)? in
+            guard case .success(let client) = TestSockets.connect(port: ports.lowerBound) else { return nil }
+            defer { close(client) }
+            var local = SocketAddress()
+            _ = local.withMutableSockaddr { getsockname(client, $0, $1) }
+            var peer = SocketAddress()
+            let target = peer.withMutableSockaddr { accept(listener, $0, $1) }
+            guard target >= 0 else { return nil }
+            defer { close(target) }
+            let expected = "PROXY TCP4 127.0.0.1 127.0.0.1 \(local.endpoint?.port ?? 0) \(ports.lowerBound)\r\n"
+            var got: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 256)
+            while got.count < expected.utf8.count {
+                var pfd = pollfd(fd: target, events: Int16(POLLIN), revents: 0)
+                guard poll(&pfd, 1, 10_000) == 1 else { break }
+                let n = chunk.withUnsafeMutableBytes { read(target, $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                got += chunk[0..<n]
+            }
+            // Then the client's bytes follow, relayed as usual.
+            var byte: UInt8 = 7
+            let wrote = write(client, &byte, 1) == 1
+            byte = 0
             var pfd = pollfd(fd: target, events: Int16(POLLIN), revents: 0)
-            guard poll(&pfd, 1, 10_000) == 1 else { break }
-            let n = chunk.withUnsafeMutableBytes { read(target, $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            got += chunk[0..<n]
+            let relayed = wrote && poll(&pfd, 1, 10_000) == 1 && read(target, &byte, 1) == 1 && byte == 7
+            return (String(decoding: got, as: UTF8.self), expected, relayed)
         }
-        #expect(String(decoding: got, as: UTF8.self) == expected)
-        // Then the client's bytes follow, relayed as usual.
-        var byte: UInt8 = 7
-        #expect(write(client, &byte, 1) == 1)
-        byte = 0
-        #expect(read(target, &byte, 1) == 1 && byte == 7)
+        let o = try #require(outcome, "connect or accept failed")
+        #expect(o.got == o.expected)
+        #expect(o.relayed)
     }
 
     @Test("proxy-protocol is refused for UDP rules and for unknown values, with InvalidRule and no change")
     func refused() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let port = TestSockets.freePorts(1).lowerBound
         for (proto, value) in [("udp", "v2"), ("udp", "v1"), ("tcp", "v3"), ("tcp", "V1")] {
             let fields: DBusValue = .vardict([

@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod data path", .serialized)
+@Suite("pestod data path", .serialized, .timeLimit(.minutes(10)))
 struct RelayTests {
     static let isRoot = getuid() == 0
 
@@ -244,7 +244,7 @@ struct RelayTests {
     }
 }
 
-@Suite("pestod UDP data path", .serialized)
+@Suite("pestod UDP data path", .serialized, .timeLimit(.minutes(10)))
 struct UDPRelayTests {
     /// Connected UDP sockets of `pid` (the flows; the rule's own sockets are unconnected).
     func flowSockets(_ pid: Int32) -> Int {
@@ -331,7 +331,7 @@ struct UDPRelayTests {
     }
 }
 
-@Suite("pestod out of descriptors", .serialized)
+@Suite("pestod out of descriptors", .serialized, .timeLimit(.minutes(10)))
 struct ExhaustionTests {
     /// User + system CPU time of `pid`, in clock ticks.
     func cpuTicks(_ pid: Int32) -> Int {

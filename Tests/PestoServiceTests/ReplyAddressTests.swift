@@ -12,7 +12,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("reply address")
+@Suite("reply address", .timeLimit(.minutes(10)))
 struct ReplyAddressTests {
     /// A method call as pestod receives it: sender and serial set by the bus.
     static func incomingCall(sender: String, serial: UInt32, noReply: Bool) -> DBusMessage {

@@ -10,7 +10,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("retry log summary")
+@Suite("retry log summary", .timeLimit(.minutes(10)))
 struct RetryLogSummaryTests {
     static func status(bound: UInt32, failed: UInt32) -> RuleStatus {
         var s = RuleStatus.inactive

@@ -13,7 +13,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod large requests and check order", .serialized)
+@Suite("pestod large requests and check order", .serialized, .timeLimit(.minutes(10)))
 struct ScaleTests {
     static func name(_ n: String) -> String { PestoBusNames.errorPrefix + n }
     static let caps: Capabilities = [.ipv4, .ipv6, .tcp, .udp, .ifname]

@@ -14,7 +14,7 @@ import Testing
 
 @testable import PestoService
 
-@Suite("pestod --session: default state file", .serialized)
+@Suite("pestod --session: default state file", .serialized, .timeLimit(.minutes(10)))
 struct SessionStateTests {
     /// Starts `pestod --session [extra]` on the fixture's bus with XDG_STATE_HOME=`stateHome`.
     func startSessionPestod(_ f: PestodFixture, stateHome: String, _ extra: [String] = []) throws -> ChildProcess {

@@ -13,7 +13,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod signals (in process)")
+@Suite("pestod signals (in process)", .timeLimit(.minutes(10)))
 struct SignalTests {
     @Test("InterfacesAdded/Removed, RuleStateChanged, BindFailuresChanged (with a retry), PropertiesChanged")
     func signals() throws {
@@ -139,7 +139,7 @@ struct SignalTests {
 }
 
 /// Signals as a bus monitor sees them.
-@Suite("pestod signals over the bus", .serialized)
+@Suite("pestod signals over the bus", .serialized, .timeLimit(.minutes(10)))
 struct SignalOverBusTests {
     @Test("gdbus monitor sees the signals too")
     func gdbusMonitor() throws {

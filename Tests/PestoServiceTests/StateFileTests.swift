@@ -13,7 +13,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod state file", .serialized)
+@Suite("pestod state file", .serialized, .timeLimit(.minutes(10)))
 struct StateFileTests {
     @Test("render and parse round-trip; every malformed line is refused with its number")
     func format() throws {
@@ -130,7 +130,7 @@ struct FullFileSystem {
     func unmount() { _ = try? run("/usr/bin/umount", [path]) }
 }
 
-@Suite("pestod state file: saving before acknowledging, restoring without loss", .serialized)
+@Suite("pestod state file: saving before acknowledging, restoring without loss", .serialized, .timeLimit(.minutes(10)))
 struct StateFileHardeningTests {
     static let saveFailed = PestoBusNames.errorPrefix + "SaveFailed"
 

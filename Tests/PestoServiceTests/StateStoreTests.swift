@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod state store", .serialized)
+@Suite("pestod state store", .serialized, .timeLimit(.minutes(10)))
 struct StateStoreTests {
     /// The rule IDs of the HOST table, from List.
     static func listedIDs(_ f: PestodFixture) throws -> Set<UInt32> {

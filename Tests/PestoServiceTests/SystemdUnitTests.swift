@@ -8,7 +8,7 @@ import Foundation
 import PestoTestSupport
 import Testing
 
-@Suite("systemd unit")
+@Suite("systemd unit", .timeLimit(.minutes(10)))
 struct SystemdUnitTests {
     static let analyze = "/usr/bin/systemd-analyze"
     static let hasAnalyze = FileManager.default.isExecutableFile(atPath: analyze)

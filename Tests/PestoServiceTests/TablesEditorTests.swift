@@ -93,7 +93,7 @@ struct EditorRig {
     }
 }
 
-@Suite("tables editor and check order (in process)")
+@Suite("tables editor and check order (in process)", .timeLimit(.minutes(10)))
 struct TablesEditorTests {
     @Test("Apply: inserts, activates and removes; the reports come in order once it succeeded, new rules added inactive first")
     func applySucceeds() throws {

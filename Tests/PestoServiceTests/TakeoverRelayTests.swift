@@ -160,7 +160,7 @@ final class StreamDirection: Sendable {
     }
 }
 
-@Suite("pestod takeover of relayed connections and flows", .serialized)
+@Suite("pestod takeover of relayed connections and flows", .serialized, .timeLimit(.minutes(10)))
 struct TakeoverRelayTests {
     /// A relayed connection: the client's socket (connected to pestod's `port`) and the
     /// target's (accepted on `target`, the test's listener).

@@ -15,7 +15,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod takeover", .serialized)
+@Suite("pestod takeover", .serialized, .timeLimit(.minutes(10)))
 struct TakeoverTests {
     /// pestod's arguments: a takeover socket in the fixture's directory, a state file, a control socket.
     static let arguments = ["--runtime-dir", "RUNTIME", "--state", "STATE", "--control", "CONTROL"]

@@ -12,7 +12,7 @@ import Testing
 
 @testable import PestoService
 
-@Suite("takeover handover format")
+@Suite("takeover handover format", .timeLimit(.minutes(10)))
 struct TakeoverWireTests {
     static let messages: [TakeoverMessage] = [
         .hello, .welcome, .waiting(owner: ":1.42"), .refused("no"), .stateChunk(Array("pestod-state 1\n".utf8)),

@@ -9,6 +9,10 @@
 // the server's replies to them would find no route (127.0.0.x would be local there anyway).
 // The server is a listening socket made inside the namespace; the test accepts from it and
 // reads the peer address the kernel gives.
+//
+// pestod runs in process (InProcessPestod.swift, its engine given the namespace as --netns
+// gives it), the clients on helper threads while the test's thread turns the loop; the two
+// cases that stop pestod (SIGTERM, a takeover) start it as a process on a private bus.
 
 import Foundation
 import PestoEngine
@@ -20,7 +24,9 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod transparent source", .serialized, .enabled(if: getuid() == 0, "needs root for ip netns and addresses"))
+@Suite(
+    "pestod transparent source", .serialized, .enabled(if: getuid() == 0, "needs root for ip netns and addresses"), .timeLimit(.minutes(10))
+)
 struct TransparentSourceTests {
     /// Client addresses on the host's loopback, removed when the value goes away.
     final class ClientAddresses {
@@ -39,6 +45,13 @@ struct TransparentSourceTests {
             _ = try? run("/usr/sbin/ip", ["addr", "del", "\(v4)/32", "dev", "lo"])
             _ = try? run("/usr/sbin/ip", ["-6", "addr", "del", "\(v6)/128", "dev", "lo"])
         }
+    }
+
+    /// An in-process pestod forwarding into `ns` (`pestod --netns`).
+    static func pestod(_ ns: TestNamespace) throws -> InProcessPestod {
+        var configuration = EngineConfiguration()
+        configuration.namespacePath = ns.path
+        return try InProcessPestod(configuration: configuration)
     }
 
     /// A TCP rule of the HOST table: dual stack on `port`, to `targetPort` in the namespace.
@@ -94,11 +107,13 @@ struct TransparentSourceTests {
         return out
     }
 
-    @Test("TCP over IPv4 and IPv6: the server sees the client's address with source=client, pestod's by default")
+    @Test(
+        "TCP over IPv4 and IPv6: the server sees the client's address with source=client, pestod's by default",
+        .timeLimit(.minutes(2)))
     func serverSeesClient() throws {
         let clients = try ClientAddresses()
         let ns = try TestNamespace()
-        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let f = try Self.pestod(ns)
         let p = Array(TestSockets.freePorts(3))
         let server4 = try Self.server(ns, .loopbackIPv4, p[2])
         let server6 = try Self.server(ns, .loopbackIPv6, p[2])
@@ -119,9 +134,11 @@ struct TransparentSourceTests {
             #expect(try !run("/usr/sbin/ip", [family, "rule", "show"]).out.contains("28773"))
         }
         for (client, server) in [(clients.v4, server4), (clients.v6, server6)] {
-            let seen = try #require(Self.relay(from: client, to: client, port: p[0], server: server), "source=client from \(client)")
+            let seen = try #require(
+                f.serving { Self.relay(from: client, to: client, port: p[0], server: server) }, "source=client from \(client)")
             #expect(seen.peer.address == client && seen.peer.port == seen.clientPort, "source=client from \(client): \(seen.peer)")
-            let plain = try #require(Self.relay(from: client, to: client, port: p[1], server: server), "default from \(client)")
+            let plain = try #require(
+                f.serving { Self.relay(from: client, to: client, port: p[1], server: server) }, "default from \(client)")
             #expect(plain.peer.address != client, "default source from \(client): the server saw \(plain.peer.address)")
             #expect(plain.peer.address.family == client.family)
         }
@@ -165,11 +182,13 @@ struct TransparentSourceTests {
         return (clientPort, endpoint)
     }
 
-    @Test("UDP over IPv4 and IPv6: the server sees the client's address and its answer comes back; routes per address")
+    @Test(
+        "UDP over IPv4 and IPv6: the server sees the client's address and its answer comes back; routes per address",
+        .timeLimit(.minutes(2)))
     func udpServerSeesClient() throws {
         let clients = try ClientAddresses()
         let ns = try TestNamespace()
-        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let f = try Self.pestod(ns)
         let p = Array(TestSockets.freePorts(3))
         let server4 = try Self.udpServer(ns, .loopbackIPv4, p[2])
         let server6 = try Self.udpServer(ns, .loopbackIPv6, p[2])
@@ -189,12 +208,14 @@ struct TransparentSourceTests {
         try f.table("Activate", [.uint32(1)])
         try f.table("Activate", [.uint32(2)])
         for (client, server) in [(clients.v4, server4), (clients.v6, server6)] {
-            let seen = try #require(Self.udpRelay(from: client, to: client, port: p[0], server: server), "source=client from \(client)")
+            let seen = try #require(
+                f.serving { Self.udpRelay(from: client, to: client, port: p[0], server: server) }, "source=client from \(client)")
             #expect(seen.peer.address == client && seen.peer.port == seen.clientPort, "source=client from \(client): \(seen.peer)")
             let family = client.family == .ipv4 ? "-4" : "-6"
             let routes = try run("/usr/sbin/ip", ["-n", ns.name, family, "route", "show", "table", "\(TransparentSource.udpTable)"]).out
             #expect(routes.contains("local \(client) dev lo"), "\(routes)")
-            let plain = try #require(Self.udpRelay(from: client, to: client, port: p[1], server: server), "default from \(client)")
+            let plain = try #require(
+                f.serving { Self.udpRelay(from: client, to: client, port: p[1], server: server) }, "default from \(client)")
             #expect(plain.peer.address != client, "default source from \(client): the server saw \(plain.peer.address)")
         }
         let rules = try Self.routing(ns)
@@ -208,11 +229,13 @@ struct TransparentSourceTests {
         #expect(try !Self.routing(ns).contains("2877"))
     }
 
-    @Test("a client address and port already taken in the namespace: that connection is reset, counted and logged once")
+    @Test(
+        "a client address and port already taken in the namespace: that connection is reset, counted and logged once",
+        .timeLimit(.minutes(2)))
     func addressInUse() throws {
         let clients = try ClientAddresses()
         let ns = try TestNamespace()
-        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let f = try Self.pestod(ns)
         let p = Array(TestSockets.freePorts(3))
         let server = try Self.server(ns, .loopbackIPv4, p[2])
         defer { close(server) }
@@ -232,29 +255,39 @@ struct TransparentSourceTests {
         }
         try #require(squatter >= 0)
         defer { close(squatter) }
+        let client = clients.v4
         for _ in 0..<2 {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var one: Int32 = 1
-            _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-            try #require(TestSockets.withSocketAddress(clients.v4, p[1], { bind(fd, $0, $1) == 0 }))
-            try #require(TestSockets.withSocketAddress(clients.v4, p[0], { connect(fd, $0, $1) == 0 }))
-            TestSockets.setTimeouts(fd, milliseconds: 10_000)
-            var byte: UInt8 = 0
-            let n = read(fd, &byte, 1)
-            #expect(n < 0 && errno == ECONNRESET, "read gave \(n), errno \(errno)")
-            // The client's port is free again only once its connection is gone.
-            var linger = linger(l_onoff: 1, l_linger: 0)
-            _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
-            close(fd)
+            // The client on a helper thread, the loop relaying (here: resetting) it.
+            let outcome = f.serving { () -> (bound: Bool, connected: Bool, read: Int, errno: Int32) in
+                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                defer { close(fd) }
+                var one: Int32 = 1
+                _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+                guard TestSockets.withSocketAddress(client, p[1], { bind(fd, $0, $1) == 0 }) else { return (false, false, 0, 0) }
+                guard TestSockets.withSocketAddress(client, p[0], { connect(fd, $0, $1) == 0 }) else { return (true, false, 0, 0) }
+                TestSockets.setTimeouts(fd, milliseconds: 10_000)
+                var byte: UInt8 = 0
+                let n = read(fd, &byte, 1)
+                let readErrno = errno
+                // The client's port is free again only once its connection is gone.
+                var linger = linger(l_onoff: 1, l_linger: 0)
+                _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
+                return (true, true, n, readErrno)
+            }
+            try #require(outcome.bound)
+            try #require(outcome.connected)
+            #expect(outcome.read < 0 && outcome.errno == ECONNRESET, "read gave \(outcome.read), errno \(outcome.errno)")
         }
         // Another port of the same client still goes through, from the client's address.
-        let seen = try #require(Self.relay(from: clients.v4, to: clients.v4, port: p[0], server: server))
+        let seen = try #require(f.serving { Self.relay(from: client, to: client, port: p[0], server: server) })
         #expect(seen.peer.address == clients.v4)
         let logged = f.log.split(separator: "\n").filter { $0.contains("could not be made from its client's address") }
         #expect(logged.count == 1, "\(f.log)")
     }
 
-    @Test("the routing is installed at activation, removed after deactivation, and not duplicated by a leftover")
+    @Test(
+        "the routing is installed at activation, removed after deactivation, and not duplicated by a leftover",
+        .timeLimit(.minutes(2)))
     func routingFollowsRules() throws {
         let ns = try TestNamespace()
         // A leftover of a killed pestod: the same rule, already there.
@@ -282,10 +315,10 @@ struct TransparentSourceTests {
         #expect(try !Self.routing(ns).contains("0x7065"))
     }
 
-    @Test("source=client is refused with InvalidRule and no change where it cannot work")
+    @Test("source=client is refused with InvalidRule and no change where it cannot work", .timeLimit(.minutes(2)))
     func refused() throws {
         let ns = try TestNamespace()
-        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let f = try Self.pestod(ns)
         let port = TestSockets.freePorts(1).lowerBound
         let before = try f.snapshot()
         let bad: [DBusValue] = [
@@ -311,13 +344,13 @@ struct TransparentSourceTests {
         // The SPLICE table's targets are pestod's own side: no transparent source there.
         #expect(
             f.errorName { () throws(DBusErrorReply) in
-                _ = try f.client.call(
-                    PestodFixture.dest, PestoBusNames.tablePath(.splice), PestodFixture.tableInterface, "Insert",
+                _ = try f.call(
+                    path: PestoBusNames.tablePath(.splice), interface: PestodFixture.tableInterface, member: "Insert",
                     [.uint32(1), Self.rule(port, to: port, source: "client")])
             } == "top.passt.Pesto1.Error.InvalidRule")
         #expect(try f.snapshot() == before)
         // Without --netns there is no namespace to be transparent in.
-        let plain = try PestodFixture()
+        let plain = try InProcessPestod()
         #expect(
             plain.errorName { () throws(DBusErrorReply) in
                 try plain.table("Insert", [.uint32(1), Self.rule(port, to: port, source: "client")])
@@ -325,7 +358,7 @@ struct TransparentSourceTests {
                 == "top.passt.Pesto1.Error.InvalidRule")
     }
 
-    @Test("replies of the same server to a client that reaches it by another path are not captured")
+    @Test("replies of the same server to a client that reaches it by another path are not captured", .timeLimit(.minutes(2)))
     func otherPathNotCaptured() throws {
         let ns = try TestNamespace()
         // A veth into the namespace: the other path.
@@ -344,7 +377,7 @@ struct TransparentSourceTests {
         try ns.waitForLocalRoute(nsAddress)
 
         let clients = try ClientAddresses()
-        let f = try PestodFixture(pestodArguments: ["--netns", ns.path])
+        let f = try Self.pestod(ns)
         let p = Array(TestSockets.freePorts(2))
         // The servers listen on every IPv4 address of the namespace.
         let server = try Self.server(ns, .anyIPv4, p[1])
@@ -360,7 +393,8 @@ struct TransparentSourceTests {
         ])
         try f.table("Insert", [.uint32(2), udpRule])
         try f.table("Activate", [.uint32(2)])
-        let through = try #require(Self.relay(from: clients.v4, to: clients.v4, port: p[0], server: server))
+        let client = clients.v4
+        let through = try #require(f.serving { Self.relay(from: client, to: client, port: p[0], server: server) })
         #expect(through.peer.address == clients.v4)
         // Directly over the veth, from the host's end: the server's replies go back out of it.
         let host = try #require(IPAddress(hostAddress))
@@ -368,14 +402,15 @@ struct TransparentSourceTests {
         let direct = try #require(Self.relay(from: host, to: nsSide, port: p[1], server: server), "the direct connection failed")
         #expect(direct.peer.address == host)
         // UDP likewise, while a transparent flow of the other client exists.
-        let udpThrough = try #require(Self.udpRelay(from: clients.v4, to: clients.v4, port: p[0], server: udpServer))
+        let udpThrough = try #require(f.serving { Self.udpRelay(from: client, to: client, port: p[0], server: udpServer) })
         #expect(udpThrough.peer.address == clients.v4)
         let udpDirect = try #require(Self.udpRelay(from: host, to: nsSide, port: p[1], server: udpServer), "the direct UDP exchange failed")
         #expect(udpDirect.peer.address == host)
     }
 
     @Test(
-        "a takeover keeps a transparent connection and flow working; the successor counts them: the connection keeps the routing after its rule goes, the flow's route goes with the flow"
+        "a takeover keeps a transparent connection and flow working; the successor counts them: the connection keeps the routing after its rule goes, the flow's route goes with the flow",
+        .timeLimit(.minutes(3))
     )
     func survivesTakeover() throws {
         let clients = try ClientAddresses()

@@ -2,7 +2,8 @@
 
 // UDP replies through pestod come from the address the client wrote to: connected clients
 // (as DNS resolvers, QUIC and WireGuard make them) of several 127.0.0.0/8 addresses, through
-// one wildcard rule, each get their answer.
+// one wildcard rule, each get their answer. In process (InProcessPestod.swift): each client
+// runs on a helper thread while the test's thread turns the loop that serves it.
 
 import PestoModel
 import PestoSystem
@@ -16,11 +17,11 @@ import Testing
     import Glibc
 #endif
 
-@Suite("pestod UDP reply addresses")
+@Suite("pestod UDP reply addresses (in process)", .timeLimit(.minutes(10)))
 struct UDPReplyAddressRelayTests {
     /// Sends `payload` on the connected UDP socket `fd` and waits up to 5 s for an answer;
     /// nil when none comes (the kernel drops a reply from any other address).
-    func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? {
+    static func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? {
         guard send(fd, payload, payload.count, 0) == payload.count else { return nil }
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         guard poll(&pfd, 1, 5000) == 1 else { return nil }
@@ -33,7 +34,7 @@ struct UDPReplyAddressRelayTests {
         "connected clients of 127.0.0.5 and 127.0.0.6 through a 0.0.0.0 rule, and of 127.0.0.7 through a dual-stack rule, get their replies"
     )
     func connectedClients() throws {
-        let f = try PestodFixture()
+        let f = try InProcessPestod()
         let ports = TestSockets.freePorts(3)
         let server = try #require(UDPEchoServer(port: ports.upperBound))
         defer { server.stop() }
@@ -63,7 +64,7 @@ struct UDPReplyAddressRelayTests {
             let connected = SocketAddress(address, port: port).withSockaddr { connect(fd, $0, $1) }
             try #require(connected == 0)
             let payload = Array("to \(address)".utf8)
-            #expect(exchange(fd, payload) == payload, "a connected client of \(address) port \(port) gets its reply")
+            #expect(f.serving { Self.exchange(fd, payload) } == payload, "a connected client of \(address) port \(port) gets its reply")
         }
     }
 }

@@ -15,7 +15,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod upgrade on reload request", .serialized)
+@Suite("pestod upgrade on reload request", .serialized, .timeLimit(.minutes(10)))
 struct UpgradeRequestTests {
     @Test(
         "pestod --reload-request PID: the running pestod starts its executable with --replace, which takes over (same listeners, same inodes, a relayed connection going on); the request returns once the old one has exited"

@@ -26,4 +26,15 @@ extension EventLoop {
         if !met { Issue.record("never happened: \(what)") }
         return met
     }
+
+    /// Runs the loop until `condition` holds, checking it every 5 ms of loop time, with no
+    /// deadline: for a condition that is bound to hold (another thread's bounded wait ends).
+    public func turn(forever condition: @escaping () -> Bool) {
+        if condition() { return }
+        let poller = every(milliseconds: 5) { [unowned self] in
+            if condition() { stop() }
+        }
+        run()
+        cancelTimer(poller)
+    }
 }
