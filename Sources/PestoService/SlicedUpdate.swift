@@ -8,20 +8,26 @@
 // An update is a list of operations on the tables (insert, deactivate, activate, delete)
 // followed by the reports of what it did (the server's signals). A 65,535-rule Apply is some
 // 131,000 operations, each a few system calls, and 300,000 signals: seconds of work. Done in
-// one loop turn, every other client and the relayed traffic would wait for all of it. So the
-// editor carries it out as a small state machine, `SlicedUpdate`, one slice per loop turn:
+// one loop turn, every other client and the relayed traffic would wait for all of it. So it
+// is carried out by a small state machine of its own, `SlicedUpdate`, one slice per loop turn:
 //
 //   insert → deactivate overlapping removed rules → activate → remove   (the change)
 //        any failure ──► undo, newest first                              (the rollback)
 //   announce: the held reports, delivered to the observer               (the signals)
 //   done: the completion (the reply), then the changes held back meanwhile
 //
-// Each slice performs operations, or delivers reports, until its `SliceBudget` is spent (a
-// number of operations, and a few milliseconds), then asks for the next turn
-// (`EventLoop.nextTurn`, which makes the loop look at its ready sources without sleeping).
-// Announcing also waits while the bus connection holds more than `mayAnnounce` allows
-// unsent (the server: 1 MiB): the next slice then comes a millisecond later, so signals
-// are never produced faster than the bus daemon takes them.
+// The update owns its state: where it is, the journal of what it performed (for the undo),
+// the reports held back while it changes the tables, the state before it of the rules it
+// deactivated, and the reports it announces. It changes the tables only through the editor,
+// its `SlicedUpdateTarget` (one engine operation at a time, `TablesEditor.perform`), and
+// hands its reports back to it for delivery. The editor owns the update (`running`) and
+// drives it: `step(budget)` performs operations, or delivers reports, until its `SliceBudget`
+// is spent (a number of operations, and a few milliseconds) and says whether the update is
+// done; if not, the editor asks its host for the next turn (`EventLoop.nextTurn`, which
+// makes the loop look at its ready sources without sleeping). Announcing also waits while
+// the bus connection holds more than `mayAnnounce` allows unsent (the server: 1 MiB): the
+// next slice then comes a millisecond later, so signals are never produced faster than the
+// bus daemon takes them.
 // Between two slices the loop serves everything else: D-Bus reads are answered (they show
 // the tables as they are, which is what the sockets do: a change in progress is partly
 // visible), relayed connections move their bytes, and libdbus writes out the signals
@@ -62,7 +68,23 @@ struct SliceBudget: Sendable {
     static let unlimited = SliceBudget(operations: .max, milliseconds: .max)
 }
 
-/// An update in progress, and where it is.
+/// What a sliced update changes the tables through, and delivers its reports to: the editor
+/// that drives it (TablesEditor.swift).
+protocol SlicedUpdateTarget: AnyObject {
+    /// The tables, HOST first.
+    var tables: [ForwardingTable] { get }
+    /// The table of `kind`.
+    func table(_ kind: TableKind) throws(PestoError) -> ForwardingTable
+    /// Carries out one operation on the engine and reports it (`TablesEditor.report`, which
+    /// hands the report back to the update while it runs).
+    @discardableResult
+    func perform(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts?
+    /// Tells the observer about one final change.
+    func deliver(_ r: TablesEditor.Report)
+    var logger: Logger { get }
+}
+
+/// An update in progress, and where it is: its own state machine, advanced by `step`.
 final class SlicedUpdate {
     /// What an update did: each inserted rule's counts, and the journal of its operations.
     typealias Outcome = Result<
@@ -79,57 +101,105 @@ final class SlicedUpdate {
         case done
     }
 
+    /// What one slice left to do.
+    enum Progress {
+        /// The update is done: its completion may be called.
+        case done
+        /// More to do on the next loop turn.
+        case more
+        /// More reports to deliver once the bus has taken those sent (about a millisecond).
+        case waitsForBus
+    }
+
     let updates: [TableUpdate]
+    /// Called by the editor once the update is done, with `outcome`.
     let completion: (Outcome) -> Void
+    /// What the update changes the tables through.
+    private unowned let target: any SlicedUpdateTarget
     private(set) var step = Step.insert
     /// The table update and the element within its list the current step is at.
-    var table = 0
-    var index = 0
+    private var table = 0
+    private var index = 0
     /// The new rules of the current table update, for the overlap step.
-    var inserted: ConflictIndex?
-    var performed = Journal()
-    var results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)] = []
+    private var inserted: ConflictIndex?
+    private var performed = Journal()
+    private var results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)] = []
     /// Why the update is being undone.
-    var failure: PestoError?
+    private var failure: PestoError?
+    /// The reports that happened while the update changes the tables, held back until it is
+    /// final (and dropped if it is rolled back).
+    private var held: [TablesEditor.Report] = []
+    /// The state, before the update touched them, of the rules it deactivated.
+    private var statusBefore: [RuleRef: RuleStatus] = [:]
     /// The reports to deliver, in order, and how many were.
-    private(set) var reports: [TablesEditor.Report] = []
-    private(set) var announced = 0
-    /// Slices so far.
-    var slices = 0
-    /// The last slice stopped because the bus was behind (`TablesEditorHost.mayAnnounce`).
-    var waitsForBus = false
+    private var reports: [TablesEditor.Report] = []
+    private var announced = 0
+    /// Slices so far (`step` calls).
+    private(set) var slices = 0
 
-    init(_ updates: [TableUpdate], completion: @escaping (Outcome) -> Void) {
+    /// An update of `updates` on `target`'s tables, not started yet.
+    init(_ updates: [TableUpdate], target: any SlicedUpdateTarget, completion: @escaping (Outcome) -> Void) {
         self.updates = updates
+        self.target = target
         self.completion = completion
     }
 
-    /// The update's changes are final and its reports are being delivered.
-    var isAnnouncing: Bool { step == .announce }
+    /// Table operations the update takes at most, without its undo: two per rule.
+    var operations: Int { updates.reduce(0) { $0 + 2 * ($1.inserts.count + $1.removes.count) } }
+
+    /// Rules the update inserts or removes, for the log.
+    var ruleCount: Int { updates.reduce(0) { $0 + $1.inserts.count + $1.removes.count } }
+
+    /// What the update did, or why it was rolled back; final once `step` returned `.done`.
+    var outcome: Outcome {
+        if let failure { return .failure(failure) }
+        return .success((results, performed))
+    }
+
+    /// Takes a report that happened while the update runs: held back while it changes the
+    /// tables, queued behind its reports while it announces them. False once it is done:
+    /// the editor delivers the report itself.
+    func take(_ r: TablesEditor.Report) -> Bool {
+        switch step {
+        case .insert, .deactivateOverlapping, .activate, .remove, .undo:
+            held.append(r)
+            return true
+        case .announce:
+            reports.append(r)
+            return true
+        case .done:
+            return false
+        }
+    }
+
+    /// pestod stops: unless its change is final already, the update is rolled back with
+    /// `error`; then the rest of it is carried out at once.
+    func abandon(_ error: PestoError) {
+        if step != .announce && step != .done && step != .undo {
+            fail(error)
+        }
+        _ = step(.unlimited, mayAnnounce: { true })
+    }
 
     /// Goes on with `step`, from the first table update and element.
-    func enter(_ next: Step) {
+    private func enter(_ next: Step) {
         step = next
         table = 0
         index = 0
         inserted = nil
     }
 
-    /// Starts announcing `reports`.
-    func announce(all: [TablesEditor.Report]) {
-        reports = all
-        announced = 0
-        enter(.announce)
+    /// Starts undoing what was performed, because of `error`.
+    private func fail(_ error: PestoError) {
+        failure = error
+        enter(.undo)
     }
-
-    /// Queues one more report behind those being announced.
-    func announce(_ r: TablesEditor.Report) { reports.append(r) }
 
     /// Where a step that walks the table updates' elements is: the current table update and
     /// its next element's index, of `count(update)` elements. Nil when the step moved on
     /// instead: to the next table update when this one's elements are done, or, after the
     /// last table update, by calling `atEnd` (which enters the next step).
-    func position<E: Error>(
+    private func position<E: Error>(
         of count: (TableUpdate) throws(E) -> Int, atEnd: () -> Void
     ) throws(E) -> (update: TableUpdate, index: Int)? {
         guard table < updates.count else {
@@ -146,277 +216,155 @@ final class SlicedUpdate {
         return (u, index)
     }
 
-    /// The next report to deliver, if any.
-    func nextReport() -> TablesEditor.Report? {
-        guard announced < reports.count else { return nil }
-        defer { announced += 1 }
-        return reports[announced]
-    }
-}
-
-extension TablesEditor {
-    /// Whether no update is in progress and no change is held back.
-    var isIdle: Bool { running == nil && waiting.isEmpty }
-
-    /// Runs `work` now if the editor is idle, else once the update in progress and every
-    /// change held back before it are done (dropped if `sender` leaves first: `senderLeft`).
-    func whenIdle(sender: String?, bytes: Int = 0, _ work: @escaping () -> Void) {
-        if isIdle { work() } else { waiting.append(sender: sender, bytes: bytes, work) }
+    /// Performs `op` on the target, first noting the state of a rule it deactivates (for the
+    /// reports after a rollback).
+    private func perform(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
+        if case .deactivate(let kind, let id) = op, statusBefore[RuleRef(kind: kind, id: id)] == nil,
+            let s = try? target.table(kind).status(id)
+        {
+            statusBefore[RuleRef(kind: kind, id: id)] = s
+        }
+        return try target.perform(op)
     }
 
-    /// Why a change of `sender` with `bytes` bytes of arguments may not wait for the update
-    /// in progress (`ChangeQueue.holdBackRefusal`); nil when it runs at once or may wait.
-    func holdBackRefusal(sender: String, bytes: Int) -> String? {
-        isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
-    }
-
-    /// Step 7: executes an authorised `change` for `sender`: a single operation or Lock at
-    /// once, an Apply through `startUpdate`, so `completion` may be called on a later loop
-    /// turn. Called once the editor is idle (`whenIdle`); `completion` gets what the change
-    /// did and what it committed (empty under the lock, where it is journaled instead).
-    func execute(
-        _ change: TableChange, sender: String,
-        completion: @escaping (Result<(result: ChangeResult, committed: Journal), PestoError>) -> Void
-    ) {
-        guard case .apply(let kind, let request) = change else {
-            do { return completion(.success(try executeAtOnce(change, sender: sender))) } catch { return completion(.failure(error)) }
-        }
-        do throws(PestoError) {
-            try checkLock(sender)
-            _ = try table(kind)
-        } catch {
-            return completion(.failure(error))
-        }
-        if lockOwner == sender { host?.saveCommitted() }
-        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
-        startUpdate([update]) { [unowned self] outcome in
-            switch outcome {
-            case .failure(let error):
-                self.logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
-                completion(.failure(error))
-            case .success(let done):
-                self.logger.info(
-                    "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed"
-                )
-                completion(.success((.applied(done.results.map { ($0.id, $0.counts) }), self.finish(done.journal, sender: sender))))
-            }
-        }
-    }
-
-    /// Drops the changes `sender` has held back; returns how many.
-    func dropWaiting(of sender: String) -> Int { waiting.drop(sender: sender) }
-
-    /// Starts an update: it is carried out in slices of `budget`, the first one now. If it
-    /// is not done within that slice, the committed changes are saved first (`TablesEditorHost.saveCommitted`),
-    /// and every other change is held back until it is. `completion` is called once, when
-    /// its reports have been delivered: with what it did, or with the error it was rolled
-    /// back for (see the theory of operation). Updates do not nest.
-    func startUpdate(_ updates: [TableUpdate], budget: SliceBudget? = nil, completion: @escaping (SlicedUpdate.Outcome) -> Void) {
-        precondition(running == nil && held == nil, "updates do not nest")
-        let budget = host == nil ? SliceBudget.unlimited : budget ?? sliceBudget
-        let job = SlicedUpdate(updates, completion: completion)
-        let work = updates.reduce(0) { $0 + 2 * ($1.inserts.count + $1.removes.count) }
-        if work > budget.operations {
-            // It will not fit in one slice: what was committed before it is saved before any
-            // of it is done.
-            host?.saveCommitted()
-        }
-        held = []
-        statusBefore = [:]
-        running = job
-        // An update that fits in one slice's operations is done in this call, whatever the
-        // clock says, so it never leaves part of itself visible across a save.
-        continueUpdate(job, budget: work > budget.operations ? budget : .unlimited, then: budget)
-    }
-
-    /// One slice of `job` (of `budget`); schedules the next (of `next`), or finishes the update.
-    private func continueUpdate(_ job: SlicedUpdate, budget: SliceBudget, then next: SliceBudget) {
-        job.slices += 1
-        if job.slices == 2 {
-            logger.debug(
-                "an update of \(job.updates.reduce(0) { $0 + $1.inserts.count + $1.removes.count }) rules is carried out in slices")
-            host?.updateInProgress(true)
-        }
-        if runSlice(job, budget: budget) {
-            running = nil
-            if job.slices > 1 { host?.updateInProgress(false) }
-            if let failure = job.failure {
-                job.completion(.failure(failure))
-            } else {
-                job.completion(.success((job.results, job.performed)))
-            }
-            // An update of one slice ran from `whenIdle` or from the queue, which goes on by itself.
-            if job.slices > 1 { waiting.resume(until: { [unowned self] in self.running != nil }) }
-        } else if let host {
-            let wait = job.waitsForBus
-            job.waitsForBus = false
-            let work = { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
-            if wait { host.shortly(work) } else { host.nextTurn(work) }
-        } else {
-            preconditionFailure("a sliced update needs a host to schedule its slices")
-        }
-    }
-
-    /// Carries `job` on until `budget` is spent; true once it is done.
-    private func runSlice(_ job: SlicedUpdate, budget: SliceBudget) -> Bool {
+    /// Carries the update on until `budget` is spent; `mayAnnounce` says whether reports may
+    /// be delivered now (not asked in an unlimited slice, which delivers them all).
+    func step(_ budget: SliceBudget, mayAnnounce: () -> Bool) -> Progress {
+        slices += 1
         let deadline = budget.milliseconds == .max ? nil : MonotonicInstant.now.adding(milliseconds: budget.milliseconds)
         var spent = 0
         func more() -> Bool {
             spent < budget.operations && (deadline.map { MonotonicInstant.now < $0 } ?? true)
         }
-        /// Whether reports may be delivered now: always in an unlimited slice.
-        func announcing() -> Bool { budget.operations == .max || host?.mayAnnounce ?? true }
-        func fail(_ error: PestoError) {
-            job.failure = error
-            job.enter(.undo)
-        }
         /// Performs `op` as part of the update, recording it for the undo.
         func run(_ op: TableOperation) throws(PestoError) -> ForwardingTable.BindCounts? {
             spent += 1
             let r = try perform(op)
-            job.performed.record(op)
+            performed.record(op)
             return r
         }
         while more() {
             do throws(PestoError) {
-                switch job.step {
+                switch step {
                 case .insert:
                     // 1. insert every new rule (inactive)
-                    guard let (u, i) = job.position(of: { $0.inserts.count }, atEnd: { job.enter(.deactivateOverlapping) }) else {
+                    guard let (u, i) = position(of: { $0.inserts.count }, atEnd: { enter(.deactivateOverlapping) }) else {
                         continue
                     }
                     let insert = u.inserts[i]
                     _ = try run(.insert(u.kind, insert.id, insert.rule))
-                    job.index += 1
+                    index += 1
                 case .deactivateOverlapping:
                     // 2. deactivate the removed rules that overlap a new rule (not under first
                     // match: none to walk there); an index of the new rules is probed per port.
-                    let walked = { (u: TableUpdate) throws(PestoError) -> Int in
-                        try self.table(u.kind).overlapPolicy == .refuse ? u.removes.count : 0
+                    let walked = { [target] (u: TableUpdate) throws(PestoError) -> Int in
+                        try target.table(u.kind).overlapPolicy == .refuse ? u.removes.count : 0
                     }
-                    guard let (u, i) = try job.position(of: walked, atEnd: { job.enter(.activate) }) else { continue }
-                    let t = try table(u.kind)
-                    if job.inserted == nil {
-                        var index = ConflictIndex()
-                        for insert in u.inserts { index.add(insert.rule) }
-                        job.inserted = index
+                    guard let (u, i) = try position(of: walked, atEnd: { enter(.activate) }) else { continue }
+                    let t = try target.table(u.kind)
+                    if inserted == nil {
+                        var conflicts = ConflictIndex()
+                        for insert in u.inserts { conflicts.add(insert.rule) }
+                        inserted = conflicts
                         spent += u.inserts.count / 16
                     }
                     let id = u.removes[i]
                     let removed = try t.read(id)
-                    if try t.status(id).active, job.inserted!.conflicts(with: removed) {
+                    if try t.status(id).active, inserted!.conflicts(with: removed) {
                         _ = try run(.deactivate(u.kind, id))
                     }
-                    job.index += 1
+                    index += 1
                 case .activate:
                     // 3. activate every new rule and check its failures against its tolerance
-                    guard let (u, i) = job.position(of: { $0.inserts.count }, atEnd: { job.enter(.remove) }) else { continue }
+                    guard let (u, i) = position(of: { $0.inserts.count }, atEnd: { enter(.remove) }) else { continue }
                     let insert = u.inserts[i]
                     let c = try run(.activate(u.kind, insert.id))!
                     if !insert.tolerance.accepts(c) {
-                        let last = (try? table(u.kind).status(insert.id).lastErrorName) ?? ""
+                        let last = (try? target.table(u.kind).status(insert.id).lastErrorName) ?? ""
                         throw PestoError(
                             .bindFailed,
                             "Rule \(insert.id) of the \(u.kind.name) table bound \(c.bound) of \(c.bound + c.failed) sockets "
                                 + "(last error \(last)); more failures than allowed, so nothing was changed.")
                     }
-                    job.results.append((u.kind, insert.id, c))
-                    job.index += 1
+                    results.append((u.kind, insert.id, c))
+                    index += 1
                 case .remove:
                     // 4. deactivate the other removed rules and delete all removed rules
-                    guard let (u, i) = job.position(of: { $0.removes.count }, atEnd: { announceHeld(job) }) else { continue }
-                    let t = try table(u.kind)
+                    guard let (u, i) = position(of: { $0.removes.count }, atEnd: { announceHeld() }) else { continue }
+                    let t = try target.table(u.kind)
                     let id = u.removes[i]
                     if try t.status(id).active { _ = try run(.deactivate(u.kind, id)) }
                     _ = try run(.delete(u.kind, id, try t.read(id)))
-                    job.index += 1
+                    index += 1
                 case .undo:
-                    let operations = job.performed.operations
-                    guard job.index < operations.count else {
-                        finishUndo(job)
+                    let operations = performed.operations
+                    guard index < operations.count else {
+                        finishUndo()
                         continue
                     }
-                    let operation = operations[operations.count - 1 - job.index]
+                    let operation = operations[operations.count - 1 - index]
                     do {
                         spent += 1
                         _ = try perform(operation.inverse)
                     } catch {
                         // Reverse order makes every inverse valid; reaching here is a bug in pestod.
-                        logger.critical("rollback step \(operation.inverse) failed: \(error)")
+                        target.logger.critical("rollback step \(operation.inverse) failed: \(error)")
                         assertionFailure("rollback step \(operation.inverse) failed: \(error)")
                     }
-                    job.index += 1
+                    index += 1
                 case .announce:
-                    if announcing() == false {
+                    if budget.operations != .max && !mayAnnounce() {
                         // The bus has not taken the signals so far: wait for it, not in a loop.
-                        job.waitsForBus = true
-                        return false
+                        return .waitsForBus
                     }
-                    guard let r = job.nextReport() else {
-                        job.enter(.done)
-                        return true
+                    guard announced < reports.count else {
+                        enter(.done)
+                        return .done
                     }
                     spent += 1
-                    deliver(r)
+                    announced += 1
+                    target.deliver(reports[announced - 1])
                 case .done:
-                    return true
+                    return .done
                 }
             } catch {
                 fail(error)
             }
         }
-        return false
+        return .more
     }
 
     /// The change is final: its held reports are announced, in the order they happened.
-    private func announceHeld(_ job: SlicedUpdate) {
-        let reports = held ?? []
-        held = nil
-        statusBefore = [:]
-        job.announce(all: reports)
+    private func announceHeld() {
+        startAnnouncing(held)
     }
 
     /// The rollback is complete: nothing of the update is reported, except for the rules
     /// that existed before it and are not as they were (see the theory of operation in
     /// TablesEditor.swift), which are announced next.
-    private func finishUndo(_ job: SlicedUpdate) {
-        job.performed = Journal()
-        let before = statusBefore
-        held = nil
-        statusBefore = [:]
-        var reports: [Report] = []
+    private func finishUndo() {
+        performed = Journal()
+        var reports: [TablesEditor.Report] = []
         // Rules that existed before and were deactivated are active again, on new sockets:
         // report those whose counts differ from before the update.
-        for (ref, old) in before.sorted(by: { ($0.key.kind.rawValue, $0.key.id) < ($1.key.kind.rawValue, $1.key.id) }) {
-            guard let now = try? table(ref.kind).status(ref.id), now != old else { continue }
+        for (ref, old) in statusBefore.sorted(by: { ($0.key.kind.rawValue, $0.key.id) < ($1.key.kind.rawValue, $1.key.id) }) {
+            guard let now = try? target.table(ref.kind).status(ref.id), now != old else { continue }
             reports.append(.state(ref.kind, ref.id, now, failuresChanged: now.failed != old.failed, retried: false))
         }
         // Under first match a rule it never touched may win other ports now (a socket it
         // shared was bound anew): the observer compares each count with what it announced.
-        for t in tables where t.overlapPolicy == .firstMatch {
+        for t in target.tables where t.overlapPolicy == .firstMatch {
             for id in t.ids { reports.append(.portsWon(t.kind, id)) }
         }
-        job.announce(all: reports)
+        startAnnouncing(reports)
     }
 
-    /// pestod stops while an update is in progress: it is rolled back at once (its caller is
-    /// told so), and the changes held back behind it are dropped unanswered.
-    func abandonUpdate() {
-        guard let job = running else { return }
-        if job.step != .announce && job.step != .done && job.step != .undo {
-            job.failure = PestoError(
-                .locked, "pestod stopped before the change was complete; it was rolled back, nothing changed. Call again once pestod runs.")
-            job.enter(.undo)
-        }
-        _ = runSlice(job, budget: .unlimited)  // the rest at once: pestod is stopping
-        running = nil
-        host?.updateInProgress(false)
-        if let failure = job.failure {
-            job.completion(.failure(failure))
-        } else {
-            job.completion(.success((job.results, job.performed)))
-        }
-        let dropped = waiting.dropAll()
-        if dropped > 0 { logger.notice("stopping: \(dropped) changes held back behind it are dropped") }
+    /// Starts announcing `all`; the held reports and the earlier states are let go.
+    private func startAnnouncing(_ all: [TablesEditor.Report]) {
+        held = []
+        statusBefore = [:]
+        reports = all
+        announced = 0
+        enter(.announce)
     }
 }

@@ -17,8 +17,11 @@
 //   Updates      `startUpdate` (the proposals' whole client workflow, atomically, over one
 //                or more tables: Apply and uploads) and `startUpstream` (an upload of whole
 //                tables as a difference against the active rules).
-//                A large update is carried out in slices over several loop turns, other
-//                changes waiting behind it (SlicedUpdate.swift, ChangeQueue.swift).
+//                An update is a SlicedUpdate (SlicedUpdate.swift), a state machine with its
+//                own state that the editor holds (`running`) and steps: at once, or when
+//                large in slices over several loop turns, other changes waiting behind it
+//                (ChangeQueue.swift). An upload is planned first as an UpstreamUpdate
+//                (UpstreamUpdate.swift: the difference against the active rules).
 //
 // Reporting. Every change is reported to `observer` (rule added, rule removed, rule state
 // changed, lock owner changed) — the server turns the reports into InterfacesAdded,
@@ -36,6 +39,11 @@
 // (`execute`: the lock again, since it may have been taken while authorisation was pending,
 // then the change). ChangeGate.swift strings them together with step 6, authorisation.
 //
+// Where things are. The editor's own methods (reports, perform, the check order, execute and
+// queueing, the updates, the lock) are all in this file; the values a change is made of in
+// TableChange.swift, the observer and host protocols in TablesEditorHost.swift, the undo log
+// in Journal.swift.
+//
 // One verb per layer: a change is *submitted* to the ChangeGate (every caller and test),
 // which *executes* it on the editor once it passed steps 4–6 and the editor is idle; the
 // editor *performs* its table operations (`perform`, one engine call each) — at once, or
@@ -46,119 +54,8 @@ import PestoEngine
 import PestoModel
 import PestoSystem
 
-/// What the editor reports, once final. Called on the loop thread.
-protocol TablesObserver: AnyObject {
-    /// A rule was inserted (inactive); `rule` is what was stored.
-    func ruleAdded(_ kind: TableKind, _ id: UInt32, _ rule: Rule)
-    /// A rule was deleted.
-    func ruleRemoved(_ kind: TableKind, _ id: UInt32)
-    /// A rule's activity or socket counts changed: activation, deactivation, a retry, a scan,
-    /// or the net effect of a rolled-back update on a rule that existed before it.
-    func ruleStateChanged(_ kind: TableKind, _ id: UInt32, _ status: RuleStatus, failuresChanged: Bool, retried: Bool)
-    /// First match (doc/overlap.md): a change to another rule changed how many ports rule
-    /// `id` wins. (A rule's own changes come with `ruleStateChanged`.)
-    func portsWonChanged(_ kind: TableKind, _ id: UInt32)
-    /// The lock was taken or released.
-    func lockOwnerChanged(_ owner: String?)
-}
-
-/// What the editor needs of the service it runs in (PestoServer in pestod). Called on the
-/// loop thread.
-protocol TablesEditorHost: AnyObject {
-    /// Runs `work` on the next loop turn (`EventLoop.nextTurn`): the next slice of an update.
-    func nextTurn(_ work: @escaping () -> Void)
-    /// Runs `work` about a millisecond later: the next slice of an update waiting for the bus.
-    func shortly(_ work: @escaping () -> Void)
-    /// Whether an update may deliver more reports now: false while the bus has not taken the
-    /// signals already sent.
-    var mayAnnounce: Bool { get }
-    /// An update started being carried out over several turns (true), or ended (false): the
-    /// retry and scan passes are held meanwhile.
-    func updateInProgress(_ busy: Bool)
-    /// Saves (or undoes) the changes committed so far: before the lock holder's changes are
-    /// journaled on top of committed ones, and before an update that takes several turns
-    /// starts, so that the file never holds half an update.
-    func saveCommitted()
-}
-
-/// How many bind failures a newly activated rule may have.
-struct BindTolerance: Equatable {
-    /// Failures allowed outright.
-    var maxFailures: UInt32
-    /// Any number of failures, as long as one socket bound.
-    var bestEffort: Bool
-
-    /// Every failure is fine: the activation completes whatever binds (the proposals'
-    /// ACTIVATE; upstream's uploads).
-    static let any = BindTolerance(maxFailures: .max, bestEffort: true)
-    /// Every socket must bind.
-    static let none = BindTolerance(maxFailures: 0, bestEffort: false)
-
-    func accepts(_ c: ForwardingTable.BindCounts) -> Bool {
-        c.failed <= maxFailures || (bestEffort && c.bound >= 1)
-    }
-}
-
-/// One table's part of an update.
-struct TableUpdate {
-    var kind: TableKind
-    var inserts: [(id: UInt32, rule: Rule, tolerance: BindTolerance)]
-    var removes: [UInt32]
-}
-
-/// A decoded Apply: the rules to insert and activate, the IDs to remove, the tolerance of
-/// every new rule. Decoding guarantees distinct inserted IDs, distinct removed IDs, and no
-/// ID in both lists.
-struct ApplyRequest {
-    var inserts: [(UInt32, Rule)] = []
-    var removes: [UInt32] = []
-    /// The options `max-failures` and `best-effort`, as the tolerance of every new rule.
-    var tolerance = BindTolerance.none
-    /// Its rules were validated already, in slices (SlicedApplyDecoder.swift): step 4 is done.
-    var validated = false
-}
-
-/// A change to the tables as a client asks for it, decoded but not yet checked.
-enum TableChange {
-    case insert(TableKind, UInt32, Rule)
-    case delete(TableKind, UInt32)
-    case activate(TableKind, UInt32)
-    case deactivate(TableKind, UInt32)
-    case apply(TableKind, ApplyRequest)
-    /// Manager.Lock: the only Manager method that is authorised.
-    case lock
-}
-
-/// What a change did, for its reply.
-enum ChangeResult: Equatable {
-    /// Nothing to report (insert, delete, deactivate, lock).
-    case done
-    /// An activation's counts.
-    case counts(ForwardingTable.BindCounts)
-    /// An Apply's counts per inserted rule, in request order.
-    case applied([(id: UInt32, counts: ForwardingTable.BindCounts)])
-
-    static func == (a: ChangeResult, b: ChangeResult) -> Bool {
-        switch (a, b) {
-        case (.done, .done): return true
-        case (.counts(let x), .counts(let y)): return x == y
-        case (.applied(let x), .applied(let y)): return x.map(\.id) == y.map(\.id) && x.map(\.counts) == y.map(\.counts)
-        default: return false
-        }
-    }
-}
-
-/// A rule of a table, as a key.
-struct RuleRef: Hashable {
-    var kind: TableKind
-    var id: UInt32
-}
-
-/// The owner tag of the rules made through the control socket (upstream pesto).
-let controlOwnerTag = "pesto-control"
-
 /// Changes the tables, keeps the lock and its journal, reports final outcomes.
-final class TablesEditor {
+final class TablesEditor: SlicedUpdateTarget {
     /// The tables, HOST first.
     let tables: [ForwardingTable]
     /// Told about every final change.
@@ -181,12 +78,9 @@ final class TablesEditor {
         case state(TableKind, UInt32, RuleStatus, failuresChanged: Bool, retried: Bool)
         case portsWon(TableKind, UInt32)
     }
-    /// The reports of the update in progress while it changes the tables; nil otherwise.
-    var held: [Report]?
-    /// The state, before the update in progress touched them, of the rules it deactivated.
-    var statusBefore: [RuleRef: RuleStatus] = [:]
-    /// The update being carried out over several loop turns, if any (SlicedUpdate.swift).
-    var running: SlicedUpdate?
+    /// The update in progress, if any: the editor holds it, hands it the reports, and steps
+    /// it once per loop turn until it is done (SlicedUpdate.swift).
+    private(set) var running: SlicedUpdate?
     /// The changes held back while `running` is under way, in arrival order (ChangeQueue.swift).
     let waiting = ChangeQueue()
     /// How much of an update one loop turn carries out; `.unlimited` does it all at once.
@@ -220,16 +114,11 @@ final class TablesEditor {
 
     // MARK: Reports
 
-    /// Holds `r` back while an update changes the tables, queues it behind the reports a
-    /// finished update is still announcing, or delivers it.
+    /// Hands `r` to the update in progress, which holds it back while it changes the tables
+    /// or queues it behind the reports it is announcing; delivers it when no update runs.
     func report(_ r: Report) {
-        if held != nil {
-            held!.append(r)
-        } else if let job = running, job.isAnnouncing {
-            job.announce(r)
-        } else {
-            deliver(r)
-        }
+        if let job = running, job.take(r) { return }
+        deliver(r)
     }
 
     /// Tells the observer about one final change.
@@ -262,11 +151,7 @@ final class TablesEditor {
         case .activate(let kind, let id):
             return try table(kind).activate(id: id)
         case .deactivate(let kind, let id):
-            let t = try table(kind)
-            if held != nil, statusBefore[RuleRef(kind: kind, id: id)] == nil, let s = try? t.status(id) {
-                statusBefore[RuleRef(kind: kind, id: id)] = s
-            }
-            try t.deactivate(id: id)
+            try table(kind).deactivate(id: id)
             return nil
         }
     }
@@ -350,6 +235,157 @@ final class TablesEditor {
             return Journal()
         }
         return performed
+    }
+
+    // MARK: Queueing and executing
+
+    /// Whether no update is in progress and no change is held back.
+    var isIdle: Bool { running == nil && waiting.isEmpty }
+
+    /// Runs `work` now if the editor is idle, else once the update in progress and every
+    /// change held back before it are done (dropped if `sender` leaves first: `senderLeft`).
+    func whenIdle(sender: String?, bytes: Int = 0, _ work: @escaping () -> Void) {
+        if isIdle { work() } else { waiting.append(sender: sender, bytes: bytes, work) }
+    }
+
+    /// Why a change of `sender` with `bytes` bytes of arguments may not wait for the update
+    /// in progress (`ChangeQueue.holdBackRefusal`); nil when it runs at once or may wait.
+    func holdBackRefusal(sender: String, bytes: Int) -> String? {
+        isIdle ? nil : waiting.holdBackRefusal(sender: sender, bytes: bytes)
+    }
+
+    /// Step 7: executes an authorised `change` for `sender`: a single operation or Lock at
+    /// once, an Apply through `startUpdate`, so `completion` may be called on a later loop
+    /// turn. Called once the editor is idle (`whenIdle`); `completion` gets what the change
+    /// did and what it committed (empty under the lock, where it is journaled instead).
+    func execute(
+        _ change: TableChange, sender: String,
+        completion: @escaping (Result<(result: ChangeResult, committed: Journal), PestoError>) -> Void
+    ) {
+        guard case .apply(let kind, let request) = change else {
+            do { return completion(.success(try executeAtOnce(change, sender: sender))) } catch { return completion(.failure(error)) }
+        }
+        do throws(PestoError) {
+            try checkLock(sender)
+            _ = try table(kind)
+        } catch {
+            return completion(.failure(error))
+        }
+        if lockOwner == sender { host?.saveCommitted() }
+        let update = TableUpdate(kind: kind, inserts: request.inserts.map { ($0.0, $0.1, request.tolerance) }, removes: request.removes)
+        startUpdate([update]) { [unowned self] outcome in
+            switch outcome {
+            case .failure(let error):
+                self.logger.info("Apply on \(kind.rawValue) by \(sender) rolled back: \(error.message)")
+                completion(.failure(error))
+            case .success(let done):
+                self.logger.info(
+                    "Apply on \(kind.rawValue) by \(sender): \(update.inserts.count) inserted and activated, \(update.removes.count) removed"
+                )
+                completion(.success((.applied(done.results.map { ($0.id, $0.counts) }), self.finish(done.journal, sender: sender))))
+            }
+        }
+    }
+
+    /// Drops the changes `sender` has held back; returns how many.
+    func dropWaiting(of sender: String) -> Int { waiting.drop(sender: sender) }
+
+    // MARK: Updates over several loop turns (SlicedUpdate.swift)
+
+    /// Starts an update: it is carried out in slices of `budget`, the first one now. If it
+    /// is not done within that slice, the committed changes are saved first (`TablesEditorHost.saveCommitted`),
+    /// and every other change is held back until it is. `completion` is called once, when
+    /// its reports have been delivered: with what it did, or with the error it was rolled
+    /// back for (see the theory of operation). Updates do not nest.
+    func startUpdate(_ updates: [TableUpdate], budget: SliceBudget? = nil, completion: @escaping (SlicedUpdate.Outcome) -> Void) {
+        precondition(running == nil, "updates do not nest")
+        let budget = host == nil ? SliceBudget.unlimited : budget ?? sliceBudget
+        let job = SlicedUpdate(updates, target: self, completion: completion)
+        let work = job.operations
+        if work > budget.operations {
+            // It will not fit in one slice: what was committed before it is saved before any
+            // of it is done.
+            host?.saveCommitted()
+        }
+        running = job
+        // An update that fits in one slice's operations is done in this call, whatever the
+        // clock says, so it never leaves part of itself visible across a save.
+        continueUpdate(job, budget: work > budget.operations ? budget : .unlimited, then: budget)
+    }
+
+    /// One slice of `job` (of `budget`); schedules the next (of `next`), or finishes the update.
+    private func continueUpdate(_ job: SlicedUpdate, budget: SliceBudget, then next: SliceBudget) {
+        if job.slices == 1 {
+            logger.debug("an update of \(job.ruleCount) rules is carried out in slices")
+            host?.updateInProgress(true)
+        }
+        let progress = job.step(budget) { host?.mayAnnounce ?? true }
+        switch progress {
+        case .done:
+            running = nil
+            if job.slices > 1 { host?.updateInProgress(false) }
+            job.completion(job.outcome)
+            // An update of one slice ran from `whenIdle` or from the queue, which goes on by itself.
+            if job.slices > 1 { waiting.resume(until: { [unowned self] in self.running != nil }) }
+        case .more, .waitsForBus:
+            guard let host else { preconditionFailure("a sliced update needs a host to schedule its slices") }
+            let work = { [unowned self] in self.continueUpdate(job, budget: next, then: next) }
+            if progress == .waitsForBus { host.shortly(work) } else { host.nextTurn(work) }
+        }
+    }
+
+    /// pestod stops while an update is in progress: it is rolled back at once (its caller is
+    /// told so), and the changes held back behind it are dropped unanswered.
+    func abandonUpdate() {
+        guard let job = running else { return }
+        job.abandon(
+            PestoError(
+                .locked, "pestod stopped before the change was complete; it was rolled back, nothing changed. Call again once pestod runs."
+            ))
+        running = nil
+        host?.updateInProgress(false)
+        job.completion(job.outcome)
+        let dropped = waiting.dropAll()
+        if dropped > 0 { logger.notice("stopping: \(dropped) changes held back behind it are dropped") }
+    }
+
+    // MARK: Uploads of the control socket (UpstreamUpdate.swift)
+
+    /// What an upload changed.
+    typealias UpstreamSummary = UpstreamUpdate.Summary
+
+    /// The active rules of every table, as upstream's dump lists them, with upstream's weak
+    /// flag where the rule was uploaded with it.
+    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
+        UpstreamUpdate.dump(tables, weakRules: weakRules)
+    }
+
+    /// The most rules an upload may give one table: the tables' MaxRules, within the wire
+    /// protocol's own limit.
+    var upstreamRuleLimit: Int { UpstreamUpdate.ruleLimit(tables) }
+
+    /// Applies an upload of whole tables (rules with their weak flag) as a difference, over
+    /// several loop turns if it is large (SlicedUpdate.swift; at once without a host);
+    /// `completion` gets what changed and the committed journal (to be saved), or why nothing
+    /// changed (a refused upload changes nothing). Called once the editor is idle (`whenIdle`).
+    func startUpstream(
+        _ upload: UpstreamUpdate.Upload,
+        completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void
+    ) {
+        let started = MonotonicInstant.now
+        let plan: UpstreamUpdate
+        do { plan = try UpstreamUpdate(upload, lockOwner: lockOwner, table: table) } catch { return completion(.failure(error)) }
+        let rules = upload.reduce(0) { $0 + $1.rules.count }
+        if rules >= 1000 {
+            let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
+            logger.info("control socket: upload of \(rules) rules compared with the tables in \(ms) ms (one loop turn)")
+        }
+        startUpdate(plan.updates) { [unowned self] outcome in
+            switch outcome {
+            case .failure(let error): completion(.failure(error))
+            case .success(let done): completion(.success((plan.applied(done.results, weakRules: &self.weakRules), done.journal)))
+            }
+        }
     }
 
     // MARK: The lock

@@ -25,15 +25,27 @@
 // client holds the lock; the control socket waits for the lock to be released instead of
 // calling it (ControlSocket.swift). The caller (the server) saves what the update committed with the
 // other changes of the loop turn; if it cannot be saved, it is undone again.
+//
+// `UpstreamUpdate` is the upload as the editor carries it out: the plan (its table updates,
+// what it will keep, add and remove) made from the tables as they are, and, once the update
+// succeeded, the weak flags it records. The editor owns the weak flags (`weakRules`) and
+// drives the update (`TablesEditor.startUpstream`, one SlicedUpdate of `updates`).
 
 import PestoDBus
 import PestoEngine
 import PestoModel
 import PestoSystem
 
-extension TablesEditor {
+/// The owner tag of the rules made through the control socket (upstream pesto).
+let controlOwnerTag = "pesto-control"
+
+/// An upload turned into one update, before it is carried out.
+struct UpstreamUpdate {
+    /// An upload: whole tables of rules, with upstream's weak flag.
+    typealias Upload = [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]
+
     /// What an upload changed.
-    struct UpstreamSummary: Sendable, CustomStringConvertible {
+    struct Summary: Sendable, CustomStringConvertible {
         var kept = 0
         var added = 0
         var removed = 0
@@ -45,62 +57,22 @@ extension TablesEditor {
         }
     }
 
-    /// The active rules of every table, as upstream's dump lists them, with upstream's weak
-    /// flag where the rule was uploaded with it.
-    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
-        tables.map { t in
-            let kind = t.kind
-            return (
-                kind, t.capabilities, t.list().filter(\.status.active).map { ($0.rule, weakRules.contains(RuleRef(kind: kind, id: $0.id))) }
-            )
-        }
-    }
+    /// What the upload will keep, add and remove.
+    private(set) var summary = Summary()
+    /// The update of every table in the upload.
+    private(set) var updates: [TableUpdate] = []
+    /// The weak flag of every rule the upload keeps or inserts, set once it succeeded.
+    private var weak: [(RuleRef, Bool)] = []
 
-    /// The most rules an upload may give one table: the tables' MaxRules, within the wire
-    /// protocol's own limit.
-    var upstreamRuleLimit: Int {
-        min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
-    }
-
-    /// Applies an upload of whole tables (rules with their weak flag) as a difference, over
-    /// several loop turns if it is large (SlicedUpdate.swift; at once without a host);
-    /// `completion` gets what changed and the committed journal (to be saved), or why nothing
-    /// changed (a refused upload changes nothing). Called once the editor is idle (`whenIdle`).
-    func startUpstream(
-        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
-        completion: @escaping (Result<(summary: UpstreamSummary, committed: Journal), PestoError>) -> Void
-    ) {
-        let started = MonotonicInstant.now
-        let plan: UpstreamPlan
-        do { plan = try planUpstream(upload) } catch { return completion(.failure(error)) }
-        let rules = upload.reduce(0) { $0 + $1.rules.count }
-        if rules >= 1000 {
-            let ms = (MonotonicInstant.now.nanoseconds - started.nanoseconds) / 1_000_000
-            logger.info("control socket: upload of \(rules) rules compared with the tables in \(ms) ms (one loop turn)")
-        }
-        startUpdate(plan.updates) { [unowned self] outcome in
-            switch outcome {
-            case .failure(let error): completion(.failure(error))
-            case .success(let done): completion(.success((self.upstreamApplied(plan, done.results), done.journal)))
-            }
-        }
-    }
-
-    /// An upload turned into one update, before it is carried out.
-    struct UpstreamPlan {
-        var summary = UpstreamSummary()
-        var updates: [TableUpdate] = []
-        /// The weak flag of every rule the upload keeps or inserts, set once it succeeded.
-        var weak: [(RuleRef, Bool)] = []
-    }
-
-    /// The difference between an upload and the active rules: refuses it (and changes
-    /// nothing) when the lock is held or a rule is invalid.
-    private func planUpstream(_ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])]) throws(PestoError) -> UpstreamPlan {
+    /// The difference between `upload` and the active rules of the tables (`table` finds
+    /// them): refuses it (and changes nothing) when `lockOwner` holds the lock or a rule is
+    /// invalid.
+    init(
+        _ upload: Upload, lockOwner: String?, table: (TableKind) throws(PestoError) -> ForwardingTable
+    ) throws(PestoError) {
         if let owner = lockOwner {
             throw PestoError(PestoError.Code.locked, "The tables are locked by \(owner); the upload was refused.")
         }
-        var plan = UpstreamPlan()
         for (kind, rules) in upload {
             let t = try table(kind)
             for (rule, _) in rules { try t.validate(rule) }
@@ -113,8 +85,8 @@ extension TablesEditor {
             var ids = RuleIDProposer(highestID: t.ids.last) { t.contains($0) }
             for ((rule, bestEffort), keptID) in zip(rules, matching.keptIDs) {
                 if let keptID {
-                    plan.weak.append((RuleRef(kind: kind, id: keptID), bestEffort))
-                    plan.summary.kept += 1
+                    weak.append((RuleRef(kind: kind, id: keptID), bestEffort))
+                    summary.kept += 1
                     continue
                 }
                 guard let nextID = ids.next() else {
@@ -124,24 +96,43 @@ extension TablesEditor {
                 tagged.owner = controlOwnerTag
                 // The proposals' ACTIVATE: complete whatever binds; failures are retried.
                 update.inserts.append((nextID, tagged, .any))
-                plan.weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
+                weak.append((RuleRef(kind: kind, id: nextID), bestEffort))
             }
-            plan.summary.added += update.inserts.count
-            plan.summary.removed += update.removes.count
-            plan.updates.append(update)
+            summary.added += update.inserts.count
+            summary.removed += update.removes.count
+            updates.append(update)
         }
-        return plan
     }
 
-    /// Records the weak flags of an upload that succeeded; returns its summary.
-    private func upstreamApplied(
-        _ plan: UpstreamPlan, _ results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)]
-    ) -> UpstreamSummary {
-        var summary = plan.summary
+    /// Records the weak flags of the upload, which succeeded with `results`, in `weakRules`;
+    /// returns its summary.
+    func applied(
+        _ results: [(kind: TableKind, id: UInt32, counts: ForwardingTable.BindCounts)], weakRules: inout Set<RuleRef>
+    ) -> Summary {
+        var summary = summary
         summary.unbound = results.reduce(0) { $0 + Int($1.counts.failed) }
-        for (ref, isWeak) in plan.weak {
+        for (ref, isWeak) in weak {
             if isWeak { weakRules.insert(ref) } else { weakRules.remove(ref) }
         }
         return summary
+    }
+
+    /// The active rules of `tables`, as upstream's dump lists them, with upstream's weak
+    /// flag where the rule was uploaded with it (`weakRules`).
+    static func dump(
+        _ tables: [ForwardingTable], weakRules: Set<RuleRef>
+    ) -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
+        tables.map { t in
+            let kind = t.kind
+            return (
+                kind, t.capabilities, t.list().filter(\.status.active).map { ($0.rule, weakRules.contains(RuleRef(kind: kind, id: $0.id))) }
+            )
+        }
+    }
+
+    /// The most rules an upload may give one table of `tables`: their MaxRules, within the
+    /// wire protocol's own limit.
+    static func ruleLimit(_ tables: [ForwardingTable]) -> Int {
+        min(PestoV2Wire.maxRulesPerTable, tables.map(\.limits.maxRules).min() ?? 0)
     }
 }
