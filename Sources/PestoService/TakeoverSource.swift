@@ -313,6 +313,7 @@ public final class TakeoverSource: EventHandler {
     /// The successor said `ready`: unless something changed since the sharing, pauses, sends
     /// the relayed connections and flows, and completes the takeover (see the header).
     private func handOverRelays(_ a: Attempt) {
+        let paused = MonotonicInstant.now
         if let owner = holder {
             abandon(a, "\(owner) started while the new pestod installed the tables", tell: "The tables changed meanwhile; try again.")
             return
@@ -334,7 +335,7 @@ public final class TakeoverSource: EventHandler {
             ) {
                 throw PestoError(.system, "Cannot set up the takeover connection.", underlyingError: e)
             }
-            try completeHandover(channel, text: a.text, listeners: a.listeners.count)
+            try completeHandover(channel, text: a.text, listeners: a.listeners.count, paused: paused)
         } catch {
             logger.warning(
                 "takeover failed, this pestod stays in charge: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
@@ -343,7 +344,9 @@ public final class TakeoverSource: EventHandler {
 
     /// Sends the relays and `end`, waits for `taken`; on success answers `bye` and calls
     /// `onHandedOver`. Throws, having changed nothing, when the new instance fails.
-    private func completeHandover(_ channel: TakeoverChannel, text: [UInt8], listeners: Int) throws(PestoError) {
+    private func completeHandover(
+        _ channel: TakeoverChannel, text: [UInt8], listeners: Int, paused: MonotonicInstant
+    ) throws(PestoError) {
         let engine = server.engine
         // From here on this instance's loop does not turn again unless the takeover fails:
         // nothing is read from these connections and flows after their snapshot.
@@ -370,7 +373,8 @@ public final class TakeoverSource: EventHandler {
         // connection; only then may this one exit (else systemd would see its service's main
         // process end). Whatever ends the wait, the new instance owns everything by now.
         _ = try? channel.receive()
-        logger.notice("takeover complete: the new pestod serves now; this one exits")
+        let pause = (MonotonicInstant.now.nanoseconds - paused.nanoseconds) / 1_000_000
+        logger.notice("takeover complete: the new pestod serves now; this one paused \(pause) ms for the relays and exits")
         onHandedOver?()
     }
 }

@@ -139,4 +139,39 @@ struct TakeoverStallTests {
         #expect(up.finish(), "\(up.read) of \(up.written), \(up.problems)")
         #expect(down.finish(), "\(down.read) of \(down.written), \(down.problems)")
     }
+
+    @Test(
+        "a change made while the successor installs the tables is not lost: at ready the old pestod refuses the takeover and stays in charge; a takeover then carries the change",
+        .timeLimit(.minutes(2))
+    )
+    func changeWhileSharing() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        let ports = TestSockets.freePorts(2)
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(ports.lowerBound)])
+        try f.table("Activate", [.uint32(1)])
+        let oldOwner = try #require(TakeoverTests.owner(f))
+        let channel = try TakeoverTests.connect(f)
+        try channel.send(.hello)
+        #expect(try channel.receive().0 == .welcome)
+        let held = try Self.receiveUntilAnswerAwaited(channel)
+        defer { for fd in held { close(fd) } }
+        #expect(held.count == 1 + 1, "one listener and the control socket")
+        // The old pestod serves on: a change is made and answered.
+        try f.table("Insert", [.uint32(2), PestodFixture.rule(ports.upperBound)])
+        try f.table("Activate", [.uint32(2)])
+        let changed = try f.snapshot()
+        try channel.send(.ready)
+        let (answer, fds) = try channel.receive()
+        for fd in fds { close(fd) }
+        guard case .refused(let why) = answer else {
+            Issue.record("expected refused, got \(answer)")
+            return
+        }
+        #expect(why.contains("changed"), "\(why)")
+        #expect(f.log.contains("takeover abandoned: the tables or their listeners changed"), "\(f.log)")
+        #expect(TakeoverTests.owner(f) == oldOwner)
+        #expect(try f.snapshot() == changed)
+        #expect(try f.takeOver(TakeoverTests.arguments) == 0)
+        #expect(try f.snapshot() == changed)
+    }
 }
