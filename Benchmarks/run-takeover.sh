@@ -174,7 +174,7 @@ sort "$dir/dbus-failures" | uniq -c
 grep -E "critical|takeover failed" "$dir/pestod.log" || true
 grep -E "takeover: sent|takeover: the new pestod is ready; sent" "$dir/pestod.log" | tail -1 | sed 's/^.*takeover: /last handover: /'
 # Handover format 3: how long each old pestod paused (from the new one's ready to bye).
-pauses=$(grep -o "this one paused [0-9]* ms" "$dir/pestod.log" | awk '{print $3}' || true)
+pauses=$(grep -o "this one paused [0-9]* ms" "$dir/pestod.log" | awk '{print $4}' || true)
 if [ -n "$pauses" ]; then
     echo "$pauses" | awk '{ s += $1; if (NR == 1 || $1 < lo) lo = $1; if ($1 > hi) hi = $1 } END { printf "old pestod paused: %d takeovers, mean %d ms, min %d ms, max %d ms\n", NR, s / NR, lo, hi }'
 else

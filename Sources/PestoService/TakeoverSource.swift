@@ -175,7 +175,13 @@ public final class TakeoverSource: EventHandler {
             message = m
         } catch {
             if error.underlyingError == .wouldBlock { return }
-            if case .greeting = a.stage { try? a.channel.send(.refused(error.message)) }
+            if case .greeting = a.stage {
+                // No hello in a version this pestod speaks: refused before anything is shared.
+                logger.warning("takeover refused: \(error.message)")
+                try? a.channel.send(.refused(error.message))
+                drop(a)
+                return
+            }
             abandon(a, error.message.hasSuffix("closed the handover connection.") ? "the new pestod has gone" : error.message)
             return
         }
@@ -297,7 +303,8 @@ public final class TakeoverSource: EventHandler {
     /// successor is told why if it still listens.
     private func abandon(_ a: Attempt, _ why: String, tell: String? = nil) {
         // Logged first: whoever reads the refusal finds the line in the log.
-        logger.warning("takeover abandoned: \(why); this pestod stays in charge")
+        let reason = why.hasSuffix(".") ? String(why.dropLast()) : why
+        logger.warning("takeover abandoned: \(reason); this pestod stays in charge")
         if let tell { try? a.channel.send(.refused(tell)) }
         drop(a)
     }
