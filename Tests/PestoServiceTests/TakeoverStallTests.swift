@@ -174,4 +174,42 @@ struct TakeoverStallTests {
         #expect(try f.takeOver(TakeoverTests.arguments) == 0)
         #expect(try f.snapshot() == changed)
     }
+
+    @Test(
+        "a second successor while a takeover is under way is refused at once, and the first one completes its takeover",
+        .timeLimit(.minutes(2))
+    )
+    func secondSuccessorRefused() throws {
+        let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
+        let p = TestSockets.freePorts(1).lowerBound
+        try f.table("Insert", [.uint32(1), PestodFixture.rule(p)])
+        try f.table("Activate", [.uint32(1)])
+        let first = try TakeoverTests.connect(f)
+        try first.send(.hello)
+        #expect(try first.receive().0 == .welcome)
+        let held = try Self.receiveUntilAnswerAwaited(first)
+        defer { for fd in held { close(fd) } }
+        let second = try TakeoverTests.connect(f)
+        try second.send(.hello)
+        let (answer, fds) = try second.receive()
+        for fd in fds { close(fd) }
+        #expect(answer == .refused("Another takeover is under way."))
+        // The first goes on: ready brings the relays' end, taken brings bye.
+        try first.send(.ready)
+        var last: TakeoverMessage?
+        repeat {
+            let (message, more) = try first.receive()
+            for fd in more { close(fd) }
+            last = message
+        } while last.map({ if case .end = $0 { false } else { true } }) ?? true
+        // As a real successor, it owns the bus name before it says taken.
+        let successor = try DBusConnection(.address(f.address))
+        try successor.requestName(PestodFixture.dest, allowingReplacement: true, replacing: true)
+        try first.send(.taken)
+        #expect(try first.receive().0 == .bye)
+        first.finish()
+        #expect(f.pestod.waitUntilExit() == 0)
+        #expect(TakeoverTests.owner(f) == successor.uniqueName)
+        #expect(f.log.contains("takeover refused: another takeover is under way"), "\(f.log)")
+    }
 }
