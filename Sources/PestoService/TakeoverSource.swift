@@ -53,6 +53,8 @@ public final class TakeoverSource: EventHandler {
     private static let listenerIndex: UInt32 = 0
     /// The event index of the connection to the successor.
     private static let channelIndex: UInt32 = 1
+    /// The event index of a successor refused while a takeover is under way.
+    private static let refusingIndex: UInt32 = 2
 
     /// The socket file's path.
     public let path: String
@@ -105,6 +107,10 @@ public final class TakeoverSource: EventHandler {
     }
 
     private var attempt: Attempt?
+    /// Successors refused while a takeover is under way, by descriptor, until their hello is
+    /// read (closing a socket with unread data resets the connection, and the refusal would be
+    /// lost), a second at most each.
+    private var refusing: [Int32: TakeoverChannel] = [:]
 
     /// Listens on `path` (a stale socket file is replaced; mode 0600, so only root connects).
     public init(path: String, server: PestoServer, loop: EventLoop, logger: Logger, timeoutMilliseconds: Int) throws(PestoError) {
@@ -122,6 +128,7 @@ public final class TakeoverSource: EventHandler {
 
     deinit {
         if let attempt { drop(attempt) }
+        for fd in refusing.keys { loop.remove(fd: fd) }
         loop.remove(fd: listenFD)
         Sys.close(listenFD)
     }
@@ -129,6 +136,8 @@ public final class TakeoverSource: EventHandler {
     public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
         if index == Self.listenerIndex {
             accept()
+        } else if index == Self.refusingIndex {
+            refuse(fd)
         } else if let attempt, attempt.channel.fd == fd {
             if events & EventLoop.Events.writable != 0 { flush(attempt) }
             if self.attempt === attempt, events & ~EventLoop.Events.writable != 0 { receive(attempt) }
@@ -140,8 +149,16 @@ public final class TakeoverSource: EventHandler {
         guard case .success(let fd) = Sys.accept(listenFD) else { return }
         let channel = TakeoverChannel(fd: fd)  // non-blocking (accept4)
         if attempt != nil {
-            try? channel.send(.refused("Another takeover is under way."))
-            logger.warning("takeover refused: another takeover is under way")
+            do throws(PestoError) {
+                try loop.add(fd: fd, events: EventLoop.Events.readable, kind: Self.kind, index: Self.refusingIndex)
+            } catch {
+                logger.warning("takeover refused: another takeover is under way")
+                return
+            }
+            refusing[fd] = channel
+            _ = loop.after(milliseconds: 1000) { [weak self, weak channel] in
+                if let self, let channel, self.refusing[fd] === channel { self.refuse(fd) }
+            }
             return
         }
         let a = Attempt(channel: channel)
@@ -154,6 +171,18 @@ public final class TakeoverSource: EventHandler {
         attempt = a
         // A new pestod says hello as soon as it is connected.
         arm(a, milliseconds: min(1000, timeoutMilliseconds), "the new pestod did not say hello")
+    }
+
+    /// Refuses the successor on `fd` (another takeover is under way), having read its hello
+    /// if it came.
+    private func refuse(_ fd: Int32) {
+        guard let channel = refusing.removeValue(forKey: fd) else { return }
+        loop.remove(fd: fd)
+        if case .success(let (_, fds)) = Result(catching: { () throws(PestoError) in try channel.receive() }) {
+            for fd in fds { Sys.close(fd) }
+        }
+        try? channel.send(.refused("Another takeover is under way."))
+        logger.warning("takeover refused: another takeover is under way")
     }
 
     /// Bounds the current stage of `a`: when the timer fires first, the takeover is abandoned.
