@@ -29,7 +29,7 @@ public enum EngineEventKind {
     /// The connected client of the upstream control socket; index unused.
     public static let controlClient = EventLoop.Kind(7)
     /// The takeover socket (`pestod --replace`, TakeoverSource.swift): index 0 its listening
-    /// socket, 1 the connection to a successor.
+    /// socket, 1 the connection to a successor, 2 one refused while a takeover is under way.
     public static let takeoverListener = EventLoop.Kind(8)
     /// The eventfd SIGUSR2 writes to: a request to upgrade (UpgradeRequest.swift); index unused.
     public static let upgradeRequest = EventLoop.Kind(9)

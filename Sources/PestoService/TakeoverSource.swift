@@ -46,8 +46,8 @@ import PestoSystem
 
 /// The running instance's side: accepts a takeover on the runtime directory's socket.
 public final class TakeoverSource: EventHandler {
-    /// The event kind of the takeover socket (index 0) and of the connection to a successor
-    /// (index 1).
+    /// The event kind of the takeover socket (index 0), of the connection to a successor
+    /// (index 1) and of successors refused while a takeover is under way (index 2).
     static let kind = EngineEventKind.takeoverListener
     /// The event index of the listening socket.
     private static let listenerIndex: UInt32 = 0
