@@ -8,7 +8,8 @@
 # Reports per round the takeover time (start of the new pestod to exit of the old), and
 # overall: failed connects, listeners whose inode changed, broken long connections and
 # directions that lost a byte, whether the objects and properties are unchanged, and the
-# longest D-Bus call during the run. The last line, "TAKEOVER listeners L connections C
+# longest D-Bus call during the run, and (handover format 3) how long each old pestod paused
+# from its successor's ready to bye. The last line, "TAKEOVER listeners L connections C
 # mean/min/max ms", is the takeover time as a function of listeners and connections.
 #
 #   Benchmarks/run-takeover.sh [LISTENERS] [ROUNDS] [CONNECTIONS]
@@ -171,5 +172,12 @@ echo "objects and properties unchanged: $([ "$before_objects" = "$after_objects"
 echo "D-Bus calls: $(wc -l <"$dir/dbus-us"), failed: $(wc -l <"$dir/dbus-failures"), longest $(sort -n "$dir/dbus-us" | tail -1) µs, median $(sort -n "$dir/dbus-us" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') µs"
 sort "$dir/dbus-failures" | uniq -c
 grep -E "critical|takeover failed" "$dir/pestod.log" || true
-grep -E "takeover: sent" "$dir/pestod.log" | tail -1 | sed 's/^.*takeover: /last handover: /'
+grep -E "takeover: sent|takeover: the new pestod is ready; sent" "$dir/pestod.log" | tail -1 | sed 's/^.*takeover: /last handover: /'
+# Handover format 3: how long each old pestod paused (from the new one's ready to bye).
+pauses=$(grep -o "this one paused [0-9]* ms" "$dir/pestod.log" | awk '{print $4}' || true)
+if [ -n "$pauses" ]; then
+    echo "$pauses" | awk '{ s += $1; if (NR == 1 || $1 < lo) lo = $1; if ($1 > hi) hi = $1 } END { printf "old pestod paused: %d takeovers, mean %d ms, min %d ms, max %d ms\n", NR, s / NR, lo, hi }'
+else
+    echo "old pestod paused: not logged (handover format 2: paused from the first message sent to the exit)"
+fi
 echo "TAKEOVER listeners $LISTENERS connections $CONNECTIONS rounds $ROUNDS failed $failed_rounds mean $mean ms min $min ms max $max ms"

@@ -28,7 +28,8 @@ public enum EngineEventKind {
     public static let controlListener = EventLoop.Kind(6)
     /// The connected client of the upstream control socket; index unused.
     public static let controlClient = EventLoop.Kind(7)
-    /// The listening socket of a takeover (`pestod --replace`, Takeover.swift); index unused.
+    /// The takeover socket (`pestod --replace`, TakeoverSource.swift): index 0 its listening
+    /// socket, 1 the connection to a successor, 2 one refused while a takeover is under way.
     public static let takeoverListener = EventLoop.Kind(8)
     /// The eventfd SIGUSR2 writes to: a request to upgrade (UpgradeRequest.swift); index unused.
     public static let upgradeRequest = EventLoop.Kind(9)

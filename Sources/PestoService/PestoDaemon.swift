@@ -231,11 +231,14 @@ public final class PestoDaemon {
     ) throws -> [StateFile.Entry] {
         let result = StateFile.restore(received.entries, into: engine)
         StateStorePersistence.logCarried(result.carried, source: "takeover", logger: logger)
-        // The old pestod saved everything before handing over; the carried rules are this one's.
-        try persistence?.adopt(engine, carried: result.carried)
         engine.adoptScanListeners(received.adoption)
         let adopted = received.adoption.adopted
         received.adoption.closeUnclaimed()
+        // Ready: the running pestod, which served on until now, pauses its relays and sends them.
+        try TakeoverClient.receiveRelays(&received, timeoutMilliseconds: configuration.takeoverTimeoutMilliseconds)
+        // The old pestod saved everything before sharing and checked nothing changed since;
+        // the carried rules are this one's.
+        try persistence?.adopt(engine, carried: result.carried)
         let relays = received.adoptRelays(into: engine)
         logger.notice(
             "takeover: restored \(result.restored) of \(received.entries.count) rules, installed \(adopted) handed-over listeners (\(received.adoption.refused) refused), \(relays.connections) relayed connections and \(relays.flows) UDP flows (\(relays.refused) refused)"

@@ -1,35 +1,24 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 // Takeover: a new pestod (`--replace`) takes the tables, the listening sockets, the bus
-// name and the control socket over from the running one, without closing anything.
+// name and the control socket over from the running one, without closing anything. This
+// file is the new instance's side; TakeoverSource.swift is the running one's.
 //
 // Theory of operation (doc/takeover.md has the format and the failure cases)
 // ----------------------------------------------------------------------------
-// The running instance (`TakeoverSource`) listens on a root-only SOCK_SEQPACKET UNIX
-// socket in its runtime directory. The new instance (`TakeoverClient`) connects and says
-// hello with its format version; the old one answers welcome with its own, and either side
-// refuses a version it does not speak before anything else is sent. While a D-Bus client
-// holds the lock, the old instance answers `waiting` and tries again every 20 ms (on its
-// loop, serving everyone meanwhile); the new one gives up after its timeout. Then, in one
-// call on its loop thread, the old instance saves what is committed, sends the tables (the
-// state file's text), one descriptor per listening socket with its (table, rule ID, port),
-// and the control socket's descriptor, and waits, its loop held, for `taken`: the new
-// instance has restored the tables installing those descriptors (ListenerAdoption.swift)
-// and taken the bus name (the old one asked for it with ALLOW_REPLACEMENT, the new one
-// asks with REPLACE_EXISTING). The old instance answers `bye` and exits at once, closing
-// its copies of the descriptors: the sockets stay open in the new instance with the same
-// inodes, and connections arriving meanwhile wait in the listeners' backlogs.
-//
-// Failure at any step leaves the old instance in charge: until `bye` it has closed and
-// changed nothing (it only sent duplicates); if the new one dies or times out, the old
-// one's loop resumes, and should the new one have taken the bus name already, the name
-// comes back to the old one, queued behind it, when the new one's connection ends. A new
-// instance that gets no `bye` exits without serving.
-//
-// Relayed TCP connections and UDP flows go with the rest, in the same held call, with
-// their descriptors and state (RelayHandover.swift): the old instance reads nothing from
-// them after its snapshot, the new one installs them while it restores the tables and
-// starts moving their bytes only once the old one has said bye.
+// The new instance (`TakeoverClient`) connects to the running one's takeover socket and
+// says hello with its format version; either side refuses a version it does not speak
+// before anything else is sent. While a D-Bus client holds the lock it is told `waiting`,
+// and gives up after its timeout. It then receives, in a first phase that the old instance
+// sends while it serves on, the tables (the state file's text), one descriptor per
+// listening socket with its (table, rule ID, port) and the control socket's descriptor
+// (`receive`); it restores the tables installing those descriptors (ListenerAdoption.swift)
+// and says `ready`. Only then does the old instance pause and send the relayed TCP
+// connections and UDP flows with their descriptors and state (RelayHandover.swift,
+// `receiveRelays`); the new instance installs them, takes the bus name (the old one asked
+// for it with ALLOW_REPLACEMENT, the new one asks with REPLACE_EXISTING), says `taken`, and
+// starts moving their bytes once the old one has said `bye` (`confirm`). A new instance that
+// gets no `bye` exits without serving; the old one stays in charge.
 
 import CPestoSys
 import Logging
@@ -40,174 +29,6 @@ import PestoSystem
 #if canImport(Glibc)
     import Glibc
 #endif
-
-/// The running instance's side: accepts a takeover on the runtime directory's socket.
-public final class TakeoverSource: EventHandler {
-    /// The event kind of the takeover listener.
-    static let kind = EngineEventKind.takeoverListener
-
-    /// The socket file's path.
-    public let path: String
-    private let listenFD: Int32
-    private unowned let server: PestoServer
-    private unowned let loop: EventLoop
-    private let logger: Logger
-    private let timeoutMilliseconds: Int
-    /// The control socket, handed over with the rest.
-    public weak var control: ControlSocket?
-    /// The saved rules that could not be restored (written back with the tables).
-    public var carried: [StateFile.Entry] = []
-    /// Called once the new instance has taken over; pestod exits there.
-    public var onHandedOver: (() -> Void)?
-    /// Who holds a takeover up, as told to the new instance, while an upstream client's
-    /// control socket session is under way.
-    static let controlClient = "an upstream client of the control socket"
-    /// Who holds a takeover up while a large change is carried out (SlicedUpdate.swift).
-    static let changeInProgress = "a change in progress"
-
-    /// The takeover waiting for the lock, if any.
-    private var pending: (channel: TakeoverChannel, since: MonotonicInstant, toldOwner: String?)?
-
-    /// Listens on `path` (a stale socket file is replaced; mode 0600, so only root connects).
-    public init(path: String, server: PestoServer, loop: EventLoop, logger: Logger, timeoutMilliseconds: Int) throws(PestoError) {
-        self.path = path
-        self.server = server
-        self.loop = loop
-        self.logger = logger
-        self.timeoutMilliseconds = timeoutMilliseconds
-        let fd = try UnixListener.open(path: path, type: Int32(SOCK_SEQPACKET.rawValue), backlog: 4, name: "takeover socket")
-        listenFD = fd
-        loop.setHandler(self, for: Self.kind)
-        try loop.add(fd: fd, events: EventLoop.Events.readable, kind: Self.kind)
-        logger.info("takeover socket (handover format v\(TakeoverWire.version)) at \(path)")
-    }
-
-    deinit {
-        loop.remove(fd: listenFD)
-        Sys.close(listenFD)
-    }
-
-    public func handleEvent(_ events: UInt32, index: UInt32, fd: Int32) {
-        guard case .success(let client) = Sys.accept(listenFD) else { return }
-        let channel = TakeoverChannel(fd: client)
-        do throws(PestoError) {
-            // A new pestod says hello as soon as it is connected: a client that does not holds
-            // the loop for a second at most.
-            if case .failure(let e) = Sys.setBlocking(client).flatMap({
-                Sys.setTimeouts(client, milliseconds: min(1000, timeoutMilliseconds))
-            }) {
-                throw PestoError(.system, "Cannot set up the takeover connection.", underlyingError: e)
-            }
-            let hello: TakeoverMessage
-            do throws(PestoError) {
-                (hello, _) = try channel.receive()
-            } catch {
-                try? channel.send(.refused(error.message))
-                throw error
-            }
-            guard hello == .hello else { throw PestoError(.system, "The new pestod did not start with hello.") }
-            if let p = pending, p.channel.peerHasLeft {
-                logger.notice("takeover abandoned: the new pestod has gone")
-                pending = nil
-            }
-            if pending != nil {
-                try channel.send(.refused("Another takeover is under way."))
-                return
-            }
-            if case .failure(let e) = Sys.setTimeouts(client, milliseconds: timeoutMilliseconds) {
-                throw PestoError(.system, "Cannot set up the takeover connection.", underlyingError: e)
-            }
-            try channel.send(.welcome)
-            logger.notice("a new pestod asks to take over")
-            pending = (channel, .now, nil)
-            proceed()
-        } catch {
-            logger.warning("takeover refused: \(error.message)")
-        }
-    }
-
-    /// Hands over now if the lock is free and no upstream client is in a control socket
-    /// session (its upload would be cut); otherwise tells the new instance who holds things
-    /// up and looks again in 20 ms. A session ends within --control-timeout.
-    private func proceed() {
-        guard let p = pending else { return }
-        if p.channel.peerHasLeft {
-            logger.notice("takeover abandoned: the new pestod has gone")
-            pending = nil
-            return
-        }
-        if let owner = server.lockOwner ?? (control?.isServingClient == true ? Self.controlClient : nil)
-            ?? (server.changesIdle ? nil : Self.changeInProgress)
-        {
-            if p.toldOwner != owner {
-                pending?.toldOwner = owner
-                logger.notice("takeover waits: \(owner) holds the lock")
-                do throws(PestoError) { try p.channel.send(.waiting(owner: owner)) } catch {
-                    logger.warning("takeover abandoned: \(error.message)")
-                    pending = nil
-                    return
-                }
-            }
-            if MonotonicInstant.now.nanoseconds - p.since.nanoseconds > UInt64(timeoutMilliseconds) * 2_000_000 {
-                logger.warning("takeover abandoned: the lock was held for longer than the new pestod waits")
-                pending = nil
-                return
-            }
-            _ = loop.after(milliseconds: 20) { [weak self] in self?.proceed() }
-            return
-        }
-        pending = nil
-        do throws(PestoError) {
-            try handOver(p.channel)
-        } catch {
-            logger.warning("takeover failed, this pestod stays in charge: \(error.message)\(error.underlyingError.map { ": \($0)" } ?? "")")
-        }
-    }
-
-    /// Sends everything and waits for `taken`; on success answers `bye` and calls
-    /// `onHandedOver`. Throws, having changed nothing, when the new instance fails.
-    private func handOver(_ channel: TakeoverChannel) throws(PestoError) {
-        server.flushCommitted()
-        let engine = server.engine
-        let text = Array(StateFile.render(StateFile.entries(of: engine) + carried).utf8)
-        var listeners: [(ListenerRecord, Int32)] = []
-        for table in engine.tables {
-            for rule in table.list() where rule.status.active {
-                for (port, fd) in (try? table.listeners(of: rule.id)) ?? [] {
-                    listeners.append((ListenerRecord(table: table.kind, ruleID: rule.id, port: port), fd))
-                }
-            }
-        }
-        let controlFD = control.map { (path: $0.path, fd: $0.peekDescriptor) }
-        // From here on this instance's loop does not turn again unless the takeover fails:
-        // nothing is read from these connections and flows after their snapshot.
-        let connections = engine.tcp.handoverSnapshot()
-        let flows = engine.udpFlowsForHandover()
-        for (message, fds) in TakeoverWire.handover(
-            stateText: text, listeners: listeners, connections: connections, flows: flows, control: controlFD)
-        {
-            try channel.send(message, descriptors: fds)
-        }
-        let inFlight = connections.reduce(0) { $0 + $1.up.pending + $1.down.pending }
-        logger.notice(
-            "takeover: sent \(text.count) bytes of tables, \(listeners.count) listeners, \(connections.count) relayed connections (\(inFlight) bytes in flight in their pipes) and \(flows.count) UDP flows; waiting for the new pestod"
-        )
-        let (answer, fds) = try channel.receive()
-        for fd in fds { Sys.close(fd) }
-        guard answer == .taken else { throw PestoError(.system, "The new pestod answered something other than taken.") }
-        // The bus name is the new pestod's: no call comes here any more. Those that came
-        // before are answered (reads) or refused (changes) rather than left without a reply.
-        server.answerCallsBeforeExit(timeoutMilliseconds: timeoutMilliseconds)
-        _ = control?.handOver()
-        try channel.send(.bye)
-        // The new instance tells systemd it is the main process now, then closes the
-        // connection; only then may this one exit (else systemd would see its service's main
-        // process end). Whatever ends the wait, the new instance owns everything by now.
-        _ = try? channel.receive()
-        logger.notice("takeover complete: the new pestod serves now; this one exits")
-        onHandedOver?()
-    }
-}
 
 /// What the new instance received.
 public struct TakeoverReceived {
@@ -222,8 +43,10 @@ public struct TakeoverReceived {
     public var connections: [TCPConnectionHandover]
     /// The UDP flows, each with its socket.
     public var flows: [UDPFlowHandover]
-    /// The connection, kept open for `taken` and `bye`.
+    /// The connection, kept open for `ready`, the relays, `taken` and `bye`.
     public var channel: TakeoverChannel
+    /// The totals of the first phase (`shared`), which `end` repeats.
+    public var shared: (stateBytes: UInt32, listeners: UInt32)
 }
 
 extension TakeoverReceived {
@@ -248,7 +71,8 @@ extension TakeoverReceived {
 /// The new instance's side.
 public enum TakeoverClient {
     /// Connects to the running instance at `path` and receives its tables, listeners and
-    /// control socket. Waits while a D-Bus client holds the old instance's lock, at most
+    /// control socket (the first phase, which the old instance sends while it serves on;
+    /// `receiveRelays` then brings the second). Waits while a D-Bus client holds the old instance's lock, at most
     /// `timeoutMilliseconds` in all.
     public static func receive(path: String, timeoutMilliseconds: Int, logger: Logger) throws(PestoError) -> TakeoverReceived {
         guard let address = SocketAddress(unixPath: path) else {
@@ -298,15 +122,11 @@ public enum TakeoverClient {
         var text: [UInt8] = []
         var records: [(ListenerRecord, Int32)] = []
         var control: (path: String, fd: Int32)?
-        var connections: [TCPConnectionHandover] = []
-        var flows: [UDPFlowHandover] = []
         let adoption = ListenerAdoption()
         /// Closes every descriptor received so far (the old instance keeps its own).
         func abandon() {
             for (_, fd) in records { Sys.close(fd) }
             if let control { Sys.close(control.fd) }
-            for c in connections { for fd in c.descriptors { Sys.close(fd) } }
-            for f in flows { Sys.close(f.socket) }
         }
         var welcomed = false
         while true {
@@ -348,26 +168,12 @@ public enum TakeoverClient {
                 records += zip(batch, fds).map { ($0, $1) }
             case .controlSocket(let path) where welcomed && control == nil:
                 control = (path, fds[0])
-            case .connections(let batch) where welcomed:
-                var next = 0
-                for var c in batch {
-                    c.descriptors = Array(fds[next..<next + c.descriptorCount])
-                    next += c.descriptorCount
-                    connections.append(c)
-                }
-            case .flows(let batch) where welcomed:
-                for (var f, fd) in zip(batch, fds) {
-                    f.socket = fd
-                    flows.append(f)
-                }
-            case .end(let stateBytes, let listenerCount, let connectionCount, let flowCount) where welcomed:
-                guard stateBytes == text.count, listenerCount == records.count, connectionCount == connections.count,
-                    flowCount == flows.count
-                else {
+            case .shared(let stateBytes, let listenerCount) where welcomed:
+                guard stateBytes == text.count, listenerCount == records.count else {
                     abandon()
                     throw PestoError(
                         .system,
-                        "The handover was incomplete (\(text.count) of \(stateBytes) bytes, \(records.count) of \(listenerCount) listeners, \(connections.count) of \(connectionCount) connections, \(flows.count) of \(flowCount) flows)."
+                        "The handover was incomplete (\(text.count) of \(stateBytes) bytes, \(records.count) of \(listenerCount) listeners)."
                     )
                 }
                 let entries: [StateFile.Entry]
@@ -387,7 +193,71 @@ public enum TakeoverClient {
                     }
                 }
                 return TakeoverReceived(
-                    entries: entries, adoption: adoption, control: control, connections: connections, flows: flows, channel: channel)
+                    entries: entries, adoption: adoption, control: control, connections: [], flows: [], channel: channel,
+                    shared: (stateBytes, listenerCount))
+            default:
+                for fd in fds { Sys.close(fd) }
+                abandon()
+                throw PestoError(.system, "Unexpected handover message \(message.type) from the running pestod.")
+            }
+        }
+    }
+
+    /// Tells the old instance that this one has installed the tables on the handed-over
+    /// listeners (`ready`), and receives the relayed connections and flows into `received`;
+    /// the old instance pauses its relays from now until `confirm`. At most
+    /// `timeoutMilliseconds` for each message.
+    public static func receiveRelays(_ received: inout TakeoverReceived, timeoutMilliseconds: Int) throws(PestoError) {
+        let channel = received.channel
+        if case .failure(let e) = Sys.setTimeouts(channel.fd, milliseconds: timeoutMilliseconds) {
+            throw PestoError(.system, "Cannot set the takeover timeout.", underlyingError: e)
+        }
+        try channel.send(.ready)
+        var connections: [TCPConnectionHandover] = []
+        var flows: [UDPFlowHandover] = []
+        /// Closes every relay descriptor received so far (the old instance keeps its own).
+        func abandon() {
+            for c in connections { for fd in c.descriptors { Sys.close(fd) } }
+            for f in flows { Sys.close(f.socket) }
+        }
+        while true {
+            let message: TakeoverMessage
+            let fds: [Int32]
+            do throws(PestoError) {
+                (message, fds) = try channel.receive()
+            } catch {
+                abandon()
+                throw error
+            }
+            switch message {
+            case .connections(let batch):
+                var next = 0
+                for var c in batch {
+                    c.descriptors = Array(fds[next..<next + c.descriptorCount])
+                    next += c.descriptorCount
+                    connections.append(c)
+                }
+            case .flows(let batch):
+                for (var f, fd) in zip(batch, fds) {
+                    f.socket = fd
+                    flows.append(f)
+                }
+            case .end(let stateBytes, let listenerCount, let connectionCount, let flowCount):
+                guard stateBytes == received.shared.stateBytes, listenerCount == received.shared.listeners,
+                    connectionCount == connections.count, flowCount == flows.count
+                else {
+                    abandon()
+                    throw PestoError(
+                        .system,
+                        "The handover was incomplete (\(connections.count) of \(connectionCount) connections, \(flows.count) of \(flowCount) flows; \(stateBytes) bytes of tables and \(listenerCount) listeners announced, \(received.shared.stateBytes) and \(received.shared.listeners) shared)."
+                    )
+                }
+                received.connections = connections
+                received.flows = flows
+                return
+            case .refused(let why):
+                abandon()
+                throw PestoError(.system, "The running pestod refused the takeover: \(why)")
             default:
                 for fd in fds { Sys.close(fd) }
                 abandon()

@@ -44,6 +44,12 @@ public enum TakeoverMessage: Equatable, Sendable {
     case connections([TCPConnectionHandover])
     /// Old → new: UDP flows, one descriptor (the flow's socket) each, in this order.
     case flows([UDPFlowHandover])
+    /// Old → new: the tables, listeners and control socket are sent (the first phase, which
+    /// the old instance sends while it serves on); the totals let the new instance check.
+    case shared(stateBytes: UInt32, listeners: UInt32)
+    /// New → old: the new instance has installed the tables on the handed-over listeners and
+    /// waits for the relays; only now does the old instance pause.
+    case ready
     /// Old → new: everything is sent; the totals let the new instance check it got it all.
     case end(stateBytes: UInt32, listeners: UInt32, connections: UInt32 = 0, flows: UInt32 = 0)
     /// New → old: the new instance has installed everything and owns the bus name.
@@ -66,6 +72,8 @@ public enum TakeoverMessage: Equatable, Sendable {
         case .bye: 10
         case .connections: 11
         case .flows: 12
+        case .shared: 13
+        case .ready: 14
         }
     }
 }
@@ -93,8 +101,10 @@ public enum TakeoverWire {
     /// The format version this pestod speaks. A change to any message's layout or meaning
     /// gets a new version; an instance refuses any version but its own.
     /// Version 1 had no connections and flows; version 2 added them (messages 11 and 12, and
-    /// their counts in `end`).
-    public static let version: UInt16 = 2
+    /// their counts in `end`); version 3 hands over in two phases (messages 13 and 14: the
+    /// tables and listeners while the old instance serves on, the relays only once the new
+    /// one is ready).
+    public static let version: UInt16 = 3
     /// Header bytes.
     static let headerSize = 16
     /// The largest message, header included.
@@ -127,7 +137,7 @@ public enum TakeoverWire {
     public static func encode(_ message: TakeoverMessage, version: UInt16 = version) -> [UInt8] {
         var payload: [UInt8] = []
         switch message {
-        case .hello, .welcome, .taken, .bye: break
+        case .hello, .welcome, .taken, .bye, .ready: break
         case .waiting(let owner): payload = Array(owner.utf8.prefix(1024))
         case .refused(let why): payload = Array(why.utf8.prefix(1024))
         case .stateChunk(let bytes):
@@ -142,6 +152,9 @@ public enum TakeoverWire {
                 put16(&payload, r.port)
             }
         case .controlSocket(let path): payload = Array(path.utf8.prefix(1024))
+        case .shared(let stateBytes, let listeners):
+            put32(&payload, stateBytes)
+            put32(&payload, listeners)
         case .end(let stateBytes, let listeners, let connections, let flows):
             put32(&payload, stateBytes)
             put32(&payload, listeners)
@@ -237,6 +250,10 @@ public enum TakeoverWire {
             var records: [UDPFlowHandover] = []
             while !reader.atEnd { records.append(try reader.flow()) }
             message = .flows(records)
+        case 13:
+            guard payload.count == 8 else { throw PestoError(.system, "Malformed handover message (shared of \(payload.count) bytes).") }
+            message = .shared(stateBytes: get32(payload, 0), listeners: get32(payload, 4))
+        case 14: message = try empty(.ready)
         default: throw PestoError(.system, "Unknown handover message type \(type).")
         }
         guard descriptorCount(message) == descriptors else {
@@ -246,11 +263,11 @@ public enum TakeoverWire {
         return Frame(version: v, message: message, descriptors: descriptors)
     }
 
-    /// The messages that carry `stateText` and `listeners` (with their descriptors, in the
-    /// same order), then the control socket and the end: what the old instance sends.
-    public static func handover(
-        stateText: [UInt8], listeners: [(ListenerRecord, Int32)], connections: [TCPConnectionHandover] = [],
-        flows: [UDPFlowHandover] = [], control: (path: String, fd: Int32)?
+    /// The first phase: the messages that carry `stateText` and `listeners` (with their
+    /// descriptors, in the same order), then the control socket and `shared`: what the old
+    /// instance sends while it serves on.
+    public static func shared(
+        stateText: [UInt8], listeners: [(ListenerRecord, Int32)], control: (path: String, fd: Int32)?
     ) -> [(TakeoverMessage, [Int32])] {
         var out: [(TakeoverMessage, [Int32])] = []
         var offset = 0
@@ -265,6 +282,18 @@ public enum TakeoverWire {
             out.append((.listeners(batch.map(\.0)), batch.map(\.1)))
             start += batch.count
         }
+        if let control { out.append((.controlSocket(path: control.path), [control.fd])) }
+        out.append((.shared(stateBytes: UInt32(stateText.count), listeners: UInt32(listeners.count)), []))
+        return out
+    }
+
+    /// The second phase: the relayed connections and flows with their descriptors, then `end`
+    /// with every total (`stateBytes` and `listeners` those of the first phase): what the old
+    /// instance sends once the new one is ready, its relays paused.
+    public static func relays(
+        connections: [TCPConnectionHandover], flows: [UDPFlowHandover], stateBytes: Int, listeners: Int
+    ) -> [(TakeoverMessage, [Int32])] {
+        var out: [(TakeoverMessage, [Int32])] = []
         // Connections and flows: as many records as fit in one message's payload and
         // descriptors (a kernel limit: SCM_MAX_FD, 253 per message).
         var batch: [TCPConnectionHandover] = []
@@ -300,11 +329,10 @@ public enum TakeoverWire {
             flowBytes += size
         }
         if !flowBatch.isEmpty { out.append((.flows(flowBatch), flowFDs)) }
-        if let control { out.append((.controlSocket(path: control.path), [control.fd])) }
         out.append(
             (
                 .end(
-                    stateBytes: UInt32(stateText.count), listeners: UInt32(listeners.count), connections: UInt32(connections.count),
+                    stateBytes: UInt32(stateBytes), listeners: UInt32(listeners), connections: UInt32(connections.count),
                     flows: UInt32(flows.count)), []
             ))
         return out

@@ -244,7 +244,7 @@ struct TakeoverRelayTests {
     }
 
     @Test(
-        "a real new pestod SIGKILLed after the old one has sent it the connections leaves the old one relaying them (the new one stopped while waiting for the lock, so it reads nothing of the handover)"
+        "a real new pestod SIGKILLed after the old one has shared its tables and listeners leaves the old one relaying (the new one stopped while waiting for the lock, so it reads nothing of the handover)"
     )
     func newInstanceKilledDuringHandover() throws {
         let f = try PestodFixture(pestodArguments: TakeoverTests.arguments)
@@ -281,14 +281,16 @@ struct TakeoverRelayTests {
         #expect(waiting, "the new pestod never said it waits for the lock")
         #expect(kill(new.pid, SIGSTOP) == 0)
         try f.manager("Unlock", on: holder)
-        // The old pestod hands over (tables, listeners, the connection) and waits for taken.
+        // The old pestod shares its tables and listeners and, serving on, waits for ready
+        // (the connection would go only after it).
         var sent = false
         let deadline = MonotonicInstant.now.adding(milliseconds: 20_000)
         while !sent && MonotonicInstant.now < deadline {
-            sent = f.log.contains("1 relayed connections (")
+            sent = f.log.contains("takeover: sharing")
             if !sent { usleep(10_000) }  // a log file has no readiness signal
         }
-        #expect(sent, "the old pestod never sent the handover: \(f.log)")
+        #expect(sent, "the old pestod never shared its tables: \(f.log)")
+        #expect(!f.log.contains("relayed connections ("), "the connection went before ready: \(f.log)")
         #expect(kill(new.pid, SIGKILL) == 0)
         #expect(new.waitUntilExit() == 128 + SIGKILL)
         // The old one goes on: same bus name, the connection relaying both ways.
@@ -478,6 +480,8 @@ struct TakeoverRelayTests {
                     connectionMessages += 1
                     #expect(!records.isEmpty)
                     if step == "received the first connections" { break receiving }
+                case .shared:
+                    try channel.send(.ready)
                 case .end(_, _, let connections, _):
                     #expect(connections == 130, "\(step)")
                     #expect(connectionMessages == 2, "\(step)")

@@ -153,12 +153,14 @@ struct TakeoverTests {
         return channel
     }
 
-    /// Receives a whole handover (after hello and welcome); returns the descriptors received.
+    /// Receives a whole handover (after hello and welcome): the shared tables and listeners,
+    /// then, after saying ready, the relays; returns the descriptors received.
     static func receiveAll(_ channel: TakeoverChannel) throws -> [Int32] {
         var fds: [Int32] = []
         while true {
             let (message, received) = try channel.receive()
             fds += received
+            if case .shared = message { try channel.send(.ready) }
             if case .end = message { return fds }
         }
     }

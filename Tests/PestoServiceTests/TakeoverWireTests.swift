@@ -18,7 +18,7 @@ struct TakeoverWireTests {
         .hello, .welcome, .waiting(owner: ":1.42"), .refused("no"), .stateChunk(Array("pestod-state 1\n".utf8)),
         .listeners([ListenerRecord(table: .host, ruleID: 7, port: 80), ListenerRecord(table: .splice, ruleID: .max, port: 65535)]),
         .controlSocket(path: "/run/pesto/control"), .end(stateBytes: 123_456, listeners: 19_000, connections: 1000, flows: 7), .taken,
-        .bye, .connections(connections), .flows(flows),
+        .bye, .connections(connections), .flows(flows), .shared(stateBytes: 123_456, listeners: 19_000), .ready,
     ]
 
     /// Connections in every state a record can hold.
@@ -60,6 +60,8 @@ struct TakeoverWireTests {
         let hello = TakeoverWire.encode(.hello)
         var v1 = hello
         v1[5] = 1
+        var v2 = hello
+        v2[5] = 2
         var magic = hello
         magic[0] = 0
         var type = hello
@@ -71,6 +73,7 @@ struct TakeoverWireTests {
         badTable[16] = 2
         var cases: [(String, [UInt8], Int, String)] = [
             ("version 1 (before connections and flows)", v1, 0, "version 1; this pestod understands only version \(TakeoverWire.version)"),
+            ("version 2 (one phase, the old pestod paused throughout)", v2, 0, "version 2; this pestod understands only version 3"),
             ("bad magic", magic, 0, "PSTK"),
             ("short", Array(hello.prefix(10)), 0, "PSTK"),
             ("long", hello + [0], 0, "Malformed"),
@@ -117,7 +120,7 @@ struct TakeoverWireTests {
     func batching() {
         let text = [UInt8](repeating: 0x41, count: TakeoverWire.maxChunk * 2 + 5)
         let listeners = (0..<500).map { (ListenerRecord(table: .host, ruleID: UInt32($0), port: UInt16($0)), Int32($0)) }
-        let messages = TakeoverWire.handover(stateText: text, listeners: listeners, control: ("/c", 999))
+        let messages = TakeoverWire.shared(stateText: text, listeners: listeners, control: ("/c", 999))
         #expect(messages.count == 3 + 3 + 1 + 1)
         var chunks: [UInt8] = []
         var records: [ListenerRecord] = []
@@ -133,7 +136,7 @@ struct TakeoverWireTests {
             }
         }
         #expect(chunks == text && records == listeners.map(\.0) && fds == listeners.map(\.1))
-        #expect(messages.last!.0 == .end(stateBytes: UInt32(text.count), listeners: 500))
+        #expect(messages.last!.0 == .shared(stateBytes: UInt32(text.count), listeners: 500))
     }
 
     /// `bytes` with its header's payload length set to what follows the header.
@@ -168,7 +171,7 @@ struct TakeoverWireTests {
             f.socket = next
             return f
         }
-        let messages = TakeoverWire.handover(stateText: [], listeners: [], connections: connections, flows: flows, control: nil)
+        let messages = TakeoverWire.relays(connections: connections, flows: flows, stateBytes: 0, listeners: 0)
         var gotConnections: [TCPConnectionHandover] = []
         var gotFlows: [UDPFlowHandover] = []
         var fds: [Int32] = []
