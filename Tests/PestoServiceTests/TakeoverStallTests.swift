@@ -15,7 +15,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod takeover: a stalled successor", .serialized)
+@Suite("pestod takeover: a stalled successor", .serialized, .timeLimit(.minutes(10)))
 struct TakeoverStallTests {
     /// The takeover timeout of these tests: long enough to do everything below while the
     /// successor stalls, short enough for the test to wait it out.
