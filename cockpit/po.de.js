@@ -54,7 +54,7 @@ cockpit.locale({
     "Connecting to pestod…": [null, "Verbindung zu pestod wird hergestellt …"],
     "pestod is not running": [null, "pestod läuft nicht"],
     "Reading pestod's tables…": [null, "Die Tabellen von pestod werden gelesen …"],
-    "pestod $0 on the system bus · tables: $1 · ": [null, "pestod $0 auf dem Systembus · Tabellen: $1 · "],
+    "$0 on the system bus · tables: $1 · ": [null, "$0 auf dem Systembus · Tabellen: $1 · "],
     "Unlocked": [null, "Nicht gesperrt"],
     "Locked by this page ($0): changes are one transaction until Commit or Cancel": [null, "Von dieser Seite gesperrt ($0): Änderungen sind eine Transaktion bis Übernehmen oder Abbrechen"],
     "Locked by $0: changes from others are refused until it unlocks": [null, "Von $0 gesperrt: Änderungen anderer werden abgelehnt, bis die Sperre endet"],
@@ -125,5 +125,17 @@ cockpit.locale({
     "(scan)": [null, "(Scan)"],
     "(from the client's address)": [null, "(von der Adresse des Clients)"],
     "$0 bound": [null, "$0 gebunden"],
-    "last error $0": [null, "letzter Fehler $0"]
+    "last error $0": [null, "letzter Fehler $0"],
+    "pestod $0 (interface $1)": [null, "pestod $0 (Schnittstelle $1)"],
+    "pestod $0": [null, "pestod $0"],
+    "pestod (interface $0)": [null, "pestod (Schnittstelle $0)"],
+    "$0 uploaded rule": ["$0 uploaded rules", "$0 hochgeladene Regel", "$0 hochgeladene Regeln"],
+    "$0 rule uploaded; refused at $1, nothing was changed.": ["$0 rules uploaded; refused at $1, nothing was changed.", "$0 Regel hochgeladen; abgelehnt um $1, nichts wurde geändert.", "$0 Regeln hochgeladen; abgelehnt um $1, nichts wurde geändert."],
+    "$0 earlier refusal is no longer shown (pestod's log has it).": ["$0 earlier refusals are no longer shown (pestod's log has them).", "$0 frühere Ablehnung wird nicht mehr angezeigt (sie steht im Protokoll von pestod).", "$0 frühere Ablehnungen werden nicht mehr angezeigt (sie stehen im Protokoll von pestod)."],
+    "The upload could not be read, so no rules are shown.": [null, "Der Upload konnte nicht gelesen werden, daher werden keine Regeln angezeigt."],
+    "The first $0 rules of the upload": [null, "Die ersten $0 Regeln des Uploads"],
+    "Refused at $0; nothing was changed.": [null, "Abgelehnt um $0; nichts wurde geändert."],
+    "At least $0 rules uploaded; refused at $1, nothing was changed.": [null, "Mindestens $0 Regeln hochgeladen; abgelehnt um $1, nichts wurde geändert."],
+    "Upload refused on control socket $0": [null, "Upload am Steuer-Socket $0 abgelehnt"],
+    "Dismiss all": [null, "Alle verwerfen"]
 });
