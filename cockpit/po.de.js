@@ -130,12 +130,14 @@ cockpit.locale({
     "pestod $0": [null, "pestod $0"],
     "pestod (interface $0)": [null, "pestod (Schnittstelle $0)"],
     "$0 uploaded rule": ["$0 uploaded rules", "$0 hochgeladene Regel", "$0 hochgeladene Regeln"],
-    "$0 rule uploaded; refused at $1, nothing was changed.": ["$0 rules uploaded; refused at $1, nothing was changed.", "$0 Regel hochgeladen; abgelehnt um $1, nichts wurde geändert.", "$0 Regeln hochgeladen; abgelehnt um $1, nichts wurde geändert."],
+    "$0 rule uploaded, refused at $1.": ["$0 rules uploaded, refused at $1.", "$0 Regel hochgeladen, abgelehnt um $1.", "$0 Regeln hochgeladen, abgelehnt um $1."],
     "$0 earlier refusal is no longer shown (pestod's log has it).": ["$0 earlier refusals are no longer shown (pestod's log has them).", "$0 frühere Ablehnung wird nicht mehr angezeigt (sie steht im Protokoll von pestod).", "$0 frühere Ablehnungen werden nicht mehr angezeigt (sie stehen im Protokoll von pestod)."],
+    "Show $0 more refused upload": ["Show $0 more refused uploads", "$0 weiteren abgelehnten Upload zeigen", "$0 weitere abgelehnte Uploads zeigen"],
     "The upload could not be read, so no rules are shown.": [null, "Der Upload konnte nicht gelesen werden, daher werden keine Regeln angezeigt."],
     "The first $0 rules of the upload": [null, "Die ersten $0 Regeln des Uploads"],
-    "Refused at $0; nothing was changed.": [null, "Abgelehnt um $0; nichts wurde geändert."],
-    "At least $0 rules uploaded; refused at $1, nothing was changed.": [null, "Mindestens $0 Regeln hochgeladen; abgelehnt um $1, nichts wurde geändert."],
+    "Refused at $0.": [null, "Abgelehnt um $0."],
+    "At least $0 rules uploaded, refused at $1.": [null, "Mindestens $0 Regeln hochgeladen, abgelehnt um $1."],
     "Upload refused on control socket $0": [null, "Upload am Steuer-Socket $0 abgelehnt"],
-    "Dismiss all": [null, "Alle verwerfen"]
+    "Dismiss all": [null, "Alle verwerfen"],
+    "Show only the newest": [null, "Nur die neuesten zeigen"]
 });

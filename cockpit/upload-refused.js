@@ -14,7 +14,8 @@
  * (rule-text.js; upstream's rules carry no table, so HOST's options name them, as in
  * `pestoctl watch`). The alerts are kept newest first, at most `KEPT`; older ones are
  * dropped and counted in a note, so a client retrying in a loop cannot grow the page without
- * bound. Each alert is dismissed on its own, or all of them at once. They live as long as
+ * bound. The newest `SHOWN` are shown, the others behind a "Show N more" button, so the
+ * tables stay in view. Each alert is dismissed on its own, or all of them at once. They live as long as
  * the page: signals are not replayed, so a refusal before the page opened is in pestod's log
  * (and `pestoctl watch`) only.
  */
@@ -24,6 +25,8 @@ const PestoUploadRefused = (() => {
     const _ = cockpit.gettext;
     /** The most alerts kept; the oldest go first. */
     const KEPT = 20;
+    /** How many of them are shown until the user asks for all (the tables stay in view). */
+    const SHOWN = 3;
     /** The most rules one UploadRefused carries (pestod's bound). */
     const SIGNALLED_RULES = 1024;
 
@@ -55,6 +58,8 @@ const PestoUploadRefused = (() => {
         const kept = [];
         /** How many older refusals were dropped to keep `KEPT`. */
         let dropped = 0;
+        /** The user asked to see every alert kept, not only the newest `SHOWN`. */
+        let showAll = false;
         let nextKey = 1;
         /** The alerts' element as last built, reused until the list changes, so a render
          *  caused by another signal leaves a disclosure the user opened open. */
@@ -72,10 +77,14 @@ const PestoUploadRefused = (() => {
             if (key === null) {
                 kept.length = 0;
                 dropped = 0;
+                showAll = false;
             } else {
                 const at = kept.findIndex((r) => r.key === key);
                 if (at >= 0) kept.splice(at, 1);
-                if (kept.length === 0) dropped = 0;
+                if (kept.length === 0) {
+                    dropped = 0;
+                    showAll = false;
+                }
             }
             built = null;
             rerender();
@@ -95,11 +104,11 @@ const PestoUploadRefused = (() => {
 
         /** How many rules were uploaded, and when the upload was refused. */
         function meta(count, time) {
-            if (count === 0) return cockpit.format(_("Refused at $0; nothing was changed."), time);
+            if (count === 0) return cockpit.format(_("Refused at $0."), time);
             if (count >= SIGNALLED_RULES)
-                return cockpit.format(_("At least $0 rules uploaded; refused at $1, nothing was changed."), count, time);
-            return cockpit.format(cockpit.ngettext("$0 rule uploaded; refused at $1, nothing was changed.",
-                                                   "$0 rules uploaded; refused at $1, nothing was changed.", count), count, time);
+                return cockpit.format(_("At least $0 rules uploaded, refused at $1."), count, time);
+            return cockpit.format(cockpit.ngettext("$0 rule uploaded, refused at $1.",
+                                                   "$0 rules uploaded, refused at $1.", count), count, time);
         }
 
         /** One refusal as a PatternFly-like inline alert with its close button. */
@@ -116,7 +125,8 @@ const PestoUploadRefused = (() => {
                       rulesPart(refusal), close);
         }
 
-        /** The alerts, newest first, with "Dismiss all" and the note on dropped ones; null when none. */
+        /** The alerts, newest first (the newest `SHOWN` unless all were asked for), with "Dismiss
+         *  all" and the note on dropped ones; null when none. */
         function render() {
             if (kept.length === 0) return null;
             if (built) return built;
@@ -132,7 +142,17 @@ const PestoUploadRefused = (() => {
                               _("Dismiss all")));
                 box.append(bar);
             }
-            box.append(...kept.map(alertFor));
+            box.append(...kept.slice(0, showAll ? KEPT : SHOWN).map(alertFor));
+            if (kept.length > SHOWN) {
+                const label = showAll
+                    ? _("Show only the newest")
+                    : cockpit.format(cockpit.ngettext("Show $0 more refused upload", "Show $0 more refused uploads", kept.length - SHOWN),
+                                     kept.length - SHOWN);
+                box.append(el("button", {
+                    type: "button", class: "btn btn-link refusals-more", id: "refusals-more", "aria-expanded": String(showAll),
+                    onclick: () => { showAll = !showAll; built = null; rerender() },
+                }, label));
+            }
             built = box;
             return box;
         }
@@ -140,5 +160,5 @@ const PestoUploadRefused = (() => {
         return { add, dismiss, render, get count() { return kept.length } };
     }
 
-    return { create, notations, KEPT };
+    return { create, notations, KEPT, SHOWN };
 })();

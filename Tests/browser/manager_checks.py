@@ -10,8 +10,9 @@ test_cockpit.py (class Test):
     a multicast listening address) shows as an alert: the socket, pestod's reason, how many
     rules, the rules in pasta's notation behind a disclosure, which stays open across
     renders; nothing changed in pestod;
-  * the alerts are newest first, at most 20 (the older counted in a note), dismissed one by
-    one or all at once; in German with Cockpit's language cookie.
+  * the alerts are newest first, at most 20 (the older counted in a note), the newest 3 shown
+    and the others behind "Show N more", dismissed one by one or all at once; in German with
+    Cockpit's language cookie.
 
 Every wait is on the page's DOM or on pestod (busctl), never a fixed sleep.
 """
@@ -22,6 +23,7 @@ import pesto_wire
 from page_checks import Failure
 
 KEPT = 20  # upload-refused.js's bound
+SHOWN = 3  # the alerts shown before "Show N more"
 MULTICAST = "224.0.0.1"
 
 
@@ -94,13 +96,16 @@ class ManagerChecks:
         for n in range(1, extra + 1):
             self.refuse_upload((MULTICAST, 5000 + n))
         newest = f"-t {MULTICAST}/{5000 + extra}"
-        self.wait(f"{KEPT} alerts, newest first, and the dropped ones counted", lambda: len(self.refusals()) == KEPT
+        self.wait(f"the newest {SHOWN} alerts, newest first, the dropped ones counted", lambda: len(self.refusals()) == SHOWN
                   and self.last_refused_rule(self.refusals()[0]) == newest
-                  and "2 earlier refusals are no longer shown" in self.css("#upload-refusals .refusals-dropped")[0].text)
+                  and "2 earlier refusals are no longer shown" in self.css("#upload-refusals .refusals-dropped")[0].text
+                  and self.css("#refusals-more")[0].text == f"Show {KEPT - SHOWN} more refused uploads")
+        self.shot("upload-refused-many")
+        self.css("#refusals-more")[0].click()
+        self.wait(f"all {KEPT} alerts kept", lambda: len(self.refusals()) == KEPT)
         oldest = self.last_refused_rule(self.refusals()[-1])
         if oldest != f"-t {MULTICAST}/{5000 + extra - KEPT + 1}":
             raise Failure(f"the oldest alert kept lists {oldest}")
-        self.shot("upload-refused-many")
         self.refusals()[0].find_element(By.CSS_SELECTOR, ".alert-close").click()
         self.wait("the newest alert dismissed", lambda: len(self.refusals()) == KEPT - 1
                   and self.last_refused_rule(self.refusals()[0]) == f"-t {MULTICAST}/{5000 + extra - 1}")
@@ -113,4 +118,5 @@ class ManagerChecks:
         self.refuse_upload((MULTICAST, 4999))
         self.wait("the refused upload's alert in German", lambda: self.refusals() and self.refusals()[0].find_element(
             By.CSS_SELECTOR, ".alert-title").text.startswith("Upload am Steuer-Socket")
-            and "hochgeladen; abgelehnt um" in self.refusals()[0].text)
+            and "hochgeladen, abgelehnt um" in self.refusals()[0].text)
+        self.shot("upload-refused-german", "#upload-refusals")
