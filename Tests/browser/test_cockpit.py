@@ -73,6 +73,7 @@ except ImportError as error:
     sys.exit(77)
 from page_checks import Failure, PageChecks  # noqa: E402 (needs selenium)
 from manager_checks import ManagerChecks  # noqa: E402 (needs selenium)
+from processes import own_children  # noqa: E402
 
 
 def log(message):
@@ -537,22 +538,6 @@ class Test(PageChecks, ManagerChecks):
                                               stdout=subprocess.DEVNULL, stderr=self.logfile("pestod-65535")))
         self.check_scale(url)
         self.check_console()
-
-
-def own_children():
-    """PIDs whose parent is this process."""
-    me = str(os.getpid())
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if fields[1] == me:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 def main():
