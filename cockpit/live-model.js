@@ -29,7 +29,9 @@
  *     the next owner event.
  *
  * The page is told through hooks: `changed()` after every change, `ruleRemoved(path)`,
- * `lockLost(text)` when a lock this page held is gone, `problem(title, text)`.
+ * `lockLost(text)` when a lock this page held is gone, `problem(title, text)`, and (optional)
+ * `uploadRefused(socket, reason, rules)` for each Manager `UploadRefused` signal, an event
+ * that is passed on as it comes (even while the model loads) and kept nowhere in the model.
  */
 "use strict";
 
@@ -69,7 +71,7 @@ const PestoLiveModel = (() => {
             loading: false,
             /** GetAll for the Manager is on its way: its signals until the reply are dropped. */
             loadingManager: false,
-            /** The Manager's properties (Version, LockOwner, Tables), or null. */
+            /** The Manager's properties (Version, ProductVersion, LockOwner, Tables), or null. */
             manager: null,
             /** Table object path → its properties. */
             tables: new Map(),
@@ -128,6 +130,11 @@ const PestoLiveModel = (() => {
 
         /** Applies one signal from pestod to the model. */
         function onSignal(path, iface, member, args) {
+            // An event, not state: never dropped while the model loads.
+            if (path === ROOT && iface === MANAGER && member === "UploadRefused") {
+                if (hooks.uploadRefused && args.length === 3) hooks.uploadRefused(args[0], args[1], args[2]);
+                return;
+            }
             if (!model.owner) return;
             const aboutManager = path === ROOT && iface === PROPERTIES && args[0] === MANAGER;
             const about = iface === OBJECT_MANAGER ? args[0] : path;

@@ -8,8 +8,9 @@
  * every call goes through (so the calls of a transaction come from the connection holding
  * the lock). This file wires the page: the service line and alerts, the actions on rules
  * (Activate, Deactivate, Delete after a confirmation: Apply for an active rule), the page's
- * own transaction (Lock … Commit, or Rollback after a confirmation), and starting pestod by
- * D-Bus activation with the outcome shown. rule-table.js renders the tables (search, filters,
+ * own transaction (Lock … Commit, or Rollback after a confirmation), starting pestod by
+ * D-Bus activation with the outcome shown, and the alerts for uploads refused on a control
+ * socket (upload-refused.js) under the title, beside pestod's versions (service-version.js). rule-table.js renders the tables (search, filters,
  * sort, paging); rule-form.js is the add/edit form. Errors are kept per rule and shown next to
  * it. Users who may not change the tables (no administrative access, or a refusal from
  * pestod) see them read-only.
@@ -42,6 +43,8 @@
     let model = null;
     let table = null;
     let form = null;
+    /** Uploads pestod refused on a control socket since the page opened (upload-refused.js). */
+    let uploadRefusals = null;
     const permission = cockpit.permission({ admin: true });
     const $ = (id) => document.getElementById(id);
 
@@ -258,7 +261,7 @@
             line.append(_("Reading pestod's tables…"));
         } else {
             const names = sortedTables().map((t) => t.Name).join(" · ");
-            line.append(cockpit.format(_("pestod $0 on the system bus · tables: $1 · "), model.manager.Version, names));
+            line.append(cockpit.format(_("$0 on the system bus · tables: $1 · "), PestoServiceVersion.text(model.manager), names));
             const lock = el("span", { id: "lock-state", class: "lock " + (lockOwner === "" ? "lock-free" : mine ? "lock-mine" : "lock-other") });
             if (lockOwner === "") lock.append(_("Unlocked"));
             else if (mine) lock.append(cockpit.format(_("Locked by this page ($0): changes are one transaction until Commit or Cancel"), lockOwner));
@@ -308,6 +311,8 @@
             box.append(alert(ui.notice.kind, ui.notice.title, ui.notice.text, close));
             box.lastChild.id = "notice";
         }
+        const refusals = uploadRefusals.render();
+        if (refusals) box.append(refusals);
         if (model.manager && readOnly()) {
             box.append(alert("info", _("Read-only"),
                              _("You are not allowed to change the forwarding tables. Turn on administrative access (top right in Cockpit) to edit them.")));
@@ -331,6 +336,7 @@
         cockpit.translate();
         document.documentElement.lang = cockpit.language;
         for (const help of document.querySelectorAll(".helper")) help.dataset.hint = help.textContent;
+        uploadRefusals = PestoUploadRefused.create({ el, rerender: render });
         const ctx = {
             ui, el, readOnly, sortedTables, tableCall, transaction, encodeRule, isDenied, renderFormTables,
             rerender: scheduleRender,
@@ -341,6 +347,10 @@
             ruleRemoved: (path) => ui.errors.delete(path),
             lockLost: (text) => { ui.notice = { kind: "warning", title: _("The transaction ended"), text } },
             problem: (title, text) => { ui.notice = { kind: "danger", title, text } },
+            uploadRefused: (socket, reason, rules) => {
+                uploadRefusals.add(socket, reason, rules);
+                scheduleRender();
+            },
         });
         ctx.model = model;
         table = PestoRuleTable.create(ctx);

@@ -6,7 +6,8 @@
 // script Tests/browser/test_cockpit.py starts cockpit-ws (socket-activated on a loopback port,
 // with the bus as DBUS_SYSTEM_BUS_ADDRESS) and headless Chromium, drives the page and checks
 // pestod with busctl; it kills and restarts pestod itself (with a namespace: a SPLICE table appears), and opens the page once more through
-// a second cockpit-ws whose bridge runs as `nobody` (read-only). Its output is printed here and
+// a second cockpit-ws whose bridge runs as `nobody` (read-only). It uploads to pestod's control
+// socket as upstream's client does, an upload pestod refuses, which the page shows as an alert. Its output is printed here and
 // its exit status asserted. Tests/browser/page_checks.py adds the page's own behaviours (the
 // shared spec cases, the form, confirmations, dark style, narrow widths, German, 65,535 rules;
 // the times it prints are reported, never asserted). Without Cockpit, Chromium, chromedriver or selenium the test is
@@ -49,7 +50,8 @@ struct CockpitBrowserTests {
         .enabled(if: BrowserTools.isRoot, "needs root (a namespace for the SPLICE table, a bridge run as nobody)"),
         .timeLimit(.minutes(15)))
     func pageAgainstPestod() throws {
-        let fixture = try PestodFixture(pestodArguments: ["--authorize", "none"])
+        // Its control socket: the script uploads to it as upstream's client does, and pestod refuses.
+        let fixture = try PestodFixture(pestodArguments: ["--authorize", "none", "--control", "CONTROL"])
         // The script restarts pestod with this namespace, so the page meets a SPLICE table.
         let namespace = try TestNamespace()
         let ports = TestSockets.freePorts(5)
@@ -62,7 +64,7 @@ struct CockpitBrowserTests {
             [
                 script, "--bus", fixture.address, "--pestod", Products.path("pestod"),
                 "--screenshot", BrowserTools.screenshot.path, "--web-port", String(web), "--ports", rulePorts,
-                "--netns", namespace.path,
+                "--netns", namespace.path, "--control", fixture.controlPath,
             ],
             // pestod's restore and List of 65,535 rules take minutes on a loaded machine.
             timeoutMilliseconds: 840_000)

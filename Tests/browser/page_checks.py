@@ -243,6 +243,7 @@ class PageChecks:
         if self.driver.execute_script("return cockpit.language") != "de":
             raise Failure("cockpit.language is not de")
         self.shot("german")
+        self.check_upload_refused_german()  # manager_checks.py
         self.driver.delete_cookie("CockpitLang")
         self.driver.get(url)
         self.wait("the page in English again", lambda: self.css("h1")[0].text == "Port forwarding")

@@ -6,6 +6,7 @@ Run by Tests/PestoServiceTests/CockpitBrowserTests.swift, which starts a private
 pestod on it (`--authorize none`) and passes:
 
     test_cockpit.py --bus ADDRESS --pestod PATH --screenshot PNG --web-port P --ports A,B,C,Q
+                    --control SOCKET --netns PATH
 
 This script then starts, as its own children:
 
@@ -21,12 +22,13 @@ changed with busctl and pestoctl appear live, written as `pestoctl --json` write
 failure shows and clears; another client's lock is named; the page's transaction, edits,
 (de)activations and deletions change pestod; a refused activation shows its error; a killed
 pestod is followed, and "Start pestod" says why it cannot start it; a second cockpit-ws whose
-bridge runs as `nobody` is read-only; the console stays clean. page_checks.py adds the page's
+bridge runs as `nobody` is read-only; the console stays clean. manager_checks.py: pestod's
+versions, and uploads refused on its control socket shown as alerts. page_checks.py adds the page's
 own behaviours: the shared spec cases, the form that never adds what was not typed, an atomic
 Add, confirmations, dark style, 760 px and phone widths, German, and 65,535 rules.
 
-Screenshots: PNG (an active and a failing rule, the lock), PNG-dark, PNG-760, PNG-phone and
-PNG-65535 beside it (--shots DIR: more steps).
+Screenshots: PNG (an active and a failing rule, the lock), PNG-dark, PNG-760, PNG-phone,
+PNG-upload-refused and PNG-65535 beside it (--shots DIR: more steps).
 
 Exit status: 0 passed, 1 failed, 77 a tool is missing. Every process it starts is killed
 (SIGKILL) and reaped: the script is a child subreaper, so the bridge and Chromium's helpers
@@ -70,6 +72,8 @@ except ImportError as error:
     print(f"SKIP: python3-selenium is missing ({error})")
     sys.exit(77)
 from page_checks import Failure, PageChecks  # noqa: E402 (needs selenium)
+from manager_checks import ManagerChecks  # noqa: E402 (needs selenium)
+from processes import own_children  # noqa: E402
 
 
 def log(message):
@@ -79,9 +83,9 @@ def log(message):
 START = time.monotonic()
 
 
-class Test(PageChecks):
+class Test(PageChecks, ManagerChecks):
     """One run: the processes it started, the browser, and the checks (page_checks.py: the
-    page's own behaviours)."""
+    page's own behaviours; manager_checks.py: versions and refused uploads)."""
 
     @staticmethod
     def log(message):
@@ -317,12 +321,15 @@ class Test(PageChecks):
         self.start_browser()
         self.driver.get(f"http://127.0.0.1:{self.args.web_port}/cockpit/@localhost/pesto/index.html")
         self.wait("the HOST table, unlocked", lambda: self.css('[data-table="HOST"]') and self.lock_text() == "Unlocked")
+        self.check_versions()
+        refused_alert = self.check_upload_refused(port_added)
 
         # A rule inserted and activated with busctl appears, live.
         self.insert(1, port_active, "busctl")
         self.wait_row(1, "inactive")
         self.table_call("Activate", "u", 1)
         self.wait_row(1, "active", "1 bound")
+        self.check_upload_refused_kept(refused_alert)
         notation = self.row(1).find_element(By.CSS_SELECTOR, "td.col-notation").text
         if notation != f"-t 127.0.0.1/{port_active}":
             raise Failure(f"rule 1 is written {notation!r}, not in pasta's notation")
@@ -533,28 +540,13 @@ class Test(PageChecks):
         self.check_console()
 
 
-def own_children():
-    """PIDs whose parent is this process."""
-    me = str(os.getpid())
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if fields[1] == me:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bus", required=True)
     parser.add_argument("--pestod", required=True)
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--web-port", type=int, required=True)
+    parser.add_argument("--control", required=True, help="the fixture's pestod's control socket (--control PATH)")
     parser.add_argument("--netns", help="a network namespace for the restarted pestod (then it has a SPLICE table)")
     parser.add_argument("--shots", help="a directory for screenshots of more steps (for a person to look at)")
     parser.add_argument("--ports", required=True, help="four free TCP ports, comma-separated: three for rules, "
