@@ -53,13 +53,34 @@ package struct DBusWireMessage {
     /// Builds the message of `type` with `fields` and `body`; nil when libdbus refuses it (the
     /// caller then builds it through libdbus's iterators). `noReply` sets NO_REPLY_EXPECTED.
     package static func make(type: Int32, noReply: Bool, fields: [(Field, DBusValue)], body: [DBusValue]) -> DBusMessage? {
+        make(type: type, noReply: noReply, fields: fields, body: body, maxBytes: Int.max).message
+    }
+
+    /// What `make(type:noReply:fields:body:maxBytes:)` built, or how large it would have been.
+    package struct Sized {
+        /// The message; nil when libdbus refused it or when it is over the size asked for.
+        package var message: DBusMessage?
+        /// The message's size in bytes (header and body) as it goes on the wire; for a
+        /// message over `maxBytes`, its body's size alone (the header adds a few hundred).
+        package var bytes: Int
+
+        package init(message: DBusMessage?, bytes: Int) {
+            self.message = message
+            self.bytes = bytes
+        }
+    }
+
+    /// `make`, refusing to hand a message larger than `maxBytes` (or libdbus's maximum) to
+    /// libdbus: `bytes` then says how large it is, and `message` is nil.
+    package static func make(type: Int32, noReply: Bool, fields: [(Field, DBusValue)], body: [DBusValue], maxBytes: Int) -> Sized {
         var signature = ""
         for v in body { signature += v.signature }
-        guard signature.utf8.count <= 255 else { return nil }
+        guard signature.utf8.count <= 255 else { return Sized(message: nil, bytes: 0) }
         var bodyWriter = Writer()
         bodyWriter.bytes.reserveCapacity(64)
         for v in body { bodyWriter.write(v) }
-        guard bodyWriter.bytes.count < 1 << 27 else { return nil }  // libdbus's maximum message size
+        // libdbus's maximum message size is 128 MiB; a bus's is usually less.
+        guard bodyWriter.bytes.count < min(1 << 27, maxBytes) else { return Sized(message: nil, bytes: bodyWriter.bytes.count) }
 
         var header = Writer()
         header.bytes.reserveCapacity(160 + bodyWriter.bytes.count)
@@ -87,10 +108,12 @@ package struct DBusWireMessage {
         var error = DBusError()
         dbus_error_init(&error)
         defer { dbus_error_free(&error) }
+        let total = header.bytes.count
+        guard total <= maxBytes else { return Sized(message: nil, bytes: total) }
         let raw = header.bytes.withUnsafeBufferPointer { buffer in
             buffer.withMemoryRebound(to: CChar.self) { dbus_message_demarshal($0.baseAddress, Int32(buffer.count), &error) }
         }
-        return raw.map { DBusMessage(owning: $0) }
+        return Sized(message: raw.map { DBusMessage(owning: $0) }, bytes: total)
     }
 
     /// Appends values in the wire format, aligned as if the buffer started a message (a body

@@ -134,6 +134,8 @@ public final class PestoServer {
     public var allowsReplacement = false
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
+    /// The largest reply pestod sends; larger ones are refused (ReplySizeLimit.swift).
+    var maxMessageBytes = ReplySizeLimit.standard
     /// Makes a server for `engine` sending on `port`; call `start(on:)` to go on the bus
     /// (tests call `handle(_:)` directly).
     public init(engine: ForwardingEngine, port: any BusPort, logger: Logger) {
@@ -179,6 +181,7 @@ public final class PestoServer {
             "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'"
         )
         connection.messageHandler = { [unowned self] message in self.handle(message) }
+        maxMessageBytes = ReplySizeLimit.bound(for: connection)
         connection.attach(to: engine.loop, kind: EngineEventKind.dbus)
         try connection.requestName(PestoBusNames.busName, allowingReplacement: allowsReplacement)
         logger.info("on the bus as \(PestoBusNames.busName) (\(connection.uniqueName))")
@@ -217,7 +220,8 @@ public final class PestoServer {
             let started = MonotonicInstant.now
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
-                answer(address, values)
+                answer(address, values, read: true)
+                logLongRead(address, since: started)  // large reads (ReplySizeLimit.swift)
             case .change where handingOver:
                 throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
@@ -334,10 +338,11 @@ public final class PestoServer {
     /// Sends a method reply unless the caller asked for none. If the call committed a change
     /// and a state file is kept, the reply waits for the save at the end of the loop turn;
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
-    private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal()) {
+    private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal(), read: Bool = false) {
         MemoryTrim.after(committed)
+        // Replies over the bus's maximum message size become LimitsExceeded (ReplySizeLimit.swift).
         guard !committed.isEmpty, let commits else {
-            if address.wantsReply { sendReply(.methodReturn(to: address, values)) }
+            if address.wantsReply { sendReply(boundedReturn(to: address, values, changed: !read)) }
             return
         }
         commits.add(committed) { [unowned self] failure in
@@ -345,7 +350,7 @@ public final class PestoServer {
                 self.logger.error("\(address.member) by \(address.who) undone: it could not be saved")
                 if address.wantsReply { self.sendReply(.errorReply(to: address, DBusErrorReply(failure))) }
             } else if address.wantsReply {
-                self.sendReply(.methodReturn(to: address, values))
+                self.sendReply(self.boundedReturn(to: address, values, changed: true))
             }
         }
     }
