@@ -106,6 +106,7 @@ public final class PestoServer {
             if message.isSignal, message.member == "NameLost", message.arguments?.first?.stringValue == PestoBusNames.busName { break }
             _ = handle(message)
         }
+        reads.finishAll()
         port.flush()
     }
 
@@ -136,6 +137,8 @@ public final class PestoServer {
     public private(set) var disconnected = false
     /// The largest reply pestod sends; larger ones are refused (ReplySizeLimit.swift).
     var maxMessageBytes = ReplySizeLimit.standard
+    /// Large reads answered over several loop turns, and the calls held behind them (SlicedRead.swift).
+    private(set) lazy var reads = SlicedReads(server: self)
     /// Makes a server for `engine` sending on `port`; call `start(on:)` to go on the bus
     /// (tests call `handle(_:)` directly).
     public init(engine: ForwardingEngine, port: any BusPort, logger: Logger) {
@@ -199,6 +202,8 @@ public final class PestoServer {
         case committed(Journal)
         /// Unlock, Commit or Rollback: run once no change is in progress or held back.
         case holder(String)
+        /// A large read, answered over several loop turns (SlicedRead.swift).
+        case sliced(SlicedReply)
     }
 
     /// The refusal of a change that reaches a pestod handing over to its successor.
@@ -216,12 +221,24 @@ public final class PestoServer {
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
         let address = ReplyAddress(message)
         do throws(DBusErrorReply) {
+            // A caller's calls wait behind its own large read, in order (SlicedRead.swift).
+            if let sender = message.sender, reads.isHolding(sender) {
+                guard reads.hold(message, from: sender) else {
+                    throw DBusErrorReply(
+                        DBusErrorReply.limitsExceeded,
+                        "Your calls waiting behind a large read of yours would exceed \(SlicedReads.heldLimit) calls or \(SlicedReads.heldBytesLimit) bytes; wait for its reply."
+                    )
+                }
+                return true
+            }
             // Steps 1–3.
             let started = MonotonicInstant.now
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
                 answer(address, values, read: true)
                 logLongRead(address, since: started)  // large reads (ReplySizeLimit.swift)
+            case .sliced(let reply):
+                reads.start(reply, for: address, sender: message.sender ?? "")
             case .change where handingOver:
                 throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
@@ -268,7 +285,7 @@ public final class PestoServer {
             switch try managerCall(member, sender: sender) {
             case .reply(let values): answer(address, values)
             case .committed(let journal): answer(address, [], committed: journal)
-            case .change, .holder: preconditionFailure("\(member) is answered by the lock's holder methods")
+            case .change, .holder, .sliced: preconditionFailure("\(member) is answered by the lock's holder methods")
             }
         } catch {
             if address.wantsReply { sendReply(.errorReply(to: address, error)) }
@@ -381,7 +398,7 @@ public final class PestoServer {
 
     /// Sends a method reply (or error), after the table counters its call changed: a caller
     /// sees every signal of its change before the reply, as when they were sent one by one.
-    private func sendReply(_ reply: DBusMessage) {
+    func sendReply(_ reply: DBusMessage) {
         announcer.announceStaleCounters()
         port.send(reply)
     }
@@ -410,6 +427,7 @@ public final class PestoServer {
         if let dropped = authorization?.senderLeft(name), dropped > 0 {
             logger.info("\(name) left the bus with \(dropped) changes waiting for authorization; they are dropped")
         }
+        if reads.senderLeft(name) > 0 { logger.info("\(name) left the bus during a large read of its own; it is dropped") }
         let unlogged = refusalLog.forget(name)
         if unlogged > 0 { logger.notice("\(name) left the bus; \(unlogged) more of its refusals were not logged") }
         let dropped = editor.dropWaiting(of: name)
@@ -465,6 +483,8 @@ public final class PestoServer {
         case (PestoInterfaces.properties.name, _):
             return .reply(try propertiesCall(object, member: member, args: args))
         case (PestoInterfaces.objectManager.name, _):
+            // Many rules: written over several loop turns (SlicedRead.swift).
+            if engine.tables.reduce(0, { $0 + $1.ruleCount }) >= reads.elementsPerSlice { return .sliced(slicedManagedObjects()) }
             return .reply([managedObjects()])
         case (PestoInterfaces.manager.name, _) where method.privileged:
             precondition(member == "Lock", "\(member) is marked privileged but is not Lock")

@@ -79,11 +79,16 @@ extension PestoServer {
     func boundedReturn(to address: ReplyAddress, _ values: [DBusValue], changed: Bool) -> DBusMessage {
         let sized = DBusMessage.methodReturn(to: address, values, maxBytes: maxMessageBytes)
         if let message = sized.message { return message }
+        return tooLarge(address, bytes: sized.bytes, changed: changed)
+    }
+
+    /// LimitsExceeded for the call at `address`, whose reply would be `bytes` bytes (logged).
+    func tooLarge(_ address: ReplyAddress, bytes: Int, changed: Bool = false) -> DBusMessage {
         logger.warning(
-            "\(address.member) by \(address.who): its reply of \(sized.bytes) bytes is over the \(maxMessageBytes) bytes the bus takes; answered LimitsExceeded"
+            "\(address.member) by \(address.who): its reply of \(bytes) bytes is over the \(maxMessageBytes) bytes the bus takes; answered LimitsExceeded"
         )
         return .errorReply(
-            to: address, ReplySizeLimit.refusal(member: address.member, bytes: sized.bytes, limit: maxMessageBytes, changed: changed))
+            to: address, ReplySizeLimit.refusal(member: address.member, bytes: bytes, limit: maxMessageBytes, changed: changed))
     }
 
     /// Logs a read that held the loop for 50 ms or more (decoding, the reply built and queued):

@@ -59,6 +59,69 @@ struct LargeReadTests {
         #expect(try pestod.snapshot() == before)
     }
 
+    /// The position of the reply to `serial` among everything the in-process pestod sent.
+    static func position(_ pestod: InProcessPestod, _ serial: UInt32) -> Int? {
+        pestod.port.sent.firstIndex { !$0.isSignal && $0.replySerial == serial }
+    }
+
+    @Test("a large List is answered over several loop turns: another caller's Status first, the caller's own later calls after")
+    func slicedList() throws {
+        let pestod = try InProcessPestod()
+        for k in 0..<50 {
+            try pestod.table("Insert", [.uint32(UInt32(100 + k)), PestodFixture.rule(UInt16(20_000 + k))])
+        }
+        let whole = try pestod.table("List")
+        let objects = try pestod.call(path: PestodFixture.managerPath, interface: Self.objectManager, member: "GetManagedObjects")
+        pestod.server.reads.elementsPerSlice = 10
+
+        let a = pestod.newCaller()
+        let b = pestod.newCaller()
+        let table = PestodFixture.tableInterface
+        let list = pestod.send(a, path: PestodFixture.hostPath, interface: table, member: "List")
+        let ownStatus = pestod.send(a, path: PestodFixture.hostPath, interface: table, member: "Status", [.uint32(100)])
+        let otherStatus = pestod.send(b, path: PestodFixture.hostPath, interface: table, member: "Status", [.uint32(100)])
+        // Another caller's change between slices: the List shows the table as it was.
+        let delete = pestod.send(b, path: PestodFixture.hostPath, interface: table, member: "Delete", [.uint32(149)])
+        #expect(Self.position(pestod, otherStatus) != nil, "another caller's Status is answered at once")
+        #expect(Self.position(pestod, list) == nil)
+        #expect(Self.position(pestod, ownStatus) == nil, "the caller's own later call waits behind its List")
+        let reply = try #require(pestod.waitForReply(list))
+        #expect(reply.arguments == whole)
+        _ = pestod.waitForReply(ownStatus)
+        _ = pestod.waitForReply(delete)
+        let order = [otherStatus, delete, list, ownStatus].map { Self.position(pestod, $0) ?? -1 }
+        #expect(order == order.sorted() && !order.contains(-1), "replies in order: \(order)")
+        #expect(pestod.log.contains("answered over several loop turns"))
+
+        // GetManagedObjects sliced gives what it gave at once (rule 149 is back).
+        try pestod.table("Insert", [.uint32(149), PestodFixture.rule(UInt16(20_049))])
+        #expect(try pestod.call(path: PestodFixture.managerPath, interface: Self.objectManager, member: "GetManagedObjects") == objects)
+
+        // A caller leaving mid-way: its List and the calls held behind it are dropped.
+        let c = pestod.newCaller()
+        let gone = pestod.send(c, path: PestodFixture.hostPath, interface: table, member: "List")
+        let goneStatus = pestod.send(c, path: PestodFixture.hostPath, interface: table, member: "Status", [.uint32(100)])
+        pestod.leave(c)
+        #expect(try pestod.table("Status", [.uint32(100)]).first?.boolValue == false)
+        pestod.settle()
+        #expect(Self.position(pestod, gone) == nil && Self.position(pestod, goneStatus) == nil)
+        #expect(pestod.log.contains("left the bus during a large read"))
+    }
+
+    @Test("a large List over the size bound stops writing once past it and is LimitsExceeded")
+    func slicedListOverTheBound() throws {
+        let pestod = try InProcessPestod()
+        for k in 0..<50 {
+            try pestod.table("Insert", [.uint32(UInt32(100 + k)), PestodFixture.rule(UInt16(20_000 + k))])
+        }
+        pestod.server.reads.elementsPerSlice = 10
+        pestod.server.maxMessageBytes = 2048
+        var refusal: DBusErrorReply?
+        do { _ = try pestod.table("List") } catch { refusal = error }
+        #expect(refusal?.name == Self.limitsExceeded)
+        #expect(refusal?.message.contains("ReadIndex") == true)
+    }
+
     /// Inserts `count` rules from ID 1000 with large Applies. Each is on an interface that
     /// does not exist: its bind fails at once (ENODEV, `max-failures` 1 lets it through) and
     /// it keeps no descriptor, so 65,535 of them fit in the open-file limit.
