@@ -69,6 +69,8 @@ final class SlicedReads {
     /// The bytes of arguments of the calls held, per caller.
     private var heldBytes: [String: Int] = [:]
     private var scheduled = false
+    /// Whether the loop's turn times are being watched for the reads (not for a large change).
+    private var watchingTurns = false
     private unowned let server: PestoServer
 
     init(server: PestoServer) { self.server = server }
@@ -99,6 +101,11 @@ final class SlicedReads {
         job.writer.pad(to: reply.elementAlignment)
         job.start = job.writer.bytes.count
         if held[sender] == nil { held[sender] = [] }
+        if jobs.isEmpty, !server.engine.loop.turnTimes.watching {
+            // The loop's longest turns while the reads run, for the log (TurnLog.swift's measure).
+            server.engine.loop.markTurns()
+            watchingTurns = true
+        }
         jobs.append(job)
         schedule()
     }
@@ -155,7 +162,11 @@ final class SlicedReads {
     /// order, until one of them starts another large read of its own.
     private func answer(_ job: Job, _ reply: DBusMessage) {
         if job.address.wantsReply { server.sendReply(reply) }
-        server.logLargeRead(job.address, elements: job.reply.count)
+        server.logLargeRead(job.address, elements: job.reply.count, turns: watchingTurns ? server.engine.loop.turnTimes : nil)
+        if jobs.isEmpty && watchingTurns {
+            server.engine.loop.endTurnWatch()
+            watchingTurns = false
+        }
         guard !jobs.contains(where: { $0.sender == job.sender }) else { return }
         var waiting = held.removeValue(forKey: job.sender) ?? []
         heldBytes[job.sender] = nil
@@ -218,8 +229,14 @@ extension PestoServer {
         return tooLarge(address, bytes: sized.bytes)
     }
 
-    /// Logs a large read answered over several loop turns.
-    func logLargeRead(_ address: ReplyAddress, elements: Int) {
-        logger.info("\(address.member) by \(address.who): \(elements) elements answered over several loop turns")
+    /// Logs a large read answered over several loop turns, with the loop's longest turns
+    /// since the first read began (the first turn took the snapshot), when they were watched.
+    func logLargeRead(_ address: ReplyAddress, elements: Int, turns t: TurnTimes?) {
+        func ms(_ ns: UInt64) -> String { "\(ns / 1_000_000).\(ns / 100_000 % 10)" }
+        let times =
+            t.map {
+                "; loop turns: \($0.turns), the first \(ms($0.first)) ms (CPU \(ms($0.firstCPU)) ms), longest after it \(ms($0.longestLater)) ms (CPU \(ms($0.longestLaterCPU)) ms)"
+            } ?? ""
+        logger.info("\(address.member) by \(address.who): \(elements) elements answered over several loop turns\(times)")
     }
 }
