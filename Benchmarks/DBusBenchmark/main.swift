@@ -82,6 +82,9 @@ struct Settings {
     var cpu: Int? = firstAllowedCPU()
     /// Run the large-request benchmark (LargeRequests.swift) instead of the round trips.
     var large = false
+    /// Run the large-read benchmark (LargeReads.swift) instead, against this baseline if set.
+    var largeReads = false
+    var baselinePestod: String?
     /// The metrics to run (`Metric.key`s); nil: all.
     var only: Set<String>?
     /// The pestod to measure; nil: the one next to this binary.
@@ -125,6 +128,10 @@ struct Settings {
                             of a concurrent Status from a second client (not pinned)
           --large-port P    the port of those rules (default 24001, below the ephemeral range)
           --large-timeout S longest wait for one of those requests (default 300)
+          --large-reads     instead: time List, GetManagedObjects and Introspect of 65,535
+                            rules, each with a concurrent Status's longest wait
+          --baseline-pestod PATH
+                            with --large-reads: the same against this pestod, side by side
         """
 
     /// Parses the arguments; prints usage and exits on -h or a bad argument.
@@ -170,6 +177,10 @@ struct Settings {
                 }
             case "--large":
                 s.large = true
+            case "--large-reads":
+                s.largeReads = true
+            case "--baseline-pestod":
+                s.baselinePestod = value(arg)
             case "--only":
                 let keys = Set(value(arg).split(separator: ",").map(String.init))
                 guard !keys.isEmpty, keys.isSubset(of: Metric.keys) else {
@@ -647,7 +658,13 @@ if CommandLine.arguments.count == 5, CommandLine.arguments[1] == "--status-probe
 installSignalCleanup()
 let settings = Settings.parse(CommandLine.arguments)
 do {
-    if settings.large { try runLargeRequestBenchmark(settings) } else { try runBenchmark(settings) }
+    if settings.largeReads {
+        try runLargeReadBenchmark(settings)
+    } else if settings.large {
+        try runLargeRequestBenchmark(settings)
+    } else {
+        try runBenchmark(settings)
+    }
 } catch {
     cleanup.run()
     printError("pesto-dbus-bench: \(error)")

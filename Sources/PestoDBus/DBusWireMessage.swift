@@ -53,21 +53,53 @@ package struct DBusWireMessage {
     /// Builds the message of `type` with `fields` and `body`; nil when libdbus refuses it (the
     /// caller then builds it through libdbus's iterators). `noReply` sets NO_REPLY_EXPECTED.
     package static func make(type: Int32, noReply: Bool, fields: [(Field, DBusValue)], body: [DBusValue]) -> DBusMessage? {
+        make(type: type, noReply: noReply, fields: fields, body: body, maxBytes: Int.max).message
+    }
+
+    /// What `make(type:noReply:fields:body:maxBytes:)` built, or how large it would have been.
+    package struct Sized {
+        /// The message; nil when libdbus refused it or when it is over the size asked for.
+        package var message: DBusMessage?
+        /// The message's size in bytes (header and body) as it goes on the wire; for a
+        /// message over `maxBytes`, its body's size alone (the header adds a few hundred).
+        package var bytes: Int
+
+        package init(message: DBusMessage?, bytes: Int) {
+            self.message = message
+            self.bytes = bytes
+        }
+    }
+
+    /// `make`, refusing to hand a message larger than `maxBytes` (or libdbus's maximum) to
+    /// libdbus: `bytes` then says how large it is, and `message` is nil.
+    package static func make(type: Int32, noReply: Bool, fields: [(Field, DBusValue)], body: [DBusValue], maxBytes: Int) -> Sized {
         var signature = ""
         for v in body { signature += v.signature }
-        guard signature.utf8.count <= 255 else { return nil }
+        guard signature.utf8.count <= 255 else { return Sized(message: nil, bytes: 0) }
         var bodyWriter = Writer()
         bodyWriter.bytes.reserveCapacity(64)
         for v in body { bodyWriter.write(v) }
-        guard bodyWriter.bytes.count < 1 << 27 else { return nil }  // libdbus's maximum message size
+        // libdbus's maximum message size is 128 MiB; a bus's is usually less.
+        guard bodyWriter.bytes.count < min(1 << 27, maxBytes) else { return Sized(message: nil, bytes: bodyWriter.bytes.count) }
 
+        return assemble(type: type, noReply: noReply, fields: fields, signature: signature, body: bodyWriter.bytes, maxBytes: maxBytes)
+    }
+
+    /// The message of `type` with `fields` around `body`, already in the wire format with
+    /// signature `signature` (written by a `Writer`, perhaps over several loop turns), unless
+    /// it is larger than `maxBytes`.
+    package static func assemble(
+        type: Int32, noReply: Bool, fields: [(Field, DBusValue)], signature: String, body: [UInt8], maxBytes: Int
+    ) -> Sized {
+        guard signature.utf8.count <= 255 else { return Sized(message: nil, bytes: 0) }
+        guard body.count < min(1 << 27, maxBytes) else { return Sized(message: nil, bytes: body.count) }
         var header = Writer()
-        header.bytes.reserveCapacity(160 + bodyWriter.bytes.count)
+        header.bytes.reserveCapacity(160 + body.count)
         header.bytes.append(UInt8(ascii: "l"))  // little endian
         header.bytes.append(UInt8(truncatingIfNeeded: type))
         header.bytes.append(noReply ? 0x1 : 0)  // NO_REPLY_EXPECTED
         header.bytes.append(1)  // protocol version
-        header.uint32(UInt32(bodyWriter.bytes.count))
+        header.uint32(UInt32(body.count))
         header.uint32(nextSerial())
         // a(yv): the header fields.
         let lengthAt = header.bytes.count
@@ -82,23 +114,27 @@ package struct DBusWireMessage {
         }
         header.patch(uint32: UInt32(header.bytes.count - start), at: lengthAt)
         header.pad(to: 8)
-        header.bytes.append(contentsOf: bodyWriter.bytes)
+        header.bytes.append(contentsOf: body)
 
         var error = DBusError()
         dbus_error_init(&error)
         defer { dbus_error_free(&error) }
+        let total = header.bytes.count
+        guard total <= maxBytes else { return Sized(message: nil, bytes: total) }
         let raw = header.bytes.withUnsafeBufferPointer { buffer in
             buffer.withMemoryRebound(to: CChar.self) { dbus_message_demarshal($0.baseAddress, Int32(buffer.count), &error) }
         }
-        return raw.map { DBusMessage(owning: $0) }
+        return Sized(message: raw.map { DBusMessage(owning: $0) }, bytes: total)
     }
 
     /// Appends values in the wire format, aligned as if the buffer started a message (a body
     /// starts 8-aligned, so its own offsets align the same).
-    struct Writer {
-        var bytes: [UInt8] = []
+    package struct Writer {
+        package var bytes: [UInt8] = []
 
-        mutating func pad(to alignment: Int) {
+        package init() {}
+
+        package mutating func pad(to alignment: Int) {
             while bytes.count % alignment != 0 { bytes.append(0) }
         }
 
@@ -107,7 +143,7 @@ package struct DBusWireMessage {
             withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
         }
 
-        mutating func uint32(_ v: UInt32) {
+        package mutating func uint32(_ v: UInt32) {
             pad(to: 4)
             withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
         }
@@ -118,7 +154,7 @@ package struct DBusWireMessage {
         }
 
         /// Overwrites the uint32 at `offset` (an array's length, known once written).
-        mutating func patch(uint32 v: UInt32, at offset: Int) {
+        package mutating func patch(uint32 v: UInt32, at offset: Int) {
             withUnsafeBytes(of: v.littleEndian) { for (k, b) in $0.enumerated() { bytes[offset + k] = b } }
         }
 
@@ -146,7 +182,7 @@ package struct DBusWireMessage {
         }
 
         /// Appends `value`.
-        mutating func write(_ value: DBusValue) {
+        package mutating func write(_ value: DBusValue) {
             switch value {
             case .byte(let v): bytes.append(v)
             case .bool(let v): uint32(v ? 1 : 0)

@@ -143,7 +143,10 @@ public enum PestoInterfaces {
             method(
                 "ReadIndex", [arg("index", "u")], [arg("id", "u"), arg("rule", "a{sv}")],
                 "The rule at a position in ID order; NoSuchRule past the end."),
-            method("List", [], [arg("rules", "a(ua{sv}(buusu))")], "Every rule with its status (as Status returns it), in ID order."),
+            method(
+                "List", [], [arg("rules", "a(ua{sv}(buusu))")],
+                "Every rule with its status (as Status returns it), in ID order. A reply larger than the bus takes in one message (32 MiB less 4 KiB) is not sent: LimitsExceeded; ReadIndex reads the rules one by one."
+            ),
             privileged(
                 method(
                     "Apply", [arg("insert", "a(ua{sv})"), arg("remove", "au"), arg("options", "a{sv}")], [arg("results", "a(uuu)")],

@@ -152,7 +152,10 @@ enum ObjectTree {
     /// `a{sa{sv}}` of a rule object as it was when reported (InterfacesAdded of a rule whose
     /// report was held back until its update was final shows it as inserted: inactive, so
     /// winning no port).
-    static func ruleInterfacesAndProperties(_ kind: TableKind, _ id: UInt32, _ rule: Rule, _ status: RuleStatus) -> DBusValue {
+    /// `portsWon`, when given, is the rule's (GetManagedObjects from a snapshot, SlicedRead.swift).
+    static func ruleInterfacesAndProperties(
+        _ kind: TableKind, _ id: UInt32, _ rule: Rule, _ status: RuleStatus, portsWon: UInt32? = nil
+    ) -> DBusValue {
         .dictionary(
             key: "s", value: "a{sv}",
             Object.rule(kind, id).interfaces.map { i in
@@ -160,7 +163,7 @@ enum ObjectTree {
                     .string(i.name),
                     .vardict(
                         i.name == PestoInterfaces.rule.name
-                            ? ruleProperties(kind, id, rule, status, portsWon: status.active ? status.bound : 0) : []))
+                            ? ruleProperties(kind, id, rule, status, portsWon: portsWon ?? (status.active ? status.bound : 0)) : []))
             })
     }
 

@@ -122,6 +122,7 @@ public final class PestoServer {
             if message.isSignal, message.member == "NameLost", message.arguments?.first?.stringValue == PestoBusNames.busName { break }
             _ = handle(message)
         }
+        reads.finishAll()
         port.flush()
     }
 
@@ -150,6 +151,10 @@ public final class PestoServer {
     public var allowsReplacement = false
     /// Set when the bus connection is lost.
     public private(set) var disconnected = false
+    /// The largest reply pestod sends; larger ones are refused (ReplySizeLimit.swift).
+    var maxMessageBytes = ReplySizeLimit.standard
+    /// Large reads answered over several loop turns, and the calls held behind them (SlicedRead.swift).
+    private(set) lazy var reads = SlicedReads(server: self)
     /// Makes a server for `engine` sending on `port`; call `start(on:)` to go on the bus
     /// (tests call `handle(_:)` directly).
     public init(engine: ForwardingEngine, port: any BusPort, logger: Logger) {
@@ -196,6 +201,7 @@ public final class PestoServer {
             "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'"
         )
         connection.messageHandler = { [unowned self] message in self.handle(message) }
+        maxMessageBytes = ReplySizeLimit.bound(for: connection)
         connection.attach(to: engine.loop, kind: EngineEventKind.dbus)
         try connection.requestName(PestoBusNames.busName, allowingReplacement: allowsReplacement)
         logger.info("on the bus as \(PestoBusNames.busName) (\(connection.uniqueName))")
@@ -215,6 +221,8 @@ public final class PestoServer {
         case holder(String)
         /// An Apply too large to decode in one loop turn (SlicedApplyDecoder.swift).
         case decodeInSlices(TableKind, inserts: Int, removes: Int)
+        /// A large read, answered over several loop turns (SlicedRead.swift).
+        case sliced(SlicedReply)
     }
 
     /// The refusal of a change that reaches a pestod handing over to its successor.
@@ -240,11 +248,24 @@ public final class PestoServer {
         guard message.isMethodCall, let path = message.path, let member = message.member else { return false }
         let address = ReplyAddress(message)
         do throws(DBusErrorReply) {
+            // A caller's calls wait behind its own large read, in order (SlicedRead.swift).
+            if let sender = message.sender, reads.isHolding(sender) {
+                guard reads.hold(message, from: sender) else {
+                    throw DBusErrorReply(
+                        DBusErrorReply.limitsExceeded,
+                        "Your calls waiting behind a large read of yours would exceed \(SlicedReads.heldLimit) calls or \(SlicedReads.heldBytesLimit) bytes; wait for its reply."
+                    )
+                }
+                return true
+            }
             // Steps 1–3.
             let started = MonotonicInstant.now
             switch try dispatch(message, path: path, member: member) {
             case .reply(let values):
-                answer(address, values)
+                answer(address, values, read: true)
+                logLongRead(address, since: started)  // large reads (ReplySizeLimit.swift)
+            case .sliced(let reply):
+                reads.start(reply, for: address, sender: message.sender ?? "")
             case .change where handingOver:
                 throw DBusErrorReply(Self.replacedRefusal)
             case .change(let change):
@@ -292,7 +313,7 @@ public final class PestoServer {
             switch try managerCall(member, sender: sender) {
             case .reply(let values): answer(address, values)
             case .committed(let journal): answer(address, [], committed: journal)
-            case .change, .holder, .decodeInSlices: preconditionFailure("\(member) is answered by the lock's holder methods")
+            case .change, .holder, .decodeInSlices, .sliced: preconditionFailure("\(member) is answered by the lock's holder methods")
             }
         } catch {
             if address.wantsReply { sendReply(.errorReply(to: address, error)) }
@@ -367,10 +388,11 @@ public final class PestoServer {
     /// Sends a method reply unless the caller asked for none. If the call committed a change
     /// and a state file is kept, the reply waits for the save at the end of the loop turn;
     /// should the save fail, the change is undone and the caller gets SaveFailed instead.
-    private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal()) {
+    private func answer(_ address: ReplyAddress, _ values: [DBusValue], committed: Journal = Journal(), read: Bool = false) {
         MemoryTrim.after(committed)
+        // Replies over the bus's maximum message size become LimitsExceeded (ReplySizeLimit.swift).
         guard !committed.isEmpty, let commits else {
-            if address.wantsReply { sendReply(.methodReturn(to: address, values)) }
+            if address.wantsReply { sendReply(boundedReturn(to: address, values, changed: !read)) }
             return
         }
         commits.add(committed) { [unowned self] failure in
@@ -378,7 +400,7 @@ public final class PestoServer {
                 self.logger.error("\(address.member) by \(address.who) undone: it could not be saved")
                 if address.wantsReply { self.sendReply(.errorReply(to: address, DBusErrorReply(failure))) }
             } else if address.wantsReply {
-                self.sendReply(.methodReturn(to: address, values))
+                self.sendReply(self.boundedReturn(to: address, values, changed: true))
             }
         }
     }
@@ -442,6 +464,7 @@ public final class PestoServer {
         if case let held = callerWork.senderLeft(name), held > 0 {
             logger.info("\(name) left the bus with \(held) calls waiting behind its work in progress or its work budget; they are dropped")
         }
+        if reads.senderLeft(name) > 0 { logger.info("\(name) left the bus during a large read of its own; it is dropped") }
         let unlogged = refusalLog.forget(name)
         if unlogged > 0 { logger.notice("\(name) left the bus; \(unlogged) more of its refusals were not logged") }
         let dropped = editor.dropWaiting(of: name)
@@ -501,6 +524,8 @@ public final class PestoServer {
         case (PestoInterfaces.properties.name, _):
             return .reply(try propertiesCall(object, member: member, args: args))
         case (PestoInterfaces.objectManager.name, _):
+            // Many rules: written over several loop turns (SlicedRead.swift).
+            if engine.tables.reduce(0, { $0 + $1.ruleCount }) >= reads.elementsPerSlice { return .sliced(slicedManagedObjects()) }
             return .reply([managedObjects()])
         case (PestoInterfaces.manager.name, _) where method.privileged:
             precondition(member == "Lock", "\(member) is marked privileged but is not Lock")
@@ -547,41 +572,4 @@ public final class PestoServer {
 
     /// The table of `kind` (NoSuchRule when pestod has none).
     func table(_ kind: TableKind) throws(PestoError) -> ForwardingTable { try editor.table(kind) }
-
-    // MARK: The control socket (UpstreamUpdate.swift)
-
-    /// The active rules of every table, as upstream's dump lists them.
-    func upstreamDump() -> [(kind: TableKind, capabilities: Capabilities, rules: [(rule: Rule, bestEffort: Bool)])] {
-        editor.upstreamDump()
-    }
-
-    /// The most rules an upload may give one table.
-    var upstreamRuleLimit: Int { editor.upstreamRuleLimit }
-
-    /// Applies an upload as a difference, over several loop turns if it is large (call it
-    /// once the editor is idle, `editor.whenIdle`); `saved` is called with what changed once
-    /// it is saved (nil; at once without a state file or when nothing changed) or was undone
-    /// because it could not be (the SaveFailed error). A refused upload changes nothing and
-    /// is told to `refused`.
-    func applyUpstream(
-        _ upload: [(kind: TableKind, rules: [(rule: Rule, bestEffort: Bool)])],
-        refused: @escaping (PestoError) -> Void,
-        saved: @escaping (TablesEditor.UpstreamSummary, PestoError?) -> Void
-    ) {
-        editor.startUpstream(upload) { [unowned self] outcome in
-            switch outcome {
-            case .failure(let error): refused(error)
-            case .success(let done): self.commitUnanswered(done.committed) { failure in saved(done.summary, failure) }
-            }
-        }
-    }
-}
-
-/// The server is the editor's host: slices on the loop's turns, announcing while the bus
-/// keeps up, the retry and scan passes held during a long update, saves before journaling.
-extension PestoServer: TablesEditorHost {
-    func nextTurn(_ work: @escaping () -> Void) { engine.loop.nextTurn(work) }
-    func shortly(_ work: @escaping () -> Void) { _ = engine.loop.after(milliseconds: 1, work) }
-    var mayAnnounce: Bool { port.outgoingBytes < Self.unsentSignalBytes }
-    func updateInProgress(_ busy: Bool) { engine.periodicWorkHeld = busy }
 }

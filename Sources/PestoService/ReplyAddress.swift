@@ -58,16 +58,24 @@ extension DBusMessage {
 
     /// The method return for the call at `address`, carrying `arguments`.
     static func methodReturn(to address: ReplyAddress, _ arguments: [DBusValue] = []) -> DBusMessage {
+        methodReturn(to: address, arguments, maxBytes: Int.max).message!
+    }
+
+    /// The method return for the call at `address`, unless it is larger than `maxBytes`: then
+    /// no message, and its size (ReplySizeLimit.swift).
+    static func methodReturn(to address: ReplyAddress, _ arguments: [DBusValue], maxBytes: Int) -> DBusWireMessage.Sized {
         // In one pass (PestoDBus's DBusWireMessage): libdbus's iterators rewrite the header once
         // per top-level argument, which was most of what pestod spent on a Status call.
         var fields: [(DBusWireMessage.Field, DBusValue)] = [(.replySerial, .uint32(address.serial))]
         if let sender = address.sender { fields.append((.destination, .string(sender))) }
-        if let m = DBusWireMessage.make(type: DBUS_MESSAGE_TYPE_METHOD_RETURN, noReply: true, fields: fields, body: arguments) {
-            return m
-        }
+        let sized = DBusWireMessage.make(
+            type: DBUS_MESSAGE_TYPE_METHOD_RETURN, noReply: true, fields: fields, body: arguments, maxBytes: maxBytes)
+        if sized.message != nil || sized.bytes > maxBytes { return sized }
+        // Refused by libdbus for its content (never the contract's values): its iterators, as
+        // before; the size was within bounds as written.
         let m = replyHeader(DBUS_MESSAGE_TYPE_METHOD_RETURN, to: address)
         DBusValue.appendAll(arguments, to: m.raw)
-        return m
+        return DBusWireMessage.Sized(message: m, bytes: sized.bytes)
     }
 
     /// The error reply `error` for the call at `address` (its message as the one string argument).

@@ -27,6 +27,8 @@ extension PestoServer {
                 let (ruleID, rule) = try t.read(atIndex: Int(id))
                 return .reply([.uint32(ruleID), RuleCodec.encode(rule)])
             case "List":
+                // A large table's List is written over several loop turns (SlicedRead.swift).
+                if t.ruleCount > reads.elementsPerSlice { return .sliced(Self.slicedList(t)) }
                 return .reply([
                     .array(
                         element: "(ua{sv}(buusu))",
