@@ -14,7 +14,7 @@ import Testing
 @testable import PestoDBus
 @testable import PestoService
 
-@Suite("pestod large reads", .serialized)
+@Suite("pestod large reads", .serialized, .timeLimit(.minutes(20)))
 struct LargeReadTests {
     static let limitsExceeded = DBusErrorReply.limitsExceeded
     static let introspectable = PestoInterfaces.introspectable.name

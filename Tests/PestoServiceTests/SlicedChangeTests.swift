@@ -156,7 +156,10 @@ struct SlicedChangeTests {
         let f = try PestodFixture(pestodArguments: arguments)
         let ports = TestSockets.freePorts(2)
         let caller = try DBusConnection(.address(f.address))
-        let ids = (1...400).map { UInt32(1000 + $0) }
+        // 2,500 rules, one operation a turn: once the first is active, 2,499 activations
+        // (as many loop turns) remain, which outlasts starting the successor even on an idle
+        // machine (400 did not always: the Apply could end before the takeover asked).
+        let ids = (1...2500).map { UInt32(1000 + $0) }
         let serial = Self.sendApply(caller, inserts: Self.rules(ids, port: ports.lowerBound, target: ports.upperBound))
         try Self.waitUntilActive(f, ids[0], on: f.client)
         let oldLog = f.logFile
