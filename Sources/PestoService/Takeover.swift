@@ -221,14 +221,7 @@ public enum TakeoverClient {
             for f in flows { Sys.close(f.socket) }
         }
         while true {
-            let message: TakeoverMessage
-            let fds: [Int32]
-            do throws(PestoError) {
-                (message, fds) = try channel.receive()
-            } catch {
-                abandon()
-                throw error
-            }
+            let (message, fds) = try channel.receive(orElse: abandon)
             switch message {
             case .connections(let batch):
                 var next = 0

@@ -416,4 +416,15 @@ public final class TakeoverChannel {
             }
         }
     }
+
+    /// Receives one message as `receive()` does; when that throws, `abandon` runs first (it
+    /// closes what the caller received so far), then the error goes on.
+    public func receive(orElse abandon: () -> Void) throws(PestoError) -> (TakeoverMessage, [Int32]) {
+        do throws(PestoError) {
+            return try receive()
+        } catch {
+            abandon()
+            throw error
+        }
+    }
 }
