@@ -145,16 +145,6 @@ final class PestodFixture {
         return try table("Activate", [.uint32(id)], on: connection)
     }
 
-    /// The error name a call fails with, or "success".
-    func errorName(_ body: () throws(DBusErrorReply) -> Void) -> String {
-        do {
-            try body()
-            return "success"
-        } catch {
-            return error.name
-        }
-    }
-
     /// A rule description.
     static func rule(_ port: UInt16, _ extra: [(String, DBusValue)] = [], address: String = "127.0.0.1") -> DBusValue {
         .vardict([("protocol", .string("tcp")), ("address", .string(address)), ("first-port", .uint16(port))] + extra)

@@ -215,16 +215,6 @@ final class InProcessPestod {
         return try table("Activate", [.uint32(id)], on: caller)
     }
 
-    /// The error name a call fails with, or "success".
-    func errorName(_ body: () throws(DBusErrorReply) -> Void) -> String {
-        do {
-            try body()
-            return "success"
-        } catch {
-            return error.name
-        }
-    }
-
     /// `caller` leaves the bus: the NameOwnerChanged the bus daemon sends then.
     func leave(_ caller: Caller) {
         let m = DBusMessage.signal(
@@ -341,3 +331,22 @@ final class SentSignals {
     /// Forgets the signals sent so far.
     func forget() { start = pestod.port.sent.count }
 }
+
+/// What both pestod harnesses (`PestodFixture` on a bus, `InProcessPestod` in process) offer
+/// alike, so a test reads the same on either.
+protocol PestodHarness {}
+
+extension PestodHarness {
+    /// The error name a call fails with, or "success".
+    func errorName(_ body: () throws(DBusErrorReply) -> Void) -> String {
+        do {
+            try body()
+            return "success"
+        } catch {
+            return error.name
+        }
+    }
+}
+
+extension PestodFixture: PestodHarness {}
+extension InProcessPestod: PestodHarness {}
