@@ -17,6 +17,7 @@ if [[ -z ${NO_BUILD:-} ]]; then
     # One product per invocation: `swift build` takes a single --product.
     swift build -c release --product pestod >/dev/null
     swift build -c release --product pesto-large-bench >/dev/null
+    swift build -c release --product pesto-dbus-bench >/dev/null  # its Status prober
 fi
 NS=
 cleanup() { [[ -z $NS ]] || ip netns del "$NS" 2>/dev/null || true; }

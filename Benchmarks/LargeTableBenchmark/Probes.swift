@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-// What runs beside the commits of pesto-large-bench: a Status prober (this binary run as
-// `--status-prober ADDRESS ID`, a process with its own bus connection calling Status back to
-// back) and a relayed echo prober (a thread sending one byte at a time through a rule of
+// What runs beside the commits of pesto-large-bench: a Status prober (pesto-dbus-bench run as
+// `--status-prober ADDRESS ID TIMEOUT`, a process with its own bus connection calling Status
+// back to back) and a relayed echo prober (a thread sending one byte at a time through a rule of
 // pestod's to an echo server and waiting for it to come back). Each reports its longest wait.
 
 import PestoDBus
@@ -19,39 +19,15 @@ let busName = PestoBusNames.busName
 let tablePath = PestoBusNames.tablePath(.host)
 let tableInterface = PestoInterfaces.table.name
 
-/// Runs as the prober: `Status(id)` back to back until stdin reports EOF, then one line
-/// `calls N median_ms X max_ms Y errors E` on stdout.
-func runStatusProber(address: String, id: UInt32) -> Never {
-    guard let connection = try? DBusConnection(.address(address)) else {
-        print("prober: cannot connect")
-        exit(1)
-    }
-    var latencies: [Double] = []
-    var errors = 0
-    while true {
-        var pfd = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
-        if poll(&pfd, 1, 0) > 0 { break }  // EOF (or anything) on stdin: the phase is over
-        let start = monotonicSeconds()
-        do {
-            _ = try connection.call(busName, tablePath, tableInterface, "Status", [.uint32(id)], timeoutMilliseconds: 60_000)
-        } catch {
-            errors += 1
-        }
-        latencies.append(monotonicSeconds() - start)
-    }
-    let sorted = latencies.sorted()
-    let med = sorted.isEmpty ? 0 : sorted[sorted.count / 2]
-    print("calls \(latencies.count) median_ms \(fixed(med * 1000, 2)) max_ms \(fixed((sorted.last ?? 0) * 1000, 2)) errors \(errors)")
-    exit(0)
-}
-
-/// A running Status prober process.
+/// A running Status prober process: pesto-dbus-bench's (`--status-prober ADDRESS ID
+/// TIMEOUT`, built beside this binary by run-large.sh), one process with its own bus
+/// connection calling Status back to back, each call given up to a minute.
 struct StatusProber {
     let child: ChildProcess
 
     static func start(address: String, id: UInt32) throws -> StatusProber {
-        let me = executableDirectory() + "/pesto-large-bench"
-        return StatusProber(child: try ChildProcess(me, ["--status-prober", address, String(id)], stderr: .inherit))
+        let prober = executableDirectory() + "/pesto-dbus-bench"
+        return StatusProber(child: try ChildProcess(prober, ["--status-prober", address, String(id), "60"], stderr: .inherit))
     }
 
     /// Ends the probing; returns (calls, longest wait in ms).

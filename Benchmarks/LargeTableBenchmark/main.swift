@@ -172,9 +172,6 @@ func measure(_ label: String, storeArguments: (TemporaryDirectory) -> [String], 
 }
 
 let arguments = Array(CommandLine.arguments.dropFirst())
-if arguments.first == "--status-prober", arguments.count == 3, let id = UInt32(arguments[2]) {
-    runStatusProber(address: arguments[1], id: id)
-}
 let settings = Settings(arguments)
 print(
     "pesto-large-bench: \(settings.rules) rules, \(settings.commits) one-rule commits; load average \((readTextFile("/proc/loadavg") ?? "").prefix(14))"
